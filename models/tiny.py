@@ -1,0 +1,39 @@
+"""Tiny random models of the supported architectures, for fast tests.
+
+Each exercises one thing the passes must get right: GQA, tied embeddings, q/k/v biases
+(Qwen2), and a hidden size that is not a power of two.
+"""
+
+from __future__ import annotations
+
+TINY_MODELS = {
+    # name: (model_type, config overrides)
+    "llama-gqa": ("llama", dict(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)),
+    "llama-tied": ("llama", dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=True)),
+    "qwen2-bias": ("qwen2", dict(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)),
+    # 48 = 12 * 4 (Paley), 3 heads of 16: head mixing needs the orthogonal fallback; d_ff 80 = 20 * 4
+    "llama-odd": ("llama", dict(hidden_size=48, intermediate_size=80, num_attention_heads=3, num_key_value_heads=1, tie_word_embeddings=True)),
+}
+
+
+def tiny_model(name: str, seed: int = 0, layers: int = 2, vocab: int = 512):
+    """A randomly initialised HF causal LM; weights get a few outlier channels like real LLMs."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    model_type, overrides = TINY_MODELS[name]
+    config = AutoConfig.for_model(
+        model_type, num_hidden_layers=layers, vocab_size=vocab, max_position_embeddings=512, **overrides
+    )
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(seed)
+        for name_, p in model.named_parameters():
+            if "norm" in name_:
+                # non-trivial norm scales, with a few large channels (as in real models)
+                p.copy_(1.0 + 0.3 * torch.randn(p.shape, generator=g))
+                p[: max(1, p.numel() // 16)] *= 8.0
+            elif p.ndim == 1:  # biases
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+    return model

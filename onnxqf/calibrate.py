@@ -1,0 +1,117 @@
+"""Run the model on token windows and capture intermediate activations, one window at a time.
+
+The graph gets extra outputs for the requested values (the inputs of weight MatMuls), ONNX Runtime
+runs it window by window, and each window's activations are handed to the caller and dropped:
+memory depends on the window, not on how many windows are run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Iterator
+
+import numpy as np
+import onnx_ir as ir
+from tqdm.auto import tqdm
+
+from onnxqf.graph import Structure
+from onnxqf.metrics import ChannelStats
+from onnxqf.runtime import make_session, saved
+
+# Where smoothing and the analysis look: the activation that each group of linears reads.
+SITES = ("attn_in", "o_in", "mlp_in", "down_in")
+SITE_READERS = {"attn_in": ("q_proj", "k_proj", "v_proj"), "o_in": ("o_proj",), "mlp_in": ("gate_proj", "up_proj"),
+                "down_in": ("down_proj",)}
+
+
+def site_values(s: Structure) -> dict[str, ir.Value]:
+    """Activation values by name, e.g. 'layers.3.down_in'."""
+    out = {}
+    for layer in s.layers:
+        out[f"layers.{layer.index}.attn_in"] = layer.q.input
+        out[f"layers.{layer.index}.o_in"] = layer.o.input
+        out[f"layers.{layer.index}.mlp_in"] = layer.gate.input
+        out[f"layers.{layer.index}.down_in"] = layer.down.input
+    return out
+
+
+def capture(model: ir.Model, values: dict[str, ir.Value], windows: np.ndarray, *, desc: str = "calibrating",
+            progress: bool = True, ep: str = "cpu") -> Iterator[dict[str, np.ndarray]]:
+    """Yield, per window, {name: activation [tokens, channels] as float32}."""
+    graph = model.graph
+    added = []
+    for name, value in values.items():
+        if value.is_graph_output():
+            continue
+        if value.type is None:
+            value.type = ir.TensorType(ir.DataType.FLOAT)
+        graph.outputs.append(value)
+        added.append(value)
+    try:
+        with saved(model) as path:
+            session = make_session(path, ep=ep)
+        # the session keeps its own copy of the weights; the temporary file can go
+    finally:
+        for value in added:
+            graph.outputs.remove(value)
+    out_names = [o.name for o in session.get_outputs()]
+    index = {name: out_names.index(value.name) for name, value in values.items()}
+    in_name = session.get_inputs()[0].name
+    for w in tqdm(windows, desc=desc, unit="window", disable=not progress):
+        results = session.run(None, {in_name: np.asarray(w, np.int64)[None, :]})
+        yield {name: np.asarray(results[i], np.float32).reshape(-1, results[i].shape[-1]) for name, i in index.items()}
+
+
+@dataclasses.dataclass
+class SiteStats:
+    """Per-channel statistics of one activation site plus a bounded random sample of its tokens."""
+
+    stats: ChannelStats
+    sample: np.ndarray  # [<= max_sample, channels]
+
+
+def collect(model: ir.Model, values: dict[str, ir.Value], windows: np.ndarray, *, max_sample: int = 1024,
+            seed: int = 0, progress: bool = True, ep: str = "cpu") -> dict[str, SiteStats]:
+    """Channel statistics and a token sample for each value, streaming over windows."""
+    rng = np.random.default_rng(seed)
+    per_window = max(1, max_sample // max(1, len(windows)))
+    stats: dict[str, ChannelStats] = {name: ChannelStats() for name in values}
+    samples: dict[str, list[np.ndarray]] = {name: [] for name in values}
+    for acts in capture(model, values, windows, progress=progress, ep=ep):
+        for name, X in acts.items():
+            stats[name].update(X)
+            take = rng.choice(X.shape[0], size=min(per_window, X.shape[0]), replace=False)
+            samples[name].append(X[np.sort(take)])
+    return {name: SiteStats(stats[name], np.concatenate(samples[name])[:max_sample]) for name in values}
+
+
+def collect_hessians(model: ir.Model, values: dict[str, ir.Value], windows: np.ndarray, *, progress: bool = True,
+                     ep: str = "cpu", max_bytes: int = 2 << 30) -> dict[str, np.ndarray]:
+    """X^T X of each site's activations (float64), streaming over windows.
+
+    Sites are processed in groups whose Hessians fit in ``max_bytes``, one pass over the windows
+    per group, so memory stays bounded for large models.
+    """
+    from onnxqf.gptq import HessianAccumulator
+
+    names = list(values)
+    groups, current, size = [], [], 0
+    for name in names:
+        c = values[name].shape[-1] if values[name].shape is not None and isinstance(values[name].shape[-1], int) else 0
+        need = 8 * c * c
+        if current and size + need > max_bytes:
+            groups.append(current)
+            current, size = [], 0
+        current.append(name)
+        size += need
+    if current:
+        groups.append(current)
+    out: dict[str, np.ndarray] = {}
+    for i, group in enumerate(groups):
+        acc = {name: HessianAccumulator() for name in group}
+        desc = "collecting X^T X" + (f" ({i + 1}/{len(groups)})" if len(groups) > 1 else "")
+        for acts in capture(model, {n: values[n] for n in group}, windows, desc=desc, progress=progress, ep=ep):
+            for name, X in acts.items():
+                acc[name].update(X)
+        out.update({name: a.H for name, a in acc.items()})
+    return out

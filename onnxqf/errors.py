@@ -1,0 +1,15 @@
+"""Errors that the CLI turns into one line and a non-zero exit."""
+
+
+class OnnxqfError(Exception):
+    """A user-facing error: bad input, unsupported graph, bad option. The message is one line."""
+
+    exit_code = 2
+
+
+class UnsupportedGraphError(OnnxqfError):
+    """The graph is valid ONNX but not a decoder-only LLM we can match."""
+
+
+class BadModelFileError(OnnxqfError):
+    """Not ONNX, truncated, or with missing/short external data."""

@@ -1,0 +1,54 @@
+"""End-to-end comparison of two ONNX models on the same token windows: KL, perplexity, top-1."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from onnxqf.metrics import LogitComparison
+from onnxqf.runtime import logits, make_session
+
+
+def compare(orig_path, new_path, wins: np.ndarray, *, ep: str = "cpu", progress: bool = True, max_abs: bool = False) -> dict:
+    """KL(P_orig || P_new) per token, perplexity of both, top-1 agreement over all positions."""
+    s_orig = make_session(orig_path, ep=ep)
+    s_new = make_session(new_path, ep=ep)
+    acc = LogitComparison()
+    worst = 0.0
+    scale = 0.0
+    for w in tqdm(wins, desc="evaluating", unit="window", disable=not progress):
+        ids = np.asarray(w, np.int64)[None, :]
+        lo = logits(s_orig, ids)[0].astype(np.float32)
+        ln = logits(s_new, ids)[0].astype(np.float32)
+        targets = np.full(ids.shape[1], -1, np.int64)
+        targets[:-1] = ids[0, 1:]
+        acc.update(lo, ln, targets)
+        if max_abs:
+            worst = max(worst, float(np.abs(lo - ln).max()))
+            scale = max(scale, float(np.abs(lo).max()))
+    out = acc.result()
+    out["windows"], out["seq"] = int(wins.shape[0]), int(wins.shape[1])
+    if max_abs:
+        out["max_abs_diff"], out["max_abs_logit"] = worst, scale
+    return out
+
+
+def format_table(result: dict, orig: str, new: str) -> str:
+    rows = [
+        ("tokens (KL, top-1)", f"{result['tokens']}"),
+        ("KL(orig || new) nats/token", f"{result['kl']:.6f}"),
+        ("perplexity orig", f"{result['ppl_orig']:.4f}"),
+        ("perplexity new", f"{result['ppl_new']:.4f}  ({100 * (result['ppl_new'] / result['ppl_orig'] - 1):+.2f}%)"),
+        ("top-1 agreement", f"{result['top1']:.4f}"),
+    ]
+    if "max_abs_diff" in result:
+        rows.append(("max |Δlogit| / max |logit|", f"{result['max_abs_diff'] / max(result['max_abs_logit'], 1e-30):.3e}"))
+    width = max(len(r[0]) for r in rows)
+    head = f"orig: {orig}\nnew:  {new}\n"
+    return head + "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)
+
+
+def to_json(result: dict) -> str:
+    return json.dumps(result, indent=None, sort_keys=True)

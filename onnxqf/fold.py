@@ -1,0 +1,71 @@
+"""The folding math, as pure functions on numpy arrays (float64 in, float64 out).
+
+Weights are in ONNX MatMul layout: ``y = x @ B`` with ``B`` of shape [in, out]. A transform ``T``
+applied to a linear's input (``x <- x @ T``) is undone in the weight by ``B <- T^-1 @ B``; for an
+orthogonal ``T`` that is ``T^T @ B``. A transform of a linear's output (``y <- y @ T``) is
+``B <- B @ T``, ``b <- b @ T``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def scale_rows(B: np.ndarray, s: np.ndarray) -> np.ndarray:
+    """diag(s) @ B: the input channel j of the linear is multiplied by s_j."""
+    return B * s[:, None]
+
+
+def scale_cols(B: np.ndarray, s: np.ndarray) -> np.ndarray:
+    """B @ diag(s): output channel j is multiplied by s_j."""
+    return B * s[None, :]
+
+
+def rotate_input(B: np.ndarray, Q: np.ndarray) -> np.ndarray:
+    """Weight for an input rotated by orthogonal Q (x <- x Q): Q^T B."""
+    return Q.T @ B
+
+
+def rotate_output(B: np.ndarray, Q: np.ndarray) -> np.ndarray:
+    """Output rotated by Q (y <- y Q): B Q. Also for a bias row vector b: b Q."""
+    return B @ Q
+
+
+def rotate_embedding(E: np.ndarray, Q: np.ndarray) -> np.ndarray:
+    """Embedding table [vocab, hidden]: each row (a residual-stream vector) is rotated, E Q."""
+    return E @ Q
+
+
+def headwise_output(B: np.ndarray, R: np.ndarray, head_dim: int) -> np.ndarray:
+    """Apply R (head_dim x head_dim) to every head's block of output columns: B (I ⊗ R)."""
+    n_in, n_out = B.shape
+    assert n_out % head_dim == 0
+    blocks = B.reshape(n_in, n_out // head_dim, head_dim)
+    return (blocks @ R).reshape(n_in, n_out)
+
+
+def headwise_vector(b: np.ndarray, R: np.ndarray, head_dim: int) -> np.ndarray:
+    return headwise_output(b[None, :], R, head_dim)[0]
+
+
+def head_mix_input(B: np.ndarray, R_dh: np.ndarray, R_nh: np.ndarray, num_heads: int) -> np.ndarray:
+    """o_proj weight for the input transform T = (I_nh ⊗ R_dh)(R_nh ⊗ I_dh): T^T B.
+
+    Computed without forming T: (R_nh ⊗ I)^T (I ⊗ R_dh)^T B.
+    """
+    n_in, n_out = B.shape
+    head_dim = n_in // num_heads
+    blocks = B.reshape(num_heads, head_dim, n_out)
+    blocks = np.einsum("de,hdo->heo", R_dh, blocks)  # (I ⊗ R_dh)^T: R_dh^T per head block
+    blocks = np.einsum("hg,hdo->gdo", R_nh, blocks)  # (R_nh ⊗ I)^T over the heads axis
+    return blocks.reshape(n_in, n_out)
+
+
+def kron_apply(x: np.ndarray, factors: list[np.ndarray]) -> np.ndarray:
+    """x @ kron(F_1, ..., F_r) along the last axis, without forming the Kronecker product."""
+    sizes = [f.shape[0] for f in factors]
+    lead = x.shape[:-1]
+    y = x.reshape(-1, *sizes)
+    for axis, f in enumerate(factors, start=1):
+        y = np.moveaxis(np.tensordot(y, f, axes=([axis], [0])), -1, axis)
+    return y.reshape(*lead, -1)

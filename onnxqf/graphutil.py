@@ -1,0 +1,164 @@
+"""Small graph-editing helpers shared by the passes (onnx-ir).
+
+Weights are read as float64 and written back in their original dtype, so every fold happens in
+float64 whatever the model's precision.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import onnx_ir as ir
+from onnx_ir import tape as ir_tape
+
+from onnxqf.graph import Linear, Structure
+
+_counter = itertools.count()
+
+
+def unique_name(graph: ir.Graph, base: str) -> str:
+    while True:
+        name = f"{base}_{next(_counter)}"
+        if name not in graph.initializers:
+            return name
+
+
+def read(value: ir.Value) -> np.ndarray:
+    """An initializer as float64."""
+    return np.asarray(value.const_value.numpy(), dtype=np.float64)
+
+
+def write(value: ir.Value, array: np.ndarray) -> None:
+    """Replace an initializer's data, keeping its dtype and name."""
+    dtype = value.const_value.dtype
+    arr = np.asarray(array).astype(dtype.numpy(), copy=False)
+    assert tuple(arr.shape) == tuple(value.const_value.shape.numpy()), (arr.shape, value.const_value.shape)
+    value.const_value = ir.tensor(arr, dtype=dtype, name=value.name)
+
+
+def add_initializer(graph: ir.Graph, base: str, array: np.ndarray, dtype: ir.DataType | None = None) -> ir.Value:
+    name = unique_name(graph, base)
+    if dtype is not None:
+        array = np.asarray(array).astype(dtype.numpy())
+    tensor = ir.tensor(np.ascontiguousarray(array), dtype=dtype, name=name)
+    value = ir.Value(name=name, shape=ir.Shape(list(tensor.shape)), type=ir.TensorType(tensor.dtype), const_value=tensor)
+    graph.register_initializer(value)
+    return value
+
+
+def float_dtype(structure: Structure) -> ir.DataType:
+    """The model's compute dtype: that of the embedding table."""
+    return structure.embedding_table.const_value.dtype
+
+
+def weight_matrix(lin: Linear) -> np.ndarray:
+    """B of the MatMul in [in, out] layout, float64."""
+    w = read(lin.weight)
+    return w.T if lin.transpose is not None else w
+
+
+def set_weight_matrix(lin: Linear, B: np.ndarray) -> None:
+    write(lin.weight, B.T if lin.transpose is not None else B)
+
+
+def bias_vector(lin: Linear) -> np.ndarray | None:
+    return None if lin.bias is None else read(lin.bias)
+
+
+def set_bias_vector(lin: Linear, b: np.ndarray) -> None:
+    write(lin.bias, b)
+
+
+def make_private(graph: ir.Graph, lin: Linear) -> None:
+    """Give ``lin`` its own [in, out] weight initializer (untie, drop the Transpose node).
+
+    Afterwards the weight can be changed without touching anything else that read the old one
+    (a tied embedding table, another linear).
+    """
+    shared = len(list(lin.weight.uses())) > 1 or lin.transpose is not None
+    if not shared and lin.weight.is_initializer():
+        return
+    B = weight_matrix(lin)
+    dtype = lin.weight.const_value.dtype
+    new = add_initializer(graph, (lin.weight.name or "weight") + ".untied", B, dtype)
+    old_transpose = lin.transpose
+    lin.node.replace_input_with(1, new)
+    lin.weight, lin.transpose = new, None
+    if old_transpose is not None and not list(old_transpose.outputs[0].uses()):
+        graph.remove(old_transpose, safe=True)
+
+
+def make_bias_private(graph: ir.Graph, lin: Linear) -> None:
+    if lin.bias is None or (lin.bias.is_initializer() and len(list(lin.bias.uses())) == 1):
+        return
+    b = read(lin.bias) if lin.bias.const_value is not None else None
+    if b is None:
+        from onnxqf.graph import const_array
+
+        b = np.asarray(const_array(lin.bias), dtype=np.float64)
+    dtype = lin.bias.const_value.dtype if lin.bias.const_value is not None else float_dtype_of(lin)
+    new = add_initializer(graph, (lin.bias.name or "bias") + ".private", b, dtype)
+    slot = list(lin.bias_node.inputs).index(lin.bias)
+    lin.bias_node.replace_input_with(slot, new)
+    lin.bias = new
+
+
+def float_dtype_of(lin: Linear) -> ir.DataType:
+    return lin.weight.const_value.dtype
+
+
+def prepare_linears(graph: ir.Graph, structure: Structure) -> None:
+    """Make every weight and bias of the structure private, so folds never leak across users."""
+    for lin in structure.linears():
+        make_private(graph, lin)
+        make_bias_private(graph, lin)
+
+
+def insert_kron_rotation(
+    graph: ir.Graph,
+    node: ir.Node,
+    input_index: int,
+    factors: list[np.ndarray | None],
+    sizes: list[int],
+    dtype: ir.DataType,
+    name: str,
+) -> list[ir.Node]:
+    """Insert ``x <- x @ kron(F_1, ..., F_r)`` on ``node.inputs[input_index]``.
+
+    ``factors[i]`` is an f_i x f_i matrix, or None for an identity factor (skipped). Each
+    non-identity factor costs one Reshape and one small MatMul: the input is viewed as
+    [-1, f_i, f_after] and multiplied by F_i^T from the left (or as [-1, f_r] times F_r for the
+    last factor), so the whole rotation costs n * sum(f_i) multiply-adds instead of n^2. A final
+    Reshape restores the input's shape. All nodes are placed right before ``node``.
+    """
+    x = node.inputs[input_index]
+    tape = ir_tape.Tape(graph)
+    shape = tape.op("Shape", [x], name=f"{name}/shape")
+    y = x
+    for i, (f, size) in enumerate(zip(factors, sizes)):
+        if f is None:
+            continue
+        after = int(np.prod(sizes[i + 1 :])) if i + 1 < len(sizes) else 1
+        if after == 1:
+            view = _const(tape, graph, f"{name}/shape{i}", np.array([-1, size], np.int64))
+            y = tape.op("Reshape", [y, view], name=f"{name}/reshape{i}")
+            w = _const(tape, graph, f"{name}/factor{i}", np.asarray(f), dtype)
+            y = tape.op("MatMul", [y, w], name=f"{name}/matmul{i}")
+        else:
+            view = _const(tape, graph, f"{name}/shape{i}", np.array([-1, size, after], np.int64))
+            y = tape.op("Reshape", [y, view], name=f"{name}/reshape{i}")
+            w = _const(tape, graph, f"{name}/factor{i}T", np.asarray(f).T, dtype)
+            y = tape.op("MatMul", [w, y], name=f"{name}/matmul{i}")
+    y = tape.op("Reshape", [y, shape], name=f"{name}/restore")
+    graph.insert_before(node, tape.nodes)
+    node.replace_input_with(input_index, y)
+    return list(tape.nodes)
+
+
+def _const(tape: ir_tape.Tape, graph: ir.Graph, base: str, array: np.ndarray, dtype: ir.DataType | None = None) -> ir.Value:
+    name = unique_name(graph, base)
+    if dtype is not None:
+        array = np.asarray(array).astype(dtype.numpy())
+    return tape.initializer(ir.tensor(np.ascontiguousarray(array), name=name), name=name)
+

@@ -1,0 +1,492 @@
+"""`onnxqf inspect`: how quantization-friendly each linear's input is, before and after each transform.
+
+For every selected layer and each of the four activation sites (``attn_in``: q/k/v input,
+``o_in``: o_proj input, ``mlp_in``: gate/up input, ``down_in``: down_proj input) the captured
+activations ``X`` [tokens, channels] and the site's weight ``B`` [in, out] (the readers' weights
+side by side: ``[q|k|v]``, ``[gate|up]``, ``o``, ``down``) are transformed four ways, without
+writing any model:
+
+==============  =====================  ========================
+transform       activation ``X'``      weight ``B'``
+==============  =====================  ========================
+original        ``X``                  ``B``
+smooth          ``X / s``              ``diag(s) B``
+rotate          ``X Q``                ``Q^T B``
+smooth+rotate   ``(X / s) Q``          ``Q^T diag(s) B``
+==============  =====================  ========================
+
+``s`` are SmoothQuant scales from the per-channel ``max|X|`` over all windows
+(:func:`onnxqf.smoothing.site_scales`, grouped per KV head for ``o_in``) and ``Q`` a randomized
+Hadamard rotation of the site's width (:func:`onnxqf.hadamard.rotation`). ``X' B' = X B`` in every
+case; what changes is how well ``X'`` and ``B'`` quantize. Per (layer, site, transform) it reports
+the activation difficulty (std of the channel L2 norms), the weight difficulty (std of the row L2
+norms of ``B'``), ``max|X'|`` and the layer error ``||X B - Q(X') Q(B')||_F^2`` at 8 and 4 bits
+(per-token activations, per-output-channel weights).
+
+The model is run twice over the windows (pass 1: per-channel absmax for the scales; pass 2: the
+metrics), one window at a time, so memory does not grow with the number of windows. The norm
+scales are folded into the weights first (:class:`FoldNormsPass`, in memory), so the q/k/v and
+gate/up inputs are the γ-free normalized activations, as the rewrite sees them.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import re
+import secrets
+import shutil
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from onnxqf.errors import OnnxqfError
+from onnxqf.metrics import ChannelStats, QuantErrorAccumulator, difficulty, weight_channel_magnitudes
+
+SITES = ("attn_in", "o_in", "mlp_in", "down_in")
+TRANSFORMS = ("original", "smooth", "rotate", "smooth+rotate")
+BITS = (8, 4)
+HEATMAP_TOKENS = 256
+SITE_TITLES = {
+    "attn_in": "q/k/v_proj input (attn_in)",
+    "o_in": "o_proj input (o_in)",
+    "mlp_in": "gate/up_proj input (mlp_in)",
+    "down_in": "down_proj input (down_in)",
+}
+# The CSV columns, in order (one row per layer, site, transform).
+COLUMNS = (
+    "layer", "site", "transform", "channels", "tokens",
+    "act_difficulty", "act_l2_mean", "act_max", "top_channel",
+    "weight_difficulty",
+    "error8", "error8_rel", "error4", "error4_rel",
+)
+# Averaged over layers in the summary.
+SUMMARY_KEYS = ("act_difficulty", "act_max", "weight_difficulty", "error8", "error8_rel", "error4", "error4_rel")
+# The per-site plots: file prefix -> (CSV column, title, y label); all on a log y axis.
+PLOTS = {
+    "difficulty": ("act_difficulty", "activation quantization difficulty", r"std$_j$ of $\|X'_{:,j}\|_2$"),
+    "weight_difficulty": ("weight_difficulty", "weight quantization difficulty", r"std$_j$ of $\|B'_{j,:}\|_2$"),
+    "error8": ("error8", "layer error, W8A8", r"$\|XB - Q(X')\,Q(B')\|_F^2$"),
+    "error4": ("error4", "layer error, W4A4", r"$\|XB - Q(X')\,Q(B')\|_F^2$"),
+    "max": ("act_max", "largest activation magnitude", r"max $|X'|$"),
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# pure math
+
+
+def parse_layers(spec: str | None, n: int) -> list[int]:
+    """Layer indices from a spec like ``'0,5,10-12'`` (inclusive ranges), sorted, unique.
+
+    ``None`` or ``'all'`` selects every layer. Raises :class:`OnnxqfError` on a malformed
+    spec or an index outside ``[0, n)``.
+    """
+    if spec is None or spec.strip().lower() == "all":
+        return list(range(n))
+    out: set[int] = set()
+    parts = spec.split(",")
+    for part in parts:
+        p = part.strip()
+        m = re.fullmatch(r"(\d+)(?:\s*-\s*(\d+))?", p)
+        if m is None:
+            raise OnnxqfError(
+                f"--layers: cannot read '{p}' in '{spec}' (expected indices and ranges like '0,5,10-12')"
+            )
+        a = int(m.group(1))
+        b = int(m.group(2)) if m.group(2) is not None else a
+        if b < a:
+            raise OnnxqfError(f"--layers: range '{p}' is empty (start after end)")
+        if b >= n:
+            raise OnnxqfError(f"--layers: layer {b} is out of range (the model has {n} layers: 0-{n - 1})")
+        out.update(range(a, b + 1))
+    return sorted(out)
+
+
+def _smooths(kind: str) -> bool:
+    if kind not in TRANSFORMS:
+        raise ValueError(f"unknown transform '{kind}' (expected one of {', '.join(TRANSFORMS)})")
+    return kind in ("smooth", "smooth+rotate")
+
+
+def _rotates(kind: str) -> bool:
+    return kind in ("rotate", "smooth+rotate")
+
+
+def transform_activation(X: np.ndarray, s: np.ndarray | None, Q: np.ndarray | None, kind: str) -> np.ndarray:
+    """``X'`` of one transform (float64): ``X``, ``X/s``, ``X Q`` or ``(X/s) Q``."""
+    Xt = np.asarray(X, dtype=np.float64)
+    if _smooths(kind):
+        Xt = Xt / np.asarray(s, dtype=np.float64)
+    if _rotates(kind):
+        Xt = Xt @ Q
+    return Xt
+
+
+def transform_weight(B: np.ndarray, s: np.ndarray | None, Q: np.ndarray | None, kind: str) -> np.ndarray:
+    """``B'`` of one transform (float64): ``B``, ``diag(s) B``, ``Qᵀ B`` or ``Qᵀ diag(s) B``."""
+    Bt = np.asarray(B, dtype=np.float64)
+    if _smooths(kind):
+        Bt = np.asarray(s, dtype=np.float64)[:, None] * Bt
+    if _rotates(kind):
+        Bt = Q.T @ Bt
+    return Bt
+
+
+def transform_pair(X: np.ndarray, B: np.ndarray, s: np.ndarray | None, Q: np.ndarray | None,
+                   kind: str) -> tuple[np.ndarray, np.ndarray]:
+    """``(X', B')`` with ``X' B' = X B``: see the module docstring for the four kinds."""
+    return transform_activation(X, s, Q, kind), transform_weight(B, s, Q, kind)
+
+
+def site_groups(site: str, config) -> tuple[int, int, int] | None:
+    """Channel groups whose smoothing scales must be shared: o_proj's input, per KV head."""
+    if site != "o_in":
+        return None
+    return (config.num_kv_heads, config.num_heads // config.num_kv_heads, config.head_dim)
+
+
+@dataclass
+class SiteAccumulator:
+    """Streaming metrics of one site under every transform.
+
+    ``update(X, B)`` takes one chunk of activations and the site's (untransformed) weight; the
+    weight is not kept between chunks, so many sites can be accumulated at once. Errors add up
+    ``value`` and ``reference`` of a :class:`QuantErrorAccumulator` per chunk, so the totals and
+    ``value / reference`` are those of one accumulator run over all chunks.
+    """
+
+    s: np.ndarray
+    Q: np.ndarray
+    transforms: tuple[str, ...] = TRANSFORMS
+    bits: tuple[int, ...] = BITS
+    stats: dict = field(default_factory=dict)
+    errors: dict = field(default_factory=dict)  # (transform, bits) -> [value, reference]
+    weight_difficulty: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for t in self.transforms:
+            self.stats[t] = ChannelStats()
+            for b in self.bits:
+                self.errors[(t, b)] = [0.0, 0.0]
+
+    def update(self, X: np.ndarray, B: np.ndarray) -> "SiteAccumulator":
+        X = np.asarray(X, dtype=np.float64).reshape(-1, np.shape(X)[-1])
+        for t in self.transforms:
+            Xt, Bt = transform_pair(X, B, self.s, self.Q, t)
+            self.stats[t].update(Xt)
+            if t not in self.weight_difficulty:
+                self.weight_difficulty[t] = difficulty(weight_channel_magnitudes(Bt))
+            for b in self.bits:
+                acc = QuantErrorAccumulator(Bt, bits=b).update(Xt)
+                e = self.errors[(t, b)]
+                e[0] += acc.value
+                e[1] += acc.reference
+        return self
+
+    def result(self) -> dict[str, dict]:
+        """Metrics per transform (keys of :data:`COLUMNS` after ``transform``)."""
+        out = {}
+        for t in self.transforms:
+            st = self.stats[t]
+            l2, absmax = st.l2, st.absmax
+            row = {
+                "channels": st.channels,
+                "tokens": st.count,
+                "act_difficulty": difficulty(l2),
+                "act_l2_mean": float(np.mean(l2)),
+                "act_max": st.max,
+                "top_channel": int(np.argmax(absmax)),
+                "weight_difficulty": self.weight_difficulty[t],
+            }
+            for b in self.bits:
+                value, ref = self.errors[(t, b)]
+                row[f"error{b}"] = value
+                row[f"error{b}_rel"] = value / ref if ref > 0 else float("nan")
+            out[t] = row
+        return out
+
+
+def site_metrics(X: np.ndarray, B: np.ndarray, s: np.ndarray, Q: np.ndarray) -> dict[str, dict]:
+    """All metrics of one in-memory site (the streaming accumulator over a single chunk)."""
+    return SiteAccumulator(np.asarray(s, np.float64), np.asarray(Q, np.float64)).update(X, B).result()
+
+
+def summarize(rows: list[dict]) -> dict[str, dict[str, dict[str, float]]]:
+    """{site: {transform: {key: mean over layers}}} for the keys in :data:`SUMMARY_KEYS`."""
+    out: dict = {}
+    for site in SITES:
+        for t in TRANSFORMS:
+            sel = [r for r in rows if r["site"] == site and r["transform"] == t]
+            if not sel:
+                continue
+            out.setdefault(site, {})[t] = {k: float(np.mean([r[k] for r in sel])) for k in SUMMARY_KEYS}
+    return out
+
+
+def format_summary(summary: dict, header: str = "") -> str:
+    """A compact table: per site and transform, means over layers."""
+    lines = [header] if header else []
+    lines.append(f"{'site':<8} {'transform':<14} {'difficulty':>11} {'max|x|':>9} {'error8':>10} {'error8 rel':>10}")
+    for site, per_t in summary.items():
+        for i, (t, m) in enumerate(per_t.items()):
+            lines.append(
+                f"{site if i == 0 else '':<8} {t:<14} {m['act_difficulty']:>11.4g} {m['act_max']:>9.4g} "
+                f"{m['error8']:>10.3e} {m['error8_rel']:>10.3e}"
+            )
+    lines.append("(means over the inspected layers; error8: ||XB - Q(X')Q(B')||_F^2 summed over all tokens, W8A8)")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# the model side
+
+
+def site_weight(layer, site: str) -> np.ndarray:
+    """B of a site, [in, out] float64: the readers' weights side by side."""
+    from onnxqf.graphutil import weight_matrix
+
+    readers = {
+        "attn_in": (layer.q, layer.k, layer.v),
+        "o_in": (layer.o,),
+        "mlp_in": (layer.gate, layer.up),
+        "down_in": (layer.down,),
+    }[site]
+    mats = [weight_matrix(lin) for lin in readers]
+    return mats[0] if len(mats) == 1 else np.concatenate(mats, axis=1)
+
+
+@dataclass
+class InspectOptions:
+    windows: int = 8
+    seq: int = 512
+    layers: str | None = None
+    alpha: float = 0.5
+    heatmap_layer: int | None = None
+    seed: int = 0
+    progress: bool = True
+
+
+def _check_out_dir(out: Path) -> None:
+    """Refuse to replace something that is not an earlier inspect output."""
+    if out.exists() and not out.is_dir():
+        raise OnnxqfError(f"{out}: exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not (out / "metrics.csv").is_file():
+        raise OnnxqfError(f"{out}: folder exists and is not an earlier inspect output (no metrics.csv); choose another --out")
+
+
+def _make_temp_dir(out: Path) -> Path:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        tmp = out.parent / f".{out.name}.partial-{secrets.token_hex(4)}"
+        try:
+            os.mkdir(tmp)  # honours the umask, unlike mkdtemp's 0700
+            return tmp
+        except FileExistsError:
+            continue
+
+
+def _commit_dir(tmp: Path, out: Path) -> None:
+    """Move the finished folder into place; an existing one is replaced only now."""
+    if not out.exists():
+        os.rename(tmp, out)
+        return
+    old = out.parent / f".{out.name}.old-{secrets.token_hex(4)}"
+    os.rename(out, old)
+    try:
+        os.rename(tmp, out)
+    except BaseException:
+        os.rename(old, out)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _json_safe(x):
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_json_safe(v) for v in x]
+    return x
+
+
+def run_inspect(model_path: str | os.PathLike, source: str, out: str | os.PathLike | None = None,
+                opts: InspectOptions | None = None, tokenizer_dir: str | None = None) -> dict:
+    """Compute everything, write ``out`` atomically; returns the JSON-able result."""
+    from onnxqf import calibrate
+    from onnxqf.data import load_tokenizer, load_tokens, windows
+    from onnxqf.graph import recognize
+    from onnxqf.hadamard import rotation
+    from onnxqf.io import load_model
+    from onnxqf.passes.fold_norms import FoldNormsPass
+    from onnxqf.smoothing import site_scales
+
+    opts = opts or InspectOptions()
+    if isinstance(opts.alpha, str) or not 0.0 <= opts.alpha <= 1.0:
+        raise OnnxqfError(f"--alpha must be a number in [0, 1] for inspect, not {opts.alpha!r}")
+    model_path = Path(model_path)
+    out = Path(out) if out is not None else model_path.with_name(model_path.stem + "-inspect")
+    _check_out_dir(out)
+
+    model = load_model(model_path)
+    structure = recognize(model)  # a clear error for non-LLM graphs, before anything else
+    _pin_clashing_external_data(model)
+    n_layers = len(structure.layers)
+    layers = parse_layers(opts.layers, n_layers)
+    if opts.heatmap_layer is not None and opts.heatmap_layer not in layers:
+        raise OnnxqfError(
+            f"--heatmap-layer {opts.heatmap_layer} is not among the inspected layers ({_layers_text(layers)})"
+        )
+    tokenizer = None if str(source).endswith(".npy") else load_tokenizer(model_path, model, tokenizer_dir)
+    ids = load_tokens(source, tokenizer, structure.config.vocab)
+    wins = windows(ids, opts.windows, opts.seq, what=str(source))
+
+    FoldNormsPass()(model)
+    structure = recognize(model)  # records of the folded (private) weights
+    config = structure.config
+    all_values = calibrate.site_values(structure)
+    keys = [(i, site) for i in layers for site in SITES]
+    values = {f"layers.{i}.{site}": all_values[f"layers.{i}.{site}"] for i, site in keys}
+
+    # pass 1: per-channel absmax of every site (for the smoothing scales and the heatmap layer)
+    stats = {k: ChannelStats() for k in keys}
+    for acts in calibrate.capture(model, values, wins, desc="inspect 1/2 (absmax)", progress=opts.progress):
+        for i, site in keys:
+            stats[(i, site)].update(acts[f"layers.{i}.{site}"])
+    heat_layer = opts.heatmap_layer
+    if heat_layer is None:
+        heat_layer = max(layers, key=lambda i: stats[(i, "down_in")].max)
+
+    rotations: dict[int, np.ndarray] = {}
+    accs: dict[tuple[int, str], SiteAccumulator] = {}
+    for i, site in keys:
+        B = site_weight(structure.layers[i], site)
+        s = site_scales(stats[(i, site)].absmax, B, opts.alpha, site_groups(site, config))
+        n = B.shape[0]
+        if n not in rotations:
+            rotations[n] = rotation(n, np.random.default_rng(opts.seed)).matrix()
+        accs[(i, site)] = SiteAccumulator(s, rotations[n])
+    del stats
+
+    # pass 2: the four transforms of every window, into streaming accumulators
+    heat: dict[str, np.ndarray] = {}
+    for w, acts in enumerate(calibrate.capture(model, values, wins, desc="inspect 2/2 (metrics)", progress=opts.progress)):
+        for i, site in keys:
+            X = acts[f"layers.{i}.{site}"]
+            accs[(i, site)].update(X, site_weight(structure.layers[i], site))
+            if w == 0 and i == heat_layer:
+                heat[site] = np.array(X[:HEATMAP_TOKENS], dtype=np.float64)
+        del acts
+
+    rows = []
+    for i, site in keys:
+        for t, m in accs[(i, site)].result().items():
+            rows.append({"layer": i, "site": site, "transform": t, **m})
+    summary = summarize(rows)
+    result = {
+        "model": str(model_path),
+        "source": str(source),
+        "windows": int(wins.shape[0]),
+        "seq": int(wins.shape[1]),
+        "tokens": int(wins.size),
+        "layers": layers,
+        "alpha": opts.alpha,
+        "seed": opts.seed,
+        "heatmap_layer": heat_layer,
+        "config": {"hidden": config.hidden, "num_heads": config.num_heads, "num_kv_heads": config.num_kv_heads,
+                   "head_dim": config.head_dim, "intermediate": config.intermediate},
+        "out": str(out),
+        "summary": summary,
+    }
+
+    tmp = _make_temp_dir(out)
+    try:
+        _write_outputs(tmp, rows, result, layers, heat, heat_layer, accs)
+        _commit_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return result
+
+
+def _pin_clashing_external_data(model) -> None:
+    """Load into memory the external tensors that calibrate.capture would lose.
+
+    capture() saves the model as ``model.onnx`` in a temporary folder (runtime.saved), and
+    io.save_model then points every external tensor whose data file has that folder's data-file
+    name at the temporary folder, which is deleted right after: a model file named
+    ``model.onnx`` would lose its unmodified weights (o_proj, down_proj) before pass 2 reads them.
+    """
+    import onnx_ir as ir
+
+    from onnxqf.io import data_file_name
+
+    clash = data_file_name("model.onnx")
+    for value in model.graph.initializers.values():
+        t = value.const_value
+        if isinstance(t, ir.ExternalTensor) and t.location == clash:
+            value.const_value = ir.tensor(t.numpy(), dtype=t.dtype, name=value.name)
+
+
+def _layers_text(layers: list[int]) -> str:
+    return ",".join(str(i) for i in layers) if len(layers) <= 8 else f"{len(layers)} layers"
+
+
+def _write_outputs(d: Path, rows: list[dict], result: dict, layers: list[int], heat: dict,
+                   heat_layer: int, accs: dict) -> None:
+    from onnxqf.plots import plot_channel_heatmap, plot_metric_vs_layer
+
+    with open(d / "metrics.csv", "w", newline="", encoding="utf-8") as f:
+        wr = csv.writer(f)
+        wr.writerow(COLUMNS)
+        for r in rows:
+            wr.writerow([_csv_cell(r[c]) for c in COLUMNS])
+    with open(d / "metrics.json", "w", encoding="utf-8") as f:
+        json.dump(_json_safe({**result, "rows": rows}), f, indent=1)
+        f.write("\n")
+
+    span = max(layers) + 1  # x = layer index; layers not inspected are gaps (NaN)
+    what = f"{result['windows']}×{result['seq']} tokens"
+    for site in SITES:
+        for name, (key, title, ylabel) in PLOTS.items():
+            curves = {}
+            for t in TRANSFORMS:
+                y = np.full(span, np.nan)
+                for r in rows:
+                    if r["site"] == site and r["transform"] == t:
+                        y[r["layer"]] = r[key]
+                curves[t] = y
+            plot_metric_vs_layer(curves, f"{SITE_TITLES[site]}: {title}\n({what}, α={result['alpha']})",
+                                 ylabel, d / f"{name}_{site}.png", logy=True)
+        if site in heat:
+            acc = accs[(heat_layer, site)]
+            panels = {t: transform_activation(heat[site], acc.s, acc.Q, t) for t in TRANSFORMS}
+            plot_channel_heatmap(
+                panels,
+                f"layer {heat_layer}, {SITE_TITLES[site]}: |X'| of the first {heat[site].shape[0]} tokens "
+                "(each panel on its own colour scale)",
+                d / f"heatmap_layer{heat_layer}_{site}.png",
+                shared_scale=False,
+            )
+
+
+def _csv_cell(v):
+    if isinstance(v, float):
+        return "nan" if not math.isfinite(v) else repr(v)
+    return v
+
+
+def print_report(result: dict, as_json: bool, file=None) -> None:
+    file = file if file is not None else sys.stdout
+    if as_json:
+        keys = ("model", "source", "windows", "seq", "tokens", "layers", "alpha", "seed", "heatmap_layer", "out", "summary")
+        print(json.dumps(_json_safe({k: result[k] for k in keys})), file=file)
+        return
+    header = (f"{result['model']}: {len(result['layers'])} layers, {result['windows']} x {result['seq']} tokens, "
+              f"alpha {result['alpha']}, heatmap layer {result['heatmap_layer']} -> {result['out']}")
+    print(format_summary(result["summary"], header), file=file)

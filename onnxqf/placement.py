@@ -1,0 +1,108 @@
+"""Where does each node run? Measured with ONNX Runtime, never assumed.
+
+``check_placement`` builds a session for the provider, runs one short input with profiling on,
+and reads each node's provider from the profile; a second session with
+``session.disable_cpu_ep_fallback=1`` confirms that ORT itself accepts the graph with no CPU
+fallback. ``static_issues`` lists nodes that are known to have no CUDA kernel (checked in CI,
+where there is no GPU).
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxqf.runtime import EP_NAMES, make_session, ort
+from onnxqf.errors import OnnxqfError
+
+# ONNX Runtime 1.2x/1.3x CUDA provider: ops with no CUDA kernel, or only for some input types.
+NO_CUDA_KERNEL = {"DynamicQuantizeLinear", "MatMulIntegerToFloat", "DynamicQuantizeMatMul"}
+
+
+def static_issues(model: ir.Model) -> list[str]:
+    """Nodes that the CUDA provider cannot run (by op type and input dtypes)."""
+    issues = []
+    for node in model.graph.all_nodes():
+        if node.op_type in NO_CUDA_KERNEL:
+            issues.append(f"{node.op_type} '{node.name}': no CUDA kernel")
+        elif node.op_type == "MatMulInteger":
+            dtypes = [_dtype(v) for v in node.inputs[:2] if v is not None]
+            if any(d != ir.DataType.INT8 for d in dtypes):
+                issues.append(f"MatMulInteger '{node.name}': CUDA takes int8 x int8 only, has {[getattr(d, 'name', '?') for d in dtypes]}")
+            if len(node.inputs) > 2:
+                issues.append(f"MatMulInteger '{node.name}': zero points (CUDA path wants symmetric int8)")
+    return issues
+
+
+def _dtype(value: ir.Value) -> ir.DataType | None:
+    if value.dtype is not None:
+        return value.dtype
+    producer = value.producer()
+    if producer is not None and producer.op_type == "Cast":
+        return ir.DataType(producer.attributes.get_int("to"))
+    if producer is not None and producer.op_type == "DynamicQuantizeLinear":
+        return ir.DataType.UINT8
+    return None
+
+
+def check_placement(path, ep: str = "cuda", seq: int = 16) -> dict:
+    rt = ort()
+    provider = EP_NAMES[ep]
+    if provider not in rt.get_available_providers():
+        return {"status": "unavailable", "provider": provider, "message": f"{provider} is not available in onnxruntime {rt.__version__}"}
+    result: dict = {"provider": provider, "onnxruntime": rt.__version__}
+    with tempfile.TemporaryDirectory(prefix="onnxqf-prof-") as tmp:
+        session = make_session(path, ep=ep, profile=os.path.join(tmp, "prof"))
+        name = session.get_inputs()[0].name
+        session.run(None, {name: np.ones((1, seq), np.int64)})
+        profile = session.end_profiling()
+        events = json.loads(Path(profile).read_text())
+    per_provider: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+    memcpy = []
+    seen = set()
+    for ev in events:
+        if ev.get("cat") != "Node" or not ev.get("name", "").endswith("_kernel_time"):
+            continue
+        args = ev.get("args", {})
+        node = ev["name"][: -len("_kernel_time")]
+        if node in seen:
+            continue
+        seen.add(node)
+        op, prov = args.get("op_name", "?"), args.get("provider", "?")
+        per_provider[prov][op] += 1
+        if op.startswith("Memcpy"):
+            memcpy.append(node)
+    off = {p: dict(c) for p, c in per_provider.items() if p != provider}
+    result["nodes"] = {p: sum(c.values()) for p, c in per_provider.items()}
+    result["off_provider_ops"] = off
+    result["memcpy"] = memcpy
+    strict_error = None
+    if ep != "cpu":
+        try:
+            make_session(path, ep=ep, strict_ep=True)
+        except OnnxqfError as exc:
+            strict_error = str(exc)
+    result["strict_session_error"] = strict_error
+    ok = not off and not memcpy and strict_error is None
+    result["status"] = "ok" if ok else "fallback"
+    return result
+
+
+def format_placement(r: dict) -> str:
+    if r["status"] == "unavailable":
+        return f"skipped: {r['message']}"
+    lines = [f"provider {r['provider']} (onnxruntime {r['onnxruntime']}): " + ", ".join(f"{p}: {n} nodes" for p, n in r["nodes"].items())]
+    for p, ops in r["off_provider_ops"].items():
+        lines.append(f"  on {p}: " + ", ".join(f"{op} x{n}" for op, n in sorted(ops.items())))
+    if r["memcpy"]:
+        lines.append(f"  Memcpy nodes: {len(r['memcpy'])}")
+    if r["strict_session_error"]:
+        lines.append(f"  with CPU fallback disabled: {r['strict_session_error']}")
+    lines.append("OK: every node on the provider, no copies" if r["status"] == "ok" else "FAIL: nodes off the provider or copies inserted")
+    return "\n".join(lines)

@@ -1,0 +1,69 @@
+"""ONNX Runtime helpers: sessions from files or in-memory models, providers, placement."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxqf.errors import OnnxqfError
+
+
+def ort():
+    try:
+        import onnxruntime
+    except ImportError:
+        raise OnnxqfError("this command needs onnxruntime: pip install 'onnxqf[cpu]' (or 'onnxqf[gpu]')") from None
+    return onnxruntime
+
+
+EP_NAMES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+
+
+def session_options(*, strict_ep: bool = False, profile: str | None = None, threads: int | None = None):
+    rt = ort()
+    so = rt.SessionOptions()
+    so.log_severity_level = 3
+    if strict_ep:
+        so.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
+    if profile:
+        so.enable_profiling = True
+        so.profile_file_prefix = profile
+    if threads:
+        so.intra_op_num_threads = threads
+    return so
+
+
+def make_session(path: str | os.PathLike, ep: str = "cpu", **kwargs):
+    rt = ort()
+    provider = EP_NAMES.get(ep)
+    if provider is None:
+        raise OnnxqfError(f"unknown execution provider '{ep}' (use cpu or cuda)")
+    if provider not in rt.get_available_providers():
+        raise OnnxqfError(f"{provider} is not available in this onnxruntime build ({rt.__version__})")
+    providers = [provider] if ep == "cuda" else ["CPUExecutionProvider"]
+    try:
+        return rt.InferenceSession(str(path), sess_options=session_options(**kwargs), providers=providers)
+    except Exception as exc:
+        raise OnnxqfError(f"onnxruntime cannot load {path}: {str(exc).strip().splitlines()[0][:300]}") from None
+
+
+@contextlib.contextmanager
+def saved(model: ir.Model) -> Iterator[Path]:
+    """Write an in-memory model to a temporary file (with external data) for ONNX Runtime."""
+    from onnxqf.io import save_model
+
+    with tempfile.TemporaryDirectory(prefix="onnxqf-") as tmp:
+        path = Path(tmp) / "model.onnx"
+        save_model(model, path, check=False)
+        yield path
+
+
+def logits(session, ids: np.ndarray) -> np.ndarray:
+    name = session.get_inputs()[0].name
+    return session.run(None, {name: np.asarray(ids, dtype=np.int64)})[0]

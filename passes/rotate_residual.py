@@ -1,0 +1,57 @@
+"""Rotate the residual stream by an orthogonal Q (randomized Hadamard), folded into weights.
+
+Every vector on the residual stream becomes ``x Q``: the embedding rows ``E <- E Q``; linears that
+read the (normed) stream ``B <- Q^T B`` (q, k, v, gate, up, lm_head); linears that write into it
+``B <- B Q``, ``b <- b Q`` (o, down). Exact because ``RMSNorm(x Q) = RMSNorm(x) Q`` when the norm
+has no scale, so FoldNormsPass must have run: the pass refuses a norm whose scale is not 1.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from onnxqf import fold, graphutil
+from onnxqf.errors import OnnxqfError
+from onnxqf.graph import recognize
+from onnxqf.hadamard import rotation
+
+
+class RotateResidualPass(ir.passes.InPlacePass):
+    def __init__(self, seed: int = 0, fallback: str = "orthogonal"):
+        super().__init__()
+        self.seed = seed
+        self.fallback = fallback
+        self.kind = ""
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        s = recognize(model)
+        graphutil.prepare_linears(model.graph, s)
+        for norm in s.norms():
+            if norm.gamma is not None and not np.all(graphutil.read(norm.gamma) == 1.0):
+                raise OnnxqfError("residual rotation needs folded norm scales (run FoldNormsPass first)")
+        _check_residual_consumers(s)
+        rot = rotation(s.config.hidden, np.random.default_rng(self.seed), fallback=self.fallback)
+        self.kind = rot.kind
+        Q = rot.matrix()
+        table = s.embedding_table
+        graphutil.write(table, fold.rotate_embedding(graphutil.read(table), Q))
+        for layer in s.layers:
+            for lin in (layer.q, layer.k, layer.v, layer.gate, layer.up):
+                graphutil.set_weight_matrix(lin, fold.rotate_input(graphutil.weight_matrix(lin), Q))
+            for lin in (layer.o, layer.down):
+                graphutil.set_weight_matrix(lin, fold.rotate_output(graphutil.weight_matrix(lin), Q))
+                if lin.bias is not None:
+                    graphutil.set_bias_vector(lin, fold.rotate_output(graphutil.bias_vector(lin), Q))
+        graphutil.set_weight_matrix(s.lm_head, fold.rotate_input(graphutil.weight_matrix(s.lm_head), Q))
+        return ir.passes.PassResult(model, modified=True)
+
+
+def _check_residual_consumers(s) -> None:
+    """Only norms and residual Adds may read the stream; anything else would see rotated data."""
+    values = [s.embedding.outputs[0]] + [v for layer in s.layers for v in (layer.attn_add.outputs[0], layer.mlp_add.outputs[0])]
+    allowed = {"Add", "Pow", "Mul", "Cast", "Div", "RMSNormalization", "SimplifiedLayerNormalization"}
+    for v in values:
+        for node in v.consumers():
+            if node.op_type not in allowed:
+                raise OnnxqfError(f"the residual stream is read by a {node.op_type} node ('{node.name}'); cannot rotate it")

@@ -1,0 +1,68 @@
+"""Shared fixtures: tiny exported models (made once per session) and token ids of real text."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+WIKITEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
+TINY_NAMES = ["llama-gqa", "llama-tied", "qwen2-bias", "llama-odd"]
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tiny_dir) -> dict[str, Path]:
+    """The tiny random models exported by onnxqf (float32), by name."""
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from onnxqf.models.export import export_model
+    from onnxqf.models.tiny import tiny_model
+
+    out = {}
+    for name in TINY_NAMES:
+        out[name] = export_model(tiny_model(name), tiny_dir / f"{name}.onnx")
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_fp16(tiny_dir) -> Path:
+    pytest.importorskip("torch")
+    from onnxqf.models.export import export_model
+    from onnxqf.models.tiny import tiny_model
+
+    return export_model(tiny_model("llama-gqa"), tiny_dir / "llama-gqa-fp16.onnx", dtype="float16")
+
+
+@pytest.fixture(scope="session")
+def text_ids() -> np.ndarray:
+    """Real text (WikiText-2 test) as byte-level token ids (the tiny models have a 512 vocabulary)."""
+    if not WIKITEXT.is_file():
+        pytest.skip(f"real text not available ({WIKITEXT} is absent; it lives in the project's shared/data)")
+    data = WIKITEXT.read_bytes()[:200_000]
+    return np.frombuffer(data, np.uint8).astype(np.int64)
+
+
+@pytest.fixture(scope="session")
+def ids_file(tiny_dir, text_ids) -> Path:
+    path = tiny_dir / "ids.npy"
+    np.save(path, text_ids)
+    return path
+
+
+def run_logits(path, ids: np.ndarray) -> np.ndarray:
+    from onnxqf.runtime import logits, make_session
+
+    return logits(make_session(path), ids)
+
+
+def kl_per_token(ref: np.ndarray, new: np.ndarray) -> float:
+    from onnxqf.metrics import kl_divergence
+
+    return kl_divergence(ref, new)
