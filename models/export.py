@@ -112,21 +112,19 @@ def model_config_json(config) -> str:
     )
 
 
-class _LogitsOnly:
-    """Wraps a causal LM so the exported graph maps input_ids -> logits (no cache)."""
+def logits_module(model):
+    """Wrap a causal LM so the exported graph maps input_ids -> logits (no cache)."""
+    import torch
 
-    def __new__(cls, model):
-        import torch
+    class LogitsOnly(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
 
-        class Wrapper(torch.nn.Module):
-            def __init__(self, m):
-                super().__init__()
-                self.m = m
+        def forward(self, input_ids):
+            return self.m(input_ids=input_ids, use_cache=False).logits
 
-            def forward(self, input_ids):
-                return self.m(input_ids=input_ids, use_cache=False).logits
-
-        return Wrapper(model)
+    return LogitsOnly(model)
 
 
 def export_model(model, out: str | os.PathLike, *, dtype: str = "float32", tokenizer=None, opset: int = 18,
@@ -143,13 +141,15 @@ def export_model(model, out: str | os.PathLike, *, dtype: str = "float32", token
         raise OnnxqfError(f"--dtype must be float32 or float16, not {dtype}")
     out = Path(out).absolute()
     model = model.eval().to(torch.float16 if dtype == "float16" else torch.float32)
-    wrapper = _LogitsOnly(model)
+    wrapper = logits_module(model)
     ids = torch.randint(0, model.config.vocab_size, (2, 8))
     with tempfile.TemporaryDirectory(prefix=".onnxqf-export-", dir=out.parent if out.parent.exists() else None) as tmp:
         _log(f"tracing and converting to ONNX (opset {opset}, {dtype}); this takes a minute for a 100M model")
         t = time.time()
+        import logging
         import warnings
 
+        logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             program = torch.onnx.export(

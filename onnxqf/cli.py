@@ -249,8 +249,12 @@ def cmd_check(args) -> int:
     from onnxqf.io import load_model
     from onnxqf.placement import check_placement, format_placement
 
-    load_model(args.model)
+    model = load_model(args.model)
     result = check_placement(args.model, args.ep)
+    if result["status"] == "unavailable" and args.ep == "cuda":
+        from onnxqf.placement import static_issues
+
+        result["static_issues"] = static_issues(model)  # what is known without a GPU
     print(json.dumps(result) if args.json else format_placement(result))
     if result["status"] == "unavailable":
         return 3

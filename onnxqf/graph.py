@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 import json
 from collections import deque
-from typing import Iterable
 
 import numpy as np
 import onnx_ir as ir
@@ -439,6 +438,8 @@ def recognize(model: ir.Model) -> Structure:
         q, k, v = _classify_qkv(readers, where)
         add1, attn_out = _residual_add(x, norm, where)
         o = _writer(attn_out)
+        if o is not None and any(o.node is r.node for r in readers):
+            o = None
         if o is None:
             raise UnsupportedGraphError(f"{where}: no o_proj weight MatMul feeds the attention residual Add")
         x2 = add1.outputs[0]
@@ -453,6 +454,8 @@ def recognize(model: ir.Model) -> Structure:
         gate, up = _classify_gate_up(readers2, where)
         add2, mlp_out = _residual_add(x2, norm2, where)
         down = _writer(mlp_out)
+        if down is not None and any(down.node is r.node for r in readers2):
+            down = None
         if down is None:
             raise UnsupportedGraphError(f"{where}: no down_proj weight MatMul feeds the MLP residual Add")
         mlp_mul = down.input.producer()
@@ -501,9 +504,3 @@ def _head_dim_from_reshape(lin: Linear) -> int | None:
                 return int(last.reshape(-1)[0])
     return None
 
-
-def iter_weight_linears(model: ir.Model) -> Iterable[Linear]:
-    for node in model.graph:
-        lin = match_linear(node)
-        if lin is not None:
-            yield lin

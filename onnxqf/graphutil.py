@@ -90,22 +90,15 @@ def make_private(graph: ir.Graph, lin: Linear) -> None:
 
 
 def make_bias_private(graph: ir.Graph, lin: Linear) -> None:
+    """Give ``lin`` its own bias initializer (a Constant node or a shared one is copied)."""
     if lin.bias is None or (lin.bias.is_initializer() and len(list(lin.bias.uses())) == 1):
         return
-    b = read(lin.bias) if lin.bias.const_value is not None else None
-    if b is None:
-        from onnxqf.graph import const_array
+    from onnxqf.graph import const_array
 
-        b = np.asarray(const_array(lin.bias), dtype=np.float64)
-    dtype = lin.bias.const_value.dtype if lin.bias.const_value is not None else float_dtype_of(lin)
-    new = add_initializer(graph, (lin.bias.name or "bias") + ".private", b, dtype)
-    slot = list(lin.bias_node.inputs).index(lin.bias)
-    lin.bias_node.replace_input_with(slot, new)
+    dtype = lin.bias.dtype or lin.weight.const_value.dtype
+    new = add_initializer(graph, (lin.bias.name or "bias") + ".private", np.asarray(const_array(lin.bias), np.float64), dtype)
+    lin.bias_node.replace_input_with(list(lin.bias_node.inputs).index(lin.bias), new)
     lin.bias = new
-
-
-def float_dtype_of(lin: Linear) -> ir.DataType:
-    return lin.weight.const_value.dtype
 
 
 def prepare_linears(graph: ir.Graph, structure: Structure) -> None:

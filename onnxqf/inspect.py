@@ -335,7 +335,6 @@ def run_inspect(model_path: str | os.PathLike, source: str, out: str | os.PathLi
 
     model = load_model(model_path)
     structure = recognize(model)  # a clear error for non-LLM graphs, before anything else
-    _pin_clashing_external_data(model)
     n_layers = len(structure.layers)
     layers = parse_layers(opts.layers, n_layers)
     if opts.heatmap_layer is not None and opts.heatmap_layer not in layers:
@@ -412,25 +411,6 @@ def run_inspect(model_path: str | os.PathLike, source: str, out: str | os.PathLi
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return result
-
-
-def _pin_clashing_external_data(model) -> None:
-    """Load into memory the external tensors that calibrate.capture would lose.
-
-    capture() saves the model as ``model.onnx`` in a temporary folder (runtime.saved), and
-    io.save_model then points every external tensor whose data file has that folder's data-file
-    name at the temporary folder, which is deleted right after: a model file named
-    ``model.onnx`` would lose its unmodified weights (o_proj, down_proj) before pass 2 reads them.
-    """
-    import onnx_ir as ir
-
-    from onnxqf.io import data_file_name
-
-    clash = data_file_name("model.onnx")
-    for value in model.graph.initializers.values():
-        t = value.const_value
-        if isinstance(t, ir.ExternalTensor) and t.location == clash:
-            value.const_value = ir.tensor(t.numpy(), dtype=t.dtype, name=value.name)
 
 
 def _layers_text(layers: list[int]) -> str:

@@ -127,17 +127,9 @@ def save_model(model: ir.Model, path: str | os.PathLike, *, check: bool = True) 
         elif (path.parent / data_name).exists():
             os.remove(path.parent / data_name)
         os.replace(tmp_model, path)
-    # The in-memory model now refers to the temporary data file that was just moved; point its
-    # external tensors at the final location so it stays usable.
-    _set_base_dir_for(model, path.parent, data_name)
+    # ir.save restores the in-memory tensors afterwards: the model still reads its weights from
+    # where they were loaded (or from memory), never from the file just written.
     return path
-
-
-def _set_base_dir_for(model: ir.Model, base_dir: Path, data_name: str) -> None:
-    for value in model.graph.initializers.values():
-        tensor = value.const_value
-        if isinstance(tensor, ir.ExternalTensor) and tensor.location == data_name:
-            tensor.base_dir = str(base_dir)
 
 
 def get_metadata(model: ir.Model, key: str) -> str | None:

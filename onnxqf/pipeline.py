@@ -102,6 +102,9 @@ def rewrite(model: ir.Model, opts: RewriteOptions, tokenizer=None) -> dict:
         ids = load_tokens(opts.calib, tokenizer, structure.config.vocab)
         wins = windows(ids, opts.calib_windows, opts.calib_seq, what="calibration text")
         report["calibration"] = {"source": str(opts.calib), "windows": int(wins.shape[0]), "seq": int(wins.shape[1])}
+        if wins.size < 8192 and opts.progress:
+            _log(f"note: calibrating on only {wins.size} tokens; GPTQ and smoothing work best with 8k+ tokens of "
+                 "in-domain text (--calib FILE --calib-windows 16)", True)
     if opts.smooth or opts.hybrid:
         sites = HYBRID_SITES if opts.hybrid else ALL_SITES
         s = recognize(model)

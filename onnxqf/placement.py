@@ -96,7 +96,12 @@ def check_placement(path, ep: str = "cuda", seq: int = 16) -> dict:
 
 def format_placement(r: dict) -> str:
     if r["status"] == "unavailable":
-        return f"skipped: {r['message']}"
+        text = f"skipped: {r['message']}"
+        if "static_issues" in r:
+            issues = r["static_issues"]
+            text += f"\nstatic rules: {len(issues)} node(s) known to have no CUDA kernel for their types"
+            text += "".join(f"\n  {i}" for i in issues[:10]) + ("\n  ..." if len(issues) > 10 else "")
+        return text
     lines = [f"provider {r['provider']} (onnxruntime {r['onnxruntime']}): " + ", ".join(f"{p}: {n} nodes" for p, n in r["nodes"].items())]
     for p, ops in r["off_provider_ops"].items():
         lines.append(f"  on {p}: " + ", ".join(f"{op} x{n}" for op, n in sorted(ops.items())))

@@ -29,9 +29,8 @@ import onnx_ir.passes.common as common_passes
 from onnx_ir import tape as ir_tape
 
 from onnxqf import graphutil, qmath
-from onnxqf.errors import OnnxqfError
-from onnxqf.graph import Linear, iter_weight_linears, recognize
-from onnxqf.errors import UnsupportedGraphError
+from onnxqf.errors import OnnxqfError, UnsupportedGraphError
+from onnxqf.graph import Linear, recognize
 
 ACT_QUANT = ("token", "tensor")
 FLOAT32 = ir.DataType.FLOAT
