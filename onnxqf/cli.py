@@ -92,12 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "all positions, the perplexity of both, and top-1 agreement.")
     v.add_argument("orig")
     v.add_argument("new")
-    src = v.add_mutually_exclusive_group(required=True)
-    src.add_argument("--text", help="a UTF-8 text file, tokenized with the model's tokenizer")
-    src.add_argument("--tokens", help="a .npy file of token ids")
-    v.add_argument("--windows", type=_positive, default=16, help="number of windows (default 16)")
-    v.add_argument("--seq", type=_positive, default=512, help="tokens per window (default 512)")
-    v.add_argument("--tokenizer", help="tokenizer folder (default: the one beside ORIG)")
+    _text_args(v, windows=16, tokenizer_of="ORIG")
     v.add_argument("--ep", choices=["cpu", "cuda"], default="cpu", help="execution provider (default cpu)")
     v.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     v.add_argument("--max-kl", type=float, help="exit 1 if KL exceeds this (CI gate)")
@@ -118,20 +113,25 @@ def build_parser() -> argparse.ArgumentParser:
                                    "layer error ||XB - Q(X')Q(B')||^2 at 8 and 4 bits. Writes metrics.csv, metrics.json and "
                                    "PNG plots to --out; no model is written.")
     n.add_argument("model", help="an .onnx LLM (e.g. from `onnxqf export`)")
-    nsrc = n.add_mutually_exclusive_group(required=True)
-    nsrc.add_argument("--text", help="a UTF-8 text file, tokenized with the model's tokenizer")
-    nsrc.add_argument("--tokens", help="a .npy file of token ids")
-    n.add_argument("--windows", type=_positive, default=8, help="number of windows (default 8)")
-    n.add_argument("--seq", type=_positive, default=512, help="tokens per window (default 512)")
+    _text_args(n, windows=8, tokenizer_of="the model")
     n.add_argument("--layers", help="layers to inspect, e.g. '0,5,10-12' (default: all)")
     n.add_argument("--alpha", type=_alpha, default=0.5, help="smoothing strength in [0, 1] (default 0.5)")
     n.add_argument("--out", help="output folder (default: MODEL without .onnx, plus -inspect); replaced only when done")
     n.add_argument("--heatmap-layer", type=int, metavar="K",
                    help="layer of the token x channel heatmaps (default: the layer with the largest down_proj input)")
-    n.add_argument("--tokenizer", help="tokenizer folder (default: the one beside the model)")
     n.add_argument("--seed", type=int, default=0, help="seed of the random Hadamard signs (default 0)")
     n.add_argument("--json", action="store_true", help="print one JSON object with the summary instead of a table")
     return p
+
+
+def _text_args(p: argparse.ArgumentParser, windows: int, tokenizer_of: str) -> None:
+    """--text | --tokens, --windows, --seq, --tokenizer: the token windows a command runs on."""
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--text", help="a UTF-8 text file, tokenized with the model's tokenizer")
+    src.add_argument("--tokens", help="a .npy file of token ids")
+    p.add_argument("--windows", type=_positive, default=windows, help=f"number of windows (default {windows})")
+    p.add_argument("--seq", type=_positive, default=512, help="tokens per window (default 512)")
+    p.add_argument("--tokenizer", help=f"tokenizer folder (default: the one beside {tokenizer_of})")
 
 
 def _version() -> str:

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import sys
 import time
@@ -126,6 +127,6 @@ def rewrite(model: ir.Model, opts: RewriteOptions, tokenizer=None) -> dict:
                                      hessians=hessians, progress=opts.progress),
                  f"quantized MatMuls to int8 ({opts.act_quant}, {opts.weight_rounding} weights)")
         report["quantized"] = len(qp.quantized)
-        report["weight_rounding"] = dict(sorted(__import__("collections").Counter(qp.rounding.values()).items()))
+        report["weight_rounding"] = dict(sorted(collections.Counter(qp.rounding.values()).items()))
     report["seconds"] = round(time.time() - t0, 1)
     return report

@@ -80,7 +80,7 @@ def main() -> int:
     print("| activations | variant | PPL | ΔPPL | KL nats/token | KL vs W8A8 | top-1 |\n|---|---|---|---|---|---|---|")
     print(f"| float | reference | {rows[0]['ppl_orig']:.3f} | 0 | 0 | | 1 |")
     for r in rows:
-        ratio = f"{base[r['act_quant']] / r['kl']:.1f}x lower" if r["act_quant"] in base and r["kl"] > 0 else ""
+        ratio = "" if r["act_quant"] not in base else "baseline" if r["variant"].startswith("W8A8") else f"{base[r['act_quant']] / r['kl']:.1f}x lower"
         print(f"| {r['act_quant']} | {r['variant']} | {r['ppl_new']:.3f} | {100 * (r['ppl_new'] / r['ppl_orig'] - 1):+.2f}% | {r['kl']:.5f} | {ratio} | {r['top1']:.4f} |")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
