@@ -213,6 +213,9 @@ class SimplifyShapesPass(ir.passes.InPlacePass):
         if len(node.inputs) < 4 or const_array(node.inputs[2]) is not None:
             return
         axes = const_array(node.inputs[3])
+        steps = const_array(node.inputs[4]) if len(node.inputs) > 4 and node.inputs[4] is not None else np.ones(1)
+        if steps is None or steps.size != 1 or int(steps.reshape(-1)[0]) != 1:
+            return
         ends = ev(node.inputs[2])
         dims = _dims(node.inputs[0])
         if axes is None or ends is None or dims is None or axes.size != 1 or len(ends) != 1:
