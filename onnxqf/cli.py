@@ -217,16 +217,14 @@ def cmd_rewrite(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from onnxqf.data import load_tokenizer, load_tokens, windows
+    from onnxqf.data import token_windows
     from onnxqf.evaluate import compare, format_table, to_json
     from onnxqf.io import load_model
 
     orig = load_model(args.orig)  # validates the file before ONNX Runtime sees it
     load_model(args.new)
-    tokenizer = load_tokenizer(args.orig, orig, args.tokenizer) if args.text else None
-    vocab = _vocab(orig)
-    ids = load_tokens(args.text or args.tokens, tokenizer, vocab)
-    wins = windows(ids, args.windows, args.seq, what=args.text or args.tokens)
+    wins = token_windows(args.text or args.tokens, args.orig, orig, args.windows, args.seq,
+                         tokenizer=args.tokenizer, vocab=_vocab(orig))
     del orig
     result = compare(args.orig, args.new, wins, ep=args.ep, progress=not args.json, max_abs=True)
     print(to_json(result) if args.json else format_table(result, args.orig, args.new))

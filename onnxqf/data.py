@@ -75,3 +75,10 @@ def windows(ids: np.ndarray, n: int, length: int, *, what: str = "text") -> np.n
     if available < n:
         n = available
     return ids[: n * length].reshape(n, length)
+
+
+def token_windows(source: str | os.PathLike, model_path: str | os.PathLike, model, n: int, length: int, *,
+                  tokenizer: str | None = None, vocab: int | None = None) -> np.ndarray:
+    """[n, length] token windows of a text file (tokenized with the model's tokenizer) or a .npy."""
+    tok = None if str(source).endswith(".npy") else load_tokenizer(model_path, model, tokenizer)
+    return windows(load_tokens(source, tok, vocab), n, length, what=str(source))

@@ -324,7 +324,7 @@ def run_inspect(model_path: str | os.PathLike, source: str, out: str | os.PathLi
                 opts: InspectOptions | None = None, tokenizer_dir: str | None = None) -> dict:
     """Compute everything, write ``out`` atomically; returns the JSON-able result."""
     from onnxqf import calibrate
-    from onnxqf.data import load_tokenizer, load_tokens, windows
+    from onnxqf.data import token_windows
     from onnxqf.graph import recognize
     from onnxqf.hadamard import rotation
     from onnxqf.io import load_model
@@ -346,9 +346,8 @@ def run_inspect(model_path: str | os.PathLike, source: str, out: str | os.PathLi
         raise OnnxqfError(
             f"--heatmap-layer {opts.heatmap_layer} is not among the inspected layers ({_layers_text(layers)})"
         )
-    tokenizer = None if str(source).endswith(".npy") else load_tokenizer(model_path, model, tokenizer_dir)
-    ids = load_tokens(source, tokenizer, structure.config.vocab)
-    wins = windows(ids, opts.windows, opts.seq, what=str(source))
+    wins = token_windows(source, model_path, model, opts.windows, opts.seq, tokenizer=tokenizer_dir,
+                         vocab=structure.config.vocab)
 
     FoldNormsPass()(model)
     structure = recognize(model)  # records of the folded (private) weights

@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from onnxqf.data import load_tokenizer, load_tokens, windows
+from onnxqf.data import token_windows
 from onnxqf.evaluate import compare
 from onnxqf.io import load_model
 
@@ -49,7 +49,7 @@ def main() -> int:
     args = ap.parse_args()
     src = Path(args.model)
     orig = load_model(src)
-    wins = windows(load_tokens(args.text, load_tokenizer(src, orig)), args.windows, args.seq)
+    wins = token_windows(args.text, src, orig, args.windows, args.seq)
     del orig
     calib = args.calib
     if calib is None:

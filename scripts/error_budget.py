@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from onnxqf import graphutil, qmath
-from onnxqf.data import load_tokenizer, load_tokens, windows
+from onnxqf.data import token_windows
 from onnxqf.evaluate import compare
 from onnxqf.graph import recognize
 from onnxqf.io import load_model, save_model
@@ -38,7 +38,7 @@ def main() -> int:
     ap.add_argument("--seq", type=int, default=512)
     args = ap.parse_args()
     src = Path(args.model)
-    wins = windows(load_tokens(args.text, load_tokenizer(src, load_model(src))), args.windows, args.seq)
+    wins = token_windows(args.text, src, load_model(src), args.windows, args.seq)
     cli = [sys.executable, "-m", "onnxqf.cli"]
     rot = src.with_name(src.stem + ".budget.rotate.float.onnx")
     subprocess.run(cli + ["rewrite", str(src), "--rotate", "--quant", "none", "-q", "-o", str(rot)], check=True)

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from onnxqf.calibrate import capture, site_values
-from onnxqf.data import load_tokenizer, load_tokens, windows
+from onnxqf.data import token_windows
 from onnxqf.evaluate import compare
 from onnxqf.graph import recognize
 from onnxqf.io import load_model
@@ -47,8 +47,7 @@ def main() -> int:
     rot = src.with_name(src.stem + ".rotate.float.onnx")
     subprocess.run([sys.executable, "-m", "onnxqf.cli", "rewrite", str(src), "--rotate", "--quant", "none", "-q", "-o", str(rot)], check=True)
     orig = load_model(src)
-    ids = load_tokens(args.text, load_tokenizer(src, orig))
-    wins = windows(ids, args.windows, args.seq)
+    wins = token_windows(args.text, src, orig, args.windows, args.seq)
     eq = compare(src, rot, wins, max_abs=True)
     rel = eq["max_abs_diff"] / eq["max_abs_logit"]
     print(f"## Float equivalence, {eq['windows']} x {eq['seq']} tokens\n")
