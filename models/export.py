@@ -133,8 +133,8 @@ def export_model(model, out: str | os.PathLike, *, dtype: str = "float32", token
     import torch
     import onnx_ir as ir
 
-    from onnxqf.graph import recognize
-    from onnxqf.io import save_model, set_metadata
+    from onnxqf.recognize import recognize
+    from onnxqf.modelfile import save_model, set_metadata
 
     check_architecture(model.config)
     if dtype not in ("float32", "float16"):

@@ -14,7 +14,7 @@ import numpy as np
 import onnx_ir as ir
 from tqdm.auto import tqdm
 
-from onnxqf.graph import Structure
+from onnxqf.recognize import Structure
 from onnxqf.metrics import ChannelStats
 from onnxqf.runtime import make_session, saved
 

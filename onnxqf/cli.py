@@ -181,7 +181,7 @@ def _default_output(model: Path, args) -> Path:
 
 def cmd_rewrite(args) -> int:
     from onnxqf.data import load_tokenizer
-    from onnxqf.io import load_model, save_model, set_metadata, get_metadata
+    from onnxqf.modelfile import load_model, save_model, set_metadata, get_metadata
     from onnxqf.models.export import TOKENIZER_SUFFIX, copy_tokenizer_dir
     from onnxqf.pipeline import RewriteOptions, rewrite
 
@@ -219,7 +219,7 @@ def cmd_rewrite(args) -> int:
 def cmd_eval(args) -> int:
     from onnxqf.data import token_windows
     from onnxqf.evaluate import compare, format_table, to_json
-    from onnxqf.io import load_model
+    from onnxqf.modelfile import load_model
 
     orig = load_model(args.orig)  # validates the file before ONNX Runtime sees it
     load_model(args.new)
@@ -236,7 +236,7 @@ def cmd_eval(args) -> int:
 
 def _vocab(model) -> int | None:
     try:
-        from onnxqf.graph import recognize
+        from onnxqf.recognize import recognize
 
         return recognize(model).config.vocab
     except OnnxqfError:
@@ -244,7 +244,7 @@ def _vocab(model) -> int | None:
 
 
 def cmd_check(args) -> int:
-    from onnxqf.io import load_model
+    from onnxqf.modelfile import load_model
     from onnxqf.placement import check_placement, format_placement
 
     model = load_model(args.model)
@@ -260,7 +260,7 @@ def cmd_check(args) -> int:
 
 
 def cmd_inspect(args) -> int:
-    from onnxqf.inspect import InspectOptions, print_report, run_inspect
+    from onnxqf.inspection import InspectOptions, print_report, run_inspect
 
     opts = InspectOptions(windows=args.windows, seq=args.seq, layers=args.layers, alpha=args.alpha,
                           heatmap_layer=args.heatmap_layer, seed=args.seed, progress=not args.json)

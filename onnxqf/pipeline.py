@@ -23,7 +23,7 @@ import onnx_ir as ir
 from onnxqf import calibrate
 from onnxqf.data import BUILTIN_CALIB, load_tokens, windows
 from onnxqf.errors import OnnxqfError
-from onnxqf.graph import recognize
+from onnxqf.recognize import recognize
 from onnxqf.passes.fold_norms import FoldNormsPass
 from onnxqf.passes.online_hadamard import DownProjHadamardPass
 from onnxqf.passes.quantize import QuantizeMatMulsPass

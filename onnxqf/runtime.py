@@ -56,7 +56,7 @@ def make_session(path: str | os.PathLike, ep: str = "cpu", **kwargs):
 @contextlib.contextmanager
 def saved(model: ir.Model) -> Iterator[Path]:
     """Write an in-memory model to a temporary file (with external data) for ONNX Runtime."""
-    from onnxqf.io import save_model
+    from onnxqf.modelfile import save_model
 
     with tempfile.TemporaryDirectory(prefix="onnxqf-") as tmp:
         path = Path(tmp) / "model.onnx"

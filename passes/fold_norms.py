@@ -10,8 +10,8 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from onnxqf import fold, graphutil
-from onnxqf.graph import Linear, Norm, recognize
+from onnxqf import edit, fold
+from onnxqf.recognize import Linear, Norm, recognize
 
 
 def norm_readers(structure) -> list[tuple[Norm, list[Linear]]]:
@@ -28,18 +28,18 @@ class FoldNormsPass(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         structure = recognize(model)
-        graphutil.prepare_linears(model.graph, structure)
+        edit.prepare_linears(model.graph, structure)
         modified = False
         for norm, readers in norm_readers(structure):
             if norm.gamma is None:
                 continue
-            g = graphutil.read(norm.gamma)
+            g = read(norm.gamma)
             if np.all(g == 1.0):
                 continue
             private_gamma(model.graph, norm)
             for lin in readers:
-                graphutil.set_weight_matrix(lin, fold.scale_rows(graphutil.weight_matrix(lin), g))
-            graphutil.write(norm.gamma, np.ones_like(g))
+                edit.set_weight_matrix(lin, fold.scale_rows(lin.matrix(), g))
+            edit.write(norm.gamma, np.ones_like(g))
             modified = True
         return ir.passes.PassResult(model, modified=True if structure.tied() else modified)
 
@@ -48,7 +48,7 @@ def private_gamma(graph: ir.Graph, norm: Norm) -> None:
     """Give the norm its own gamma initializer (exporters sometimes share one constant)."""
     if len(list(norm.gamma.uses())) == 1:
         return
-    new = graphutil.add_initializer(graph, (norm.gamma.name or "gamma") + ".private", graphutil.read(norm.gamma), norm.gamma.const_value.dtype)
+    new = edit.add_initializer(graph, (norm.gamma.name or "gamma") + ".private", read(norm.gamma), norm.gamma.const_value.dtype)
     slot = list(norm.gamma_node.inputs).index(norm.gamma)
     norm.gamma_node.replace_input_with(slot, new)
     norm.gamma = new

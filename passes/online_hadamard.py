@@ -14,8 +14,8 @@ import warnings
 import numpy as np
 import onnx_ir as ir
 
-from onnxqf import fold, graphutil
-from onnxqf.graph import recognize
+from onnxqf import edit, fold
+from onnxqf.recognize import recognize
 from onnxqf.hadamard import rotation
 
 
@@ -27,8 +27,8 @@ class DownProjHadamardPass(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         s = recognize(model)
-        graphutil.prepare_linears(model.graph, s)
-        dtype = graphutil.float_dtype(s)
+        edit.prepare_linears(model.graph, s)
+        dtype = s.dtype
         rot = rotation(s.config.intermediate, np.random.default_rng(self.seed), max_factor=self.max_factor)
         self.kind = rot.kind
         if max(f.shape[0] for f in rot.factors) > self.max_dense and rot.kind != "hadamard":
@@ -40,12 +40,12 @@ class DownProjHadamardPass(ir.passes.InPlacePass):
                 warnings.warn(f"layer {layer.index}: down_proj's input is not act(gate)*up; skipped the online Hadamard")
                 continue
             up, down = layer.up, layer.down
-            graphutil.set_weight_matrix(up, fold.scale_cols(graphutil.weight_matrix(up), D))
+            edit.set_weight_matrix(up, fold.scale_cols(up.matrix(), D))
             if up.bias is not None:
-                graphutil.set_bias_vector(up, graphutil.bias_vector(up) * D)
-            B = fold.scale_rows(graphutil.weight_matrix(down), D)
-            graphutil.set_weight_matrix(down, kron_transpose_apply(B, rot.factors))
-            graphutil.insert_kron_rotation(
+                edit.set_bias_vector(up, up.bias_vector() * D)
+            B = fold.scale_rows(down.matrix(), D)
+            edit.set_weight_matrix(down, kron_transpose_apply(B, rot.factors))
+            edit.insert_kron_rotation(
                 model.graph, down.node, 0, list(rot.factors), [f.shape[0] for f in rot.factors], dtype,
                 f"layers.{layer.index}.down_proj/hadamard",
             )

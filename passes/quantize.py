@@ -28,9 +28,9 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 from onnx_ir import tape as ir_tape
 
-from onnxqf import graphutil, qmath
+from onnxqf import edit, qmath
 from onnxqf.errors import OnnxqfError, UnsupportedGraphError
-from onnxqf.graph import Linear, recognize
+from onnxqf.recognize import Linear, recognize
 
 ACT_QUANT = ("token", "tensor")
 FLOAT32 = ir.DataType.FLOAT
@@ -66,7 +66,7 @@ class QuantizeMatMulsPass(ir.passes.InPlacePass):
         weights = self._round_weights(model, linears)
         quantized_inputs: dict[int, tuple] = {}
         for lin in linears:
-            graphutil.make_private(graph, lin)
+            edit.make_private(graph, lin)
             x = lin.input
             dtype = x.dtype or lin.weight.const_value.dtype
             if id(x) not in quantized_inputs:
@@ -118,7 +118,7 @@ class QuantizeMatMulsPass(ir.passes.InPlacePass):
         site_of = _site_keys(model)
         out = {}
         for group in tqdm(list(by_input.values()), desc="rounding weights", unit="group", disable=not self.progress):
-            Bs = [graphutil.weight_matrix(lin) for lin in group]
+            Bs = [lin.matrix() for lin in group]
             B = np.concatenate(Bs, axis=1)
             H = self.hessians.get(site_of.get(group[0].name, ""))
             if H is not None:
@@ -197,7 +197,7 @@ def _insert_after_producer(graph: ir.Graph, x: ir.Value, nodes, fallback_before:
 
 
 def _const(tape, graph, base, array):
-    name = graphutil.unique_name(graph, base)
+    name = edit.unique_name(graph, base)
     return tape.initializer(ir.tensor(np.ascontiguousarray(array), name=name), name=name)
 
 

@@ -11,9 +11,9 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from onnxqf import fold, graphutil
+from onnxqf import edit, fold
 from onnxqf.errors import OnnxqfError
-from onnxqf.graph import recognize
+from onnxqf.recognize import recognize
 from onnxqf.hadamard import rotation
 
 
@@ -26,24 +26,24 @@ class RotateResidualPass(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         s = recognize(model)
-        graphutil.prepare_linears(model.graph, s)
+        edit.prepare_linears(model.graph, s)
         for norm in s.norms():
-            if norm.gamma is not None and not np.all(graphutil.read(norm.gamma) == 1.0):
+            if norm.gamma is not None and not np.all(read(norm.gamma) == 1.0):
                 raise OnnxqfError("residual rotation needs folded norm scales (run FoldNormsPass first)")
         _check_residual_consumers(s)
         rot = rotation(s.config.hidden, np.random.default_rng(self.seed), fallback=self.fallback)
         self.kind = rot.kind
         Q = rot.matrix()
         table = s.embedding_table
-        graphutil.write(table, fold.rotate_embedding(graphutil.read(table), Q))
+        edit.write(table, fold.rotate_embedding(read(table), Q))
         for layer in s.layers:
             for lin in (layer.q, layer.k, layer.v, layer.gate, layer.up):
-                graphutil.set_weight_matrix(lin, fold.rotate_input(graphutil.weight_matrix(lin), Q))
+                edit.set_weight_matrix(lin, fold.rotate_input(lin.matrix(), Q))
             for lin in (layer.o, layer.down):
-                graphutil.set_weight_matrix(lin, fold.rotate_output(graphutil.weight_matrix(lin), Q))
+                edit.set_weight_matrix(lin, fold.rotate_output(lin.matrix(), Q))
                 if lin.bias is not None:
-                    graphutil.set_bias_vector(lin, fold.rotate_output(graphutil.bias_vector(lin), Q))
-        graphutil.set_weight_matrix(s.lm_head, fold.rotate_input(graphutil.weight_matrix(s.lm_head), Q))
+                    edit.set_bias_vector(lin, fold.rotate_output(lin.bias_vector(), Q))
+        edit.set_weight_matrix(s.lm_head, fold.rotate_input(s.lm_head.matrix(), Q))
         return ir.passes.PassResult(model, modified=True)
 
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from onnxqf import fold, graphutil
-from onnxqf.graph import recognize
+from onnxqf import edit, fold
+from onnxqf.recognize import recognize
 from onnxqf.hadamard import rotation
 
 
@@ -25,9 +25,9 @@ class ValueOutputRotationPass(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         s = recognize(model)
-        graphutil.prepare_linears(model.graph, s)
+        edit.prepare_linears(model.graph, s)
         cfg = s.config
-        dtype = graphutil.float_dtype(s)
+        dtype = s.dtype
         rng = np.random.default_rng(self.seed)
         r_dh = rotation(cfg.head_dim, rng)
         r_nh = rotation(cfg.num_heads, rng)
@@ -37,12 +37,12 @@ class ValueOutputRotationPass(ir.passes.InPlacePass):
         self.kind = f"head {r_dh.kind}, heads {r_nh.kind}"
         for layer in s.layers:
             v, o = layer.v, layer.o
-            graphutil.set_weight_matrix(v, fold.headwise_output(graphutil.weight_matrix(v), R_dh, cfg.head_dim))
+            edit.set_weight_matrix(v, fold.headwise_output(v.matrix(), R_dh, cfg.head_dim))
             if v.bias is not None:
-                graphutil.set_bias_vector(v, fold.headwise_vector(graphutil.bias_vector(v), R_dh, cfg.head_dim))
-            graphutil.set_weight_matrix(o, fold.head_mix_input(graphutil.weight_matrix(o), R_dh, R_nh, cfg.num_heads))
+                edit.set_bias_vector(v, fold.headwise_vector(v.bias_vector(), R_dh, cfg.head_dim))
+            edit.set_weight_matrix(o, fold.head_mix_input(o.matrix(), R_dh, R_nh, cfg.num_heads))
             if cfg.num_heads > 1:
-                graphutil.insert_kron_rotation(
+                edit.insert_kron_rotation(
                     model.graph, o.node, 0, [R_nh, None], [cfg.num_heads, cfg.head_dim], dtype,
                     f"layers.{layer.index}.o_proj/head_mix",
                 )

@@ -16,8 +16,8 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
-from onnxqf import graphutil
-from onnxqf.graph import const_array
+from onnxqf import edit
+from onnxqf.recognize import const_array
 
 Sym = list  # list of int | str
 
@@ -221,7 +221,7 @@ class SimplifyShapesPass(ir.passes.InPlacePass):
         if axes is None or ends is None or dims is None or axes.size != 1 or len(ends) != 1:
             return
         if dims[int(axes.reshape(-1)[0])] == ends[0]:
-            value = graphutil.add_initializer(graph, "slice_end", np.array([_INT64_MAX], np.int64))
+            value = edit.add_initializer(graph, "slice_end", np.array([_INT64_MAX], np.int64))
             node.replace_input_with(2, value)
             self.replaced += 1
 
@@ -241,9 +241,9 @@ class SimplifyShapesPass(ir.passes.InPlacePass):
             return
         one = ir.tensor(np.array([1], np.int64))
         ones = ir.node("ConstantOfShape", [shape], {"value": one}, name=f"{node.name}/ones")
-        axis = graphutil.add_initializer(graph, "range_axis", np.array(0, np.int64))
+        axis = edit.add_initializer(graph, "range_axis", np.array(0, np.int64))
         csum = ir.node("CumSum", [ones.outputs[0], axis], name=f"{node.name}/cumsum")
-        minus = graphutil.add_initializer(graph, "range_one", np.array(1, np.int64))
+        minus = edit.add_initializer(graph, "range_one", np.array(1, np.int64))
         sub = ir.node("Sub", [csum.outputs[0], minus], name=f"{node.name}/minus_one")
         graph.insert_before(node, [ones, csum, sub])
         out = sub.outputs[0]
@@ -252,7 +252,7 @@ class SimplifyShapesPass(ir.passes.InPlacePass):
         self.replaced += 1
 
     def _set_shape(self, graph, node, shape, base) -> None:
-        value = graphutil.add_initializer(graph, f"{base}_shape", np.array(shape, np.int64))
+        value = edit.add_initializer(graph, f"{base}_shape", np.array(shape, np.int64))
         node.replace_input_with(1, value)
         self.replaced += 1
 

@@ -16,10 +16,10 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from onnxqf import fold, graphutil, smoothing
+from onnxqf import edit, fold, smoothing
 from onnxqf.calibrate import SiteStats
 from onnxqf.errors import OnnxqfError
-from onnxqf.graph import recognize
+from onnxqf.recognize import recognize
 from onnxqf.hadamard import rotation
 from onnxqf.passes.fold_norms import private_gamma  # noqa: E402
 
@@ -40,7 +40,7 @@ class SmoothPass(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         s = recognize(model)
-        graphutil.prepare_linears(model.graph, s)
+        edit.prepare_linears(model.graph, s)
         cfg = s.config
         groups = (cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads, cfg.head_dim)
         rot = {}
@@ -55,7 +55,7 @@ class SmoothPass(ir.passes.InPlacePass):
                 st = self.stats[key]
                 readers = {"attn_in": [layer.q, layer.k, layer.v], "mlp_in": [layer.gate, layer.up],
                            "o_in": [layer.o], "down_in": [layer.down]}[site]
-                B = np.concatenate([graphutil.weight_matrix(lin) for lin in readers], axis=1)
+                B = np.concatenate([lin.matrix() for lin in readers], axis=1)
                 scale, used = smoothing.choose_scales(
                     st.sample, st.stats.absmax, B, self.alpha, groups if site == "o_in" else None, rot.get(site)
                 )
@@ -63,18 +63,18 @@ class SmoothPass(ir.passes.InPlacePass):
                 if used is None:
                     continue
                 for lin in readers:
-                    graphutil.set_weight_matrix(lin, fold.scale_rows(graphutil.weight_matrix(lin), scale))
+                    edit.set_weight_matrix(lin, fold.scale_rows(lin.matrix(), scale))
                 inv = 1.0 / scale
                 if site in ("attn_in", "mlp_in"):
                     norm = layer.attn_norm if site == "attn_in" else layer.mlp_norm
                     if norm.gamma is None:
                         raise OnnxqfError(f"layer {layer.index}: the norm has no scale to fold smoothing into")
                     private_gamma(model.graph, norm)
-                    graphutil.write(norm.gamma, graphutil.read(norm.gamma) * inv)
+                    edit.write(norm.gamma, read(norm.gamma) * inv)
                 else:
                     producer = layer.v if site == "o_in" else layer.up
                     col = smoothing.kv_scales(inv, groups) if site == "o_in" else inv
-                    graphutil.set_weight_matrix(producer, fold.scale_cols(graphutil.weight_matrix(producer), col))
+                    edit.set_weight_matrix(producer, fold.scale_cols(producer.matrix(), col))
                     if producer.bias is not None:
-                        graphutil.set_bias_vector(producer, graphutil.bias_vector(producer) * col)
+                        edit.set_bias_vector(producer, producer.bias_vector() * col)
         return ir.passes.PassResult(model, modified=True)

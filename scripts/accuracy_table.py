@@ -19,7 +19,7 @@ from pathlib import Path
 
 from onnxqf.data import token_windows
 from onnxqf.evaluate import compare
-from onnxqf.io import load_model
+from onnxqf.modelfile import load_model
 
 VARIANTS = [
     ("W8A8, no transform", []),

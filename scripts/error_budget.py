@@ -16,17 +16,17 @@ import subprocess
 import sys
 from pathlib import Path
 
-from onnxqf import graphutil, qmath
+from onnxqf import edit, qmath
 from onnxqf.data import token_windows
 from onnxqf.evaluate import compare
-from onnxqf.graph import recognize
-from onnxqf.io import load_model, save_model
+from onnxqf.recognize import recognize
+from onnxqf.modelfile import load_model, save_model
 
 
 def weight_only(src: Path, dst: Path) -> Path:
     model = load_model(src)
     for lin in recognize(model).linears(include_lm_head=False):
-        graphutil.set_weight_matrix(lin, qmath.fake_quant_weight(graphutil.weight_matrix(lin)))
+        edit.set_weight_matrix(lin, qmath.fake_quant_weight(lin.matrix()))
     return save_model(model, dst)
 
 

@@ -21,8 +21,8 @@ import numpy as np
 from onnxqf.calibrate import capture, site_values
 from onnxqf.data import token_windows
 from onnxqf.evaluate import compare
-from onnxqf.graph import recognize
-from onnxqf.io import load_model
+from onnxqf.recognize import recognize
+from onnxqf.modelfile import load_model
 from onnxqf.passes.fold_norms import FoldNormsPass
 
 

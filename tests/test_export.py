@@ -6,8 +6,8 @@ import sys
 
 import pytest
 
-from onnxqf.graph import recognize
-from onnxqf.io import get_metadata, load_model
+from onnxqf.recognize import recognize
+from onnxqf.modelfile import get_metadata, load_model
 
 
 def run_cli(*args):
@@ -17,7 +17,7 @@ def run_cli(*args):
 
 def test_export_from_directory_without_tokenizer(tmp_path):
     pytest.importorskip("transformers")
-    from onnxqf.models.tiny import tiny_model
+    from tiny import tiny_model
 
     src = tmp_path / "hf"
     tiny_model("llama-gqa", layers=1).save_pretrained(src)

@@ -6,8 +6,8 @@ import pytest
 
 from conftest import kl_per_token, run_logits
 from onnxqf.errors import UnsupportedGraphError
-from onnxqf.graph import match_norm, recognize
-from onnxqf.io import load_model, save_model
+from onnxqf.recognize import match_norm, recognize
+from onnxqf.modelfile import load_model, save_model
 from onnxqf.pipeline import RewriteOptions, rewrite
 
 

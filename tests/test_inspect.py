@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from onnxqf.errors import OnnxqfError
-from onnxqf.inspect import (
+from onnxqf.inspection import (
     SITES,
     TRANSFORMS,
     SiteAccumulator,
@@ -157,7 +157,7 @@ def inspect_model(tmp_path_factory) -> tuple[Path, Path]:
     pytest.importorskip("torch")
     pytest.importorskip("transformers")
     from onnxqf.models.export import export_model
-    from onnxqf.models.tiny import tiny_model
+    from tiny import tiny_model
 
     d = tmp_path_factory.mktemp("inspect")
     model = export_model(tiny_model("llama-gqa"), d / "llama-gqa.onnx")
@@ -231,7 +231,7 @@ def test_inspect_json(inspected):
 def test_inspect_table_and_replace(inspect_model, tmp_path, capsys):
     from onnxqf.cli import main
 
-    from onnxqf.io import load_model, save_model
+    from onnxqf.modelfile import load_model, save_model
 
     model, ids = inspect_model
     # a model file named model.onnx (its data file has the name of capture's temporary copy)

@@ -2,9 +2,9 @@
 
 import numpy as np
 
-from onnxqf.graph import recognize
-from onnxqf.graphutil import weight_matrix
-from onnxqf.io import load_model, save_model
+from onnxqf.recognize import recognize
+from onnxqf.edit import weight_matrix
+from onnxqf.modelfile import load_model, save_model
 from onnxqf.runtime import saved
 
 

@@ -7,7 +7,7 @@ import onnx
 import pytest
 
 from conftest import kl_per_token, run_logits
-from onnxqf.io import load_model, save_model
+from onnxqf.modelfile import load_model, save_model
 from onnxqf.pipeline import RewriteOptions, rewrite
 from onnxqf.placement import static_issues
 

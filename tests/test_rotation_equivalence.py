@@ -5,8 +5,8 @@ import onnx
 import pytest
 
 from conftest import TINY_NAMES, kl_per_token, run_logits
-from onnxqf.graph import recognize
-from onnxqf.io import load_model, save_model
+from onnxqf.recognize import recognize
+from onnxqf.modelfile import load_model, save_model
 from onnxqf.passes.fold_norms import FoldNormsPass
 from onnxqf.passes.online_hadamard import DownProjHadamardPass
 from onnxqf.passes.rotate_residual import RotateResidualPass
@@ -51,7 +51,7 @@ def test_rotate_preset_changes_weights_and_keeps_function(tiny_models, text_ids,
     out = save_model(model, tmp_path / "rot.onnx")
     assert_equivalent(tiny_models[name], out, windows(text_ids))
     # really rotated: the first q_proj weight differs substantially
-    from onnxqf.graphutil import weight_matrix
+    from onnxqf.edit import weight_matrix
 
     a = weight_matrix(recognize(orig).layers[0].q)
     b = weight_matrix(recognize(model).layers[0].q)

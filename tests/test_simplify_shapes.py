@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from conftest import run_logits
-from onnxqf.io import load_model, save_model
+from onnxqf.modelfile import load_model, save_model
 from onnxqf.passes.simplify_shapes import SimplifyShapesPass, expand_constant, reshape_constant
 
 SHAPE_INPUTS = {"Reshape": [1], "Expand": [1], "Slice": [1, 2, 3, 4], "Range": [0, 1, 2], "ConstantOfShape": [0], "Tile": [1]}
@@ -41,7 +41,7 @@ def test_exported_graphs_have_no_computed_shapes(tiny_models, name):
 def test_pass_is_function_preserving_for_any_shape(tmp_path):
     pytest.importorskip("torch")
     from onnxqf.models.export import export_model
-    from onnxqf.models.tiny import tiny_model
+    from tiny import tiny_model
 
     raw = export_model(tiny_model("qwen2-bias"), tmp_path / "raw.onnx", simplify_shapes=False)
     model = load_model(raw)

@@ -253,7 +253,7 @@ def format_summary(summary: dict, header: str = "") -> str:
 
 def site_weight(layer, site: str) -> np.ndarray:
     """B of a site, [in, out] float64: the readers' weights side by side."""
-    from onnxqf.graphutil import weight_matrix
+    from onnxqf.edit import weight_matrix
 
     readers = {
         "attn_in": (layer.q, layer.k, layer.v),
@@ -325,9 +325,9 @@ def run_inspect(model_path: str | os.PathLike, source: str, out: str | os.PathLi
     """Compute everything, write ``out`` atomically; returns the JSON-able result."""
     from onnxqf import calibrate
     from onnxqf.data import token_windows
-    from onnxqf.graph import recognize
+    from onnxqf.recognize import recognize
     from onnxqf.hadamard import rotation
-    from onnxqf.io import load_model
+    from onnxqf.modelfile import load_model
     from onnxqf.passes.fold_norms import FoldNormsPass
     from onnxqf.smoothing import site_scales
 

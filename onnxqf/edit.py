@@ -1,7 +1,7 @@
-"""Small graph-editing helpers shared by the passes (onnx-ir).
+"""Editing the graph: initializers, private weights, and online rotations inserted as nodes (onnx-ir).
 
-Weights are read as float64 and written back in their original dtype, so every fold happens in
-float64 whatever the model's precision.
+Weights are read as float64 (:meth:`onnxqf.structure.Linear.matrix`) and written back in their
+original dtype here, so every fold happens in float64 whatever the model's precision.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir import tape as ir_tape
 
-from onnxqf.graph import Linear, Structure
+from onnxqf.structure import Linear, Norm, Structure, const_array, read
 
 _counter = itertools.count()
 
@@ -24,11 +24,6 @@ def unique_name(graph: ir.Graph, base: str) -> str:
             return name
 
 
-def read(value: ir.Value) -> np.ndarray:
-    """An initializer as float64."""
-    return np.asarray(value.const_value.numpy(), dtype=np.float64)
-
-
 def write(value: ir.Value, array: np.ndarray) -> None:
     """Replace an initializer's data, keeping its dtype and name."""
     dtype = value.const_value.dtype
@@ -38,32 +33,18 @@ def write(value: ir.Value, array: np.ndarray) -> None:
 
 
 def add_initializer(graph: ir.Graph, base: str, array: np.ndarray, dtype: ir.DataType | None = None) -> ir.Value:
+    """A new initializer named ``base_N`` (the one way the passes create constants)."""
     name = unique_name(graph, base)
     if dtype is not None:
         array = np.asarray(array).astype(dtype.numpy())
-    tensor = ir.tensor(np.ascontiguousarray(array), dtype=dtype, name=name)
+    tensor = ir.tensor(np.ascontiguousarray(array), name=name)
     value = ir.Value(name=name, shape=ir.Shape(list(tensor.shape)), type=ir.TensorType(tensor.dtype), const_value=tensor)
     graph.register_initializer(value)
     return value
 
 
-def float_dtype(structure: Structure) -> ir.DataType:
-    """The model's compute dtype: that of the embedding table."""
-    return structure.embedding_table.const_value.dtype
-
-
-def weight_matrix(lin: Linear) -> np.ndarray:
-    """B of the MatMul in [in, out] layout, float64."""
-    w = read(lin.weight)
-    return w.T if lin.transpose is not None else w
-
-
 def set_weight_matrix(lin: Linear, B: np.ndarray) -> None:
     write(lin.weight, B.T if lin.transpose is not None else B)
-
-
-def bias_vector(lin: Linear) -> np.ndarray | None:
-    return None if lin.bias is None else read(lin.bias)
 
 
 def set_bias_vector(lin: Linear, b: np.ndarray) -> None:
@@ -79,9 +60,8 @@ def make_private(graph: ir.Graph, lin: Linear) -> None:
     shared = len(list(lin.weight.uses())) > 1 or lin.transpose is not None
     if not shared and lin.weight.is_initializer():
         return
-    B = weight_matrix(lin)
-    dtype = lin.weight.const_value.dtype
-    new = add_initializer(graph, (lin.weight.name or "weight") + ".untied", B, dtype)
+    B = lin.matrix()
+    new = add_initializer(graph, (lin.weight.name or "weight") + ".untied", B, lin.weight.const_value.dtype)
     old_transpose = lin.transpose
     lin.node.replace_input_with(1, new)
     lin.weight, lin.transpose = new, None
@@ -93,12 +73,20 @@ def make_bias_private(graph: ir.Graph, lin: Linear) -> None:
     """Give ``lin`` its own bias initializer (a Constant node or a shared one is copied)."""
     if lin.bias is None or (lin.bias.is_initializer() and len(list(lin.bias.uses())) == 1):
         return
-    from onnxqf.graph import const_array
-
     dtype = lin.bias.dtype or lin.weight.const_value.dtype
     new = add_initializer(graph, (lin.bias.name or "bias") + ".private", np.asarray(const_array(lin.bias), np.float64), dtype)
     lin.bias_node.replace_input_with(list(lin.bias_node.inputs).index(lin.bias), new)
     lin.bias = new
+
+
+def private_gamma(graph: ir.Graph, norm: Norm) -> None:
+    """Give the norm its own gamma initializer (exporters sometimes share one constant)."""
+    if len(list(norm.gamma.uses())) == 1:
+        return
+    new = add_initializer(graph, (norm.gamma.name or "gamma") + ".private", read(norm.gamma), norm.gamma.const_value.dtype)
+    slot = list(norm.gamma_node.inputs).index(norm.gamma)
+    norm.gamma_node.replace_input_with(slot, new)
+    norm.gamma = new
 
 
 def prepare_linears(graph: ir.Graph, structure: Structure) -> None:
@@ -108,50 +96,50 @@ def prepare_linears(graph: ir.Graph, structure: Structure) -> None:
         make_bias_private(graph, lin)
 
 
-def insert_kron_rotation(
+def rotate_value_online(
     graph: ir.Graph,
-    node: ir.Node,
-    input_index: int,
+    value: ir.Value,
     factors: list[np.ndarray | None],
-    sizes: list[int],
     dtype: ir.DataType,
     name: str,
+    sizes: list[int] | None = None,
 ) -> list[ir.Node]:
-    """Insert ``x <- x @ kron(F_1, ..., F_r)`` on ``node.inputs[input_index]``.
+    """Insert ``x <- x @ kron(F_1, ..., F_r)`` on ``value``; every reader of ``value`` reads the result.
 
-    ``factors[i]`` is an f_i x f_i matrix, or None for an identity factor (skipped). Each
-    non-identity factor costs one Reshape and one small MatMul: the input is viewed as
-    [-1, f_i, f_after] and multiplied by F_i^T from the left (or as [-1, f_r] times F_r for the
+    ``factors[i]`` is an f_i x f_i matrix, or None for an identity factor (then ``sizes`` gives
+    its size). Each non-identity factor costs one Reshape and one small MatMul: the input is viewed
+    as [-1, f_i, f_after] and multiplied by F_i^T from the left (or as [-1, f_r] times F_r for the
     last factor), so the whole rotation costs n * sum(f_i) multiply-adds instead of n^2. A final
-    Reshape restores the input's shape. All nodes are placed right before ``node``.
+    Reshape restores the input's shape. The nodes go right after ``value``'s producer.
     """
-    x = node.inputs[input_index]
+    sizes = sizes or [f.shape[0] for f in factors]
+    readers = list(value.consumers())
     tape = ir_tape.Tape(graph)
-    shape = tape.op("Shape", [x], name=f"{name}/shape")
-    y = x
+    shape = tape.op("Shape", [value], name=f"{name}/shape")
+    y = value
     for i, (f, size) in enumerate(zip(factors, sizes)):
         if f is None:
             continue
         after = int(np.prod(sizes[i + 1 :])) if i + 1 < len(sizes) else 1
         if after == 1:
-            view = _const(tape, graph, f"{name}/shape{i}", np.array([-1, size], np.int64))
+            view = add_initializer(graph, f"{name}/shape{i}", np.array([-1, size], np.int64))
             y = tape.op("Reshape", [y, view], name=f"{name}/reshape{i}")
-            w = _const(tape, graph, f"{name}/factor{i}", np.asarray(f), dtype)
+            w = add_initializer(graph, f"{name}/factor{i}", np.asarray(f), dtype)
             y = tape.op("MatMul", [y, w], name=f"{name}/matmul{i}")
         else:
-            view = _const(tape, graph, f"{name}/shape{i}", np.array([-1, size, after], np.int64))
+            view = add_initializer(graph, f"{name}/shape{i}", np.array([-1, size, after], np.int64))
             y = tape.op("Reshape", [y, view], name=f"{name}/reshape{i}")
-            w = _const(tape, graph, f"{name}/factor{i}T", np.asarray(f).T, dtype)
+            w = add_initializer(graph, f"{name}/factor{i}T", np.asarray(f).T, dtype)
             y = tape.op("MatMul", [w, y], name=f"{name}/matmul{i}")
     y = tape.op("Reshape", [y, shape], name=f"{name}/restore")
-    graph.insert_before(node, tape.nodes)
-    node.replace_input_with(input_index, y)
+    y.shape, y.type = value.shape, value.type
+    producer = value.producer()
+    if producer is None:
+        graph.insert_before(readers[0], tape.nodes)
+    else:
+        graph.insert_after(producer, tape.nodes)
+    for node in readers:
+        for j, inp in enumerate(node.inputs):
+            if inp is value:
+                node.replace_input_with(j, y)
     return list(tape.nodes)
-
-
-def _const(tape: ir_tape.Tape, graph: ir.Graph, base: str, array: np.ndarray, dtype: ir.DataType | None = None) -> ir.Value:
-    name = unique_name(graph, base)
-    if dtype is not None:
-        array = np.asarray(array).astype(dtype.numpy())
-    return tape.initializer(ir.tensor(np.ascontiguousarray(array), name=name), name=name)
-

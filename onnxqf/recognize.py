@@ -13,42 +13,19 @@ Everything that cannot be matched raises :class:`UnsupportedGraphError` naming w
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from collections import deque
 
-import numpy as np
 import onnx_ir as ir
 
 from onnxqf.errors import UnsupportedGraphError
-from onnxqf.io import get_metadata
+from onnxqf.modelfile import get_metadata
+from onnxqf.structure import Layer, Linear, ModelConfig, Norm, Structure, const_array, is_initializer
 
 # Ops that only move data or change dtype: the recognizer looks through them.
 PASS_THROUGH = {"Cast", "Identity", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Expand"}
 ACTIVATIONS = {"Sigmoid", "Silu", "Swish", "Gelu", "FastGelu", "QuickGelu", "BiasGelu", "Tanh", "Erf", "Relu"}
 FUSED_ATTENTION = {"Attention", "MultiHeadAttention", "GroupQueryAttention"}
-
-
-# ----------------------------------------------------------------------------------------------
-# small value helpers
-
-
-def const_array(value: ir.Value | None) -> np.ndarray | None:
-    """The constant behind ``value`` (initializer or Constant node), or None."""
-    if value is None:
-        return None
-    if value.const_value is not None:
-        return value.const_value.numpy()
-    producer = value.producer()
-    if producer is not None and producer.op_type == "Constant" and producer.domain == "":
-        attr = producer.attributes.get("value")
-        if attr is not None:
-            return attr.as_tensor().numpy()
-    return None
-
-
-def is_initializer(value: ir.Value | None) -> bool:
-    return value is not None and value.is_initializer() and value.const_value is not None
 
 
 def consumers(value: ir.Value) -> list[ir.Node]:
@@ -76,111 +53,6 @@ def through_casts_fwd(value: ir.Value) -> list[tuple[ir.Node, ir.Value]]:
             else:
                 out.append((node, v))
     return out
-
-
-# ----------------------------------------------------------------------------------------------
-# records
-
-
-@dataclasses.dataclass
-class Linear:
-    """A weight MatMul: ``y = x @ W (+ b)`` with W an initializer of shape [in, out]."""
-
-    node: ir.Node
-    weight: ir.Value  # the initializer the MatMul reads (through ``transpose`` if set)
-    transpose: ir.Node | None = None  # Transpose(W[out,in]) between the initializer and the MatMul
-    bias: ir.Value | None = None
-    bias_node: ir.Node | None = None
-    role: str = ""
-    layer: int | None = None
-
-    @property
-    def input(self) -> ir.Value:
-        return self.node.inputs[0]
-
-    @property
-    def output(self) -> ir.Value:
-        return self.bias_node.outputs[0] if self.bias_node is not None else self.node.outputs[0]
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        """(in, out) of the MatMul's B."""
-        rows, cols = self.weight.const_value.shape.numpy()
-        return (int(cols), int(rows)) if self.transpose is not None else (int(rows), int(cols))
-
-    @property
-    def name(self) -> str:
-        return self.role if self.layer is None else f"layers.{self.layer}.{self.role}"
-
-
-@dataclasses.dataclass
-class Norm:
-    """An RMSNorm: ``out = x / rms(x) * gamma``."""
-
-    kind: str  # "decomposed", "RMSNormalization" or "SimplifiedLayerNormalization"
-    input: ir.Value
-    output: ir.Value
-    gamma: ir.Value | None  # 1-D initializer, None when the norm has no scale
-    gamma_node: ir.Node | None  # the Mul by gamma (decomposed), or the fused node
-
-
-@dataclasses.dataclass
-class Layer:
-    index: int
-    attn_norm: Norm
-    q: Linear
-    k: Linear
-    v: Linear
-    o: Linear
-    attn_add: ir.Node
-    mlp_norm: Norm
-    gate: Linear
-    up: Linear
-    down: Linear
-    mlp_add: ir.Node
-    mlp_mul: ir.Node | None  # act(gate) * up, the producer of down's input
-
-    def linears(self) -> list[Linear]:
-        return [self.q, self.k, self.v, self.o, self.gate, self.up, self.down]
-
-
-@dataclasses.dataclass
-class ModelConfig:
-    hidden: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    intermediate: int
-    vocab: int
-
-    def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self))
-
-
-@dataclasses.dataclass
-class Structure:
-    embedding: ir.Node  # the Gather
-    layers: list[Layer]
-    final_norm: Norm
-    lm_head: Linear
-    config: ModelConfig
-
-    @property
-    def embedding_table(self) -> ir.Value:
-        return self.embedding.inputs[0]
-
-    def linears(self, include_lm_head: bool = True) -> list[Linear]:
-        out = [lin for layer in self.layers for lin in layer.linears()]
-        if include_lm_head:
-            out.append(self.lm_head)
-        return out
-
-    def norms(self) -> list[Norm]:
-        return [n for layer in self.layers for n in (layer.attn_norm, layer.mlp_norm)] + [self.final_norm]
-
-    def tied(self) -> bool:
-        """True when lm_head reads the embedding table's initializer."""
-        return self.lm_head.weight is self.embedding_table
 
 
 # ----------------------------------------------------------------------------------------------
@@ -468,6 +340,8 @@ def recognize(model: ir.Model) -> Structure:
     if not layers:
         raise UnsupportedGraphError("no decoder layers found")
     config = _infer_config(model, gather, layers, lm_head)
+    for layer in layers:
+        layer.kv_groups = config.kv_groups
     return Structure(gather, layers, final_norm, lm_head, config)
 
 

@@ -1,0 +1,233 @@
+"""The model's structure: what each part of a decoder-only LLM graph is (records on onnx-ir values).
+
+:func:`onnxqf.recognize.recognize` fills these records from a graph; the passes read and edit the
+graph through them. A :class:`Site` is one quantized activation of a layer — the value that a group
+of linears reads — together with where a smoothing scale on it can fold. Every module that talks
+about "the attention input of layer 3" uses a :class:`Site`, never a string it parses.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import onnx_ir as ir
+
+# The four quantized inputs of a decoder layer, in graph order.
+SITE_KINDS = ("attn_in", "o_in", "mlp_in", "down_in")
+SITE_TITLES = {
+    "attn_in": "q/k/v_proj input (attn_in)",
+    "o_in": "o_proj input (o_in)",
+    "mlp_in": "gate/up_proj input (mlp_in)",
+    "down_in": "down_proj input (down_in)",
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# small value helpers
+
+
+def const_array(value: ir.Value | None) -> np.ndarray | None:
+    """The constant behind ``value`` (initializer or Constant node), or None."""
+    if value is None:
+        return None
+    if value.const_value is not None:
+        return value.const_value.numpy()
+    producer = value.producer()
+    if producer is not None and producer.op_type == "Constant" and producer.domain == "":
+        attr = producer.attributes.get("value")
+        if attr is not None:
+            return attr.as_tensor().numpy()
+    return None
+
+
+def is_initializer(value: ir.Value | None) -> bool:
+    return value is not None and value.is_initializer() and value.const_value is not None
+
+
+def read(value: ir.Value) -> np.ndarray:
+    """An initializer as float64."""
+    return np.asarray(value.const_value.numpy(), dtype=np.float64)
+
+
+# ----------------------------------------------------------------------------------------------
+# records
+
+
+@dataclasses.dataclass(eq=False)
+class Linear:
+    """A weight MatMul: ``y = x @ W (+ b)`` with W an initializer of shape [in, out]."""
+
+    node: ir.Node
+    weight: ir.Value  # the initializer the MatMul reads (through ``transpose`` if set)
+    transpose: ir.Node | None = None  # Transpose(W[out,in]) between the initializer and the MatMul
+    bias: ir.Value | None = None
+    bias_node: ir.Node | None = None
+    role: str = ""
+    layer: int | None = None
+
+    @property
+    def input(self) -> ir.Value:
+        return self.node.inputs[0]
+
+    @property
+    def output(self) -> ir.Value:
+        return self.bias_node.outputs[0] if self.bias_node is not None else self.node.outputs[0]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(in, out) of the MatMul's B."""
+        rows, cols = self.weight.const_value.shape.numpy()
+        return (int(cols), int(rows)) if self.transpose is not None else (int(rows), int(cols))
+
+    @property
+    def name(self) -> str:
+        return self.role if self.layer is None else f"layers.{self.layer}.{self.role}"
+
+    def matrix(self) -> np.ndarray:
+        """B of the MatMul in [in, out] layout, float64."""
+        w = read(self.weight)
+        return w.T if self.transpose is not None else w
+
+    def bias_vector(self) -> np.ndarray | None:
+        return None if self.bias is None else np.asarray(const_array(self.bias), np.float64)
+
+
+@dataclasses.dataclass(eq=False)
+class Norm:
+    """An RMSNorm: ``out = x / rms(x) * gamma``."""
+
+    kind: str  # "decomposed", "RMSNormalization" or "SimplifiedLayerNormalization"
+    input: ir.Value
+    output: ir.Value
+    gamma: ir.Value | None  # 1-D initializer, None when the norm has no scale
+    gamma_node: ir.Node | None  # the Mul by gamma (decomposed), or the fused node
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Site:
+    """One quantized activation of a layer: the value ``readers`` read, and where ``1/s`` folds.
+
+    A smoothing scale ``x <- x / s`` (``B <- diag(s) B`` for every reader) folds into
+    ``fold_norm``'s gamma (attention and MLP inputs) or into ``fold_linear``'s output columns
+    (v_proj for o_proj's input, up_proj for down_proj's: ``act(gate) * up`` is linear in up). For
+    o_proj's input ``kv_groups = (n_kv_heads, heads per group, head_dim)``: the scales must be equal
+    across the query heads that share a KV head, since they all read the same value channels.
+    """
+
+    layer: int
+    kind: str  # one of SITE_KINDS
+    value: ir.Value
+    readers: tuple[Linear, ...]
+    fold_norm: Norm | None = None
+    fold_linear: Linear | None = None
+    kv_groups: tuple[int, int, int] | None = None
+
+    @property
+    def name(self) -> str:
+        return f"layers.{self.layer}.{self.kind}"
+
+    @property
+    def width(self) -> int:
+        return self.readers[0].shape[0]
+
+    def matrix(self) -> np.ndarray:
+        """The readers' weights side by side, [in, sum of outs], float64."""
+        mats = [lin.matrix() for lin in self.readers]
+        return mats[0] if len(mats) == 1 else np.concatenate(mats, axis=1)
+
+
+@dataclasses.dataclass(eq=False)
+class Layer:
+    index: int
+    attn_norm: Norm
+    q: Linear
+    k: Linear
+    v: Linear
+    o: Linear
+    attn_add: ir.Node
+    mlp_norm: Norm
+    gate: Linear
+    up: Linear
+    down: Linear
+    mlp_add: ir.Node
+    mlp_mul: ir.Node | None  # act(gate) * up, the producer of down's input
+    kv_groups: tuple[int, int, int] | None = None  # (n_kv_heads, heads per group, head_dim), set by recognize
+
+    def linears(self) -> list[Linear]:
+        return [self.q, self.k, self.v, self.o, self.gate, self.up, self.down]
+
+    def sites(self) -> list[Site]:
+        """The four quantized inputs of this layer, in graph order (see :data:`SITE_KINDS`)."""
+        i = self.index
+        return [
+            Site(i, "attn_in", self.attn_norm.output, (self.q, self.k, self.v), fold_norm=self.attn_norm),
+            Site(i, "o_in", self.o.input, (self.o,), fold_linear=self.v, kv_groups=self.kv_groups),
+            Site(i, "mlp_in", self.mlp_norm.output, (self.gate, self.up), fold_norm=self.mlp_norm),
+            Site(i, "down_in", self.down.input, (self.down,), fold_linear=self.up),
+        ]
+
+    def site(self, kind: str) -> Site:
+        return self.sites()[SITE_KINDS.index(kind)]
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    hidden: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate: int
+    vocab: int
+
+    @property
+    def kv_groups(self) -> tuple[int, int, int]:
+        return (self.num_kv_heads, self.num_heads // self.num_kv_heads, self.head_dim)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self))
+
+
+@dataclasses.dataclass(eq=False)
+class Structure:
+    embedding: ir.Node  # the Gather
+    layers: list[Layer]
+    final_norm: Norm
+    lm_head: Linear
+    config: ModelConfig
+
+    @property
+    def embedding_table(self) -> ir.Value:
+        return self.embedding.inputs[0]
+
+    @property
+    def dtype(self) -> ir.DataType:
+        """The model's compute dtype: that of the embedding table."""
+        return self.embedding_table.const_value.dtype
+
+    def linears(self, include_lm_head: bool = True) -> list[Linear]:
+        out = [lin for layer in self.layers for lin in layer.linears()]
+        if include_lm_head:
+            out.append(self.lm_head)
+        return out
+
+    def sites(self, kinds: tuple[str, ...] = SITE_KINDS) -> list[Site]:
+        """Every layer's sites of the given kinds, layer by layer."""
+        return [site for layer in self.layers for site in layer.sites() if site.kind in kinds]
+
+    def site_of(self) -> dict[str, Site]:
+        """Linear name -> the site it reads."""
+        return {lin.name: site for site in self.sites() for lin in site.readers}
+
+    def norms(self) -> list[Norm]:
+        return [n for layer in self.layers for n in (layer.attn_norm, layer.mlp_norm)] + [self.final_norm]
+
+    def norm_readers(self) -> list[tuple[Norm, tuple[Linear, ...]]]:
+        """Each RMSNorm with the linears that read its output (the final norm: lm_head)."""
+        out = [(site.fold_norm, site.readers) for site in self.sites(("attn_in", "mlp_in"))]
+        return out + [(self.final_norm, (self.lm_head,))]
+
+    def tied(self) -> bool:
+        """True when lm_head reads the embedding table's initializer."""
+        return self.lm_head.weight is self.embedding_table
