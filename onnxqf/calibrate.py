@@ -14,25 +14,13 @@ import numpy as np
 import onnx_ir as ir
 from tqdm.auto import tqdm
 
-from onnxqf.recognize import Structure
+from onnxqf.structure import SITE_KINDS, Structure
 from onnxqf.metrics import ChannelStats
 from onnxqf.runtime import make_session, saved
 
-# Where smoothing and the analysis look: the activation that each group of linears reads.
-SITES = ("attn_in", "o_in", "mlp_in", "down_in")
-SITE_READERS = {"attn_in": ("q_proj", "k_proj", "v_proj"), "o_in": ("o_proj",), "mlp_in": ("gate_proj", "up_proj"),
-                "down_in": ("down_proj",)}
-
-
-def site_values(s: Structure) -> dict[str, ir.Value]:
-    """Activation values by name, e.g. 'layers.3.down_in'."""
-    out = {}
-    for layer in s.layers:
-        out[f"layers.{layer.index}.attn_in"] = layer.q.input
-        out[f"layers.{layer.index}.o_in"] = layer.o.input
-        out[f"layers.{layer.index}.mlp_in"] = layer.gate.input
-        out[f"layers.{layer.index}.down_in"] = layer.down.input
-    return out
+def site_values(structure: Structure, kinds: tuple[str, ...] = SITE_KINDS) -> dict[str, ir.Value]:
+    """The activation each site's linears read, by site name (e.g. 'layers.3.down_in')."""
+    return {site.name: site.value for site in structure.sites(kinds)}
 
 
 def capture(model: ir.Model, values: dict[str, ir.Value], windows: np.ndarray, *, desc: str = "calibrating",

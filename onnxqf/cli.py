@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -51,10 +52,18 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("export", help="export a Hugging Face causal LM to ONNX",
                        description="Export a causal LM (the built-in 'smollm2', a Hugging Face model directory, or a .gguf file) "
                                    "to ONNX: input_ids -> logits, dynamic batch and sequence, opset 18, weights as external data "
-                                   "(OUT.data), the tokenizer saved beside it (OUT.tokenizer/).")
+                                   "(OUT.data), the tokenizer saved beside it (OUT.tokenizer/). This plain logits-only graph is the "
+                                   "default: the simplest graph, used for validation and CI. --kv-cache instead writes a complete "
+                                   "onnxruntime-genai folder (KV cache, attention mask, genai_config.json, tokenizer) into OUT's folder "
+                                   "with onnxruntime-genai's model builder, for apps that generate text.")
     e.add_argument("source", nargs="?", default="smollm2", help="'smollm2' (default), a model directory or a .gguf file")
     e.add_argument("-o", "--output", required=True, help="output .onnx path")
     e.add_argument("--dtype", choices=["float32", "float16"], default="float32", help="weight and compute dtype (default float32)")
+    e.add_argument("--kv-cache", action="store_true",
+                   help="write an onnxruntime-genai folder (DIR/model.onnx + genai_config.json + tokenizer) with the model "
+                        "builder instead of the plain logits-only graph; needs pip install 'onnxqf[genai]'")
+    e.add_argument("--ep", choices=["cpu", "cuda"],
+                   help="with --kv-cache: the builder's target (default cpu for float32, cuda for float16; both run on the CPU too)")
 
     r = sub.add_parser("rewrite", help="fold, smooth, rotate and quantize an exported model",
                        description="Rewrite an ONNX LLM. With no transform flag it only quantizes (W8A8). "
@@ -67,9 +76,17 @@ def build_parser() -> argparse.ArgumentParser:
     g = r.add_argument_group("transforms")
     g.add_argument("--rotate", action="store_true", help="rotate with randomized Hadamard matrices")
     g.add_argument("--smooth", action="store_true", help="channel-wise scaling (SmoothQuant)")
-    g.add_argument("--hybrid", action="store_true", help="smoothing before rotation (needs calibration text)")
+    g.add_argument("--hybrid", nargs="?", const="full", choices=["full", "folded"], metavar="full|folded",
+                   help="smoothing before rotation (the paper's hybrid; needs calibration text). full (default): at all four "
+                        "linear inputs, with online Hadamards after the norms; folded: the two-site variant (residual "
+                        "rotation folded, only the o_proj/down_proj inputs smoothed)")
     q = r.add_argument_group("quantization")
-    q.add_argument("--quant", choices=["int8", "none"], default="int8", help="int8 W8A8 MatMulInteger (default), or none for a float model")
+    q.add_argument("--quant", choices=["int8", "int4", "int8w", "none"], default="int8",
+                   help="int8: W8A8 MatMulInteger (default); int4 / int8w: weight-only com.microsoft MatMulNBits (activations "
+                        "stay float; combine with --rotate, not with --smooth/--hybrid, which would move difficulty into the "
+                        "weights); none: a float model")
+    q.add_argument("--block-size", type=int, choices=[16, 32, 64, 128, 256], default=32,
+                   help="weights per scale along the input dimension for int4/int8w (default 32)")
     q.add_argument("--act-quant", choices=["token", "tensor"], default="token",
                    help="token: per-token symmetric int8, all nodes on CUDA (default); tensor: DynamicQuantizeLinear (CPU runtimes)")
     q.add_argument("--quantize-lm-head", action="store_true", help="also quantize lm_head (kept float by default)")
@@ -121,6 +138,32 @@ def build_parser() -> argparse.ArgumentParser:
                    help="layer of the token x channel heatmaps (default: the layer with the largest down_proj input)")
     n.add_argument("--seed", type=int, default=0, help="seed of the random Hadamard signs (default 0)")
     n.add_argument("--json", action="store_true", help="print one JSON object with the summary instead of a table")
+    gen = sub.add_parser("generate", help="generate text from an onnxruntime-genai folder (greedy, streamed)",
+                         description="A thin wrapper over onnxruntime-genai: load DIR (written by `onnxqf export --kv-cache`), "
+                                     "stream greedy tokens of the continuation of --prompt to stdout, and print prefill and "
+                                     "decode tokens/s to stderr at the end.")
+    gen.add_argument("model", metavar="DIR", help="an onnxruntime-genai folder (or DIR/model.onnx)")
+    gen.add_argument("--prompt", required=True, help="the text to continue (fed as it is: no chat template)")
+    gen.add_argument("--max-new-tokens", type=_positive, default=64, help="tokens to generate at most (default 64)")
+    gen.add_argument("--ep", choices=["cpu", "cuda"], default="cpu", help="execution provider (default cpu)")
+    b = sub.add_parser("bench", help="prefill and KV-cache decode speed against a reference (IOBinding)",
+                       description="Time each MODEL and a reference in the same run: prefill (one forward of batch x seq) "
+                                   "and, for KV-cache graphs (onnxruntime-genai layout), a decode loop of --decode-tokens "
+                                   "steps from random pasts of each --past length, each step's present fed back as the next "
+                                   "past. Inputs and outputs stay on the device (IOBinding). Median [min-max] of --repeats "
+                                   "runs after --warmup, and the speed against the reference (the first MODEL unless --ref). "
+                                   "Exit 2: bad input (e.g. no logits output); 3: the provider is not available here.")
+    b.add_argument("models", nargs="+", metavar="MODEL", help=".onnx files (plain input_ids -> logits, or with a KV cache)")
+    b.add_argument("--ref", help="reference model (default: the first MODEL)")
+    b.add_argument("--ep", choices=["cpu", "cuda"], default="cpu", help="execution provider (default cpu)")
+    b.add_argument("--batch", type=_positive, default=1, help="batch size (default 1)")
+    b.add_argument("--seq", type=_positive, default=512, help="prefill tokens per sequence (default 512)")
+    b.add_argument("--past", default="128,512,2048", help="decode past lengths, comma-separated (default 128,512,2048)")
+    b.add_argument("--decode-tokens", type=int, default=32, help="decode steps per timed run, 0 for no decode (default 32)")
+    b.add_argument("--repeats", type=_positive, default=10, help="timed runs per measurement (default 10)")
+    b.add_argument("--warmup", type=int, default=3, help="untimed runs before them (default 3)")
+    b.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    b.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     return p
 
 
@@ -143,10 +186,22 @@ def _version() -> str:
         return "unknown"
 
 
+def _setup_logging(quiet: bool) -> None:
+    log = logging.getLogger("onnxqf")
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("[onnxqf] %(message)s"))
+        log.addHandler(handler)
+        log.propagate = False
+    log.setLevel(logging.WARNING if quiet else logging.INFO)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _setup_logging(getattr(args, "quiet", False) or getattr(args, "json", False))
     try:
-        return {"export": cmd_export, "rewrite": cmd_rewrite, "eval": cmd_eval, "check": cmd_check, "inspect": cmd_inspect}[args.command](args)
+        return {"export": cmd_export, "rewrite": cmd_rewrite, "eval": cmd_eval, "check": cmd_check, "inspect": cmd_inspect,
+                "generate": cmd_generate, "bench": cmd_bench}[args.command](args)
     except OnnxqfError as exc:
         print(f"onnxqf: error: {exc}", file=sys.stderr)
         return exc.exit_code
@@ -165,18 +220,36 @@ def cmd_export(args) -> int:
     out = Path(args.output)
     if out.suffix != ".onnx":
         raise OnnxqfError(f"{out}: the output name must end in .onnx")
+    if args.kv_cache:
+        from onnxqf.models.genai_export import export_genai
+
+        print(export_genai(args.source, out, dtype=args.dtype, ep=args.ep))
+        return 0
+    if args.ep:
+        raise OnnxqfError("--ep is the model builder's target: it goes with --kv-cache")
     export(args.source, out, dtype=args.dtype)
     print(out)
     return 0
 
 
+def _transform(args) -> str:
+    if args.hybrid and (args.rotate or args.smooth):
+        raise OnnxqfError("--hybrid already smooths and rotates; do not combine it with --rotate/--smooth")
+    if args.hybrid:
+        return "hybrid" if args.hybrid == "full" else "hybrid-folded"
+    return {(False, False): "none", (True, False): "rotate", (False, True): "smooth", (True, True): "smooth+rotate"}[
+        (args.rotate, args.smooth)]
+
+
 def _default_output(model: Path, args) -> Path:
-    tag = "hybrid" if args.hybrid else "-".join(t for t, on in (("smooth", args.smooth), ("rotate", args.rotate)) if on) or "w8a8"
-    if args.quant == "none":
-        tag += ".float"
-    elif args.act_quant == "tensor":
-        tag += ".tensor"
-    return model.with_name(f"{model.stem}.{tag}.onnx")
+    t = _transform(args)
+    tag = {"none": "", "smooth+rotate": "smooth-rotate"}.get(t, t)
+    quant = {"int8": "w8a8" if not tag else "", "none": "float"}.get(args.quant, args.quant)
+    if args.quant in ("int4", "int8w") and args.block_size != 32:
+        quant += f"-b{args.block_size}"
+    if args.quant == "int8" and args.act_quant == "tensor":
+        quant += ".tensor" if quant else "tensor"
+    return model.with_name(".".join(x for x in (model.stem, tag, quant, "onnx") if x))
 
 
 def cmd_rewrite(args) -> int:
@@ -191,17 +264,19 @@ def cmd_rewrite(args) -> int:
         raise OnnxqfError(f"{out}: the output name must end in .onnx")
     if out.exists() and src.exists() and _same_file(src, out):
         raise OnnxqfError("the output would overwrite the input; choose another -o")
-    opts = RewriteOptions(rotate=args.rotate, smooth=args.smooth, hybrid=args.hybrid, quant=args.quant,
-                          act_quant=args.act_quant, alpha=args.alpha, calib=args.calib, calib_windows=args.calib_windows,
+    transform = _transform(args)
+    if transform == "smooth+rotate":
+        raise OnnxqfError("--smooth --rotate: use --hybrid (smoothing before rotation)")
+    opts = RewriteOptions(transform=transform, quant=args.quant, act_quant=args.act_quant, block_size=args.block_size,
+                          alpha=args.alpha, calib=args.calib, calib_windows=args.calib_windows,
                           calib_seq=args.calib_seq, quantize_lm_head=args.quantize_lm_head, clip_search=args.clip_search,
                           keep_float=tuple(args.keep_float), weight_rounding=args.weight_rounding,
                           seed=args.seed, progress=not args.quiet)
     opts.validate()
     model = load_model(src)
-    needs_calib = args.smooth or args.hybrid or (args.quant == "int8" and args.weight_rounding == "gptq")
-    tokenizer = load_tokenizer(src, model, args.tokenizer) if needs_calib and not args.calib.endswith(".npy") else None
+    tokenizer = load_tokenizer(src, model, args.tokenizer) if opts.needs_calibration and not args.calib.endswith(".npy") else None
     report = rewrite(model, opts, tokenizer)
-    set_metadata(model, "rewrite", json.dumps(report))
+    set_metadata(model, "rewrite", report.to_json())
     tok_rel = get_metadata(model, "tokenizer")
     tok_src = src.parent / tok_rel if tok_rel else None
     if tok_src is not None and tok_src.is_dir():
@@ -211,7 +286,7 @@ def cmd_rewrite(args) -> int:
         set_metadata(model, "tokenizer", tok_dst.name)
     save_model(model, out)
     if not args.quiet:
-        print(f"[onnxqf] {opts.label}: {report.get('quantized', 0)} MatMuls quantized, {report['seconds']} s", file=sys.stderr)
+        print(f"[onnxqf] {opts.label}: {len(report.quantized)} MatMuls quantized, {report.seconds} s", file=sys.stderr)
     print(out)
     return 0
 
@@ -221,12 +296,19 @@ def cmd_eval(args) -> int:
     from onnxqf.evaluate import compare, format_table, to_json
     from onnxqf.modelfile import load_model
 
-    orig = load_model(args.orig)  # validates the file before ONNX Runtime sees it
-    load_model(args.new)
-    wins = token_windows(args.text or args.tokens, args.orig, orig, args.windows, args.seq,
-                         tokenizer=args.tokenizer, vocab=_vocab(orig))
+    from onnxqf.genai import genai_dir, model_file, read_genai
+
+    orig_file, new_file = model_file(args.orig), model_file(args.new)  # a genai folder means its decoder graph
+    orig = load_model(orig_file)  # validates the file before ONNX Runtime sees it
+    load_model(new_file)
+    tokenizer, vocab = args.tokenizer, _vocab(orig)
+    if genai_dir(orig_file) is not None:  # a genai folder holds its tokenizer files and vocab size
+        tokenizer = tokenizer or str(genai_dir(orig_file))
+        vocab = vocab or read_genai(orig_file, check_attention=False).vocab
+    wins = token_windows(args.text or args.tokens, orig_file, orig, args.windows, args.seq,
+                         tokenizer=tokenizer, vocab=vocab)
     del orig
-    result = compare(args.orig, args.new, wins, ep=args.ep, progress=not args.json, max_abs=True)
+    result = compare(orig_file, new_file, wins, ep=args.ep, progress=not args.json, max_abs=True)
     print(to_json(result) if args.json else format_table(result, args.orig, args.new))
     if args.max_kl is not None and not result["kl"] <= args.max_kl:
         print(f"onnxqf: KL {result['kl']:.6f} exceeds --max-kl {args.max_kl}", file=sys.stderr)
@@ -241,6 +323,13 @@ def _vocab(model) -> int | None:
         return recognize(model).config.vocab
     except OnnxqfError:
         return None
+
+
+def cmd_generate(args) -> int:
+    from onnxqf.genai import generate
+
+    generate(args.model, args.prompt, max_new_tokens=args.max_new_tokens, ep=args.ep)
+    return 0
 
 
 def cmd_check(args) -> int:
@@ -266,6 +355,17 @@ def cmd_inspect(args) -> int:
                           heatmap_layer=args.heatmap_layer, seed=args.seed, progress=not args.json)
     result = run_inspect(args.model, args.text or args.tokens, args.out, opts, tokenizer_dir=args.tokenizer)
     print_report(result, args.json)
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from onnxqf.bench import BenchOptions, format_table, parse_past, run_bench
+
+    opts = BenchOptions(ep=args.ep, batch=args.batch, seq=args.seq, past=parse_past(args.past),
+                        decode_tokens=args.decode_tokens, repeats=args.repeats, warmup=args.warmup,
+                        progress=not (args.quiet or args.json))
+    result = run_bench(args.models, opts, ref=args.ref)
+    print(json.dumps(result) if args.json else format_table(result))
     return 0
 
 

@@ -12,7 +12,7 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir import tape as ir_tape
 
-from onnxqf.structure import Linear, Norm, Structure, const_array, read
+from onnxqf.structure import ONLINE_ROTATION, Linear, Norm, Structure, const_array, read
 
 _counter = itertools.count()
 
@@ -44,10 +44,19 @@ def add_initializer(graph: ir.Graph, base: str, array: np.ndarray, dtype: ir.Dat
 
 
 def set_weight_matrix(lin: Linear, B: np.ndarray) -> None:
+    if lin.cols is not None:  # one column block of a shared (packed q/k/v) weight: the rest is kept
+        full = read(lin.weight)
+        full = full.T if lin.transpose is not None else full
+        full[:, lin.cols[0]:lin.cols[1]] = B
+        B = full
     write(lin.weight, B.T if lin.transpose is not None else B)
 
 
 def set_bias_vector(lin: Linear, b: np.ndarray) -> None:
+    if lin.cols is not None:
+        full = np.asarray(const_array(lin.bias), np.float64).copy()
+        full[lin.cols[0]:lin.cols[1]] = b
+        b = full
     write(lin.bias, b)
 
 
@@ -60,6 +69,8 @@ def make_private(graph: ir.Graph, lin: Linear) -> None:
     shared = len(list(lin.weight.uses())) > 1 or lin.transpose is not None
     if not shared and lin.weight.is_initializer():
         return
+    if lin.cols is not None:
+        raise ValueError(f"{lin.name}: a column block of a shared weight cannot be made private")
     B = lin.matrix()
     new = add_initializer(graph, (lin.weight.name or "weight") + ".untied", B, lin.weight.const_value.dtype)
     old_transpose = lin.transpose
@@ -133,6 +144,8 @@ def rotate_value_online(
             y = tape.op("MatMul", [w, y], name=f"{name}/matmul{i}")
     y = tape.op("Reshape", [y, shape], name=f"{name}/restore")
     y.shape, y.type = value.shape, value.type
+    for node in tape.nodes:  # so that recognition sees through the block (structure.ONLINE_ROTATION)
+        node.metadata_props[ONLINE_ROTATION] = name
     producer = value.producer()
     if producer is None:
         graph.insert_before(readers[0], tape.nodes)

@@ -13,3 +13,14 @@ class UnsupportedGraphError(OnnxqfError):
 
 class BadModelFileError(OnnxqfError):
     """Not ONNX, truncated, or with missing/short external data."""
+
+
+class GenaiFolderError(OnnxqfError):
+    """Not a usable onnxruntime-genai folder: no genai_config.json, a config that disagrees with the
+    graph, or an attention op we do not handle."""
+
+
+class ProviderUnavailableError(OnnxqfError):
+    """The execution provider asked for is not in this onnxruntime build (exit 3, as `onnxqf check`)."""
+
+    exit_code = 3

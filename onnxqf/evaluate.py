@@ -13,15 +13,19 @@ from onnxqf.runtime import logits, make_session
 
 def compare(orig_path, new_path, wins: np.ndarray, *, ep: str = "cpu", progress: bool = True, max_abs: bool = False) -> dict:
     """KL(P_orig || P_new) per token, perplexity of both, top-1 agreement over all positions."""
+    from onnxqf.genai import logits_function, model_file
+
+    orig_path, new_path = model_file(orig_path), model_file(new_path)  # genai folders: their decoder graph
     s_orig = make_session(orig_path, ep=ep)
     s_new = make_session(new_path, ep=ep)
+    f_orig, f_new = logits_function(s_orig, orig_path), logits_function(s_new, new_path)  # plain or KV-cache graphs
     acc = LogitComparison()
     worst = 0.0
     scale = 0.0
     for w in tqdm(wins, desc="evaluating", unit="window", disable=not progress):
         ids = np.asarray(w, np.int64)[None, :]
-        lo = logits(s_orig, ids)[0].astype(np.float32)
-        ln = logits(s_new, ids)[0].astype(np.float32)
+        lo = f_orig(ids)[0].astype(np.float32)
+        ln = f_new(ids)[0].astype(np.float32)
         targets = np.full(ids.shape[1], -1, np.int64)
         targets[:-1] = ids[0, 1:]
         acc.update(lo, ln, targets)

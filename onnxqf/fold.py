@@ -69,3 +69,27 @@ def kron_apply(x: np.ndarray, factors: list[np.ndarray]) -> np.ndarray:
     for axis, f in enumerate(factors, start=1):
         y = np.moveaxis(np.tensordot(y, f, axes=([axis], [0])), -1, axis)
     return y.reshape(*lead, -1)
+
+
+def kron_input(B: np.ndarray, factors: list[np.ndarray]) -> np.ndarray:
+    """Weight for an input rotated online by K = kron(F_1, ..., F_r) (x <- x K): K^T B, without forming K."""
+    return kron_apply(B.T, list(factors)).T
+
+
+def smooth_rotate(X: np.ndarray | None, B: np.ndarray | None, s: np.ndarray | None = None,
+                  R: np.ndarray | None = None) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """``(X', B') = ((X / s) R, R^T diag(s) B)``: smoothing, then rotation (either may be None).
+
+    ``X' B' = X B`` exactly; this is the transform every smoothing/rotation site applies, and the
+    one the α search and ``onnxqf inspect`` measure. Either of X and B may be None (not computed).
+    """
+    Xt = None if X is None else np.asarray(X, np.float64)
+    Bt = None if B is None else np.asarray(B, np.float64)
+    if s is not None:
+        s = np.asarray(s, np.float64)
+        Xt = None if Xt is None else Xt / s
+        Bt = None if Bt is None else scale_rows(Bt, s)
+    if R is not None:
+        Xt = None if Xt is None else Xt @ R
+        Bt = None if Bt is None else rotate_input(Bt, R)
+    return Xt, Bt

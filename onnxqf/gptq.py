@@ -29,19 +29,22 @@ def prepare_hessian(H: np.ndarray, damp: float = 0.01) -> tuple[np.ndarray, np.n
     return U, dead
 
 
-def gptq_quantize(B: np.ndarray, H: np.ndarray, bits: int = 8, scale: np.ndarray | None = None, damp: float = 0.01,
-                  block: int = 128, act_order: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """(q [in, out] int8, scale [out]) for ``B`` given the input Hessian ``H``."""
+def gptq_round(B: np.ndarray, H: np.ndarray, quantize_row, *, damp: float = 0.01, block: int = 128,
+               act_order: bool = True) -> np.ndarray:
+    """The GPTQ loop with a pluggable rounding of one row; returns the rounded ``B`` (float64, [in, out]).
+
+    ``quantize_row(row, w, ahead)`` gets the row's index in ``B`` (original order), its current
+    (error-updated) values ``w [out]`` and ``ahead``: the current values of the rows that follow in
+    processing order within the same lazy block of ``block`` rows, starting with ``w`` itself (a
+    quantizer that picks scales per group of rows can compute them there when a group starts). It
+    returns the row as stored (dequantized, float64). Rows are visited by decreasing ``diag(H)``
+    with ``act_order``, else in order.
+    """
     B = np.asarray(B, np.float64)
-    n_in, n_out = B.shape
-    qmax = qmath.qmax_for_bits(bits)
-    if scale is None:
-        _, scale = qmath.quantize_weight_per_channel(B, bits=bits)
-    scale = np.asarray(scale, np.float64)
-    W = B.copy()
+    n_in = B.shape[0]
     order = np.argsort(-np.diag(H), kind="stable") if act_order else np.arange(n_in)
     H = np.asarray(H, np.float64)[np.ix_(order, order)]
-    W = W[order]
+    W = B[order].copy()
     U, dead = prepare_hessian(H, damp)
     W[dead] = 0.0
     Q = np.zeros_like(W)
@@ -52,7 +55,7 @@ def gptq_quantize(B: np.ndarray, H: np.ndarray, bits: int = 8, scale: np.ndarray
         Err = np.zeros_like(Wb)
         for i in range(end - start):
             w = Wb[i]
-            q = np.clip(np.rint(w / scale), -qmax, qmax) * scale
+            q = quantize_row(int(order[start + i]), w, Wb[i:])
             Q[start + i] = q
             e = (w - q) / Ub[i, i]
             Wb[i + 1 :] -= np.outer(Ub[i, i + 1 :], e)
@@ -60,7 +63,22 @@ def gptq_quantize(B: np.ndarray, H: np.ndarray, bits: int = 8, scale: np.ndarray
         W[end:] -= U[start:end, end:].T @ Err
     inverse = np.empty_like(order)
     inverse[order] = np.arange(n_in)
-    Q = Q[inverse]
+    return Q[inverse]
+
+
+def gptq_quantize(B: np.ndarray, H: np.ndarray, bits: int = 8, scale: np.ndarray | None = None, damp: float = 0.01,
+                  block: int = 128, act_order: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """(q [in, out] int8, scale [out]) for ``B`` given the input Hessian ``H`` (per-output-channel scales)."""
+    B = np.asarray(B, np.float64)
+    qmax = qmath.qmax_for_bits(bits)
+    if scale is None:
+        _, scale = qmath.quantize_weight_per_channel(B, bits=bits)
+    scale = np.asarray(scale, np.float64)
+
+    def rtn(row, w, ahead):
+        return np.clip(np.rint(w / scale), -qmax, qmax) * scale
+
+    Q = gptq_round(B, H, rtn, damp=damp, block=block, act_order=act_order)
     q = np.clip(np.rint(Q / scale), -qmax, qmax).astype(np.int8 if bits <= 8 else np.int16)
     return q, scale
 

@@ -24,7 +24,7 @@ returns None when nothing applies (n not 1, 2 or a multiple of 4, and e.g.
 list of small orthonormal Kronecker factors ``[H_K/√K, S_f1/√f1, ...]`` (the
 Sylvester part split into blocks of at most ``max_factor``), so that
 ``x @ H`` can be applied online with reshapes and small MatMuls in
-``O(n · Σ f_i)`` (see ``apply_factors``).
+``O(n · Σ f_i)`` (see :func:`onnxqf.fold.kron_apply`).
 
 Fallback policy (``rotation(..., fallback="orthogonal")``): when n has no full
 construction, n is written as ``K · 2^m`` with ``K = odd(n) · min(4, 2^v2(n))``
@@ -54,7 +54,6 @@ from onnxqf.errors import OnnxqfError
 __all__ = [
     "NoHadamardError",
     "Rotation",
-    "apply_factors",
     "hadamard_factors",
     "hadamard_matrix",
     "has_hadamard",
@@ -328,22 +327,6 @@ def hadamard_factors(n: int, max_factor: int = 16) -> list[np.ndarray] | None:
     return out or [np.ones((1, 1))]
 
 
-def apply_factors(x: np.ndarray, factors: list[np.ndarray]) -> np.ndarray:
-    """``x @ kron(*factors)`` along the last axis, without forming the Kronecker product."""
-    x = np.asarray(x)
-    sizes = [f.shape[0] for f in factors]
-    n = math.prod(sizes)
-    if x.shape[-1] != n:
-        raise ValueError(f"last axis has size {x.shape[-1]}, factors need {n}")
-    lead = x.shape[:-1]
-    r = len(sizes)
-    y = x.reshape(*lead, *sizes)
-    for i, f in enumerate(factors):
-        # contract axis -r+i with f's rows, put the result back in place
-        y = np.moveaxis(np.tensordot(y, f, axes=([y.ndim - r + i], [0])), -1, y.ndim - r + i)
-    return y.reshape(*lead, n)
-
-
 # ----------------------------------------------------------------------------- random rotations
 
 
@@ -391,7 +374,9 @@ class Rotation:
 
     def apply(self, x: np.ndarray) -> np.ndarray:
         """``x @ Q`` along the last axis, via the factors."""
-        return apply_factors(np.asarray(x) * self.signs, self.factors)
+        from onnxqf.fold import kron_apply
+
+        return kron_apply(np.asarray(x) * self.signs, self.factors)
 
 
 def rotation(

@@ -44,20 +44,14 @@ from pathlib import Path
 
 import numpy as np
 
-from onnxqf import qmath
 from onnxqf.errors import OnnxqfError
-from onnxqf.metrics import ChannelStats, difficulty, weight_channel_magnitudes
-
-SITES = ("attn_in", "o_in", "mlp_in", "down_in")
+from onnxqf.fold import smooth_rotate
+from onnxqf.metrics import ChannelStats, difficulty, layer_error, weight_channel_magnitudes
+from onnxqf.structure import SITE_KINDS as SITES
+from onnxqf.structure import SITE_TITLES
 TRANSFORMS = ("original", "smooth", "rotate", "smooth+rotate")
 BITS = (8, 4)
 HEATMAP_TOKENS = 256
-SITE_TITLES = {
-    "attn_in": "q/k/v_proj input (attn_in)",
-    "o_in": "o_proj input (o_in)",
-    "mlp_in": "gate/up_proj input (mlp_in)",
-    "down_in": "down_proj input (down_in)",
-}
 # The CSV columns, in order (one row per layer, site, transform).
 COLUMNS = (
     "layer", "site", "transform", "channels", "tokens",
@@ -108,47 +102,13 @@ def parse_layers(spec: str | None, n: int) -> list[int]:
     return sorted(out)
 
 
-def _smooths(kind: str) -> bool:
+def transform_pair(X: np.ndarray | None, B: np.ndarray | None, s: np.ndarray | None, Q: np.ndarray | None,
+                   kind: str) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """``(X', B')`` of one transform kind (see the module docstring): :func:`onnxqf.fold.smooth_rotate`."""
     if kind not in TRANSFORMS:
         raise ValueError(f"unknown transform '{kind}' (expected one of {', '.join(TRANSFORMS)})")
-    return kind in ("smooth", "smooth+rotate")
-
-
-def _rotates(kind: str) -> bool:
-    return kind in ("rotate", "smooth+rotate")
-
-
-def transform_activation(X: np.ndarray, s: np.ndarray | None, Q: np.ndarray | None, kind: str) -> np.ndarray:
-    """``X'`` of one transform (float64): ``X``, ``X/s``, ``X Q`` or ``(X/s) Q``."""
-    Xt = np.asarray(X, dtype=np.float64)
-    if _smooths(kind):
-        Xt = Xt / np.asarray(s, dtype=np.float64)
-    if _rotates(kind):
-        Xt = Xt @ Q
-    return Xt
-
-
-def transform_weight(B: np.ndarray, s: np.ndarray | None, Q: np.ndarray | None, kind: str) -> np.ndarray:
-    """``B'`` of one transform (float64): ``B``, ``diag(s) B``, ``Qᵀ B`` or ``Qᵀ diag(s) B``."""
-    Bt = np.asarray(B, dtype=np.float64)
-    if _smooths(kind):
-        Bt = np.asarray(s, dtype=np.float64)[:, None] * Bt
-    if _rotates(kind):
-        Bt = Q.T @ Bt
-    return Bt
-
-
-def transform_pair(X: np.ndarray, B: np.ndarray, s: np.ndarray | None, Q: np.ndarray | None,
-                   kind: str) -> tuple[np.ndarray, np.ndarray]:
-    """``(X', B')`` with ``X' B' = X B``: see the module docstring for the four kinds."""
-    return transform_activation(X, s, Q, kind), transform_weight(B, s, Q, kind)
-
-
-def site_groups(site: str, config) -> tuple[int, int, int] | None:
-    """Channel groups whose smoothing scales must be shared: o_proj's input, per KV head."""
-    if site != "o_in":
-        return None
-    return (config.num_kv_heads, config.num_heads // config.num_kv_heads, config.head_dim)
+    smooths, rotates = kind in ("smooth", "smooth+rotate"), kind in ("rotate", "smooth+rotate")
+    return smooth_rotate(X, B, s if smooths else None, Q if rotates else None)
 
 
 @dataclass
@@ -157,8 +117,8 @@ class SiteAccumulator:
 
     ``update(X, B)`` takes one chunk of activations and the site's (untransformed) weight; the
     weight is not kept between chunks, so many sites can be accumulated at once. Errors add up
-    ``value`` and ``reference`` of a :class:`QuantErrorAccumulator` per chunk, so the totals and
-    ``value / reference`` are those of one accumulator run over all chunks.
+    :func:`onnxqf.metrics.layer_error` per chunk, so the totals and ``value / reference`` are those
+    of the whole stream.
     """
 
     s: np.ndarray
@@ -186,10 +146,9 @@ class SiteAccumulator:
             if t not in self.weight_difficulty:
                 self.weight_difficulty[t] = difficulty(weight_channel_magnitudes(Bt))
             for b in self.bits:
-                # the same error as QuantErrorAccumulator(Bt, bits=b).update(Xt), without recomputing X B
-                d = Y - qmath.fake_quant_per_token(Xt, b) @ qmath.fake_quant_weight(Bt, bits=b)
+                err, _ = layer_error(Xt, Bt, b, Y=Y)
                 e = self.errors[(t, b)]
-                e[0] += float(np.einsum("ij,ij->", d, d))
+                e[0] += err
                 e[1] += reference
         return self
 
@@ -249,20 +208,6 @@ def format_summary(summary: dict, header: str = "") -> str:
 
 # ----------------------------------------------------------------------------------------------
 # the model side
-
-
-def site_weight(layer, site: str) -> np.ndarray:
-    """B of a site, [in, out] float64: the readers' weights side by side."""
-    from onnxqf.edit import weight_matrix
-
-    readers = {
-        "attn_in": (layer.q, layer.k, layer.v),
-        "o_in": (layer.o,),
-        "mlp_in": (layer.gate, layer.up),
-        "down_in": (layer.down,),
-    }[site]
-    mats = [weight_matrix(lin) for lin in readers]
-    return mats[0] if len(mats) == 1 else np.concatenate(mats, axis=1)
 
 
 @dataclass
@@ -352,15 +297,15 @@ def run_inspect(model_path: str | os.PathLike, source: str, out: str | os.PathLi
     FoldNormsPass()(model)
     structure = recognize(model)  # records of the folded (private) weights
     config = structure.config
-    all_values = calibrate.site_values(structure)
-    keys = [(i, site) for i in layers for site in SITES]
-    values = {f"layers.{i}.{site}": all_values[f"layers.{i}.{site}"] for i, site in keys}
+    sites = {(site.layer, site.kind): site for site in structure.sites() if site.layer in layers}
+    keys = list(sites)
+    values = {site.name: site.value for site in sites.values()}
 
     # pass 1: per-channel absmax of every site (for the smoothing scales and the heatmap layer)
     stats = {k: ChannelStats() for k in keys}
     for acts in calibrate.capture(model, values, wins, desc="inspect 1/2 (absmax)", progress=opts.progress):
         for i, site in keys:
-            stats[(i, site)].update(acts[f"layers.{i}.{site}"])
+            stats[(i, site)].update(acts[sites[(i, site)].name])
     heat_layer = opts.heatmap_layer
     if heat_layer is None:
         heat_layer = max(layers, key=lambda i: stats[(i, "down_in")].max)
@@ -368,8 +313,8 @@ def run_inspect(model_path: str | os.PathLike, source: str, out: str | os.PathLi
     rotations: dict[int, np.ndarray] = {}
     accs: dict[tuple[int, str], SiteAccumulator] = {}
     for i, site in keys:
-        B = site_weight(structure.layers[i], site)
-        s = site_scales(stats[(i, site)].absmax, B, opts.alpha, site_groups(site, config))
+        B = sites[(i, site)].matrix()
+        s = site_scales(stats[(i, site)].absmax, B, opts.alpha, sites[(i, site)].kv_groups)
         n = B.shape[0]
         if n not in rotations:
             rotations[n] = rotation(n, np.random.default_rng(opts.seed)).matrix()
@@ -380,8 +325,8 @@ def run_inspect(model_path: str | os.PathLike, source: str, out: str | os.PathLi
     heat: dict[str, np.ndarray] = {}
     for w, acts in enumerate(calibrate.capture(model, values, wins, desc="inspect 2/2 (metrics)", progress=opts.progress)):
         for i, site in keys:
-            X = acts[f"layers.{i}.{site}"]
-            accs[(i, site)].update(X, site_weight(structure.layers[i], site))
+            X = acts[sites[(i, site)].name]
+            accs[(i, site)].update(X, sites[(i, site)].matrix())
             if w == 0 and i == heat_layer:
                 heat[site] = np.array(X[:HEATMAP_TOKENS], dtype=np.float64)
         del acts
@@ -449,7 +394,7 @@ def _write_outputs(d: Path, rows: list[dict], result: dict, layers: list[int], h
                                  ylabel, d / f"{name}_{site}.png", logy=True)
         if site in heat:
             acc = accs[(heat_layer, site)]
-            panels = {t: transform_activation(heat[site], acc.s, acc.Q, t) for t in TRANSFORMS}
+            panels = {t: transform_pair(heat[site], None, acc.s, acc.Q, t)[0] for t in TRANSFORMS}
             plot_channel_heatmap(
                 panels,
                 f"layer {heat_layer}, {SITE_TITLES[site]}: |X'| of the first {heat[site].shape[0]} tokens "

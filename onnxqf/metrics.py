@@ -2,8 +2,7 @@
 
 * Channel magnitudes and the "quantization difficulty" (std of channel magnitudes).
 * Streaming per-channel activation statistics (:class:`ChannelStats`).
-* Layer output error of W8A8 fake quantization (:func:`layer_quant_error`,
-  :class:`QuantErrorAccumulator`).
+* Layer output error of fake quantization (:func:`layer_error`).
 * End-to-end logit comparisons: KL, perplexity, top-1 agreement
   (:func:`kl_divergence`, :func:`perplexity_nll`, :func:`top1_agreement`,
   :class:`LogitComparison`).
@@ -26,8 +25,7 @@ __all__ = [
     "weight_channel_magnitudes",
     "difficulty",
     "ChannelStats",
-    "layer_quant_error",
-    "QuantErrorAccumulator",
+    "layer_error",
     "log_softmax",
     "kl_divergence",
     "perplexity_nll",
@@ -175,49 +173,20 @@ class ChannelStats:
 # --------------------------------------------------------------------------- layer error
 
 
-class QuantErrorAccumulator:
-    """Streaming ``||X @ B - Q(X) @ Q(B)||_F^2`` over chunks of ``X`` rows.
+def layer_error(Xt: np.ndarray, Bt: np.ndarray, bits: int = 8, *, Y: np.ndarray | None = None,
+                Bq: np.ndarray | None = None, clip_search: bool = False) -> tuple[float, float]:
+    """``(||Y - Q(X') Q(B')||_F^2, ||Y||_F^2)``: the layer-wise quantization error (DESIGN.md §4).
 
-    ``Q(X)`` is symmetric per-token fake quantization and ``Q(B)`` symmetric per-output-channel
-    fake quantization (both with ``bits``). ``value`` is the summed squared error, ``reference``
-    the summed ``||X @ B||_F^2`` and ``relative = value / reference``.
+    ``Q(X')`` is symmetric per-token and ``Q(B')`` symmetric per-output-channel fake quantization
+    with ``bits``. ``Y`` defaults to ``X' B'`` (pass the untransformed ``X B`` once for several
+    transforms: they all compute the same product), ``Bq`` to ``Q(B')``.
     """
-
-    def __init__(self, B: np.ndarray, bits: int = 8, clip_search: bool = False) -> None:
-        self.B = np.asarray(B, dtype=np.float64)
-        if self.B.ndim != 2:
-            raise ValueError(f"expected a 2-D [in, out] weight, got shape {self.B.shape}")
-        self.bits = int(bits)
-        self.Bq = qmath.fake_quant_weight(self.B, bits=self.bits, clip_search=clip_search)
-        self.value = 0.0
-        self.reference = 0.0
-        self.count = 0
-
-    def update(self, X: np.ndarray) -> "QuantErrorAccumulator":
-        """Add the squared output error of a ``[tokens, in]`` chunk; returns ``self``."""
-        rows = _as_rows(X)
-        if rows.shape[1] != self.B.shape[0]:
-            raise ValueError(f"X has {rows.shape[1]} channels, B expects {self.B.shape[0]}")
-        for sl in _row_chunks(rows.shape[0], _ROW_CHUNK):
-            x = rows[sl].astype(np.float64, copy=False)
-            y = x @ self.B
-            d = y - qmath.fake_quant_per_token(x, self.bits) @ self.Bq
-            self.value += float(np.einsum("ij,ij->", d, d))
-            self.reference += float(np.einsum("ij,ij->", y, y))
-        self.count += rows.shape[0]
-        return self
-
-    @property
-    def relative(self) -> float:
-        """``value / reference`` (NaN when the reference output is all zero)."""
-        return self.value / self.reference if self.reference > 0 else float("nan")
-
-
-def layer_quant_error(
-    X: np.ndarray, B: np.ndarray, bits: int = 8, clip_search: bool = False
-) -> float:
-    """``||X @ B - Q(X) @ Q(B)||_F^2`` with per-token ``Q(X)`` and per-output-channel ``Q(B)``."""
-    return QuantErrorAccumulator(B, bits=bits, clip_search=clip_search).update(X).value
+    Xt = _as_rows(Xt).astype(np.float64, copy=False)
+    Y = Xt @ Bt if Y is None else Y
+    if Bq is None:
+        Bq = qmath.fake_quant_weight(np.asarray(Bt, np.float64), bits=bits, clip_search=clip_search)
+    d = Y - qmath.fake_quant_per_token(Xt, bits) @ Bq
+    return float(np.einsum("ij,ij->", d, d)), float(np.einsum("ij,ij->", Y, Y))
 
 
 # --------------------------------------------------------------------------- logits

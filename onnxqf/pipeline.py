@@ -1,21 +1,27 @@
 """Presets: which passes run, in which order, for `onnxqf rewrite`.
 
-    fold norms -> [calibrate] -> [smooth] -> [rotate residual, online Hadamard (down), v/o rotation] -> [quantize]
+    simplify shapes -> fold norms -> [calibrate -> smooth] -> [rotations] -> [quantize]
 
-- no transform flag: quantization only (the W8A8 baseline)
-- ``--smooth``: SmoothQuant on all four sites (scales folded into norms, v_proj and up_proj)
-- ``--rotate``: residual rotation + online Hadamard before down_proj + value/output rotation
-- ``--hybrid``: smoothing *before* rotation where the scale can fold under the rotation
-  (o_proj's and down_proj's inputs), then the full rotation
+One :class:`~onnxqf.plan.Plan` (sites to smooth, every rotation, one seed) is built from the model
+and the options; the smoothing pass tunes against the plan's rotations and the rotation passes apply
+them, so what the α search measures is what is written. Transforms (``RewriteOptions.transform``):
+
+- ``none``: quantization only (the W8A8 baseline)
+- ``smooth``: SmoothQuant at all four sites (scales folded into norms, v_proj and up_proj)
+- ``rotate``: residual rotation (folded) + online Hadamard before down_proj + value/output rotation
+- ``hybrid``: smoothing *before* rotation at all four linear inputs: the scales fold into the norms'
+  γ, v_proj and up_proj, then online Hadamards after each norm and before down_proj and the
+  value/output rotation. No residual rotation: every quantized input is already rotated online,
+  and a folded residual rotation would force γ into the rotated basis (docs/results.md §2).
+- ``hybrid-folded``: the earlier two-site hybrid: residual rotation folded, so only the o_proj and
+  down_proj inputs can be smoothed first.
 """
 
 from __future__ import annotations
 
-import collections
 import dataclasses
-import sys
+import logging
 import time
-import warnings
 
 import numpy as np
 import onnx_ir as ir
@@ -23,25 +29,29 @@ import onnx_ir as ir
 from onnxqf import calibrate
 from onnxqf.data import BUILTIN_CALIB, load_tokens, windows
 from onnxqf.errors import OnnxqfError
-from onnxqf.recognize import recognize
 from onnxqf.passes.fold_norms import FoldNormsPass
 from onnxqf.passes.online_hadamard import DownProjHadamardPass
-from onnxqf.passes.quantize import QuantizeMatMulsPass
+from onnxqf.passes.rotate_norm_outputs import NormOutputHadamardPass
 from onnxqf.passes.rotate_residual import RotateResidualPass
 from onnxqf.passes.rotate_vo import ValueOutputRotationPass
 from onnxqf.passes.simplify_shapes import SimplifyShapesPass
-from onnxqf.passes.smooth import ALL_SITES, SmoothPass
+from onnxqf.passes.smooth import SmoothPass
+from onnxqf.plan import PRESETS, Plan
+from onnxqf.recognize import recognize
+from onnxqf.report import RewriteReport
 
-HYBRID_SITES = ("o_in", "down_in")
+logger = logging.getLogger("onnxqf")
+
+QUANT_FORMATS = ("int8", "int4", "int8w", "none")
+BLOCK_SIZES = (16, 32, 64, 128, 256)
 
 
 @dataclasses.dataclass
 class RewriteOptions:
-    rotate: bool = False
-    smooth: bool = False
-    hybrid: bool = False
-    quant: str = "int8"  # or "none"
+    transform: str = "none"  # a key of onnxqf.plan.PRESETS
+    quant: str = "int8"  # int8 (W8A8), int4 / int8w (weight-only MatMulNBits), or none
     act_quant: str = "token"
+    block_size: int = 32
     alpha: float | str = "auto"
     calib: str = BUILTIN_CALIB
     calib_windows: int = 8
@@ -54,79 +64,106 @@ class RewriteOptions:
     progress: bool = True
 
     def validate(self) -> None:
+        if self.transform not in PRESETS:
+            raise OnnxqfError(f"unknown transform '{self.transform}' (one of {', '.join(PRESETS)})")
         if self.weight_rounding not in ("gptq", "rtn"):
             raise OnnxqfError(f"--weight-rounding must be gptq or rtn, not '{self.weight_rounding}'")
-        if self.quant not in ("int8", "none"):
-            raise OnnxqfError(f"--quant must be int8 or none, not '{self.quant}'")
-        if self.hybrid and (self.rotate or self.smooth):
-            raise OnnxqfError("--hybrid already smooths and rotates; do not combine it with --rotate/--smooth")
-        if self.quant == "none" and not (self.rotate or self.smooth or self.hybrid):
+        if self.quant not in QUANT_FORMATS:
+            raise OnnxqfError(f"--quant must be one of {', '.join(QUANT_FORMATS)}, not '{self.quant}'")
+        if self.block_size not in BLOCK_SIZES:
+            raise OnnxqfError(f"--block-size must be one of {', '.join(map(str, BLOCK_SIZES))}, not {self.block_size}")
+        if self.quant == "none" and self.transform == "none":
             raise OnnxqfError("nothing to do: --quant none without --rotate, --smooth or --hybrid")
+        if self.quant in ("int4", "int8w") and self.transform in ("smooth", "hybrid", "hybrid-folded"):
+            raise OnnxqfError(f"--quant {self.quant} keeps activations in float: smoothing would only move difficulty into "
+                              "the weights; use --rotate (or no transform) with weight-only formats")
+
+    @property
+    def smooths(self) -> bool:
+        return bool(PRESETS[self.transform][0])
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.smooths or (self.quant != "none" and self.weight_rounding == "gptq")
 
     @property
     def label(self) -> str:
-        t = "hybrid" if self.hybrid else "+".join(x for x, on in (("smooth", self.smooth), ("rotate", self.rotate)) if on) or "none"
-        return f"transform={t} quant={self.quant}" + (f" act={self.act_quant}" if self.quant != "none" else "")
+        q = self.quant + (f" act={self.act_quant}" if self.quant == "int8" else f" block={self.block_size}" if self.quant != "none" else "")
+        return f"transform={self.transform} quant={q}"
 
 
-def _log(msg: str, progress: bool) -> None:
-    if progress:
-        print(f"[onnxqf] {msg}", file=sys.stderr, flush=True)
-
-
-def rewrite(model: ir.Model, opts: RewriteOptions, tokenizer=None) -> dict:
-    """Apply the preset to ``model`` in place; returns a report (passes, alphas, rotations)."""
+def rewrite(model: ir.Model, opts: RewriteOptions, tokenizer=None) -> RewriteReport:
+    """Apply the preset to ``model`` in place; returns the report (passes, plan, α choices, quantized)."""
     opts.validate()
     structure = recognize(model)  # fail early, with a clear message, on graphs we cannot match
-    report: dict = {"options": opts.label, "layers": len(structure.layers), "passes": []}
+    plan = Plan.build(structure.config, opts.transform, opts.seed)
+    report = RewriteReport(options=opts.label, layers=len(structure.layers), rotations=plan.describe())
     t0 = time.time()
 
-    def run(p, what):
-        t = time.time()
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            p(model)
-        for w in caught:
-            print(f"[onnxqf] warning: {w.message}", file=sys.stderr)
-        report["passes"].append({"pass": type(p).__name__, "seconds": round(time.time() - t, 2), **({"kind": p.kind} if getattr(p, "kind", "") else {})})
-        _log(f"{what} ({time.time() - t:.1f} s)", opts.progress)
-        return p
-
-    shapes = SimplifyShapesPass()
-    shapes(model)
-    if shapes.replaced:
-        _log(f"replaced {shapes.replaced} computed shapes by constants", opts.progress)
-    if opts.rotate or opts.smooth or opts.hybrid:
-        run(FoldNormsPass(), "folded norm scales")
+    _run(model, SimplifyShapesPass(report))
+    if opts.transform != "none":
+        _run(model, FoldNormsPass(report))
     wins = None
-    if opts.smooth or opts.hybrid or (opts.quant == "int8" and opts.weight_rounding == "gptq"):
+    if opts.needs_calibration:
         ids = load_tokens(opts.calib, tokenizer, structure.config.vocab)
         wins = windows(ids, opts.calib_windows, opts.calib_seq, what="calibration text")
-        report["calibration"] = {"source": str(opts.calib), "windows": int(wins.shape[0]), "seq": int(wins.shape[1])}
-        if wins.size < 8192 and opts.progress:
-            _log(f"note: calibrating on only {wins.size} tokens; GPTQ and smoothing work best with 8k+ tokens of "
-                 "in-domain text (--calib FILE --calib-windows 16)", True)
-    if opts.smooth or opts.hybrid:
-        sites = HYBRID_SITES if opts.hybrid else ALL_SITES
-        s = recognize(model)
-        values = {k: v for k, v in calibrate.site_values(s).items() if k.rsplit(".", 1)[1] in sites}
+        report.calibration = {"source": str(opts.calib), "windows": int(wins.shape[0]), "seq": int(wins.shape[1])}
+        if wins.size < 8192:
+            logger.info("note: calibrating on only %d tokens; GPTQ and smoothing work best with 8k+ tokens of "
+                        "in-domain text (--calib FILE --calib-windows 16)", wins.size)
+    if plan.smooth:
+        values = calibrate.site_values(recognize(model), plan.smooth)
         stats = calibrate.collect(model, values, wins, progress=opts.progress, seed=opts.seed)
-        sp = run(SmoothPass(stats, opts.alpha, sites, search_rotation=opts.hybrid, seed=opts.seed), "smoothed " + ", ".join(sites))
-        report["alphas"] = sp.alphas
-    if opts.rotate or opts.hybrid:
-        run(RotateResidualPass(seed=opts.seed), "rotated the residual stream")
-        run(DownProjHadamardPass(seed=opts.seed + 1), "inserted online Hadamards before down_proj")
-        run(ValueOutputRotationPass(seed=opts.seed + 2), "rotated value/output heads")
-    if opts.quant == "int8":
+        _run(model, SmoothPass(plan, stats, opts.alpha, report))
+    rotations = []
+    if plan.residual is not None:
+        rotations.append(RotateResidualPass(plan.residual, report))
+    if plan.norm_out is not None:
+        rotations.append(NormOutputHadamardPass(plan.norm_out, report))
+    if plan.down is not None:
+        rotations.append(DownProjHadamardPass(plan.down, report))
+    elif plan.rotates:
+        logger.warning("d_ff=%d: no Hadamard construction and a dense factor over the online limit; down_proj inputs "
+                       "are not rotated", structure.config.intermediate)
+    if plan.rotates:
+        rotations.append(ValueOutputRotationPass(plan.head, plan.heads, report))
+    if rotations:
+        _run(model, ir.passes.Sequential(*rotations))
+    if opts.quant != "none":
         hessians = None
         if opts.weight_rounding == "gptq":
             t = time.time()
             hessians = calibrate.collect_hessians(model, calibrate.site_values(recognize(model)), wins, progress=opts.progress)
-            _log(f"collected input Hessians for GPTQ ({time.time() - t:.1f} s)", opts.progress)
-        qp = run(QuantizeMatMulsPass(opts.act_quant, opts.quantize_lm_head, opts.clip_search, keep_float=opts.keep_float,
-                                     hessians=hessians, progress=opts.progress),
-                 f"quantized MatMuls to int8 ({opts.act_quant}, {opts.weight_rounding} weights)")
-        report["quantized"] = len(qp.quantized)
-        report["weight_rounding"] = dict(sorted(collections.Counter(qp.rounding.values()).items()))
-    report["seconds"] = round(time.time() - t0, 1)
+            logger.info("collected input Hessians for GPTQ (%.1f s)", time.time() - t)
+        _run(model, _quantize_pass(opts, hessians, report))
+    report.seconds = round(time.time() - t0, 1)
     return report
+
+
+def _quantize_pass(opts: RewriteOptions, hessians: dict[str, np.ndarray] | None, report: RewriteReport):
+    if opts.quant == "int8":
+        from onnxqf.passes.quantize import QuantizeMatMulsPass
+
+        return QuantizeMatMulsPass(opts.act_quant, opts.quantize_lm_head, opts.clip_search, keep_float=opts.keep_float,
+                                   hessians=hessians, progress=opts.progress, report=report)
+    from onnxqf.passes.quantize_nbits import QuantizeNBitsPass
+
+    p = QuantizeNBitsPass(bits=4 if opts.quant == "int4" else 8, block_size=opts.block_size, hessians=hessians,
+                          quantize_lm_head=opts.quantize_lm_head, keep_float=opts.keep_float, progress=opts.progress)
+    p.report = report
+    return p
+
+
+def _run(model: ir.Model, p: ir.passes.PassBase) -> ir.passes.PassResult:
+    """Run a pass (or a Sequential); an OnnxqfError inside comes out as itself, not wrapped by onnx-ir."""
+    try:
+        return p(model)
+    except OnnxqfError:
+        raise
+    except Exception as exc:
+        cause = exc
+        while cause is not None:
+            if isinstance(cause, OnnxqfError):
+                raise cause from None
+            cause = cause.__cause__
+        raise

@@ -20,7 +20,7 @@ import onnx_ir as ir
 
 from onnxqf.errors import UnsupportedGraphError
 from onnxqf.modelfile import get_metadata
-from onnxqf.structure import Layer, Linear, ModelConfig, Norm, Structure, const_array, is_initializer
+from onnxqf.structure import ONLINE_ROTATION, Layer, Linear, ModelConfig, Norm, Structure, const_array, is_initializer
 
 # Ops that only move data or change dtype: the recognizer looks through them.
 PASS_THROUGH = {"Cast", "Identity", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Expand"}
@@ -42,13 +42,18 @@ def strip_casts_back(value: ir.Value) -> ir.Value:
 
 
 def through_casts_fwd(value: ir.Value) -> list[tuple[ir.Node, ir.Value]]:
-    """(consumer node, the value it reads) for every consumer, looking through Cast/Identity."""
+    """(consumer node, the value it reads) for every consumer, looking through Cast/Identity and
+    through the online rotations onnxqf inserted (nodes marked with ``ONLINE_ROTATION``)."""
     out = []
     stack = [value]
+    seen: set[int] = set()
     while stack:
         v = stack.pop()
+        if id(v) in seen:
+            continue
+        seen.add(id(v))
         for node in v.consumers():
-            if node.op_type in ("Cast", "Identity"):
+            if node.op_type in ("Cast", "Identity") or ONLINE_ROTATION in node.metadata_props:
                 stack.extend(node.outputs)
             else:
                 out.append((node, v))

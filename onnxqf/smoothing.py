@@ -3,18 +3,21 @@
 A site is one activation read by one or more linears: ``x @ [B_1 | ... | B_k]``. Smoothing divides
 activation channel j by ``s_j`` and multiplies weight row j by ``s_j``. With ``alpha="auto"`` each
 site gets the alpha from a grid that minimises the layer-wise quantization error
-``||X B - Q(X') Q(B')||_F^2`` on sampled calibration tokens, where ``X', B'`` are the smoothed (and,
-for the hybrid, then rotated) activation and weight: the same per-token int8 activations and
-per-channel int8 weights that the rewritten graph uses. ``alpha = 0`` (s = 1/max|B_j|, weights
-equalised) and no smoothing (s = 1) are always candidates, so auto never does worse than no
-smoothing on the sample.
+``||X B - Q(X') Q(B')||_F^2`` on sampled calibration tokens, where ``(X', B')`` are the smoothed
+and then rotated activation and weight (:func:`onnxqf.fold.smooth_rotate`, with the rotation the
+plan will apply): the same per-token int8 activations and per-channel int8 weights that the
+rewritten graph uses. ``alpha = 0`` (s = 1/max|B_j|, weights equalised) and no smoothing (s = 1)
+are always candidates, so auto never does worse than no smoothing on the sample.
 """
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 
-from onnxqf import qmath
+from onnxqf import fold, qmath
+from onnxqf.metrics import layer_error
 
 ALPHA_GRID = (0.0, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
 
@@ -47,27 +50,36 @@ def kv_scales(s: np.ndarray, groups: tuple[int, int, int]) -> np.ndarray:
     return s.reshape(n_kv, g, dh)[:, 0, :].reshape(-1)
 
 
-def quant_error(X: np.ndarray, B: np.ndarray, s: np.ndarray | None = None, R: np.ndarray | None = None,
-                clip_search: bool = False) -> float:
-    """||X B - Q(X') Q(B')||^2 with X' = (X / s) R, B' = R^T diag(s) B (per-token / per-channel int8)."""
-    Xs, Bs = (X, B) if s is None else (X / s, B * s[:, None])
-    if R is not None:
-        Xs, Bs = Xs @ R, R.T @ Bs
-    Y = X @ B
-    d = Y - qmath.fake_quant_per_token(Xs) @ qmath.fake_quant_weight(Bs, clip_search=clip_search)
-    return float(np.einsum("ij,ij->", d, d))
+def relative_error(X: np.ndarray, B: np.ndarray, s: np.ndarray | None = None, R: np.ndarray | None = None,
+                   Y: np.ndarray | None = None) -> float:
+    """``||X B - Q(X') Q(B')||^2 / ||X B||^2`` for ``(X', B') = smooth_rotate(X, B, s, R)`` (W8A8)."""
+    Xt, Bt = fold.smooth_rotate(X, B, s, R)
+    err, ref = layer_error(Xt, Bt, 8, Y=np.asarray(X, np.float64) @ B if Y is None else Y)
+    return err / ref if ref > 0 else 0.0
+
+
+@dataclasses.dataclass
+class Choice:
+    scales: np.ndarray
+    alpha: float | None  # None: no smoothing won
+    predicted: float  # relative W8A8 layer error of the choice, after the rotation
+    unsmoothed: float  # the same without smoothing
 
 
 def choose_scales(X: np.ndarray, act_absmax: np.ndarray, B: np.ndarray, alpha: float | str,
-                  groups: tuple[int, int, int] | None = None, R: np.ndarray | None = None) -> tuple[np.ndarray, float | None]:
-    """(scales, alpha used); alpha None means no smoothing won."""
-    if alpha != "auto":
-        return site_scales(act_absmax, B, float(alpha), groups), float(alpha)
+                  groups: tuple[int, int, int] | None = None, R: np.ndarray | None = None) -> Choice:
+    """The smoothing of one site: a fixed alpha, or with "auto" the candidate of lowest measured error."""
     X = np.asarray(X, np.float64)
-    best = (quant_error(X, B, None, R), np.ones(B.shape[0]), None)
+    B = np.asarray(B, np.float64)
+    Y = X @ B
+    none = relative_error(X, B, None, R, Y)
+    if alpha != "auto":
+        s = site_scales(act_absmax, B, float(alpha), groups)
+        return Choice(s, float(alpha), relative_error(X, B, s, R, Y), none)
+    best = Choice(np.ones(B.shape[0]), None, none, none)
     for a in ALPHA_GRID:
         s = site_scales(act_absmax, B, a, groups)
-        err = quant_error(X, B, s, R)
-        if err < best[0]:
-            best = (err, s, a)
-    return best[1], best[2]
+        err = relative_error(X, B, s, R, Y)
+        if err < best.predicted:
+            best = Choice(s, a, err, none)
+    return best

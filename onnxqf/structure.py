@@ -14,6 +14,10 @@ import json
 import numpy as np
 import onnx_ir as ir
 
+# Node metadata key marking the nodes of an online rotation that onnxqf inserted (value: its name).
+# Recognition looks through such a block as through a Cast: the readers after it are still the site's.
+ONLINE_ROTATION = "onnxqf.online_rotation"
+
 # The four quantized inputs of a decoder layer, in graph order.
 SITE_KINDS = ("attn_in", "o_in", "mlp_in", "down_in")
 SITE_TITLES = {
@@ -66,6 +70,9 @@ class Linear:
     bias_node: ir.Node | None = None
     role: str = ""
     layer: int | None = None
+    # [start, stop) of this linear's output columns when several linears share one MatMul (the
+    # model builder's packed q/k/v); None: the whole weight (and bias) is this linear's
+    cols: tuple[int, int] | None = None
 
     @property
     def input(self) -> ir.Value:
@@ -79,7 +86,8 @@ class Linear:
     def shape(self) -> tuple[int, int]:
         """(in, out) of the MatMul's B."""
         rows, cols = self.weight.const_value.shape.numpy()
-        return (int(cols), int(rows)) if self.transpose is not None else (int(rows), int(cols))
+        n_in, n_out = (int(cols), int(rows)) if self.transpose is not None else (int(rows), int(cols))
+        return (n_in, n_out) if self.cols is None else (n_in, self.cols[1] - self.cols[0])
 
     @property
     def name(self) -> str:
@@ -88,10 +96,14 @@ class Linear:
     def matrix(self) -> np.ndarray:
         """B of the MatMul in [in, out] layout, float64."""
         w = read(self.weight)
-        return w.T if self.transpose is not None else w
+        w = w.T if self.transpose is not None else w
+        return w if self.cols is None else w[:, self.cols[0]:self.cols[1]]
 
     def bias_vector(self) -> np.ndarray | None:
-        return None if self.bias is None else np.asarray(const_array(self.bias), np.float64)
+        if self.bias is None:
+            return None
+        b = np.asarray(const_array(self.bias), np.float64)
+        return b if self.cols is None else b[self.cols[0]:self.cols[1]]
 
 
 @dataclasses.dataclass(eq=False)
@@ -118,7 +130,7 @@ class Site:
 
     layer: int
     kind: str  # one of SITE_KINDS
-    value: ir.Value
+    value: ir.Value  # what the readers' MatMuls read: the activation that is quantized
     readers: tuple[Linear, ...]
     fold_norm: Norm | None = None
     fold_linear: Linear | None = None
@@ -162,9 +174,9 @@ class Layer:
         """The four quantized inputs of this layer, in graph order (see :data:`SITE_KINDS`)."""
         i = self.index
         return [
-            Site(i, "attn_in", self.attn_norm.output, (self.q, self.k, self.v), fold_norm=self.attn_norm),
+            Site(i, "attn_in", self.q.input, (self.q, self.k, self.v), fold_norm=self.attn_norm),
             Site(i, "o_in", self.o.input, (self.o,), fold_linear=self.v, kv_groups=self.kv_groups),
-            Site(i, "mlp_in", self.mlp_norm.output, (self.gate, self.up), fold_norm=self.mlp_norm),
+            Site(i, "mlp_in", self.gate.input, (self.gate, self.up), fold_norm=self.mlp_norm),
             Site(i, "down_in", self.down.input, (self.down,), fold_linear=self.up),
         ]
 

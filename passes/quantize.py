@@ -21,7 +21,8 @@ the rescale in float32 (int32 accumulators overflow float16) and cast back.
 
 from __future__ import annotations
 
-import warnings
+import fnmatch
+import logging
 
 import numpy as np
 import onnx_ir as ir
@@ -30,40 +31,53 @@ from onnx_ir import tape as ir_tape
 
 from onnxqf import edit, qmath
 from onnxqf.errors import OnnxqfError, UnsupportedGraphError
-from onnxqf.recognize import Linear, recognize
+from onnxqf.passes.base import RewritePass
+from onnxqf.recognize import recognize
+from onnxqf.structure import Linear
+
+logger = logging.getLogger(__name__)
 
 ACT_QUANT = ("token", "tensor")
 FLOAT32 = ir.DataType.FLOAT
 
 
-class QuantizeMatMulsPass(ir.passes.InPlacePass):
-    def __init__(self, act_quant: str = "token", quantize_lm_head: bool = False, clip_search: bool = False, bits: int = 8,
-                 keep_float: tuple[str, ...] = (), hessians: dict[str, np.ndarray] | None = None, progress: bool = False):
-        super().__init__()
+class QuantizeMatMulsPass(RewritePass):
+    """Every selected weight MatMul becomes int8 weights x dynamically quantized int8 activations.
+
+    Rules: see the module docstring for the two activation lowerings. Weights are rounded with
+    GPTQ where ``hessians`` has the X^T X of the linear's site (keyed by site name), else to
+    nearest. lm_head stays float unless ``quantize_lm_head``; ``keep_float`` patterns (fnmatch on
+    names like ``layers.3.down_proj`` or a bare role) stay float. ``requires``: opset >= 13 and at
+    least one linear to quantize. Results: ``report.quantized`` and ``report.rounding``.
+    """
+
+    def __init__(self, act_quant: str = "token", quantize_lm_head: bool = False, clip_search: bool = False,
+                 keep_float: tuple[str, ...] = (), hessians: dict[str, np.ndarray] | None = None, progress: bool = False,
+                 report=None):
+        super().__init__(report)
         if act_quant not in ACT_QUANT:
             raise OnnxqfError(f"--act-quant must be one of {', '.join(ACT_QUANT)}, not '{act_quant}'")
-        if bits != 8:
-            raise OnnxqfError("only 8-bit MatMulInteger graphs are supported")
         self.act_quant = act_quant
         self.quantize_lm_head = quantize_lm_head
         self.clip_search = clip_search
         self.keep_float = tuple(keep_float)
         self.hessians = hessians or {}
         self.progress = progress
-        self.rounding: dict[str, str] = {}
-        self.quantized: list[str] = []
 
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
-        graph = model.graph
-        linears = [lin for lin in select_linears(model, self.quantize_lm_head) if not _matches(lin.name, self.keep_float)]
-        if not linears:
+    def requires(self, model: ir.Model) -> None:
+        if model.graph.opset_imports.get("", 0) < 13:
+            raise OnnxqfError("the model's opset is below 13; re-export with opset >= 18")
+        if not select_linears(recognize(model), self.quantize_lm_head, self.keep_float):
             raise UnsupportedGraphError("no weight MatMuls to quantize")
+
+    def apply(self, model: ir.Model) -> bool:
+        graph = model.graph
+        structure = recognize(model)
+        linears = select_linears(structure, self.quantize_lm_head, self.keep_float)
         if self.act_quant == "tensor":
-            warnings.warn(
-                "--act-quant tensor uses DynamicQuantizeLinear and uint8 MatMulInteger: ONNX Runtime's CUDA "
-                "provider runs these nodes on the CPU (use --act-quant token for CUDA)", stacklevel=2
-            )
-        weights = self._round_weights(model, linears)
+            logger.warning("--act-quant tensor uses DynamicQuantizeLinear and uint8 MatMulInteger: ONNX Runtime's CUDA "
+                           "provider runs these nodes on the CPU (use --act-quant token for CUDA)")
+        weights = self._round_weights(structure, linears)
         quantized_inputs: dict[int, tuple] = {}
         for lin in linears:
             edit.make_private(graph, lin)
@@ -72,10 +86,9 @@ class QuantizeMatMulsPass(ir.passes.InPlacePass):
             if id(x) not in quantized_inputs:
                 quantized_inputs[id(x)] = self._quantize_activation(graph, lin, x, dtype)
             self._replace(graph, lin, dtype, quantized_inputs[id(x)], weights[lin.name])
-            self.quantized.append(lin.name or lin.node.name)
+            self.report.quantized.append(lin.name or lin.node.name)
         common_passes.RemoveUnusedNodesPass()(model)
-        _ensure_opset(model)
-        return ir.passes.PassResult(model, modified=True)
+        return True
 
     # -- subgraphs ------------------------------------------------------------------------------
 
@@ -85,11 +98,11 @@ class QuantizeMatMulsPass(ir.passes.InPlacePass):
         base = f"{first.name or first.node.name}/act_quant"
         if self.act_quant == "token":
             absx = tape.op("Abs", [x], name=f"{base}/abs")
-            axes = _const(tape, graph, f"{base}/axes", np.array([-1], np.int64))
+            axes = edit.add_initializer(graph, f"{base}/axes", np.array([-1], np.int64))
             amax = tape.op("ReduceMax", [absx, axes], {"keepdims": 1}, name=f"{base}/amax")
-            tiny = _const(tape, graph, f"{base}/tiny", np.array(1e-6 if dtype == FLOAT32 else 1e-4, dtype.numpy()))
+            tiny = edit.add_initializer(graph, f"{base}/tiny", np.array(1e-6 if dtype == FLOAT32 else 1e-4, dtype.numpy()))
             amax = tape.op("Max", [amax, tiny], name=f"{base}/amax_safe")
-            qmax = _const(tape, graph, f"{base}/qmax", np.array(127.0, dtype.numpy()))
+            qmax = edit.add_initializer(graph, f"{base}/qmax", np.array(127.0, dtype.numpy()))
             inv = tape.op("Div", [qmax, amax], name=f"{base}/inv_scale")
             scaled = tape.op("Mul", [x, inv], name=f"{base}/scale")
             rounded = tape.op("Round", [scaled], name=f"{base}/round")
@@ -106,7 +119,7 @@ class QuantizeMatMulsPass(ir.passes.InPlacePass):
         _insert_after_producer(graph, x, tape.nodes, first.node)
         return result
 
-    def _round_weights(self, model: ir.Model, linears: list[Linear]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    def _round_weights(self, structure, linears: list[Linear]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         """int8 weights and scales per linear: GPTQ where a Hessian of the input is known, else RTN."""
         from tqdm.auto import tqdm
 
@@ -115,12 +128,13 @@ class QuantizeMatMulsPass(ir.passes.InPlacePass):
         by_input: dict[int, list[Linear]] = {}
         for lin in linears:
             by_input.setdefault(id(lin.input), []).append(lin)
-        site_of = _site_keys(model)
+        site_of = structure.site_of()
         out = {}
         for group in tqdm(list(by_input.values()), desc="rounding weights", unit="group", disable=not self.progress):
             Bs = [lin.matrix() for lin in group]
             B = np.concatenate(Bs, axis=1)
-            H = self.hessians.get(site_of.get(group[0].name, ""))
+            site = site_of.get(group[0].name)
+            H = None if site is None else self.hessians.get(site.name)
             if H is not None:
                 _, scale = qmath.quantize_weight_per_channel(B, bits=8, clip_search=self.clip_search)
                 q, scale = gptq_quantize(B, H, scale=scale)
@@ -131,7 +145,7 @@ class QuantizeMatMulsPass(ir.passes.InPlacePass):
             col = 0
             for lin, b in zip(group, Bs):
                 out[lin.name] = (q[:, col : col + b.shape[1]], scale[col : col + b.shape[1]])
-                self.rounding[lin.name] = how
+                self.report.rounding[lin.name] = how
                 col += b.shape[1]
         return out
 
@@ -139,19 +153,19 @@ class QuantizeMatMulsPass(ir.passes.InPlacePass):
         q, scale = weight
         tape = ir_tape.Tape(graph)
         base = lin.name or lin.node.name
-        wq = _const(tape, graph, f"{base}.weight_int8", q.astype(np.int8))
+        wq = edit.add_initializer(graph, f"{base}.weight_int8", q.astype(np.int8))
         if quantized[0] == "token":
             _, xq, amax = quantized
             acc = tape.op("MatMulInteger", [xq, wq], name=f"{base}/matmul_int8")
             accf = tape.op("Cast", [acc], {"to": FLOAT32}, name=f"{base}/acc_f32")
-            wscale = _const(tape, graph, f"{base}.weight_scale", (scale / 127.0).astype(np.float32))
+            wscale = edit.add_initializer(graph, f"{base}.weight_scale", (scale / 127.0).astype(np.float32))
             y = tape.op("Mul", [accf, amax], name=f"{base}/token_scale")
             y = tape.op("Mul", [y, wscale], name=f"{base}/channel_scale")
         else:
             _, xq, sx, zp = quantized
             acc = tape.op("MatMulInteger", [xq, wq, zp], name=f"{base}/matmul_int8")
             accf = tape.op("Cast", [acc], {"to": FLOAT32}, name=f"{base}/acc_f32")
-            wscale = _const(tape, graph, f"{base}.weight_scale", scale.astype(np.float32))
+            wscale = edit.add_initializer(graph, f"{base}.weight_scale", scale.astype(np.float32))
             s = tape.op("Mul", [sx, wscale], name=f"{base}/scale")
             y = tape.op("Mul", [accf, s], name=f"{base}/dequant")
         if dtype != FLOAT32:
@@ -166,25 +180,13 @@ class QuantizeMatMulsPass(ir.passes.InPlacePass):
         graph.remove(lin.node, safe=True)
 
 
-def select_linears(model: ir.Model, quantize_lm_head: bool) -> list[Linear]:
-    """The decoder's linears (by recognition), plus lm_head on request."""
-    s = recognize(model)
-    return s.linears(include_lm_head=quantize_lm_head)
-
-
-def _site_keys(model: ir.Model) -> dict[str, str]:
-    """linear name -> calibration site key (layers.i.attn_in / o_in / mlp_in / down_in)."""
-    from onnxqf.calibrate import SITE_READERS
-
-    s = recognize(model)
-    return {f"layers.{layer.index}.{role}": f"layers.{layer.index}.{site}" for layer in s.layers
-            for site, roles in SITE_READERS.items() for role in roles}
+def select_linears(structure, quantize_lm_head: bool, keep_float: tuple[str, ...] = ()) -> list[Linear]:
+    """The decoder's linears (by recognition), plus lm_head on request, less the keep-float ones."""
+    return [lin for lin in structure.linears(include_lm_head=quantize_lm_head) if not _matches(lin.name, keep_float)]
 
 
 def _matches(name: str, patterns: tuple[str, ...]) -> bool:
     """fnmatch-style: 'down_proj' matches every layer's down_proj, 'layers.29.*' one layer."""
-    import fnmatch
-
     return any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(name, f"layers.*.{p}") for p in patterns)
 
 
@@ -194,13 +196,3 @@ def _insert_after_producer(graph: ir.Graph, x: ir.Value, nodes, fallback_before:
         graph.insert_before(fallback_before, nodes)
     else:
         graph.insert_after(producer, nodes)
-
-
-def _const(tape, graph, base, array):
-    name = edit.unique_name(graph, base)
-    return tape.initializer(ir.tensor(np.ascontiguousarray(array), name=name), name=name)
-
-
-def _ensure_opset(model: ir.Model) -> None:
-    if model.graph.opset_imports.get("", 0) < 13:
-        raise OnnxqfError("the model's opset is below 13; re-export with opset >= 18")

@@ -1,10 +1,4 @@
-"""Rotate the residual stream by an orthogonal Q (randomized Hadamard), folded into weights.
-
-Every vector on the residual stream becomes ``x Q``: the embedding rows ``E <- E Q``; linears that
-read the (normed) stream ``B <- Q^T B`` (q, k, v, gate, up, lm_head); linears that write into it
-``B <- B Q``, ``b <- b Q`` (o, down). Exact because ``RMSNorm(x Q) = RMSNorm(x) Q`` when the norm
-has no scale, so FoldNormsPass must have run: the pass refuses a norm whose scale is not 1.
-"""
+"""Rotate the residual stream by an orthogonal Q (randomized Hadamard), folded into weights."""
 
 from __future__ import annotations
 
@@ -13,27 +7,47 @@ import onnx_ir as ir
 
 from onnxqf import edit, fold
 from onnxqf.errors import OnnxqfError
+from onnxqf.hadamard import Rotation
+from onnxqf.passes.base import RewritePass
 from onnxqf.recognize import recognize
-from onnxqf.hadamard import rotation
+from onnxqf.structure import read
 
 
-class RotateResidualPass(ir.passes.InPlacePass):
-    def __init__(self, seed: int = 0, fallback: str = "orthogonal"):
-        super().__init__()
-        self.seed = seed
-        self.fallback = fallback
-        self.kind = ""
+class RotateResidualPass(RewritePass):
+    """Every vector on the residual stream becomes ``x Q``, with nothing added to the graph.
 
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
+    Rules: the embedding rows ``E <- E Q``; linears that read the (normed) stream ``B <- Q^T B``
+    (q, k, v, gate, up, lm_head); linears that write into it ``B <- B Q``, ``b <- b Q`` (o, down).
+    Exact because ``RMSNorm(x Q) = RMSNorm(x) Q`` when the norm has no scale, so the norm scales
+    must be folded first (``requires``: every γ is 1, and only norms and residual Adds read the
+    stream).
+
+    Attributes:
+        rotation: the plan's residual rotation (hidden x hidden).
+    """
+
+    def __init__(self, rotation: Rotation, report=None):
+        super().__init__(report)
+        self.rotation = rotation
+
+    def requires(self, model: ir.Model) -> None:
         s = recognize(model)
-        edit.prepare_linears(model.graph, s)
+        if self.rotation.n != s.config.hidden:
+            raise OnnxqfError(f"residual rotation of size {self.rotation.n} for hidden size {s.config.hidden}")
         for norm in s.norms():
             if norm.gamma is not None and not np.all(read(norm.gamma) == 1.0):
                 raise OnnxqfError("residual rotation needs folded norm scales (run FoldNormsPass first)")
-        _check_residual_consumers(s)
-        rot = rotation(s.config.hidden, np.random.default_rng(self.seed), fallback=self.fallback)
-        self.kind = rot.kind
-        Q = rot.matrix()
+        values = [s.embedding.outputs[0]] + [v for layer in s.layers for v in (layer.attn_add.outputs[0], layer.mlp_add.outputs[0])]
+        allowed = {"Add", "Pow", "Mul", "Cast", "Div", "RMSNormalization", "SimplifiedLayerNormalization"}
+        for v in values:
+            for node in v.consumers():
+                if node.op_type not in allowed:
+                    raise OnnxqfError(f"the residual stream is read by a {node.op_type} node ('{node.name}'); cannot rotate it")
+
+    def apply(self, model: ir.Model) -> bool:
+        s = recognize(model)
+        edit.prepare_linears(model.graph, s)
+        Q = self.rotation.matrix()
         table = s.embedding_table
         edit.write(table, fold.rotate_embedding(read(table), Q))
         for layer in s.layers:
@@ -44,14 +58,4 @@ class RotateResidualPass(ir.passes.InPlacePass):
                 if lin.bias is not None:
                     edit.set_bias_vector(lin, fold.rotate_output(lin.bias_vector(), Q))
         edit.set_weight_matrix(s.lm_head, fold.rotate_input(s.lm_head.matrix(), Q))
-        return ir.passes.PassResult(model, modified=True)
-
-
-def _check_residual_consumers(s) -> None:
-    """Only norms and residual Adds may read the stream; anything else would see rotated data."""
-    values = [s.embedding.outputs[0]] + [v for layer in s.layers for v in (layer.attn_add.outputs[0], layer.mlp_add.outputs[0])]
-    allowed = {"Add", "Pow", "Mul", "Cast", "Div", "RMSNormalization", "SimplifiedLayerNormalization"}
-    for v in values:
-        for node in v.consumers():
-            if node.op_type not in allowed:
-                raise OnnxqfError(f"the residual stream is read by a {node.op_type} node ('{node.name}'); cannot rotate it")
+        return True

@@ -1,11 +1,4 @@
-"""Rotate the attention value/output path.
-
-A per-head rotation ``R_dh`` (randomized Hadamard of the head size) is folded into v_proj's output
-columns (the same for every KV head, so it works with GQA: each query head's output is its KV
-head's values mixed by softmax, so it carries ``R_dh`` too). An online head mixing ``R_nh ⊗ I``
-over the ``num_heads`` (not ``num_kv_heads``) axis is inserted before o_proj, and o_proj's rows get
-``((I ⊗ R_dh)(R_nh ⊗ I))^T``. Together o_proj's input is rotated by a full n_heads*head_dim rotation.
-"""
+"""Rotate the attention value/output path: per-head rotation folded into v_proj, head mixing online."""
 
 from __future__ import annotations
 
@@ -13,28 +6,41 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxqf import edit, fold
+from onnxqf.errors import OnnxqfError
+from onnxqf.hadamard import Rotation
+from onnxqf.passes.base import RewritePass
 from onnxqf.recognize import recognize
-from onnxqf.hadamard import rotation
 
 
-class ValueOutputRotationPass(ir.passes.InPlacePass):
-    def __init__(self, seed: int = 2):
-        super().__init__()
-        self.seed = seed
-        self.kind = ""
+class ValueOutputRotationPass(RewritePass):
+    """o_proj's input is rotated by ``T = (I ⊗ R_dh)(R_nh ⊗ I)``, a full n_heads·head_dim rotation.
 
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
+    Rules: ``R_dh`` (randomized Hadamard of the head size) folds into v_proj's output columns, the
+    same for every KV head — each query head's output is its KV head's values mixed by softmax, so
+    it carries ``R_dh`` too, and GQA works. The head mixing ``R_nh ⊗ I`` over the ``num_heads`` (not
+    ``num_kv_heads``) axis runs online before o_proj (without signs: they could not fold into shared
+    KV heads), and o_proj's rows get ``T^T``.
+
+    Attributes:
+        head: the plan's head_dim rotation; heads: its num_heads rotation (only the mixing is used).
+    """
+
+    def __init__(self, head: Rotation, heads: Rotation, report=None):
+        super().__init__(report)
+        self.head, self.heads = head, heads
+
+    def requires(self, model: ir.Model) -> None:
+        cfg = recognize(model).config
+        if self.head.n != cfg.head_dim or self.heads.n != cfg.num_heads:
+            raise OnnxqfError(f"value/output rotations of sizes {self.head.n}/{self.heads.n} for head_dim {cfg.head_dim}, "
+                              f"{cfg.num_heads} heads")
+
+    def apply(self, model: ir.Model) -> bool:
         s = recognize(model)
         edit.prepare_linears(model.graph, s)
         cfg = s.config
-        dtype = s.dtype
-        rng = np.random.default_rng(self.seed)
-        r_dh = rotation(cfg.head_dim, rng)
-        r_nh = rotation(cfg.num_heads, rng)
-        R_dh = r_dh.matrix()
-        # Head mixing runs online; per-head signs cannot fold into shared KV heads, so it has none.
-        R_nh = np.eye(cfg.num_heads) if cfg.num_heads == 1 else _kron_dense(r_nh.factors)
-        self.kind = f"head {r_dh.kind}, heads {r_nh.kind}"
+        R_dh = self.head.matrix()
+        R_nh = self.heads.mixing() if cfg.num_heads > 1 else np.eye(1)
         for layer in s.layers:
             v, o = layer.v, layer.o
             edit.set_weight_matrix(v, fold.headwise_output(v.matrix(), R_dh, cfg.head_dim))
@@ -42,15 +48,6 @@ class ValueOutputRotationPass(ir.passes.InPlacePass):
                 edit.set_bias_vector(v, fold.headwise_vector(v.bias_vector(), R_dh, cfg.head_dim))
             edit.set_weight_matrix(o, fold.head_mix_input(o.matrix(), R_dh, R_nh, cfg.num_heads))
             if cfg.num_heads > 1:
-                edit.insert_kron_rotation(
-                    model.graph, o.node, 0, [R_nh, None], [cfg.num_heads, cfg.head_dim], dtype,
-                    f"layers.{layer.index}.o_proj/head_mix",
-                )
-        return ir.passes.PassResult(model, modified=True)
-
-
-def _kron_dense(factors: list[np.ndarray]) -> np.ndarray:
-    out = np.ones((1, 1))
-    for f in factors:
-        out = np.kron(out, f)
-    return out
+                edit.rotate_value_online(model.graph, o.input, [R_nh, None], s.dtype, f"layers.{layer.index}.o_proj/head_mix",
+                                         sizes=[cfg.num_heads, cfg.head_dim])
+        return True

@@ -17,7 +17,8 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
 from onnxqf import edit
-from onnxqf.recognize import const_array
+from onnxqf.passes.base import RewritePass, logger
+from onnxqf.structure import const_array
 
 Sym = list  # list of int | str
 
@@ -162,12 +163,16 @@ def _broadcast(x_dims: list | None, target: Sym) -> list | None:
     return out
 
 
-class SimplifyShapesPass(ir.passes.InPlacePass):
-    def __init__(self):
-        super().__init__()
-        self.replaced = 0
+class SimplifyShapesPass(RewritePass):
+    """Computed Reshape/Expand shapes become constants; Reshape-Transpose-Reshape one Transpose; Range a CumSum.
 
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
+    Rules: a shape is replaced only when the symbolic evaluator proves the constant (with 0 = copy
+    and -1 = infer) gives the same result for every batch and sequence length. Modified: when at
+    least one shape was replaced (the count is logged).
+    """
+
+    def apply(self, model: ir.Model) -> bool:
+        self.replaced = 0
         graph = model.graph
         ev = _Evaluator()
         for node in list(graph):
@@ -192,7 +197,9 @@ class SimplifyShapesPass(ir.passes.InPlacePass):
             elif node.op_type == "Range" and node.domain == "":
                 self._range_as_cumsum(graph, node, ev)
         common_passes.RemoveUnusedNodesPass()(model)
-        return ir.passes.PassResult(model, modified=self.replaced > 0)
+        if self.replaced:
+            logger.info("replaced %d computed shapes by constants", self.replaced)
+        return self.replaced > 0
 
     def _expand_to_input_shape(self, graph, node, target) -> None:
         """Expand to a shape that broadcasts like a graph input's: use Shape(input) instead."""

@@ -1,15 +1,4 @@
-"""Channel-wise scaling (SmoothQuant) folded into the producer of each activation.
-
-``x <- x / s`` and ``B <- diag(s) B`` per input channel, where ``1/s`` folds into:
-- the RMSNorm scale before q/k/v (``attn_in``) and before gate/up (``mlp_in``);
-- v_proj's output columns for o_proj's input (``o_in``; tied across the heads of a KV group);
-- up_proj's output columns for down_proj's input (``down_in``: ``act(gate) * up`` is linear in up).
-
-Scales come from calibration statistics captured on this model state (see onnxqf.calibrate).
-For the hybrid, only ``o_in`` and ``down_in`` are smoothed here (then rotated): the residual-stream
-sites cannot be scaled before a folded residual rotation, because the norm's scale would act in
-the rotated basis.
-"""
+"""Channel-wise scaling (SmoothQuant), tuned against the plan's rotations and folded into producers."""
 
 from __future__ import annotations
 
@@ -19,62 +8,75 @@ import onnx_ir as ir
 from onnxqf import edit, fold, smoothing
 from onnxqf.calibrate import SiteStats
 from onnxqf.errors import OnnxqfError
+from onnxqf.passes.base import RewritePass
+from onnxqf.plan import Plan
 from onnxqf.recognize import recognize
-from onnxqf.hadamard import rotation
-from onnxqf.passes.fold_norms import private_gamma  # noqa: E402
-
-ALL_SITES = ("attn_in", "mlp_in", "o_in", "down_in")
+from onnxqf.report import SiteChoice
+from onnxqf.structure import read
 
 
-class SmoothPass(ir.passes.InPlacePass):
-    """Fold calibrated smoothing scales; records the alpha chosen per site in ``self.alphas``."""
+class SmoothPass(RewritePass):
+    """``x <- x / s`` and ``B <- diag(s) B`` at each of the plan's smoothed sites.
 
-    def __init__(self, stats: dict[str, SiteStats], alpha: float | str = "auto", sites=ALL_SITES,
-                 search_rotation: bool = False, seed: int = 0):
-        super().__init__()
+    Rules: ``1/s`` folds into the site's producer (:class:`onnxqf.structure.Site`): the norm's γ
+    (attention and MLP inputs), v_proj's output columns (o_proj's input; scales tied across the
+    query heads of a KV group), or up_proj's output columns (down_proj's input). Exact in float.
+    With ``alpha="auto"`` each site gets the α (or no smoothing) whose W8A8 layer error, measured on
+    the calibration sample *after the plan's rotation of that site*, with the readers' weights as
+    they will be written (:meth:`Plan.reader_output`), is lowest; the choice and its predicted error
+    go to ``report.sites``. ``requires``: statistics for every smoothed site, and
+    for γ-folded sites a norm with a scale.
+
+    Attributes:
+        plan: which sites to smooth and the rotations that follow; stats: calibration statistics by
+        site name; alpha: a number in [0, 1] or "auto".
+    """
+
+    def __init__(self, plan: Plan, stats: dict[str, SiteStats], alpha: float | str = "auto", report=None):
+        super().__init__(report)
         if alpha != "auto" and not (0.0 <= float(alpha) <= 1.0):
             raise OnnxqfError(f"--alpha must be in [0, 1] or 'auto', not {alpha}")
-        self.stats, self.alpha, self.sites = stats, alpha, tuple(sites)
-        self.search_rotation, self.seed = search_rotation, seed
-        self.alphas: dict[str, float | None] = {}
+        self.plan, self.stats, self.alpha = plan, stats, alpha
 
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
+    def requires(self, model: ir.Model) -> None:
+        for site in recognize(model).sites(self.plan.smooth):
+            if site.name not in self.stats:
+                raise OnnxqfError(f"no calibration statistics for {site.name}")
+            if site.fold_norm is not None and site.fold_norm.gamma is None:
+                raise OnnxqfError(f"{site.name}: the norm has no scale to fold smoothing into")
+
+    def apply(self, model: ir.Model) -> bool:
         s = recognize(model)
         edit.prepare_linears(model.graph, s)
         cfg = s.config
-        groups = (cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads, cfg.head_dim)
-        rot = {}
-        if self.search_rotation:  # score candidates as they will be quantized: smoothed, then rotated
-            rng = np.random.default_rng(self.seed)
-            rot = {"o_in": rotation(cfg.num_heads * cfg.head_dim, rng).matrix(), "down_in": rotation(cfg.intermediate, rng).matrix()}
-        for layer in s.layers:
-            for site in self.sites:
-                key = f"layers.{layer.index}.{site}"
-                if key not in self.stats:
-                    raise OnnxqfError(f"no calibration statistics for {key}")
-                st = self.stats[key]
-                readers = {"attn_in": [layer.q, layer.k, layer.v], "mlp_in": [layer.gate, layer.up],
-                           "o_in": [layer.o], "down_in": [layer.down]}[site]
-                B = np.concatenate([lin.matrix() for lin in readers], axis=1)
-                scale, used = smoothing.choose_scales(
-                    st.sample, st.stats.absmax, B, self.alpha, groups if site == "o_in" else None, rot.get(site)
-                )
-                self.alphas[key] = used
-                if used is None:
-                    continue
-                for lin in readers:
-                    edit.set_weight_matrix(lin, fold.scale_rows(lin.matrix(), scale))
-                inv = 1.0 / scale
-                if site in ("attn_in", "mlp_in"):
-                    norm = layer.attn_norm if site == "attn_in" else layer.mlp_norm
-                    if norm.gamma is None:
-                        raise OnnxqfError(f"layer {layer.index}: the norm has no scale to fold smoothing into")
-                    private_gamma(model.graph, norm)
-                    edit.write(norm.gamma, read(norm.gamma) * inv)
-                else:
-                    producer = layer.v if site == "o_in" else layer.up
-                    col = smoothing.kv_scales(inv, groups) if site == "o_in" else inv
-                    edit.set_weight_matrix(producer, fold.scale_cols(producer.matrix(), col))
-                    if producer.bias is not None:
-                        edit.set_bias_vector(producer, producer.bias_vector() * col)
-        return ir.passes.PassResult(model, modified=True)
+        rotations = {kind: self.plan.site_rotation(kind, cfg) for kind in self.plan.smooth}
+        modified = False
+        # o_in and down_in first: their scales fold into v_proj's and up_proj's columns, which the
+        # attention and MLP inputs' searches must then see as written
+        order = [k for k in ("o_in", "down_in", "attn_in", "mlp_in") if k in self.plan.smooth]
+        for site in (layer.site(kind) for layer in s.layers for kind in order):
+            st = self.stats[site.name]
+            B = np.concatenate([self.plan.reader_output(lin.role, lin.matrix(), cfg) for lin in site.readers], axis=1)
+            choice = smoothing.choose_scales(st.sample, st.stats.absmax, B, self.alpha, site.kv_groups, rotations[site.kind])
+            self.report.sites[site.name] = SiteChoice(choice.alpha, choice.predicted, choice.unsmoothed)
+            if choice.alpha is None:
+                continue
+            fold_scales(model.graph, site, choice.scales)
+            modified = True
+        return modified
+
+
+def fold_scales(graph: ir.Graph, site, scale: np.ndarray) -> None:
+    """Apply ``x <- x / s`` at ``site`` exactly: readers' rows times s, 1/s into the producer."""
+    for lin in site.readers:
+        edit.set_weight_matrix(lin, fold.scale_rows(lin.matrix(), scale))
+    inv = 1.0 / scale
+    if site.fold_norm is not None:
+        edit.private_gamma(graph, site.fold_norm)
+        edit.write(site.fold_norm.gamma, read(site.fold_norm.gamma) * inv)
+        return
+    producer = site.fold_linear
+    col = smoothing.kv_scales(inv, site.kv_groups) if site.kv_groups is not None else inv
+    edit.set_weight_matrix(producer, fold.scale_cols(producer.matrix(), col))
+    if producer.bias is not None:
+        edit.set_bias_vector(producer, producer.bias_vector() * col)

@@ -1,4 +1,9 @@
-"""Shared fixtures: tiny exported models (made once per session) and token ids of real text."""
+"""Shared fixtures: tiny exported models (made once per session) and token ids of real text.
+
+The text is onnxqf's own built-in calibration text (English prose shipped in the package), read as
+bytes: the tiny models have a 512-token vocabulary. So every test runs the same on a fresh clone;
+the WikiText data in ../shared is for the benchmark scripts only.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-WIKITEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
 TINY_NAMES = ["llama-gqa", "llama-tied", "qwen2-bias", "llama-odd"]
 
 
@@ -42,10 +46,10 @@ def tiny_fp16(tiny_dir) -> Path:
 
 @pytest.fixture(scope="session")
 def text_ids() -> np.ndarray:
-    """Real text (WikiText-2 test) as byte-level token ids (the tiny models have a 512 vocabulary)."""
-    if not WIKITEXT.is_file():
-        pytest.skip(f"real text not available ({WIKITEXT} is absent; it lives in the project's shared/data)")
-    data = WIKITEXT.read_bytes()[:200_000]
+    """Real English text (the built-in calibration text, ~16k bytes) as byte-level token ids."""
+    from importlib import resources
+
+    data = resources.files("onnxqf").joinpath("data/calib.txt").read_bytes()
     return np.frombuffer(data, np.uint8).astype(np.int64)
 
 

@@ -64,7 +64,7 @@ def test_fused_norm_ops_are_recognized_and_rotated(tiny_models, text_ids, tmp_pa
     ids = text_ids[:256].reshape(2, 128)
     ref = run_logits(fused, ids)
     m = load_model(fused)
-    rewrite(m, RewriteOptions(rotate=True, quant="none", progress=False))
+    rewrite(m, RewriteOptions(transform="rotate", quant="none", progress=False))
     out = save_model(m, tmp_path / "rot.onnx", check=False)
     new = run_logits(out, ids)
     assert np.abs(new - ref).max() <= 1e-3 * np.abs(ref).max()

@@ -5,12 +5,13 @@ from __future__ import annotations
 import math
 
 import numpy as np
+
+from onnxqf.fold import kron_apply
 import pytest
 
 from onnxqf.hadamard import (
     NoHadamardError,
     Rotation,
-    apply_factors,
     hadamard_factors,
     hadamard_matrix,
     has_hadamard,
@@ -144,23 +145,23 @@ def test_apply_factors_matches_dense(n):
     rng = np.random.default_rng(0)
     x = rng.standard_normal((3, 2, n))
     fs = hadamard_factors(n, max_factor=4)
-    np.testing.assert_allclose(apply_factors(x, fs), x @ _kron(fs), atol=1e-10)
+    np.testing.assert_allclose(kron_apply(x, fs), x @ _kron(fs), atol=1e-10)
 
 
 def test_apply_factors_generic_and_large():
     rng = np.random.default_rng(1)
     fs = [rng.standard_normal((k, k)) for k in (3, 5, 2)]
     x = rng.standard_normal((4, 30))
-    np.testing.assert_allclose(apply_factors(x, fs), x @ _kron(fs), atol=1e-10)
+    np.testing.assert_allclose(kron_apply(x, fs), x @ _kron(fs), atol=1e-10)
     # 13824 without the dense matrix: norm preserved, matches an explicit two-step product.
     fs = hadamard_factors(13824)
     x = rng.standard_normal((2, 13824))
-    y = apply_factors(x, fs)
+    y = kron_apply(x, fs)
     np.testing.assert_allclose(np.linalg.norm(y, axis=-1), np.linalg.norm(x, axis=-1))
     z = (x.reshape(2, 108, 128).transpose(0, 2, 1) @ fs[0]).transpose(0, 2, 1) @ (hadamard_matrix(128) / math.sqrt(128))
     np.testing.assert_allclose(y, z.reshape(2, 13824), atol=1e-10)
     with pytest.raises(ValueError):
-        apply_factors(x[:, :100], fs)
+        kron_apply(x[:, :100], fs)
 
 
 def test_random_orthogonal():

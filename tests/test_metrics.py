@@ -70,19 +70,19 @@ def test_channel_stats_errors():
 # ----------------------------------------------------------------- layer error
 
 
-def test_layer_quant_error_hand_examples():
+def test_layer_error_hand_examples():
     # 2 bits -> qmax 1. X row [1, 0.4] -> Q(X) = [1, 0]; B = [[1], [1]] is exact.
-    # X @ B = 1.4, Q(X) @ Q(B) = 1 -> squared error 0.16.
+    # X @ B = 1.4, Q(X) @ Q(B) = 1 -> squared error 0.16, reference 1.96.
     X = np.array([[1.0, 0.4]])
     B = np.array([[1.0], [1.0]])
-    assert metrics.layer_quant_error(X, B, bits=2) == pytest.approx(0.16)
+    assert metrics.layer_error(X, B, bits=2) == pytest.approx((0.16, 1.96))
     # Values exactly on the int8 grid (row max 127, column max 127, integers) -> zero error.
     X = np.array([[127.0, -3.0, 5.0], [1.0, 127.0, 0.0]])
     B = np.array([[127.0, 2.0], [-4.0, 127.0], [0.0, -127.0]])
-    assert metrics.layer_quant_error(X, B) == 0.0
+    assert metrics.layer_error(X, B)[0] == 0.0
 
 
-def test_layer_quant_error_matches_formula_and_streams():
+def test_layer_error_matches_formula_and_adds_over_chunks():
     rng = np.random.default_rng(1)
     X = rng.standard_normal((77, 32)).astype(np.float32)
     X[:, 2] *= 40
@@ -91,17 +91,14 @@ def test_layer_quant_error_matches_formula_and_streams():
         Xq = qmath.fake_quant_per_token(X, 8)
         Bq = qmath.fake_quant_weight(B, 8, clip_search=clip)
         ref = float(((X.astype(np.float64) @ B - Xq @ Bq) ** 2).sum())
-        one = metrics.layer_quant_error(X, B, bits=8, clip_search=clip)
+        one, total = metrics.layer_error(X, B, bits=8, clip_search=clip)
         assert one == pytest.approx(ref, rel=1e-12)
-        for bounds in ([0, 77], [0, 1, 2, 77], [0, 30, 60, 77]):
-            acc = metrics.QuantErrorAccumulator(B, bits=8, clip_search=clip)
-            for a, b in zip(bounds[:-1], bounds[1:]):
-                acc.update(X[a:b])
-            assert acc.value == pytest.approx(ref, rel=1e-12)
-            assert acc.count == 77
-            assert 0 < acc.relative < 1e-2
+        assert 0 < one / total < 1e-2
+        for bounds in ([0, 1, 2, 77], [0, 30, 60, 77]):  # per-token quantization: chunks add up
+            parts = [metrics.layer_error(X[a:b], B, bits=8, Bq=Bq)[0] for a, b in zip(bounds[:-1], bounds[1:])]
+            assert sum(parts) == pytest.approx(ref, rel=1e-12)
     # fewer bits -> larger error
-    assert metrics.layer_quant_error(X, B, bits=4) > metrics.layer_quant_error(X, B, bits=8)
+    assert metrics.layer_error(X, B, bits=4)[0] > metrics.layer_error(X, B, bits=8)[0]
 
 
 # ----------------------------------------------------------------- logits

@@ -65,25 +65,25 @@ def test_rotation_lowers_quantization_error(tiny_models, text_ids, tmp_path):
     ids = text_ids[:512].reshape(4, 128)
     ref = run_logits(tiny_models["llama-gqa"], ids)
     _, plain = quantized(tiny_models["llama-gqa"], tmp_path / "a", act_quant="tensor")
-    _, rotated = quantized(tiny_models["llama-gqa"], tmp_path / "b", act_quant="tensor", rotate=True)
+    _, rotated = quantized(tiny_models["llama-gqa"], tmp_path / "b", act_quant="tensor", transform="rotate")
     assert kl_per_token(ref, run_logits(rotated, ids)) < kl_per_token(ref, run_logits(plain, ids))
 
 
-@pytest.mark.parametrize("preset", [dict(smooth=True), dict(hybrid=True)])
+@pytest.mark.parametrize("preset", [dict(transform="smooth"), dict(transform="hybrid"), dict(transform="hybrid-folded")])
 def test_smooth_and_hybrid_with_calibration(tiny_models, ids_file, text_ids, tmp_path, preset):
     model = load_model(tiny_models["qwen2-bias"])
     report = rewrite(model, RewriteOptions(progress=False, calib=str(ids_file), calib_windows=4, calib_seq=128, **preset))
     out = save_model(model, tmp_path / "q.onnx")
-    assert report["calibration"]["windows"] == 4
-    assert report["alphas"]  # an alpha (or None = no smoothing) per site
-    assert report["weight_rounding"] == {"gptq": 14}
+    assert report.calibration["windows"] == 4
+    assert report.alphas  # an alpha (or None = no smoothing) per smoothed site
+    assert list(report.rounding.values()) == ["gptq"] * 14
     ids = text_ids[1024:1280].reshape(2, 128)
     assert kl_per_token(run_logits(tiny_models["qwen2-bias"], ids), run_logits(out, ids)) < 1e-3
 
 
 def test_smoothing_alone_is_function_preserving(tiny_models, ids_file, text_ids, tmp_path):
     model = load_model(tiny_models["llama-gqa"])
-    rewrite(model, RewriteOptions(smooth=True, quant="none", alpha=0.5, progress=False, calib=str(ids_file), calib_windows=2, calib_seq=128))
+    rewrite(model, RewriteOptions(transform="smooth", quant="none", alpha=0.5, progress=False, calib=str(ids_file), calib_windows=2, calib_seq=128))
     out = save_model(model, tmp_path / "s.onnx")
     ids = text_ids[:256].reshape(2, 128)
     ref, new = run_logits(tiny_models["llama-gqa"], ids), run_logits(out, ids)
@@ -92,7 +92,7 @@ def test_smoothing_alone_is_function_preserving(tiny_models, ids_file, text_ids,
 
 def test_hybrid_float_is_function_preserving(tiny_models, ids_file, text_ids, tmp_path):
     model = load_model(tiny_models["llama-odd"])
-    rewrite(model, RewriteOptions(hybrid=True, quant="none", progress=False, calib=str(ids_file), calib_windows=2, calib_seq=128))
+    rewrite(model, RewriteOptions(transform="hybrid", quant="none", progress=False, calib=str(ids_file), calib_windows=2, calib_seq=128))
     out = save_model(model, tmp_path / "h.onnx")
     ids = text_ids[:256].reshape(2, 128)
     ref, new = run_logits(tiny_models["llama-odd"], ids), run_logits(out, ids)
@@ -101,7 +101,7 @@ def test_hybrid_float_is_function_preserving(tiny_models, ids_file, text_ids, tm
 
 
 def test_float16_quantized(tiny_fp16, text_ids, tmp_path):
-    model, out = quantized(tiny_fp16, tmp_path, rotate=True)
+    model, out = quantized(tiny_fp16, tmp_path, transform="rotate")
     assert static_issues(model) == []
     ids = text_ids[:128].reshape(1, 128)
     ref = run_logits(tiny_fp16, ids).astype(np.float32)
@@ -116,7 +116,7 @@ def test_gptq_lowers_kl_against_rtn(tiny_models, ids_file, text_ids, tmp_path):
     kls = {}
     for rounding in ("rtn", "gptq"):
         model = load_model(tiny_models["llama-gqa"])
-        rewrite(model, RewriteOptions(rotate=True, weight_rounding=rounding, progress=False, calib=str(ids_file),
+        rewrite(model, RewriteOptions(transform="rotate", weight_rounding=rounding, progress=False, calib=str(ids_file),
                                       calib_windows=16, calib_seq=128))
         kls[rounding] = kl_per_token(ref, run_logits(save_model(model, tmp_path / f"{rounding}.onnx"), ids))
     assert kls["gptq"] < kls["rtn"]

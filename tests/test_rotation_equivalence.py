@@ -9,17 +9,30 @@ from onnxqf.recognize import recognize
 from onnxqf.modelfile import load_model, save_model
 from onnxqf.passes.fold_norms import FoldNormsPass
 from onnxqf.passes.online_hadamard import DownProjHadamardPass
+from onnxqf.passes.rotate_norm_outputs import NormOutputHadamardPass
 from onnxqf.passes.rotate_residual import RotateResidualPass
 from onnxqf.passes.rotate_vo import ValueOutputRotationPass
 from onnxqf.pipeline import RewriteOptions, rewrite
+from onnxqf.plan import Plan
 
 PASS_SETS = {
     "fold": [FoldNormsPass],
     "residual": [FoldNormsPass, RotateResidualPass],
+    "norm_out": [NormOutputHadamardPass],  # exact for any γ: no folding needed
     "down": [FoldNormsPass, DownProjHadamardPass],
     "vo": [FoldNormsPass, ValueOutputRotationPass],
     "all": [FoldNormsPass, RotateResidualPass, DownProjHadamardPass, ValueOutputRotationPass],
+    "hybrid": [FoldNormsPass, NormOutputHadamardPass, DownProjHadamardPass, ValueOutputRotationPass],
 }
+
+
+def make_pass(cls, model):
+    """A pass with its rotation(s) from the plan that the presets use."""
+    plan = Plan.build(recognize(model).config, "rotate", seed=0)
+    hybrid = Plan.build(recognize(model).config, "hybrid", seed=0)
+    return {FoldNormsPass: lambda: cls(), RotateResidualPass: lambda: cls(plan.residual),
+            NormOutputHadamardPass: lambda: cls(hybrid.norm_out), DownProjHadamardPass: lambda: cls(plan.down),
+            ValueOutputRotationPass: lambda: cls(plan.head, plan.heads)}[cls]()
 
 
 def windows(text_ids, n=2, length=128):
@@ -37,7 +50,7 @@ def assert_equivalent(orig, new, ids):
 def test_passes_preserve_logits(tiny_models, text_ids, tmp_path, name, passes):
     model = load_model(tiny_models[name])
     for p in PASS_SETS[passes]:
-        p()(model)
+        make_pass(p, model)(model)
     out = save_model(model, tmp_path / "rot.onnx")
     onnx.checker.check_model(str(out), full_check=True)
     assert_equivalent(tiny_models[name], out, windows(text_ids))
@@ -47,16 +60,15 @@ def test_passes_preserve_logits(tiny_models, text_ids, tmp_path, name, passes):
 def test_rotate_preset_changes_weights_and_keeps_function(tiny_models, text_ids, tmp_path, name):
     orig = load_model(tiny_models[name])
     model = load_model(tiny_models[name])
-    report = rewrite(model, RewriteOptions(rotate=True, quant="none", progress=False))
+    report = rewrite(model, RewriteOptions(transform="rotate", quant="none", progress=False))
     out = save_model(model, tmp_path / "rot.onnx")
     assert_equivalent(tiny_models[name], out, windows(text_ids))
     # really rotated: the first q_proj weight differs substantially
-    from onnxqf.edit import weight_matrix
-
-    a = weight_matrix(recognize(orig).layers[0].q)
-    b = weight_matrix(recognize(model).layers[0].q)
+    a = recognize(orig).layers[0].q.matrix()
+    b = recognize(model).layers[0].q.matrix()
     assert np.abs(a - b).max() > 0.1 * np.abs(a).max()
-    assert [p["pass"] for p in report["passes"]] == ["FoldNormsPass", "RotateResidualPass", "DownProjHadamardPass", "ValueOutputRotationPass"]
+    assert [p.name for p in report.passes] == ["SimplifyShapesPass", "FoldNormsPass", "RotateResidualPass",
+                                                "DownProjHadamardPass", "ValueOutputRotationPass"]
 
 
 def test_rotation_reduces_activation_outliers(tiny_models, text_ids):
@@ -65,13 +77,13 @@ def test_rotation_reduces_activation_outliers(tiny_models, text_ids):
 
     wins = windows(text_ids, 1, 128)
     def maxima(model):
-        vals = {k: v for k, v in site_values(recognize(model)).items() if k.endswith("down_in")}
+        vals = site_values(recognize(model), ("down_in",))
         acts = next(capture(model, vals, wins, progress=False))
         return np.array([np.abs(acts[k]).max() / np.sqrt(np.mean(acts[k] ** 2)) for k in sorted(acts)])
 
     before = maxima(load_model(tiny_models["llama-gqa"]))
     model = load_model(tiny_models["llama-gqa"])
-    rewrite(model, RewriteOptions(rotate=True, quant="none", progress=False))
+    rewrite(model, RewriteOptions(transform="rotate", quant="none", progress=False))
     after = maxima(model)
     assert np.all(after < before)
 
@@ -88,9 +100,28 @@ def test_tied_embedding_is_untied_and_table_rotated(tiny_models):
 
 def test_fp16_rotation(tiny_fp16, text_ids, tmp_path):
     model = load_model(tiny_fp16)
-    rewrite(model, RewriteOptions(rotate=True, quant="none", progress=False))
+    rewrite(model, RewriteOptions(transform="rotate", quant="none", progress=False))
     out = save_model(model, tmp_path / "rot16.onnx")
     ids = windows(text_ids, 1, 64)
     ref, new = run_logits(tiny_fp16, ids).astype(np.float32), run_logits(out, ids).astype(np.float32)
     # float16 arithmetic: the fold is done in float64, so only fp16 rounding differs
     assert np.abs(new - ref).max() <= 2e-2 * np.abs(ref).max()
+
+
+@pytest.mark.parametrize("name", TINY_NAMES)
+def test_full_hybrid_float_is_exact(tiny_models, text_ids, tmp_path, name):
+    """Smoothing at all four sites, online Hadamards after the norms: the float graph is unchanged."""
+    model = load_model(tiny_models[name])
+    report = rewrite(model, RewriteOptions(transform="hybrid", quant="none", alpha=0.5, progress=False,
+                                           calib="builtin", calib_windows=1, calib_seq=64), tokenizer=_ByteTokenizer())
+    assert set(report.rotations) == {"norm_out", "down", "head", "heads"}
+    assert len(report.sites) == 4 * len(recognize(model).layers)
+    out = save_model(model, tmp_path / "hybrid.onnx")
+    assert_equivalent(tiny_models[name], out, windows(text_ids))
+
+
+class _ByteTokenizer:
+    """Byte-level ids (< 256) for the tiny models' 512-token vocabulary."""
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": list(text.encode("utf-8"))}

@@ -1,0 +1,408 @@
+"""`onnxqf bench`: prefill and KV-cache decode speed of ONNX LLMs, against a reference in the same run.
+
+Two graph layouts are understood:
+
+* **plain** (what ``onnxqf export`` writes): ``input_ids -> logits``, no cache. Decode is reported as
+  "n/a (no KV cache)".
+* **KV cache**, the onnxruntime-genai layout: inputs ``input_ids``, ``attention_mask``, optional
+  ``position_ids``, ``past_key_values.N.key|value`` ``[batch, kv_heads, past, head_dim]``; outputs
+  ``logits``, ``present.N.key|value``.
+
+Method. Every input and output is bound with IOBinding on the provider's device (``cuda`` or
+``cpu``), so no host copies are timed. **Prefill** is one forward of ``batch x seq`` tokens (an empty
+past for KV-cache graphs). **Decode** starts from a past of length P (random values of the cache's
+dtype, already on the device), then runs one token at a time, binding each step's ``present`` outputs
+(still on the device) as the next step's ``past`` inputs, for ``decode_tokens`` steps; its speed is
+``batch * decode_tokens / elapsed`` tokens/s. Each measurement is ``warmup`` untimed runs, then
+``repeats`` timed ones, reported as median, min, max and interquartile range. Timing is
+``time.perf_counter`` around ``run_with_iobinding``: with ONNX Runtime's default run options the
+provider's stream is synchronized before ``run`` returns, and ``synchronize_outputs`` is called
+before the clock stops as well. Models are loaded and measured one after another (one session in
+memory at a time); the reference is measured first.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from onnxqf.errors import BadModelFileError, OnnxqfError, ProviderUnavailableError
+
+PAST_RE = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
+DEVICE = {"cpu": "cpu", "cuda": "cuda"}
+
+
+@dataclass
+class ModelIO:
+    """What bench needs to know about a model's inputs and outputs (read from the graph, no weights)."""
+
+    path: str
+    ids: str = "input_ids"
+    logits: str = "logits"
+    mask: str | None = None
+    positions: str | None = None
+    cache: list[tuple[str, str]] = field(default_factory=list)  # (past input, present output)
+    cache_dtype: np.dtype | None = None
+    kv_heads: int | None = None
+    head_dim: int | None = None
+    vocab: int | None = None
+    int_types: dict[str, np.dtype] = field(default_factory=dict)  # ids / mask / positions
+
+    @property
+    def has_cache(self) -> bool:
+        return bool(self.cache)
+
+
+def describe(path: str | os.PathLike) -> ModelIO:
+    """Read the graph's inputs and outputs (external data is not loaded) and check bench can drive them."""
+    import onnx
+    from onnx import helper
+
+    from onnxqf.genai import genai_dir, model_file, read_genai
+
+    p = Path(path)
+    if p.is_dir() and genai_dir(p) is not None:
+        p = model_file(p)  # an onnxruntime-genai folder: its decoder graph
+    if not p.is_file():
+        raise OnnxqfError(f"{p}: no such file")
+    try:
+        proto = onnx.load(str(p), load_external_data=False)
+    except Exception as exc:
+        raise BadModelFileError(f"{p}: not a readable ONNX model ({str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__})") from None
+    graph = proto.graph
+    inits = {t.name for t in graph.initializer}
+    inputs = {i.name: i for i in graph.input if i.name not in inits}
+    outputs = {o.name: o for o in graph.output}
+    if "logits" not in outputs:
+        raise OnnxqfError(f"{p}: no 'logits' output (outputs: {', '.join(outputs) or 'none'}); bench measures LLM graphs "
+                          "input_ids -> logits")
+    if "input_ids" not in inputs:
+        raise OnnxqfError(f"{p}: no 'input_ids' input (inputs: {', '.join(inputs) or 'none'})")
+    io = ModelIO(path=str(p))
+    io.vocab = _static_dim(outputs["logits"], -1)
+
+    def elem(v) -> np.dtype:
+        return np.dtype(helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type))
+
+    io.int_types["input_ids"] = elem(inputs["input_ids"])
+    for name, value in inputs.items():
+        if name == "input_ids":
+            continue
+        if name == "attention_mask":
+            io.mask = name
+            io.int_types[name] = elem(value)
+        elif name == "position_ids":
+            io.positions = name
+            io.int_types[name] = elem(value)
+        elif (m := PAST_RE.match(name)) is not None:
+            present = f"present.{m.group(1)}.{m.group(2)}"
+            if present not in outputs:
+                raise OnnxqfError(f"{p}: input '{name}' has no matching output '{present}'")
+            heads, head_dim = _static_dim(value, 1), _static_dim(value, 3)
+            if (not heads or not head_dim) and genai_dir(p) is not None:  # genai graphs name head_dim 'kv_cache_dim'
+                folder = read_genai(p, check_attention=False)
+                heads, head_dim = heads or folder.kv_heads, head_dim or folder.head_size
+            if _rank(value) != 4 or not heads or not head_dim:
+                raise OnnxqfError(f"{p}: '{name}' must be [batch, kv_heads, past, head_dim] with static kv_heads and "
+                                  "head_dim (or a genai_config.json beside the graph that gives them)")
+            if io.cache and (elem(value) != io.cache_dtype or (heads, head_dim) != (io.kv_heads, io.head_dim)):
+                raise OnnxqfError(f"{p}: '{name}' differs in dtype or shape from the other cache inputs")
+            io.cache.append((name, present))
+            io.cache_dtype, io.kv_heads, io.head_dim = elem(value), heads, head_dim
+        else:
+            raise OnnxqfError(f"{p}: unsupported input '{name}' (bench drives input_ids, attention_mask, position_ids "
+                              "and past_key_values.N.key|value)")
+    if io.cache and io.mask is None:
+        raise OnnxqfError(f"{p}: a KV-cache graph needs an attention_mask input")
+    io.cache.sort(key=lambda c: (int(PAST_RE.match(c[0]).group(1)), c[0]))
+    return io
+
+
+def _rank(value) -> int:
+    return len(value.type.tensor_type.shape.dim)
+
+
+def _static_dim(value, axis: int) -> int | None:
+    dims = value.type.tensor_type.shape.dim
+    if not dims or not -len(dims) <= axis < len(dims):
+        return None
+    d = dims[axis]
+    return int(d.dim_value) if d.HasField("dim_value") and d.dim_value > 0 else None
+
+
+# -- inputs ---------------------------------------------------------------------------------------
+
+
+def _ortvalue(rt, array: np.ndarray, device: str):
+    array = np.ascontiguousarray(array)
+    try:
+        return rt.OrtValue.ortvalue_from_numpy(array, device, 0)
+    except Exception:
+        if array.size == 0:  # an empty past: nothing to copy, so the host holds it
+            return rt.OrtValue.ortvalue_from_numpy(array, "cpu", 0)
+        raise
+
+
+def _ids(io: ModelIO, rng: np.random.Generator, batch: int, seq: int) -> np.ndarray:
+    high = min(io.vocab or 100, 1000)
+    return rng.integers(0, high, (batch, seq)).astype(io.int_types[io.ids])
+
+
+def _past_arrays(io: ModelIO, rng: np.random.Generator, batch: int, past: int) -> np.ndarray:
+    """One random [batch, kv_heads, past, head_dim] array (the same values serve every layer)."""
+    shape = (batch, io.kv_heads, past, io.head_dim)
+    return rng.standard_normal(shape, dtype=np.float32).astype(io.cache_dtype)
+
+
+def _run_options(rt):
+    """Quiet runs: a failing kernel becomes one OnnxqfError line, not an extra ONNX Runtime log line."""
+    ro = rt.RunOptions()
+    ro.log_severity_level = 4
+    return ro
+
+
+def _stats(values: list[float]) -> dict:
+    a = np.asarray(values, np.float64)
+    q1, med, q3 = np.percentile(a, [25, 50, 75])
+    return {"median": float(med), "min": float(a.min()), "max": float(a.max()), "q1": float(q1), "q3": float(q3),
+            "n": int(a.size)}
+
+
+# -- measurements ---------------------------------------------------------------------------------
+
+
+def measure_prefill(session, io: ModelIO, *, device: str, batch: int, seq: int, warmup: int, repeats: int,
+                    seed: int = 0) -> list[float]:
+    """Seconds per forward of batch x seq tokens (empty past for KV-cache graphs), ``repeats`` values."""
+    from onnxqf.runtime import ort
+
+    rt = ort()
+    rng = np.random.default_rng(seed)
+    feeds = {io.ids: _ids(io, rng, batch, seq)}
+    if io.mask:
+        feeds[io.mask] = np.ones((batch, seq), io.int_types[io.mask])
+    if io.positions:
+        feeds[io.positions] = np.broadcast_to(np.arange(seq), (batch, seq)).astype(io.int_types[io.positions])
+    if io.cache:
+        empty = _past_arrays(io, rng, batch, 0)
+        feeds.update({past: empty for past, _ in io.cache})
+    values = {name: _ortvalue(rt, arr, device) for name, arr in feeds.items()}  # kept alive while bound
+    ro = _run_options(rt)
+    binding = session.io_binding()
+    for name, value in values.items():
+        binding.bind_ortvalue_input(name, value)
+    for out in [io.logits] + [present for _, present in io.cache]:
+        binding.bind_output(out, device, 0)
+    times = []
+    for i in range(warmup + repeats):
+        t = time.perf_counter()
+        session.run_with_iobinding(binding, ro)
+        binding.synchronize_outputs()
+        if i >= warmup:
+            times.append(time.perf_counter() - t)
+    return times
+
+
+def measure_decode(session, io: ModelIO, *, device: str, batch: int, past: int, tokens: int, warmup: int,
+                   repeats: int, seed: int = 0) -> list[float]:
+    """Tokens/s of a KV-cache loop of ``tokens`` steps from a random past of length ``past``, ``repeats`` values."""
+    from onnxqf.runtime import ort
+
+    if not io.cache:
+        raise OnnxqfError(f"{io.path}: no KV cache to decode with")
+    rt = ort()
+    rng = np.random.default_rng(seed)
+    start_array = _past_arrays(io, rng, batch, past)
+    start = [_ortvalue(rt, start_array, device) for _ in io.cache]
+    token = _ortvalue(rt, _ids(io, rng, batch, 1), device)
+    masks = [_ortvalue(rt, np.ones((batch, past + t + 1), io.int_types[io.mask]), device) for t in range(tokens)]
+    positions = ([_ortvalue(rt, np.full((batch, 1), past + t, io.int_types[io.positions]), device) for t in range(tokens)]
+                 if io.positions else None)
+    outputs = [io.logits] + [present for _, present in io.cache]
+    ro = _run_options(rt)
+    binding = session.io_binding()
+
+    def loop() -> float:
+        cur = start
+        t0 = time.perf_counter()
+        for t in range(tokens):
+            binding.clear_binding_inputs()
+            binding.clear_binding_outputs()
+            binding.bind_ortvalue_input(io.ids, token)
+            binding.bind_ortvalue_input(io.mask, masks[t])
+            if positions is not None:
+                binding.bind_ortvalue_input(io.positions, positions[t])
+            for (name, _), value in zip(io.cache, cur):
+                binding.bind_ortvalue_input(name, value)
+            for out in outputs:
+                binding.bind_output(out, device, 0)
+            session.run_with_iobinding(binding, ro)
+            cur = list(binding.get_outputs())[1:]  # the presents, still on the device, are the next past
+        binding.synchronize_outputs()
+        return time.perf_counter() - t0
+
+    speeds = []
+    for i in range(warmup + repeats):
+        elapsed = loop()
+        if i >= warmup:
+            speeds.append(batch * tokens / elapsed)
+    return speeds
+
+
+# -- the command ----------------------------------------------------------------------------------
+
+
+@dataclass
+class BenchOptions:
+    ep: str = "cpu"
+    batch: int = 1
+    seq: int = 512
+    past: tuple[int, ...] = (128, 512, 2048)
+    decode_tokens: int = 32
+    repeats: int = 10
+    warmup: int = 3
+    progress: bool = True
+
+
+def parse_past(text: str) -> tuple[int, ...]:
+    """'128,512,2048' -> (128, 512, 2048); '' or 'none' -> ()."""
+    text = text.strip().lower()
+    if text in ("", "none"):
+        return ()
+    try:
+        values = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise OnnxqfError(f"--past expects comma-separated lengths such as 128,512,2048, not '{text}'") from None
+    if any(v < 0 for v in values):
+        raise OnnxqfError(f"--past lengths must be >= 0, not '{text}'")
+    return values
+
+
+def check_provider(ep: str) -> str:
+    """The provider's name; ProviderUnavailableError (exit 3, as `onnxqf check`) if this onnxruntime lacks it."""
+    from onnxqf.runtime import EP_NAMES, ort
+
+    rt = ort()
+    provider = EP_NAMES.get(ep)
+    if provider is None:
+        raise OnnxqfError(f"unknown execution provider '{ep}' (use cpu or cuda)")
+    if provider not in rt.get_available_providers():
+        hint = " (install onnxruntime-gpu)" if ep == "cuda" else ""
+        raise ProviderUnavailableError(f"{provider} is not available in this onnxruntime build ({rt.__version__}){hint}")
+    return provider
+
+
+def run_bench(models: list[str], opts: BenchOptions, ref: str | None = None) -> dict:
+    """Measure ``ref`` (default: the first model) and every model; speedups are against the reference."""
+    from tqdm.auto import tqdm
+
+    from onnxqf.runtime import make_session, ort
+
+    if not models:
+        raise OnnxqfError("no model to measure")
+    if opts.batch < 1 or opts.seq < 1 or opts.repeats < 1 or opts.warmup < 0 or opts.decode_tokens < 0:
+        raise OnnxqfError("--batch, --seq and --repeats must be >= 1, --warmup and --decode-tokens >= 0")
+    paths = ([ref] if ref is not None else []) + list(models)
+    ios = [describe(p) for p in paths]  # every bad input is reported before anything is measured
+    provider = check_provider(opts.ep)
+    device = DEVICE[opts.ep]
+    pasts = list(opts.past) if opts.decode_tokens > 0 else []
+    total = sum(2 + (len(pasts) if io.has_cache else 0) for io in ios)
+    rt = ort()
+    result = {"ep": opts.ep, "provider": provider, "onnxruntime": rt.__version__, "batch": opts.batch, "seq": opts.seq,
+              "past": pasts, "decode_tokens": opts.decode_tokens, "repeats": opts.repeats, "warmup": opts.warmup,
+              "reference": paths[0], "models": []}
+    names = _names(paths)
+    with tqdm(total=total, desc="bench", unit="step", disable=not opts.progress, leave=False) as bar:
+        for i, (path, io) in enumerate(zip(paths, ios)):
+            name = names[i]
+            bar.set_description(f"{name}: loading")
+            session = make_session(io.path, ep=opts.ep)
+            bar.update(1)
+            row: dict = {"name": name, "path": str(path), "reference": i == 0, "kv_cache": io.has_cache}
+            bar.set_description(f"{name}: prefill {opts.batch}x{opts.seq}")
+            times = _guard(name, "prefill", lambda: measure_prefill(session, io, device=device, batch=opts.batch,
+                                                                     seq=opts.seq, warmup=opts.warmup, repeats=opts.repeats))
+            row["prefill_ms"] = _stats([t * 1e3 for t in times])
+            row["prefill_tokens_per_s"] = opts.batch * opts.seq / float(np.median(times))
+            bar.update(1)
+            if io.has_cache:
+                row["decode"] = {}
+                for past in pasts:
+                    bar.set_description(f"{name}: decode past {past}")
+                    speeds = _guard(name, f"decode (past {past})", lambda: measure_decode(
+                        session, io, device=device, batch=opts.batch, past=past, tokens=opts.decode_tokens,
+                        warmup=opts.warmup, repeats=opts.repeats))
+                    stats = _stats(speeds)
+                    row["decode"][str(past)] = {"tokens_per_s": stats, "ms_per_token": opts.batch * 1e3 / stats["median"]}
+                    bar.update(1)
+            else:
+                row["decode"] = None
+                row["decode_note"] = "n/a (no KV cache)"
+            result["models"].append(row)
+            del session
+            gc.collect()
+    _speedups(result)
+    return result
+
+
+def _guard(name: str, what: str, fn):
+    try:
+        return fn()
+    except OnnxqfError:
+        raise
+    except Exception as exc:
+        msg = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        raise OnnxqfError(f"{name}: onnxruntime failed during {what}: {msg}") from None
+
+
+def _names(paths: list[str]) -> list[str]:
+    stems = [Path(p).name.removesuffix(".onnx") for p in paths]
+    return [stem if stems.count(stem) == 1 else str(p) for stem, p in zip(stems, paths)]
+
+
+def _speedups(result: dict) -> None:
+    """Speed relative to the reference (> 1: faster): prefill time ratio, decode tokens/s ratio."""
+    ref = result["models"][0]
+    for row in result["models"]:
+        row["speedup"] = {"prefill": ref["prefill_ms"]["median"] / row["prefill_ms"]["median"], "decode": {}}
+        for past, d in (row["decode"] or {}).items():
+            rd = (ref["decode"] or {}).get(past)
+            row["speedup"]["decode"][past] = d["tokens_per_s"]["median"] / rd["tokens_per_s"]["median"] if rd else None
+
+
+def format_table(result: dict) -> str:
+    """A markdown table: median [min–max] per measurement, and the speedup against the reference."""
+    pasts = [str(p) for p in result["past"]]
+    head = ["model", f"prefill {result['batch']}x{result['seq']} ms", "×ref"]
+    for p in pasts:
+        head += [f"decode past {p} tok/s", "×ref"]
+    rows = []
+    for row in result["models"]:
+        pf = row["prefill_ms"]
+        cells = [row["name"] + (" (ref)" if row["reference"] else ""), f"{_num(pf['median'])} [{_num(pf['min'])}–{_num(pf['max'])}]",
+                 f"{row['speedup']['prefill']:.2f}"]
+        for p in pasts:
+            d = (row["decode"] or {}).get(p)
+            if d is None:
+                cells += [row.get("decode_note", "n/a"), ""]
+                continue
+            s = d["tokens_per_s"]
+            sp = row["speedup"]["decode"].get(p)
+            cells += [f"{_num(s['median'])} [{_num(s['min'])}–{_num(s['max'])}]", f"{sp:.2f}" if sp is not None else "n/a"]
+        rows.append(cells)
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    lines.append(f"{result['provider']}, onnxruntime {result['onnxruntime']}; median [min–max] of {result['repeats']} runs "
+                 f"after {result['warmup']} warm-up; decode: {result['decode_tokens']} tokens per run; ×ref > 1 is faster")
+    return "\n".join(lines)
+
+
+def _num(x: float) -> str:
+    return f"{x:.3g}" if abs(x) < 100 else f"{x:.0f}"

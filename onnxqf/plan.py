@@ -1,0 +1,112 @@
+"""One plan for every transform: which sites are smoothed and every rotation, drawn once from one seed.
+
+The smoothing pass tunes its scales against :meth:`Plan.site_rotation` — the exact rotation that
+the rotation passes will apply to that site — and the rotation passes apply the rotations this
+plan holds. What the α search measures is therefore what the written graph computes.
+
+Rotations (all orthogonal, ``Q = diag(signs) · kron(factors)``):
+
+- ``residual`` (hidden): folded into every weight around the residual stream (``--rotate``, and
+  the ``folded`` hybrid).
+- ``norm_out`` (hidden): the full hybrid's online Hadamard after each attention/MLP norm; its signs
+  and the smoothing scales fold into the norm's γ, its transpose into q/k/v and gate/up.
+- ``down`` (d_ff): online before every down_proj; signs fold into up_proj.
+- ``head`` (head_dim): folded into v_proj's output columns per head; ``heads`` (num_heads): an
+  online head mixing before o_proj, without signs (they could not fold into shared KV heads).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from onnxqf import fold
+from onnxqf.errors import OnnxqfError
+from onnxqf.hadamard import Rotation, rotation
+from onnxqf.structure import SITE_KINDS, ModelConfig
+
+#: the largest dense (non-Hadamard) factor an online rotation may carry; larger ones are not applied
+MAX_DENSE_ONLINE = 256
+
+#: transform presets: name -> (smoothed site kinds, residual rotation, online norm-output rotation)
+PRESETS = {
+    "none": ((), False, False),
+    "smooth": (SITE_KINDS, False, False),
+    "rotate": ((), True, False),
+    # the paper's hybrid at every linear input: smooth, then rotate (online after the norms)
+    "hybrid": (SITE_KINDS, False, True),
+    # the earlier two-site hybrid: residual rotation folded, so only o_proj/down_proj inputs smooth
+    "hybrid-folded": (("o_in", "down_in"), True, False),
+}
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Plan:
+    seed: int
+    smooth: tuple[str, ...] = ()
+    residual: Rotation | None = None
+    norm_out: Rotation | None = None
+    down: Rotation | None = None
+    head: Rotation | None = None
+    heads: Rotation | None = None
+
+    @property
+    def rotates(self) -> bool:
+        return self.head is not None
+
+    @classmethod
+    def build(cls, config: ModelConfig, preset: str, seed: int = 0) -> "Plan":
+        """Draw every rotation of ``preset`` from one generator seeded with ``seed``."""
+        if preset not in PRESETS:
+            raise OnnxqfError(f"unknown transform preset '{preset}' (one of {', '.join(PRESETS)})")
+        smooth, residual, norm_out = PRESETS[preset]
+        rotate = residual or norm_out
+        rng = np.random.default_rng(seed)
+        # drawn in a fixed order, each only when used, so a plan is a function of (config, preset, seed)
+        r_res = rotation(config.hidden, rng) if residual else None
+        r_norm = rotation(config.hidden, rng) if norm_out else None
+        r_down = rotation(config.intermediate, rng) if rotate else None
+        if r_down is not None and r_down.kind != "hadamard" and max(f.shape[0] for f in r_down.factors) > MAX_DENSE_ONLINE:
+            r_down = None  # no Hadamard construction and a dense factor too costly to run online
+        r_head = rotation(config.head_dim, rng) if rotate else None
+        r_heads = rotation(config.num_heads, rng) if rotate else None
+        return cls(seed, tuple(smooth), r_res, r_norm, r_down, r_head, r_heads)
+
+    def heads_mixing(self) -> np.ndarray:
+        """The online head mixing R_nh (no signs), num_heads x num_heads."""
+        return self.heads.mixing() if self.heads.n > 1 else np.eye(1)
+
+    def site_rotation(self, kind: str, config: ModelConfig) -> np.ndarray | None:
+        """The rotation applied to a site's (smoothed) activation in the written graph, or None."""
+        if kind not in SITE_KINDS:
+            raise ValueError(kind)
+        if kind in ("attn_in", "mlp_in"):
+            r = self.norm_out or self.residual
+            return None if r is None else r.matrix()
+        if not self.rotates:
+            return None
+        if kind == "down_in":
+            return None if self.down is None else self.down.matrix()
+        # o_in: (I ⊗ R_dh)(R_nh ⊗ I)
+        return np.kron(np.eye(config.num_heads), self.head.matrix()) @ np.kron(self.heads_mixing(), np.eye(config.head_dim))
+
+    def reader_output(self, role: str, B: np.ndarray, config: ModelConfig) -> np.ndarray:
+        """A reader's weight with the output-side folds that later rotations will apply to it.
+
+        v_proj's columns get the per-head rotation, up_proj's the down rotation's signs, and o_proj's
+        and down_proj's the residual rotation: per-output-channel quantization sees these, so the
+        α search scores a site's readers as they will be written.
+        """
+        if role == "v_proj" and self.rotates:
+            B = fold.headwise_output(B, self.head.matrix(), config.head_dim)
+        elif role == "up_proj" and self.down is not None:
+            B = fold.scale_cols(B, self.down.signs)
+        elif role in ("o_proj", "down_proj") and self.residual is not None:
+            B = fold.rotate_output(B, self.residual.matrix())
+        return B
+
+    def describe(self) -> dict[str, str]:
+        """Rotation kinds by name, for reports."""
+        names = ("residual", "norm_out", "down", "head", "heads")
+        return {n: getattr(self, n).kind for n in names if getattr(self, n) is not None}

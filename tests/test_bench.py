@@ -1,0 +1,326 @@
+"""`onnxqf bench`: prefill and KV-cache decode on the CPU with tiny graphs, and one clear line for bad input.
+
+Also runs scripts/gpu_bench.py's onnx-only sections (single-op kernels, online rotations, the
+hand-built KV-cache decoder) at tiny shapes on the CPU, so the GPU run exercises no untested path.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxqf.bench import BenchOptions, describe, format_table, parse_past, run_bench
+from onnxqf.cli import main
+from onnxqf.errors import OnnxqfError
+
+ROOT = Path(__file__).resolve().parents[1]
+VOCAB, KV_HEADS, HEAD_DIM, LAYERS = 32, 2, 4, 2
+
+
+def kv_graph(path: Path, *, positions: bool = True, broken_present: bool = False, dtype=TensorProto.FLOAT) -> Path:
+    """A tiny graph in the onnxruntime-genai layout: ids (+ positions) -> x; per layer present = Concat(past, k(x)),
+    attention of x over present with the attention_mask as a bias; logits = MatMul(out, W).
+
+    The mask bias is [B, 1, 1, T_mask] against scores [B, heads, S, T_present]: a decode loop that does not feed
+    each present back as the next past (or grows the mask wrongly) fails with a broadcast error.
+    ``broken_present`` concatenates the past twice, so decode fails at its first step.
+    """
+    rng = np.random.default_rng(0)
+    np_dtype = helper.tensor_dtype_to_np_dtype(dtype)
+    hidden = KV_HEADS * HEAD_DIM
+    inits = [
+        numpy_helper.from_array(rng.standard_normal((VOCAB, hidden)).astype(np_dtype), "embed"),
+        numpy_helper.from_array(rng.standard_normal((64, hidden)).astype(np_dtype), "pos_embed"),
+        numpy_helper.from_array(rng.standard_normal((hidden, VOCAB)).astype(np_dtype), "lm_head"),
+        numpy_helper.from_array(np.array([0, 0, KV_HEADS, HEAD_DIM], np.int64), "heads_shape"),
+        numpy_helper.from_array(np.array([0, 0, hidden], np.int64), "hidden_shape"),
+        numpy_helper.from_array(np.array([1, 2], np.int64), "axes12"),
+        numpy_helper.from_array(np.array(1.0, np_dtype), "one"),
+        numpy_helper.from_array(np.array(-1e4, np_dtype), "neg"),
+    ]
+    nodes = [helper.make_node("Gather", ["embed", "input_ids"], ["x0"])]
+    inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "seq"]),
+              helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "total"])]
+    if positions:
+        inputs.append(helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["batch", "seq"]))
+        nodes += [helper.make_node("Gather", ["pos_embed", "position_ids"], ["xp"]), helper.make_node("Add", ["x0", "xp"], ["x"])]
+    else:
+        nodes.append(helper.make_node("Identity", ["x0"], ["x"]))
+    nodes += [
+        helper.make_node("Cast", ["attention_mask"], ["maskf"], to=dtype),
+        helper.make_node("Sub", ["one", "maskf"], ["inv"]),
+        helper.make_node("Mul", ["inv", "neg"], ["bias2"]),
+        helper.make_node("Unsqueeze", ["bias2", "axes12"], ["bias"]),
+        helper.make_node("Reshape", ["x", "heads_shape"], ["xh"]),
+        helper.make_node("Transpose", ["xh"], ["q"], perm=[0, 2, 1, 3]),
+    ]
+    outputs = [helper.make_tensor_value_info("logits", dtype, ["batch", "seq", VOCAB])]
+    h = "q"
+    for i in range(LAYERS):
+        for kind in ("key", "value"):
+            past, present = f"past_key_values.{i}.{kind}", f"present.{i}.{kind}"
+            inputs.append(helper.make_tensor_value_info(past, dtype, ["batch", KV_HEADS, "past", HEAD_DIM]))
+            outputs.append(helper.make_tensor_value_info(present, dtype, ["batch", KV_HEADS, "total", HEAD_DIM]))
+            parts = [past, past, "q"] if broken_present else [past, "q"]
+            nodes.append(helper.make_node("Concat", parts, [present], axis=2))
+        nodes += [
+            helper.make_node("Transpose", [f"present.{i}.key"], [f"kt{i}"], perm=[0, 1, 3, 2]),
+            helper.make_node("MatMul", [h, f"kt{i}"], [f"s{i}"]),
+            helper.make_node("Add", [f"s{i}", "bias"], [f"sb{i}"]),
+            helper.make_node("Softmax", [f"sb{i}"], [f"p{i}"], axis=-1),
+            helper.make_node("MatMul", [f"p{i}", f"present.{i}.value"], [f"h{i}"]),
+        ]
+        h = f"h{i}"
+    nodes += [
+        helper.make_node("Transpose", [h], ["ht"], perm=[0, 2, 1, 3]),
+        helper.make_node("Reshape", ["ht", "hidden_shape"], ["hs"]),
+        helper.make_node("MatMul", ["hs", "lm_head"], ["logits"]),
+    ]
+    graph = helper.make_graph(nodes, "tiny_kv", inputs, outputs, inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=9)
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return path
+
+
+def plain_graph(path: Path, output: str = "logits") -> Path:
+    """input_ids -> Gather -> MatMul -> ``output``."""
+    rng = np.random.default_rng(1)
+    inits = [numpy_helper.from_array(rng.standard_normal((VOCAB, 8)).astype(np.float32), "embed"),
+             numpy_helper.from_array(rng.standard_normal((8, VOCAB)).astype(np.float32), "w")]
+    nodes = [helper.make_node("Gather", ["embed", "input_ids"], ["x"]), helper.make_node("MatMul", ["x", "w"], [output])]
+    graph = helper.make_graph(nodes, "plain", [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["b", "s"])],
+                              [helper.make_tensor_value_info(output, TensorProto.FLOAT, ["b", "s", VOCAB])], inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=9), str(path))
+    return path
+
+
+FAST = BenchOptions(ep="cpu", batch=2, seq=4, past=(0, 3), decode_tokens=3, repeats=2, warmup=1, progress=False)
+
+
+def one_line_error(capsys, rc: int, expected_rc: int = 2) -> str:
+    err = capsys.readouterr().err
+    lines = [l for l in err.strip().splitlines() if l.strip()]
+    assert rc == expected_rc, err
+    assert len(lines) == 1 and lines[0].startswith("onnxqf: error:"), err
+    return lines[0]
+
+
+def test_describe_kv_layout(tmp_path):
+    io = describe(kv_graph(tmp_path / "kv.onnx"))
+    assert io.has_cache and (io.kv_heads, io.head_dim, io.vocab) == (KV_HEADS, HEAD_DIM, VOCAB)
+    assert io.cache[0] == ("past_key_values.0.key", "present.0.key") and len(io.cache) == 2 * LAYERS
+    assert io.mask == "attention_mask" and io.positions == "position_ids" and io.cache_dtype == np.float32
+
+
+def test_kv_decode_loop_feeds_presents(tmp_path):
+    kv = kv_graph(tmp_path / "kv.onnx")
+    kv_nopos = kv_graph(tmp_path / "kv_nopos.onnx", positions=False)
+    r = run_bench([str(kv), str(kv_nopos)], FAST)
+    assert [m["name"] for m in r["models"]] == ["kv", "kv_nopos"] and r["models"][0]["reference"]
+    for row in r["models"]:
+        assert row["kv_cache"] and set(row["decode"]) == {"0", "3"}
+        for d in row["decode"].values():
+            s = d["tokens_per_s"]
+            assert s["n"] == 2 and 0 < s["min"] <= s["median"] <= s["max"]
+        assert row["prefill_ms"]["median"] > 0
+    assert r["models"][0]["speedup"]["prefill"] == pytest.approx(1.0)
+    assert r["models"][0]["speedup"]["decode"]["3"] == pytest.approx(1.0)
+    assert r["models"][1]["speedup"]["decode"]["3"] > 0
+    table = format_table(r)
+    assert "decode past 3 tok/s" in table and "kv (ref)" in table
+
+
+def test_kv_fp16_cache(tmp_path):
+    kv16 = kv_graph(tmp_path / "kv16.onnx", dtype=TensorProto.FLOAT16)
+    assert describe(kv16).cache_dtype == np.float16
+    r = run_bench([str(kv16)], BenchOptions(ep="cpu", seq=3, past=(2,), decode_tokens=2, repeats=1, warmup=0, progress=False))
+    assert r["models"][0]["decode"]["2"]["tokens_per_s"]["median"] > 0
+
+
+def test_plain_models_and_ref(tiny_models, tmp_path, capsys):
+    a, b = tiny_models["llama-gqa"], tiny_models["llama-tied"]
+    kv = kv_graph(tmp_path / "kv.onnx")
+    rc = main(["bench", str(b), str(kv), "--ref", str(a), "--ep", "cpu", "--seq", "8", "--past", "4", "--decode-tokens", "2",
+               "--repeats", "2", "--warmup", "1", "--json"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    r = json.loads(out)
+    assert [m["name"] for m in r["models"]] == ["llama-gqa", "llama-tied", "kv"]
+    ref, plain, withkv = r["models"]
+    assert ref["reference"] and ref["decode"] is None and ref["decode_note"] == "n/a (no KV cache)"
+    assert plain["decode"] is None and plain["speedup"]["prefill"] > 0
+    assert withkv["decode"]["4"]["tokens_per_s"]["median"] > 0
+    assert withkv["speedup"]["decode"]["4"] is None  # the reference has no cache to compare with
+    rc = main(["bench", str(a), "--ep", "cpu", "--seq", "4", "--repeats", "1", "--warmup", "0", "-q"])
+    table = capsys.readouterr().out
+    assert rc == 0 and "n/a (no KV cache)" in table and "| llama-gqa (ref) |" in table
+
+
+def test_genai_folder(tmp_path):
+    """A real onnxruntime-genai graph (GroupQueryAttention; head_dim symbolic, read from genai_config.json)."""
+    pytest.importorskip("onnxruntime_genai")
+    pytest.importorskip("transformers")
+    from test_genai import save_byte_tokenizer
+    from tiny import tiny_model
+
+    from onnxqf.models.genai_export import export_genai
+
+    model = tiny_model("llama-gqa")
+    model.save_pretrained(str(tmp_path / "hf"))
+    save_byte_tokenizer(tmp_path / "hf")
+    graph = export_genai(str(tmp_path / "hf"), tmp_path / "gen" / "model.onnx")
+    io = describe(graph.parent)  # the folder works as well as its model.onnx
+    assert io.has_cache and (io.kv_heads, io.head_dim) == (2, 16) and io.path == str(graph)
+    r = run_bench([str(graph.parent)], BenchOptions(ep="cpu", seq=8, past=(4, 16), decode_tokens=3, repeats=2, warmup=1,
+                                                    progress=False))
+    assert all(r["models"][0]["decode"][p]["tokens_per_s"]["median"] > 0 for p in ("4", "16"))
+
+
+def test_no_logits_output(tmp_path, capsys):
+    line = one_line_error(capsys, main(["bench", str(plain_graph(tmp_path / "y.onnx", output="y")), "--ep", "cpu"]))
+    assert "no 'logits' output" in line
+
+
+def test_bad_files(tmp_path, capsys):
+    bad = tmp_path / "bad.onnx"
+    bad.write_text("not a model\n" * 10)
+    assert "not a readable ONNX model" in one_line_error(capsys, main(["bench", str(bad), "--ep", "cpu"]))
+    assert "no such file" in one_line_error(capsys, main(["bench", str(tmp_path / "missing.onnx"), "--ep", "cpu"]))
+    # the reference is checked like the models, before anything is measured
+    ok = plain_graph(tmp_path / "ok.onnx")
+    assert "no such file" in one_line_error(capsys, main(["bench", str(ok), "--ref", str(tmp_path / "nope.onnx")]))
+    assert "--past" in one_line_error(capsys, main(["bench", str(ok), "--past", "12,x"]))
+
+
+def test_unsupported_inputs(tmp_path, capsys):
+    m = onnx.load(str(kv_graph(tmp_path / "kv.onnx")))
+    m.graph.output.remove(next(o for o in m.graph.output if o.name == "present.1.value"))
+    onnx.save(m, str(tmp_path / "nopresent.onnx"))
+    assert "no matching output 'present.1.value'" in one_line_error(capsys, main(["bench", str(tmp_path / "nopresent.onnx")]))
+    m = onnx.load(str(plain_graph(tmp_path / "p.onnx")))
+    m.graph.input.append(helper.make_tensor_value_info("token_type_ids", TensorProto.INT64, ["b", "s"]))
+    onnx.save(m, str(tmp_path / "extra.onnx"))
+    assert "unsupported input 'token_type_ids'" in one_line_error(capsys, main(["bench", str(tmp_path / "extra.onnx")]))
+
+
+def test_runtime_failure_is_one_line(tmp_path, capsys):
+    broken = kv_graph(tmp_path / "broken.onnx", broken_present=True)
+    line = one_line_error(capsys, main(["bench", str(broken), "--ep", "cpu", "--seq", "2", "--past", "3",
+                                        "--decode-tokens", "2", "--repeats", "1", "--warmup", "0", "-q"]))
+    assert "onnxruntime failed during decode (past 3)" in line
+
+
+def test_cuda_unavailable_exit_3(tmp_path, capsys):
+    import onnxruntime
+
+    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        pytest.skip("this onnxruntime has CUDA")
+    line = one_line_error(capsys, main(["bench", str(plain_graph(tmp_path / "p.onnx")), "--ep", "cuda"]), expected_rc=3)
+    assert "CUDAExecutionProvider is not available" in line
+
+
+def test_parse_past():
+    assert parse_past("128,512,2048") == (128, 512, 2048)
+    assert parse_past("none") == () and parse_past("") == ()
+    with pytest.raises(OnnxqfError):
+        parse_past("-1")
+
+
+def test_cli_subprocess_no_traceback(tmp_path):
+    p = subprocess.run([sys.executable, "-m", "onnxqf.cli", "bench", str(plain_graph(tmp_path / "y.onnx", output="y"))],
+                       capture_output=True, text=True)
+    assert p.returncode == 2 and "Traceback" not in p.stderr and p.stderr.startswith("onnxqf: error:")
+
+
+# -- scripts/gpu_bench.py at tiny shapes on the CPU ----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def gpu_bench():
+    spec = importlib.util.spec_from_file_location("gpu_bench", ROOT / "scripts" / "gpu_bench.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["gpu_bench"] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop("gpu_bench", None)
+
+
+def test_gpu_bench_sections_a_b_c2(gpu_bench, tmp_path, capsys):
+    assert gpu_bench.main(["--out", str(tmp_path), "--ep", "cpu", "--tiny", "--sections", "a,b,c2", "--repeats", "2"]) == 0
+    data = json.loads((tmp_path / "gpu_bench.json").read_text())
+    assert not data["errors"] and not data["skipped"]
+    cfg = gpu_bench.tiny_config()
+    variants = {r["variant"] for r in data["a_linears"]}
+    assert variants == set(gpu_bench.LINEAR_VARIANTS) - {"w8a8-ql19"}  # ql19 only when ql21 is refused
+    for r in data["a_linears"]:
+        assert r["on_provider"] and set(r["ms_per_linear"]) == {str(m) for m in cfg.ms}, r
+    assert [r["rotation"].split()[0] for r in data["b_rotations"]] == ["hadamard", "hadamard", "head", "attention"]
+    assert all(r["ms"][str(m)]["median"] > 0 for r in data["b_rotations"] for m in cfg.rot_ms)
+    shares = data["b_shares"]
+    assert len(shares) == 2 and all(0 < s["rot_full_hybrid_share_of_fp16_linears"] < 1 for s in shares)
+    rows = {r["variant"]: r for r in data["c2_decoder"]}
+    assert set(rows) == {d.name for d in gpu_bench.C2_VARIANTS}
+    assert data["c2_meta"]["method"].startswith("onnxqf.bench")
+    for name, r in rows.items():
+        assert "error" not in r and r["prefill_ms"]["median"] > 0, r
+        if r["layers"]:
+            assert set(r["decode"]) == {str(p) for p in cfg.pasts}
+        else:
+            assert r["one_token_ms"]["median"] > 0
+    md = (tmp_path / "gpu_bench.md").read_text()
+    assert "## a." in md and "## b." in md and "## c2." in md and "int4-b32 + rotate" in md
+
+
+def test_gpu_bench_graphs_run(gpu_bench, tmp_path):
+    """The variants the CPU run does not reach (opset-19 QuantizeLinear, the lean decoder with it) build and run."""
+    import onnxruntime as ort
+
+    cfg = gpu_bench.tiny_config()
+    pools = gpu_bench.Pools(1 << 16)
+    run = gpu_bench.Runner("cpu", repeats=1, warmup=0)
+    gpu_bench.build(tmp_path / "l.onnx", gpu_bench.linear_graph, "w8a8-ql19", 64, 172, 2, pools)
+    sess = ort.InferenceSession(str(tmp_path / "l.onnx"), providers=["CPUExecutionProvider"])
+    out = sess.run(None, {"x": np.ones((3, 64), np.float16)})
+    assert len(out) == 2 and out[0].shape == (3, 172) and out[0].dtype == np.float16
+    d = gpu_bench.Decoder("lean", "w8a8-lean", rot_norms=True, rot_down=True, head_mix=True)
+    _, layers = gpu_bench.build(tmp_path / "d.onnx", gpu_bench.decoder_graph, cfg, d, pools, "ql19")
+    sess, placement = run.load(tmp_path / "d.onnx")
+    feeds = {"input_ids": np.zeros((1, 2), np.int64), "attention_mask": np.ones((1, 5), np.int64)}
+    feeds.update({f"past_key_values.{i}.{k}": np.zeros((1, cfg.heads, 3, cfg.head_dim), np.float16)
+                  for i in range(layers) for k in ("key", "value")})
+    outs = {o.name: v for o, v in zip(sess.get_outputs(), sess.run(None, feeds))}
+    assert outs["logits"].shape == (1, 2, cfg.vocab) and outs["present.1.value"].shape == (1, cfg.heads, 5, cfg.head_dim)
+
+
+def test_gpu_bench_rotation_matches_onnxqf(gpu_bench):
+    """The benchmarked rotation is x @ kron(F_1, ..., F_r), node for node what onnxqf.edit.rotate_value_online emits."""
+    import onnx_ir as ir
+    import onnxruntime as ort
+
+    from onnxqf import edit
+
+    sizes = [12, 4, 2]
+    factors = gpu_bench.random_factors(sizes, 0)
+    model = gpu_bench.rotation_graph(96, factors, sizes, copies=1)
+    x = np.random.default_rng(0).standard_normal((5, 96)).astype(np.float16)
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    y = sess.run(None, {"x": x})[0].astype(np.float64)
+    dense = np.kron(np.kron(factors[0], factors[1]), factors[2])
+    assert np.allclose(y, x.astype(np.float64) @ dense, atol=2e-2)
+    ours = [n.op_type for n in model.graph.node if n.op_type != "Identity"]
+
+    value = ir.Value(name="x", shape=ir.Shape([None, 96]), type=ir.TensorType(ir.DataType.FLOAT16))
+    reader = ir.Node("", "Identity", [value])
+    graph = ir.Graph([value], reader.outputs, nodes=[reader])
+    edit.rotate_value_online(graph, value, factors, ir.DataType.FLOAT16, "rot")
+    theirs = [n.op_type for n in graph if n is not reader]
+    assert ours == theirs

@@ -1,0 +1,247 @@
+"""KV-cache export through onnxruntime-genai's model builder, genai folders in eval, generate.
+
+One tiny random llama (GQA) is saved as a Hugging Face folder with a byte-level tokenizer, exported
+both ways: the genai folder (``--kv-cache``) and the plain logits-only graph. onnxruntime-genai's
+greedy tokens must equal the greedy tokens of the plain graph, and eval must find KL ~ 0.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("transformers")
+og = pytest.importorskip("onnxruntime_genai")
+
+from onnxqf.cli import main  # noqa: E402
+from onnxqf.errors import GenaiFolderError, OnnxqfError  # noqa: E402
+from onnxqf.genai import generate, read_genai  # noqa: E402
+
+PROMPT = [17, 42, 301, 5, 77, 250, 9, 128, 64, 3, 400, 11]
+
+
+def save_byte_tokenizer(directory: Path) -> None:
+    """A byte-level BPE tokenizer without merges (257 ids): the model builder needs tokenizer files."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {"<|endoftext|>": 0, **{c: i + 1 for i, c in enumerate(alphabet)}}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>")
+    fast.save_pretrained(str(directory))
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """(HF folder, genai folder, plain .onnx) of the same tiny weights."""
+    from onnxqf.models.export import export_model
+    from onnxqf.models.genai_export import export_genai
+    from tiny import tiny_model
+
+    tmp = tmp_path_factory.mktemp("genai")
+    model = tiny_model("llama-gqa")
+    model.config.eos_token_id = 0  # the tokenizer's end token; never the greedy choice in the prompts below
+    hf = tmp / "hf"
+    model.save_pretrained(str(hf))
+    save_byte_tokenizer(hf)
+    out = export_genai(str(hf), tmp / "gen" / "model.onnx")
+    plain = export_model(model, tmp / "plain" / "tiny.onnx")
+    return hf, out.parent, plain
+
+
+def greedy_plain(path: Path, prompt: list[int], n: int) -> list[int]:
+    from onnxqf.runtime import logits, make_session
+
+    session = make_session(path)
+    ids = list(prompt)
+    for _ in range(n):
+        ids.append(int(np.argmax(logits(session, np.asarray([ids]))[0, -1])))
+    return ids[len(prompt):]
+
+
+def test_kv_cache_folder(built):
+    _, gen, _ = built
+    names = {p.name for p in gen.iterdir()}
+    assert {"model.onnx", "model.onnx.data", "genai_config.json", "tokenizer.json"} <= names
+    assert not [p for p in gen.parent.iterdir() if "partial" in p.name]
+    f = read_genai(gen / "model.onnx")
+    assert (f.layers, f.num_heads, f.kv_heads, f.head_size) == (2, 4, 2, 16)
+    assert (f.attention_op, f.io_dtype, f.vocab) == ("GroupQueryAttention", "float32", 512)
+    assert read_genai(gen).model_path == gen / "model.onnx"
+
+
+def test_genai_greedy_equals_plain_export(built):
+    _, gen, plain = built
+    n = 16
+    result = generate(gen, token_ids=PROMPT, max_new_tokens=n, quiet=True)
+    assert result["new_tokens"] == n and result["prompt_tokens"] == len(PROMPT)
+    assert result["tokens"] == greedy_plain(plain, PROMPT, n)
+
+
+def test_eval_genai_against_plain(built, tmp_path, capsys):
+    _, gen, plain = built
+    from onnxqf.evaluate import compare
+
+    wins = np.random.default_rng(0).integers(1, 512, (2, 48))
+    r = compare(plain, gen, wins, progress=False, max_abs=True)
+    assert r["kl"] < 1e-6 and r["top1"] == 1.0
+    ids = tmp_path / "ids.npy"
+    np.save(ids, wins.reshape(-1))
+    capsys.readouterr()
+    assert main(["eval", str(gen), str(plain), "--tokens", str(ids), "--windows", "2", "--seq", "48",
+                 "--json", "--max-kl", "1e-6"]) == 0
+    assert json.loads(capsys.readouterr().out)["kl"] < 1e-6
+
+
+def test_generate_command(built, capsys):
+    _, gen, _ = built
+    assert main(["generate", str(gen), "--prompt", "Hello world", "--max-new-tokens", "5"]) == 0
+    err = capsys.readouterr().err
+    assert "prefill: 11 tokens" in err and "decode: 4 tokens" in err and "tokens/s" in err
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def _copy(gen: Path, dst: Path) -> Path:
+    shutil.copytree(gen, dst)
+    return dst
+
+
+def _edit_config(folder: Path, **decoder) -> None:
+    path = folder / "genai_config.json"
+    cfg = json.loads(path.read_text())
+    cfg["model"]["decoder"].update(decoder)
+    path.write_text(json.dumps(cfg))
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(num_hidden_layers=3), "num_hidden_layers=3, the graph has 2"),
+    (dict(num_key_value_heads=4), "num_key_value_heads=4"),
+    (dict(head_size=8), "packed q/k/v width"),
+    (dict(num_attention_heads=8), "8 heads"),
+    (dict(filename="other.onnx"), "'other.onnx', which is missing"),
+])
+def test_config_disagrees_with_graph(built, tmp_path, change, message):
+    folder = _copy(built[1], tmp_path / "g")
+    _edit_config(folder, **change)
+    with pytest.raises(GenaiFolderError, match=message):
+        read_genai(folder)
+
+
+def test_no_genai_config(built, tmp_path, capsys):
+    folder = _copy(built[1], tmp_path / "g")
+    (folder / "genai_config.json").unlink()
+    with pytest.raises(GenaiFolderError, match="no genai_config.json"):
+        read_genai(folder / "model.onnx")
+    assert main(["generate", str(folder), "--prompt", "x"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "not an onnxruntime-genai folder" in err
+    assert main(["generate", str(built[0]), "--prompt", "x"]) == 2  # a Hugging Face folder is not one
+
+
+def test_unsupported_attention_op(built, tmp_path, capsys):
+    import onnx
+
+    folder = _copy(built[1], tmp_path / "g")
+    proto = onnx.load(str(folder / "model.onnx"), load_external_data=False)
+    for node in proto.graph.node:
+        if node.op_type == "GroupQueryAttention":
+            node.op_type = "MultiHeadAttention"
+    onnx.save(proto, str(folder / "model.onnx"))
+    with pytest.raises(GenaiFolderError, match="unsupported attention op MultiHeadAttention"):
+        read_genai(folder)
+    assert read_genai(folder, check_attention=False).attention_op == "MultiHeadAttention"
+
+
+def test_export_refusals_write_nothing(built, tmp_path, capsys):
+    hf = built[0]
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "mine.txt").write_text("keep")
+    assert main(["export", str(hf), "--kv-cache", "-o", str(busy / "model.onnx")]) == 2
+    assert "not an onnxruntime-genai folder" in capsys.readouterr().err
+    assert main(["export", str(hf), "--kv-cache", "--dtype", "float16", "--ep", "cpu", "-o", str(tmp_path / "a" / "model.onnx")]) == 2
+    assert main(["export", str(hf), "--ep", "cpu", "-o", str(tmp_path / "b.onnx")]) == 2  # --ep needs --kv-cache
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["busy"]
+    assert [p.name for p in busy.iterdir()] == ["mine.txt"]
+
+
+def test_builder_failure_leaves_nothing(built, tmp_path, monkeypatch):
+    from onnxqf.models import genai_export
+
+    def failing_builder(hf_dir, out_dir, *args, **kwargs):
+        out_dir.mkdir(parents=True)
+        (out_dir / "model.onnx").write_bytes(b"partial")
+        raise OnnxqfError("onnxruntime-genai's model builder failed: boom")
+
+    monkeypatch.setattr(genai_export, "_run_builder", failing_builder)
+    with pytest.raises(OnnxqfError, match="model builder failed"):
+        genai_export.export_genai(str(built[0]), tmp_path / "out" / "model.onnx")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_reexport_replaces_genai_folder(built, tmp_path, monkeypatch):
+    from onnxqf.models import genai_export
+
+    target = _copy(built[1], tmp_path / "g")
+    (target / "stale.txt").write_text("from an earlier export")
+
+    def copying_builder(hf_dir, out_dir, *args, **kwargs):  # stands in for the builder (tested above)
+        shutil.copytree(built[1], out_dir)
+
+    monkeypatch.setattr(genai_export, "_run_builder", copying_builder)
+    genai_export.export_genai(str(built[0]), target / "model.onnx")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["g"]
+    assert not (target / "stale.txt").exists() and read_genai(target).layers == 2
+
+
+def test_missing_onnxruntime_genai(monkeypatch, tmp_path):
+    import importlib.util
+    import sys
+
+    from onnxqf.genai import require_og
+    from onnxqf.models.genai_export import require_builder
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxruntime_genai" else real(name, *a))
+    with pytest.raises(OnnxqfError, match=r"pip install 'onnxqf\[genai\]'"):
+        require_builder()
+    monkeypatch.setitem(sys.modules, "onnxruntime_genai", None)
+    with pytest.raises(OnnxqfError, match=r"pip install 'onnxqf\[genai\]'"):
+        require_og()
+
+
+# --------------------------------------------------------------------------- recognition of builder graphs
+
+
+def test_recognize_builder_graph(built):
+    from onnxqf.edit import set_weight_matrix
+    from onnxqf.modelfile import load_model
+    from onnxqf.recognize import recognize
+    from onnxqf.recognize_genai import recognize_genai
+
+    _, gen, plain = built
+    g, p = recognize_genai(load_model(gen / "model.onnx")), recognize(load_model(plain))
+    assert g.config == p.config and len(g.layers) == len(p.layers) == 2
+    for lg, lp in zip(g.layers, p.layers):
+        assert lg.q.node is lg.k.node is lg.v.node and (lg.q.cols, lg.k.cols, lg.v.cols) == ((0, 64), (64, 96), (96, 128))
+        for a, b in zip(lg.linears(), lp.linears()):
+            assert a.role == b.role and a.shape == b.shape and np.allclose(a.matrix(), b.matrix())
+        for a, b in ((lg.attn_norm, lp.attn_norm), (lg.mlp_norm, lp.mlp_norm)):
+            assert np.allclose(a.gamma.const_value.numpy(), b.gamma.const_value.numpy())
+        assert lg.mlp_norm.input is lg.attn_add.outputs[3]  # the Skip norm's residual sum
+    assert g.final_norm.kind == "SkipSimplifiedLayerNormalization" and g.lm_head.shape == (64, 512)
+    # writing one column block leaves the other blocks of the packed weight alone
+    v = g.layers[0].v
+    before = g.layers[0].q.matrix(), g.layers[0].k.matrix()
+    set_weight_matrix(v, np.zeros(v.shape))
+    assert not v.matrix().any() and all(np.array_equal(a, b.matrix()) for a, b in zip(before, (g.layers[0].q, g.layers[0].k)))

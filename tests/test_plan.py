@@ -1,0 +1,68 @@
+"""One plan: the α search's predicted layer errors are the errors of the graph that is written."""
+
+import numpy as np
+import pytest
+
+from onnxqf import calibrate
+from onnxqf.data import load_tokens, windows
+from onnxqf.errors import OnnxqfError
+from onnxqf.metrics import layer_error
+from onnxqf.modelfile import load_model
+from onnxqf.pipeline import RewriteOptions, rewrite
+from onnxqf.plan import PRESETS, Plan
+from onnxqf.recognize import recognize
+from onnxqf.smoothing import relative_error
+from onnxqf.structure import SITE_KINDS
+
+
+class ByteTokenizer:
+    """Byte-level ids (< 256) for the tiny models' 512-token vocabulary."""
+
+    def __call__(self, text, add_special_tokens=False):
+        return {"input_ids": list(text.encode("utf-8"))}
+
+
+def test_plan_is_a_function_of_config_preset_and_seed(tiny_models):
+    cfg = recognize(load_model(tiny_models["llama-gqa"])).config
+    a, b, c = Plan.build(cfg, "hybrid", 3), Plan.build(cfg, "hybrid", 3), Plan.build(cfg, "hybrid", 4)
+    np.testing.assert_array_equal(a.norm_out.matrix(), b.norm_out.matrix())
+    assert not np.array_equal(a.norm_out.matrix(), c.norm_out.matrix())
+    assert a.residual is None and a.smooth == SITE_KINDS
+    folded = Plan.build(cfg, "hybrid-folded", 3)
+    assert folded.residual is not None and folded.norm_out is None and folded.smooth == ("o_in", "down_in")
+    for kind in SITE_KINDS:  # every site rotation is orthogonal
+        R = a.site_rotation(kind, cfg)
+        np.testing.assert_allclose(R @ R.T, np.eye(R.shape[0]), atol=1e-10)
+    assert Plan.build(cfg, "smooth").site_rotation("attn_in", cfg) is None
+    with pytest.raises(OnnxqfError):
+        Plan.build(cfg, "nonsense")
+    assert set(PRESETS) == {"none", "smooth", "rotate", "hybrid", "hybrid-folded"}
+
+
+@pytest.mark.parametrize("name", ["llama-gqa", "qwen2-bias"])
+def test_alpha_search_prediction_equals_written_graph(tiny_models, name):
+    """For every site, the relative W8A8 layer error the α search predicted for its choice equals the
+    error of the rewritten float graph's actual activation and weight on the same tokens."""
+    model = load_model(tiny_models[name])
+    opts = RewriteOptions(transform="hybrid", quant="none", alpha="auto", calib="builtin", calib_windows=1, calib_seq=64,
+                          progress=False)
+    report = rewrite(model, opts, tokenizer=ByteTokenizer())
+    assert len(report.sites) == 4 * 2
+    # the calibration window, captured in the written graph: every token was in the α search's sample
+    wins = windows(load_tokens("builtin", ByteTokenizer()), 1, 64)
+    s = recognize(model)
+    acts = next(calibrate.capture(model, calibrate.site_values(s), wins, progress=False))
+    other_seed = Plan.build(s.config, "hybrid", seed=1)
+    mismatched = 0
+    for site in s.sites():
+        err, ref = layer_error(acts[site.name], site.matrix(), 8)
+        measured = err / ref
+        choice = report.sites[site.name]
+        assert choice.predicted <= choice.unsmoothed
+        assert measured == pytest.approx(choice.predicted, rel=2e-2), site.name
+        # the same sample scored against a rotation the plan did not apply predicts something else
+        X_written, B_written = acts[site.name].astype(np.float64), site.matrix()
+        R_other = other_seed.site_rotation(site.kind, s.config)
+        if abs(relative_error(X_written, B_written, None, R_other) - measured) > 2e-2 * measured:
+            mismatched += 1
+    assert mismatched > 0
