@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 
@@ -69,8 +68,11 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Rewrite an ONNX LLM. With no transform flag it only quantizes (W8A8). "
                                    "--smooth: SmoothQuant scales folded into norms/v_proj/up_proj. "
                                    "--rotate: randomized Hadamard rotation of the residual stream (folded), online Hadamard before "
-                                   "down_proj, value/output head rotation. --hybrid: calibrated smoothing of o_proj/down_proj inputs "
-                                   "*before* the rotation, then the rotation. The input file is never modified.")
+                                   "down_proj, value/output head rotation. --hybrid: calibrated smoothing *before* rotation at all four "
+                                   "linear inputs of every layer (scales folded into the norms, v_proj and up_proj; online "
+                                   "Hadamards after the norms and before down_proj; α chosen per site by measured error after "
+                                   "the exact rotation applied); --hybrid folded: the two-site variant with the residual rotation "
+                                   "folded. The input file is never modified.")
     r.add_argument("model", help="input .onnx (e.g. from `onnxqf export`)")
     r.add_argument("-o", "--output", help="output .onnx (default: MODEL with .<preset>.onnx)")
     g = r.add_argument_group("transforms")

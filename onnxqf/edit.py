@@ -12,6 +12,7 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir import tape as ir_tape
 
+from onnxqf.hadamard import ONLINE_GROUP_MAX, online_groups
 from onnxqf.structure import ONLINE_ROTATION, Linear, Norm, Structure, const_array, read
 
 _counter = itertools.count()
@@ -114,34 +115,52 @@ def rotate_value_online(
     dtype: ir.DataType,
     name: str,
     sizes: list[int] | None = None,
+    max_group: int = ONLINE_GROUP_MAX,
 ) -> list[ir.Node]:
     """Insert ``x <- x @ kron(F_1, ..., F_r)`` on ``value``; every reader of ``value`` reads the result.
 
     ``factors[i]`` is an f_i x f_i matrix, or None for an identity factor (then ``sizes`` gives
-    its size). Each non-identity factor costs one Reshape and one small MatMul: the input is viewed
-    as [-1, f_i, f_after] and multiplied by F_i^T from the left (or as [-1, f_r] times F_r for the
-    last factor), so the whole rotation costs n * sum(f_i) multiply-adds instead of n^2. A final
-    Reshape restores the input's shape. The nodes go right after ``value``'s producer.
+    its size). The factors are first regrouped by :func:`onnxqf.hadamard.online_groups` (typically
+    two groups, e.g. 4096 = 256 x 16). Each MatMul has a 2-D weight on its right, so ONNX Runtime
+    runs it as one GEMM over all rows (a 2-D weight on the left of a 3-D input becomes a pointer-array
+    batched GEMM on CUDA, measured 15x slower in docs/benchmarks.md). With groups g_1..g_k, the input
+    is viewed as [rows, g_1, ..., g_k]; k times, the last axis is multiplied by its group's matrix
+    (skipped for an identity group) and moved to the front with a Transpose, which brings the axes
+    back to their order after k steps. A single dense group, or identities followed by one dense
+    group, needs no Transpose. Cost: n * sum(g_i) multiply-adds per row instead of n^2.
+    The nodes go right after ``value``'s producer.
     """
-    sizes = sizes or [f.shape[0] for f in factors]
+    groups = online_groups(factors, sizes, max_group)
+    n = int(np.prod([g for g, _ in groups]))
     readers = list(value.consumers())
     tape = ir_tape.Tape(graph)
     shape = tape.op("Shape", [value], name=f"{name}/shape")
     y = value
-    for i, (f, size) in enumerate(zip(factors, sizes)):
-        if f is None:
-            continue
-        after = int(np.prod(sizes[i + 1 :])) if i + 1 < len(sizes) else 1
-        if after == 1:
-            view = add_initializer(graph, f"{name}/shape{i}", np.array([-1, size], np.int64))
-            y = tape.op("Reshape", [y, view], name=f"{name}/reshape{i}")
-            w = add_initializer(graph, f"{name}/factor{i}", np.asarray(f), dtype)
-            y = tape.op("MatMul", [y, w], name=f"{name}/matmul{i}")
-        else:
-            view = add_initializer(graph, f"{name}/shape{i}", np.array([-1, size, after], np.int64))
-            y = tape.op("Reshape", [y, view], name=f"{name}/reshape{i}")
-            w = add_initializer(graph, f"{name}/factor{i}T", np.asarray(f).T, dtype)
-            y = tape.op("MatMul", [w, y], name=f"{name}/matmul{i}")
+    consts: dict[tuple, ir.Value] = {}
+
+    def const_shape(*dims: int) -> ir.Value:
+        if dims not in consts:
+            consts[dims] = add_initializer(graph, f"{name}/shape", np.array(dims, np.int64))
+        return consts[dims]
+
+    def matmul(y: ir.Value, step: int, size: int, f: np.ndarray) -> ir.Value:
+        y = tape.op("Reshape", [y, const_shape(-1, size)], name=f"{name}/rows{step}")
+        w = add_initializer(graph, f"{name}/factor{step}", f, dtype)
+        return tape.op("MatMul", [y, w], name=f"{name}/matmul{step}")
+
+    if all(f is None for _, f in groups[:-1]):
+        size, f = groups[-1]
+        if f is not None:
+            y = matmul(y, 0, size, f)
+    else:
+        order = list(range(len(groups)))
+        for step in range(len(groups)):
+            size, f = groups[order[-1]]
+            if f is not None:
+                y = matmul(y, step, size, f)
+            y = tape.op("Reshape", [y, const_shape(-1, n // size, size)], name=f"{name}/view{step}")
+            y = tape.op("Transpose", [y], attributes={"perm": [0, 2, 1]}, name=f"{name}/cycle{step}")
+            order = order[-1:] + order[:-1]
     y = tape.op("Reshape", [y, shape], name=f"{name}/restore")
     y.shape, y.type = value.shape, value.type
     for node in tape.nodes:  # so that recognition sees through the block (structure.ONLINE_ROTATION)

@@ -8,7 +8,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from onnxqf.metrics import LogitComparison
-from onnxqf.runtime import logits, make_session
+from onnxqf.runtime import make_session
 
 
 def compare(orig_path, new_path, wins: np.ndarray, *, ep: str = "cpu", progress: bool = True, max_abs: bool = False) -> dict:

@@ -340,6 +340,33 @@ def random_orthogonal(n: int, rng: np.random.Generator | int | None = None) -> n
     return q * d
 
 
+#: the largest Kronecker group :func:`online_groups` builds by merging consecutive dense factors
+ONLINE_GROUP_MAX = 512
+
+
+def online_groups(factors: list[np.ndarray | None], sizes: list[int] | None = None,
+                  max_group: int = ONLINE_GROUP_MAX) -> list[tuple[int, np.ndarray | None]]:
+    """Regroup ``kron(F_1, ..., F_r)`` into as few factors as an online rotation should run.
+
+    Consecutive dense factors are merged (their Kronecker product, exact) while the merged size stays
+    <= ``max_group``; consecutive identity factors (None) are merged into one identity. Returns
+    ``[(size, matrix or None)]`` whose Kronecker product is the input's. Fewer groups means fewer
+    MatMul/Transpose nodes in the graph; a group of size f costs f multiply-adds per element.
+    """
+    sizes = list(sizes) if sizes is not None else [int(f.shape[0]) for f in factors]
+    if len(sizes) != len(factors):
+        raise ValueError("factors and sizes differ in length")
+    out: list[tuple[int, np.ndarray | None]] = []
+    for f, size in zip(factors, sizes):
+        if out and f is None and out[-1][1] is None:
+            out[-1] = (out[-1][0] * size, None)
+        elif out and f is not None and out[-1][1] is not None and out[-1][0] * size <= max_group:
+            out[-1] = (out[-1][0] * size, np.kron(out[-1][1], f))
+        else:
+            out.append((int(size), None if f is None else np.asarray(f, np.float64)))
+    return out
+
+
 @dataclass(frozen=True, eq=False)
 class Rotation:
     """Randomized rotation ``Q = diag(signs) · kron(*factors)`` (orthogonal, n×n).

@@ -114,7 +114,7 @@ def rewrite(model: ir.Model, opts: RewriteOptions, tokenizer=None) -> RewriteRep
     if plan.smooth:
         values = calibrate.site_values(recognize(model), plan.smooth)
         stats = calibrate.collect(model, values, wins, progress=opts.progress, seed=opts.seed)
-        _run(model, SmoothPass(plan, stats, opts.alpha, report))
+        _run(model, SmoothPass(plan, stats, opts.alpha, report, progress=opts.progress))
     rotations = []
     if plan.residual is not None:
         rotations.append(RotateResidualPass(plan.residual, report))

@@ -33,3 +33,31 @@ class RewritePass(ir.passes.InPlacePass):
         self.report.passes.append(PassRecord(type(self).__name__, round(seconds, 2), modified))
         logger.info("%s: %s (%.1f s)", type(self).__name__, "modified" if modified else "nothing to do", seconds)
         return ir.passes.PassResult(model, modified)
+
+
+class RotationPass(RewritePass):
+    """A pass that applies one of the plan's rotations; ``size_of(structure)`` is the size it must have.
+
+    Attributes:
+        rotation: the :class:`onnxqf.hadamard.Rotation` from the :class:`onnxqf.plan.Plan`.
+    """
+
+    what = "rotation"
+
+    def __init__(self, rotation, report: RewriteReport | None = None):
+        super().__init__(report)
+        self.rotation = rotation
+
+    def size_of(self, structure) -> int:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def recognize_and_check(self, model: ir.Model):
+        """The model's structure, after checking that the rotation fits it."""
+        from onnxqf.errors import OnnxqfError
+        from onnxqf.recognize import recognize
+
+        s = recognize(model)
+        n = self.size_of(s)
+        if self.rotation.n != n:
+            raise OnnxqfError(f"{self.what} of size {self.rotation.n} for a model that needs {n}")
+        return s

@@ -6,12 +6,11 @@ import onnx_ir as ir
 
 from onnxqf import edit, fold
 from onnxqf.errors import OnnxqfError
-from onnxqf.hadamard import Rotation
-from onnxqf.passes.base import RewritePass
+from onnxqf.passes.base import RotationPass
 from onnxqf.recognize import recognize
 
 
-class DownProjHadamardPass(RewritePass):
+class DownProjHadamardPass(RotationPass):
     """Rotate each down_proj input by the plan's ``D H`` (size d_ff).
 
     Rules: the random signs D fold into up_proj's output columns (``act(gate) * up`` is linear in
@@ -23,14 +22,13 @@ class DownProjHadamardPass(RewritePass):
         rotation: the plan's d_ff rotation.
     """
 
-    def __init__(self, rotation: Rotation, report=None):
-        super().__init__(report)
-        self.rotation = rotation
+    what = "down_proj rotation"
+
+    def size_of(self, s) -> int:
+        return s.config.intermediate
 
     def requires(self, model: ir.Model) -> None:
-        s = recognize(model)
-        if self.rotation.n != s.config.intermediate:
-            raise OnnxqfError(f"down_proj rotation of size {self.rotation.n} for d_ff {s.config.intermediate}")
+        s = self.recognize_and_check(model)
         for layer in s.layers:
             if layer.mlp_mul is None:
                 raise OnnxqfError(f"layer {layer.index}: down_proj's input is not act(gate) * up; cannot fold the signs")

@@ -6,13 +6,12 @@ import onnx_ir as ir
 
 from onnxqf import edit, fold
 from onnxqf.errors import OnnxqfError
-from onnxqf.hadamard import Rotation
-from onnxqf.passes.base import RewritePass
+from onnxqf.passes.base import RotationPass
 from onnxqf.recognize import recognize, through_casts_fwd
 from onnxqf.structure import read
 
 
-class NormOutputHadamardPass(RewritePass):
+class NormOutputHadamardPass(RotationPass):
     """Rotate the q/k/v input and the gate/up input of every layer online, after the norm.
 
     Rules: the norm's output ``y = n(x) ⊙ γ`` becomes ``(n(x) ⊙ γ ⊙ d) H``: the random signs d fold
@@ -26,14 +25,13 @@ class NormOutputHadamardPass(RewritePass):
         rotation: the plan's ``norm_out`` rotation (hidden x hidden), shared by all layers.
     """
 
-    def __init__(self, rotation: Rotation, report=None):
-        super().__init__(report)
-        self.rotation = rotation
+    what = "norm-output rotation"
+
+    def size_of(self, s) -> int:
+        return s.config.hidden
 
     def requires(self, model: ir.Model) -> None:
-        s = recognize(model)
-        if self.rotation.n != s.config.hidden:
-            raise OnnxqfError(f"norm-output rotation of size {self.rotation.n} for hidden size {s.config.hidden}")
+        s = self.recognize_and_check(model)
         for site in s.sites(("attn_in", "mlp_in")):
             if site.fold_norm.gamma is None:
                 raise OnnxqfError(f"{site.name}: the norm has no scale to fold the rotation's signs into")

@@ -7,13 +7,12 @@ import onnx_ir as ir
 
 from onnxqf import edit, fold
 from onnxqf.errors import OnnxqfError
-from onnxqf.hadamard import Rotation
-from onnxqf.passes.base import RewritePass
+from onnxqf.passes.base import RotationPass
 from onnxqf.recognize import recognize
 from onnxqf.structure import read
 
 
-class RotateResidualPass(RewritePass):
+class RotateResidualPass(RotationPass):
     """Every vector on the residual stream becomes ``x Q``, with nothing added to the graph.
 
     Rules: the embedding rows ``E <- E Q``; linears that read the (normed) stream ``B <- Q^T B``
@@ -26,14 +25,13 @@ class RotateResidualPass(RewritePass):
         rotation: the plan's residual rotation (hidden x hidden).
     """
 
-    def __init__(self, rotation: Rotation, report=None):
-        super().__init__(report)
-        self.rotation = rotation
+    what = "residual rotation"
+
+    def size_of(self, s) -> int:
+        return s.config.hidden
 
     def requires(self, model: ir.Model) -> None:
-        s = recognize(model)
-        if self.rotation.n != s.config.hidden:
-            raise OnnxqfError(f"residual rotation of size {self.rotation.n} for hidden size {s.config.hidden}")
+        s = self.recognize_and_check(model)
         for norm in s.norms():
             if norm.gamma is not None and not np.all(read(norm.gamma) == 1.0):
                 raise OnnxqfError("residual rotation needs folded norm scales (run FoldNormsPass first)")

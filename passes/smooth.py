@@ -32,8 +32,10 @@ class SmoothPass(RewritePass):
         site name; alpha: a number in [0, 1] or "auto".
     """
 
-    def __init__(self, plan: Plan, stats: dict[str, SiteStats], alpha: float | str = "auto", report=None):
+    def __init__(self, plan: Plan, stats: dict[str, SiteStats], alpha: float | str = "auto", report=None,
+                 progress: bool = False):
         super().__init__(report)
+        self.progress = progress
         if alpha != "auto" and not (0.0 <= float(alpha) <= 1.0):
             raise OnnxqfError(f"--alpha must be in [0, 1] or 'auto', not {alpha}")
         self.plan, self.stats, self.alpha = plan, stats, alpha
@@ -54,7 +56,11 @@ class SmoothPass(RewritePass):
         # o_in and down_in first: their scales fold into v_proj's and up_proj's columns, which the
         # attention and MLP inputs' searches must then see as written
         order = [k for k in ("o_in", "down_in", "attn_in", "mlp_in") if k in self.plan.smooth]
-        for site in (layer.site(kind) for layer in s.layers for kind in order):
+        from tqdm.auto import tqdm
+
+        sites = [layer.site(kind) for layer in s.layers for kind in order]
+        for site in tqdm(sites, desc="choosing α" if self.alpha == "auto" else "smoothing", unit="site",
+                         disable=not self.progress):
             st = self.stats[site.name]
             B = np.concatenate([self.plan.reader_output(lin.role, lin.matrix(), cfg) for lin in site.readers], axis=1)
             choice = smoothing.choose_scales(st.sample, st.stats.absmax, B, self.alpha, site.kv_groups, rotations[site.kind])

@@ -21,11 +21,13 @@ from onnxqf.data import token_windows
 from onnxqf.evaluate import compare
 from onnxqf.modelfile import load_model
 
+# label, file key, flags
 VARIANTS = [
-    ("W8A8, no transform", []),
-    ("smooth", ["--smooth"]),
-    ("rotate", ["--rotate"]),
-    ("hybrid", ["--hybrid"]),
+    ("W8A8, no transform", "w8a8", []),
+    ("smooth", "smooth", ["--smooth"]),
+    ("rotate", "rotate", ["--rotate"]),
+    ("hybrid, folded (two sites)", "hybrid-folded", ["--hybrid", "folded"]),
+    ("hybrid (full: four sites)", "hybrid", ["--hybrid"]),
 ]
 
 
@@ -46,6 +48,8 @@ def main() -> int:
     ap.add_argument("--calib", help="calibration text (default: the last 400 kB of --text, disjoint from the evaluated windows at its start)")
     ap.add_argument("--calib-windows", type=int, default=32)
     ap.add_argument("--json", help="write all results here")
+    ap.add_argument("--only", action="append", help="run only the variants with this file key (repeatable), e.g. hybrid")
+    ap.add_argument("--act", action="append", choices=["token", "tensor"], help="activation modes to run (default both)")
     args = ap.parse_args()
     src = Path(args.model)
     orig = load_model(src)
@@ -58,9 +62,11 @@ def main() -> int:
         Path(calib).write_bytes(data[-400_000:])
         assert len(data) - 400_000 > 4 * args.windows * args.seq, "text too short for disjoint calibration"
     rows = []
-    for act in ("token", "tensor"):
-        for label, flags in VARIANTS:
-            dst = src.with_name(f"{src.stem}.table.{label.split(',')[0].replace(' ', '')}.{act}.onnx")
+    for act in args.act or ("token", "tensor"):
+        for label, key, flags in VARIANTS:
+            if args.only and key not in args.only:
+                continue
+            dst = src.with_name(f"{src.stem}.table.{key}.{act}.onnx")
             cmd = ["onnxqf", "rewrite", str(src), *flags, "--act-quant", act, "--calib", calib,
                    "--calib-windows", str(args.calib_windows), "-q", "-o", str(dst)]
             t = time.time()
@@ -69,13 +75,15 @@ def main() -> int:
             r.update(variant=label, act_quant=act, command=shlex.join(cmd), rewrite_s=round(time.time() - t, 1))
             rows.append(r)
             print(f"{act:6s} {label:20s} KL={r['kl']:.5f} ppl={r['ppl_new']:.3f} top1={r['top1']:.4f}", flush=True)
-    dst = src.with_name(f"{src.stem}.table.ort_quantize_dynamic.onnx")
-    ort_quantize_dynamic(src, dst)
-    r = compare(src, dst, wins, progress=False)
-    r.update(variant="ORT quantize_dynamic (per-channel int8 weights)", act_quant="tensor (uint8, DynamicQuantizeLinear)",
-             command="onnxruntime.quantization.quantize_dynamic(per_channel=True, weight_type=QInt8, MatMul only)")
-    rows.append(r)
-    base = {a: next(x["kl"] for x in rows if x["act_quant"] == a and x["variant"].startswith("W8A8")) for a in ("token", "tensor")}
+    if not args.only:
+        dst = src.with_name(f"{src.stem}.table.ort_quantize_dynamic.onnx")
+        ort_quantize_dynamic(src, dst)
+        r = compare(src, dst, wins, progress=False)
+        r.update(variant="ORT quantize_dynamic (per-channel int8 weights)", act_quant="tensor (uint8, DynamicQuantizeLinear)",
+                 command="onnxruntime.quantization.quantize_dynamic(per_channel=True, weight_type=QInt8, MatMul only)")
+        rows.append(r)
+    base = {a: next(x["kl"] for x in rows if x["act_quant"] == a and x["variant"].startswith("W8A8"))
+            for a in ("token", "tensor") if any(x["act_quant"] == a and x["variant"].startswith("W8A8") for x in rows)}
     print(f"\n{args.windows} windows x {args.seq} tokens; float PPL {rows[0]['ppl_orig']:.3f}\n")
     print("| activations | variant | PPL | ΔPPL | KL nats/token | KL vs W8A8 | top-1 |\n|---|---|---|---|---|---|---|")
     print(f"| float | reference | {rows[0]['ppl_orig']:.3f} | 0 | 0 | | 1 |")

@@ -349,22 +349,46 @@ def rotation_factor_sizes(n: int) -> tuple[list[int], str]:
         return known.get(n, [n]), "sizes assumed (onnxqf.hadamard not importable)"
 
 
-def add_rotation(g: G, x: str, factors: list[np.ndarray | None], sizes: list[int]) -> str:
-    """x <- x @ kron(F_1, ..., F_r), node for node as onnxqf.edit.rotate_value_online emits it:
-    Shape; per non-identity factor Reshape to [-1, f, after] and MatMul(F^T, .) (or [-1, f] and MatMul(., F)
-    for the last); Reshape back to the input's shape."""
+def add_rotation(g: G, x: str, factors: list[np.ndarray | None], sizes: list[int], legacy: bool = False) -> str:
+    """x <- x @ kron(F_1, ..., F_r), node for node as onnxqf.edit.rotate_value_online emits it: factors regrouped
+    by onnxqf.hadamard.online_groups; per group, Reshape to [-1, g] and MatMul(., G) (one GEMM), then Reshape to
+    [-1, n/g, g] and Transpose(0, 2, 1) to cycle the axes; Reshape back. ``legacy``: the emission before
+    2026-11-25 (per factor Reshape to [-1, f, after] and MatMul(F^T, .), a 2-D weight on the left)."""
     shape = g.op("Shape", [x])
     y = x
-    for i, (f, size) in enumerate(zip(factors, sizes)):
-        if f is None:
-            continue
-        after = int(np.prod(sizes[i + 1:])) if i + 1 < len(sizes) else 1
-        if after == 1:
-            y = g.op("Reshape", [y, g.init(np.array([-1, size], np.int64), "shape")])
-            y = g.op("MatMul", [y, g.init(np.asarray(f, np.float16), "factor")])
-        else:
-            y = g.op("Reshape", [y, g.init(np.array([-1, size, after], np.int64), "shape")])
-            y = g.op("MatMul", [g.init(np.asarray(f, np.float16).T.copy(), "factorT"), y])
+    if legacy:
+        for i, (f, size) in enumerate(zip(factors, sizes)):
+            if f is None:
+                continue
+            after = int(np.prod(sizes[i + 1:])) if i + 1 < len(sizes) else 1
+            if after == 1:
+                y = g.op("Reshape", [y, g.init(np.array([-1, size], np.int64), "shape")])
+                y = g.op("MatMul", [y, g.init(np.asarray(f, np.float16), "factor")])
+            else:
+                y = g.op("Reshape", [y, g.init(np.array([-1, size, after], np.int64), "shape")])
+                y = g.op("MatMul", [g.init(np.asarray(f, np.float16).T.copy(), "factorT"), y])
+        return g.op("Reshape", [y, shape])
+    from onnxqf.hadamard import online_groups
+
+    groups = online_groups(factors, sizes)
+    n = int(np.prod([s for s, _ in groups]))
+
+    def matmul(y, size, f):
+        y = g.op("Reshape", [y, g.init(np.array([-1, size], np.int64), "shape")])
+        return g.op("MatMul", [y, g.init(np.asarray(f, np.float16), "factor")])
+
+    if all(f is None for _, f in groups[:-1]):
+        if groups[-1][1] is not None:
+            y = matmul(y, *groups[-1])
+    else:
+        order = list(range(len(groups)))
+        for _ in groups:
+            size, f = groups[order[-1]]
+            if f is not None:
+                y = matmul(y, size, f)
+            y = g.op("Reshape", [y, g.init(np.array([-1, n // size, size], np.int64), "shape")])
+            y = g.op("Transpose", [y], perm=[0, 2, 1])
+            order = order[-1:] + order[:-1]
     return g.op("Reshape", [y, shape])
 
 
@@ -373,11 +397,11 @@ def random_factors(sizes: list[int], seed: int = 0) -> list[np.ndarray]:
     return [np.linalg.qr(rng.standard_normal((s, s)))[0] for s in sizes]
 
 
-def rotation_graph(n: int, factors: list, sizes: list[int], copies: int) -> onnx.ModelProto:
+def rotation_graph(n: int, factors: list, sizes: list[int], copies: int, legacy: bool = False) -> onnx.ModelProto:
     g = G()
     x = g.input("x", F16, ["M", n])
     for i in range(copies):
-        g.output(add_rotation(g, x, factors, sizes), F16, ["M", n], f"y{i}")
+        g.output(add_rotation(g, x, factors, sizes, legacy), F16, ["M", n], f"y{i}")
     return g.model(18)
 
 
@@ -552,11 +576,13 @@ def section_b(cfg: Config, run: Runner, res: Results, budget: Budget) -> None:
         items.append((f"hadamard {n}", n, random_factors(sizes), sizes, kind))
     items.append((f"head mix {cfg.heads}x{cfg.head_dim}", cfg.hidden, [random_factors([cfg.heads])[0], None],
                   [cfg.heads, cfg.head_dim], "dense num_heads mixing (rotate_vo)"))
+    # the emission before 2026-11-25 (2-D factor on the left of a 3-D MatMul), for comparison
+    items += [(f"legacy {name}", n, factors, sizes, kind) for name, n, factors, sizes, kind in list(items)]
     for name, n, factors, sizes, kind in items:
         if not budget.ok(20):
             res.add("skipped", f"b {name}: out of time")
             continue
-        sess, placement = run.load(rotation_graph(n, factors, sizes, cfg.copies))
+        sess, placement = run.load(rotation_graph(n, factors, sizes, cfg.copies, legacy=name.startswith("legacy")))
         row = {"rotation": name, "n": n, "factor_sizes": sizes, "kind": kind, "copies": cfg.copies, **placement, "ms": {},
                "multiply_adds_per_row": n * sum(s for s, f in zip(sizes, factors) if f is not None)}
         if sess is not None:

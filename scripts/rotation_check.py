@@ -27,7 +27,7 @@ from onnxqf.passes.fold_norms import FoldNormsPass
 
 
 def site_maxima(model, wins, sites=("attn_in", "down_in")) -> dict[str, float]:
-    values = {k: v for k, v in site_values(recognize(model)).items() if k.rsplit(".", 1)[1] in sites}
+    values = site_values(recognize(model), sites)
     out = {k: 0.0 for k in values}
     for acts in capture(model, values, wins, desc="capturing", progress=True):
         for k, x in acts.items():

@@ -7,7 +7,6 @@ the WikiText data in ../shared is for the benchmark scripts only.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np

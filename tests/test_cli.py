@@ -11,7 +11,6 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from onnxqf.cli import main
 
 
 def digest(path):

@@ -243,3 +243,55 @@ def test_rotation_is_frozen():
         r.kind = "x"  # type: ignore[misc]
     with pytest.raises(ValueError):
         r.signs[0] = 5.0
+
+
+# -- online rotations as graph nodes ------------------------------------------------------------------
+
+
+def _random_factor(size: int, rng: np.random.Generator) -> np.ndarray:
+    return np.linalg.qr(rng.standard_normal((size, size)))[0]
+
+
+@pytest.mark.parametrize("pattern, max_group, n_transposes", [
+    ([16, 16, 16], 512, 2),          # 4096-style: groups 256 x 16
+    ([16, 16, 16], 16, 3),           # no merging: three groups
+    ([12, None], 512, 2),            # head mixing: dense heads, identity head_dim
+    ([None, 8], 512, 0),             # identity then dense: one MatMul on the last axis
+    ([6, None, 4, 2], 512, 3),       # dense, identity, dense(8)
+    ([20], 512, 0),                  # one dense factor
+])
+def test_online_rotation_nodes_match_kron(pattern, max_group, n_transposes):
+    import onnx_ir as ir
+    import onnxruntime as ort
+
+    from onnxqf.edit import rotate_value_online
+    from onnxqf.hadamard import online_groups
+
+    rng = np.random.default_rng(0)
+    sizes = [abs(p) if p is not None else 5 for p in pattern]
+    factors = [None if p is None else _random_factor(p, rng) for p in pattern]
+    n = int(np.prod(sizes))
+    groups = online_groups(factors, sizes, max_group)
+    dense = [np.eye(s) if f is None else f for f, s in zip(factors, sizes)]
+    kron = dense[0]
+    for f in dense[1:]:
+        kron = np.kron(kron, f)
+    merged = [np.eye(s) if f is None else f for s, f in groups]
+    kron_groups = merged[0]
+    for f in merged[1:]:
+        kron_groups = np.kron(kron_groups, f)
+    np.testing.assert_allclose(kron_groups, kron, atol=1e-12)
+    assert all(s <= max_group or f is None or len(groups) == 1 or s in sizes for s, f in groups)
+
+    x = ir.Value(name="x", shape=ir.Shape([2, "T", n]), type=ir.TensorType(ir.DataType.FLOAT))
+    identity = ir.node("Identity", [x])
+    graph = ir.Graph([x], identity.outputs, nodes=[identity], opset_imports={"": 18}, name="g")
+    identity.outputs[0].name = "y"
+    rotate_value_online(graph, x, factors, ir.DataType.FLOAT, "rot", sizes=sizes, max_group=max_group)
+    assert sum(node.op_type == "Transpose" for node in graph) == n_transposes
+    model = ir.Model(graph, ir_version=10)
+    sess = ort.InferenceSession(ir.serde.serialize_model(model).SerializeToString(), providers=["CPUExecutionProvider"])
+    xs = rng.standard_normal((2, 3, n)).astype(np.float32)
+    (y,) = sess.run(None, {"x": xs})
+    np.testing.assert_allclose(y, xs @ kron, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(y, kron_apply(xs, dense), rtol=1e-4, atol=1e-4)
