@@ -1,8 +1,9 @@
 """Run the model on token windows and capture intermediate activations, one window at a time.
 
 The graph gets extra outputs for the requested values (the inputs of weight MatMuls), ONNX Runtime
-runs it window by window, and each window's activations are handed to the caller and dropped:
-memory depends on the window, not on how many windows are run.
+runs it window by window (an onnxruntime-genai KV-cache graph with an empty past and a mask of
+ones: :func:`onnxqf.genai.feed_function`), and each window's activations are handed to the caller
+and dropped: memory depends on the window, not on how many windows are run.
 """
 
 from __future__ import annotations
@@ -14,9 +15,19 @@ import numpy as np
 import onnx_ir as ir
 from tqdm.auto import tqdm
 
+from onnxqf.genai import feed_function, is_kv_session
 from onnxqf.structure import SITE_KINDS, Structure
 from onnxqf.metrics import ChannelStats
 from onnxqf.runtime import make_session, saved
+
+
+def _kv_shape(model: ir.Model) -> tuple[int, int]:
+    """(kv_heads, head_size) of a KV-cache graph's past inputs, from its recognized structure."""
+    from onnxqf.recognize import recognize
+
+    cfg = recognize(model).config
+    return cfg.num_kv_heads, cfg.head_dim
+
 
 def site_values(structure: Structure, kinds: tuple[str, ...] = SITE_KINDS) -> dict[str, ir.Value]:
     """The activation each site's linears read, by site name (e.g. 'layers.3.down_in')."""
@@ -44,9 +55,9 @@ def capture(model: ir.Model, values: dict[str, ir.Value], windows: np.ndarray, *
             graph.outputs.remove(value)
     out_names = [o.name for o in session.get_outputs()]
     index = {name: out_names.index(value.name) for name, value in values.items()}
-    in_name = session.get_inputs()[0].name
+    feed = feed_function(session, kv_shape=_kv_shape(model) if is_kv_session(session) else None)
     for w in tqdm(windows, desc=desc, unit="window", disable=not progress):
-        results = session.run(None, {in_name: np.asarray(w, np.int64)[None, :]})
+        results = session.run(None, feed(np.asarray(w, np.int64)[None, :]))
         yield {name: np.asarray(results[i], np.float32).reshape(-1, results[i].shape[-1]) for name, i in index.items()}
 
 

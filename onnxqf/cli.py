@@ -73,8 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "Hadamards after the norms and before down_proj; α chosen per site by measured error after "
                                    "the exact rotation applied); --hybrid folded: the two-site variant with the residual rotation "
                                    "folded. The input file is never modified.")
-    r.add_argument("model", help="input .onnx (e.g. from `onnxqf export`)")
-    r.add_argument("-o", "--output", help="output .onnx (default: MODEL with .<preset>.onnx)")
+    r.add_argument("model", help="input .onnx (e.g. from `onnxqf export`), or an onnxruntime-genai folder (DIR or DIR/model.onnx)")
+    r.add_argument("-o", "--output", help="output .onnx (default: MODEL with .<preset>.onnx); for a genai folder a new folder, "
+                                          "NEWDIR or NEWDIR/model.onnx (default: DIR.<preset>/), written with its config and "
+                                          "tokenizer files")
     g = r.add_argument_group("transforms")
     g.add_argument("--rotate", action="store_true", help="rotate with randomized Hadamard matrices")
     g.add_argument("--smooth", action="store_true", help="channel-wise scaling (SmoothQuant)")
@@ -254,18 +256,30 @@ def _default_output(model: Path, args) -> Path:
     return model.with_name(".".join(x for x in (model.stem, tag, quant, "onnx") if x))
 
 
+def _default_genai_output(folder, args) -> Path:
+    """A genai folder's rewrite goes to a sibling folder: gen/model.onnx -> gen.rotate.float/model.onnx."""
+    d = folder.directory
+    return d.with_name(_default_output(Path(d.name + ".onnx"), args).stem) / folder.model_path.name
+
+
 def cmd_rewrite(args) -> int:
     from onnxqf.data import load_tokenizer
+    from onnxqf.genai import genai_dir, output_path, read_genai, write_folder
     from onnxqf.modelfile import load_model, save_model, set_metadata, get_metadata
     from onnxqf.models.export import TOKENIZER_SUFFIX, copy_tokenizer_dir
     from onnxqf.pipeline import RewriteOptions, rewrite
 
     src = Path(args.model)
-    out = Path(args.output) if args.output else _default_output(src, args)
-    if out.suffix != ".onnx":
-        raise OnnxqfError(f"{out}: the output name must end in .onnx")
-    if out.exists() and src.exists() and _same_file(src, out):
-        raise OnnxqfError("the output would overwrite the input; choose another -o")
+    folder = read_genai(src) if genai_dir(src) is not None else None  # an onnxruntime-genai folder (or its graph)
+    if folder is not None:
+        out = output_path(folder, args.output or _default_genai_output(folder, args))
+        src = folder.model_path
+    else:
+        out = Path(args.output) if args.output else _default_output(src, args)
+        if out.suffix != ".onnx":
+            raise OnnxqfError(f"{out}: the output name must end in .onnx")
+        if out.exists() and src.exists() and _same_file(src, out):
+            raise OnnxqfError("the output would overwrite the input; choose another -o")
     transform = _transform(args)
     if transform == "smooth+rotate":
         raise OnnxqfError("--smooth --rotate: use --hybrid (smoothing before rotation)")
@@ -276,9 +290,16 @@ def cmd_rewrite(args) -> int:
                           seed=args.seed, progress=not args.quiet)
     opts.validate()
     model = load_model(src)
-    tokenizer = load_tokenizer(src, model, args.tokenizer) if opts.needs_calibration and not args.calib.endswith(".npy") else None
+    tok_dir = args.tokenizer or (str(folder.directory) if folder is not None else None)  # genai folders hold theirs
+    tokenizer = load_tokenizer(src, model, tok_dir) if opts.needs_calibration and not args.calib.endswith(".npy") else None
     report = rewrite(model, opts, tokenizer)
     set_metadata(model, "rewrite", report.to_json())
+    if folder is not None:
+        write_folder(folder, model, out)  # the whole folder: decoder, genai_config.json, tokenizer files
+        if not args.quiet:
+            print(f"[onnxqf] {opts.label}: {len(report.quantized)} MatMuls quantized, {report.seconds} s", file=sys.stderr)
+        print(out)
+        return 0
     tok_rel = get_metadata(model, "tokenizer")
     tok_src = src.parent / tok_rel if tok_rel else None
     if tok_src is not None and tok_src.is_dir():

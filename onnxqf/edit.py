@@ -12,6 +12,7 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir import tape as ir_tape
 
+from onnxqf.errors import UnsupportedGraphError
 from onnxqf.hadamard import ONLINE_GROUP_MAX, online_groups
 from onnxqf.structure import ONLINE_ROTATION, Linear, Norm, Structure, const_array, read
 
@@ -101,8 +102,34 @@ def private_gamma(graph: ir.Graph, norm: Norm) -> None:
     norm.gamma = new
 
 
+def private_embedding(graph: ir.Graph, structure: Structure) -> None:
+    """Give the embedding Gather its own [vocab, hidden] table when it reads Transpose(W) of a
+    [hidden, vocab] initializer (the model builder's tied lm_head), and drop the Transpose.
+
+    Afterwards ``structure.embedding_table`` is an initializer that the residual rotation can
+    rewrite without touching lm_head.
+    """
+    t = structure.embedding_transpose()
+    if t is None:
+        return
+    perm = t.attributes.get_ints("perm", [1, 0])
+    if list(perm) != [1, 0] or not t.inputs[0].is_initializer():
+        raise UnsupportedGraphError(f"embedding Transpose '{t.name}' is not a 2-D transpose of an initializer")
+    source = t.inputs[0]
+    new = add_initializer(graph, (source.name or "embedding") + ".embedding", read(source).T, source.const_value.dtype)
+    structure.embedding.replace_input_with(0, new)
+    if not list(t.outputs[0].uses()):
+        graph.remove(t, safe=True)
+
+
 def prepare_linears(graph: ir.Graph, structure: Structure) -> None:
-    """Make every weight and bias of the structure private, so folds never leak across users."""
+    """Make every weight and bias of the structure private, so folds never leak across users.
+
+    A packed q/k/v weight is one MatMul's own initializer already: it is handled once, as
+    ``Layer.qkv``, never copied per column block. A tied embedding read through a Transpose gets
+    its own table (:func:`private_embedding`).
+    """
+    private_embedding(graph, structure)
     for lin in structure.linears():
         make_private(graph, lin)
         make_bias_private(graph, lin)

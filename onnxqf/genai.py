@@ -228,6 +228,66 @@ def _output_width(node, producers, inits) -> int | None:
     return None
 
 
+# --------------------------------------------------------------------------- writing a rewritten folder
+
+
+def output_path(folder: GenaiFolder, out: str | os.PathLike) -> Path:
+    """The decoder path of a new genai folder for ``out`` (``NEWDIR/name.onnx`` or ``NEWDIR``), checked.
+
+    The folder must be new, empty or an earlier genai folder (replaced as a whole), and neither the
+    input folder nor one of its parents (:class:`GenaiFolderError` otherwise, before any work).
+    """
+    out = Path(out)
+    out = (out if out.suffix == ".onnx" else out / folder.model_path.name).absolute()
+    target, src = out.parent, folder.directory.resolve()
+    if target.exists() and (target.resolve() == src or target.resolve() in src.parents):
+        raise GenaiFolderError(f"the output folder {target} would replace the input genai folder {folder.directory}; "
+                               "choose a new folder with -o NEWDIR/model.onnx")
+    if target.exists() and (not target.is_dir() or (any(target.iterdir()) and not (target / GENAI_CONFIG).is_file())):
+        raise GenaiFolderError(f"{target} exists and is not an onnxruntime-genai folder: choose a new or empty folder "
+                               "(a genai model, its config and tokenizer files live together in one folder)")
+    return out
+
+
+def write_folder(folder: GenaiFolder, model, out: Path) -> Path:
+    """Write ``model`` as the decoder ``out`` of a new genai folder (see :func:`output_path`), atomically.
+
+    Every other entry of ``folder`` (``genai_config.json``, tokenizer files, ...) is copied; the
+    config names ``out``'s file. The folder is built beside the target, checked with
+    :func:`read_genai`, and renamed into place at the end: a failure leaves nothing behind, and the
+    input folder is only read.
+    """
+    import shutil
+    import tempfile
+
+    from onnxqf.modelfile import _all_tensors, save_model
+    from onnxqf.models.genai_export import _replace_dir
+
+    target = out.parent
+    skip = {folder.model_path.name, GENAI_CONFIG}
+    skip |= {e.value for t in _all_tensors(_load_graph(folder.model_path)) for e in t.external_data if e.key == "location"}
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{target.name}.onnxqf-partial-", dir=target.parent) as tmp:
+        built = Path(tmp) / "genai"
+        built.mkdir()
+        for entry in folder.directory.iterdir():
+            if entry.name in skip or "onnxqf-partial-" in entry.name or entry.resolve() == target.resolve():
+                continue
+            if entry.is_dir():
+                shutil.copytree(entry, built / entry.name)
+            else:
+                shutil.copy2(entry, built / entry.name)
+        config = json.loads(json.dumps(folder.config))
+        config["model"]["decoder"]["filename"] = out.name
+        (built / GENAI_CONFIG).write_text(json.dumps(config, indent=4) + "\n", encoding="utf-8")
+        # no onnx.checker: the builder's graphs use ONNX Runtime's SimplifiedLayerNormalization in the
+        # default domain, which the checker does not know (it rejects the builder's own output)
+        save_model(model, built / out.name, check=False)
+        read_genai(built / out.name)  # the folder must be one we (and onnxruntime-genai) can read
+        _replace_dir(built, target, Path(tmp) / "old")
+    return out
+
+
 # --------------------------------------------------------------------------- logits with a KV cache
 
 
@@ -235,19 +295,19 @@ def is_kv_session(session) -> bool:
     return any(i.name in ("attention_mask", "position_ids") or i.name.startswith("past_") for i in session.get_inputs())
 
 
-def logits_function(session, path: str | os.PathLike | None = None) -> Callable[[np.ndarray], np.ndarray]:
-    """ids [batch, seq] -> logits, for a plain graph (input_ids -> logits) or a KV-cache graph.
+def feed_function(session, path: str | os.PathLike | None = None,
+                  kv_shape: tuple[int, int] | None = None) -> Callable[[np.ndarray], dict[str, np.ndarray]]:
+    """ids [batch, seq] -> the session's feed, for a plain graph (input_ids) or a KV-cache graph.
 
     A KV-cache graph gets ``attention_mask`` (ones), ``position_ids`` (0..seq-1) when it has that
     input, and an empty past [batch, kv_heads, 0, head_size] for every cache input, in its dtype.
+    Symbolic cache dims are taken from ``kv_shape`` = (kv_heads, head_size), else from the
+    ``genai_config.json`` beside ``path``.
     """
-    from onnxqf.runtime import logits
-
-    if not is_kv_session(session):
-        return lambda ids: logits(session, ids)
     inputs = session.get_inputs()
-    out_names = [o.name for o in session.get_outputs()]
-    out = "logits" if "logits" in out_names else out_names[0]
+    if not is_kv_session(session):
+        first = inputs[0].name
+        return lambda ids: {first: np.asarray(ids, dtype=np.int64)}
     folder = None
     past = {}
     for i in inputs:
@@ -259,28 +319,45 @@ def logits_function(session, path: str | os.PathLike | None = None) -> Callable[
         if i.type not in _ORT_DTYPES:
             raise OnnxqfError(f"{path or 'model'}: KV-cache input '{i.name}' has dtype {i.type} (float32 or float16 supported)")
         if not isinstance(shape[1], int) or not isinstance(shape[3], int):
-            if folder is None:
-                if path is None or genai_dir(path) is None:
-                    raise OnnxqfError(f"{path or 'model'}: cannot tell the KV-cache shape of '{i.name}' without its {GENAI_CONFIG}")
-                folder = read_genai(path, check_attention=False)
-            shape[1] = shape[1] if isinstance(shape[1], int) else folder.kv_heads
-            shape[3] = shape[3] if isinstance(shape[3], int) else folder.head_size
+            if kv_shape is not None:
+                known = kv_shape
+            else:
+                if folder is None:
+                    if path is None or genai_dir(path) is None:
+                        raise OnnxqfError(f"{path or 'model'}: cannot tell the KV-cache shape of '{i.name}' without its {GENAI_CONFIG}")
+                    folder = read_genai(path, check_attention=False)
+                known = (folder.kv_heads, folder.head_size)
+            shape[1] = shape[1] if isinstance(shape[1], int) else known[0]
+            shape[3] = shape[3] if isinstance(shape[3], int) else known[1]
         past[i.name] = (shape[1], shape[3], _ORT_DTYPES[i.type])
     names = {i.name for i in inputs}
 
-    def run(ids: np.ndarray) -> np.ndarray:
+    def feed(ids: np.ndarray) -> dict[str, np.ndarray]:
         ids = np.asarray(ids, dtype=np.int64)
         b, s = ids.shape
-        feed = {"input_ids": ids}
+        out = {"input_ids": ids}
         if "attention_mask" in names:
-            feed["attention_mask"] = np.ones((b, s), np.int64)
+            out["attention_mask"] = np.ones((b, s), np.int64)
         if "position_ids" in names:
-            feed["position_ids"] = np.broadcast_to(np.arange(s, dtype=np.int64), (b, s)).copy()
+            out["position_ids"] = np.broadcast_to(np.arange(s, dtype=np.int64), (b, s)).copy()
         for name, (heads, head, dt) in past.items():
-            feed[name] = np.zeros((b, heads, 0, head), dt)
-        return session.run([out], feed)[0]
+            out[name] = np.zeros((b, heads, 0, head), dt)
+        return out
 
-    return run
+    return feed
+
+
+def logits_function(session, path: str | os.PathLike | None = None) -> Callable[[np.ndarray], np.ndarray]:
+    """ids [batch, seq] -> logits, for a plain graph (input_ids -> logits) or a KV-cache graph
+    (fed by :func:`feed_function`: an empty past)."""
+    from onnxqf.runtime import logits
+
+    if not is_kv_session(session):
+        return lambda ids: logits(session, ids)
+    out_names = [o.name for o in session.get_outputs()]
+    out = "logits" if "logits" in out_names else out_names[0]
+    feed = feed_function(session, path)
+    return lambda ids: session.run([out], feed(ids))[0]
 
 
 # --------------------------------------------------------------------------- generation

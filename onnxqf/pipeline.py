@@ -20,6 +20,7 @@ them, so what the α search measures is what is written. Transforms (``RewriteOp
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import logging
 import time
 
@@ -96,6 +97,8 @@ def rewrite(model: ir.Model, opts: RewriteOptions, tokenizer=None) -> RewriteRep
     """Apply the preset to ``model`` in place; returns the report (passes, plan, α choices, quantized)."""
     opts.validate()
     structure = recognize(model)  # fail early, with a clear message, on graphs we cannot match
+    if opts.quant != "none":
+        _check_keep_float(structure, opts.keep_float)
     plan = Plan.build(structure.config, opts.transform, opts.seed)
     report = RewriteReport(options=opts.label, layers=len(structure.layers), rotations=plan.describe())
     t0 = time.time()
@@ -138,6 +141,19 @@ def rewrite(model: ir.Model, opts: RewriteOptions, tokenizer=None) -> RewriteRep
         _run(model, _quantize_pass(opts, hessians, report))
     report.seconds = round(time.time() - t0, 1)
     return report
+
+
+def _check_keep_float(structure, patterns: tuple[str, ...]) -> None:
+    """A --keep-float pattern cannot keep one block of a packed q/k/v MatMul (genai graphs) float."""
+    def matches(name: str, p: str) -> bool:
+        return fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(name, f"layers.*.{p}")
+
+    for layer in structure.layers:
+        for p in patterns:
+            if layer.qkv is not None and not matches(layer.qkv.name, p) and any(
+                    matches(lin.name, p) for lin in (layer.q, layer.k, layer.v)):
+                raise OnnxqfError(f"--keep-float {p}: q, k and v are one packed MatMul in this graph, quantized together; "
+                                  "keep all three float with --keep-float qkv_proj")
 
 
 def _quantize_pass(opts: RewriteOptions, hessians: dict[str, np.ndarray] | None, report: RewriteReport):

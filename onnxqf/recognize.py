@@ -292,7 +292,15 @@ def _residual_add(x: ir.Value, norm: Norm, where: str) -> tuple[ir.Node, ir.Valu
 
 
 def recognize(model: ir.Model) -> Structure:
-    """Match the decoder structure of ``model`` or raise UnsupportedGraphError."""
+    """Match the decoder structure of ``model`` or raise UnsupportedGraphError.
+
+    Graphs of onnxruntime-genai's model builder (fused norms, packed q/k/v, GroupQueryAttention)
+    are matched by :func:`onnxqf.recognize_genai.recognize_genai`.
+    """
+    from onnxqf.recognize_genai import is_builder_graph, recognize_genai
+
+    if is_builder_graph(model):
+        return recognize_genai(model)
     gather = _find_gather(model)
     x = gather.outputs[0]
     layers: list[Layer] = []

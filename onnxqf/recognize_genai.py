@@ -10,10 +10,12 @@ The builder's decoder differs from a plain export in four ways this module maps 
   3, or the embedding) and ``gamma_node`` = the fused node; ``Layer.attn_add`` / ``mlp_add`` are the
   Skip nodes that do those Adds (their *output 3* is the residual sum, not output 0);
 * q, k and v are one MatMul (``qkv_proj``, plus one bias Add for Qwen2) whose columns are
-  [q | k | v]: three :class:`Linear` records share the node, each with its ``cols`` block;
+  [q | k | v]: three :class:`Linear` records share the node, each with its ``cols`` block, and
+  ``Layer.qkv`` is the whole MatMul (what quantization replaces, once);
 * attention is ``GroupQueryAttention`` (rotary inside, KV cache as graph inputs/outputs);
-* SiLU is ``Sigmoid`` * ``Mul``; lm_head is its own MatMul (the builder writes a separate
-  [hidden, vocab] weight even for tied checkpoints).
+* SiLU is ``Sigmoid`` * ``Mul``; lm_head is its own MatMul of a [hidden, vocab] weight; for tied
+  checkpoints the builder stores the table once, as that weight, and the embedding Gather reads it
+  through a Transpose (:func:`onnxqf.edit.private_embedding` unties it before a residual rotation).
 """
 
 from __future__ import annotations
@@ -21,12 +23,14 @@ from __future__ import annotations
 import onnx_ir as ir
 
 from onnxqf.errors import UnsupportedGraphError
-from onnxqf.recognize import _classify_gate_up, _find_gather, match_linear
+from onnxqf.recognize import _classify_gate_up, _find_gather, _readers  # _readers sees through onnxqf's online rotations
 from onnxqf.structure import Layer, Linear, ModelConfig, Norm, Structure, is_initializer
 
 SKIP_NORM = "SkipSimplifiedLayerNormalization"
 NORM = "SimplifiedLayerNormalization"
 GQA = "GroupQueryAttention"
+# weight MatMuls that are already quantized (the builder's int4 folders, onnxqf's own output)
+QUANTIZED_OPS = {"MatMulNBits", "MatMulInteger", "DynamicQuantizeLinear", "QLinearMatMul", "GatherBlockQuantized"}
 
 
 def is_builder_graph(model: ir.Model) -> bool:
@@ -57,13 +61,6 @@ def _residual_out(node: ir.Node, where: str) -> ir.Value:
     return node.outputs[3]
 
 
-def _readers(value: ir.Value) -> list[Linear]:
-    out = []
-    for node in value.consumers():
-        lin = match_linear(node)
-        if lin is not None and node.inputs[0] is value:
-            out.append(lin)
-    return out
 
 
 def _only_linear_reader(value: ir.Value, where: str, what: str) -> Linear:
@@ -73,7 +70,8 @@ def _only_linear_reader(value: ir.Value, where: str, what: str) -> Linear:
     return readers[0]
 
 
-def _qkv(norm_out: ir.Value, where: str) -> tuple[Linear, Linear, Linear, ir.Node]:
+def _qkv(norm_out: ir.Value, where: str) -> tuple[Linear, Linear, Linear, ir.Node, Linear | None]:
+    """q, k, v, the attention node, and the packed q/k/v Linear (None when q/k/v are separate)."""
     gqas = []
     readers = _readers(norm_out)
     for lin in readers:
@@ -97,14 +95,15 @@ def _qkv(norm_out: ir.Value, where: str) -> tuple[Linear, Linear, Linear, ir.Nod
         bounds = (0, heads * hd, (heads + kv_heads) * hd, width)
         q, k, v = (Linear(base.node, base.weight, base.transpose, base.bias, base.bias_node, cols=(bounds[i], bounds[i + 1]))
                    for i in range(3))
-        return q, k, v, attn
+        base.role = "qkv_proj"
+        return q, k, v, attn, base
     by_slot = {}
     for lin, node in gqas:
         if node is attn:
             by_slot[list(node.inputs).index(lin.output)] = lin
     if sorted(by_slot) != [0, 1, 2]:
         raise UnsupportedGraphError(f"{where}: cannot find separate q/k/v projections feeding {GQA}")
-    return by_slot[0], by_slot[1], by_slot[2], attn
+    return by_slot[0], by_slot[1], by_slot[2], attn, None
 
 
 def _find_embedding(model: ir.Model) -> ir.Node:
@@ -132,6 +131,10 @@ def recognize_genai(model: ir.Model) -> Structure:
     For tied embeddings ``Structure.embedding.inputs[0]`` is the Transpose output, not an
     initializer: passes must read the table through ``lm_head.weight`` (see the module notes).
     """
+    quantized = sorted({n.op_type for n in model.graph if n.op_type in QUANTIZED_OPS})
+    if quantized:
+        raise UnsupportedGraphError(f"the graph is already quantized ({', '.join(quantized)}); rewrite a float32 or float16 "
+                                    "genai folder")
     gather = _find_embedding(model)
     x = gather.outputs[0]
     layers: list[Layer] = []
@@ -146,7 +149,7 @@ def recognize_genai(model: ir.Model) -> Structure:
             final_norm, lm_head = norm, readers[0]
             lm_head.role = "lm_head"
             break
-        q, k, v, attn = _qkv(norm.output, where)
+        q, k, v, attn, qkv = _qkv(norm.output, where)
         o = _only_linear_reader(attn.outputs[0], where, "o_proj")
         skips = [n for n in o.output.consumers() if n.op_type == SKIP_NORM]
         if len(skips) != 1 or skips[0].inputs[1] is not o.output:
@@ -168,6 +171,8 @@ def recognize_genai(model: ir.Model) -> Structure:
         for lin, role in ((q, "q_proj"), (k, "k_proj"), (v, "v_proj"), (o, "o_proj"), (gate, "gate_proj"), (up, "up_proj"),
                           (down, "down_proj")):
             lin.role, lin.layer = role, idx
+        if qkv is not None:
+            qkv.layer = idx
         heads = attn.attributes.get_int("num_heads", 0)
         kv_heads = attn.attributes.get_int("kv_num_heads", 0)
         head_dim = q.shape[1] // heads
@@ -175,7 +180,7 @@ def recognize_genai(model: ir.Model) -> Structure:
         if config is not None and layer_config != config:
             raise UnsupportedGraphError(f"{where}: heads/head size/MLP width differ from layer 0")
         config = layer_config
-        layer = Layer(idx, norm, q, k, v, o, attn_add, norm2, gate, up, down, mlp_add, mlp_mul)
+        layer = Layer(idx, norm, q, k, v, o, attn_add, norm2, gate, up, down, mlp_add, mlp_mul, qkv=qkv)
         layer.kv_groups = (kv_heads, heads // kv_heads, head_dim)
         layers.append(layer)
         x = mlp_add.outputs[3] if len(mlp_add.outputs) > 3 and mlp_add.outputs[3] is not None else mlp_add.inputs[0]

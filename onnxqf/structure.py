@@ -166,9 +166,19 @@ class Layer:
     mlp_add: ir.Node
     mlp_mul: ir.Node | None  # act(gate) * up, the producer of down's input
     kv_groups: tuple[int, int, int] | None = None  # (n_kv_heads, heads per group, head_dim), set by recognize
+    # the one MatMul that q, k and v share when they are column blocks of a packed weight (the model
+    # builder's qkv_proj), as a Linear of its own (role "qkv_proj", no cols); None for separate q/k/v
+    qkv: Linear | None = None
 
     def linears(self) -> list[Linear]:
+        """The seven projections by role (q/k/v may be column blocks of one packed MatMul)."""
         return [self.q, self.k, self.v, self.o, self.gate, self.up, self.down]
+
+    def matmuls(self) -> list[Linear]:
+        """The weight MatMuls of the layer, each once: a packed q/k/v is one Linear, not three blocks."""
+        if self.qkv is None:
+            return self.linears()
+        return [self.qkv, self.o, self.gate, self.up, self.down]
 
     def sites(self) -> list[Site]:
         """The four quantized inputs of this layer, in graph order (see :data:`SITE_KINDS`)."""
@@ -211,15 +221,24 @@ class Structure:
 
     @property
     def embedding_table(self) -> ir.Value:
+        """What the Gather reads: an initializer, or (model builder, tied) Transpose(lm_head's weight)
+        until :func:`onnxqf.edit.private_embedding` gives it its own table."""
         return self.embedding.inputs[0]
+
+    def embedding_transpose(self) -> ir.Node | None:
+        """The Transpose between a [hidden, vocab] initializer and the Gather, or None."""
+        producer = self.embedding_table.producer()
+        return producer if producer is not None and producer.op_type == "Transpose" else None
 
     @property
     def dtype(self) -> ir.DataType:
         """The model's compute dtype: that of the embedding table."""
-        return self.embedding_table.const_value.dtype
+        t = self.embedding_transpose()
+        return (t.inputs[0] if t is not None else self.embedding_table).const_value.dtype
 
     def linears(self, include_lm_head: bool = True) -> list[Linear]:
-        out = [lin for layer in self.layers for lin in layer.linears()]
+        """Every weight MatMul once (a packed q/k/v is one Linear, see :meth:`Layer.matmuls`)."""
+        out = [lin for layer in self.layers for lin in layer.matmuls()]
         if include_lm_head:
             out.append(self.lm_head)
         return out
@@ -229,8 +248,12 @@ class Structure:
         return [site for layer in self.layers for site in layer.sites() if site.kind in kinds]
 
     def site_of(self) -> dict[str, Site]:
-        """Linear name -> the site it reads."""
-        return {lin.name: site for site in self.sites() for lin in site.readers}
+        """Linear name -> the site it reads (a packed q/k/v under its own name too)."""
+        out = {lin.name: site for site in self.sites() for lin in site.readers}
+        for layer in self.layers:
+            if layer.qkv is not None:
+                out[layer.qkv.name] = layer.site("attn_in")
+        return out
 
     def norms(self) -> list[Norm]:
         return [n for layer in self.layers for n in (layer.attn_norm, layer.mlp_norm)] + [self.final_norm]
@@ -241,5 +264,6 @@ class Structure:
         return out + [(self.final_norm, (self.lm_head,))]
 
     def tied(self) -> bool:
-        """True when lm_head reads the embedding table's initializer."""
-        return self.lm_head.weight is self.embedding_table
+        """True when lm_head reads the embedding table's initializer (directly or through a Transpose)."""
+        t = self.embedding_transpose()
+        return self.lm_head.weight is (t.inputs[0] if t is not None else self.embedding_table)

@@ -19,7 +19,8 @@ class RotateResidualPass(RotationPass):
     (q, k, v, gate, up, lm_head); linears that write into it ``B <- B Q``, ``b <- b Q`` (o, down).
     Exact because ``RMSNorm(x Q) = RMSNorm(x) Q`` when the norm has no scale, so the norm scales
     must be folded first (``requires``: every γ is 1, and only norms and residual Adds read the
-    stream).
+    stream; a ``SkipSimplifiedLayerNormalization`` is both, and rotation-equivariant likewise). A
+    tied embedding read through a Transpose of lm_head's weight is untied first.
 
     Attributes:
         rotation: the plan's residual rotation (hidden x hidden).
@@ -35,8 +36,11 @@ class RotateResidualPass(RotationPass):
         for norm in s.norms():
             if norm.gamma is not None and not np.all(read(norm.gamma) == 1.0):
                 raise OnnxqfError("residual rotation needs folded norm scales (run FoldNormsPass first)")
-        values = [s.embedding.outputs[0]] + [v for layer in s.layers for v in (layer.attn_add.outputs[0], layer.mlp_add.outputs[0])]
-        allowed = {"Add", "Pow", "Mul", "Cast", "Div", "RMSNormalization", "SimplifiedLayerNormalization"}
+        # the residual stream: the embedding and every value a norm normalizes (the residual Adds'
+        # outputs, or the fused Skip norms' residual sums)
+        values = list({id(v): v for v in [s.embedding.outputs[0]] + [n.input for n in s.norms()]}.values())
+        allowed = {"Add", "Pow", "Mul", "Cast", "Div", "RMSNormalization", "SimplifiedLayerNormalization",
+                   "SkipSimplifiedLayerNormalization"}
         for v in values:
             for node in v.consumers():
                 if node.op_type not in allowed:

@@ -263,7 +263,7 @@ def test_gpu_bench_sections_a_b_c2(gpu_bench, tmp_path, capsys):
     assert variants == set(gpu_bench.LINEAR_VARIANTS) - {"w8a8-ql19"}  # ql19 only when ql21 is refused
     for r in data["a_linears"]:
         assert r["on_provider"] and set(r["ms_per_linear"]) == {str(m) for m in cfg.ms}, r
-    assert [r["rotation"].split()[0] for r in data["b_rotations"]] == ["hadamard", "hadamard", "head", "attention"]
+    assert [r["rotation"].split()[0] for r in data["b_rotations"]] == ["hadamard", "hadamard", "head", "legacy", "legacy", "legacy", "attention"]
     assert all(r["ms"][str(m)]["median"] > 0 for r in data["b_rotations"] for m in cfg.rot_ms)
     shares = data["b_shares"]
     assert len(shares) == 2 and all(0 < s["rot_full_hybrid_share_of_fp16_linears"] < 1 for s in shares)

@@ -240,8 +240,198 @@ def test_recognize_builder_graph(built):
             assert np.allclose(a.gamma.const_value.numpy(), b.gamma.const_value.numpy())
         assert lg.mlp_norm.input is lg.attn_add.outputs[3]  # the Skip norm's residual sum
     assert g.final_norm.kind == "SkipSimplifiedLayerNormalization" and g.lm_head.shape == (64, 512)
+    # the packed MatMul is one weight linear: quantization and prepare_linears see it once
+    assert [lin.role for lin in g.linears(include_lm_head=False)][:5] == ["qkv_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    assert g.layers[0].qkv.node is g.layers[0].q.node and g.layers[0].qkv.cols is None and g.layers[0].qkv.shape == (64, 128)
+    assert g.site_of()["layers.0.qkv_proj"].kind == "attn_in"
     # writing one column block leaves the other blocks of the packed weight alone
     v = g.layers[0].v
     before = g.layers[0].q.matrix(), g.layers[0].k.matrix()
     set_weight_matrix(v, np.zeros(v.shape))
     assert not v.matrix().any() and all(np.array_equal(a, b.matrix()) for a, b in zip(before, (g.layers[0].q, g.layers[0].k)))
+
+
+# --------------------------------------------------------------------------- rewriting genai folders
+
+
+@pytest.fixture(scope="module")
+def folders(built, tmp_path_factory):
+    """name -> a genai folder of that tiny model, built on first use (llama-gqa is ``built``'s)."""
+    from onnxqf.models.genai_export import export_genai
+    from tiny import tiny_model
+
+    cache = {"llama-gqa": built[1]}
+
+    def get(name: str) -> Path:
+        if name not in cache:
+            tmp = tmp_path_factory.mktemp(name)
+            model = tiny_model(name)
+            model.config.eos_token_id = 0
+            model.save_pretrained(str(tmp / "hf"))
+            save_byte_tokenizer(tmp / "hf")
+            cache[name] = export_genai(str(tmp / "hf"), tmp / "gen" / "model.onnx").parent
+        return cache[name]
+
+    return get
+
+
+def _digest(folder: Path) -> dict[str, bytes]:
+    import hashlib
+
+    return {p.name: hashlib.sha256(p.read_bytes()).digest() for p in sorted(folder.iterdir())}
+
+
+def _ops(path: Path) -> dict[str, int]:
+    import collections
+
+    import onnx
+
+    return collections.Counter(n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node)
+
+
+def _report(path: Path) -> dict:
+    from onnxqf.modelfile import get_metadata, load_model
+
+    return json.loads(get_metadata(load_model(path), "rewrite"))
+
+
+def _calib_ids(tmp_path: Path) -> Path:
+    ids = tmp_path / "calib.npy"
+    np.save(ids, np.random.default_rng(1).integers(1, 512, 256))
+    return ids
+
+
+@pytest.mark.parametrize("name", ["llama-gqa", "llama-tied", "qwen2-bias"])
+def test_rewrite_rotate_genai_float_exact(folders, name, tmp_path, capsys):
+    """--rotate --quant none on a model builder folder: a complete folder, float-exact, same greedy tokens."""
+    from onnxqf.evaluate import compare
+    from onnxqf.modelfile import load_model
+    from onnxqf.recognize import recognize
+
+    gen = folders(name)
+    before = _digest(gen)
+    out = tmp_path / "rot"
+    assert main(["rewrite", str(gen / "model.onnx"), "--rotate", "--quant", "none", "-o", str(out), "-q"]) == 0
+    assert capsys.readouterr().out.strip() == str(out.absolute() / "model.onnx")
+    assert _digest(gen) == before  # the input folder is only read
+    assert {"model.onnx", "model.onnx.data", "genai_config.json", "tokenizer.json", "tokenizer_config.json"} == {
+        p.name for p in out.iterdir()}
+    assert read_genai(out).layers == 2 and not [p for p in tmp_path.iterdir() if "partial" in p.name]
+    s = recognize(load_model(out / "model.onnx"))
+    assert s.embedding_table.is_initializer() and not s.tied()  # a Transpose-tied table is untied
+    assert _ops(out / "model.onnx")["MatMul"] > _ops(gen / "model.onnx")["MatMul"]  # online rotations
+    wins = np.random.default_rng(0).integers(1, 512, (2, 32))
+    r = compare(gen, out, wins, progress=False, max_abs=True)
+    assert r["kl"] <= 1e-6 and r["max_abs_diff"] <= 1e-3 * r["max_abs_logit"] and r["top1"] == 1.0
+    n = 12
+    assert generate(out, token_ids=PROMPT, max_new_tokens=n, quiet=True)["tokens"] == \
+        generate(gen, token_ids=PROMPT, max_new_tokens=n, quiet=True)["tokens"]
+
+
+def test_rewrite_genai_default_output(folders, tmp_path, capsys):
+    gen = _copy(folders("llama-gqa"), tmp_path / "gen")
+    assert main(["rewrite", str(gen), "--rotate", "--quant", "none", "-q"]) == 0
+    out = tmp_path / "gen.rotate.float"
+    assert capsys.readouterr().out.strip() == str(out / "model.onnx") and read_genai(out).model_path == out / "model.onnx"
+    # another graph name: the copied config names it
+    assert main(["rewrite", str(gen), "--rotate", "--quant", "none", "-q", "-o", str(tmp_path / "r" / "rot.onnx")]) == 0
+    assert read_genai(tmp_path / "r").model_path.name == "rot.onnx"
+    assert {p.name for p in (tmp_path / "r").iterdir()} == {"rot.onnx", "rot.onnx.data", "genai_config.json", "tokenizer.json",
+                                                           "tokenizer_config.json"}
+
+
+@pytest.mark.parametrize("quant, op", [("int8", "MatMulInteger"), ("int4", "MatMulNBits")])
+def test_rewrite_genai_quantizes_packed_qkv_once(folders, quant, op, tmp_path, capsys):
+    """The packed q/k/v MatMul is quantized once, GPTQ-rounded with X^T X captured through the genai
+    graph; the folder loads and generates in onnxruntime-genai."""
+    from onnxqf.evaluate import compare
+
+    gen = folders("llama-tied")
+    out = tmp_path / quant
+    assert main(["rewrite", str(gen), "--rotate", "--quant", quant, "--calib", str(_calib_ids(tmp_path)),
+                 "--calib-windows", "2", "--calib-seq", "64", "-o", str(out), "-q"]) == 0
+    ops = _ops(out / "model.onnx")
+    assert ops[op] == 2 * 5 and ops["GroupQueryAttention"] == 2  # qkv, o, gate, up, down per layer
+    report = _report(out / "model.onnx")
+    assert report["quantized"][:5] == ["layers.0.qkv_proj", "layers.0.o_proj", "layers.0.gate_proj", "layers.0.up_proj",
+                                       "layers.0.down_proj"]
+    assert set(report["rounding"].values()) == {"gptq"} and report["calibration"]["windows"] == 2
+    r = compare(gen, out, np.random.default_rng(0).integers(1, 512, (2, 32)), progress=False)
+    assert r["kl"] < 0.05 and r["top1"] > 0.7
+    result = generate(out, token_ids=PROMPT, max_new_tokens=8, quiet=True)
+    assert result["new_tokens"] == 8
+
+
+def test_rewrite_genai_hybrid(folders, tmp_path, capsys):
+    """--hybrid calibrates through the genai graph: float-exact with --quant none, and W8A8 generates."""
+    from onnxqf.evaluate import compare
+
+    gen = folders("qwen2-bias")
+    calib = ["--calib", str(_calib_ids(tmp_path)), "--calib-windows", "2", "--calib-seq", "64", "--alpha", "0.5"]
+    wins = np.random.default_rng(0).integers(1, 512, (2, 32))
+    assert main(["rewrite", str(gen), "--hybrid", "--quant", "none", *calib, "-o", str(tmp_path / "f"), "-q"]) == 0
+    report = _report(tmp_path / "f" / "model.onnx")
+    assert len(report["sites"]) == 2 * 4 and all(c["alpha"] == 0.5 for c in report["sites"].values())
+    r = compare(gen, tmp_path / "f", wins, progress=False, max_abs=True)
+    assert r["kl"] <= 1e-6 and r["max_abs_diff"] <= 1e-3 * r["max_abs_logit"]
+    assert main(["rewrite", str(gen), "--hybrid", *calib, "-o", str(tmp_path / "q"), "-q"]) == 0
+    assert _ops(tmp_path / "q" / "model.onnx")["MatMulInteger"] == 2 * 5
+    assert compare(gen, tmp_path / "q", wins, progress=False)["kl"] < 0.05
+    assert generate(tmp_path / "q", token_ids=PROMPT, max_new_tokens=4, quiet=True)["new_tokens"] == 4
+
+
+def test_capture_through_genai_graph(built):
+    """Calibration feeds a genai graph an empty past and a mask: its activations equal the plain graph's."""
+    from onnxqf import calibrate
+    from onnxqf.modelfile import load_model
+    from onnxqf.recognize import recognize
+
+    _, gen, plain = built
+    wins = np.random.default_rng(0).integers(1, 512, (2, 16))
+    acts = []
+    for path in (gen / "model.onnx", plain):
+        model = load_model(path)
+        values = calibrate.site_values(recognize(model))
+        acts.append(list(calibrate.capture(model, values, wins, progress=False)))
+    for a, b in zip(*acts):
+        assert a.keys() == b.keys() and len(a) == 2 * 4
+        for name in a:
+            assert np.allclose(a[name], b[name], atol=1e-4), name
+
+
+def test_rewrite_genai_refusals(folders, tmp_path, capsys):
+    gen = _copy(folders("llama-gqa"), tmp_path / "gen")
+    before = _digest(gen)
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "mine.txt").write_text("keep")
+    cases = [
+        (["-o", str(gen / "model.onnx")], "would replace the input genai folder"),
+        (["-o", str(gen / "other.onnx")], "would replace the input genai folder"),
+        (["-o", str(busy)], "not an onnxruntime-genai folder"),
+        (["--keep-float", "v_proj", "--quant", "int8", "-o", str(tmp_path / "k")], "keep all three float with --keep-float qkv_proj"),
+    ]
+    for extra, message in cases:
+        assert main(["rewrite", str(gen), "--rotate", "--quant", "none", "-q", *extra]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and message in err, err
+    assert _digest(gen) == before and [p.name for p in busy.iterdir()] == ["mine.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["busy", "gen"]
+    # attention ops other than GroupQueryAttention are refused
+    import onnx
+
+    mha = _copy(gen, tmp_path / "mha")
+    proto = onnx.load(str(mha / "model.onnx"), load_external_data=False)
+    for node in proto.graph.node:
+        if node.op_type == "GroupQueryAttention":
+            node.op_type = "MultiHeadAttention"
+    onnx.save(proto, str(mha / "model.onnx"))
+    assert main(["rewrite", str(mha), "--rotate", "--quant", "none", "-o", str(tmp_path / "m"), "-q"]) == 2
+    assert "unsupported attention op MultiHeadAttention" in capsys.readouterr().err and not (tmp_path / "m").exists()
+    # an already quantized folder is refused with one line
+    for quant, op in (("int4", "MatMulNBits"), ("int8", "MatMulInteger")):
+        assert main(["rewrite", str(gen), "--quant", quant, "--weight-rounding", "rtn", "-o", str(tmp_path / quant), "-q"]) == 0
+        capsys.readouterr()
+        assert main(["rewrite", str(tmp_path / quant), "--rotate", "--quant", "none", "-o", str(tmp_path / "again"), "-q"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and f"already quantized ({op}" in err and not (tmp_path / "again").exists()
