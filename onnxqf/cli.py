@@ -121,8 +121,11 @@ def build_parser() -> argparse.ArgumentParser:
     k = sub.add_parser("check", help="check node placement on an execution provider (CI gate)",
                        description="Create an ONNX Runtime session with CPU fallback disabled and report where every node runs. "
                                    "Exit 0: every node on the provider, no Memcpy; 1: some nodes would fall back or copies are "
-                                   "inserted; 2: bad input; 3: the provider is not available here (skipped).")
-    k.add_argument("model")
+                                   "inserted; 2: bad input; 3: the provider is not available here (skipped). A genai folder is "
+                                   "checked through its decoder graph; with --baseline, only nodes the rewrite added count.")
+    k.add_argument("model", help=".onnx file or onnxruntime-genai folder")
+    k.add_argument("--baseline", help="the graph MODEL was rewritten from: exit 0 if MODEL puts no more nodes off the provider "
+                                      "than it (e.g. onnxruntime-genai graphs keep GroupQueryAttention's sequence length on the CPU)")
     k.add_argument("--ep", choices=["cuda", "cpu"], default="cuda")
     k.add_argument("--json", action="store_true")
 
@@ -356,11 +359,17 @@ def cmd_generate(args) -> int:
 
 
 def cmd_check(args) -> int:
+    from onnxqf.genai import model_file
     from onnxqf.modelfile import load_model
     from onnxqf.placement import check_placement, format_placement
 
-    model = load_model(args.model)
-    result = check_placement(args.model, args.ep)
+    path = model_file(args.model)  # a genai folder: its decoder graph
+    model = load_model(path)
+    result = check_placement(path, args.ep)
+    if args.baseline:
+        from onnxqf.placement import compare_to_baseline
+
+        result = compare_to_baseline(result, check_placement(model_file(args.baseline), args.ep))
     if result["status"] == "unavailable" and args.ep == "cuda":
         from onnxqf.placement import static_issues
 

@@ -158,3 +158,22 @@ def test_eval_rejects_out_of_vocab_ids(tiny_models, tmp_path):
     np.save(bad, np.array([1, 2, 100000] * 100))
     rc, _, err = run_cli("eval", tiny_models["llama-gqa"], tiny_models["llama-gqa"], "--tokens", bad, "--seq", "16")
     assert_one_line_error(rc, err)
+
+
+def test_placement_baseline_counts_only_added_nodes():
+    from onnxqf.placement import compare_to_baseline, format_placement
+
+    def result(off, memcpy=()):
+        return {"provider": "CUDAExecutionProvider", "onnxruntime": "x", "nodes": {}, "off_provider_ops": off,
+                "memcpy": list(memcpy), "strict_session_error": "fallback disabled", "status": "fallback"}
+
+    base = result({"CPUExecutionProvider": {"Gather": 1, "Cast": 1}})
+    same = compare_to_baseline(result({"CPUExecutionProvider": {"Gather": 1, "Cast": 1}}), base)
+    assert same["status"] == "ok" and same["added_off_provider_ops"] == {}
+    assert "adds no node" in format_placement(same)
+    more = compare_to_baseline(result({"CPUExecutionProvider": {"Gather": 1, "Cast": 2, "MatMulInteger": 3}}), base)
+    assert more["status"] == "fallback"
+    assert more["added_off_provider_ops"] == {"CPUExecutionProvider": {"Cast": 1, "MatMulInteger": 3}}
+    assert "MatMulInteger x3" in format_placement(more)
+    copies = compare_to_baseline(result({"CPUExecutionProvider": {"Gather": 1}}, memcpy=["Memcpy_1"]), base)
+    assert copies["status"] == "fallback"
