@@ -72,6 +72,8 @@ BUILDER = {
 OURS = {
     "ours RTN int4 block 32 (no rotation)": (False, dict(bits=4, block_size=32, gptq=False)),
     "ours GPTQ int4 block 32 (no rotation)": (False, dict(bits=4, block_size=32)),
+    "ours RTN asymmetric int4 block 32 (no rotation)": (False, dict(bits=4, block_size=32, gptq=False, symmetric=False)),
+    "ours GPTQ asymmetric int4 block 32 (no rotation)": (False, dict(bits=4, block_size=32, symmetric=False)),
     "ours rotate + RTN int4 block 32": (True, dict(bits=4, block_size=32, gptq=False)),
     "ours rotate + GPTQ int4 block 32": (True, dict(bits=4, block_size=32)),
     "ours rotate + GPTQ int4 block 128": (True, dict(bits=4, block_size=128)),
