@@ -52,6 +52,7 @@ class ModelIO:
     kv_heads: int | None = None
     head_dim: int | None = None
     vocab: int | None = None
+    logits_dtype: np.dtype | None = None
     int_types: dict[str, np.dtype] = field(default_factory=dict)  # ids / mask / positions
 
     @property
@@ -91,6 +92,7 @@ def describe(path: str | os.PathLike) -> ModelIO:
         return np.dtype(helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type))
 
     io.int_types["input_ids"] = elem(inputs["input_ids"])
+    io.logits_dtype = elem(outputs["logits"])
     for name, value in inputs.items():
         if name == "input_ids":
             continue
@@ -255,6 +257,54 @@ def measure_decode(session, io: ModelIO, *, device: str, batch: int, past: int, 
     return speeds
 
 
+def measure_decode_step_graph(session, io: ModelIO, *, batch: int, past: int, warmup: int, repeats: int,
+                              steps: int = 32, seed: int = 0) -> list[float]:
+    """Tokens/s of one decode step at a fixed ``past``, replayed as a CUDA graph, ``repeats`` values.
+
+    ``session`` must be a CUDA session made with ``enable_cuda_graph=1``. ONNX Runtime captures the
+    graph on the first run and replays it on later runs; a replay needs every input and output at the
+    same device address, so the step's inputs (one token, a mask of past + 1, a past of ``past``) and
+    its outputs (logits, presents of past + 1) are bound once to fixed device buffers. The cache does
+    not grow between replays: each replay is the step from ``past`` to ``past + 1``, the same work as
+    the KV-cache loop's step at that length, without the per-kernel launch cost on the host. A value
+    is ``steps`` replays timed together.
+    """
+    from onnxqf.runtime import ort
+
+    if not io.cache:
+        raise OnnxqfError(f"{io.path}: no KV cache to decode with")
+    rt = ort()
+    rng = np.random.default_rng(seed)
+    feeds = {io.ids: _ids(io, rng, batch, 1), io.mask: np.ones((batch, past + 1), io.int_types[io.mask])}
+    if io.positions:
+        feeds[io.positions] = np.full((batch, 1), past, io.int_types[io.positions])
+    kv = _past_arrays(io, rng, batch, past)
+    feeds.update({name: kv for name, _ in io.cache})
+    values = {name: rt.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a), "cuda", 0) for name, a in feeds.items()}
+    if not io.vocab:
+        raise OnnxqfError(f"{io.path}: a CUDA graph needs a static vocabulary size on 'logits'")
+    outs = {io.logits: rt.OrtValue.ortvalue_from_shape_and_type([batch, 1, io.vocab], io.logits_dtype, "cuda", 0)}
+    for _, present in io.cache:
+        outs[present] = rt.OrtValue.ortvalue_from_shape_and_type([batch, io.kv_heads, past + 1, io.head_dim],
+                                                                 io.cache_dtype, "cuda", 0)
+    binding = session.io_binding()
+    for name, value in values.items():
+        binding.bind_ortvalue_input(name, value)
+    for name, value in outs.items():
+        binding.bind_ortvalue_output(name, value)
+    ro = _run_options(rt)
+    session.run_with_iobinding(binding, ro)  # capture
+    speeds = []
+    for i in range(warmup + repeats):
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            session.run_with_iobinding(binding, ro)
+        binding.synchronize_outputs()
+        if i >= warmup:
+            speeds.append(batch * steps / (time.perf_counter() - t0))
+    return speeds
+
+
 # -- the command ----------------------------------------------------------------------------------
 
 
@@ -267,6 +317,7 @@ class BenchOptions:
     decode_tokens: int = 32
     repeats: int = 10
     warmup: int = 3
+    cuda_graph: bool = False  # also decode steps replayed as CUDA graphs (measure_decode_step_graph)
     progress: bool = True
 
 
@@ -311,13 +362,16 @@ def run_bench(models: list[str], opts: BenchOptions, ref: str | None = None) -> 
     paths = ([ref] if ref is not None else []) + list(models)
     ios = [describe(p) for p in paths]  # every bad input is reported before anything is measured
     provider = check_provider(opts.ep)
+    if opts.cuda_graph and opts.ep != "cuda":
+        raise OnnxqfError("--cuda-graph needs --ep cuda")
     device = DEVICE[opts.ep]
     pasts = list(opts.past) if opts.decode_tokens > 0 else []
-    total = sum(2 + (len(pasts) if io.has_cache else 0) for io in ios)
+    per_cache = len(pasts) * (2 if opts.cuda_graph else 1)
+    total = sum(2 + (per_cache if io.has_cache else 0) for io in ios)
     rt = ort()
     result = {"ep": opts.ep, "provider": provider, "onnxruntime": rt.__version__, "batch": opts.batch, "seq": opts.seq,
               "past": pasts, "decode_tokens": opts.decode_tokens, "repeats": opts.repeats, "warmup": opts.warmup,
-              "reference": paths[0], "models": []}
+              "cuda_graph": opts.cuda_graph, "reference": paths[0], "models": []}
     names = _names(paths)
     with tqdm(total=total, desc="bench", unit="step", disable=not opts.progress, leave=False) as bar:
         for i, (path, io) in enumerate(zip(paths, ios)):
@@ -342,6 +396,24 @@ def run_bench(models: list[str], opts: BenchOptions, ref: str | None = None) -> 
                     stats = _stats(speeds)
                     row["decode"][str(past)] = {"tokens_per_s": stats, "ms_per_token": opts.batch * 1e3 / stats["median"]}
                     bar.update(1)
+                if opts.cuda_graph and pasts:
+                    del session
+                    gc.collect()
+                    row["decode_graph"] = {}
+                    for past in pasts:  # a captured graph has fixed shapes: one session per past length
+                        bar.set_description(f"{name}: decode step past {past}, CUDA graph")
+                        graph_session = _guard(name, "loading with a CUDA graph", lambda: make_session(
+                            io.path, ep="cuda", provider_options={"enable_cuda_graph": "1"}))
+                        speeds = _guard(name, f"CUDA-graph decode step (past {past})", lambda: measure_decode_step_graph(
+                            graph_session, io, batch=opts.batch, past=past, warmup=opts.warmup, repeats=opts.repeats,
+                            steps=max(1, opts.decode_tokens)))
+                        stats = _stats(speeds)
+                        row["decode_graph"][str(past)] = {"tokens_per_s": stats,
+                                                          "ms_per_token": opts.batch * 1e3 / stats["median"]}
+                        del graph_session
+                        gc.collect()
+                        bar.update(1)
+                    session = None
             else:
                 row["decode"] = None
                 row["decode_note"] = "n/a (no KV cache)"
@@ -375,14 +447,23 @@ def _speedups(result: dict) -> None:
         for past, d in (row["decode"] or {}).items():
             rd = (ref["decode"] or {}).get(past)
             row["speedup"]["decode"][past] = d["tokens_per_s"]["median"] / rd["tokens_per_s"]["median"] if rd else None
+        if row.get("decode_graph") is not None:
+            row["speedup"]["decode_graph"] = {}
+            for past, d in row["decode_graph"].items():
+                rd = (ref.get("decode_graph") or {}).get(past)
+                row["speedup"]["decode_graph"][past] = (d["tokens_per_s"]["median"] / rd["tokens_per_s"]["median"]
+                                                        if rd else None)
 
 
 def format_table(result: dict) -> str:
     """A markdown table: median [min–max] per measurement, and the speedup against the reference."""
     pasts = [str(p) for p in result["past"]]
     head = ["model", f"prefill {result['batch']}x{result['seq']} ms", "×ref"]
+    graphs = bool(result.get("cuda_graph"))
     for p in pasts:
         head += [f"decode past {p} tok/s", "×ref"]
+        if graphs:
+            head += [f"CUDA-graph step past {p} tok/s", "×ref"]
     rows = []
     for row in result["models"]:
         pf = row["prefill_ms"]
@@ -393,15 +474,21 @@ def format_table(result: dict) -> str:
             if d is None:
                 cells += [row.get("decode_note", "n/a"), ""]
                 continue
-            s = d["tokens_per_s"]
-            sp = row["speedup"]["decode"].get(p)
-            cells += [f"{_num(s['median'])} [{_num(s['min'])}–{_num(s['max'])}]", f"{sp:.2f}" if sp is not None else "n/a"]
+            cells += _rate_cells(d, row["speedup"]["decode"].get(p))
+            if graphs:
+                g = (row.get("decode_graph") or {}).get(p)
+                cells += _rate_cells(g, (row["speedup"].get("decode_graph") or {}).get(p)) if g else ["n/a", ""]
         rows.append(cells)
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     lines.append(f"{result['provider']}, onnxruntime {result['onnxruntime']}; median [min–max] of {result['repeats']} runs "
                  f"after {result['warmup']} warm-up; decode: {result['decode_tokens']} tokens per run; ×ref > 1 is faster")
     return "\n".join(lines)
+
+
+def _rate_cells(d: dict, speedup: float | None) -> list[str]:
+    s = d["tokens_per_s"]
+    return [f"{_num(s['median'])} [{_num(s['min'])}–{_num(s['max'])}]", f"{speedup:.2f}" if speedup is not None else "n/a"]
 
 
 def _num(x: float) -> str:

@@ -96,6 +96,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--quantize-lm-head", action="store_true", help="also quantize lm_head (kept float by default)")
     q.add_argument("--weight-rounding", choices=["gptq", "rtn"], default="gptq",
                    help="gptq: error-compensating rounding with the calibration inputs' X^T X (default); rtn: round to nearest")
+    q.add_argument("--gptq-inputs", choices=["sequential", "float"], default="sequential",
+                   help="where GPTQ's X^T X come from. sequential (default): the model is run one layer at a time, and each "
+                        "layer's inputs are the outputs of the layers before it with their weights already rounded, so later "
+                        "layers compensate earlier rounding (GPTQ's and QuaRot's order; the model runs twice). float: one run "
+                        "of the float model for all layers")
     q.add_argument("--clip-search", action="store_true", help="search a clipping ratio per weight channel (scales)")
     q.add_argument("--keep-float", action="append", default=[], metavar="PATTERN",
                    help="leave matching linears in float, e.g. down_proj or 'layers.29.*' (repeatable)")
@@ -169,6 +174,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--decode-tokens", type=int, default=32, help="decode steps per timed run, 0 for no decode (default 32)")
     b.add_argument("--repeats", type=_positive, default=10, help="timed runs per measurement (default 10)")
     b.add_argument("--warmup", type=int, default=3, help="untimed runs before them (default 3)")
+    b.add_argument("--cuda-graph", action="store_true",
+                   help="with --ep cuda, also time each decode step at a fixed past replayed as a CUDA graph (ONNX "
+                        "Runtime's enable_cuda_graph): the step's GPU time without per-kernel launch cost; needs every "
+                        "node on CUDA")
     b.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     b.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     return p
@@ -289,7 +298,7 @@ def cmd_rewrite(args) -> int:
     opts = RewriteOptions(transform=transform, quant=args.quant, act_quant=args.act_quant, block_size=args.block_size,
                           alpha=args.alpha, calib=args.calib, calib_windows=args.calib_windows,
                           calib_seq=args.calib_seq, quantize_lm_head=args.quantize_lm_head, clip_search=args.clip_search,
-                          keep_float=tuple(args.keep_float), weight_rounding=args.weight_rounding,
+                          keep_float=tuple(args.keep_float), weight_rounding=args.weight_rounding, sequential=args.gptq_inputs == "sequential",
                           seed=args.seed, progress=not args.quiet)
     opts.validate()
     model = load_model(src)
@@ -395,7 +404,7 @@ def cmd_bench(args) -> int:
 
     opts = BenchOptions(ep=args.ep, batch=args.batch, seq=args.seq, past=parse_past(args.past),
                         decode_tokens=args.decode_tokens, repeats=args.repeats, warmup=args.warmup,
-                        progress=not (args.quiet or args.json))
+                        cuda_graph=args.cuda_graph, progress=not (args.quiet or args.json))
     result = run_bench(args.models, opts, ref=args.ref)
     print(json.dumps(result) if args.json else format_table(result))
     return 0

@@ -27,7 +27,7 @@ import time
 import numpy as np
 import onnx_ir as ir
 
-from onnxqf import calibrate
+from onnxqf import calibrate, layerwise
 from onnxqf.data import BUILTIN_CALIB, load_tokens, windows
 from onnxqf.errors import OnnxqfError
 from onnxqf.passes.fold_norms import FoldNormsPass
@@ -61,6 +61,9 @@ class RewriteOptions:
     clip_search: bool = False
     keep_float: tuple[str, ...] = ()
     weight_rounding: str = "gptq"  # or "rtn"
+    # GPTQ: each layer's X^T X from the outputs of the layers before it with their weights rounded
+    # (onnxqf.layerwise); False: from the float model, all layers in one pass
+    sequential: bool = True
     seed: int = 0
     progress: bool = True
 
@@ -133,12 +136,20 @@ def rewrite(model: ir.Model, opts: RewriteOptions, tokenizer=None) -> RewriteRep
     if rotations:
         _run(model, ir.passes.Sequential(*rotations))
     if opts.quant != "none":
-        hessians = None
+        quantize = _quantize_pass(opts, report)
         if opts.weight_rounding == "gptq":
             t = time.time()
-            hessians = calibrate.collect_hessians(model, calibrate.site_values(recognize(model)), wins, progress=opts.progress)
-            logger.info("collected input Hessians for GPTQ (%.1f s)", time.time() - t)
-        _run(model, _quantize_pass(opts, hessians, report))
+            structure = recognize(model)
+            if opts.sequential:
+                quantize.hessians = layerwise.sequential_hessians(model, structure, wins, quantize.rounded,
+                                                                  progress=opts.progress)
+            else:
+                quantize.hessians = calibrate.collect_hessians(model, calibrate.site_values(structure), wins,
+                                                               progress=opts.progress)
+            logger.info("collected input Hessians for GPTQ%s (%.1f s)", ", layer by layer" if opts.sequential else "",
+                        time.time() - t)
+            report.calibration["gptq"] = "sequential" if opts.sequential else "float model"
+        _run(model, quantize)
     report.seconds = round(time.time() - t0, 1)
     return report
 
@@ -156,18 +167,18 @@ def _check_keep_float(structure, patterns: tuple[str, ...]) -> None:
                                   "keep all three float with --keep-float qkv_proj")
 
 
-def _quantize_pass(opts: RewriteOptions, hessians: dict[str, np.ndarray] | None, report: RewriteReport):
+def _quantize_pass(opts: RewriteOptions, report: RewriteReport):
+    """The quantization pass of ``opts.quant``; GPTQ Hessians are set on it (``.hessians``) before it runs."""
     if opts.quant == "int8":
         from onnxqf.passes.quantize import QuantizeMatMulsPass
 
         return QuantizeMatMulsPass(opts.act_quant, opts.quantize_lm_head, opts.clip_search, keep_float=opts.keep_float,
-                                   hessians=hessians, progress=opts.progress, report=report)
+                                   progress=opts.progress, report=report)
     from onnxqf.passes.quantize_nbits import QuantizeNBitsPass
 
-    p = QuantizeNBitsPass(bits=4 if opts.quant == "int4" else 8, block_size=opts.block_size, hessians=hessians,
-                          quantize_lm_head=opts.quantize_lm_head, keep_float=opts.keep_float, progress=opts.progress)
-    p.report = report
-    return p
+    return QuantizeNBitsPass(bits=4 if opts.quant == "int4" else 8, block_size=opts.block_size,
+                             quantize_lm_head=opts.quantize_lm_head, keep_float=opts.keep_float, progress=opts.progress,
+                             report=report)
 
 
 def _run(model: ir.Model, p: ir.passes.PassBase) -> ir.passes.PassResult:

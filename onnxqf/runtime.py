@@ -39,7 +39,8 @@ def session_options(*, strict_ep: bool = False, profile: str | None = None, thre
     return so
 
 
-def make_session(path: str | os.PathLike, ep: str = "cpu", **kwargs):
+def make_session(path: str | os.PathLike, ep: str = "cpu", provider_options: dict | None = None, **kwargs):
+    """A session on ``ep``; ``provider_options`` go to that provider (e.g. ``{"enable_cuda_graph": "1"}``)."""
     rt = ort()
     provider = EP_NAMES.get(ep)
     if provider is None:
@@ -47,6 +48,8 @@ def make_session(path: str | os.PathLike, ep: str = "cpu", **kwargs):
     if provider not in rt.get_available_providers():
         raise OnnxqfError(f"{provider} is not available in this onnxruntime build ({rt.__version__})")
     providers = [provider] if ep == "cuda" else ["CPUExecutionProvider"]
+    if provider_options:
+        providers = [(providers[0], dict(provider_options))]
     try:
         return rt.InferenceSession(str(path), sess_options=session_options(**kwargs), providers=providers)
     except Exception as exc:

@@ -15,8 +15,10 @@ DynamicQuantizeLinear and uint8 MatMulInteger on the CPU)::
     xq, sx, zp = DynamicQuantizeLinear(x)        per-tensor asymmetric uint8
     y = Cast<f32>(MatMulInteger(xq, Wq, zp)) * (sx * w_scale)
 
-An activation read by several linears (q/k/v, gate/up) is quantized once. Float16 models compute
-the rescale in float32 (int32 accumulators overflow float16) and cast back.
+An activation read by several linears (q/k/v, gate/up) is quantized once, and their int8 weights are
+concatenated into one MatMulInteger whose rescaled result is Split back into the linears' outputs
+(one GEMM and one rescale per activation). Float16 models compute the rescale in float32 (int32
+accumulators overflow float16) and cast back.
 """
 
 from __future__ import annotations
@@ -78,15 +80,16 @@ class QuantizeMatMulsPass(RewritePass):
             logger.warning("--act-quant tensor uses DynamicQuantizeLinear and uint8 MatMulInteger: ONNX Runtime's CUDA "
                            "provider runs these nodes on the CPU (use --act-quant token for CUDA)")
         weights = self._round_weights(structure, linears)
-        quantized_inputs: dict[int, tuple] = {}
-        for lin in linears:
-            edit.make_private(graph, lin)
-            x = lin.input
-            dtype = x.dtype or lin.weight.const_value.dtype
-            if id(x) not in quantized_inputs:
-                quantized_inputs[id(x)] = self._quantize_activation(graph, lin, x, dtype)
-            self._replace(graph, lin, dtype, quantized_inputs[id(x)], weights[lin.name])
-            self.report.quantized.append(lin.name or lin.node.name)
+        position = {node: i for i, node in enumerate(graph)}
+        for group in _by_input(linears):
+            for lin in group:
+                edit.make_private(graph, lin)
+            x = group[0].input
+            dtype = x.dtype or group[0].weight.const_value.dtype
+            quantized = self._quantize_activation(graph, group[0], x, dtype)
+            first = min((lin.node for lin in group), key=position.__getitem__)
+            self._replace(graph, group, first, dtype, quantized, [weights[lin.name] for lin in group])
+            self.report.quantized.extend(lin.name or lin.node.name for lin in group)
         common_passes.RemoveUnusedNodesPass()(model)
         return True
 
@@ -123,25 +126,12 @@ class QuantizeMatMulsPass(RewritePass):
         """int8 weights and scales per linear: GPTQ where a Hessian of the input is known, else RTN."""
         from tqdm.auto import tqdm
 
-        from onnxqf.gptq import gptq_quantize
-
-        by_input: dict[int, list[Linear]] = {}
-        for lin in linears:
-            by_input.setdefault(id(lin.input), []).append(lin)
         site_of = structure.site_of()
         out = {}
-        for group in tqdm(list(by_input.values()), desc="rounding weights", unit="group", disable=not self.progress):
+        for group in tqdm(_by_input(linears), desc="rounding weights", unit="group", disable=not self.progress):
             Bs = [lin.matrix() for lin in group]
-            B = np.concatenate(Bs, axis=1)
             site = site_of.get(group[0].name)
-            H = None if site is None else self.hessians.get(site.name)
-            if H is not None:
-                _, scale = qmath.quantize_weight_per_channel(B, bits=8, clip_search=self.clip_search)
-                q, scale = gptq_quantize(B, H, scale=scale)
-                how = "gptq"
-            else:
-                q, scale = qmath.quantize_weight_per_channel(B, bits=8, clip_search=self.clip_search)
-                how = "rtn"
+            q, scale, how = self._round_group(np.concatenate(Bs, axis=1), None if site is None else self.hessians.get(site.name))
             col = 0
             for lin, b in zip(group, Bs):
                 out[lin.name] = (q[:, col : col + b.shape[1]], scale[col : col + b.shape[1]])
@@ -149,10 +139,45 @@ class QuantizeMatMulsPass(RewritePass):
                 col += b.shape[1]
         return out
 
-    def _replace(self, graph: ir.Graph, lin: Linear, dtype: ir.DataType, quantized, weight) -> None:
-        q, scale = weight
+    def _round_group(self, B: np.ndarray, H: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, str]:
+        """(int8 q [in, out], per-column scale, 'gptq' | 'rtn') of the weights of linears sharing one input."""
+        from onnxqf.gptq import gptq_quantize
+
+        q, scale = qmath.quantize_weight_per_channel(B, bits=8, clip_search=self.clip_search)
+        if H is None:
+            return q, scale, "rtn"
+        q, scale = gptq_quantize(B, H, scale=scale)
+        return q, scale, "gptq"
+
+    def rounded(self, structure, site, H: np.ndarray) -> dict[Linear, np.ndarray]:
+        """The weights this pass will write for the linears reading ``site`` given its ``X^T X``, dequantized
+        (float64 [in, out] per linear; :func:`onnxqf.layerwise.sequential_hessians` runs later layers on them)."""
+        group = [lin for lin in select_linears(structure, self.quantize_lm_head, self.keep_float) if lin.input is site.value]
+        if not group:
+            return {}
+        Bs = [lin.matrix() for lin in group]
+        q, scale, _ = self._round_group(np.concatenate(Bs, axis=1), H)
+        B_hat = q.astype(np.float64) * scale
+        out, col = {}, 0
+        for lin, b in zip(group, Bs):
+            out[lin] = B_hat[:, col : col + b.shape[1]]
+            col += b.shape[1]
+        return out
+
+    def _replace(self, graph: ir.Graph, group: list[Linear], first: ir.Node, dtype: ir.DataType, quantized,
+                 weights: list[tuple[np.ndarray, np.ndarray]]) -> None:
+        """One MatMulInteger over the group's concatenated int8 weights, the rescale, then a Split per linear.
+
+        Linears that read one activation (q/k/v, gate/up) share its quantization, so their products
+        are column blocks of one product with ``[W_1 | ... | W_k]``: one GEMM and one rescale instead
+        of k, the same numbers per column. The nodes go in before the group's first MatMul.
+        """
+        q = np.concatenate([w[0] for w in weights], axis=1)
+        scale = np.concatenate([w[1] for w in weights])
         tape = ir_tape.Tape(graph)
-        base = lin.name or lin.node.name
+        base = group[0].name or group[0].node.name
+        if len(group) > 1:
+            base = f"{base}+{'+'.join(lin.role for lin in group[1:])}"
         wq = edit.add_initializer(graph, f"{base}.weight_int8", q.astype(np.int8))
         if quantized[0] == "token":
             _, xq, amax = quantized
@@ -170,14 +195,28 @@ class QuantizeMatMulsPass(RewritePass):
             y = tape.op("Mul", [accf, s], name=f"{base}/dequant")
         if dtype != FLOAT32:
             y = tape.op("Cast", [y], {"to": dtype}, name=f"{base}/to_{dtype.name.lower()}")
-        graph.insert_before(lin.node, tape.nodes)
-        old = lin.node.outputs[0]
-        y.shape, y.type = old.shape, old.type
-        was_output, name = old.is_graph_output(), old.name
-        old.replace_all_uses_with(y, replace_graph_outputs=True)
-        if was_output:  # keep the graph output's name (e.g. logits)
-            old.name, y.name = f"{name}.float", name
-        graph.remove(lin.node, safe=True)
+        if len(group) > 1:
+            sizes = edit.add_initializer(graph, f"{base}/split_sizes", np.array([w[0].shape[1] for w in weights], np.int64))
+            outs = tape.op_multi_out("Split", [y, sizes], {"axis": -1}, num_outputs=len(group), name=f"{base}/split")
+        else:
+            outs = [y]
+        graph.insert_before(first, tape.nodes)
+        for lin, y in zip(group, outs):
+            old = lin.node.outputs[0]
+            y.shape, y.type = old.shape, old.type
+            was_output, name = old.is_graph_output(), old.name
+            old.replace_all_uses_with(y, replace_graph_outputs=True)
+            if was_output:  # keep the graph output's name (e.g. logits)
+                old.name, y.name = f"{name}.float", name
+            graph.remove(lin.node, safe=True)
+
+
+def _by_input(linears: list[Linear]) -> list[list[Linear]]:
+    """The linears grouped by the activation they read, in order of first appearance."""
+    groups: dict[int, list[Linear]] = {}
+    for lin in linears:
+        groups.setdefault(id(lin.input), []).append(lin)
+    return list(groups.values())
 
 
 def select_linears(structure, quantize_lm_head: bool, keep_float: tuple[str, ...] = ()) -> list[Linear]:

@@ -127,14 +127,7 @@ class QuantizeNBitsPass(RewritePass):
             bits = self.lm_head_bits if is_head else self.bits
             Bs = [lin.matrix() for lin in group]
             B = Bs[0] if len(Bs) == 1 else np.concatenate(Bs, axis=1)
-            if H is not None and not is_head:
-                q = nbits.gptq_blockwise(B, H, bits, self.block_size, symmetric=self.symmetric, clip_search=self.clip_search,
-                                         act_order=self.act_order, damp=self.damp, scale_dtype=scale_dtype)
-                how = "gptq"
-            else:
-                q = nbits.quantize_blockwise(B, bits, self.block_size, symmetric=self.symmetric,
-                                             clip_search=self.clip_search, scale_dtype=scale_dtype)
-                how = "rtn"
+            q, how = self._round_group(B, None if is_head else H, bits, scale_dtype)
             col = 0
             for lin, b in zip(group, Bs):
                 cols = slice(col, col + b.shape[1])
@@ -150,6 +143,29 @@ class QuantizeNBitsPass(RewritePass):
         logger.info("MatMulNBits: %d linears, %d-bit block %d (%s), %d GPTQ", len(self.quantized), self.bits, self.block_size,
                     "symmetric" if self.symmetric else "asymmetric", sum(v == "gptq" for v in self.rounding.values()))
         return True
+
+    def _round_group(self, B: np.ndarray, H: np.ndarray | None, bits: int, scale_dtype) -> tuple[nbits.BlockQuant, str]:
+        """Block-wise codes of the weights of linears sharing one input: GPTQ given ``H``, else RTN."""
+        if H is not None:
+            return nbits.gptq_blockwise(B, H, bits, self.block_size, symmetric=self.symmetric, clip_search=self.clip_search,
+                                        act_order=self.act_order, damp=self.damp, scale_dtype=scale_dtype), "gptq"
+        return nbits.quantize_blockwise(B, bits, self.block_size, symmetric=self.symmetric, clip_search=self.clip_search,
+                                        scale_dtype=scale_dtype), "rtn"
+
+    def rounded(self, structure, site, H: np.ndarray) -> dict[Linear, np.ndarray]:
+        """The weights this pass will write for the linears reading ``site`` given its ``X^T X``, dequantized
+        (float64 [in, out] per linear; :func:`onnxqf.layerwise.sequential_hessians` runs later layers on them)."""
+        group = [lin for lin in self._select(structure) if lin.input is site.value and lin is not structure.lm_head]
+        if not group:
+            return {}
+        Bs = [lin.matrix() for lin in group]
+        q, _ = self._round_group(np.concatenate(Bs, axis=1), H, self.bits, _SCALE_DTYPES[structure.dtype])
+        B_hat = q.dequantize()
+        out, col = {}, 0
+        for lin, b in zip(group, Bs):
+            out[lin] = B_hat[:, col:col + b.shape[1]]
+            col += b.shape[1]
+        return out
 
     def _replace(self, graph: ir.Graph, lin: Linear, q: nbits.BlockQuant) -> None:
         K, N = q.shape

@@ -97,6 +97,7 @@ class Config:
     e2e_warmup: int = 3
     decode_repeats: int = 20
     decode_warmup: int = 3
+    graph_pasts: tuple = (512,)  # c2: decode steps replayed as CUDA graphs at these pasts (CUDA only)
 
 
 def tiny_config() -> Config:
@@ -456,11 +457,15 @@ class Runner:
         self.providers = ["CUDAExecutionProvider"] if ep == "cuda" else ["CPUExecutionProvider"]
         self.repeats, self.warmup = repeats, warmup
 
-    def session(self, model, strict: bool):
+    def session_options(self, strict: bool):
         so = self.ort.SessionOptions()
         so.log_severity_level = 3
         if strict and self.ep == "cuda":
             so.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
+        return so
+
+    def session(self, model, strict: bool):
+        so = self.session_options(strict)
         src = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
         return self.ort.InferenceSession(src, so, providers=self.providers)
 
@@ -834,6 +839,21 @@ def section_c2(cfg: Config, run: Runner, res: Results, budget: Budget, pools: Po
                         row["decode"][str(past)] = {"tokens_per_s": {"median": 1e3 / st["median"], "min": 1e3 / st["max"],
                                                                      "max": 1e3 / st["min"], "q1": 1e3 / st["q3"],
                                                                      "q3": 1e3 / st["q1"], "n": st["n"]}}
+                if layers and obench is not None and run.ep == "cuda" and cfg.graph_pasts:
+                    sess = None
+                    row["decode_graph"] = {}
+                    for past in cfg.graph_pasts:  # a captured graph has fixed shapes: one session per past
+                        try:
+                            gs = run.ort.InferenceSession(str(path), run.session_options(strict=True), providers=[
+                                ("CUDAExecutionProvider", {"enable_cuda_graph": "1"})])
+                            with Background.paused():
+                                sp = obench.measure_decode_step_graph(gs, io, batch=1, past=past, warmup=cfg.decode_warmup,
+                                                                      repeats=cfg.decode_repeats, steps=cfg.decode_tokens)
+                            row["decode_graph"][str(past)] = {"tokens_per_s": stats(sp)}
+                        except Exception as exc:
+                            row["decode_graph"][str(past)] = {"error": _short(exc)}
+                        finally:
+                            gs = None
         except Exception as exc:
             row["error"] = _short(exc)
             log(traceback.format_exc(limit=3))
@@ -844,6 +864,8 @@ def section_c2(cfg: Config, run: Runner, res: Results, budget: Budget, pools: Po
         res.add("c2_decoder", row)
         dec = " ".join(f"past{p}:{row.get('decode', {}).get(str(p), {}).get('tokens_per_s', {}).get('median', float('nan')):.0f}tok/s"
                        for p in cfg.pasts)
+        dec += "".join(f" graph{p}:{v['tokens_per_s']['median']:.0f}tok/s" if "tokens_per_s" in v else f" graph{p}:{v['error'][:80]}"
+                       for p, v in row.get("decode_graph", {}).items())
         log(f"c2 {d.name:42s} prefill {row.get('prefill_ms', {}).get('median', float('nan')):.2f} ms {dec} "
             f"{'' if row.get('on_provider') else 'NOT ALL ON PROVIDER '}{row.get('error', '')} ({time.perf_counter() - t:.1f}s)")
 
@@ -1112,7 +1134,9 @@ def _summary_c(cfg: Config, data: dict, L: list[str]) -> str:
         L0 = next((r for r in rows if r.get("layers") == 0), None)
         head = "| variant | prefill 1x%d ms | x | " % cfg.prefill_seq + " | ".join(f"decode past {p} tok/s | x" for p in cfg.pasts)
         head += f" | ms/layer/token past {cfg.pasts[len(cfg.pasts) // 2]} |"
-        L += [head, "|" + "---|" * (3 + 2 * len(cfg.pasts) + 1)]
+        gp = [str(p) for p in cfg.graph_pasts] if any(r.get("decode_graph") for r in rows) else []
+        head += "".join(f" CUDA-graph step past {p} tok/s | x |" for p in gp)
+        L += [head, "|" + "---|" * (3 + 2 * len(cfg.pasts) + 1 + 2 * len(gp))]
         mid = str(cfg.pasts[len(cfg.pasts) // 2])
         for r in rows:
             pf = r.get("prefill_ms", {}).get("median")
@@ -1126,6 +1150,11 @@ def _summary_c(cfg: Config, data: dict, L: list[str]) -> str:
             t = r.get("decode", {}).get(mid, {}).get("tokens_per_s", {}).get("median")
             l0 = (L0 or {}).get("one_token_ms", {}).get("median")
             cells.append(f"{(1e3 / t - l0) / r['layers']:.3f}" if t and l0 is not None and r.get("layers") else "-")
+            for p in gp:
+                t = r.get("decode_graph", {}).get(p, {}).get("tokens_per_s", {}).get("median")
+                bt = (base or {}).get("decode_graph", {}).get(p, {}).get("tokens_per_s", {}).get("median")
+                cells += [f"{t:.0f}" if t else r.get("decode_graph", {}).get(p, {}).get("error", "-")[:60],
+                          f"{t / bt:.2f}" if t and bt else "-"]
             L.append("| " + " | ".join(cells) + " |")
     c1 = data.get("c1_onnxqf", {}).get("c1")
     if c1:

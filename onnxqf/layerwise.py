@@ -1,0 +1,276 @@
+"""Layer-streamed calibration: run the decoder one layer at a time, and GPTQ in layer order.
+
+The graph's nodes (in their topological order) are cut after each layer's down_proj MatMul. Every
+node of layer ``i`` that reads the residual stream depends on down_proj of layer ``i - 1``, so it
+falls after that cut, and every linear of layer ``i`` is an ancestor of its down_proj, so it falls
+before the next one: segment ``i`` holds exactly the linears of layer ``i`` (segment 0 also holds
+the embedding and whatever the graph computes once for all layers, such as rotary tables and
+masks; nodes that do not depend on any layer may sit in any segment, which changes nothing). The
+final norm and lm_head after the last cut are never run.
+
+Each segment becomes a small model of its own (its nodes and initializers; as inputs, the values
+it reads from earlier segments or from the graph's inputs; as outputs, the values later segments
+read, plus the activations asked for) and runs in its own ONNX Runtime session, window by window.
+The values that cross a cut are kept per window between segments (for a Llama-2-7B-shaped model,
+the residual stream of 32 windows of 512 tokens is 256 MB in float32) and dropped once no later
+segment reads them.
+
+:func:`sequential_hessians` is the order GPTQ (Frantar et al.) and QuaRot calibrate in: layer
+``i``'s ``X^T X`` are collected on the outputs of layers ``0 .. i-1`` *with their weights already
+rounded* (as they will be written), then layer ``i``'s weights are rounded and it is run again to
+produce the inputs of layer ``i + 1``. The whole model is run twice, one layer at a time, instead of
+once in float: rounding error made early is seen, and compensated, by the layers after it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Callable, Iterable
+
+import numpy as np
+import onnx_ir as ir
+from tqdm.auto import tqdm
+
+from onnxqf.errors import UnsupportedGraphError
+from onnxqf.runtime import make_session, saved
+from onnxqf.structure import Linear, Site, Structure
+
+logger = logging.getLogger(__name__)
+
+#: the weights a quantization pass will write for the linears that read a site, given the site's
+#: ``X^T X``: ``(structure, site, H) -> {linear: B as stored, dequantized, float64 [in, out]}``
+Rounder = Callable[[Structure, Site, np.ndarray], dict[Linear, np.ndarray]]
+
+
+@dataclasses.dataclass(eq=False)
+class Segment:
+    """The nodes of one layer (segment 0: with everything before layer 0), and what crosses its cuts."""
+
+    layer: int
+    nodes: list[ir.Node]
+    inputs: list[ir.Value]  # non-constant values read here, produced before (or graph inputs)
+    outputs: list[ir.Value]  # values produced here that a later segment reads
+    live: frozenset[str]  # names of the values (made here or before) that a later segment reads
+
+
+def split(model: ir.Model, structure: Structure) -> list[Segment]:
+    """One segment per decoder layer, cut after each down_proj MatMul (see the module doc)."""
+    nodes = list(model.graph)
+    position = {node: i for i, node in enumerate(nodes)}
+    cuts = [0]
+    for layer in structure.layers:
+        end = position[layer.down.node] + 1
+        if end <= cuts[-1]:
+            raise UnsupportedGraphError(f"layer {layer.index}'s down_proj comes before layer {layer.index - 1}'s in the "
+                                        "graph's node order; cannot run the model layer by layer")
+        cuts.append(end)
+    n_seg = len(structure.layers)
+    seg_of = {}
+    for k in range(n_seg):
+        for node in nodes[cuts[k]:cuts[k + 1]]:
+            seg_of[node] = k
+    last_read: dict[ir.Value, int] = {}  # value -> the last segment that reads it
+    for node, k in seg_of.items():
+        for v in node.inputs:
+            if v is not None and not _is_constant(v):
+                last_read[v] = max(last_read.get(v, -1), k)
+    segments = []
+    for k in range(n_seg):
+        seg_nodes = nodes[cuts[k]:cuts[k + 1]]
+        inputs = [v for v in _ordered_inputs(seg_nodes) if not _is_constant(v) and _made_by(v, seg_of) < k]
+        live = [v for v, last in last_read.items() if last > k and _made_by(v, seg_of) <= k]
+        outputs = sorted((v for v in live if _made_by(v, seg_of) == k), key=lambda v: v.name or "")
+        segments.append(Segment(k, seg_nodes, inputs, outputs, frozenset(v.name for v in live)))
+    return segments
+
+
+def _is_constant(v: ir.Value) -> bool:
+    return v.const_value is not None and v.producer() is None
+
+
+def _made_by(v: ir.Value, seg_of: dict) -> int:
+    """The segment that produces v, or -1 for a graph input."""
+    p = v.producer()
+    return -1 if p is None else seg_of.get(p, 10**9)
+
+
+def _ordered_inputs(nodes: list[ir.Node]) -> list[ir.Value]:
+    seen, out = set(), []
+    for node in nodes:
+        for v in node.inputs:
+            if v is not None and v not in seen:
+                seen.add(v)
+                out.append(v)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# one segment as a model of its own
+
+
+def segment_model(model: ir.Model, seg: Segment, wanted: Iterable[ir.Value], dtypes: dict[str, np.dtype],
+                  weights: dict[ir.Value, np.ndarray] | None = None) -> ir.Model:
+    """A model of the segment's nodes (copies; the original graph is not touched).
+
+    ``wanted``: extra outputs (activations to capture). ``dtypes``: the element type of each input
+    by name (from the arrays that will be fed). ``weights``: replacement data for initializers
+    (original value -> array in the initializer's layout), e.g. rounded weights.
+    """
+    weights = weights or {}
+    vmap: dict[ir.Value, ir.Value] = {}
+    inputs = []
+    for v in seg.inputs:
+        dt = ir.DataType.from_numpy(np.dtype(dtypes[v.name])) if v.name in dtypes else (v.dtype or ir.DataType.FLOAT)
+        new = ir.Value(name=v.name, shape=_copy(v.shape), type=ir.TensorType(dt))
+        vmap[v] = new
+        inputs.append(new)
+    initializers = []
+    nodes = []
+    for node in seg.nodes:
+        ins = []
+        for v in node.inputs:
+            if v is None:
+                ins.append(None)
+                continue
+            if v not in vmap:  # an initializer (the rest was mapped as an input or an earlier node's output)
+                tensor = v.const_value
+                if v in weights:
+                    tensor = ir.tensor(np.ascontiguousarray(weights[v]).astype(tensor.dtype.numpy()), name=v.name)
+                c = ir.Value(name=v.name, shape=_copy(v.shape), type=v.type, const_value=tensor)
+                initializers.append(c)
+                vmap[v] = c
+            ins.append(vmap[v])
+        attrs = [ir.Attr(a.name, a.type, a.value) for a in node.attributes.values()]
+        new = ir.Node(node.domain, node.op_type, ins, attrs, overload=node.overload, num_outputs=len(node.outputs),
+                      version=node.version, name=node.name)
+        for old, out in zip(node.outputs, new.outputs):
+            out.name, out.type, out.shape = old.name, old.type, _copy(old.shape)
+            vmap[old] = out
+        nodes.append(new)
+    outputs, seen = [], set()
+    for v in list(seg.outputs) + list(wanted):
+        if v.name in seen:
+            continue
+        seen.add(v.name)
+        outputs.append(vmap[v])
+    graph = ir.Graph(inputs, outputs, nodes=nodes, initializers=initializers, opset_imports=dict(model.graph.opset_imports),
+                     name=f"layer{seg.layer}")
+    return ir.Model(graph, ir_version=model.ir_version)
+
+
+def _copy(shape: ir.Shape | None) -> ir.Shape | None:
+    return None if shape is None else shape.copy()
+
+
+class _GraphInputs:
+    """What :func:`onnxqf.genai.feed_function` reads of a session, for the full graph's inputs."""
+
+    _TYPES = {ir.DataType.FLOAT: "tensor(float)", ir.DataType.FLOAT16: "tensor(float16)", ir.DataType.INT64: "tensor(int64)",
+              ir.DataType.INT32: "tensor(int32)"}
+
+    def __init__(self, model: ir.Model):
+        self._inputs = [dataclasses.make_dataclass("Arg", ["name", "shape", "type"])(
+            v.name, [d if isinstance(d, int) else str(d) for d in (v.shape or [])], self._TYPES.get(v.dtype, "?"))
+            for v in model.graph.inputs if not v.is_initializer()]
+
+    def get_inputs(self):
+        return self._inputs
+
+
+def _kv_shape(structure: Structure) -> tuple[int, int]:
+    return structure.config.num_kv_heads, structure.config.head_dim
+
+
+# ----------------------------------------------------------------------------------------------
+# running
+
+
+class LayerRunner:
+    """Runs the decoder segment by segment over calibration windows, keeping what crosses the cuts."""
+
+    def __init__(self, model: ir.Model, structure: Structure, windows: np.ndarray, *, ep: str = "cpu"):
+        from onnxqf.genai import feed_function
+
+        self.model, self.structure, self.ep = model, structure, ep
+        self.segments = split(model, structure)
+        feed = feed_function(_GraphInputs(model), kv_shape=_kv_shape(structure))
+        graph_inputs = {v.name for v in model.graph.inputs}
+        # per window: value name -> array; starts with the graph's inputs
+        self.state = [{k: a for k, a in feed(np.asarray(w, np.int64)[None, :]).items() if k in graph_inputs}
+                      for w in windows]
+
+    def run(self, k: int, wanted: dict[str, ir.Value], *, weights: dict[ir.Value, np.ndarray] | None = None,
+            advance: bool, desc: str = "", progress: bool = True):
+        """Run segment ``k`` on every window; yields {name: activation [tokens, channels] float32} of ``wanted``.
+
+        With ``advance``, the segment's outputs replace the state (the next segment reads them).
+        """
+        seg = self.segments[k]
+        dtypes = {name: a.dtype for name, a in self.state[0].items()}
+        sub = segment_model(self.model, seg, wanted.values(), dtypes, weights)
+        with saved(sub) as path:
+            session = make_session(path, ep=self.ep)
+        names = [v.name for v in seg.inputs]
+        out_names = [o.name for o in session.get_outputs()]
+        keep = seg.live
+        for w, state in enumerate(tqdm(self.state, desc=desc or f"layer {k}", unit="window", disable=not progress,
+                                       leave=False)):
+            results = dict(zip(out_names, session.run(None, {n: state[n] for n in names})))
+            if wanted:
+                yield {name: np.asarray(results[v.name], np.float32).reshape(-1, results[v.name].shape[-1])
+                       for name, v in wanted.items()}
+            if advance:
+                self.state[w] = {n: (results[n] if n in results else state[n]) for n in keep}
+
+
+def sequential_hessians(model: ir.Model, structure: Structure, windows: np.ndarray, rounder: Rounder | None, *,
+                        progress: bool = True, ep: str = "cpu") -> dict[str, np.ndarray]:
+    """X^T X of every site, layer by layer, each layer fed by the layers before it with rounded weights.
+
+    ``rounder`` (a quantization pass's ``rounded``) gives the weights as they will be stored; None
+    keeps the weights float (the Hessians are then those of the float model, one layer at a time).
+    """
+    from onnxqf.gptq import HessianAccumulator
+
+    runner = LayerRunner(model, structure, windows, ep=ep)
+    out: dict[str, np.ndarray] = {}
+    layers = structure.layers
+    for layer in tqdm(layers, desc="GPTQ calibration, layer by layer", unit="layer", disable=not progress):
+        sites = layer.sites()
+        wanted = {site.name: site.value for site in sites}
+        acc = {name: HessianAccumulator() for name in wanted}
+        last = layer.index == len(layers) - 1
+        for acts in runner.run(layer.index, wanted, advance=rounder is None and not last, progress=progress,
+                               desc=f"layer {layer.index}: X^T X"):
+            for name, X in acts.items():
+                acc[name].update(X)
+        for name, a in acc.items():
+            out[name] = a.H
+        if rounder is None or last:
+            continue
+        weights: dict[ir.Value, np.ndarray] = {}
+        for site in sites:
+            for lin, B_hat in rounder(structure, site, out[site.name]).items():
+                _put(weights, lin, B_hat)
+        for _ in runner.run(layer.index, {}, weights=weights, advance=True, progress=progress,
+                            desc=f"layer {layer.index}: rounded"):
+            pass
+    return out
+
+
+def _put(weights: dict[ir.Value, np.ndarray], lin: Linear, B: np.ndarray) -> None:
+    """Write B ([in, out] of this linear) into the replacement array of its initializer, in its layout."""
+    v = lin.weight
+    if v not in weights:
+        weights[v] = np.array(v.const_value.numpy(), copy=True)
+    arr = weights[v]
+    if lin.transpose is not None:  # stored [out, in]
+        if lin.cols is None:
+            arr[...] = B.T
+        else:
+            arr[lin.cols[0]:lin.cols[1], :] = B.T
+    elif lin.cols is None:
+        arr[...] = B
+    else:
+        arr[:, lin.cols[0]:lin.cols[1]] = B
