@@ -258,7 +258,7 @@ def measure_decode(session, io: ModelIO, *, device: str, batch: int, past: int, 
 
 
 def measure_decode_step_graph(session, io: ModelIO, *, batch: int, past: int, warmup: int, repeats: int,
-                              steps: int = 32, seed: int = 0) -> list[float]:
+                              steps: int = 32, seed: int = 0, device: str = "cuda") -> list[float]:
     """Tokens/s of one decode step at a fixed ``past``, replayed as a CUDA graph, ``repeats`` values.
 
     ``session`` must be a CUDA session made with ``enable_cuda_graph=1``. ONNX Runtime captures the
@@ -267,7 +267,8 @@ def measure_decode_step_graph(session, io: ModelIO, *, batch: int, past: int, wa
     its outputs (logits, presents of past + 1) are bound once to fixed device buffers. The cache does
     not grow between replays: each replay is the step from ``past`` to ``past + 1``, the same work as
     the KV-cache loop's step at that length, without the per-kernel launch cost on the host. A value
-    is ``steps`` replays timed together.
+    is ``steps`` replays timed together. (``device="cpu"`` runs the same fixed-buffer loop without a
+    graph, for tests.)
     """
     from onnxqf.runtime import ort
 
@@ -280,13 +281,13 @@ def measure_decode_step_graph(session, io: ModelIO, *, batch: int, past: int, wa
         feeds[io.positions] = np.full((batch, 1), past, io.int_types[io.positions])
     kv = _past_arrays(io, rng, batch, past)
     feeds.update({name: kv for name, _ in io.cache})
-    values = {name: rt.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a), "cuda", 0) for name, a in feeds.items()}
+    values = {name: rt.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a), device, 0) for name, a in feeds.items()}
     if not io.vocab:
         raise OnnxqfError(f"{io.path}: a CUDA graph needs a static vocabulary size on 'logits'")
-    outs = {io.logits: rt.OrtValue.ortvalue_from_shape_and_type([batch, 1, io.vocab], io.logits_dtype, "cuda", 0)}
+    outs = {io.logits: rt.OrtValue.ortvalue_from_shape_and_type([batch, 1, io.vocab], io.logits_dtype, device, 0)}
     for _, present in io.cache:
         outs[present] = rt.OrtValue.ortvalue_from_shape_and_type([batch, io.kv_heads, past + 1, io.head_dim],
-                                                                 io.cache_dtype, "cuda", 0)
+                                                                 io.cache_dtype, device, 0)
     binding = session.io_binding()
     for name, value in values.items():
         binding.bind_ortvalue_input(name, value)

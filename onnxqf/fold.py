@@ -61,27 +61,78 @@ def head_mix_input(B: np.ndarray, R_dh: np.ndarray, R_nh: np.ndarray, num_heads:
     return blocks.reshape(n_in, n_out)
 
 
+def _kron_contract(y: np.ndarray, lead: int, factors: list[np.ndarray], trail: int) -> np.ndarray:
+    """``y`` viewed as ``[lead, f_1, ..., f_r, trail]``: every axis ``f_k`` contracted with ``F_k``'s first index.
+
+    One GEMM per factor (a batched ``F_k^T @ y`` over the axes before it when the blocks are large,
+    else ``y @ F_k`` with the axis moved last), so the cost is ``size · Σ f_k`` plus transposes.
+    """
+    sizes = [int(f.shape[0]) for f in factors]
+    for k, F in enumerate(factors):
+        f = sizes[k]
+        before = lead * int(np.prod(sizes[:k], dtype=np.int64))
+        after = int(np.prod(sizes[k + 1:], dtype=np.int64)) * trail
+        if after == 1:
+            y = y.reshape(-1, f) @ F
+        elif after >= _BATCHED_MIN:  # F^T @ y per leading index: few GEMMs, each large
+            y = np.matmul(np.ascontiguousarray(F.T), y.reshape(before, f, after))
+        else:  # many small blocks: bring the axis last, one GEMM, put it back
+            t = np.ascontiguousarray(y.reshape(before, f, after).transpose(0, 2, 1)).reshape(-1, f) @ F
+            y = np.ascontiguousarray(t.reshape(before, after, f).transpose(0, 2, 1))
+    return y
+
+
+_BATCHED_MIN = 256  # below this many columns per block, batched GEMMs are slower than a transpose
+
+
 def kron_apply(x: np.ndarray, factors: list[np.ndarray]) -> np.ndarray:
     """x @ kron(F_1, ..., F_r) along the last axis, without forming the Kronecker product."""
-    sizes = [f.shape[0] for f in factors]
-    lead = x.shape[:-1]
-    y = x.reshape(-1, *sizes)
-    for axis, f in enumerate(factors, start=1):
-        y = np.moveaxis(np.tensordot(y, f, axes=([axis], [0])), -1, axis)
-    return y.reshape(*lead, -1)
+    x = np.asarray(x)
+    lead = int(np.prod(x.shape[:-1], dtype=np.int64))
+    return _kron_contract(np.ascontiguousarray(x), lead, list(factors), 1).reshape(x.shape)
 
 
 def kron_input(B: np.ndarray, factors: list[np.ndarray]) -> np.ndarray:
     """Weight for an input rotated online by K = kron(F_1, ..., F_r) (x <- x K): K^T B, without forming K."""
-    return kron_apply(B.T, list(factors)).T
+    B = np.asarray(B)
+    trail = int(np.prod(B.shape[1:], dtype=np.int64))
+    return _kron_contract(np.ascontiguousarray(B), 1, list(factors), trail).reshape(B.shape)
+
+
+class KronRotation:
+    """An orthogonal ``M = diag(s_1) K_1 diag(s_2) K_2 ...`` with each ``K_i`` a Kronecker product of small
+    factors (``s_i`` may be None), applied in ``O(n · Σ f)`` per row without forming ``M``.
+
+    ``apply(x) = x @ M`` along the last axis; ``apply_input(B) = M^T @ B`` (the weight for an input
+    rotated by M); ``matrix()`` the dense M.
+    """
+
+    def __init__(self, stages: list[tuple[np.ndarray | None, list[np.ndarray]]]):
+        self.stages = [(None if s is None else np.asarray(s, np.float64), [np.asarray(f, np.float64) for f in fs])
+                       for s, fs in stages]
+        self.n = int(np.prod([f.shape[0] for f in self.stages[0][1]]))
+
+    def apply(self, x: np.ndarray) -> np.ndarray:
+        for signs, factors in self.stages:
+            x = kron_apply(x if signs is None else x * signs, factors)
+        return x
+
+    def apply_input(self, B: np.ndarray) -> np.ndarray:
+        for signs, factors in self.stages:
+            B = kron_input(B if signs is None else B * signs[:, None], factors)
+        return B
+
+    def matrix(self) -> np.ndarray:
+        return self.apply(np.eye(self.n))
 
 
 def smooth_rotate(X: np.ndarray | None, B: np.ndarray | None, s: np.ndarray | None = None,
-                  R: np.ndarray | None = None) -> tuple[np.ndarray | None, np.ndarray | None]:
+                  R: "np.ndarray | KronRotation | None" = None) -> tuple[np.ndarray | None, np.ndarray | None]:
     """``(X', B') = ((X / s) R, R^T diag(s) B)``: smoothing, then rotation (either may be None).
 
     ``X' B' = X B`` exactly; this is the transform every smoothing/rotation site applies, and the
     one the α search and ``onnxqf inspect`` measure. Either of X and B may be None (not computed).
+    ``R`` is a dense matrix or a :class:`KronRotation`.
     """
     Xt = None if X is None else np.asarray(X, np.float64)
     Bt = None if B is None else np.asarray(B, np.float64)
@@ -89,7 +140,10 @@ def smooth_rotate(X: np.ndarray | None, B: np.ndarray | None, s: np.ndarray | No
         s = np.asarray(s, np.float64)
         Xt = None if Xt is None else Xt / s
         Bt = None if Bt is None else scale_rows(Bt, s)
-    if R is not None:
+    if isinstance(R, KronRotation):
+        Xt = None if Xt is None else R.apply(Xt)
+        Bt = None if Bt is None else R.apply_input(Bt)
+    elif R is not None:
         Xt = None if Xt is None else Xt @ R
         Bt = None if Bt is None else rotate_input(Bt, R)
     return Xt, Bt

@@ -1,6 +1,6 @@
 """One plan for every transform: which sites are smoothed and every rotation, drawn once from one seed.
 
-The smoothing pass tunes its scales against :meth:`Plan.site_rotation` — the exact rotation that
+The smoothing pass tunes its scales against :meth:`Plan.site_transform` — the exact rotation that
 the rotation passes will apply to that site — and the rotation passes apply the rotations this
 plan holds. What the α search measures is therefore what the written graph computes.
 
@@ -77,19 +77,27 @@ class Plan:
         """The online head mixing R_nh (no signs), num_heads x num_heads."""
         return self.heads.mixing() if self.heads.n > 1 else np.eye(1)
 
-    def site_rotation(self, kind: str, config: ModelConfig) -> np.ndarray | None:
-        """The rotation applied to a site's (smoothed) activation in the written graph, or None."""
+    def site_transform(self, kind: str, config: ModelConfig) -> fold.KronRotation | None:
+        """The rotation applied to a site's (smoothed) activation in the written graph, as Kronecker stages
+        (applied in O(n · Σ factors)), or None."""
         if kind not in SITE_KINDS:
             raise ValueError(kind)
         if kind in ("attn_in", "mlp_in"):
             r = self.norm_out or self.residual
-            return None if r is None else r.matrix()
+            return None if r is None else fold.KronRotation([(r.signs, r.factors)])
         if not self.rotates:
             return None
         if kind == "down_in":
-            return None if self.down is None else self.down.matrix()
-        # o_in: (I ⊗ R_dh)(R_nh ⊗ I)
-        return np.kron(np.eye(config.num_heads), self.head.matrix()) @ np.kron(self.heads_mixing(), np.eye(config.head_dim))
+            return None if self.down is None else fold.KronRotation([(self.down.signs, self.down.factors)])
+        # o_in: (I ⊗ R_dh)(R_nh ⊗ I), R_dh = diag(signs) kron(factors) per head
+        nh, dh = config.num_heads, config.head_dim
+        return fold.KronRotation([(np.tile(self.head.signs, nh), [np.eye(nh), *self.head.factors]),
+                                  (None, [self.heads_mixing(), np.eye(dh)])])
+
+    def site_rotation(self, kind: str, config: ModelConfig) -> np.ndarray | None:
+        """:meth:`site_transform` as a dense matrix."""
+        t = self.site_transform(kind, config)
+        return None if t is None else t.matrix()
 
     def reader_output(self, role: str, B: np.ndarray, config: ModelConfig) -> np.ndarray:
         """A reader's weight with the output-side folds that later rotations will apply to it.

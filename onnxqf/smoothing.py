@@ -7,7 +7,9 @@ site gets the alpha from a grid that minimises the layer-wise quantization error
 and then rotated activation and weight (:func:`onnxqf.fold.smooth_rotate`, with the rotation the
 plan will apply): the same per-token int8 activations and per-channel int8 weights that the
 rewritten graph uses. ``alpha = 0`` (s = 1/max|B_j|, weights equalised) and no smoothing (s = 1)
-are always candidates, so auto never does worse than no smoothing on the sample.
+are always candidates, so auto never does worse than no smoothing on the sample. The search is
+fast enough for 7B layers (``scripts/alpha_search_bench.py``): rotations applied as Kronecker
+factors, float32 arithmetic, at most :data:`MAX_SCORED_WEIGHTS` weight entries scored per candidate.
 """
 
 from __future__ import annotations
@@ -22,13 +24,15 @@ from onnxqf.metrics import layer_error
 ALPHA_GRID = (0.0, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
 
 
-def site_scales(act_absmax: np.ndarray, B: np.ndarray, alpha: float, groups: tuple[int, int, int] | None = None) -> np.ndarray:
+def site_scales(act_absmax: np.ndarray, B: np.ndarray | None, alpha: float, groups: tuple[int, int, int] | None = None,
+                *, weight_absmax: np.ndarray | None = None) -> np.ndarray:
     """Scales for one site; ``groups=(n_kv, g, head_dim)`` ties channels that share a KV head.
 
     o_proj's input channel (h, d) comes from value channel (h // g, d), so its scale can fold
     into v_proj only if all g heads of a group share it: statistics are maxed over the group.
+    ``weight_absmax`` (max |B_j| per input row) may be given instead of ``B``.
     """
-    w = qmath.weight_row_absmax(B)
+    w = qmath.weight_row_absmax(B) if weight_absmax is None else weight_absmax
     a = np.asarray(act_absmax, np.float64)
     if groups is None:
         return qmath.smooth_scales(a, w, alpha)
@@ -66,20 +70,81 @@ class Choice:
     unsmoothed: float  # the same without smoothing
 
 
+#: the α search scores at most this many weight entries per candidate (input channels x output
+#: columns): a site with more output columns is scored on an evenly spread subset of them (SmolLM2's
+#: largest site, 576 x 3072, is scored whole; Llama-2-7B's 4096-wide sites on 1024 columns)
+MAX_SCORED_WEIGHTS = 1 << 22
+MIN_SCORED_COLUMNS = 256
+
+
+class _Scorer:
+    """The relative W8A8 layer error of candidate scales on one site's sample, fast.
+
+    Per candidate: ``X' = (X / s) R`` and ``B' = R^T diag(s) B`` with R applied as Kronecker factors,
+    per-token and per-channel fake quantization, and the product ``Q(X') Q(B')``, all in float32
+    (relative rounding ~1e-7, far below the quantization errors being compared). The reference
+    ``Y = X B`` is computed once. The error is a sum over output columns, each quantized on its own,
+    so a site with more than ``MAX_SCORED_WEIGHTS / in`` columns is scored on an evenly spaced subset
+    of them, the same for every candidate (an estimate of the whole site's error).
+    """
+
+    def __init__(self, X: np.ndarray, B: np.ndarray, R):
+        cols = max(MIN_SCORED_COLUMNS, MAX_SCORED_WEIGHTS // max(1, B.shape[0]))
+        if B.shape[1] > cols:
+            B = B[:, np.linspace(0, B.shape[1] - 1, cols).round().astype(np.int64)]
+        self.X, self.B, self.R = X.astype(np.float32), np.ascontiguousarray(B, np.float32), R
+        if isinstance(R, fold.KronRotation):
+            self.R = fold.KronRotation([(None if sg is None else sg.astype(np.float32), [f.astype(np.float32) for f in fs])
+                                        for sg, fs in R.stages])
+        elif R is not None:
+            self.R = np.asarray(R, np.float32)
+        self.Y = self.X @ self.B
+        self.ref = float(np.einsum("ij,ij->", self.Y, self.Y, dtype=np.float64))
+
+    def __call__(self, s: np.ndarray | None) -> float:
+        X, B = self.X, self.B
+        if s is not None:
+            s = np.asarray(s, np.float32)
+            X, B = X / s, B * s[:, None]
+        if isinstance(self.R, fold.KronRotation):
+            X, B = self.R.apply(X), self.R.apply_input(B)
+        elif self.R is not None:
+            X, B = X @ self.R, self.R.T @ B
+        d = self.Y - _fake_quant_rows(X) @ _fake_quant_rows(B.T).T
+        err = float(np.einsum("ij,ij->", d, d, dtype=np.float64))
+        return err / self.ref if self.ref > 0 else 0.0
+
+
+def _fake_quant_rows(A: np.ndarray) -> np.ndarray:
+    """Symmetric int8 quantize-dequantize of each row (float32): per token for X, per output channel for B^T.
+
+    ``|A / scale| <= 127`` by construction of the scale, so no clipping is needed."""
+    scale = np.abs(A).max(axis=-1, keepdims=True) / np.float32(127)
+    scale[scale == 0] = 1
+    q = np.divide(A, scale)
+    np.rint(q, out=q)
+    q *= scale
+    return q
+
+
 def choose_scales(X: np.ndarray, act_absmax: np.ndarray, B: np.ndarray, alpha: float | str,
-                  groups: tuple[int, int, int] | None = None, R: np.ndarray | None = None) -> Choice:
-    """The smoothing of one site: a fixed alpha, or with "auto" the candidate of lowest measured error."""
+                  groups: tuple[int, int, int] | None = None, R=None) -> Choice:
+    """The smoothing of one site: a fixed alpha, or with "auto" the candidate of lowest measured error.
+
+    ``R``: the rotation that follows (a dense matrix or :class:`onnxqf.fold.KronRotation`), or None.
+    """
     X = np.asarray(X, np.float64)
     B = np.asarray(B, np.float64)
-    Y = X @ B
-    none = relative_error(X, B, None, R, Y)
+    score = _Scorer(X, B, R)
+    w = qmath.weight_row_absmax(B)
+    none = score(None)
     if alpha != "auto":
-        s = site_scales(act_absmax, B, float(alpha), groups)
-        return Choice(s, float(alpha), relative_error(X, B, s, R, Y), none)
+        s = site_scales(act_absmax, None, float(alpha), groups, weight_absmax=w)
+        return Choice(s, float(alpha), score(s), none)
     best = Choice(np.ones(B.shape[0]), None, none, none)
     for a in ALPHA_GRID:
-        s = site_scales(act_absmax, B, a, groups)
-        err = relative_error(X, B, s, R, Y)
+        s = site_scales(act_absmax, None, a, groups, weight_absmax=w)
+        err = score(s)
         if err < best.predicted:
             best = Choice(s, a, err, none)
     return best

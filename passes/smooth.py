@@ -51,7 +51,7 @@ class SmoothPass(RewritePass):
         s = recognize(model)
         edit.prepare_linears(model.graph, s)
         cfg = s.config
-        rotations = {kind: self.plan.site_rotation(kind, cfg) for kind in self.plan.smooth}
+        rotations = {kind: self.plan.site_transform(kind, cfg) for kind in self.plan.smooth}
         modified = False
         # o_in and down_in first: their scales fold into v_proj's and up_proj's columns, which the
         # attention and MLP inputs' searches must then see as written

@@ -45,8 +45,7 @@ def cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
 
 def build(out: Path) -> None:
     sys.path.insert(0, str(ROOT / "tests"))
-    from test_genai import save_byte_tokenizer
-    from tiny import tiny_model
+    from tiny import save_byte_tokenizer, tiny_model
 
     out.mkdir(parents=True, exist_ok=True)
     hf = out / "hf"

@@ -139,6 +139,24 @@ def test_kv_decode_loop_feeds_presents(tmp_path):
     assert "decode past 3 tok/s" in table and "kv (ref)" in table
 
 
+def test_fixed_buffer_decode_step(tmp_path):
+    """The CUDA-graph decode step binds every output to a fixed buffer of the step's shape (run here on the CPU,
+    without a graph): a graph whose present is not past + 1 long is refused, and --cuda-graph needs CUDA."""
+    from onnxqf.bench import measure_decode_step_graph
+    from onnxqf.runtime import make_session
+
+    kv = kv_graph(tmp_path / "kv.onnx")
+    io = describe(kv)
+    speeds = measure_decode_step_graph(make_session(kv), io, batch=2, past=5, warmup=1, repeats=3, steps=2, device="cpu")
+    assert len(speeds) == 3 and min(speeds) > 0
+    broken = kv_graph(tmp_path / "broken.onnx", broken_present=True)
+    with pytest.raises(Exception):
+        measure_decode_step_graph(make_session(broken), describe(broken), batch=1, past=5, warmup=0, repeats=1, steps=1,
+                                  device="cpu")
+    with pytest.raises(OnnxqfError, match="--cuda-graph needs --ep cuda"):
+        run_bench([str(kv)], BenchOptions(ep="cpu", cuda_graph=True, progress=False))
+
+
 def test_kv_fp16_cache(tmp_path):
     kv16 = kv_graph(tmp_path / "kv16.onnx", dtype=TensorProto.FLOAT16)
     assert describe(kv16).cache_dtype == np.float16
@@ -169,7 +187,7 @@ def test_genai_folder(tmp_path):
     """A real onnxruntime-genai graph (GroupQueryAttention; head_dim symbolic, read from genai_config.json)."""
     pytest.importorskip("onnxruntime_genai")
     pytest.importorskip("transformers")
-    from test_genai import save_byte_tokenizer
+    from tiny import save_byte_tokenizer
     from tiny import tiny_model
 
     from onnxqf.models.genai_export import export_genai

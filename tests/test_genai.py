@@ -21,22 +21,9 @@ og = pytest.importorskip("onnxruntime_genai")
 from onnxqf.cli import main  # noqa: E402
 from onnxqf.errors import GenaiFolderError, OnnxqfError  # noqa: E402
 from onnxqf.genai import generate, read_genai  # noqa: E402
+from tiny import save_byte_tokenizer  # noqa: E402
 
 PROMPT = [17, 42, 301, 5, 77, 250, 9, 128, 64, 3, 400, 11]
-
-
-def save_byte_tokenizer(directory: Path) -> None:
-    """A byte-level BPE tokenizer without merges (257 ids): the model builder needs tokenizer files."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    vocab = {"<|endoftext|>": 0, **{c: i + 1 for i, c in enumerate(alphabet)}}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>")
-    fast.save_pretrained(str(directory))
 
 
 @pytest.fixture(scope="module")

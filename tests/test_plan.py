@@ -66,3 +66,33 @@ def test_alpha_search_prediction_equals_written_graph(tiny_models, name):
         if abs(relative_error(X_written, B_written, None, R_other) - measured) > 2e-2 * measured:
             mismatched += 1
     assert mismatched > 0
+
+
+def test_fast_alpha_scorer_matches_the_exact_error(monkeypatch):
+    """The α search's float32 scorer with Kronecker rotations equals the float64 dense definition; on a
+    subset of columns (forced here by a small budget) it estimates it."""
+    from onnxqf import smoothing
+    from onnxqf.structure import ModelConfig
+
+    cfg = ModelConfig(hidden=48, num_heads=3, num_kv_heads=1, head_dim=16, intermediate=80, vocab=10)
+    plan = Plan.build(cfg, "hybrid", seed=3)
+    rng = np.random.default_rng(0)
+    for kind, (n, out) in {"attn_in": (48, 80), "o_in": (48, 48), "down_in": (80, 48)}.items():
+        X = rng.standard_normal((200, n))
+        X[:, :3] *= 40.0
+        B = rng.standard_normal((n, out))
+        s = smoothing.site_scales(np.abs(X).max(axis=0), B, 0.5)
+        R = plan.site_transform(kind, cfg)
+        np.testing.assert_allclose(R.matrix(), plan.site_rotation(kind, cfg), atol=1e-12)
+        for scales in (None, s):
+            exact = relative_error(X, B, scales, R.matrix())
+            assert smoothing._Scorer(X, B, R)(scales) == pytest.approx(exact, rel=1e-3)
+    monkeypatch.setattr(smoothing, "MAX_SCORED_WEIGHTS", 48 * 300)
+    monkeypatch.setattr(smoothing, "MIN_SCORED_COLUMNS", 1)
+    X = rng.standard_normal((300, 48))
+    X[:, :3] *= 40.0
+    B = rng.standard_normal((48, 1200))
+    R = plan.site_transform("attn_in", cfg)
+    scorer = smoothing._Scorer(X, B, R)
+    assert scorer.B.shape == (48, 300)
+    assert scorer(None) == pytest.approx(relative_error(X, B, None, R.matrix()), rel=0.15)

@@ -37,3 +37,17 @@ def tiny_model(name: str, seed: int = 0, layers: int = 2, vocab: int = 512):
             elif p.ndim == 1:  # biases
                 p.copy_(0.1 * torch.randn(p.shape, generator=g))
     return model
+
+
+def save_byte_tokenizer(directory) -> None:
+    """A byte-level BPE tokenizer without merges (257 ids): the model builder needs tokenizer files."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {"<|endoftext|>": 0, **{c: i + 1 for i, c in enumerate(alphabet)}}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|endoftext|>")
+    fast.save_pretrained(str(directory))

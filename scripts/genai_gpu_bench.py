@@ -1,0 +1,237 @@
+"""Speed of onnxruntime-genai folders at Llama-2-7B layer shapes on CUDA: the model builder's FP16 and int4
+graphs against onnxqf's rewrites of the FP16 one, prefill and KV-cache decode (issues 8 and 9).
+
+On the GPU machine (its onnxruntime-gpu from .ortgpu; onnxruntime-genai's native library cannot travel
+there, but its model builder is Python: copy the package's ``models`` folder, with a two-line
+``__init__.py`` standing in for the native one, into a git-ignored folder that travels):
+
+    python scripts/genai_gpu_bench.py stage-builder .gbuild         # here, once
+    source .ortgpu/activate.sh && python scripts/genai_gpu_bench.py run --builder .gbuild --out $OUT
+
+``run`` makes a random-weight Llama with Llama-2-7B layer shapes (hidden 4096, 32 heads of 128, d_ff
+11008, vocab 32000; --layers, default 4) as a Hugging Face folder in float16, builds it with the model
+builder (``-p fp16 -e cuda``: GroupQueryAttention, fused residual-add + RMSNorm, packed q/k/v; and ``-p
+int4 -e cuda``, the builder's own int4 RTN, block 32), rewrites the FP16 folder with ``onnxqf rewrite``
+(``--quant int4``, ``--rotate --quant int4``, W8A8 token, ``--hybrid``; round-to-nearest weights:
+GPTQ's calibration would run the 7B-shaped model on the CPU, and weight values do not change speed),
+checks placement (``onnxqf check --ep cuda --baseline FP16``) and times every folder in one
+``onnxqf bench --ep cuda`` run: prefill 1 x --seq and decode from a past of --past, the builder's FP16
+folder as the reference. Each step has a time limit; results go to OUT/genai_gpu_bench.json as they
+come. ``--tiny`` runs the same at tiny shapes on the CPU (tests/test_bench.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+T0 = time.perf_counter()
+
+# name -> onnxqf rewrite arguments (of the builder's FP16 folder)
+REWRITES = {  # in order of importance: what does not fit the time budget is skipped from the end
+    "onnxqf rotate + int4": ["--rotate", "--quant", "int4"],
+    "onnxqf W8A8 token": [],
+    "onnxqf int4": ["--quant", "int4"],
+    "onnxqf hybrid W8A8": ["--hybrid", "--alpha", "0.5"],
+}
+
+
+def log(msg: str) -> None:
+    print(f"[{time.perf_counter() - T0:6.1f}s] {msg}", flush=True)
+
+
+def stage_builder(dest: Path) -> None:
+    """Copy onnxruntime-genai's Python model builder (not its native library) into ``dest``."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("onnxruntime_genai")
+    if spec is None or spec.origin is None:
+        sys.exit("onnxruntime-genai is not installed here: pip install onnxruntime-genai")
+    src = Path(spec.origin).parent
+    pkg = dest / "onnxruntime_genai"
+    shutil.rmtree(pkg, ignore_errors=True)
+    shutil.copytree(src / "models", pkg / "models", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    meta = {k: getattr(__import__("onnxruntime_genai"), k) for k in ("__version__", "__commit__")}
+    (pkg / "__init__.py").write_text("".join(f"{k} = {v!r}\n" for k, v in meta.items()))
+    size = sum(f.stat().st_size for f in pkg.rglob("*") if f.is_file())
+    print(f"{pkg}: onnxruntime-genai {meta['__version__']} model builder, {size / 1e6:.1f} MB")
+
+
+def sh(args: list, env: dict, timeout: float, cwd: Path | None = None) -> dict:
+    """Run a child; ``cwd`` matters for ``python -m``, which puts the working folder first on sys.path."""
+    log("$ " + " ".join(str(a) for a in args))
+    t = time.perf_counter()
+    try:
+        p = subprocess.run([str(a) for a in args], capture_output=True, text=True, env=env, timeout=max(5.0, timeout),
+                           cwd=cwd)
+        r = {"rc": p.returncode, "stdout": p.stdout[-4000:], "stderr": p.stderr[-2000:]}
+    except subprocess.TimeoutExpired:
+        r = {"rc": "timeout", "stdout": "", "stderr": ""}
+    r["seconds"] = round(time.perf_counter() - t, 1)
+    log(f"  -> rc {r['rc']} in {r['seconds']} s {'' if r['rc'] == 0 else r['stderr'].strip()[-300:]}")
+    return r
+
+
+def source_tree(base: Path) -> Path:
+    """A folder from which this checkout imports as an install would (onnxqf, onnxqf.passes, onnxqf.models: the
+    layout pyproject.toml maps), so that machines where onnxqf is not installed, or installed from elsewhere, run
+    exactly this tree; it goes first on the children's PYTHONPATH."""
+    site = base / "site"
+    shutil.rmtree(site, ignore_errors=True)
+    shutil.copytree(ROOT / "onnxqf", site / "onnxqf", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(ROOT / "passes", site / "onnxqf" / "passes", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(ROOT / "models", site / "onnxqf" / "models", ignore=shutil.ignore_patterns("__pycache__"))
+    return site
+
+
+def make_hf(path: Path, layers: int, tiny: bool) -> None:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from tiny import save_byte_tokenizer
+
+    shape = (dict(hidden_size=64, intermediate_size=172, num_attention_heads=4, num_key_value_heads=4, head_dim=16,
+                  vocab_size=512) if tiny else
+             dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32, head_dim=128,
+                  vocab_size=32000))
+    config = LlamaConfig(num_hidden_layers=layers, tie_word_embeddings=False, rms_norm_eps=1e-5,
+                         max_position_embeddings=4096, eos_token_id=0, bos_token_id=0, **shape)
+    torch.manual_seed(0)
+    with torch.device("cpu"):
+        model = LlamaForCausalLM(config).to(torch.float16).eval()
+    model.save_pretrained(str(path))
+    save_byte_tokenizer(path)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    st = sub.add_parser("stage-builder")
+    st.add_argument("dest", type=Path)
+    r = sub.add_parser("run")
+    r.add_argument("--out", type=Path, required=True)
+    r.add_argument("--builder", type=Path, help="folder made by stage-builder (default: the installed onnxruntime-genai)")
+    r.add_argument("--layers", type=int, default=4)
+    r.add_argument("--seq", type=int, default=2048)
+    r.add_argument("--past", default="512")
+    r.add_argument("--budget", type=float, default=480.0, help="seconds for the whole run")
+    r.add_argument("--tiny", action="store_true", help="tiny shapes, CPU (tests)")
+    r.add_argument("--work", type=Path, help="scratch folder (default: under /dev/shm or the temp folder)")
+    args = ap.parse_args()
+    if args.cmd == "stage-builder":
+        stage_builder(args.dest)
+        return 0
+
+    import tempfile
+
+    ep = "cpu" if args.tiny else "cuda"
+    out = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    base = args.work or Path(tempfile.mkdtemp(prefix="onnxqf-genai-bench-", dir="/dev/shm" if Path("/dev/shm").is_dir() else None))
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error", TQDM_DISABLE="1")
+    paths = [str(source_tree(base))] + ([str(args.builder.absolute())] if args.builder else [])
+    env["PYTHONPATH"] = os.pathsep.join(paths + [env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    result: dict = {"layers": args.layers, "tiny": args.tiny, "ep": ep, "seq": args.seq, "past": args.past, "steps": {}}
+    res_path = out / "genai_gpu_bench.json"
+
+    def save():
+        res_path.write_text(json.dumps(result, indent=1))
+
+    def left() -> float:
+        return args.budget - (time.perf_counter() - T0)
+
+    hf = base / "hf"
+    t = time.perf_counter()
+    make_hf(hf, args.layers, args.tiny)
+    result["steps"]["hf"] = {"seconds": round(time.perf_counter() - t, 1)}
+    log(f"random Llama ({args.layers} layers) saved in {result['steps']['hf']['seconds']} s")
+    py = sys.executable
+    # the builder imports onnxruntime.quantization, which needs onnxruntime.transformers: a slimmed
+    # onnxruntime-gpu (.ortgpu drops that subpackage) is left off its path, the machine's own one serves
+    builder_env = dict(env, PYTHONPATH=os.pathsep.join(
+        p for p in env["PYTHONPATH"].split(os.pathsep)
+        if not ((Path(p) / "onnxruntime").is_dir() and not (Path(p) / "onnxruntime" / "transformers").is_dir())))
+    folders = {}
+    builder = {"builder fp16": ["-p", "fp16"], "builder int4 (RTN, block 32)": ["-p", "int4", "--extra_options",
+                                                                              "hf_token=false", "block_size=32"]}
+    for name, extra in builder.items():
+        dst = base / name.split()[1]
+        cmd = [py, "-m", "onnxruntime_genai.models.builder", "-i", hf, "-o", dst, "-e", "cuda", "-c", base / "cache", *extra]
+        if "--extra_options" not in extra:
+            cmd += ["--extra_options", "hf_token=false"]
+        result["steps"][name] = sh(cmd, builder_env, min(240.0, left() - 60), cwd=base)
+        if result["steps"][name]["rc"] == 0 and (dst / "genai_config.json").is_file():
+            folders[name] = dst
+        save()
+    ref = folders.get("builder fp16")
+    if ref is None:
+        log("the builder's FP16 folder failed; nothing to compare")
+        return 1
+    for name, extra in REWRITES.items():
+        if left() < 120:
+            result["steps"][name] = {"skipped": "out of time"}
+            continue
+        dst = base / name.replace(" ", "_").replace("+", "")
+        calib = ["--calib-windows", "1", "--calib-seq", "32"] if "--hybrid" in extra else []
+        step = sh([py, "-m", "onnxqf.cli", "rewrite", ref, *extra, "--weight-rounding", "rtn", *calib, "-o", dst, "-q"],
+                  env, min(200.0, left() - 90), cwd=base)
+        result["steps"][name] = step
+        if step["rc"] == 0:
+            folders[name] = dst
+        save()
+    result["check"] = {}
+    for name, folder in folders.items():
+        cmd = [py, "-m", "onnxqf.cli", "check", folder, "--ep", ep, "--json"]
+        if folder != ref:
+            cmd += ["--baseline", ref]
+        c = sh(cmd, env, 60, cwd=base)
+        try:
+            placed = json.loads(c["stdout"])
+        except Exception:
+            placed = None
+        result["check"][name] = {"rc": c["rc"], "placement": placed}
+        save()
+    names = list(folders)
+    b = sh([py, "-m", "onnxqf.cli", "bench", *[folders[n] for n in names], "--ep", ep, "--seq", str(args.seq), "--past",
+            args.past, "--decode-tokens", "32", "--repeats", "10", "--warmup", "3", "--json"], env, max(30.0, left() - 5),
+           cwd=base)
+    try:
+        result["bench"] = json.loads(b["stdout"])
+        for row, name in zip(result["bench"]["models"], names):
+            row["label"] = name
+    except Exception:
+        result["bench"] = {"error": b["stderr"][-1000:], "rc": b["rc"]}
+    save()
+    print_table(result)
+    return 0
+
+
+def print_table(result: dict) -> None:
+    bench = result.get("bench", {})
+    if "models" not in bench:
+        print("bench failed:", bench.get("error", "")[-500:])
+        return
+    past = str(bench["past"][0]) if bench["past"] else None
+    print(f"\n{result['layers']} layers of Llama-2-7B shape, onnxruntime-genai layout, {bench['provider']}, "
+          f"onnxruntime {bench['onnxruntime']}\n")
+    print(f"| folder | `check` rc | prefill 1x{bench['seq']} ms | x FP16 | decode past {past} tok/s | x FP16 | ms/token |")
+    print("|---|---|---|---|---|---|---|")
+    for row in bench["models"]:
+        d = (row.get("decode") or {}).get(past, {})
+        tps = d.get("tokens_per_s", {}).get("median")
+        sp = row["speedup"]["decode"].get(past) if past else None
+        print(f"| {row['label']} | {result['check'].get(row['label'], {}).get('rc', '-')} | {row['prefill_ms']['median']:.2f} | "
+              f"{row['speedup']['prefill']:.2f} | {tps:.0f} | {sp:.2f} | {1e3 / tps:.3f} |" if tps else
+              f"| {row['label']} | - | {row['prefill_ms']['median']:.2f} | {row['speedup']['prefill']:.2f} | - | - | - |")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
