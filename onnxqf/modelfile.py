@@ -44,6 +44,7 @@ def load_model(path: str | os.PathLike) -> ir.Model:
     if not proto.graph.node:
         raise BadModelFileError(f"{path}: not an ONNX model (no graph nodes; truncated or wrong file?)")
     _check_external_data(proto, path.parent, path)
+    _check_graph(proto, path)
     try:
         model = ir.serde.deserialize_model(proto)
     except Exception as exc:
@@ -67,18 +68,109 @@ def _check_external_data(proto: onnx.ModelProto, base_dir: Path, path: Path) -> 
         info = {e.key: e.value for e in tensor.external_data}
         location = info.get("location", "")
         file = base_dir / location
+        if not location or os.path.isabs(location) or not _inside(file, base_dir):
+            raise BadModelFileError(f"{path}: tensor '{tensor.name}' has external data at '{location}', outside the "
+                                    "model's folder (refused)")
+        try:
+            offset, length = int(info.get("offset", 0)), int(info.get("length", 0))
+        except ValueError:
+            raise BadModelFileError(f"{path}: tensor '{tensor.name}' has a malformed external-data offset or length") from None
+        if offset < 0 or length < 0:
+            raise BadModelFileError(f"{path}: tensor '{tensor.name}' has a negative external-data offset or length")
         if location not in sizes:
             if not file.is_file():
                 raise BadModelFileError(
                     f"{path}: external data file '{location}' is missing (expected at {file})"
                 )
             sizes[location] = file.stat().st_size
-        end = int(info.get("offset", 0)) + int(info.get("length", 0))
+        end = offset + length
         if end > sizes[location]:
             raise BadModelFileError(
                 f"{path}: external data file '{location}' is truncated "
                 f"(tensor '{tensor.name}' needs {end} bytes, file has {sizes[location]})"
             )
+
+
+def _check_graph(proto: onnx.ModelProto, path: Path) -> None:
+    """What a mutated or hand-edited file gets wrong, found before any pass runs: a node reading a value
+    that nothing defines (a missing initializer, nodes out of order), initializers of no valid type or
+    whose data disagrees with their shape. (onnx.checker would also refuse the operators that ONNX
+    Runtime adds to the default domain, such as the model builder's SimplifiedLayerNormalization.)"""
+    from onnx import helper
+
+    bad = _bad_text(proto)
+    if bad:
+        raise BadModelFileError(f"{path}: the file is damaged (a {bad} field is not valid UTF-8 text)")
+    graph = proto.graph
+    defined = {v.name for v in graph.input} | {t.name for t in graph.initializer}
+    for node in graph.node:
+        for name in node.input:
+            if name and name not in defined:
+                raise BadModelFileError(f"{path}: node '{node.name or node.op_type}' ({node.op_type}) reads '{name}', which "
+                                        "no graph input, initializer or earlier node defines (missing initializer?)")
+        defined.update(o for o in node.output if o)
+    for out in graph.output:
+        if out.name not in defined:
+            raise BadModelFileError(f"{path}: graph output '{out.name}' is not computed by the graph")
+    for t in graph.initializer:
+        try:
+            itemsize = helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+        except Exception:
+            raise BadModelFileError(f"{path}: initializer '{t.name}' has no valid data type ({t.data_type})") from None
+        if any(d < 0 for d in t.dims):
+            raise BadModelFileError(f"{path}: initializer '{t.name}' has a negative dimension {list(t.dims)}")
+        need = itemsize * int(np_prod(t.dims))
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            length = {e.key: e.value for e in t.external_data}.get("length")
+            have = None if length is None else int(length)
+        elif t.HasField("raw_data") and t.data_type not in _PACKED_TYPES:
+            have = len(t.raw_data)
+        else:
+            have = None
+        if have is not None and have != need:
+            raise BadModelFileError(f"{path}: initializer '{t.name}' holds {have} bytes, its shape {list(t.dims)} and "
+                                    f"type need {need}")
+
+
+def _bad_text(msg) -> str | None:
+    """The name of the first text field (names, op types, attributes) of ``msg`` that is not valid UTF-8."""
+    from google.protobuf.descriptor import FieldDescriptor
+
+    stack = [msg]
+    while stack:
+        m = stack.pop()
+        for field, value in m.ListFields():
+            repeated = field.is_repeated if hasattr(field, "is_repeated") else field.label == FieldDescriptor.LABEL_REPEATED
+            values = value if repeated else [value]
+            if field.type == FieldDescriptor.TYPE_MESSAGE:
+                stack.extend(values)
+            elif field.type == FieldDescriptor.TYPE_STRING:
+                for v in values:
+                    try:
+                        if not isinstance(v, str):
+                            return field.full_name
+                        v.encode("utf-8")
+                    except UnicodeError:
+                        return field.full_name
+    return None
+
+
+# sub-byte types store two values per byte: their raw size is not itemsize * count
+_PACKED_TYPES = {onnx.TensorProto.INT4, onnx.TensorProto.UINT4}
+
+
+def np_prod(dims) -> int:
+    n = 1
+    for d in dims:
+        n *= int(d)
+    return n
+
+
+def _inside(file: Path, folder: Path) -> bool:
+    try:
+        return file.resolve().is_relative_to(folder.resolve())
+    except (OSError, RuntimeError):
+        return False
 
 
 def _all_tensors(proto: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
@@ -94,15 +186,45 @@ def _short(exc: BaseException) -> str:
     return text[0][:200] if text else type(exc).__name__
 
 
+PARTIAL_PREFIX = ".onnxqf-partial-"
+
+
 @contextlib.contextmanager
 def atomic_output_dir(target_dir: Path) -> Iterator[Path]:
-    """A temporary folder beside ``target_dir``'s files; removed on failure."""
+    """A temporary folder beside ``target_dir``'s files; removed on failure.
+
+    Its name carries this process's id. A process killed outright (SIGKILL, power loss) cannot
+    clean up, so the next save into the same folder removes the partial folders of processes that
+    no longer exist.
+    """
     target_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".onnxqf-partial-", dir=target_dir))
+    remove_stale_partials(target_dir)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{PARTIAL_PREFIX}{os.getpid()}-", dir=target_dir))
     try:
         yield tmp
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def remove_stale_partials(folder: Path) -> list[Path]:
+    """Remove ``.onnxqf-partial-<pid>-*`` folders in ``folder`` whose process is gone; returns them."""
+    removed = []
+    for entry in folder.glob(f"{PARTIAL_PREFIX}*"):
+        pid = entry.name[len(PARTIAL_PREFIX):].split("-", 1)[0]
+        if entry.is_dir() and pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True
+    return True
 
 
 def save_model(model: ir.Model, path: str | os.PathLike, *, check: bool = True) -> Path:

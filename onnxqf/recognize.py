@@ -299,8 +299,38 @@ def recognize(model: ir.Model) -> Structure:
     """
     from onnxqf.recognize_genai import is_builder_graph, recognize_genai
 
-    if is_builder_graph(model):
-        return recognize_genai(model)
+    structure = recognize_genai(model) if is_builder_graph(model) else _recognize_plain(model)
+    check_consistent(structure)
+    return structure
+
+
+_FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE)
+
+
+def check_consistent(structure: Structure) -> None:
+    """Refuse, in one line, a structure whose weights cannot be what the graph computes with: a
+    non-float weight, or shapes that disagree between a layer's linears (e.g. an edited file)."""
+    cfg = structure.config
+    q_width = cfg.num_heads * cfg.head_dim
+    for lin in structure.linears():
+        dtype = lin.weight.const_value.dtype
+        if dtype not in _FLOAT_TYPES:
+            raise UnsupportedGraphError(f"{lin.name}: the weight '{lin.weight.name}' is {dtype.name}, not a float type "
+                                        "(an already quantized or malformed model?)")
+    for layer in structure.layers:
+        want = {"q_proj": (cfg.hidden, q_width), "k_proj": (cfg.hidden, layer.k.shape[1]), "v_proj": (cfg.hidden, layer.k.shape[1]),
+                "o_proj": (q_width, cfg.hidden), "gate_proj": (cfg.hidden, cfg.intermediate),
+                "up_proj": (cfg.hidden, cfg.intermediate), "down_proj": (cfg.intermediate, cfg.hidden)}
+        for lin in layer.linears():
+            if lin.shape != want[lin.role]:
+                raise UnsupportedGraphError(f"{lin.name}: weight is [in, out] = {list(lin.shape)}, the model's other shapes "
+                                            f"say {list(want[lin.role])} (hidden {cfg.hidden}, d_ff {cfg.intermediate})")
+    if structure.lm_head.shape != (cfg.hidden, cfg.vocab):
+        raise UnsupportedGraphError(f"lm_head: weight is [in, out] = {list(structure.lm_head.shape)}, expected "
+                                    f"{[cfg.hidden, cfg.vocab]}")
+
+
+def _recognize_plain(model: ir.Model) -> Structure:
     gather = _find_gather(model)
     x = gather.outputs[0]
     layers: list[Layer] = []

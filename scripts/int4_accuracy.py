@@ -85,6 +85,14 @@ OURS = {
     "ours rotate + GPTQ act-order clip-search int4 block 32": (True, dict(bits=4, block_size=32, act_order=True, clip_search=True)),
 }
 
+# name -> onnxqf.pipeline.RewriteOptions: the whole `onnxqf rewrite` path (sequential GPTQ by default:
+# each layer's X^T X from the outputs of the layers before it with their weights already rounded)
+PIPELINE = {
+    "ours rotate + sequential GPTQ int4 block 32": dict(transform="rotate", quant="int4", block_size=32),
+    "ours rotate + sequential GPTQ int4 block 128": dict(transform="rotate", quant="int4", block_size=128),
+    "ours rotate + sequential GPTQ int8w block 32": dict(transform="rotate", quant="int8w", block_size=32),
+}
+
 log = logging.getLogger("int4_accuracy")
 
 
@@ -179,6 +187,25 @@ def make_ours(name: str, src: Path, work: Path, calib: np.ndarray) -> tuple[Path
     return dst, seconds, {"quantized": len(p.quantized), "rounding": rounding, "options": {**opts, "gptq": gptq, "rotate": rotate}}
 
 
+def make_pipeline(name: str, src: Path, work: Path, calib: np.ndarray) -> tuple[Path, float, dict]:
+    from onnxqf.pipeline import RewriteOptions, rewrite
+
+    ids = work / f"calib_{calib.shape[0]}x{calib.shape[1]}.npy"
+    if not ids.is_file():
+        np.save(ids, calib.reshape(-1))
+    opts = RewriteOptions(**PIPELINE[name], calib=str(ids), calib_windows=calib.shape[0], calib_seq=calib.shape[1],
+                          progress=False)
+    t = time.time()
+    model = load_model(src)
+    report = rewrite(model, opts)
+    seconds = time.time() - t
+    dst = work / f"{slug(name)}.onnx"
+    save_model(model, dst)
+    rounding = {k: sum(v == k for v in report.rounding.values()) for k in ("gptq", "rtn")}
+    return dst, seconds, {"quantized": len(report.quantized), "rounding": rounding, "options": PIPELINE[name],
+                          "calibration": report.calibration}
+
+
 # ----------------------------------------------------------------------------------------------
 # generation
 
@@ -263,7 +290,7 @@ def main() -> int:
             results["_generations_ref"] = refs
         return refs.get(key)
 
-    rows = list(BUILDER) + list(OURS)
+    rows = list(BUILDER) + list(OURS) + list(PIPELINE)
     fp32_builder = None
     for name in rows:
         if not wanted(name) and not (name == "builder fp32" and any(wanted(b) for b in BUILDER)):
@@ -279,7 +306,7 @@ def main() -> int:
             if name == "builder fp32":  # sanity: the builder's float model against our float export
                 ref_path, ref_key = src, "ours float"
         else:
-            path, make_s, info = make_ours(name, src, work, calib)
+            path, make_s, info = (make_pipeline if name in PIPELINE else make_ours)(name, src, work, calib)
             ref_path, ref_key = src, "ours float"
         r = compare(ref_path, path, wins, progress=False)
         r.update(info)
