@@ -398,7 +398,7 @@ def run_bench(models: list[str], opts: BenchOptions, ref: str | None = None) -> 
                     row["decode"][str(past)] = {"tokens_per_s": stats, "ms_per_token": opts.batch * 1e3 / stats["median"]}
                     bar.update(1)
                 if opts.cuda_graph and pasts:
-                    del session
+                    session = None  # one session in memory at a time
                     gc.collect()
                     row["decode_graph"] = {}
                     for past in pasts:  # a captured graph has fixed shapes: one session per past length
@@ -411,10 +411,9 @@ def run_bench(models: list[str], opts: BenchOptions, ref: str | None = None) -> 
                         stats = _stats(speeds)
                         row["decode_graph"][str(past)] = {"tokens_per_s": stats,
                                                           "ms_per_token": opts.batch * 1e3 / stats["median"]}
-                        del graph_session
+                        graph_session = None
                         gc.collect()
                         bar.update(1)
-                    session = None
             else:
                 row["decode"] = None
                 row["decode_note"] = "n/a (no KV cache)"

@@ -78,7 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
                                           "NEWDIR or NEWDIR/model.onnx (default: DIR.<preset>/), written with its config and "
                                           "tokenizer files")
     g = r.add_argument_group("transforms")
-    g.add_argument("--rotate", action="store_true", help="rotate with randomized Hadamard matrices")
+    g.add_argument("--rotate", nargs="?", const="full", choices=["full", "offline"], metavar="full|offline",
+                   help="rotate with randomized Hadamard matrices. full (default): residual stream (folded), online "
+                        "Hadamard before down_proj, value/output head rotation with online head mixing; offline: only "
+                        "what folds into the weights (residual and per-head value rotations), no node added: for "
+                        "weight-only formats that should run exactly as fast as unrotated ones")
     g.add_argument("--smooth", action="store_true", help="channel-wise scaling (SmoothQuant)")
     g.add_argument("--hybrid", nargs="?", const="full", choices=["full", "folded"], metavar="full|folded",
                    help="smoothing before rotation (the paper's hybrid; needs calibration text). full (default): at all four "
@@ -91,16 +95,19 @@ def build_parser() -> argparse.ArgumentParser:
                         "weights); none: a float model")
     q.add_argument("--block-size", type=int, choices=[16, 32, 64, 128, 256], default=32,
                    help="weights per scale along the input dimension for int4/int8w (default 32)")
+    q.add_argument("--asymmetric", action="store_true",
+                   help="int4/int8w: a zero point per block (MatMulNBits' zero_points input) instead of symmetric codes; "
+                        "on SmolLM2 with --rotate and GPTQ, int4 block 32 KL 0.091 against 0.101 symmetric")
     q.add_argument("--act-quant", choices=["token", "tensor"], default="token",
                    help="token: per-token symmetric int8, all nodes on CUDA (default); tensor: DynamicQuantizeLinear (CPU runtimes)")
     q.add_argument("--quantize-lm-head", action="store_true", help="also quantize lm_head (kept float by default)")
     q.add_argument("--weight-rounding", choices=["gptq", "rtn"], default="gptq",
                    help="gptq: error-compensating rounding with the calibration inputs' X^T X (default); rtn: round to nearest")
-    q.add_argument("--gptq-inputs", choices=["sequential", "float"], default="sequential",
-                   help="where GPTQ's X^T X come from. sequential (default): the model is run one layer at a time, and each "
-                        "layer's inputs are the outputs of the layers before it with their weights already rounded, so later "
-                        "layers compensate earlier rounding (GPTQ's and QuaRot's order; the model runs twice). float: one run "
-                        "of the float model for all layers")
+    q.add_argument("--gptq-inputs", choices=["float", "sequential"], default="float",
+                   help="where GPTQ's X^T X come from. float (default): one run of the float model for all layers; "
+                        "sequential: the model is run one layer at a time and each layer's inputs are the outputs of "
+                        "the layers before it with their weights already rounded (GPTQ's and QuaRot's order; the model "
+                        "runs twice). On SmolLM2 sequential measured no better (docs/results.md)")
     q.add_argument("--clip-search", action="store_true", help="search a clipping ratio per weight channel (scales)")
     q.add_argument("--keep-float", action="append", default=[], metavar="PATTERN",
                    help="leave matching linears in float, e.g. down_proj or 'layers.29.*' (repeatable)")
@@ -253,8 +260,9 @@ def _transform(args) -> str:
         raise OnnxqfError("--hybrid already smooths and rotates; do not combine it with --rotate/--smooth")
     if args.hybrid:
         return "hybrid" if args.hybrid == "full" else "hybrid-folded"
-    return {(False, False): "none", (True, False): "rotate", (False, True): "smooth", (True, True): "smooth+rotate"}[
-        (args.rotate, args.smooth)]
+    if args.rotate and not args.smooth:
+        return "rotate" if args.rotate == "full" else "rotate-offline"
+    return {(False, False): "none", (False, True): "smooth", (True, True): "smooth+rotate"}[(bool(args.rotate), args.smooth)]
 
 
 def _default_output(model: Path, args) -> Path:
@@ -296,6 +304,7 @@ def cmd_rewrite(args) -> int:
     if transform == "smooth+rotate":
         raise OnnxqfError("--smooth --rotate: use --hybrid (smoothing before rotation)")
     opts = RewriteOptions(transform=transform, quant=args.quant, act_quant=args.act_quant, block_size=args.block_size,
+                          asymmetric=args.asymmetric,
                           alpha=args.alpha, calib=args.calib, calib_windows=args.calib_windows,
                           calib_seq=args.calib_seq, quantize_lm_head=args.quantize_lm_head, clip_search=args.clip_search,
                           keep_float=tuple(args.keep_float), weight_rounding=args.weight_rounding, sequential=args.gptq_inputs == "sequential",

@@ -68,8 +68,12 @@ def _kron_contract(y: np.ndarray, lead: int, factors: list[np.ndarray], trail: i
     else ``y @ F_k`` with the axis moved last), so the cost is ``size · Σ f_k`` plus transposes.
     """
     sizes = [int(f.shape[0]) for f in factors]
+    if all(_is_identity(F) for F in factors):
+        return y.copy()
     for k, F in enumerate(factors):
         f = sizes[k]
+        if _is_identity(F):  # e.g. the head-mixing stage's I_head_dim: nothing to do on that axis
+            continue
         before = lead * int(np.prod(sizes[:k], dtype=np.int64))
         after = int(np.prod(sizes[k + 1:], dtype=np.int64)) * trail
         if after == 1:
@@ -83,6 +87,19 @@ def _kron_contract(y: np.ndarray, lead: int, factors: list[np.ndarray], trail: i
 
 
 _BATCHED_MIN = 256  # below this many columns per block, batched GEMMs are slower than a transpose
+
+
+def _merge_trailing(factors: list[np.ndarray], upto: int) -> list[np.ndarray]:
+    """Fold the innermost factors into one while their product stays <= ``upto`` (kron is associative):
+    the innermost axis is one plain GEMM, every other axis costs two transposes."""
+    fs = list(factors)
+    while len(fs) >= 2 and fs[-1].shape[0] * fs[-2].shape[0] <= upto and not (_is_identity(fs[-1]) or _is_identity(fs[-2])):
+        fs[-2:] = [np.kron(fs[-2], fs[-1])]
+    return fs
+
+
+def _is_identity(F: np.ndarray) -> bool:
+    return F.shape[0] == F.shape[1] and bool(np.array_equal(F, np.eye(F.shape[0], dtype=F.dtype)))
 
 
 def kron_apply(x: np.ndarray, factors: list[np.ndarray]) -> np.ndarray:
@@ -107,10 +124,15 @@ class KronRotation:
     rotated by M); ``matrix()`` the dense M.
     """
 
-    def __init__(self, stages: list[tuple[np.ndarray | None, list[np.ndarray]]]):
-        self.stages = [(None if s is None else np.asarray(s, np.float64), [np.asarray(f, np.float64) for f in fs])
+    def __init__(self, stages: list[tuple[np.ndarray | None, list[np.ndarray]]], *, merge_upto: int = 256):
+        self.stages = [(None if s is None else np.asarray(s), _merge_trailing([np.asarray(f) for f in fs], merge_upto))
                        for s, fs in stages]
         self.n = int(np.prod([f.shape[0] for f in self.stages[0][1]]))
+
+    def astype(self, dtype) -> "KronRotation":
+        """The same rotation with its signs and factors in ``dtype`` (e.g. float32 for fast scoring)."""
+        return KronRotation([(None if s is None else s.astype(dtype), [f.astype(dtype) for f in fs]) for s, fs in self.stages],
+                            merge_upto=0)
 
     def apply(self, x: np.ndarray) -> np.ndarray:
         for signs, factors in self.stages:

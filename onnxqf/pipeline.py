@@ -9,6 +9,8 @@ them, so what the α search measures is what is written. Transforms (``RewriteOp
 - ``none``: quantization only (the W8A8 baseline)
 - ``smooth``: SmoothQuant at all four sites (scales folded into norms, v_proj and up_proj)
 - ``rotate``: residual rotation (folded) + online Hadamard before down_proj + value/output rotation
+- ``rotate-offline``: only the rotations that fold into weights (residual, per-head value/output):
+  no node added
 - ``hybrid``: smoothing *before* rotation at all four linear inputs: the scales fold into the norms'
   γ, v_proj and up_proj, then online Hadamards after each norm and before down_proj and the
   value/output rotation. No residual rotation: every quantized input is already rotated online,
@@ -24,7 +26,6 @@ import fnmatch
 import logging
 import time
 
-import numpy as np
 import onnx_ir as ir
 
 from onnxqf import calibrate, layerwise
@@ -37,7 +38,7 @@ from onnxqf.passes.rotate_residual import RotateResidualPass
 from onnxqf.passes.rotate_vo import ValueOutputRotationPass
 from onnxqf.passes.simplify_shapes import SimplifyShapesPass
 from onnxqf.passes.smooth import SmoothPass
-from onnxqf.plan import PRESETS, Plan
+from onnxqf.plan import OFFLINE_ONLY, PRESETS, Plan
 from onnxqf.recognize import recognize
 from onnxqf.report import RewriteReport
 
@@ -53,6 +54,7 @@ class RewriteOptions:
     quant: str = "int8"  # int8 (W8A8), int4 / int8w (weight-only MatMulNBits), or none
     act_quant: str = "token"
     block_size: int = 32
+    asymmetric: bool = False  # int4/int8w: a zero point per block (MatMulNBits' zero_points input)
     alpha: float | str = "auto"
     calib: str = BUILTIN_CALIB
     calib_windows: int = 8
@@ -61,9 +63,10 @@ class RewriteOptions:
     clip_search: bool = False
     keep_float: tuple[str, ...] = ()
     weight_rounding: str = "gptq"  # or "rtn"
-    # GPTQ: each layer's X^T X from the outputs of the layers before it with their weights rounded
-    # (onnxqf.layerwise); False: from the float model, all layers in one pass
-    sequential: bool = True
+    # GPTQ's X^T X: True: each layer's from the outputs of the layers before it with their weights
+    # rounded (onnxqf.layerwise; the model runs twice); False (default): from one run of the float
+    # model. On SmolLM2 sequential did not help (docs/results.md §5), so the cheaper one is the default
+    sequential: bool = False
     seed: int = 0
     progress: bool = True
 
@@ -76,6 +79,8 @@ class RewriteOptions:
             raise OnnxqfError(f"--quant must be one of {', '.join(QUANT_FORMATS)}, not '{self.quant}'")
         if self.block_size not in BLOCK_SIZES:
             raise OnnxqfError(f"--block-size must be one of {', '.join(map(str, BLOCK_SIZES))}, not {self.block_size}")
+        if self.asymmetric and self.quant not in ("int4", "int8w"):
+            raise OnnxqfError("--asymmetric applies to the weight-only formats (--quant int4 or int8w)")
         if self.quant == "none" and self.transform == "none":
             raise OnnxqfError("nothing to do: --quant none without --rotate, --smooth or --hybrid")
         if self.quant in ("int4", "int8w") and self.transform in ("smooth", "hybrid", "hybrid-folded"):
@@ -92,7 +97,8 @@ class RewriteOptions:
 
     @property
     def label(self) -> str:
-        q = self.quant + (f" act={self.act_quant}" if self.quant == "int8" else f" block={self.block_size}" if self.quant != "none" else "")
+        q = self.quant + (f" act={self.act_quant}" if self.quant == "int8" else
+                          f" block={self.block_size}{' asymmetric' if self.asymmetric else ''}" if self.quant != "none" else "")
         return f"transform={self.transform} quant={q}"
 
 
@@ -128,7 +134,7 @@ def rewrite(model: ir.Model, opts: RewriteOptions, tokenizer=None) -> RewriteRep
         rotations.append(NormOutputHadamardPass(plan.norm_out, report))
     if plan.down is not None:
         rotations.append(DownProjHadamardPass(plan.down, report))
-    elif plan.rotates:
+    elif plan.rotates and opts.transform not in OFFLINE_ONLY:
         logger.warning("d_ff=%d: no Hadamard construction and a dense factor over the online limit; down_proj inputs "
                        "are not rotated", structure.config.intermediate)
     if plan.rotates:
@@ -178,7 +184,7 @@ def _quantize_pass(opts: RewriteOptions, report: RewriteReport):
 
     return QuantizeNBitsPass(bits=4 if opts.quant == "int4" else 8, block_size=opts.block_size,
                              quantize_lm_head=opts.quantize_lm_head, keep_float=opts.keep_float, progress=opts.progress,
-                             report=report)
+                             symmetric=not opts.asymmetric, report=report)
 
 
 def _run(model: ir.Model, p: ir.passes.PassBase) -> ir.passes.PassResult:

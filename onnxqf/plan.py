@@ -13,6 +13,10 @@ Rotations (all orthogonal, ``Q = diag(signs) · kron(factors)``):
 - ``down`` (d_ff): online before every down_proj; signs fold into up_proj.
 - ``head`` (head_dim): folded into v_proj's output columns per head; ``heads`` (num_heads): an
   online head mixing before o_proj, without signs (they could not fold into shared KV heads).
+
+``rotate-offline`` keeps only the rotations that fold into initializers (residual, and the per-head
+value rotation, undone in o_proj's rows): no node is added, so a weight-only model runs as fast as
+an unrotated one; down_proj's input and the head mixing are not rotated.
 """
 
 from __future__ import annotations
@@ -34,11 +38,17 @@ PRESETS = {
     "none": ((), False, False),
     "smooth": (SITE_KINDS, False, False),
     "rotate": ((), True, False),
+    # only what folds into the weights: residual rotation and the per-head value rotation, no node added
+    "rotate-offline": ((), True, False),
     # the paper's hybrid at every linear input: smooth, then rotate (online after the norms)
     "hybrid": (SITE_KINDS, False, True),
     # the earlier two-site hybrid: residual rotation folded, so only o_proj/down_proj inputs smooth
     "hybrid-folded": (("o_in", "down_in"), True, False),
 }
+
+
+#: presets whose rotations all fold into initializers (no online rotation node in the graph)
+OFFLINE_ONLY = frozenset({"rotate-offline"})
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -71,10 +81,14 @@ class Plan:
             r_down = None  # no Hadamard construction and a dense factor too costly to run online
         r_head = rotation(config.head_dim, rng) if rotate else None
         r_heads = rotation(config.num_heads, rng) if rotate else None
+        if preset in OFFLINE_ONLY:  # drawn as for "rotate" (same residual and head rotations), the online ones dropped
+            r_down = r_heads = None
         return cls(seed, tuple(smooth), r_res, r_norm, r_down, r_head, r_heads)
 
-    def heads_mixing(self) -> np.ndarray:
-        """The online head mixing R_nh (no signs), num_heads x num_heads."""
+    def heads_mixing(self, num_heads: int | None = None) -> np.ndarray:
+        """The online head mixing R_nh (no signs), num_heads x num_heads; the identity without one."""
+        if self.heads is None:
+            return np.eye(num_heads or 1)
         return self.heads.mixing() if self.heads.n > 1 else np.eye(1)
 
     def site_transform(self, kind: str, config: ModelConfig) -> fold.KronRotation | None:
@@ -92,7 +106,7 @@ class Plan:
         # o_in: (I ⊗ R_dh)(R_nh ⊗ I), R_dh = diag(signs) kron(factors) per head
         nh, dh = config.num_heads, config.head_dim
         return fold.KronRotation([(np.tile(self.head.signs, nh), [np.eye(nh), *self.head.factors]),
-                                  (None, [self.heads_mixing(), np.eye(dh)])])
+                                  (None, [self.heads_mixing(nh), np.eye(dh)])])
 
     def site_rotation(self, kind: str, config: ModelConfig) -> np.ndarray | None:
         """:meth:`site_transform` as a dense matrix."""

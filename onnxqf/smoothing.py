@@ -94,8 +94,7 @@ class _Scorer:
             B = B[:, np.linspace(0, B.shape[1] - 1, cols).round().astype(np.int64)]
         self.X, self.B, self.R = X.astype(np.float32), np.ascontiguousarray(B, np.float32), R
         if isinstance(R, fold.KronRotation):
-            self.R = fold.KronRotation([(None if sg is None else sg.astype(np.float32), [f.astype(np.float32) for f in fs])
-                                        for sg, fs in R.stages])
+            self.R = R.astype(np.float32)
         elif R is not None:
             self.R = np.asarray(R, np.float32)
         self.Y = self.X @ self.B

@@ -21,18 +21,21 @@ class ValueOutputRotationPass(RewritePass):
     ``num_kv_heads``) axis runs online before o_proj (without signs: they could not fold into shared
     KV heads), and o_proj's rows get ``T^T``.
 
+    Without ``heads`` (the ``rotate-offline`` preset) there is no head mixing: ``T = I ⊗ R_dh`` is undone
+    in o_proj's rows and no node is added.
+
     Attributes:
-        head: the plan's head_dim rotation; heads: its num_heads rotation (only the mixing is used).
+        head: the plan's head_dim rotation; heads: its num_heads rotation (only the mixing is used), or None.
     """
 
-    def __init__(self, head: Rotation, heads: Rotation, report=None):
+    def __init__(self, head: Rotation, heads: Rotation | None, report=None):
         super().__init__(report)
         self.head, self.heads = head, heads
 
     def requires(self, model: ir.Model) -> None:
         cfg = recognize(model).config
-        if self.head.n != cfg.head_dim or self.heads.n != cfg.num_heads:
-            raise OnnxqfError(f"value/output rotations of sizes {self.head.n}/{self.heads.n} for head_dim {cfg.head_dim}, "
+        if self.head.n != cfg.head_dim or (self.heads is not None and self.heads.n != cfg.num_heads):
+            raise OnnxqfError(f"value/output rotations of sizes {self.head.n}/{self.heads and self.heads.n} for head_dim {cfg.head_dim}, "
                               f"{cfg.num_heads} heads")
 
     def apply(self, model: ir.Model) -> bool:
@@ -40,14 +43,15 @@ class ValueOutputRotationPass(RewritePass):
         edit.prepare_linears(model.graph, s)
         cfg = s.config
         R_dh = self.head.matrix()
-        R_nh = self.heads.mixing() if cfg.num_heads > 1 else np.eye(1)
+        online = self.heads is not None and cfg.num_heads > 1
+        R_nh = self.heads.mixing() if online else np.eye(cfg.num_heads)
         for layer in s.layers:
             v, o = layer.v, layer.o
             edit.set_weight_matrix(v, fold.headwise_output(v.matrix(), R_dh, cfg.head_dim))
             if v.bias is not None:
                 edit.set_bias_vector(v, fold.headwise_vector(v.bias_vector(), R_dh, cfg.head_dim))
             edit.set_weight_matrix(o, fold.head_mix_input(o.matrix(), R_dh, R_nh, cfg.num_heads))
-            if cfg.num_heads > 1:
+            if online:
                 edit.rotate_value_online(model.graph, o.input, [R_nh, None], s.dtype, f"layers.{layer.index}.o_proj/head_mix",
                                          sizes=[cfg.num_heads, cfg.head_dim])
         return True

@@ -85,12 +85,15 @@ OURS = {
     "ours rotate + GPTQ act-order clip-search int4 block 32": (True, dict(bits=4, block_size=32, act_order=True, clip_search=True)),
 }
 
-# name -> onnxqf.pipeline.RewriteOptions: the whole `onnxqf rewrite` path (sequential GPTQ by default:
-# each layer's X^T X from the outputs of the layers before it with their weights already rounded)
+# name -> onnxqf.pipeline.RewriteOptions: the whole `onnxqf rewrite` path (sequential GPTQ: each layer's X^T X
+# from the outputs of the layers before it with their weights already rounded)
 PIPELINE = {
-    "ours rotate + sequential GPTQ int4 block 32": dict(transform="rotate", quant="int4", block_size=32),
-    "ours rotate + sequential GPTQ int4 block 128": dict(transform="rotate", quant="int4", block_size=128),
-    "ours rotate + sequential GPTQ int8w block 32": dict(transform="rotate", quant="int8w", block_size=32),
+    "ours rotate + sequential GPTQ int4 block 32": dict(transform="rotate", quant="int4", block_size=32, sequential=True),
+    # no online rotation: runs as fast as an unrotated int4 model (docs/benchmarks.md, section d)
+    "ours rotate offline + GPTQ int4 block 32": dict(transform="rotate-offline", quant="int4", block_size=32,
+                                                     sequential=False),
+    "ours rotate offline + GPTQ asymmetric int4 block 32": dict(transform="rotate-offline", quant="int4", block_size=32,
+                                                                asymmetric=True, sequential=False),
 }
 
 log = logging.getLogger("int4_accuracy")

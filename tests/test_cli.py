@@ -116,6 +116,8 @@ def test_bad_options_rejected_by_parser(tiny_models, args):
 @pytest.mark.parametrize("args,msg", [
     (["--hybrid", "--rotate"], "--hybrid"),
     (["--quant", "none"], "nothing to do"),
+    (["--asymmetric"], "--asymmetric applies to the weight-only formats"),
+    (["--rotate", "offline", "--smooth"], "--hybrid"),
 ])
 def test_bad_option_combinations(tiny_models, tmp_path, args, msg):
     rc, _, err = run_cli("rewrite", tiny_models["llama-gqa"], *args, "-o", tmp_path / "o.onnx")

@@ -279,3 +279,19 @@ def test_pass_refuses_bad_settings():
         QuantizeNBitsPass(bits=3)
     with pytest.raises(OnnxqfError):
         QuantizeNBitsPass(block_size=48)
+
+
+def test_cli_asymmetric_int4_writes_zero_points(tiny_models, tmp_path):
+    """--asymmetric: every MatMulNBits gets a zero_points input, and the model stays close to float."""
+    import onnx
+
+    from conftest import kl_per_token, run_logits
+    from onnxqf.cli import main
+
+    out = tmp_path / "a.onnx"
+    assert main(["rewrite", str(tiny_models["llama-gqa"]), "--rotate", "offline", "--quant", "int4", "--asymmetric",
+                 "--block-size", "16", "--weight-rounding", "rtn", "-o", str(out), "-q"]) == 0
+    nodes = [n for n in onnx.load(str(out), load_external_data=False).graph.node if n.op_type == "MatMulNBits"]
+    assert len(nodes) == 14 and all(len(n.input) == 4 and n.input[3] for n in nodes)
+    ids = np.arange(128).reshape(1, 128) % 512
+    assert kl_per_token(run_logits(tiny_models["llama-gqa"], ids), run_logits(out, ids)) < 0.1

@@ -36,7 +36,11 @@ def test_plan_is_a_function_of_config_preset_and_seed(tiny_models):
     assert Plan.build(cfg, "smooth").site_rotation("attn_in", cfg) is None
     with pytest.raises(OnnxqfError):
         Plan.build(cfg, "nonsense")
-    assert set(PRESETS) == {"none", "smooth", "rotate", "hybrid", "hybrid-folded"}
+    assert set(PRESETS) == {"none", "smooth", "rotate", "rotate-offline", "hybrid", "hybrid-folded"}
+    full, offline = Plan.build(cfg, "rotate", 5), Plan.build(cfg, "rotate-offline", 5)
+    assert offline.down is None and offline.heads is None  # nothing that would need a node
+    np.testing.assert_array_equal(offline.residual.matrix(), full.residual.matrix())
+    np.testing.assert_array_equal(offline.head.matrix(), full.head.matrix())
 
 
 @pytest.mark.parametrize("name", ["llama-gqa", "qwen2-bias"])

@@ -125,3 +125,24 @@ class _ByteTokenizer:
 
     def __call__(self, text, add_special_tokens=False):
         return {"input_ids": list(text.encode("utf-8"))}
+
+
+@pytest.mark.parametrize("name", ["llama-gqa", "llama-odd"])
+def test_rotate_offline_adds_no_node_and_is_exact(tiny_models, text_ids, tmp_path, name):
+    """--rotate offline: residual and per-head value rotations folded, no node added, float function kept."""
+    import collections
+
+    from onnxqf.modelfile import load_model, save_model
+    from onnxqf.pipeline import RewriteOptions, rewrite
+
+    src = tiny_models[name]
+    model = load_model(src)
+    before = collections.Counter(n.op_type for n in model.graph)
+    report = rewrite(model, RewriteOptions(transform="rotate-offline", quant="none", progress=False))
+    after = collections.Counter(n.op_type for n in model.graph)
+    assert set(report.rotations) == {"residual", "head"}
+    assert sum(after.values()) <= sum(before.values()) and after["MatMul"] == before["MatMul"]
+    out = save_model(model, tmp_path / "r.onnx")
+    ids = text_ids[:256].reshape(2, 128)
+    ref, new = run_logits(src, ids), run_logits(out, ids)
+    assert np.abs(new - ref).max() <= 1e-3 * np.abs(ref).max()
