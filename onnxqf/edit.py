@@ -45,13 +45,20 @@ def add_initializer(graph: ir.Graph, base: str, array: np.ndarray, dtype: ir.Dat
     return value
 
 
+def weight_layout(lin: Linear, B: np.ndarray, stored: np.ndarray | None = None) -> np.ndarray:
+    """The initializer array that makes ``lin.matrix()`` equal ``B`` ([in, out]): transposed when the
+    MatMul reads the weight through a Transpose, and for one column block of a shared (packed q/k/v)
+    weight, ``stored`` (default: the initializer's current data) with that block replaced."""
+    if lin.cols is not None:
+        full = np.array(read(lin.weight) if stored is None else stored, dtype=np.float64)
+        view = full.T if lin.transpose is not None else full
+        view[:, lin.cols[0]:lin.cols[1]] = B
+        return full
+    return B.T if lin.transpose is not None else B
+
+
 def set_weight_matrix(lin: Linear, B: np.ndarray) -> None:
-    if lin.cols is not None:  # one column block of a shared (packed q/k/v) weight: the rest is kept
-        full = read(lin.weight)
-        full = full.T if lin.transpose is not None else full
-        full[:, lin.cols[0]:lin.cols[1]] = B
-        B = full
-    write(lin.weight, B.T if lin.transpose is not None else B)
+    write(lin.weight, weight_layout(lin, B))
 
 
 def set_bias_vector(lin: Linear, b: np.ndarray) -> None:

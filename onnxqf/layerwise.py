@@ -261,16 +261,6 @@ def sequential_hessians(model: ir.Model, structure: Structure, windows: np.ndarr
 
 def _put(weights: dict[ir.Value, np.ndarray], lin: Linear, B: np.ndarray) -> None:
     """Write B ([in, out] of this linear) into the replacement array of its initializer, in its layout."""
-    v = lin.weight
-    if v not in weights:
-        weights[v] = np.array(v.const_value.numpy(), copy=True)
-    arr = weights[v]
-    if lin.transpose is not None:  # stored [out, in]
-        if lin.cols is None:
-            arr[...] = B.T
-        else:
-            arr[lin.cols[0]:lin.cols[1], :] = B.T
-    elif lin.cols is None:
-        arr[...] = B
-    else:
-        arr[:, lin.cols[0]:lin.cols[1]] = B
+    from onnxqf.edit import weight_layout
+
+    weights[lin.weight] = weight_layout(lin, B, weights.get(lin.weight))
