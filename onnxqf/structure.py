@@ -106,6 +106,20 @@ class Linear:
         return b if self.cols is None else b[self.cols[0]:self.cols[1]]
 
 
+def group_by_input(linears: list[Linear]) -> list[list[Linear]]:
+    """The linears grouped by the activation they read (q/k/v, gate/up), in order of first appearance."""
+    groups: dict[int, list[Linear]] = {}
+    for lin in linears:
+        groups.setdefault(id(lin.input), []).append(lin)
+    return list(groups.values())
+
+
+def column_blocks(widths: list[int]) -> list[slice]:
+    """The column slices of matrices of these widths placed side by side."""
+    ends = np.cumsum([0, *widths])
+    return [slice(int(a), int(b)) for a, b in zip(ends[:-1], ends[1:])]
+
+
 @dataclasses.dataclass(eq=False)
 class Norm:
     """An RMSNorm: ``out = x / rms(x) * gamma``."""

@@ -35,7 +35,7 @@ from onnxqf import edit, qmath
 from onnxqf.errors import OnnxqfError, UnsupportedGraphError
 from onnxqf.passes.base import RewritePass
 from onnxqf.recognize import recognize
-from onnxqf.structure import Linear
+from onnxqf.structure import Linear, column_blocks, group_by_input
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +81,7 @@ class QuantizeMatMulsPass(RewritePass):
                            "provider runs these nodes on the CPU (use --act-quant token for CUDA)")
         weights = self._round_weights(structure, linears)
         position = {node: i for i, node in enumerate(graph)}
-        for group in _by_input(linears):
+        for group in group_by_input(linears):
             for lin in group:
                 edit.make_private(graph, lin)
             x = group[0].input
@@ -128,15 +128,13 @@ class QuantizeMatMulsPass(RewritePass):
 
         site_of = structure.site_of()
         out = {}
-        for group in tqdm(_by_input(linears), desc="rounding weights", unit="group", disable=not self.progress):
+        for group in tqdm(group_by_input(linears), desc="rounding weights", unit="group", disable=not self.progress):
             Bs = [lin.matrix() for lin in group]
             site = site_of.get(group[0].name)
             q, scale, how = self._round_group(np.concatenate(Bs, axis=1), None if site is None else self.hessians.get(site.name))
-            col = 0
-            for lin, b in zip(group, Bs):
-                out[lin.name] = (q[:, col : col + b.shape[1]], scale[col : col + b.shape[1]])
+            for lin, cols in zip(group, column_blocks([b.shape[1] for b in Bs])):
+                out[lin.name] = (q[:, cols], scale[cols])
                 self.report.rounding[lin.name] = how
-                col += b.shape[1]
         return out
 
     def _round_group(self, B: np.ndarray, H: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, str]:
@@ -158,11 +156,7 @@ class QuantizeMatMulsPass(RewritePass):
         Bs = [lin.matrix() for lin in group]
         q, scale, _ = self._round_group(np.concatenate(Bs, axis=1), H)
         B_hat = q.astype(np.float64) * scale
-        out, col = {}, 0
-        for lin, b in zip(group, Bs):
-            out[lin] = B_hat[:, col : col + b.shape[1]]
-            col += b.shape[1]
-        return out
+        return {lin: B_hat[:, cols] for lin, cols in zip(group, column_blocks([b.shape[1] for b in Bs]))}
 
     def _replace(self, graph: ir.Graph, group: list[Linear], first: ir.Node, dtype: ir.DataType, quantized,
                  weights: list[tuple[np.ndarray, np.ndarray]]) -> None:
@@ -209,14 +203,6 @@ class QuantizeMatMulsPass(RewritePass):
             if was_output:  # keep the graph output's name (e.g. logits)
                 old.name, y.name = f"{name}.float", name
             graph.remove(lin.node, safe=True)
-
-
-def _by_input(linears: list[Linear]) -> list[list[Linear]]:
-    """The linears grouped by the activation they read, in order of first appearance."""
-    groups: dict[int, list[Linear]] = {}
-    for lin in linears:
-        groups.setdefault(id(lin.input), []).append(lin)
-    return list(groups.values())
 
 
 def select_linears(structure, quantize_lm_head: bool, keep_float: tuple[str, ...] = ()) -> list[Linear]:

@@ -40,7 +40,7 @@ from onnxqf import edit, nbits
 from onnxqf.errors import OnnxqfError, UnsupportedGraphError
 from onnxqf.passes.base import RewritePass
 from onnxqf.recognize import recognize
-from onnxqf.structure import Linear
+from onnxqf.structure import Linear, column_blocks, group_by_input
 
 logger = logging.getLogger(__name__)
 
@@ -117,10 +117,7 @@ class QuantizeNBitsPass(RewritePass):
         linears = self._select(structure)
         site_of = structure.site_of()
         scale_dtype = _SCALE_DTYPES[structure.dtype]
-        groups: dict[int, list[Linear]] = {}
-        for lin in linears:
-            groups.setdefault(id(lin.input), []).append(lin)
-        for group in tqdm(list(groups.values()), desc=f"int{self.bits} weights", unit="group", disable=not self.progress):
+        for group in tqdm(group_by_input(linears), desc=f"int{self.bits} weights", unit="group", disable=not self.progress):
             site = site_of.get(group[0].name)
             H = None if site is None else self.hessians.get(site.name)
             is_head = group[0] is structure.lm_head
@@ -128,16 +125,13 @@ class QuantizeNBitsPass(RewritePass):
             Bs = [lin.matrix() for lin in group]
             B = Bs[0] if len(Bs) == 1 else np.concatenate(Bs, axis=1)
             q, how = self._round_group(B, None if is_head else H, bits, scale_dtype)
-            col = 0
-            for lin, b in zip(group, Bs):
-                cols = slice(col, col + b.shape[1])
+            for lin, cols in zip(group, column_blocks([b.shape[1] for b in Bs])):
                 part = nbits.BlockQuant(q.codes[:, cols], q.scales[:, cols],
                                         None if q.zero_points is None else q.zero_points[:, cols], bits, self.block_size,
                                         scale_dtype)
                 self._replace(graph, lin, part)
                 self.quantized.append(lin.name)
                 self.rounding[lin.name] = how
-                col += b.shape[1]
         graph.opset_imports.setdefault(MS_DOMAIN, 1)
         common_passes.RemoveUnusedNodesPass()(model)
         logger.info("MatMulNBits: %d linears, %d-bit block %d (%s), %d GPTQ", len(self.quantized), self.bits, self.block_size,
@@ -161,11 +155,7 @@ class QuantizeNBitsPass(RewritePass):
         Bs = [lin.matrix() for lin in group]
         q, _ = self._round_group(np.concatenate(Bs, axis=1), H, self.bits, _SCALE_DTYPES[structure.dtype])
         B_hat = q.dequantize()
-        out, col = {}, 0
-        for lin, b in zip(group, Bs):
-            out[lin] = B_hat[:, col:col + b.shape[1]]
-            col += b.shape[1]
-        return out
+        return {lin: B_hat[:, cols] for lin, cols in zip(group, column_blocks([b.shape[1] for b in Bs]))}
 
     def _replace(self, graph: ir.Graph, lin: Linear, q: nbits.BlockQuant) -> None:
         K, N = q.shape
