@@ -70,16 +70,27 @@ class SiteStats:
 
 
 def collect(model: ir.Model, values: dict[str, ir.Value], windows: np.ndarray, *, max_sample: int = 1024,
-            seed: int = 0, progress: bool = True, ep: str = "cpu") -> dict[str, SiteStats]:
-    """Channel statistics and a token sample for each value, streaming over windows."""
-    rng = np.random.default_rng(seed)
+            seed: int = 0, progress: bool = True, ep: str = "cpu", layered: Structure | None = None) -> dict[str, SiteStats]:
+    """Channel statistics and a token sample for each value, streaming over windows.
+
+    ``layered``: the model's structure, to run it one layer at a time (:func:`onnxqf.layerwise.capture`:
+    one layer's weights in ONNX Runtime at a time) instead of in one session. Each site draws its
+    sample from its own random stream, so both orders pick the same tokens.
+    """
     per_window = max(1, max_sample // max(1, len(windows)))
+    rngs = {name: np.random.default_rng([seed, i]) for i, name in enumerate(values)}
     stats: dict[str, ChannelStats] = {name: ChannelStats() for name in values}
     samples: dict[str, list[np.ndarray]] = {name: [] for name in values}
-    for acts in capture(model, values, windows, progress=progress, ep=ep):
+    if layered is not None:
+        from onnxqf import layerwise
+
+        acts_per_window = layerwise.capture(model, layered, values, windows, progress=progress, ep=ep)
+    else:
+        acts_per_window = capture(model, values, windows, progress=progress, ep=ep)
+    for acts in acts_per_window:
         for name, X in acts.items():
             stats[name].update(X)
-            take = rng.choice(X.shape[0], size=min(per_window, X.shape[0]), replace=False)
+            take = rngs[name].choice(X.shape[0], size=min(per_window, X.shape[0]), replace=False)
             samples[name].append(X[np.sort(take)])
     return {name: SiteStats(stats[name], np.concatenate(samples[name])[:max_sample]) for name in values}
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
@@ -17,6 +18,9 @@ Make an LLM's activations quantization-friendly inside its ONNX graph, then quan
   onnxqf rewrite out/smollm2.onnx --hybrid              # smooth, rotate, W8A8 -> out/smollm2.hybrid.onnx
   onnxqf eval out/smollm2.onnx out/smollm2.hybrid.onnx --text wiki.test.raw
   onnxqf check out/smollm2.hybrid.onnx --ep cuda        # every node on the GPU?
+
+exit codes: 0 ok, 1 a gate failed (eval --max-kl, check), 2 bad input or a graph onnxqf cannot handle,
+3 execution provider unavailable, 130 interrupted, 143 terminated (temporary files are removed)
 """
 
 
@@ -109,6 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "the layers before it with their weights already rounded (GPTQ's and QuaRot's order; the model "
                         "runs twice). On SmolLM2 sequential measured no better (docs/results.md)")
     q.add_argument("--clip-search", action="store_true", help="search a clipping ratio per weight channel (scales)")
+    q.add_argument("--low-memory", action=argparse.BooleanOptionalAction, default=None,
+                   help="bounded memory for models larger than RAM: calibration and GPTQ run one layer at a time and "
+                        "every rewritten weight goes to a scratch folder beside the output at once (peak ~2 GB for "
+                        "Llama-2-7B shapes, docs/benchmarks.md). Default: on when the weights exceed 2 GiB")
     q.add_argument("--keep-float", action="append", default=[], metavar="PATTERN",
                    help="leave matching linears in float, e.g. down_proj or 'layers.29.*' (repeatable)")
     c = r.add_argument_group("calibration (for --smooth / --hybrid and GPTQ weight rounding)")
@@ -222,6 +230,7 @@ def _setup_logging(quiet: bool) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(getattr(args, "quiet", False) or getattr(args, "json", False))
+    _terminate_cleanly()
     try:
         return {"export": cmd_export, "rewrite": cmd_rewrite, "eval": cmd_eval, "check": cmd_check, "inspect": cmd_inspect,
                 "generate": cmd_generate, "bench": cmd_bench}[args.command](args)
@@ -231,6 +240,26 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("onnxqf: interrupted", file=sys.stderr)
         return 130
+    except _Terminated:
+        print("onnxqf: terminated", file=sys.stderr)
+        return 143
+
+
+class _Terminated(BaseException):
+    pass
+
+
+def _terminate_cleanly() -> None:
+    """SIGTERM (``kill``, a CI timeout) unwinds like Ctrl-C, so temporary folders are removed on the way out
+    (SIGKILL cannot be caught: the next save into the same folder removes what such a run left)."""
+    import signal
+    import threading
+
+    def handler(signum, frame):
+        raise _Terminated()
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, handler)
 
 
 def _same_file(a: Path, b: Path) -> bool:
@@ -285,9 +314,9 @@ def _default_genai_output(folder, args) -> Path:
 def cmd_rewrite(args) -> int:
     from onnxqf.data import load_tokenizer
     from onnxqf.genai import genai_dir, output_path, read_genai, write_folder
-    from onnxqf.modelfile import load_model, save_model, set_metadata, get_metadata
-    from onnxqf.models.export import TOKENIZER_SUFFIX, copy_tokenizer_dir
-    from onnxqf.pipeline import RewriteOptions, rewrite
+    from onnxqf.modelfile import load_model, set_metadata
+    from onnxqf import store
+    from onnxqf.pipeline import RewriteOptions, low_memory, rewrite
 
     src = Path(args.model)
     folder = read_genai(src) if genai_dir(src) is not None else None  # an onnxruntime-genai folder (or its graph)
@@ -308,19 +337,30 @@ def cmd_rewrite(args) -> int:
                           alpha=args.alpha, calib=args.calib, calib_windows=args.calib_windows,
                           calib_seq=args.calib_seq, quantize_lm_head=args.quantize_lm_head, clip_search=args.clip_search,
                           keep_float=tuple(args.keep_float), weight_rounding=args.weight_rounding, sequential=args.gptq_inputs == "sequential",
-                          seed=args.seed, progress=not args.quiet)
+                          seed=args.seed, progress=not args.quiet, low_memory=args.low_memory)
     opts.validate()
     model = load_model(src)
     tok_dir = args.tokenizer or (str(folder.directory) if folder is not None else None)  # genai folders hold theirs
     tokenizer = load_tokenizer(src, model, tok_dir) if opts.needs_calibration and not args.calib.endswith(".npy") else None
-    report = rewrite(model, opts, tokenizer)
-    set_metadata(model, "rewrite", report.to_json())
-    if folder is not None:
-        write_folder(folder, model, out)  # the whole folder: decoder, genai_config.json, tokenizer files
-        if not args.quiet:
-            print(f"[onnxqf] {opts.label}: {len(report.quantized)} MatMuls quantized, {report.seconds} s", file=sys.stderr)
-        print(out)
-        return 0
+    scratch_parent = out.parent.parent if folder is not None else out.parent
+    spill = store.spilling(scratch_parent) if low_memory(model, opts) else contextlib.nullcontext()
+    with spill:  # rewritten weights stay in the scratch folder until they are saved
+        report = rewrite(model, opts, tokenizer)
+        set_metadata(model, "rewrite", report.to_json())
+        if folder is not None:
+            write_folder(folder, model, out)  # the whole folder: decoder, genai_config.json, tokenizer files
+        else:
+            _save_plain(model, src, out)
+    if not args.quiet:
+        print(f"[onnxqf] {opts.label}: {len(report.quantized)} MatMuls quantized, {report.seconds} s", file=sys.stderr)
+    print(out)
+    return 0
+
+
+def _save_plain(model, src: Path, out: Path) -> None:
+    from onnxqf.modelfile import get_metadata, save_model, set_metadata
+    from onnxqf.models.export import TOKENIZER_SUFFIX, copy_tokenizer_dir
+
     tok_rel = get_metadata(model, "tokenizer")
     tok_src = src.parent / tok_rel if tok_rel else None
     if tok_src is not None and tok_src.is_dir():
@@ -329,10 +369,6 @@ def cmd_rewrite(args) -> int:
             copy_tokenizer_dir(tok_src, tok_dst)
         set_metadata(model, "tokenizer", tok_dst.name)
     save_model(model, out)
-    if not args.quiet:
-        print(f"[onnxqf] {opts.label}: {len(report.quantized)} MatMuls quantized, {report.seconds} s", file=sys.stderr)
-    print(out)
-    return 0
 
 
 def cmd_eval(args) -> int:

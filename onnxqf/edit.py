@@ -12,6 +12,7 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir import tape as ir_tape
 
+from onnxqf import store
 from onnxqf.errors import UnsupportedGraphError
 from onnxqf.hadamard import ONLINE_GROUP_MAX, online_groups
 from onnxqf.structure import ONLINE_ROTATION, Linear, Norm, Structure, const_array, read
@@ -28,18 +29,20 @@ def unique_name(graph: ir.Graph, base: str) -> str:
 
 def write(value: ir.Value, array: np.ndarray) -> None:
     """Replace an initializer's data, keeping its dtype and name."""
-    dtype = value.const_value.dtype
+    old = value.const_value
+    dtype = old.dtype
     arr = np.asarray(array).astype(dtype.numpy(), copy=False)
-    assert tuple(arr.shape) == tuple(value.const_value.shape.numpy()), (arr.shape, value.const_value.shape)
-    value.const_value = ir.tensor(arr, dtype=dtype, name=value.name)
+    assert tuple(arr.shape) == tuple(old.shape.numpy()), (arr.shape, old.shape)
+    value.const_value = store.make_tensor(arr, dtype, value.name)  # on disk while a TensorStore is active
+    store.replaced(old)
 
 
 def add_initializer(graph: ir.Graph, base: str, array: np.ndarray, dtype: ir.DataType | None = None) -> ir.Value:
     """A new initializer named ``base_N`` (the one way the passes create constants)."""
     name = unique_name(graph, base)
-    if dtype is not None:
-        array = np.asarray(array).astype(dtype.numpy())
-    tensor = ir.tensor(np.ascontiguousarray(array), name=name)
+    array = np.asarray(array)
+    dtype = dtype or ir.DataType.from_numpy(array.dtype)
+    tensor = store.make_tensor(array, dtype, name)
     value = ir.Value(name=name, shape=ir.Shape(list(tensor.shape)), type=ir.TensorType(tensor.dtype), const_value=tensor)
     graph.register_initializer(value)
     return value
@@ -59,6 +62,40 @@ def weight_layout(lin: Linear, B: np.ndarray, stored: np.ndarray | None = None) 
 
 def set_weight_matrix(lin: Linear, B: np.ndarray) -> None:
     write(lin.weight, weight_layout(lin, B))
+
+
+#: float64 working copies of a weight above this size are processed in slices (onnxqf.store)
+SLICE_BYTES = 128 << 20
+
+
+def update_matrix(lin: Linear, fn, by: str) -> None:
+    """``B <- fn(B)`` for a map that acts on each column (``by="columns"``: ``fn(B) = M B``) or each row
+    (``by="rows"``: ``fn(B) = B M``) of ``B [in, out]`` on its own.
+
+    A large weight is processed in slices of columns or rows, each read as float64 and written back
+    in the weight's dtype, so memory stays at one slice in float64 plus the weight in its own dtype
+    (an lm_head of 32000 x 4096: 128 MB slices instead of two 1 GB float64 copies).
+    """
+    axis = {"columns": 1, "rows": 0}[by]
+    K, N = lin.shape
+    if lin.cols is not None or 8 * K * N <= SLICE_BYTES:
+        set_weight_matrix(lin, fn(lin.matrix()))
+        return
+    update_slices(lin.weight, fn, axis, transposed=lin.transpose is not None)
+
+
+def update_slices(value: ir.Value, fn, axis: int, transposed: bool = False) -> None:
+    """``A <- fn(A)`` for an initializer's 2-D array ``A`` (``transposed``: of its transpose) and a map that
+    treats each slice along ``axis`` (1: columns, 0: rows) on its own; see :func:`update_matrix`."""
+    stored = np.array(store.to_numpy(value.const_value), copy=True)
+    A = stored.T if transposed else stored
+    length = A.shape[axis]
+    other = A.shape[1 - axis]
+    step = max(1, SLICE_BYTES // (8 * max(1, other)))
+    for a in range(0, length, step):
+        sl = (slice(None), slice(a, a + step)) if axis == 1 else (slice(a, a + step), slice(None))
+        A[sl] = fn(np.asarray(A[sl], np.float64))
+    write(value, stored)
 
 
 def set_bias_vector(lin: Linear, b: np.ndarray) -> None:

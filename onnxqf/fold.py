@@ -31,11 +31,6 @@ def rotate_output(B: np.ndarray, Q: np.ndarray) -> np.ndarray:
     return B @ Q
 
 
-def rotate_embedding(E: np.ndarray, Q: np.ndarray) -> np.ndarray:
-    """Embedding table [vocab, hidden]: each row (a residual-stream vector) is rotated, E Q."""
-    return E @ Q
-
-
 def headwise_output(B: np.ndarray, R: np.ndarray, head_dim: int) -> np.ndarray:
     """Apply R (head_dim x head_dim) to every head's block of output columns: B (I ⊗ R)."""
     n_in, n_out = B.shape

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import onnx_ir as ir
@@ -34,6 +34,8 @@ from tqdm.auto import tqdm
 
 from onnxqf.errors import UnsupportedGraphError
 from onnxqf.runtime import make_session, saved
+from onnxqf.store import active as active_store
+from onnxqf.store import release, trim_heap
 from onnxqf.structure import Linear, Site, Structure
 
 logger = logging.getLogger(__name__)
@@ -109,15 +111,13 @@ def _ordered_inputs(nodes: list[ir.Node]) -> list[ir.Value]:
 # one segment as a model of its own
 
 
-def segment_model(model: ir.Model, seg: Segment, wanted: Iterable[ir.Value], dtypes: dict[str, np.dtype],
-                  weights: dict[ir.Value, np.ndarray] | None = None) -> ir.Model:
+def segment_model(model: ir.Model, seg: Segment, wanted: Iterable[ir.Value], dtypes: dict[str, np.dtype]) -> ir.Model:
     """A model of the segment's nodes (copies; the original graph is not touched).
 
     ``wanted``: extra outputs (activations to capture). ``dtypes``: the element type of each input
-    by name (from the arrays that will be fed). ``weights``: replacement data for initializers
-    (original value -> array in the initializer's layout), e.g. rounded weights.
+    by name (from the arrays that will be fed). Initializers share the original's tensors (on disk
+    until read).
     """
-    weights = weights or {}
     vmap: dict[ir.Value, ir.Value] = {}
     inputs = []
     for v in seg.inputs:
@@ -134,10 +134,7 @@ def segment_model(model: ir.Model, seg: Segment, wanted: Iterable[ir.Value], dty
                 ins.append(None)
                 continue
             if v not in vmap:  # an initializer (the rest was mapped as an input or an earlier node's output)
-                tensor = v.const_value
-                if v in weights:
-                    tensor = ir.tensor(np.ascontiguousarray(weights[v]).astype(tensor.dtype.numpy()), name=v.name)
-                c = ir.Value(name=v.name, shape=_copy(v.shape), type=v.type, const_value=tensor)
+                c = ir.Value(name=v.name, shape=_copy(v.shape), type=v.type, const_value=v.const_value)
                 initializers.append(c)
                 vmap[v] = c
             ins.append(vmap[v])
@@ -187,9 +184,15 @@ def _kv_shape(structure: Structure) -> tuple[int, int]:
 
 
 class LayerRunner:
-    """Runs the decoder segment by segment over calibration windows, keeping what crosses the cuts."""
+    """Runs the decoder segment by segment over calibration windows, keeping what crosses the cuts.
 
-    def __init__(self, model: ir.Model, structure: Structure, windows: np.ndarray, *, ep: str = "cpu"):
+    ``wanted``: per layer index, the activations to capture there ({name: value}). Every segment's
+    model is built here, before anything runs, so that a pass may rewrite layer ``i`` of the graph
+    (quantize it) while later layers are still to be run: the segments are copies.
+    """
+
+    def __init__(self, model: ir.Model, structure: Structure, windows: np.ndarray,
+                 wanted: dict[int, dict[str, ir.Value]] | None = None, *, ep: str = "cpu"):
         from onnxqf.genai import feed_function
 
         self.model, self.structure, self.ep = model, structure, ep
@@ -199,20 +202,34 @@ class LayerRunner:
         # per window: value name -> array; starts with the graph's inputs
         self.state = [{k: a for k, a in feed(np.asarray(w, np.int64)[None, :]).items() if k in graph_inputs}
                       for w in windows]
-
-    def run(self, k: int, wanted: dict[str, ir.Value], *, weights: dict[ir.Value, np.ndarray] | None = None,
-            advance: bool, desc: str = "", progress: bool = True):
-        """Run segment ``k`` on every window; yields {name: activation [tokens, channels] float32} of ``wanted``.
-
-        With ``advance``, the segment's outputs replace the state (the next segment reads them).
-        """
-        seg = self.segments[k]
         dtypes = {name: a.dtype for name, a in self.state[0].items()}
-        sub = segment_model(self.model, seg, wanted.values(), dtypes, weights)
-        with saved(sub) as path:
-            session = make_session(path, ep=self.ep)
+        self.wanted = {k: dict(v) for k, v in (wanted or {}).items()}
+        self.subs = [segment_model(model, seg, self.wanted.get(seg.layer, {}).values(), dtypes) for seg in self.segments]
+
+    def run(self, k: int, *, weights: dict[str, np.ndarray] | None = None, advance: bool, desc: str = "",
+            progress: bool = True) -> Iterator[dict[str, np.ndarray]]:
+        """Run segment ``k`` on every window; yields {name: activation [tokens, channels] float32} of its wanted.
+
+        ``weights``: replacement data for initializers, by name (in the initializer's layout), e.g.
+        rounded weights. With ``advance``, the segment's outputs replace the state (the next segment
+        reads them).
+        """
+        seg, sub = self.segments[k], self.subs[k]
+        for value in sub.graph.inputs:  # the types of what crosses the cut, from the arrays that will be fed
+            if value.name in self.state[0]:
+                value.type = ir.TensorType(ir.DataType.from_numpy(self.state[0][value.name].dtype))
+        swapped = _swap_weights(sub, weights or {})
+        try:
+            with saved(sub) as path:
+                session = make_session(path, ep=self.ep)
+        finally:
+            for value, tensor in swapped:
+                value.const_value = tensor
+            for value in sub.graph.initializers.values():
+                release(value.const_value)  # ONNX Runtime holds its own copy now
         names = [v.name for v in seg.inputs]
         out_names = [o.name for o in session.get_outputs()]
+        wanted = self.wanted.get(k, {})
         keep = seg.live
         for w, state in enumerate(tqdm(self.state, desc=desc or f"layer {k}", unit="window", disable=not progress,
                                        leave=False)):
@@ -222,45 +239,149 @@ class LayerRunner:
                        for name, v in wanted.items()}
             if advance:
                 self.state[w] = {n: (results[n] if n in results else state[n]) for n in keep}
+        del session
+        trim_heap()
+
+
+def _swap_weights(sub: ir.Model, weights: dict[str, np.ndarray]) -> list[tuple[ir.Value, object]]:
+    """Put ``weights`` (by initializer name) into the segment model; returns what to restore."""
+    swapped = []
+    for name, array in weights.items():
+        value = sub.graph.initializers[name]
+        swapped.append((value, value.const_value))
+        dtype = value.const_value.dtype
+        value.const_value = ir.tensor(np.ascontiguousarray(array).astype(dtype.numpy(), copy=False), dtype=dtype, name=name)
+    return swapped
+
+
+def capture(model: ir.Model, structure: Structure, values: dict[str, ir.Value], windows: np.ndarray, *,
+            desc: str = "calibrating, layer by layer", progress: bool = True,
+            ep: str = "cpu") -> Iterator[dict[str, np.ndarray]]:
+    """Like :func:`onnxqf.calibrate.capture`, one layer at a time: yields, per layer and window, the
+    activations of ``values`` (keyed by their site names, e.g. ``layers.3.down_in``) in that layer.
+
+    Only one layer's weights are in an ONNX Runtime session at a time.
+    """
+    layer_of = {site.name: site.layer for site in structure.sites()}
+    wanted: dict[int, dict[str, ir.Value]] = {}
+    for name, value in values.items():
+        if name not in layer_of:
+            raise ValueError(f"{name}: not a site of the decoder's layers")
+        wanted.setdefault(layer_of[name], {})[name] = value
+    runner = LayerRunner(model, structure, windows, wanted, ep=ep)
+    last = max(wanted, default=-1)
+    for layer in tqdm(structure.layers[: last + 1], desc=desc, unit="layer", disable=not progress):
+        yield from runner.run(layer.index, advance=layer.index < last, progress=progress)
+
+
+def layer_hessians(model: ir.Model, structure: Structure, windows: np.ndarray, rounder: Rounder | None, *,
+                   progress: bool = True, ep: str = "cpu") -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+    """(layer index, {site name: X^T X}) for each layer in order, each layer fed by the layers before it.
+
+    ``rounder`` (a quantization pass's ``rounded``) gives the weights as they will be stored, and
+    the next layer is fed by this layer with those weights; None keeps the weights float (the
+    Hessians are then those of the float model, one layer at a time).
+    """
+    from onnxqf.gptq import HessianAccumulator
+
+    layers = structure.layers
+    runner = LayerRunner(model, structure, windows, {layer.index: {s.name: s.value for s in layer.sites()}
+                                                     for layer in layers}, ep=ep)
+    for layer in tqdm(layers, desc="calibration for GPTQ, layer by layer", unit="layer", disable=not progress):
+        sites = layer.sites()
+        acc = {site.name: HessianAccumulator() for site in sites}
+        last = layer.index == len(layers) - 1
+        for acts in runner.run(layer.index, advance=rounder is None and not last, progress=progress,
+                               desc=f"layer {layer.index}: X^T X"):
+            for name, X in acts.items():
+                acc[name].update(X)
+        hessians = {name: a.H for name, a in acc.items()}
+        del acc
+        if rounder is not None and not last:
+            weights: dict[str, np.ndarray] = {}
+            for site in sites:
+                for lin, B_hat in rounder(structure, site, hessians[site.name]).items():
+                    _put(weights, lin, B_hat)
+            for _ in runner.run(layer.index, weights=weights, advance=True, progress=progress,
+                                desc=f"layer {layer.index}: rounded"):
+                pass
+            del weights
+        yield layer.index, hessians
 
 
 def sequential_hessians(model: ir.Model, structure: Structure, windows: np.ndarray, rounder: Rounder | None, *,
                         progress: bool = True, ep: str = "cpu") -> dict[str, np.ndarray]:
-    """X^T X of every site, layer by layer, each layer fed by the layers before it with rounded weights.
-
-    ``rounder`` (a quantization pass's ``rounded``) gives the weights as they will be stored; None
-    keeps the weights float (the Hessians are then those of the float model, one layer at a time).
-    """
-    from onnxqf.gptq import HessianAccumulator
-
-    runner = LayerRunner(model, structure, windows, ep=ep)
+    """X^T X of every site (all layers at once; :class:`LazyHessians` holds one layer at a time)."""
     out: dict[str, np.ndarray] = {}
-    layers = structure.layers
-    for layer in tqdm(layers, desc="GPTQ calibration, layer by layer", unit="layer", disable=not progress):
-        sites = layer.sites()
-        wanted = {site.name: site.value for site in sites}
-        acc = {name: HessianAccumulator() for name in wanted}
-        last = layer.index == len(layers) - 1
-        for acts in runner.run(layer.index, wanted, advance=rounder is None and not last, progress=progress,
-                               desc=f"layer {layer.index}: X^T X"):
-            for name, X in acts.items():
-                acc[name].update(X)
-        for name, a in acc.items():
-            out[name] = a.H
-        if rounder is None or last:
-            continue
-        weights: dict[ir.Value, np.ndarray] = {}
-        for site in sites:
-            for lin, B_hat in rounder(structure, site, out[site.name]).items():
-                _put(weights, lin, B_hat)
-        for _ in runner.run(layer.index, {}, weights=weights, advance=True, progress=progress,
-                            desc=f"layer {layer.index}: rounded"):
-            pass
+    for _, hessians in layer_hessians(model, structure, windows, rounder, progress=progress, ep=ep):
+        out.update(hessians)
     return out
 
 
-def _put(weights: dict[ir.Value, np.ndarray], lin: Linear, B: np.ndarray) -> None:
-    """Write B ([in, out] of this linear) into the replacement array of its initializer, in its layout."""
+class LazyHessians:
+    """The Hessians a quantization pass reads (``get(site name)``), computed a layer at a time on demand.
+
+    The pass asks for its sites in layer order; asking for a site of layer ``i`` runs the layers up to
+    ``i`` (:func:`layer_hessians`) and forgets the Hessians of earlier layers, so at most one layer's
+    Hessians are kept — in files of the active TensorStore when there is one (onnxqf.store), so that
+    only the one being used is in memory. ``get`` returns a fresh copy each time (the caller may
+    overwrite it: ``hands_out_copies``). Must be made after every pass that changes the float graph
+    (the segments are built when it is made).
+    """
+
+    hands_out_copies = True
+
+    def __init__(self, model: ir.Model, structure: Structure, windows: np.ndarray, rounder: Rounder | None = None, *,
+                 progress: bool = True, ep: str = "cpu"):
+        self._layer_of = {site.name: site.layer for site in structure.sites()}
+        self._layers = layer_hessians(model, structure, windows, rounder, progress=progress, ep=ep)
+        self._done = -1
+        self._current: dict[str, object] = {}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._layer_of
+
+    def get(self, name: str, default=None) -> np.ndarray | None:
+        layer = self._layer_of.get(name)
+        if layer is None:
+            return default
+        if layer < self._done:
+            raise RuntimeError(f"Hessian of {name} asked for after layer {self._done}'s (sites must come in layer order)")
+        while self._done < layer:
+            self._drop()
+            self._done, hessians = next(self._layers)
+            # empty the generator's dict too: it is paused holding it
+            self._current = {k: _park(hessians.pop(k)) for k in list(hessians)}
+        return _unpark(self._current[name])
+
+    def _drop(self) -> None:
+        st = active_store()
+        for parked in self._current.values():
+            if st is not None and not isinstance(parked, np.ndarray):
+                st.discard(parked)
+        self._current = {}
+
+
+def _park(H: np.ndarray):
+    """Keep a Hessian until it is asked for: in a file of the active TensorStore (onnxqf.store) if any,
+    so that a layer's four Hessians (620 MB for Llama-2-7B) do not all sit in memory, else as it is."""
+    st = active_store()
+    if st is None:
+        return H
+    return st.put(H, None)
+
+
+def _unpark(parked) -> np.ndarray:
+    if isinstance(parked, np.ndarray):
+        return parked.copy()
+    return np.fromfile(parked.path, dtype=parked.dtype.numpy()).reshape(parked.shape.numpy())  # one copy, no map
+
+
+def _put(weights: dict[str, np.ndarray], lin: Linear, B: np.ndarray) -> None:
+    """Write B ([in, out] of this linear) into the replacement array of its initializer (by name), in its
+    layout and storage dtype."""
     from onnxqf.edit import weight_layout
 
-    weights[lin.weight] = weight_layout(lin, B, weights.get(lin.weight))
+    name = lin.weight.name
+    dtype = lin.weight.const_value.dtype.numpy()
+    weights[name] = np.asarray(weight_layout(lin, B, weights.get(name)), dtype)

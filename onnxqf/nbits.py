@@ -36,7 +36,7 @@ import dataclasses
 
 import numpy as np
 
-from onnxqf.gptq import gptq_round
+from onnxqf.gptq import PreparedHessian, gptq_round
 
 BITS = (4, 8)
 BLOCK_SIZES = (16, 32, 64, 128, 256)
@@ -99,6 +99,15 @@ class BlockQuant:
 
 # ----------------------------------------------------------------------------------------------
 # packing
+
+
+def concat_columns(parts: list[BlockQuant]) -> BlockQuant:
+    """One BlockQuant of column chunks quantized alike (side by side along N)."""
+    if len(parts) == 1:
+        return parts[0]
+    zps = None if parts[0].zero_points is None else np.concatenate([p.zero_points for p in parts], axis=1)
+    return dataclasses.replace(parts[0], codes=np.concatenate([p.codes for p in parts], axis=1),
+                               scales=np.concatenate([p.scales for p in parts], axis=1), zero_points=zps)
 
 
 def _pack_along_last(codes: np.ndarray, bits: int, pad_value: int = 0) -> np.ndarray:
@@ -321,7 +330,7 @@ def refit_scales(q: BlockQuant, B: np.ndarray, H: np.ndarray, ridge: float = 1e-
     return dataclasses.replace(q, scales=_to_storage(s_new, q.scale_dtype))
 
 
-def gptq_blockwise(B: np.ndarray, H: np.ndarray, bits: int = 4, block_size: int = 32, *, symmetric: bool = True,
+def gptq_blockwise(B: np.ndarray, H: np.ndarray | PreparedHessian, bits: int = 4, block_size: int = 32, *, symmetric: bool = True,
                    clip_search: bool = False, act_order: bool = False, damp: float = 0.01, refine: int = 0,
                    scale_dtype=np.float32) -> BlockQuant:
     """GPTQ rounding of ``B [K, N]`` given ``H = X^T X [K, K]``, stored block-wise (see module doc).
@@ -334,7 +343,11 @@ def gptq_blockwise(B: np.ndarray, H: np.ndarray, bits: int = 4, block_size: int 
     check(bits, block_size)
     B = np.asarray(B, np.float64)
     lazy = max(32, block_size)  # lazy-update blocks hold whole quantization blocks (smaller is faster in numpy)
-    rw = np.maximum(np.diag(np.asarray(H, np.float64)), 0.0) if clip_search else None
+    prepared = isinstance(H, PreparedHessian)
+    if prepared and refine:
+        raise ValueError("refine needs H itself, not a PreparedHessian")
+    diag = H.diag if prepared else np.diag(np.asarray(H, np.float64))
+    rw = np.maximum(diag, 0.0) if clip_search else None
     rounder = _BlockwiseRounder(B, bits, block_size, symmetric, clip_search, scale_dtype, static=act_order,
                                 row_weights=rw)
     gptq_round(B, H, rounder, damp=damp, block=lazy, act_order=act_order)

@@ -26,6 +26,7 @@ import fnmatch
 import logging
 import time
 
+import numpy as np
 import onnx_ir as ir
 
 from onnxqf import calibrate, layerwise
@@ -45,6 +46,7 @@ from onnxqf.report import RewriteReport
 logger = logging.getLogger("onnxqf")
 
 QUANT_FORMATS = ("int8", "int4", "int8w", "none")
+LOW_MEMORY_AUTO_BYTES = 2 << 30
 BLOCK_SIZES = (16, 32, 64, 128, 256)
 
 
@@ -69,6 +71,10 @@ class RewriteOptions:
     sequential: bool = False
     seed: int = 0
     progress: bool = True
+    # bounded memory (onnxqf.store, docs/benchmarks.md §e): calibration one layer at a time, GPTQ
+    # Hessians one layer at a time, rewritten weights on disk. None: when the weights exceed
+    # LOW_MEMORY_AUTO_BYTES. The result is the same either way (tests/test_low_memory.py)
+    low_memory: bool | None = None
 
     def validate(self) -> None:
         if self.transform not in PRESETS:
@@ -102,9 +108,29 @@ class RewriteOptions:
         return f"transform={self.transform} quant={q}"
 
 
+def weight_bytes(model: ir.Model) -> int:
+    """Bytes of the model's initializers (from their shapes: nothing is read)."""
+    total = 0
+    for value in model.graph.initializers.values():
+        t = value.const_value
+        if t is not None:
+            total += int(np.prod(t.shape.numpy(), dtype=np.int64) * t.dtype.itemsize)
+    return total
+
+
+def low_memory(model: ir.Model, opts: RewriteOptions) -> bool:
+    """Whether the rewrite runs in bounded memory (``opts.low_memory``, or automatically for big models).
+
+    The caller also keeps rewritten weights on disk for the rewrite and the save
+    (``with onnxqf.store.spilling(output folder):``), as ``onnxqf rewrite`` does.
+    """
+    return opts.low_memory if opts.low_memory is not None else weight_bytes(model) > LOW_MEMORY_AUTO_BYTES
+
+
 def rewrite(model: ir.Model, opts: RewriteOptions, tokenizer=None) -> RewriteReport:
     """Apply the preset to ``model`` in place; returns the report (passes, plan, α choices, quantized)."""
     opts.validate()
+    layered = low_memory(model, opts)
     structure = recognize(model)  # fail early, with a clear message, on graphs we cannot match
     if opts.quant != "none":
         _check_keep_float(structure, opts.keep_float)
@@ -125,7 +151,8 @@ def rewrite(model: ir.Model, opts: RewriteOptions, tokenizer=None) -> RewriteRep
                         "in-domain text (--calib FILE --calib-windows 16)", wins.size)
     if plan.smooth:
         values = calibrate.site_values(recognize(model), plan.smooth)
-        stats = calibrate.collect(model, values, wins, progress=opts.progress, seed=opts.seed)
+        stats = calibrate.collect(model, values, wins, progress=opts.progress, seed=opts.seed,
+                                  layered=recognize(model) if layered else None)
         _run(model, SmoothPass(plan, stats, opts.alpha, report, progress=opts.progress))
     rotations = []
     if plan.residual is not None:
@@ -146,14 +173,19 @@ def rewrite(model: ir.Model, opts: RewriteOptions, tokenizer=None) -> RewriteRep
         if opts.weight_rounding == "gptq":
             t = time.time()
             structure = recognize(model)
-            if opts.sequential:
+            if layered:  # computed a layer at a time while the pass asks for them
+                quantize.hessians = layerwise.LazyHessians(model, structure, wins,
+                                                           quantize.rounded if opts.sequential else None,
+                                                           progress=opts.progress)
+            elif opts.sequential:
                 quantize.hessians = layerwise.sequential_hessians(model, structure, wins, quantize.rounded,
                                                                   progress=opts.progress)
             else:
                 quantize.hessians = calibrate.collect_hessians(model, calibrate.site_values(structure), wins,
                                                                progress=opts.progress)
-            logger.info("collected input Hessians for GPTQ%s (%.1f s)", ", layer by layer" if opts.sequential else "",
-                        time.time() - t)
+            if not layered:
+                logger.info("collected input Hessians for GPTQ%s (%.1f s)", ", layer by layer" if opts.sequential else "",
+                            time.time() - t)
             report.calibration["gptq"] = "sequential" if opts.sequential else "float model"
         _run(model, quantize)
     report.seconds = round(time.time() - t0, 1)

@@ -14,6 +14,8 @@ import json
 import numpy as np
 import onnx_ir as ir
 
+from onnxqf.store import to_numpy
+
 # Node metadata key marking the nodes of an online rotation that onnxqf inserted (value: its name).
 # Recognition looks through such a block as through a Cast: the readers after it are still the site's.
 ONLINE_ROTATION = "onnxqf.online_rotation"
@@ -37,7 +39,7 @@ def const_array(value: ir.Value | None) -> np.ndarray | None:
     if value is None:
         return None
     if value.const_value is not None:
-        return value.const_value.numpy()
+        return to_numpy(value.const_value)
     producer = value.producer()
     if producer is not None and producer.op_type == "Constant" and producer.domain == "":
         attr = producer.attributes.get("value")
@@ -52,7 +54,7 @@ def is_initializer(value: ir.Value | None) -> bool:
 
 def read(value: ir.Value) -> np.ndarray:
     """An initializer as float64."""
-    return np.asarray(value.const_value.numpy(), dtype=np.float64)
+    return to_numpy(value.const_value, np.float64)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -95,7 +97,13 @@ class Linear:
 
     def matrix(self) -> np.ndarray:
         """B of the MatMul in [in, out] layout, float64."""
-        w = read(self.weight)
+        return np.asarray(self.stored_matrix(), np.float64)
+
+    def stored_matrix(self) -> np.ndarray:
+        """B in [in, out] layout in the weight's own dtype (a copy; a quarter of float64 for float16): for
+        code that converts it to float64 a slice at a time."""
+        t = self.weight.const_value
+        w = to_numpy(t) if isinstance(t, ir.ExternalTensor) else np.array(t.numpy(), copy=True)
         w = w.T if self.transpose is not None else w
         return w if self.cols is None else w[:, self.cols[0]:self.cols[1]]
 
@@ -112,12 +120,6 @@ def group_by_input(linears: list[Linear]) -> list[list[Linear]]:
     for lin in linears:
         groups.setdefault(id(lin.input), []).append(lin)
     return list(groups.values())
-
-
-def column_blocks(widths: list[int]) -> list[slice]:
-    """The column slices of matrices of these widths placed side by side."""
-    ends = np.cumsum([0, *widths])
-    return [slice(int(a), int(b)) for a, b in zip(ends[:-1], ends[1:])]
 
 
 @dataclasses.dataclass(eq=False)

@@ -36,7 +36,7 @@ class FoldNormsPass(RewritePass):
                 continue
             edit.private_gamma(model.graph, norm)
             for lin in readers:
-                edit.set_weight_matrix(lin, fold.scale_rows(lin.matrix(), g))
+                edit.update_matrix(lin, lambda B: fold.scale_rows(B, g), by="columns")
             edit.write(norm.gamma, np.ones_like(g))
             modified = True
         return modified

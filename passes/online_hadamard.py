@@ -39,9 +39,9 @@ class DownProjHadamardPass(RotationPass):
         D, factors = self.rotation.signs, list(self.rotation.factors)
         for layer in s.layers:
             up, down = layer.up, layer.down
-            edit.set_weight_matrix(up, fold.scale_cols(up.matrix(), D))
+            edit.update_matrix(up, lambda B: fold.scale_cols(B, D), by="rows")
             if up.bias is not None:
                 edit.set_bias_vector(up, up.bias_vector() * D)
-            edit.set_weight_matrix(down, fold.kron_input(fold.scale_rows(down.matrix(), D), factors))
+            edit.update_matrix(down, lambda B: fold.kron_input(fold.scale_rows(B, D), factors), by="columns")
             edit.rotate_value_online(model.graph, down.input, factors, s.dtype, f"layers.{layer.index}.down_proj/hadamard")
         return True

@@ -35,7 +35,7 @@ from onnxqf import edit, qmath
 from onnxqf.errors import OnnxqfError, UnsupportedGraphError
 from onnxqf.passes.base import RewritePass
 from onnxqf.recognize import recognize
-from onnxqf.structure import Linear, column_blocks, group_by_input
+from onnxqf.structure import Linear, group_by_input
 
 logger = logging.getLogger(__name__)
 
@@ -79,16 +79,26 @@ class QuantizeMatMulsPass(RewritePass):
         if self.act_quant == "tensor":
             logger.warning("--act-quant tensor uses DynamicQuantizeLinear and uint8 MatMulInteger: ONNX Runtime's CUDA "
                            "provider runs these nodes on the CPU (use --act-quant token for CUDA)")
-        weights = self._round_weights(structure, linears)
+        from tqdm.auto import tqdm
+
+        site_of = structure.site_of()
         position = {node: i for i, node in enumerate(graph)}
-        for group in group_by_input(linears):
+        # one group at a time: rounded, written (to disk under onnxqf.store) and its nodes replaced, so
+        # that no more than one group's weights are in memory
+        for group in tqdm(group_by_input(linears), desc="int8 weights", unit="group", disable=not self.progress):
             for lin in group:
                 edit.make_private(graph, lin)
+            site = site_of.get(group[0].name)
+            # a Hessian handed out by LazyHessians is ours to overwrite (bounded memory)
+            weights, how = self._round_group(group, None if site is None else self.hessians.get(site.name),
+                                             consume=getattr(self.hessians, "hands_out_copies", False))
+            for lin in group:
+                self.report.rounding[lin.name] = how
             x = group[0].input
             dtype = x.dtype or group[0].weight.const_value.dtype
             quantized = self._quantize_activation(graph, group[0], x, dtype)
             first = min((lin.node for lin in group), key=position.__getitem__)
-            self._replace(graph, group, first, dtype, quantized, [weights[lin.name] for lin in group])
+            self._replace(graph, group, first, dtype, quantized, weights)
             self.report.quantized.extend(lin.name or lin.node.name for lin in group)
         common_passes.RemoveUnusedNodesPass()(model)
         return True
@@ -122,30 +132,32 @@ class QuantizeMatMulsPass(RewritePass):
         _insert_after_producer(graph, x, tape.nodes, first.node)
         return result
 
-    def _round_weights(self, structure, linears: list[Linear]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-        """int8 weights and scales per linear: GPTQ where a Hessian of the input is known, else RTN."""
-        from tqdm.auto import tqdm
+    def _round_group(self, group: list[Linear], H: np.ndarray | None,
+                     consume: bool = False) -> tuple[list[tuple[np.ndarray, np.ndarray]], str]:
+        """([(int8 q [in, out], per-column scale)] per linear, 'gptq' | 'rtn') for linears sharing one input.
 
-        site_of = structure.site_of()
-        out = {}
-        for group in tqdm(group_by_input(linears), desc="rounding weights", unit="group", disable=not self.progress):
-            Bs = [lin.matrix() for lin in group]
-            site = site_of.get(group[0].name)
-            q, scale, how = self._round_group(np.concatenate(Bs, axis=1), None if site is None else self.hessians.get(site.name))
-            for lin, cols in zip(group, column_blocks([b.shape[1] for b in Bs])):
-                out[lin.name] = (q[:, cols], scale[cols])
-                self.report.rounding[lin.name] = how
-        return out
+        Every output column is rounded on its own (its scale, and GPTQ's error feedback, run down the
+        column), so the weights are rounded linear by linear and in column chunks with one prepared
+        Hessian: the same result as rounding their concatenation, in bounded memory.
+        """
+        from onnxqf.gptq import column_chunks, gptq_quantize, prepare
 
-    def _round_group(self, B: np.ndarray, H: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, str]:
-        """(int8 q [in, out], per-column scale, 'gptq' | 'rtn') of the weights of linears sharing one input."""
-        from onnxqf.gptq import gptq_quantize
-
-        q, scale = qmath.quantize_weight_per_channel(B, bits=8, clip_search=self.clip_search)
-        if H is None:
-            return q, scale, "rtn"
-        q, scale = gptq_quantize(B, H, scale=scale)
-        return q, scale, "gptq"
+        how = "rtn" if H is None else "gptq"
+        prepared = None if H is None else prepare(H, consume=consume)
+        del H
+        out = []
+        for lin in group:
+            B = lin.stored_matrix()  # float64 one column chunk at a time
+            q = np.empty(B.shape, np.int8)
+            scale = np.empty(B.shape[1])
+            for cols in column_chunks(*B.shape):
+                qc, sc = qmath.quantize_weight_per_channel(np.asarray(B[:, cols], np.float64), bits=8, clip_search=self.clip_search)
+                if prepared is not None:
+                    qc, sc = gptq_quantize(np.asarray(B[:, cols], np.float64), prepared, scale=sc)
+                q[:, cols], scale[cols] = qc, sc
+            out.append((q, scale))
+            del B
+        return out, how
 
     def rounded(self, structure, site, H: np.ndarray) -> dict[Linear, np.ndarray]:
         """The weights this pass will write for the linears reading ``site`` given its ``X^T X``, dequantized
@@ -153,10 +165,8 @@ class QuantizeMatMulsPass(RewritePass):
         group = [lin for lin in select_linears(structure, self.quantize_lm_head, self.keep_float) if lin.input is site.value]
         if not group:
             return {}
-        Bs = [lin.matrix() for lin in group]
-        q, scale, _ = self._round_group(np.concatenate(Bs, axis=1), H)
-        B_hat = q.astype(np.float64) * scale
-        return {lin: B_hat[:, cols] for lin, cols in zip(group, column_blocks([b.shape[1] for b in Bs]))}
+        weights, _ = self._round_group(group, H)
+        return {lin: q.astype(np.float64) * scale for lin, (q, scale) in zip(group, weights)}
 
     def _replace(self, graph: ir.Graph, group: list[Linear], first: ir.Node, dtype: ir.DataType, quantized,
                  weights: list[tuple[np.ndarray, np.ndarray]]) -> None:

@@ -40,7 +40,7 @@ from onnxqf import edit, nbits
 from onnxqf.errors import OnnxqfError, UnsupportedGraphError
 from onnxqf.passes.base import RewritePass
 from onnxqf.recognize import recognize
-from onnxqf.structure import Linear, column_blocks, group_by_input
+from onnxqf.structure import Linear, group_by_input
 
 logger = logging.getLogger(__name__)
 
@@ -98,7 +98,8 @@ class QuantizeNBitsPass(RewritePass):
         site_of = structure.site_of()
         for lin in linears:
             site = site_of.get(lin.name)
-            H = None if site is None else self.hessians.get(site.name)
+            # (Hessians computed on demand are not asked for here: they are made for this very structure)
+            H = self.hessians.get(site.name) if site is not None and isinstance(self.hessians, dict) else None
             if H is not None and H.shape != (lin.shape[0],) * 2:
                 raise OnnxqfError(f"Hessian of {site.name} is {H.shape}, {lin.name} has {lin.shape[0]} inputs")
 
@@ -119,17 +120,13 @@ class QuantizeNBitsPass(RewritePass):
         scale_dtype = _SCALE_DTYPES[structure.dtype]
         for group in tqdm(group_by_input(linears), desc=f"int{self.bits} weights", unit="group", disable=not self.progress):
             site = site_of.get(group[0].name)
-            H = None if site is None else self.hessians.get(site.name)
             is_head = group[0] is structure.lm_head
             bits = self.lm_head_bits if is_head else self.bits
-            Bs = [lin.matrix() for lin in group]
-            B = Bs[0] if len(Bs) == 1 else np.concatenate(Bs, axis=1)
-            q, how = self._round_group(B, None if is_head else H, bits, scale_dtype)
-            for lin, cols in zip(group, column_blocks([b.shape[1] for b in Bs])):
-                part = nbits.BlockQuant(q.codes[:, cols], q.scales[:, cols],
-                                        None if q.zero_points is None else q.zero_points[:, cols], bits, self.block_size,
-                                        scale_dtype)
-                self._replace(graph, lin, part)
+            # a Hessian handed out by LazyHessians is ours to overwrite (bounded memory)
+            parts, how = self._round_group(group, None if site is None or is_head else self.hessians.get(site.name), bits,
+                                           scale_dtype, consume=getattr(self.hessians, "hands_out_copies", False))
+            for lin, part in zip(group, parts):
+                self._replace(graph, lin, part)  # written at once (to disk under onnxqf.store)
                 self.quantized.append(lin.name)
                 self.rounding[lin.name] = how
         graph.opset_imports.setdefault(MS_DOMAIN, 1)
@@ -138,13 +135,34 @@ class QuantizeNBitsPass(RewritePass):
                     "symmetric" if self.symmetric else "asymmetric", sum(v == "gptq" for v in self.rounding.values()))
         return True
 
-    def _round_group(self, B: np.ndarray, H: np.ndarray | None, bits: int, scale_dtype) -> tuple[nbits.BlockQuant, str]:
-        """Block-wise codes of the weights of linears sharing one input: GPTQ given ``H``, else RTN."""
-        if H is not None:
-            return nbits.gptq_blockwise(B, H, bits, self.block_size, symmetric=self.symmetric, clip_search=self.clip_search,
-                                        act_order=self.act_order, damp=self.damp, scale_dtype=scale_dtype), "gptq"
-        return nbits.quantize_blockwise(B, bits, self.block_size, symmetric=self.symmetric, clip_search=self.clip_search,
-                                        scale_dtype=scale_dtype), "rtn"
+    def _round_group(self, group: list[Linear], H: np.ndarray | None, bits: int, scale_dtype,
+                     consume: bool = False) -> tuple[list[nbits.BlockQuant], str]:
+        """Block-wise codes per linear of a group sharing one input: GPTQ given ``H``, else RTN.
+
+        Scales are per (block of input rows, output column) and GPTQ's error feedback runs down each
+        column, so the linears are rounded one by one and in column chunks with one prepared Hessian:
+        the result of rounding their concatenation, in bounded memory.
+        """
+        from onnxqf.gptq import column_chunks, prepare
+
+        how = "rtn" if H is None else "gptq"
+        prepared = None if H is None else prepare(H, self.damp, self.act_order, consume=consume)
+        del H
+        out = []
+        for lin in group:
+            B = lin.stored_matrix()  # float64 one column chunk at a time
+            chunks = []
+            for cols in column_chunks(*B.shape):
+                if prepared is not None:
+                    chunks.append(nbits.gptq_blockwise(np.asarray(B[:, cols], np.float64), prepared, bits, self.block_size, symmetric=self.symmetric,
+                                                       clip_search=self.clip_search, act_order=self.act_order,
+                                                       damp=self.damp, scale_dtype=scale_dtype))
+                else:
+                    chunks.append(nbits.quantize_blockwise(np.asarray(B[:, cols], np.float64), bits, self.block_size, symmetric=self.symmetric,
+                                                           clip_search=self.clip_search, scale_dtype=scale_dtype))
+            out.append(nbits.concat_columns(chunks))
+            del B
+        return out, how
 
     def rounded(self, structure, site, H: np.ndarray) -> dict[Linear, np.ndarray]:
         """The weights this pass will write for the linears reading ``site`` given its ``X^T X``, dequantized
@@ -152,10 +170,8 @@ class QuantizeNBitsPass(RewritePass):
         group = [lin for lin in self._select(structure) if lin.input is site.value and lin is not structure.lm_head]
         if not group:
             return {}
-        Bs = [lin.matrix() for lin in group]
-        q, _ = self._round_group(np.concatenate(Bs, axis=1), H, self.bits, _SCALE_DTYPES[structure.dtype])
-        B_hat = q.dequantize()
-        return {lin: B_hat[:, cols] for lin, cols in zip(group, column_blocks([b.shape[1] for b in Bs]))}
+        parts, _ = self._round_group(group, H, self.bits, _SCALE_DTYPES[structure.dtype])
+        return {lin: q.dequantize() for lin, q in zip(group, parts)}
 
     def _replace(self, graph: ir.Graph, lin: Linear, q: nbits.BlockQuant) -> None:
         K, N = q.shape

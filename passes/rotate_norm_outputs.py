@@ -49,6 +49,6 @@ class NormOutputHadamardPass(RotationPass):
             edit.private_gamma(model.graph, norm)
             edit.write(norm.gamma, read(norm.gamma) * d)
             for lin in site.readers:
-                edit.set_weight_matrix(lin, fold.kron_input(fold.scale_rows(lin.matrix(), d), factors))
+                edit.update_matrix(lin, lambda B: fold.kron_input(fold.scale_rows(B, d), factors), by="columns")
             edit.rotate_value_online(model.graph, norm.output, factors, s.dtype, f"{site.name}/hadamard")
         return True

@@ -49,15 +49,16 @@ class RotateResidualPass(RotationPass):
     def apply(self, model: ir.Model) -> bool:
         s = recognize(model)
         edit.prepare_linears(model.graph, s)
-        Q = self.rotation.matrix()
+        # Q = diag(signs) kron(factors), applied through its factors: O(n sum f) per row, not n^2
+        Q = fold.KronRotation([(self.rotation.signs, self.rotation.factors)])
         table = s.embedding_table
-        edit.write(table, fold.rotate_embedding(read(table), Q))
+        edit.update_slices(table, Q.apply, axis=0)  # E Q
         for layer in s.layers:
             for lin in (layer.q, layer.k, layer.v, layer.gate, layer.up):
-                edit.set_weight_matrix(lin, fold.rotate_input(lin.matrix(), Q))
+                edit.update_matrix(lin, Q.apply_input, by="columns")  # Q^T B
             for lin in (layer.o, layer.down):
-                edit.set_weight_matrix(lin, fold.rotate_output(lin.matrix(), Q))
+                edit.update_matrix(lin, Q.apply, by="rows")  # B Q
                 if lin.bias is not None:
-                    edit.set_bias_vector(lin, fold.rotate_output(lin.bias_vector(), Q))
-        edit.set_weight_matrix(s.lm_head, fold.rotate_input(s.lm_head.matrix(), Q))
+                    edit.set_bias_vector(lin, Q.apply(lin.bias_vector()))
+        edit.update_matrix(s.lm_head, Q.apply_input, by="columns")
         return True

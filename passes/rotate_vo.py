@@ -47,10 +47,10 @@ class ValueOutputRotationPass(RewritePass):
         R_nh = self.heads.mixing() if online else np.eye(cfg.num_heads)
         for layer in s.layers:
             v, o = layer.v, layer.o
-            edit.set_weight_matrix(v, fold.headwise_output(v.matrix(), R_dh, cfg.head_dim))
+            edit.update_matrix(v, lambda B: fold.headwise_output(B, R_dh, cfg.head_dim), by="rows")
             if v.bias is not None:
                 edit.set_bias_vector(v, fold.headwise_vector(v.bias_vector(), R_dh, cfg.head_dim))
-            edit.set_weight_matrix(o, fold.head_mix_input(o.matrix(), R_dh, R_nh, cfg.num_heads))
+            edit.update_matrix(o, lambda B: fold.head_mix_input(B, R_dh, R_nh, cfg.num_heads), by="columns")
             if online:
                 edit.rotate_value_online(model.graph, o.input, [R_nh, None], s.dtype, f"layers.{layer.index}.o_proj/head_mix",
                                          sizes=[cfg.num_heads, cfg.head_dim])

@@ -75,7 +75,7 @@ class SmoothPass(RewritePass):
 def fold_scales(graph: ir.Graph, site, scale: np.ndarray) -> None:
     """Apply ``x <- x / s`` at ``site`` exactly: readers' rows times s, 1/s into the producer."""
     for lin in site.readers:
-        edit.set_weight_matrix(lin, fold.scale_rows(lin.matrix(), scale))
+        edit.update_matrix(lin, lambda B: fold.scale_rows(B, scale), by="columns")
     inv = 1.0 / scale
     if site.fold_norm is not None:
         edit.private_gamma(graph, site.fold_norm)
@@ -83,6 +83,6 @@ def fold_scales(graph: ir.Graph, site, scale: np.ndarray) -> None:
         return
     producer = site.fold_linear
     col = smoothing.kv_scales(inv, site.kv_groups) if site.kv_groups is not None else inv
-    edit.set_weight_matrix(producer, fold.scale_cols(producer.matrix(), col))
+    edit.update_matrix(producer, lambda B: fold.scale_cols(B, col), by="rows")
     if producer.bias is not None:
         edit.set_bias_vector(producer, producer.bias_vector() * col)
