@@ -115,8 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--clip-search", action="store_true", help="search a clipping ratio per weight channel (scales)")
     q.add_argument("--low-memory", action=argparse.BooleanOptionalAction, default=None,
                    help="bounded memory for models larger than RAM: calibration and GPTQ run one layer at a time and "
-                        "every rewritten weight goes to a scratch folder beside the output at once (peak ~2 GB for "
-                        "Llama-2-7B shapes, docs/benchmarks.md). Default: on when the weights exceed 2 GiB")
+                        "every rewritten weight goes to a scratch folder beside the output at once (an 8-layer "
+                        "Llama-2-7B-shaped model: 3.0 GB peak, docs/benchmarks.md). Default: on when the weights "
+                        "exceed 2 GiB")
     q.add_argument("--keep-float", action="append", default=[], metavar="PATTERN",
                    help="leave matching linears in float, e.g. down_proj or 'layers.29.*' (repeatable)")
     c = r.add_argument_group("calibration (for --smooth / --hybrid and GPTQ weight rounding)")
@@ -230,7 +231,7 @@ def _setup_logging(quiet: bool) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(getattr(args, "quiet", False) or getattr(args, "json", False))
-    _terminate_cleanly()
+    previous = _terminate_cleanly()
     try:
         return {"export": cmd_export, "rewrite": cmd_rewrite, "eval": cmd_eval, "check": cmd_check, "inspect": cmd_inspect,
                 "generate": cmd_generate, "bench": cmd_bench}[args.command](args)
@@ -243,13 +244,18 @@ def main(argv: list[str] | None = None) -> int:
     except _Terminated:
         print("onnxqf: terminated", file=sys.stderr)
         return 143
+    finally:
+        if previous is not None:  # main() may be called in-process (tests): leave the handler as it was
+            import signal
+
+            signal.signal(signal.SIGTERM, previous)
 
 
 class _Terminated(BaseException):
     pass
 
 
-def _terminate_cleanly() -> None:
+def _terminate_cleanly():
     """SIGTERM (``kill``, a CI timeout) unwinds like Ctrl-C, so temporary folders are removed on the way out
     (SIGKILL cannot be caught: the next save into the same folder removes what such a run left)."""
     import signal
@@ -259,7 +265,8 @@ def _terminate_cleanly() -> None:
         raise _Terminated()
 
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, handler)
+        return signal.signal(signal.SIGTERM, handler)  # the previous handler
+    return None
 
 
 def _same_file(a: Path, b: Path) -> bool:

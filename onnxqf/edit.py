@@ -87,7 +87,7 @@ def update_matrix(lin: Linear, fn, by: str) -> None:
 def update_slices(value: ir.Value, fn, axis: int, transposed: bool = False) -> None:
     """``A <- fn(A)`` for an initializer's 2-D array ``A`` (``transposed``: of its transpose) and a map that
     treats each slice along ``axis`` (1: columns, 0: rows) on its own; see :func:`update_matrix`."""
-    stored = np.array(store.to_numpy(value.const_value), copy=True)
+    stored = store.to_numpy(value.const_value, copy=True)
     A = stored.T if transposed else stored
     length = A.shape[axis]
     other = A.shape[1 - axis]

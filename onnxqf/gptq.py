@@ -13,6 +13,7 @@ read the same input (q/k/v, gate/up) share ``H`` and are rounded together (colum
 from __future__ import annotations
 
 import dataclasses
+from typing import Iterator
 
 import numpy as np
 
@@ -100,10 +101,14 @@ def _upper_factor(inv: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(L.T)
 
 
-def column_chunks(n_in: int, n_out: int, max_bytes: int = 192 << 20) -> list[slice]:
-    """Slices of B's columns whose float64 working copies stay within ``max_bytes`` each."""
+def column_chunks(B: np.ndarray, max_bytes: int = 192 << 20) -> Iterator[tuple[slice, np.ndarray]]:
+    """(columns, B[:, columns] as float64) in slices whose float64 working copies stay within ``max_bytes``
+    each (B may be stored in a narrower dtype: only one slice is float64 at a time)."""
+    n_in, n_out = B.shape
     step = max(64, min(n_out, max_bytes // (8 * max(1, n_in))))
-    return [slice(c, min(n_out, c + step)) for c in range(0, n_out, step)]
+    for c in range(0, n_out, step):
+        cols = slice(c, min(n_out, c + step))
+        yield cols, np.asarray(B[:, cols], np.float64)
 
 
 def gptq_round(B: np.ndarray, H: np.ndarray | PreparedHessian, quantize_row, *, damp: float = 0.01, block: int = 128,

@@ -111,18 +111,17 @@ def _ordered_inputs(nodes: list[ir.Node]) -> list[ir.Value]:
 # one segment as a model of its own
 
 
-def segment_model(model: ir.Model, seg: Segment, wanted: Iterable[ir.Value], dtypes: dict[str, np.dtype]) -> ir.Model:
+def segment_model(model: ir.Model, seg: Segment, wanted: Iterable[ir.Value]) -> ir.Model:
     """A model of the segment's nodes (copies; the original graph is not touched).
 
-    ``wanted``: extra outputs (activations to capture). ``dtypes``: the element type of each input
-    by name (from the arrays that will be fed). Initializers share the original's tensors (on disk
-    until read).
+    ``wanted``: extra outputs (activations to capture). Inputs keep the graph's types; the runner
+    sets them from the arrays it feeds (:meth:`LayerRunner.run`). Initializers share the original's
+    tensors (on disk until read).
     """
     vmap: dict[ir.Value, ir.Value] = {}
     inputs = []
     for v in seg.inputs:
-        dt = ir.DataType.from_numpy(np.dtype(dtypes[v.name])) if v.name in dtypes else (v.dtype or ir.DataType.FLOAT)
-        new = ir.Value(name=v.name, shape=_copy(v.shape), type=ir.TensorType(dt))
+        new = ir.Value(name=v.name, shape=_copy(v.shape), type=v.type)
         vmap[v] = new
         inputs.append(new)
     initializers = []
@@ -202,9 +201,8 @@ class LayerRunner:
         # per window: value name -> array; starts with the graph's inputs
         self.state = [{k: a for k, a in feed(np.asarray(w, np.int64)[None, :]).items() if k in graph_inputs}
                       for w in windows]
-        dtypes = {name: a.dtype for name, a in self.state[0].items()}
         self.wanted = {k: dict(v) for k, v in (wanted or {}).items()}
-        self.subs = [segment_model(model, seg, self.wanted.get(seg.layer, {}).values(), dtypes) for seg in self.segments]
+        self.subs = [segment_model(model, seg, self.wanted.get(seg.layer, {}).values()) for seg in self.segments]
 
     def run(self, k: int, *, weights: dict[str, np.ndarray] | None = None, advance: bool, desc: str = "",
             progress: bool = True) -> Iterator[dict[str, np.ndarray]]:

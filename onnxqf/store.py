@@ -129,13 +129,14 @@ def release(tensor) -> None:
             tensor.release()
 
 
-def to_numpy(tensor, dtype=None) -> np.ndarray:
-    """A copy of the tensor's data (``dtype``: converted), leaving no memory map behind."""
+def to_numpy(tensor, dtype=None, *, copy: bool = False) -> np.ndarray:
+    """The tensor's data as an array (``dtype``: converted). An external tensor's is always a copy, and its
+    memory map is released; an in-memory tensor's is its own array unless ``copy`` or a conversion."""
     if isinstance(tensor, ir.ExternalTensor):
         out = np.array(tensor.numpy(), dtype=dtype, copy=True)
         release(tensor)
         return out
-    return np.asarray(tensor.numpy(), dtype=dtype)
+    return np.array(tensor.numpy(), dtype=dtype, copy=True) if copy else np.asarray(tensor.numpy(), dtype=dtype)
 
 
 def trim_heap() -> None:

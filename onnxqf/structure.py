@@ -97,13 +97,15 @@ class Linear:
 
     def matrix(self) -> np.ndarray:
         """B of the MatMul in [in, out] layout, float64."""
-        return np.asarray(self.stored_matrix(), np.float64)
+        return self._layout(read(self.weight))
 
     def stored_matrix(self) -> np.ndarray:
         """B in [in, out] layout in the weight's own dtype (a copy; a quarter of float64 for float16): for
         code that converts it to float64 a slice at a time."""
-        t = self.weight.const_value
-        w = to_numpy(t) if isinstance(t, ir.ExternalTensor) else np.array(t.numpy(), copy=True)
+        return self._layout(to_numpy(self.weight.const_value, copy=True))
+
+    def _layout(self, w: np.ndarray) -> np.ndarray:
+        """The initializer's array as this MatMul's [in, out] (through the Transpose, its column block)."""
         w = w.T if self.transpose is not None else w
         return w if self.cols is None else w[:, self.cols[0]:self.cols[1]]
 

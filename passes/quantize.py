@@ -147,13 +147,13 @@ class QuantizeMatMulsPass(RewritePass):
         del H
         out = []
         for lin in group:
-            B = lin.stored_matrix()  # float64 one column chunk at a time
+            B = lin.stored_matrix()  # in its own dtype; float64 a column chunk at a time
             q = np.empty(B.shape, np.int8)
             scale = np.empty(B.shape[1])
-            for cols in column_chunks(*B.shape):
-                qc, sc = qmath.quantize_weight_per_channel(np.asarray(B[:, cols], np.float64), bits=8, clip_search=self.clip_search)
+            for cols, chunk in column_chunks(B):
+                qc, sc = qmath.quantize_weight_per_channel(chunk, bits=8, clip_search=self.clip_search)
                 if prepared is not None:
-                    qc, sc = gptq_quantize(np.asarray(B[:, cols], np.float64), prepared, scale=sc)
+                    qc, sc = gptq_quantize(chunk, prepared, scale=sc)
                 q[:, cols], scale[cols] = qc, sc
             out.append((q, scale))
             del B

@@ -150,15 +150,15 @@ class QuantizeNBitsPass(RewritePass):
         del H
         out = []
         for lin in group:
-            B = lin.stored_matrix()  # float64 one column chunk at a time
+            B = lin.stored_matrix()  # in its own dtype; float64 a column chunk at a time
             chunks = []
-            for cols in column_chunks(*B.shape):
+            for _, chunk in column_chunks(B):
                 if prepared is not None:
-                    chunks.append(nbits.gptq_blockwise(np.asarray(B[:, cols], np.float64), prepared, bits, self.block_size, symmetric=self.symmetric,
+                    chunks.append(nbits.gptq_blockwise(chunk, prepared, bits, self.block_size, symmetric=self.symmetric,
                                                        clip_search=self.clip_search, act_order=self.act_order,
                                                        damp=self.damp, scale_dtype=scale_dtype))
                 else:
-                    chunks.append(nbits.quantize_blockwise(np.asarray(B[:, cols], np.float64), bits, self.block_size, symmetric=self.symmetric,
+                    chunks.append(nbits.quantize_blockwise(chunk, bits, self.block_size, symmetric=self.symmetric,
                                                            clip_search=self.clip_search, scale_dtype=scale_dtype))
             out.append(nbits.concat_columns(chunks))
             del B

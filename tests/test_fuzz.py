@@ -210,7 +210,7 @@ def test_killed_rewrite_leaves_no_output_and_is_cleaned_next_time(tiny_models, t
     assert [p.name for p in out.parent.iterdir() if p.name.startswith(PARTIAL_PREFIX)] == [live.name]
 
 
-def test_terminated_low_memory_rewrite_removes_its_scratch(tiny_models, tmp_path):
+def test_terminated_low_memory_rewrite_removes_its_scratch(tiny_models, ids_file, tmp_path):
     """SIGTERM (kill, a CI timeout) unwinds the rewrite: exit 143, the input untouched, neither output nor
     the scratch folder of rewritten weights left behind."""
     import signal
@@ -225,7 +225,7 @@ def test_terminated_low_memory_rewrite_removes_its_scratch(tiny_models, tmp_path
     out = tmp_path / "out" / "model.onnx"
     out.parent.mkdir()
     proc = subprocess.Popen([sys.executable, "-m", "onnxqf.cli", "rewrite", str(model), "--hybrid", "--low-memory",
-                             "--calib-windows", "16", "--calib-seq", "256", "-o", str(out), "-q"],
+                             "--calib", str(ids_file), "--calib-windows", "16", "--calib-seq", "256", "-o", str(out), "-q"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while time.time() < deadline and not any(p.name.startswith(PARTIAL_PREFIX) for p in out.parent.iterdir()):
