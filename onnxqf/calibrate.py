@@ -8,7 +8,6 @@ and dropped: memory depends on the window, not on how many windows are run.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Iterator
 
 import numpy as np
@@ -19,6 +18,7 @@ from onnxqf.genai import feed_function, is_kv_session
 from onnxqf.structure import SITE_KINDS, Structure
 from onnxqf.metrics import ChannelStats
 from onnxqf.runtime import make_session, saved
+from onnxqf.store import park, unpark
 
 
 def _kv_shape(model: ir.Model) -> tuple[int, int]:
@@ -61,12 +61,17 @@ def capture(model: ir.Model, values: dict[str, ir.Value], windows: np.ndarray, *
         yield {name: np.asarray(results[i], np.float32).reshape(-1, results[i].shape[-1]) for name, i in index.items()}
 
 
-@dataclasses.dataclass
 class SiteStats:
-    """Per-channel statistics of one activation site plus a bounded random sample of its tokens."""
+    """Per-channel statistics of one activation site plus a bounded random sample of its tokens
+    (``sample [<= max_sample, channels]``; kept on disk while a store is active: onnxqf.store.park)."""
 
-    stats: ChannelStats
-    sample: np.ndarray  # [<= max_sample, channels]
+    def __init__(self, stats: ChannelStats, sample: np.ndarray):
+        self.stats = stats
+        self._sample = park(np.asarray(sample, np.float32))
+
+    @property
+    def sample(self) -> np.ndarray:
+        return unpark(self._sample)
 
 
 def collect(model: ir.Model, values: dict[str, ir.Value], windows: np.ndarray, *, max_sample: int = 1024,
@@ -87,12 +92,15 @@ def collect(model: ir.Model, values: dict[str, ir.Value], windows: np.ndarray, *
         acts_per_window = layerwise.capture(model, layered, values, windows, progress=progress, ep=ep)
     else:
         acts_per_window = capture(model, values, windows, progress=progress, ep=ep)
+    out: dict[str, SiteStats] = {}
     for acts in acts_per_window:
         for name, X in acts.items():
             stats[name].update(X)
             take = rngs[name].choice(X.shape[0], size=min(per_window, X.shape[0]), replace=False)
             samples[name].append(X[np.sort(take)])
-    return {name: SiteStats(stats[name], np.concatenate(samples[name])[:max_sample]) for name in values}
+            if len(samples[name]) == len(windows):  # the site is complete (layer by layer: its layer is done)
+                out[name] = SiteStats(stats[name], np.concatenate(samples.pop(name))[:max_sample])
+    return {name: out[name] for name in values}
 
 
 def collect_hessians(model: ir.Model, values: dict[str, ir.Value], windows: np.ndarray, *, progress: bool = True,

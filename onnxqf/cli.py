@@ -112,7 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "sequential: the model is run one layer at a time and each layer's inputs are the outputs of "
                         "the layers before it with their weights already rounded (GPTQ's and QuaRot's order; the model "
                         "runs twice). On SmolLM2 sequential measured no better (docs/results.md)")
-    q.add_argument("--clip-search", action="store_true", help="search a clipping ratio per weight channel (scales)")
+    q.add_argument("--clip-search", action="store_true", help="search a clipping ratio per weight scale: per output channel for int8, per block "
+                   "and column for int4/int8w (weighted by the calibration inputs; with --asymmetric the most "
+                   "accurate int4 measured on SmolLM2, docs/results.md §6)")
     q.add_argument("--low-memory", action=argparse.BooleanOptionalAction, default=None,
                    help="bounded memory for models larger than RAM: calibration and GPTQ run one layer at a time and "
                         "every rewritten weight goes to a scratch folder beside the output at once (an 8-layer "

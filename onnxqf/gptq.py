@@ -13,7 +13,7 @@ read the same input (q/k/v, gate/up) share ``H`` and are rounded together (colum
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -41,55 +41,88 @@ class PreparedHessian:
     diag: np.ndarray  # diag(H), original order
 
 
-def prepare(H: np.ndarray, damp: float = 0.01, act_order: bool = True, *, consume: bool = False) -> PreparedHessian:
+def prepare(H: np.ndarray | Callable[[], np.ndarray], damp: float = 0.01, act_order: bool = True) -> PreparedHessian:
     """Dampen, invert, order and factor ``H``.
 
-    With ``consume`` the caller's array is dampened in place (it must not be used again): with
-    the inverse and its factor, at most three n x n arrays are alive at once (1.45 GB for
-    Llama-2-7B's down_proj in float32). Ordering the inverse equals inverting the ordered H.
+    ``H`` may be a function that returns a fresh copy of it each time it is called (such as
+    :meth:`onnxqf.layerwise.LazyHessians.get` for one site): that copy is then dampened and factored
+    in place, with no other reference to it alive, so above :data:`FLOAT64_MAX_CHANNELS` channels the
+    float32 factorization needs one n x n workspace beside it (PyTorch; 485 MB for Llama-2-7B's
+    down_proj). An array is left as it is (copied). If float32 is not enough (not positive definite
+    after damping), the factor is computed again in float64 from the array, or from a second call.
+    Ordering the inverse equals inverting the ordered H.
     """
+    reload = H if callable(H) else None
+    consume = reload is not None
+    if consume:
+        H = reload()
     n = H.shape[0]
     diag = np.array(np.diag(H), np.float64)
     order = np.argsort(-diag, kind="stable") if act_order else np.arange(n)
     dtype = hessian_dtype(n)
-    H = np.asarray(H, dtype) if consume and np.asarray(H).dtype == dtype else np.array(H, dtype=dtype, copy=True)
-    dead = np.diag(H) <= 0
-    H[dead, dead] = 1.0
-    H[np.diag_indices_from(H)] += damp * float(np.mean(np.diag(H)))
-    if act_order:
-        H = H[np.ix_(order, order)]
+    original = None if consume else H
     U = None
     if dtype == np.float32:
-        try:
-            U = _torch_upper_factor(H)
-            if U is not None and not np.isfinite(U).all():
-                U = None
-        except RuntimeError:  # not positive definite in float32: float64 below
+        work = np.asarray(H, dtype) if consume and np.asarray(H).dtype == dtype else np.array(H, dtype=dtype, copy=True)
+        del H
+        dead = _dampen(work, damp)
+        if act_order:
+            work = work[np.ix_(order, order)]
+        U = _torch_upper_factor(work)
+        del work
+        if U is None or not np.isfinite(U).all():
             U = None
-        if U is None:
-            H = H.astype(np.float64)
+            H = original if original is not None else reload()
     if U is None:
+        H = np.array(H, dtype=np.float64, copy=True)
+        dead = _dampen(H, damp)
+        if act_order:
+            H = H[np.ix_(order, order)]
         inv = np.linalg.inv(H)
         del H
         U = _upper_factor(inv)
     return PreparedHessian(order, U, dead[order], diag)
 
 
+def hessian_of(hessians, name: str | None) -> np.ndarray | Callable[[], np.ndarray] | None:
+    """What :func:`prepare` takes for site ``name`` of a pass's ``hessians``: None if it has none; for a
+    container that hands out a fresh copy per ``get`` (``hands_out_copies``, such as
+    :class:`onnxqf.layerwise.LazyHessians`) a function that fetches one, so that :func:`prepare` can
+    overwrite it; else the array itself."""
+    if name is None or hessians is None or name not in hessians:
+        return None
+    if getattr(hessians, "hands_out_copies", False):
+        return lambda: hessians.get(name)
+    return hessians[name] if isinstance(hessians, dict) else hessians.get(name)
+
+
+def _dampen(H: np.ndarray, damp: float) -> np.ndarray:
+    """In place: unit diagonal for dead channels, then ``damp`` x the mean diagonal added; returns the dead mask."""
+    dead = np.diag(H) <= 0
+    H[dead, dead] = 1.0
+    H[np.diag_indices_from(H)] += damp * float(np.mean(np.diag(H)))
+    return dead
+
+
 def _torch_upper_factor(H: np.ndarray) -> np.ndarray | None:
     """Upper U with U^T U = H^-1 through PyTorch's Cholesky routines (H = L L^T, H^-1 from L, then its
     upper factor), when PyTorch is installed: for a 7B down_proj (11008 channels, float32) ~20x faster
-    than numpy's general inverse, and with two n x n arrays beside H instead of four."""
+    than numpy's general inverse. Computed in ``H``'s own memory (overwritten; one n x n workspace beside
+    it). None if PyTorch is missing or H is not positive definite in its dtype (``H`` is then garbage)."""
     try:
         import torch
     except ImportError:
         return None
-    t = torch.from_numpy(H)
-    L = torch.linalg.cholesky(t)
-    inv = torch.cholesky_inverse(L)
-    del L
-    U = torch.linalg.cholesky(inv, upper=True)
-    del inv
-    return U.numpy()
+    t = torch.from_numpy(np.ascontiguousarray(H))
+    info = torch.empty((), dtype=torch.int32)
+    torch.linalg.cholesky_ex(t, out=(t, info))
+    if int(info):
+        return None
+    torch.cholesky_inverse(t, out=t)
+    torch.linalg.cholesky_ex(t, upper=True, out=(t, info))
+    if int(info):
+        return None
+    return t.numpy()
 
 
 def _upper_factor(inv: np.ndarray) -> np.ndarray:
@@ -101,7 +134,7 @@ def _upper_factor(inv: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(L.T)
 
 
-def column_chunks(B: np.ndarray, max_bytes: int = 192 << 20) -> Iterator[tuple[slice, np.ndarray]]:
+def column_chunks(B: np.ndarray, max_bytes: int = 64 << 20) -> Iterator[tuple[slice, np.ndarray]]:
     """(columns, B[:, columns] as float64) in slices whose float64 working copies stay within ``max_bytes``
     each (B may be stored in a narrower dtype: only one slice is float64 at a time)."""
     n_in, n_out = B.shape
@@ -112,7 +145,7 @@ def column_chunks(B: np.ndarray, max_bytes: int = 192 << 20) -> Iterator[tuple[s
 
 
 def gptq_round(B: np.ndarray, H: np.ndarray | PreparedHessian, quantize_row, *, damp: float = 0.01, block: int = 128,
-               act_order: bool = True) -> np.ndarray:
+               act_order: bool = True, outer: int = 512) -> np.ndarray:
     """The GPTQ loop with a pluggable rounding of one row; returns the rounded ``B`` (float64, [in, out]).
 
     ``quantize_row(row, w, ahead)`` gets the row's index in ``B`` (original order), its current
@@ -122,27 +155,41 @@ def gptq_round(B: np.ndarray, H: np.ndarray | PreparedHessian, quantize_row, *, 
     returns the row as stored (dequantized, float64). Rows are visited by decreasing ``diag(H)``
     with ``act_order``, else in order. ``H`` may be a :class:`PreparedHessian` (then ``damp`` and
     ``act_order`` are the ones it was prepared with).
+
+    The error feedback is applied lazily on two levels (the result is the same up to floating-point
+    order): row by row inside a ``block``, one matrix product per ``block`` inside an ``outer``
+    block, one per ``outer`` block for the rows after it. Without the outer level every ``block``
+    would rewrite all the rows still to come: for a 7B down_proj that is ~10x the memory traffic.
+    The work arrays are in the factor's dtype (float32 for Hessians above
+    :data:`FLOAT64_MAX_CHANNELS` channels, as GPTQ's reference code computes), float64 otherwise.
     """
-    B = np.asarray(B, np.float64)
     n_in = B.shape[0]
     p = H if isinstance(H, PreparedHessian) else prepare(H, damp, act_order)
     order, U, dead = p.order, p.U, p.dead
-    W = B[order]
+    work = np.float32 if U.dtype == np.float32 else np.float64
+    W = np.asarray(B, work)[order]
     W[dead] = 0.0
-    Q = np.zeros_like(W)
-    for start in range(0, n_in, block):
-        end = min(start + block, n_in)
-        Wb = W[start:end].copy()
-        Ub = U[start:end, start:end]
-        Err = np.zeros_like(Wb)
-        for i in range(end - start):
-            w = Wb[i]
-            q = quantize_row(int(order[start + i]), w, Wb[i:])
-            Q[start + i] = q
-            e = (w - q) / Ub[i, i]
-            Wb[i + 1 :] -= np.outer(Ub[i, i + 1 :], e)
-            Err[i] = e
-        W[end:] -= U[start:end, end:].T @ Err
+    Q = np.zeros(W.shape, np.float64)
+    outer = max(block, outer - outer % block)
+    for ostart in range(0, n_in, outer):
+        oend = min(ostart + outer, n_in)
+        Err_o = np.empty((oend - ostart, W.shape[1]), work)
+        for start in range(ostart, oend, block):
+            end = min(start + block, oend)
+            Wb = W[start:end].copy()
+            Ub = U[start:end, start:end]
+            Err = Err_o[start - ostart:end - ostart]
+            for i in range(end - start):
+                w = Wb[i]
+                q = quantize_row(int(order[start + i]), np.asarray(w, np.float64), Wb[i:])
+                Q[start + i] = q
+                e = (w - q) / Ub[i, i]
+                Wb[i + 1 :] -= np.outer(Ub[i, i + 1 :], e)
+                Err[i] = e
+            if end < oend:
+                W[end:oend] -= U[start:end, end:oend].T @ Err
+        if oend < n_in:
+            W[oend:] -= U[ostart:oend, oend:].T @ Err_o
     inverse = np.empty_like(order)
     inverse[order] = np.arange(n_in)
     return Q[inverse]

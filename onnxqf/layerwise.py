@@ -34,8 +34,7 @@ from tqdm.auto import tqdm
 
 from onnxqf.errors import UnsupportedGraphError
 from onnxqf.runtime import make_session, saved
-from onnxqf.store import active as active_store
-from onnxqf.store import release, trim_heap
+from onnxqf.store import discard, park, release, trim_heap, unpark
 from onnxqf.structure import Linear, Site, Structure
 
 logger = logging.getLogger(__name__)
@@ -47,7 +46,7 @@ Rounder = Callable[[Structure, Site, np.ndarray], dict[Linear, np.ndarray]]
 
 @dataclasses.dataclass(eq=False)
 class Segment:
-    """The nodes of one layer (segment 0: with everything before layer 0), and what crosses its cuts."""
+    """A run of nodes of one layer (the first one also holds everything before layer 0), and what crosses its cuts."""
 
     layer: int
     nodes: list[ir.Node]
@@ -56,18 +55,25 @@ class Segment:
     live: frozenset[str]  # names of the values (made here or before) that a later segment reads
 
 
-def split(model: ir.Model, structure: Structure) -> list[Segment]:
-    """One segment per decoder layer, cut after each down_proj MatMul (see the module doc)."""
+def split(model: ir.Model, structure: Structure, *, halves: bool = False) -> list[Segment]:
+    """One segment per decoder layer, cut after each down_proj MatMul (see the module doc); with ``halves``
+    two per layer, also cut after o_proj (attention, then MLP: every MLP node that reads the layer's
+    residual stream depends on o_proj), so that half a layer's weights are in one ONNX Runtime session."""
     nodes = list(model.graph)
     position = {node: i for i, node in enumerate(nodes)}
-    cuts = [0]
+    cuts, layer_of_cut = [0], []
     for layer in structure.layers:
         end = position[layer.down.node] + 1
         if end <= cuts[-1]:
             raise UnsupportedGraphError(f"layer {layer.index}'s down_proj comes before layer {layer.index - 1}'s in the "
                                         "graph's node order; cannot run the model layer by layer")
+        mid = position[layer.o.node] + 1
+        if halves and cuts[-1] < mid < end and all(position[lin.node] >= mid for lin in (layer.gate, layer.up)):
+            cuts.append(mid)
+            layer_of_cut.append(layer.index)
         cuts.append(end)
-    n_seg = len(structure.layers)
+        layer_of_cut.append(layer.index)
+    n_seg = len(layer_of_cut)
     seg_of = {}
     for k in range(n_seg):
         for node in nodes[cuts[k]:cuts[k + 1]]:
@@ -83,7 +89,7 @@ def split(model: ir.Model, structure: Structure) -> list[Segment]:
         inputs = [v for v in _ordered_inputs(seg_nodes) if not _is_constant(v) and _made_by(v, seg_of) < k]
         live = [v for v, last in last_read.items() if last > k and _made_by(v, seg_of) <= k]
         outputs = sorted((v for v in live if _made_by(v, seg_of) == k), key=lambda v: v.name or "")
-        segments.append(Segment(k, seg_nodes, inputs, outputs, frozenset(v.name for v in live)))
+        segments.append(Segment(layer_of_cut[k], seg_nodes, inputs, outputs, frozenset(v.name for v in live)))
     return segments
 
 
@@ -183,11 +189,13 @@ def _kv_shape(structure: Structure) -> tuple[int, int]:
 
 
 class LayerRunner:
-    """Runs the decoder segment by segment over calibration windows, keeping what crosses the cuts.
+    """Runs the decoder layer by layer over calibration windows, keeping what crosses the cuts.
 
-    ``wanted``: per layer index, the activations to capture there ({name: value}). Every segment's
-    model is built here, before anything runs, so that a pass may rewrite layer ``i`` of the graph
-    (quantize it) while later layers are still to be run: the segments are copies.
+    ``wanted``: per layer index, the activations to capture there ({name: value}). Each layer runs as
+    two segments (attention, MLP: :func:`split` with ``halves``), one ONNX Runtime session each, so
+    that only half a layer's weights are in a session at a time. Every segment's model is built here,
+    before anything runs, so that a pass may rewrite layer ``i`` of the graph (quantize it) while later
+    layers are still to be run: the segments are copies.
     """
 
     def __init__(self, model: ir.Model, structure: Structure, windows: np.ndarray,
@@ -195,31 +203,53 @@ class LayerRunner:
         from onnxqf.genai import feed_function
 
         self.model, self.structure, self.ep = model, structure, ep
-        self.segments = split(model, structure)
+        self.segments = split(model, structure, halves=True)
         feed = feed_function(_GraphInputs(model), kv_shape=_kv_shape(structure))
         graph_inputs = {v.name for v in model.graph.inputs}
         # per window: value name -> array; starts with the graph's inputs
         self.state = [{k: a for k, a in feed(np.asarray(w, np.int64)[None, :]).items() if k in graph_inputs}
                       for w in windows]
-        self.wanted = {k: dict(v) for k, v in (wanted or {}).items()}
-        self.subs = [segment_model(model, seg, self.wanted.get(seg.layer, {}).values()) for seg in self.segments]
+        self.of_layer: dict[int, list[int]] = {}
+        for i, seg in enumerate(self.segments):
+            self.of_layer.setdefault(seg.layer, []).append(i)
+        # each wanted activation is an output of the segment of its layer that computes it
+        self.wanted: list[dict[str, ir.Value]] = [{} for _ in self.segments]
+        for layer, values in (wanted or {}).items():
+            idx = self.of_layer[layer]
+            for name, v in values.items():
+                home = next((i for i in idx if v.producer() in set(self.segments[i].nodes)), idx[0])
+                self.wanted[home][name] = v
+        self.subs = [segment_model(model, seg, self.wanted[i].values()) for i, seg in enumerate(self.segments)]
 
-    def run(self, k: int, *, weights: dict[str, np.ndarray] | None = None, advance: bool, desc: str = "",
+    def run(self, layer: int, *, weights: dict[str, np.ndarray] | None = None, advance: bool, desc: str = "",
             progress: bool = True) -> Iterator[dict[str, np.ndarray]]:
-        """Run segment ``k`` on every window; yields {name: activation [tokens, channels] float32} of its wanted.
+        """Run decoder layer ``layer`` on every window; yields {name: activation [tokens, channels] float32}
+        of its wanted activations, per window and segment (a dict per segment that has some).
 
         ``weights``: replacement data for initializers, by name (in the initializer's layout), e.g.
-        rounded weights. With ``advance``, the segment's outputs replace the state (the next segment
-        reads them).
+        rounded weights. With ``advance``, the layer's outputs replace the state (the next layer
+        reads them); the segments of one layer always hand their outputs on to each other.
         """
-        seg, sub = self.segments[k], self.subs[k]
+        idx = self.of_layer[layer]
+        if not advance:  # only as far as the last segment with something to capture
+            idx = idx[: 1 + max((j for j, i in enumerate(idx) if self.wanted[i]), default=-1)]
+        before = None if advance else list(self.state)  # the second half reads the first's outputs: put back after
+        for i in idx:
+            yield from self._run_segment(i, weights or {}, advance=advance or i != idx[-1], desc=desc or f"layer {layer}",
+                                         progress=progress)
+        if before is not None:
+            self.state = before
+
+    def _run_segment(self, i: int, weights: dict[str, np.ndarray], *, advance: bool, desc: str,
+                     progress: bool) -> Iterator[dict[str, np.ndarray]]:
+        seg, sub = self.segments[i], self.subs[i]
         for value in sub.graph.inputs:  # the types of what crosses the cut, from the arrays that will be fed
             if value.name in self.state[0]:
                 value.type = ir.TensorType(ir.DataType.from_numpy(self.state[0][value.name].dtype))
-        swapped = _swap_weights(sub, weights or {})
+        swapped = _swap_weights(sub, {n: a for n, a in weights.items() if n in sub.graph.initializers})
         try:
             with saved(sub) as path:
-                session = make_session(path, ep=self.ep)
+                session = make_session(path, ep=self.ep, arena=False)
         finally:
             for value, tensor in swapped:
                 value.const_value = tensor
@@ -227,10 +257,9 @@ class LayerRunner:
                 release(value.const_value)  # ONNX Runtime holds its own copy now
         names = [v.name for v in seg.inputs]
         out_names = [o.name for o in session.get_outputs()]
-        wanted = self.wanted.get(k, {})
+        wanted = self.wanted[i]
         keep = seg.live
-        for w, state in enumerate(tqdm(self.state, desc=desc or f"layer {k}", unit="window", disable=not progress,
-                                       leave=False)):
+        for w, state in enumerate(tqdm(self.state, desc=desc, unit="window", disable=not progress, leave=False)):
             results = dict(zip(out_names, session.run(None, {n: state[n] for n in names})))
             if wanted:
                 yield {name: np.asarray(results[v.name], np.float32).reshape(-1, results[v.name].shape[-1])
@@ -349,30 +378,13 @@ class LazyHessians:
             self._drop()
             self._done, hessians = next(self._layers)
             # empty the generator's dict too: it is paused holding it
-            self._current = {k: _park(hessians.pop(k)) for k in list(hessians)}
-        return _unpark(self._current[name])
+            self._current = {k: park(hessians.pop(k)) for k in list(hessians)}
+        return unpark(self._current[name])
 
     def _drop(self) -> None:
-        st = active_store()
         for parked in self._current.values():
-            if st is not None and not isinstance(parked, np.ndarray):
-                st.discard(parked)
+            discard(parked)
         self._current = {}
-
-
-def _park(H: np.ndarray):
-    """Keep a Hessian until it is asked for: in a file of the active TensorStore (onnxqf.store) if any,
-    so that a layer's four Hessians (620 MB for Llama-2-7B) do not all sit in memory, else as it is."""
-    st = active_store()
-    if st is None:
-        return H
-    return st.put(H, None)
-
-
-def _unpark(parked) -> np.ndarray:
-    if isinstance(parked, np.ndarray):
-        return parked.copy()
-    return np.fromfile(parked.path, dtype=parked.dtype.numpy()).reshape(parked.shape.numpy())  # one copy, no map
 
 
 def _put(weights: dict[str, np.ndarray], lin: Linear, B: np.ndarray) -> None:

@@ -216,7 +216,7 @@ def _quantize_pass(opts: RewriteOptions, report: RewriteReport):
 
     return QuantizeNBitsPass(bits=4 if opts.quant == "int4" else 8, block_size=opts.block_size,
                              quantize_lm_head=opts.quantize_lm_head, keep_float=opts.keep_float, progress=opts.progress,
-                             symmetric=not opts.asymmetric, report=report)
+                             symmetric=not opts.asymmetric, clip_search=opts.clip_search, report=report)
 
 
 def _run(model: ir.Model, p: ir.passes.PassBase) -> ir.passes.PassResult:

@@ -113,17 +113,18 @@ class Plan:
         t = self.site_transform(kind, config)
         return None if t is None else t.matrix()
 
-    def reader_output(self, role: str, B: np.ndarray, config: ModelConfig) -> np.ndarray:
+    def reader_output(self, role: str, B: np.ndarray, config: ModelConfig, cols: slice | None = None) -> np.ndarray:
         """A reader's weight with the output-side folds that later rotations will apply to it.
 
         v_proj's columns get the per-head rotation, up_proj's the down rotation's signs, and o_proj's
         and down_proj's the residual rotation: per-output-channel quantization sees these, so the
-        α search scores a site's readers as they will be written.
+        α search scores a site's readers as they will be written. ``cols``: ``B`` holds only these
+        columns of the weight (whole heads for v_proj; o_proj and down_proj must be whole).
         """
         if role == "v_proj" and self.rotates:
             B = fold.headwise_output(B, self.head.matrix(), config.head_dim)
         elif role == "up_proj" and self.down is not None:
-            B = fold.scale_cols(B, self.down.signs)
+            B = fold.scale_cols(B, self.down.signs if cols is None else self.down.signs[cols])
         elif role in ("o_proj", "down_proj") and self.residual is not None:
             B = fold.rotate_output(B, self.residual.matrix())
         return B

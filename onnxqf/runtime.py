@@ -25,10 +25,15 @@ def ort():
 EP_NAMES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
 
-def session_options(*, strict_ep: bool = False, profile: str | None = None, threads: int | None = None):
+def session_options(*, strict_ep: bool = False, profile: str | None = None, threads: int | None = None,
+                    arena: bool = True):
+    """``arena=False``: no CPU memory arena. For short-lived sessions in a long process (one per layer,
+    onnxqf.layerwise): with the arena, ~0.3 GB of a Llama-2-7B-shaped layer's session stays resident
+    after the session is gone; without it the peak is lower too, at the same speed (measured)."""
     rt = ort()
     so = rt.SessionOptions()
     so.log_severity_level = 3
+    so.enable_cpu_mem_arena = arena
     if strict_ep:
         so.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
     if profile:

@@ -77,6 +77,13 @@ MAX_SCORED_WEIGHTS = 1 << 22
 MIN_SCORED_COLUMNS = 256
 
 
+def scored_columns(n_in: int, n_out: int) -> np.ndarray | None:
+    """The output columns the α search scores for a site of ``n_in`` channels read by ``n_out`` columns in
+    all (None: all of them)."""
+    cols = max(MIN_SCORED_COLUMNS, MAX_SCORED_WEIGHTS // max(1, n_in))
+    return np.linspace(0, n_out - 1, cols).round().astype(np.int64) if n_out > cols else None
+
+
 class _Scorer:
     """The relative W8A8 layer error of candidate scales on one site's sample, fast.
 
@@ -88,10 +95,10 @@ class _Scorer:
     of them, the same for every candidate (an estimate of the whole site's error).
     """
 
-    def __init__(self, X: np.ndarray, B: np.ndarray, R):
-        cols = max(MIN_SCORED_COLUMNS, MAX_SCORED_WEIGHTS // max(1, B.shape[0]))
-        if B.shape[1] > cols:
-            B = B[:, np.linspace(0, B.shape[1] - 1, cols).round().astype(np.int64)]
+    def __init__(self, X: np.ndarray, B: np.ndarray, R, *, scored: bool = False):
+        cols = None if scored else scored_columns(*B.shape)  # scored: B holds only those columns already
+        if cols is not None:
+            B = B[:, cols]
         self.X, self.B, self.R = X.astype(np.float32), np.ascontiguousarray(B, np.float32), R
         if isinstance(R, fold.KronRotation):
             self.R = R.astype(np.float32)
@@ -127,15 +134,18 @@ def _fake_quant_rows(A: np.ndarray) -> np.ndarray:
 
 
 def choose_scales(X: np.ndarray, act_absmax: np.ndarray, B: np.ndarray, alpha: float | str,
-                  groups: tuple[int, int, int] | None = None, R=None) -> Choice:
+                  groups: tuple[int, int, int] | None = None, R=None, *,
+                  weight_absmax: np.ndarray | None = None) -> Choice:
     """The smoothing of one site: a fixed alpha, or with "auto" the candidate of lowest measured error.
 
     ``R``: the rotation that follows (a dense matrix or :class:`onnxqf.fold.KronRotation`), or None.
+    ``weight_absmax``: the row maxima of the whole weight when ``B`` holds only its
+    :func:`scored_columns` (so that a large site's weight need not be in memory as a whole).
     """
     X = np.asarray(X, np.float64)
     B = np.asarray(B, np.float64)
-    score = _Scorer(X, B, R)
-    w = qmath.weight_row_absmax(B)
+    score = _Scorer(X, B, R, scored=weight_absmax is not None)
+    w = qmath.weight_row_absmax(B) if weight_absmax is None else np.asarray(weight_absmax, np.float64)
     none = score(None)
     if alpha != "auto":
         s = site_scales(act_absmax, None, float(alpha), groups, weight_absmax=w)

@@ -139,6 +139,28 @@ def to_numpy(tensor, dtype=None, *, copy: bool = False) -> np.ndarray:
     return np.array(tensor.numpy(), dtype=dtype, copy=True) if copy else np.asarray(tensor.numpy(), dtype=dtype)
 
 
+def park(array: np.ndarray):
+    """Keep an array aside until it is needed (:func:`unpark`): in a file of the active store if there is one
+    and it is large (a layer's GPTQ Hessians, its calibration samples), else as it is."""
+    store = _active
+    if store is None or not store.wants(array):
+        return array
+    return store.put(array, None)
+
+
+def unpark(parked) -> np.ndarray:
+    """A fresh copy of a parked array (read from its file in one go, no memory map)."""
+    if isinstance(parked, np.ndarray):
+        return parked.copy()
+    return np.fromfile(parked.path, dtype=parked.dtype.numpy()).reshape(parked.shape.numpy())
+
+
+def discard(parked) -> None:
+    """Forget a parked array (its file is deleted)."""
+    if _active is not None and not isinstance(parked, np.ndarray):
+        _active.discard(parked)
+
+
 def trim_heap() -> None:
     """Give memory that was freed (an ONNX Runtime session's) back to the system (glibc's malloc_trim),
     so that the process's resident size follows what it holds; a no-op elsewhere."""

@@ -32,6 +32,7 @@ import onnx_ir.passes.common as common_passes
 from onnx_ir import tape as ir_tape
 
 from onnxqf import edit, qmath
+from onnxqf.gptq import hessian_of
 from onnxqf.errors import OnnxqfError, UnsupportedGraphError
 from onnxqf.passes.base import RewritePass
 from onnxqf.recognize import recognize
@@ -90,8 +91,7 @@ class QuantizeMatMulsPass(RewritePass):
                 edit.make_private(graph, lin)
             site = site_of.get(group[0].name)
             # a Hessian handed out by LazyHessians is ours to overwrite (bounded memory)
-            weights, how = self._round_group(group, None if site is None else self.hessians.get(site.name),
-                                             consume=getattr(self.hessians, "hands_out_copies", False))
+            weights, how = self._round_group(group, hessian_of(self.hessians, None if site is None else site.name))
             for lin in group:
                 self.report.rounding[lin.name] = how
             x = group[0].input
@@ -132,8 +132,7 @@ class QuantizeMatMulsPass(RewritePass):
         _insert_after_producer(graph, x, tape.nodes, first.node)
         return result
 
-    def _round_group(self, group: list[Linear], H: np.ndarray | None,
-                     consume: bool = False) -> tuple[list[tuple[np.ndarray, np.ndarray]], str]:
+    def _round_group(self, group: list[Linear], H) -> tuple[list[tuple[np.ndarray, np.ndarray]], str]:
         """([(int8 q [in, out], per-column scale)] per linear, 'gptq' | 'rtn') for linears sharing one input.
 
         Every output column is rounded on its own (its scale, and GPTQ's error feedback, run down the
@@ -143,7 +142,7 @@ class QuantizeMatMulsPass(RewritePass):
         from onnxqf.gptq import column_chunks, gptq_quantize, prepare
 
         how = "rtn" if H is None else "gptq"
-        prepared = None if H is None else prepare(H, consume=consume)
+        prepared = None if H is None else prepare(H)  # H: an array, or a function that fetches a copy
         del H
         out = []
         for lin in group:

@@ -37,6 +37,7 @@ import onnx_ir.passes.common as common_passes
 from onnx_ir import tape as ir_tape
 
 from onnxqf import edit, nbits
+from onnxqf.gptq import hessian_of
 from onnxqf.errors import OnnxqfError, UnsupportedGraphError
 from onnxqf.passes.base import RewritePass
 from onnxqf.recognize import recognize
@@ -122,9 +123,8 @@ class QuantizeNBitsPass(RewritePass):
             site = site_of.get(group[0].name)
             is_head = group[0] is structure.lm_head
             bits = self.lm_head_bits if is_head else self.bits
-            # a Hessian handed out by LazyHessians is ours to overwrite (bounded memory)
-            parts, how = self._round_group(group, None if site is None or is_head else self.hessians.get(site.name), bits,
-                                           scale_dtype, consume=getattr(self.hessians, "hands_out_copies", False))
+            H = hessian_of(self.hessians, None if site is None or is_head else site.name)
+            parts, how = self._round_group(group, H, bits, scale_dtype)
             for lin, part in zip(group, parts):
                 self._replace(graph, lin, part)  # written at once (to disk under onnxqf.store)
                 self.quantized.append(lin.name)
@@ -135,8 +135,7 @@ class QuantizeNBitsPass(RewritePass):
                     "symmetric" if self.symmetric else "asymmetric", sum(v == "gptq" for v in self.rounding.values()))
         return True
 
-    def _round_group(self, group: list[Linear], H: np.ndarray | None, bits: int, scale_dtype,
-                     consume: bool = False) -> tuple[list[nbits.BlockQuant], str]:
+    def _round_group(self, group: list[Linear], H, bits: int, scale_dtype) -> tuple[list[nbits.BlockQuant], str]:
         """Block-wise codes per linear of a group sharing one input: GPTQ given ``H``, else RTN.
 
         Scales are per (block of input rows, output column) and GPTQ's error feedback runs down each
@@ -146,7 +145,7 @@ class QuantizeNBitsPass(RewritePass):
         from onnxqf.gptq import column_chunks, prepare
 
         how = "rtn" if H is None else "gptq"
-        prepared = None if H is None else prepare(H, self.damp, self.act_order, consume=consume)
+        prepared = None if H is None else prepare(H, self.damp, self.act_order)  # H: an array, or a function fetching a copy
         del H
         out = []
         for lin in group:

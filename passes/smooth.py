@@ -62,14 +62,42 @@ class SmoothPass(RewritePass):
         for site in tqdm(sites, desc="choosing α" if self.alpha == "auto" else "smoothing", unit="site",
                          disable=not self.progress):
             st = self.stats[site.name]
-            B = np.concatenate([self.plan.reader_output(lin.role, lin.matrix(), cfg) for lin in site.readers], axis=1)
-            choice = smoothing.choose_scales(st.sample, st.stats.absmax, B, self.alpha, site.kv_groups, rotations[site.kind])
+            B, w = self._scored_weights(site, cfg)
+            choice = smoothing.choose_scales(st.sample, st.stats.absmax, B, self.alpha, site.kv_groups, rotations[site.kind],
+                                             weight_absmax=w)
             self.report.sites[site.name] = SiteChoice(choice.alpha, choice.predicted, choice.unsmoothed)
             if choice.alpha is None:
                 continue
             fold_scales(model.graph, site, choice.scales)
             modified = True
         return modified
+
+    #: the readers' weights are read for the α search in float64 column slices of about this size
+    SCORE_SLICE_BYTES = 32 << 20
+
+    def _scored_weights(self, site, cfg) -> tuple[np.ndarray, np.ndarray]:
+        """(the readers' weights as written later, side by side, at the α search's scored columns; their row
+        maxima over all columns), a reader and a slice of its columns at a time: a 7B layer's gate/up
+        (4096 x 22016) would be 720 MB in float64 at once."""
+        sizes = [lin.shape[1] for lin in site.readers]
+        cols = smoothing.scored_columns(site.readers[0].shape[0], sum(sizes))
+        w = np.zeros(site.readers[0].shape[0])
+        parts, offset = [], 0
+        for lin, n in zip(site.readers, sizes):
+            B = lin.stored_matrix()
+            # the output-side folds of reader_output act per column, per head, or (a residual rotation) on all
+            step = n if lin.role in ("o_proj", "down_proj") else max(
+                cfg.head_dim, self.SCORE_SLICE_BYTES // (8 * max(1, B.shape[0])) // cfg.head_dim * cfg.head_dim)
+            for c in range(0, n, step):
+                M = self.plan.reader_output(lin.role, np.asarray(B[:, c:c + step], np.float64), cfg, slice(c, c + step))
+                np.maximum(w, np.abs(M).max(axis=1), out=w)
+                if cols is None:
+                    parts.append(M)
+                else:
+                    pick = cols[(cols >= offset + c) & (cols < offset + c + M.shape[1])] - offset - c
+                    parts.append(M[:, pick])
+            offset += n
+        return np.concatenate(parts, axis=1), w
 
 
 def fold_scales(graph: ir.Graph, site, scale: np.ndarray) -> None:

@@ -83,6 +83,8 @@ OURS = {
     "ours rotate + GPTQ clip-search int4 block 32": (True, dict(bits=4, block_size=32, clip_search=True)),
     "ours rotate + GPTQ asymmetric int4 block 32": (True, dict(bits=4, block_size=32, symmetric=False)),
     "ours rotate + GPTQ act-order clip-search int4 block 32": (True, dict(bits=4, block_size=32, act_order=True, clip_search=True)),
+    "ours rotate + GPTQ asymmetric clip-search int4 block 32": (True, dict(bits=4, block_size=32, symmetric=False,
+                                                                           clip_search=True)),
 }
 
 # name -> onnxqf.pipeline.RewriteOptions: the whole `onnxqf rewrite` path (sequential GPTQ: each layer's X^T X

@@ -209,3 +209,40 @@ def test_killed_rewrite_leaves_no_output_and_is_cleaned_next_time(tiny_models, t
     assert out.exists() and not stale.exists() and live.exists()
     assert [p.name for p in out.parent.iterdir() if p.name.startswith(PARTIAL_PREFIX)] == [live.name]
 
+
+
+def test_terminated_low_memory_rewrite_removes_its_scratch(tiny_models, ids_file, tmp_path):
+    """SIGTERM (kill, a CI timeout) unwinds the rewrite: exit 143, the input untouched, neither output nor
+    the scratch folder of rewritten weights left behind. The signal is sent by the process to itself
+    while the quantization pass runs (after the scratch folder exists), so the test does not depend on
+    timing."""
+    import subprocess
+    import sys
+    import textwrap
+
+    model = _copy(tiny_models["llama-gqa"], tmp_path / "in")
+    before = _digest(model.parent)
+    out = tmp_path / "out" / "model.onnx"
+    out.parent.mkdir()
+    script = textwrap.dedent(f"""
+        import os, signal, sys
+        from pathlib import Path
+        from onnxqf.passes.quantize import QuantizeMatMulsPass
+        from onnxqf.modelfile import PARTIAL_PREFIX
+
+        def apply(self, model):
+            scratch = [p for p in Path({str(out.parent)!r}).iterdir() if p.name.startswith(PARTIAL_PREFIX)]
+            print("scratch folders:", len(scratch), file=sys.stderr, flush=True)
+            os.kill(os.getpid(), signal.SIGTERM)
+            raise AssertionError("SIGTERM did not interrupt the pass")
+
+        QuantizeMatMulsPass.apply = apply
+        from onnxqf.cli import main
+        sys.exit(main(["rewrite", {str(model)!r}, "--hybrid", "--low-memory", "--calib", {str(ids_file)!r},
+                       "--calib-windows", "2", "--calib-seq", "32", "-o", {str(out)!r}, "-q"]))
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 143, proc.stderr
+    assert "scratch folders: 1" in proc.stderr and "onnxqf: terminated" in proc.stderr
+    assert _digest(model.parent) == before
+    assert list(out.parent.iterdir()) == []

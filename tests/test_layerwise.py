@@ -92,3 +92,33 @@ def test_rewrite_sequential_is_recorded_and_differs(tiny_models, ids_file, tmp_p
     assert reports[False].calibration["gptq"] == "float model"
     (a,), (b,) = weights[True].values(), weights[False].values()
     assert a.shape == b.shape and not np.array_equal(a, b)
+
+
+def test_half_layer_segments(tiny_models):
+    """With halves, each layer is cut after o_proj too: attention (q, k, v, o) then MLP (gate, up, down)."""
+    model = load_model(tiny_models["llama-gqa"])
+    structure = recognize(model)
+    segments = layerwise.split(model, structure, halves=True)
+    assert len(segments) == 2 * len(structure.layers)
+    for attn, mlp, layer in zip(segments[::2], segments[1::2], structure.layers):
+        assert attn.layer == mlp.layer == layer.index
+        assert attn.nodes[-1] is layer.o.node and mlp.nodes[-1] is layer.down.node
+        assert {lin.node for lin in (layer.q, layer.k, layer.v, layer.o)} <= set(attn.nodes)
+        assert {lin.node for lin in (layer.gate, layer.up, layer.down)} <= set(mlp.nodes)
+    for prev, seg in zip(segments, segments[1:]):
+        assert {v.name for v in seg.inputs} <= prev.live | {v.name for v in model.graph.inputs}
+
+
+def test_capture_stops_at_the_last_segment_with_something_to_capture(tiny_models, text_ids):
+    """Capturing only the last layer's attention input: its MLP half (whose outputs nothing reads) is not run,
+    and what is captured equals one run of the whole model."""
+    model = load_model(tiny_models["llama-gqa"])
+    structure = recognize(model)
+    site = structure.layers[-1].site("attn_in")
+    wins = _windows(text_ids, n=2, seq=16)
+    got = list(layerwise.capture(model, structure, {site.name: site.value}, wins, progress=False))
+    whole = list(calibrate.capture(model, {site.name: site.value}, wins, progress=False))
+    assert len(got) == len(whole) == 2
+    for g, w in zip(got, whole):
+        assert set(g) == {site.name} and g[site.name].shape == (16, structure.config.hidden)
+        np.testing.assert_allclose(g[site.name], w[site.name], rtol=1e-5, atol=1e-5)

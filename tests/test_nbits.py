@@ -295,3 +295,12 @@ def test_cli_asymmetric_int4_writes_zero_points(tiny_models, tmp_path):
     assert len(nodes) == 14 and all(len(n.input) == 4 and n.input[3] for n in nodes)
     ids = np.arange(128).reshape(1, 128) % 512
     assert kl_per_token(run_logits(tiny_models["llama-gqa"], ids), run_logits(out, ids)) < 0.1
+
+
+def test_rewrite_options_reach_the_nbits_pass():
+    """--asymmetric and --clip-search are handed to the MatMulNBits pass (not only to the int8 one)."""
+    from onnxqf.pipeline import RewriteOptions, _quantize_pass
+    from onnxqf.report import RewriteReport
+
+    p = _quantize_pass(RewriteOptions(quant="int4", asymmetric=True, clip_search=True, block_size=64), RewriteReport())
+    assert (p.bits, p.block_size, p.symmetric, p.clip_search) == (4, 64, False, True)

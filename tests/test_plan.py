@@ -100,3 +100,27 @@ def test_fast_alpha_scorer_matches_the_exact_error(monkeypatch):
     scorer = smoothing._Scorer(X, B, R)
     assert scorer.B.shape == (48, 300)
     assert scorer(None) == pytest.approx(relative_error(X, B, None, R.matrix()), rel=0.15)
+
+
+@pytest.mark.parametrize("preset", ["hybrid", "hybrid-folded"])
+def test_scored_weights_read_in_slices_equal_the_whole_weight(tiny_models, monkeypatch, preset):
+    """The α search reads its readers' weights a column slice at a time (bounded memory); the scored
+    columns and row maxima equal those of the whole weight with the plan's output folds (v_proj's head
+    rotation and up_proj's down-rotation signs act on slices too)."""
+    from onnxqf import edit, smoothing
+    from onnxqf.passes.smooth import SmoothPass
+
+    model = load_model(tiny_models["llama-gqa"])
+    s = recognize(model)
+    edit.prepare_linears(model.graph, s)
+    plan = Plan.build(s.config, preset, seed=2)
+    monkeypatch.setattr(smoothing, "MAX_SCORED_WEIGHTS", 64 * 40)  # a subset of columns at every site
+    monkeypatch.setattr(smoothing, "MIN_SCORED_COLUMNS", 8)
+    p = SmoothPass(plan, {}, "auto")
+    monkeypatch.setattr(SmoothPass, "SCORE_SLICE_BYTES", 8 * 64 * s.config.head_dim)  # one head per slice
+    for site in s.sites(plan.smooth):
+        B = np.concatenate([plan.reader_output(lin.role, lin.matrix(), s.config) for lin in site.readers], axis=1)
+        cols = smoothing.scored_columns(*B.shape)
+        got, w = p._scored_weights(site, s.config)
+        np.testing.assert_allclose(got, B if cols is None else B[:, cols], rtol=1e-12, atol=1e-12, err_msg=site.name)
+        np.testing.assert_allclose(w, np.abs(B).max(axis=1), rtol=1e-12, err_msg=site.name)
