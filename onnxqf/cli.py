@@ -117,8 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "accurate int4 measured on SmolLM2, docs/results.md §6)")
     q.add_argument("--low-memory", action=argparse.BooleanOptionalAction, default=None,
                    help="bounded memory for models larger than RAM: calibration and GPTQ run one layer at a time and "
-                        "every rewritten weight goes to a scratch folder beside the output at once (an 8-layer "
-                        "Llama-2-7B-shaped model: 3.0 GB peak, docs/benchmarks.md). Default: on when the weights "
+                        "every rewritten weight goes to a scratch folder beside the output at once (Llama-2-7B-shaped "
+                        "models of 8 and 32 layers: 2.0-2.1 GB peak, docs/benchmarks.md). Default: on when the weights "
                         "exceed 2 GiB")
     q.add_argument("--keep-float", action="append", default=[], metavar="PATTERN",
                    help="leave matching linears in float, e.g. down_proj or 'layers.29.*' (repeatable)")
