@@ -63,21 +63,16 @@ def prepare(H: np.ndarray | Callable[[], np.ndarray], damp: float = 0.01, act_or
     original = None if consume else H
     U = None
     if dtype == np.float32:
-        work = np.asarray(H, dtype) if consume and np.asarray(H).dtype == dtype else np.array(H, dtype=dtype, copy=True)
+        work = H if consume and H.dtype == dtype else np.array(H, dtype=dtype, copy=True)
         del H
-        dead = _dampen(work, damp)
-        if act_order:
-            work = work[np.ix_(order, order)]
+        work, dead = _conditioned(work, damp, order if act_order else None)
         U = _torch_upper_factor(work)
         del work
         if U is None or not np.isfinite(U).all():
             U = None
             H = original if original is not None else reload()
     if U is None:
-        H = np.array(H, dtype=np.float64, copy=True)
-        dead = _dampen(H, damp)
-        if act_order:
-            H = H[np.ix_(order, order)]
+        H, dead = _conditioned(np.array(H, dtype=np.float64, copy=True), damp, order if act_order else None)
         inv = np.linalg.inv(H)
         del H
         U = _upper_factor(inv)
@@ -93,15 +88,16 @@ def hessian_of(hessians, name: str | None) -> np.ndarray | Callable[[], np.ndarr
         return None
     if getattr(hessians, "hands_out_copies", False):
         return lambda: hessians.get(name)
-    return hessians[name] if isinstance(hessians, dict) else hessians.get(name)
+    return hessians.get(name)
 
 
-def _dampen(H: np.ndarray, damp: float) -> np.ndarray:
-    """In place: unit diagonal for dead channels, then ``damp`` x the mean diagonal added; returns the dead mask."""
+def _conditioned(H: np.ndarray, damp: float, order: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """(H dampened in place — unit diagonal for dead channels, then ``damp`` x the mean diagonal added —
+    with rows and columns in ``order`` if given; the dead-channel mask in the original order)."""
     dead = np.diag(H) <= 0
     H[dead, dead] = 1.0
     H[np.diag_indices_from(H)] += damp * float(np.mean(np.diag(H)))
-    return dead
+    return (H if order is None else H[np.ix_(order, order)]), dead
 
 
 def _torch_upper_factor(H: np.ndarray) -> np.ndarray | None:
@@ -134,11 +130,14 @@ def _upper_factor(inv: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(L.T)
 
 
-def column_chunks(B: np.ndarray, max_bytes: int = 64 << 20) -> Iterator[tuple[slice, np.ndarray]]:
+def column_chunks(B: np.ndarray, max_bytes: int = 64 << 20, align: int | None = None) -> Iterator[tuple[slice, np.ndarray]]:
     """(columns, B[:, columns] as float64) in slices whose float64 working copies stay within ``max_bytes``
-    each (B may be stored in a narrower dtype: only one slice is float64 at a time)."""
+    each (B may be stored in a narrower dtype: only one slice is float64 at a time); ``align``: slices
+    of a multiple of this many columns (whole heads), at least one."""
     n_in, n_out = B.shape
-    step = max(64, min(n_out, max_bytes // (8 * max(1, n_in))))
+    step = max(align or 64, min(n_out, max_bytes // (8 * max(1, n_in))))
+    if align:
+        step -= step % align
     for c in range(0, n_out, step):
         cols = slice(c, min(n_out, c + step))
         yield cols, np.asarray(B[:, cols], np.float64)

@@ -32,8 +32,8 @@ import onnx_ir.passes.common as common_passes
 from onnx_ir import tape as ir_tape
 
 from onnxqf import edit, qmath
-from onnxqf.gptq import hessian_of
 from onnxqf.errors import OnnxqfError, UnsupportedGraphError
+from onnxqf.gptq import hessian_of
 from onnxqf.passes.base import RewritePass
 from onnxqf.recognize import recognize
 from onnxqf.structure import Linear, group_by_input
@@ -90,7 +90,6 @@ class QuantizeMatMulsPass(RewritePass):
             for lin in group:
                 edit.make_private(graph, lin)
             site = site_of.get(group[0].name)
-            # a Hessian handed out by LazyHessians is ours to overwrite (bounded memory)
             weights, how = self._round_group(group, hessian_of(self.hessians, None if site is None else site.name))
             for lin in group:
                 self.report.rounding[lin.name] = how

@@ -37,8 +37,8 @@ import onnx_ir.passes.common as common_passes
 from onnx_ir import tape as ir_tape
 
 from onnxqf import edit, nbits
-from onnxqf.gptq import hessian_of
 from onnxqf.errors import OnnxqfError, UnsupportedGraphError
+from onnxqf.gptq import hessian_of
 from onnxqf.passes.base import RewritePass
 from onnxqf.recognize import recognize
 from onnxqf.structure import Linear, group_by_input

@@ -8,6 +8,7 @@ import onnx_ir as ir
 from onnxqf import edit, fold, smoothing
 from onnxqf.calibrate import SiteStats
 from onnxqf.errors import OnnxqfError
+from onnxqf.gptq import column_chunks
 from onnxqf.passes.base import RewritePass
 from onnxqf.plan import Plan
 from onnxqf.recognize import recognize
@@ -84,17 +85,15 @@ class SmoothPass(RewritePass):
         w = np.zeros(site.readers[0].shape[0])
         parts, offset = [], 0
         for lin, n in zip(site.readers, sizes):
-            B = lin.stored_matrix()
             # the output-side folds of reader_output act per column, per head, or (a residual rotation) on all
-            step = n if lin.role in ("o_proj", "down_proj") else max(
-                cfg.head_dim, self.SCORE_SLICE_BYTES // (8 * max(1, B.shape[0])) // cfg.head_dim * cfg.head_dim)
-            for c in range(0, n, step):
-                M = self.plan.reader_output(lin.role, np.asarray(B[:, c:c + step], np.float64), cfg, slice(c, c + step))
+            budget = 1 << 62 if lin.role in ("o_proj", "down_proj") else self.SCORE_SLICE_BYTES
+            for sl, chunk in column_chunks(lin.stored_matrix(), budget, align=cfg.head_dim):
+                M = self.plan.reader_output(lin.role, chunk, cfg, sl)
                 np.maximum(w, np.abs(M).max(axis=1), out=w)
                 if cols is None:
                     parts.append(M)
                 else:
-                    pick = cols[(cols >= offset + c) & (cols < offset + c + M.shape[1])] - offset - c
+                    pick = cols[(cols >= offset + sl.start) & (cols < offset + sl.stop)] - offset - sl.start
                     parts.append(M[:, pick])
             offset += n
         return np.concatenate(parts, axis=1), w
