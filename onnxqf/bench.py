@@ -54,6 +54,7 @@ class ModelIO:
     vocab: int | None = None
     logits_dtype: np.dtype | None = None
     int_types: dict[str, np.dtype] = field(default_factory=dict)  # ids / mask / positions
+    nbits: dict = field(default_factory=lambda: {"nodes": 0, "fpa_intb": 0, "blockers": {}})  # placement.nbits_kernels
 
     @property
     def has_cache(self) -> bool:
@@ -85,8 +86,11 @@ def describe(path: str | os.PathLike) -> ModelIO:
                           "input_ids -> logits")
     if "input_ids" not in inputs:
         raise OnnxqfError(f"{p}: no 'input_ids' input (inputs: {', '.join(inputs) or 'none'})")
+    from onnxqf.placement import nbits_kernels
+
     io = ModelIO(path=str(p))
     io.vocab = _static_dim(outputs["logits"], -1)
+    io.nbits = nbits_kernels(proto)
 
     def elem(v) -> np.dtype:
         return np.dtype(helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type))
@@ -320,6 +324,24 @@ class BenchOptions:
     warmup: int = 3
     cuda_graph: bool = False  # also decode steps replayed as CUDA graphs (measure_decode_step_graph)
     progress: bool = True
+    nbits_kernel: str = "default"  # MatMulNBits kernels: "default", "fpa-intb" (CUTLASS, ORT_FPA_INTB_GEMM=1) or "both"
+
+
+NBITS_KERNELS = ("default", "fpa-intb", "both")
+
+
+def _runs(ios: list[ModelIO], kernel: str) -> list[tuple[int, str]]:
+    """(model index, kernel) pairs to measure. The fpA_intB kernels only change models with a MatMulNBits node
+    they take; every other model is measured once, with the default kernels."""
+    if kernel not in NBITS_KERNELS:
+        raise OnnxqfError(f"--nbits-kernel must be one of {', '.join(NBITS_KERNELS)}, not '{kernel}'")
+    runs = []
+    for i, io in enumerate(ios):
+        if io.nbits["fpa_intb"] == 0 or kernel == "default":
+            runs.append((i, "default"))
+        else:
+            runs += [(i, "default"), (i, "fpa-intb")] if kernel == "both" else [(i, "fpa-intb")]
+    return runs
 
 
 def parse_past(text: str) -> tuple[int, ...]:
@@ -354,7 +376,7 @@ def run_bench(models: list[str], opts: BenchOptions, ref: str | None = None) -> 
     """Measure ``ref`` (default: the first model) and every model; speedups are against the reference."""
     from tqdm.auto import tqdm
 
-    from onnxqf.runtime import make_session, ort
+    from onnxqf.runtime import nbits_kernel_env, ort
 
     if not models:
         raise OnnxqfError("no model to measure")
@@ -365,63 +387,79 @@ def run_bench(models: list[str], opts: BenchOptions, ref: str | None = None) -> 
     provider = check_provider(opts.ep)
     if opts.cuda_graph and opts.ep != "cuda":
         raise OnnxqfError("--cuda-graph needs --ep cuda")
+    runs = _runs(ios, opts.nbits_kernel)
+    if opts.nbits_kernel != "default" and opts.ep != "cuda":
+        raise OnnxqfError("--nbits-kernel fpa-intb|both selects CUDA kernels of MatMulNBits: it needs --ep cuda")
     device = DEVICE[opts.ep]
     pasts = list(opts.past) if opts.decode_tokens > 0 else []
     per_cache = len(pasts) * (2 if opts.cuda_graph else 1)
-    total = sum(2 + (per_cache if io.has_cache else 0) for io in ios)
+    total = sum(2 + (per_cache if ios[i].has_cache else 0) for i, _ in runs)
     rt = ort()
     result = {"ep": opts.ep, "provider": provider, "onnxruntime": rt.__version__, "batch": opts.batch, "seq": opts.seq,
               "past": pasts, "decode_tokens": opts.decode_tokens, "repeats": opts.repeats, "warmup": opts.warmup,
-              "cuda_graph": opts.cuda_graph, "reference": paths[0], "models": []}
+              "cuda_graph": opts.cuda_graph, "nbits_kernel": opts.nbits_kernel, "reference": paths[0], "models": []}
     names = _names(paths)
     with tqdm(total=total, desc="bench", unit="step", disable=not opts.progress, leave=False) as bar:
-        for i, (path, io) in enumerate(zip(paths, ios)):
-            name = names[i]
-            bar.set_description(f"{name}: loading")
-            session = make_session(io.path, ep=opts.ep)
-            bar.update(1)
-            row: dict = {"name": name, "path": str(path), "reference": i == 0, "kv_cache": io.has_cache}
-            bar.set_description(f"{name}: prefill {opts.batch}x{opts.seq}")
-            times = _guard(name, "prefill", lambda: measure_prefill(session, io, device=device, batch=opts.batch,
-                                                                     seq=opts.seq, warmup=opts.warmup, repeats=opts.repeats))
-            row["prefill_ms"] = _stats([t * 1e3 for t in times])
-            row["prefill_tokens_per_s"] = opts.batch * opts.seq / float(np.median(times))
-            bar.update(1)
-            if io.has_cache:
-                row["decode"] = {}
-                for past in pasts:
-                    bar.set_description(f"{name}: decode past {past}")
-                    speeds = _guard(name, f"decode (past {past})", lambda: measure_decode(
-                        session, io, device=device, batch=opts.batch, past=past, tokens=opts.decode_tokens,
-                        warmup=opts.warmup, repeats=opts.repeats))
-                    stats = _stats(speeds)
-                    row["decode"][str(past)] = {"tokens_per_s": stats, "ms_per_token": opts.batch * 1e3 / stats["median"]}
-                    bar.update(1)
-                if opts.cuda_graph and pasts:
-                    session = None  # one session in memory at a time
-                    gc.collect()
-                    row["decode_graph"] = {}
-                    for past in pasts:  # a captured graph has fixed shapes: one session per past length
-                        bar.set_description(f"{name}: decode step past {past}, CUDA graph")
-                        graph_session = _guard(name, "loading with a CUDA graph", lambda: make_session(
-                            io.path, ep="cuda", provider_options={"enable_cuda_graph": "1"}))
-                        speeds = _guard(name, f"CUDA-graph decode step (past {past})", lambda: measure_decode_step_graph(
-                            graph_session, io, batch=opts.batch, past=past, warmup=opts.warmup, repeats=opts.repeats,
-                            steps=max(1, opts.decode_tokens)))
-                        stats = _stats(speeds)
-                        row["decode_graph"][str(past)] = {"tokens_per_s": stats,
-                                                          "ms_per_token": opts.batch * 1e3 / stats["median"]}
-                        graph_session = None
-                        gc.collect()
-                        bar.update(1)
-            else:
-                row["decode"] = None
-                row["decode_note"] = "n/a (no KV cache)"
+        for n, (i, kernel) in enumerate(runs):
+            path, io = paths[i], ios[i]
+            with nbits_kernel_env(kernel == "fpa-intb"):
+                row = _bench_one(path, io, names[i] + (" [fpA_intB]" if kernel == "fpa-intb" else ""), n == 0,
+                                 opts, device, pasts, bar)
+            row["nbits_kernel"] = kernel
+            row["matmulnbits"] = io.nbits
             result["models"].append(row)
-            del session
-            gc.collect()
     _speedups(result)
     return result
+
+
+def _bench_one(path, io: ModelIO, name: str, reference: bool, opts: BenchOptions, device: str, pasts: list[int],
+               bar) -> dict:
+    """One model's row: load, prefill, decode (and CUDA-graph decode steps)."""
+    from onnxqf.runtime import make_session
+
+    bar.set_description(f"{name}: loading")
+    session = make_session(io.path, ep=opts.ep)
+    bar.update(1)
+    row: dict = {"name": name, "path": str(path), "reference": reference, "kv_cache": io.has_cache}
+    bar.set_description(f"{name}: prefill {opts.batch}x{opts.seq}")
+    times = _guard(name, "prefill", lambda: measure_prefill(session, io, device=device, batch=opts.batch,
+                                                             seq=opts.seq, warmup=opts.warmup, repeats=opts.repeats))
+    row["prefill_ms"] = _stats([t * 1e3 for t in times])
+    row["prefill_tokens_per_s"] = opts.batch * opts.seq / float(np.median(times))
+    bar.update(1)
+    if io.has_cache:
+        row["decode"] = {}
+        for past in pasts:
+            bar.set_description(f"{name}: decode past {past}")
+            speeds = _guard(name, f"decode (past {past})", lambda: measure_decode(
+                session, io, device=device, batch=opts.batch, past=past, tokens=opts.decode_tokens,
+                warmup=opts.warmup, repeats=opts.repeats))
+            stats = _stats(speeds)
+            row["decode"][str(past)] = {"tokens_per_s": stats, "ms_per_token": opts.batch * 1e3 / stats["median"]}
+            bar.update(1)
+        if opts.cuda_graph and pasts:
+            session = None  # one session in memory at a time
+            gc.collect()
+            row["decode_graph"] = {}
+            for past in pasts:  # a captured graph has fixed shapes: one session per past length
+                bar.set_description(f"{name}: decode step past {past}, CUDA graph")
+                graph_session = _guard(name, "loading with a CUDA graph", lambda: make_session(
+                    io.path, ep="cuda", provider_options={"enable_cuda_graph": "1"}))
+                speeds = _guard(name, f"CUDA-graph decode step (past {past})", lambda: measure_decode_step_graph(
+                    graph_session, io, batch=opts.batch, past=past, warmup=opts.warmup, repeats=opts.repeats,
+                    steps=max(1, opts.decode_tokens)))
+                stats = _stats(speeds)
+                row["decode_graph"][str(past)] = {"tokens_per_s": stats,
+                                                  "ms_per_token": opts.batch * 1e3 / stats["median"]}
+                graph_session = None
+                gc.collect()
+                bar.update(1)
+    else:
+        row["decode"] = None
+        row["decode_note"] = "n/a (no KV cache)"
+    del session
+    gc.collect()
+    return row
 
 
 def _guard(name: str, what: str, fn):
@@ -483,6 +521,11 @@ def format_table(result: dict) -> str:
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     lines.append(f"{result['provider']}, onnxruntime {result['onnxruntime']}; median [min–max] of {result['repeats']} runs "
                  f"after {result['warmup']} warm-up; decode: {result['decode_tokens']} tokens per run; ×ref > 1 is faster")
+    for row in result["models"]:
+        if row.get("nbits_kernel") == "fpa-intb":
+            nb = row["matmulnbits"]
+            lines.append(f"{row['name']}: ONNX Runtime's CUTLASS weight-only kernels (ORT_FPA_INTB_GEMM=1) for "
+                         f"{nb['fpa_intb']} of its {nb['nodes']} MatMulNBits nodes")
     return "\n".join(lines)
 
 

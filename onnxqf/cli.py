@@ -196,6 +196,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="with --ep cuda, also time each decode step at a fixed past replayed as a CUDA graph (ONNX "
                         "Runtime's enable_cuda_graph): the step's GPU time without per-kernel launch cost; needs every "
                         "node on CUDA")
+    b.add_argument("--nbits-kernel", choices=["default", "fpa-intb", "both"], default="default",
+                   help="MatMulNBits kernels on CUDA: default (ONNX Runtime's own), fpa-intb (its CUTLASS weight-only "
+                        "kernels from TensorRT-LLM, what ORT_FPA_INTB_GEMM=1 selects; only symmetric block-32 float16 "
+                        "nodes, see `onnxqf check`) or both (each such model twice). On an H200 they made int4 decode 1.3x "
+                        "faster than the default kernels at --batch 16, no faster at batch 1, and prefill 1.6x slower "
+                        "(docs/benchmarks.md, section f)")
     b.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     b.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     return p
@@ -437,7 +443,16 @@ def cmd_check(args) -> int:
         from onnxqf.placement import static_issues
 
         result["static_issues"] = static_issues(model)  # what is known without a GPU
-    print(json.dumps(result) if args.json else format_placement(result))
+    if args.ep == "cuda":
+        import onnx
+
+        from onnxqf.placement import format_nbits_kernels, nbits_kernels
+
+        result["matmulnbits"] = nbits_kernels(onnx.load(str(path), load_external_data=False))
+        note = format_nbits_kernels(result["matmulnbits"])
+    else:
+        note = None
+    print(json.dumps(result) if args.json else format_placement(result) + (f"\n{note}" if note else ""))
     if result["status"] == "unavailable":
         return 3
     return 0 if result["status"] == "ok" else 1
@@ -458,7 +473,7 @@ def cmd_bench(args) -> int:
 
     opts = BenchOptions(ep=args.ep, batch=args.batch, seq=args.seq, past=parse_past(args.past),
                         decode_tokens=args.decode_tokens, repeats=args.repeats, warmup=args.warmup,
-                        cuda_graph=args.cuda_graph, progress=not (args.quiet or args.json))
+                        cuda_graph=args.cuda_graph, progress=not (args.quiet or args.json), nbits_kernel=args.nbits_kernel)
     result = run_bench(args.models, opts, ref=args.ref)
     print(json.dumps(result) if args.json else format_table(result))
     return 0

@@ -24,6 +24,76 @@ from onnxqf.errors import OnnxqfError
 # ONNX Runtime 1.2x/1.3x CUDA provider: ops with no CUDA kernel, or only for some input types.
 NO_CUDA_KERNEL = {"DynamicQuantizeLinear", "MatMulIntegerToFloat", "DynamicQuantizeMatMul"}
 
+# MatMulNBits on CUDA has a second set of kernels: TensorRT-LLM's CUTLASS weight-only GEMMs ("fpA_intB"),
+# used only when this environment variable is set (read when a session builds its kernels), and only for
+# the nodes they cover. onnxruntime-gpu 1.31.1's wheels carry the "compact" set: float16 activations,
+# 4 or 8 bits, block 32, no zero points, no g_idx, no bias, N a multiple of 64 (4-bit) or 32 (8-bit).
+# Measured on an H200 (docs/benchmarks.md, section f): faster than the default kernels at 16 tokens per
+# step, slower at 1 token and at prefill; nodes outside these rules keep the default kernels (blocks 64/128
+# and zero points measured identical with and without the variable).
+FPA_INTB_ENV = "ORT_FPA_INTB_GEMM"
+FPA_INTB_BLOCK_SIZES = (32,)
+
+
+def fpa_intb_blocker(*, bits: int, block_size: int, K: int, N: int, float_type: str, zero_points: bool,
+                     g_idx: bool, bias: bool) -> str | None:
+    """Why the fpA_intB kernels would not take this MatMulNBits node, or None if they would."""
+    if float_type != "float16":
+        return f"{float_type} activations (float16 only)"
+    if bits not in (4, 8):
+        return f"{bits} bits"
+    if block_size not in FPA_INTB_BLOCK_SIZES:
+        return f"block {block_size} (block 32 only)"
+    if zero_points:
+        return "zero points (symmetric only)"
+    if g_idx:
+        return "g_idx"
+    if bias:
+        return "bias"
+    align = 64 if bits == 4 else 32
+    if N % align:
+        return f"N = {N} not a multiple of {align}"
+    if K % block_size:
+        return f"K = {K} not a multiple of the block"
+    return None
+
+
+def nbits_kernels(proto) -> dict:
+    """MatMulNBits nodes of an onnx.ModelProto (no external data needed) and which the fpA_intB kernels take:
+    ``{"nodes": n, "fpa_intb": eligible, "blockers": {reason: count}}``."""
+    from onnx import helper
+
+    inits = {t.name: t for t in proto.graph.initializer}
+    report = {"nodes": 0, "fpa_intb": 0, "blockers": {}}
+    for node in proto.graph.node:
+        if node.op_type != "MatMulNBits" or node.domain != "com.microsoft":
+            continue
+        report["nodes"] += 1
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        inputs = list(node.input) + [""] * 6
+        scales = inits.get(inputs[2])
+        float_type = helper.tensor_dtype_to_np_dtype(scales.data_type).name if scales is not None else "unknown"
+        reason = fpa_intb_blocker(bits=int(attrs.get("bits", 4)), block_size=int(attrs.get("block_size", 0)),
+                                  K=int(attrs.get("K", 0)), N=int(attrs.get("N", 0)), float_type=float_type,
+                                  zero_points=bool(inputs[3]), g_idx=bool(inputs[4]), bias=bool(inputs[5]))
+        if reason is None and (inputs[1] not in inits or scales is None):
+            reason = "weights or scales not constant"
+        if reason is None:
+            report["fpa_intb"] += 1
+        else:
+            report["blockers"][reason] = report["blockers"].get(reason, 0) + 1
+    return report
+
+
+def format_nbits_kernels(report: dict) -> str | None:
+    if not report["nodes"]:
+        return None
+    text = (f"MatMulNBits: {report['nodes']} nodes, {report['fpa_intb']} eligible for ONNX Runtime's CUTLASS "
+            f"weight-only kernels ({FPA_INTB_ENV}=1; `onnxqf bench --nbits-kernel both` measures them)")
+    if report["blockers"]:
+        text += "; not eligible: " + ", ".join(f"{n} x {r}" for r, n in sorted(report["blockers"].items()))
+    return text
+
 
 def static_issues(model: ir.Model) -> list[str]:
     """Nodes that the CUDA provider cannot run (by op type and input dtypes)."""

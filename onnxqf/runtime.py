@@ -62,6 +62,28 @@ def make_session(path: str | os.PathLike, ep: str = "cpu", provider_options: dic
 
 
 @contextlib.contextmanager
+def nbits_kernel_env(fpa_intb: bool) -> Iterator[None]:
+    """Sessions made inside use ONNX Runtime's CUTLASS weight-only MatMulNBits kernels (``fpa_intb=True``) or
+    its default ones (``False``), whatever the caller's environment says; the environment is restored after.
+    ONNX Runtime reads ``ORT_FPA_INTB_GEMM`` when a session builds its kernels (measured: sessions made one
+    after another in one process follow the variable as it was at their creation)."""
+    from onnxqf.placement import FPA_INTB_ENV
+
+    old = os.environ.get(FPA_INTB_ENV)
+    if fpa_intb:
+        os.environ[FPA_INTB_ENV] = "1"
+    else:
+        os.environ.pop(FPA_INTB_ENV, None)
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(FPA_INTB_ENV, None)
+        else:
+            os.environ[FPA_INTB_ENV] = old
+
+
+@contextlib.contextmanager
 def saved(model: ir.Model) -> Iterator[Path]:
     """Write an in-memory model to a temporary file (with external data) for ONNX Runtime."""
     from onnxqf.modelfile import save_model

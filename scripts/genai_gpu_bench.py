@@ -64,14 +64,15 @@ def stage_builder(dest: Path) -> None:
     print(f"{pkg}: onnxruntime-genai {meta['__version__']} model builder, {size / 1e6:.1f} MB")
 
 
-def sh(args: list, env: dict, timeout: float, cwd: Path | None = None) -> dict:
-    """Run a child; ``cwd`` matters for ``python -m``, which puts the working folder first on sys.path."""
+def sh(args: list, env: dict, timeout: float, cwd: Path | None = None, keep: int = 4000) -> dict:
+    """Run a child; ``cwd`` matters for ``python -m``, which puts the working folder first on sys.path. The last
+    ``keep`` characters of its stdout are kept (0: all of it, for output that is parsed)."""
     log("$ " + " ".join(str(a) for a in args))
     t = time.perf_counter()
     try:
         p = subprocess.run([str(a) for a in args], capture_output=True, text=True, env=env, timeout=max(5.0, timeout),
                            cwd=cwd)
-        r = {"rc": p.returncode, "stdout": p.stdout[-4000:], "stderr": p.stderr[-2000:]}
+        r = {"rc": p.returncode, "stdout": p.stdout[-keep:] if keep else p.stdout, "stderr": p.stderr[-2000:]}
     except subprocess.TimeoutExpired:
         r = {"rc": "timeout", "stdout": "", "stderr": ""}
     r["seconds"] = round(time.perf_counter() - t, 1)
@@ -122,6 +123,12 @@ def main() -> int:
     r.add_argument("--layers", type=int, default=4)
     r.add_argument("--seq", type=int, default=2048)
     r.add_argument("--past", default="512")
+    r.add_argument("--rewrites", help="comma-separated names of REWRITES to make (default: all)")
+    r.add_argument("--nbits-kernel", choices=["default", "fpa-intb", "both"], default="default",
+                   help="passed to onnxqf bench: also time MatMulNBits graphs with ORT's CUTLASS weight-only kernels")
+    r.add_argument("--batches", default="1", help="comma-separated decode batch sizes, one bench run each; batches "
+                   "above 1 prefill --batch-seq tokens per sequence")
+    r.add_argument("--batch-seq", type=int, default=128)
     r.add_argument("--budget", type=float, default=480.0, help="seconds for the whole run")
     r.add_argument("--tiny", action="store_true", help="tiny shapes, CPU (tests)")
     r.add_argument("--work", type=Path, help="scratch folder (default: under /dev/shm or the temp folder)")
@@ -175,7 +182,11 @@ def main() -> int:
     if ref is None:
         log("the builder's FP16 folder failed; nothing to compare")
         return 1
-    for name, extra in REWRITES.items():
+    chosen = args.rewrites.split(",") if args.rewrites else list(REWRITES)
+    unknown = [n for n in chosen if n not in REWRITES]
+    if unknown:
+        sys.exit(f"unknown rewrites {unknown}; choose from {list(REWRITES)}")
+    for name, extra in ((n, REWRITES[n]) for n in chosen):
         if left() < 120:
             result["steps"][name] = {"skipped": "out of time"}
             continue
@@ -200,36 +211,43 @@ def main() -> int:
         result["check"][name] = {"rc": c["rc"], "placement": placed}
         save()
     names = list(folders)
-    b = sh([py, "-m", "onnxqf.cli", "bench", *[folders[n] for n in names], "--ep", ep, "--seq", str(args.seq), "--past",
-            args.past, "--decode-tokens", "32", "--repeats", "10", "--warmup", "3", "--json"], env, max(30.0, left() - 5),
-           cwd=base)
-    try:
-        result["bench"] = json.loads(b["stdout"])
-        for row, name in zip(result["bench"]["models"], names):
-            row["label"] = name
-    except Exception:
-        result["bench"] = {"error": b["stderr"][-1000:], "rc": b["rc"]}
-    save()
-    print_table(result)
+    batches = [int(b) for b in args.batches.split(",")]
+    for k, batch in enumerate(batches):
+        seq = args.seq if batch == 1 else args.batch_seq
+        b = sh([py, "-m", "onnxqf.cli", "bench", *[folders[n] for n in names], "--ep", ep, "--batch", str(batch), "--seq",
+                str(seq), "--past", args.past, "--decode-tokens", "32", "--repeats", "10", "--warmup", "3",
+                "--nbits-kernel", args.nbits_kernel, "--json"], env, max(30.0, (left() - 5) / (len(batches) - k)), cwd=base,
+               keep=0)
+        key = "bench" if batch == 1 else f"bench_batch{batch}"
+        try:
+            result[key] = json.loads(b["stdout"])
+            label = {folders[n].name: n for n in names}
+            for row in result[key]["models"]:
+                base_name = Path(row["path"]).name
+                row["label"] = label.get(base_name, base_name) + (" [fpA_intB]" if row.get("nbits_kernel") == "fpa-intb" else "")
+        except Exception as exc:
+            result[key] = {"error": f"{type(exc).__name__}: {exc}; {b['stderr'][-1000:]}", "rc": b["rc"]}
+        save()
+        print_table(result, key)
     return 0
 
 
-def print_table(result: dict) -> None:
-    bench = result.get("bench", {})
+def print_table(result: dict, key: str = "bench") -> None:
+    bench = result.get(key, {})
     if "models" not in bench:
         print("bench failed:", bench.get("error", "")[-500:])
         return
     past = str(bench["past"][0]) if bench["past"] else None
     print(f"\n{result['layers']} layers of Llama-2-7B shape, onnxruntime-genai layout, {bench['provider']}, "
-          f"onnxruntime {bench['onnxruntime']}\n")
-    print(f"| folder | `check` rc | prefill 1x{bench['seq']} ms | x FP16 | decode past {past} tok/s | x FP16 | ms/token |")
+          f"onnxruntime {bench['onnxruntime']}, batch {bench['batch']}\n")
+    print(f"| folder | `check` rc | prefill {bench['batch']}x{bench['seq']} ms | x FP16 | decode past {past} tok/s | x FP16 | ms/step |")
     print("|---|---|---|---|---|---|---|")
     for row in bench["models"]:
         d = (row.get("decode") or {}).get(past, {})
         tps = d.get("tokens_per_s", {}).get("median")
         sp = row["speedup"]["decode"].get(past) if past else None
-        print(f"| {row['label']} | {result['check'].get(row['label'], {}).get('rc', '-')} | {row['prefill_ms']['median']:.2f} | "
-              f"{row['speedup']['prefill']:.2f} | {tps:.0f} | {sp:.2f} | {1e3 / tps:.3f} |" if tps else
+        print(f"| {row['label']} | {result['check'].get(row['label'].removesuffix(' [fpA_intB]'), {}).get('rc', '-')} | {row['prefill_ms']['median']:.2f} | "
+              f"{row['speedup']['prefill']:.2f} | {tps:.0f} | {sp:.2f} | {bench['batch'] * 1e3 / tps:.3f} |" if tps else
               f"| {row['label']} | - | {row['prefill_ms']['median']:.2f} | {row['speedup']['prefill']:.2f} | - | - | - |")
 
 

@@ -342,3 +342,122 @@ def test_gpu_bench_rotation_matches_onnxqf(gpu_bench):
     edit.rotate_value_online(graph, value, factors, ir.DataType.FLOAT16, "rot")
     theirs = [n.op_type for n in graph if n is not reader]
     assert ours == theirs
+
+
+# -- MatMulNBits kernels: which nodes ONNX Runtime's CUTLASS weight-only kernels take, and bench's runs -----
+
+
+def nbits_graph(path: Path, specs: list[dict]) -> Path:
+    """input_ids -> Gather(float16 embed) -> one MatMulNBits per spec (bits, block, N, zp, float) -> Add -> logits."""
+    K = 64
+    rng = np.random.default_rng(0)
+    inits, nodes, outs = [], [], []
+    inits.append(numpy_helper.from_array(rng.standard_normal((VOCAB, K)).astype(np.float16), "embed"))
+    nodes.append(helper.make_node("Gather", ["embed", "input_ids"], ["x"]))
+    for i, spec in enumerate(specs):
+        bits, block, N = spec.get("bits", 4), spec.get("block", 32), spec.get("N", 64)
+        ftype = spec.get("float", np.float16)
+        blocks = K // block
+        inits.append(numpy_helper.from_array(rng.integers(0, 255, (N, blocks, block * bits // 8), dtype=np.uint8), f"B{i}"))
+        inits.append(numpy_helper.from_array(np.full(N * blocks, 0.01, ftype), f"s{i}"))
+        inputs = ["x" if ftype == np.float16 else "x32", f"B{i}", f"s{i}"]
+        if spec.get("zp"):
+            inits.append(numpy_helper.from_array(np.full(N * ((blocks * bits + 7) // 8), 0x88, np.uint8), f"zp{i}"))
+            inputs.append(f"zp{i}")
+        nodes.append(helper.make_node("MatMulNBits", inputs, [f"y{i}"], domain="com.microsoft", K=K, N=N, bits=bits,
+                                      block_size=block))
+        outs.append(f"y{i}")
+    if any(s.get("float", np.float16) != np.float16 for s in specs):
+        nodes.append(helper.make_node("Cast", ["x"], ["x32"], to=TensorProto.FLOAT))
+    nodes.append(helper.make_node("Identity", [outs[0]], ["logits"]))
+    graph = helper.make_graph(nodes, "nbits", [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["b", "s"])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT16, ["b", "s", specs[0].get("N", 64)])],
+                              inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)],
+                              ir_version=9)
+    onnx.save(model, str(path))
+    return path
+
+
+def test_fpa_intb_rules():
+    from onnxqf.placement import fpa_intb_blocker
+
+    ok = dict(bits=4, block_size=32, K=4096, N=11008, float_type="float16", zero_points=False, g_idx=False, bias=False)
+    assert fpa_intb_blocker(**ok) is None
+    assert fpa_intb_blocker(**dict(ok, bits=8, N=4096 + 32)) is None  # 8-bit needs N % 32 only
+    assert "block 128" in fpa_intb_blocker(**dict(ok, block_size=128))
+    assert "zero points" in fpa_intb_blocker(**dict(ok, zero_points=True))
+    assert "float32" in fpa_intb_blocker(**dict(ok, float_type="float32"))
+    assert "multiple of 64" in fpa_intb_blocker(**dict(ok, N=4096 + 32))
+    assert fpa_intb_blocker(**dict(ok, g_idx=True)) == "g_idx" and fpa_intb_blocker(**dict(ok, bias=True)) == "bias"
+
+
+def test_nbits_kernels_report(tmp_path):
+    from onnxqf.placement import format_nbits_kernels, nbits_kernels
+
+    path = nbits_graph(tmp_path / "m.onnx", [{}, {"bits": 8}, {"block": 64}, {"zp": True}, {"N": 96},
+                                            {"float": np.float32}])
+    r = nbits_kernels(onnx.load(str(path)))
+    assert r["nodes"] == 6 and r["fpa_intb"] == 2
+    assert r["blockers"] == {"block 64 (block 32 only)": 1, "zero points (symmetric only)": 1,
+                             "N = 96 not a multiple of 64": 1, "float32 activations (float16 only)": 1}
+    assert "6 nodes, 2 eligible" in format_nbits_kernels(r)
+    assert format_nbits_kernels(nbits_kernels(onnx.load(str(plain_graph(tmp_path / "p.onnx"))))) is None
+    assert describe(path).nbits == r
+
+
+def test_nbits_kernel_runs_and_env(tmp_path, monkeypatch, capsys):
+    from onnxqf.bench import _runs
+    from onnxqf.placement import FPA_INTB_ENV
+    from onnxqf.runtime import nbits_kernel_env
+
+    fp16 = describe(plain_graph(tmp_path / "p.onnx"))
+    fast = describe(nbits_graph(tmp_path / "q.onnx", [{}]))
+    slow = describe(nbits_graph(tmp_path / "z.onnx", [{"zp": True}]))
+    ios = [fp16, fast, slow]
+    assert _runs(ios, "default") == [(0, "default"), (1, "default"), (2, "default")]
+    assert _runs(ios, "both") == [(0, "default"), (1, "default"), (1, "fpa-intb"), (2, "default")]
+    assert _runs(ios, "fpa-intb") == [(0, "default"), (1, "fpa-intb"), (2, "default")]
+    with pytest.raises(OnnxqfError):
+        _runs(ios, "fast")
+    import os
+
+    monkeypatch.setenv(FPA_INTB_ENV, "0")
+    with nbits_kernel_env(True):
+        assert os.environ[FPA_INTB_ENV] == "1"
+    assert os.environ[FPA_INTB_ENV] == "0"
+    with nbits_kernel_env(False):
+        assert FPA_INTB_ENV not in os.environ
+    assert os.environ[FPA_INTB_ENV] == "0"
+    # the CUDA kernels cannot be chosen on the CPU: one line, exit 2
+    line = one_line_error(capsys, main(["bench", str(tmp_path / "q.onnx"), "--ep", "cpu", "--nbits-kernel", "both"]))
+    assert "needs --ep cuda" in line
+
+
+def test_check_reports_nbits_kernels(tmp_path, capsys):
+    import onnxruntime
+
+    path = nbits_graph(tmp_path / "m.onnx", [{}, {"block": 128}])
+    rc = main(["check", str(path), "--ep", "cuda", "--json"])
+    r = json.loads(capsys.readouterr().out)
+    assert r["matmulnbits"]["nodes"] == 2 and r["matmulnbits"]["fpa_intb"] == 1
+    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+        assert rc == 3 and r["status"] == "unavailable"
+    main(["check", str(path), "--ep", "cuda"])
+    assert "2 nodes, 1 eligible" in capsys.readouterr().out
+
+
+def test_fpa_intb_bench_tiny(tmp_path):
+    """scripts/fpa_intb_bench.py at tiny shapes on the CPU: every MatMulNBits variant twice, outputs compared."""
+    p = subprocess.run([sys.executable, str(ROOT / "scripts" / "fpa_intb_bench.py"), "--out", str(tmp_path), "--ep", "cpu",
+                        "--tiny", "--variants", "fp16,int4-b32,int4-b32-zp,int8w-b32"], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr[-2000:]
+    rows = json.loads((tmp_path / "fpa_intb_bench.json").read_text())["rows"]
+    assert [(r["variant"], r["kernel"]) for r in rows[:7]] == [
+        ("fp16", "default"), ("int4-b32", "default"), ("int4-b32", "fpa_intb"), ("int4-b32-zp", "default"),
+        ("int4-b32-zp", "fpa_intb"), ("int8w-b32", "default"), ("int8w-b32", "fpa_intb")]
+    for r in rows:
+        assert r["on_provider"] and r["finite"] and set(r["ms_per_linear"]) == {"1", "4", "32"}, r
+        if r["kernel"] == "fpa_intb":  # the variable means nothing to the CPU provider: the same product
+            assert r["max_rel_diff_vs_first"] == 0.0
+    assert "| int4-b32 | fpa_intb |" in p.stdout
