@@ -19,6 +19,12 @@ dtype, already on the device), then runs one token at a time, binding each step'
 provider's stream is synchronized before ``run`` returns, and ``synchronize_outputs`` is called
 before the clock stops as well. Models are loaded and measured one after another (one session in
 memory at a time); the reference is measured first.
+
+**MatMulNBits kernels.** ONNX Runtime's CUDA provider has two sets: its default ones and TensorRT-LLM's
+CUTLASS weight-only GEMM/GEMV ("fpA_intB"), which it uses for the nodes they cover when
+``ORT_FPA_INTB_GEMM`` is set as a session is made. ``nbits_kernel`` picks them per run ("both": each
+model with such nodes twice); the variable is set or cleared around each session, whatever the caller's
+environment holds, so a row says which kernels it measured.
 """
 
 from __future__ import annotations
