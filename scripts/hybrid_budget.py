@@ -5,9 +5,14 @@
 
 Runs the full hybrid transform once (float, `--hybrid --quant none` with the same calibration as the
 accuracy table), collects the GPTQ Hessians once, then quantizes copies of that float graph:
-W8A8 (everything), W8A8 with one role group kept float, and the weights alone (GPTQ or RTN int8 per
-output channel, activations float). Each is compared with the original export on --windows windows
-from the start of --text. The transformed float graph and the Hessians are cached beside the model.
+W8A8 (everything), W8A8 with one role group kept float, the weights alone (GPTQ or RTN int8 per
+output channel, activations float), the activations alone (per-token int8 as the `token` graph
+rounds them, simulated in float, weights float; at all four sites and at each site kind alone), and
+per-token activations with int8 GPTQ weights of one scale per block of 32 or 128 input channels
+(MatMulNBits weights: what an int8 GEMM with block-wise weight scales would compute, which
+`MatMulInteger` cannot express). Each is compared with the original export on --windows windows
+from the start of --text (--variants: a comma-separated subset of the row keys). The transformed
+float graph and the Hessians are cached beside the model.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from onnx_ir import tape as ir_tape
 
 from onnxqf import calibrate, edit, qmath
 from onnxqf.data import load_tokenizer, load_tokens, token_windows, windows
@@ -26,6 +32,7 @@ from onnxqf.evaluate import compare
 from onnxqf.gptq import gptq_quantize
 from onnxqf.modelfile import load_model, save_model
 from onnxqf.passes.quantize import QuantizeMatMulsPass
+from onnxqf.passes.quantize_nbits import QuantizeNBitsPass
 from onnxqf.pipeline import RewriteOptions, rewrite
 from onnxqf.recognize import recognize
 
@@ -57,6 +64,36 @@ def weights_only(src: Path, dst: Path, hessians: dict | None) -> Path:
     return save_model(model, dst)
 
 
+def fake_quant_activations(model, values) -> None:
+    """Per-token symmetric int8 rounding of each value, in float, for its MatMul/MatMulNBits readers:
+    round(x * 127 / max|x|) * max|x| / 127 per token, the numbers the `token` graph feeds MatMulInteger."""
+    g = model.graph
+    for i, x in enumerate(values):
+        readers = [(n, j) for n, j in x.uses() if n.op_type in ("MatMul", "MatMulNBits")]
+        tape, base = ir_tape.Tape(g), f"budget/fake_quant_{i}"
+        axes = edit.add_initializer(g, f"{base}/axes", np.array([-1], np.int64))
+        amax = tape.op("ReduceMax", [tape.op("Abs", [x]), axes], {"keepdims": 1})
+        amax = tape.op("Max", [amax, edit.add_initializer(g, f"{base}/tiny", np.array(1e-6, np.float32))])
+        qmax = edit.add_initializer(g, f"{base}/qmax", np.array(127.0, np.float32))
+        codes = tape.op("Round", [tape.op("Mul", [x, tape.op("Div", [qmax, amax])])])
+        y = tape.op("Div", [tape.op("Mul", [codes, amax]), qmax])
+        g.insert_after(x.producer(), tape.nodes)
+        for node, j in readers:
+            node.replace_input_with(j, y)
+
+
+def activations_only(src: Path, dst: Path, kinds: tuple[str, ...] | None, block: int | None = None,
+                     hessians: dict | None = None) -> Path:
+    """Per-token int8 activations (simulated) at the sites of ``kinds`` (None: all); weights float, or with
+    ``block`` int8 GPTQ weights with one scale per ``block`` input channels (MatMulNBits)."""
+    model = load_model(src)
+    values = [s.value for s in recognize(model).sites() if kinds is None or s.kind in kinds]
+    if block is not None:
+        QuantizeNBitsPass(bits=8, block_size=block, hessians=hessians)(model)
+    fake_quant_activations(model, values)
+    return save_model(model, dst)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model")
@@ -65,6 +102,9 @@ def main() -> int:
     ap.add_argument("--calib-windows", type=int, default=32)
     ap.add_argument("--windows", type=int, default=4)
     ap.add_argument("--seq", type=int, default=512)
+    ap.add_argument("--variants", help="comma-separated row keys to run (default: all): float, w-gptq, w-rtn, "
+                    "a8, a8-attn_in, a8-o_in, a8-mlp_in, a8-down_in, a8-block32, a8-block128, w8a8, "
+                    "w8a8-keep-qkv, w8a8-keep-o_proj, w8a8-keep-gateup, w8a8-keep-down_proj")
     ap.add_argument("--json")
     args = ap.parse_args()
     src = Path(args.model)
@@ -88,22 +128,39 @@ def main() -> int:
     wins = token_windows(args.text, src, load_model(src), args.windows, args.seq)
 
     rows = []
+    wanted = None if not args.variants else set(args.variants.split(","))
 
-    def evaluate(label: str, path: Path) -> None:
+    def evaluate(key: str, label: str, make) -> None:
+        if wanted is not None and key not in wanted:
+            return
         t = time.time()
-        r = compare(src, path, wins, progress=False)
-        rows.append({"variant": label, **r})
+        r = compare(src, make(), wins, progress=False)
+        rows.append({"key": key, "variant": label, **r})
         print(f"| {label} | {r['kl']:.5f} | {r['top1']:.4f} |  ({time.time() - t:.0f} s)", flush=True)
 
     print(f"| variant | KL nats/token ({args.windows} x {args.seq}) | top-1 |\n|---|---|---|")
-    evaluate("float hybrid (rotations + smoothing, no quantization)", flt)
-    evaluate("weights only, int8 GPTQ", weights_only(flt, work / "w_gptq.onnx", H))
-    evaluate("weights only, int8 RTN", weights_only(flt, work / "w_rtn.onnx", None))
+    evaluate("float", "float hybrid (rotations + smoothing, no quantization)", lambda: flt)
+    evaluate("w-gptq", "weights only, int8 GPTQ", lambda: weights_only(flt, work / "w_gptq.onnx", H))
+    evaluate("w-rtn", "weights only, int8 RTN", lambda: weights_only(flt, work / "w_rtn.onnx", None))
+    evaluate("a8", "activations only, per-token int8 at all four sites",
+             lambda: activations_only(flt, work / "a8.onnx", None))
+    for kind in ("attn_in", "o_in", "mlp_in", "down_in"):
+        evaluate(f"a8-{kind}", f"activations only, per-token int8 at {kind}",
+                 lambda kind=kind: activations_only(flt, work / f"a8_{kind}.onnx", (kind,)))
+    for block in (32, 128):
+        evaluate(f"a8-block{block}", f"per-token int8 activations x int8 GPTQ weights, one scale per {block} inputs",
+                 lambda block=block: activations_only(flt, work / f"a8_block{block}.onnx", None, block, H))
+
+    def w8a8(keep):
+        def make():
+            model = load_model(flt)
+            QuantizeMatMulsPass("token", keep_float=keep, hessians=H)(model)
+            return save_model(model, work / "w8a8.onnx")
+        return make
+
     for label, keep in [("none", ())] + list(GROUPS.items()):
-        model = load_model(flt)
-        QuantizeMatMulsPass("token", keep_float=keep, hessians=H)(model)
-        dst = save_model(model, work / f"w8a8_keep_{label.replace('/', '')}.onnx")
-        evaluate(f"W8A8 (GPTQ), float: {label}", dst)
+        key = "w8a8" if not keep else f"w8a8-keep-{label.replace('/', '')}"
+        evaluate(key, f"W8A8 (GPTQ), float: {label}", w8a8(keep))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     return 0
