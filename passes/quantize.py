@@ -109,15 +109,7 @@ class QuantizeMatMulsPass(RewritePass):
         tape = ir_tape.Tape(graph)
         base = f"{first.name or first.node.name}/act_quant"
         if self.act_quant == "token":
-            absx = tape.op("Abs", [x], name=f"{base}/abs")
-            axes = edit.add_initializer(graph, f"{base}/axes", np.array([-1], np.int64))
-            amax = tape.op("ReduceMax", [absx, axes], {"keepdims": 1}, name=f"{base}/amax")
-            tiny = edit.add_initializer(graph, f"{base}/tiny", np.array(1e-6 if dtype == FLOAT32 else 1e-4, dtype.numpy()))
-            amax = tape.op("Max", [amax, tiny], name=f"{base}/amax_safe")
-            qmax = edit.add_initializer(graph, f"{base}/qmax", np.array(127.0, dtype.numpy()))
-            inv = tape.op("Div", [qmax, amax], name=f"{base}/inv_scale")
-            scaled = tape.op("Mul", [x, inv], name=f"{base}/scale")
-            rounded = tape.op("Round", [scaled], name=f"{base}/round")
+            rounded, amax, _ = per_token_codes(tape, graph, x, dtype, base)
             xq = tape.op("Cast", [rounded], {"to": ir.DataType.INT8}, name=f"{base}/to_int8")
             xq.type = ir.TensorType(ir.DataType.INT8)
             if dtype != FLOAT32:
@@ -211,6 +203,22 @@ class QuantizeMatMulsPass(RewritePass):
             if was_output:  # keep the graph output's name (e.g. logits)
                 old.name, y.name = f"{name}.float", name
             graph.remove(lin.node, safe=True)
+
+
+def per_token_codes(tape: ir_tape.Tape, graph: ir.Graph, x: ir.Value, dtype: ir.DataType,
+                    base: str) -> tuple[ir.Value, ir.Value, ir.Value]:
+    """Nodes (on ``tape``) of per-token symmetric int8 codes of ``x``: (round(x * 127 / max|x|) in ``dtype``,
+    max|x| per token (keepdims, at least a tiny floor), the constant 127). The `token` subgraph casts the
+    codes to int8 for MatMulInteger; scripts/hybrid_budget.py multiplies them back to simulate it in float."""
+    absx = tape.op("Abs", [x], name=f"{base}/abs")
+    axes = edit.add_initializer(graph, f"{base}/axes", np.array([-1], np.int64))
+    amax = tape.op("ReduceMax", [absx, axes], {"keepdims": 1}, name=f"{base}/amax")
+    tiny = edit.add_initializer(graph, f"{base}/tiny", np.array(1e-6 if dtype == FLOAT32 else 1e-4, dtype.numpy()))
+    amax = tape.op("Max", [amax, tiny], name=f"{base}/amax_safe")
+    qmax = edit.add_initializer(graph, f"{base}/qmax", np.array(127.0, dtype.numpy()))
+    inv = tape.op("Div", [qmax, amax], name=f"{base}/inv_scale")
+    scaled = tape.op("Mul", [x, inv], name=f"{base}/scale")
+    return tape.op("Round", [scaled], name=f"{base}/round"), amax, qmax
 
 
 def select_linears(structure, quantize_lm_head: bool, keep_float: tuple[str, ...] = ()) -> list[Linear]:

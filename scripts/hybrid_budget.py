@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import onnx_ir as ir
 from onnx_ir import tape as ir_tape
 
 from onnxqf import calibrate, edit, qmath
@@ -31,7 +32,7 @@ from onnxqf.data import load_tokenizer, load_tokens, token_windows, windows
 from onnxqf.evaluate import compare
 from onnxqf.gptq import gptq_quantize
 from onnxqf.modelfile import load_model, save_model
-from onnxqf.passes.quantize import QuantizeMatMulsPass
+from onnxqf.passes.quantize import QuantizeMatMulsPass, per_token_codes
 from onnxqf.passes.quantize_nbits import QuantizeNBitsPass
 from onnxqf.pipeline import RewriteOptions, rewrite
 from onnxqf.recognize import recognize
@@ -65,17 +66,13 @@ def weights_only(src: Path, dst: Path, hessians: dict | None) -> Path:
 
 
 def fake_quant_activations(model, values) -> None:
-    """Per-token symmetric int8 rounding of each value, in float, for its MatMul/MatMulNBits readers:
-    round(x * 127 / max|x|) * max|x| / 127 per token, the numbers the `token` graph feeds MatMulInteger."""
+    """Per-token symmetric int8 rounding of each (float32) value, in float, for its MatMul/MatMulNBits readers:
+    the `token` graph's own code nodes (passes.quantize.per_token_codes), then codes * max|x| / 127."""
     g = model.graph
     for i, x in enumerate(values):
         readers = [(n, j) for n, j in x.uses() if n.op_type in ("MatMul", "MatMulNBits")]
-        tape, base = ir_tape.Tape(g), f"budget/fake_quant_{i}"
-        axes = edit.add_initializer(g, f"{base}/axes", np.array([-1], np.int64))
-        amax = tape.op("ReduceMax", [tape.op("Abs", [x]), axes], {"keepdims": 1})
-        amax = tape.op("Max", [amax, edit.add_initializer(g, f"{base}/tiny", np.array(1e-6, np.float32))])
-        qmax = edit.add_initializer(g, f"{base}/qmax", np.array(127.0, np.float32))
-        codes = tape.op("Round", [tape.op("Mul", [x, tape.op("Div", [qmax, amax])])])
+        tape = ir_tape.Tape(g)
+        codes, amax, qmax = per_token_codes(tape, g, x, ir.DataType.FLOAT, f"budget/fake_quant_{i}")
         y = tape.op("Div", [tape.op("Mul", [codes, amax]), qmax])
         g.insert_after(x.producer(), tape.nodes)
         for node, j in readers:
