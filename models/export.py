@@ -126,7 +126,7 @@ def export_model(model, out: str | os.PathLike, *, dtype: str = "float32", token
     import onnx_ir as ir
 
     from onnxqf.recognize import recognize
-    from onnxqf.modelfile import save_model, set_metadata
+    from onnxqf.graph.modelfile import save_model, set_metadata
 
     check_architecture(model.config)
     if dtype not in ("float32", "float16"):

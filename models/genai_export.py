@@ -55,7 +55,7 @@ def export_genai(source: str, out: str | os.PathLike, *, dtype: str = "float32",
     ``out`` names the graph file (``DIR/model.onnx``); its folder must be new, empty, or an earlier
     genai folder (replaced as a whole, atomically).
     """
-    from onnxqf.genai import read_genai
+    from onnxqf.genai.folder import read_genai
 
     out = Path(out).absolute()
     if out.suffix != ".onnx":

@@ -327,10 +327,10 @@ def _default_genai_output(folder, args) -> Path:
 
 
 def cmd_rewrite(args) -> int:
-    from onnxqf.data import load_tokenizer
-    from onnxqf.genai import genai_dir, output_path, read_genai, write_folder
-    from onnxqf.modelfile import load_model, set_metadata
-    from onnxqf import store
+    from onnxqf.calib.data import load_tokenizer
+    from onnxqf.genai.folder import genai_dir, output_path, read_genai, write_folder
+    from onnxqf.graph.modelfile import load_model, set_metadata
+    from onnxqf.graph import store
     from onnxqf.pipeline import RewriteOptions, low_memory, rewrite
 
     src = Path(args.model)
@@ -373,7 +373,7 @@ def cmd_rewrite(args) -> int:
 
 
 def _save_plain(model, src: Path, out: Path) -> None:
-    from onnxqf.modelfile import get_metadata, save_model, set_metadata
+    from onnxqf.graph.modelfile import get_metadata, save_model, set_metadata
     from onnxqf.models.export import TOKENIZER_SUFFIX, copy_tokenizer_dir
 
     tok_rel = get_metadata(model, "tokenizer")
@@ -387,11 +387,11 @@ def _save_plain(model, src: Path, out: Path) -> None:
 
 
 def cmd_eval(args) -> int:
-    from onnxqf.data import token_windows
-    from onnxqf.evaluate import compare, format_table, to_json
-    from onnxqf.modelfile import load_model
+    from onnxqf.calib.data import token_windows
+    from onnxqf.analysis.evaluate import compare, format_table, to_json
+    from onnxqf.graph.modelfile import load_model
 
-    from onnxqf.genai import genai_dir, model_file, read_genai
+    from onnxqf.genai.folder import genai_dir, model_file, read_genai
 
     orig_file, new_file = model_file(args.orig), model_file(args.new)  # a genai folder means its decoder graph
     orig = load_model(orig_file)  # validates the file before ONNX Runtime sees it
@@ -421,32 +421,32 @@ def _vocab(model) -> int | None:
 
 
 def cmd_generate(args) -> int:
-    from onnxqf.genai import generate
+    from onnxqf.genai.folder import generate
 
     generate(args.model, args.prompt, max_new_tokens=args.max_new_tokens, ep=args.ep)
     return 0
 
 
 def cmd_check(args) -> int:
-    from onnxqf.genai import model_file
-    from onnxqf.modelfile import load_model
-    from onnxqf.placement import check_placement, format_placement
+    from onnxqf.genai.folder import model_file
+    from onnxqf.graph.modelfile import load_model
+    from onnxqf.runtime.placement import check_placement, format_placement
 
     path = model_file(args.model)  # a genai folder: its decoder graph
     model = load_model(path)
     result = check_placement(path, args.ep)
     if args.baseline:
-        from onnxqf.placement import compare_to_baseline
+        from onnxqf.runtime.placement import compare_to_baseline
 
         result = compare_to_baseline(result, check_placement(model_file(args.baseline), args.ep))
     if result["status"] == "unavailable" and args.ep == "cuda":
-        from onnxqf.placement import static_issues
+        from onnxqf.runtime.placement import static_issues
 
         result["static_issues"] = static_issues(model)  # what is known without a GPU
     if args.ep == "cuda":
         import onnx
 
-        from onnxqf.placement import format_nbits_kernels, nbits_kernels
+        from onnxqf.runtime.placement import format_nbits_kernels, nbits_kernels
 
         result["matmulnbits"] = nbits_kernels(onnx.load(str(path), load_external_data=False))
         note = format_nbits_kernels(result["matmulnbits"])
@@ -459,7 +459,7 @@ def cmd_check(args) -> int:
 
 
 def cmd_inspect(args) -> int:
-    from onnxqf.inspection import InspectOptions, print_report, run_inspect
+    from onnxqf.analysis.inspection import InspectOptions, print_report, run_inspect
 
     opts = InspectOptions(windows=args.windows, seq=args.seq, layers=args.layers, alpha=args.alpha,
                           heatmap_layer=args.heatmap_layer, seed=args.seed, progress=not args.json)
@@ -469,7 +469,7 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from onnxqf.bench import BenchOptions, format_table, parse_past, run_bench
+    from onnxqf.runtime.bench import BenchOptions, format_table, parse_past, run_bench
 
     opts = BenchOptions(ep=args.ep, batch=args.batch, seq=args.seq, past=parse_past(args.past),
                         decode_tokens=args.decode_tokens, repeats=args.repeats, warmup=args.warmup,

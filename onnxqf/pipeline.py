@@ -29,8 +29,9 @@ import time
 import numpy as np
 import onnx_ir as ir
 
-from onnxqf import calibrate, layerwise
-from onnxqf.data import BUILTIN_CALIB, load_tokens, windows
+from onnxqf.calib import calibrate
+from onnxqf.calib import layerwise
+from onnxqf.calib.data import BUILTIN_CALIB, load_tokens, windows
 from onnxqf.errors import OnnxqfError
 from onnxqf.passes.fold_norms import FoldNormsPass
 from onnxqf.passes.online_hadamard import DownProjHadamardPass
@@ -66,12 +67,12 @@ class RewriteOptions:
     keep_float: tuple[str, ...] = ()
     weight_rounding: str = "gptq"  # or "rtn"
     # GPTQ's X^T X: True: each layer's from the outputs of the layers before it with their weights
-    # rounded (onnxqf.layerwise; the model runs twice); False (default): from one run of the float
+    # rounded (onnxqf.calib.layerwise; the model runs twice); False (default): from one run of the float
     # model. On SmolLM2 sequential did not help (docs/results.md §5), so the cheaper one is the default
     sequential: bool = False
     seed: int = 0
     progress: bool = True
-    # bounded memory (onnxqf.store, docs/benchmarks.md §e): calibration one layer at a time, GPTQ
+    # bounded memory (onnxqf.graph.store, docs/benchmarks.md §e): calibration one layer at a time, GPTQ
     # Hessians one layer at a time, rewritten weights on disk. None: when the weights exceed
     # LOW_MEMORY_AUTO_BYTES. The result is the same either way (tests/test_low_memory.py)
     low_memory: bool | None = None
@@ -122,7 +123,7 @@ def low_memory(model: ir.Model, opts: RewriteOptions) -> bool:
     """Whether the rewrite runs in bounded memory (``opts.low_memory``, or automatically for big models).
 
     The caller also keeps rewritten weights on disk for the rewrite and the save
-    (``with onnxqf.store.spilling(output folder):``), as ``onnxqf rewrite`` does.
+    (``with onnxqf.graph.store.spilling(output folder):``), as ``onnxqf rewrite`` does.
     """
     return opts.low_memory if opts.low_memory is not None else weight_bytes(model) > LOW_MEMORY_AUTO_BYTES
 

@@ -25,10 +25,10 @@ import dataclasses
 
 import numpy as np
 
-from onnxqf import fold
+from onnxqf.maths import fold
 from onnxqf.errors import OnnxqfError
-from onnxqf.hadamard import Rotation, rotation
-from onnxqf.structure import SITE_KINDS, ModelConfig
+from onnxqf.maths.hadamard import Rotation, rotation
+from onnxqf.graph.structure import SITE_KINDS, ModelConfig
 
 #: the largest dense (non-Hadamard) factor an online rotation may carry; larger ones are not applied
 MAX_DENSE_ONLINE = 256

@@ -39,7 +39,7 @@ class RotationPass(RewritePass):
     """A pass that applies one of the plan's rotations; ``size_of(structure)`` is the size it must have.
 
     Attributes:
-        rotation: the :class:`onnxqf.hadamard.Rotation` from the :class:`onnxqf.plan.Plan`.
+        rotation: the :class:`onnxqf.maths.hadamard.Rotation` from the :class:`onnxqf.plan.Plan`.
     """
 
     what = "rotation"

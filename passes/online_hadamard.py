@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-from onnxqf import edit, fold
+from onnxqf.graph import edit
+from onnxqf.maths import fold
 from onnxqf.errors import OnnxqfError
 from onnxqf.passes.base import RotationPass
 from onnxqf.recognize import recognize

@@ -31,12 +31,13 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 from onnx_ir import tape as ir_tape
 
-from onnxqf import edit, qmath
+from onnxqf.graph import edit
+from onnxqf.maths import qmath
 from onnxqf.errors import OnnxqfError, UnsupportedGraphError
-from onnxqf.gptq import hessian_of
+from onnxqf.maths.gptq import hessian_of
 from onnxqf.passes.base import RewritePass
 from onnxqf.recognize import recognize
-from onnxqf.structure import Linear, group_by_input
+from onnxqf.graph.structure import Linear, group_by_input
 
 logger = logging.getLogger(__name__)
 
@@ -84,7 +85,7 @@ class QuantizeMatMulsPass(RewritePass):
 
         site_of = structure.site_of()
         position = {node: i for i, node in enumerate(graph)}
-        # one group at a time: rounded, written (to disk under onnxqf.store) and its nodes replaced, so
+        # one group at a time: rounded, written (to disk under onnxqf.graph.store) and its nodes replaced, so
         # that no more than one group's weights are in memory
         for group in tqdm(group_by_input(linears), desc="int8 weights", unit="group", disable=not self.progress):
             for lin in group:
@@ -130,7 +131,7 @@ class QuantizeMatMulsPass(RewritePass):
         column), so the weights are rounded linear by linear and in column chunks with one prepared
         Hessian: the same result as rounding their concatenation, in bounded memory.
         """
-        from onnxqf.gptq import column_chunks, gptq_quantize, prepare
+        from onnxqf.maths.gptq import column_chunks, gptq_quantize, prepare
 
         how = "rtn" if H is None else "gptq"
         prepared = None if H is None else prepare(H)  # H: an array, or a function that fetches a copy
@@ -151,7 +152,7 @@ class QuantizeMatMulsPass(RewritePass):
 
     def rounded(self, structure, site, H: np.ndarray) -> dict[Linear, np.ndarray]:
         """The weights this pass will write for the linears reading ``site`` given its ``X^T X``, dequantized
-        (float64 [in, out] per linear; :func:`onnxqf.layerwise.sequential_hessians` runs later layers on them)."""
+        (float64 [in, out] per linear; :func:`onnxqf.calib.layerwise.sequential_hessians` runs later layers on them)."""
         group = [lin for lin in select_linears(structure, self.quantize_lm_head, self.keep_float) if lin.input is site.value]
         if not group:
             return {}

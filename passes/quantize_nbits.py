@@ -5,7 +5,7 @@ Every selected ``y = x @ B`` (B an initializer ``[K, N]``) becomes::
     y = MatMulNBits(x, B_packed, scales[, zero_points]; K, N, bits, block_size[, accuracy_level])
 
 with B quantized in blocks of ``block_size`` consecutive input rows per output column (layout in
-:mod:`onnxqf.nbits`: ``B_packed`` uint8 ``[N, ceil(K/block_size), block_size*bits/8]``, low bits
+:mod:`onnxqf.maths.nbits`: ``B_packed`` uint8 ``[N, ceil(K/block_size), block_size*bits/8]``, low bits
 first; ``scales`` ``[N, n_blocks]`` in the activation's float type; symmetric by default, i.e. no
 zero-point input and codes centred on ``2^(bits-1)``). Activations stay float; a bias Add after the
 MatMul is kept as it is.
@@ -36,12 +36,13 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 from onnx_ir import tape as ir_tape
 
-from onnxqf import edit, nbits
+from onnxqf.graph import edit
+from onnxqf.maths import nbits
 from onnxqf.errors import OnnxqfError, UnsupportedGraphError
-from onnxqf.gptq import hessian_of
+from onnxqf.maths.gptq import hessian_of
 from onnxqf.passes.base import RewritePass
 from onnxqf.recognize import recognize
-from onnxqf.structure import Linear, group_by_input
+from onnxqf.graph.structure import Linear, group_by_input
 
 logger = logging.getLogger(__name__)
 
@@ -126,7 +127,7 @@ class QuantizeNBitsPass(RewritePass):
             H = hessian_of(self.hessians, None if site is None or is_head else site.name)
             parts, how = self._round_group(group, H, bits, scale_dtype)
             for lin, part in zip(group, parts):
-                self._replace(graph, lin, part)  # written at once (to disk under onnxqf.store)
+                self._replace(graph, lin, part)  # written at once (to disk under onnxqf.graph.store)
                 self.quantized.append(lin.name)
                 self.rounding[lin.name] = how
         graph.opset_imports.setdefault(MS_DOMAIN, 1)
@@ -142,7 +143,7 @@ class QuantizeNBitsPass(RewritePass):
         column, so the linears are rounded one by one and in column chunks with one prepared Hessian:
         the result of rounding their concatenation, in bounded memory.
         """
-        from onnxqf.gptq import column_chunks, prepare
+        from onnxqf.maths.gptq import column_chunks, prepare
 
         how = "rtn" if H is None else "gptq"
         prepared = None if H is None else prepare(H, self.damp, self.act_order)  # H: an array, or a function fetching a copy
@@ -165,7 +166,7 @@ class QuantizeNBitsPass(RewritePass):
 
     def rounded(self, structure, site, H: np.ndarray) -> dict[Linear, np.ndarray]:
         """The weights this pass will write for the linears reading ``site`` given its ``X^T X``, dequantized
-        (float64 [in, out] per linear; :func:`onnxqf.layerwise.sequential_hessians` runs later layers on them)."""
+        (float64 [in, out] per linear; :func:`onnxqf.calib.layerwise.sequential_hessians` runs later layers on them)."""
         group = [lin for lin in self._select(structure) if lin.input is site.value and lin is not structure.lm_head]
         if not group:
             return {}

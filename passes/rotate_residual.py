@@ -5,11 +5,12 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from onnxqf import edit, fold
+from onnxqf.graph import edit
+from onnxqf.maths import fold
 from onnxqf.errors import OnnxqfError
 from onnxqf.passes.base import RotationPass
 from onnxqf.recognize import recognize
-from onnxqf.structure import read
+from onnxqf.graph.structure import read
 
 
 class RotateResidualPass(RotationPass):

@@ -5,9 +5,10 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from onnxqf import edit, fold
+from onnxqf.graph import edit
+from onnxqf.maths import fold
 from onnxqf.errors import OnnxqfError
-from onnxqf.hadamard import Rotation
+from onnxqf.maths.hadamard import Rotation
 from onnxqf.passes.base import RewritePass
 from onnxqf.recognize import recognize
 

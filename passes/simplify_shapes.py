@@ -16,9 +16,9 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
-from onnxqf import edit
+from onnxqf.graph import edit
 from onnxqf.passes.base import RewritePass, logger
-from onnxqf.structure import const_array
+from onnxqf.graph.structure import const_array
 
 Sym = list  # list of int | str
 

@@ -5,21 +5,23 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from onnxqf import edit, fold, smoothing
-from onnxqf.calibrate import SiteStats
+from onnxqf.graph import edit
+from onnxqf.maths import fold
+from onnxqf.maths import smoothing
+from onnxqf.calib.calibrate import SiteStats
 from onnxqf.errors import OnnxqfError
-from onnxqf.gptq import column_chunks
+from onnxqf.maths.gptq import column_chunks
 from onnxqf.passes.base import RewritePass
 from onnxqf.plan import Plan
 from onnxqf.recognize import recognize
 from onnxqf.report import SiteChoice
-from onnxqf.structure import read
+from onnxqf.graph.structure import read
 
 
 class SmoothPass(RewritePass):
     """``x <- x / s`` and ``B <- diag(s) B`` at each of the plan's smoothed sites.
 
-    Rules: ``1/s`` folds into the site's producer (:class:`onnxqf.structure.Site`): the norm's γ
+    Rules: ``1/s`` folds into the site's producer (:class:`onnxqf.graph.structure.Site`): the norm's γ
     (attention and MLP inputs), v_proj's output columns (o_proj's input; scales tied across the
     query heads of a KV group), or up_proj's output columns (down_proj's input). Exact in float.
     With ``alpha="auto"`` each site gets the α (or no smoothing) whose W8A8 layer error, measured on

@@ -17,9 +17,9 @@ import sys
 import time
 from pathlib import Path
 
-from onnxqf.data import token_windows
-from onnxqf.evaluate import compare
-from onnxqf.modelfile import load_model
+from onnxqf.calib.data import token_windows
+from onnxqf.analysis.evaluate import compare
+from onnxqf.graph.modelfile import load_model
 
 # label, file key, flags
 VARIANTS = [

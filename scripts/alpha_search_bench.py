@@ -4,7 +4,7 @@
 
 What it times is exactly what `onnxqf rewrite --hybrid` runs per layer: for each of the four sites
 (attn_in 4096 -> q/k/v 3 x 4096, o_in 4096 -> 4096 with 32 KV groups, mlp_in 4096 -> gate/up 2 x 11008,
-down_in 11008 -> 4096), :func:`onnxqf.smoothing.choose_scales` over the α grid and "no smoothing", with
+down_in 11008 -> 4096), :func:`onnxqf.maths.smoothing.choose_scales` over the α grid and "no smoothing", with
 the plan's rotation of that site (the full hybrid's: 4096 = 16·16·16 after the norms, 11008 =
 344·16·2 before down_proj, per-head 128 and 32-head mixing before o_proj). Activations are random
 with a few outlier channels (the search's cost does not depend on the values); weights random.
@@ -20,9 +20,9 @@ import time
 
 import numpy as np
 
-from onnxqf import smoothing
+from onnxqf.maths import smoothing
 from onnxqf.plan import Plan
-from onnxqf.structure import ModelConfig
+from onnxqf.graph.structure import ModelConfig
 
 SITES = {  # kind: (in, out)
     "attn_in": (4096, 3 * 4096),

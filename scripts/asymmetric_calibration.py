@@ -24,11 +24,12 @@ from pathlib import Path
 import numpy as np
 
 from hybrid_budget import fake_quant_activations
-from onnxqf import edit, layerwise
-from onnxqf.data import load_tokenizer, load_tokens, token_windows, windows
-from onnxqf.evaluate import compare
-from onnxqf.gptq import HessianAccumulator
-from onnxqf.modelfile import load_model, save_model
+from onnxqf.graph import edit
+from onnxqf.calib import layerwise
+from onnxqf.calib.data import load_tokenizer, load_tokens, token_windows, windows
+from onnxqf.analysis.evaluate import compare
+from onnxqf.maths.gptq import HessianAccumulator
+from onnxqf.graph.modelfile import load_model, save_model
 from onnxqf.passes.quantize import QuantizeMatMulsPass
 from onnxqf.recognize import recognize
 

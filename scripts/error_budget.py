@@ -16,11 +16,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-from onnxqf import edit, qmath
-from onnxqf.data import token_windows
-from onnxqf.evaluate import compare
+from onnxqf.graph import edit
+from onnxqf.maths import qmath
+from onnxqf.calib.data import token_windows
+from onnxqf.analysis.evaluate import compare
 from onnxqf.recognize import recognize
-from onnxqf.modelfile import load_model, save_model
+from onnxqf.graph.modelfile import load_model, save_model
 
 
 def weight_only(src: Path, dst: Path) -> Path:

@@ -27,7 +27,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_bench import F16, G, MS, Pools, Runner, _short, log, nbits_weights  # noqa: E402  (puts the source tree on sys.path)
 
-from onnxqf.runtime import nbits_kernel_env  # noqa: E402
+from onnxqf.runtime.session import nbits_kernel_env  # noqa: E402
 
 FP8 = 17  # TensorProto.FLOAT8E4M3FN
 

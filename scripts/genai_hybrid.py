@@ -63,10 +63,10 @@ def main() -> int:
              "-o", str(hyb / "model.onnx")])
         timing["rewrite_s"] = round(time.time() - t, 1)
 
-    from onnxqf.data import token_windows
-    from onnxqf.evaluate import compare
-    from onnxqf.genai import generate, model_file
-    from onnxqf.modelfile import load_model
+    from onnxqf.calib.data import token_windows
+    from onnxqf.analysis.evaluate import compare
+    from onnxqf.genai.folder import generate, model_file
+    from onnxqf.graph.modelfile import load_model
 
     plain = Path("out/smollm2.onnx")
     wins = token_windows(args.text, plain, load_model(plain),

@@ -3,7 +3,7 @@
     python scripts/gptq_speed.py 4096 2048        # K input channels, N output columns
 
 A random X [2K, K] gives H = X^T X; B [K, N] is random. Prints the time to prepare H (damp, invert,
-factor: float32 through PyTorch above onnxqf.gptq.FLOAT64_MAX_CHANNELS) and to round B, and
+factor: float32 through PyTorch above onnxqf.maths.gptq.FLOAT64_MAX_CHANNELS) and to round B, and
 tr(E^T H E) for E = B - Q(B), so that two versions of the loop can be compared on the same problem.
 """
 
@@ -14,7 +14,8 @@ import time
 
 import numpy as np
 
-from onnxqf import gptq, nbits
+from onnxqf.maths import gptq
+from onnxqf.maths import nbits
 
 
 def main() -> None:

@@ -9,10 +9,10 @@ On the GPU machine (one command; it keeps to --budget seconds, 500 by default, u
 What each section needs:
 
   a   per-linear kernels            onnx + numpy + onnxruntime-gpu only (graphs built here with onnx.helper)
-  b   online rotations              the same; the Kronecker factor sizes come from onnxqf.hadamard (pure numpy)
+  b   online rotations              the same; the Kronecker factor sizes come from onnxqf.maths.hadamard (pure numpy)
                                     when it imports, else the sizes it gives today (4096: 16x16x16, 11008: 344x16x2)
   c2  hand-built KV-cache decoder   the same to build and time; the decode loop is `onnxqf bench`'s
-                                    (onnxqf.bench, needs onnx_ir importable) or, without it, one step at a fixed past
+                                    (onnxqf.runtime.bench, needs onnx_ir importable) or, without it, one step at a fixed past
   c1  onnxqf end to end             onnxqf installed from this tree (`pip install --no-deps --no-build-isolation -e .`:
                                     onnxqf.passes and onnxqf.models import only installed) with onnx_ir, onnxscript,
                                     torch and transformers. Export and rewrites run in a background process on the
@@ -339,20 +339,20 @@ def linear_graph(variant: str, K: int, N: int, copies: int, pools: Pools, data: 
 
 
 def rotation_factor_sizes(n: int) -> tuple[list[int], str]:
-    """The Kronecker factor sizes of onnxqf's rotation of size n (onnxqf.hadamard when importable)."""
+    """The Kronecker factor sizes of onnxqf's rotation of size n (onnxqf.maths.hadamard when importable)."""
     try:
-        from onnxqf.hadamard import rotation
+        from onnxqf.maths.hadamard import rotation
 
         r = rotation(n, 0)
         return [int(f.shape[0]) for f in r.factors], r.kind
     except Exception:
         known = {4096: [16, 16, 16], 11008: [344, 16, 2]}
-        return known.get(n, [n]), "sizes assumed (onnxqf.hadamard not importable)"
+        return known.get(n, [n]), "sizes assumed (onnxqf.maths.hadamard not importable)"
 
 
 def add_rotation(g: G, x: str, factors: list[np.ndarray | None], sizes: list[int], legacy: bool = False) -> str:
-    """x <- x @ kron(F_1, ..., F_r), node for node as onnxqf.edit.rotate_value_online emits it: factors regrouped
-    by onnxqf.hadamard.online_groups; per group, Reshape to [-1, g] and MatMul(., G) (one GEMM), then Reshape to
+    """x <- x @ kron(F_1, ..., F_r), node for node as onnxqf.graph.edit.rotate_value_online emits it: factors regrouped
+    by onnxqf.maths.hadamard.online_groups; per group, Reshape to [-1, g] and MatMul(., G) (one GEMM), then Reshape to
     [-1, n/g, g] and Transpose(0, 2, 1) to cycle the axes; Reshape back. ``legacy``: the emission before
     2026-11-25 (per factor Reshape to [-1, f, after] and MatMul(F^T, .), a 2-D weight on the left)."""
     shape = g.op("Shape", [x])
@@ -369,7 +369,7 @@ def add_rotation(g: G, x: str, factors: list[np.ndarray | None], sizes: list[int
                 y = g.op("Reshape", [y, g.init(np.array([-1, size, after], np.int64), "shape")])
                 y = g.op("MatMul", [g.init(np.asarray(f, np.float16).T.copy(), "factorT"), y])
         return g.op("Reshape", [y, shape])
-    from onnxqf.hadamard import online_groups
+    from onnxqf.maths.hadamard import online_groups
 
     groups = online_groups(factors, sizes)
     n = int(np.prod([s for s, _ in groups]))
@@ -773,13 +773,13 @@ def build(path: Path, fn, *args, **kwargs):
 
 def section_c2(cfg: Config, run: Runner, res: Results, budget: Budget, pools: Pools, work: Path) -> None:
     try:
-        from onnxqf import bench as obench  # the decode loop of `onnxqf bench`
-        from onnxqf import runtime  # noqa: F401  (what onnxqf.bench imports when it runs: needs onnx_ir)
+        from onnxqf.runtime import bench as obench  # the decode loop of `onnxqf bench`
+        from onnxqf.runtime import session as runtime  # noqa: F401  (what onnxqf.runtime.bench imports when it runs: needs onnx_ir)
 
-        method = "onnxqf.bench KV-cache loop (present fed back as past)"
+        method = "onnxqf.runtime.bench KV-cache loop (present fed back as past)"
     except Exception as exc:
         obench = None
-        method = f"one decode step at a fixed past (onnxqf.bench not importable: {_short(exc)})"
+        method = f"one decode step at a fixed past (onnxqf.runtime.bench not importable: {_short(exc)})"
     a_rows = res.data["a_linears"]
     ql21_ok = any(r["variant"] == "w8a8-ql21" and r.get("on_provider") for r in a_rows) or not a_rows
     ql_mode = "ql21" if ql21_ok else "ql19"

@@ -27,11 +27,13 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir import tape as ir_tape
 
-from onnxqf import calibrate, edit, qmath
-from onnxqf.data import load_tokenizer, load_tokens, token_windows, windows
-from onnxqf.evaluate import compare
-from onnxqf.gptq import gptq_quantize
-from onnxqf.modelfile import load_model, save_model
+from onnxqf.calib import calibrate
+from onnxqf.graph import edit
+from onnxqf.maths import qmath
+from onnxqf.calib.data import load_tokenizer, load_tokens, token_windows, windows
+from onnxqf.analysis.evaluate import compare
+from onnxqf.maths.gptq import gptq_quantize
+from onnxqf.graph.modelfile import load_model, save_model
 from onnxqf.passes.quantize import QuantizeMatMulsPass, per_token_codes
 from onnxqf.passes.quantize_nbits import QuantizeNBitsPass
 from onnxqf.pipeline import RewriteOptions, rewrite

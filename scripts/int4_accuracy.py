@@ -39,9 +39,9 @@ from pathlib import Path
 
 import numpy as np
 
-from onnxqf.data import load_tokenizer, token_windows, windows
-from onnxqf.evaluate import compare
-from onnxqf.modelfile import load_model, save_model
+from onnxqf.calib.data import load_tokenizer, token_windows, windows
+from onnxqf.analysis.evaluate import compare
+from onnxqf.graph.modelfile import load_model, save_model
 
 PROMPTS = [
     "The capital of France is",
@@ -161,7 +161,7 @@ def hessians_for(path: Path, calib: np.ndarray, work: Path, tag: str) -> dict[st
     if cache.is_file():
         with np.load(cache) as z:
             return {k: z[k] for k in z.files}
-    from onnxqf import calibrate
+    from onnxqf.calib import calibrate
     from onnxqf.recognize import recognize
 
     model = load_model(path)
@@ -216,8 +216,8 @@ def make_pipeline(name: str, src: Path, work: Path, calib: np.ndarray) -> tuple[
 
 
 def greedy(path: Path, prompts_ids: list[list[int]], eos: int | None) -> list[list[int]]:
-    from onnxqf.genai import logits_function, model_file
-    from onnxqf.runtime import make_session
+    from onnxqf.genai.folder import logits_function, model_file
+    from onnxqf.runtime.session import make_session
 
     graph = model_file(path)
     f = logits_function(make_session(graph), graph)
@@ -243,7 +243,7 @@ def agreement(gen: list[list[int]], ref: list[list[int]]) -> dict:
 def model_nodes(path: Path) -> dict:
     import onnx
 
-    from onnxqf.genai import model_file
+    from onnxqf.genai.folder import model_file
 
     m = onnx.load(str(model_file(path)), load_external_data=False)
     counts: dict[str, int] = {}

@@ -32,8 +32,10 @@ def main() -> None:
     ap.add_argument("--arena", action="store_true", help="keep ONNX Runtime's CPU memory arena (the old default)")
     args = ap.parse_args()
 
-    from onnxqf import layerwise, runtime, store
-    from onnxqf.modelfile import load_model
+    from onnxqf.calib import layerwise
+    from onnxqf.runtime import session as runtime
+    from onnxqf.graph import store
+    from onnxqf.graph.modelfile import load_model
     from onnxqf.recognize import recognize
 
     if args.arena:  # what LayerRunner asks for (arena=False), overridden

@@ -18,11 +18,11 @@ from pathlib import Path
 
 import numpy as np
 
-from onnxqf.calibrate import capture, site_values
-from onnxqf.data import token_windows
-from onnxqf.evaluate import compare
+from onnxqf.calib.calibrate import capture, site_values
+from onnxqf.calib.data import token_windows
+from onnxqf.analysis.evaluate import compare
 from onnxqf.recognize import recognize
-from onnxqf.modelfile import load_model
+from onnxqf.graph.modelfile import load_model
 from onnxqf.passes.fold_norms import FoldNormsPass
 
 

@@ -60,12 +60,12 @@ def ids_file(tiny_dir, text_ids) -> Path:
 
 
 def run_logits(path, ids: np.ndarray) -> np.ndarray:
-    from onnxqf.runtime import logits, make_session
+    from onnxqf.runtime.session import logits, make_session
 
     return logits(make_session(path), ids)
 
 
 def kl_per_token(ref: np.ndarray, new: np.ndarray) -> float:
-    from onnxqf.metrics import kl_divergence
+    from onnxqf.maths.metrics import kl_divergence
 
     return kl_divergence(ref, new)

@@ -17,7 +17,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxqf.bench import BenchOptions, describe, format_table, parse_past, run_bench
+from onnxqf.runtime.bench import BenchOptions, describe, format_table, parse_past, run_bench
 from onnxqf.cli import main
 from onnxqf.errors import OnnxqfError
 
@@ -142,8 +142,8 @@ def test_kv_decode_loop_feeds_presents(tmp_path):
 def test_fixed_buffer_decode_step(tmp_path):
     """The CUDA-graph decode step binds every output to a fixed buffer of the step's shape (run here on the CPU,
     without a graph): a graph whose present is not past + 1 long is refused, and --cuda-graph needs CUDA."""
-    from onnxqf.bench import measure_decode_step_graph
-    from onnxqf.runtime import make_session
+    from onnxqf.runtime.bench import measure_decode_step_graph
+    from onnxqf.runtime.session import make_session
 
     kv = kv_graph(tmp_path / "kv.onnx")
     io = describe(kv)
@@ -287,7 +287,7 @@ def test_gpu_bench_sections_a_b_c2(gpu_bench, tmp_path, capsys):
     assert len(shares) == 2 and all(0 < s["rot_full_hybrid_share_of_fp16_linears"] < 1 for s in shares)
     rows = {r["variant"]: r for r in data["c2_decoder"]}
     assert set(rows) == {d.name for d in gpu_bench.C2_VARIANTS}
-    assert data["c2_meta"]["method"].startswith("onnxqf.bench")
+    assert data["c2_meta"]["method"].startswith("onnxqf.runtime.bench")
     for name, r in rows.items():
         assert "error" not in r and r["prefill_ms"]["median"] > 0, r
         if r["layers"]:
@@ -320,11 +320,11 @@ def test_gpu_bench_graphs_run(gpu_bench, tmp_path):
 
 
 def test_gpu_bench_rotation_matches_onnxqf(gpu_bench):
-    """The benchmarked rotation is x @ kron(F_1, ..., F_r), node for node what onnxqf.edit.rotate_value_online emits."""
+    """The benchmarked rotation is x @ kron(F_1, ..., F_r), node for node what onnxqf.graph.edit.rotate_value_online emits."""
     import onnx_ir as ir
     import onnxruntime as ort
 
-    from onnxqf import edit
+    from onnxqf.graph import edit
 
     sizes = [12, 4, 2]
     factors = gpu_bench.random_factors(sizes, 0)
@@ -380,7 +380,7 @@ def nbits_graph(path: Path, specs: list[dict]) -> Path:
 
 
 def test_fpa_intb_rules():
-    from onnxqf.placement import fpa_intb_blocker
+    from onnxqf.runtime.placement import fpa_intb_blocker
 
     ok = dict(bits=4, block_size=32, K=4096, N=11008, float_type="float16", zero_points=False, g_idx=False, bias=False)
     assert fpa_intb_blocker(**ok) is None
@@ -393,7 +393,7 @@ def test_fpa_intb_rules():
 
 
 def test_nbits_kernels_report(tmp_path):
-    from onnxqf.placement import format_nbits_kernels, nbits_kernels
+    from onnxqf.runtime.placement import format_nbits_kernels, nbits_kernels
 
     path = nbits_graph(tmp_path / "m.onnx", [{}, {"bits": 8}, {"block": 64}, {"zp": True}, {"N": 96},
                                             {"float": np.float32}])
@@ -407,9 +407,9 @@ def test_nbits_kernels_report(tmp_path):
 
 
 def test_nbits_kernel_runs_and_env(tmp_path, monkeypatch, capsys):
-    from onnxqf.bench import _runs
-    from onnxqf.placement import FPA_INTB_ENV
-    from onnxqf.runtime import nbits_kernel_env
+    from onnxqf.runtime.bench import _runs
+    from onnxqf.runtime.placement import FPA_INTB_ENV
+    from onnxqf.runtime.session import nbits_kernel_env
 
     fp16 = describe(plain_graph(tmp_path / "p.onnx"))
     fast = describe(nbits_graph(tmp_path / "q.onnx", [{}]))

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from conftest import run_logits
-from onnxqf.modelfile import load_model, save_model
+from onnxqf.graph.modelfile import load_model, save_model
 from onnxqf.passes.quantize import QuantizeMatMulsPass
 from onnxqf.recognize import recognize
 

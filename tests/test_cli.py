@@ -163,7 +163,7 @@ def test_eval_rejects_out_of_vocab_ids(tiny_models, tmp_path):
 
 
 def test_placement_baseline_counts_only_added_nodes():
-    from onnxqf.placement import compare_to_baseline, format_placement
+    from onnxqf.runtime.placement import compare_to_baseline, format_placement
 
     def result(off, memcpy=()):
         return {"provider": "CUDAExecutionProvider", "onnxruntime": "x", "nodes": {}, "off_provider_ops": off,

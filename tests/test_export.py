@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from onnxqf.recognize import recognize
-from onnxqf.modelfile import get_metadata, load_model
+from onnxqf.graph.modelfile import get_metadata, load_model
 
 
 def run_cli(*args):

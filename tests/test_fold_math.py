@@ -2,8 +2,8 @@
 
 import numpy as np
 
-from onnxqf import fold
-from onnxqf.hadamard import rotation
+from onnxqf.maths import fold
+from onnxqf.maths.hadamard import rotation
 
 
 def dense_kron(factors):

@@ -20,7 +20,7 @@ og = pytest.importorskip("onnxruntime_genai")
 
 from onnxqf.cli import main  # noqa: E402
 from onnxqf.errors import GenaiFolderError, OnnxqfError  # noqa: E402
-from onnxqf.genai import generate, read_genai  # noqa: E402
+from onnxqf.genai.folder import generate, read_genai  # noqa: E402
 from tiny import save_byte_tokenizer  # noqa: E402
 
 PROMPT = [17, 42, 301, 5, 77, 250, 9, 128, 64, 3, 400, 11]
@@ -45,7 +45,7 @@ def built(tmp_path_factory):
 
 
 def greedy_plain(path: Path, prompt: list[int], n: int) -> list[int]:
-    from onnxqf.runtime import logits, make_session
+    from onnxqf.runtime.session import logits, make_session
 
     session = make_session(path)
     ids = list(prompt)
@@ -75,7 +75,7 @@ def test_genai_greedy_equals_plain_export(built):
 
 def test_eval_genai_against_plain(built, tmp_path, capsys):
     _, gen, plain = built
-    from onnxqf.evaluate import compare
+    from onnxqf.analysis.evaluate import compare
 
     wins = np.random.default_rng(0).integers(1, 512, (2, 48))
     r = compare(plain, gen, wins, progress=False, max_abs=True)
@@ -195,7 +195,7 @@ def test_missing_onnxruntime_genai(monkeypatch, tmp_path):
     import importlib.util
     import sys
 
-    from onnxqf.genai import require_og
+    from onnxqf.genai.folder import require_og
     from onnxqf.models.genai_export import require_builder
 
     real = importlib.util.find_spec
@@ -211,10 +211,10 @@ def test_missing_onnxruntime_genai(monkeypatch, tmp_path):
 
 
 def test_recognize_builder_graph(built):
-    from onnxqf.edit import set_weight_matrix
-    from onnxqf.modelfile import load_model
+    from onnxqf.graph.edit import set_weight_matrix
+    from onnxqf.graph.modelfile import load_model
     from onnxqf.recognize import recognize
-    from onnxqf.recognize_genai import recognize_genai
+    from onnxqf.recognize.genai import recognize_genai
 
     _, gen, plain = built
     g, p = recognize_genai(load_model(gen / "model.onnx")), recognize(load_model(plain))
@@ -277,7 +277,7 @@ def _ops(path: Path) -> dict[str, int]:
 
 
 def _report(path: Path) -> dict:
-    from onnxqf.modelfile import get_metadata, load_model
+    from onnxqf.graph.modelfile import get_metadata, load_model
 
     return json.loads(get_metadata(load_model(path), "rewrite"))
 
@@ -291,8 +291,8 @@ def _calib_ids(tmp_path: Path) -> Path:
 @pytest.mark.parametrize("name", ["llama-gqa", "llama-tied", "qwen2-bias"])
 def test_rewrite_rotate_genai_float_exact(folders, name, tmp_path, capsys):
     """--rotate --quant none on a model builder folder: a complete folder, float-exact, same greedy tokens."""
-    from onnxqf.evaluate import compare
-    from onnxqf.modelfile import load_model
+    from onnxqf.analysis.evaluate import compare
+    from onnxqf.graph.modelfile import load_model
     from onnxqf.recognize import recognize
 
     gen = folders(name)
@@ -331,7 +331,7 @@ def test_rewrite_genai_default_output(folders, tmp_path, capsys):
 def test_rewrite_genai_quantizes_packed_qkv_once(folders, quant, op, per_layer, tmp_path, capsys):
     """The packed q/k/v MatMul is quantized once, GPTQ-rounded with X^T X captured through the genai
     graph; the folder loads and generates in onnxruntime-genai."""
-    from onnxqf.evaluate import compare
+    from onnxqf.analysis.evaluate import compare
 
     gen = folders("llama-tied")
     out = tmp_path / quant
@@ -352,7 +352,7 @@ def test_rewrite_genai_quantizes_packed_qkv_once(folders, quant, op, per_layer, 
 
 def test_rewrite_genai_hybrid(folders, tmp_path, capsys):
     """--hybrid calibrates through the genai graph: float-exact with --quant none, and W8A8 generates."""
-    from onnxqf.evaluate import compare
+    from onnxqf.analysis.evaluate import compare
 
     gen = folders("qwen2-bias")
     calib = ["--calib", str(_calib_ids(tmp_path)), "--calib-windows", "2", "--calib-seq", "64", "--alpha", "0.5"]
@@ -370,8 +370,8 @@ def test_rewrite_genai_hybrid(folders, tmp_path, capsys):
 
 def test_capture_through_genai_graph(built):
     """Calibration feeds a genai graph an empty past and a mask: its activations equal the plain graph's."""
-    from onnxqf import calibrate
-    from onnxqf.modelfile import load_model
+    from onnxqf.calib import calibrate
+    from onnxqf.graph.modelfile import load_model
     from onnxqf.recognize import recognize
 
     _, gen, plain = built

@@ -2,8 +2,8 @@
 
 import numpy as np
 
-from onnxqf import qmath
-from onnxqf.gptq import HessianAccumulator, gptq_quantize
+from onnxqf.maths import qmath
+from onnxqf.maths.gptq import HessianAccumulator, gptq_quantize
 
 
 def output_error(X, B, q, scale):
@@ -53,7 +53,7 @@ def _problem(n=96, out=40, seed=3):
 
 def test_two_level_lazy_updates_equal_one_level():
     """The outer lazy level (one product per outer block) only reorders the same sums."""
-    from onnxqf.gptq import gptq_round, prepare
+    from onnxqf.maths.gptq import gptq_round, prepare
 
     B, H = _problem()
     scale = qmath.quantize_weight_per_channel(B, bits=4)[1]
@@ -69,7 +69,7 @@ def test_two_level_lazy_updates_equal_one_level():
 
 def test_float32_factor_above_the_float64_limit(monkeypatch):
     """Above FLOAT64_MAX_CHANNELS the factor is float32 (PyTorch, in place) and U^T U is the damped H^-1."""
-    from onnxqf import gptq
+    from onnxqf.maths import gptq
 
     B, H = _problem()
     monkeypatch.setattr(gptq, "FLOAT64_MAX_CHANNELS", 32)
@@ -91,7 +91,7 @@ def test_float32_factor_above_the_float64_limit(monkeypatch):
 
 
 def test_float32_failure_falls_back_to_float64_from_a_second_copy(monkeypatch):
-    from onnxqf import gptq
+    from onnxqf.maths import gptq
 
     B, H = _problem()
     monkeypatch.setattr(gptq, "FLOAT64_MAX_CHANNELS", 32)

@@ -7,7 +7,7 @@ import pytest
 from conftest import kl_per_token, run_logits
 from onnxqf.errors import UnsupportedGraphError
 from onnxqf.recognize import recognize
-from onnxqf.modelfile import load_model, save_model
+from onnxqf.graph.modelfile import load_model, save_model
 from onnxqf.pipeline import RewriteOptions, rewrite
 
 

@@ -1,4 +1,4 @@
-"""Tests for onnxqf.hadamard (pure numpy)."""
+"""Tests for onnxqf.maths.hadamard (pure numpy)."""
 
 from __future__ import annotations
 
@@ -6,10 +6,10 @@ import math
 
 import numpy as np
 
-from onnxqf.fold import kron_apply
+from onnxqf.maths.fold import kron_apply
 import pytest
 
-from onnxqf.hadamard import (
+from onnxqf.maths.hadamard import (
     NoHadamardError,
     Rotation,
     hadamard_factors,
@@ -59,7 +59,7 @@ def test_paley2(q):
 
 @pytest.mark.parametrize("q", [3, 5, 9, 25, 27, 49, 81, 121, 125, 343])
 def test_jacobsthal_prime_powers(q):
-    from onnxqf.hadamard import _jacobsthal
+    from onnxqf.maths.hadamard import _jacobsthal
 
     j = _jacobsthal(q)
     np.testing.assert_array_equal(np.diag(j), 0.0)
@@ -264,8 +264,8 @@ def test_online_rotation_nodes_match_kron(pattern, max_group, n_transposes):
     import onnx_ir as ir
     import onnxruntime as ort
 
-    from onnxqf.edit import rotate_value_online
-    from onnxqf.hadamard import online_groups
+    from onnxqf.graph.edit import rotate_value_online
+    from onnxqf.maths.hadamard import online_groups
 
     rng = np.random.default_rng(0)
     sizes = [abs(p) if p is not None else 5 for p in pattern]

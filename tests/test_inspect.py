@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from onnxqf.errors import OnnxqfError
-from onnxqf.inspection import (
+from onnxqf.analysis.inspection import (
     SITES,
     TRANSFORMS,
     SiteAccumulator,
@@ -19,8 +19,8 @@ from onnxqf.inspection import (
     site_metrics,
     transform_pair,
 )
-from onnxqf.metrics import channel_magnitudes, difficulty, layer_error
-from onnxqf.smoothing import site_scales
+from onnxqf.maths.metrics import channel_magnitudes, difficulty, layer_error
+from onnxqf.maths.smoothing import site_scales
 
 H2 = np.array([[1.0, 1.0], [1.0, -1.0]]) / math.sqrt(2.0)
 
@@ -129,7 +129,7 @@ def test_streaming_equals_one_chunk_and_matches_layer_error():
     X[:, 3] *= 30.0
     B = rng.standard_normal((8, 5))
     s = site_scales(np.abs(X).max(axis=0), B, 0.5)
-    from onnxqf.hadamard import rotation
+    from onnxqf.maths.hadamard import rotation
 
     Q = rotation(8, np.random.default_rng(0)).matrix()
     whole = site_metrics(X, B, s, Q)
@@ -231,7 +231,7 @@ def test_inspect_json(inspected):
 def test_inspect_table_and_replace(inspect_model, tmp_path, capsys):
     from onnxqf.cli import main
 
-    from onnxqf.modelfile import load_model, save_model
+    from onnxqf.graph.modelfile import load_model, save_model
 
     model, ids = inspect_model
     # a model file named model.onnx (its data file has the name of capture's temporary copy)

@@ -8,7 +8,7 @@ import onnx_ir as ir
 import pytest
 
 from onnxqf.errors import BadModelFileError
-from onnxqf.modelfile import load_model, save_model
+from onnxqf.graph.modelfile import load_model, save_model
 
 
 def gather_model(rows: int, cols: int = 8) -> ir.Model:

@@ -3,8 +3,8 @@
 import numpy as np
 
 from onnxqf.recognize import recognize
-from onnxqf.modelfile import load_model, save_model
-from onnxqf.runtime import saved
+from onnxqf.graph.modelfile import load_model, save_model
+from onnxqf.runtime.session import saved
 
 
 def test_saving_does_not_repoint_weights(tiny_models, tmp_path):

@@ -4,8 +4,10 @@ GPTQ feeds each layer the outputs of the layers before it with their weights rou
 import numpy as np
 import pytest
 
-from onnxqf import calibrate, edit, layerwise
-from onnxqf.modelfile import load_model
+from onnxqf.calib import calibrate
+from onnxqf.graph import edit
+from onnxqf.calib import layerwise
+from onnxqf.graph.modelfile import load_model
 from onnxqf.passes.quantize import QuantizeMatMulsPass
 from onnxqf.passes.quantize_nbits import QuantizeNBitsPass
 from onnxqf.pipeline import RewriteOptions, rewrite

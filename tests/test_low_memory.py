@@ -1,15 +1,16 @@
-"""Bounded-memory rewriting (onnxqf.store, layer-by-layer calibration, lazy Hessians): the same model
+"""Bounded-memory rewriting (onnxqf.graph.store, layer-by-layer calibration, lazy Hessians): the same model
 as the in-memory rewrite, with the rewritten weights on disk until the save and nothing left after."""
 
 import numpy as np
 import onnx_ir as ir
 import pytest
 
-from onnxqf import layerwise, store
-from onnxqf.modelfile import load_model, save_model
+from onnxqf.calib import layerwise
+from onnxqf.graph import store
+from onnxqf.graph.modelfile import load_model, save_model
 from onnxqf.pipeline import RewriteOptions, low_memory, rewrite
 from onnxqf.recognize import recognize
-from onnxqf.runtime import make_session
+from onnxqf.runtime.session import make_session
 
 
 def _logits(path, ids):

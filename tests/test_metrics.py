@@ -1,4 +1,4 @@
-"""Tests for onnxqf.metrics."""
+"""Tests for onnxqf.maths.metrics."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ import tracemalloc
 import numpy as np
 import pytest
 
-from onnxqf import metrics, qmath
+from onnxqf.maths import metrics
+from onnxqf.maths import qmath
 
 
 # ----------------------------------------------------------------- magnitudes / difficulty

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from conftest import kl_per_token, run_logits
-from onnxqf import nbits
+from onnxqf.maths import nbits
 
 
 def hand_dequant(B_packed, scales, zero_points, K, N, bits, block_size):
@@ -223,7 +223,7 @@ def test_gptq_blockwise_options_and_odd_k():
 def _rewrite(path, tmp_path, **kw):
     import onnx
 
-    from onnxqf.modelfile import load_model, save_model
+    from onnxqf.graph.modelfile import load_model, save_model
     from onnxqf.passes.quantize_nbits import QuantizeNBitsPass
 
     model = load_model(path)
@@ -251,8 +251,8 @@ def test_pass_int4_close_to_float(tiny_models, text_ids, tmp_path, name):
 
 
 def test_pass_int8_gptq_lm_head_keep_float(tiny_models, text_ids, tmp_path):
-    from onnxqf import calibrate
-    from onnxqf.modelfile import load_model
+    from onnxqf.calib import calibrate
+    from onnxqf.graph.modelfile import load_model
     from onnxqf.recognize import recognize
 
     path = tiny_models["llama-tied"]

@@ -3,16 +3,16 @@
 import numpy as np
 import pytest
 
-from onnxqf import calibrate
-from onnxqf.data import load_tokens, windows
+from onnxqf.calib import calibrate
+from onnxqf.calib.data import load_tokens, windows
 from onnxqf.errors import OnnxqfError
-from onnxqf.metrics import layer_error
-from onnxqf.modelfile import load_model
+from onnxqf.maths.metrics import layer_error
+from onnxqf.graph.modelfile import load_model
 from onnxqf.pipeline import RewriteOptions, rewrite
 from onnxqf.plan import PRESETS, Plan
 from onnxqf.recognize import recognize
-from onnxqf.smoothing import relative_error
-from onnxqf.structure import SITE_KINDS
+from onnxqf.maths.smoothing import relative_error
+from onnxqf.graph.structure import SITE_KINDS
 
 
 class ByteTokenizer:
@@ -75,8 +75,8 @@ def test_alpha_search_prediction_equals_written_graph(tiny_models, name):
 def test_fast_alpha_scorer_matches_the_exact_error(monkeypatch):
     """The α search's float32 scorer with Kronecker rotations equals the float64 dense definition; on a
     subset of columns (forced here by a small budget) it estimates it."""
-    from onnxqf import smoothing
-    from onnxqf.structure import ModelConfig
+    from onnxqf.maths import smoothing
+    from onnxqf.graph.structure import ModelConfig
 
     cfg = ModelConfig(hidden=48, num_heads=3, num_kv_heads=1, head_dim=16, intermediate=80, vocab=10)
     plan = Plan.build(cfg, "hybrid", seed=3)
@@ -107,7 +107,8 @@ def test_scored_weights_read_in_slices_equal_the_whole_weight(tiny_models, monke
     """The α search reads its readers' weights a column slice at a time (bounded memory); the scored
     columns and row maxima equal those of the whole weight with the plan's output folds (v_proj's head
     rotation and up_proj's down-rotation signs act on slices too)."""
-    from onnxqf import edit, smoothing
+    from onnxqf.graph import edit
+    from onnxqf.maths import smoothing
     from onnxqf.passes.smooth import SmoothPass
 
     model = load_model(tiny_models["llama-gqa"])

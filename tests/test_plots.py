@@ -1,4 +1,4 @@
-"""Tests for onnxqf.plots: files are written atomically and are valid, non-empty PNGs."""
+"""Tests for onnxqf.analysis.plots: files are written atomically and are valid, non-empty PNGs."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from onnxqf import plots
+from onnxqf.analysis import plots
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -1,11 +1,11 @@
-"""Tests for onnxqf.qmath (hand-computed examples + properties)."""
+"""Tests for onnxqf.maths.qmath (hand-computed examples + properties)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from onnxqf import qmath
+from onnxqf.maths import qmath
 
 
 # ----------------------------------------------------------------- per-channel weights

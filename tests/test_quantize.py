@@ -7,9 +7,9 @@ import onnx
 import pytest
 
 from conftest import kl_per_token, run_logits
-from onnxqf.modelfile import load_model, save_model
+from onnxqf.graph.modelfile import load_model, save_model
 from onnxqf.pipeline import RewriteOptions, rewrite
-from onnxqf.placement import static_issues
+from onnxqf.runtime.placement import static_issues
 
 
 def ops(model):

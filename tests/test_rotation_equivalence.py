@@ -6,7 +6,7 @@ import pytest
 
 from conftest import TINY_NAMES, kl_per_token, run_logits
 from onnxqf.recognize import recognize
-from onnxqf.modelfile import load_model, save_model
+from onnxqf.graph.modelfile import load_model, save_model
 from onnxqf.passes.fold_norms import FoldNormsPass
 from onnxqf.passes.online_hadamard import DownProjHadamardPass
 from onnxqf.passes.rotate_norm_outputs import NormOutputHadamardPass
@@ -73,7 +73,7 @@ def test_rotate_preset_changes_weights_and_keeps_function(tiny_models, text_ids,
 
 def test_rotation_reduces_activation_outliers(tiny_models, text_ids):
     """Max |x| at the down_proj input drops once the online Hadamard mixes the channels."""
-    from onnxqf.calibrate import capture, site_values
+    from onnxqf.calib.calibrate import capture, site_values
 
     wins = windows(text_ids, 1, 128)
     def maxima(model):
@@ -132,7 +132,7 @@ def test_rotate_offline_adds_no_node_and_is_exact(tiny_models, text_ids, tmp_pat
     """--rotate offline: residual and per-head value rotations folded, no node added, float function kept."""
     import collections
 
-    from onnxqf.modelfile import load_model, save_model
+    from onnxqf.graph.modelfile import load_model, save_model
     from onnxqf.pipeline import RewriteOptions, rewrite
 
     src = tiny_models[name]

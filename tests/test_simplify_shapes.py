@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from conftest import run_logits
-from onnxqf.modelfile import load_model, save_model
+from onnxqf.graph.modelfile import load_model, save_model
 from onnxqf.passes.simplify_shapes import SimplifyShapesPass, expand_constant, reshape_constant
 
 SHAPE_INPUTS = {"Reshape": [1], "Expand": [1], "Slice": [1, 2, 3, 4], "Range": [0, 1, 2], "ConstantOfShape": [0], "Tile": [1]}

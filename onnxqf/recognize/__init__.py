@@ -19,8 +19,8 @@ from collections import deque
 import onnx_ir as ir
 
 from onnxqf.errors import UnsupportedGraphError
-from onnxqf.modelfile import get_metadata
-from onnxqf.structure import ONLINE_ROTATION, Layer, Linear, ModelConfig, Norm, Structure, const_array, is_initializer
+from onnxqf.graph.modelfile import get_metadata
+from onnxqf.graph.structure import ONLINE_ROTATION, Layer, Linear, ModelConfig, Norm, Structure, const_array, is_initializer
 
 # Ops that only move data or change dtype: the recognizer looks through them.
 PASS_THROUGH = {"Cast", "Identity", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Expand"}
@@ -295,9 +295,9 @@ def recognize(model: ir.Model) -> Structure:
     """Match the decoder structure of ``model`` or raise UnsupportedGraphError.
 
     Graphs of onnxruntime-genai's model builder (fused norms, packed q/k/v, GroupQueryAttention)
-    are matched by :func:`onnxqf.recognize_genai.recognize_genai`.
+    are matched by :func:`onnxqf.recognize.genai.recognize_genai`.
     """
-    from onnxqf.recognize_genai import is_builder_graph, recognize_genai
+    from onnxqf.recognize.genai import is_builder_graph, recognize_genai
 
     structure = recognize_genai(model) if is_builder_graph(model) else _recognize_plain(model)
     check_consistent(structure)

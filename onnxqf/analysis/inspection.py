@@ -16,8 +16,8 @@ smooth+rotate   ``(X / s) Q``          ``Q^T diag(s) B``
 ==============  =====================  ========================
 
 ``s`` are SmoothQuant scales from the per-channel ``max|X|`` over all windows
-(:func:`onnxqf.smoothing.site_scales`, grouped per KV head for ``o_in``) and ``Q`` a randomized
-Hadamard rotation of the site's width (:func:`onnxqf.hadamard.rotation`). ``X' B' = X B`` in every
+(:func:`onnxqf.maths.smoothing.site_scales`, grouped per KV head for ``o_in``) and ``Q`` a randomized
+Hadamard rotation of the site's width (:func:`onnxqf.maths.hadamard.rotation`). ``X' B' = X B`` in every
 case; what changes is how well ``X'`` and ``B'`` quantize. Per (layer, site, transform) it reports
 the activation difficulty (std of the channel L2 norms), the weight difficulty (std of the row L2
 norms of ``B'``), ``max|X'|`` and the layer error ``||X B - Q(X') Q(B')||_F^2`` at 8 and 4 bits
@@ -45,10 +45,10 @@ from pathlib import Path
 import numpy as np
 
 from onnxqf.errors import OnnxqfError
-from onnxqf.fold import smooth_rotate
-from onnxqf.metrics import ChannelStats, difficulty, layer_error, weight_channel_magnitudes
-from onnxqf.structure import SITE_KINDS as SITES
-from onnxqf.structure import SITE_TITLES
+from onnxqf.maths.fold import smooth_rotate
+from onnxqf.maths.metrics import ChannelStats, difficulty, layer_error, weight_channel_magnitudes
+from onnxqf.graph.structure import SITE_KINDS as SITES
+from onnxqf.graph.structure import SITE_TITLES
 TRANSFORMS = ("original", "smooth", "rotate", "smooth+rotate")
 BITS = (8, 4)
 HEATMAP_TOKENS = 256
@@ -104,7 +104,7 @@ def parse_layers(spec: str | None, n: int) -> list[int]:
 
 def transform_pair(X: np.ndarray | None, B: np.ndarray | None, s: np.ndarray | None, Q: np.ndarray | None,
                    kind: str) -> tuple[np.ndarray | None, np.ndarray | None]:
-    """``(X', B')`` of one transform kind (see the module docstring): :func:`onnxqf.fold.smooth_rotate`."""
+    """``(X', B')`` of one transform kind (see the module docstring): :func:`onnxqf.maths.fold.smooth_rotate`."""
     if kind not in TRANSFORMS:
         raise ValueError(f"unknown transform '{kind}' (expected one of {', '.join(TRANSFORMS)})")
     smooths, rotates = kind in ("smooth", "smooth+rotate"), kind in ("rotate", "smooth+rotate")
@@ -117,7 +117,7 @@ class SiteAccumulator:
 
     ``update(X, B)`` takes one chunk of activations and the site's (untransformed) weight; the
     weight is not kept between chunks, so many sites can be accumulated at once. Errors add up
-    :func:`onnxqf.metrics.layer_error` per chunk, so the totals and ``value / reference`` are those
+    :func:`onnxqf.maths.metrics.layer_error` per chunk, so the totals and ``value / reference`` are those
     of the whole stream.
     """
 
@@ -268,13 +268,13 @@ def _json_safe(x):
 def run_inspect(model_path: str | os.PathLike, source: str, out: str | os.PathLike | None = None,
                 opts: InspectOptions | None = None, tokenizer_dir: str | None = None) -> dict:
     """Compute everything, write ``out`` atomically; returns the JSON-able result."""
-    from onnxqf import calibrate
-    from onnxqf.data import token_windows
+    from onnxqf.calib import calibrate
+    from onnxqf.calib.data import token_windows
     from onnxqf.recognize import recognize
-    from onnxqf.hadamard import rotation
-    from onnxqf.modelfile import load_model
+    from onnxqf.maths.hadamard import rotation
+    from onnxqf.graph.modelfile import load_model
     from onnxqf.passes.fold_norms import FoldNormsPass
-    from onnxqf.smoothing import site_scales
+    from onnxqf.maths.smoothing import site_scales
 
     opts = opts or InspectOptions()
     if isinstance(opts.alpha, str) or not 0.0 <= opts.alpha <= 1.0:
@@ -368,7 +368,7 @@ def _layers_text(layers: list[int]) -> str:
 
 def _write_outputs(d: Path, rows: list[dict], result: dict, layers: list[int], heat: dict,
                    heat_layer: int, accs: dict) -> None:
-    from onnxqf.plots import plot_channel_heatmap, plot_metric_vs_layer
+    from onnxqf.analysis.plots import plot_channel_heatmap, plot_metric_vs_layer
 
     with open(d / "metrics.csv", "w", newline="", encoding="utf-8") as f:
         wr = csv.writer(f)

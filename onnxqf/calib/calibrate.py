@@ -2,7 +2,7 @@
 
 The graph gets extra outputs for the requested values (the inputs of weight MatMuls), ONNX Runtime
 runs it window by window (an onnxruntime-genai KV-cache graph with an empty past and a mask of
-ones: :func:`onnxqf.genai.feed_function`), and each window's activations are handed to the caller
+ones: :func:`onnxqf.genai.folder.feed_function`), and each window's activations are handed to the caller
 and dropped: memory depends on the window, not on how many windows are run.
 """
 
@@ -14,11 +14,11 @@ import numpy as np
 import onnx_ir as ir
 from tqdm.auto import tqdm
 
-from onnxqf.genai import feed_function, is_kv_session
-from onnxqf.structure import SITE_KINDS, Structure
-from onnxqf.metrics import ChannelStats
-from onnxqf.runtime import make_session, saved
-from onnxqf.store import park, unpark
+from onnxqf.genai.folder import feed_function, is_kv_session
+from onnxqf.graph.structure import SITE_KINDS, Structure
+from onnxqf.maths.metrics import ChannelStats
+from onnxqf.runtime.session import make_session, saved
+from onnxqf.graph.store import park, unpark
 
 
 def _kv_shape(model: ir.Model) -> tuple[int, int]:
@@ -63,7 +63,7 @@ def capture(model: ir.Model, values: dict[str, ir.Value], windows: np.ndarray, *
 
 class SiteStats:
     """Per-channel statistics of one activation site plus a bounded random sample of its tokens
-    (``sample [<= max_sample, channels]``; kept on disk while a store is active: onnxqf.store.park)."""
+    (``sample [<= max_sample, channels]``; kept on disk while a store is active: onnxqf.graph.store.park)."""
 
     def __init__(self, stats: ChannelStats, sample: np.ndarray):
         self.stats = stats
@@ -78,7 +78,7 @@ def collect(model: ir.Model, values: dict[str, ir.Value], windows: np.ndarray, *
             seed: int = 0, progress: bool = True, ep: str = "cpu", layered: Structure | None = None) -> dict[str, SiteStats]:
     """Channel statistics and a token sample for each value, streaming over windows.
 
-    ``layered``: the model's structure, to run it one layer at a time (:func:`onnxqf.layerwise.capture`:
+    ``layered``: the model's structure, to run it one layer at a time (:func:`onnxqf.calib.layerwise.capture`:
     one layer's weights in ONNX Runtime at a time) instead of in one session. Each site draws its
     sample from its own random stream, so both orders pick the same tokens.
     """
@@ -87,7 +87,7 @@ def collect(model: ir.Model, values: dict[str, ir.Value], windows: np.ndarray, *
     stats: dict[str, ChannelStats] = {name: ChannelStats() for name in values}
     samples: dict[str, list[np.ndarray]] = {name: [] for name in values}
     if layered is not None:
-        from onnxqf import layerwise
+        from onnxqf.calib import layerwise
 
         acts_per_window = layerwise.capture(model, layered, values, windows, progress=progress, ep=ep)
     else:
@@ -110,7 +110,7 @@ def collect_hessians(model: ir.Model, values: dict[str, ir.Value], windows: np.n
     Sites are processed in groups whose Hessians fit in ``max_bytes``, one pass over the windows
     per group, so memory stays bounded for large models.
     """
-    from onnxqf.gptq import HessianAccumulator
+    from onnxqf.maths.gptq import HessianAccumulator
 
     names = list(values)
     groups, current, size = [], [], 0

@@ -25,7 +25,7 @@ Scales are rounded to their storage type (float32 or float16) *before* the codes
 what onnxruntime dequantizes is exactly what the rounding (RTN or GPTQ) aimed at.
 
 Block-wise GPTQ (:func:`gptq_blockwise`) rounds rows of B in K order with
-:func:`onnxqf.gptq.gptq_round`; each block's scales are computed from the *updated* weights when
+:func:`onnxqf.maths.gptq.gptq_round`; each block's scales are computed from the *updated* weights when
 the first row of the block is reached (or, with ``act_order``, from the original weights before
 rounding starts: blocks are fixed groups of K indices while rows are visited out of order).
 """
@@ -36,7 +36,7 @@ import dataclasses
 
 import numpy as np
 
-from onnxqf.gptq import PreparedHessian, gptq_round
+from onnxqf.maths.gptq import PreparedHessian, gptq_round
 
 BITS = (4, 8)
 BLOCK_SIZES = (16, 32, 64, 128, 256)
@@ -270,7 +270,7 @@ def quantize_blockwise(B: np.ndarray, bits: int = 4, block_size: int = 32, *, sy
 
 
 class _BlockwiseRounder:
-    """The row quantizer :func:`onnxqf.gptq.gptq_round` calls, with per-(block, column) scales."""
+    """The row quantizer :func:`onnxqf.maths.gptq.gptq_round` calls, with per-(block, column) scales."""
 
     def __init__(self, B, bits, block_size, symmetric, clip_search, scale_dtype, static, row_weights):
         K, N = B.shape

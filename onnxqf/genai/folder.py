@@ -260,7 +260,7 @@ def write_folder(folder: GenaiFolder, model, out: Path) -> Path:
     import shutil
     import tempfile
 
-    from onnxqf.modelfile import _all_tensors, save_model
+    from onnxqf.graph.modelfile import _all_tensors, save_model
     from onnxqf.models.genai_export import _replace_dir
 
     target = out.parent
@@ -350,7 +350,7 @@ def feed_function(session, path: str | os.PathLike | None = None,
 def logits_function(session, path: str | os.PathLike | None = None) -> Callable[[np.ndarray], np.ndarray]:
     """ids [batch, seq] -> logits, for a plain graph (input_ids -> logits) or a KV-cache graph
     (fed by :func:`feed_function`: an empty past)."""
-    from onnxqf.runtime import logits
+    from onnxqf.runtime.session import logits
 
     if not is_kv_session(session):
         return lambda ids: logits(session, ids)

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from onnxqf.errors import OnnxqfError
-from onnxqf.modelfile import get_metadata
+from onnxqf.graph.modelfile import get_metadata
 
 BUILTIN_CALIB = "builtin"
 

@@ -2,16 +2,16 @@
 
 A rewrite touches every weight of the model several times (fold the norms, rotate, smooth, round).
 Held in memory, the rewritten weights of a 7B model are the whole model. With a :class:`TensorStore`
-active (:func:`spilling`), :func:`onnxqf.edit.write` and :func:`onnxqf.edit.add_initializer` put each
+active (:func:`spilling`), :func:`onnxqf.graph.edit.write` and :func:`onnxqf.graph.edit.add_initializer` put each
 array above a size threshold into a file of its own in a scratch folder and give the initializer an
-``ir.ExternalTensor`` that points at it: nothing of it stays in memory. Reads (:func:`onnxqf.structure.read`)
+``ir.ExternalTensor`` that points at it: nothing of it stays in memory. Reads (:func:`onnxqf.graph.structure.read`)
 copy a tensor out of its memory map and unmap it again (:func:`release`), so the input model's pages
 do not pile up in the process either. A weight rewritten again drops its previous file, so the
 scratch folder holds about one model's worth of data at any time; saving copies the files into the
 output's data file (``copy_file_range``, no user-space buffer).
 
 Peak memory is then what one step needs: one linear's weight in float64 plus what the step computes
-on it, one layer's ONNX Runtime session during calibration (:mod:`onnxqf.layerwise`), and one
+on it, one layer's ONNX Runtime session during calibration (:mod:`onnxqf.calib.layerwise`), and one
 layer's Hessians for GPTQ. docs/benchmarks.md §e has the figures for Llama-2-7B-shaped models.
 """
 
@@ -88,11 +88,11 @@ def spilling(parent: str | os.PathLike | None = None, threshold: int = SPILL_THR
 
     The folder's name starts like an atomic save's partial folder and carries this process's id,
     so a later save into the same folder removes it if this process is killed
-    (:func:`onnxqf.modelfile.remove_stale_partials`). Tensors that still point into the store
+    (:func:`onnxqf.graph.modelfile.remove_stale_partials`). Tensors that still point into the store
     when the block ends must have been saved before: the folder is removed.
     """
     global _active
-    from onnxqf.modelfile import PARTIAL_PREFIX, remove_stale_partials
+    from onnxqf.graph.modelfile import PARTIAL_PREFIX, remove_stale_partials
 
     if parent is not None:
         Path(parent).mkdir(parents=True, exist_ok=True)

@@ -33,9 +33,9 @@ import onnx_ir as ir
 from tqdm.auto import tqdm
 
 from onnxqf.errors import UnsupportedGraphError
-from onnxqf.runtime import make_session, saved
-from onnxqf.store import discard, park, release, trim_heap, unpark
-from onnxqf.structure import Linear, Site, Structure
+from onnxqf.runtime.session import make_session, saved
+from onnxqf.graph.store import discard, park, release, trim_heap, unpark
+from onnxqf.graph.structure import Linear, Site, Structure
 
 logger = logging.getLogger(__name__)
 
@@ -166,7 +166,7 @@ def _copy(shape: ir.Shape | None) -> ir.Shape | None:
 
 
 class _GraphInputs:
-    """What :func:`onnxqf.genai.feed_function` reads of a session, for the full graph's inputs."""
+    """What :func:`onnxqf.genai.folder.feed_function` reads of a session, for the full graph's inputs."""
 
     _TYPES = {ir.DataType.FLOAT: "tensor(float)", ir.DataType.FLOAT16: "tensor(float16)", ir.DataType.INT64: "tensor(int64)",
               ir.DataType.INT32: "tensor(int32)"}
@@ -200,7 +200,7 @@ class LayerRunner:
 
     def __init__(self, model: ir.Model, structure: Structure, windows: np.ndarray,
                  wanted: dict[int, dict[str, ir.Value]] | None = None, *, ep: str = "cpu"):
-        from onnxqf.genai import feed_function
+        from onnxqf.genai.folder import feed_function
 
         self.model, self.structure, self.ep = model, structure, ep
         self.segments = split(model, structure, halves=True)
@@ -284,7 +284,7 @@ def _swap_weights(sub: ir.Model, weights: dict[str, np.ndarray]) -> list[tuple[i
 def capture(model: ir.Model, structure: Structure, values: dict[str, ir.Value], windows: np.ndarray, *,
             desc: str = "calibrating, layer by layer", progress: bool = True,
             ep: str = "cpu") -> Iterator[dict[str, np.ndarray]]:
-    """Like :func:`onnxqf.calibrate.capture`, one layer at a time: yields, per layer and window, the
+    """Like :func:`onnxqf.calib.calibrate.capture`, one layer at a time: yields, per layer and window, the
     activations of ``values`` (keyed by their site names, e.g. ``layers.3.down_in``) in that layer.
 
     Only one layer's weights are in an ONNX Runtime session at a time.
@@ -309,7 +309,7 @@ def layer_hessians(model: ir.Model, structure: Structure, windows: np.ndarray, r
     the next layer is fed by this layer with those weights; None keeps the weights float (the
     Hessians are then those of the float model, one layer at a time).
     """
-    from onnxqf.gptq import HessianAccumulator
+    from onnxqf.maths.gptq import HessianAccumulator
 
     layers = structure.layers
     runner = LayerRunner(model, structure, windows, {layer.index: {s.name: s.value for s in layer.sites()}
@@ -350,7 +350,7 @@ class LazyHessians:
 
     The pass asks for its sites in layer order; asking for a site of layer ``i`` runs the layers up to
     ``i`` (:func:`layer_hessians`) and forgets the Hessians of earlier layers, so at most one layer's
-    Hessians are kept — in files of the active TensorStore when there is one (onnxqf.store), so that
+    Hessians are kept — in files of the active TensorStore when there is one (onnxqf.graph.store), so that
     only the one being used is in memory. ``get`` returns a fresh copy each time (the caller may
     overwrite it: ``hands_out_copies``). Must be made after every pass that changes the float graph
     (the segments are built when it is made).
@@ -390,7 +390,7 @@ class LazyHessians:
 def _put(weights: dict[str, np.ndarray], lin: Linear, B: np.ndarray) -> None:
     """Write B ([in, out] of this linear) into the replacement array of its initializer (by name), in its
     layout and storage dtype."""
-    from onnxqf.edit import weight_layout
+    from onnxqf.graph.edit import weight_layout
 
     name = lin.weight.name
     dtype = lin.weight.const_value.dtype.numpy()

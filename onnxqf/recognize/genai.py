@@ -1,7 +1,7 @@
 """Recognize the graphs of onnxruntime-genai's model builder (float32 / float16 genai folders).
 
 The builder's decoder differs from a plain export in four ways this module maps onto the records of
-:mod:`onnxqf.structure`:
+:mod:`onnxqf.graph.structure`:
 
 * the residual Add is fused into the next norm: ``SkipSimplifiedLayerNormalization(residual,
   sublayer_out, gamma)`` has output 0 = the normed value and output 3 = the residual sum (the next
@@ -15,7 +15,7 @@ The builder's decoder differs from a plain export in four ways this module maps 
 * attention is ``GroupQueryAttention`` (rotary inside, KV cache as graph inputs/outputs);
 * SiLU is ``Sigmoid`` * ``Mul``; lm_head is its own MatMul of a [hidden, vocab] weight; for tied
   checkpoints the builder stores the table once, as that weight, and the embedding Gather reads it
-  through a Transpose (:func:`onnxqf.edit.private_embedding` unties it before a residual rotation).
+  through a Transpose (:func:`onnxqf.graph.edit.private_embedding` unties it before a residual rotation).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import onnx_ir as ir
 
 from onnxqf.errors import UnsupportedGraphError
 from onnxqf.recognize import _classify_gate_up, _find_gather, _readers  # _readers sees through onnxqf's online rotations
-from onnxqf.structure import Layer, Linear, ModelConfig, Norm, Structure, is_initializer
+from onnxqf.graph.structure import Layer, Linear, ModelConfig, Norm, Structure, is_initializer
 
 SKIP_NORM = "SkipSimplifiedLayerNormalization"
 NORM = "SimplifiedLayerNormalization"

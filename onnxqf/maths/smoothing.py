@@ -4,7 +4,7 @@ A site is one activation read by one or more linears: ``x @ [B_1 | ... | B_k]``.
 activation channel j by ``s_j`` and multiplies weight row j by ``s_j``. With ``alpha="auto"`` each
 site gets the alpha from a grid that minimises the layer-wise quantization error
 ``||X B - Q(X') Q(B')||_F^2`` on sampled calibration tokens, where ``(X', B')`` are the smoothed
-and then rotated activation and weight (:func:`onnxqf.fold.smooth_rotate`, with the rotation the
+and then rotated activation and weight (:func:`onnxqf.maths.fold.smooth_rotate`, with the rotation the
 plan will apply): the same per-token int8 activations and per-channel int8 weights that the
 rewritten graph uses. ``alpha = 0`` (s = 1/max|B_j|, weights equalised) and no smoothing (s = 1)
 are always candidates, so auto never does worse than no smoothing on the sample. The search is
@@ -18,8 +18,9 @@ import dataclasses
 
 import numpy as np
 
-from onnxqf import fold, qmath
-from onnxqf.metrics import layer_error
+from onnxqf.maths import fold
+from onnxqf.maths import qmath
+from onnxqf.maths.metrics import layer_error
 
 ALPHA_GRID = (0.0, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
 
@@ -138,7 +139,7 @@ def choose_scales(X: np.ndarray, act_absmax: np.ndarray, B: np.ndarray, alpha: f
                   weight_absmax: np.ndarray | None = None) -> Choice:
     """The smoothing of one site: a fixed alpha, or with "auto" the candidate of lowest measured error.
 
-    ``R``: the rotation that follows (a dense matrix or :class:`onnxqf.fold.KronRotation`), or None.
+    ``R``: the rotation that follows (a dense matrix or :class:`onnxqf.maths.fold.KronRotation`), or None.
     ``weight_absmax``: the row maxima of the whole weight when ``B`` holds only its
     :func:`scored_columns` (so that a large site's weight need not be in memory as a whole).
     """

@@ -72,7 +72,7 @@ def describe(path: str | os.PathLike) -> ModelIO:
     import onnx
     from onnx import helper
 
-    from onnxqf.genai import genai_dir, model_file, read_genai
+    from onnxqf.genai.folder import genai_dir, model_file, read_genai
 
     p = Path(path)
     if p.is_dir() and genai_dir(p) is not None:
@@ -92,7 +92,7 @@ def describe(path: str | os.PathLike) -> ModelIO:
                           "input_ids -> logits")
     if "input_ids" not in inputs:
         raise OnnxqfError(f"{p}: no 'input_ids' input (inputs: {', '.join(inputs) or 'none'})")
-    from onnxqf.placement import nbits_kernels
+    from onnxqf.runtime.placement import nbits_kernels
 
     io = ModelIO(path=str(p))
     io.vocab = _static_dim(outputs["logits"], -1)
@@ -192,7 +192,7 @@ def _stats(values: list[float]) -> dict:
 def measure_prefill(session, io: ModelIO, *, device: str, batch: int, seq: int, warmup: int, repeats: int,
                     seed: int = 0) -> list[float]:
     """Seconds per forward of batch x seq tokens (empty past for KV-cache graphs), ``repeats`` values."""
-    from onnxqf.runtime import ort
+    from onnxqf.runtime.session import ort
 
     rt = ort()
     rng = np.random.default_rng(seed)
@@ -224,7 +224,7 @@ def measure_prefill(session, io: ModelIO, *, device: str, batch: int, seq: int, 
 def measure_decode(session, io: ModelIO, *, device: str, batch: int, past: int, tokens: int, warmup: int,
                    repeats: int, seed: int = 0) -> list[float]:
     """Tokens/s of a KV-cache loop of ``tokens`` steps from a random past of length ``past``, ``repeats`` values."""
-    from onnxqf.runtime import ort
+    from onnxqf.runtime.session import ort
 
     if not io.cache:
         raise OnnxqfError(f"{io.path}: no KV cache to decode with")
@@ -280,7 +280,7 @@ def measure_decode_step_graph(session, io: ModelIO, *, batch: int, past: int, wa
     is ``steps`` replays timed together. (``device="cpu"`` runs the same fixed-buffer loop without a
     graph, for tests.)
     """
-    from onnxqf.runtime import ort
+    from onnxqf.runtime.session import ort
 
     if not io.cache:
         raise OnnxqfError(f"{io.path}: no KV cache to decode with")
@@ -366,7 +366,7 @@ def parse_past(text: str) -> tuple[int, ...]:
 
 def check_provider(ep: str) -> str:
     """The provider's name; ProviderUnavailableError (exit 3, as `onnxqf check`) if this onnxruntime lacks it."""
-    from onnxqf.runtime import EP_NAMES, ort
+    from onnxqf.runtime.session import EP_NAMES, ort
 
     rt = ort()
     provider = EP_NAMES.get(ep)
@@ -382,7 +382,7 @@ def run_bench(models: list[str], opts: BenchOptions, ref: str | None = None) -> 
     """Measure ``ref`` (default: the first model) and every model; speedups are against the reference."""
     from tqdm.auto import tqdm
 
-    from onnxqf.runtime import nbits_kernel_env, ort
+    from onnxqf.runtime.session import nbits_kernel_env, ort
 
     if not models:
         raise OnnxqfError("no model to measure")
@@ -421,7 +421,7 @@ def run_bench(models: list[str], opts: BenchOptions, ref: str | None = None) -> 
 def _bench_one(path, io: ModelIO, name: str, reference: bool, opts: BenchOptions, device: str, pasts: list[int],
                bar) -> dict:
     """One model's row: load, prefill, decode (and CUDA-graph decode steps)."""
-    from onnxqf.runtime import make_session
+    from onnxqf.runtime.session import make_session
 
     bar.set_description(f"{name}: loading")
     session = make_session(io.path, ep=opts.ep)

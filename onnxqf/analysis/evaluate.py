@@ -7,13 +7,13 @@ import json
 import numpy as np
 from tqdm.auto import tqdm
 
-from onnxqf.metrics import LogitComparison
-from onnxqf.runtime import make_session
+from onnxqf.maths.metrics import LogitComparison
+from onnxqf.runtime.session import make_session
 
 
 def compare(orig_path, new_path, wins: np.ndarray, *, ep: str = "cpu", progress: bool = True, max_abs: bool = False) -> dict:
     """KL(P_orig || P_new) per token, perplexity of both, top-1 agreement over all positions."""
-    from onnxqf.genai import logits_function, model_file
+    from onnxqf.genai.folder import logits_function, model_file
 
     orig_path, new_path = model_file(orig_path), model_file(new_path)  # genai folders: their decoder graph
     s_orig = make_session(orig_path, ep=ep)

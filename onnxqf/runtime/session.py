@@ -28,7 +28,7 @@ EP_NAMES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 def session_options(*, strict_ep: bool = False, profile: str | None = None, threads: int | None = None,
                     arena: bool = True):
     """``arena=False``: no CPU memory arena. For short-lived sessions in a long process (one per layer,
-    onnxqf.layerwise): with the arena, ~0.3 GB of a Llama-2-7B-shaped layer's session stays resident
+    onnxqf.calib.layerwise): with the arena, ~0.3 GB of a Llama-2-7B-shaped layer's session stays resident
     after the session is gone; without it the peak is lower too, at the same speed (measured)."""
     rt = ort()
     so = rt.SessionOptions()
@@ -67,7 +67,7 @@ def nbits_kernel_env(fpa_intb: bool) -> Iterator[None]:
     its default ones (``False``), whatever the caller's environment says; the environment is restored after.
     ONNX Runtime reads ``ORT_FPA_INTB_GEMM`` when a session builds its kernels (measured: sessions made one
     after another in one process follow the variable as it was at their creation)."""
-    from onnxqf.placement import FPA_INTB_ENV
+    from onnxqf.runtime.placement import FPA_INTB_ENV
 
     old = os.environ.get(FPA_INTB_ENV)
     if fpa_intb:
@@ -86,7 +86,7 @@ def nbits_kernel_env(fpa_intb: bool) -> Iterator[None]:
 @contextlib.contextmanager
 def saved(model: ir.Model) -> Iterator[Path]:
     """Write an in-memory model to a temporary file (with external data) for ONNX Runtime."""
-    from onnxqf.modelfile import save_model
+    from onnxqf.graph.modelfile import save_model
 
     with tempfile.TemporaryDirectory(prefix="onnxqf-") as tmp:
         path = Path(tmp) / "model.onnx"

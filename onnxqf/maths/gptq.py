@@ -17,12 +17,12 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from onnxqf import qmath
+from onnxqf.maths import qmath
 
 #: Hessians of more input channels than this are accumulated and factored in float32 (as GPTQ's
 #: reference code does for all): Llama-2-7B's down_proj (11008) takes 485 MB instead of 970 MB per
 #: copy, its other sites (4096) 67 MB, which is what lets a 7B layer be calibrated and rounded
-#: within 2.5 GB (onnxqf.store). Smaller ones (every SmolLM2 site) stay float64.
+#: within 2.5 GB (onnxqf.graph.store). Smaller ones (every SmolLM2 site) stay float64.
 FLOAT64_MAX_CHANNELS = 2048
 
 
@@ -45,7 +45,7 @@ def prepare(H: np.ndarray | Callable[[], np.ndarray], damp: float = 0.01, act_or
     """Dampen, invert, order and factor ``H``.
 
     ``H`` may be a function that returns a fresh copy of it each time it is called (such as
-    :meth:`onnxqf.layerwise.LazyHessians.get` for one site): that copy is then dampened and factored
+    :meth:`onnxqf.calib.layerwise.LazyHessians.get` for one site): that copy is then dampened and factored
     in place, with no other reference to it alive, so above :data:`FLOAT64_MAX_CHANNELS` channels the
     float32 factorization needs one n x n workspace beside it (PyTorch; 485 MB for Llama-2-7B's
     down_proj). An array is left as it is (copied). If float32 is not enough (not positive definite
@@ -82,7 +82,7 @@ def prepare(H: np.ndarray | Callable[[], np.ndarray], damp: float = 0.01, act_or
 def hessian_of(hessians, name: str | None) -> np.ndarray | Callable[[], np.ndarray] | None:
     """What :func:`prepare` takes for site ``name`` of a pass's ``hessians``: None if it has none; for a
     container that hands out a fresh copy per ``get`` (``hands_out_copies``, such as
-    :class:`onnxqf.layerwise.LazyHessians`) a function that fetches one, so that :func:`prepare` can
+    :class:`onnxqf.calib.layerwise.LazyHessians`) a function that fetches one, so that :func:`prepare` can
     overwrite it; else the array itself."""
     if name is None or hessians is None or name not in hessians:
         return None

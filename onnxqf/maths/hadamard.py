@@ -24,7 +24,7 @@ returns None when nothing applies (n not 1, 2 or a multiple of 4, and e.g.
 list of small orthonormal Kronecker factors ``[H_K/√K, S_f1/√f1, ...]`` (the
 Sylvester part split into blocks of at most ``max_factor``), so that
 ``x @ H`` can be applied online with reshapes and small MatMuls in
-``O(n · Σ f_i)`` (see :func:`onnxqf.fold.kron_apply`).
+``O(n · Σ f_i)`` (see :func:`onnxqf.maths.fold.kron_apply`).
 
 Fallback policy (``rotation(..., fallback="orthogonal")``): when n has no full
 construction, n is written as ``K · 2^m`` with ``K = odd(n) · min(4, 2^v2(n))``
@@ -401,7 +401,7 @@ class Rotation:
 
     def apply(self, x: np.ndarray) -> np.ndarray:
         """``x @ Q`` along the last axis, via the factors."""
-        from onnxqf.fold import kron_apply
+        from onnxqf.maths.fold import kron_apply
 
         return kron_apply(np.asarray(x) * self.signs, self.factors)
 

@@ -14,7 +14,7 @@ import json
 import numpy as np
 import onnx_ir as ir
 
-from onnxqf.store import to_numpy
+from onnxqf.graph.store import to_numpy
 
 # Node metadata key marking the nodes of an online rotation that onnxqf inserted (value: its name).
 # Recognition looks through such a block as through a Cast: the readers after it are still the site's.
@@ -240,7 +240,7 @@ class Structure:
     @property
     def embedding_table(self) -> ir.Value:
         """What the Gather reads: an initializer, or (model builder, tied) Transpose(lm_head's weight)
-        until :func:`onnxqf.edit.private_embedding` gives it its own table."""
+        until :func:`onnxqf.graph.edit.private_embedding` gives it its own table."""
         return self.embedding.inputs[0]
 
     def embedding_transpose(self) -> ir.Node | None:

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
-from onnxqf.runtime import EP_NAMES, make_session, ort
+from onnxqf.runtime.session import EP_NAMES, make_session, ort
 from onnxqf.errors import OnnxqfError
 
 # ONNX Runtime 1.2x/1.3x CUDA provider: ops with no CUDA kernel, or only for some input types.
@@ -129,7 +129,7 @@ def check_placement(path, ep: str = "cuda", seq: int = 16) -> dict:
     result: dict = {"provider": provider, "onnxruntime": rt.__version__}
     with tempfile.TemporaryDirectory(prefix="onnxqf-prof-") as tmp:
         session = make_session(path, ep=ep, profile=os.path.join(tmp, "prof"))
-        from onnxqf.genai import feed_function
+        from onnxqf.genai.folder import feed_function
 
         feed = feed_function(session, path)  # plain graphs: input_ids; genai graphs: mask and an empty past too
         session.run(None, feed(np.ones((1, seq), np.int64)))

@@ -1,6 +1,6 @@
 """Editing the graph: initializers, private weights, and online rotations inserted as nodes (onnx-ir).
 
-Weights are read as float64 (:meth:`onnxqf.structure.Linear.matrix`) and written back in their
+Weights are read as float64 (:meth:`onnxqf.graph.structure.Linear.matrix`) and written back in their
 original dtype here, so every fold happens in float64 whatever the model's precision.
 """
 
@@ -12,10 +12,10 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir import tape as ir_tape
 
-from onnxqf import store
+from onnxqf.graph import store
 from onnxqf.errors import UnsupportedGraphError
-from onnxqf.hadamard import ONLINE_GROUP_MAX, online_groups
-from onnxqf.structure import ONLINE_ROTATION, Linear, Norm, Structure, const_array, read
+from onnxqf.maths.hadamard import ONLINE_GROUP_MAX, online_groups
+from onnxqf.graph.structure import ONLINE_ROTATION, Linear, Norm, Structure, const_array, read
 
 _counter = itertools.count()
 
@@ -64,7 +64,7 @@ def set_weight_matrix(lin: Linear, B: np.ndarray) -> None:
     write(lin.weight, weight_layout(lin, B))
 
 
-#: float64 working copies of a weight above this size are processed in slices (onnxqf.store)
+#: float64 working copies of a weight above this size are processed in slices (onnxqf.graph.store)
 SLICE_BYTES = 128 << 20
 
 
@@ -191,7 +191,7 @@ def rotate_value_online(
     """Insert ``x <- x @ kron(F_1, ..., F_r)`` on ``value``; every reader of ``value`` reads the result.
 
     ``factors[i]`` is an f_i x f_i matrix, or None for an identity factor (then ``sizes`` gives
-    its size). The factors are first regrouped by :func:`onnxqf.hadamard.online_groups` (typically
+    its size). The factors are first regrouped by :func:`onnxqf.maths.hadamard.online_groups` (typically
     two groups, e.g. 4096 = 256 x 16). Each MatMul has a 2-D weight on its right, so ONNX Runtime
     runs it as one GEMM over all rows (a 2-D weight on the left of a 3-D input becomes a pointer-array
     batched GEMM on CUDA, measured 15x slower in docs/benchmarks.md). With groups g_1..g_k, the input

@@ -1,0 +1,1 @@
+"""onnxruntime-genai folders: reading and writing them, feeding their graphs, generating text."""
