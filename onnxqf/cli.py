@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import sys
 from pathlib import Path
 
 from onnxqf.errors import OnnxqfError
+from onnxqf.options import ACTIVATIONS, BLOCK_SIZES, FORMATS
+from onnxqf.runtime.target import TARGETS
 
 DESCRIPTION = """\
 Make an LLM's activations quantization-friendly inside its ONNX graph, then quantize it to int8.
@@ -77,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "Hadamards after the norms and before down_proj; α chosen per site by measured error after "
                                    "the exact rotation applied); --hybrid folded: the two-site variant with the residual rotation "
                                    "folded. The input file is never modified.")
-    r.add_argument("model", help="input .onnx (e.g. from `onnxqf export`), or an onnxruntime-genai folder (DIR or DIR/model.onnx)")
+    r.add_argument("model", nargs="?", help="input .onnx (e.g. from `onnxqf export`), or an onnxruntime-genai folder (DIR or DIR/model.onnx)")
     r.add_argument("-o", "--output", help="output .onnx (default: MODEL with .<preset>.onnx); for a genai folder a new folder, "
                                           "NEWDIR or NEWDIR/model.onnx (default: DIR.<preset>/), written with its config and "
                                           "tokenizer files")
@@ -93,17 +94,33 @@ def build_parser() -> argparse.ArgumentParser:
                         "linear inputs, with online Hadamards after the norms; folded: the two-site variant (residual "
                         "rotation folded, only the o_proj/down_proj inputs smoothed)")
     q = r.add_argument_group("quantization")
-    q.add_argument("--quant", choices=["int8", "int4", "int8w", "none"], default="int8",
-                   help="int8: W8A8 MatMulInteger (default); int4 / int8w: weight-only com.microsoft MatMulNBits (activations "
-                        "stay float; combine with --rotate, not with --smooth/--hybrid, which would move difficulty into the "
-                        "weights); none: a float model")
-    q.add_argument("--block-size", type=int, choices=[16, 32, 64, 128, 256], default=32,
+    q.add_argument("--quant", choices=FORMATS, default="int8",
+                   help="int8: W8A8, int8 weights x int8 activations quantized per token at run time (default); int4 / "
+                        "int8w: weight-only com.microsoft MatMulNBits (activations stay float; combine with --rotate, not "
+                        "with --smooth/--hybrid, which would move difficulty into the weights); none: a float model")
+    q.add_argument("--ep", choices=sorted(TARGETS), default=None,
+                   help="the execution provider the graph is lowered for (the model builder's -e): cpu lowers W8A8 to "
+                        "uint8 x int8 MatMulInteger (ONNX Runtime's fast CPU kernels) and int4 to MatMulNBits with "
+                        "accuracy_level 4; cuda to int8 x int8 MatMulInteger (every node on CUDA) and accuracy_level 0. "
+                        "Default: a genai folder's provider; for a plain graph cuda if its weights are float16, else cpu")
+    q.add_argument("--lowering", metavar="NAME",
+                   help="a registered lowering instead of the target's choice, e.g. int8-token, uint8-token, "
+                        "uint8-token-asym, int8-token-asym, uint8-tensor (`onnxqf rewrite --list-lowerings`)")
+    q.add_argument("--list-lowerings", action="store_true", help="list the registered lowerings and exit")
+    q.add_argument("--block-size", type=int, choices=BLOCK_SIZES, default=32,
                    help="weights per scale along the input dimension for int4/int8w (default 32)")
     q.add_argument("--asymmetric", action="store_true",
                    help="int4/int8w: a zero point per block (MatMulNBits' zero_points input) instead of symmetric codes; "
                         "on SmolLM2 with --rotate and GPTQ, int4 block 32 KL 0.091 against 0.101 symmetric")
-    q.add_argument("--act-quant", choices=["token", "tensor"], default="token",
-                   help="token: per-token symmetric int8, all nodes on CUDA (default); tensor: DynamicQuantizeLinear (CPU runtimes)")
+    q.add_argument("--accuracy-level", type=int, choices=[0, 1, 2, 3, 4],
+                   help="int4/int8w: MatMulNBits' accuracy_level (default: 4 for --ep cpu, int8 compute inside the op "
+                        "as the model builder's CPU default; 0 for cuda)")
+    q.add_argument("--lm-head-bits", type=int, choices=[4, 8], default=8,
+                   help="int4/int8w with --quantize-lm-head: bits of lm_head's weights (default 8)")
+    q.add_argument("--act-quant", choices=ACTIVATIONS, default="token",
+                   help="W8A8 activations: token: symmetric per token (default); asym: a scale and a zero point per "
+                        "token (the zero point applied after the GEMM with the weights' column sums); tensor: "
+                        "DynamicQuantizeLinear, per tensor (CPU only)")
     q.add_argument("--quantize-lm-head", action="store_true", help="also quantize lm_head (kept float by default)")
     q.add_argument("--weight-rounding", choices=["gptq", "rtn"], default="gptq",
                    help="gptq: error-compensating rounding with the calibration inputs' X^T X (default); rtn: round to nearest")
@@ -143,13 +160,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     k = sub.add_parser("check", help="check node placement on an execution provider (CI gate)",
                        description="Create an ONNX Runtime session with CPU fallback disabled and report where every node runs. "
-                                   "Exit 0: every node on the provider, no Memcpy; 1: some nodes would fall back or copies are "
-                                   "inserted; 2: bad input; 3: the provider is not available here (skipped). A genai folder is "
+                                   "Static rules are checked too, without running anything: nodes the provider has no kernel for "
+                                   "or runs on a slow path (int8 x int8 MatMulInteger on the CPU), and a graph lowered for another "
+                                   "target (`rewrite --ep`). Exit 0: every node on the provider, no Memcpy, no static issue; 1: "
+                                   "some nodes would fall back, copies are inserted, or a static rule fails; 2: bad input; 3: the provider is not available here (skipped). A genai folder is "
                                    "checked through its decoder graph; with --baseline, only nodes the rewrite added count.")
     k.add_argument("model", help=".onnx file or onnxruntime-genai folder")
     k.add_argument("--baseline", help="the graph MODEL was rewritten from: exit 0 if MODEL puts no more nodes off the provider "
                                       "than it (e.g. onnxruntime-genai graphs keep GroupQueryAttention's sequence length on the CPU)")
-    k.add_argument("--ep", choices=["cuda", "cpu"], default="cuda")
+    k.add_argument("--ep", choices=sorted(TARGETS), default="cuda", help="execution provider (default cuda)")
     k.add_argument("--json", action="store_true")
 
     n = sub.add_parser("inspect", help="quantization difficulty per layer: original / smooth / rotate / smooth+rotate",
@@ -315,8 +334,8 @@ def _default_output(model: Path, args) -> Path:
     quant = {"int8": "w8a8" if not tag else "", "none": "float"}.get(args.quant, args.quant)
     if args.quant in ("int4", "int8w") and args.block_size != 32:
         quant += f"-b{args.block_size}"
-    if args.quant == "int8" and args.act_quant == "tensor":
-        quant += ".tensor" if quant else "tensor"
+    if args.quant == "int8" and args.act_quant != "token":
+        quant += f".{args.act_quant}" if quant else args.act_quant
     return model.with_name(".".join(x for x in (model.stem, tag, quant, "onnx") if x))
 
 
@@ -326,13 +345,46 @@ def _default_genai_output(folder, args) -> Path:
     return d.with_name(_default_output(Path(d.name + ".onnx"), args).stem) / folder.model_path.name
 
 
+def rewrite_options(args) -> "RewriteOptions":
+    """The typed options of a `rewrite` command line (each config validates itself)."""
+    from onnxqf.options import Calibration, RewriteOptions, Transform, quant_config
+
+    transform = _transform(args)
+    if transform == "smooth+rotate":
+        raise OnnxqfError("--smooth --rotate: use --hybrid (smoothing before rotation)")
+    if args.quant == "int8" and args.asymmetric:
+        raise OnnxqfError("--asymmetric applies to the weight-only formats (--quant int4 or int8w); for asymmetric "
+                          "W8A8 activations use --act-quant asym")
+    quant = quant_config(args.quant, activations=args.act_quant, clip_search=args.clip_search, lowering=args.lowering,
+                         block_size=args.block_size, asymmetric=args.asymmetric, accuracy_level=args.accuracy_level,
+                         lm_head_bits=args.lm_head_bits)
+    if args.lowering and args.quant != "int8":
+        raise OnnxqfError("--lowering picks a W8A8 lowering (--quant int8); weight-only formats are MatMulNBits")
+    return RewriteOptions(
+        transform=Transform(transform, alpha=args.alpha, seed=args.seed), quant=quant,
+        calibration=Calibration(args.calib, args.calib_windows, args.calib_seq, rounding=args.weight_rounding,
+                                sequential=args.gptq_inputs == "sequential"),
+        target=args.ep, quantize_lm_head=args.quantize_lm_head, keep_float=tuple(args.keep_float),
+        progress=not args.quiet, low_memory=args.low_memory)
+
+
 def cmd_rewrite(args) -> int:
     from onnxqf.calib.data import load_tokenizer
     from onnxqf.genai.folder import genai_dir, output_path, read_genai, write_folder
-    from onnxqf.graph.modelfile import load_model, set_metadata
-    from onnxqf.graph import store
-    from onnxqf.pipeline import RewriteOptions, low_memory, rewrite
+    from onnxqf.graph.modelfile import load_model
+    from onnxqf.pipeline import rewrite
+    from onnxqf.runtime.target import genai_provider
 
+    if args.list_lowerings:
+        from onnxqf.lowering.base import REGISTRY, names
+
+        for name in names():
+            cls = REGISTRY[name]
+            print(f"{name:18s} {cls.format:6s} {'/'.join(cls.providers):9s} {cls.summary}")
+        return 0
+    if args.model is None:
+        raise OnnxqfError("rewrite needs a MODEL (an .onnx file or an onnxruntime-genai folder)")
+    opts = rewrite_options(args)
     src = Path(args.model)
     folder = read_genai(src) if genai_dir(src) is not None else None  # an onnxruntime-genai folder (or its graph)
     if folder is not None:
@@ -344,30 +396,22 @@ def cmd_rewrite(args) -> int:
             raise OnnxqfError(f"{out}: the output name must end in .onnx")
         if out.exists() and src.exists() and _same_file(src, out):
             raise OnnxqfError("the output would overwrite the input; choose another -o")
-    transform = _transform(args)
-    if transform == "smooth+rotate":
-        raise OnnxqfError("--smooth --rotate: use --hybrid (smoothing before rotation)")
-    opts = RewriteOptions(transform=transform, quant=args.quant, act_quant=args.act_quant, block_size=args.block_size,
-                          asymmetric=args.asymmetric,
-                          alpha=args.alpha, calib=args.calib, calib_windows=args.calib_windows,
-                          calib_seq=args.calib_seq, quantize_lm_head=args.quantize_lm_head, clip_search=args.clip_search,
-                          keep_float=tuple(args.keep_float), weight_rounding=args.weight_rounding, sequential=args.gptq_inputs == "sequential",
-                          seed=args.seed, progress=not args.quiet, low_memory=args.low_memory)
-    opts.validate()
     model = load_model(src)
     tok_dir = args.tokenizer or (str(folder.directory) if folder is not None else None)  # genai folders hold theirs
     tokenizer = load_tokenizer(src, model, tok_dir) if opts.needs_calibration and not args.calib.endswith(".npy") else None
-    scratch_parent = out.parent.parent if folder is not None else out.parent
-    spill = store.spilling(scratch_parent) if low_memory(model, opts) else contextlib.nullcontext()
-    with spill:  # rewritten weights stay in the scratch folder until they are saved
-        report = rewrite(model, opts, tokenizer)
-        set_metadata(model, "rewrite", report.to_json())
+
+    def save(model) -> None:
         if folder is not None:
             write_folder(folder, model, out)  # the whole folder: decoder, genai_config.json, tokenizer files
         else:
             _save_plain(model, src, out)
+
+    report = rewrite(model, opts, tokenizer, genai_provider=None if folder is None else genai_provider(folder.decoder),
+                     scratch=out.parent.parent if folder is not None else out.parent, save=save)
     if not args.quiet:
-        print(f"[onnxqf] {opts.label}: {len(report.quantized)} MatMuls quantized, {report.seconds} s", file=sys.stderr)
+        lowered = f", {report.lowering} for --ep {report.target}" if report.lowering else ""
+        print(f"[onnxqf] {opts.label}: {len(report.quantized)} MatMuls quantized{lowered}, {report.seconds} s",
+              file=sys.stderr)
     print(out)
     return 0
 
@@ -430,7 +474,8 @@ def cmd_generate(args) -> int:
 def cmd_check(args) -> int:
     from onnxqf.genai.folder import model_file
     from onnxqf.graph.modelfile import load_model
-    from onnxqf.runtime.placement import check_placement, format_placement
+    from onnxqf.runtime.placement import check_placement, format_placement, with_static_issues
+    from onnxqf.runtime.target import get_target
 
     path = model_file(args.model)  # a genai folder: its decoder graph
     model = load_model(path)
@@ -439,10 +484,7 @@ def cmd_check(args) -> int:
         from onnxqf.runtime.placement import compare_to_baseline
 
         result = compare_to_baseline(result, check_placement(model_file(args.baseline), args.ep))
-    if result["status"] == "unavailable" and args.ep == "cuda":
-        from onnxqf.runtime.placement import static_issues
-
-        result["static_issues"] = static_issues(model)  # what is known without a GPU
+    result = with_static_issues(result, get_target(args.ep).node_issues(model))  # known without running: CI too
     if args.ep == "cuda":
         import onnx
 

@@ -29,6 +29,8 @@ class SiteChoice:
 @dataclasses.dataclass
 class RewriteReport:
     options: str = ""
+    target: str = ""
+    lowering: str | None = None
     layers: int = 0
     rotations: dict[str, str] = dataclasses.field(default_factory=dict)
     calibration: dict = dataclasses.field(default_factory=dict)

@@ -34,9 +34,11 @@ from onnxqf.calib.data import load_tokenizer, load_tokens, token_windows, window
 from onnxqf.analysis.evaluate import compare
 from onnxqf.maths.gptq import gptq_quantize
 from onnxqf.graph.modelfile import load_model, save_model
-from onnxqf.passes.quantize import QuantizeMatMulsPass, per_token_codes
-from onnxqf.passes.quantize_nbits import QuantizeNBitsPass
-from onnxqf.pipeline import RewriteOptions, rewrite
+from onnxqf.lowering.nbits import MatMulNBits
+from onnxqf.lowering.w8a8 import Int8Token, per_token_codes
+from onnxqf.passes.quantize import QuantizePass
+from onnxqf.options import Calibration, RewriteOptions, Transform
+from onnxqf.pipeline import rewrite
 from onnxqf.recognize import recognize
 
 GROUPS = {"q/k/v": ("q_proj", "k_proj", "v_proj"), "o_proj": ("o_proj",), "gate/up": ("gate_proj", "up_proj"),
@@ -69,7 +71,7 @@ def weights_only(src: Path, dst: Path, hessians: dict | None) -> Path:
 
 def fake_quant_activations(model, values) -> None:
     """Per-token symmetric int8 rounding of each (float32) value, in float, for its MatMul/MatMulNBits readers:
-    the `token` graph's own code nodes (passes.quantize.per_token_codes), then codes * max|x| / 127."""
+    the `token` graph's own code nodes (onnxqf.lowering.w8a8.per_token_codes), then codes * max|x| / 127."""
     g = model.graph
     for i, x in enumerate(values):
         readers = [(n, j) for n, j in x.uses() if n.op_type in ("MatMul", "MatMulNBits")]
@@ -88,7 +90,7 @@ def activations_only(src: Path, dst: Path, kinds: tuple[str, ...] | None, block:
     model = load_model(src)
     values = [s.value for s in recognize(model).sites() if kinds is None or s.kind in kinds]
     if block is not None:
-        QuantizeNBitsPass(bits=8, block_size=block, hessians=hessians)(model)
+        QuantizePass(MatMulNBits(bits=8, block_size=block), hessians=hessians)(model)
     fake_quant_activations(model, values)
     return save_model(model, dst)
 
@@ -114,7 +116,7 @@ def main() -> int:
     calib = windows(load_tokens(args.calib, tok), args.calib_windows, 512, what="calibration text")
     if not flt.is_file():
         model = load_model(src)
-        rewrite(model, RewriteOptions(transform="hybrid", quant="none", calib=args.calib, calib_windows=args.calib_windows), tok)
+        rewrite(model, RewriteOptions(Transform("hybrid"), None, Calibration(args.calib, args.calib_windows)), tok)
         save_model(model, flt)
     hfile = work / f"hessians_{args.calib_windows}.npz"
     if hfile.is_file():
@@ -153,7 +155,7 @@ def main() -> int:
     def w8a8(keep):
         def make():
             model = load_model(flt)
-            QuantizeMatMulsPass("token", keep_float=keep, hessians=H)(model)
+            QuantizePass(Int8Token(), keep_float=keep, hessians=H)(model)
             return save_model(model, work / "w8a8.onnx")
         return make
 

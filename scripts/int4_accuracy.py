@@ -13,7 +13,7 @@ Rows:
   KL is against the builder's own fp32 model.
 - ours: the plain export (``onnxqf export smollm2``), optionally rotated (``--rotate`` preset:
   residual rotation, online Hadamard before down_proj, value/output head rotation), then
-  :class:`onnxqf.passes.quantize_nbits.QuantizeNBitsPass` with GPTQ on input Hessians of the
+  :class:`onnxqf.passes.quantize.QuantizePass` with :class:`onnxqf.lowering.nbits.MatMulNBits` with GPTQ on input Hessians of the
   calibration text (the last 400 kB of --text, disjoint from the evaluated windows). KL is against
   the float export. lm_head stays float in our rows; the builder quantizes it (and the tied
   embedding) unless the row says otherwise.
@@ -148,10 +148,11 @@ def rotated_float(src: Path, work: Path) -> Path:
     dst = work / "rotated_float.onnx"
     if dst.is_file():
         return dst
-    from onnxqf.pipeline import RewriteOptions, rewrite
+    from onnxqf.options import RewriteOptions, Transform
+    from onnxqf.pipeline import rewrite
 
     model = load_model(src)
-    rewrite(model, RewriteOptions(transform="rotate", quant="none", progress=False))
+    rewrite(model, RewriteOptions(Transform("rotate"), None, progress=False))
     save_model(model, dst)
     return dst
 
@@ -174,7 +175,8 @@ def hessians_for(path: Path, calib: np.ndarray, work: Path, tag: str) -> dict[st
 
 
 def make_ours(name: str, src: Path, work: Path, calib: np.ndarray) -> tuple[Path, float, dict]:
-    from onnxqf.passes.quantize_nbits import QuantizeNBitsPass
+    from onnxqf.lowering.nbits import MatMulNBits
+    from onnxqf.passes.quantize import QuantizePass
 
     rotate, opts = OURS[name]
     opts = dict(opts)
@@ -184,21 +186,27 @@ def make_ours(name: str, src: Path, work: Path, calib: np.ndarray) -> tuple[Path
     H = hessians_for(base, calib, work, "rotated" if rotate else "plain") if gptq else None
     t = time.time()
     model = load_model(base)
-    p = QuantizeNBitsPass(hessians=H, **opts)
+    pass_kw = {k: opts.pop(k) for k in ("quantize_lm_head", "keep_float") if k in opts}
+    p = QuantizePass(MatMulNBits(**opts), hessians=H, **pass_kw)
     p(model)
     seconds = time.time() - t
     save_model(model, dst)
-    rounding = {k: sum(v == k for v in p.rounding.values()) for k in ("gptq", "rtn")}
-    return dst, seconds, {"quantized": len(p.quantized), "rounding": rounding, "options": {**opts, "gptq": gptq, "rotate": rotate}}
+    rounding = {k: sum(v == k for v in p.report.rounding.values()) for k in ("gptq", "rtn")}
+    return dst, seconds, {"quantized": len(p.report.quantized), "rounding": rounding, "options": {**opts, "gptq": gptq, "rotate": rotate}}
 
 
 def make_pipeline(name: str, src: Path, work: Path, calib: np.ndarray) -> tuple[Path, float, dict]:
-    from onnxqf.pipeline import RewriteOptions, rewrite
+    from onnxqf.options import Calibration, RewriteOptions, Transform, WeightOnly
+    from onnxqf.pipeline import rewrite
 
     ids = work / f"calib_{calib.shape[0]}x{calib.shape[1]}.npy"
     if not ids.is_file():
         np.save(ids, calib.reshape(-1))
-    opts = RewriteOptions(**PIPELINE[name], calib=str(ids), calib_windows=calib.shape[0], calib_seq=calib.shape[1],
+    entry = dict(PIPELINE[name])
+    opts = RewriteOptions(Transform(entry.pop("transform")),
+                          WeightOnly(block_size=entry["block_size"], asymmetric=entry.get("asymmetric", False),
+                                     accuracy_level=0),  # float compute, as the figures in docs/results.md were made
+                          Calibration(str(ids), calib.shape[0], calib.shape[1], sequential=entry["sequential"]),
                           progress=False)
     t = time.time()
     model = load_model(src)

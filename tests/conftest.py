@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-TINY_NAMES = ["llama-gqa", "llama-tied", "qwen2-bias", "llama-odd"]
+from helpers import TINY_NAMES
 
 
 @pytest.fixture(scope="session")
@@ -57,15 +57,3 @@ def ids_file(tiny_dir, text_ids) -> Path:
     path = tiny_dir / "ids.npy"
     np.save(path, text_ids)
     return path
-
-
-def run_logits(path, ids: np.ndarray) -> np.ndarray:
-    from onnxqf.runtime.session import logits, make_session
-
-    return logits(make_session(path), ids)
-
-
-def kl_per_token(ref: np.ndarray, new: np.ndarray) -> float:
-    from onnxqf.maths.metrics import kl_divergence
-
-    return kl_divergence(ref, new)

@@ -7,9 +7,10 @@ from pathlib import Path
 
 import numpy as np
 
-from conftest import run_logits
+from helpers import run_logits
 from onnxqf.graph.modelfile import load_model, save_model
-from onnxqf.passes.quantize import QuantizeMatMulsPass
+from onnxqf.lowering.w8a8 import Int8Token
+from onnxqf.passes.quantize import QuantizePass
 from onnxqf.recognize import recognize
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -23,7 +24,7 @@ def _budget():
 
 
 def test_fake_quant_activations_match_the_int8_graph(tiny_models, text_ids, tmp_path):
-    """RTN int8 weights (dequantized) + per-token fake-quant activations == QuantizeMatMulsPass's MatMulInteger graph."""
+    """RTN int8 weights (dequantized) + per-token fake-quant activations == the int8-token lowering's MatMulInteger graph."""
     budget = _budget()
     src = tiny_models["llama-gqa"]
     ids = text_ids[None, :96]
@@ -31,7 +32,7 @@ def test_fake_quant_activations_match_the_int8_graph(tiny_models, text_ids, tmp_
     budget.fake_quant_activations(sim, [s.value for s in recognize(sim).sites()])
     sim_path = save_model(sim, tmp_path / "sim.onnx")
     real = load_model(src)
-    QuantizeMatMulsPass("token")(real)
+    QuantizePass(Int8Token())(real)
     real_path = save_model(real, tmp_path / "real.onnx")
 
     ref, a, b = run_logits(src, ids), run_logits(sim_path, ids), run_logits(real_path, ids)

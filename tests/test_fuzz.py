@@ -227,7 +227,7 @@ def test_terminated_low_memory_rewrite_removes_its_scratch(tiny_models, ids_file
     script = textwrap.dedent(f"""
         import os, signal, sys
         from pathlib import Path
-        from onnxqf.passes.quantize import QuantizeMatMulsPass
+        from onnxqf.passes.quantize import QuantizePass
         from onnxqf.graph.modelfile import PARTIAL_PREFIX
 
         def apply(self, model):
@@ -236,7 +236,7 @@ def test_terminated_low_memory_rewrite_removes_its_scratch(tiny_models, ids_file
             os.kill(os.getpid(), signal.SIGTERM)
             raise AssertionError("SIGTERM did not interrupt the pass")
 
-        QuantizeMatMulsPass.apply = apply
+        QuantizePass.apply = apply
         from onnxqf.cli import main
         sys.exit(main(["rewrite", {str(model)!r}, "--hybrid", "--low-memory", "--calib", {str(ids_file)!r},
                        "--calib-windows", "2", "--calib-seq", "32", "-o", {str(out)!r}, "-q"]))

@@ -4,11 +4,11 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
-from conftest import kl_per_token, run_logits
+from helpers import kl_per_token, options, run_logits
 from onnxqf.errors import UnsupportedGraphError
 from onnxqf.recognize import recognize
 from onnxqf.graph.modelfile import load_model, save_model
-from onnxqf.pipeline import RewriteOptions, rewrite
+from onnxqf.pipeline import rewrite
 
 
 @pytest.mark.parametrize("name,heads,kv,tied,bias", [
@@ -64,7 +64,7 @@ def test_fused_norm_ops_are_recognized_and_rotated(tiny_models, text_ids, tmp_pa
     ids = text_ids[:256].reshape(2, 128)
     ref = run_logits(fused, ids)
     m = load_model(fused)
-    rewrite(m, RewriteOptions(transform="rotate", quant="none", progress=False))
+    rewrite(m, options(transform="rotate", quant="none", progress=False))
     out = save_model(m, tmp_path / "rot.onnx", check=False)
     new = run_logits(out, ids)
     assert np.abs(new - ref).max() <= 1e-3 * np.abs(ref).max()

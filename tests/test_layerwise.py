@@ -4,13 +4,16 @@ GPTQ feeds each layer the outputs of the layers before it with their weights rou
 import numpy as np
 import pytest
 
+from helpers import options
+
 from onnxqf.calib import calibrate
 from onnxqf.graph import edit
 from onnxqf.calib import layerwise
 from onnxqf.graph.modelfile import load_model
-from onnxqf.passes.quantize import QuantizeMatMulsPass
-from onnxqf.passes.quantize_nbits import QuantizeNBitsPass
-from onnxqf.pipeline import RewriteOptions, rewrite
+from onnxqf.lowering.nbits import MatMulNBits
+from onnxqf.lowering.w8a8 import Uint8Token
+from onnxqf.passes.quantize import QuantizePass
+from onnxqf.pipeline import rewrite
 from onnxqf.recognize import recognize
 
 
@@ -50,7 +53,7 @@ def test_segments_hold_one_layer_each(tiny_models):
         assert {v.name for v in seg.inputs} <= prev.live | {v.name for v in model.graph.inputs}
 
 
-@pytest.mark.parametrize("make_pass", [lambda: QuantizeMatMulsPass(), lambda: QuantizeNBitsPass(bits=4, block_size=16)],
+@pytest.mark.parametrize("make_pass", [lambda: QuantizePass(Uint8Token()), lambda: QuantizePass(MatMulNBits(bits=4, block_size=16))],
                          ids=["int8", "int4"])
 def test_sequential_hessians_see_rounded_earlier_layers(tiny_models, text_ids, make_pass):
     """Layer 0's X^T X are the float model's; layer 1's equal those of a model whose layer 0 carries the
@@ -86,7 +89,7 @@ def test_rewrite_sequential_is_recorded_and_differs(tiny_models, ids_file, tmp_p
     reports, weights = {}, {}
     for sequential in (True, False):
         model = load_model(tiny_models["llama-gqa"])
-        reports[sequential] = rewrite(model, RewriteOptions(transform="rotate", quant="int4", block_size=16, calib=str(ids_file),
+        reports[sequential] = rewrite(model, options(transform="rotate", quant="int4", block_size=16, calib=str(ids_file),
                                                             calib_windows=2, calib_seq=64, sequential=sequential, progress=False))
         weights[sequential] = {v.name: v.const_value.numpy().copy() for v in model.graph.initializers.values()
                                if "layers.1.down_proj" in v.name and "weight_q4" in v.name}

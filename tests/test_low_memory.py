@@ -5,10 +5,12 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
+from helpers import options
+
 from onnxqf.calib import layerwise
 from onnxqf.graph import store
 from onnxqf.graph.modelfile import load_model, save_model
-from onnxqf.pipeline import RewriteOptions, low_memory, rewrite
+from onnxqf.pipeline import low_memory, rewrite
 from onnxqf.recognize import recognize
 from onnxqf.runtime.session import make_session
 
@@ -44,8 +46,8 @@ def test_low_memory_rewrite_equals_in_memory(tiny_models, ids_file, tmp_path, pr
     src = tiny_models["llama-gqa"]
     before = src.with_suffix(".onnx.data").read_bytes() if src.with_suffix(".onnx.data").exists() else src.read_bytes()
     common = dict(calib=str(ids_file), calib_windows=3, calib_seq=64, progress=False, **preset)
-    _rewrite(src, tmp_path / "plain.onnx", RewriteOptions(low_memory=False, **common))
-    folder = _rewrite(src, tmp_path / "low.onnx", RewriteOptions(low_memory=True, **common), spill_dir=tmp_path)
+    _rewrite(src, tmp_path / "plain.onnx", options(low_memory=False, **common))
+    folder = _rewrite(src, tmp_path / "low.onnx", options(low_memory=True, **common), spill_dir=tmp_path)
     assert not folder.exists()  # the scratch folder goes with the block
     assert not [p for p in tmp_path.iterdir() if "onnxqf-partial" in p.name]
     ids = np.load(ids_file)[None, :96]
@@ -59,8 +61,8 @@ def test_low_memory_rewrite_equals_in_memory(tiny_models, ids_file, tmp_path, pr
 
 def test_low_memory_auto_threshold(tiny_models):
     model = load_model(tiny_models["llama-gqa"])
-    assert low_memory(model, RewriteOptions()) is False  # a tiny model: in memory
-    assert low_memory(model, RewriteOptions(low_memory=True)) is True
+    assert low_memory(model, options()) is False  # a tiny model: in memory
+    assert low_memory(model, options(low_memory=True)) is True
 
 
 def test_store_puts_discards_and_reads_back(tmp_path):

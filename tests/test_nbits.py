@@ -6,7 +6,7 @@ import collections
 import numpy as np
 import pytest
 
-from conftest import kl_per_token, run_logits
+from helpers import kl_per_token, run_logits
 from onnxqf.maths import nbits
 
 
@@ -224,10 +224,12 @@ def _rewrite(path, tmp_path, **kw):
     import onnx
 
     from onnxqf.graph.modelfile import load_model, save_model
-    from onnxqf.passes.quantize_nbits import QuantizeNBitsPass
+    from onnxqf.lowering.nbits import MatMulNBits
+    from onnxqf.passes.quantize import QuantizePass
 
     model = load_model(path)
-    p = QuantizeNBitsPass(**kw)
+    pass_kw = {k: kw.pop(k) for k in ("hessians", "quantize_lm_head", "keep_float") if k in kw}
+    p = QuantizePass(MatMulNBits(**kw), **pass_kw)
     result = p(model)
     assert result.modified
     out = save_model(model, tmp_path / "nbits.onnx")
@@ -239,8 +241,8 @@ def _rewrite(path, tmp_path, **kw):
 def test_pass_int4_close_to_float(tiny_models, text_ids, tmp_path, name):
     model, out, p = _rewrite(tiny_models[name], tmp_path, bits=4, block_size=32)
     ops = collections.Counter(n.op_type for n in model.graph)
-    assert ops["MatMulNBits"] == 14 and len(p.quantized) == 14  # 2 layers x 7; lm_head float
-    assert set(p.rounding.values()) == {"rtn"}
+    assert ops["MatMulNBits"] == 14 and len(p.report.quantized) == 14  # 2 layers x 7; lm_head float
+    assert set(p.report.rounding.values()) == {"rtn"}
     for node in model.graph:
         if node.op_type == "MatMulNBits":
             assert node.domain == "com.microsoft" and node.attributes["bits"].as_int() == 4
@@ -264,8 +266,8 @@ def test_pass_int8_gptq_lm_head_keep_float(tiny_models, text_ids, tmp_path):
                              keep_float=("down_proj",))
     ops = collections.Counter(n.op_type for n in model.graph)
     assert ops["MatMulNBits"] == 2 * 6 + 1 and ops["MatMul"] >= 2
-    assert p.rounding["lm_head"] == "rtn" and p.rounding["layers.0.q_proj"] == "gptq"
-    assert "layers.1.down_proj" not in p.rounding
+    assert p.report.rounding["lm_head"] == "rtn" and p.report.rounding["layers.0.q_proj"] == "gptq"
+    assert "layers.1.down_proj" not in p.report.rounding
     assert any(o.name == "logits" for o in model.graph.outputs)
     ids = text_ids[1000:1256].reshape(2, 128)
     assert kl_per_token(run_logits(path, ids), run_logits(out, ids)) < 2e-3
@@ -273,19 +275,24 @@ def test_pass_int8_gptq_lm_head_keep_float(tiny_models, text_ids, tmp_path):
 
 def test_pass_refuses_bad_settings():
     from onnxqf.errors import OnnxqfError
-    from onnxqf.passes.quantize_nbits import QuantizeNBitsPass
+    from onnxqf.lowering.nbits import MatMulNBits
+    from onnxqf.options import WeightOnly
 
     with pytest.raises(OnnxqfError):
-        QuantizeNBitsPass(bits=3)
+        MatMulNBits(bits=3)
     with pytest.raises(OnnxqfError):
-        QuantizeNBitsPass(block_size=48)
+        MatMulNBits(block_size=48)
+    with pytest.raises(OnnxqfError):
+        WeightOnly(block_size=48)
+    with pytest.raises(OnnxqfError):
+        WeightOnly(accuracy_level=5)
 
 
 def test_cli_asymmetric_int4_writes_zero_points(tiny_models, tmp_path):
     """--asymmetric: every MatMulNBits gets a zero_points input, and the model stays close to float."""
     import onnx
 
-    from conftest import kl_per_token, run_logits
+    from helpers import kl_per_token, run_logits
     from onnxqf.cli import main
 
     out = tmp_path / "a.onnx"
@@ -297,10 +304,16 @@ def test_cli_asymmetric_int4_writes_zero_points(tiny_models, tmp_path):
     assert kl_per_token(run_logits(tiny_models["llama-gqa"], ids), run_logits(out, ids)) < 0.1
 
 
-def test_rewrite_options_reach_the_nbits_pass():
-    """--asymmetric and --clip-search are handed to the MatMulNBits pass (not only to the int8 one)."""
-    from onnxqf.pipeline import RewriteOptions, _quantize_pass
-    from onnxqf.report import RewriteReport
+def test_rewrite_options_reach_the_nbits_lowering():
+    """--asymmetric, --clip-search and --accuracy-level reach the MatMulNBits lowering; the target sets the level."""
+    from onnxqf.cli import build_parser, rewrite_options
+    from onnxqf.runtime.target import TARGETS
 
-    p = _quantize_pass(RewriteOptions(quant="int4", asymmetric=True, clip_search=True, block_size=64), RewriteReport())
-    assert (p.bits, p.block_size, p.symmetric, p.clip_search) == (4, 64, False, True)
+    args = build_parser().parse_args(["rewrite", "m.onnx", "--quant", "int4", "--asymmetric", "--clip-search",
+                                      "--block-size", "64"])
+    quant = rewrite_options(args).quant
+    cpu, cuda = TARGETS["cpu"].lowering(quant), TARGETS["cuda"].lowering(quant)
+    assert (cpu.bits, cpu.block_size, cpu.symmetric, cpu.clip_search) == (4, 64, False, True)
+    assert (cpu.accuracy_level, cuda.accuracy_level) == (4, 0)
+    args = build_parser().parse_args(["rewrite", "m.onnx", "--quant", "int8w", "--accuracy-level", "1"])
+    assert TARGETS["cpu"].lowering(rewrite_options(args).quant).accuracy_level == 1

@@ -3,12 +3,14 @@
 import numpy as np
 import pytest
 
+from helpers import options
+
 from onnxqf.calib import calibrate
 from onnxqf.calib.data import load_tokens, windows
 from onnxqf.errors import OnnxqfError
 from onnxqf.maths.metrics import layer_error
 from onnxqf.graph.modelfile import load_model
-from onnxqf.pipeline import RewriteOptions, rewrite
+from onnxqf.pipeline import rewrite
 from onnxqf.plan import PRESETS, Plan
 from onnxqf.recognize import recognize
 from onnxqf.maths.smoothing import relative_error
@@ -48,7 +50,7 @@ def test_alpha_search_prediction_equals_written_graph(tiny_models, name):
     """For every site, the relative W8A8 layer error the α search predicted for its choice equals the
     error of the rewritten float graph's actual activation and weight on the same tokens."""
     model = load_model(tiny_models[name])
-    opts = RewriteOptions(transform="hybrid", quant="none", alpha="auto", calib="builtin", calib_windows=1, calib_seq=64,
+    opts = options(transform="hybrid", quant="none", alpha="auto", calib="builtin", calib_windows=1, calib_seq=64,
                           progress=False)
     report = rewrite(model, opts, tokenizer=ByteTokenizer())
     assert len(report.sites) == 4 * 2

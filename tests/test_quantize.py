@@ -6,10 +6,10 @@ import numpy as np
 import onnx
 import pytest
 
-from conftest import kl_per_token, run_logits
+from helpers import kl_per_token, options, run_logits
 from onnxqf.graph.modelfile import load_model, save_model
-from onnxqf.pipeline import RewriteOptions, rewrite
-from onnxqf.runtime.placement import static_issues
+from onnxqf.pipeline import rewrite
+from onnxqf.runtime.target import TARGETS
 
 
 def ops(model):
@@ -19,7 +19,7 @@ def ops(model):
 def quantized(path, tmp_path, **kw):
     model = load_model(path)
     kw.setdefault("weight_rounding", "rtn")
-    rewrite(model, RewriteOptions(progress=False, **kw))
+    rewrite(model, options(progress=False, **kw))
     out = save_model(model, tmp_path / "q.onnx")
     onnx.checker.check_model(str(out), full_check=True)
     return model, out
@@ -27,14 +27,14 @@ def quantized(path, tmp_path, **kw):
 
 @pytest.mark.parametrize("name", ["llama-gqa", "qwen2-bias", "llama-odd"])
 def test_token_graph_nodes_and_accuracy(tiny_models, text_ids, tmp_path, name):
-    model, out = quantized(tiny_models[name], tmp_path, act_quant="token")
+    model, out = quantized(tiny_models[name], tmp_path, act_quant="token", target="cuda")
     c = ops(model)
     layers = 2
     # q/k/v share one quantized input and one MatMulInteger, gate/up another; lm_head stays float
     assert c["MatMulInteger"] == 4 * layers and c["Split"] >= 2 * layers
     assert c["ReduceMax"] == 4 * layers
     assert "DynamicQuantizeLinear" not in c
-    assert static_issues(model) == []
+    assert TARGETS["cuda"].node_issues(model) == []
     for node in model.graph:
         if node.op_type == "MatMulInteger":
             assert [v.dtype.name for v in node.inputs] == ["INT8", "INT8"]
@@ -48,7 +48,7 @@ def test_tensor_graph_is_the_onnx_standard_one(tiny_models, text_ids, tmp_path):
     model, out = quantized(tiny_models["llama-gqa"], tmp_path, act_quant="tensor")
     c = ops(model)
     assert c["DynamicQuantizeLinear"] == 8 and c["MatMulInteger"] == 8
-    issues = static_issues(model)
+    issues = TARGETS["cuda"].node_issues(model)
     assert any("DynamicQuantizeLinear" in i for i in issues)
     assert any("UINT8" in i for i in issues)
     ids = text_ids[:256].reshape(2, 128)
@@ -75,7 +75,7 @@ def test_rotation_lowers_quantization_error(tiny_models, text_ids, tmp_path):
 @pytest.mark.parametrize("preset", [dict(transform="smooth"), dict(transform="hybrid"), dict(transform="hybrid-folded")])
 def test_smooth_and_hybrid_with_calibration(tiny_models, ids_file, text_ids, tmp_path, preset):
     model = load_model(tiny_models["qwen2-bias"])
-    report = rewrite(model, RewriteOptions(progress=False, calib=str(ids_file), calib_windows=4, calib_seq=128, **preset))
+    report = rewrite(model, options(progress=False, calib=str(ids_file), calib_windows=4, calib_seq=128, **preset))
     out = save_model(model, tmp_path / "q.onnx")
     assert report.calibration["windows"] == 4
     assert report.alphas  # an alpha (or None = no smoothing) per smoothed site
@@ -86,7 +86,7 @@ def test_smooth_and_hybrid_with_calibration(tiny_models, ids_file, text_ids, tmp
 
 def test_smoothing_alone_is_function_preserving(tiny_models, ids_file, text_ids, tmp_path):
     model = load_model(tiny_models["llama-gqa"])
-    rewrite(model, RewriteOptions(transform="smooth", quant="none", alpha=0.5, progress=False, calib=str(ids_file), calib_windows=2, calib_seq=128))
+    rewrite(model, options(transform="smooth", quant="none", alpha=0.5, progress=False, calib=str(ids_file), calib_windows=2, calib_seq=128))
     out = save_model(model, tmp_path / "s.onnx")
     ids = text_ids[:256].reshape(2, 128)
     ref, new = run_logits(tiny_models["llama-gqa"], ids), run_logits(out, ids)
@@ -95,7 +95,7 @@ def test_smoothing_alone_is_function_preserving(tiny_models, ids_file, text_ids,
 
 def test_hybrid_float_is_function_preserving(tiny_models, ids_file, text_ids, tmp_path):
     model = load_model(tiny_models["llama-odd"])
-    rewrite(model, RewriteOptions(transform="hybrid", quant="none", progress=False, calib=str(ids_file), calib_windows=2, calib_seq=128))
+    rewrite(model, options(transform="hybrid", quant="none", progress=False, calib=str(ids_file), calib_windows=2, calib_seq=128))
     out = save_model(model, tmp_path / "h.onnx")
     ids = text_ids[:256].reshape(2, 128)
     ref, new = run_logits(tiny_models["llama-odd"], ids), run_logits(out, ids)
@@ -104,8 +104,8 @@ def test_hybrid_float_is_function_preserving(tiny_models, ids_file, text_ids, tm
 
 
 def test_float16_quantized(tiny_fp16, text_ids, tmp_path):
-    model, out = quantized(tiny_fp16, tmp_path, transform="rotate")
-    assert static_issues(model) == []
+    model, out = quantized(tiny_fp16, tmp_path, transform="rotate")  # float16: lowered for CUDA by default
+    assert TARGETS["cuda"].node_issues(model) == []
     ids = text_ids[:128].reshape(1, 128)
     ref = run_logits(tiny_fp16, ids).astype(np.float32)
     new = run_logits(out, ids).astype(np.float32)
@@ -119,7 +119,7 @@ def test_gptq_lowers_kl_against_rtn(tiny_models, ids_file, text_ids, tmp_path):
     kls = {}
     for rounding in ("rtn", "gptq"):
         model = load_model(tiny_models["llama-gqa"])
-        rewrite(model, RewriteOptions(transform="rotate", weight_rounding=rounding, progress=False, calib=str(ids_file),
+        rewrite(model, options(transform="rotate", weight_rounding=rounding, progress=False, calib=str(ids_file),
                                       calib_windows=16, calib_seq=128))
         kls[rounding] = kl_per_token(ref, run_logits(save_model(model, tmp_path / f"{rounding}.onnx"), ids))
     assert kls["gptq"] < kls["rtn"]

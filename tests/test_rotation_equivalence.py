@@ -4,7 +4,7 @@ import numpy as np
 import onnx
 import pytest
 
-from conftest import TINY_NAMES, kl_per_token, run_logits
+from helpers import TINY_NAMES, kl_per_token, options, run_logits
 from onnxqf.recognize import recognize
 from onnxqf.graph.modelfile import load_model, save_model
 from onnxqf.passes.fold_norms import FoldNormsPass
@@ -12,7 +12,7 @@ from onnxqf.passes.online_hadamard import DownProjHadamardPass
 from onnxqf.passes.rotate_norm_outputs import NormOutputHadamardPass
 from onnxqf.passes.rotate_residual import RotateResidualPass
 from onnxqf.passes.rotate_vo import ValueOutputRotationPass
-from onnxqf.pipeline import RewriteOptions, rewrite
+from onnxqf.pipeline import rewrite
 from onnxqf.plan import Plan
 
 PASS_SETS = {
@@ -60,7 +60,7 @@ def test_passes_preserve_logits(tiny_models, text_ids, tmp_path, name, passes):
 def test_rotate_preset_changes_weights_and_keeps_function(tiny_models, text_ids, tmp_path, name):
     orig = load_model(tiny_models[name])
     model = load_model(tiny_models[name])
-    report = rewrite(model, RewriteOptions(transform="rotate", quant="none", progress=False))
+    report = rewrite(model, options(transform="rotate", quant="none", progress=False))
     out = save_model(model, tmp_path / "rot.onnx")
     assert_equivalent(tiny_models[name], out, windows(text_ids))
     # really rotated: the first q_proj weight differs substantially
@@ -83,7 +83,7 @@ def test_rotation_reduces_activation_outliers(tiny_models, text_ids):
 
     before = maxima(load_model(tiny_models["llama-gqa"]))
     model = load_model(tiny_models["llama-gqa"])
-    rewrite(model, RewriteOptions(transform="rotate", quant="none", progress=False))
+    rewrite(model, options(transform="rotate", quant="none", progress=False))
     after = maxima(model)
     assert np.all(after < before)
 
@@ -100,7 +100,7 @@ def test_tied_embedding_is_untied_and_table_rotated(tiny_models):
 
 def test_fp16_rotation(tiny_fp16, text_ids, tmp_path):
     model = load_model(tiny_fp16)
-    rewrite(model, RewriteOptions(transform="rotate", quant="none", progress=False))
+    rewrite(model, options(transform="rotate", quant="none", progress=False))
     out = save_model(model, tmp_path / "rot16.onnx")
     ids = windows(text_ids, 1, 64)
     ref, new = run_logits(tiny_fp16, ids).astype(np.float32), run_logits(out, ids).astype(np.float32)
@@ -112,7 +112,7 @@ def test_fp16_rotation(tiny_fp16, text_ids, tmp_path):
 def test_full_hybrid_float_is_exact(tiny_models, text_ids, tmp_path, name):
     """Smoothing at all four sites, online Hadamards after the norms: the float graph is unchanged."""
     model = load_model(tiny_models[name])
-    report = rewrite(model, RewriteOptions(transform="hybrid", quant="none", alpha=0.5, progress=False,
+    report = rewrite(model, options(transform="hybrid", quant="none", alpha=0.5, progress=False,
                                            calib="builtin", calib_windows=1, calib_seq=64), tokenizer=_ByteTokenizer())
     assert set(report.rotations) == {"norm_out", "down", "head", "heads"}
     assert len(report.sites) == 4 * len(recognize(model).layers)
@@ -133,12 +133,12 @@ def test_rotate_offline_adds_no_node_and_is_exact(tiny_models, text_ids, tmp_pat
     import collections
 
     from onnxqf.graph.modelfile import load_model, save_model
-    from onnxqf.pipeline import RewriteOptions, rewrite
+    from onnxqf.pipeline import rewrite
 
     src = tiny_models[name]
     model = load_model(src)
     before = collections.Counter(n.op_type for n in model.graph)
-    report = rewrite(model, RewriteOptions(transform="rotate-offline", quant="none", progress=False))
+    report = rewrite(model, options(transform="rotate-offline", quant="none", progress=False))
     after = collections.Counter(n.op_type for n in model.graph)
     assert set(report.rotations) == {"residual", "head"}
     assert sum(after.values()) <= sum(before.values()) and after["MatMul"] == before["MatMul"]

@@ -5,7 +5,7 @@ import collections
 import numpy as np
 import pytest
 
-from conftest import run_logits
+from helpers import run_logits
 from onnxqf.graph.modelfile import load_model, save_model
 from onnxqf.passes.simplify_shapes import SimplifyShapesPass, expand_constant, reshape_constant
 

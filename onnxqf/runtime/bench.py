@@ -38,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
-from onnxqf.errors import BadModelFileError, OnnxqfError, ProviderUnavailableError
+from onnxqf.errors import BadModelFileError, OnnxqfError
 
 PAST_RE = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
 DEVICE = {"cpu": "cpu", "cuda": "cuda"}
@@ -366,16 +366,12 @@ def parse_past(text: str) -> tuple[int, ...]:
 
 def check_provider(ep: str) -> str:
     """The provider's name; ProviderUnavailableError (exit 3, as `onnxqf check`) if this onnxruntime lacks it."""
-    from onnxqf.runtime.session import EP_NAMES, ort
+    from onnxqf.runtime.session import ort
+    from onnxqf.runtime.target import get_target
 
-    rt = ort()
-    provider = EP_NAMES.get(ep)
-    if provider is None:
-        raise OnnxqfError(f"unknown execution provider '{ep}' (use cpu or cuda)")
-    if provider not in rt.get_available_providers():
-        hint = " (install onnxruntime-gpu)" if ep == "cuda" else ""
-        raise ProviderUnavailableError(f"{provider} is not available in this onnxruntime build ({rt.__version__}){hint}")
-    return provider
+    target = get_target(ep)
+    target.require(ort())
+    return target.provider
 
 
 def run_bench(models: list[str], opts: BenchOptions, ref: str | None = None) -> dict:

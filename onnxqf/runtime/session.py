@@ -12,6 +12,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxqf.errors import OnnxqfError
+from onnxqf.runtime.target import get_target
 
 
 def ort():
@@ -22,11 +23,8 @@ def ort():
     return onnxruntime
 
 
-EP_NAMES = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
-
-
 def session_options(*, strict_ep: bool = False, profile: str | None = None, threads: int | None = None,
-                    arena: bool = True):
+                    arena: bool = True, custom_op_libraries: tuple[str, ...] = ()):
     """``arena=False``: no CPU memory arena. For short-lived sessions in a long process (one per layer,
     onnxqf.calib.layerwise): with the arena, ~0.3 GB of a Llama-2-7B-shaped layer's session stays resident
     after the session is gone; without it the peak is lower too, at the same speed (measured)."""
@@ -41,20 +39,18 @@ def session_options(*, strict_ep: bool = False, profile: str | None = None, thre
         so.profile_file_prefix = profile
     if threads:
         so.intra_op_num_threads = threads
+    for library in custom_op_libraries:  # e.g. onnxqf's CUDA kernels (onnxqf.runtime.kernels)
+        so.register_custom_ops_library(str(library))
     return so
 
 
 def make_session(path: str | os.PathLike, ep: str = "cpu", provider_options: dict | None = None, **kwargs):
-    """A session on ``ep``; ``provider_options`` go to that provider (e.g. ``{"enable_cuda_graph": "1"}``)."""
+    """A session on target ``ep``; ``provider_options`` go to that provider (e.g. ``{"enable_cuda_graph": "1"}``).
+    A provider this onnxruntime lacks: :class:`onnxqf.errors.ProviderUnavailableError` (exit 3)."""
     rt = ort()
-    provider = EP_NAMES.get(ep)
-    if provider is None:
-        raise OnnxqfError(f"unknown execution provider '{ep}' (use cpu or cuda)")
-    if provider not in rt.get_available_providers():
-        raise OnnxqfError(f"{provider} is not available in this onnxruntime build ({rt.__version__})")
-    providers = [provider] if ep == "cuda" else ["CPUExecutionProvider"]
-    if provider_options:
-        providers = [(providers[0], dict(provider_options))]
+    target = get_target(ep)
+    target.require(rt)
+    providers = target.providers(provider_options)
     try:
         return rt.InferenceSession(str(path), sess_options=session_options(**kwargs), providers=providers)
     except Exception as exc:

@@ -1,0 +1,1 @@
+"""Lowerings: how one quantized linear (or a group sharing an input) becomes ONNX nodes."""

@@ -1,0 +1,136 @@
+"""Execution-provider targets: what is true of one ONNX Runtime provider, in one place.
+
+A :class:`Target` owns:
+
+- which lowering each quantized format gets on its provider (W8A8 and weight-only: :meth:`Target.lowering`);
+- the placement rules of its provider: op types it has no kernel for, and the rules of each lowering's
+  nodes (:meth:`Target.node_issues`, checked without running anything, in CI too);
+- the session it runs graphs in: provider name, provider options, custom-op libraries (:meth:`Target.session`);
+- how a missing provider is reported: :class:`onnxqf.errors.ProviderUnavailableError`, exit code 3, for every
+  command.
+
+``onnxqf rewrite --ep cpu|cuda`` picks the target (onnxruntime-genai's model builder calls it ``-e``). Without
+``--ep`` the target of an onnxruntime-genai folder is the provider its ``genai_config.json`` names (cpu when it
+names none); a plain graph's is ``cuda`` for float16 weights and ``cpu`` for float32 (the builder's own
+convention: ``-p fp16`` goes with ``-e cuda``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import onnx_ir as ir
+
+from onnxqf.errors import OnnxqfError, ProviderUnavailableError
+from onnxqf.lowering import base as lowering_base
+
+__all__ = ["Target", "TARGETS", "get_target", "default_target_name", "genai_provider", "METADATA_TARGET", "METADATA_LOWERING"]
+
+#: model metadata keys where ``rewrite`` records what it lowered for (``check`` compares them with ``--ep``)
+METADATA_TARGET = "onnxqf.target"
+METADATA_LOWERING = "onnxqf.lowering"
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """One execution provider.
+
+    Attributes:
+        name: ``cpu`` or ``cuda`` (the ``--ep`` value).
+        provider: ONNX Runtime's provider name.
+        w8a8: the W8A8 lowering per activation kind (``token``, ``asym``, ``tensor``).
+        nbits_accuracy_level: MatMulNBits ``accuracy_level`` (4 on the CPU: int8 compute inside the op).
+        no_kernel: op types this provider has no kernel for (they would run on the CPU, with copies).
+    """
+
+    name: str
+    provider: str
+    w8a8: dict[str, str]
+    nbits_accuracy_level: int
+    no_kernel: frozenset[str] = frozenset()
+
+    # -- lowerings ----------------------------------------------------------------------------------
+    def lowering(self, quant) -> lowering_base.Lowering:
+        """The lowering of a quantization config (:mod:`onnxqf.options`) on this target: the config's own
+        ``lowering`` when it names one, else this target's choice for the format."""
+        from onnxqf.lowering.nbits import MatMulNBits
+
+        if quant.format == "int8":
+            name = quant.lowering or self.w8a8[quant.activations]
+            cls = lowering_base.get(name)
+            if cls.format != "int8":
+                raise OnnxqfError(f"--lowering {name} lowers {cls.format} linears, not W8A8")
+            return cls(clip_search=quant.clip_search)
+        level = self.nbits_accuracy_level if quant.accuracy_level is None else quant.accuracy_level
+        return MatMulNBits(bits=quant.bits, block_size=quant.block_size, symmetric=not quant.asymmetric,
+                           clip_search=quant.clip_search, act_order=quant.act_order, damp=quant.damp,
+                           accuracy_level=level, lm_head_bits=quant.lm_head_bits)
+
+    # -- placement ----------------------------------------------------------------------------------
+    def node_issues(self, model: ir.Model) -> list[str]:
+        """Nodes that this provider cannot run, or runs on a slow path (by op type, input types and the rules of
+        the lowering that emits them); and a graph lowered for another target (its recorded metadata)."""
+        issues = []
+        recorded = model.metadata_props.get(METADATA_TARGET)
+        if recorded and recorded != self.name:
+            lowering = model.metadata_props.get(METADATA_LOWERING, "?")
+            issues.append(f"the graph was lowered for --ep {recorded} ({lowering}), not {self.name}: "
+                          f"rewrite the original with --ep {self.name}")
+        lowerings = [cls() for name, cls in sorted(lowering_base.REGISTRY.items()) if cls.format == "int8"]
+        for node in model.graph.all_nodes():
+            if node.op_type in self.no_kernel:
+                issues.append(f"{node.op_type} '{node.name}': no {self.provider} kernel")
+                continue
+            for lowering in lowerings:
+                issue = lowering.node_issue(node, self.name)
+                if issue:
+                    issues.append(issue)
+                    break
+        return issues
+
+    # -- sessions -----------------------------------------------------------------------------------
+    def require(self, rt) -> None:
+        """Check that the onnxruntime module ``rt`` has this provider (else ProviderUnavailableError, exit 3)."""
+        if self.provider not in rt.get_available_providers():
+            hint = " (pip install 'onnxqf[gpu]' for the CUDA provider)" if self.name == "cuda" else ""
+            raise ProviderUnavailableError(f"{self.provider} is not available in this onnxruntime build "
+                                           f"({rt.__version__}){hint}")
+
+    def providers(self, provider_options: dict | None = None) -> list:
+        """The ``providers`` argument of an InferenceSession on this target."""
+        return [(self.provider, dict(provider_options))] if provider_options else [self.provider]
+
+
+TARGETS: dict[str, Target] = {
+    "cpu": Target("cpu", "CPUExecutionProvider",
+                  w8a8={"token": "uint8-token", "asym": "uint8-token-asym", "tensor": "uint8-tensor"},
+                  nbits_accuracy_level=4),
+    "cuda": Target("cuda", "CUDAExecutionProvider",
+                   w8a8={"token": "int8-token", "asym": "int8-token-asym", "tensor": "uint8-tensor"},
+                   nbits_accuracy_level=0,
+                   no_kernel=frozenset({"DynamicQuantizeLinear", "MatMulIntegerToFloat", "DynamicQuantizeMatMul"})),
+}
+
+
+def get_target(name: str) -> Target:
+    try:
+        return TARGETS[name]
+    except KeyError:
+        raise OnnxqfError(f"unknown execution provider '{name}' (use {' or '.join(TARGETS)})") from None
+
+
+def default_target_name(dtype: ir.DataType, genai_provider: str | None = None) -> str:
+    """The target of a rewrite without ``--ep``: a genai folder's provider (``genai_provider``: "" when its
+    config names none), else cuda for float16 models, cpu otherwise (see the module docstring)."""
+    if genai_provider is not None:
+        return genai_provider if genai_provider in TARGETS else "cpu"
+    return "cuda" if dtype == ir.DataType.FLOAT16 else "cpu"
+
+
+def genai_provider(decoder: dict) -> str:
+    """The provider an onnxruntime-genai ``model.decoder`` config runs on: the first entry of its
+    ``session_options.provider_options`` (``[{"cuda": {...}}]``), "" when it names none (the CPU)."""
+    for entry in decoder.get("session_options", {}).get("provider_options", []) or []:
+        for name in entry:
+            return str(name).lower()
+    return ""
