@@ -22,9 +22,25 @@ class RewritePass(ir.passes.InPlacePass):
     def __init__(self, report: RewriteReport | None = None):
         super().__init__()
         self.report = report if report is not None else RewriteReport()
+        self._structure = None
 
     def apply(self, model: ir.Model) -> bool:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def structure(self, model: ir.Model):
+        """The model's :class:`~onnxqf.graph.structure.Structure`, recognized once per pass call: ``requires``
+        and ``apply`` share it (a pass never recognizes the graph it is editing again)."""
+        if self._structure is None or self._structure[0] is not model:
+            from onnxqf.recognize import recognize
+
+            self._structure = (model, recognize(model))
+        return self._structure[1]
+
+    def __call__(self, model_or_result, /) -> ir.passes.PassResult:
+        try:
+            return super().__call__(model_or_result)
+        finally:
+            self._structure = None
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         t = time.perf_counter()
@@ -54,9 +70,8 @@ class RotationPass(RewritePass):
     def recognize_and_check(self, model: ir.Model):
         """The model's structure, after checking that the rotation fits it."""
         from onnxqf.errors import OnnxqfError
-        from onnxqf.recognize import recognize
 
-        s = recognize(model)
+        s = self.structure(model)
         n = self.size_of(s)
         if self.rotation.n != n:
             raise OnnxqfError(f"{self.what} of size {self.rotation.n} for a model that needs {n}")

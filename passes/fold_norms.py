@@ -8,8 +8,6 @@ import onnx_ir as ir
 from onnxqf.graph import edit
 from onnxqf.maths import fold
 from onnxqf.passes.base import RewritePass
-from onnxqf.recognize import recognize
-from onnxqf.graph.structure import read
 
 
 class FoldNormsPass(RewritePass):
@@ -23,21 +21,18 @@ class FoldNormsPass(RewritePass):
     """
 
     def requires(self, model: ir.Model) -> None:
-        recognize(model)
+        self.structure(model)
 
     def apply(self, model: ir.Model) -> bool:
-        structure = recognize(model)
+        structure = self.structure(model)
         modified = structure.tied() or any(lin.transpose is not None for lin in structure.linears())
         edit.prepare_linears(model.graph, structure)
         for norm, readers in structure.norm_readers():
-            if norm.gamma is None:
+            if norm.is_unit():
                 continue
-            g = read(norm.gamma)
-            if np.all(g == 1.0):
-                continue
-            edit.private_gamma(model.graph, norm)
-            for lin in readers:
-                edit.update_matrix(lin, lambda B: fold.scale_rows(B, g), by="columns")
-            edit.write(norm.gamma, np.ones_like(g))
+            g = norm.scale()
+            for lin in readers:  # each weight MatMul once (a packed q/k/v as a whole)
+                edit.update_matrix(lin, lambda B, g=g: fold.scale_rows(B, g), by="columns")
+            norm.set_scale(np.ones_like(g))
             modified = True
         return modified

@@ -8,7 +8,6 @@ from onnxqf.graph import edit
 from onnxqf.maths import fold
 from onnxqf.errors import OnnxqfError
 from onnxqf.passes.base import RotationPass
-from onnxqf.recognize import recognize
 
 
 class DownProjHadamardPass(RotationPass):
@@ -35,7 +34,7 @@ class DownProjHadamardPass(RotationPass):
                 raise OnnxqfError(f"layer {layer.index}: down_proj's input is not act(gate) * up; cannot fold the signs")
 
     def apply(self, model: ir.Model) -> bool:
-        s = recognize(model)
+        s = self.structure(model)
         edit.prepare_linears(model.graph, s)
         D, factors = self.rotation.signs, list(self.rotation.factors)
         for layer in s.layers:

@@ -8,8 +8,7 @@ from onnxqf.graph import edit
 from onnxqf.maths import fold
 from onnxqf.errors import OnnxqfError
 from onnxqf.passes.base import RotationPass
-from onnxqf.recognize import recognize, through_casts_fwd
-from onnxqf.graph.structure import read
+from onnxqf.recognize.match import through_casts_fwd
 
 
 class NormOutputHadamardPass(RotationPass):
@@ -34,7 +33,7 @@ class NormOutputHadamardPass(RotationPass):
     def requires(self, model: ir.Model) -> None:
         s = self.recognize_and_check(model)
         for site in s.sites(("attn_in", "mlp_in")):
-            if site.fold_norm.gamma is None:
+            if not site.fold_norm.has_scale:
                 raise OnnxqfError(f"{site.name}: the norm has no scale to fold the rotation's signs into")
             nodes = {id(lin.node) for lin in site.readers}
             for node, _ in through_casts_fwd(site.fold_norm.output):
@@ -42,14 +41,13 @@ class NormOutputHadamardPass(RotationPass):
                     raise OnnxqfError(f"{site.name}: the norm output is also read by a {node.op_type} node ('{node.name}')")
 
     def apply(self, model: ir.Model) -> bool:
-        s = recognize(model)
+        s = self.structure(model)
         edit.prepare_linears(model.graph, s)
         d, factors = self.rotation.signs, list(self.rotation.factors)
         for site in s.sites(("attn_in", "mlp_in")):
             norm = site.fold_norm
-            edit.private_gamma(model.graph, norm)
-            edit.write(norm.gamma, read(norm.gamma) * d)
-            for lin in site.readers:
+            norm.set_scale(norm.scale() * d)
+            for lin in site.matmuls():
                 edit.update_matrix(lin, lambda B: fold.kron_input(fold.scale_rows(B, d), factors), by="columns")
             edit.rotate_value_online(model.graph, norm.output, factors, s.dtype, f"{site.name}/hadamard")
         return True

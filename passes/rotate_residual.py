@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import numpy as np
 import onnx_ir as ir
 
 from onnxqf.graph import edit
 from onnxqf.maths import fold
 from onnxqf.errors import OnnxqfError
 from onnxqf.passes.base import RotationPass
-from onnxqf.recognize import recognize
-from onnxqf.graph.structure import read
+from onnxqf.recognize.families import GENERIC, RESIDUAL_ROTATION
 
 
 class RotateResidualPass(RotationPass):
@@ -34,8 +32,9 @@ class RotateResidualPass(RotationPass):
 
     def requires(self, model: ir.Model) -> None:
         s = self.recognize_and_check(model)
+        (s.family or GENERIC).check(RESIDUAL_ROTATION)  # e.g. Gemma 2/3: norms after the blocks
         for norm in s.norms():
-            if norm.gamma is not None and not np.all(read(norm.gamma) == 1.0):
+            if not norm.is_unit():
                 raise OnnxqfError("residual rotation needs folded norm scales (run FoldNormsPass first)")
         # the residual stream: the embedding and every value a norm normalizes (the residual Adds'
         # outputs, or the fused Skip norms' residual sums)
@@ -48,18 +47,16 @@ class RotateResidualPass(RotationPass):
                     raise OnnxqfError(f"the residual stream is read by a {node.op_type} node ('{node.name}'); cannot rotate it")
 
     def apply(self, model: ir.Model) -> bool:
-        s = recognize(model)
+        s = self.structure(model)
         edit.prepare_linears(model.graph, s)
         # Q = diag(signs) kron(factors), applied through its factors: O(n sum f) per row, not n^2
         Q = fold.KronRotation([(self.rotation.signs, self.rotation.factors)])
         table = s.embedding_table
         edit.update_slices(table, Q.apply, axis=0)  # E Q
-        for layer in s.layers:
-            for lin in (layer.q, layer.k, layer.v, layer.gate, layer.up):
-                edit.update_matrix(lin, Q.apply_input, by="columns")  # Q^T B
-            for lin in (layer.o, layer.down):
-                edit.update_matrix(lin, Q.apply, by="rows")  # B Q
-                if lin.bias is not None:
-                    edit.set_bias_vector(lin, Q.apply(lin.bias_vector()))
-        edit.update_matrix(s.lm_head, Q.apply_input, by="columns")
+        for lin in s.stream_readers():  # q/k/v, gate/up (a packed weight once), lm_head
+            edit.update_matrix(lin, Q.apply_input, by="columns")  # Q^T B
+        for lin in s.stream_writers():  # o_proj, down_proj
+            edit.update_matrix(lin, Q.apply, by="rows")  # B Q
+            if lin.bias is not None:
+                edit.set_bias_vector(lin, Q.apply(lin.bias_vector()))
         return True

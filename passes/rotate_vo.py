@@ -10,7 +10,6 @@ from onnxqf.maths import fold
 from onnxqf.errors import OnnxqfError
 from onnxqf.maths.hadamard import Rotation
 from onnxqf.passes.base import RewritePass
-from onnxqf.recognize import recognize
 
 
 class ValueOutputRotationPass(RewritePass):
@@ -34,13 +33,13 @@ class ValueOutputRotationPass(RewritePass):
         self.head, self.heads = head, heads
 
     def requires(self, model: ir.Model) -> None:
-        cfg = recognize(model).config
+        cfg = self.structure(model).config
         if self.head.n != cfg.head_dim or (self.heads is not None and self.heads.n != cfg.num_heads):
             raise OnnxqfError(f"value/output rotations of sizes {self.head.n}/{self.heads and self.heads.n} for head_dim {cfg.head_dim}, "
                               f"{cfg.num_heads} heads")
 
     def apply(self, model: ir.Model) -> bool:
-        s = recognize(model)
+        s = self.structure(model)
         edit.prepare_linears(model.graph, s)
         cfg = s.config
         R_dh = self.head.matrix()

@@ -13,9 +13,7 @@ from onnxqf.errors import OnnxqfError
 from onnxqf.maths.gptq import column_chunks
 from onnxqf.passes.base import RewritePass
 from onnxqf.plan import Plan
-from onnxqf.recognize import recognize
 from onnxqf.report import SiteChoice
-from onnxqf.graph.structure import read
 
 
 class SmoothPass(RewritePass):
@@ -44,14 +42,14 @@ class SmoothPass(RewritePass):
         self.plan, self.stats, self.alpha = plan, stats, alpha
 
     def requires(self, model: ir.Model) -> None:
-        for site in recognize(model).sites(self.plan.smooth):
+        for site in self.structure(model).sites(self.plan.smooth):
             if site.name not in self.stats:
                 raise OnnxqfError(f"no calibration statistics for {site.name}")
-            if site.fold_norm is not None and site.fold_norm.gamma is None:
+            if site.fold_norm is not None and not site.fold_norm.has_scale:
                 raise OnnxqfError(f"{site.name}: the norm has no scale to fold smoothing into")
 
     def apply(self, model: ir.Model) -> bool:
-        s = recognize(model)
+        s = self.structure(model)
         edit.prepare_linears(model.graph, s)
         cfg = s.config
         rotations = {kind: self.plan.site_transform(kind, cfg) for kind in self.plan.smooth}
@@ -103,12 +101,11 @@ class SmoothPass(RewritePass):
 
 def fold_scales(graph: ir.Graph, site, scale: np.ndarray) -> None:
     """Apply ``x <- x / s`` at ``site`` exactly: readers' rows times s, 1/s into the producer."""
-    for lin in site.readers:
+    for lin in site.matmuls():  # each weight MatMul once (a packed q/k/v as a whole)
         edit.update_matrix(lin, lambda B: fold.scale_rows(B, scale), by="columns")
     inv = 1.0 / scale
     if site.fold_norm is not None:
-        edit.private_gamma(graph, site.fold_norm)
-        edit.write(site.fold_norm.gamma, read(site.fold_norm.gamma) * inv)
+        site.fold_norm.set_scale(site.fold_norm.scale() * inv)
         return
     producer = site.fold_linear
     col = smoothing.kv_scales(inv, site.kv_groups) if site.kv_groups is not None else inv

@@ -6,46 +6,15 @@ original dtype here, so every fold happens in float64 whatever the model's preci
 
 from __future__ import annotations
 
-import itertools
-
 import numpy as np
 import onnx_ir as ir
 from onnx_ir import tape as ir_tape
 
-from onnxqf.graph import store
 from onnxqf.errors import UnsupportedGraphError
-from onnxqf.maths.hadamard import ONLINE_GROUP_MAX, online_groups
+from onnxqf.graph import store
 from onnxqf.graph.structure import ONLINE_ROTATION, Linear, Norm, Structure, const_array, read
-
-_counter = itertools.count()
-
-
-def unique_name(graph: ir.Graph, base: str) -> str:
-    while True:
-        name = f"{base}_{next(_counter)}"
-        if name not in graph.initializers:
-            return name
-
-
-def write(value: ir.Value, array: np.ndarray) -> None:
-    """Replace an initializer's data, keeping its dtype and name."""
-    old = value.const_value
-    dtype = old.dtype
-    arr = np.asarray(array).astype(dtype.numpy(), copy=False)
-    assert tuple(arr.shape) == tuple(old.shape.numpy()), (arr.shape, old.shape)
-    value.const_value = store.make_tensor(arr, dtype, value.name)  # on disk while a TensorStore is active
-    store.replaced(old)
-
-
-def add_initializer(graph: ir.Graph, base: str, array: np.ndarray, dtype: ir.DataType | None = None) -> ir.Value:
-    """A new initializer named ``base_N`` (the one way the passes create constants)."""
-    name = unique_name(graph, base)
-    array = np.asarray(array)
-    dtype = dtype or ir.DataType.from_numpy(array.dtype)
-    tensor = store.make_tensor(array, dtype, name)
-    value = ir.Value(name=name, shape=ir.Shape(list(tensor.shape)), type=ir.TensorType(tensor.dtype), const_value=tensor)
-    graph.register_initializer(value)
-    return value
+from onnxqf.graph.tensors import add_initializer, unique_name, write  # noqa: F401  (edit.write etc.)
+from onnxqf.maths.hadamard import ONLINE_GROUP_MAX, online_groups
 
 
 def weight_layout(lin: Linear, B: np.ndarray, stored: np.ndarray | None = None) -> np.ndarray:
@@ -121,7 +90,8 @@ def make_private(graph: ir.Graph, lin: Linear) -> None:
     new = add_initializer(graph, (lin.weight.name or "weight") + ".untied", B, lin.weight.const_value.dtype)
     old_transpose = lin.transpose
     lin.node.replace_input_with(1, new)
-    lin.weight, lin.transpose = new, None
+    for rec in (lin, *lin.blocks):  # a packed weight's blocks read the new initializer too
+        rec.weight, rec.transpose = new, None
     if old_transpose is not None and not list(old_transpose.outputs[0].uses()):
         graph.remove(old_transpose, safe=True)
 
@@ -133,17 +103,13 @@ def make_bias_private(graph: ir.Graph, lin: Linear) -> None:
     dtype = lin.bias.dtype or lin.weight.const_value.dtype
     new = add_initializer(graph, (lin.bias.name or "bias") + ".private", np.asarray(const_array(lin.bias), np.float64), dtype)
     lin.bias_node.replace_input_with(list(lin.bias_node.inputs).index(lin.bias), new)
-    lin.bias = new
+    for rec in (lin, *lin.blocks):
+        rec.bias = new
 
 
 def private_gamma(graph: ir.Graph, norm: Norm) -> None:
-    """Give the norm its own gamma initializer (exporters sometimes share one constant)."""
-    if len(list(norm.gamma.uses())) == 1:
-        return
-    new = add_initializer(graph, (norm.gamma.name or "gamma") + ".private", read(norm.gamma), norm.gamma.const_value.dtype)
-    slot = list(norm.gamma_node.inputs).index(norm.gamma)
-    norm.gamma_node.replace_input_with(slot, new)
-    norm.gamma = new
+    """Give the norm its own gamma initializer (:meth:`Norm.make_private`)."""
+    norm.make_private()
 
 
 def private_embedding(graph: ir.Graph, structure: Structure) -> None:

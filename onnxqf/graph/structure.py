@@ -10,11 +10,21 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx_ir as ir
 
 from onnxqf.graph.store import to_numpy
+from onnxqf.graph.tensors import add_initializer, write
+
+if TYPE_CHECKING:
+    from onnxqf.recognize.families import Family
+
+__all__ = [
+    "ONLINE_ROTATION", "SITE_KINDS", "SITE_TITLES", "Layer", "Linear", "ModelConfig", "Norm", "Site", "Structure",
+    "const_array", "distinct_matmuls", "group_by_input", "is_initializer", "read",
+]
 
 # Node metadata key marking the nodes of an online rotation that onnxqf inserted (value: its name).
 # Recognition looks through such a block as through a Cast: the readers after it are still the site's.
@@ -75,6 +85,11 @@ class Linear:
     # [start, stop) of this linear's output columns when several linears share one MatMul (the
     # model builder's packed q/k/v); None: the whole weight (and bias) is this linear's
     cols: tuple[int, int] | None = None
+    # a packed weight (the whole MatMul: the model builder's or Phi-3's qkv_proj, Phi-3's gate_up_proj): the
+    # column-block Linears it holds, in column order; () for a plain linear or a block
+    blocks: tuple[Linear, ...] = ()
+    # a block's own value when the graph splits the packed output (Slice/Split of Phi-3's qkv_proj), else None
+    block_output: ir.Value | None = None
 
     @property
     def input(self) -> ir.Value:
@@ -82,6 +97,8 @@ class Linear:
 
     @property
     def output(self) -> ir.Value:
+        if self.block_output is not None:
+            return self.block_output
         return self.bias_node.outputs[0] if self.bias_node is not None else self.node.outputs[0]
 
     @property
@@ -115,6 +132,28 @@ class Linear:
         b = np.asarray(const_array(self.bias), np.float64)
         return b if self.cols is None else b[self.cols[0]:self.cols[1]]
 
+    def block(self, start: int, stop: int, role: str = "", output: ir.Value | None = None) -> Linear:
+        """The Linear of output columns [start, stop) of this (packed) MatMul: reads and writes go to that block
+        (``output``: the value the graph splits off for it, if any)."""
+        return Linear(self.node, self.weight, self.transpose, self.bias, self.bias_node, role=role, layer=self.layer,
+                      cols=(start, stop), block_output=output)
+
+    def is_packed(self) -> bool:
+        return bool(self.blocks)
+
+
+def distinct_matmuls(linears) -> list[Linear]:
+    """The first Linear of each distinct weight MatMul among ``linears`` (column blocks of one packed weight
+    count once)."""
+    out: list[Linear] = []
+    seen: set[int] = set()
+    for lin in linears:
+        if id(lin.node) in seen:
+            continue
+        seen.add(id(lin.node))
+        out.append(lin)
+    return out
+
 
 def group_by_input(linears: list[Linear]) -> list[list[Linear]]:
     """The linears grouped by the activation they read (q/k/v, gate/up), in order of first appearance."""
@@ -126,13 +165,51 @@ def group_by_input(linears: list[Linear]) -> list[list[Linear]]:
 
 @dataclasses.dataclass(eq=False)
 class Norm:
-    """An RMSNorm: ``out = x / rms(x) * gamma``."""
+    """An RMSNorm: ``out = x / rms(x) * (offset + gamma)``.
+
+    Passes read and write the multiplier only through :meth:`scale` / :meth:`set_scale`, which see the
+    effective multiplier whatever form the family stores it in (γ, or Gemma's ``1 + γ`` where the graph
+    adds the one: ``offset`` 1).
+    """
 
     kind: str  # "decomposed", "RMSNormalization" or "SimplifiedLayerNormalization"
     input: ir.Value
     output: ir.Value
     gamma: ir.Value | None  # 1-D initializer, None when the norm has no scale
-    gamma_node: ir.Node | None  # the Mul by gamma (decomposed), or the fused node
+    gamma_node: ir.Node | None  # the Mul by the multiplier (decomposed), or the fused node
+    offset: float = 0.0  # the norm multiplies by ``offset + gamma``
+    offset_node: ir.Node | None = None  # the Add(gamma, offset) that reads gamma, when offset != 0
+
+    @property
+    def has_scale(self) -> bool:
+        return self.gamma is not None
+
+    def scale(self) -> np.ndarray | None:
+        """The effective multiplier (``offset + γ``) as float64, or None when the norm has no scale."""
+        if self.gamma is None:
+            return None
+        return read(self.gamma) + self.offset
+
+    def is_unit(self) -> bool:
+        """True when the norm multiplies by ones (or has no scale): it commutes with a rotation."""
+        v = self.scale()
+        return v is None or bool(np.all(v == 1.0))
+
+    def set_scale(self, value: np.ndarray) -> None:
+        """Make the effective multiplier ``value``, written in the graph's form (``value - offset``); the
+        norm gets its own initializer first if the exporter shared one between norms."""
+        self.make_private()
+        write(self.gamma, np.asarray(value, np.float64) - self.offset)
+
+    def make_private(self) -> None:
+        """Give the norm its own γ initializer (exporters sometimes share one constant)."""
+        if len(list(self.gamma.uses())) == 1:
+            return
+        reader = self.offset_node if self.offset_node is not None else self.gamma_node
+        new = add_initializer(reader.graph, (self.gamma.name or "gamma") + ".private", read(self.gamma),
+                              self.gamma.const_value.dtype)
+        reader.replace_input_with(list(reader.inputs).index(self.gamma), new)
+        self.gamma = new
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -153,6 +230,7 @@ class Site:
     fold_norm: Norm | None = None
     fold_linear: Linear | None = None
     kv_groups: tuple[int, int, int] | None = None
+    packed: tuple[Linear, ...] = ()  # the packed MatMuls whose blocks are among the readers
 
     @property
     def name(self) -> str:
@@ -161,6 +239,12 @@ class Site:
     @property
     def width(self) -> int:
         return self.readers[0].shape[0]
+
+    def matmuls(self) -> list[Linear]:
+        """The weight MatMuls that read the site, each once (a packed weight as one Linear): where a map on
+        the rows of B (a scale, a rotation of the input) is applied."""
+        packed = {id(p.node): p for p in self.packed}
+        return [packed.get(id(lin.node), lin) for lin in distinct_matmuls(self.readers)]
 
     def matrix(self) -> np.ndarray:
         """The readers' weights side by side, [in, sum of outs], float64."""
@@ -187,26 +271,39 @@ class Layer:
     # the one MatMul that q, k and v share when they are column blocks of a packed weight (the model
     # builder's qkv_proj), as a Linear of its own (role "qkv_proj", no cols); None for separate q/k/v
     qkv: Linear | None = None
+    # the one MatMul that gate and up share (Phi-3's gate_up_proj: columns [gate | up]), like ``qkv``
+    gate_up: Linear | None = None
+    # norms applied to a block's output before the residual Add (Gemma 2/3), None when absent
+    post_attn_norm: Norm | None = None
+    post_mlp_norm: Norm | None = None
+    # per-head RMSNorms of the queries and keys before rotary (Qwen3, Gemma 3), None when absent
+    q_norm: Norm | None = None
+    k_norm: Norm | None = None
 
     def linears(self) -> list[Linear]:
-        """The seven projections by role (q/k/v may be column blocks of one packed MatMul)."""
+        """The seven projections by role (q/k/v, gate/up may be column blocks of one packed MatMul)."""
         return [self.q, self.k, self.v, self.o, self.gate, self.up, self.down]
 
     def matmuls(self) -> list[Linear]:
-        """The weight MatMuls of the layer, each once: a packed q/k/v is one Linear, not three blocks."""
-        if self.qkv is None:
-            return self.linears()
-        return [self.qkv, self.o, self.gate, self.up, self.down]
+        """The weight MatMuls of the layer, each once: a packed q/k/v (gate/up) is one Linear, not its blocks."""
+        qkv = [self.qkv] if self.qkv is not None else [self.q, self.k, self.v]
+        gate_up = [self.gate_up] if self.gate_up is not None else [self.gate, self.up]
+        return [*qkv, self.o, *gate_up, self.down]
 
     def sites(self) -> list[Site]:
         """The four quantized inputs of this layer, in graph order (see :data:`SITE_KINDS`)."""
         i = self.index
+        packed_qkv = (self.qkv,) if self.qkv is not None else ()
+        packed_mlp = (self.gate_up,) if self.gate_up is not None else ()
         return [
-            Site(i, "attn_in", self.q.input, (self.q, self.k, self.v), fold_norm=self.attn_norm),
+            Site(i, "attn_in", self.q.input, (self.q, self.k, self.v), fold_norm=self.attn_norm, packed=packed_qkv),
             Site(i, "o_in", self.o.input, (self.o,), fold_linear=self.v, kv_groups=self.kv_groups),
-            Site(i, "mlp_in", self.gate.input, (self.gate, self.up), fold_norm=self.mlp_norm),
+            Site(i, "mlp_in", self.gate.input, (self.gate, self.up), fold_norm=self.mlp_norm, packed=packed_mlp),
             Site(i, "down_in", self.down.input, (self.down,), fold_linear=self.up),
         ]
+
+    def post_norms(self) -> list[Norm]:
+        return [n for n in (self.post_attn_norm, self.post_mlp_norm) if n is not None]
 
     def site(self, kind: str) -> Site:
         return self.sites()[SITE_KINDS.index(kind)]
@@ -236,6 +333,9 @@ class Structure:
     final_norm: Norm
     lm_head: Linear
     config: ModelConfig
+    # what the family hooks say about this model (norm form, multipliers, what cannot be exact); set by
+    # onnxqf.recognize.recognize, None for a Structure built by hand
+    family: Family | None = None
 
     @property
     def embedding_table(self) -> ir.Value:
@@ -266,20 +366,31 @@ class Structure:
         return [site for layer in self.layers for site in layer.sites() if site.kind in kinds]
 
     def site_of(self) -> dict[str, Site]:
-        """Linear name -> the site it reads (a packed q/k/v under its own name too)."""
+        """Linear name -> the site it reads (a packed q/k/v or gate/up under its own name too)."""
         out = {lin.name: site for site in self.sites() for lin in site.readers}
         for layer in self.layers:
             if layer.qkv is not None:
                 out[layer.qkv.name] = layer.site("attn_in")
+            if layer.gate_up is not None:
+                out[layer.gate_up.name] = layer.site("mlp_in")
         return out
 
     def norms(self) -> list[Norm]:
         return [n for layer in self.layers for n in (layer.attn_norm, layer.mlp_norm)] + [self.final_norm]
 
     def norm_readers(self) -> list[tuple[Norm, tuple[Linear, ...]]]:
-        """Each RMSNorm with the linears that read its output (the final norm: lm_head)."""
-        out = [(site.fold_norm, site.readers) for site in self.sites(("attn_in", "mlp_in"))]
+        """Each RMSNorm before linears with the weight MatMuls that read its output, each once (a packed
+        weight whole; the final norm: lm_head)."""
+        out = [(site.fold_norm, tuple(site.matmuls())) for site in self.sites(("attn_in", "mlp_in"))]
         return out + [(self.final_norm, (self.lm_head,))]
+
+    def stream_readers(self) -> list[Linear]:
+        """The weight MatMuls that read the (normed) residual stream, each once: q/k/v, gate/up, lm_head."""
+        return [lin for _, readers in self.norm_readers() for lin in readers]
+
+    def stream_writers(self) -> list[Linear]:
+        """The weight MatMuls that write into the residual stream: o_proj and down_proj."""
+        return [lin for layer in self.layers for lin in (layer.o, layer.down)]
 
     def tied(self) -> bool:
         """True when lm_head reads the embedding table's initializer (directly or through a Transpose)."""

@@ -23,8 +23,17 @@ from __future__ import annotations
 import onnx_ir as ir
 
 from onnxqf.errors import UnsupportedGraphError
-from onnxqf.recognize import _classify_gate_up, _find_gather, _readers  # _readers sees through onnxqf's online rotations
 from onnxqf.graph.structure import Layer, Linear, ModelConfig, Norm, Structure, is_initializer
+from onnxqf.recognize.match import (  # linear_readers sees through onnxqf's online rotations
+    classify_gate_up,
+    find_gather,
+    linear_readers,
+    scalar_factor,
+    split_blocks,
+    through_scalar_mul,
+)
+
+__all__ = ["GQA", "NORM", "QUANTIZED_OPS", "SKIP_NORM", "is_builder_graph", "recognize_genai"]
 
 SKIP_NORM = "SkipSimplifiedLayerNormalization"
 NORM = "SimplifiedLayerNormalization"
@@ -64,53 +73,107 @@ def _residual_out(node: ir.Node, where: str) -> ir.Value:
 
 
 def _only_linear_reader(value: ir.Value, where: str, what: str) -> Linear:
-    readers = _readers(value)
+    readers = linear_readers(value)
     if len(readers) != 1:
         raise UnsupportedGraphError(f"{where}: expected one {what} MatMul, found {len(readers)}")
     return readers[0]
 
 
-def _qkv(norm_out: ir.Value, where: str) -> tuple[Linear, Linear, Linear, ir.Node, Linear | None]:
-    """q, k, v, the attention node, and the packed q/k/v Linear (None when q/k/v are separate)."""
-    gqas = []
-    readers = _readers(norm_out)
-    for lin in readers:
-        for node in lin.output.consumers():
+def _to_gqa(value: ir.Value, limit: int = 4) -> tuple[ir.Node, int, Norm | None] | None:
+    """(the GroupQueryAttention node, the input slot, the per-head norm on the way) that ``value`` reaches through
+    Reshapes and at most one SimplifiedLayerNormalization (Qwen3's q/k norms before rotary), or None."""
+    norm = None
+    for _ in range(limit):
+        users = list(value.consumers())
+        for node in users:
             if node.op_type == GQA:
-                gqas.append((lin, node))
-    if not gqas:
+                return node, list(node.inputs).index(value), norm
+        if len(users) != 1:
+            return None
+        node = users[0]
+        if node.op_type == NORM and norm is None and len(node.inputs) > 1 and is_initializer(node.inputs[1]):
+            norm = Norm(NORM, value, node.outputs[0], node.inputs[1], node)
+        elif node.op_type not in ("Reshape", "Cast", "Identity"):
+            return None
+        value = node.outputs[0]
+    return None
+
+
+def _reaches_gqa(lin: Linear) -> bool:
+    if _to_gqa(lin.output) is not None:
+        return True
+    blocks = split_blocks(lin.output, lin.shape[1])
+    return blocks is not None and any(_to_gqa(v) is not None for _, _, v in blocks)
+
+
+def _qkv(norm_out: ir.Value, where: str) -> tuple[Linear, Linear, Linear, ir.Node, Linear | None, list]:
+    """q, k, v, the attention node, the packed q/k/v Linear (None when q/k/v are separate), and the q/k norms."""
+    readers = linear_readers(norm_out)
+    if len(readers) == 1:
+        base = readers[0]
+        width = base.shape[1]
+        hit = _to_gqa(base.output)
+        if hit is not None:  # one packed input: GroupQueryAttention splits q/k/v itself
+            attn = hit[0]
+            heads = attn.attributes.get_int("num_heads", 0)
+            kv_heads = attn.attributes.get_int("kv_num_heads", 0)
+            if heads <= 0 or kv_heads <= 0 or width % (heads + 2 * kv_heads):
+                raise UnsupportedGraphError(f"{where}: packed q/k/v width {width} does not split into {heads} + 2*{kv_heads} "
+                                            "heads")
+            hd = width // (heads + 2 * kv_heads)
+            bounds = (0, heads * hd, (heads + kv_heads) * hd, width)
+            q, k, v = (base.block(bounds[i], bounds[i + 1]) for i in range(3))
+            base.role, base.blocks = "qkv_proj", (q, k, v)
+            return q, k, v, attn, base, [None, None]
+        blocks = split_blocks(base.output, width)  # Split into q, k, v (the builder's graphs with q/k norms)
+        if blocks is not None and len(blocks) == 3:
+            hits = [_to_gqa(value) for _, _, value in blocks]
+            if all(h is not None for h in hits) and len({id(h[0]) for h in hits}) == 1 and \
+                    sorted(h[1] for h in hits) == [0, 1, 2]:
+                parts = {h[1]: base.block(a, b, output=value) for (a, b, value), h in zip(blocks, hits)}
+                norms = {h[1]: h[2] for h in hits}
+                if norms[2] is not None:
+                    raise UnsupportedGraphError(f"{where}: a norm on the values before {GQA} is not supported")
+                base.role, base.blocks = "qkv_proj", tuple(parts[i] for i in range(3))
+                return parts[0], parts[1], parts[2], hits[0][0], base, [norms[0], norms[1]]
+    hits = [(lin, _to_gqa(lin.output)) for lin in readers]
+    found = [(lin, h) for lin, h in hits if h is not None]
+    if not found:
         ops = sorted({n.op_type for r in readers for n in r.output.consumers()})
         raise UnsupportedGraphError(f"{where}: no {GQA} after the attention norm (found {', '.join(ops) or 'nothing'}); "
                                     "other attention ops are not supported")
-    attn = gqas[0][1]
-    heads = attn.attributes.get_int("num_heads", 0)
-    kv_heads = attn.attributes.get_int("kv_num_heads", 0)
-    packed = len(attn.inputs) < 3 or (attn.inputs[1] is None and attn.inputs[2] is None)
-    if packed:
-        base = gqas[0][0]
-        width = base.shape[1]
-        if heads <= 0 or kv_heads <= 0 or width % (heads + 2 * kv_heads):
-            raise UnsupportedGraphError(f"{where}: packed q/k/v width {width} does not split into {heads} + 2*{kv_heads} heads")
-        hd = width // (heads + 2 * kv_heads)
-        bounds = (0, heads * hd, (heads + kv_heads) * hd, width)
-        q, k, v = (Linear(base.node, base.weight, base.transpose, base.bias, base.bias_node, cols=(bounds[i], bounds[i + 1]))
-                   for i in range(3))
-        base.role = "qkv_proj"
-        return q, k, v, attn, base
-    by_slot = {}
-    for lin, node in gqas:
-        if node is attn:
-            by_slot[list(node.inputs).index(lin.output)] = lin
+    attn = found[0][1][0]
+    by_slot = {h[1]: (lin, h[2]) for lin, h in found if h[0] is attn}
     if sorted(by_slot) != [0, 1, 2]:
         raise UnsupportedGraphError(f"{where}: cannot find separate q/k/v projections feeding {GQA}")
-    return by_slot[0], by_slot[1], by_slot[2], attn, None
+    return by_slot[0][0], by_slot[1][0], by_slot[2][0], attn, None, [by_slot[0][1], by_slot[1][1]]
+
+
+def _block_output(lin: Linear, where: str, what: str) -> tuple[ir.Node, Norm | None]:
+    """The Skip norm a block's output (o_proj's, down_proj's) goes into, through a scalar multiplier (Granite) and
+    a SimplifiedLayerNormalization after the block (Gemma 2), and that norm (or None)."""
+    value, post = lin.output, None
+    for _ in range(3):
+        users = list(value.consumers())
+        skips = [n for n in users if n.op_type == SKIP_NORM and len(n.inputs) > 1 and n.inputs[1] is value]
+        if len(skips) == 1 and len(users) == 1:
+            return skips[0], post
+        if len(users) != 1:
+            break
+        node = users[0]
+        if node.op_type == NORM and post is None and len(node.inputs) > 1 and is_initializer(node.inputs[1]):
+            post = Norm(NORM, value, node.outputs[0], node.inputs[1], node)
+        elif scalar_factor(node) is None:
+            break
+        value = node.outputs[0]
+    raise UnsupportedGraphError(f"{where}: {what} does not feed a {SKIP_NORM}")
 
 
 def _find_embedding(model: ir.Model) -> ir.Node:
     """The token Gather: of a [vocab, hidden] initializer, or, for tied embeddings, of
     Transpose(lm_head's [hidden, vocab] weight) -- the builder stores the table once, as lm_head."""
     try:
-        return _find_gather(model)
+        return find_gather(model)
     except UnsupportedGraphError:
         pass
     found = []
@@ -136,38 +199,33 @@ def recognize_genai(model: ir.Model) -> Structure:
         raise UnsupportedGraphError(f"the graph is already quantized ({', '.join(quantized)}); rewrite a float32 or float16 "
                                     "genai folder")
     gather = _find_embedding(model)
-    x = gather.outputs[0]
+    x, _ = through_scalar_mul(gather.outputs[0])  # Gemma's √hidden, Granite's embedding multiplier
     layers: list[Layer] = []
     config = None
+    next_norm = None  # the Skip norm that ends the previous layer
     while True:
         idx = len(layers)
         where = f"layer {idx}"
         node = _norm_node_of(x, where) if idx == 0 else next_norm
         norm = _norm(node, x, where)
-        readers = _readers(norm.output)
-        if len(readers) == 1 and not any(n.op_type == GQA for n in readers[0].output.consumers()):
+        readers = linear_readers(norm.output)
+        if len(readers) == 1 and not _reaches_gqa(readers[0]):
             final_norm, lm_head = norm, readers[0]
             lm_head.role = "lm_head"
             break
-        q, k, v, attn, qkv = _qkv(norm.output, where)
+        q, k, v, attn, qkv, qk_norms = _qkv(norm.output, where)
         o = _only_linear_reader(attn.outputs[0], where, "o_proj")
-        skips = [n for n in o.output.consumers() if n.op_type == SKIP_NORM]
-        if len(skips) != 1 or skips[0].inputs[1] is not o.output:
-            raise UnsupportedGraphError(f"{where}: o_proj does not feed a {SKIP_NORM}")
-        attn_add = skips[0]
+        attn_add, post_attn = _block_output(o, where, "o_proj")
         norm2 = _norm(attn_add, _residual_out(attn_add, where), where)
-        readers2 = _readers(norm2.output)
+        readers2 = linear_readers(norm2.output)
         if len(readers2) != 2:
             raise UnsupportedGraphError(f"{where}: expected gate/up projections (2 MatMuls) after the MLP norm, found {len(readers2)}")
-        gate, up = _classify_gate_up(readers2, where)
+        gate, up = classify_gate_up(readers2, where)
         mlp_mul = next((n for n in up.output.consumers() if n.op_type == "Mul"), None)
         if mlp_mul is None:
             raise UnsupportedGraphError(f"{where}: up_proj does not feed the gated Mul")
         down = _only_linear_reader(mlp_mul.outputs[0], where, "down_proj")
-        skips = [n for n in down.output.consumers() if n.op_type == SKIP_NORM]
-        if len(skips) != 1:
-            raise UnsupportedGraphError(f"{where}: down_proj does not feed a {SKIP_NORM}")
-        mlp_add = skips[0]
+        mlp_add, post_mlp = _block_output(down, where, "down_proj")
         for lin, role in ((q, "q_proj"), (k, "k_proj"), (v, "v_proj"), (o, "o_proj"), (gate, "gate_proj"), (up, "up_proj"),
                           (down, "down_proj")):
             lin.role, lin.layer = role, idx
@@ -180,7 +238,8 @@ def recognize_genai(model: ir.Model) -> Structure:
         if config is not None and layer_config != config:
             raise UnsupportedGraphError(f"{where}: heads/head size/MLP width differ from layer 0")
         config = layer_config
-        layer = Layer(idx, norm, q, k, v, o, attn_add, norm2, gate, up, down, mlp_add, mlp_mul, qkv=qkv)
+        layer = Layer(idx, norm, q, k, v, o, attn_add, norm2, gate, up, down, mlp_add, mlp_mul, qkv=qkv,
+                      post_attn_norm=post_attn, post_mlp_norm=post_mlp, q_norm=qk_norms[0], k_norm=qk_norms[1])
         layer.kv_groups = (kv_heads, heads // kv_heads, head_dim)
         layers.append(layer)
         x = mlp_add.outputs[3] if len(mlp_add.outputs) > 3 and mlp_add.outputs[3] is not None else mlp_add.inputs[0]

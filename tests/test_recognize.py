@@ -1,0 +1,182 @@
+"""The recognizers and the γ / packed-weight accessors on hand-built graphs (tests/graphs.py): no torch."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from graphs import decoder, run
+from onnxqf.errors import UnsupportedGraphError
+from onnxqf.maths.metrics import kl_divergence
+from onnxqf.passes.fold_norms import FoldNormsPass
+from onnxqf.passes.online_hadamard import DownProjHadamardPass
+from onnxqf.passes.rotate_norm_outputs import NormOutputHadamardPass
+from onnxqf.passes.rotate_residual import RotateResidualPass
+from onnxqf.passes.rotate_vo import ValueOutputRotationPass
+from onnxqf.plan import Plan
+from onnxqf.recognize import RECOGNIZERS, recognize
+from onnxqf.recognize.families import GENERIC
+
+IDS = np.random.default_rng(0).integers(0, 64, (2, 12))
+
+
+def test_plain_graph_structure():
+    s = recognize(decoder())
+    assert [r.name for r in RECOGNIZERS] == ["onnxruntime-genai builder", "plain export"]
+    assert len(s.layers) == 2 and s.family is GENERIC
+    assert (s.config.hidden, s.config.num_heads, s.config.num_kv_heads, s.config.head_dim, s.config.intermediate,
+            s.config.vocab) == (32, 4, 4, 8, 48, 64)
+    for layer in s.layers:
+        assert [lin.role for lin in layer.linears()] == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                         "down_proj"]
+        assert layer.qkv is None and layer.gate_up is None and not layer.post_norms()
+        # the weights the recognizer names are the ones the builder made for that role
+        assert layer.q.weight.name.startswith(f"layers.{layer.index}.q_proj")
+        assert layer.gate.weight.name.startswith(f"layers.{layer.index}.gate_proj")
+        assert layer.attn_norm.kind == "decomposed" and layer.attn_norm.offset == 0.0
+    assert s.lm_head.role == "lm_head" and not s.tied()
+
+
+def test_fused_norms_and_tied_head():
+    s = recognize(decoder(norm="SimplifiedLayerNormalization", tied=True))
+    assert {n.kind for n in s.norms()} == {"SimplifiedLayerNormalization"} and s.tied()
+
+
+@pytest.mark.parametrize("norm", ["decomposed", "SimplifiedLayerNormalization"])
+def test_offset_norm_accessors(norm):
+    """A (1 + γ) norm: scale() is the effective multiplier, set_scale writes γ back in the graph's form."""
+    model = decoder(norm=norm, norm_offset=1.0)
+    s = recognize(model)
+    n = s.layers[0].attn_norm
+    assert n.offset == 1.0 and n.offset_node is not None and n.offset_node.op_type == "Add"
+    raw = n.gamma.const_value.numpy().astype(np.float64)
+    assert np.allclose(n.scale(), raw + 1.0) and not n.is_unit()
+    before = run(model, IDS)
+    n.set_scale(np.ones(32))
+    assert n.is_unit() and np.allclose(n.gamma.const_value.numpy(), 0.0)
+    assert not np.allclose(run(model, IDS), before)  # the written γ is the one the graph computes with
+
+
+def test_shared_gamma_is_made_private():
+    model = decoder()
+    s = recognize(model)
+    a, b = s.layers[0].attn_norm, s.layers[1].attn_norm
+    b.gamma_node.replace_input_with(list(b.gamma_node.inputs).index(b.gamma), a.gamma)  # one γ, two norms
+    s = recognize(model)
+    a, b = s.layers[0].attn_norm, s.layers[1].attn_norm
+    assert a.gamma is b.gamma
+    a.set_scale(a.scale() * 2.0)
+    assert a.gamma is not b.gamma and np.allclose(a.scale(), 2.0 * b.scale())
+
+
+def _rotate(model, preset: str):
+    s = recognize(model)
+    plan = Plan.build(s.config, preset, seed=0)
+    passes = [FoldNormsPass()]
+    if plan.residual is not None:
+        passes.append(RotateResidualPass(plan.residual))
+    if plan.norm_out is not None:
+        passes.append(NormOutputHadamardPass(plan.norm_out))
+    passes += [DownProjHadamardPass(plan.down), ValueOutputRotationPass(plan.head, plan.heads)]
+    for p in passes:
+        p(model)
+    return model
+
+
+@pytest.mark.parametrize("preset", ["rotate", "hybrid"])
+@pytest.mark.parametrize("overrides", [{}, {"norm": "SimplifiedLayerNormalization", "tied": True}, {"norm_offset": 1.0}],
+                         ids=["decomposed", "fused-tied", "offset"])
+def test_rotations_exact_on_hand_built_graph(preset, overrides):
+    ref = run(decoder(**overrides), IDS)
+    model = _rotate(decoder(**overrides), preset)
+    out = run(model, IDS)
+    s = recognize(model)
+    assert all(n.is_unit() for n in s.norms()) or preset == "hybrid"  # the residual rotation needs folded norms
+    assert np.max(np.abs(out - ref)) <= 1e-4 * np.max(np.abs(ref))
+    assert kl_divergence(ref, out) <= 1e-6
+    assert not np.allclose(recognize(decoder(**overrides)).layers[0].q.matrix(), s.layers[0].q.matrix())  # rotated
+
+
+def test_each_pass_recognizes_once(monkeypatch):
+    import onnxqf.recognize as rec
+
+    calls = []
+    real = rec.recognize
+    monkeypatch.setattr(rec, "recognize", lambda m: calls.append(1) or real(m))
+    model = decoder()
+    plan = Plan.build(real(model).config, "rotate", seed=0)
+    for p in (FoldNormsPass(), RotateResidualPass(plan.residual), DownProjHadamardPass(plan.down),
+              ValueOutputRotationPass(plan.head, plan.heads)):
+        calls.clear()
+        p(model)
+        assert len(calls) == 1, type(p).__name__
+
+
+def test_unmatched_graph_says_what_is_missing():
+    model = decoder(layers=1)
+    s = recognize(model)
+    # route the MLP's residual Add around down_proj: no linear writes into it any more
+    add = s.layers[0].mlp_add
+    add.replace_input_with(list(add.inputs).index(s.layers[0].down.output), s.layers[0].up.output)
+    with pytest.raises(UnsupportedGraphError, match="no down_proj weight MatMul feeds the MLP residual Add"):
+        recognize(model)
+
+
+
+FAMILY_GRAPHS = {
+    "gemma-like": dict(norm_offset=1.0, embedding_scale=32 ** 0.5, tied=True),
+    "granite-like": dict(embedding_scale=12.0, residual_multiplier=0.22),
+    "qwen3-like": dict(qk_norms=True),
+    "phi3-like": dict(packed_qkv=True, packed_gate_up=True),
+    "phi3-fused": dict(packed_qkv=True, packed_gate_up=True, norm="SimplifiedLayerNormalization"),
+    "gemma2-like": dict(norm_offset=1.0, embedding_scale=32 ** 0.5, post_norms=True),
+}
+
+
+@pytest.mark.parametrize("name", FAMILY_GRAPHS)
+def test_family_graphs_recognized(name):
+    spec = FAMILY_GRAPHS[name]
+    s = recognize(decoder(**spec))
+    assert len(s.layers) == 2
+    for layer in s.layers:
+        assert (layer.qkv is not None) == spec.get("packed_qkv", False)
+        assert (layer.gate_up is not None) == spec.get("packed_gate_up", False)
+        assert len(layer.post_norms()) == (2 if spec.get("post_norms") else 0)
+        assert layer.attn_norm.offset == spec.get("norm_offset", 0.0)
+        if layer.qkv is not None:
+            assert [b.cols for b in layer.qkv.blocks] == [(0, 32), (32, 64), (64, 96)]
+            assert (layer.q.cols, layer.k.cols, layer.v.cols) == ((0, 32), (32, 64), (64, 96))
+            assert layer.matmuls()[0] is layer.qkv and layer.site("attn_in").matmuls() == [layer.qkv]
+        if layer.gate_up is not None:
+            assert (layer.gate.cols, layer.up.cols) == ((0, 48), (48, 96)) and layer.mlp_mul is not None
+    assert s.family.refused == {} or spec.get("post_norms")
+
+
+@pytest.mark.parametrize("name", FAMILY_GRAPHS)
+def test_family_graphs_hybrid_rotations_exact(name):
+    ref = run(decoder(**FAMILY_GRAPHS[name]), IDS)
+    out = run(_rotate(decoder(**FAMILY_GRAPHS[name]), "hybrid"), IDS)
+    assert np.max(np.abs(out - ref)) <= 1e-4 * np.max(np.abs(ref)) and kl_divergence(ref, out) <= 1e-6
+
+
+@pytest.mark.parametrize("name", [n for n in FAMILY_GRAPHS if not FAMILY_GRAPHS[n].get("post_norms")])
+def test_family_graphs_residual_rotation_exact(name):
+    ref = run(decoder(**FAMILY_GRAPHS[name]), IDS)
+    out = run(_rotate(decoder(**FAMILY_GRAPHS[name]), "rotate"), IDS)
+    assert np.max(np.abs(out - ref)) <= 1e-4 * np.max(np.abs(ref)) and kl_divergence(ref, out) <= 1e-6
+
+
+def test_post_norms_refuse_the_residual_rotation():
+    """A residual rotation does not commute with norms after the blocks: refused in one line, graph untouched."""
+    model = decoder(post_norms=True)
+    s = recognize(model)
+    plan = Plan.build(s.config, "rotate", seed=0)
+    FoldNormsPass()(model)
+    before = run(model, IDS)
+    with pytest.raises(Exception) as info:
+        RotateResidualPass(plan.residual)(model)
+    cause = info.value if isinstance(info.value, UnsupportedGraphError) else info.value.__cause__
+    assert isinstance(cause, UnsupportedGraphError)
+    msg = str(cause)
+    assert "\n" not in msg and "norms after" in msg and "residual rotation" in msg and "--hybrid" in msg
+    assert np.array_equal(run(model, IDS), before)
