@@ -202,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "past. Inputs and outputs stay on the device (IOBinding). Median [min-max] of --repeats "
                                    "runs after --warmup, and the speed against the reference (the first MODEL unless --ref). "
                                    "Exit 2: bad input (e.g. no logits output); 3: the provider is not available here.")
-    b.add_argument("models", nargs="+", metavar="MODEL", help=".onnx files (plain input_ids -> logits, or with a KV cache)")
+    b.add_argument("models", nargs="*", metavar="MODEL", help=".onnx files (plain input_ids -> logits, or with a KV cache)")
     b.add_argument("--ref", help="reference model (default: the first MODEL)")
     b.add_argument("--ep", choices=["cpu", "cuda"], default="cpu", help="execution provider (default cpu)")
     b.add_argument("--batch", type=_positive, default=1, help="batch size (default 1)")
@@ -223,6 +223,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "(docs/benchmarks.md, section f)")
     b.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     b.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    lin = b.add_argument_group("one linear at a time (no MODEL): graphs of --copies linears x @ W, lowered by registered "
+                               "lowerings (`rewrite --list-lowerings`), timed against float (onnxqf/runtime/linears.py)")
+    lin.add_argument("--linears", metavar="K:N[,K:N...]", help="weight shapes to time instead of MODELs")
+    lin.add_argument("--m", default="1,16,256", help="rows of x (tokens) per run, comma-separated (default 1,16,256)")
+    lin.add_argument("--lowerings", default="uint8-token,int8-token,matmulnbits",
+                     help="comma-separated NAME[:FIELD=VALUE...] (e.g. matmulnbits:bits=8:block_size=128); float is "
+                          "always timed first (default uint8-token,int8-token,matmulnbits)")
+    lin.add_argument("--dtype", choices=["float32", "float16"], default="float32", help="activations (default float32)")
+    lin.add_argument("--copies", type=_positive, default=8, help="independent linears per graph (default 8)")
     return p
 
 
@@ -513,11 +522,29 @@ def cmd_inspect(args) -> int:
 def cmd_bench(args) -> int:
     from onnxqf.runtime.bench import BenchOptions, format_table, parse_past, run_bench
 
+    if args.linears:
+        return _bench_linears(args)
+    if not args.models:
+        raise OnnxqfError("bench needs MODEL files, or --linears K:N")
     opts = BenchOptions(ep=args.ep, batch=args.batch, seq=args.seq, past=parse_past(args.past),
                         decode_tokens=args.decode_tokens, repeats=args.repeats, warmup=args.warmup,
                         cuda_graph=args.cuda_graph, progress=not (args.quiet or args.json), nbits_kernel=args.nbits_kernel)
     result = run_bench(args.models, opts, ref=args.ref)
     print(json.dumps(result) if args.json else format_table(result))
+    return 0
+
+
+def _bench_linears(args) -> int:
+    from onnxqf.runtime.linears import LinearsOptions, bench_linears, format_linears, parse_counts, parse_shapes
+
+    if args.models:
+        raise OnnxqfError("--linears times its own graphs: give no MODEL")
+    opts = LinearsOptions(shapes=parse_shapes(args.linears), ms=parse_counts(args.m), ep=args.ep, dtype=args.dtype,
+                          lowerings=tuple(s for s in args.lowerings.split(",") if s), copies=args.copies,
+                          repeats=args.repeats, warmup=args.warmup, nbits_kernel=args.nbits_kernel)
+    quiet = args.quiet or args.json
+    result = bench_linears(opts, progress=None if quiet else lambda line: print(line, file=sys.stderr, flush=True))
+    print(json.dumps(result) if args.json else format_linears(result))
     return 0
 
 
