@@ -1,0 +1,36 @@
+// Dispatch to the SM90 tile configurations (host code only; the kernels live in gemm_sm90_{large,small}.cu).
+#include <climits>
+
+#include "gemm_sm90.cuh"
+
+namespace onnxqf {
+
+namespace {
+int sm_count_of_current_device() {
+  int dev = 0, n = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) return 0;
+  if (cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess) return 0;
+  return n;
+}
+
+bool fits_int(int64_t M, int64_t N, int64_t K) {
+  return M > 0 && N > 0 && K > 0 && M <= INT_MAX && N <= INT_MAX && K <= INT_MAX;
+}
+}  // namespace
+
+size_t w8a8_gemm_sm90_workspace(int tile, int64_t M, int64_t N, int64_t K) {
+  if (!fits_int(M, N, K)) return 0;
+  return tile == 0 ? sm90::workspace_large(int(M), int(N), int(K)) : sm90::workspace_small(int(M), int(N), int(K));
+}
+
+cudaError_t launch_w8a8_gemm_sm90(int tile, const int8_t* q, const float* amax, const int8_t* w, const float* wscale,
+                                  const __half* bias, __half* y, int64_t M, int64_t N, int64_t K, void* workspace,
+                                  cudaStream_t stream) {
+  if (!fits_int(M, N, K) || K % 16 != 0 || N % 8 != 0) return cudaErrorNotSupported;
+  // sm_count: cached per process for the first device asked (one-GPU processes are the rule); 0 lets CUTLASS ask
+  static const int sm_count = sm_count_of_current_device();
+  if (tile == 0) return sm90::run_large(q, amax, w, wscale, bias, y, int(M), int(N), int(K), sm_count, workspace, stream);
+  return sm90::run_small(q, amax, w, wscale, bias, y, int(M), int(N), int(K), sm_count, workspace, stream);
+}
+
+}  // namespace onnxqf

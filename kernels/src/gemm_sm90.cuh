@@ -1,0 +1,122 @@
+// The W8A8 GEMM for SM90 (H100/H200) with CUTLASS 3.x: int8 x int8 -> int32 on the tensor cores (wgmma),
+// TMA loads, warp-specialized persistent kernel; the epilogue is an epilogue visitor tree that computes
+//   y[m, n] = fp16( fma( fp32(acc[m, n]) * amax[m], wscale[n], bias[n] ) )
+// (amax: a column vector broadcast along N, wscale and bias: row vectors broadcast along M; a null bias reads 0).
+// Each tile configuration is instantiated in its own .cu file so that they compile in parallel.
+#pragma once
+
+#include "kernels.h"
+
+#include "cute/tensor.hpp"
+#include "cutlass/cutlass.h"
+#include "cutlass/epilogue/collective/collective_builder.hpp"
+#include "cutlass/epilogue/fusion/sm90_callbacks_tma_warpspecialized.hpp"
+#include "cutlass/gemm/collective/collective_builder.hpp"
+#include "cutlass/gemm/device/gemm_universal_adapter.h"
+#include "cutlass/gemm/kernel/gemm_universal.hpp"
+#include "cutlass/util/packed_stride.hpp"
+
+namespace onnxqf {
+namespace sm90 {
+
+using namespace cute;
+
+template <class TileShape, class ClusterShape, class KernelSchedule, class EpilogueSchedule>
+struct W8A8Gemm {
+  using ElementA = int8_t;  // codes of x, [M, K] row-major
+  using LayoutA = cutlass::layout::RowMajor;
+  using ElementB = int8_t;  // w, [N, K] row-major = [K, N] column-major
+  using LayoutB = cutlass::layout::ColumnMajor;
+  using ElementD = cutlass::half_t;
+  using LayoutD = cutlass::layout::RowMajor;
+  using ElementAcc = int32_t;
+  using ElementCompute = float;
+  static constexpr int kAlignA = 16;
+  static constexpr int kAlignB = 16;
+  static constexpr int kAlignD = 8;
+  static constexpr auto kRound = cutlass::FloatRoundStyle::round_to_nearest;
+
+  using Acc = cutlass::epilogue::fusion::Sm90AccFetch;
+  using TokenScale = cutlass::epilogue::fusion::Sm90ColBroadcast<0, TileShape, float, float, Stride<_1, _0, int64_t>, 1>;
+  using ChannelScale = cutlass::epilogue::fusion::Sm90RowBroadcast<0, TileShape, float, float, Stride<_0, _1, int64_t>, 4>;
+  using Bias = cutlass::epilogue::fusion::Sm90RowBroadcast<0, TileShape, cutlass::half_t, float, Stride<_0, _1, int64_t>, 8>;
+  using TokenScaled = cutlass::epilogue::fusion::Sm90EVT<
+      cutlass::epilogue::fusion::Sm90Compute<cutlass::multiplies, float, float, kRound>, Acc, TokenScale>;
+  using Tree = cutlass::epilogue::fusion::Sm90EVT<
+      cutlass::epilogue::fusion::Sm90Compute<cutlass::homogeneous_multiply_add, ElementD, float, kRound>, TokenScaled,
+      ChannelScale, Bias>;
+
+  using Epilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape,
+      cutlass::epilogue::collective::EpilogueTileAuto, ElementAcc, ElementCompute, void, LayoutD, kAlignD, ElementD,
+      LayoutD, kAlignD, EpilogueSchedule, Tree>::CollectiveOp;
+
+  using Mainloop = typename cutlass::gemm::collective::CollectiveBuilder<
+      cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, ElementA, LayoutA, kAlignA, ElementB, LayoutB, kAlignB,
+      ElementAcc, TileShape, ClusterShape,
+      cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(sizeof(typename Epilogue::SharedStorage))>,
+      KernelSchedule>::CollectiveOp;
+
+  using Kernel = cutlass::gemm::kernel::GemmUniversal<Shape<int, int, int, int>, Mainloop, Epilogue,
+                                                      cutlass::gemm::PersistentScheduler>;
+  using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
+
+  static typename Gemm::Arguments arguments(const int8_t* q, const float* amax, const int8_t* w, const float* wscale,
+                                            const __half* bias, __half* y, int M, int N, int K, int sm_count) {
+    using StrideA = typename Kernel::StrideA;
+    using StrideB = typename Kernel::StrideB;
+    using StrideC = typename Kernel::StrideC;
+    using StrideD = typename Kernel::StrideD;
+    const StrideA sa = cutlass::make_cute_packed_stride(StrideA{}, make_shape(M, K, 1));
+    const StrideB sb = cutlass::make_cute_packed_stride(StrideB{}, make_shape(N, K, 1));
+    const StrideC sc = cutlass::make_cute_packed_stride(StrideC{}, make_shape(M, N, 1));
+    const StrideD sd = cutlass::make_cute_packed_stride(StrideD{}, make_shape(M, N, 1));
+    typename Gemm::Arguments args{cutlass::gemm::GemmUniversalMode::kGemm,
+                                  {M, N, K, 1},
+                                  {q, sa, w, sb},
+                                  {{}, nullptr, sc, reinterpret_cast<ElementD*>(y), sd}};
+    auto& tree = args.epilogue.thread;
+    // children of the root, in order: TokenScaled {Acc, TokenScale, op}, ChannelScale, Bias, op
+    tree = {{{}, {amax, 0.f, {}}, {}},
+            {wscale, 0.f, {}},
+            {reinterpret_cast<const cutlass::half_t*>(bias), cutlass::half_t(0), {}},
+            {}};
+    args.hw_info.sm_count = sm_count;
+    return args;
+  }
+
+  static size_t workspace(int M, int N, int K) {
+    auto args = arguments(nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, M, N, K, 0);
+    return Gemm::get_workspace_size(args);
+  }
+
+  static cudaError_t run(const int8_t* q, const float* amax, const int8_t* w, const float* wscale, const __half* bias,
+                         __half* y, int M, int N, int K, int sm_count, void* workspace, cudaStream_t stream) {
+    auto args = arguments(q, amax, w, wscale, bias, y, M, N, K, sm_count);
+    Gemm gemm;
+    if (gemm.can_implement(args) != cutlass::Status::kSuccess) return cudaErrorNotSupported;
+    if (gemm.initialize(args, workspace, stream) != cutlass::Status::kSuccess) return cudaErrorUnknown;
+    if (gemm.run(stream) != cutlass::Status::kSuccess) {
+      const cudaError_t e = cudaGetLastError();
+      return e == cudaSuccess ? cudaErrorLaunchFailure : e;
+    }
+    return cudaGetLastError();
+  }
+};
+
+// tile 0: large M. 128x128x128 tiles, clusters of 2 along M (the weight tile is multicast), ping-pong consumers.
+using LargeTile = W8A8Gemm<Shape<_128, _128, _128>, Shape<_2, _1, _1>, cutlass::gemm::KernelTmaWarpSpecializedPingpong,
+                           cutlass::epilogue::TmaWarpSpecialized>;
+// tile 1: M <= 128. 64x128x128 tiles, no cluster, ping-pong consumers.
+using SmallTile = W8A8Gemm<Shape<_64, _128, _128>, Shape<_1, _1, _1>, cutlass::gemm::KernelTmaWarpSpecializedPingpong,
+                           cutlass::epilogue::TmaWarpSpecialized>;
+
+cudaError_t run_large(const int8_t*, const float*, const int8_t*, const float*, const __half*, __half*, int, int, int,
+                      int, void*, cudaStream_t);
+cudaError_t run_small(const int8_t*, const float*, const int8_t*, const float*, const __half*, __half*, int, int, int,
+                      int, void*, cudaStream_t);
+size_t workspace_large(int, int, int);
+size_t workspace_small(int, int, int);
+
+}  // namespace sm90
+}  // namespace onnxqf

@@ -1,0 +1,43 @@
+// onnxqf CUDA kernels: launch functions shared by the ONNX Runtime op (ops.cc) and the kernel sources.
+//
+// Conventions (the W8A8 linear, see kernels/README.md):
+//   x      fp16 [M, K] row-major (the op's leading dims flattened)
+//   w      int8 [N, K] row-major ("TN": the transpose of ONNX MatMul's [K, N] weight)
+//   wscale fp32 [N]   the weight's per-channel scale already divided by 127
+//   bias   fp16 [N]   optional (nullptr)
+//   amax[m] = max(max_k |x[m,k]|, fp16(1e-4))                  (fp16 arithmetic, exact)
+//   inv[m]  = fp16(127 / amax[m])                               (__hdiv, as ONNX Runtime's fp16 Div)
+//   q[m,k]  = rint(fp16(x[m,k] * inv[m]))  in [-127, 127]       (__hmul then round half to even)
+//   acc     = sum_k q[m,k] * w[n,k]                             (int32, exact)
+//   y[m,n]  = fp16( fma( fp32(acc) * fp32(amax[m]), wscale[n], fp32(bias[n]) ) )
+// which is bit-for-bit onnxqf's standard-op int8-token graph when there is no bias.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+namespace onnxqf {
+
+// Per-token quantization: q [M, K] int8, amax [M] fp32 (the floored fp16 amax, widened).
+cudaError_t launch_quantize_rows(const __half* x, int8_t* q, float* amax, int64_t M, int64_t K, cudaStream_t stream);
+
+// y = dequant(q @ w^T) for small M: reads w once per 16 rows of M (any M; fast when M <= 16).
+// Requires K % 16 == 0 (else use launch_w8a8_naive).
+cudaError_t launch_w8a8_gemv(const int8_t* q, const float* amax, const int8_t* w, const float* wscale,
+                             const __half* bias, __half* y, int64_t M, int64_t N, int64_t K, cudaStream_t stream);
+
+// Any shape, slow: one warp per output element. For shapes the fast paths cannot take.
+cudaError_t launch_w8a8_naive(const int8_t* q, const float* amax, const int8_t* w, const float* wscale,
+                              const __half* bias, __half* y, int64_t M, int64_t N, int64_t K, cudaStream_t stream);
+
+// CUTLASS 3.x SM90 int8 tensor-core GEMM, dequantization fused in the epilogue (fp16 out).
+// Requires K % 16 == 0 and N % 8 == 0 and 16-byte aligned pointers. `tile`: 0 = 128x128 (large M),
+// 1 = 64x128 (M <= 128). Returns cudaErrorNotSupported when CUTLASS cannot implement the problem.
+size_t w8a8_gemm_sm90_workspace(int tile, int64_t M, int64_t N, int64_t K);
+cudaError_t launch_w8a8_gemm_sm90(int tile, const int8_t* q, const float* amax, const int8_t* w,
+                                  const float* wscale, const __half* bias, __half* y, int64_t M, int64_t N,
+                                  int64_t K, void* workspace, cudaStream_t stream);
+
+}  // namespace onnxqf

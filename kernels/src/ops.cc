@@ -1,0 +1,268 @@
+// ONNX Runtime custom-op library: registers the domain "onnxqf" with its ops on the CUDA execution provider.
+//
+//   onnxqf.W8A8Linear (version 1)
+//     inputs:  X      float16 [..., K]
+//              W      int8    [N, K]   (row-major; the transpose of ONNX MatMul's [K, N])
+//              Wscale float    [N]     (weight scale per output channel, already divided by 127)
+//              B      float16 [N]     (optional bias)
+//     output:  Y      float16 [..., N]
+//   Y = per-token int8 quantization of X (kernels.h), int8 GEMM, dequantization fused (fp16 out).
+//
+// The library is built for sm_90a (H100/H200, compute capability 9.0) and refuses any other GPU when a session
+// creates the kernel. Environment (read at kernel creation):
+//   ONNXQF_GEMV_MAX_M   rows up to which the GEMV path runs (default 16); larger M takes the tensor-core GEMM
+//   ONNXQF_GEMM_TILE    force the GEMM tile: 0 = 128x128, 1 = 64x128 (default: 1 for M <= 128, else 0)
+#define ORT_API_MANUAL_INIT
+#include "onnxruntime_cxx_api.h"
+#undef ORT_API_MANUAL_INIT
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <map>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "kernels.h"
+
+#ifndef ONNXQF_KERNELS_TARGET
+#define ONNXQF_KERNELS_TARGET "sm_90a"
+#endif
+#define ONNXQF_KERNELS_VERSION "1"
+
+namespace {
+
+const OrtApi* g_api = nullptr;
+
+OrtStatusPtr fail(const std::string& msg) { return g_api->CreateStatus(ORT_FAIL, msg.c_str()); }
+
+// Empty string when the current device can run this library, else the one-line reason.
+std::string device_problem(int* device_out) {
+  int dev = -1;
+  cudaError_t e = cudaGetDevice(&dev);
+  if (e != cudaSuccess) return std::string("onnxqf kernels: no CUDA device (") + cudaGetErrorString(e) + ")";
+  int major = 0, minor = 0;
+  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
+  cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev);
+  if (device_out) *device_out = dev;
+  if (major != 9 || minor != 0) {
+    cudaDeviceProp prop{};
+    cudaGetDeviceProperties(&prop, dev);
+    return "onnxqf kernels: built for " ONNXQF_KERNELS_TARGET " (H100/H200, compute capability 9.0); GPU " +
+           std::to_string(dev) + " (" + prop.name + ") has compute capability " + std::to_string(major) + "." +
+           std::to_string(minor);
+  }
+  return {};
+}
+
+int env_int(const char* name, int fallback) {
+  const char* v = std::getenv(name);
+  if (!v || !*v) return fallback;
+  char* end = nullptr;
+  long x = std::strtol(v, &end, 10);
+  return (end && *end == 0) ? int(x) : fallback;
+}
+
+// Stream-ordered scratch memory from a pool of our own per device that keeps what it has (no release at syncs).
+cudaError_t scratch_alloc(void** p, size_t bytes, int device, cudaStream_t stream) {
+  static std::mutex mu;
+  static std::map<int, cudaMemPool_t> pools;
+  cudaMemPool_t pool;
+  {
+    std::lock_guard<std::mutex> lock(mu);
+    auto it = pools.find(device);
+    if (it == pools.end()) {
+      cudaMemPoolProps props{};
+      props.allocType = cudaMemAllocationTypePinned;
+      props.location.type = cudaMemLocationTypeDevice;
+      props.location.id = device;
+      cudaError_t e = cudaMemPoolCreate(&pool, &props);
+      if (e != cudaSuccess) return e;
+      uint64_t keep = UINT64_MAX;
+      cudaMemPoolSetAttribute(pool, cudaMemPoolAttrReleaseThreshold, &keep);
+      pools[device] = pool;
+    } else {
+      pool = it->second;
+    }
+  }
+  return cudaMallocFromPoolAsync(p, bytes, pool, stream);
+}
+
+size_t round_up(size_t x, size_t a) { return (x + a - 1) / a * a; }
+
+struct W8A8LinearKernel {
+  int device = 0;
+  int gemv_max_m = 16;
+  int force_tile = -1;
+
+  OrtStatusPtr ComputeV2(OrtKernelContext* context) {
+    try {
+      return compute(context);
+    } catch (const Ort::Exception& e) {
+      return fail(std::string("onnxqf.W8A8Linear: ") + e.what());
+    } catch (const std::exception& e) {
+      return fail(std::string("onnxqf.W8A8Linear: ") + e.what());
+    }
+  }
+
+  OrtStatusPtr compute(OrtKernelContext* context) {
+    Ort::KernelContext ctx(context);
+    const size_t n_in = ctx.GetInputCount();
+    auto X = ctx.GetInput(0);
+    auto W = ctx.GetInput(1);
+    auto S = ctx.GetInput(2);
+    Ort::ConstValue B{nullptr};
+    if (n_in > 3) B = ctx.GetInput(3);
+    const std::vector<int64_t> xs = X.GetTensorTypeAndShapeInfo().GetShape();
+    const std::vector<int64_t> wsh = W.GetTensorTypeAndShapeInfo().GetShape();
+    if (xs.empty()) return fail("onnxqf.W8A8Linear: X must have rank >= 1");
+    if (wsh.size() != 2) return fail("onnxqf.W8A8Linear: W must be [N, K]");
+    const int64_t K = xs.back(), N = wsh[0];
+    if (wsh[1] != K)
+      return fail("onnxqf.W8A8Linear: W is [" + std::to_string(N) + ", " + std::to_string(wsh[1]) + "] but X has K = " +
+                  std::to_string(K));
+    if (static_cast<int64_t>(S.GetTensorTypeAndShapeInfo().GetElementCount()) != N)
+      return fail("onnxqf.W8A8Linear: Wscale must have N = " + std::to_string(N) + " elements");
+    const __half* bias = nullptr;
+    if (B) {
+      if (static_cast<int64_t>(B.GetTensorTypeAndShapeInfo().GetElementCount()) != N)
+        return fail("onnxqf.W8A8Linear: B must have N = " + std::to_string(N) + " elements");
+      bias = reinterpret_cast<const __half*>(B.GetTensorRawData());
+    }
+    std::vector<int64_t> ys = xs;
+    ys.back() = N;
+    auto Y = ctx.GetOutput(0, ys);
+    int64_t M = 1;
+    for (size_t i = 0; i + 1 < xs.size(); ++i) M *= xs[i];
+    if (M == 0 || N == 0) return nullptr;
+    if (K == 0) return fail("onnxqf.W8A8Linear: K = 0");
+
+    auto stream = reinterpret_cast<cudaStream_t>(ctx.GetGPUComputeStream());
+    const auto* x = reinterpret_cast<const __half*>(X.GetTensorRawData());
+    const auto* w = reinterpret_cast<const int8_t*>(W.GetTensorRawData());
+    const auto* ws = reinterpret_cast<const float*>(S.GetTensorRawData());
+    auto* y = reinterpret_cast<__half*>(Y.GetTensorMutableRawData());
+
+    const bool aligned = K % 16 == 0 && N % 8 == 0 && reinterpret_cast<uintptr_t>(w) % 16 == 0 &&
+                         reinterpret_cast<uintptr_t>(y) % 16 == 0 && reinterpret_cast<uintptr_t>(ws) % 16 == 0 &&
+                         (!bias || reinterpret_cast<uintptr_t>(bias) % 16 == 0);
+    int path = 0;  // 0 naive, 1 gemv, 2 gemm
+    int tile = force_tile >= 0 ? force_tile : (M <= 128 ? 1 : 0);
+    if (aligned) path = (M <= gemv_max_m) ? 1 : 2;
+    else if (K % 16 == 0 && reinterpret_cast<uintptr_t>(w) % 16 == 0) path = 1;
+
+    const size_t q_bytes = round_up(size_t(M) * size_t(K), 256);
+    const size_t a_bytes = round_up(size_t(M) * sizeof(float), 256);
+    size_t ws_bytes = path == 2 ? onnxqf::w8a8_gemm_sm90_workspace(tile, M, N, K) : 0;
+    void* scratch = nullptr;
+    cudaError_t e = scratch_alloc(&scratch, q_bytes + a_bytes + ws_bytes, device, stream);
+    if (e != cudaSuccess) return fail(std::string("onnxqf.W8A8Linear: scratch allocation: ") + cudaGetErrorString(e));
+    auto* q = static_cast<int8_t*>(scratch);
+    auto* amax = reinterpret_cast<float*>(static_cast<char*>(scratch) + q_bytes);
+    void* workspace = ws_bytes ? static_cast<char*>(scratch) + q_bytes + a_bytes : nullptr;
+
+    e = onnxqf::launch_quantize_rows(x, q, amax, M, K, stream);
+    if (e == cudaSuccess) {
+      if (path == 2) {
+        e = onnxqf::launch_w8a8_gemm_sm90(tile, q, amax, w, ws, bias, y, M, N, K, workspace, stream);
+        if (e == cudaErrorNotSupported) {
+          (void)cudaGetLastError();
+          path = 1;
+        }
+      }
+      if (path == 1) e = onnxqf::launch_w8a8_gemv(q, amax, w, ws, bias, y, M, N, K, stream);
+      if (path == 0) e = onnxqf::launch_w8a8_naive(q, amax, w, ws, bias, y, M, N, K, stream);
+    }
+    cudaError_t ef = cudaFreeAsync(scratch, stream);
+    if (e == cudaSuccess) e = ef;
+    if (e != cudaSuccess) return fail(std::string("onnxqf.W8A8Linear: CUDA error: ") + cudaGetErrorString(e));
+    return nullptr;
+  }
+};
+
+struct W8A8LinearOp : Ort::CustomOpBase<W8A8LinearOp, W8A8LinearKernel, true> {
+  OrtStatusPtr CreateKernelV2(const OrtApi& /*api*/, const OrtKernelInfo* /*info*/, void** kernel) const {
+    int dev = 0;
+    const std::string problem = device_problem(&dev);
+    if (!problem.empty()) return fail(problem);
+    auto* k = new W8A8LinearKernel();
+    k->device = dev;
+    k->gemv_max_m = env_int("ONNXQF_GEMV_MAX_M", 16);
+    k->force_tile = env_int("ONNXQF_GEMM_TILE", -1);
+    *kernel = k;
+    return nullptr;
+  }
+
+  const char* GetName() const { return "W8A8Linear"; }
+  const char* GetExecutionProviderType() const { return "CUDAExecutionProvider"; }
+
+  size_t GetInputTypeCount() const { return 4; }
+  ONNXTensorElementDataType GetInputType(size_t i) const {
+    switch (i) {
+      case 0: return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16;
+      case 1: return ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8;
+      case 2: return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+      default: return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16;
+    }
+  }
+  OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t i) const {
+    return i == 3 ? OrtCustomOpInputOutputCharacteristic::INPUT_OUTPUT_OPTIONAL
+                  : OrtCustomOpInputOutputCharacteristic::INPUT_OUTPUT_REQUIRED;
+  }
+  size_t GetOutputTypeCount() const { return 1; }
+  ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16; }
+
+  static OrtStatusPtr InferOutputShape(Ort::ShapeInferContext& ctx) {
+    if (ctx.GetInputCount() < 2) return nullptr;
+    Ort::ShapeInferContext::Shape y = ctx.GetInputShape(0);
+    const auto& w = ctx.GetInputShape(1);
+    if (y.empty() || w.size() != 2) return nullptr;
+    y.back() = w[0];
+    return ctx.SetOutputShape(0, y, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16).release();
+  }
+};
+
+}  // namespace
+
+extern "C" {
+
+// The arch this library's kernels are built for, and its ABI version (read by onnxqf.runtime.kernels).
+__attribute__((visibility("default"))) const char* onnxqf_kernels_target() { return ONNXQF_KERNELS_TARGET; }
+__attribute__((visibility("default"))) const char* onnxqf_kernels_version() { return ONNXQF_KERNELS_VERSION; }
+
+// 0 when the current CUDA device can run the kernels; else 1 and the reason in msg.
+__attribute__((visibility("default"))) int onnxqf_kernels_check_device(char* msg, size_t len) {
+  const std::string p = device_problem(nullptr);
+  if (p.empty()) return 0;
+  if (msg && len) {
+    std::strncpy(msg, p.c_str(), len - 1);
+    msg[len - 1] = 0;
+  }
+  return 1;
+}
+
+__attribute__((visibility("default"))) OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options,
+                                                                                 const OrtApiBase* api_base) {
+  g_api = api_base->GetApi(ORT_API_VERSION);
+  if (!g_api) return nullptr;  // cannot even report: an ONNX Runtime older than the headers
+  Ort::InitApi(g_api);
+  static W8A8LinearOp w8a8_linear;
+  static Ort::CustomOpDomain* domain = nullptr;
+  static std::mutex mu;
+  std::lock_guard<std::mutex> lock(mu);
+  try {
+    if (!domain) {
+      domain = new Ort::CustomOpDomain("onnxqf");
+      domain->Add(&w8a8_linear);
+    }
+    Ort::UnownedSessionOptions(options).Add(*domain);
+  } catch (const Ort::Exception& e) {
+    return g_api->CreateStatus(ORT_FAIL, e.what());
+  }
+  return nullptr;
+}
+
+}  // extern "C"

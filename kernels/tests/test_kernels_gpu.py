@@ -1,0 +1,164 @@
+"""GPU tests of onnxqf's CUDA kernels (onnxqf.W8A8Linear). Not collected by CI (no GPU there): run them on a machine
+with an H100/H200, onnxruntime-gpu and the built library::
+
+    python -m pytest -q kernels/tests/test_kernels_gpu.py
+
+They check every path of the op (GEMV at small M, the CUTLASS tensor-core GEMM with each tile, the any-shape
+fallback) against a numpy reference of the definition in kernels/README.md, and bit-for-bit against onnxqf's
+standard-op int8-token graph; the outputs are poisoned with NaN first, so an unwritten element fails.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+ort = pytest.importorskip("onnxruntime")
+if "CUDAExecutionProvider" not in ort.get_available_providers():
+    pytest.skip("onnxruntime has no CUDA provider", allow_module_level=True)
+
+from onnx import TensorProto, helper, numpy_helper  # noqa: E402
+
+from onnxqf.runtime import kernels  # noqa: E402
+
+F16 = TensorProto.FLOAT16
+
+
+def reference(x: np.ndarray, q: np.ndarray, wscale: np.ndarray, bias: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """numpy: (y fp16, codes int8) by the definition (fp16 amax, fp16 127/amax, fp16 product, round half even)."""
+    amax = np.max(np.abs(x), axis=-1, keepdims=True).astype(np.float16)
+    amax = np.maximum(amax, np.float16(1e-4))
+    with np.errstate(over="ignore", invalid="ignore"):
+        inv = (np.float16(127.0) / amax).astype(np.float16)
+        scaled = (x * inv).astype(np.float16).astype(np.float32)
+    # tokens whose fp16 127/amax overflows (amax < 127/65504): codes in fp32 (the fp16 graph makes inf/NaN there)
+    wide = np.isinf(inv)
+    scaled = np.where(wide, x.astype(np.float32) * (np.float32(127) / amax.astype(np.float32)), scaled)
+    codes = np.clip(np.rint(scaled), -127, 127).astype(np.int8)
+    acc = codes.astype(np.float64) @ q.T.astype(np.float64)  # exact: |acc| < 2^53
+    t = acc.astype(np.float32) * amax.astype(np.float32)
+    y = t * wscale[None, :]
+    if bias is not None:
+        y = y + bias.astype(np.float32)[None, :]
+    return y.astype(np.float16), codes
+
+
+def session(K, N, with_bias, env=None, standard=False, q=None, wscale=None, bias=None):
+    inits = []
+    if standard:
+        from kernel_bench import graph_int8_token
+
+        return _session(graph_int8_token(K, N, [(q, wscale)]), False, env)
+    inits = [numpy_helper.from_array(q, "wq"), numpy_helper.from_array(wscale, "ws")]
+    ins = ["x", "wq", "ws"]
+    if with_bias:
+        inits.append(numpy_helper.from_array(bias, "b"))
+        ins.append("b")
+    node = helper.make_node(kernels.W8A8_LINEAR, ins, ["y"], domain=kernels.DOMAIN)
+    g = helper.make_graph([node], "t", [helper.make_tensor_value_info("x", F16, ["B", "S", K])],
+                          [helper.make_tensor_value_info("y", F16, ["B", "S", N])], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(kernels.DOMAIN, 1)])
+    m.ir_version = 9
+    return _session(m, True, env)
+
+
+def _session(model, custom, env):
+    so = ort.SessionOptions()
+    so.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
+    if custom:
+        kernels.register(so)
+    saved = {k: os.environ.get(k) for k in (env or {})}
+    os.environ.update(env or {})
+    try:
+        return ort.InferenceSession(model.SerializeToString(), so, providers=["CUDAExecutionProvider"])
+    finally:
+        for k, v in saved.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+
+
+def run_poisoned(sess, x, N, out="y"):
+    b = sess.io_binding()
+    b.bind_ortvalue_input("x", ort.OrtValue.ortvalue_from_numpy(x, "cuda", 0))
+    y = ort.OrtValue.ortvalue_from_numpy(np.full(x.shape[:-1] + (N,), np.nan, np.float16), "cuda", 0)
+    b.bind_ortvalue_output(out, y)
+    sess.run_with_iobinding(b)
+    return y.numpy()
+
+
+def data(M, K, N, seed, with_bias, zero_row=True):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((M, K)).astype(np.float32)
+    x[:, rng.choice(K, size=max(1, K // 64), replace=False)] *= 30
+    if M > 2 and zero_row:
+        x[1] = 0.0  # an all-zero token: the amax floor (the fp16 graph's codes are NaN there: not compared to it)
+        x[2] *= 1e-6  # a tiny token: fp16 127/amax overflows
+    x = x.astype(np.float16)
+    q = rng.integers(-127, 128, size=(N, K), dtype=np.int8)
+    wscale = (rng.uniform(0.5, 1.5, N) * 0.02 / np.sqrt(K) / 127).astype(np.float32)
+    bias = rng.standard_normal(N).astype(np.float16) if with_bias else None
+    return x, q, wscale, bias
+
+
+CASES = [
+    # (M, K, N, bias, env): paths chosen by M and the shape
+    (1, 4096, 11008, False, None),                                  # GEMV, M = 1
+    (3, 4096, 1024, True, None),                                    # GEMV, M = 3, bias
+    (16, 11008, 4096, False, None),                                 # GEMV, M = 16
+    (16, 4096, 1024, True, {"ONNXQF_GEMV_MAX_M": "0"}),             # GEMM small tile at M = 16
+    (100, 4096, 1032, True, None),                                  # GEMM small tile, M and N not tile multiples
+    (333, 2048, 4096, False, None),                                 # GEMM large tile, ragged M
+    (2048, 4096, 4096, True, None),                                 # GEMM large tile
+    (200, 1024, 1024, False, {"ONNXQF_GEMM_TILE": "1"}),            # forced small tile at M > 128
+    (5, 1000, 300, True, None),                                     # K % 16 != 0: any-shape fallback
+    (40, 1024, 1001, False, None),                                  # N % 8 != 0: GEMV at M > 16
+]
+
+
+@pytest.mark.parametrize("M,K,N,with_bias,env", CASES)
+def test_against_numpy(M, K, N, with_bias, env):
+    x, q, wscale, bias = data(M, K, N, seed=M * 31 + K + N, with_bias=with_bias)
+    sess = session(K, N, with_bias, env, q=q, wscale=wscale, bias=bias)
+    got = run_poisoned(sess, x.reshape(1, M, K), N).reshape(M, N)
+    want, _ = reference(x, q, wscale, bias)
+    assert not np.isnan(got.astype(np.float32)).any(), "unwritten outputs"
+    g, w = got.astype(np.float32), want.astype(np.float32)
+    # fp16 rounding of the result; a code can differ at an exact tie of the fp16 division (numpy rounds via float32)
+    rel = np.linalg.norm(g - w) / np.linalg.norm(w)
+    assert rel < 2e-3, rel
+    if not with_bias:
+        assert np.mean(got == want) > 0.99
+
+
+@pytest.mark.parametrize("M,K,N,env", [(1, 4096, 11008, None), (16, 11008, 4096, None),
+                                       (16, 4096, 4096, {"ONNXQF_GEMV_MAX_M": "0"}), (128, 4096, 4096, None),
+                                       (2048, 4096, 11008, None), (777, 11008, 4096, None)])
+def test_bit_exact_against_standard_graph(M, K, N, env):
+    """The same output as onnxqf's int8-token graph (MatMulInteger), every element, to the bit."""
+    x, q, wscale, _ = data(M, K, N, seed=M + 7 * K + N, with_bias=False, zero_row=False)
+    ours = run_poisoned(session(K, N, False, env, q=q, wscale=wscale), x.reshape(1, M, K), N).reshape(M, N)
+    std_sess = session(K, N, False, standard=True, q=q, wscale=wscale)
+    std = run_poisoned(std_sess, x, N, out="y0")
+    assert not np.isnan(ours.astype(np.float32)).any()
+    mismatches = int(np.sum(ours != std))
+    assert mismatches == 0, f"{mismatches} of {ours.size} differ, max {np.max(np.abs(ours.astype(np.float32) - std)):.3g}"
+
+
+def test_empty_tokens_and_shape_errors():
+    x, q, wscale, _ = data(4, 256, 64, seed=1, with_bias=False)
+    sess = session(256, 64, False, q=q, wscale=wscale)
+    y = sess.run(None, {"x": np.zeros((1, 0, 256), np.float16)})[0]
+    assert y.shape == (1, 0, 64)
+    with pytest.raises(Exception, match="K"):
+        sess.run(None, {"x": np.zeros((1, 2, 128), np.float16)})
+
+
+def test_check_device():
+    assert kernels.check_device() == "sm_90a"
