@@ -1,7 +1,7 @@
 """`onnxqf bench`: prefill and KV-cache decode on the CPU with tiny graphs, and one clear line for bad input.
 
-Also runs scripts/gpu_bench.py's onnx-only sections (single-op kernels, online rotations, the
-hand-built KV-cache decoder) at tiny shapes on the CPU, so the GPU run exercises no untested path.
+Also runs scripts/gpu_bench.py (linears, online rotations, rewritten decoders) at tiny shapes on the CPU, so
+the GPU run exercises no untested path.
 """
 
 from __future__ import annotations
@@ -272,76 +272,40 @@ def gpu_bench():
     sys.modules.pop("gpu_bench", None)
 
 
-def test_gpu_bench_sections_a_b_c2(gpu_bench, tmp_path, capsys):
-    assert gpu_bench.main(["--out", str(tmp_path), "--ep", "cpu", "--tiny", "--sections", "a,b,c2", "--repeats", "2"]) == 0
+def test_gpu_bench_sections(gpu_bench, tmp_path):
+    """Sections a (linears through the lowerings), b (online rotations) and c1 (a random Llama exported and
+    rewritten through the pipeline, then `onnxqf bench`) run at tiny shapes and fill the JSON and the tables."""
+    assert gpu_bench.main(["--out", str(tmp_path), "--ep", "cpu", "--tiny", "--repeats", "2",
+                           "--presets", "w8a8-token,rotate-int4-b32"]) == 0
     data = json.loads((tmp_path / "gpu_bench.json").read_text())
-    assert not data["errors"] and not data["skipped"]
     cfg = gpu_bench.tiny_config()
-    variants = {r["variant"] for r in data["a_linears"]}
-    assert variants == set(gpu_bench.LINEAR_VARIANTS) - {"w8a8-ql19"}  # ql19 only when ql21 is refused
-    for r in data["a_linears"]:
-        assert r["on_provider"] and set(r["ms_per_linear"]) == {str(m) for m in cfg.ms}, r
-    assert [r["rotation"].split()[0] for r in data["b_rotations"]] == ["hadamard", "hadamard", "head", "legacy", "legacy", "legacy", "attention"]
-    assert all(r["ms"][str(m)]["median"] > 0 for r in data["b_rotations"] for m in cfg.rot_ms)
+    rows = data["a_linears"]["rows"]
+    assert [r["lowering"] for r in rows[:5]] == ["float", *gpu_bench.LOWERINGS]
+    assert len(rows) == 5 * len(cfg.linears) and all(set(r["ms"]) == {str(m) for m in cfg.ms} for r in rows)
+    assert all(r["error"] < 0.3 for r in rows)
+    assert [r["rotation"].split()[0] for r in data["b_rotations"]] == ["hadamard", "hadamard", "head", "attention"]
+    assert all(r["ms"][str(m)] > 0 for r in data["b_rotations"] for m in cfg.rot_ms)
     shares = data["b_shares"]
-    assert len(shares) == 2 and all(0 < s["rot_full_hybrid_share_of_fp16_linears"] < 1 for s in shares)
-    rows = {r["variant"]: r for r in data["c2_decoder"]}
-    assert set(rows) == {d.name for d in gpu_bench.C2_VARIANTS}
-    assert data["c2_meta"]["method"].startswith("onnxqf.runtime.bench")
-    for name, r in rows.items():
-        assert "error" not in r and r["prefill_ms"]["median"] > 0, r
-        if r["layers"]:
-            assert set(r["decode"]) == {str(p) for p in cfg.pasts}
-        else:
-            assert r["one_token_ms"]["median"] > 0
+    assert len(shares) == 2 and all(0 < s["float"]["hybrid_share"] < 1 for s in shares)
+    c1 = data["c1_decoders"]
+    assert list(c1["rewrite_s"]) == ["fp16", "w8a8-token", "rotate-int4-b32"]
+    for bench in c1["bench"].values():
+        assert [r["prefill_ms"]["median"] > 0 for r in bench["models"]] == [True] * 3
     md = (tmp_path / "gpu_bench.md").read_text()
-    assert "## a." in md and "## b." in md and "## c2." in md and "int4-b32 + rotate" in md
+    assert "## a." in md and "## b." in md and "## c1." in md and "| rotate-int4-b32 |" in md
 
 
-def test_gpu_bench_graphs_run(gpu_bench, tmp_path):
-    """The variants the CPU run does not reach (opset-19 QuantizeLinear, the lean decoder with it) build and run."""
-    import onnxruntime as ort
+def test_gpu_bench_rotation_is_onnxqfs(gpu_bench):
+    """The benchmarked rotation graph computes x @ kron(F_1, ..., F_r), once per copy."""
+    from onnxqf.maths.hadamard import rotation
+    from onnxqf.runtime.session import make_session, saved
 
-    cfg = gpu_bench.tiny_config()
-    pools = gpu_bench.Pools(1 << 16)
-    run = gpu_bench.Runner("cpu", repeats=1, warmup=0)
-    gpu_bench.build(tmp_path / "l.onnx", gpu_bench.linear_graph, "w8a8-ql19", 64, 172, 2, pools)
-    sess = ort.InferenceSession(str(tmp_path / "l.onnx"), providers=["CPUExecutionProvider"])
-    out = sess.run(None, {"x": np.ones((3, 64), np.float16)})
-    assert len(out) == 2 and out[0].shape == (3, 172) and out[0].dtype == np.float16
-    d = gpu_bench.Decoder("lean", "w8a8-lean", rot_norms=True, rot_down=True, head_mix=True)
-    _, layers = gpu_bench.build(tmp_path / "d.onnx", gpu_bench.decoder_graph, cfg, d, pools, "ql19")
-    sess, placement = run.load(tmp_path / "d.onnx")
-    feeds = {"input_ids": np.zeros((1, 2), np.int64), "attention_mask": np.ones((1, 5), np.int64)}
-    feeds.update({f"past_key_values.{i}.{k}": np.zeros((1, cfg.heads, 3, cfg.head_dim), np.float16)
-                  for i in range(layers) for k in ("key", "value")})
-    outs = {o.name: v for o, v in zip(sess.get_outputs(), sess.run(None, feeds))}
-    assert outs["logits"].shape == (1, 2, cfg.vocab) and outs["present.1.value"].shape == (1, cfg.heads, 5, cfg.head_dim)
-
-
-def test_gpu_bench_rotation_matches_onnxqf(gpu_bench):
-    """The benchmarked rotation is x @ kron(F_1, ..., F_r), node for node what onnxqf.graph.edit.rotate_value_online emits."""
-    import onnx_ir as ir
-    import onnxruntime as ort
-
-    from onnxqf.graph import edit
-
-    sizes = [12, 4, 2]
-    factors = gpu_bench.random_factors(sizes, 0)
-    model = gpu_bench.rotation_graph(96, factors, sizes, copies=1)
+    r = rotation(96, 0)
+    with saved(gpu_bench.rotation_model(96, list(r.factors), None, copies=2)) as path:
+        session = make_session(path)
     x = np.random.default_rng(0).standard_normal((5, 96)).astype(np.float16)
-    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    y = sess.run(None, {"x": x})[0].astype(np.float64)
-    dense = np.kron(np.kron(factors[0], factors[1]), factors[2])
-    assert np.allclose(y, x.astype(np.float64) @ dense, atol=2e-2)
-    ours = [n.op_type for n in model.graph.node if n.op_type != "Identity"]
-
-    value = ir.Value(name="x", shape=ir.Shape([None, 96]), type=ir.TensorType(ir.DataType.FLOAT16))
-    reader = ir.Node("", "Identity", [value])
-    graph = ir.Graph([value], reader.outputs, nodes=[reader])
-    edit.rotate_value_online(graph, value, factors, ir.DataType.FLOAT16, "rot")
-    theirs = [n.op_type for n in graph if n is not reader]
-    assert ours == theirs
+    for y in session.run(None, {"x": x}):
+        np.testing.assert_allclose(y.astype(np.float64), x.astype(np.float64) @ r.mixing(), atol=2e-2)
 
 
 # -- MatMulNBits kernels: which nodes ONNX Runtime's CUTLASS weight-only kernels take, and bench's runs -----
@@ -445,19 +409,3 @@ def test_check_reports_nbits_kernels(tmp_path, capsys):
         assert rc == 3 and r["status"] == "unavailable"
     main(["check", str(path), "--ep", "cuda"])
     assert "2 nodes, 1 eligible" in capsys.readouterr().out
-
-
-def test_fpa_intb_bench_tiny(tmp_path):
-    """scripts/fpa_intb_bench.py at tiny shapes on the CPU: every MatMulNBits variant twice, outputs compared."""
-    p = subprocess.run([sys.executable, str(ROOT / "scripts" / "fpa_intb_bench.py"), "--out", str(tmp_path), "--ep", "cpu",
-                        "--tiny", "--variants", "fp16,int4-b32,int4-b32-zp,int8w-b32"], capture_output=True, text=True)
-    assert p.returncode == 0, p.stderr[-2000:]
-    rows = json.loads((tmp_path / "fpa_intb_bench.json").read_text())["rows"]
-    assert [(r["variant"], r["kernel"]) for r in rows[:7]] == [
-        ("fp16", "default"), ("int4-b32", "default"), ("int4-b32", "fpa_intb"), ("int4-b32-zp", "default"),
-        ("int4-b32-zp", "fpa_intb"), ("int8w-b32", "default"), ("int8w-b32", "fpa_intb")]
-    for r in rows:
-        assert r["on_provider"] and r["finite"] and set(r["ms_per_linear"]) == {"1", "4", "32"}, r
-        if r["kernel"] == "fpa_intb":  # the variable means nothing to the CPU provider: the same product
-            assert r["max_rel_diff_vs_first"] == 0.0
-    assert "| int4-b32 | fpa_intb |" in p.stdout

@@ -93,3 +93,17 @@ def test_bench_linears_cli(capsys):
     assert "give no MODEL" in capsys.readouterr().err
     assert main(["bench", "--linears", "16:24", "--m", "0"]) == 2
     assert main(["bench"]) == 2
+
+
+def test_nbits_kernel_both_rows():
+    """--nbits-kernel both: MatMulNBits rows twice (default, fpa-intb), other rows once; the CUDA-only variable
+    changes nothing on the CPU, so both rows compute the same product."""
+    opts = LinearsOptions(shapes=((32, 64),), ms=(1,), copies=1, repeats=1, warmup=0, nbits_kernel="both",
+                          lowerings=("int8-token", "matmulnbits", "matmulnbits:symmetric=false"))
+    rows = bench_linears(opts)["rows"]
+    assert [(r["lowering"], r["kernel"]) for r in rows] == [
+        ("float", "default"), ("int8-token", "default"), ("matmulnbits", "default"), ("matmulnbits", "fpa-intb"),
+        ("matmulnbits:symmetric=false", "default"), ("matmulnbits:symmetric=false", "fpa-intb")]
+    assert rows[2]["error"] == rows[3]["error"] and rows[4]["error"] == rows[5]["error"]
+    with pytest.raises(OnnxqfError):
+        LinearsOptions(nbits_kernel="fast")

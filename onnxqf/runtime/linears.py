@@ -23,7 +23,8 @@ Rules:
   its rounding.
 - On CUDA sessions refuse CPU fallback: a lowering with a node CUDA cannot run is reported, not timed.
   ``nbits_kernel`` (``default``, ``fpa-intb``, ``both``) picks ONNX Runtime's MatMulNBits kernels on CUDA
-  for MatMulNBits rows, as ``onnxqf bench --nbits-kernel`` does.
+  for MatMulNBits rows, as ``onnxqf bench --nbits-kernel`` does (``both``: two rows; on the CPU the variable
+  changes nothing, which checks the path).
 """
 
 from __future__ import annotations
@@ -211,7 +212,7 @@ def bench_linears(opts: LinearsOptions, progress=None) -> dict:
         reference = None
         for spec in specs:
             lowering = parse_lowering(spec, opts.ep)
-            nbits = lowering is not None and lowering.name == "matmulnbits" and opts.ep == "cuda"
+            nbits = lowering is not None and lowering.name == "matmulnbits"
             kernels = {"default": ["default"], "fpa-intb": ["fpa-intb"], "both": ["default", "fpa-intb"]}[opts.nbits_kernel]
             model = linear_model(K, N, lowering, copies=opts.copies, dtype=opts.dtype, seed=opts.seed)
             for kernel in kernels if nbits else ["default"]:
