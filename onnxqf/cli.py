@@ -185,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--out", help="output folder (default: MODEL without .onnx, plus -inspect); replaced only when done")
     n.add_argument("--heatmap-layer", type=int, metavar="K",
                    help="layer of the token x channel heatmaps (default: the layer with the largest down_proj input)")
-    n.add_argument("--seed", type=int, default=0, help="seed of the random Hadamard signs (default 0)")
+    n.add_argument("--seed", type=int, default=0, help="seed of the rotations (those `rewrite --hybrid --seed` draws; default 0)")
     n.add_argument("--json", action="store_true", help="print one JSON object with the summary instead of a table")
     gen = sub.add_parser("generate", help="generate text from an onnxruntime-genai folder (greedy, streamed)",
                          description="A thin wrapper over onnxruntime-genai: load DIR (written by `onnxqf export --kv-cache`), "
@@ -474,7 +474,7 @@ def _vocab(model) -> int | None:
 
 
 def cmd_generate(args) -> int:
-    from onnxqf.genai.folder import generate
+    from onnxqf.genai.generate import generate
 
     generate(args.model, args.prompt, max_new_tokens=args.max_new_tokens, ep=args.ep)
     return 0

@@ -65,7 +65,8 @@ def main() -> int:
 
     from onnxqf.calib.data import token_windows
     from onnxqf.analysis.evaluate import compare
-    from onnxqf.genai.folder import generate, model_file
+    from onnxqf.genai.folder import model_file
+    from onnxqf.genai.generate import generate
     from onnxqf.graph.modelfile import load_model
 
     plain = Path("out/smollm2.onnx")

@@ -224,11 +224,12 @@ def make_pipeline(name: str, src: Path, work: Path, calib: np.ndarray) -> tuple[
 
 
 def greedy(path: Path, prompts_ids: list[list[int]], eos: int | None) -> list[list[int]]:
-    from onnxqf.genai.folder import logits_function, model_file
+    from onnxqf.genai.feeds import graph_io, logits_function
+    from onnxqf.genai.folder import model_file
     from onnxqf.runtime.session import make_session
 
     graph = model_file(path)
-    f = logits_function(make_session(graph), graph)
+    f = logits_function(make_session(graph), graph_io(graph))
     out = []
     for ids in prompts_ids:
         seq = list(ids)

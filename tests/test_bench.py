@@ -115,7 +115,7 @@ def one_line_error(capsys, rc: int, expected_rc: int = 2) -> str:
 
 
 def test_describe_kv_layout(tmp_path):
-    io = describe(kv_graph(tmp_path / "kv.onnx"))
+    io = describe(kv_graph(tmp_path / "kv.onnx")).io
     assert io.has_cache and (io.kv_heads, io.head_dim, io.vocab) == (KV_HEADS, HEAD_DIM, VOCAB)
     assert io.cache[0] == ("past_key_values.0.key", "present.0.key") and len(io.cache) == 2 * LAYERS
     assert io.mask == "attention_mask" and io.positions == "position_ids" and io.cache_dtype == np.float32
@@ -146,12 +146,12 @@ def test_fixed_buffer_decode_step(tmp_path):
     from onnxqf.runtime.session import make_session
 
     kv = kv_graph(tmp_path / "kv.onnx")
-    io = describe(kv)
+    io = describe(kv).io
     speeds = measure_decode_step_graph(make_session(kv), io, batch=2, past=5, warmup=1, repeats=3, steps=2, device="cpu")
     assert len(speeds) == 3 and min(speeds) > 0
     broken = kv_graph(tmp_path / "broken.onnx", broken_present=True)
     with pytest.raises(Exception):
-        measure_decode_step_graph(make_session(broken), describe(broken), batch=1, past=5, warmup=0, repeats=1, steps=1,
+        measure_decode_step_graph(make_session(broken), describe(broken).io, batch=1, past=5, warmup=0, repeats=1, steps=1,
                                   device="cpu")
     with pytest.raises(OnnxqfError, match="--cuda-graph needs --ep cuda"):
         run_bench([str(kv)], BenchOptions(ep="cpu", cuda_graph=True, progress=False))
@@ -159,7 +159,7 @@ def test_fixed_buffer_decode_step(tmp_path):
 
 def test_kv_fp16_cache(tmp_path):
     kv16 = kv_graph(tmp_path / "kv16.onnx", dtype=TensorProto.FLOAT16)
-    assert describe(kv16).cache_dtype == np.float16
+    assert describe(kv16).io.cache_dtype == np.float16
     r = run_bench([str(kv16)], BenchOptions(ep="cpu", seq=3, past=(2,), decode_tokens=2, repeats=1, warmup=0, progress=False))
     assert r["models"][0]["decode"]["2"]["tokens_per_s"]["median"] > 0
 
@@ -187,16 +187,16 @@ def test_genai_folder(tmp_path):
     """A real onnxruntime-genai graph (GroupQueryAttention; head_dim symbolic, read from genai_config.json)."""
     pytest.importorskip("onnxruntime_genai")
     pytest.importorskip("transformers")
+    from onnxqf.models.genai_export import export_genai
     from tiny import save_byte_tokenizer
     from tiny import tiny_model
 
-    from onnxqf.models.genai_export import export_genai
 
     model = tiny_model("llama-gqa")
     model.save_pretrained(str(tmp_path / "hf"))
     save_byte_tokenizer(tmp_path / "hf")
     graph = export_genai(str(tmp_path / "hf"), tmp_path / "gen" / "model.onnx")
-    io = describe(graph.parent)  # the folder works as well as its model.onnx
+    io = describe(graph.parent).io  # the folder works as well as its model.onnx
     assert io.has_cache and (io.kv_heads, io.head_dim) == (2, 16) and io.path == str(graph)
     r = run_bench([str(graph.parent)], BenchOptions(ep="cpu", seq=8, past=(4, 16), decode_tokens=3, repeats=2, warmup=1,
                                                     progress=False))
@@ -371,7 +371,7 @@ def test_nbits_kernels_report(tmp_path):
 
 
 def test_nbits_kernel_runs_and_env(tmp_path, monkeypatch, capsys):
-    from onnxqf.runtime.bench import _runs
+    from onnxqf.runtime.bench import kernel_runs
     from onnxqf.runtime.placement import FPA_INTB_ENV
     from onnxqf.runtime.session import nbits_kernel_env
 
@@ -379,11 +379,11 @@ def test_nbits_kernel_runs_and_env(tmp_path, monkeypatch, capsys):
     fast = describe(nbits_graph(tmp_path / "q.onnx", [{}]))
     slow = describe(nbits_graph(tmp_path / "z.onnx", [{"zp": True}]))
     ios = [fp16, fast, slow]
-    assert _runs(ios, "default") == [(0, "default"), (1, "default"), (2, "default")]
-    assert _runs(ios, "both") == [(0, "default"), (1, "default"), (1, "fpa-intb"), (2, "default")]
-    assert _runs(ios, "fpa-intb") == [(0, "default"), (1, "fpa-intb"), (2, "default")]
+    assert kernel_runs(ios, "default") == [(0, "default"), (1, "default"), (2, "default")]
+    assert kernel_runs(ios, "both") == [(0, "default"), (1, "default"), (1, "fpa-intb"), (2, "default")]
+    assert kernel_runs(ios, "fpa-intb") == [(0, "default"), (1, "fpa-intb"), (2, "default")]
     with pytest.raises(OnnxqfError):
-        _runs(ios, "fast")
+        kernel_runs(ios, "fast")
     import os
 
     monkeypatch.setenv(FPA_INTB_ENV, "0")
@@ -409,3 +409,32 @@ def test_check_reports_nbits_kernels(tmp_path, capsys):
         assert rc == 3 and r["status"] == "unavailable"
     main(["check", str(path), "--ep", "cuda"])
     assert "2 nodes, 1 eligible" in capsys.readouterr().out
+
+
+def test_cpu_threads_and_isa(tmp_path, capsys):
+    """`bench --ep cpu` states the intra-op threads and the CPU's ISA, in the table's header and the JSON."""
+    from onnxqf.runtime.bench import cpu_isa, physical_cores
+
+    flags = "fpu sse2 avx2 fma avx512f avx512bw avx512_vnni amx_tile amx_int8"
+    assert cpu_isa(f"processor\t: 0\nflags\t\t: {flags}\n") == ("AMX", ["avx2", "fma", "avx512f", "avx512bw",
+                                                                        "avx512_vnni", "amx_tile", "amx_int8"])
+    assert cpu_isa("flags : avx2 fma avx512f avx512bw avx512_vnni\n")[0] == "AVX512-VNNI"
+    assert cpu_isa("flags : avx2 fma avx512f avx512bw\n")[0] == "AVX-512"
+    assert cpu_isa("flags : avx2 fma avx_vnni\n")[0] == "AVX-VNNI"
+    assert cpu_isa("flags : sse2 avx2 fma\n")[0] == "AVX2"
+    assert cpu_isa("flags : sse2 sse4_2 avx\n") == ("SSE only (no AVX2)", [])
+    assert cpu_isa("Processor : ARMv8\nFeatures : fp asimd\n") == ("unknown", [])  # no x86 flags line
+    two_cores_ht = "".join(f"physical id\t: 0\ncore id\t\t: {c}\n\n" for c in (0, 1, 0, 1))
+    assert physical_cores(two_cores_ht) == 2 and physical_cores("") is None
+
+    kv = kv_graph(tmp_path / "kv.onnx")
+    rc = main(["bench", str(kv), "--ep", "cpu", "--seq", "4", "--past", "2", "--decode-tokens", "1", "--repeats", "1",
+               "--warmup", "0", "--json"])
+    assert rc == 0
+    cpu = json.loads(capsys.readouterr().out)["cpu"]
+    assert cpu["intra_op_threads"] >= 1 and cpu["threads_source"].startswith("onnxruntime default")
+    assert cpu["isa"] in ("AMX", "AVX512-VNNI", "AVX-512", "AVX-VNNI", "AVX2", "SSE only (no AVX2)", "unknown")
+    rc = main(["bench", str(kv), "--ep", "cpu", "--seq", "4", "--past", "2", "--decode-tokens", "1", "--repeats", "1",
+               "--warmup", "0", "-q"])
+    table = capsys.readouterr().out
+    assert rc == 0 and f"CPU: {cpu['intra_op_threads']} intra-op threads" in table and f"ISA {cpu['isa']}" in table

@@ -185,7 +185,8 @@ def test_killed_rewrite_leaves_no_output_and_is_cleaned_next_time(tiny_models, t
     import sys
     import time
 
-    from onnxqf.graph.modelfile import PARTIAL_PREFIX, load_model, save_model
+    from onnxqf.graph.fileio import PARTIAL_PREFIX
+    from onnxqf.graph.modelfile import load_model, save_model
 
     model = _copy(tiny_models["llama-gqa"], tmp_path / "in")
     before = _digest(model.parent)
@@ -228,7 +229,7 @@ def test_terminated_low_memory_rewrite_removes_its_scratch(tiny_models, ids_file
         import os, signal, sys
         from pathlib import Path
         from onnxqf.passes.quantize import QuantizePass
-        from onnxqf.graph.modelfile import PARTIAL_PREFIX
+        from onnxqf.graph.fileio import PARTIAL_PREFIX
 
         def apply(self, model):
             scratch = [p for p in Path({str(out.parent)!r}).iterdir() if p.name.startswith(PARTIAL_PREFIX)]

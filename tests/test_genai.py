@@ -20,7 +20,8 @@ og = pytest.importorskip("onnxruntime_genai")
 
 from onnxqf.cli import main  # noqa: E402
 from onnxqf.errors import GenaiFolderError, OnnxqfError  # noqa: E402
-from onnxqf.genai.folder import generate, read_genai  # noqa: E402
+from onnxqf.genai.folder import read_genai  # noqa: E402
+from onnxqf.genai.generate import generate  # noqa: E402
 from tiny import save_byte_tokenizer  # noqa: E402
 
 PROMPT = [17, 42, 301, 5, 77, 250, 9, 128, 64, 3, 400, 11]

@@ -67,7 +67,7 @@ def test_bench_linears_cpu():
                           lowerings=("uint8-token", "int8-token", "matmulnbits", "matmulnbits:bits=8"))
     lines = []
     r = bench_linears(opts, progress=lines.append)
-    assert r["cpu"]["intra_op_threads"] >= 1 and len(lines) == len(r["rows"]) == 10
+    assert len(lines) == len(r["rows"]) == 10
     rows = {(row["K"], row["lowering"]): row for row in r["rows"]}
     assert [row["lowering"] for row in r["rows"][:5]] == ["float", "uint8-token", "int8-token", "matmulnbits",
                                                           "matmulnbits:bits=8"]

@@ -7,18 +7,19 @@ import json
 import numpy as np
 from tqdm.auto import tqdm
 
+from onnxqf.genai.feeds import graph_io, logits_function
+from onnxqf.genai.folder import model_file
 from onnxqf.maths.metrics import LogitComparison
 from onnxqf.runtime.session import make_session
 
 
 def compare(orig_path, new_path, wins: np.ndarray, *, ep: str = "cpu", progress: bool = True, max_abs: bool = False) -> dict:
     """KL(P_orig || P_new) per token, perplexity of both, top-1 agreement over all positions."""
-    from onnxqf.genai.folder import logits_function, model_file
-
     orig_path, new_path = model_file(orig_path), model_file(new_path)  # genai folders: their decoder graph
+    io_orig, io_new = graph_io(orig_path), graph_io(new_path)  # plain or KV-cache graphs, checked before loading
     s_orig = make_session(orig_path, ep=ep)
     s_new = make_session(new_path, ep=ep)
-    f_orig, f_new = logits_function(s_orig, orig_path), logits_function(s_new, new_path)  # plain or KV-cache graphs
+    f_orig, f_new = logits_function(s_orig, io_orig), logits_function(s_new, io_new)
     acc = LogitComparison()
     worst = 0.0
     scale = 0.0

@@ -16,8 +16,11 @@ smooth+rotate   ``(X / s) Q``          ``Q^T diag(s) B``
 ==============  =====================  ========================
 
 ``s`` are SmoothQuant scales from the per-channel ``max|X|`` over all windows
-(:func:`onnxqf.maths.smoothing.site_scales`, grouped per KV head for ``o_in``) and ``Q`` a randomized
-Hadamard rotation of the site's width (:func:`onnxqf.maths.hadamard.rotation`). ``X' B' = X B`` in every
+(:func:`onnxqf.maths.smoothing.site_scales`, grouped per KV head for ``o_in``) and ``Q`` the rotation
+that ``onnxqf rewrite --hybrid --seed SEED`` applies to that site's activation in the written graph
+(:meth:`onnxqf.plan.Plan.site_rotation` of the plan drawn from the same seed: after each norm for
+``attn_in`` / ``mlp_in``, the per-head rotation and head mixing for ``o_in``, the down rotation for
+``down_in``), so what inspect scores is what the rewrite applies. ``X' B' = X B`` in every
 case; what changes is how well ``X'`` and ``B'`` quantize. Per (layer, site, transform) it reports
 the activation difficulty (std of the channel L2 norms), the weight difficulty (std of the row L2
 norms of ``B'``), ``max|X'|`` and the layer error ``||X B - Q(X') Q(B')||_F^2`` at 8 and 4 bits
@@ -36,8 +39,6 @@ import json
 import math
 import os
 import re
-import secrets
-import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,10 +46,16 @@ from pathlib import Path
 import numpy as np
 
 from onnxqf.errors import OnnxqfError
+from onnxqf.graph.fileio import atomic_dir
 from onnxqf.maths.fold import smooth_rotate
 from onnxqf.maths.metrics import ChannelStats, difficulty, layer_error, weight_channel_magnitudes
 from onnxqf.graph.structure import SITE_KINDS as SITES
 from onnxqf.graph.structure import SITE_TITLES
+from onnxqf.plan import Plan
+
+#: the plan whose rotations inspect scores: the full hybrid's, a rotation at every site (``rotate`` draws the same
+#: ones from the same seed at the sites both rotate)
+INSPECT_PRESET = "hybrid"
 TRANSFORMS = ("original", "smooth", "rotate", "smooth+rotate")
 BITS = (8, 4)
 HEATMAP_TOKENS = 256
@@ -122,7 +129,7 @@ class SiteAccumulator:
     """
 
     s: np.ndarray
-    Q: np.ndarray
+    Q: np.ndarray | None  # None: the plan rotates nothing at this site ("rotate" scores as "original")
     transforms: tuple[str, ...] = TRANSFORMS
     bits: tuple[int, ...] = BITS
     stats: dict = field(default_factory=dict)
@@ -229,32 +236,6 @@ def _check_out_dir(out: Path) -> None:
         raise OnnxqfError(f"{out}: folder exists and is not an earlier inspect output (no metrics.csv); choose another --out")
 
 
-def _make_temp_dir(out: Path) -> Path:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    while True:
-        tmp = out.parent / f".{out.name}.partial-{secrets.token_hex(4)}"
-        try:
-            os.mkdir(tmp)  # honours the umask, unlike mkdtemp's 0700
-            return tmp
-        except FileExistsError:
-            continue
-
-
-def _commit_dir(tmp: Path, out: Path) -> None:
-    """Move the finished folder into place; an existing one is replaced only now."""
-    if not out.exists():
-        os.rename(tmp, out)
-        return
-    old = out.parent / f".{out.name}.old-{secrets.token_hex(4)}"
-    os.rename(out, old)
-    try:
-        os.rename(tmp, out)
-    except BaseException:
-        os.rename(old, out)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def _json_safe(x):
     if isinstance(x, float) and not math.isfinite(x):
         return None
@@ -271,7 +252,6 @@ def run_inspect(model_path: str | os.PathLike, source: str, out: str | os.PathLi
     from onnxqf.calib import calibrate
     from onnxqf.calib.data import token_windows
     from onnxqf.recognize import recognize
-    from onnxqf.maths.hadamard import rotation
     from onnxqf.graph.modelfile import load_model
     from onnxqf.passes.fold_norms import FoldNormsPass
     from onnxqf.maths.smoothing import site_scales
@@ -310,16 +290,15 @@ def run_inspect(model_path: str | os.PathLike, source: str, out: str | os.PathLi
     if heat_layer is None:
         heat_layer = max(layers, key=lambda i: stats[(i, "down_in")].max)
 
-    rotations: dict[int, np.ndarray] = {}
+    # the rotations `rewrite --hybrid --seed` applies at each site (the same for every layer)
+    plan = Plan.build(config, INSPECT_PRESET, opts.seed)
+    rotations = {kind: plan.site_rotation(kind, config) for kind in {site for _, site in keys}}
     accs: dict[tuple[int, str], SiteAccumulator] = {}
     for i, site in keys:
         B = sites[(i, site)].matrix()
         s = site_scales(stats[(i, site)].absmax, B, opts.alpha, sites[(i, site)].kv_groups)
-        n = B.shape[0]
-        if n not in rotations:
-            rotations[n] = rotation(n, np.random.default_rng(opts.seed)).matrix()
-        accs[(i, site)] = SiteAccumulator(s, rotations[n])
-    del stats
+        accs[(i, site)] = SiteAccumulator(s, rotations[site])
+    stats.clear()  # the scales are made: the absmax of every site can go
 
     # pass 2: the four transforms of every window, into streaming accumulators
     heat: dict[str, np.ndarray] = {}
@@ -352,13 +331,8 @@ def run_inspect(model_path: str | os.PathLike, source: str, out: str | os.PathLi
         "summary": summary,
     }
 
-    tmp = _make_temp_dir(out)
-    try:
+    with atomic_dir(out) as tmp:  # an earlier inspect output there is replaced only now
         _write_outputs(tmp, rows, result, layers, heat, heat_layer, accs)
-        _commit_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return result
 
 

@@ -1,13 +1,12 @@
 """Matplotlib figures for quantization-friendliness analysis (Agg backend, PNG output).
 
-Every function writes its PNG atomically (temp file in the target directory, then
-``os.replace``) and returns the output path.
+Every function writes its PNG atomically (:mod:`onnxqf.graph.fileio`: written in a scratch folder
+beside the target, then renamed into place) and returns the output path.
 """
 
 from __future__ import annotations
 
 import os
-import secrets
 from typing import Mapping, Sequence
 
 import matplotlib
@@ -17,7 +16,9 @@ matplotlib.use("Agg")  # headless; must precede the pyplot import
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-__all__ = ["plot_metric_vs_layer", "plot_channel_heatmap", "plot_bars", "save_figure"]
+from onnxqf.graph.fileio import atomic_file  # noqa: E402
+
+__all__ = ["block_max", "plot_bars", "plot_channel_heatmap", "plot_metric_vs_layer", "save_figure"]
 
 DPI = 120
 _MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*", "<", ">")
@@ -35,23 +36,11 @@ def _color(label: str, i: int) -> str:
 
 
 def save_figure(fig: "plt.Figure", path: str | os.PathLike) -> str:
-    """Save ``fig`` as PNG atomically (temp file in the same dir + ``os.replace``), close it."""
+    """Save ``fig`` as PNG atomically (:func:`onnxqf.graph.fileio.atomic_file`), close it."""
     path = os.fspath(path)
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    # os.open with mode 0o666 honours the umask (mkstemp would leave the PNG 0600)
-    tmp = os.path.join(d, f".tmp-{secrets.token_hex(8)}-{os.path.basename(path)}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png", dpi=DPI, bbox_inches="tight", pad_inches=0.1)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+        with atomic_file(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=DPI, bbox_inches="tight", pad_inches=0.1)
     finally:
         plt.close(fig)
     return path
@@ -91,7 +80,7 @@ def plot_metric_vs_layer(
     return save_figure(fig, path)
 
 
-def _block_max(a: np.ndarray, max_rows: int, max_cols: int) -> np.ndarray:
+def block_max(a: np.ndarray, max_rows: int, max_cols: int) -> np.ndarray:
     """Max-pool a 2-D array down to at most ``max_rows x max_cols`` so outliers stay visible."""
     r, c = a.shape
     fr = max(1, -(-r // max_rows))
@@ -146,9 +135,9 @@ def plot_channel_heatmap(
         ax = axes[0, i]
         if max_pixels is None:
             ext = ax.get_window_extent()
-            img = _block_max(a, max(16, int(ext.height)), max(16, int(ext.width)))
+            img = block_max(a, max(16, int(ext.height)), max(16, int(ext.width)))
         else:
-            img = _block_max(a, *max_pixels)
+            img = block_max(a, *max_pixels)
         vmax = gmax if shared_scale else (float(a.max()) if a.size and a.max() > 0 else 1.0)
         im = ax.imshow(
             img, aspect="auto", interpolation="nearest", cmap=cmap, vmin=0.0, vmax=vmax,

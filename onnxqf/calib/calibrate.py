@@ -2,7 +2,7 @@
 
 The graph gets extra outputs for the requested values (the inputs of weight MatMuls), ONNX Runtime
 runs it window by window (an onnxruntime-genai KV-cache graph with an empty past and a mask of
-ones: :func:`onnxqf.genai.folder.feed_function`), and each window's activations are handed to the caller
+ones: :func:`onnxqf.genai.feeds.feed_function`), and each window's activations are handed to the caller
 and dropped: memory depends on the window, not on how many windows are run.
 """
 
@@ -14,19 +14,25 @@ import numpy as np
 import onnx_ir as ir
 from tqdm.auto import tqdm
 
-from onnxqf.genai.folder import feed_function, is_kv_session
+from onnxqf.genai.feeds import feed_function
+from onnxqf.graph.graphio import GraphIO
 from onnxqf.graph.structure import SITE_KINDS, Structure
 from onnxqf.maths.metrics import ChannelStats
 from onnxqf.runtime.session import make_session, saved
 from onnxqf.graph.store import park, unpark
 
+__all__ = ["SiteStats", "capture", "collect", "collect_hessians", "graph_io", "site_values"]
 
-def _kv_shape(model: ir.Model) -> tuple[int, int]:
-    """(kv_heads, head_size) of a KV-cache graph's past inputs, from its recognized structure."""
-    from onnxqf.recognize import recognize
 
-    cfg = recognize(model).config
-    return cfg.num_kv_heads, cfg.head_dim
+def graph_io(model: ir.Model) -> GraphIO:
+    """The model's GraphIO, with the cache dims the graph leaves symbolic taken from its recognized structure."""
+    io = GraphIO.from_model(model)
+    if not io.kv_shape_known:
+        from onnxqf.recognize import recognize
+
+        cfg = recognize(model).config
+        io = io.with_kv_shape(cfg.num_kv_heads, cfg.head_dim)
+    return io
 
 
 def site_values(structure: Structure, kinds: tuple[str, ...] = SITE_KINDS) -> dict[str, ir.Value]:
@@ -37,6 +43,7 @@ def site_values(structure: Structure, kinds: tuple[str, ...] = SITE_KINDS) -> di
 def capture(model: ir.Model, values: dict[str, ir.Value], windows: np.ndarray, *, desc: str = "calibrating",
             progress: bool = True, ep: str = "cpu") -> Iterator[dict[str, np.ndarray]]:
     """Yield, per window, {name: activation [tokens, channels] as float32}."""
+    feed = feed_function(graph_io(model))  # an input it cannot feed is refused before the session is made
     graph = model.graph
     added = []
     for name, value in values.items():
@@ -55,7 +62,6 @@ def capture(model: ir.Model, values: dict[str, ir.Value], windows: np.ndarray, *
             graph.outputs.remove(value)
     out_names = [o.name for o in session.get_outputs()]
     index = {name: out_names.index(value.name) for name, value in values.items()}
-    feed = feed_function(session, kv_shape=_kv_shape(model) if is_kv_session(session) else None)
     for w in tqdm(windows, desc=desc, unit="window", disable=not progress):
         results = session.run(None, feed(np.asarray(w, np.int64)[None, :]))
         yield {name: np.asarray(results[i], np.float32).reshape(-1, results[i].shape[-1]) for name, i in index.items()}

@@ -33,9 +33,14 @@ import onnx_ir as ir
 from tqdm.auto import tqdm
 
 from onnxqf.errors import UnsupportedGraphError
+from onnxqf.genai.feeds import feed_function
+from onnxqf.graph.graphio import GraphIO
 from onnxqf.runtime.session import make_session, saved
 from onnxqf.graph.store import discard, park, release, trim_heap, unpark
 from onnxqf.graph.structure import Linear, Site, Structure
+
+__all__ = ["LayerRunner", "LazyHessians", "Rounder", "Segment", "capture", "layer_hessians", "put_weight", "segment_model",
+           "sequential_hessians", "split"]
 
 logger = logging.getLogger(__name__)
 
@@ -165,25 +170,6 @@ def _copy(shape: ir.Shape | None) -> ir.Shape | None:
     return None if shape is None else shape.copy()
 
 
-class _GraphInputs:
-    """What :func:`onnxqf.genai.folder.feed_function` reads of a session, for the full graph's inputs."""
-
-    _TYPES = {ir.DataType.FLOAT: "tensor(float)", ir.DataType.FLOAT16: "tensor(float16)", ir.DataType.INT64: "tensor(int64)",
-              ir.DataType.INT32: "tensor(int32)"}
-
-    def __init__(self, model: ir.Model):
-        self._inputs = [dataclasses.make_dataclass("Arg", ["name", "shape", "type"])(
-            v.name, [d if isinstance(d, int) else str(d) for d in (v.shape or [])], self._TYPES.get(v.dtype, "?"))
-            for v in model.graph.inputs if not v.is_initializer()]
-
-    def get_inputs(self):
-        return self._inputs
-
-
-def _kv_shape(structure: Structure) -> tuple[int, int]:
-    return structure.config.num_kv_heads, structure.config.head_dim
-
-
 # ----------------------------------------------------------------------------------------------
 # running
 
@@ -200,11 +186,10 @@ class LayerRunner:
 
     def __init__(self, model: ir.Model, structure: Structure, windows: np.ndarray,
                  wanted: dict[int, dict[str, ir.Value]] | None = None, *, ep: str = "cpu"):
-        from onnxqf.genai.folder import feed_function
-
         self.model, self.structure, self.ep = model, structure, ep
         self.segments = split(model, structure, halves=True)
-        feed = feed_function(_GraphInputs(model), kv_shape=_kv_shape(structure))
+        cfg = structure.config
+        feed = feed_function(GraphIO.from_model(model).with_kv_shape(cfg.num_kv_heads, cfg.head_dim))
         graph_inputs = {v.name for v in model.graph.inputs}
         # per window: value name -> array; starts with the graph's inputs
         self.state = [{k: a for k, a in feed(np.asarray(w, np.int64)[None, :]).items() if k in graph_inputs}
@@ -328,7 +313,7 @@ def layer_hessians(model: ir.Model, structure: Structure, windows: np.ndarray, r
             weights: dict[str, np.ndarray] = {}
             for site in sites:
                 for lin, B_hat in rounder(structure, site, hessians[site.name]).items():
-                    _put(weights, lin, B_hat)
+                    put_weight(weights, lin, B_hat)
             for _ in runner.run(layer.index, weights=weights, advance=True, progress=progress,
                                 desc=f"layer {layer.index}: rounded"):
                 pass
@@ -387,7 +372,7 @@ class LazyHessians:
         self._current = {}
 
 
-def _put(weights: dict[str, np.ndarray], lin: Linear, B: np.ndarray) -> None:
+def put_weight(weights: dict[str, np.ndarray], lin: Linear, B: np.ndarray) -> None:
     """Write B ([in, out] of this linear) into the replacement array of its initializer (by name), in its
     layout and storage dtype."""
     from onnxqf.graph.edit import weight_layout

@@ -1,25 +1,27 @@
-"""onnxruntime-genai folders: reading and checking them, logits with an empty KV cache, generation.
+"""onnxruntime-genai folders: reading and checking them, writing a rewritten one.
 
 A genai folder (written by onnxruntime-genai's model builder, e.g. through ``onnxqf export --kv-cache``)
 holds ``genai_config.json``, the decoder graph it names (``model.onnx`` + ``.data``) and the tokenizer
 files. Its graph has inputs ``input_ids``, ``attention_mask``, sometimes ``position_ids``, and
 ``past_key_values.N.key|value`` of shape [batch, kv_heads, past, head_size]; outputs ``logits`` and
 ``present.N.key|value``.
+
+Feeding such a graph is :mod:`onnxqf.genai.feeds`; generating text with onnxruntime-genai is
+:mod:`onnxqf.genai.generate`. This module imports neither ONNX Runtime nor onnxqf's runtime.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
-
-import numpy as np
 
 from onnxqf.errors import BadModelFileError, GenaiFolderError, OnnxqfError
+from onnxqf.graph.graphio import GraphIO
+
+__all__ = ["ATTENTION_OPS", "GENAI_CONFIG", "GENAI_INSTALL", "IO_DTYPES", "SUPPORTED_ATTENTION", "GenaiFolder",
+           "genai_dir", "is_genai", "load_graph", "model_file", "output_path", "read_genai", "require_og", "write_folder"]
 
 GENAI_CONFIG = "genai_config.json"
 GENAI_INSTALL = "pip install 'onnxqf[genai]'"
@@ -28,8 +30,8 @@ GENAI_INSTALL = "pip install 'onnxqf[genai]'"
 ATTENTION_OPS = {"GroupQueryAttention", "MultiHeadAttention", "Attention", "PagedAttention", "SparseAttention",
                  "PackedMultiHeadAttention", "DecoderMaskedMultiHeadAttention", "PackedAttention"}
 SUPPORTED_ATTENTION = "GroupQueryAttention"
-_ONNX_DTYPES = {1: "float32", 10: "float16", 16: "bfloat16"}
-_ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+#: KV-cache (and logits) dtypes of the folders read_genai accepts
+IO_DTYPES = ("float32", "float16", "bfloat16")
 
 
 def require_og():
@@ -116,10 +118,16 @@ def read_genai(path: str | os.PathLike, *, check_attention: bool = True) -> Gena
         raise GenaiFolderError(f"{p}: {GENAI_CONFIG} in this folder names the decoder '{model_path.name}', not '{p.name}'")
     if not model_path.is_file():
         raise GenaiFolderError(f"{d}: {GENAI_CONFIG} names the decoder '{model_path.name}', which is missing")
-    proto = _load_graph(model_path)
+    proto = load_graph(model_path)
     graph = proto.graph
     inits = {t.name: t for t in graph.initializer}
-    inputs = {v.name: v for v in graph.input if v.name not in inits}
+    try:
+        io = GraphIO.from_proto(proto, path=str(model_path))
+    except GenaiFolderError:
+        raise
+    except OnnxqfError as exc:  # cache inputs that disagree with each other
+        raise GenaiFolderError(str(exc)) from None
+    inputs = set(io.inputs)
     names_in = dec.get("inputs", {}) if isinstance(dec.get("inputs"), dict) else {}
     ids_name = names_in.get("input_ids", "input_ids")
     if ids_name not in inputs:
@@ -136,23 +144,27 @@ def read_genai(path: str | os.PathLike, *, check_attention: bool = True) -> Gena
     if layers != n_layers:
         raise GenaiFolderError(f"{d}: {GENAI_CONFIG} says num_hidden_layers={n_layers}, the graph has {layers} "
                                f"'{_fmt(key_pat, 0)}'-style inputs")
-    dtypes = set()
+    cache = {past for past, _ in io.cache}
     for i in range(layers):
         for pat in (key_pat, value_pat):
             name = _fmt(pat, i)
             if name not in inputs:
                 raise GenaiFolderError(f"{model_path}: the graph has no input '{name}'")
-            tt = inputs[name].type.tensor_type
-            dims = [dim.dim_value if dim.HasField("dim_value") else None for dim in tt.shape.dim]
-            if len(dims) != 4:
-                raise GenaiFolderError(f"{model_path}: '{name}' has rank {len(dims)}, expected [batch, kv_heads, past, head_size]")
-            if dims[1] is not None and dims[1] != kv_heads:
-                raise GenaiFolderError(f"{d}: {GENAI_CONFIG} says num_key_value_heads={kv_heads}, the graph's '{name}' has {dims[1]}")
-            if dims[3] is not None and dims[3] != head_size:
-                raise GenaiFolderError(f"{d}: {GENAI_CONFIG} says head_size={head_size}, the graph's '{name}' has {dims[3]}")
-            dtypes.add(tt.elem_type)
-    if len(dtypes) != 1 or next(iter(dtypes)) not in _ONNX_DTYPES:
-        raise GenaiFolderError(f"{model_path}: unsupported KV-cache dtypes {sorted(dtypes)} (expected float32 or float16)")
+            if name not in cache:
+                raise GenaiFolderError(f"{model_path}: the KV-cache input '{name}' is not named past_* (onnxqf feeds "
+                                       "those as the cache)")
+    name = _fmt(key_pat, 0)
+    if io.cache_rank != 4:
+        raise GenaiFolderError(f"{model_path}: '{name}' has rank {io.cache_rank}, "
+                               "expected [batch, kv_heads, past, head_size]")
+    if io.kv_heads is not None and io.kv_heads != kv_heads:
+        raise GenaiFolderError(f"{d}: {GENAI_CONFIG} says num_key_value_heads={kv_heads}, "
+                               f"the graph's '{name}' has {io.kv_heads}")
+    if io.head_dim is not None and io.head_dim != head_size:
+        raise GenaiFolderError(f"{d}: {GENAI_CONFIG} says head_size={head_size}, the graph's '{name}' has {io.head_dim}")
+    io_dtype = None if io.cache_dtype is None else io.cache_dtype.name
+    if io_dtype not in IO_DTYPES:
+        raise GenaiFolderError(f"{model_path}: unsupported KV-cache dtype {io_dtype} (expected float32 or float16)")
     attn = [n for n in graph.node if n.op_type in ATTENTION_OPS]
     ops = sorted({n.op_type for n in attn})
     if not attn:
@@ -169,8 +181,8 @@ def read_genai(path: str | os.PathLike, *, check_attention: bool = True) -> Gena
     return GenaiFolder(
         directory=d, model_path=model_path, config=config, layers=layers, num_heads=n_heads, kv_heads=kv_heads,
         head_size=head_size, hidden=dec.get("hidden_size"), vocab=model_cfg.get("vocab_size"), attention_op=op,
-        io_dtype=_ONNX_DTYPES[next(iter(dtypes))], past_key_names=key_pat, past_value_names=value_pat,
-        graph_inputs=tuple(inputs),
+        io_dtype=io_dtype, past_key_names=key_pat, past_value_names=value_pat,
+        graph_inputs=io.inputs,
     )
 
 
@@ -181,7 +193,8 @@ def _fmt(pattern: str, i: int) -> str:
         raise GenaiFolderError(f"bad KV-cache name pattern '{pattern}' in {GENAI_CONFIG}") from None
 
 
-def _load_graph(path: Path):
+def load_graph(path: Path):
+    """The graph of ``path`` without its external data; BadModelFileError (one line) when it is not ONNX."""
     import onnx
 
     try:
@@ -258,20 +271,18 @@ def write_folder(folder: GenaiFolder, model, out: Path) -> Path:
     input folder is only read.
     """
     import shutil
-    import tempfile
 
-    from onnxqf.graph.modelfile import _all_tensors, save_model
-    from onnxqf.models.genai_export import _replace_dir
+    from onnxqf.graph.fileio import atomic_dir, is_partial
+    from onnxqf.graph.modelfile import all_tensors, save_model
 
     target = out.parent
     skip = {folder.model_path.name, GENAI_CONFIG}
-    skip |= {e.value for t in _all_tensors(_load_graph(folder.model_path)) for e in t.external_data if e.key == "location"}
+    skip |= {e.value for t in all_tensors(load_graph(folder.model_path)) for e in t.external_data
+             if e.key == "location"}
     target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=f".{target.name}.onnxqf-partial-", dir=target.parent) as tmp:
-        built = Path(tmp) / "genai"
-        built.mkdir()
+    with atomic_dir(target) as built:
         for entry in folder.directory.iterdir():
-            if entry.name in skip or "onnxqf-partial-" in entry.name or entry.resolve() == target.resolve():
+            if entry.name in skip or is_partial(entry.name) or entry.resolve() == target.resolve():
                 continue
             if entry.is_dir():
                 shutil.copytree(entry, built / entry.name)
@@ -284,156 +295,4 @@ def write_folder(folder: GenaiFolder, model, out: Path) -> Path:
         # default domain, which the checker does not know (it rejects the builder's own output)
         save_model(model, built / out.name, check=False)
         read_genai(built / out.name)  # the folder must be one we (and onnxruntime-genai) can read
-        _replace_dir(built, target, Path(tmp) / "old")
     return out
-
-
-# --------------------------------------------------------------------------- logits with a KV cache
-
-
-def is_kv_session(session) -> bool:
-    return any(i.name in ("attention_mask", "position_ids") or i.name.startswith("past_") for i in session.get_inputs())
-
-
-def feed_function(session, path: str | os.PathLike | None = None,
-                  kv_shape: tuple[int, int] | None = None) -> Callable[[np.ndarray], dict[str, np.ndarray]]:
-    """ids [batch, seq] -> the session's feed, for a plain graph (input_ids) or a KV-cache graph.
-
-    A KV-cache graph gets ``attention_mask`` (ones), ``position_ids`` (0..seq-1) when it has that
-    input, and an empty past [batch, kv_heads, 0, head_size] for every cache input, in its dtype.
-    Symbolic cache dims are taken from ``kv_shape`` = (kv_heads, head_size), else from the
-    ``genai_config.json`` beside ``path``.
-    """
-    inputs = session.get_inputs()
-    if not is_kv_session(session):
-        first = inputs[0].name
-        return lambda ids: {first: np.asarray(ids, dtype=np.int64)}
-    folder = None
-    past = {}
-    for i in inputs:
-        if i.name in ("input_ids", "attention_mask", "position_ids"):
-            continue
-        shape = list(i.shape)
-        if len(shape) != 4:
-            raise OnnxqfError(f"{path or 'model'}: graph input '{i.name}' is not one onnxqf knows how to feed")
-        if i.type not in _ORT_DTYPES:
-            raise OnnxqfError(f"{path or 'model'}: KV-cache input '{i.name}' has dtype {i.type} (float32 or float16 supported)")
-        if not isinstance(shape[1], int) or not isinstance(shape[3], int):
-            if kv_shape is not None:
-                known = kv_shape
-            else:
-                if folder is None:
-                    if path is None or genai_dir(path) is None:
-                        raise OnnxqfError(f"{path or 'model'}: cannot tell the KV-cache shape of '{i.name}' without its {GENAI_CONFIG}")
-                    folder = read_genai(path, check_attention=False)
-                known = (folder.kv_heads, folder.head_size)
-            shape[1] = shape[1] if isinstance(shape[1], int) else known[0]
-            shape[3] = shape[3] if isinstance(shape[3], int) else known[1]
-        past[i.name] = (shape[1], shape[3], _ORT_DTYPES[i.type])
-    names = {i.name for i in inputs}
-
-    def feed(ids: np.ndarray) -> dict[str, np.ndarray]:
-        ids = np.asarray(ids, dtype=np.int64)
-        b, s = ids.shape
-        out = {"input_ids": ids}
-        if "attention_mask" in names:
-            out["attention_mask"] = np.ones((b, s), np.int64)
-        if "position_ids" in names:
-            out["position_ids"] = np.broadcast_to(np.arange(s, dtype=np.int64), (b, s)).copy()
-        for name, (heads, head, dt) in past.items():
-            out[name] = np.zeros((b, heads, 0, head), dt)
-        return out
-
-    return feed
-
-
-def logits_function(session, path: str | os.PathLike | None = None) -> Callable[[np.ndarray], np.ndarray]:
-    """ids [batch, seq] -> logits, for a plain graph (input_ids -> logits) or a KV-cache graph
-    (fed by :func:`feed_function`: an empty past)."""
-    from onnxqf.runtime.session import logits
-
-    if not is_kv_session(session):
-        return lambda ids: logits(session, ids)
-    out_names = [o.name for o in session.get_outputs()]
-    out = "logits" if "logits" in out_names else out_names[0]
-    feed = feed_function(session, path)
-    return lambda ids: session.run([out], feed(ids))[0]
-
-
-# --------------------------------------------------------------------------- generation
-
-
-def generate(path: str | os.PathLike, prompt: str | None = None, *, token_ids=None, max_new_tokens: int = 64,
-             ep: str = "cpu", stream=None, quiet: bool = False) -> dict:
-    """Greedy generation with onnxruntime-genai, streaming decoded text to ``stream`` (stdout).
-
-    Returns the generated token ids and the prefill / decode speeds. ``token_ids`` replaces the
-    prompt (no tokenizer needed).
-    """
-    folder = read_genai(path, check_attention=False)
-    og = require_og()
-    stream = sys.stdout if stream is None else stream
-    config = og.Config(str(folder.directory))
-    config.clear_providers()
-    if ep == "cuda":
-        if not og.is_cuda_available():
-            raise OnnxqfError("CUDA is not available to this onnxruntime-genai build (pip install onnxruntime-genai-cuda)")
-        config.append_provider("cuda")
-    elif ep != "cpu":
-        raise OnnxqfError(f"unknown execution provider '{ep}' (use cpu or cuda)")
-    try:
-        model = og.Model(config)
-    except Exception as exc:
-        raise OnnxqfError(f"onnxruntime-genai cannot load {folder.directory}: {str(exc).strip().splitlines()[0][:300]}") from None
-    tok_stream = None
-    if token_ids is None:
-        if prompt is None:
-            raise OnnxqfError("give a prompt")
-        try:
-            tokenizer = og.Tokenizer(model)
-        except Exception as exc:
-            raise OnnxqfError(f"onnxruntime-genai cannot load the tokenizer of {folder.directory}: {str(exc).strip()[:200]}") from None
-        ids = np.asarray(tokenizer.encode(prompt), dtype=np.int32)
-        tok_stream = tokenizer.create_stream()
-    else:
-        ids = np.asarray(token_ids, dtype=np.int32).reshape(-1)
-    if ids.size == 0:
-        raise OnnxqfError("the prompt is empty")
-    context = int(folder.config["model"].get("context_length") or (ids.size + max_new_tokens))
-    if ids.size >= context:
-        raise OnnxqfError(f"the prompt has {ids.size} tokens, the model's context is {context}")
-    params = og.GeneratorParams(model)
-    params.set_search_options(do_sample=False, max_length=min(context, int(ids.size) + max_new_tokens))
-    gen = og.Generator(model, params)
-    t0 = time.perf_counter()
-    gen.append_tokens(ids[None, :])  # prefill: runs the prompt through the model
-    t_prefill = time.perf_counter() - t0
-    new: list[int] = []
-    t_first = None
-    t1 = time.perf_counter()
-    while not gen.is_done() and len(new) < max_new_tokens:
-        gen.generate_next_token()  # the first call only selects; later ones run one decode step first
-        if t_first is None:
-            t_first = time.perf_counter()
-        token = int(gen.get_next_tokens()[0])
-        new.append(token)
-        if tok_stream is not None:
-            stream.write(tok_stream.decode(token))
-            stream.flush()
-    t_end = time.perf_counter()
-    if tok_stream is not None:
-        stream.write("\n")
-        stream.flush()
-    decode_steps = max(len(new) - 1, 0)
-    decode_s = (t_end - t_first) if t_first is not None else 0.0
-    result = {
-        "prompt_tokens": int(ids.size), "new_tokens": len(new), "tokens": new,
-        "prefill_s": t_prefill + ((t_first - t1) if t_first is not None else 0.0),
-        "decode_s": decode_s,
-    }
-    result["prefill_tok_s"] = ids.size / result["prefill_s"] if result["prefill_s"] > 0 else float("inf")
-    result["decode_tok_s"] = decode_steps / decode_s if decode_s > 0 else float("nan")
-    if not quiet:
-        print(f"[onnxqf] prefill: {ids.size} tokens, {result['prefill_tok_s']:.1f} tokens/s; decode: {decode_steps} tokens, "
-              f"{result['decode_tok_s']:.1f} tokens/s ({ep})", file=sys.stderr)
-    return result

@@ -2,16 +2,13 @@
 
 Loading validates what ONNX Runtime would otherwise report late and obscurely: that the file
 parses, and that every external-data tensor points into a file that exists and is long enough.
-Saving writes into a temporary folder beside the target and moves the files into place at the
-end, so that a failed or interrupted rewrite leaves no partial output.
+Saving writes into a scratch folder beside the target and moves the files into place at the end
+(:mod:`onnxqf.graph.fileio`'s convention), so that a failed or interrupted rewrite leaves no partial output.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Iterator
 
@@ -19,6 +16,10 @@ import onnx
 import onnx_ir as ir
 
 from onnxqf.errors import BadModelFileError
+from onnxqf.graph.fileio import scratch_dir
+
+__all__ = ["EXTERNAL_THRESHOLD", "METADATA_PREFIX", "all_tensors", "data_file_name", "get_metadata", "load_model",
+           "np_prod", "save_model", "set_metadata"]
 
 # Everything above this many bytes goes to the external data file. Small constants (shapes,
 # scalars) stay inline so the graph stays readable with Netron.
@@ -62,7 +63,7 @@ def _set_base_dir(model: ir.Model, base_dir: Path) -> None:
 
 def _check_external_data(proto: onnx.ModelProto, base_dir: Path, path: Path) -> None:
     sizes: dict[str, int] = {}
-    for tensor in _all_tensors(proto):
+    for tensor in all_tensors(proto):
         if tensor.data_location != onnx.TensorProto.EXTERNAL:
             continue
         info = {e.key: e.value for e in tensor.external_data}
@@ -173,7 +174,8 @@ def _inside(file: Path, folder: Path) -> bool:
         return False
 
 
-def _all_tensors(proto: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
+def all_tensors(proto: onnx.ModelProto) -> Iterator[onnx.TensorProto]:
+    """Every tensor stored in the file: initializers and tensor attributes (where external data may point)."""
     yield from proto.graph.initializer
     for node in proto.graph.node:
         for attr in node.attribute:
@@ -186,47 +188,6 @@ def _short(exc: BaseException) -> str:
     return text[0][:200] if text else type(exc).__name__
 
 
-PARTIAL_PREFIX = ".onnxqf-partial-"
-
-
-@contextlib.contextmanager
-def atomic_output_dir(target_dir: Path) -> Iterator[Path]:
-    """A temporary folder beside ``target_dir``'s files; removed on failure.
-
-    Its name carries this process's id. A process killed outright (SIGKILL, power loss) cannot
-    clean up, so the next save into the same folder removes the partial folders of processes that
-    no longer exist.
-    """
-    target_dir.mkdir(parents=True, exist_ok=True)
-    remove_stale_partials(target_dir)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{PARTIAL_PREFIX}{os.getpid()}-", dir=target_dir))
-    try:
-        yield tmp
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def remove_stale_partials(folder: Path) -> list[Path]:
-    """Remove ``.onnxqf-partial-<pid>-*`` folders in ``folder`` whose process is gone; returns them."""
-    removed = []
-    for entry in folder.glob(f"{PARTIAL_PREFIX}*"):
-        pid = entry.name[len(PARTIAL_PREFIX):].split("-", 1)[0]
-        if entry.is_dir() and pid.isdigit() and not _alive(int(pid)):
-            shutil.rmtree(entry, ignore_errors=True)
-            removed.append(entry)
-    return removed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OSError):
-        return True
-    return True
-
-
 def save_model(model: ir.Model, path: str | os.PathLike, *, check: bool = True) -> Path:
     """Save with external data (``<name>.data`` beside it), atomically.
 
@@ -236,7 +197,7 @@ def save_model(model: ir.Model, path: str | os.PathLike, *, check: bool = True) 
     """
     path = Path(path).absolute()
     data_name = data_file_name(path)
-    with atomic_output_dir(path.parent) as tmp:
+    with scratch_dir(path.parent) as tmp:
         tmp_model = tmp / path.name
         ir.save(model, tmp_model, external_data=data_name, size_threshold_bytes=EXTERNAL_THRESHOLD)
         if check:

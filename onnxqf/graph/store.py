@@ -21,12 +21,16 @@ import contextlib
 import itertools
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 import onnx_ir as ir
+
+from onnxqf.graph.fileio import scratch_dir
+
+__all__ = ["SPILL_THRESHOLD", "TensorStore", "active", "discard", "make_tensor", "park", "release", "replaced",
+           "spilling", "to_numpy", "trim_heap", "unpark"]
 
 #: arrays smaller than this stay in memory (shapes, scales, rotation factors)
 SPILL_THRESHOLD = 1 << 20
@@ -86,25 +90,20 @@ def active() -> TensorStore | None:
 def spilling(parent: str | os.PathLike | None = None, threshold: int = SPILL_THRESHOLD) -> Iterator[TensorStore]:
     """Make a store in a new scratch folder under ``parent`` the active one for the block.
 
-    The folder's name starts like an atomic save's partial folder and carries this process's id,
-    so a later save into the same folder removes it if this process is killed
-    (:func:`onnxqf.graph.modelfile.remove_stale_partials`). Tensors that still point into the store
+    The folder is a scratch folder of :mod:`onnxqf.graph.fileio` (``parent`` None: the system's temporary
+    folder): removed when the block ends however it ends, and by a later write into ``parent`` if this
+    process is killed (:func:`onnxqf.graph.fileio.remove_stale_partials`). Tensors that still point into the store
     when the block ends must have been saved before: the folder is removed.
     """
     global _active
-    from onnxqf.graph.modelfile import PARTIAL_PREFIX, remove_stale_partials
-
-    if parent is not None:
-        Path(parent).mkdir(parents=True, exist_ok=True)
-        remove_stale_partials(Path(parent))
-    folder = tempfile.mkdtemp(prefix=f"{PARTIAL_PREFIX}{os.getpid()}-tensors-", dir=parent)
-    store, previous = TensorStore(folder, threshold), _active
-    _active = store
-    try:
-        yield store
-    finally:
-        _active = previous
-        store.close()
+    with scratch_dir(parent, "tensors") as folder:
+        store, previous = TensorStore(folder, threshold), _active
+        _active = store
+        try:
+            yield store
+        finally:
+            _active = previous
+            store.close()
 
 
 def make_tensor(array: np.ndarray, dtype: ir.DataType, name: str | None):

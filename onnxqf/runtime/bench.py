@@ -20,6 +20,11 @@ provider's stream is synchronized before ``run`` returns, and ``synchronize_outp
 before the clock stops as well. Models are loaded and measured one after another (one session in
 memory at a time); the reference is measured first.
 
+**The CPU** (``--ep cpu``): the table's first line and the JSON's ``cpu`` say how many intra-op threads the
+sessions ran with (their ``intra_op_num_threads``; 0 means ONNX Runtime's default, one per physical core) and
+the best instruction set of the CPU that ONNX Runtime's kernels dispatch on (AMX, AVX512-VNNI, AVX-512,
+AVX-VNNI, AVX2; from /proc/cpuinfo's flags, "unknown" where there is none): int8 speed depends on both.
+
 **MatMulNBits kernels.** ONNX Runtime's CUDA provider has two sets: its default ones and TensorRT-LLM's
 CUTLASS weight-only GEMM/GEMV ("fpA_intB"), which it uses for the nodes they cover when
 ``ORT_FPA_INTB_GEMM`` is set as a session is made. ``nbits_kernel`` picks them per run ("both": each
@@ -31,121 +36,74 @@ from __future__ import annotations
 
 import gc
 import os
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from onnxqf.errors import BadModelFileError, OnnxqfError
+from onnxqf.errors import OnnxqfError
+from onnxqf.graph.graphio import PAST_RE, GraphIO
 
-PAST_RE = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
+__all__ = ["DEVICE", "ISA_TIERS", "NBITS_KERNELS", "BenchModel", "BenchOptions", "check_provider", "cpu_info",
+           "cpu_isa", "describe", "format_table", "kernel_runs", "measure_decode", "measure_decode_step_graph",
+           "measure_prefill", "parse_past", "physical_cores", "run_bench"]
+
 DEVICE = {"cpu": "cpu", "cuda": "cuda"}
+DRIVES = "bench drives input_ids, attention_mask, position_ids and past_key_values.N.key|value"
 
 
-@dataclass
-class ModelIO:
-    """What bench needs to know about a model's inputs and outputs (read from the graph, no weights)."""
+@dataclass(frozen=True)
+class BenchModel:
+    """A model as bench drives it: its inputs and outputs (a :class:`GraphIO` checked by :func:`describe`) and
+    its MatMulNBits nodes (:func:`onnxqf.runtime.placement.nbits_kernels`)."""
 
-    path: str
-    ids: str = "input_ids"
-    logits: str = "logits"
-    mask: str | None = None
-    positions: str | None = None
-    cache: list[tuple[str, str]] = field(default_factory=list)  # (past input, present output)
-    cache_dtype: np.dtype | None = None
-    kv_heads: int | None = None
-    head_dim: int | None = None
-    vocab: int | None = None
-    logits_dtype: np.dtype | None = None
-    int_types: dict[str, np.dtype] = field(default_factory=dict)  # ids / mask / positions
-    nbits: dict = field(default_factory=lambda: {"nodes": 0, "fpa_intb": 0, "blockers": {}})  # placement.nbits_kernels
+    io: GraphIO
+    nbits: dict = field(default_factory=lambda: {"nodes": 0, "fpa_intb": 0, "blockers": {}})
+
+    @property
+    def path(self) -> str:
+        return self.io.path
 
     @property
     def has_cache(self) -> bool:
-        return bool(self.cache)
+        return self.io.has_cache
 
 
-def describe(path: str | os.PathLike) -> ModelIO:
-    """Read the graph's inputs and outputs (external data is not loaded) and check bench can drive them."""
+def describe(path: str | os.PathLike) -> BenchModel:
+    """Read the graph's inputs and outputs (external data is not loaded) and check bench can drive them.
+
+    Rules (beyond :class:`GraphIO`'s): a ``logits`` output and an ``input_ids`` input; every other input
+    is ``attention_mask``, ``position_ids`` or ``past_key_values.N.key|value`` with its ``present.N.key|value``
+    output; a KV-cache graph has an attention mask and static (or genai_config.json-given) kv_heads and
+    head_dim.
+    """
     import onnx
-    from onnx import helper
 
-    from onnxqf.genai.folder import genai_dir, model_file, read_genai
-
-    p = Path(path)
-    if p.is_dir() and genai_dir(p) is not None:
-        p = model_file(p)  # an onnxruntime-genai folder: its decoder graph
-    if not p.is_file():
-        raise OnnxqfError(f"{p}: no such file")
-    try:
-        proto = onnx.load(str(p), load_external_data=False)
-    except Exception as exc:
-        raise BadModelFileError(f"{p}: not a readable ONNX model ({str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__})") from None
-    graph = proto.graph
-    inits = {t.name for t in graph.initializer}
-    inputs = {i.name: i for i in graph.input if i.name not in inits}
-    outputs = {o.name: o for o in graph.output}
-    if "logits" not in outputs:
-        raise OnnxqfError(f"{p}: no 'logits' output (outputs: {', '.join(outputs) or 'none'}); bench measures LLM graphs "
-                          "input_ids -> logits")
-    if "input_ids" not in inputs:
-        raise OnnxqfError(f"{p}: no 'input_ids' input (inputs: {', '.join(inputs) or 'none'})")
+    from onnxqf.genai.feeds import graph_io
     from onnxqf.runtime.placement import nbits_kernels
 
-    io = ModelIO(path=str(p))
-    io.vocab = _static_dim(outputs["logits"], -1)
-    io.nbits = nbits_kernels(proto)
-
-    def elem(v) -> np.dtype:
-        return np.dtype(helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type))
-
-    io.int_types["input_ids"] = elem(inputs["input_ids"])
-    io.logits_dtype = elem(outputs["logits"])
-    for name, value in inputs.items():
-        if name == "input_ids":
-            continue
-        if name == "attention_mask":
-            io.mask = name
-            io.int_types[name] = elem(value)
-        elif name == "position_ids":
-            io.positions = name
-            io.int_types[name] = elem(value)
-        elif (m := PAST_RE.match(name)) is not None:
-            present = f"present.{m.group(1)}.{m.group(2)}"
-            if present not in outputs:
-                raise OnnxqfError(f"{p}: input '{name}' has no matching output '{present}'")
-            heads, head_dim = _static_dim(value, 1), _static_dim(value, 3)
-            if (not heads or not head_dim) and genai_dir(p) is not None:  # genai graphs name head_dim 'kv_cache_dim'
-                folder = read_genai(p, check_attention=False)
-                heads, head_dim = heads or folder.kv_heads, head_dim or folder.head_size
-            if _rank(value) != 4 or not heads or not head_dim:
-                raise OnnxqfError(f"{p}: '{name}' must be [batch, kv_heads, past, head_dim] with static kv_heads and "
-                                  "head_dim (or a genai_config.json beside the graph that gives them)")
-            if io.cache and (elem(value) != io.cache_dtype or (heads, head_dim) != (io.kv_heads, io.head_dim)):
-                raise OnnxqfError(f"{p}: '{name}' differs in dtype or shape from the other cache inputs")
-            io.cache.append((name, present))
-            io.cache_dtype, io.kv_heads, io.head_dim = elem(value), heads, head_dim
-        else:
-            raise OnnxqfError(f"{p}: unsupported input '{name}' (bench drives input_ids, attention_mask, position_ids "
-                              "and past_key_values.N.key|value)")
+    io = graph_io(path)  # an onnxruntime-genai folder: its decoder graph, cache dims from its config
+    p = io.path
+    if io.logits != "logits" or "logits" not in io.outputs:
+        raise OnnxqfError(f"{p}: no 'logits' output (outputs: {', '.join(io.outputs) or 'none'}); bench measures "
+                          "LLM graphs input_ids -> logits")
+    if io.ids != "input_ids":
+        raise OnnxqfError(f"{p}: no 'input_ids' input (inputs: {', '.join(io.inputs) or 'none'})")
+    if io.unknown:
+        raise OnnxqfError(f"{p}: unsupported input '{io.unknown[0]}' ({DRIVES})")
+    for past, present in io.cache:
+        if not PAST_RE.match(past):
+            raise OnnxqfError(f"{p}: unsupported input '{past}' ({DRIVES})")
+        if present is None:
+            m = PAST_RE.match(past)
+            raise OnnxqfError(f"{p}: input '{past}' has no matching output 'present.{m.group(1)}.{m.group(2)}'")
+    if io.cache and (io.cache_rank != 4 or not io.kv_shape_known):
+        raise OnnxqfError(f"{p}: '{io.cache[0][0]}' must be [batch, kv_heads, past, head_dim] with static kv_heads and "
+                          "head_dim (or a genai_config.json beside the graph that gives them)")
     if io.cache and io.mask is None:
         raise OnnxqfError(f"{p}: a KV-cache graph needs an attention_mask input")
-    io.cache.sort(key=lambda c: (int(PAST_RE.match(c[0]).group(1)), c[0]))
-    return io
-
-
-def _rank(value) -> int:
-    return len(value.type.tensor_type.shape.dim)
-
-
-def _static_dim(value, axis: int) -> int | None:
-    dims = value.type.tensor_type.shape.dim
-    if not dims or not -len(dims) <= axis < len(dims):
-        return None
-    d = dims[axis]
-    return int(d.dim_value) if d.HasField("dim_value") and d.dim_value > 0 else None
+    return BenchModel(io, nbits_kernels(onnx.load(p, load_external_data=False)))
 
 
 # -- inputs ---------------------------------------------------------------------------------------
@@ -161,12 +119,12 @@ def _ortvalue(rt, array: np.ndarray, device: str):
         raise
 
 
-def _ids(io: ModelIO, rng: np.random.Generator, batch: int, seq: int) -> np.ndarray:
+def _ids(io: GraphIO, rng: np.random.Generator, batch: int, seq: int) -> np.ndarray:
     high = min(io.vocab or 100, 1000)
     return rng.integers(0, high, (batch, seq)).astype(io.int_types[io.ids])
 
 
-def _past_arrays(io: ModelIO, rng: np.random.Generator, batch: int, past: int) -> np.ndarray:
+def _past_arrays(io: GraphIO, rng: np.random.Generator, batch: int, past: int) -> np.ndarray:
     """One random [batch, kv_heads, past, head_dim] array (the same values serve every layer)."""
     shape = (batch, io.kv_heads, past, io.head_dim)
     return rng.standard_normal(shape, dtype=np.float32).astype(io.cache_dtype)
@@ -189,7 +147,7 @@ def _stats(values: list[float]) -> dict:
 # -- measurements ---------------------------------------------------------------------------------
 
 
-def measure_prefill(session, io: ModelIO, *, device: str, batch: int, seq: int, warmup: int, repeats: int,
+def measure_prefill(session, io: GraphIO, *, device: str, batch: int, seq: int, warmup: int, repeats: int,
                     seed: int = 0) -> list[float]:
     """Seconds per forward of batch x seq tokens (empty past for KV-cache graphs), ``repeats`` values."""
     from onnxqf.runtime.session import ort
@@ -221,7 +179,7 @@ def measure_prefill(session, io: ModelIO, *, device: str, batch: int, seq: int, 
     return times
 
 
-def measure_decode(session, io: ModelIO, *, device: str, batch: int, past: int, tokens: int, warmup: int,
+def measure_decode(session, io: GraphIO, *, device: str, batch: int, past: int, tokens: int, warmup: int,
                    repeats: int, seed: int = 0) -> list[float]:
     """Tokens/s of a KV-cache loop of ``tokens`` steps from a random past of length ``past``, ``repeats`` values."""
     from onnxqf.runtime.session import ort
@@ -267,7 +225,7 @@ def measure_decode(session, io: ModelIO, *, device: str, batch: int, past: int, 
     return speeds
 
 
-def measure_decode_step_graph(session, io: ModelIO, *, batch: int, past: int, warmup: int, repeats: int,
+def measure_decode_step_graph(session, io: GraphIO, *, batch: int, past: int, warmup: int, repeats: int,
                               steps: int = 32, seed: int = 0, device: str = "cuda") -> list[float]:
     """Tokens/s of one decode step at a fixed ``past``, replayed as a CUDA graph, ``repeats`` values.
 
@@ -336,7 +294,7 @@ class BenchOptions:
 NBITS_KERNELS = ("default", "fpa-intb", "both")
 
 
-def _runs(ios: list[ModelIO], kernel: str) -> list[tuple[int, str]]:
+def kernel_runs(ios: list[BenchModel], kernel: str) -> list[tuple[int, str]]:
     """(model index, kernel) pairs to measure. The fpA_intB kernels only change models with a MatMulNBits node
     they take; every other model is measured once, with the default kernels."""
     if kernel not in NBITS_KERNELS:
@@ -385,17 +343,17 @@ def run_bench(models: list[str], opts: BenchOptions, ref: str | None = None) -> 
     if opts.batch < 1 or opts.seq < 1 or opts.repeats < 1 or opts.warmup < 0 or opts.decode_tokens < 0:
         raise OnnxqfError("--batch, --seq and --repeats must be >= 1, --warmup and --decode-tokens >= 0")
     paths = ([ref] if ref is not None else []) + list(models)
-    ios = [describe(p) for p in paths]  # every bad input is reported before anything is measured
+    described = [describe(p) for p in paths]  # every bad input is reported before anything is measured
     provider = check_provider(opts.ep)
     if opts.cuda_graph and opts.ep != "cuda":
         raise OnnxqfError("--cuda-graph needs --ep cuda")
-    runs = _runs(ios, opts.nbits_kernel)
+    runs = kernel_runs(described, opts.nbits_kernel)
     if opts.nbits_kernel != "default" and opts.ep != "cuda":
         raise OnnxqfError("--nbits-kernel fpa-intb|both selects CUDA kernels of MatMulNBits: it needs --ep cuda")
     device = DEVICE[opts.ep]
     pasts = list(opts.past) if opts.decode_tokens > 0 else []
     per_cache = len(pasts) * (2 if opts.cuda_graph else 1)
-    total = sum(2 + (per_cache if ios[i].has_cache else 0) for i, _ in runs)
+    total = sum(2 + (per_cache if described[i].has_cache else 0) for i, _ in runs)
     rt = ort()
     result = {"ep": opts.ep, "provider": provider, "onnxruntime": rt.__version__, "batch": opts.batch, "seq": opts.seq,
               "past": pasts, "decode_tokens": opts.decode_tokens, "repeats": opts.repeats, "warmup": opts.warmup,
@@ -403,26 +361,89 @@ def run_bench(models: list[str], opts: BenchOptions, ref: str | None = None) -> 
     names = _names(paths)
     with tqdm(total=total, desc="bench", unit="step", disable=not opts.progress, leave=False) as bar:
         for n, (i, kernel) in enumerate(runs):
-            path, io = paths[i], ios[i]
+            path, model = paths[i], described[i]
             with nbits_kernel_env(kernel == "fpa-intb"):
-                row = _bench_one(path, io, names[i] + (" [fpA_intB]" if kernel == "fpa-intb" else ""), n == 0,
+                row = _bench_one(path, model, names[i] + (" [fpA_intB]" if kernel == "fpa-intb" else ""), n == 0,
                                  opts, device, pasts, bar)
             row["nbits_kernel"] = kernel
-            row["matmulnbits"] = io.nbits
+            row["matmulnbits"] = model.nbits
             result["models"].append(row)
+    if opts.ep == "cpu":  # what the CPU provider ran with: its threads (the reference's session) and the ISA
+        result["cpu"] = cpu_info(result["models"][0]["intra_op_threads_setting"])
     _speedups(result)
     return result
 
 
-def _bench_one(path, io: ModelIO, name: str, reference: bool, opts: BenchOptions, device: str, pasts: list[int],
+# -- the CPU --------------------------------------------------------------------------------------
+
+#: the instruction sets ONNX Runtime's CPU kernels (MLAS) dispatch on, best first, with the /proc/cpuinfo flags
+#: each needs: AMX tiles for int8, AVX-512 VNNI, AVX-512 (F + BW), AVX-VNNI (256-bit), AVX2 + FMA
+ISA_TIERS = (("AMX", ("amx_tile", "amx_int8")), ("AVX512-VNNI", ("avx512f", "avx512bw", "avx512_vnni")),
+             ("AVX-512", ("avx512f", "avx512bw")), ("AVX-VNNI", ("avx2", "avx_vnni")), ("AVX2", ("avx2", "fma")))
+ISA_FLAGS = ("avx2", "fma", "avx_vnni", "avx512f", "avx512bw", "avx512_vnni", "amx_tile", "amx_int8", "amx_bf16")
+
+
+def cpu_isa(cpuinfo: str | None = None) -> tuple[str, list[str]]:
+    """(the best ISA of :data:`ISA_TIERS` the CPU has, the relevant flags it has) from ``/proc/cpuinfo``'s flags
+    (``cpuinfo``: its text; default: read on Linux). "unknown" where there is no /proc/cpuinfo; "SSE only (no
+    AVX2)" on an x86 CPU without AVX2."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return "unknown", []
+    line = next((ln for ln in cpuinfo.splitlines() if ln.split(":", 1)[0].strip() == "flags"), None)
+    if line is None:
+        return "unknown", []
+    flags = set(line.split(":", 1)[1].split())
+    have = [f for f in ISA_FLAGS if f in flags]
+    isa = next((name for name, needs in ISA_TIERS if all(f in flags for f in needs)), "SSE only (no AVX2)")
+    return isa, have
+
+
+def physical_cores(cpuinfo: str | None = None) -> int | None:
+    """Physical cores (distinct ``physical id`` / ``core id`` pairs of /proc/cpuinfo); None where it cannot tell."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return None
+    cores, package = set(), "0"
+    for ln in cpuinfo.splitlines():
+        key, _, value = ln.partition(":")
+        key = key.strip()
+        if key == "physical id":
+            package = value.strip()
+        elif key == "core id":
+            cores.add((package, value.strip()))
+    return len(cores) or None
+
+
+def cpu_info(threads_setting: int = 0) -> dict:
+    """The CPU provider's threads and the CPU's ISA, for bench's header and JSON. ``threads_setting``: the
+    session's ``intra_op_num_threads`` (0: ONNX Runtime's default, one thread per physical core)."""
+    isa, flags = cpu_isa()
+    cores = physical_cores()
+    if threads_setting > 0:
+        threads, source = threads_setting, "session setting"
+    else:
+        threads, source = cores or os.cpu_count(), "onnxruntime default: physical cores" if cores else \
+            "onnxruntime default: physical cores (not readable here: logical CPUs shown)"
+    return {"intra_op_threads": threads, "threads_source": source, "physical_cores": cores,
+            "logical_cpus": os.cpu_count(), "isa": isa, "isa_flags": flags}
+
+
+def _bench_one(path, model: BenchModel, name: str, reference: bool, opts: BenchOptions, device: str, pasts: list[int],
                bar) -> dict:
     """One model's row: load, prefill, decode (and CUDA-graph decode steps)."""
     from onnxqf.runtime.session import make_session
 
+    io = model.io
     bar.set_description(f"{name}: loading")
     session = make_session(io.path, ep=opts.ep)
     bar.update(1)
-    row: dict = {"name": name, "path": str(path), "reference": reference, "kv_cache": io.has_cache}
+    row: dict = {"name": name, "path": str(path), "reference": reference, "kv_cache": io.has_cache,
+                 "intra_op_threads_setting": int(session.get_session_options().intra_op_num_threads)}
     bar.set_description(f"{name}: prefill {opts.batch}x{opts.seq}")
     times = _guard(name, "prefill", lambda: measure_prefill(session, io, device=device, batch=opts.batch,
                                                              seq=opts.seq, warmup=opts.warmup, repeats=opts.repeats))
@@ -459,7 +480,7 @@ def _bench_one(path, io: ModelIO, name: str, reference: bool, opts: BenchOptions
     else:
         row["decode"] = None
         row["decode_note"] = "n/a (no KV cache)"
-    del session
+    session = None  # one session in memory at a time
     gc.collect()
     return row
 
@@ -519,7 +540,12 @@ def format_table(result: dict) -> str:
                 g = (row.get("decode_graph") or {}).get(p)
                 cells += _rate_cells(g, (row["speedup"].get("decode_graph") or {}).get(p)) if g else ["n/a", ""]
         rows.append(cells)
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines = []
+    cpu = result.get("cpu")
+    if cpu:
+        lines.append(f"CPU: {cpu['intra_op_threads']} intra-op threads ({cpu['threads_source']}); ISA {cpu['isa']}"
+                     + (f" ({' '.join(cpu['isa_flags'])})" if cpu["isa_flags"] else ""))
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     lines.append(f"{result['provider']}, onnxruntime {result['onnxruntime']}; median [min–max] of {result['repeats']} runs "
                  f"after {result['warmup']} warm-up; decode: {result['decode_tokens']} tokens per run; ×ref > 1 is faster")

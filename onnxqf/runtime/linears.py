@@ -195,17 +195,13 @@ def _stats_ms(seconds: list[float], scale: float) -> dict:
 
 def bench_linears(opts: LinearsOptions, progress=None) -> dict:
     """Time every (shape, lowering[, MatMulNBits kernel]) at every M; rows in the order measured, float first per
-    shape. ``progress``: a function taking one line per row. Returns a JSON-able dict (``rows``; ``cpu`` on the
-    CPU: threads and instruction set, from :func:`onnxqf.runtime.bench.cpu_info`)."""
-    from onnxqf.runtime.bench import cpu_info
+    shape. ``progress``: a function taking one line per row. Returns a JSON-able dict (``rows``)."""
     from onnxqf.runtime.session import make_session, nbits_kernel_env, ort, saved
 
     specs = [FLOAT] + [s for s in opts.lowerings if s != FLOAT]
     device = "cuda" if opts.ep == "cuda" else "cpu"
     result = {"ep": opts.ep, "dtype": opts.dtype, "copies": opts.copies, "repeats": opts.repeats, "warmup": opts.warmup,
               "ms": list(opts.ms), "onnxruntime": ort().__version__, "rows": []}
-    if opts.ep == "cpu":
-        result["cpu"] = cpu_info()
     rng = np.random.default_rng(opts.seed + 1)
     for K, N in opts.shapes:
         xs = {M: rng.standard_normal((M, K), dtype=np.float32).astype(DTYPES[opts.dtype].numpy()) for M in opts.ms}
@@ -254,8 +250,7 @@ def format_linears(result: dict, header: bool = True) -> str:
     ms = result["ms"]
     lines = []
     if header:
-        cpu = result.get("cpu")
-        where = f"{result['ep']}" + (f", {cpu['intra_op_threads']} threads, {cpu['isa']}" if cpu else "")
+        where = result["ep"]
         title = (f"One linear, {result['dtype']} activations, {result['copies']} copies per graph, onnxruntime "
                  f"{result['onnxruntime']} ({where}); ms per linear, median of {result['repeats']}; x = float time / this")
         lines += [title, "", "| K -> N | lowering | kernel | " + " | ".join(f"M = {m}" for m in ms) + " | max rel. error |",

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from onnxqf.runtime.session import make_session, ort
+from onnxqf.runtime.session import FPA_INTB_ENV, make_session, ort
 from onnxqf.runtime.target import get_target
 from onnxqf.errors import OnnxqfError
 
@@ -28,8 +28,7 @@ from onnxqf.errors import OnnxqfError
 # 4 or 8 bits, block 32, no zero points, no g_idx, no bias, N a multiple of 64 (4-bit) or 32 (8-bit).
 # Measured on an H200 (docs/benchmarks.md, section f): faster than the default kernels at 16 tokens per
 # step, slower at 1 token and at prefill; nodes outside these rules keep the default kernels (blocks 64/128
-# and zero points measured identical with and without the variable).
-FPA_INTB_ENV = "ORT_FPA_INTB_GEMM"
+# and zero points measured identical with and without the variable). FPA_INTB_ENV (the variable) lives in session.py.
 FPA_INTB_BLOCK_SIZES = (32,)
 
 
@@ -101,9 +100,9 @@ def check_placement(path, ep: str = "cuda", seq: int = 16) -> dict:
     result: dict = {"provider": provider, "onnxruntime": rt.__version__}
     with tempfile.TemporaryDirectory(prefix="onnxqf-prof-") as tmp:
         session = make_session(path, ep=ep, profile=os.path.join(tmp, "prof"))
-        from onnxqf.genai.folder import feed_function
+        from onnxqf.genai.feeds import feed_function, graph_io
 
-        feed = feed_function(session, path)  # plain graphs: input_ids; genai graphs: mask and an empty past too
+        feed = feed_function(graph_io(path))  # plain graphs: input_ids; genai graphs: mask and an empty past too
         session.run(None, feed(np.ones((1, seq), np.int64)))
         profile = session.end_profiling()
         events = json.loads(Path(profile).read_text())

@@ -14,6 +14,9 @@ import onnx_ir as ir
 from onnxqf.errors import OnnxqfError
 from onnxqf.runtime.target import get_target
 
+#: set to 1 as a session is made, ONNX Runtime's CUDA MatMulNBits uses TensorRT-LLM's CUTLASS weight-only kernels
+FPA_INTB_ENV = "ORT_FPA_INTB_GEMM"
+
 
 def ort():
     try:
@@ -63,8 +66,6 @@ def nbits_kernel_env(fpa_intb: bool) -> Iterator[None]:
     its default ones (``False``), whatever the caller's environment says; the environment is restored after.
     ONNX Runtime reads ``ORT_FPA_INTB_GEMM`` when a session builds its kernels (measured: sessions made one
     after another in one process follow the variable as it was at their creation)."""
-    from onnxqf.runtime.placement import FPA_INTB_ENV
-
     old = os.environ.get(FPA_INTB_ENV)
     if fpa_intb:
         os.environ[FPA_INTB_ENV] = "1"
