@@ -12,16 +12,17 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 from onnxqf.errors import OnnxqfError, UnsupportedGraphError
-from onnxqf.graph.fileio import atomic_dir, scratch_dir
 from onnxqf.models.registry import BUILTIN, DEFAULT_MODEL
+from onnxqf.recognize.families import FAMILIES, check_model_type
 
-# Architectures whose decoder is RMSNorm -> attention (separate q/k/v) -> RMSNorm -> gated MLP,
-# with a plain token embedding: the structure every pass assumes.
-SUPPORTED_MODEL_TYPES = {"llama", "mistral", "qwen2", "qwen3"}
+# Architectures whose decoder the passes handle (onnxqf.recognize.families: RMSNorm before attention and a gated
+# MLP, each family's differences recorded there); everything else is refused with the reason.
+SUPPORTED_MODEL_TYPES = {t for f in FAMILIES for t in f.model_types}
 TOKENIZER_SUFFIX = ".tokenizer"
 
 
@@ -76,15 +77,15 @@ def load_hf(source: str, dtype: str = "float32"):
     return model, tokenizer
 
 
-def check_architecture(config) -> None:
-    mt = getattr(config, "model_type", None)
-    if mt not in SUPPORTED_MODEL_TYPES:
-        raise UnsupportedGraphError(
-            f"architecture '{mt}' is not supported (supported: {', '.join(sorted(SUPPORTED_MODEL_TYPES))}): "
-            "the passes need RMSNorm, separate q/k/v projections and a gated MLP"
-        )
+def check_architecture(config, genai: bool = False):
+    """The model's :class:`~onnxqf.recognize.families.Family`, or one line saying why it is refused (``genai``:
+    for a folder written by onnxruntime-genai's model builder)."""
+    family = check_model_type(getattr(config, "model_type", None))
+    if genai and family.genai_refused:
+        raise UnsupportedGraphError(f"{family.title} ({family.name}): no --kv-cache folder: {family.genai_refused}")
     if getattr(config, "mlp_bias", False):
         raise UnsupportedGraphError("MLP biases are not supported")
+    return family
 
 
 def model_config_json(config) -> str:
@@ -135,7 +136,7 @@ def export_model(model, out: str | os.PathLike, *, dtype: str = "float32", token
     model = model.eval().to(torch.float16 if dtype == "float16" else torch.float32)
     wrapper = logits_module(model)
     ids = torch.randint(0, model.config.vocab_size, (2, 8))
-    with scratch_dir(out.parent if out.parent.exists() else None, "export") as tmp:
+    with tempfile.TemporaryDirectory(prefix=".onnxqf-export-", dir=out.parent if out.parent.exists() else None) as tmp:
         _log(f"tracing and converting to ONNX (opset {opset}, {dtype}); this takes a minute for a 100M model")
         t = time.time()
         import logging
@@ -172,7 +173,7 @@ def export_model(model, out: str | os.PathLike, *, dtype: str = "float32", token
             raise UnsupportedGraphError(f"the exported graph does not match the passes' expectations: {exc}") from None
         tok_dir = None
         if tokenizer is not None:
-            tok_dir = tmp / "tok"
+            tok_dir = Path(tmp) / "tok"
             tokenizer.save_pretrained(str(tok_dir))
             set_metadata(onnx_model, "tokenizer", out.name + TOKENIZER_SUFFIX)
         _log(f"writing {out} (+ {out.name}.data)")
@@ -183,9 +184,11 @@ def export_model(model, out: str | os.PathLike, *, dtype: str = "float32", token
 
 
 def copy_tokenizer_dir(src: Path, dst: Path) -> None:
-    """Copy the tokenizer folder ``src`` to ``dst`` atomically (an earlier ``dst`` is replaced as a whole)."""
-    with atomic_dir(dst) as tmp:
-        shutil.copytree(src, tmp, dirs_exist_ok=True)
+    tmp = dst.with_name(dst.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp)
+    shutil.rmtree(dst, ignore_errors=True)
+    os.replace(tmp, dst)
 
 
 def _name_dims(model) -> None:

@@ -15,6 +15,27 @@ TINY_MODELS = {
     "llama-odd": ("llama", dict(hidden_size=48, intermediate_size=80, num_attention_heads=3, num_key_value_heads=1, tie_word_embeddings=True)),
 }
 
+# One tiny model per family of onnxqf.recognize.families (tests/test_families.py): hidden 64, 4 heads of 16,
+# 2 KV heads, d_ff 96, and each family's own parts switched on.
+_SHAPE = dict(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+_IDS = dict(pad_token_id=0, bos_token_id=0, eos_token_id=0)  # the families' defaults lie outside a 512 vocabulary
+FAMILY_MODELS = {
+    "qwen3": ("qwen3", dict(_SHAPE, tie_word_embeddings=False)),  # per-head q/k norms
+    # packed qkv_proj and gate_up_proj, partial rotary (no LongRoPE: equal original context); 2 heads of 32, so
+    # that the rotary half (16) gives ONNX Runtime's GroupQueryAttention a cos cache width that is a multiple of 8
+    "phi3": ("phi3", dict(_SHAPE, num_attention_heads=2, num_key_value_heads=1, head_dim=32, partial_rotary_factor=0.5,
+                          original_max_position_embeddings=512, **_IDS)),
+    "gemma": ("gemma", dict(_SHAPE, **_IDS)),  # (1 + γ) norms, embedding × √hidden, GeGLU, tied
+    # + norms after the blocks, soft-capping; a window as long as the context (GroupQueryAttention refuses a
+    # window longer than the KV cache that eval's empty past gives it)
+    "gemma2": ("gemma2", dict(_SHAPE, sliding_window=512, **_IDS)),
+    "gemma3": ("gemma3_text", dict(_SHAPE, sliding_window=64, **_IDS)),  # + q/k norms
+    "granite": ("granite", dict(_SHAPE, embedding_multiplier=12.0, residual_multiplier=0.22, attention_multiplier=0.0625,
+                                logits_scaling=8.0, **_IDS)),
+    "smollm3": ("smollm3", dict(_SHAPE, no_rope_layer_interval=2, **_IDS)),  # every second layer without rotary
+}
+TINY_MODELS.update(FAMILY_MODELS)
+
 
 def tiny_model(name: str, seed: int = 0, layers: int = 2, vocab: int = 512):
     """A randomly initialised HF causal LM; weights get a few outlier channels like real LLMs."""
