@@ -12,11 +12,11 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 from onnxqf.errors import OnnxqfError, UnsupportedGraphError
+from onnxqf.graph.fileio import atomic_dir, scratch_dir
 from onnxqf.models.registry import BUILTIN, DEFAULT_MODEL
 from onnxqf.recognize.families import FAMILIES, check_model_type
 
@@ -136,7 +136,7 @@ def export_model(model, out: str | os.PathLike, *, dtype: str = "float32", token
     model = model.eval().to(torch.float16 if dtype == "float16" else torch.float32)
     wrapper = logits_module(model)
     ids = torch.randint(0, model.config.vocab_size, (2, 8))
-    with tempfile.TemporaryDirectory(prefix=".onnxqf-export-", dir=out.parent if out.parent.exists() else None) as tmp:
+    with scratch_dir(out.parent if out.parent.exists() else None, "export") as tmp:
         _log(f"tracing and converting to ONNX (opset {opset}, {dtype}); this takes a minute for a 100M model")
         t = time.time()
         import logging
@@ -173,7 +173,7 @@ def export_model(model, out: str | os.PathLike, *, dtype: str = "float32", token
             raise UnsupportedGraphError(f"the exported graph does not match the passes' expectations: {exc}") from None
         tok_dir = None
         if tokenizer is not None:
-            tok_dir = Path(tmp) / "tok"
+            tok_dir = tmp / "tok"
             tokenizer.save_pretrained(str(tok_dir))
             set_metadata(onnx_model, "tokenizer", out.name + TOKENIZER_SUFFIX)
         _log(f"writing {out} (+ {out.name}.data)")
@@ -184,11 +184,9 @@ def export_model(model, out: str | os.PathLike, *, dtype: str = "float32", token
 
 
 def copy_tokenizer_dir(src: Path, dst: Path) -> None:
-    tmp = dst.with_name(dst.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(src, tmp)
-    shutil.rmtree(dst, ignore_errors=True)
-    os.replace(tmp, dst)
+    """Copy the tokenizer folder ``src`` to ``dst`` atomically (an earlier ``dst`` is replaced as a whole)."""
+    with atomic_dir(dst) as tmp:
+        shutil.copytree(src, tmp, dirs_exist_ok=True)
 
 
 def _name_dims(model) -> None:

@@ -9,22 +9,21 @@ the tokenizer files). This module prepares its input and makes its output atomic
 * the built-in ``smollm2`` and ``.gguf`` files are loaded with transformers (dequantized to float32),
   their GGUF quantizer cleared so ``save_pretrained`` accepts them, and saved with the tokenizer into
   a temporary checkpoint the builder reads (DESIGN.md §8);
-* the builder writes into a temporary folder beside the target, which is checked (``read_genai``)
-  and renamed into place at the end; a failure leaves nothing behind.
+* the builder writes into a scratch folder beside the target (:mod:`onnxqf.graph.fileio`), which is
+  checked (``read_genai``) and renamed into place at the end; a failure leaves nothing behind.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 from onnxqf.errors import OnnxqfError
+from onnxqf.graph.fileio import replace_dir, scratch_dir
 
 GENAI_INSTALL = "pip install 'onnxqf[genai]'"
 # (dtype, execution provider) pairs for which the builder emits GroupQueryAttention with a packed
@@ -72,13 +71,12 @@ def export_genai(source: str, out: str | os.PathLike, *, dtype: str = "float32",
     _check_target(target, source)
     target.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    with tempfile.TemporaryDirectory(prefix=f".{target.name}.onnxqf-partial-", dir=target.parent) as tmp:
-        tmp = Path(tmp)
+    with scratch_dir(target.parent) as tmp:
         hf_dir = _builder_input(source, tmp / "hf")
         built = tmp / "genai"
         _run_builder(hf_dir, built, precision, ep, cache=tmp / "cache", filename=out.name, verbose=verbose)
         folder = read_genai(built / out.name)  # the builder's output must be a folder we can use
-        _replace_dir(built, target, tmp / "old")
+        replace_dir(built, target, tmp / "old")
     _log(f"genai folder written in {time.time() - t0:.0f} s: {target} ({folder.layers} layers, "
          f"{folder.attention_op}, {folder.io_dtype}, target {ep})")
     return out
@@ -165,19 +163,3 @@ def _run_builder(hf_dir: Path, out_dir: Path, precision: str, ep: str, *, cache:
     if not (out_dir / "genai_config.json").is_file():
         raise OnnxqfError("onnxruntime-genai's model builder wrote no genai_config.json")
     _log(f"model builder done in {time.time() - t:.0f} s")
-
-
-def _replace_dir(new: Path, target: Path, backup: Path) -> None:
-    """Put ``new`` at ``target``; an earlier genai folder there is moved aside first, restored on failure."""
-    moved = False
-    if target.exists():
-        os.replace(target, backup)
-        moved = True
-    try:
-        os.replace(new, target)
-    except BaseException:
-        if moved:
-            os.replace(backup, target)
-        raise
-    if moved:
-        shutil.rmtree(backup, ignore_errors=True)
