@@ -13,7 +13,8 @@ from onnxqf.maths.metrics import LogitComparison
 from onnxqf.runtime.session import make_session
 
 
-def compare(orig_path, new_path, wins: np.ndarray, *, ep: str = "cpu", progress: bool = True, max_abs: bool = False) -> dict:
+def compare(orig_path, new_path, wins: np.ndarray, *, ep: str = "cpu", progress: bool = True,
+            max_abs: bool = False) -> dict:
     """KL(P_orig || P_new) per token, perplexity of both, top-1 agreement over all positions."""
     orig_path, new_path = model_file(orig_path), model_file(new_path)  # genai folders: their decoder graph
     io_orig, io_new = graph_io(orig_path), graph_io(new_path)  # plain or KV-cache graphs, checked before loading
@@ -49,7 +50,8 @@ def format_table(result: dict, orig: str, new: str) -> str:
         ("top-1 agreement", f"{result['top1']:.4f}"),
     ]
     if "max_abs_diff" in result:
-        rows.append(("max |Δlogit| / max |logit|", f"{result['max_abs_diff'] / max(result['max_abs_logit'], 1e-30):.3e}"))
+        ratio = result["max_abs_diff"] / max(result["max_abs_logit"], 1e-30)
+        rows.append(("max |Δlogit| / max |logit|", f"{ratio:.3e}"))
     width = max(len(r[0]) for r in rows)
     head = f"orig: {orig}\nnew:  {new}\n"
     return head + "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)

@@ -233,7 +233,8 @@ def _check_out_dir(out: Path) -> None:
     if out.exists() and not out.is_dir():
         raise OnnxqfError(f"{out}: exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not (out / "metrics.csv").is_file():
-        raise OnnxqfError(f"{out}: folder exists and is not an earlier inspect output (no metrics.csv); choose another --out")
+        raise OnnxqfError(f"{out}: folder exists and is not an earlier inspect output (no metrics.csv); "
+                          "choose another --out")
 
 
 def _json_safe(x):
@@ -302,7 +303,8 @@ def run_inspect(model_path: str | os.PathLike, source: str, out: str | os.PathLi
 
     # pass 2: the four transforms of every window, into streaming accumulators
     heat: dict[str, np.ndarray] = {}
-    for w, acts in enumerate(calibrate.capture(model, values, wins, desc="inspect 2/2 (metrics)", progress=opts.progress)):
+    second = calibrate.capture(model, values, wins, desc="inspect 2/2 (metrics)", progress=opts.progress)
+    for w, acts in enumerate(second):
         for i, site in keys:
             X = acts[sites[(i, site)].name]
             accs[(i, site)].update(X, sites[(i, site)].matrix())
@@ -387,7 +389,8 @@ def _csv_cell(v):
 def print_report(result: dict, as_json: bool, file=None) -> None:
     file = file if file is not None else sys.stdout
     if as_json:
-        keys = ("model", "source", "windows", "seq", "tokens", "layers", "alpha", "seed", "heatmap_layer", "out", "summary")
+        keys = ("model", "source", "windows", "seq", "tokens", "layers", "alpha", "seed", "heatmap_layer", "out",
+                "summary")
         print(json.dumps(_json_safe({k: result[k] for k in keys})), file=file)
         return
     header = (f"{result['model']}: {len(result['layers'])} layers, {result['windows']} x {result['seq']} tokens, "

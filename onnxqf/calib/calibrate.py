@@ -81,7 +81,8 @@ class SiteStats:
 
 
 def collect(model: ir.Model, values: dict[str, ir.Value], windows: np.ndarray, *, max_sample: int = 1024,
-            seed: int = 0, progress: bool = True, ep: str = "cpu", layered: Structure | None = None) -> dict[str, SiteStats]:
+            seed: int = 0, progress: bool = True, ep: str = "cpu",
+            layered: Structure | None = None) -> dict[str, SiteStats]:
     """Channel statistics and a token sample for each value, streaming over windows.
 
     ``layered``: the model's structure, to run it one layer at a time (:func:`onnxqf.calib.layerwise.capture`:

@@ -28,7 +28,8 @@ def load_tokenizer(model_path: str | os.PathLike, model=None, tokenizer: str | N
     try:
         from transformers import AutoTokenizer
     except ImportError:
-        raise OnnxqfError("reading text needs transformers: pip install 'onnxqf[export]' (or give token ids as .npy)") from None
+        raise OnnxqfError("reading text needs transformers: pip install 'onnxqf[export]' "
+                          "(or give token ids as .npy)") from None
     return AutoTokenizer.from_pretrained(str(directory))
 
 

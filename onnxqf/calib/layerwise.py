@@ -39,8 +39,8 @@ from onnxqf.runtime.session import make_session, saved
 from onnxqf.graph.store import discard, park, release, trim_heap, unpark
 from onnxqf.graph.structure import Linear, Site, Structure
 
-__all__ = ["LayerRunner", "LazyHessians", "Rounder", "Segment", "capture", "layer_hessians", "put_weight", "segment_model",
-           "sequential_hessians", "split"]
+__all__ = ["LayerRunner", "LazyHessians", "Rounder", "Segment", "capture", "layer_hessians", "put_weight",
+           "segment_model", "sequential_hessians", "split"]
 
 logger = logging.getLogger(__name__)
 
@@ -70,8 +70,8 @@ def split(model: ir.Model, structure: Structure, *, halves: bool = False) -> lis
     for layer in structure.layers:
         end = position[layer.down.node] + 1
         if end <= cuts[-1]:
-            raise UnsupportedGraphError(f"layer {layer.index}'s down_proj comes before layer {layer.index - 1}'s in the "
-                                        "graph's node order; cannot run the model layer by layer")
+            raise UnsupportedGraphError(f"layer {layer.index}'s down_proj comes before layer {layer.index - 1}'s "
+                                        "in the graph's node order; cannot run the model layer by layer")
         mid = position[layer.o.node] + 1
         if halves and cuts[-1] < mid < end and all(position[lin.node] >= mid for lin in (layer.gate, layer.up)):
             cuts.append(mid)
@@ -161,7 +161,8 @@ def segment_model(model: ir.Model, seg: Segment, wanted: Iterable[ir.Value]) -> 
             continue
         seen.add(v.name)
         outputs.append(vmap[v])
-    graph = ir.Graph(inputs, outputs, nodes=nodes, initializers=initializers, opset_imports=dict(model.graph.opset_imports),
+    graph = ir.Graph(inputs, outputs, nodes=nodes, initializers=initializers,
+                     opset_imports=dict(model.graph.opset_imports),
                      name=f"layer{seg.layer}")
     return ir.Model(graph, ir_version=model.ir_version)
 
@@ -220,7 +221,8 @@ class LayerRunner:
             idx = idx[: 1 + max((j for j, i in enumerate(idx) if self.wanted[i]), default=-1)]
         before = None if advance else list(self.state)  # the second half reads the first's outputs: put back after
         for i in idx:
-            yield from self._run_segment(i, weights or {}, advance=advance or i != idx[-1], desc=desc or f"layer {layer}",
+            yield from self._run_segment(i, weights or {}, advance=advance or i != idx[-1],
+                                         desc=desc or f"layer {layer}",
                                          progress=progress)
         if before is not None:
             self.state = before
@@ -262,7 +264,8 @@ def _swap_weights(sub: ir.Model, weights: dict[str, np.ndarray]) -> list[tuple[i
         value = sub.graph.initializers[name]
         swapped.append((value, value.const_value))
         dtype = value.const_value.dtype
-        value.const_value = ir.tensor(np.ascontiguousarray(array).astype(dtype.numpy(), copy=False), dtype=dtype, name=name)
+        data = np.ascontiguousarray(array).astype(dtype.numpy(), copy=False)
+        value.const_value = ir.tensor(data, dtype=dtype, name=name)
     return swapped
 
 
@@ -358,7 +361,8 @@ class LazyHessians:
         if layer is None:
             return default
         if layer < self._done:
-            raise RuntimeError(f"Hessian of {name} asked for after layer {self._done}'s (sites must come in layer order)")
+            raise RuntimeError(f"Hessian of {name} asked for after layer {self._done}'s "
+                               "(sites must come in layer order)")
         while self._done < layer:
             self._drop()
             self._done, hessians = next(self._layers)

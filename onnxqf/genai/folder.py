@@ -21,7 +21,8 @@ from onnxqf.errors import BadModelFileError, GenaiFolderError, OnnxqfError
 from onnxqf.graph.graphio import GraphIO
 
 __all__ = ["ATTENTION_OPS", "GENAI_CONFIG", "GENAI_INSTALL", "IO_DTYPES", "SUPPORTED_ATTENTION", "GenaiFolder",
-           "genai_dir", "is_genai", "load_graph", "model_file", "output_path", "read_genai", "require_og", "write_folder"]
+           "genai_dir", "is_genai", "load_graph", "model_file", "output_path", "read_genai", "require_og",
+           "write_folder"]
 
 GENAI_CONFIG = "genai_config.json"
 GENAI_INSTALL = "pip install 'onnxqf[genai]'"
@@ -106,7 +107,8 @@ def read_genai(path: str | os.PathLike, *, check_attention: bool = True) -> Gena
         config = json.loads(cfg_path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise GenaiFolderError(f"{cfg_path}: not valid JSON ({exc})") from None
-    dec = config.get("model", {}).get("decoder") if isinstance(config, dict) and isinstance(config.get("model"), dict) else None
+    model_cfg = config.get("model") if isinstance(config, dict) else None
+    dec = model_cfg.get("decoder") if isinstance(model_cfg, dict) else None
     if not isinstance(dec, dict):
         raise GenaiFolderError(f"{cfg_path}: no model.decoder section")
     missing = [k for k in ("filename", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_size")
@@ -115,7 +117,8 @@ def read_genai(path: str | os.PathLike, *, check_attention: bool = True) -> Gena
         raise GenaiFolderError(f"{cfg_path}: model.decoder lacks {', '.join(missing)}")
     model_path = d / str(dec["filename"])
     if p.is_file() and p.name != model_path.name:
-        raise GenaiFolderError(f"{p}: {GENAI_CONFIG} in this folder names the decoder '{model_path.name}', not '{p.name}'")
+        raise GenaiFolderError(f"{p}: {GENAI_CONFIG} in this folder names the decoder '{model_path.name}', "
+                               f"not '{p.name}'")
     if not model_path.is_file():
         raise GenaiFolderError(f"{d}: {GENAI_CONFIG} names the decoder '{model_path.name}', which is missing")
     proto = load_graph(model_path)
@@ -131,7 +134,8 @@ def read_genai(path: str | os.PathLike, *, check_attention: bool = True) -> Gena
     names_in = dec.get("inputs", {}) if isinstance(dec.get("inputs"), dict) else {}
     ids_name = names_in.get("input_ids", "input_ids")
     if ids_name not in inputs:
-        raise GenaiFolderError(f"{model_path}: the graph has no input '{ids_name}' (inputs_embeds-only decoders are not supported)")
+        raise GenaiFolderError(f"{model_path}: the graph has no input '{ids_name}' "
+                               "(inputs_embeds-only decoders are not supported)")
     key_pat = names_in.get("past_key_names", "past_key_values.%d.key")
     value_pat = names_in.get("past_value_names", "past_key_values.%d.value")
     layers = 0
@@ -161,20 +165,22 @@ def read_genai(path: str | os.PathLike, *, check_attention: bool = True) -> Gena
         raise GenaiFolderError(f"{d}: {GENAI_CONFIG} says num_key_value_heads={kv_heads}, "
                                f"the graph's '{name}' has {io.kv_heads}")
     if io.head_dim is not None and io.head_dim != head_size:
-        raise GenaiFolderError(f"{d}: {GENAI_CONFIG} says head_size={head_size}, the graph's '{name}' has {io.head_dim}")
+        raise GenaiFolderError(f"{d}: {GENAI_CONFIG} says head_size={head_size}, "
+                               f"the graph's '{name}' has {io.head_dim}")
     io_dtype = None if io.cache_dtype is None else io.cache_dtype.name
     if io_dtype not in IO_DTYPES:
         raise GenaiFolderError(f"{model_path}: unsupported KV-cache dtype {io_dtype} (expected float32 or float16)")
     attn = [n for n in graph.node if n.op_type in ATTENTION_OPS]
     ops = sorted({n.op_type for n in attn})
     if not attn:
-        raise GenaiFolderError(f"{model_path}: no fused attention op ({SUPPORTED_ATTENTION}) in the graph; unfused attention is not supported")
+        raise GenaiFolderError(f"{model_path}: no fused attention op ({SUPPORTED_ATTENTION}) in the graph; "
+                               "unfused attention is not supported")
     if len(ops) > 1:
         raise GenaiFolderError(f"{model_path}: mixed attention ops {', '.join(ops)}")
     op = ops[0]
     if check_attention and op != SUPPORTED_ATTENTION:
-        raise GenaiFolderError(f"{model_path}: unsupported attention op {op} (supported: {SUPPORTED_ATTENTION}, which the model "
-                               "builder emits for float32 on cpu and float16 on cuda)")
+        raise GenaiFolderError(f"{model_path}: unsupported attention op {op} (supported: {SUPPORTED_ATTENTION}, "
+                               "which the model builder emits for float32 on cpu and float16 on cuda)")
     if op == SUPPORTED_ATTENTION:
         _check_gqa(attn, graph, inits, layers, n_heads, kv_heads, head_size, d)
     model_cfg = config["model"]
@@ -200,7 +206,8 @@ def load_graph(path: Path):
     try:
         proto = onnx.load(str(path), load_external_data=False)
     except Exception as exc:
-        raise BadModelFileError(f"{path}: not a readable ONNX model ({str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__})") from None
+        why = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise BadModelFileError(f"{path}: not a readable ONNX model ({why})") from None
     if not proto.graph.node:
         raise BadModelFileError(f"{path}: not an ONNX model (no graph nodes; truncated or wrong file?)")
     return proto
@@ -213,14 +220,15 @@ def _check_gqa(nodes, graph, inits, layers, n_heads, kv_heads, head_size, d) -> 
     for node in nodes:
         attrs = {a.name: a.i for a in node.attribute if a.name in ("num_heads", "kv_num_heads")}
         if attrs.get("num_heads") != n_heads or attrs.get("kv_num_heads") != kv_heads:
-            raise GenaiFolderError(f"{d}: {GENAI_CONFIG} says {n_heads} heads / {kv_heads} kv heads, the graph's {node.name} has "
-                                   f"{attrs.get('num_heads')} / {attrs.get('kv_num_heads')}")
+            raise GenaiFolderError(f"{d}: {GENAI_CONFIG} says {n_heads} heads / {kv_heads} kv heads, the graph's "
+                                   f"{node.name} has {attrs.get('num_heads')} / {attrs.get('kv_num_heads')}")
         packed = len(node.input) < 3 or (node.input[1] == "" and node.input[2] == "")
         if not packed:
             continue
         width = _output_width(producers.get(node.input[0]), producers, inits)
         if width is not None and width != (n_heads + 2 * kv_heads) * head_size:
-            raise GenaiFolderError(f"{d}: {GENAI_CONFIG} implies a packed q/k/v width of ({n_heads} + 2*{kv_heads}) * {head_size} = "
+            raise GenaiFolderError(f"{d}: {GENAI_CONFIG} implies a packed q/k/v width of "
+                                   f"({n_heads} + 2*{kv_heads}) * {head_size} = "
                                    f"{(n_heads + 2 * kv_heads) * head_size}, the graph's {node.name} gets {width}")
 
 

@@ -75,7 +75,8 @@ def _check_external_data(proto: onnx.ModelProto, base_dir: Path, path: Path) -> 
         try:
             offset, length = int(info.get("offset", 0)), int(info.get("length", 0))
         except ValueError:
-            raise BadModelFileError(f"{path}: tensor '{tensor.name}' has a malformed external-data offset or length") from None
+            raise BadModelFileError(f"{path}: tensor '{tensor.name}' has a malformed external-data offset "
+                                    "or length") from None
         if offset < 0 or length < 0:
             raise BadModelFileError(f"{path}: tensor '{tensor.name}' has a negative external-data offset or length")
         if location not in sizes:
@@ -107,8 +108,9 @@ def _check_graph(proto: onnx.ModelProto, path: Path) -> None:
     for node in graph.node:
         for name in node.input:
             if name and name not in defined:
-                raise BadModelFileError(f"{path}: node '{node.name or node.op_type}' ({node.op_type}) reads '{name}', which "
-                                        "no graph input, initializer or earlier node defines (missing initializer?)")
+                raise BadModelFileError(f"{path}: node '{node.name or node.op_type}' ({node.op_type}) reads "
+                                        f"'{name}', which no graph input, initializer or earlier node defines "
+                                        "(missing initializer?)")
         defined.update(o for o in node.output if o)
     for out in graph.output:
         if out.name not in defined:
@@ -141,7 +143,8 @@ def _bad_text(msg) -> str | None:
     while stack:
         m = stack.pop()
         for field, value in m.ListFields():
-            repeated = field.is_repeated if hasattr(field, "is_repeated") else field.label == FieldDescriptor.LABEL_REPEATED
+            repeated = (field.is_repeated if hasattr(field, "is_repeated")
+                        else field.label == FieldDescriptor.LABEL_REPEATED)
             values = value if repeated else [value]
             if field.type == FieldDescriptor.TYPE_MESSAGE:
                 stack.extend(values)

@@ -192,7 +192,8 @@ def measure_decode(session, io: GraphIO, *, device: str, batch: int, past: int, 
     start = [_ortvalue(rt, start_array, device) for _ in io.cache]
     token = _ortvalue(rt, _ids(io, rng, batch, 1), device)
     masks = [_ortvalue(rt, np.ones((batch, past + t + 1), io.int_types[io.mask]), device) for t in range(tokens)]
-    positions = ([_ortvalue(rt, np.full((batch, 1), past + t, io.int_types[io.positions]), device) for t in range(tokens)]
+    positions = ([_ortvalue(rt, np.full((batch, 1), past + t, io.int_types[io.positions]), device)
+                  for t in range(tokens)]
                  if io.positions else None)
     outputs = [io.logits] + [present for _, present in io.cache]
     ro = _run_options(rt)
@@ -528,7 +529,8 @@ def format_table(result: dict) -> str:
     rows = []
     for row in result["models"]:
         pf = row["prefill_ms"]
-        cells = [row["name"] + (" (ref)" if row["reference"] else ""), f"{_num(pf['median'])} [{_num(pf['min'])}–{_num(pf['max'])}]",
+        cells = [row["name"] + (" (ref)" if row["reference"] else ""),
+                 f"{_num(pf['median'])} [{_num(pf['min'])}–{_num(pf['max'])}]",
                  f"{row['speedup']['prefill']:.2f}"]
         for p in pasts:
             d = (row["decode"] or {}).get(p)
@@ -547,8 +549,9 @@ def format_table(result: dict) -> str:
                      + (f" ({' '.join(cpu['isa_flags'])})" if cpu["isa_flags"] else ""))
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
-    lines.append(f"{result['provider']}, onnxruntime {result['onnxruntime']}; median [min–max] of {result['repeats']} runs "
-                 f"after {result['warmup']} warm-up; decode: {result['decode_tokens']} tokens per run; ×ref > 1 is faster")
+    lines.append(f"{result['provider']}, onnxruntime {result['onnxruntime']}; median [min–max] of "
+                 f"{result['repeats']} runs after {result['warmup']} warm-up; decode: {result['decode_tokens']} "
+                 "tokens per run; ×ref > 1 is faster")
     for row in result["models"]:
         if row.get("nbits_kernel") == "fpa-intb":
             nb = row["matmulnbits"]
@@ -559,7 +562,8 @@ def format_table(result: dict) -> str:
 
 def _rate_cells(d: dict, speedup: float | None) -> list[str]:
     s = d["tokens_per_s"]
-    return [f"{_num(s['median'])} [{_num(s['min'])}–{_num(s['max'])}]", f"{speedup:.2f}" if speedup is not None else "n/a"]
+    return [f"{_num(s['median'])} [{_num(s['min'])}–{_num(s['max'])}]",
+            f"{speedup:.2f}" if speedup is not None else "n/a"]
 
 
 def _num(x: float) -> str:
