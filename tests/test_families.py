@@ -119,7 +119,7 @@ def test_plain_rotations_exact_or_refused(family, calib, name, transform, tmp_pa
 @pytest.mark.parametrize("name", GENAI)
 def test_genai_folder_rotations_exact(family, calib, name, tmp_path):
     from onnxqf.analysis.evaluate import compare
-    from onnxqf.genai.folder import generate
+    from onnxqf.genai.generate import generate
 
     gen = family(name, "gen")
     out = tmp_path / "rot"
@@ -133,7 +133,7 @@ def test_genai_folder_rotations_exact(family, calib, name, tmp_path):
 @pytest.mark.parametrize("name", GENAI)
 def test_genai_hybrid_w8a8_and_int4_generate(family, calib, name, tmp_path):
     from onnxqf.analysis.evaluate import compare
-    from onnxqf.genai.folder import generate
+    from onnxqf.genai.generate import generate
 
     gen = family(name, "gen")
     int4 = ["--rotate"]
@@ -219,7 +219,7 @@ def test_qwen3_genai_every_transform_exact(family, calib, transform, tmp_path):
                                  ["--quant", "int4", "--asymmetric"]])
 def test_qwen3_genai_every_format_generates(family, calib, fmt, tmp_path):
     from onnxqf.analysis.evaluate import compare
-    from onnxqf.genai.folder import generate
+    from onnxqf.genai.generate import generate
 
     gen = family("qwen3", "gen")
     out = tmp_path / "f"

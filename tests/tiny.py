@@ -21,10 +21,14 @@ _SHAPE = dict(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_k
 _IDS = dict(pad_token_id=0, bos_token_id=0, eos_token_id=0)  # the families' defaults lie outside a 512 vocabulary
 FAMILY_MODELS = {
     "qwen3": ("qwen3", dict(_SHAPE, tie_word_embeddings=False)),  # per-head q/k norms
-    # packed qkv_proj and gate_up_proj, partial rotary (no LongRoPE: equal original context); 2 heads of 32, so
-    # that the rotary half (16) gives ONNX Runtime's GroupQueryAttention a cos cache width that is a multiple of 8
+    # packed qkv_proj and gate_up_proj, partial rotary, LongRoPE (Phi-3-128k, Phi-4-mini); 2 heads of 32, so that
+    # the rotary half (16) gives ONNX Runtime's GroupQueryAttention a cos cache width that is a multiple of 8.
+    # "type" repeats "rope_type": onnxruntime-genai 0.18's builder reads the key transformers 4 wrote
     "phi3": ("phi3", dict(_SHAPE, num_attention_heads=2, num_key_value_heads=1, head_dim=32, partial_rotary_factor=0.5,
-                          original_max_position_embeddings=512, **_IDS)),
+                          original_max_position_embeddings=256, rope_parameters={
+                              "rope_type": "longrope", "type": "longrope", "rope_theta": 10000.0,
+                              "original_max_position_embeddings": 256, "short_factor": [1.0] * 8,
+                              "long_factor": [1.0 + i / 4 for i in range(8)]}, **_IDS)),
     "gemma": ("gemma", dict(_SHAPE, **_IDS)),  # (1 + γ) norms, embedding × √hidden, GeGLU, tied
     # + norms after the blocks, soft-capping; a window as long as the context (GroupQueryAttention refuses a
     # window longer than the KV cache that eval's empty past gives it)
