@@ -145,6 +145,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--calib-seq", type=_positive, default=512, help="tokens per window (default 512)")
     c.add_argument("--alpha", type=_alpha, default="auto", help="smoothing strength in [0, 1], or 'auto': per layer, by measured quantization error (default)")
     c.add_argument("--tokenizer", help="tokenizer folder (default: the one saved beside the model by `onnxqf export`)")
+    g.add_argument("--online-rotation", metavar="cycle|batched[:N]",
+                   help="how online rotations become nodes (default: the target's, measured fastest on it): cycle: a GEMM "
+                        "on the last axis and a Transpose per Kronecker factor; batched: factors as broadcast "
+                        "left-multiplications, no Transpose; :N the largest merged factor (default 512)")
     r.add_argument("--seed", type=int, default=0, help="seed of the random signs and rotations")
     r.add_argument("-q", "--quiet", action="store_true", help="no progress output")
 
@@ -374,7 +378,7 @@ def rewrite_options(args) -> "RewriteOptions":
         calibration=Calibration(args.calib, args.calib_windows, args.calib_seq, rounding=args.weight_rounding,
                                 sequential=args.gptq_inputs == "sequential"),
         target=args.ep, quantize_lm_head=args.quantize_lm_head, keep_float=tuple(args.keep_float),
-        progress=not args.quiet, low_memory=args.low_memory)
+        progress=not args.quiet, low_memory=args.low_memory, online_rotation=args.online_rotation)
 
 
 def cmd_rewrite(args) -> int:

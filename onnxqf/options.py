@@ -6,7 +6,8 @@
   the config; left None, the target chooses (:meth:`onnxqf.runtime.target.Target.lowering`).
 - :class:`Calibration`: the text the smoothing scales and GPTQ's X^T X come from, and how weights are rounded.
 - :class:`RewriteOptions`: the above, plus the target (``cpu``/``cuda``; None: from the model), which linears
-  stay float, and how the run behaves (progress, bounded memory).
+  stay float, how online rotations are emitted (None: the target's), and how the run behaves (progress,
+  bounded memory).
 
 Configs are frozen dataclasses: a bad value raises :class:`onnxqf.errors.OnnxqfError` (one line, exit 2) at
 construction, and a rewrite never sees an invalid combination.
@@ -18,6 +19,7 @@ import dataclasses
 
 from onnxqf.calib.data import BUILTIN_CALIB
 from onnxqf.errors import OnnxqfError
+from onnxqf.graph.edit import OnlineStyle
 from onnxqf.plan import PRESETS
 
 __all__ = ["Transform", "W8A8", "WeightOnly", "Calibration", "RewriteOptions", "TRANSFORMS", "FORMATS",
@@ -156,8 +158,14 @@ class RewriteOptions:
     keep_float: tuple[str, ...] = ()
     progress: bool = True
     low_memory: bool | None = None
+    online_rotation: str | None = None  # cycle|batched[:MAX_GROUP]; None: the target's
 
     def __post_init__(self):
+        if self.online_rotation is not None:
+            try:
+                OnlineStyle.parse(self.online_rotation)
+            except ValueError as exc:
+                raise OnnxqfError(f"--online-rotation: {exc}") from None
         if self.target is not None:
             _choice("--ep", self.target, ("cpu", "cuda"))
         if self.quant is None and self.transform.kind == "none":

@@ -35,6 +35,7 @@ from onnxqf.calib import calibrate, layerwise
 from onnxqf.calib.data import load_tokens, windows
 from onnxqf.errors import OnnxqfError
 from onnxqf.graph import store
+from onnxqf.graph.edit import OnlineStyle
 from onnxqf.graph.modelfile import set_metadata
 from onnxqf.options import RewriteOptions
 from onnxqf.passes.fold_norms import FoldNormsPass
@@ -123,17 +124,18 @@ def _rewrite(model: ir.Model, opts: RewriteOptions, tokenizer, layered: bool, ge
                                   layered=structure if layered else None)
         _run(model, SmoothPass(plan, stats, opts.transform.alpha, report, progress=opts.progress))
     rotations = []
+    online = OnlineStyle.parse(opts.online_rotation) if opts.online_rotation else target.online
     if plan.residual is not None:
         rotations.append(RotateResidualPass(plan.residual, report))
     if plan.norm_out is not None:
-        rotations.append(NormOutputHadamardPass(plan.norm_out, report))
+        rotations.append(NormOutputHadamardPass(plan.norm_out, report, online))
     if plan.down is not None:
-        rotations.append(DownProjHadamardPass(plan.down, report))
+        rotations.append(DownProjHadamardPass(plan.down, report, online))
     elif plan.rotates and opts.transform.kind not in OFFLINE_ONLY:
         logger.warning("d_ff=%d: no Hadamard construction and a dense factor over the online limit; down_proj inputs "
                        "are not rotated", structure.config.intermediate)
     if plan.rotates:
-        rotations.append(ValueOutputRotationPass(plan.head, plan.heads, report))
+        rotations.append(ValueOutputRotationPass(plan.head, plan.heads, report, online))
     if rotations:
         _run(model, ir.passes.Sequential(*rotations))
     if lowering is not None:

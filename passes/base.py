@@ -7,6 +7,7 @@ import time
 
 import onnx_ir as ir
 
+from onnxqf.graph.edit import OnlineStyle
 from onnxqf.report import PassRecord, RewriteReport
 
 logger = logging.getLogger("onnxqf")
@@ -56,13 +57,15 @@ class RotationPass(RewritePass):
 
     Attributes:
         rotation: the :class:`onnxqf.maths.hadamard.Rotation` from the :class:`onnxqf.plan.Plan`.
+        online: how online rotations are emitted (:class:`onnxqf.graph.edit.OnlineStyle`; the target's choice).
     """
 
     what = "rotation"
 
-    def __init__(self, rotation, report: RewriteReport | None = None):
+    def __init__(self, rotation, report: RewriteReport | None = None, online=None):
         super().__init__(report)
         self.rotation = rotation
+        self.online = online or OnlineStyle()  # the target's choice (onnxqf.runtime.target.Target.online)
 
     def size_of(self, structure) -> int:  # pragma: no cover - abstract
         raise NotImplementedError

@@ -43,5 +43,6 @@ class DownProjHadamardPass(RotationPass):
             if up.bias is not None:
                 edit.set_bias_vector(up, up.bias_vector() * D)
             edit.update_matrix(down, lambda B: fold.kron_input(fold.scale_rows(B, D), factors), by="columns")
-            edit.rotate_value_online(model.graph, down.input, factors, s.dtype, f"layers.{layer.index}.down_proj/hadamard")
+            edit.rotate_value_online(model.graph, down.input, factors, s.dtype, f"layers.{layer.index}.down_proj/hadamard",
+                                     **self.online.kwargs())
         return True

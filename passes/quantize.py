@@ -57,7 +57,7 @@ class QuantizePass(RewritePass):
         if model.graph.opset_imports.get("", 0) < 13:
             raise OnnxqfError("the model's opset is below 13; re-export with opset >= 18")
         for domain, version in self.lowering.domains.items():
-            if model.graph.opset_imports.get(domain, version) != version:
+            if domain and model.graph.opset_imports.get(domain, version) != version:
                 raise OnnxqfError(f"the model imports {domain} version {model.graph.opset_imports[domain]}; "
                                   f"{self.lowering.name} needs version {version}")
         structure = recognize(model)
@@ -89,8 +89,8 @@ class QuantizePass(RewritePass):
             for lin in group.linears:
                 self.report.rounding[lin.name] = how
                 self.report.quantized.append(lin.name or lin.node.name)
-        for domain, version in self.lowering.domains.items():
-            graph.opset_imports.setdefault(domain, version)
+        for domain, version in self.lowering.domains.items():  # the default domain: at least the lowering's opset
+            graph.opset_imports[domain] = max(graph.opset_imports.get(domain, version), version)
         common_passes.RemoveUnusedNodesPass()(model)
         logger.info("%s: %d linears, %d rounded with GPTQ", self.lowering.describe(), len(self.report.quantized),
                     sum(v == "gptq" for v in self.report.rounding.values()))

@@ -49,5 +49,6 @@ class NormOutputHadamardPass(RotationPass):
             norm.set_scale(norm.scale() * d)
             for lin in site.matmuls():
                 edit.update_matrix(lin, lambda B: fold.kron_input(fold.scale_rows(B, d), factors), by="columns")
-            edit.rotate_value_online(model.graph, norm.output, factors, s.dtype, f"{site.name}/hadamard")
+            edit.rotate_value_online(model.graph, norm.output, factors, s.dtype, f"{site.name}/hadamard",
+                                     **self.online.kwargs())
         return True

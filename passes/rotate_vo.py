@@ -6,6 +6,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxqf.graph import edit
+from onnxqf.graph.edit import OnlineStyle
 from onnxqf.maths import fold
 from onnxqf.errors import OnnxqfError
 from onnxqf.maths.hadamard import Rotation
@@ -28,9 +29,9 @@ class ValueOutputRotationPass(RewritePass):
         head: the plan's head_dim rotation; heads: its num_heads rotation (only the mixing is used), or None.
     """
 
-    def __init__(self, head: Rotation, heads: Rotation | None, report=None):
+    def __init__(self, head: Rotation, heads: Rotation | None, report=None, online=None):
         super().__init__(report)
-        self.head, self.heads = head, heads
+        self.head, self.heads, self.online = head, heads, online or OnlineStyle()
 
     def requires(self, model: ir.Model) -> None:
         cfg = self.structure(model).config
@@ -53,5 +54,5 @@ class ValueOutputRotationPass(RewritePass):
             edit.update_matrix(o, lambda B: fold.head_mix_input(B, R_dh, R_nh, cfg.num_heads), by="columns")
             if online:
                 edit.rotate_value_online(model.graph, o.input, [R_nh, None], s.dtype, f"layers.{layer.index}.o_proj/head_mix",
-                                         sizes=[cfg.num_heads, cfg.head_dim])
+                                         sizes=[cfg.num_heads, cfg.head_dim], **self.online.kwargs())
         return True

@@ -1,5 +1,6 @@
-"""Speed of onnxruntime-genai folders at Llama-2-7B layer shapes on CUDA: the model builder's FP16 and int4
-graphs against onnxqf's rewrites of the FP16 one, prefill and KV-cache decode (issues 8 and 9).
+"""Speed of onnxruntime-genai folders: the model builder's float and int4 graphs against onnxqf's rewrites of
+the float one, prefill and KV-cache decode, on CUDA at Llama-2-7B layer shapes (issues 8 and 9) or on the CPU
+provider (``--ep cpu``: float32, hidden 2048, d_ff 5632, 32 heads of 64, vocab 32000; issue 18).
 
 On the GPU machine (its onnxruntime-gpu from .ortgpu; onnxruntime-genai's native library cannot travel
 there, but its model builder is Python: copy the package's ``models`` folder, with a two-line
@@ -34,12 +35,42 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 T0 = time.perf_counter()
 
-# name -> onnxqf rewrite arguments (of the builder's FP16 folder)
-REWRITES = {  # in order of importance: what does not fit the time budget is skipped from the end
-    "onnxqf rotate + int4": ["--rotate", "--quant", "int4"],
-    "onnxqf W8A8 token": [],
-    "onnxqf int4": ["--quant", "int4"],
-    "onnxqf hybrid W8A8": ["--hybrid", "--alpha", "0.5"],
+# name -> onnxqf rewrite arguments (of the builder's float folder), per provider; in order of importance:
+# what does not fit the time budget is skipped from the end. A rewrite lowers for the folder's provider.
+REWRITES = {
+    "cuda": {
+        "onnxqf rotate + int4": ["--rotate", "--quant", "int4"],
+        "onnxqf W8A8 token": [],
+        "onnxqf int4": ["--quant", "int4"],
+        "onnxqf hybrid W8A8": ["--hybrid", "--alpha", "0.5"],
+    },
+    "cpu": {
+        "onnxqf W8A8 token": [],
+        "onnxqf W8A8 token + lm_head": ["--quantize-lm-head"],
+        "onnxqf W8A8 token ql + lm_head": ["--lowering", "uint8-token-ql", "--quantize-lm-head"],
+        "onnxqf hybrid W8A8 ql batched:64 + lm_head": ["--hybrid", "--alpha", "0.5", "--lowering", "uint8-token-ql",
+                                                        "--online-rotation", "batched:64", "--quantize-lm-head"],
+        "onnxqf hybrid W8A8 ql cycle:64 + lm_head": ["--hybrid", "--alpha", "0.5", "--lowering", "uint8-token-ql",
+                                                      "--online-rotation", "cycle:64", "--quantize-lm-head"],
+        "onnxqf int4 + lm_head int4": ["--quant", "int4", "--quantize-lm-head", "--lm-head-bits", "4"],
+        "onnxqf hybrid W8A8": ["--hybrid", "--alpha", "0.5"],
+        "onnxqf int4": ["--quant", "int4"],
+        "onnxqf W8A8 int8 x int8": ["--lowering", "int8-token"],
+        "onnxqf W8A8 token ql": ["--lowering", "uint8-token-ql"],
+        "onnxqf W8A8 asym": ["--act-quant", "asym"],
+        "onnxqf int4 accuracy_level 0": ["--quant", "int4", "--accuracy-level", "0"],
+        "onnxqf rotate + int4": ["--rotate", "--quant", "int4"],
+    },
+}
+SHAPES = {
+    "tiny": dict(hidden_size=64, intermediate_size=172, num_attention_heads=4, num_key_value_heads=4, head_dim=16,
+                 vocab_size=512),
+    "cuda": dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32, head_dim=128,
+                 vocab_size=32000),
+    "cpu": dict(hidden_size=2048, intermediate_size=5632, num_attention_heads=32, num_key_value_heads=32, head_dim=64,
+                vocab_size=32000),
+    "smollm2": dict(hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3, head_dim=64,
+                    vocab_size=49152),
 }
 
 
@@ -92,19 +123,15 @@ def source_tree(base: Path) -> Path:
     return site
 
 
-def make_hf(path: Path, layers: int, tiny: bool) -> None:
+def make_hf(path: Path, layers: int, shape: str) -> None:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     sys.path.insert(0, str(ROOT / "tests"))
     from tiny import save_byte_tokenizer
 
-    shape = (dict(hidden_size=64, intermediate_size=172, num_attention_heads=4, num_key_value_heads=4, head_dim=16,
-                  vocab_size=512) if tiny else
-             dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32, head_dim=128,
-                  vocab_size=32000))
     config = LlamaConfig(num_hidden_layers=layers, tie_word_embeddings=False, rms_norm_eps=1e-5,
-                         max_position_embeddings=4096, eos_token_id=0, bos_token_id=0, **shape)
+                         max_position_embeddings=4096, eos_token_id=0, bos_token_id=0, **SHAPES[shape])
     torch.manual_seed(0)
     with torch.device("cpu"):
         model = LlamaForCausalLM(config).to(torch.float16).eval()
@@ -120,6 +147,10 @@ def main() -> int:
     r = sub.add_parser("run")
     r.add_argument("--out", type=Path, required=True)
     r.add_argument("--builder", type=Path, help="folder made by stage-builder (default: the installed onnxruntime-genai)")
+    r.add_argument("--ep", choices=["cuda", "cpu"], default="cuda",
+                   help="provider: cuda (float16 folders, Llama-2-7B layer shapes) or cpu (float32, hidden 2048)")
+    r.add_argument("--shape", choices=["cuda", "cpu", "smollm2"],
+                   help="layer shapes (default: the provider's: Llama-2-7B's for cuda, hidden 2048 for cpu)")
     r.add_argument("--layers", type=int, default=4)
     r.add_argument("--seq", type=int, default=2048)
     r.add_argument("--past", default="512")
@@ -139,14 +170,16 @@ def main() -> int:
 
     import tempfile
 
-    ep = "cpu" if args.tiny else "cuda"
+    ep = "cpu" if args.tiny else args.ep
+    precision = "fp32" if ep == "cpu" else "fp16"
+    rewrites = REWRITES[ep]
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
     base = args.work or Path(tempfile.mkdtemp(prefix="onnxqf-genai-bench-", dir="/dev/shm" if Path("/dev/shm").is_dir() else None))
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error", TQDM_DISABLE="1")
     paths = [str(source_tree(base))] + ([str(args.builder.absolute())] if args.builder else [])
     env["PYTHONPATH"] = os.pathsep.join(paths + [env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    result: dict = {"layers": args.layers, "tiny": args.tiny, "ep": ep, "seq": args.seq, "past": args.past, "steps": {}}
+    result: dict = {"layers": args.layers, "tiny": args.tiny, "ep": ep, "shape": args.shape or ep, "seq": args.seq, "past": args.past, "steps": {}}
     res_path = out / "genai_gpu_bench.json"
 
     def save():
@@ -157,7 +190,7 @@ def main() -> int:
 
     hf = base / "hf"
     t = time.perf_counter()
-    make_hf(hf, args.layers, args.tiny)
+    make_hf(hf, args.layers, "tiny" if args.tiny else args.shape or ep)
     result["steps"]["hf"] = {"seconds": round(time.perf_counter() - t, 1)}
     log(f"random Llama ({args.layers} layers) saved in {result['steps']['hf']['seconds']} s")
     py = sys.executable
@@ -167,26 +200,27 @@ def main() -> int:
         p for p in env["PYTHONPATH"].split(os.pathsep)
         if not ((Path(p) / "onnxruntime").is_dir() and not (Path(p) / "onnxruntime" / "transformers").is_dir())))
     folders = {}
-    builder = {"builder fp16": ["-p", "fp16"], "builder int4 (RTN, block 32)": ["-p", "int4", "--extra_options",
-                                                                              "hf_token=false", "block_size=32"]}
+    int4_options = ["hf_token=false", "block_size=32"] + (["int4_accuracy_level=4"] if ep == "cpu" else [])
+    builder = {f"builder {precision}": ["-p", precision],
+               "builder int4 (RTN, block 32)": ["-p", "int4", "--extra_options", *int4_options]}
     for name, extra in builder.items():
         dst = base / name.split()[1]
-        cmd = [py, "-m", "onnxruntime_genai.models.builder", "-i", hf, "-o", dst, "-e", "cuda", "-c", base / "cache", *extra]
+        cmd = [py, "-m", "onnxruntime_genai.models.builder", "-i", hf, "-o", dst, "-e", ep, "-c", base / "cache", *extra]
         if "--extra_options" not in extra:
             cmd += ["--extra_options", "hf_token=false"]
         result["steps"][name] = sh(cmd, builder_env, min(240.0, left() - 60), cwd=base)
         if result["steps"][name]["rc"] == 0 and (dst / "genai_config.json").is_file():
             folders[name] = dst
         save()
-    ref = folders.get("builder fp16")
+    ref = folders.get(f"builder {precision}")
     if ref is None:
-        log("the builder's FP16 folder failed; nothing to compare")
+        log(f"the builder's {precision} folder failed; nothing to compare")
         return 1
-    chosen = args.rewrites.split(",") if args.rewrites else list(REWRITES)
-    unknown = [n for n in chosen if n not in REWRITES]
+    chosen = args.rewrites.split(",") if args.rewrites else list(rewrites)
+    unknown = [n for n in chosen if n not in rewrites]
     if unknown:
-        sys.exit(f"unknown rewrites {unknown}; choose from {list(REWRITES)}")
-    for name, extra in ((n, REWRITES[n]) for n in chosen):
+        sys.exit(f"unknown rewrites {unknown}; choose from {list(rewrites)}")
+    for name, extra in ((n, rewrites[n]) for n in chosen):
         if left() < 120:
             result["steps"][name] = {"skipped": "out of time"}
             continue
@@ -238,9 +272,9 @@ def print_table(result: dict, key: str = "bench") -> None:
         print("bench failed:", bench.get("error", "")[-500:])
         return
     past = str(bench["past"][0]) if bench["past"] else None
-    print(f"\n{result['layers']} layers of Llama-2-7B shape, onnxruntime-genai layout, {bench['provider']}, "
+    print(f"\n{result['layers']} layers ({result.get('shape', result['ep'])} shape), onnxruntime-genai layout, {bench['provider']}, "
           f"onnxruntime {bench['onnxruntime']}, batch {bench['batch']}\n")
-    print(f"| folder | `check` rc | prefill {bench['batch']}x{bench['seq']} ms | x FP16 | decode past {past} tok/s | x FP16 | ms/step |")
+    print(f"| folder | `check` rc | prefill {bench['batch']}x{bench['seq']} ms | x ref | decode past {past} tok/s | x ref | ms/step |")
     print("|---|---|---|---|---|---|---|")
     for row in bench["models"]:
         d = (row.get("decode") or {}).get(past, {})

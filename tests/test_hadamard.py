@@ -252,6 +252,16 @@ def _random_factor(size: int, rng: np.random.Generator) -> np.ndarray:
     return np.linalg.qr(rng.standard_normal((size, size)))[0]
 
 
+def test_online_style_parse():
+    from onnxqf.graph.edit import OnlineStyle
+
+    assert OnlineStyle.parse("batched:64") == OnlineStyle(64, True)
+    assert OnlineStyle.parse("cycle") == OnlineStyle()
+    for bad in ("fast", "batched:x", "cycle:1"):
+        with pytest.raises(ValueError):
+            OnlineStyle.parse(bad)
+
+
 @pytest.mark.parametrize("pattern, max_group, n_transposes", [
     ([16, 16, 16], 512, 2),          # 4096-style: groups 256 x 16
     ([16, 16, 16], 16, 3),           # no merging: three groups
@@ -260,7 +270,8 @@ def _random_factor(size: int, rng: np.random.Generator) -> np.ndarray:
     ([6, None, 4, 2], 512, 3),       # dense, identity, dense(8)
     ([20], 512, 0),                  # one dense factor
 ])
-def test_online_rotation_nodes_match_kron(pattern, max_group, n_transposes):
+@pytest.mark.parametrize("batched", [False, True], ids=["cycle", "batched"])
+def test_online_rotation_nodes_match_kron(pattern, max_group, n_transposes, batched):
     import onnx_ir as ir
     import onnxruntime as ort
 
@@ -287,8 +298,10 @@ def test_online_rotation_nodes_match_kron(pattern, max_group, n_transposes):
     identity = ir.node("Identity", [x])
     graph = ir.Graph([x], identity.outputs, nodes=[identity], opset_imports={"": 18}, name="g")
     identity.outputs[0].name = "y"
-    rotate_value_online(graph, x, factors, ir.DataType.FLOAT, "rot", sizes=sizes, max_group=max_group)
-    assert sum(node.op_type == "Transpose" for node in graph) == n_transposes
+    rotate_value_online(graph, x, factors, ir.DataType.FLOAT, "rot", sizes=sizes, max_group=max_group, batched=batched)
+    assert sum(node.op_type == "Transpose" for node in graph) == (0 if batched else n_transposes)
+    if batched:  # one MatMul per dense group, none for identities
+        assert sum(node.op_type == "MatMul" for node in graph) == sum(f is not None for _, f in groups)
     model = ir.Model(graph, ir_version=10)
     sess = ort.InferenceSession(ir.serde.serialize_model(model).SerializeToString(), providers=["CPUExecutionProvider"])
     xs = rng.standard_normal((2, 3, n)).astype(np.float32)

@@ -6,6 +6,8 @@ original dtype here, so every fold happens in float64 whatever the model's preci
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import onnx_ir as ir
 from onnx_ir import tape as ir_tape
@@ -145,6 +147,35 @@ def prepare_linears(graph: ir.Graph, structure: Structure) -> None:
         make_bias_private(graph, lin)
 
 
+@dataclasses.dataclass(frozen=True)
+class OnlineStyle:
+    """How :func:`rotate_value_online` emits a rotation (a property of the target: what runs fastest on it).
+
+    Attributes:
+        max_group: the largest merged Kronecker factor (fewer, larger factors: fewer nodes, more multiply-adds).
+        batched: each non-last factor as a left-multiplication broadcast over the other axes (a batched GEMM, no
+            Transpose) instead of a GEMM on the last axis followed by a Transpose that cycles the axes.
+    """
+
+    max_group: int = ONLINE_GROUP_MAX
+    batched: bool = False
+
+    def describe(self) -> str:
+        return f"{'batched' if self.batched else 'cycle'}:{self.max_group}"
+
+    def kwargs(self) -> dict:
+        """The keywords of :func:`rotate_value_online` for this style."""
+        return {"max_group": self.max_group, "batched": self.batched}
+
+    @classmethod
+    def parse(cls, text: str) -> "OnlineStyle":
+        """``cycle`` | ``batched``, optionally ``:MAX_GROUP`` (e.g. ``batched:64``)."""
+        kind, _, group = text.partition(":")
+        if kind not in ("cycle", "batched") or (group and not group.isdigit()) or (group and int(group) < 2):
+            raise ValueError(f"an online rotation style is cycle or batched, optionally :MAX_GROUP >= 2, not '{text}'")
+        return cls(int(group) if group else ONLINE_GROUP_MAX, kind == "batched")
+
+
 def rotate_value_online(
     graph: ir.Graph,
     value: ir.Value,
@@ -153,6 +184,7 @@ def rotate_value_online(
     name: str,
     sizes: list[int] | None = None,
     max_group: int = ONLINE_GROUP_MAX,
+    batched: bool = False,
 ) -> list[ir.Node]:
     """Insert ``x <- x @ kron(F_1, ..., F_r)`` on ``value``; every reader of ``value`` reads the result.
 
@@ -189,6 +221,17 @@ def rotate_value_online(
         size, f = groups[-1]
         if f is not None:
             y = matmul(y, 0, size, f)
+    elif batched:
+        for step, (size, f) in enumerate(groups):
+            if f is None:
+                continue
+            after = int(np.prod([g for g, _ in groups[step + 1:]], dtype=np.int64))
+            if after == 1:
+                y = matmul(y, step, size, f)
+                continue
+            y = tape.op("Reshape", [y, const_shape(-1, size, after)], name=f"{name}/view{step}")
+            w = add_initializer(graph, f"{name}/factor{step}_t", np.ascontiguousarray(np.asarray(f).T), dtype)
+            y = tape.op("MatMul", [w, y], name=f"{name}/matmul{step}")
     else:
         order = list(range(len(groups)))
         for step in range(len(groups)):

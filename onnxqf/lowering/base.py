@@ -79,7 +79,8 @@ class Lowering:
     format: ClassVar[str]
     providers: ClassVar[tuple[str, ...]]
     summary: ClassVar[str]
-    #: the ONNX domains its nodes use, with their versions (added to the graph's opset imports)
+    #: the ONNX domains its nodes use, with their versions (added to the graph's opset imports; for the default
+    #: domain "" the opset the graph is raised to at least)
     domains: ClassVar[dict[str, int]] = {}
 
     def prepare(self, H):

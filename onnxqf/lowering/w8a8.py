@@ -48,7 +48,7 @@ from onnxqf.lowering.base import FLOAT32, LinearGroup, Lowering, insert_after_pr
 from onnxqf.maths import qmath
 from onnxqf.maths.gptq import gptq_quantize, prepare
 
-__all__ = ["W8A8Lowering", "Int8Token", "Uint8Token", "Uint8TokenAsym", "Int8TokenAsym", "Uint8Tensor",
+__all__ = ["W8A8Lowering", "Int8Token", "Uint8Token", "Uint8TokenQL", "Uint8TokenAsym", "Int8TokenAsym", "Uint8Tensor",
            "per_token_codes", "asymmetric_codes"]
 
 
@@ -212,6 +212,46 @@ class Uint8Token(W8A8Lowering):
         xu, zp, amax = act
         acc = tape.op("MatMulInteger", [xu, wq, zp], name=f"{base}/matmul_u8s8")
         return _rescale(tape, graph, base, acc, amax, scale / 127.0)
+
+
+@register
+@dataclasses.dataclass
+class Uint8TokenQL(Uint8Token):
+    """uint8-token with the codes made by one blocked ``QuantizeLinear`` (opset 21, one block per token) instead of
+    Mul/Round/Add/Cast, and the GEMM and rescale by ``com.microsoft.MatMulIntegerToFloat`` (int32 -> float in the
+    GEMM's output pass) and one Mul by the token scale."""
+
+    name = "uint8-token-ql"
+    summary = "uint8-token with a blocked QuantizeLinear per token and MatMulIntegerToFloat (fewer passes)"
+    domains = {"com.microsoft": 1, "": 21}
+
+    def quantize_activation(self, tape, graph, x, dtype, base):
+        absx = tape.op("Abs", [x], name=f"{base}/abs")
+        axes = edit.add_initializer(graph, f"{base}/axes", np.array([-1], np.int64))
+        amax = tape.op("ReduceMax", [absx, axes], {"keepdims": 1}, name=f"{base}/amax")
+        tiny = edit.add_initializer(graph, f"{base}/tiny", np.array(1e-6 if dtype == FLOAT32 else 1e-4, dtype.numpy()))
+        amax = tape.op("Max", [amax, tiny], name=f"{base}/amax_safe")
+        qmax = edit.add_initializer(graph, f"{base}/qmax", np.array(127.0, dtype.numpy()))
+        step = tape.op("Div", [amax, qmax], name=f"{base}/step")
+        # a zero point of the scale's shape (the op wants one per block): 128 for every token
+        zp = tape.op("Cast", [tape.op("Add", [tape.op("Mul", [step, edit.add_initializer(
+            graph, f"{base}/zero", np.array(0.0, dtype.numpy()))], name=f"{base}/zeros"), edit.add_initializer(
+            graph, f"{base}/offset", np.array(128.0, dtype.numpy()))], name=f"{base}/zp_f")], {"to": ir.DataType.UINT8},
+            name=f"{base}/zp")
+        k = x.shape[-1] if x.shape is not None and isinstance(x.shape[-1], int) else None
+        if k is None:
+            raise ValueError(f"{base}: uint8-token-ql needs a static last dimension")
+        xu = tape.op("QuantizeLinear", [x, step, zp], {"axis": -1, "block_size": k}, name=f"{base}/quantize")
+        xu.type = ir.TensorType(ir.DataType.UINT8)
+        return xu, _as_f32(tape, amax, dtype, f"{base}/amax_f32")
+
+    def product(self, tape, graph, base, act, wq, q, scale):
+        xu, amax = act
+        one = edit.add_initializer(graph, f"{base}/a_scale", np.array(1.0, np.float32))
+        wscale = edit.add_initializer(graph, f"{base}.weight_scale", (scale / 127.0).astype(np.float32))
+        zp = edit.add_initializer(graph, f"{base}/a_zero_point", np.array(128, np.uint8))
+        y = tape.op("MatMulIntegerToFloat", [xu, wq, one, wscale, zp], domain="com.microsoft", name=f"{base}/matmul_u8s8")
+        return tape.op("Mul", [y, amax], name=f"{base}/token_scale")
 
 
 @dataclasses.dataclass

@@ -22,6 +22,7 @@ import dataclasses
 import onnx_ir as ir
 
 from onnxqf.errors import OnnxqfError, ProviderUnavailableError
+from onnxqf.graph.edit import OnlineStyle
 from onnxqf.lowering import base as lowering_base
 
 __all__ = ["Target", "TARGETS", "get_target", "default_target_name", "genai_provider", "METADATA_TARGET", "METADATA_LOWERING"]
@@ -41,6 +42,7 @@ class Target:
         w8a8: the W8A8 lowering per activation kind (``token``, ``asym``, ``tensor``).
         nbits_accuracy_level: MatMulNBits ``accuracy_level`` (4 on the CPU: int8 compute inside the op).
         no_kernel: op types this provider has no kernel for (they would run on the CPU, with copies).
+        online: how online rotations are emitted (:class:`onnxqf.graph.edit.OnlineStyle`: measured per provider).
     """
 
     name: str
@@ -48,6 +50,7 @@ class Target:
     w8a8: dict[str, str]
     nbits_accuracy_level: int
     no_kernel: frozenset[str] = frozenset()
+    online: OnlineStyle = OnlineStyle()
 
     # -- lowerings ----------------------------------------------------------------------------------
     def lowering(self, quant) -> lowering_base.Lowering:
@@ -76,7 +79,7 @@ class Target:
             lowering = model.metadata_props.get(METADATA_LOWERING, "?")
             issues.append(f"the graph was lowered for --ep {recorded} ({lowering}), not {self.name}: "
                           f"rewrite the original with --ep {self.name}")
-        lowerings = [cls() for name, cls in sorted(lowering_base.REGISTRY.items()) if cls.format == "int8"]
+        lowerings = [lowering_base.get(name)() for name in lowering_base.names("int8")]
         for node in model.graph.all_nodes():
             if node.op_type in self.no_kernel:
                 issues.append(f"{node.op_type} '{node.name}': no {self.provider} kernel")
