@@ -5,7 +5,9 @@ per-run overhead is shared and the weights do not sit in L2; time per linear = r
 
     fp16        MatMul(x, W[K, N] fp16)
     onnxqf      onnxqf.W8A8Linear(x, Wq[N, K] int8, wscale[N]) (quantization of x included, in each copy)
-    onnxqf-gemm the same with ONNXQF_GEMV_MAX_M=0: the tensor-core GEMM also at M <= 16 (M <= 128 rows only)
+    onnxqf-gemm the same with ONNXQF_GEMV_MAX_M=0: the tensor-core GEMM also at M <= 4 (rows M <= 16 only)
+    onnxqf-gemv the same with ONNXQF_GEMV_MAX_M=16: quantization kernel + GEMV at 4 < M <= 16 (rows M = 16 only)
+    onnxqf-tile0/2 the same with ONNXQF_GEMM_TILE=0 (128x128) / 2 (128x256 cooperative) (rows M >= 128 only)
     int8-token  onnxqf's standard-op graph (int8-token lowering): Abs, ReduceMax, Max, Div, Mul, Round, Cast,
                 MatMulInteger(int8 x int8 [K, N]), Cast, Mul, Mul, Cast -- quantization in each copy
 
@@ -34,9 +36,16 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from onnxqf.runtime import kernels  # noqa: E402
+from onnxqf.runtime import kernels
 
 COPIES = 8
+#: extra variants of the onnxqf op: (environment at session creation, token counts timed)
+VARIANTS = {
+    "onnxqf-gemm": ({"ONNXQF_GEMV_MAX_M": "0"}, lambda M: M <= 16),
+    "onnxqf-gemv": ({"ONNXQF_GEMV_MAX_M": "16"}, lambda M: M == 16),
+    "onnxqf-tile0": ({"ONNXQF_GEMM_TILE": "0"}, lambda M: M == 128),
+    "onnxqf-tile2": ({"ONNXQF_GEMM_TILE": "2"}, lambda M: M >= 128),
+}
 F16, I8, F32 = TensorProto.FLOAT16, TensorProto.INT8, TensorProto.FLOAT
 
 
@@ -172,6 +181,7 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=10)
     ap.add_argument("--iters", type=int, default=100)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--variants", default="", help=f"extra onnxqf variants, comma-separated: {', '.join(VARIANTS)}")
     args = ap.parse_args(argv)
     import onnxruntime as ort
 
@@ -184,19 +194,20 @@ def main(argv=None) -> int:
         runners = {
             "fp16": Runner(ort, graph_fp16(K, N, ws), False),
             "onnxqf": Runner(ort, graph_onnxqf(K, N, ws), True),
-            "onnxqf-gemm": Runner(ort, graph_onnxqf(K, N, ws), True, {"ONNXQF_GEMV_MAX_M": "0"}),
             "int8-token": Runner(ort, graph_int8_token(K, N, ws), False),
         }
+        for name in args.variants.split(",") if args.variants else []:
+            runners[name] = Runner(ort, graph_onnxqf(K, N, ws), True, VARIANTS[name][0])
         for M in tokens:
             x = activations(M, K, seed=M + K)
             iters = args.iters if M < 2048 else max(20, args.iters // 2)
             row = {"K": K, "N": N, "M": M, "ms": {}, "check": {}}
             outs = {}
             for name, r in runners.items():
-                if name == "onnxqf-gemm" and M > 128:
+                if name in VARIANTS and not VARIANTS[name][1](M):
                     continue
                 row["ms"][name], outs[name] = r.time(x, N, args.warmup, iters)
-            for name in ("onnxqf", "onnxqf-gemm"):
+            for name in ("onnxqf", *VARIANTS):
                 if name in outs:
                     row["check"][f"{name}_vs_int8-token"] = compare(outs[name][0], outs["int8-token"][0])
                     row["check"][f"{name}_vs_fp16"] = compare(outs[name][0], outs["fp16"][0])
@@ -210,14 +221,16 @@ def main(argv=None) -> int:
                   f" vs fp16 rel {row['check']['onnxqf_vs_fp16']['rel_err']:.2e}", flush=True)
         del runners
 
-    print("\n| K → N | M | FP16 µs | onnxqf µs | × FP16 | onnxqf GEMM-only × | int8-token (MatMulInteger) × | exact vs int8-token |")
-    print("|---|---|---|---|---|---|---|---|")
+    extra = [v for v in VARIANTS if any(v in r["ms"] for r in results)]
+    print("\n| K → N | M | FP16 µs | onnxqf µs | × FP16 | int8-token (MatMulInteger) × | exact vs int8-token |"
+          + "".join(f" {v} × |" for v in extra))
+    print("|---|---|---|---|---|---|---|" + "---|" * len(extra))
     for r in results:
         s = r["speedup_vs_fp16"]
-        g = f"{s['onnxqf-gemm']:.2f}×" if "onnxqf-gemm" in s else "—"
         ex = r["check"]["onnxqf_vs_int8-token"]
         print(f"| {r['K']}→{r['N']} | {r['M']} | {r['ms']['fp16']*1e3:.1f} | {r['ms']['onnxqf']*1e3:.1f} | "
-              f"**{s['onnxqf']:.2f}×** | {g} | {s['int8-token']:.2f}× | {'yes' if ex['mismatches'] == 0 else ex['mismatches']} |")
+              f"**{s['onnxqf']:.2f}×** | {s['int8-token']:.2f}× | {'yes' if ex['mismatches'] == 0 else ex['mismatches']} |"
+              + "".join(f" {s[v]:.2f}× |" if v in s else " — |" for v in extra))
     doc = {"date": datetime.date.today().isoformat(), "onnxruntime": ort.__version__, "copies_per_graph": COPIES,
            "device": _device_name(), "command": " ".join(["python", "scripts/kernel_bench.py", *(argv or sys.argv[1:])]),
            "results": results}

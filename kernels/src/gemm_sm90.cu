@@ -20,7 +20,11 @@ bool fits_int(int64_t M, int64_t N, int64_t K) {
 
 size_t w8a8_gemm_sm90_workspace(int tile, int64_t M, int64_t N, int64_t K) {
   if (!fits_int(M, N, K)) return 0;
-  return tile == 0 ? sm90::workspace_large(int(M), int(N), int(K)) : sm90::workspace_small(int(M), int(N), int(K));
+  switch (tile) {
+    case 0: return sm90::workspace_large(int(M), int(N), int(K));
+    case 1: return sm90::workspace_small(int(M), int(N), int(K));
+    default: return sm90::workspace_wide(int(M), int(N), int(K));
+  }
 }
 
 cudaError_t launch_w8a8_gemm_sm90(int tile, const int8_t* q, const float* amax, const int8_t* w, const float* wscale,
@@ -29,8 +33,11 @@ cudaError_t launch_w8a8_gemm_sm90(int tile, const int8_t* q, const float* amax, 
   if (!fits_int(M, N, K) || K % 16 != 0 || N % 8 != 0) return cudaErrorNotSupported;
   // sm_count: cached per process for the first device asked (one-GPU processes are the rule); 0 lets CUTLASS ask
   static const int sm_count = sm_count_of_current_device();
-  if (tile == 0) return sm90::run_large(q, amax, w, wscale, bias, y, int(M), int(N), int(K), sm_count, workspace, stream);
-  return sm90::run_small(q, amax, w, wscale, bias, y, int(M), int(N), int(K), sm_count, workspace, stream);
+  switch (tile) {
+    case 0: return sm90::run_large(q, amax, w, wscale, bias, y, int(M), int(N), int(K), sm_count, workspace, stream);
+    case 1: return sm90::run_small(q, amax, w, wscale, bias, y, int(M), int(N), int(K), sm_count, workspace, stream);
+    default: return sm90::run_wide(q, amax, w, wscale, bias, y, int(M), int(N), int(K), sm_count, workspace, stream);
+  }
 }
 
 }  // namespace onnxqf

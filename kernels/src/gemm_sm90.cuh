@@ -111,6 +111,14 @@ using LargeTile = W8A8Gemm<Shape<_128, _128, _128>, Shape<_2, _1, _1>, cutlass::
 using SmallTile = W8A8Gemm<Shape<_64, _128, _128>, Shape<_1, _1, _1>, cutlass::gemm::KernelTmaWarpSpecializedPingpong,
                            cutlass::epilogue::TmaWarpSpecialized>;
 
+// tile 2: large M, wider: 128x256x128 tiles in clusters of 2 along M, cooperative consumers (two warpgroups split M).
+using WideTile = W8A8Gemm<Shape<_128, _256, _128>, Shape<_2, _1, _1>,
+                          cutlass::gemm::KernelTmaWarpSpecializedCooperative,
+                          cutlass::epilogue::TmaWarpSpecializedCooperative>;
+
+cudaError_t run_wide(const int8_t*, const float*, const int8_t*, const float*, const __half*, __half*, int, int, int,
+                     int, void*, cudaStream_t);
+size_t workspace_wide(int, int, int);
 cudaError_t run_large(const int8_t*, const float*, const int8_t*, const float*, const __half*, __half*, int, int, int,
                       int, void*, cudaStream_t);
 cudaError_t run_small(const int8_t*, const float*, const int8_t*, const float*, const __half*, __half*, int, int, int,

@@ -28,13 +28,19 @@ cudaError_t launch_quantize_rows(const __half* x, int8_t* q, float* amax, int64_
 cudaError_t launch_w8a8_gemv(const int8_t* q, const float* amax, const int8_t* w, const float* wscale,
                              const __half* bias, __half* y, int64_t M, int64_t N, int64_t K, cudaStream_t stream);
 
+// Small M (<= kFusedMaxM) in one launch: quantization of x into shared memory + GEMV. Check support first.
+constexpr int kFusedMaxM = 4;
+bool w8a8_fused_gemv_supported(const __half* x, const int8_t* w, int64_t M, int64_t K);
+cudaError_t launch_w8a8_fused_gemv(const __half* x, const int8_t* w, const float* wscale, const __half* bias,
+                                   __half* y, int64_t M, int64_t N, int64_t K, cudaStream_t stream);
+
 // Any shape, slow: one warp per output element. For shapes the fast paths cannot take.
 cudaError_t launch_w8a8_naive(const int8_t* q, const float* amax, const int8_t* w, const float* wscale,
                               const __half* bias, __half* y, int64_t M, int64_t N, int64_t K, cudaStream_t stream);
 
 // CUTLASS 3.x SM90 int8 tensor-core GEMM, dequantization fused in the epilogue (fp16 out).
 // Requires K % 16 == 0 and N % 8 == 0 and 16-byte aligned pointers. `tile`: 0 = 128x128 (large M),
-// 1 = 64x128 (M <= 128). Returns cudaErrorNotSupported when CUTLASS cannot implement the problem.
+// 1 = 64x128 (M <= 128), 2 = 128x256 cooperative. Returns cudaErrorNotSupported when CUTLASS cannot implement the problem.
 size_t w8a8_gemm_sm90_workspace(int tile, int64_t M, int64_t N, int64_t K);
 cudaError_t launch_w8a8_gemm_sm90(int tile, const int8_t* q, const float* amax, const int8_t* w,
                                   const float* wscale, const __half* bias, __half* y, int64_t M, int64_t N,

@@ -10,8 +10,9 @@
 //
 // The library is built for sm_90a (H100/H200, compute capability 9.0) and refuses any other GPU when a session
 // creates the kernel. Environment (read at kernel creation):
-//   ONNXQF_GEMV_MAX_M   rows up to which the GEMV path runs (default 16); larger M takes the tensor-core GEMM
-//   ONNXQF_GEMM_TILE    force the GEMM tile: 0 = 128x128, 1 = 64x128 (default: 1 for M <= 128, else 0)
+//   ONNXQF_GEMV_MAX_M   rows up to which the GEMV runs (default 4: one launch with the quantization fused for
+//                       M <= 4, the separate quantization kernel + GEMV above); larger M takes the tensor-core GEMM
+//   ONNXQF_GEMM_TILE    force the GEMM tile: 0 = 128x128, 1 = 64x128, 2 = 128x256 (default: 1 for M <= 128, else 0)
 #define ORT_API_MANUAL_INIT
 #include "onnxruntime_cxx_api.h"
 #undef ORT_API_MANUAL_INIT
@@ -95,7 +96,7 @@ size_t round_up(size_t x, size_t a) { return (x + a - 1) / a * a; }
 
 struct W8A8LinearKernel {
   int device = 0;
-  int gemv_max_m = 16;
+  int gemv_max_m = 4;
   int force_tile = -1;
 
   OrtStatusPtr ComputeV2(OrtKernelContext* context) {
@@ -149,8 +150,14 @@ struct W8A8LinearKernel {
     const bool aligned = K % 16 == 0 && N % 8 == 0 && reinterpret_cast<uintptr_t>(w) % 16 == 0 &&
                          reinterpret_cast<uintptr_t>(y) % 16 == 0 && reinterpret_cast<uintptr_t>(ws) % 16 == 0 &&
                          (!bias || reinterpret_cast<uintptr_t>(bias) % 16 == 0);
+    // small M in one launch, no scratch: quantization into shared memory + GEMV
+    if (M <= gemv_max_m && onnxqf::w8a8_fused_gemv_supported(x, w, M, K)) {
+      cudaError_t e = onnxqf::launch_w8a8_fused_gemv(x, w, ws, bias, y, M, N, K, stream);
+      if (e != cudaSuccess) return fail(std::string("onnxqf.W8A8Linear: CUDA error: ") + cudaGetErrorString(e));
+      return nullptr;
+    }
     int path = 0;  // 0 naive, 1 gemv, 2 gemm
-    int tile = force_tile >= 0 ? force_tile : (M <= 128 ? 1 : 0);
+    const int tile = force_tile >= 0 ? force_tile : (M <= 128 ? 1 : 0);
     if (aligned) path = (M <= gemv_max_m) ? 1 : 2;
     else if (K % 16 == 0 && reinterpret_cast<uintptr_t>(w) % 16 == 0) path = 1;
 
@@ -190,7 +197,7 @@ struct W8A8LinearOp : Ort::CustomOpBase<W8A8LinearOp, W8A8LinearKernel, true> {
     if (!problem.empty()) return fail(problem);
     auto* k = new W8A8LinearKernel();
     k->device = dev;
-    k->gemv_max_m = env_int("ONNXQF_GEMV_MAX_M", 16);
+    k->gemv_max_m = env_int("ONNXQF_GEMV_MAX_M", 4);
     k->force_tile = env_int("ONNXQF_GEMM_TILE", -1);
     *kernel = k;
     return nullptr;

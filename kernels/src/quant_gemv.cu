@@ -57,35 +57,30 @@ __device__ __forceinline__ uint2 chunk_codes(const uint4& c, const TokenScale& s
   return out.u;
 }
 
-// One block per row. vec: the row starts 16-byte aligned and K % 8 == 0.
-__global__ void __launch_bounds__(kQuantThreads) quantize_rows_kernel(const __half* __restrict__ x,
-                                                                      int8_t* __restrict__ q,
-                                                                      float* __restrict__ amax_out, int64_t K,
-                                                                      bool vec) {
-  const int64_t row = blockIdx.x;
-  const __half* xr = x + row * K;
-  int8_t* qr = q + row * K;
+// Quantizes one row with the whole block (kQuantThreads threads): codes to qr (global or shared memory), the
+// floored amax to *amax_dst (thread 0). vec: the row starts 16-byte aligned and K % 8 == 0. red/scale_s: shared.
+template <int CACHED = kQuantCached>
+__device__ __forceinline__ void quantize_row_block(const __half* __restrict__ xr, int8_t* qr, float* amax_dst,
+                                                   int64_t K, bool vec, float* red, TokenScale* scale_s) {
   const int tid = threadIdx.x;
   float m = 0.f;
-  uint4 cache[kQuantCached];
+  uint4 cache[CACHED];
   const int64_t nvec = vec ? K / 8 : 0;
   if (vec) {
     const uint4* xv = reinterpret_cast<const uint4*>(xr);
 #pragma unroll
-    for (int i = 0; i < kQuantCached; ++i) {
+    for (int i = 0; i < CACHED; ++i) {
       const int64_t c = tid + static_cast<int64_t>(i) * kQuantThreads;
       if (c < nvec) {
         cache[i] = __ldg(xv + c);
         m = chunk_absmax(cache[i], m);
       }
     }
-    for (int64_t c = tid + static_cast<int64_t>(kQuantCached) * kQuantThreads; c < nvec; c += kQuantThreads)
+    for (int64_t c = tid + static_cast<int64_t>(CACHED) * kQuantThreads; c < nvec; c += kQuantThreads)
       m = chunk_absmax(__ldg(xv + c), m);
   } else {
     for (int64_t k = tid; k < K; k += kQuantThreads) m = fmaxf(m, fabsf(__half2float(xr[k])));
   }
-  __shared__ float red[kQuantThreads / 32];
-  __shared__ TokenScale scale_s;
   m = warp_max(m);
   if ((tid & 31) == 0) red[tid >> 5] = m;
   __syncthreads();
@@ -101,25 +96,36 @@ __global__ void __launch_bounds__(kQuantThreads) quantize_rows_kernel(const __ha
       ts.inv = __hdiv(__float2half_rn(127.f), a);  // ONNX Runtime's fp16 Div
       ts.finv = 127.f / __half2float(a);
       ts.wide = __hisinf(ts.inv) != 0;
-      scale_s = ts;
-      amax_out[row] = __half2float(a);
+      *scale_s = ts;
+      *amax_dst = __half2float(a);
     }
   }
   __syncthreads();
-  const TokenScale inv = scale_s;
+  const TokenScale inv = *scale_s;
   if (vec) {
     uint2* qv = reinterpret_cast<uint2*>(qr);
 #pragma unroll
-    for (int i = 0; i < kQuantCached; ++i) {
+    for (int i = 0; i < CACHED; ++i) {
       const int64_t c = tid + static_cast<int64_t>(i) * kQuantThreads;
       if (c < nvec) qv[c] = chunk_codes(cache[i], inv);
     }
     const uint4* xv = reinterpret_cast<const uint4*>(xr);
-    for (int64_t c = tid + static_cast<int64_t>(kQuantCached) * kQuantThreads; c < nvec; c += kQuantThreads)
+    for (int64_t c = tid + static_cast<int64_t>(CACHED) * kQuantThreads; c < nvec; c += kQuantThreads)
       qv[c] = chunk_codes(__ldg(xv + c), inv);
   } else {
     for (int64_t k = tid; k < K; k += kQuantThreads) qr[k] = code_of(xr[k], inv);
   }
+}
+
+// One block per row.
+__global__ void __launch_bounds__(kQuantThreads) quantize_rows_kernel(const __half* __restrict__ x,
+                                                                      int8_t* __restrict__ q,
+                                                                      float* __restrict__ amax_out, int64_t K,
+                                                                      bool vec) {
+  __shared__ float red[kQuantThreads / 32];
+  __shared__ TokenScale scale_s;
+  const int64_t row = blockIdx.x;
+  quantize_row_block(x + row * K, q + row * K, amax_out + row, K, vec, red, &scale_s);
 }
 
 __device__ __forceinline__ int4 load_stream(const int4* p) {
@@ -145,6 +151,7 @@ __device__ __forceinline__ __half dequant(int acc, float amax, float wscale, con
 }
 
 constexpr int kGemvWarps = 4;
+constexpr int kFusedMaxSmem = 96 * 1024;  // codes of x in shared memory: MT * K bytes at most
 
 // Each warp computes R consecutive outputs n for MT rows of M (blockIdx.y picks the MT rows); the lanes stride
 // over K in 16-byte chunks, U chunks per row in flight. Weights are streamed past L1 (read once); the codes of
@@ -211,6 +218,117 @@ __global__ void __launch_bounds__(kGemvWarps * 32) gemv_kernel(const int8_t* __r
     }
 }
 
+// Small M, one launch: each block first quantizes the MT rows of x into shared memory (every block redoes this
+// small, L2-resident work; the first weight loads are already in flight meanwhile), then each of its 8 warps
+// computes R consecutive outputs, its lanes striding over K in 16-byte chunks with the next U chunks per row
+// loaded while the current ones are used. Needs K % 16 == 0, x 16-byte aligned; shared memory MT * K bytes.
+constexpr int kFusedWarps = kQuantThreads / 32;
+
+template <int MT, int R, int U>
+__global__ void __launch_bounds__(kQuantThreads, 3) fused_gemv_kernel(const __half* __restrict__ x,
+                                                                  const int8_t* __restrict__ w,
+                                                                  const float* __restrict__ wscale,
+                                                                  const __half* __restrict__ bias,
+                                                                  __half* __restrict__ y, int64_t M, int64_t N,
+                                                                  int64_t K) {
+  extern __shared__ __align__(16) unsigned char fused_smem[];
+  int8_t* qs = reinterpret_cast<int8_t*>(fused_smem);  // [MT][K]
+  __shared__ float amax_s[MT];
+  __shared__ float red[kQuantThreads / 32];
+  __shared__ TokenScale scale_s;
+  const int lane = threadIdx.x & 31;
+  const int64_t warp = static_cast<int64_t>(blockIdx.x) * kFusedWarps + (threadIdx.x >> 5);
+  const int64_t n0 = warp * R;
+  const int64_t nch = K >> 4;
+  const int4* wrow[R];
+#pragma unroll
+  for (int r = 0; r < R; ++r) wrow[r] = reinterpret_cast<const int4*>(w + min(n0 + r, N - 1) * K);
+
+  int4 wv[U][R];
+  int64_t c = lane;
+  if (c + 32 * (U - 1) < nch) {
+#pragma unroll
+    for (int u = 0; u < U; ++u)
+#pragma unroll
+      for (int r = 0; r < R; ++r) wv[u][r] = load_stream(wrow[r] + c + 32 * u);
+  }
+  const int mcount = M < MT ? static_cast<int>(M) : MT;
+  for (int m = 0; m < mcount; ++m) quantize_row_block<2>(x + m * K, qs + m * K, &amax_s[m], K, true, red, &scale_s);
+  __syncthreads();
+  if (n0 >= N) return;
+
+  const int4* xs[MT];
+#pragma unroll
+  for (int m = 0; m < MT; ++m) xs[m] = reinterpret_cast<const int4*>(qs + min(m, mcount - 1) * K);
+  int acc[MT][R];
+#pragma unroll
+  for (int m = 0; m < MT; ++m)
+#pragma unroll
+    for (int r = 0; r < R; ++r) acc[m][r] = 0;
+
+  while (c + 32 * (U - 1) < nch) {
+    int4 cur[U][R];
+#pragma unroll
+    for (int u = 0; u < U; ++u)
+#pragma unroll
+      for (int r = 0; r < R; ++r) cur[u][r] = wv[u][r];
+    const int64_t next = c + 32 * U;
+    if (next + 32 * (U - 1) < nch) {
+#pragma unroll
+      for (int u = 0; u < U; ++u)
+#pragma unroll
+        for (int r = 0; r < R; ++r) wv[u][r] = load_stream(wrow[r] + next + 32 * u);
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u)
+#pragma unroll
+      for (int m = 0; m < MT; ++m) {
+        const int4 xv = xs[m][c + 32 * u];
+#pragma unroll
+        for (int r = 0; r < R; ++r) acc[m][r] = dot16(xv, cur[u][r], acc[m][r]);
+      }
+    c = next;
+  }
+  for (; c < nch; c += 32) {
+    int4 wt[R];
+#pragma unroll
+    for (int r = 0; r < R; ++r) wt[r] = load_stream(wrow[r] + c);
+#pragma unroll
+    for (int m = 0; m < MT; ++m) {
+      const int4 xv = xs[m][c];
+#pragma unroll
+      for (int r = 0; r < R; ++r) acc[m][r] = dot16(xv, wt[r], acc[m][r]);
+    }
+  }
+#pragma unroll
+  for (int m = 0; m < MT; ++m)
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      const int v = warp_sum(acc[m][r]);
+      const int64_t nn = n0 + r;
+      if (lane == ((m * R + r) & 31) && m < mcount && nn < N) y[m * N + nn] = dequant(v, amax_s[m], wscale[nn], bias, nn);
+    }
+}
+
+template <int MT, int R, int U>
+cudaError_t launch_fused_t(const __half* x, const int8_t* w, const float* wscale, const __half* bias, __half* y,
+                           int64_t M, int64_t N, int64_t K, cudaStream_t stream) {
+  const size_t smem = static_cast<size_t>(MT) * static_cast<size_t>(K);
+  static bool configured = false;  // benign race: the attribute is idempotent
+  if (!configured) {
+    cudaError_t e = cudaFuncSetAttribute(fused_gemv_kernel<MT, R, U>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         kFusedMaxSmem);
+    if (e != cudaSuccess) return e;
+    configured = true;
+  }
+  const int64_t warps = (N + R - 1) / R;
+  const int64_t blocks = (warps + kFusedWarps - 1) / kFusedWarps;
+  if (blocks > 0x7fffffff) return cudaErrorInvalidValue;
+  fused_gemv_kernel<MT, R, U><<<static_cast<unsigned>(blocks), kQuantThreads, smem, stream>>>(x, w, wscale, bias, y, M,
+                                                                                             N, K);
+  return cudaGetLastError();
+}
+
 // One warp per output element, byte loads: any K, any alignment.
 __global__ void naive_kernel(const int8_t* __restrict__ q, const float* __restrict__ amax,
                              const int8_t* __restrict__ w, const float* __restrict__ wscale,
@@ -258,6 +376,19 @@ cudaError_t launch_w8a8_gemv(const int8_t* q, const float* amax, const int8_t* w
   if (M <= 4) return launch_gemv_t<4, 2, 4>(q, amax, w, wscale, bias, y, M, N, K, stream);
   if (M <= 8) return launch_gemv_t<8, 2, 2>(q, amax, w, wscale, bias, y, M, N, K, stream);
   return launch_gemv_t<16, 4, 1>(q, amax, w, wscale, bias, y, M, N, K, stream);
+}
+
+bool w8a8_fused_gemv_supported(const __half* x, const int8_t* w, int64_t M, int64_t K) {
+  return M >= 1 && M <= kFusedMaxM && K % 16 == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0 &&
+         reinterpret_cast<uintptr_t>(w) % 16 == 0 && static_cast<int64_t>(kFusedMaxM) * K <= kFusedMaxSmem;
+}
+
+cudaError_t launch_w8a8_fused_gemv(const __half* x, const int8_t* w, const float* wscale, const __half* bias,
+                                   __half* y, int64_t M, int64_t N, int64_t K, cudaStream_t stream) {
+  if (!w8a8_fused_gemv_supported(x, w, M, K)) return cudaErrorInvalidValue;
+  if (M <= 1) return launch_fused_t<1, 2, 4>(x, w, wscale, bias, y, M, N, K, stream);
+  if (M <= 2) return launch_fused_t<2, 2, 4>(x, w, wscale, bias, y, M, N, K, stream);
+  return launch_fused_t<4, 2, 2>(x, w, wscale, bias, y, M, N, K, stream);
 }
 
 cudaError_t launch_w8a8_naive(const int8_t* q, const float* amax, const int8_t* w, const float* wscale,

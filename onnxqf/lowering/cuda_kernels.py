@@ -19,6 +19,7 @@ takes float16 activations: float32 models are refused. Sessions that run the gra
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 
 import numpy as np
 import onnx_ir as ir
@@ -29,7 +30,7 @@ from onnxqf.graph import edit
 from onnxqf.lowering.base import LinearGroup, register, replace_outputs
 from onnxqf.lowering.w8a8 import W8A8Lowering
 
-__all__ = ["OnnxqfCudaW8A8", "emit_w8a8_kernel", "DOMAIN", "OP"]
+__all__ = ["DOMAIN", "OP", "OnnxqfCudaW8A8", "emit_w8a8_kernel"]
 
 DOMAIN = "onnxqf"  # = onnxqf.runtime.kernels.DOMAIN (not imported: lowering needs no GPU library)
 OP = "W8A8Linear"
@@ -57,7 +58,7 @@ class OnnxqfCudaW8A8(W8A8Lowering):
     providers = ("cuda",)
     summary = ("per-token int8 x int8 in one fused onnxqf.W8A8Linear node per activation (onnxqf's CUDA kernels: "
                "H100/H200, float16 models; sessions load kernels/build/libonnxqf_kernels.so)")
-    domains = {DOMAIN: 1}
+    domains: ClassVar[dict[str, int]] = {DOMAIN: 1}
 
     def emit(self, graph: ir.Graph, group: LinearGroup, weights) -> None:
         if group.dtype != ir.DataType.FLOAT16:

@@ -1,0 +1,15 @@
+// Instantiation of the wide large-M tile configuration (gemm_sm90.cuh).
+#include "gemm_sm90.cuh"
+
+namespace onnxqf {
+namespace sm90 {
+
+cudaError_t run_wide(const int8_t* q, const float* amax, const int8_t* w, const float* wscale, const __half* bias,
+                      __half* y, int M, int N, int K, int sm_count, void* workspace, cudaStream_t stream) {
+  return WideTile::run(q, amax, w, wscale, bias, y, M, N, K, sm_count, workspace, stream);
+}
+
+size_t workspace_wide(int M, int N, int K) { return WideTile::workspace(M, N, K); }
+
+}  // namespace sm90
+}  // namespace onnxqf
