@@ -37,6 +37,7 @@ FAMILY_MODELS = {
     "granite": ("granite", dict(_SHAPE, embedding_multiplier=12.0, residual_multiplier=0.22, attention_multiplier=0.0625,
                                 logits_scaling=8.0, **_IDS)),
     "smollm3": ("smollm3", dict(_SHAPE, no_rope_layer_interval=2, **_IDS)),  # every second layer without rotary
+    "ernie4_5": ("ernie4_5", dict(_SHAPE, **_IDS)),  # the Llama pattern (interleaved rotary, tied)
 }
 TINY_MODELS.update(FAMILY_MODELS)
 

@@ -94,6 +94,7 @@ FAMILIES: tuple[Family, ...] = (
            genai_refused=_BUILDER + "cannot read transformers 5's rope_parameters per layer type (KeyError 'rope_type'); "
            "use the plain export"),
     Family("granite", "Granite", embedding_scale="multiplier", multipliers=True),
+    Family("ernie4_5", "Ernie 4.5"),  # the Llama pattern: an entry is all it takes
 )
 
 #: families the builder (or transformers) can write that onnxqf refuses, with the reason
