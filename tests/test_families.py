@@ -226,3 +226,27 @@ def test_qwen3_genai_every_format_generates(family, calib, fmt, tmp_path):
     assert main(["rewrite", str(gen), "--rotate", *fmt, *calib, "-o", str(out), "-q"]) == 0
     assert compare(gen, out, WINDOWS, progress=False)["kl"] < 0.1
     assert generate(out, token_ids=PROMPT, max_new_tokens=4, quiet=True)["new_tokens"] == 4
+
+
+def test_lfm2_genai_folder_refused_in_one_line(tmp_path, capsys):
+    """LFM2: export refuses it by name; a folder the builder wrote anyway is refused naming its convolution."""
+    from onnxqf.models import genai_export
+
+    hf = tmp_path / "hf"
+    model = tiny_model("lfm2")
+    model.save_pretrained(str(hf))
+    save_byte_tokenizer(hf)
+    capsys.readouterr()
+    assert main(["export", str(hf), "--kv-cache", "-o", str(tmp_path / "x" / "model.onnx")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "architecture 'lfm2' is not supported" in err and "convolution" in err, err
+    gen = tmp_path / "gen"
+    genai_export._run_builder(hf, gen, "fp32", "cpu", cache=tmp_path / "cache", filename="model.onnx", verbose=False)
+    from onnxqf.errors import UnsupportedGraphError
+    from onnxqf.graph.modelfile import load_model
+    from onnxqf.recognize import recognize
+
+    with pytest.raises(UnsupportedGraphError) as info:
+        recognize(load_model(gen / "model.onnx"))
+    msg = str(info.value)
+    assert "\n" not in msg and "layer 0" in msg and "CausalConvWithState" in msg and "LFM2" in msg, msg

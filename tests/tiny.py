@@ -40,6 +40,8 @@ FAMILY_MODELS = {
     "ernie4_5": ("ernie4_5", dict(_SHAPE, **_IDS)),  # the Llama pattern (interleaved rotary, tied)
 }
 TINY_MODELS.update(FAMILY_MODELS)
+# refused by onnxqf (a short-convolution layer, then an attention layer), for its refusal test
+TINY_MODELS["lfm2"] = ("lfm2", dict(_SHAPE, layer_types=["conv", "full_attention"], **_IDS))
 
 
 def tiny_model(name: str, seed: int = 0, layers: int = 2, vocab: int = 512):

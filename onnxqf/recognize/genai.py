@@ -106,6 +106,39 @@ def _reaches_gqa(lin: Linear) -> bool:
     return blocks is not None and any(_to_gqa(v) is not None for _, _, v in blocks)
 
 
+def _ops_after(value: ir.Value, depth: int = 4) -> set[str]:
+    """The op types within ``depth`` steps after ``value``."""
+    found: set[str] = set()
+    frontier = [value]
+    for _ in range(depth):
+        nxt = []
+        for v in frontier:
+            for node in v.consumers():
+                found.add(node.op_type)
+                nxt.extend(o for o in node.outputs if o is not None)
+        frontier = nxt
+    return found
+
+
+def _vocab(gather: ir.Node) -> int:
+    """Rows of the embedding table (read directly, or through the Transpose of a tied [hidden, vocab] weight)."""
+    table = gather.inputs[0]
+    if table.const_value is not None:
+        return int(table.const_value.shape[0])
+    return int(table.producer().inputs[0].const_value.shape[1])
+
+
+def _reaches_output(value: ir.Value, depth: int = 6) -> bool:
+    """Whether ``value`` is, or becomes within ``depth`` elementwise steps (logit scaling, soft-capping), a graph
+    output: what tells lm_head from another linear after a norm."""
+    frontier = [value]
+    for _ in range(depth):
+        if any(v.is_graph_output() for v in frontier):
+            return True
+        frontier = [o for v in frontier for node in v.consumers() for o in node.outputs if o is not None]
+    return any(v.is_graph_output() for v in frontier)
+
+
 def _qkv(norm_out: ir.Value, where: str) -> tuple[Linear, Linear, Linear, ir.Node, Linear | None, list]:
     """q, k, v, the attention node, the packed q/k/v Linear (None when q/k/v are separate), and the q/k norms."""
     readers = linear_readers(norm_out)
@@ -200,6 +233,7 @@ def recognize_genai(model: ir.Model) -> Structure:
                                     "genai folder")
     gather = _find_embedding(model)
     x, _ = through_scalar_mul(gather.outputs[0])  # Gemma's √hidden, Granite's embedding multiplier
+    vocab = _vocab(gather)
     layers: list[Layer] = []
     config = None
     next_norm = None  # the Skip norm that ends the previous layer
@@ -210,6 +244,11 @@ def recognize_genai(model: ir.Model) -> Structure:
         norm = _norm(node, x, where)
         readers = linear_readers(norm.output)
         if len(readers) == 1 and not _reaches_gqa(readers[0]):
+            if readers[0].shape[1] != vocab or not _reaches_output(readers[0].output):
+                ops = sorted(_ops_after(readers[0].output) - {"Split", "Reshape", "Transpose", "Mul", "Cast"})
+                raise UnsupportedGraphError(f"{where}: the norm feeds {', '.join(ops) or 'no attention'} instead of "
+                                            f"{GQA}; layers other than attention (e.g. LFM2's short convolutions) are not "
+                                            "supported")
             final_norm, lm_head = norm, readers[0]
             lm_head.role = "lm_head"
             break
