@@ -14,7 +14,7 @@ from onnx_ir import tape as ir_tape
 
 from onnxqf.errors import UnsupportedGraphError
 from onnxqf.graph import store
-from onnxqf.graph.structure import ONLINE_ROTATION, Linear, Norm, Structure, const_array, read
+from onnxqf.graph.structure import ONLINE_ROTATION, Linear, Structure, const_array, read
 from onnxqf.graph.tensors import add_initializer, unique_name, write  # noqa: F401  (edit.write etc.)
 from onnxqf.maths.hadamard import ONLINE_GROUP_MAX, online_groups
 
@@ -107,11 +107,6 @@ def make_bias_private(graph: ir.Graph, lin: Linear) -> None:
     lin.bias_node.replace_input_with(list(lin.bias_node.inputs).index(lin.bias), new)
     for rec in (lin, *lin.blocks):
         rec.bias = new
-
-
-def private_gamma(graph: ir.Graph, norm: Norm) -> None:
-    """Give the norm its own gamma initializer (:meth:`Norm.make_private`)."""
-    norm.make_private()
 
 
 def private_embedding(graph: ir.Graph, structure: Structure) -> None:
