@@ -1,4 +1,4 @@
-// Dispatch to the SM90 tile configurations (host code only; the kernels live in gemm_sm90_{large,small}.cu).
+// Dispatch to the SM90 tile configurations (host code only; the kernels live in gemm_sm90_{large,small,wide}.cu).
 #include <climits>
 
 #include "gemm_sm90.cuh"
