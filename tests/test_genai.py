@@ -328,7 +328,7 @@ def test_rewrite_genai_default_output(folders, tmp_path, capsys):
                                                            "tokenizer_config.json"}
 
 
-@pytest.mark.parametrize("quant, op, per_layer", [("int8", "MatMulInteger", 4), ("int4", "MatMulNBits", 5)])
+@pytest.mark.parametrize("quant, op, per_layer", [("int8", "MatMulIntegerToFloat", 4), ("int4", "MatMulNBits", 5)])
 def test_rewrite_genai_quantizes_packed_qkv_once(folders, quant, op, per_layer, tmp_path, capsys):
     """The packed q/k/v MatMul is quantized once, GPTQ-rounded with X^T X captured through the genai
     graph; the folder loads and generates in onnxruntime-genai."""
@@ -339,7 +339,7 @@ def test_rewrite_genai_quantizes_packed_qkv_once(folders, quant, op, per_layer, 
     assert main(["rewrite", str(gen), "--rotate", "--quant", quant, "--calib", str(_calib_ids(tmp_path)),
                  "--calib-windows", "2", "--calib-seq", "64", "-o", str(out), "-q"]) == 0
     ops = _ops(out / "model.onnx")
-    # int4: qkv, o, gate, up, down per layer; int8: gate and up share one MatMulInteger
+    # int4: qkv, o, gate, up, down per layer; int8 (the CPU lowering): gate and up share one GEMM
     assert ops[op] == 2 * per_layer and ops["GroupQueryAttention"] == 2
     report = _report(out / "model.onnx")
     assert report["quantized"][:5] == ["layers.0.qkv_proj", "layers.0.o_proj", "layers.0.gate_proj", "layers.0.up_proj",
@@ -364,7 +364,8 @@ def test_rewrite_genai_hybrid(folders, tmp_path, capsys):
     r = compare(gen, tmp_path / "f", wins, progress=False, max_abs=True)
     assert r["kl"] <= 1e-6 and r["max_abs_diff"] <= 1e-3 * r["max_abs_logit"]
     assert main(["rewrite", str(gen), "--hybrid", *calib, "-o", str(tmp_path / "q"), "-q"]) == 0
-    assert _ops(tmp_path / "q" / "model.onnx")["MatMulInteger"] == 2 * 4  # qkv, o, gate+up, down
+    # a CPU folder: the CPU lowering (uint8 codes, MatMulIntegerToFloat); qkv, o, gate+up, down
+    assert _ops(tmp_path / "q" / "model.onnx")["MatMulIntegerToFloat"] == 2 * 4
     assert compare(gen, tmp_path / "q", wins, progress=False)["kl"] < 0.05
     assert generate(tmp_path / "q", token_ids=PROMPT, max_new_tokens=4, quiet=True)["new_tokens"] == 4
 

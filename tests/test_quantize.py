@@ -55,13 +55,14 @@ def test_tensor_graph_is_the_onnx_standard_one(tiny_models, text_ids, tmp_path):
     assert kl_per_token(run_logits(tiny_models["llama-gqa"], ids), run_logits(out, ids)) < 1e-2
 
 
-def test_lm_head_opt_in_and_keep_float(tiny_models, tmp_path):
-    model, _ = quantized(tiny_models["llama-gqa"], tmp_path, quantize_lm_head=True)
-    assert ops(model)["MatMulInteger"] == 9
-    model, _ = quantized(tiny_models["llama-gqa"], tmp_path, keep_float=("down_proj",))
-    assert ops(model)["MatMulInteger"] == 6
-    model, _ = quantized(tiny_models["llama-gqa"], tmp_path, keep_float=("up_proj",))  # gate alone: no Split
-    assert ops(model)["MatMulInteger"] == 8
+@pytest.mark.parametrize("target, gemm", [("cuda", "MatMulInteger"), ("cpu", "MatMulIntegerToFloat")])
+def test_lm_head_opt_in_and_keep_float(tiny_models, tmp_path, target, gemm):
+    model, _ = quantized(tiny_models["llama-gqa"], tmp_path, quantize_lm_head=True, target=target)
+    assert ops(model)[gemm] == 9
+    model, _ = quantized(tiny_models["llama-gqa"], tmp_path, keep_float=("down_proj",), target=target)
+    assert ops(model)[gemm] == 6
+    model, _ = quantized(tiny_models["llama-gqa"], tmp_path, keep_float=("up_proj",), target=target)  # gate alone
+    assert ops(model)[gemm] == 8
 
 
 def test_rotation_lowers_quantization_error(tiny_models, text_ids, tmp_path):

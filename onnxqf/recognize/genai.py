@@ -39,7 +39,8 @@ SKIP_NORM = "SkipSimplifiedLayerNormalization"
 NORM = "SimplifiedLayerNormalization"
 GQA = "GroupQueryAttention"
 # weight MatMuls that are already quantized (the builder's int4 folders, onnxqf's own output)
-QUANTIZED_OPS = {"MatMulNBits", "MatMulInteger", "DynamicQuantizeLinear", "QLinearMatMul", "GatherBlockQuantized"}
+QUANTIZED_OPS = {"MatMulNBits", "MatMulInteger", "MatMulIntegerToFloat", "DynamicQuantizeLinear", "QLinearMatMul",
+                 "GatherBlockQuantized", "W8A8Linear"}
 
 
 def is_builder_graph(model: ir.Model) -> bool:

@@ -105,9 +105,14 @@ class Target:
 
 
 TARGETS: dict[str, Target] = {
+    # measured on a 16-core Sapphire Rapids (docs/benchmarks.md, CPU section): uint8-token-ql prefills 1.4x faster
+    # than uint8-token at 256 tokens; online rotations as batched GEMMs of factors <= 64 take 102 ms of prefill
+    # where the transposing emission takes 472 (the CPU's Transpose is the cost)
     "cpu": Target("cpu", "CPUExecutionProvider",
-                  w8a8={"token": "uint8-token", "asym": "uint8-token-asym", "tensor": "uint8-tensor"},
-                  nbits_accuracy_level=4),
+                  w8a8={"token": "uint8-token-ql", "asym": "uint8-token-asym", "tensor": "uint8-tensor"},
+                  nbits_accuracy_level=4, online=OnlineStyle(max_group=64, batched=True)),
+    # online rotations as GEMMs on the last axis + Transposes: a broadcast left-multiplication is a pointer-array
+    # batched GEMM on CUDA, 15x slower (docs/benchmarks.md, section b)
     "cuda": Target("cuda", "CUDAExecutionProvider",
                    w8a8={"token": "int8-token", "asym": "int8-token-asym", "tensor": "uint8-tensor"},
                    nbits_accuracy_level=0,
