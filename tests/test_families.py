@@ -97,6 +97,10 @@ def test_plain_export_matches_transformers_and_names_its_family(family, name):
     layer = s.layers[0]
     assert (layer.qkv is not None, layer.gate_up is not None) == ((True, True) if name == "phi3" else (False, False))
     assert len(layer.post_norms()) == (2 if name in POST_NORMS else 0)
+    qk = name in ("qwen3", "gemma3")
+    assert (layer.q_norm is not None, layer.k_norm is not None) == (qk, qk)
+    if qk:  # over the head size, not the hidden size
+        assert layer.q_norm.scale().shape == (s.config.head_dim,)
 
 
 @pytest.mark.parametrize("name", FAMILIES)

@@ -142,6 +142,7 @@ def test_family_graphs_recognized(name):
         assert (layer.qkv is not None) == spec.get("packed_qkv", False)
         assert (layer.gate_up is not None) == spec.get("packed_gate_up", False)
         assert len(layer.post_norms()) == (2 if spec.get("post_norms") else 0)
+        assert (layer.q_norm is not None, layer.k_norm is not None) == (spec.get("qk_norms", False),) * 2
         assert layer.attn_norm.offset == spec.get("norm_offset", 0.0)
         if layer.qkv is not None:
             assert [b.cols for b in layer.qkv.blocks] == [(0, 32), (32, 64), (64, 96)]

@@ -32,7 +32,7 @@ from onnxqf.recognize.match import (
     writer,
 )
 
-__all__ = ["head_dim_from_reshape", "infer_config", "recognize_plain", "unpack"]
+__all__ = ["head_dim_from_reshape", "head_norm", "infer_config", "recognize_plain", "unpack"]
 
 
 def recognize_plain(model: ir.Model) -> Structure:
@@ -76,7 +76,7 @@ def recognize_plain(model: ir.Model) -> Structure:
             if lin is not None:
                 lin.role, lin.layer = role, idx
         layers.append(Layer(idx, norm, q, k, v, o, add1, norm2, gate, up, down, add2, mlp_mul, qkv=qkv, gate_up=gate_up,
-                            post_attn_norm=post_attn, post_mlp_norm=post_mlp))
+                            post_attn_norm=post_attn, post_mlp_norm=post_mlp, q_norm=head_norm(q), k_norm=head_norm(k)))
         x = add2.outputs[0]
     if not layers:
         raise UnsupportedGraphError("no decoder layers found")
@@ -101,6 +101,23 @@ def unpack(readers: list[Linear], n: int, packed_role: str, where: str, what: st
             return parts, whole
     raise UnsupportedGraphError(f"{where}: expected {what} ({n} weight MatMuls, or one split into {n}) after {after}, "
                                 f"found {len(readers)}")
+
+
+def head_norm(lin: Linear) -> Norm | None:
+    """The per-head RMSNorm on a projection's output split into heads (Qwen3's and Gemma 3's q/k norms), or None."""
+    value = lin.output
+    for _ in range(2):  # the split into heads, and the Transpose that may follow it (Gemma 3)
+        nxt = [n for n, _ in through_casts_fwd(value) if n.op_type in ("Reshape", "Transpose")]
+        if len(nxt) != 1:
+            return None
+        value = nxt[0].outputs[0]
+        try:
+            norm = match_norm(value)
+        except UnsupportedGraphError:
+            return None
+        if norm is not None and norm.has_scale:
+            return norm
+    return None
 
 
 def _block_writer(out: ir.Value, readers: list[Linear]) -> tuple[Linear | None, Norm | None]:
