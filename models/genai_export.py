@@ -72,7 +72,7 @@ def export_genai(source: str, out: str | os.PathLike, *, dtype: str = "float32",
     target.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     with scratch_dir(target.parent) as tmp:
-        hf_dir = _builder_input(source, tmp / "hf")
+        hf_dir = builder_input(source, tmp / "hf")
         built = tmp / "genai"
         _run_builder(hf_dir, built, precision, ep, cache=tmp / "cache", filename=out.name, verbose=verbose)
         folder = read_genai(built / out.name)  # the builder's output must be a folder we can use
@@ -96,7 +96,7 @@ def _check_target(target: Path, source: str) -> None:
             raise OnnxqfError(f"the output folder {target} would replace the input {source}; choose another -o")
 
 
-def _builder_input(source: str, tmp_hf: Path) -> Path:
+def builder_input(source: str, tmp_hf: Path) -> Path:
     """A Hugging Face checkpoint folder the builder can read (with tokenizer files)."""
     from onnxqf.models.export import DEFAULT_MODEL, check_architecture, load_hf
 

@@ -114,11 +114,11 @@ def builder_checkpoint(work: Path) -> Path:
     hf = work / "hf"
     if (hf / "config.json").is_file():
         return hf
-    from onnxqf.models.genai_export import _builder_input
+    from onnxqf.models.genai_export import builder_input
 
     tmp = work / "hf.partial"
     shutil.rmtree(tmp, ignore_errors=True)
-    _builder_input("smollm2", tmp)
+    builder_input("smollm2", tmp)
     tmp.rename(hf)
     return hf
 

@@ -188,9 +188,7 @@ def test_genai_folder(tmp_path):
     pytest.importorskip("onnxruntime_genai")
     pytest.importorskip("transformers")
     from onnxqf.models.genai_export import export_genai
-    from tiny import save_byte_tokenizer
-    from tiny import tiny_model
-
+    from tiny import save_byte_tokenizer, tiny_model
 
     model = tiny_model("llama-gqa")
     model.save_pretrained(str(tmp_path / "hf"))

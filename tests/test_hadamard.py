@@ -58,10 +58,10 @@ def test_paley2(q):
 
 
 @pytest.mark.parametrize("q", [3, 5, 9, 25, 27, 49, 81, 121, 125, 343])
-def test_jacobsthal_prime_powers(q):
-    from onnxqf.maths.hadamard import _jacobsthal
+def testjacobsthal_prime_powers(q):
+    from onnxqf.maths.hadamard import jacobsthal
 
-    j = _jacobsthal(q)
+    j = jacobsthal(q)
     np.testing.assert_array_equal(np.diag(j), 0.0)
     np.testing.assert_array_equal(j.sum(axis=1), 0.0)  # (q-1)/2 squares, (q-1)/2 non-squares
     np.testing.assert_array_equal(j, j.T if q % 4 == 1 else -j.T)

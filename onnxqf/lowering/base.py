@@ -124,7 +124,6 @@ def register(cls: type[Lowering]) -> type[Lowering]:
 
 
 def get(name: str) -> type[Lowering]:
-    _load_builtin()
     try:
         return REGISTRY[name]
     except KeyError:
@@ -133,13 +132,7 @@ def get(name: str) -> type[Lowering]:
 
 def names(fmt: str | None = None) -> list[str]:
     """Registered lowering names, of one format if given."""
-    _load_builtin()
     return sorted(n for n, cls in REGISTRY.items() if fmt is None or cls.format == fmt)
-
-
-def _load_builtin() -> None:
-    # the built-in lowerings register themselves on import
-    from onnxqf.lowering import nbits, w8a8  # noqa: F401
 
 
 def insert_after_producer(graph: ir.Graph, x: ir.Value, nodes, fallback_before: ir.Node) -> None:

@@ -61,8 +61,7 @@ __all__ = [
     "paley2",
     "random_orthogonal",
     "rotation",
-    "sylvester",
-]
+    "sylvester", "jacobsthal"]
 
 
 class NoHadamardError(OnnxqfError, ValueError):
@@ -144,7 +143,7 @@ def _irreducible(p: int, k: int) -> tuple[int, ...]:
 
 
 @functools.lru_cache(maxsize=None)
-def _jacobsthal(q: int) -> np.ndarray:
+def jacobsthal(q: int) -> np.ndarray:
     """Jacobsthal matrix Q[a, b] = χ(a - b) of GF(q), q an odd prime power (read-only)."""
     pk = _prime_power(q)
     if pk is None or pk[0] == 2:
@@ -191,7 +190,7 @@ def paley1(q: int) -> np.ndarray:
     s = np.zeros((q + 1, q + 1))
     s[0, 1:] = 1.0
     s[1:, 0] = -1.0
-    s[1:, 1:] = _jacobsthal(q)
+    s[1:, 1:] = jacobsthal(q)
     return s + np.eye(q + 1)
 
 
@@ -203,7 +202,7 @@ def paley2(q: int) -> np.ndarray:
     c = np.zeros((q + 1, q + 1))
     c[0, 1:] = 1.0
     c[1:, 0] = 1.0
-    c[1:, 1:] = _jacobsthal(q)
+    c[1:, 1:] = jacobsthal(q)
     off = np.array([[1.0, 1.0], [1.0, -1.0]])
     diag = np.array([[1.0, -1.0], [-1.0, -1.0]])
     return np.kron(c, off) + np.kron(np.eye(q + 1), diag)
