@@ -164,7 +164,7 @@ def _qkv(norm_out: ir.Value, where: str) -> tuple[Linear, Linear, Linear, ir.Nod
             hits = [_to_gqa(value) for _, _, value in blocks]
             if all(h is not None for h in hits) and len({id(h[0]) for h in hits}) == 1 and \
                     sorted(h[1] for h in hits) == [0, 1, 2]:
-                parts = {h[1]: base.block(a, b, output=value) for (a, b, value), h in zip(blocks, hits)}
+                parts = {h[1]: base.block(a, b, output=value) for (a, b, value), h in zip(blocks, hits, strict=True)}
                 norms = {h[1]: h[2] for h in hits}
                 if norms[2] is not None:
                     raise UnsupportedGraphError(f"{where}: a norm on the values before {GQA} is not supported")

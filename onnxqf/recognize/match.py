@@ -362,7 +362,7 @@ def classify_qkv(readers: list[Linear], where: str) -> tuple[Linear, Linear, Lin
             raise UnsupportedGraphError(f"{where}: cannot follow '{lin.node.name}' to an attention MatMul")
         hits.append(hit)
     q = k = v = None
-    for lin, (node, slot) in zip(readers, hits):
+    for lin, (node, slot) in zip(readers, hits, strict=True):
         if node.op_type in FUSED_ATTENTION:
             role = {0: "q", 1: "k", 2: "v"}.get(slot)
         else:
