@@ -22,7 +22,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 ort = pytest.importorskip("onnxruntime")
-if "CUDAExecutionProvider" not in ort.get_available_providers():
+if "CUDAExecutionProvider" not in ort.get_available_providers() and __name__ != "__main__":
     pytest.skip("onnxruntime has no CUDA provider", allow_module_level=True)
 
 from onnx import TensorProto, helper, numpy_helper
@@ -166,3 +166,62 @@ def test_empty_tokens():
 
 def test_check_device():
     assert kernels.check_device() == "sm_90a"
+
+
+def build_rewrites(folder: Path) -> dict[str, Path]:
+    """A tiny fp16 Llama (tests/tiny.py) rewritten twice, W8A8 with the standard-op int8-token lowering and with
+    onnxqf-cuda (the same rounded weights). CPU only: ``python kernels/tests/test_kernels_gpu.py DIR`` makes them
+    where torch and transformers are, for a GPU machine that has neither (ONNXQF_TEST_REWRITES=DIR)."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from onnxqf.models.export import export_model
+    from tiny import tiny_model
+
+    import onnxqf.lowering.cuda_kernels  # noqa: F401  (registers onnxqf-cuda)
+    from onnxqf.cli import main
+
+    folder.mkdir(parents=True, exist_ok=True)
+    src = export_model(tiny_model("llama-gqa"), folder / "m.onnx", dtype="float16")
+    ids = folder / "ids.npy"
+    np.save(ids, np.random.default_rng(0).integers(0, 100, size=(1, 1024)))
+    out = {}
+    for low in ("int8-token", "onnxqf-cuda"):
+        out[low] = folder / f"m.{low}.onnx"
+        rc = main(["rewrite", str(src), "--lowering", low, "--ep", "cuda", "--calib", str(ids), "-o", str(out[low])])
+        assert rc == 0
+    return out
+
+
+def test_rewrite_matches_standard_graph(tmp_path):
+    """`onnxqf rewrite --lowering onnxqf-cuda` gives the logits of the same rewrite with the standard-op int8-token
+    lowering, to the bit, on prefill (the GEMM) and on one token per sequence (the fused small-M kernel)."""
+    given = os.environ.get("ONNXQF_TEST_REWRITES")
+    if given:
+        paths = {low: Path(given) / f"m.{low}.onnx" for low in ("int8-token", "onnxqf-cuda")}
+    else:
+        pytest.importorskip("torch")
+        pytest.importorskip("transformers")
+        paths = build_rewrites(tmp_path)
+    sessions = {}
+    for low, path in paths.items():
+        so = ort.SessionOptions()
+        so.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
+        if low == "onnxqf-cuda":
+            kernels.register(so)
+        sessions[low] = ort.InferenceSession(str(path), so, providers=["CUDAExecutionProvider"])
+    compared, refused = [], []
+    for batch, seq in ((2, 37), (4, 16), (1, 64), (4, 1), (1, 1)):
+        feed = {"input_ids": np.random.default_rng(seq).integers(0, 100, size=(batch, seq)).astype(np.int64)}
+        b = sessions["onnxqf-cuda"].run(None, feed)[0]
+        assert np.isfinite(b.astype(np.float32)).all()
+        try:
+            a = sessions["int8-token"].run(None, feed)[0]
+        except Exception as e:  # noqa: BLE001 - ONNX Runtime's own MatMulInteger refusing a shape is reported
+            refused.append(f"{batch}x{seq}: {str(e).splitlines()[0][:160]}")
+            continue
+        assert a.shape == b.shape and np.array_equal(a, b), (batch, seq, float(np.max(np.abs(a.astype(np.float32) - b))))
+        compared.append((batch, seq))
+    print(f"bit-exact at {compared}; the int8-token graph failed at {refused}")
+    assert compared, refused
+
+if __name__ == "__main__":
+    print(build_rewrites(Path(sys.argv[1])))
