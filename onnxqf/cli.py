@@ -115,8 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--accuracy-level", type=int, choices=[0, 1, 2, 3, 4],
                    help="int4/int8w: MatMulNBits' accuracy_level (default: 4 for --ep cpu, int8 compute inside the op "
                         "as the model builder's CPU default; 0 for cuda)")
-    q.add_argument("--lm-head-bits", type=int, choices=[4, 8], default=8,
-                   help="int4/int8w with --quantize-lm-head: bits of lm_head's weights (default 8)")
+    q.add_argument("--lm-head-bits", type=int, choices=[4, 8],
+                   help="with --quantize-lm-head: bits of lm_head's weights (int4/int8w: default 8); with W8A8, lm_head "
+                        "becomes weight-only MatMulNBits of these bits (block 32) instead of W8A8")
     q.add_argument("--act-quant", choices=ACTIVATIONS, default="token",
                    help="W8A8 activations: token: symmetric per token (default); asym: a scale and a zero point per "
                         "token (the zero point applied after the GEMM with the weights' column sums); tensor: "

@@ -62,16 +62,20 @@ class W8A8:
 
     activations: ``token`` (symmetric per token), ``asym`` (a scale and a zero point per token) or ``tensor``
     (ONNX's DynamicQuantizeLinear); clip_search: searched clipping per weight channel; lowering: a registered
-    W8A8 lowering by name (None: the target's for ``activations``)."""
+    W8A8 lowering by name (None: the target's for ``activations``); lm_head_bits: with ``quantize_lm_head``, lm_head
+    as weight-only MatMulNBits of 4 or 8 bits (block 32, the target's accuracy level) instead of W8A8."""
 
     activations: str = "token"
     clip_search: bool = False
     lowering: str | None = None
+    lm_head_bits: int | None = None  # a quantized lm_head as weight-only MatMulNBits of these bits (None: W8A8)
 
     format = "int8"
 
     def __post_init__(self):
         _choice("--act-quant", self.activations, ACTIVATIONS)
+        if self.lm_head_bits is not None:
+            _choice("--lm-head-bits", self.lm_head_bits, (4, 8))
 
     @property
     def label(self) -> str:
@@ -139,7 +143,7 @@ def quant_config(fmt: str, **kw) -> W8A8 | WeightOnly | None:
         return None
     cls = W8A8 if fmt == "int8" else WeightOnly
     names = {f.name for f in dataclasses.fields(cls)}
-    extra = {k: v for k, v in kw.items() if k in names}
+    extra = {k: v for k, v in kw.items() if k in names and v is not None}  # None: the config's default
     if cls is WeightOnly:
         extra["bits"] = 4 if fmt == "int4" else 8
     return cls(**extra)

@@ -143,7 +143,7 @@ def _rewrite(model: ir.Model, opts: RewriteOptions, tokenizer, layered: bool, ge
             logger.warning("--act-quant tensor uses DynamicQuantizeLinear and uint8 MatMulInteger: ONNX Runtime's CUDA "
                            "provider runs these nodes on the CPU (use --act-quant token for CUDA)")
         quantize = QuantizePass(lowering, quantize_lm_head=opts.quantize_lm_head, keep_float=opts.keep_float,
-                                progress=opts.progress, report=report)
+                                progress=opts.progress, report=report, head_lowering=target.head_lowering(opts.quant))
         if calib.rounding == "gptq":
             quantize.hessians = _hessians(model, quantize, wins, layered, calib.sequential, opts.progress)
             report.calibration["gptq"] = "sequential" if calib.sequential else "float model"

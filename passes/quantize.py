@@ -45,9 +45,10 @@ class QuantizePass(RewritePass):
     """Every selected weight MatMul becomes the nodes of ``lowering`` (see the module docstring)."""
 
     def __init__(self, lowering: Lowering, *, quantize_lm_head: bool = False, keep_float: tuple[str, ...] = (),
-                 hessians=None, progress: bool = False, report=None):
+                 hessians=None, progress: bool = False, report=None, head_lowering: Lowering | None = None):
         super().__init__(report)
         self.lowering = lowering
+        self.head_lowering = head_lowering
         self.quantize_lm_head = quantize_lm_head
         self.keep_float = tuple(keep_float)
         self.hessians = hessians if hessians is not None else {}
@@ -81,20 +82,26 @@ class QuantizePass(RewritePass):
         structure = recognize(model)
         groups = self.groups(structure, graph)
         for group in tqdm(groups, desc=f"{self.lowering.name} weights", unit="group", disable=not self.progress):
-            if getattr(self.lowering, "private_weights", False):
+            lowering = self.lowering_of(group)
+            if getattr(lowering, "private_weights", False):
                 for lin in group.linears:
                     edit.make_private(graph, lin)
             weights, how = self.round_group(structure, group)
-            self.lowering.emit(graph, group, weights)
+            lowering.emit(graph, group, weights)
             for lin in group.linears:
                 self.report.rounding[lin.name] = how
                 self.report.quantized.append(lin.name or lin.node.name)
-        for domain, version in self.lowering.domains.items():  # the default domain: at least the lowering's opset
-            graph.opset_imports[domain] = max(graph.opset_imports.get(domain, version), version)
+        for lowering in [self.lowering] + ([self.head_lowering] if self.head_lowering is not None else []):
+            for domain, version in lowering.domains.items():  # the default domain: at least the lowering's opset
+                graph.opset_imports[domain] = max(graph.opset_imports.get(domain, version), version)
         common_passes.RemoveUnusedNodesPass()(model)
         logger.info("%s: %d linears, %d rounded with GPTQ", self.lowering.describe(), len(self.report.quantized),
                     sum(v == "gptq" for v in self.report.rounding.values()))
         return True
+
+    def lowering_of(self, group: LinearGroup) -> Lowering:
+        """lm_head's own lowering when there is one, else the pass's."""
+        return self.head_lowering if group.is_head and self.head_lowering is not None else self.lowering
 
     def groups(self, structure: Structure, graph: ir.Graph) -> list[LinearGroup]:
         """The selected linears grouped by the activation they read, in graph order."""
@@ -112,13 +119,14 @@ class QuantizePass(RewritePass):
             H = hessian_of(self.hessians, None if site is None else site.name)
         if group.is_head:
             H = None
-        prepared = None if H is None else self.lowering.prepare(H)  # H: an array, or a function fetching a copy
+        lowering = self.lowering_of(group)
+        prepared = None if H is None else lowering.prepare(H)  # H: an array, or a function fetching a copy
         del H
         out = []
         for lin in group.linears:
             B = lin.stored_matrix()  # in its own dtype; float64 a column chunk at a time
-            parts = [self.lowering.round(chunk, prepared, group) for _, chunk in column_chunks(B)]
-            out.append(self.lowering.concat(parts))
+            parts = [lowering.round(chunk, prepared, group) for _, chunk in column_chunks(B)]
+            out.append(lowering.concat(parts))
             del B
         return out, "rtn" if prepared is None else "gptq"
 

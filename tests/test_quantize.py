@@ -124,3 +124,16 @@ def test_gptq_lowers_kl_against_rtn(tiny_models, ids_file, text_ids, tmp_path):
                                       calib_windows=16, calib_seq=128))
         kls[rounding] = kl_per_token(ref, run_logits(save_model(model, tmp_path / f"{rounding}.onnx"), ids))
     assert kls["gptq"] < kls["rtn"]
+
+
+def test_w8a8_lm_head_as_matmulnbits(tiny_models, text_ids, tmp_path):
+    """--quantize-lm-head --lm-head-bits 8 with W8A8: the decoder linears stay W8A8, lm_head becomes MatMulNBits."""
+    from onnxqf.cli import main
+
+    out = tmp_path / "h.onnx"
+    assert main(["rewrite", str(tiny_models["llama-gqa"]), "--quantize-lm-head", "--lm-head-bits", "8", "--ep", "cpu",
+                 "--weight-rounding", "rtn", "-o", str(out), "-q"]) == 0
+    c = collections.Counter(n.op_type for n in onnx.load(str(out), load_external_data=False).graph.node)
+    assert c["MatMulNBits"] == 1 and c["MatMulIntegerToFloat"] == 8
+    ids = text_ids[:256].reshape(2, 128)
+    assert kl_per_token(run_logits(tiny_models["llama-gqa"], ids), run_logits(out, ids)) < 1e-2

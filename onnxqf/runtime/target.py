@@ -53,6 +53,15 @@ class Target:
     online: OnlineStyle = OnlineStyle()
 
     # -- lowerings ----------------------------------------------------------------------------------
+    def head_lowering(self, quant) -> lowering_base.Lowering | None:
+        """lm_head's own lowering, when the config gives it one (W8A8 with ``lm_head_bits``), else None."""
+        from onnxqf.lowering.nbits import MatMulNBits
+
+        if quant.format == "int8" and quant.lm_head_bits is not None:
+            return MatMulNBits(bits=quant.lm_head_bits, block_size=32, accuracy_level=self.nbits_accuracy_level,
+                               lm_head_bits=quant.lm_head_bits)
+        return None
+
     def lowering(self, quant) -> lowering_base.Lowering:
         """The lowering of a quantization config (:mod:`onnxqf.options`) on this target: the config's own
         ``lowering`` when it names one, else this target's choice for the format."""
