@@ -38,6 +38,7 @@ FAMILY_MODELS = {
                                 logits_scaling=8.0, **_IDS)),
     "smollm3": ("smollm3", dict(_SHAPE, no_rope_layer_interval=2, **_IDS)),  # every second layer without rotary
     "ernie4_5": ("ernie4_5", dict(_SHAPE, **_IDS)),  # the Llama pattern (interleaved rotary, tied)
+    "mistral": ("mistral", dict(_SHAPE, sliding_window=None, **_IDS)),  # the Llama pattern (no window: v0.2 and later)
 }
 TINY_MODELS.update(FAMILY_MODELS)
 # refused by onnxqf (a short-convolution layer, then an attention layer), for its refusal test
