@@ -387,7 +387,7 @@ def cmd_rewrite(args) -> int:
     from onnxqf.genai.folder import genai_dir, output_path, read_genai, write_folder
     from onnxqf.graph.modelfile import load_model
     from onnxqf.pipeline import rewrite
-    from onnxqf.runtime.target import genai_provider
+    from onnxqf.runtime.target import genai_provider, get_target
 
     if args.list_lowerings:
         from onnxqf.lowering.base import REGISTRY, names
@@ -410,13 +410,19 @@ def cmd_rewrite(args) -> int:
             raise OnnxqfError(f"{out}: the output name must end in .onnx")
         if out.exists() and src.exists() and _same_file(src, out):
             raise OnnxqfError("the output would overwrite the input; choose another -o")
+    if folder is not None and opts.quant is not None and opts.quant.format == "int8" and opts.quant.lowering:
+        from onnxqf.lowering.base import get
+
+        get_target("cuda").custom_op_libraries(set(get(opts.quant.lowering).domains))  # a missing library: now, not after
     model = load_model(src)
     tok_dir = args.tokenizer or (str(folder.directory) if folder is not None else None)  # genai folders hold theirs
     tokenizer = load_tokenizer(src, model, tok_dir) if opts.needs_calibration and not args.calib.endswith(".npy") else None
 
     def save(model) -> None:
-        if folder is not None:
-            write_folder(folder, model, out)  # the whole folder: decoder, genai_config.json, tokenizer files
+        if folder is not None:  # the whole folder: decoder, genai_config.json, tokenizer files (+ the kernels it needs)
+            domains = {d for d in model.graph.opset_imports}
+            libraries = get_target("cuda").custom_op_libraries(domains) if "onnxqf" in domains else []
+            write_folder(folder, model, out, libraries[0] if libraries else None)
         else:
             _save_plain(model, src, out)
 

@@ -43,6 +43,9 @@ REWRITES = {
         "onnxqf W8A8 token": [],
         "onnxqf int4": ["--quant", "int4"],
         "onnxqf hybrid W8A8": ["--hybrid", "--alpha", "0.5"],
+        # onnxqf's own CUDA kernels (kernels/; ONNXQF_KERNELS names the built library)
+        "onnxqf W8A8 kernels": ["--lowering", "onnxqf-cuda"],
+        "onnxqf hybrid W8A8 kernels": ["--hybrid", "--alpha", "0.5", "--lowering", "onnxqf-cuda"],
     },
     "cpu": {
         "onnxqf W8A8 token": [],

@@ -270,11 +270,13 @@ def output_path(folder: GenaiFolder, out: str | os.PathLike) -> Path:
     return out
 
 
-def write_folder(folder: GenaiFolder, model, out: Path) -> Path:
+def write_folder(folder: GenaiFolder, model, out: Path, custom_ops_library: Path | None = None) -> Path:
     """Write ``model`` as the decoder ``out`` of a new genai folder (see :func:`output_path`), atomically.
 
     Every other entry of ``folder`` (``genai_config.json``, tokenizer files, ...) is copied; the
-    config names ``out``'s file. The folder is built beside the target, checked with
+    config names ``out``'s file. ``custom_ops_library``: a custom-op library the graph needs (onnxqf's CUDA
+    kernels), copied into the folder and named in the decoder's ``session_options.custom_ops_library``
+    (onnxruntime-genai loads it from there; the path must lie inside the folder). The folder is built beside the target, checked with
     :func:`read_genai`, and renamed into place at the end: a failure leaves nothing behind, and the
     input folder is only read.
     """
@@ -298,6 +300,9 @@ def write_folder(folder: GenaiFolder, model, out: Path) -> Path:
                 shutil.copy2(entry, built / entry.name)
         config = json.loads(json.dumps(folder.config))
         config["model"]["decoder"]["filename"] = out.name
+        if custom_ops_library is not None:
+            shutil.copy2(custom_ops_library, built / custom_ops_library.name)
+            config["model"]["decoder"].setdefault("session_options", {})["custom_ops_library"] = custom_ops_library.name
         (built / GENAI_CONFIG).write_text(json.dumps(config, indent=4) + "\n", encoding="utf-8")
         # no onnx.checker: the builder's graphs use ONNX Runtime's SimplifiedLayerNormalization in the
         # default domain, which the checker does not know (it rejects the builder's own output)

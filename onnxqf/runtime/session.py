@@ -42,8 +42,10 @@ def session_options(*, strict_ep: bool = False, profile: str | None = None, thre
         so.profile_file_prefix = profile
     if threads:
         so.intra_op_num_threads = threads
-    for library in custom_op_libraries:  # e.g. onnxqf's CUDA kernels (onnxqf.runtime.kernels)
-        so.register_custom_ops_library(str(library))
+    for library in custom_op_libraries:  # onnxqf's CUDA kernels (it loads the CUDA runtime they link first)
+        from onnxqf.runtime import kernels
+
+        kernels.register(so, library)
     return so
 
 
@@ -54,10 +56,23 @@ def make_session(path: str | os.PathLike, ep: str = "cpu", provider_options: dic
     target = get_target(ep)
     target.require(rt)
     providers = target.providers(provider_options)
+    libraries = target.custom_op_libraries(opset_domains(path))
     try:
-        return rt.InferenceSession(str(path), sess_options=session_options(**kwargs), providers=providers)
+        return rt.InferenceSession(str(path), sess_options=session_options(custom_op_libraries=tuple(libraries), **kwargs),
+                                   providers=providers)
     except Exception as exc:
         raise OnnxqfError(f"onnxruntime cannot load {path}: {str(exc).strip().splitlines()[0][:300]}") from None
+
+
+def opset_domains(path: str | os.PathLike) -> set[str]:
+    """The operator domains a model file imports (its weights are not read)."""
+    import onnx
+
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception:  # not readable as ONNX: ONNX Runtime says why when it loads it
+        return set()
+    return {o.domain for o in proto.opset_import}
 
 
 @contextlib.contextmanager

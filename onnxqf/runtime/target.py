@@ -108,6 +108,17 @@ class Target:
             raise ProviderUnavailableError(f"{self.provider} is not available in this onnxruntime build "
                                            f"({rt.__version__}){hint}")
 
+    def custom_op_libraries(self, domains: set[str]) -> list:
+        """The custom-op libraries a graph importing ``domains`` needs on this target (onnxqf's CUDA kernels for the
+        ``onnxqf`` domain); one clear line when this target cannot run them."""
+        from onnxqf.runtime import kernels
+
+        if kernels.DOMAIN not in domains:
+            return []
+        if self.name != "cuda":
+            raise OnnxqfError(f"the graph uses onnxqf's CUDA kernels (domain '{kernels.DOMAIN}'): they run on --ep cuda only")
+        return [kernels.library_path()]
+
     def providers(self, provider_options: dict | None = None) -> list:
         """The ``providers`` argument of an InferenceSession on this target."""
         return [(self.provider, dict(provider_options))] if provider_options else [self.provider]
