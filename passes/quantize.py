@@ -34,7 +34,6 @@ from onnxqf.lowering.base import LinearGroup, Lowering
 from onnxqf.lowering.nbits import SCALE_DTYPES
 from onnxqf.maths.gptq import column_chunks, hessian_of
 from onnxqf.passes.base import RewritePass
-from onnxqf.recognize import recognize
 
 __all__ = ["QuantizePass", "select_linears"]
 
@@ -61,7 +60,7 @@ class QuantizePass(RewritePass):
             if domain and model.graph.opset_imports.get(domain, version) != version:
                 raise OnnxqfError(f"the model imports {domain} version {model.graph.opset_imports[domain]}; "
                                   f"{self.lowering.name} needs version {version}")
-        structure = recognize(model)
+        structure = self.structure(model)
         if structure.dtype not in SCALE_DTYPES:
             raise OnnxqfError(f"quantization needs float32 or float16 weights, not {structure.dtype.name}")
         linears = select_linears(structure, self.quantize_lm_head, self.keep_float)
@@ -79,7 +78,7 @@ class QuantizePass(RewritePass):
         from tqdm.auto import tqdm
 
         graph = model.graph
-        structure = recognize(model)
+        structure = self.structure(model)
         groups = self.groups(structure, graph)
         for group in tqdm(groups, desc=f"{self.lowering.name} weights", unit="group", disable=not self.progress):
             lowering = self.lowering_of(group)

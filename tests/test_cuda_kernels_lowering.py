@@ -1,6 +1,6 @@
 """CPU-side checks of the onnxqf-cuda lowering's graph (no GPU, no library needed)::
 
-    python -m pytest -q kernels/tests/test_lowering_cpu.py
+    python -m pytest -q tests/test_cuda_kernels_lowering.py
 """
 
 from __future__ import annotations
@@ -39,3 +39,21 @@ def test_placement_rule():
     assert low.node_issue(node, "cuda") is None
     assert "cpu" in low.node_issue(node, "cpu")
     assert low.domains == {DOMAIN: 1} and low.providers == ("cuda",)
+
+
+def test_rewrite_emits_the_kernel_and_check_needs_cuda(tiny_fp16, tmp_path, capsys):
+    """`rewrite --lowering onnxqf-cuda` on a float16 model: one W8A8Linear per linear group, recorded as lowered for
+    cuda; `check --ep cpu` refuses it (the kernels run on CUDA only) in one line."""
+    from onnxqf.cli import main
+
+    out = tmp_path / "k.onnx"
+    assert main(["rewrite", str(tiny_fp16), "--lowering", "onnxqf-cuda", "--weight-rounding", "rtn", "-o", str(out),
+                 "-q"]) == 0
+    model = onnx.load(str(out), load_external_data=False)
+    ops = [n.op_type for n in model.graph.node]
+    assert ops.count(OP) == 2 * 4 and "MatMulInteger" not in ops  # q/k/v, o, gate/up, down per layer
+    assert {p.key: p.value for p in model.metadata_props}["onnxqf.target"] == "cuda"
+    capsys.readouterr()
+    assert main(["check", str(out), "--ep", "cpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--ep cuda only" in err
