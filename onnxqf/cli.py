@@ -120,7 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "becomes weight-only MatMulNBits of these bits (block 32) instead of W8A8")
     q.add_argument("--act-quant", choices=ACTIVATIONS, default="token",
                    help="W8A8 activations: token: symmetric per token (default); asym: a scale and a zero point per "
-                        "token (the zero point applied after the GEMM with the weights' column sums); tensor: "
+                        "token (the zero point applied after the GEMM with the weights' column sums); iter: asym with "
+                        "each token's scale and zero point refined by 5 rounds of least squares; tensor: "
                         "DynamicQuantizeLinear, per tensor (CPU only)")
     q.add_argument("--quantize-lm-head", action="store_true", help="also quantize lm_head (kept float by default)")
     q.add_argument("--weight-rounding", choices=["gptq", "rtn"], default="gptq",
@@ -451,11 +452,10 @@ def _save_plain(model, src: Path, out: Path) -> None:
 
 
 def cmd_eval(args) -> int:
-    from onnxqf.calib.data import token_windows
     from onnxqf.analysis.evaluate import compare, format_table, to_json
-    from onnxqf.graph.modelfile import load_model
-
+    from onnxqf.calib.data import token_windows
     from onnxqf.genai.folder import genai_dir, model_file, read_genai
+    from onnxqf.graph.modelfile import load_model
 
     orig_file, new_file = model_file(args.orig), model_file(args.new)  # a genai folder means its decoder graph
     orig = load_model(orig_file)  # validates the file before ONNX Runtime sees it

@@ -27,8 +27,9 @@ __all__ = ["Transform", "W8A8", "WeightOnly", "Calibration", "RewriteOptions", "
 
 TRANSFORMS = tuple(PRESETS)
 FORMATS = ("int8", "int4", "int8w", "none")
-#: W8A8 activation quantizers: symmetric per token, asymmetric per token, per tensor (DynamicQuantizeLinear)
-ACTIVATIONS = ("token", "asym", "tensor")
+#: W8A8 activation quantizers: symmetric per token, asymmetric per token (min/max, or refined by 5 rounds of least
+#: squares), per tensor (DynamicQuantizeLinear)
+ACTIVATIONS = ("token", "asym", "iter", "tensor")
 BLOCK_SIZES = (16, 32, 64, 128, 256)
 
 

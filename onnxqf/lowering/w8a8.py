@@ -49,7 +49,7 @@ from onnxqf.maths import qmath
 from onnxqf.maths.gptq import gptq_quantize, prepare
 
 __all__ = ["W8A8Lowering", "Int8Token", "Uint8Token", "Uint8TokenQL", "Uint8TokenAsym", "Int8TokenAsym", "Uint8Tensor",
-           "per_token_codes", "asymmetric_codes"]
+           "per_token_codes", "asymmetric_codes", "refine_asymmetric", "Uint8TokenIter", "Int8TokenIter"]
 
 
 @dataclasses.dataclass
@@ -172,6 +172,43 @@ def asymmetric_codes(tape: ir_tape.Tape, graph: ir.Graph, x: ir.Value, dtype: ir
     return codes, scale, zp
 
 
+def refine_asymmetric(tape: ir_tape.Tape, graph: ir.Graph, x: ir.Value, codes: ir.Value, scale: ir.Value,
+                      base: str, rounds: int) -> tuple[ir.Value, ir.Value, ir.Value]:
+    """``rounds`` rounds of refining each token's scale and zero point (float32 ``x``): given the codes ``c``, the
+    least-squares fit ``x ~ a c + b`` per token (``a = cov(c, x) / var(c)``, ``b = mean(x) - a mean(c)``) gives the
+    scale ``a`` and the zero point ``round(-b / a)`` (clipped to [0, 255]), from which the codes are made again.
+    Returns (codes, scale, zero point) after the last round."""
+    f32 = np.float32
+    axes = edit.add_initializer(graph, f"{base}/refine_axes", np.array([-1], np.int64))
+    zero = edit.add_initializer(graph, f"{base}/refine_zero", np.array(0.0, f32))
+    levels = edit.add_initializer(graph, f"{base}/refine_levels", np.array(255.0, f32))
+    tiny = edit.add_initializer(graph, f"{base}/refine_tiny", np.array(1e-12, f32))
+
+    def mean(v, name):
+        return tape.op("ReduceMean", [v, axes], {"keepdims": 1}, name=f"{base}/{name}")
+
+    mx = mean(x, "mean_x")
+    zp = None
+    for r in range(rounds):
+        n = f"r{r}"
+        mc = mean(codes, f"{n}/mean_c")
+        cov = tape.op("Sub", [mean(tape.op("Mul", [codes, x], name=f"{base}/{n}/cx"), f"{n}/mean_cx"),
+                              tape.op("Mul", [mc, mx], name=f"{base}/{n}/mc_mx")], name=f"{base}/{n}/cov")
+        var = tape.op("Sub", [mean(tape.op("Mul", [codes, codes], name=f"{base}/{n}/cc"), f"{n}/mean_cc"),
+                              tape.op("Mul", [mc, mc], name=f"{base}/{n}/mc2")], name=f"{base}/{n}/var")
+        a = tape.op("Max", [tape.op("Div", [cov, tape.op("Max", [var, tiny], name=f"{base}/{n}/var_safe")],
+                                    name=f"{base}/{n}/slope"), tiny], name=f"{base}/{n}/scale")
+        b = tape.op("Sub", [mx, tape.op("Mul", [a, mc], name=f"{base}/{n}/a_mc")], name=f"{base}/{n}/offset")
+        zp = tape.op("Clip", [tape.op("Round", [tape.op("Div", [tape.op("Neg", [b], name=f"{base}/{n}/neg_b"), a],
+                                                        name=f"{base}/{n}/zp_f")], name=f"{base}/{n}/zp_r"),
+                              zero, levels], name=f"{base}/{n}/zp")
+        scale = a
+        shifted = tape.op("Add", [tape.op("Round", [tape.op("Div", [x, scale], name=f"{base}/{n}/div")],
+                                          name=f"{base}/{n}/round"), zp], name=f"{base}/{n}/shift")
+        codes = tape.op("Clip", [shifted, zero, levels], name=f"{base}/{n}/clip")
+    return codes, scale, zp
+
+
 @register
 @dataclasses.dataclass
 class Int8Token(W8A8Lowering):
@@ -259,9 +296,14 @@ class _Asymmetric(W8A8Lowering):
     """Asymmetric per-token activations; the zero point enters as a rank-one correction after the GEMM."""
 
     code_offset = 0  # stored code = code - code_offset
+    rounds = 0  # refinement rounds of each token's scale and zero point (refine_asymmetric)
 
     def quantize_activation(self, tape, graph, x, dtype, base):
+        if self.rounds:  # the least-squares sums need float32 (255 * |x| overflows float16)
+            x, dtype = _as_f32(tape, x, dtype, f"{base}/x_f32"), FLOAT32
         codes, scale, zp = asymmetric_codes(tape, graph, x, dtype, base)
+        if self.rounds:
+            codes, scale, zp = refine_asymmetric(tape, graph, x, codes, scale, base, self.rounds)
         if self.code_offset:
             offset = edit.add_initializer(graph, f"{base}/offset", np.array(float(self.code_offset), dtype.numpy()))
             codes = tape.op("Sub", [codes, offset], name=f"{base}/to_signed")
@@ -301,6 +343,25 @@ class Int8TokenAsym(_Asymmetric):
     providers = ("cuda",)
     summary = "per-token asymmetric codes stored as int8 (code - 128) x int8, rank-one zero-point correction"
     code_offset = 128
+
+
+@register
+@dataclasses.dataclass
+class Uint8TokenIter(_Asymmetric):
+    name = "uint8-token-iter"
+    providers = ("cpu",)
+    summary = "uint8-token-asym with each token's scale and zero point refined by 5 rounds of least squares"
+    rounds = 5
+
+
+@register
+@dataclasses.dataclass
+class Int8TokenIter(_Asymmetric):
+    name = "int8-token-iter"
+    providers = ("cuda",)
+    summary = "int8-token-asym with each token's scale and zero point refined by 5 rounds of least squares"
+    code_offset = 128
+    rounds = 5
 
 
 @register

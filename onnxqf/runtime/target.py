@@ -39,7 +39,7 @@ class Target:
     Attributes:
         name: ``cpu`` or ``cuda`` (the ``--ep`` value).
         provider: ONNX Runtime's provider name.
-        w8a8: the W8A8 lowering per activation kind (``token``, ``asym``, ``tensor``).
+        w8a8: the W8A8 lowering per activation kind (``token``, ``asym``, ``iter``, ``tensor``).
         nbits_accuracy_level: MatMulNBits ``accuracy_level`` (4 on the CPU: int8 compute inside the op).
         no_kernel: op types this provider has no kernel for (they would run on the CPU, with copies).
         online: how online rotations are emitted (:class:`onnxqf.graph.edit.OnlineStyle`: measured per provider).
@@ -129,12 +129,14 @@ TARGETS: dict[str, Target] = {
     # than uint8-token at 256 tokens; online rotations as batched GEMMs of factors <= 64 take 102 ms of prefill
     # where the transposing emission takes 472 (the CPU's Transpose is the cost)
     "cpu": Target("cpu", "CPUExecutionProvider",
-                  w8a8={"token": "uint8-token-ql", "asym": "uint8-token-asym", "tensor": "uint8-tensor"},
+                  w8a8={"token": "uint8-token-ql", "asym": "uint8-token-asym", "iter": "uint8-token-iter",
+                        "tensor": "uint8-tensor"},
                   nbits_accuracy_level=4, online=OnlineStyle(max_group=64, batched=True)),
     # online rotations as GEMMs on the last axis + Transposes: a broadcast left-multiplication is a pointer-array
     # batched GEMM on CUDA, 15x slower (docs/benchmarks.md, section b)
     "cuda": Target("cuda", "CUDAExecutionProvider",
-                   w8a8={"token": "int8-token", "asym": "int8-token-asym", "tensor": "uint8-tensor"},
+                   w8a8={"token": "int8-token", "asym": "int8-token-asym", "iter": "int8-token-iter",
+                         "tensor": "uint8-tensor"},
                    nbits_accuracy_level=0,
                    no_kernel=frozenset({"DynamicQuantizeLinear", "MatMulIntegerToFloat", "DynamicQuantizeMatMul"})),
 }

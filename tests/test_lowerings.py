@@ -1,0 +1,56 @@
+"""Every registered W8A8 lowering on one-linear graphs (the lowerings' own round/emit, onnxqf.runtime.linears):
+the symmetric ones compute the same products as int8 x int8, the asymmetric ones stay close to float, and the
+iterative refinement of each token's scale and zero point does not do worse than min/max codes."""
+
+import numpy as np
+import onnx_ir as ir
+import onnxruntime as ort
+import pytest
+
+from onnxqf.lowering.base import names
+from onnxqf.runtime.linears import linear_model, parse_lowering
+
+CPU_LOWERINGS = [n for n in names("int8") if n != "onnxqf-cuda"]  # the custom op runs on CUDA only
+
+
+def _outputs(model, x):
+    proto = ir.serde.serialize_model(model).SerializeToString()
+    session = ort.InferenceSession(proto, providers=["CPUExecutionProvider"])
+    return np.stack(session.run(None, {session.get_inputs()[0].name: x}))
+
+
+@pytest.fixture(scope="module")
+def activations():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((12, 64)).astype(np.float32)
+    x[:, 5] *= 20.0  # an outlier channel, as in real LLM activations
+    x[3] += 4.0  # a token whose values are far from symmetric around 0
+    return x
+
+
+@pytest.mark.parametrize("name", CPU_LOWERINGS)
+def test_w8a8_lowering_close_to_float(name, activations):
+    ref = _outputs(linear_model(64, 48, None, copies=2, seed=1), activations)
+    out = _outputs(linear_model(64, 48, parse_lowering(name), copies=2, seed=1), activations)
+    err = np.abs(out - ref).max() / np.abs(ref).max()
+    assert 0 < err < (0.1 if name == "uint8-tensor" else 0.03), err
+
+
+def test_symmetric_lowerings_are_the_same_products(activations):
+    base = _outputs(linear_model(64, 48, parse_lowering("int8-token"), copies=2, seed=1), activations)
+    for name in ("uint8-token", "uint8-token-ql"):
+        out = _outputs(linear_model(64, 48, parse_lowering(name), copies=2, seed=1), activations)
+        # uint8-token: the same int32 sums; -ql rounds x / (amax/127) instead of x * (127/amax): last-bit ties only
+        np.testing.assert_allclose(out, base, rtol=0, atol=1e-5 * np.abs(base).max())
+
+
+def test_iterative_refinement_is_no_worse_than_min_max(activations):
+    ref = _outputs(linear_model(64, 48, None, copies=4, seed=2), activations)
+    errs = {}
+    for name in ("uint8-token-asym", "uint8-token-iter", "int8-token-asym", "int8-token-iter"):
+        out = _outputs(linear_model(64, 48, parse_lowering(name), copies=4, seed=2), activations)
+        errs[name] = float(np.mean((out - ref) ** 2))
+    assert errs["uint8-token-iter"] <= errs["uint8-token-asym"] * 1.02, errs
+    # the int8 storage of the same codes (code - 128, CUDA's int8 x int8) computes the same values
+    assert errs["int8-token-iter"] == pytest.approx(errs["uint8-token-iter"], rel=1e-3)
+    assert errs["int8-token-asym"] == pytest.approx(errs["uint8-token-asym"], rel=1e-3)
