@@ -20,6 +20,9 @@ from onnxqf.graph.fileio import atomic_dir, scratch_dir
 from onnxqf.models.registry import BUILTIN, DEFAULT_MODEL
 from onnxqf.recognize.families import FAMILIES, check_model_type
 
+__all__ = ["SUPPORTED_MODEL_TYPES", "TOKENIZER_SUFFIX", "smollm2_gguf", "load_hf", "check_architecture",
+           "model_config_json", "logits_module", "export_model", "copy_tokenizer_dir", "export"]
+
 # Architectures whose decoder the passes handle (onnxqf.recognize.families: RMSNorm before attention and a gated
 # MLP, each family's differences recorded there); everything else is refused with the reason.
 SUPPORTED_MODEL_TYPES = {t for f in FAMILIES for t in f.model_types}
@@ -123,11 +126,11 @@ def logits_module(model):
 def export_model(model, out: str | os.PathLike, *, dtype: str = "float32", tokenizer=None, opset: int = 18,
                  simplify_shapes: bool = True) -> Path:
     """Export a loaded HF causal LM to ``out`` (+ ``out.data``, + tokenizer folder). Atomic."""
-    import torch
     import onnx_ir as ir
+    import torch
 
-    from onnxqf.recognize import recognize
     from onnxqf.graph.modelfile import save_model, set_metadata
+    from onnxqf.recognize import recognize
 
     check_architecture(model.config)
     if dtype not in ("float32", "float16"):

@@ -25,6 +25,9 @@ from pathlib import Path
 from onnxqf.errors import OnnxqfError
 from onnxqf.graph.fileio import replace_dir, scratch_dir
 
+__all__ = ["GENAI_INSTALL", "BUILDER_TARGETS", "DEFAULT_EP", "TOKENIZER_FILES", "require_builder", "export_genai",
+           "builder_input"]
+
 GENAI_INSTALL = "pip install 'onnxqf[genai]'"
 # (dtype, execution provider) pairs for which the builder emits GroupQueryAttention with a packed
 # q/k/v MatMul (checked with onnxruntime-genai 0.18): float16 for the CPU gives MultiHeadAttention
@@ -98,7 +101,8 @@ def _check_target(target: Path, source: str) -> None:
 
 def builder_input(source: str, tmp_hf: Path) -> Path:
     """A Hugging Face checkpoint folder the builder can read (with tokenizer files)."""
-    from onnxqf.models.export import DEFAULT_MODEL, check_architecture, load_hf
+    from onnxqf.models.export import check_architecture, load_hf
+    from onnxqf.models.registry import DEFAULT_MODEL
 
     path = Path(source)
     if source != DEFAULT_MODEL and path.is_dir():

@@ -12,6 +12,8 @@ from pathlib import Path
 
 from onnxqf.errors import OnnxqfError
 
+__all__ = ["BuiltinModel", "BUILTIN", "DEFAULT_MODEL", "builtin"]
+
 
 @dataclasses.dataclass(frozen=True)
 class BuiltinModel:

@@ -12,6 +12,9 @@ from onnxqf.errors import OnnxqfError
 from onnxqf.options import ACTIVATIONS, BLOCK_SIZES, FORMATS
 from onnxqf.runtime.target import TARGETS
 
+__all__ = ["DESCRIPTION", "build_parser", "main", "cmd_export", "rewrite_options", "cmd_rewrite", "cmd_eval",
+           "cmd_generate", "cmd_check", "cmd_inspect", "cmd_bench"]
+
 DESCRIPTION = """\
 Make an LLM's activations quantization-friendly inside its ONNX graph, then quantize it to int8.
 

@@ -1,5 +1,8 @@
 """Errors that the CLI turns into one line and a non-zero exit."""
 
+__all__ = ["OnnxqfError", "UnsupportedGraphError", "BadModelFileError", "GenaiFolderError",
+           "ProviderUnavailableError"]
+
 
 class OnnxqfError(Exception):
     """A user-facing error: bad input, unsupported graph, bad option. The message is one line."""

@@ -22,6 +22,7 @@ them, so what the α search measures is what is written. Transforms (``RewriteOp
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import tempfile
@@ -50,6 +51,8 @@ from onnxqf.plan import OFFLINE_ONLY, Plan
 from onnxqf.recognize import recognize
 from onnxqf.report import RewriteReport
 from onnxqf.runtime.target import METADATA_LOWERING, METADATA_TARGET, default_target_name, get_target
+
+__all__ = ["LOW_MEMORY_AUTO_BYTES", "weight_bytes", "low_memory", "rewrite"]
 
 logger = logging.getLogger("onnxqf")
 
@@ -142,12 +145,14 @@ def _rewrite(model: ir.Model, opts: RewriteOptions, tokenizer, layered: bool, ge
         if opts.quant.format == "int8" and opts.quant.activations == "tensor" and target.name == "cuda":
             logger.warning("--act-quant tensor uses DynamicQuantizeLinear and uint8 MatMulInteger: ONNX Runtime's CUDA "
                            "provider runs these nodes on the CPU (use --act-quant token for CUDA)")
-        quantize = QuantizePass(lowering, quantize_lm_head=opts.quantize_lm_head, keep_float=opts.keep_float,
-                                progress=opts.progress, report=report, head_lowering=target.head_lowering(opts.quant))
-        if calib.rounding == "gptq":
-            quantize.hessians = _hessians(model, quantize, wins, layered, calib.sequential, opts.progress)
+        quantize = functools.partial(QuantizePass, lowering, quantize_lm_head=opts.quantize_lm_head,
+                                     keep_float=opts.keep_float, progress=opts.progress, report=report,
+                                     head_lowering=target.head_lowering(opts.quant))
+        hessians = None
+        if calib.rounding == "gptq":  # (sequential GPTQ rounds the layers before with the pass's own rounding)
+            hessians = _hessians(model, quantize(), wins, layered, calib.sequential, opts.progress)
             report.calibration["gptq"] = "sequential" if calib.sequential else "float model"
-        _run(model, quantize)
+        _run(model, quantize(hessians=hessians))
         model.metadata_props[METADATA_TARGET] = target.name
         model.metadata_props[METADATA_LOWERING] = lowering.describe()
     report.target, report.lowering = target.name, None if lowering is None else lowering.describe()

@@ -25,10 +25,12 @@ import dataclasses
 
 import numpy as np
 
-from onnxqf.maths import fold
 from onnxqf.errors import OnnxqfError
-from onnxqf.maths.hadamard import Rotation, rotation
 from onnxqf.graph.structure import SITE_KINDS, ModelConfig
+from onnxqf.maths import fold
+from onnxqf.maths.hadamard import Rotation, rotation
+
+__all__ = ["MAX_DENSE_ONLINE", "PRESETS", "OFFLINE_ONLY", "Plan"]
 
 #: the largest dense (non-Hadamard) factor an online rotation may carry; larger ones are not applied
 MAX_DENSE_ONLINE = 256

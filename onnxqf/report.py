@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import json
 
+__all__ = ["PassRecord", "SiteChoice", "RewriteReport"]
+
 
 @dataclasses.dataclass
 class PassRecord:

@@ -10,6 +10,8 @@ import onnx_ir as ir
 from onnxqf.graph.edit import OnlineStyle
 from onnxqf.report import PassRecord, RewriteReport
 
+__all__ = ["RewritePass", "RotationPass"]
+
 logger = logging.getLogger("onnxqf")
 
 

@@ -9,6 +9,8 @@ from onnxqf.graph import edit
 from onnxqf.maths import fold
 from onnxqf.passes.base import RewritePass
 
+__all__ = ["FoldNormsPass"]
+
 
 class FoldNormsPass(RewritePass):
     """``norm(x) * g`` feeding ``B_i`` becomes ``norm(x)`` feeding ``diag(g) B_i``; g is set to ones.

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
+from onnxqf.errors import OnnxqfError
 from onnxqf.graph import edit
 from onnxqf.maths import fold
-from onnxqf.errors import OnnxqfError
 from onnxqf.passes.base import RotationPass
+
+__all__ = ["DownProjHadamardPass"]
 
 
 class DownProjHadamardPass(RotationPass):

@@ -35,7 +35,7 @@ from onnxqf.lowering.nbits import SCALE_DTYPES
 from onnxqf.maths.gptq import column_chunks, hessian_of
 from onnxqf.passes.base import RewritePass
 
-__all__ = ["QuantizePass", "select_linears"]
+__all__ = ["QuantizePass", "select_linears", "matches"]
 
 logger = logging.getLogger(__name__)
 

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
+from onnxqf.errors import OnnxqfError
 from onnxqf.graph import edit
 from onnxqf.maths import fold
-from onnxqf.errors import OnnxqfError
 from onnxqf.passes.base import RotationPass
 from onnxqf.recognize.families import GENERIC, RESIDUAL_ROTATION
+
+__all__ = ["RotateResidualPass"]
 
 
 class RotateResidualPass(RotationPass):

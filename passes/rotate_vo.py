@@ -5,12 +5,14 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
+from onnxqf.errors import OnnxqfError
 from onnxqf.graph import edit
 from onnxqf.graph.edit import OnlineStyle
 from onnxqf.maths import fold
-from onnxqf.errors import OnnxqfError
 from onnxqf.maths.hadamard import Rotation
 from onnxqf.passes.base import RewritePass
+
+__all__ = ["ValueOutputRotationPass"]
 
 
 class ValueOutputRotationPass(RewritePass):

@@ -12,13 +12,19 @@ is left untouched, so the pass is always safe; the unused chains are removed.
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
 from onnxqf.graph import edit
-from onnxqf.passes.base import RewritePass, logger
 from onnxqf.graph.structure import const_array
+from onnxqf.passes.base import RewritePass
+
+__all__ = ["reshape_constant", "expand_constant", "SimplifyShapesPass"]
+
+logger = logging.getLogger("onnxqf")
 
 Sym = list  # list of int | str
 

@@ -5,15 +5,16 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from onnxqf.graph import edit
-from onnxqf.maths import fold
-from onnxqf.maths import smoothing
 from onnxqf.calib.calibrate import SiteStats
 from onnxqf.errors import OnnxqfError
+from onnxqf.graph import edit
+from onnxqf.maths import fold, smoothing
 from onnxqf.maths.gptq import column_chunks
 from onnxqf.passes.base import RewritePass
 from onnxqf.plan import Plan
 from onnxqf.report import SiteChoice
+
+__all__ = ["SmoothPass", "fold_scales"]
 
 
 class SmoothPass(RewritePass):

@@ -130,6 +130,47 @@ def test_no_private_imports_across_modules():
     assert not bad, "\n".join(bad)
 
 
+def _declared_all(path: Path) -> list[str] | None:
+    for node in ast.parse(path.read_text()).body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "__all__" for t in node.targets):
+            return list(ast.literal_eval(node.value))
+    return None
+
+
+def test_every_module_declares_its_public_names():
+    """Each library module has ``__all__``; every name in it exists, and what other modules, scripts and tests import
+    from a module is in its ``__all__`` (or is a submodule of a package)."""
+    modules = library_modules()
+    declared = {}
+    bad = []
+    for module, path in modules.items():
+        names = _declared_all(path)
+        if path.name == "__init__.py":
+            continue
+        if names is None:
+            bad.append(f"{path.relative_to(ROOT)}: no __all__")
+            continue
+        namespace = {n.name for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
+        for node in ast.parse(path.read_text()).body:
+            if isinstance(node, (ast.Assign, ast.AnnAssign)):
+                namespace |= {t.id for t in (node.targets if isinstance(node, ast.Assign) else [node.target])
+                              if isinstance(t, ast.Name)}
+            elif isinstance(node, (ast.Import, ast.ImportFrom)):
+                namespace |= {(a.asname or a.name).split(".")[0] for a in node.names}
+        bad += [f"{path.relative_to(ROOT)}: __all__ names {n}, which it does not define" for n in names if n not in namespace]
+        declared[module] = set(names)
+    files = dict(modules)
+    for folder in ("scripts", "tests", "kernels"):
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            files[f"{folder}/{path.relative_to(ROOT / folder)}"] = path
+    for module, path in files.items():
+        for target, names, line in imports_of(path, module, path.name == "__init__.py"):
+            if target in declared and target != module:
+                missing = [n for n in names if n not in declared[target] and f"{target}.{n}" not in modules]
+                bad += [f"{path.relative_to(ROOT)}:{line} imports {n} from {target}, not in its __all__" for n in missing]
+    assert not bad, "\n".join(bad)
+
+
 def test_the_checks_see_the_package():
     """The rules above would pass vacuously on an empty walk: the graph holds the modules and their imports."""
     edges = graph()

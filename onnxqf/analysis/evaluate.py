@@ -12,6 +12,8 @@ from onnxqf.genai.folder import model_file
 from onnxqf.maths.metrics import LogitComparison
 from onnxqf.runtime.session import make_session
 
+__all__ = ["compare", "format_table", "to_json"]
+
 
 def compare(orig_path, new_path, wins: np.ndarray, *, ep: str = "cpu", progress: bool = True,
             max_abs: bool = False) -> dict:

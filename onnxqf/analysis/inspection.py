@@ -47,11 +47,15 @@ import numpy as np
 
 from onnxqf.errors import OnnxqfError
 from onnxqf.graph.fileio import atomic_dir
-from onnxqf.maths.fold import smooth_rotate
-from onnxqf.maths.metrics import ChannelStats, difficulty, layer_error, weight_channel_magnitudes
 from onnxqf.graph.structure import SITE_KINDS as SITES
 from onnxqf.graph.structure import SITE_TITLES
+from onnxqf.maths.fold import smooth_rotate
+from onnxqf.maths.metrics import ChannelStats, difficulty, layer_error, weight_channel_magnitudes
 from onnxqf.plan import Plan
+
+__all__ = ["SITES", "INSPECT_PRESET", "TRANSFORMS", "BITS", "HEATMAP_TOKENS", "COLUMNS", "SUMMARY_KEYS", "PLOTS",
+           "parse_layers", "transform_pair", "SiteAccumulator", "site_metrics", "summarize", "format_summary",
+           "InspectOptions", "run_inspect", "print_report"]
 
 #: the plan whose rotations inspect scores: the full hybrid's, a rotation at every site (``rotate`` draws the same
 #: ones from the same seed at the sites both rotate)
@@ -252,10 +256,10 @@ def run_inspect(model_path: str | os.PathLike, source: str, out: str | os.PathLi
     """Compute everything, write ``out`` atomically; returns the JSON-able result."""
     from onnxqf.calib import calibrate
     from onnxqf.calib.data import token_windows
-    from onnxqf.recognize import recognize
     from onnxqf.graph.modelfile import load_model
-    from onnxqf.passes.fold_norms import FoldNormsPass
     from onnxqf.maths.smoothing import site_scales
+    from onnxqf.passes.fold_norms import FoldNormsPass
+    from onnxqf.recognize import recognize
 
     opts = opts or InspectOptions()
     if isinstance(opts.alpha, str) or not 0.0 <= opts.alpha <= 1.0:

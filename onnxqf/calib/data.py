@@ -11,6 +11,8 @@ import numpy as np
 from onnxqf.errors import OnnxqfError
 from onnxqf.graph.modelfile import get_metadata
 
+__all__ = ["BUILTIN_CALIB", "load_tokenizer", "load_tokens", "windows", "token_windows"]
+
 BUILTIN_CALIB = "builtin"
 
 

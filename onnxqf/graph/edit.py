@@ -18,6 +18,10 @@ from onnxqf.graph.structure import ONLINE_ROTATION, Linear, Structure, const_arr
 from onnxqf.graph.tensors import add_initializer, unique_name, write  # noqa: F401  (edit.write etc.)
 from onnxqf.maths.hadamard import ONLINE_GROUP_MAX, online_groups
 
+__all__ = ["weight_layout", "set_weight_matrix", "SLICE_BYTES", "update_matrix", "update_slices", "set_bias_vector",
+           "make_private", "make_bias_private", "private_embedding", "prepare_linears", "OnlineStyle",
+           "rotate_value_online", "add_initializer", "unique_name", "write"]
+
 
 def weight_layout(lin: Linear, B: np.ndarray, stored: np.ndarray | None = None) -> np.ndarray:
     """The initializer array that makes ``lin.matrix()`` equal ``B`` ([in, out]): transposed when the

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import numpy as np
 
+__all__ = ["scale_rows", "scale_cols", "rotate_input", "rotate_output", "headwise_output", "headwise_vector",
+           "head_mix_input", "kron_apply", "kron_input", "KronRotation", "smooth_rotate"]
+
 
 def scale_rows(B: np.ndarray, s: np.ndarray) -> np.ndarray:
     """diag(s) @ B: the input channel j of the linear is multiplied by s_j."""

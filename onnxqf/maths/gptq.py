@@ -19,6 +19,9 @@ import numpy as np
 
 from onnxqf.maths import qmath
 
+__all__ = ["FLOAT64_MAX_CHANNELS", "hessian_dtype", "PreparedHessian", "prepare", "hessian_of", "column_chunks",
+           "gptq_round", "gptq_quantize", "HessianAccumulator"]
+
 #: Hessians of more input channels than this are accumulated and factored in float32 (as GPTQ's
 #: reference code does for all): Llama-2-7B's down_proj (11008) takes 485 MB instead of 970 MB per
 #: copy, its other sites (4096) 67 MB, which is what lets a 7B layer be calibrated and rounded

@@ -52,6 +52,8 @@ import numpy as np
 from onnxqf.errors import OnnxqfError
 
 __all__ = [
+    "ONLINE_GROUP_MAX",
+    "online_groups",
     "NoHadamardError",
     "Rotation",
     "hadamard_factors",

@@ -38,6 +38,10 @@ import numpy as np
 
 from onnxqf.maths.gptq import PreparedHessian, gptq_round
 
+__all__ = ["BITS", "BLOCK_SIZES", "n_blocks", "blob_size", "check", "BlockQuant", "concat_columns", "pack_codes",
+           "unpack_codes", "pack_zero_points", "unpack_zero_points", "dequantize_packed", "block_scales",
+           "quantize_blockwise", "refit_scales", "gptq_blockwise", "output_error"]
+
 BITS = (4, 8)
 BLOCK_SIZES = (16, 32, 64, 128, 256)
 

@@ -18,9 +18,11 @@ import dataclasses
 
 import numpy as np
 
-from onnxqf.maths import fold
-from onnxqf.maths import qmath
+from onnxqf.maths import fold, qmath
 from onnxqf.maths.metrics import layer_error
+
+__all__ = ["ALPHA_GRID", "site_scales", "expand_groups", "kv_scales", "relative_error", "Choice",
+           "MAX_SCORED_WEIGHTS", "MIN_SCORED_COLUMNS", "scored_columns", "choose_scales"]
 
 ALPHA_GRID = (0.0, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
 

@@ -17,6 +17,7 @@ from onnxqf.errors import UnsupportedGraphError
 from onnxqf.graph.structure import ONLINE_ROTATION, Linear, Norm, const_array, is_initializer
 
 __all__ = [
+    "linear_readers",
     "ACTIVATIONS", "FUSED_ATTENTION", "PASS_THROUGH", "classify_gate_up", "classify_qkv", "consumers", "find_gather",
     "first_mixing_op", "match_decomposed_norm", "match_fused_norm", "match_linear", "match_norm",
     "norm_scale", "post_norm_writer", "residual_add", "scalar_factor", "single", "split_blocks",

@@ -18,9 +18,12 @@ from pathlib import Path
 
 import numpy as np
 
+from onnxqf.errors import OnnxqfError
 from onnxqf.runtime.session import FPA_INTB_ENV, make_session, ort
 from onnxqf.runtime.target import get_target
-from onnxqf.errors import OnnxqfError
+
+__all__ = ["FPA_INTB_ENV", "FPA_INTB_BLOCK_SIZES", "fpa_intb_blocker", "nbits_kernels", "format_nbits_kernels", "check_placement",
+           "compare_to_baseline", "with_static_issues", "format_placement"]
 
 # MatMulNBits on CUDA has a second set of kernels: TensorRT-LLM's CUTLASS weight-only GEMMs ("fpA_intB"),
 # used only when this environment variable is set (read when a session builds its kernels), and only for

@@ -14,6 +14,9 @@ import onnx_ir as ir
 from onnxqf.errors import OnnxqfError
 from onnxqf.runtime.target import get_target
 
+__all__ = ["FPA_INTB_ENV", "ort", "session_options", "make_session", "opset_domains", "nbits_kernel_env", "saved",
+           "logits"]
+
 #: set to 1 as a session is made, ONNX Runtime's CUDA MatMulNBits uses TensorRT-LLM's CUTLASS weight-only kernels
 FPA_INTB_ENV = "ORT_FPA_INTB_GEMM"
 
