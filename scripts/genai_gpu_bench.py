@@ -127,19 +127,12 @@ def source_tree(base: Path) -> Path:
 
 
 def make_hf(path: Path, layers: int, shape: str) -> None:
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """A random Llama of the shape as a Hugging Face folder (scripts/synthetic_llama.py: one layer in memory at a time;
+    weight values do not change speed)."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from synthetic_llama import write_folder
 
-    sys.path.insert(0, str(ROOT / "tests"))
-    from tiny import save_byte_tokenizer
-
-    config = LlamaConfig(num_hidden_layers=layers, tie_word_embeddings=False, rms_norm_eps=1e-5,
-                         max_position_embeddings=4096, eos_token_id=0, bos_token_id=0, **SHAPES[shape])
-    torch.manual_seed(0)
-    with torch.device("cpu"):
-        model = LlamaForCausalLM(config).to(torch.float16).eval()
-    model.save_pretrained(str(path))
-    save_byte_tokenizer(path)
+    write_folder(path, layers, shape=SHAPES[shape])
 
 
 def main() -> int:

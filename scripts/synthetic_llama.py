@@ -65,8 +65,10 @@ def write_folder(out: Path, layers: int, outliers: int = 4, seed: int = 0, shape
         tensors = {p + "input_layernorm.weight": norm(), p + "post_attention_layernorm.weight": norm(),
                    p + "mlp.up_proj.weight": up, p + "mlp.gate_proj.weight": _normal(rng, f, d),
                    p + "mlp.down_proj.weight": _normal(rng, d, f)}
-        for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            tensors[p + f"self_attn.{name}.weight"] = _normal(rng, d, d)
+        kv = shape["num_key_value_heads"] * shape["head_dim"]  # grouped-query attention: fewer k/v heads
+        heads = shape["num_attention_heads"] * shape["head_dim"]
+        for name, rows, cols in (("q_proj", heads, d), ("k_proj", kv, d), ("v_proj", kv, d), ("o_proj", d, heads)):
+            tensors[p + f"self_attn.{name}.weight"] = _normal(rng, rows, cols)
         save(tensors, i + 1)
         del tensors, up
         print(f"layer {i + 1}/{layers} written", file=sys.stderr, flush=True)
