@@ -42,9 +42,10 @@ def load_hf(source: str, dtype: str = "float32"):
     """(model, tokenizer or None) from 'smollm2', a model directory or a .gguf file."""
     try:
         import torch
-        import transformers
+        import transformers  # noqa: F401  (only checks that it is installed)
     except ImportError as exc:
-        raise OnnxqfError(f"export needs torch and transformers ({exc.name} missing): pip install 'onnxqf[export]'") from None
+        raise OnnxqfError(f"export needs torch and transformers ({exc.name} missing): "
+                          "pip install 'onnxqf[export]'") from None
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     kwargs = {}
@@ -54,7 +55,8 @@ def load_hf(source: str, dtype: str = "float32"):
     else:
         path = Path(source)
         if not path.exists():
-            raise OnnxqfError(f"{source}: no such model directory or .gguf file (or use the built-in '{DEFAULT_MODEL}')")
+            raise OnnxqfError(f"{source}: no such model directory or .gguf file "
+                              f"(or use the built-in '{DEFAULT_MODEL}')")
         if path.is_file():
             if path.suffix.lower() != ".gguf":
                 raise OnnxqfError(f"{source}: expected a Hugging Face model directory or a .gguf file")

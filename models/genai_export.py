@@ -116,7 +116,8 @@ def builder_input(source: str, tmp_hf: Path) -> Path:
             raise OnnxqfError(f"{source}: cannot read the model config ({str(exc).splitlines()[0][:200]})") from None
         check_architecture(config, genai=True)
         if not any((path / name).is_file() for name in TOKENIZER_FILES):
-            raise OnnxqfError(f"{source}: no tokenizer files ({', '.join(TOKENIZER_FILES)}); the model builder needs the tokenizer")
+            raise OnnxqfError(f"{source}: no tokenizer files ({', '.join(TOKENIZER_FILES)}); the model builder needs "
+                              "the tokenizer")
         return path
     model, tokenizer = load_hf(source)  # 'smollm2' or a .gguf file (errors for anything else)
     if tokenizer is None:
@@ -146,7 +147,8 @@ def _save_plain_checkpoint(model, tokenizer, directory: Path) -> None:
         model.save_pretrained(str(directory))
         tokenizer.save_pretrained(str(directory))
     except Exception as exc:
-        raise OnnxqfError(f"cannot save a plain checkpoint for the model builder: {str(exc).splitlines()[0][:200]}") from None
+        first = str(exc).splitlines()[0][:200]
+        raise OnnxqfError(f"cannot save a plain checkpoint for the model builder: {first}") from None
 
 
 def _run_builder(hf_dir: Path, out_dir: Path, precision: str, ep: str, *, cache: Path, filename: str,

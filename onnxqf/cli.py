@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from onnxqf.errors import OnnxqfError
-from onnxqf.options import ACTIVATIONS, BLOCK_SIZES, FORMATS
+from onnxqf.options import ACTIVATIONS, BLOCK_SIZES, FORMATS, RewriteOptions
 from onnxqf.runtime.target import TARGETS
 
 __all__ = ["DESCRIPTION", "build_parser", "main", "cmd_export", "rewrite_options", "cmd_rewrite", "cmd_eval",
@@ -51,40 +51,46 @@ def _positive(text: str) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="onnxqf", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="onnxqf", description=DESCRIPTION,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--version", action="version", version=f"onnxqf {_version()}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
     e = sub.add_parser("export", help="export a Hugging Face causal LM to ONNX",
-                       description="Export a causal LM (the built-in 'smollm2', a Hugging Face model directory, or a .gguf file) "
-                                   "to ONNX: input_ids -> logits, dynamic batch and sequence, opset 18, weights as external data "
-                                   "(OUT.data), the tokenizer saved beside it (OUT.tokenizer/). This plain logits-only graph is the "
-                                   "default: the simplest graph, used for validation and CI. --kv-cache instead writes a complete "
-                                   "onnxruntime-genai folder (KV cache, attention mask, genai_config.json, tokenizer) into OUT's folder "
+                       description="Export a causal LM (the built-in 'smollm2', a Hugging Face model directory, or a "
+                                   ".gguf file) to ONNX: input_ids -> logits, dynamic batch and sequence, opset 18, "
+                                   "weights as external data (OUT.data), the tokenizer saved beside it "
+                                   "(OUT.tokenizer/). This plain logits-only graph is the default: the simplest graph, "
+                                   "used for validation and CI. --kv-cache instead writes a complete onnxruntime-genai "
+                                   "folder (KV cache, attention mask, genai_config.json, tokenizer) into OUT's folder "
                                    "with onnxruntime-genai's model builder, for apps that generate text.")
-    e.add_argument("source", nargs="?", default="smollm2", help="'smollm2' (default), a model directory or a .gguf file")
+    e.add_argument("source", nargs="?", default="smollm2",
+                   help="'smollm2' (default), a model directory or a .gguf file")
     e.add_argument("-o", "--output", required=True, help="output .onnx path")
-    e.add_argument("--dtype", choices=["float32", "float16"], default="float32", help="weight and compute dtype (default float32)")
+    e.add_argument("--dtype", choices=["float32", "float16"], default="float32",
+                   help="weight and compute dtype (default float32)")
     e.add_argument("--kv-cache", action="store_true",
-                   help="write an onnxruntime-genai folder (DIR/model.onnx + genai_config.json + tokenizer) with the model "
-                        "builder instead of the plain logits-only graph; needs pip install 'onnxqf[genai]'")
+                   help="write an onnxruntime-genai folder (DIR/model.onnx + genai_config.json + tokenizer) with the "
+                        "model builder instead of the plain logits-only graph; needs pip install 'onnxqf[genai]'")
     e.add_argument("--ep", choices=["cpu", "cuda"],
-                   help="with --kv-cache: the builder's target (default cpu for float32, cuda for float16; both run on the CPU too)")
+                   help="with --kv-cache: the builder's target (default cpu for float32, cuda for float16; both run on "
+                        "the CPU too)")
 
     r = sub.add_parser("rewrite", help="fold, smooth, rotate and quantize an exported model",
-                       description="Rewrite an ONNX LLM. With no transform flag it only quantizes (W8A8). "
-                                   "--smooth: SmoothQuant scales folded into norms/v_proj/up_proj. "
-                                   "--rotate: randomized Hadamard rotation of the residual stream (folded), online Hadamard before "
-                                   "down_proj, value/output head rotation. --hybrid: calibrated smoothing *before* rotation at all four "
-                                   "linear inputs of every layer (scales folded into the norms, v_proj and up_proj; online "
-                                   "Hadamards after the norms and before down_proj; α chosen per site by measured error after "
-                                   "the exact rotation applied); --hybrid folded: the two-site variant with the residual rotation "
-                                   "folded. The input file is never modified.")
-    r.add_argument("model", nargs="?", help="input .onnx (e.g. from `onnxqf export`), or an onnxruntime-genai folder (DIR or DIR/model.onnx)")
-    r.add_argument("-o", "--output", help="output .onnx (default: MODEL with .<preset>.onnx); for a genai folder a new folder, "
-                                          "NEWDIR or NEWDIR/model.onnx (default: DIR.<preset>/), written with its config and "
-                                          "tokenizer files")
+                       description="Rewrite an ONNX LLM. With no transform flag it only quantizes (W8A8). --smooth: "
+                                   "SmoothQuant scales folded into norms/v_proj/up_proj. --rotate: randomized Hadamard "
+                                   "rotation of the residual stream (folded), online Hadamard before down_proj, "
+                                   "value/output head rotation. --hybrid: calibrated smoothing *before* rotation at "
+                                   "all four linear inputs of every layer (scales folded into the norms, v_proj and "
+                                   "up_proj; online Hadamards after the norms and before down_proj; α chosen per site "
+                                   "by measured error after the exact rotation applied); --hybrid folded: the two-site "
+                                   "variant with the residual rotation folded. The input file is never modified.")
+    r.add_argument("model", nargs="?", help="input .onnx (e.g. from `onnxqf export`), or an onnxruntime-genai folder "
+                                            "(DIR or DIR/model.onnx)")
+    r.add_argument("-o", "--output", help="output .onnx (default: MODEL with .<preset>.onnx); for a genai folder a new "
+                                          "folder, NEWDIR or NEWDIR/model.onnx (default: DIR.<preset>/), written with "
+                                          "its config and tokenizer files")
     g = r.add_argument_group("transforms")
     g.add_argument("--rotate", nargs="?", const="full", choices=["full", "offline"], metavar="full|offline",
                    help="rotate with randomized Hadamard matrices. full (default): residual stream (folded), online "
@@ -93,19 +99,21 @@ def build_parser() -> argparse.ArgumentParser:
                         "weight-only formats that should run exactly as fast as unrotated ones")
     g.add_argument("--smooth", action="store_true", help="channel-wise scaling (SmoothQuant)")
     g.add_argument("--hybrid", nargs="?", const="full", choices=["full", "folded"], metavar="full|folded",
-                   help="smoothing before rotation (the paper's hybrid; needs calibration text). full (default): at all four "
-                        "linear inputs, with online Hadamards after the norms; folded: the two-site variant (residual "
-                        "rotation folded, only the o_proj/down_proj inputs smoothed)")
+                   help="smoothing before rotation (the paper's hybrid; needs calibration text). full (default): at "
+                        "all four linear inputs, with online Hadamards after the norms; folded: the two-site variant "
+                        "(residual rotation folded, only the o_proj/down_proj inputs smoothed)")
     q = r.add_argument_group("quantization")
     q.add_argument("--quant", choices=FORMATS, default="int8",
                    help="int8: W8A8, int8 weights x int8 activations quantized per token at run time (default); int4 / "
-                        "int8w: weight-only com.microsoft MatMulNBits (activations stay float; combine with --rotate, not "
-                        "with --smooth/--hybrid, which would move difficulty into the weights); none: a float model")
+                        "int8w: weight-only com.microsoft MatMulNBits (activations stay float; combine with --rotate, "
+                        "not with --smooth/--hybrid, which would move difficulty into the weights); none: a float "
+                        "model")
     q.add_argument("--ep", choices=sorted(TARGETS), default=None,
                    help="the execution provider the graph is lowered for (the model builder's -e): cpu lowers W8A8 to "
                         "uint8 x int8 MatMulInteger (ONNX Runtime's fast CPU kernels) and int4 to MatMulNBits with "
-                        "accuracy_level 4; cuda to int8 x int8 MatMulInteger (every node on CUDA) and accuracy_level 0. "
-                        "Default: a genai folder's provider; for a plain graph cuda if its weights are float16, else cpu")
+                        "accuracy_level 4; cuda to int8 x int8 MatMulInteger (every node on CUDA) and accuracy_level "
+                        "0. Default: a genai folder's provider; for a plain graph cuda if its weights are float16, "
+                        "else cpu")
     q.add_argument("--lowering", metavar="NAME",
                    help="a registered lowering instead of the target's choice, e.g. int8-token, uint8-token, "
                         "uint8-token-asym, int8-token-asym, uint8-tensor (`onnxqf rewrite --list-lowerings`)")
@@ -113,14 +121,14 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--block-size", type=int, choices=BLOCK_SIZES, default=32,
                    help="weights per scale along the input dimension for int4/int8w (default 32)")
     q.add_argument("--asymmetric", action="store_true",
-                   help="int4/int8w: a zero point per block (MatMulNBits' zero_points input) instead of symmetric codes; "
-                        "on SmolLM2 with --rotate and GPTQ, int4 block 32 KL 0.091 against 0.101 symmetric")
+                   help="int4/int8w: a zero point per block (MatMulNBits' zero_points input) instead of symmetric "
+                        "codes; on SmolLM2 with --rotate and GPTQ, int4 block 32 KL 0.091 against 0.101 symmetric")
     q.add_argument("--accuracy-level", type=int, choices=[0, 1, 2, 3, 4],
                    help="int4/int8w: MatMulNBits' accuracy_level (default: 4 for --ep cpu, int8 compute inside the op "
                         "as the model builder's CPU default; 0 for cuda)")
     q.add_argument("--lm-head-bits", type=int, choices=[4, 8],
-                   help="with --quantize-lm-head: bits of lm_head's weights (int4/int8w: default 8); with W8A8, lm_head "
-                        "becomes weight-only MatMulNBits of these bits (block 32) instead of W8A8")
+                   help="with --quantize-lm-head: bits of lm_head's weights (int4/int8w: default 8); with W8A8, "
+                        "lm_head becomes weight-only MatMulNBits of these bits (block 32) instead of W8A8")
     q.add_argument("--act-quant", choices=ACTIVATIONS, default="token",
                    help="W8A8 activations: token: symmetric per token (default); asym: a scale and a zero point per "
                         "token (the zero point applied after the GEMM with the weights' column sums); iter: asym with "
@@ -128,15 +136,18 @@ def build_parser() -> argparse.ArgumentParser:
                         "DynamicQuantizeLinear, per tensor (CPU only)")
     q.add_argument("--quantize-lm-head", action="store_true", help="also quantize lm_head (kept float by default)")
     q.add_argument("--weight-rounding", choices=["gptq", "rtn"], default="gptq",
-                   help="gptq: error-compensating rounding with the calibration inputs' X^T X (default); rtn: round to nearest")
+                   help="gptq: error-compensating rounding with the calibration inputs' X^T X (default); rtn: round to "
+                        "nearest")
     q.add_argument("--gptq-inputs", choices=["float", "sequential"], default="float",
                    help="where GPTQ's X^T X come from. float (default): one run of the float model for all layers; "
                         "sequential: the model is run one layer at a time and each layer's inputs are the outputs of "
                         "the layers before it with their weights already rounded (GPTQ's and QuaRot's order; the model "
                         "runs twice). On SmolLM2 sequential measured no better (docs/results.md)")
-    q.add_argument("--clip-search", action="store_true", help="search a clipping ratio per weight scale: per output channel for int8, per block "
-                   "and column for int4/int8w (weighted by the calibration inputs; with --asymmetric the most "
-                   "accurate int4 measured on SmolLM2, docs/results.md §6)")
+    q.add_argument("--clip-search", action="store_true", help="search a clipping ratio per weight scale: per output "
+                                                              "channel for int8, per block and column for int4/int8w "
+                                                              "(weighted by the calibration inputs; with --asymmetric "
+                                                              "the most accurate int4 measured on SmolLM2, "
+                                                              "docs/results.md §6)")
     q.add_argument("--low-memory", action=argparse.BooleanOptionalAction, default=None,
                    help="bounded memory for models larger than RAM: calibration and GPTQ run one layer at a time and "
                         "every rewritten weight goes to a scratch folder beside the output at once (Llama-2-7B-shaped "
@@ -145,21 +156,23 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--keep-float", action="append", default=[], metavar="PATTERN",
                    help="leave matching linears in float, e.g. down_proj or 'layers.29.*' (repeatable)")
     c = r.add_argument_group("calibration (for --smooth / --hybrid and GPTQ weight rounding)")
-    c.add_argument("--calib", default="builtin", help="calibration text file or .npy of token ids (default: a built-in English text)")
+    c.add_argument("--calib", default="builtin", help="calibration text file or .npy of token ids (default: a built-in "
+                                                      "English text)")
     c.add_argument("--calib-windows", type=_positive, default=8, help="number of windows (default 8)")
     c.add_argument("--calib-seq", type=_positive, default=512, help="tokens per window (default 512)")
-    c.add_argument("--alpha", type=_alpha, default="auto", help="smoothing strength in [0, 1], or 'auto': per layer, by measured quantization error (default)")
+    c.add_argument("--alpha", type=_alpha, default="auto", help="smoothing strength in [0, 1], or 'auto': per layer, "
+                                                                "by measured quantization error (default)")
     c.add_argument("--tokenizer", help="tokenizer folder (default: the one saved beside the model by `onnxqf export`)")
     g.add_argument("--online-rotation", metavar="cycle|batched[:N]",
-                   help="how online rotations become nodes (default: the target's, measured fastest on it): cycle: a GEMM "
-                        "on the last axis and a Transpose per Kronecker factor; batched: factors as broadcast "
+                   help="how online rotations become nodes (default: the target's, measured fastest on it): cycle: a "
+                        "GEMM on the last axis and a Transpose per Kronecker factor; batched: factors as broadcast "
                         "left-multiplications, no Transpose; :N the largest merged factor (default 512)")
     r.add_argument("--seed", type=int, default=0, help="seed of the random signs and rotations")
     r.add_argument("-q", "--quiet", action="store_true", help="no progress output")
 
     v = sub.add_parser("eval", help="KL divergence, perplexity and top-1 agreement of NEW against ORIG",
-                       description="Run both models on the same windows of text and report KL(P_orig || P_new) in nats/token over "
-                                   "all positions, the perplexity of both, and top-1 agreement.")
+                       description="Run both models on the same windows of text and report KL(P_orig || P_new) in "
+                                   "nats/token over all positions, the perplexity of both, and top-1 agreement.")
     v.add_argument("orig")
     v.add_argument("new")
     _text_args(v, windows=16, tokenizer_of="ORIG")
@@ -168,25 +181,28 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--max-kl", type=float, help="exit 1 if KL exceeds this (CI gate)")
 
     k = sub.add_parser("check", help="check node placement on an execution provider (CI gate)",
-                       description="Create an ONNX Runtime session with CPU fallback disabled and report where every node runs. "
-                                   "Static rules are checked too, without running anything: nodes the provider has no kernel for "
-                                   "or runs on a slow path (int8 x int8 MatMulInteger on the CPU), and a graph lowered for another "
-                                   "target (`rewrite --ep`). Exit 0: every node on the provider, no Memcpy, no static issue; 1: "
-                                   "some nodes would fall back, copies are inserted, or a static rule fails; 2: bad input; 3: the provider is not available here (skipped). A genai folder is "
-                                   "checked through its decoder graph; with --baseline, only nodes the rewrite added count.")
+                       description="Create an ONNX Runtime session with CPU fallback disabled and report where every "
+                                   "node runs. Static rules are checked too, without running anything: nodes the "
+                                   "provider has no kernel for or runs on a slow path (int8 x int8 MatMulInteger on "
+                                   "the CPU), and a graph lowered for another target (`rewrite --ep`). Exit 0: every "
+                                   "node on the provider, no Memcpy, no static issue; 1: some nodes would fall back, "
+                                   "copies are inserted, or a static rule fails; 2: bad input; 3: the provider is not "
+                                   "available here (skipped). A genai folder is checked through its decoder graph; "
+                                   "with --baseline, only nodes the rewrite added count.")
     k.add_argument("model", help=".onnx file or onnxruntime-genai folder")
-    k.add_argument("--baseline", help="the graph MODEL was rewritten from: exit 0 if MODEL puts no more nodes off the provider "
-                                      "than it (e.g. onnxruntime-genai graphs keep GroupQueryAttention's sequence length on the CPU)")
+    k.add_argument("--baseline", help="the graph MODEL was rewritten from: exit 0 if MODEL puts no more nodes off the "
+                                      "provider than it (e.g. onnxruntime-genai graphs keep GroupQueryAttention's "
+                                      "sequence length on the CPU)")
     k.add_argument("--ep", choices=sorted(TARGETS), default="cuda", help="execution provider (default cuda)")
     k.add_argument("--json", action="store_true")
 
     n = sub.add_parser("inspect", help="quantization difficulty per layer: original / smooth / rotate / smooth+rotate",
-                       description="Capture the inputs of every linear (q/k/v, o_proj, gate/up, down_proj) on windows of text, "
-                                   "with the norm scales folded into the weights, and measure per layer how hard they are to "
-                                   "quantize as they are, smoothed (X/s, diag(s)B), rotated (XQ, Q^T B) and smoothed then "
-                                   "rotated: difficulty (std of channel L2 norms) of activations and weights, max|x|, and the "
-                                   "layer error ||XB - Q(X')Q(B')||^2 at 8 and 4 bits. Writes metrics.csv, metrics.json and "
-                                   "PNG plots to --out; no model is written.")
+                       description="Capture the inputs of every linear (q/k/v, o_proj, gate/up, down_proj) on windows "
+                                   "of text, with the norm scales folded into the weights, and measure per layer how "
+                                   "hard they are to quantize as they are, smoothed (X/s, diag(s)B), rotated (XQ, Q^T "
+                                   "B) and smoothed then rotated: difficulty (std of channel L2 norms) of activations "
+                                   "and weights, max|x|, and the layer error ||XB - Q(X')Q(B')||^2 at 8 and 4 bits. "
+                                   "Writes metrics.csv, metrics.json and PNG plots to --out; no model is written.")
     n.add_argument("model", help="an .onnx LLM (e.g. from `onnxqf export`)")
     _text_args(n, windows=8, tokenizer_of="the model")
     n.add_argument("--layers", help="layers to inspect, e.g. '0,5,10-12' (default: all)")
@@ -194,30 +210,34 @@ def build_parser() -> argparse.ArgumentParser:
     n.add_argument("--out", help="output folder (default: MODEL without .onnx, plus -inspect); replaced only when done")
     n.add_argument("--heatmap-layer", type=int, metavar="K",
                    help="layer of the token x channel heatmaps (default: the layer with the largest down_proj input)")
-    n.add_argument("--seed", type=int, default=0, help="seed of the rotations (those `rewrite --hybrid --seed` draws; default 0)")
+    n.add_argument("--seed", type=int, default=0, help="seed of the rotations (those `rewrite --hybrid --seed` draws; "
+                                                       "default 0)")
     n.add_argument("--json", action="store_true", help="print one JSON object with the summary instead of a table")
     gen = sub.add_parser("generate", help="generate text from an onnxruntime-genai folder (greedy, streamed)",
-                         description="A thin wrapper over onnxruntime-genai: load DIR (written by `onnxqf export --kv-cache`), "
-                                     "stream greedy tokens of the continuation of --prompt to stdout, and print prefill and "
-                                     "decode tokens/s to stderr at the end.")
+                         description="A thin wrapper over onnxruntime-genai: load DIR (written by `onnxqf export "
+                                     "--kv-cache`), stream greedy tokens of the continuation of --prompt to stdout, "
+                                     "and print prefill and decode tokens/s to stderr at the end.")
     gen.add_argument("model", metavar="DIR", help="an onnxruntime-genai folder (or DIR/model.onnx)")
     gen.add_argument("--prompt", required=True, help="the text to continue (fed as it is: no chat template)")
     gen.add_argument("--max-new-tokens", type=_positive, default=64, help="tokens to generate at most (default 64)")
     gen.add_argument("--ep", choices=["cpu", "cuda"], default="cpu", help="execution provider (default cpu)")
     b = sub.add_parser("bench", help="prefill and KV-cache decode speed against a reference (IOBinding)",
-                       description="Time each MODEL and a reference in the same run: prefill (one forward of batch x seq) "
-                                   "and, for KV-cache graphs (onnxruntime-genai layout), a decode loop of --decode-tokens "
-                                   "steps from random pasts of each --past length, each step's present fed back as the next "
-                                   "past. Inputs and outputs stay on the device (IOBinding). Median [min-max] of --repeats "
-                                   "runs after --warmup, and the speed against the reference (the first MODEL unless --ref). "
-                                   "Exit 2: bad input (e.g. no logits output); 3: the provider is not available here.")
-    b.add_argument("models", nargs="*", metavar="MODEL", help=".onnx files (plain input_ids -> logits, or with a KV cache)")
+                       description="Time each MODEL and a reference in the same run: prefill (one forward of batch x "
+                                   "seq) and, for KV-cache graphs (onnxruntime-genai layout), a decode loop of "
+                                   "--decode-tokens steps from random pasts of each --past length, each step's present "
+                                   "fed back as the next past. Inputs and outputs stay on the device (IOBinding). "
+                                   "Median [min-max] of --repeats runs after --warmup, and the speed against the "
+                                   "reference (the first MODEL unless --ref). Exit 2: bad input (e.g. no logits "
+                                   "output); 3: the provider is not available here.")
+    b.add_argument("models", nargs="*", metavar="MODEL", help=".onnx files (plain input_ids -> logits, or with a KV "
+                                                              "cache)")
     b.add_argument("--ref", help="reference model (default: the first MODEL)")
     b.add_argument("--ep", choices=["cpu", "cuda"], default="cpu", help="execution provider (default cpu)")
     b.add_argument("--batch", type=_positive, default=1, help="batch size (default 1)")
     b.add_argument("--seq", type=_positive, default=512, help="prefill tokens per sequence (default 512)")
     b.add_argument("--past", default="128,512,2048", help="decode past lengths, comma-separated (default 128,512,2048)")
-    b.add_argument("--decode-tokens", type=int, default=32, help="decode steps per timed run, 0 for no decode (default 32)")
+    b.add_argument("--decode-tokens", type=int, default=32, help="decode steps per timed run, 0 for no decode (default "
+                                                                 "32)")
     b.add_argument("--repeats", type=_positive, default=10, help="timed runs per measurement (default 10)")
     b.add_argument("--warmup", type=int, default=3, help="untimed runs before them (default 3)")
     b.add_argument("--cuda-graph", action="store_true",
@@ -227,13 +247,14 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--nbits-kernel", choices=["default", "fpa-intb", "both"], default="default",
                    help="MatMulNBits kernels on CUDA: default (ONNX Runtime's own), fpa-intb (its CUTLASS weight-only "
                         "kernels from TensorRT-LLM, what ORT_FPA_INTB_GEMM=1 selects; only symmetric block-32 float16 "
-                        "nodes, see `onnxqf check`) or both (each such model twice). On an H200 they made int4 decode 1.3x "
-                        "faster than the default kernels at --batch 16, no faster at batch 1, and prefill 1.6x slower "
-                        "(docs/benchmarks.md, section f)")
+                        "nodes, see `onnxqf check`) or both (each such model twice). On an H200 they made int4 decode "
+                        "1.3x faster than the default kernels at --batch 16, no faster at batch 1, and prefill 1.6x "
+                        "slower (docs/benchmarks.md, section f)")
     b.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     b.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-    lin = b.add_argument_group("one linear at a time (no MODEL): graphs of --copies linears x @ W, lowered by registered "
-                               "lowerings (`rewrite --list-lowerings`), timed against float (onnxqf/runtime/linears.py)")
+    lin = b.add_argument_group("one linear at a time (no MODEL): graphs of --copies linears x @ W, lowered by "
+                               "registered lowerings (`rewrite --list-lowerings`), timed against float "
+                               "(onnxqf/runtime/linears.py)")
     lin.add_argument("--linears", metavar="K:N[,K:N...]", help="weight shapes to time instead of MODELs")
     lin.add_argument("--m", default="1,16,256", help="rows of x (tokens) per run, comma-separated (default 1,16,256)")
     lin.add_argument("--lowerings", default="uint8-token,int8-token,matmulnbits",
@@ -278,8 +299,8 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging(getattr(args, "quiet", False) or getattr(args, "json", False))
     previous = _terminate_cleanly()
     try:
-        return {"export": cmd_export, "rewrite": cmd_rewrite, "eval": cmd_eval, "check": cmd_check, "inspect": cmd_inspect,
-                "generate": cmd_generate, "bench": cmd_bench}[args.command](args)
+        return {"export": cmd_export, "rewrite": cmd_rewrite, "eval": cmd_eval, "check": cmd_check,
+                "inspect": cmd_inspect, "generate": cmd_generate, "bench": cmd_bench}[args.command](args)
     except OnnxqfError as exc:
         print(f"onnxqf: error: {exc}", file=sys.stderr)
         return exc.exit_code
@@ -343,7 +364,8 @@ def _transform(args) -> str:
         return "hybrid" if args.hybrid == "full" else "hybrid-folded"
     if args.rotate and not args.smooth:
         return "rotate" if args.rotate == "full" else "rotate-offline"
-    return {(False, False): "none", (False, True): "smooth", (True, True): "smooth+rotate"}[(bool(args.rotate), args.smooth)]
+    transforms = {(False, False): "none", (False, True): "smooth", (True, True): "smooth+rotate"}
+    return transforms[(bool(args.rotate), args.smooth)]
 
 
 def _default_output(model: Path, args) -> Path:
@@ -363,9 +385,9 @@ def _default_genai_output(folder, args) -> Path:
     return d.with_name(_default_output(Path(d.name + ".onnx"), args).stem) / folder.model_path.name
 
 
-def rewrite_options(args) -> "RewriteOptions":
+def rewrite_options(args) -> RewriteOptions:
     """The typed options of a `rewrite` command line (each config validates itself)."""
-    from onnxqf.options import Calibration, RewriteOptions, Transform, quant_config
+    from onnxqf.options import Calibration, Transform, quant_config
 
     transform = _transform(args)
     if transform == "smooth+rotate":
@@ -417,10 +439,12 @@ def cmd_rewrite(args) -> int:
     if folder is not None and opts.quant is not None and opts.quant.format == "int8" and opts.quant.lowering:
         from onnxqf.lowering.base import get
 
-        get_target("cuda").custom_op_libraries(set(get(opts.quant.lowering).domains))  # a missing library: now, not after
+        # a missing library: now, not after
+        get_target("cuda").custom_op_libraries(set(get(opts.quant.lowering).domains))
     model = load_model(src)
     tok_dir = args.tokenizer or (str(folder.directory) if folder is not None else None)  # genai folders hold theirs
-    tokenizer = load_tokenizer(src, model, tok_dir) if opts.needs_calibration and not args.calib.endswith(".npy") else None
+    needs_tokenizer = opts.needs_calibration and not args.calib.endswith(".npy")
+    tokenizer = load_tokenizer(src, model, tok_dir) if needs_tokenizer else None
 
     def save(model) -> None:
         if folder is not None:  # the whole folder: decoder, genai_config.json, tokenizer files (+ the kernels it needs)
@@ -542,7 +566,8 @@ def cmd_bench(args) -> int:
         raise OnnxqfError("bench needs MODEL files, or --linears K:N")
     opts = BenchOptions(ep=args.ep, batch=args.batch, seq=args.seq, past=parse_past(args.past),
                         decode_tokens=args.decode_tokens, repeats=args.repeats, warmup=args.warmup,
-                        cuda_graph=args.cuda_graph, progress=not (args.quiet or args.json), nbits_kernel=args.nbits_kernel)
+                        cuda_graph=args.cuda_graph, progress=not (args.quiet or args.json),
+                        nbits_kernel=args.nbits_kernel)
     result = run_bench(args.models, opts, ref=args.ref)
     print(json.dumps(result) if args.json else format_table(result))
     return 0

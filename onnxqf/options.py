@@ -176,8 +176,8 @@ class RewriteOptions:
         if self.quant is None and self.transform.kind == "none":
             raise OnnxqfError("nothing to do: --quant none without --rotate, --smooth or --hybrid")
         if isinstance(self.quant, WeightOnly) and self.transform.smooths:
-            raise OnnxqfError(f"--quant {self.quant.name} keeps activations in float: smoothing would only move difficulty "
-                              "into the weights; use --rotate (or no transform) with weight-only formats")
+            raise OnnxqfError(f"--quant {self.quant.name} keeps activations in float: smoothing would only move "
+                              "difficulty into the weights; use --rotate (or no transform) with weight-only formats")
         object.__setattr__(self, "keep_float", tuple(self.keep_float))
 
     @property

@@ -75,7 +75,8 @@ def low_memory(model: ir.Model, opts: RewriteOptions) -> bool:
 
 
 def rewrite(model: ir.Model, opts: RewriteOptions, tokenizer=None, *, genai_provider: str | None = None,
-            scratch: str | os.PathLike | None = None, save: Callable[[ir.Model], object] | None = None) -> RewriteReport:
+            scratch: str | os.PathLike | None = None,
+            save: Callable[[ir.Model], object] | None = None) -> RewriteReport:
     """Apply ``opts`` to ``model`` in place; returns the report (passes, plan, α choices, quantized), also
     recorded in the model's metadata (``rewrite``).
 
@@ -98,7 +99,8 @@ def rewrite(model: ir.Model, opts: RewriteOptions, tokenizer=None, *, genai_prov
     return report
 
 
-def _rewrite(model: ir.Model, opts: RewriteOptions, tokenizer, layered: bool, genai_provider: str | None) -> RewriteReport:
+def _rewrite(model: ir.Model, opts: RewriteOptions, tokenizer, layered: bool,
+             genai_provider: str | None) -> RewriteReport:
     structure = recognize(model)  # fail early, with a clear message, on graphs we cannot match
     target = get_target(opts.target or default_target_name(structure.dtype, genai_provider))
     lowering = target.lowering(opts.quant) if opts.quant is not None else None
@@ -166,12 +168,14 @@ def _hessians(model: ir.Model, quantize: QuantizePass, wins, layered: bool, sequ
     t = time.time()
     structure = recognize(model)
     if layered:
-        return layerwise.LazyHessians(model, structure, wins, quantize.rounded if sequential else None, progress=progress)
+        return layerwise.LazyHessians(model, structure, wins, quantize.rounded if sequential else None,
+                                      progress=progress)
     if sequential:
         H = layerwise.sequential_hessians(model, structure, wins, quantize.rounded, progress=progress)
     else:
         H = calibrate.collect_hessians(model, calibrate.site_values(structure), wins, progress=progress)
-    logger.info("collected input Hessians for GPTQ%s (%.1f s)", ", layer by layer" if sequential else "", time.time() - t)
+    logger.info("collected input Hessians for GPTQ%s (%.1f s)", ", layer by layer" if sequential else "",
+                time.time() - t)
     return H
 
 
@@ -181,8 +185,8 @@ def _check_keep_float(structure, patterns: tuple[str, ...]) -> None:
         for p in patterns:
             if layer.qkv is not None and not matches(layer.qkv.name, (p,)) and any(
                     matches(lin.name, (p,)) for lin in (layer.q, layer.k, layer.v)):
-                raise OnnxqfError(f"--keep-float {p}: q, k and v are one packed MatMul in this graph, quantized together; "
-                                  "keep all three float with --keep-float qkv_proj")
+                raise OnnxqfError(f"--keep-float {p}: q, k and v are one packed MatMul in this graph, quantized "
+                                  "together; keep all three float with --keep-float qkv_proj")
 
 
 def _run(model: ir.Model, p: ir.passes.PassBase) -> ir.passes.PassResult:

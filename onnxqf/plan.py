@@ -79,7 +79,8 @@ class Plan:
         r_res = rotation(config.hidden, rng) if residual else None
         r_norm = rotation(config.hidden, rng) if norm_out else None
         r_down = rotation(config.intermediate, rng) if rotate else None
-        if r_down is not None and r_down.kind != "hadamard" and max(f.shape[0] for f in r_down.factors) > MAX_DENSE_ONLINE:
+        if (r_down is not None and r_down.kind != "hadamard"
+                and max(f.shape[0] for f in r_down.factors) > MAX_DENSE_ONLINE):
             r_down = None  # no Hadamard construction and a dense factor too costly to run online
         r_head = rotation(config.head_dim, rng) if rotate else None
         r_heads = rotation(config.num_heads, rng) if rotate else None

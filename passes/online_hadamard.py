@@ -33,7 +33,8 @@ class DownProjHadamardPass(RotationPass):
         s = self.recognize_and_check(model)
         for layer in s.layers:
             if layer.mlp_mul is None:
-                raise OnnxqfError(f"layer {layer.index}: down_proj's input is not act(gate) * up; cannot fold the signs")
+                raise OnnxqfError(f"layer {layer.index}: down_proj's input is not act(gate) * up; "
+                                  "cannot fold the signs")
 
     def apply(self, model: ir.Model) -> bool:
         s = self.structure(model)
@@ -45,6 +46,6 @@ class DownProjHadamardPass(RotationPass):
             if up.bias is not None:
                 edit.set_bias_vector(up, up.bias_vector() * D)
             edit.update_matrix(down, lambda B: fold.kron_input(fold.scale_rows(B, D), factors), by="columns")
-            edit.rotate_value_online(model.graph, down.input, factors, s.dtype, f"layers.{layer.index}.down_proj/hadamard",
-                                     **self.online.kwargs())
+            edit.rotate_value_online(model.graph, down.input, factors, s.dtype,
+                                     f"layers.{layer.index}.down_proj/hadamard", **self.online.kwargs())
         return True

@@ -40,7 +40,8 @@ class NormOutputHadamardPass(RotationPass):
             nodes = {id(lin.node) for lin in site.readers}
             for node, _ in through_casts_fwd(site.fold_norm.output):
                 if id(node) not in nodes:
-                    raise OnnxqfError(f"{site.name}: the norm output is also read by a {node.op_type} node ('{node.name}')")
+                    raise OnnxqfError(f"{site.name}: the norm output is also read by a {node.op_type} node "
+                                      f"('{node.name}')")
 
     def apply(self, model: ir.Model) -> bool:
         s = self.structure(model)

@@ -46,7 +46,8 @@ class RotateResidualPass(RotationPass):
         for v in values:
             for node in v.consumers():
                 if node.op_type not in allowed:
-                    raise OnnxqfError(f"the residual stream is read by a {node.op_type} node ('{node.name}'); cannot rotate it")
+                    raise OnnxqfError(f"the residual stream is read by a {node.op_type} node ('{node.name}'); cannot "
+                                      "rotate it")
 
     def apply(self, model: ir.Model) -> bool:
         s = self.structure(model)

@@ -38,8 +38,8 @@ class ValueOutputRotationPass(RewritePass):
     def requires(self, model: ir.Model) -> None:
         cfg = self.structure(model).config
         if self.head.n != cfg.head_dim or (self.heads is not None and self.heads.n != cfg.num_heads):
-            raise OnnxqfError(f"value/output rotations of sizes {self.head.n}/{self.heads and self.heads.n} for head_dim {cfg.head_dim}, "
-                              f"{cfg.num_heads} heads")
+            raise OnnxqfError(f"value/output rotations of sizes {self.head.n}/{self.heads and self.heads.n} for "
+                              f"head_dim {cfg.head_dim}, {cfg.num_heads} heads")
 
     def apply(self, model: ir.Model) -> bool:
         s = self.structure(model)
@@ -55,6 +55,7 @@ class ValueOutputRotationPass(RewritePass):
                 edit.set_bias_vector(v, fold.headwise_vector(v.bias_vector(), R_dh, cfg.head_dim))
             edit.update_matrix(o, lambda B: fold.head_mix_input(B, R_dh, R_nh, cfg.num_heads), by="columns")
             if online:
-                edit.rotate_value_online(model.graph, o.input, [R_nh, None], s.dtype, f"layers.{layer.index}.o_proj/head_mix",
+                edit.rotate_value_online(model.graph, o.input, [R_nh, None], s.dtype,
+                                         f"layers.{layer.index}.o_proj/head_mix",
                                          sizes=[cfg.num_heads, cfg.head_dim], **self.online.kwargs())
         return True

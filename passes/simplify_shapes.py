@@ -60,7 +60,9 @@ class _Evaluator:
     def _eval(self, value: ir.Value) -> Sym | None:
         arr = const_array(value)
         if arr is not None:
-            return [int(v) for v in np.asarray(arr).reshape(-1)] if np.issubdtype(np.asarray(arr).dtype, np.integer) else None
+            if not np.issubdtype(np.asarray(arr).dtype, np.integer):
+                return None
+            return [int(v) for v in np.asarray(arr).reshape(-1)]
         node = value.producer()
         if node is None:
             return None
@@ -82,7 +84,8 @@ class _Evaluator:
             return None if any(p is None for p in parts) else [e for p in parts for e in p]
         if op == "Slice":
             data = self(node.inputs[0])
-            params = [const_array(v) if v is not None else None for v in list(node.inputs[1:]) + [None] * (5 - len(node.inputs))]
+            params = [const_array(v) if v is not None else None
+                      for v in list(node.inputs[1:]) + [None] * (5 - len(node.inputs))]
             starts, ends, axes, steps = params[:4]
             if data is None or starts is None or ends is None:
                 return None
@@ -272,7 +275,8 @@ class SimplifyShapesPass(RewritePass):
     def _swap_last_two(self, graph, first: ir.Node, ev: _Evaluator) -> bool:
         """Reshape(x -> [-1, x[-2], x[-1]]) -> Transpose(0,2,1) -> Reshape(-> x[:-2] + [x[-1], x[-2]])."""
         users = list(first.outputs[0].consumers())
-        if len(users) != 1 or users[0].op_type != "Transpose" or list(users[0].attributes.get_ints("perm", [])) != [0, 2, 1]:
+        if (len(users) != 1 or users[0].op_type != "Transpose"
+                or list(users[0].attributes.get_ints("perm", [])) != [0, 2, 1]):
             return False
         transpose = users[0]
         users = list(transpose.outputs[0].consumers())

@@ -65,8 +65,8 @@ class SmoothPass(RewritePass):
                          disable=not self.progress):
             st = self.stats[site.name]
             B, w = self._scored_weights(site, cfg)
-            choice = smoothing.choose_scales(st.sample, st.stats.absmax, B, self.alpha, site.kv_groups, rotations[site.kind],
-                                             weight_absmax=w)
+            choice = smoothing.choose_scales(st.sample, st.stats.absmax, B, self.alpha, site.kv_groups,
+                                             rotations[site.kind], weight_absmax=w)
             self.report.sites[site.name] = SiteChoice(choice.alpha, choice.predicted, choice.unsmoothed)
             if choice.alpha is None:
                 continue

@@ -16,10 +16,10 @@ from tqdm.auto import tqdm
 
 from onnxqf.genai.feeds import feed_function
 from onnxqf.graph.graphio import GraphIO
+from onnxqf.graph.store import park, unpark
 from onnxqf.graph.structure import SITE_KINDS, Structure
 from onnxqf.maths.metrics import ChannelStats
 from onnxqf.runtime.session import make_session, saved
-from onnxqf.graph.store import park, unpark
 
 __all__ = ["SiteStats", "capture", "collect", "collect_hessians", "graph_io", "site_values"]
 

@@ -35,9 +35,9 @@ from tqdm.auto import tqdm
 from onnxqf.errors import UnsupportedGraphError
 from onnxqf.genai.feeds import feed_function
 from onnxqf.graph.graphio import GraphIO
-from onnxqf.runtime.session import make_session, saved
 from onnxqf.graph.store import discard, park, release, trim_heap, unpark
 from onnxqf.graph.structure import Linear, Site, Structure
+from onnxqf.runtime.session import make_session, saved
 
 __all__ = ["LayerRunner", "LazyHessians", "Rounder", "Segment", "capture", "layer_hessians", "put_weight",
            "segment_model", "sequential_hessians", "split"]

@@ -276,9 +276,9 @@ def write_folder(folder: GenaiFolder, model, out: Path, custom_ops_library: Path
     Every other entry of ``folder`` (``genai_config.json``, tokenizer files, ...) is copied; the
     config names ``out``'s file. ``custom_ops_library``: a custom-op library the graph needs (onnxqf's CUDA
     kernels), copied into the folder and named in the decoder's ``session_options.custom_ops_library``
-    (onnxruntime-genai loads it from there; the path must lie inside the folder). The folder is built beside the target, checked with
-    :func:`read_genai`, and renamed into place at the end: a failure leaves nothing behind, and the
-    input folder is only read.
+    (onnxruntime-genai loads it from there; the path must lie inside the folder). The folder is built
+    beside the target, checked with :func:`read_genai`, and renamed into place at the end: a failure
+    leaves nothing behind, and the input folder is only read.
     """
     import shutil
 

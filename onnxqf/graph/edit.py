@@ -107,7 +107,8 @@ def make_bias_private(graph: ir.Graph, lin: Linear) -> None:
     if lin.bias is None or (lin.bias.is_initializer() and len(list(lin.bias.uses())) == 1):
         return
     dtype = lin.bias.dtype or lin.weight.const_value.dtype
-    new = add_initializer(graph, (lin.bias.name or "bias") + ".private", np.asarray(const_array(lin.bias), np.float64), dtype)
+    new = add_initializer(graph, (lin.bias.name or "bias") + ".private", np.asarray(const_array(lin.bias), np.float64),
+                          dtype)
     lin.bias_node.replace_input_with(list(lin.bias_node.inputs).index(lin.bias), new)
     for rec in (lin, *lin.blocks):
         rec.bias = new

@@ -41,6 +41,7 @@ def add_initializer(graph: ir.Graph, base: str, array: np.ndarray, dtype: ir.Dat
     array = np.asarray(array)
     dtype = dtype or ir.DataType.from_numpy(array.dtype)
     tensor = store.make_tensor(array, dtype, name)
-    value = ir.Value(name=name, shape=ir.Shape(list(tensor.shape)), type=ir.TensorType(tensor.dtype), const_value=tensor)
+    value = ir.Value(name=name, shape=ir.Shape(list(tensor.shape)), type=ir.TensorType(tensor.dtype),
+                     const_value=tensor)
     graph.register_initializer(value)
     return value

@@ -45,7 +45,8 @@ def emit_w8a8_kernel(graph: ir.Graph, x: ir.Value, q_int8_KN: np.ndarray, scale:
         raise OnnxqfError(f"{base_name}: W8A8Linear needs int8 [K, N] weights and N scales")
     tape = tape if tape is not None else ir_tape.Tape(graph)
     wq = edit.add_initializer(graph, f"{base_name}.weight_int8_nk", np.ascontiguousarray(q_int8_KN.T))
-    ws = edit.add_initializer(graph, f"{base_name}.weight_scale", (np.asarray(scale, np.float64) / 127.0).astype(np.float32))
+    ws = edit.add_initializer(graph, f"{base_name}.weight_scale",
+                              (np.asarray(scale, np.float64) / 127.0).astype(np.float32))
     y = tape.op(OP, [x, wq, ws], domain=DOMAIN, name=f"{base_name}/w8a8_linear")
     y.type = ir.TensorType(ir.DataType.FLOAT16)
     return y

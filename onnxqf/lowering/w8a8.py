@@ -95,7 +95,8 @@ class W8A8Lowering(Lowering):
         if dtype != FLOAT32:
             y = tape.op("Cast", [y], {"to": dtype}, name=f"{base}/to_{dtype.name.lower()}")
         if len(group.linears) > 1:
-            sizes = edit.add_initializer(graph, f"{base}/split_sizes", np.array([w[0].shape[1] for w in weights], np.int64))
+            sizes = edit.add_initializer(graph, f"{base}/split_sizes",
+                                         np.array([w[0].shape[1] for w in weights], np.int64))
             outs = tape.op_multi_out("Split", [y, sizes], {"axis": -1}, num_outputs=len(weights), name=f"{base}/split")
         else:
             outs = [y]
@@ -162,12 +163,12 @@ def asymmetric_codes(tape: ir_tape.Tape, graph: ir.Graph, x: ir.Value, dtype: ir
     lo = tape.op("Min", [tape.op("ReduceMin", [x, axes], {"keepdims": 1}, name=f"{base}/min"), zero], name=f"{base}/lo")
     levels = edit.add_initializer(graph, f"{base}/levels", np.array(255.0, dtype.numpy()))
     tiny = edit.add_initializer(graph, f"{base}/tiny", np.array(1e-6 if dtype == FLOAT32 else 1e-4, dtype.numpy()))
-    scale = tape.op("Max", [tape.op("Div", [tape.op("Sub", [hi, lo], name=f"{base}/range"), levels], name=f"{base}/step"),
-                            tiny], name=f"{base}/scale")
+    step = tape.op("Div", [tape.op("Sub", [hi, lo], name=f"{base}/range"), levels], name=f"{base}/step")
+    scale = tape.op("Max", [step, tiny], name=f"{base}/scale")
     zp = tape.op("Round", [tape.op("Div", [tape.op("Neg", [lo], name=f"{base}/neg_lo"), scale], name=f"{base}/zp_f")],
                  name=f"{base}/zp")
-    shifted = tape.op("Add", [tape.op("Round", [tape.op("Div", [x, scale], name=f"{base}/div")], name=f"{base}/round"), zp],
-                      name=f"{base}/shift")
+    rounded = tape.op("Round", [tape.op("Div", [x, scale], name=f"{base}/div")], name=f"{base}/round")
+    shifted = tape.op("Add", [rounded, zp], name=f"{base}/shift")
     codes = tape.op("Clip", [shifted, zero, levels], name=f"{base}/clip")
     return codes, scale, zp
 
@@ -287,7 +288,8 @@ class Uint8TokenQL(Uint8Token):
         one = edit.add_initializer(graph, f"{base}/a_scale", np.array(1.0, np.float32))
         wscale = edit.add_initializer(graph, f"{base}.weight_scale", (scale / 127.0).astype(np.float32))
         zp = edit.add_initializer(graph, f"{base}/a_zero_point", np.array(128, np.uint8))
-        y = tape.op("MatMulIntegerToFloat", [xu, wq, one, wscale, zp], domain="com.microsoft", name=f"{base}/matmul_u8s8")
+        y = tape.op("MatMulIntegerToFloat", [xu, wq, one, wscale, zp], domain="com.microsoft",
+                    name=f"{base}/matmul_u8s8")
         return tape.op("Mul", [y, amax], name=f"{base}/token_scale")
 
 

@@ -91,7 +91,8 @@ def _merge_trailing(factors: list[np.ndarray], upto: int) -> list[np.ndarray]:
     """Fold the innermost factors into one while their product stays <= ``upto`` (kron is associative):
     the innermost axis is one plain GEMM, every other axis costs two transposes."""
     fs = list(factors)
-    while len(fs) >= 2 and fs[-1].shape[0] * fs[-2].shape[0] <= upto and not (_is_identity(fs[-1]) or _is_identity(fs[-2])):
+    while (len(fs) >= 2 and fs[-1].shape[0] * fs[-2].shape[0] <= upto
+           and not (_is_identity(fs[-1]) or _is_identity(fs[-2]))):
         fs[-2:] = [np.kron(fs[-2], fs[-1])]
     return fs
 
@@ -129,8 +130,8 @@ class KronRotation:
 
     def astype(self, dtype) -> "KronRotation":
         """The same rotation with its signs and factors in ``dtype`` (e.g. float32 for fast scoring)."""
-        return KronRotation([(None if s is None else s.astype(dtype), [f.astype(dtype) for f in fs]) for s, fs in self.stages],
-                            merge_upto=0)
+        return KronRotation([(None if s is None else s.astype(dtype), [f.astype(dtype) for f in fs])
+                             for s, fs in self.stages], merge_upto=0)
 
     def apply(self, x: np.ndarray) -> np.ndarray:
         for signs, factors in self.stages:

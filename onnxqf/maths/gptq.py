@@ -133,7 +133,8 @@ def _upper_factor(inv: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(L.T)
 
 
-def column_chunks(B: np.ndarray, max_bytes: int = 64 << 20, align: int | None = None) -> Iterator[tuple[slice, np.ndarray]]:
+def column_chunks(B: np.ndarray, max_bytes: int = 64 << 20,
+                  align: int | None = None) -> Iterator[tuple[slice, np.ndarray]]:
     """(columns, B[:, columns] as float64) in slices whose float64 working copies stay within ``max_bytes``
     each (B may be stored in a narrower dtype: only one slice is float64 at a time); ``align``: slices
     of a multiple of this many columns (whole heads), at least one."""
@@ -197,8 +198,8 @@ def gptq_round(B: np.ndarray, H: np.ndarray | PreparedHessian, quantize_row, *, 
     return Q[inverse]
 
 
-def gptq_quantize(B: np.ndarray, H: np.ndarray | PreparedHessian, bits: int = 8, scale: np.ndarray | None = None, damp: float = 0.01,
-                  block: int = 128, act_order: bool = True) -> tuple[np.ndarray, np.ndarray]:
+def gptq_quantize(B: np.ndarray, H: np.ndarray | PreparedHessian, bits: int = 8, scale: np.ndarray | None = None,
+                  damp: float = 0.01, block: int = 128, act_order: bool = True) -> tuple[np.ndarray, np.ndarray]:
     """(q [in, out] int8, scale [out]) for ``B`` given the input Hessian ``H`` (per-output-channel scales)."""
     B = np.asarray(B, np.float64)
     qmax = qmath.qmax_for_bits(bits)
@@ -215,7 +216,8 @@ def gptq_quantize(B: np.ndarray, H: np.ndarray | PreparedHessian, bits: int = 8,
 
 
 class HessianAccumulator:
-    """Streaming ``X^T X`` (float64, float32 above :data:`FLOAT64_MAX_CHANNELS`) and token count for one activation site."""
+    """Streaming ``X^T X`` (float64, float32 above :data:`FLOAT64_MAX_CHANNELS`) and token count for one
+    activation site."""
 
     def __init__(self) -> None:
         self.H: np.ndarray | None = None

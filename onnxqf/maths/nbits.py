@@ -334,9 +334,9 @@ def refit_scales(q: BlockQuant, B: np.ndarray, H: np.ndarray, ridge: float = 1e-
     return dataclasses.replace(q, scales=_to_storage(s_new, q.scale_dtype))
 
 
-def gptq_blockwise(B: np.ndarray, H: np.ndarray | PreparedHessian, bits: int = 4, block_size: int = 32, *, symmetric: bool = True,
-                   clip_search: bool = False, act_order: bool = False, damp: float = 0.01, refine: int = 0,
-                   scale_dtype=np.float32) -> BlockQuant:
+def gptq_blockwise(B: np.ndarray, H: np.ndarray | PreparedHessian, bits: int = 4, block_size: int = 32, *,
+                   symmetric: bool = True, clip_search: bool = False, act_order: bool = False, damp: float = 0.01,
+                   refine: int = 0, scale_dtype=np.float32) -> BlockQuant:
     """GPTQ rounding of ``B [K, N]`` given ``H = X^T X [K, K]``, stored block-wise (see module doc).
 
     With ``clip_search`` each block's scale minimizes the rounding error of the block weighted by
@@ -361,7 +361,8 @@ def gptq_blockwise(B: np.ndarray, H: np.ndarray | PreparedHessian, bits: int = 4
         best, best_err = q, output_error(q, B, H)
         for _ in range(refine):
             fitted = refit_scales(best, B, H)
-            rounder = _BlockwiseRounder(B, bits, block_size, symmetric, False, scale_dtype, static=False, row_weights=None)
+            rounder = _BlockwiseRounder(B, bits, block_size, symmetric, False, scale_dtype, static=False,
+                                        row_weights=None)
             rounder.scales[:], rounder.zps[:] = fitted.scales, fitted.zero_point_array()
             rounder.ready[:] = True
             gptq_round(B, H, rounder, damp=damp, block=lazy, act_order=act_order)

@@ -64,13 +64,15 @@ def check_consistent(structure: Structure) -> None:
             raise UnsupportedGraphError(f"{lin.name}: the weight '{lin.weight.name}' is {dtype.name}, not a float type "
                                         "(an already quantized or malformed model?)")
     for layer in structure.layers:
-        want = {"q_proj": (cfg.hidden, q_width), "k_proj": (cfg.hidden, layer.k.shape[1]), "v_proj": (cfg.hidden, layer.k.shape[1]),
-                "o_proj": (q_width, cfg.hidden), "gate_proj": (cfg.hidden, cfg.intermediate),
+        want = {"q_proj": (cfg.hidden, q_width), "k_proj": (cfg.hidden, layer.k.shape[1]),
+                "v_proj": (cfg.hidden, layer.k.shape[1]), "o_proj": (q_width, cfg.hidden),
+                "gate_proj": (cfg.hidden, cfg.intermediate),
                 "up_proj": (cfg.hidden, cfg.intermediate), "down_proj": (cfg.intermediate, cfg.hidden)}
         for lin in layer.linears():
             if lin.shape != want[lin.role]:
-                raise UnsupportedGraphError(f"{lin.name}: weight is [in, out] = {list(lin.shape)}, the model's other shapes "
-                                            f"say {list(want[lin.role])} (hidden {cfg.hidden}, d_ff {cfg.intermediate})")
+                raise UnsupportedGraphError(f"{lin.name}: weight is [in, out] = {list(lin.shape)}, the model's other "
+                                            f"shapes say {list(want[lin.role])} (hidden {cfg.hidden}, d_ff "
+                                            f"{cfg.intermediate})")
     if structure.lm_head.shape != (cfg.hidden, cfg.vocab):
         raise UnsupportedGraphError(f"lm_head: weight is [in, out] = {list(structure.lm_head.shape)}, expected "
                                     f"{[cfg.hidden, cfg.vocab]}")

@@ -70,7 +70,8 @@ class Family:
         """Raise :class:`UnsupportedGraphError` (one line) when ``component`` cannot be exact for this family."""
         reason = self.refused.get(component)
         if reason is not None:
-            raise UnsupportedGraphError(f"{self.title} ({self.name}): {component} is not exact for this family: {reason}")
+            raise UnsupportedGraphError(f"{self.title} ({self.name}): {component} is not exact for this family: "
+                                        f"{reason}")
 
 
 def _refuse(**reasons: str) -> Mapping[str, str]:
@@ -83,16 +84,16 @@ FAMILIES: tuple[Family, ...] = (
     Family("qwen2", "Qwen2"),
     Family("qwen3", "Qwen3", qk_norms=True),
     # layers without rotary: nothing a transform touches
-    Family("smollm3", "SmolLM3", genai_refused=_BUILDER + "fails on its layers without rotary (KeyError 'position_ids'); "
-           "use the plain export"),
+    Family("smollm3", "SmolLM3", genai_refused=_BUILDER + "fails on its layers without rotary (KeyError "
+                                                          "'position_ids'); use the plain export"),
     Family("phi3", "Phi-3", packed=("qkv_proj", "gate_up_proj")),
     Family("gemma", "Gemma", norm_offset=1.0, embedding_scale="sqrt(hidden)", activation="gelu_tanh"),
-    Family("gemma2", "Gemma 2", norm_offset=1.0, embedding_scale="sqrt(hidden)", post_norms=True, activation="gelu_tanh",
-           refused=_refuse(**{RESIDUAL_ROTATION: _POST_NORM_REASON})),
+    Family("gemma2", "Gemma 2", norm_offset=1.0, embedding_scale="sqrt(hidden)", post_norms=True,
+           activation="gelu_tanh", refused=_refuse(**{RESIDUAL_ROTATION: _POST_NORM_REASON})),
     Family("gemma3_text", "Gemma 3", ("gemma3_text",), norm_offset=1.0, embedding_scale="sqrt(hidden)", post_norms=True,
            qk_norms=True, activation="gelu_tanh", refused=_refuse(**{RESIDUAL_ROTATION: _POST_NORM_REASON}),
-           genai_refused=_BUILDER + "cannot read transformers 5's rope_parameters per layer type (KeyError 'rope_type'); "
-           "use the plain export"),
+           genai_refused=_BUILDER + "cannot read transformers 5's rope_parameters per layer type (KeyError "
+                                    "'rope_type'); use the plain export"),
     Family("granite", "Granite", embedding_scale="multiplier", multipliers=True),
     Family("ernie4_5", "Ernie 4.5"),  # the Llama pattern: an entry is all it takes
 )
@@ -129,8 +130,8 @@ def check_model_type(model_type: str | None) -> Family:
     if model_type in REFUSED:
         raise UnsupportedGraphError(f"architecture '{model_type}' is not supported: {REFUSED[model_type]} "
                                     f"(supported: {supported})")
-    raise UnsupportedGraphError(f"architecture '{model_type}' is not supported (supported: {supported}): the passes need "
-                                "RMSNorm, q/k/v projections and a gated MLP")
+    raise UnsupportedGraphError(f"architecture '{model_type}' is not supported (supported: {supported}): the passes "
+                                "need RMSNorm, q/k/v projections and a gated MLP")
 
 
 def family_of_graph(model: ir.Model, post_norms: bool) -> Family:

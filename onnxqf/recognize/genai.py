@@ -51,7 +51,8 @@ def _norm_node_of(value: ir.Value, where: str) -> ir.Node:
     # the embedding also feeds layer 0's post-attention Skip norm (as its residual input)
     nodes = [n for n in value.consumers() if n.op_type == NORM and n.inputs[0] is value]
     if len(nodes) != 1:
-        raise UnsupportedGraphError(f"{where}: expected one SimplifiedLayerNormalization of the embedding, found {len(nodes)}")
+        raise UnsupportedGraphError(f"{where}: expected one SimplifiedLayerNormalization of the embedding, found "
+                                    f"{len(nodes)}")
     return nodes[0]
 
 
@@ -66,7 +67,8 @@ def _norm(node: ir.Node, residual: ir.Value, where: str) -> Norm:
 
 def _residual_out(node: ir.Node, where: str) -> ir.Value:
     """The residual sum a Skip norm writes (output 3)."""
-    if node.op_type != SKIP_NORM or len(node.outputs) < 4 or node.outputs[3] is None or not list(node.outputs[3].consumers()):
+    if (node.op_type != SKIP_NORM or len(node.outputs) < 4 or node.outputs[3] is None
+            or not list(node.outputs[3].consumers())):
         raise UnsupportedGraphError(f"{where}: '{node.name}' does not output the residual sum (output 3)")
     return node.outputs[3]
 
@@ -152,8 +154,8 @@ def _qkv(norm_out: ir.Value, where: str) -> tuple[Linear, Linear, Linear, ir.Nod
             heads = attn.attributes.get_int("num_heads", 0)
             kv_heads = attn.attributes.get_int("kv_num_heads", 0)
             if heads <= 0 or kv_heads <= 0 or width % (heads + 2 * kv_heads):
-                raise UnsupportedGraphError(f"{where}: packed q/k/v width {width} does not split into {heads} + 2*{kv_heads} "
-                                            "heads")
+                raise UnsupportedGraphError(f"{where}: packed q/k/v width {width} does not split into {heads} + "
+                                            f"2*{kv_heads} heads")
             hd = width // (heads + 2 * kv_heads)
             bounds = (0, heads * hd, (heads + kv_heads) * hd, width)
             q, k, v = (base.block(bounds[i], bounds[i + 1]) for i in range(3))
@@ -174,8 +176,8 @@ def _qkv(norm_out: ir.Value, where: str) -> tuple[Linear, Linear, Linear, ir.Nod
     found = [(lin, h) for lin, h in hits if h is not None]
     if not found:
         ops = sorted({n.op_type for r in readers for n in r.output.consumers()})
-        raise UnsupportedGraphError(f"{where}: no {GQA} after the attention norm (found {', '.join(ops) or 'nothing'}); "
-                                    "other attention ops are not supported")
+        raise UnsupportedGraphError(f"{where}: no {GQA} after the attention norm (found "
+                                    f"{', '.join(ops) or 'nothing'}); other attention ops are not supported")
     attn = found[0][1][0]
     by_slot = {h[1]: (lin, h[2]) for lin, h in found if h[0] is attn}
     if sorted(by_slot) != [0, 1, 2]:
@@ -215,10 +217,12 @@ def _find_embedding(model: ir.Model) -> ir.Node:
         if node.op_type != "Gather" or node.inputs[1] is None or not node.inputs[1].is_graph_input():
             continue
         t = node.inputs[0].producer()
-        if t is not None and t.op_type == "Transpose" and is_initializer(t.inputs[0]) and len(t.inputs[0].const_value.shape) == 2:
+        if (t is not None and t.op_type == "Transpose" and is_initializer(t.inputs[0])
+                and len(t.inputs[0].const_value.shape) == 2):
             found.append(node)
     if len(found) != 1:
-        raise UnsupportedGraphError("no token embedding found (a Gather of an initializer, or of a transposed lm_head weight)")
+        raise UnsupportedGraphError("no token embedding found (a Gather of an initializer, or of a transposed lm_head "
+                                    "weight)")
     return found[0]
 
 
@@ -230,8 +234,8 @@ def recognize_genai(model: ir.Model) -> Structure:
     """
     quantized = sorted({n.op_type for n in model.graph if n.op_type in QUANTIZED_OPS})
     if quantized:
-        raise UnsupportedGraphError(f"the graph is already quantized ({', '.join(quantized)}); rewrite a float32 or float16 "
-                                    "genai folder")
+        raise UnsupportedGraphError(f"the graph is already quantized ({', '.join(quantized)}); rewrite a float32 or "
+                                    "float16 genai folder")
     gather = _find_embedding(model)
     x, _ = through_scalar_mul(gather.outputs[0])  # Gemma's √hidden, Granite's embedding multiplier
     vocab = _vocab(gather)
@@ -248,8 +252,8 @@ def recognize_genai(model: ir.Model) -> Structure:
             if readers[0].shape[1] != vocab or not _reaches_output(readers[0].output):
                 ops = sorted(_ops_after(readers[0].output) - {"Split", "Reshape", "Transpose", "Mul", "Cast"})
                 raise UnsupportedGraphError(f"{where}: the norm feeds {', '.join(ops) or 'no attention'} instead of "
-                                            f"{GQA}; layers other than attention (e.g. LFM2's short convolutions) are not "
-                                            "supported")
+                                            f"{GQA}; layers other than attention (e.g. LFM2's short convolutions) are "
+                                            "not supported")
             final_norm, lm_head = norm, readers[0]
             lm_head.role = "lm_head"
             break
@@ -259,15 +263,16 @@ def recognize_genai(model: ir.Model) -> Structure:
         norm2 = _norm(attn_add, _residual_out(attn_add, where), where)
         readers2 = linear_readers(norm2.output)
         if len(readers2) != 2:
-            raise UnsupportedGraphError(f"{where}: expected gate/up projections (2 MatMuls) after the MLP norm, found {len(readers2)}")
+            raise UnsupportedGraphError(f"{where}: expected gate/up projections (2 MatMuls) after the MLP norm, found "
+                                        f"{len(readers2)}")
         gate, up = classify_gate_up(readers2, where)
         mlp_mul = next((n for n in up.output.consumers() if n.op_type == "Mul"), None)
         if mlp_mul is None:
             raise UnsupportedGraphError(f"{where}: up_proj does not feed the gated Mul")
         down = _only_linear_reader(mlp_mul.outputs[0], where, "down_proj")
         mlp_add, post_mlp = _block_output(down, where, "down_proj")
-        for lin, role in ((q, "q_proj"), (k, "k_proj"), (v, "v_proj"), (o, "o_proj"), (gate, "gate_proj"), (up, "up_proj"),
-                          (down, "down_proj")):
+        for lin, role in ((q, "q_proj"), (k, "k_proj"), (v, "v_proj"), (o, "o_proj"), (gate, "gate_proj"),
+                          (up, "up_proj"), (down, "down_proj")):
             lin.role, lin.layer = role, idx
         if qkv is not None:
             qkv.layer = idx

@@ -104,7 +104,8 @@ def match_linear(node: ir.Node) -> Linear | None:
 
 
 def match_decomposed_norm(x_src: ir.Value) -> Norm | None:
-    """x -> [Cast] -> Pow(.,2)|Mul(.,.) -> ReduceMean -> Add(eps) -> Sqrt -> Reciprocal/Div -> Mul -> [Cast] -> Mul(gamma)."""
+    """x -> [Cast] -> Pow(.,2)|Mul(.,.) -> ReduceMean -> Add(eps) -> Sqrt -> Reciprocal/Div -> Mul -> [Cast]
+    -> Mul(gamma)."""
     for node, x in through_casts_fwd(x_src):
         sq = None
         if node.op_type == "Pow":
@@ -418,7 +419,8 @@ def residual_add(x: ir.Value, norm: Norm, where: str) -> tuple[ir.Node, ir.Value
     """The Add that consumes ``x`` next to its norm, and the Add's other input."""
     adds = [n for n in x.consumers() if n.op_type == "Add" and n.domain == ""]
     if len(adds) != 1:
-        raise UnsupportedGraphError(f"{where}: expected one residual Add reading the residual stream, found {len(adds)}")
+        raise UnsupportedGraphError(f"{where}: expected one residual Add reading the residual stream, "
+                                    f"found {len(adds)}")
     add = adds[0]
     other = add.inputs[1] if add.inputs[0] is x else add.inputs[0]
     return add, other

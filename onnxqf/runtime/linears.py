@@ -209,7 +209,8 @@ def bench_linears(opts: LinearsOptions, progress=None) -> dict:
         for spec in specs:
             lowering = parse_lowering(spec, opts.ep)
             nbits = lowering is not None and lowering.name == "matmulnbits"
-            kernels = {"default": ["default"], "fpa-intb": ["fpa-intb"], "both": ["default", "fpa-intb"]}[opts.nbits_kernel]
+            kernels = {"default": ["default"], "fpa-intb": ["fpa-intb"],
+                       "both": ["default", "fpa-intb"]}[opts.nbits_kernel]
             model = linear_model(K, N, lowering, copies=opts.copies, dtype=opts.dtype, seed=opts.seed)
             for kernel in kernels if nbits else ["default"]:
                 row = {"K": K, "N": N, "lowering": spec, "kernel": kernel,
@@ -225,8 +226,9 @@ def bench_linears(opts: LinearsOptions, progress=None) -> dict:
                     row["error"] = max(float(np.abs(o.astype(np.float32) - r.astype(np.float32)).max())
                                        for o, r in zip(outs, reference)) / max(top, 1e-30)
                     for M in opts.ms:
-                        row["ms"][str(M)] = _stats_ms(time_runs(session, {"x": xs[M]}, device=device, warmup=opts.warmup,
-                                                                repeats=opts.repeats), opts.copies)
+                        runs = time_runs(session, {"x": xs[M]}, device=device, warmup=opts.warmup,
+                                         repeats=opts.repeats)
+                        row["ms"][str(M)] = _stats_ms(runs, opts.copies)
                     session = None
                 except OnnxqfError as exc:
                     row["refused"] = str(exc)
@@ -252,15 +254,19 @@ def format_linears(result: dict, header: bool = True) -> str:
     if header:
         where = result["ep"]
         title = (f"One linear, {result['dtype']} activations, {result['copies']} copies per graph, onnxruntime "
-                 f"{result['onnxruntime']} ({where}); ms per linear, median of {result['repeats']}; x = float time / this")
-        lines += [title, "", "| K -> N | lowering | kernel | " + " | ".join(f"M = {m}" for m in ms) + " | max rel. error |",
+                 f"{result['onnxruntime']} ({where}); ms per linear, median of {result['repeats']}; x = float time / "
+                 "this")
+        lines += [title, "",
+                  "| K -> N | lowering | kernel | " + " | ".join(f"M = {m}" for m in ms) + " | max rel. error |",
                   "|" + "---|" * (4 + len(ms))]
     for r in result["rows"]:
         if "refused" in r:
             cells = ["refused: " + r["refused"][:100]] + [""] * (len(ms) - 1)
         else:
-            cells = [f"{r['ms'][str(m)]['median']:.4f}" + ("" if r["lowering"] == FLOAT else f" ({r['speedup'][str(m)]:.2f}x)")
+            cells = [f"{r['ms'][str(m)]['median']:.4f}"
+                     + ("" if r["lowering"] == FLOAT else f" ({r['speedup'][str(m)]:.2f}x)")
                      for m in ms]
         err = "" if "error" not in r or r["lowering"] == FLOAT else f"{r['error']:.2e}"
-        lines.append(f"| {r['K']} -> {r['N']} | {r['lowering']} | {r['kernel']} | " + " | ".join(cells) + f" | {err} |")
+        lines.append(f"| {r['K']} -> {r['N']} | {r['lowering']} | {r['kernel']} | " + " | ".join(cells)
+                     + f" | {err} |")
     return "\n".join(lines)

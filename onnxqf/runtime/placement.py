@@ -22,8 +22,8 @@ from onnxqf.errors import OnnxqfError
 from onnxqf.runtime.session import FPA_INTB_ENV, make_session, ort
 from onnxqf.runtime.target import get_target
 
-__all__ = ["FPA_INTB_ENV", "FPA_INTB_BLOCK_SIZES", "fpa_intb_blocker", "nbits_kernels", "format_nbits_kernels", "check_placement",
-           "compare_to_baseline", "with_static_issues", "format_placement"]
+__all__ = ["FPA_INTB_ENV", "FPA_INTB_BLOCK_SIZES", "fpa_intb_blocker", "nbits_kernels", "format_nbits_kernels",
+           "check_placement", "compare_to_baseline", "with_static_issues", "format_placement"]
 
 # MatMulNBits on CUDA has a second set of kernels: TensorRT-LLM's CUTLASS weight-only GEMMs ("fpA_intB"),
 # used only when this environment variable is set (read when a session builds its kernels), and only for
@@ -99,7 +99,8 @@ def check_placement(path, ep: str = "cuda", seq: int = 16) -> dict:
     rt = ort()
     provider = get_target(ep).provider
     if provider not in rt.get_available_providers():
-        return {"status": "unavailable", "provider": provider, "message": f"{provider} is not available in onnxruntime {rt.__version__}"}
+        return {"status": "unavailable", "provider": provider, "message": f"{provider} is not available in onnxruntime "
+                                                                          f"{rt.__version__}"}
     result: dict = {"provider": provider, "onnxruntime": rt.__version__}
     with tempfile.TemporaryDirectory(prefix="onnxqf-prof-") as tmp:
         session = make_session(path, ep=ep, profile=os.path.join(tmp, "prof"))
@@ -172,7 +173,8 @@ def with_static_issues(result: dict, issues: list[str]) -> dict:
 
 
 def _format_static(issues: list[str]) -> str:
-    text = f"static rules: {len(issues)} node(s) the provider cannot run, or runs on a slow path, or a graph lowered for another target"
+    text = (f"static rules: {len(issues)} node(s) the provider cannot run, or runs on a slow path, "
+            "or a graph lowered for another target")
     return text + "".join(f"\n  {i}" for i in issues[:10]) + ("\n  ..." if len(issues) > 10 else "")
 
 
@@ -182,7 +184,8 @@ def format_placement(r: dict) -> str:
         if r.get("static_issues"):
             text += "\n" + _format_static(r["static_issues"])
         return text
-    lines = [f"provider {r['provider']} (onnxruntime {r['onnxruntime']}): " + ", ".join(f"{p}: {n} nodes" for p, n in r["nodes"].items())]
+    lines = [f"provider {r['provider']} (onnxruntime {r['onnxruntime']}): "
+             + ", ".join(f"{p}: {n} nodes" for p, n in r["nodes"].items())]
     for p, ops in r["off_provider_ops"].items():
         lines.append(f"  on {p}: " + ", ".join(f"{op} x{n}" for op, n in sorted(ops.items())))
     if r["memcpy"]:
@@ -192,7 +195,8 @@ def format_placement(r: dict) -> str:
     if r.get("static_issues"):
         lines.append(_format_static(r["static_issues"]))
     if "added_off_provider_ops" in r:
-        base = ", ".join(f"{op} x{n}" for ops in r["baseline_off_provider_ops"].values() for op, n in sorted(ops.items())) or "none"
+        base = ", ".join(f"{op} x{n}" for ops in r["baseline_off_provider_ops"].values()
+                         for op, n in sorted(ops.items())) or "none"
         lines.append(f"  the baseline graph already has off the provider: {base}")
         added = ", ".join(f"{op} x{n}" for ops in r["added_off_provider_ops"].values() for op, n in sorted(ops.items()))
         lines.append("OK: the rewrite adds no node off the provider and no copy" if r["status"] == "ok" else

@@ -61,7 +61,8 @@ def make_session(path: str | os.PathLike, ep: str = "cpu", provider_options: dic
     providers = target.providers(provider_options)
     libraries = target.custom_op_libraries(opset_domains(path))
     try:
-        return rt.InferenceSession(str(path), sess_options=session_options(custom_op_libraries=tuple(libraries), **kwargs),
+        return rt.InferenceSession(str(path),
+                                   sess_options=session_options(custom_op_libraries=tuple(libraries), **kwargs),
                                    providers=providers)
     except Exception as exc:
         raise OnnxqfError(f"onnxruntime cannot load {path}: {str(exc).strip().splitlines()[0][:300]}") from None

@@ -25,7 +25,8 @@ from onnxqf.errors import OnnxqfError, ProviderUnavailableError
 from onnxqf.graph.edit import OnlineStyle
 from onnxqf.lowering import base as lowering_base
 
-__all__ = ["Target", "TARGETS", "get_target", "default_target_name", "genai_provider", "METADATA_TARGET", "METADATA_LOWERING"]
+__all__ = ["Target", "TARGETS", "get_target", "default_target_name", "genai_provider", "METADATA_TARGET",
+           "METADATA_LOWERING"]
 
 #: model metadata keys where ``rewrite`` records what it lowered for (``check`` compares them with ``--ep``)
 METADATA_TARGET = "onnxqf.target"
@@ -116,7 +117,8 @@ class Target:
         if kernels.DOMAIN not in domains:
             return []
         if self.name != "cuda":
-            raise OnnxqfError(f"the graph uses onnxqf's CUDA kernels (domain '{kernels.DOMAIN}'): they run on --ep cuda only")
+            raise OnnxqfError(f"the graph uses onnxqf's CUDA kernels (domain '{kernels.DOMAIN}'): they run on --ep "
+                              "cuda only")
         return [kernels.library_path()]
 
     def providers(self, provider_options: dict | None = None) -> list:
