@@ -17,8 +17,8 @@ import sys
 import time
 from pathlib import Path
 
-from onnxqf.calib.data import token_windows
 from onnxqf.analysis.evaluate import compare
+from onnxqf.calib.data import token_windows
 from onnxqf.graph.modelfile import load_model
 
 # label, file key, flags
@@ -45,11 +45,14 @@ def main() -> int:
     ap.add_argument("--text", required=True)
     ap.add_argument("--windows", type=int, default=16)
     ap.add_argument("--seq", type=int, default=512)
-    ap.add_argument("--calib", help="calibration text (default: the last 400 kB of --text, disjoint from the evaluated windows at its start)")
+    ap.add_argument("--calib", help="calibration text (default: the last 400 kB of --text, disjoint from the evaluated "
+                                    "windows at its start)")
     ap.add_argument("--calib-windows", type=int, default=32)
     ap.add_argument("--json", help="write all results here")
-    ap.add_argument("--only", action="append", help="run only the variants with this file key (repeatable), e.g. hybrid")
-    ap.add_argument("--act", action="append", choices=["token", "tensor"], help="activation modes to run (default both)")
+    ap.add_argument("--only", action="append",
+                    help="run only the variants with this file key (repeatable), e.g. hybrid")
+    ap.add_argument("--act", action="append", choices=["token", "tensor"],
+                    help="activation modes to run (default both)")
     args = ap.parse_args()
     src = Path(args.model)
     orig = load_model(src)
@@ -79,7 +82,8 @@ def main() -> int:
         dst = src.with_name(f"{src.stem}.table.ort_quantize_dynamic.onnx")
         ort_quantize_dynamic(src, dst)
         r = compare(src, dst, wins, progress=False)
-        r.update(variant="ORT quantize_dynamic (per-channel int8 weights)", act_quant="tensor (uint8, DynamicQuantizeLinear)",
+        r.update(variant="ORT quantize_dynamic (per-channel int8 weights)",
+                 act_quant="tensor (uint8, DynamicQuantizeLinear)",
                  command="onnxruntime.quantization.quantize_dynamic(per_channel=True, weight_type=QInt8, MatMul only)")
         rows.append(r)
     base = {a: next(x["kl"] for x in rows if x["act_quant"] == a and x["variant"].startswith("W8A8"))
@@ -88,8 +92,10 @@ def main() -> int:
     print("| activations | variant | PPL | ΔPPL | KL nats/token | KL vs W8A8 | top-1 |\n|---|---|---|---|---|---|---|")
     print(f"| float | reference | {rows[0]['ppl_orig']:.3f} | 0 | 0 | | 1 |")
     for r in rows:
-        ratio = "" if r["act_quant"] not in base else "baseline" if r["variant"].startswith("W8A8") else f"{base[r['act_quant']] / r['kl']:.1f}x lower"
-        print(f"| {r['act_quant']} | {r['variant']} | {r['ppl_new']:.3f} | {100 * (r['ppl_new'] / r['ppl_orig'] - 1):+.2f}% | {r['kl']:.5f} | {ratio} | {r['top1']:.4f} |")
+        ratio = ("" if r["act_quant"] not in base else "baseline" if r["variant"].startswith("W8A8")
+                 else f"{base[r['act_quant']] / r['kl']:.1f}x lower")
+        print(f"| {r['act_quant']} | {r['variant']} | {r['ppl_new']:.3f} | "
+              f"{100 * (r['ppl_new'] / r['ppl_orig'] - 1):+.2f}% | {r['kl']:.5f} | {ratio} | {r['top1']:.4f} |")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     return 0

@@ -20,9 +20,9 @@ import time
 
 import numpy as np
 
+from onnxqf.graph.structure import ModelConfig
 from onnxqf.maths import smoothing
 from onnxqf.plan import Plan
-from onnxqf.graph.structure import ModelConfig
 
 SITES = {  # kind: (in, out)
     "attn_in": (4096, 3 * 4096),
@@ -52,13 +52,15 @@ def main() -> int:
             t = time.perf_counter()
             choice = smoothing.choose_scales(X, np.abs(X).max(axis=0), B, "auto", groups, R)
             dt = time.perf_counter() - t
-            rows.append({"layer": layer, "site": kind, "in": n, "out": out, "seconds": round(dt, 2), "alpha": choice.alpha})
+            rows.append({"layer": layer, "site": kind, "in": n, "out": out, "seconds": round(dt, 2),
+                         "alpha": choice.alpha})
             print(f"layer {layer} {kind:8s} {n:5d} -> {out:5d}: {dt:6.2f} s (alpha {choice.alpha})", flush=True)
     per_layer = sum(r["seconds"] for r in rows) / args.layers
     print(f"\n{per_layer:.1f} s per layer on {os.cpu_count()} cores (tokens {args.tokens})")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"cores": os.cpu_count(), "tokens": args.tokens, "per_layer_s": per_layer, "sites": rows}, f, indent=1)
+            json.dump({"cores": os.cpu_count(), "tokens": args.tokens, "per_layer_s": per_layer, "sites": rows}, f,
+                      indent=1)
     return 0
 
 

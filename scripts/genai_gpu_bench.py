@@ -68,8 +68,8 @@ REWRITES = {
 SHAPES = {
     "tiny": dict(hidden_size=64, intermediate_size=172, num_attention_heads=4, num_key_value_heads=4, head_dim=16,
                  vocab_size=512),
-    "cuda": dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32, head_dim=128,
-                 vocab_size=32000),
+    "cuda": dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
+                 head_dim=128, vocab_size=32000),
     "cpu": dict(hidden_size=2048, intermediate_size=5632, num_attention_heads=32, num_key_value_heads=32, head_dim=64,
                 vocab_size=32000),
     "smollm2": dict(hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3, head_dim=64,
@@ -142,7 +142,8 @@ def main() -> int:
     st.add_argument("dest", type=Path)
     r = sub.add_parser("run")
     r.add_argument("--out", type=Path, required=True)
-    r.add_argument("--builder", type=Path, help="folder made by stage-builder (default: the installed onnxruntime-genai)")
+    r.add_argument("--builder", type=Path, help="folder made by stage-builder (default: the installed "
+                                                "onnxruntime-genai)")
     r.add_argument("--ep", choices=["cuda", "cpu"], default="cuda",
                    help="provider: cuda (float16 folders, Llama-2-7B layer shapes) or cpu (float32, hidden 2048)")
     r.add_argument("--shape", choices=["cuda", "cpu", "smollm2"],
@@ -171,11 +172,13 @@ def main() -> int:
     rewrites = REWRITES[ep]
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
-    base = args.work or Path(tempfile.mkdtemp(prefix="onnxqf-genai-bench-", dir="/dev/shm" if Path("/dev/shm").is_dir() else None))
+    base = args.work or Path(tempfile.mkdtemp(prefix="onnxqf-genai-bench-",
+                                              dir="/dev/shm" if Path("/dev/shm").is_dir() else None))
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error", TQDM_DISABLE="1")
     paths = [str(source_tree(base))] + ([str(args.builder.absolute())] if args.builder else [])
     env["PYTHONPATH"] = os.pathsep.join(paths + [env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    result: dict = {"layers": args.layers, "tiny": args.tiny, "ep": ep, "shape": args.shape or ep, "seq": args.seq, "past": args.past, "steps": {}}
+    result: dict = {"layers": args.layers, "tiny": args.tiny, "ep": ep, "shape": args.shape or ep, "seq": args.seq,
+                    "past": args.past, "steps": {}}
     res_path = out / "genai_gpu_bench.json"
 
     def save():
@@ -201,7 +204,8 @@ def main() -> int:
                "builder int4 (RTN, block 32)": ["-p", "int4", "--extra_options", *int4_options]}
     for name, extra in builder.items():
         dst = base / name.split()[1]
-        cmd = [py, "-m", "onnxruntime_genai.models.builder", "-i", hf, "-o", dst, "-e", ep, "-c", base / "cache", *extra]
+        cmd = [py, "-m", "onnxruntime_genai.models.builder", "-i", hf, "-o", dst, "-e", ep, "-c", base / "cache",
+               *extra]
         if "--extra_options" not in extra:
             cmd += ["--extra_options", "hf_token=false"]
         result["steps"][name] = sh(cmd, builder_env, min(240.0, left() - 60), cwd=base)
@@ -244,17 +248,18 @@ def main() -> int:
     batches = [int(b) for b in args.batches.split(",")]
     for k, batch in enumerate(batches):
         seq = args.seq if batch == 1 else args.batch_seq
-        b = sh([py, "-m", "onnxqf.cli", "bench", *[folders[n] for n in names], "--ep", ep, "--batch", str(batch), "--seq",
-                str(seq), "--past", args.past, "--decode-tokens", "32", "--repeats", "10", "--warmup", "3",
-                "--nbits-kernel", args.nbits_kernel, "--json"], env, max(30.0, (left() - 5) / (len(batches) - k)), cwd=base,
-               keep=0)
+        b = sh([py, "-m", "onnxqf.cli", "bench", *[folders[n] for n in names], "--ep", ep, "--batch", str(batch),
+                "--seq", str(seq), "--past", args.past, "--decode-tokens", "32", "--repeats", "10", "--warmup", "3",
+                "--nbits-kernel", args.nbits_kernel, "--json"], env, max(30.0, (left() - 5) / (len(batches) - k)),
+               cwd=base, keep=0)
         key = "bench" if batch == 1 else f"bench_batch{batch}"
         try:
             result[key] = json.loads(b["stdout"])
             label = {folders[n].name: n for n in names}
             for row in result[key]["models"]:
                 base_name = Path(row["path"]).name
-                row["label"] = label.get(base_name, base_name) + (" [fpA_intB]" if row.get("nbits_kernel") == "fpa-intb" else "")
+                row["label"] = (label.get(base_name, base_name)
+                                + (" [fpA_intB]" if row.get("nbits_kernel") == "fpa-intb" else ""))
         except Exception as exc:
             result[key] = {"error": f"{type(exc).__name__}: {exc}; {b['stderr'][-1000:]}", "rc": b["rc"]}
         save()
@@ -268,17 +273,20 @@ def print_table(result: dict, key: str = "bench") -> None:
         print("bench failed:", bench.get("error", "")[-500:])
         return
     past = str(bench["past"][0]) if bench["past"] else None
-    print(f"\n{result['layers']} layers ({result.get('shape', result['ep'])} shape), onnxruntime-genai layout, {bench['provider']}, "
-          f"onnxruntime {bench['onnxruntime']}, batch {bench['batch']}\n")
-    print(f"| folder | `check` rc | prefill {bench['batch']}x{bench['seq']} ms | x ref | decode past {past} tok/s | x ref | ms/step |")
+    print(f"\n{result['layers']} layers ({result.get('shape', result['ep'])} shape), onnxruntime-genai layout, "
+          f"{bench['provider']}, onnxruntime {bench['onnxruntime']}, batch {bench['batch']}\n")
+    print(f"| folder | `check` rc | prefill {bench['batch']}x{bench['seq']} ms | x ref | decode past {past} tok/s | x "
+          "ref | ms/step |")
     print("|---|---|---|---|---|---|---|")
     for row in bench["models"]:
         d = (row.get("decode") or {}).get(past, {})
         tps = d.get("tokens_per_s", {}).get("median")
         sp = row["speedup"]["decode"].get(past) if past else None
-        print(f"| {row['label']} | {result['check'].get(row['label'].removesuffix(' [fpA_intB]'), {}).get('rc', '-')} | {row['prefill_ms']['median']:.2f} | "
-              f"{row['speedup']['prefill']:.2f} | {tps:.0f} | {sp:.2f} | {bench['batch'] * 1e3 / tps:.3f} |" if tps else
-              f"| {row['label']} | - | {row['prefill_ms']['median']:.2f} | {row['speedup']['prefill']:.2f} | - | - | - |")
+        print(f"| {row['label']} | {result['check'].get(row['label'].removesuffix(' [fpA_intB]'), {}).get('rc', '-')} "
+              f"| {row['prefill_ms']['median']:.2f} | {row['speedup']['prefill']:.2f} | {tps:.0f} | {sp:.2f} | "
+              f"{bench['batch'] * 1e3 / tps:.3f} |" if tps else
+              f"| {row['label']} | - | {row['prefill_ms']['median']:.2f} | {row['speedup']['prefill']:.2f} | - | - | - "
+              "|")
 
 
 if __name__ == "__main__":

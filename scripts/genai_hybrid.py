@@ -63,8 +63,8 @@ def main() -> int:
              "-o", str(hyb / "model.onnx")])
         timing["rewrite_s"] = round(time.time() - t, 1)
 
-    from onnxqf.calib.data import token_windows
     from onnxqf.analysis.evaluate import compare
+    from onnxqf.calib.data import token_windows
     from onnxqf.genai.folder import model_file
     from onnxqf.genai.generate import generate
     from onnxqf.graph.modelfile import load_model
@@ -73,7 +73,8 @@ def main() -> int:
     wins = token_windows(args.text, plain, load_model(plain),
                          args.windows, 512)
     acc = compare(flt, hyb, wins, progress=True)
-    print(f"hybrid vs float genai folder: KL {acc['kl']:.5f} PPL {acc['ppl_orig']:.3f} -> {acc['ppl_new']:.3f} top-1 {acc['top1']:.4f}")
+    print(f"hybrid vs float genai folder: KL {acc['kl']:.5f} PPL {acc['ppl_orig']:.3f} -> {acc['ppl_new']:.3f} top-1 "
+          f"{acc['top1']:.4f}")
     gens = []
     same_total = 0
     for prompt in PROMPTS:

@@ -14,8 +14,7 @@ import time
 
 import numpy as np
 
-from onnxqf.maths import gptq
-from onnxqf.maths import nbits
+from onnxqf.maths import gptq, nbits
 
 
 def main() -> None:
@@ -35,7 +34,8 @@ def main() -> None:
     q = nbits.gptq_blockwise(B, p, 4, 32, scale_dtype=np.float16)
     dt = time.perf_counter() - t
     E = B - q.dequantize()
-    print(f"gptq_blockwise int4 block 32: {dt:.2f} s, output error tr(E^T H E) = {np.sum(E * (H.astype(np.float64) @ E)):.6g}")
+    print(f"gptq_blockwise int4 block 32: {dt:.2f} s, output error tr(E^T H E) = "
+          f"{np.sum(E * (H.astype(np.float64) @ E)):.6g}")
 
 
 if __name__ == "__main__":

@@ -189,9 +189,9 @@ def rotation_shares(cfg: Config, linears: dict, rotations: list[dict]) -> list[d
 
 def section_c1(cfg: Config, ep: str, work: Path, presets: list[str]) -> dict:
     import synthetic_llama
-    from onnxqf.models.export import export
 
     from onnxqf.graph.modelfile import load_model, save_model
+    from onnxqf.models.export import export
     from onnxqf.options import Calibration, RewriteOptions, Transform, quant_config
     from onnxqf.pipeline import rewrite
     from onnxqf.runtime.bench import BenchOptions, run_bench
@@ -216,7 +216,8 @@ def section_c1(cfg: Config, ep: str, work: Path, presets: list[str]) -> dict:
         log(f"c1 rewrite {name}: {seconds[name]} s")
     out = {"layers": cfg.layers, "rewrite_s": seconds, "bench": {}}
     for label, seq in ((f"prefill 1x{cfg.seq}", cfg.seq), ("forward 1x1", 1)):
-        opts = BenchOptions(ep=ep, seq=seq, decode_tokens=0, repeats=cfg.e2e_repeats, warmup=cfg.e2e_warmup, progress=False)
+        opts = BenchOptions(ep=ep, seq=seq, decode_tokens=0, repeats=cfg.e2e_repeats, warmup=cfg.e2e_warmup,
+                            progress=False)
         out["bench"][label] = run_bench([str(p) for p in models.values()], opts)
         log(f"c1 {label}: " + ", ".join(f"{n} {r['prefill_ms']['median']:.2f} ms" for n, r in
                                         zip(models, out["bench"][label]["models"])))
@@ -233,10 +234,11 @@ def summary(cfg: Config, data: dict) -> str:
         lines += ["## b. Online rotations, ms per application (median)", "",
                   "| rotation | factors | " + " | ".join(f"M = {m}" for m in cfg.rot_ms) + " |",
                   "|" + "---|" * (2 + len(cfg.rot_ms))]
-        lines += [f"| {r['rotation']} | {r['factor_sizes']} | " + " | ".join(f"{r['ms'][str(m)]:.4f}" for m in cfg.rot_ms)
-                  + " |" for r in data["b_rotations"]]
+        lines += [f"| {r['rotation']} | {r['factor_sizes']} | "
+                  + " | ".join(f"{r['ms'][str(m)]:.4f}" for m in cfg.rot_ms) + " |" for r in data["b_rotations"]]
         for s in data.get("b_shares", []):
-            lines.append(f"\nM = {s['M']}: full-hybrid rotations {s['hybrid_ms']:.4f} ms, --rotate {s['rotate_ms']:.4f} ms; "
+            lines.append(f"\nM = {s['M']}: full-hybrid rotations {s['hybrid_ms']:.4f} ms, --rotate "
+                         f"{s['rotate_ms']:.4f} ms; "
                          + "; ".join(f"{k}: layer {v['layer_ms']:.4f} ms, hybrid share {v['hybrid_share']:.1%}, rotate "
                                      f"share {v['rotate_share']:.1%}" for k, v in s.items() if isinstance(v, dict)))
     if "c1_decoders" in data:

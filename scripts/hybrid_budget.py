@@ -27,17 +27,17 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir import tape as ir_tape
 
-from onnxqf.calib import calibrate
-from onnxqf.graph import edit
-from onnxqf.maths import qmath
-from onnxqf.calib.data import load_tokenizer, load_tokens, token_windows, windows
 from onnxqf.analysis.evaluate import compare
-from onnxqf.maths.gptq import gptq_quantize
+from onnxqf.calib import calibrate
+from onnxqf.calib.data import load_tokenizer, load_tokens, token_windows, windows
+from onnxqf.graph import edit
 from onnxqf.graph.modelfile import load_model, save_model
 from onnxqf.lowering.nbits import MatMulNBits
 from onnxqf.lowering.w8a8 import Int8Token, per_token_codes
-from onnxqf.passes.quantize import QuantizePass
+from onnxqf.maths import qmath
+from onnxqf.maths.gptq import gptq_quantize
 from onnxqf.options import Calibration, RewriteOptions, Transform
+from onnxqf.passes.quantize import QuantizePass
 from onnxqf.pipeline import rewrite
 from onnxqf.recognize import recognize
 

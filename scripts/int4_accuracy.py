@@ -13,8 +13,8 @@ Rows:
   KL is against the builder's own fp32 model.
 - ours: the plain export (``onnxqf export smollm2``), optionally rotated (``--rotate`` preset:
   residual rotation, online Hadamard before down_proj, value/output head rotation), then
-  :class:`onnxqf.passes.quantize.QuantizePass` with :class:`onnxqf.lowering.nbits.MatMulNBits` with GPTQ on input Hessians of the
-  calibration text (the last 400 kB of --text, disjoint from the evaluated windows). KL is against
+  :class:`onnxqf.passes.quantize.QuantizePass` with :class:`onnxqf.lowering.nbits.MatMulNBits` with GPTQ on input
+  Hessians of the calibration text (the last 400 kB of --text, disjoint from the evaluated windows). KL is against
   the float export. lm_head stays float in our rows; the builder quantizes it (and the tied
   embedding) unless the row says otherwise.
 
@@ -39,8 +39,8 @@ from pathlib import Path
 
 import numpy as np
 
-from onnxqf.calib.data import load_tokenizer, token_windows, windows
 from onnxqf.analysis.evaluate import compare
+from onnxqf.calib.data import load_tokenizer, token_windows, windows
 from onnxqf.graph.modelfile import load_model, save_model
 
 PROMPTS = [
@@ -72,7 +72,8 @@ BUILDER = {
 OURS = {
     "ours RTN int4 block 32 (no rotation)": (False, dict(bits=4, block_size=32, gptq=False)),
     "ours GPTQ int4 block 32 (no rotation)": (False, dict(bits=4, block_size=32)),
-    "ours RTN asymmetric int4 block 32 (no rotation)": (False, dict(bits=4, block_size=32, gptq=False, symmetric=False)),
+    "ours RTN asymmetric int4 block 32 (no rotation)": (False, dict(bits=4, block_size=32, gptq=False,
+                                                                    symmetric=False)),
     "ours GPTQ asymmetric int4 block 32 (no rotation)": (False, dict(bits=4, block_size=32, symmetric=False)),
     "ours rotate + RTN int4 block 32": (True, dict(bits=4, block_size=32, gptq=False)),
     "ours rotate + GPTQ int4 block 32": (True, dict(bits=4, block_size=32)),
@@ -82,7 +83,8 @@ OURS = {
     "ours rotate + GPTQ act-order int4 block 32": (True, dict(bits=4, block_size=32, act_order=True)),
     "ours rotate + GPTQ clip-search int4 block 32": (True, dict(bits=4, block_size=32, clip_search=True)),
     "ours rotate + GPTQ asymmetric int4 block 32": (True, dict(bits=4, block_size=32, symmetric=False)),
-    "ours rotate + GPTQ act-order clip-search int4 block 32": (True, dict(bits=4, block_size=32, act_order=True, clip_search=True)),
+    "ours rotate + GPTQ act-order clip-search int4 block 32": (True, dict(bits=4, block_size=32, act_order=True,
+                                                                          clip_search=True)),
     "ours rotate + GPTQ asymmetric clip-search int4 block 32": (True, dict(bits=4, block_size=32, symmetric=False,
                                                                            clip_search=True)),
 }
@@ -90,7 +92,8 @@ OURS = {
 # name -> onnxqf.pipeline.RewriteOptions: the whole `onnxqf rewrite` path (sequential GPTQ: each layer's X^T X
 # from the outputs of the layers before it with their weights already rounded)
 PIPELINE = {
-    "ours rotate + sequential GPTQ int4 block 32": dict(transform="rotate", quant="int4", block_size=32, sequential=True),
+    "ours rotate + sequential GPTQ int4 block 32": dict(transform="rotate", quant="int4", block_size=32,
+                                                        sequential=True),
     # no online rotation: runs as fast as an unrotated int4 model (docs/benchmarks.md, section d)
     "ours rotate offline + GPTQ int4 block 32": dict(transform="rotate-offline", quant="int4", block_size=32,
                                                      sequential=False),
@@ -192,7 +195,8 @@ def make_ours(name: str, src: Path, work: Path, calib: np.ndarray) -> tuple[Path
     seconds = time.time() - t
     save_model(model, dst)
     rounding = {k: sum(v == k for v in p.report.rounding.values()) for k in ("gptq", "rtn")}
-    return dst, seconds, {"quantized": len(p.report.quantized), "rounding": rounding, "options": {**opts, "gptq": gptq, "rotate": rotate}}
+    return dst, seconds, {"quantized": len(p.report.quantized), "rounding": rounding,
+                          "options": {**opts, "gptq": gptq, "rotate": rotate}}
 
 
 def make_pipeline(name: str, src: Path, work: Path, calib: np.ndarray) -> tuple[Path, float, dict]:
@@ -289,7 +293,8 @@ def main() -> int:
     data = Path(args.text).read_bytes()
     tail = 400_000
     assert len(data) - tail > 4 * args.windows * args.seq, "text too short for disjoint calibration"
-    calib_ids = np.asarray(tokenizer(data[-tail:].decode("utf-8", "replace"), add_special_tokens=False)["input_ids"], np.int64)
+    calib_ids = np.asarray(tokenizer(data[-tail:].decode("utf-8", "replace"), add_special_tokens=False)["input_ids"],
+                           np.int64)
     calib = windows(calib_ids, args.calib_windows, args.seq, what="calibration text")
     prompts_ids = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in PROMPTS]
 
@@ -316,7 +321,8 @@ def main() -> int:
             path = build(work, name)
             fp32_builder = fp32_builder or build(work, "builder fp32")
             make_s = time.time() - t
-            ref_path, ref_key, info = (fp32_builder, "builder fp32", {"precision": BUILDER[name][0], "extra_options": BUILDER[name][1]})
+            ref_path, ref_key, info = (fp32_builder, "builder fp32",
+                                       {"precision": BUILDER[name][0], "extra_options": BUILDER[name][1]})
             if name == "builder fp32":  # sanity: the builder's float model against our float export
                 ref_path, ref_key = src, "ours float"
         else:
@@ -341,7 +347,8 @@ def main() -> int:
     if not args.no_generate and "ours float" in refs:
         results["_generations_float_text"] = [tokenizer.decode(g) for g in refs["ours float"]]
     results["_setup"] = {"windows": int(wins.shape[0]), "seq": int(wins.shape[1]), "calib_windows": int(calib.shape[0]),
-                         "calib": f"last {tail} bytes of {Path(args.text).name}", "prompts": PROMPTS, "new_tokens": NEW_TOKENS}
+                         "calib": f"last {tail} bytes of {Path(args.text).name}", "prompts": PROMPTS,
+                         "new_tokens": NEW_TOKENS}
     results_path.write_text(json.dumps(results, indent=1))
     print_table(results)
     b32 = results.get("builder int4 RTN block 32", {}).get("kl")
@@ -360,7 +367,8 @@ def print_table(results: dict) -> None:
     setup = results.get("_setup", {})
     print(f"\nSmolLM2-135M, WikiText-2 test, {setup.get('windows')} x {setup.get('seq')} tokens; "
           f"GPTQ calibration {setup.get('calib_windows')} x {setup.get('seq')} tokens of {setup.get('calib')}\n")
-    print("| model | reference | KL nats/token | PPL ref | PPL | ΔPPL | top-1 | greedy tokens = ref (10×32) | MatMulNBits |")
+    print("| model | reference | KL nats/token | PPL ref | PPL | ΔPPL | top-1 | greedy tokens = ref (10×32) | "
+          "MatMulNBits |")
     print("|---|---|---|---|---|---|---|---|---|")
     for name, r in results.items():
         if name.startswith("_"):

@@ -212,7 +212,8 @@ def main(argv=None) -> int:
                     row["check"][f"{name}_vs_int8-token"] = compare(outs[name][0], outs["int8-token"][0])
                     row["check"][f"{name}_vs_fp16"] = compare(outs[name][0], outs["fp16"][0])
                     # every copy written (outputs were poisoned with NaN)
-                    row["check"][f"{name}_nan_any_copy"] = int(sum(np.isnan(o.astype(np.float32)).sum() for o in outs[name]))
+                    row["check"][f"{name}_nan_any_copy"] = int(sum(np.isnan(o.astype(np.float32)).sum()
+                                                                   for o in outs[name]))
             row["speedup_vs_fp16"] = {k: row["ms"]["fp16"] / v for k, v in row["ms"].items() if k != "fp16"}
             results.append(row)
             ex = row["check"]["onnxqf_vs_int8-token"]
@@ -229,10 +230,12 @@ def main(argv=None) -> int:
         s = r["speedup_vs_fp16"]
         ex = r["check"]["onnxqf_vs_int8-token"]
         print(f"| {r['K']}→{r['N']} | {r['M']} | {r['ms']['fp16']*1e3:.1f} | {r['ms']['onnxqf']*1e3:.1f} | "
-              f"**{s['onnxqf']:.2f}×** | {s['int8-token']:.2f}× | {'yes' if ex['mismatches'] == 0 else ex['mismatches']} |"
+              f"**{s['onnxqf']:.2f}×** | {s['int8-token']:.2f}× | "
+              f"{'yes' if ex['mismatches'] == 0 else ex['mismatches']} |"
               + "".join(f" {s[v]:.2f}× |" if v in s else " — |" for v in extra))
     doc = {"date": datetime.date.today().isoformat(), "onnxruntime": ort.__version__, "copies_per_graph": COPIES,
-           "device": _device_name(), "command": " ".join(["python", "scripts/kernel_bench.py", *(argv or sys.argv[1:])]),
+           "device": _device_name(),
+           "command": " ".join(["python", "scripts/kernel_bench.py", *(argv or sys.argv[1:])]),
            "results": results}
     path = args.json or (os.path.join(os.environ["OUT"], "kernel_bench.json") if os.environ.get("OUT") else None)
     if path:

@@ -48,8 +48,9 @@ def measure(model: Path, preset: str, extra: list[str]) -> dict:
             raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}):\n" + "\n".join(tail))
         rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", proc.stderr).group(1))
         passes = re.findall(r"\[onnxqf\] (\w+Pass): \w[\w ]* \(([\d.]+) s\)", proc.stderr)
-        return {"model": str(model), "preset": preset, "args": PRESETS[preset] + extra, "peak_rss_gb": round(rss / 1e6, 3),
-                "wall_s": round(wall, 1), "output_gb": round(_du(out.parent) / 1e9, 2),
+        return {"model": str(model), "preset": preset, "args": PRESETS[preset] + extra,
+                "peak_rss_gb": round(rss / 1e6, 3), "wall_s": round(wall, 1),
+                "output_gb": round(_du(out.parent) / 1e9, 2),
                 "passes_s": {name: float(s) for name, s in passes}}
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -73,7 +73,8 @@ def write_folder(out: Path, layers: int, outliers: int = 4, seed: int = 0, shape
         del tensors, up
         print(f"layer {i + 1}/{layers} written", file=sys.stderr, flush=True)
     size = sum((out / n).stat().st_size for n in set(index.values()))
-    (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": size}, "weight_map": index}, indent=1))
+    index_doc = {"metadata": {"total_size": size}, "weight_map": index}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index_doc, indent=1))
     config = dict(architectures=["LlamaForCausalLM"], model_type="llama", num_hidden_layers=layers, hidden_act="silu",
                   tie_word_embeddings=False, rms_norm_eps=1e-5, max_position_embeddings=4096, rope_theta=10000.0,
                   bos_token_id=0, eos_token_id=0, torch_dtype="float16", dtype="float16", attention_bias=False,

@@ -16,23 +16,24 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from onnxqf.runtime import kernels  # imports no onnxruntime: the skips below still decide
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
 ort = pytest.importorskip("onnxruntime")
 if "CUDAExecutionProvider" not in ort.get_available_providers() and __name__ != "__main__":
     pytest.skip("onnxruntime has no CUDA provider", allow_module_level=True)
 
-from onnx import TensorProto, helper, numpy_helper
-
-from onnxqf.runtime import kernels
-
 F16 = TensorProto.FLOAT16
 
 
-def reference(x: np.ndarray, q: np.ndarray, wscale: np.ndarray, bias: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+def reference(x: np.ndarray, q: np.ndarray, wscale: np.ndarray,
+              bias: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
     """numpy: (y fp16, codes int8) by the definition (fp16 amax, fp16 127/amax, fp16 product, round half even)."""
     amax = np.max(np.abs(x), axis=-1, keepdims=True).astype(np.float16)
     amax = np.maximum(amax, np.float16(1e-4))
@@ -154,7 +155,8 @@ def test_bit_exact_against_standard_graph(M, K, N, env):
     std = run_poisoned(std_sess, x, N, out="y0")
     assert not np.isnan(ours.astype(np.float32)).any()
     mismatches = int(np.sum(ours != std))
-    assert mismatches == 0, f"{mismatches} of {ours.size} differ, max {np.max(np.abs(ours.astype(np.float32) - std)):.3g}"
+    assert mismatches == 0, (f"{mismatches} of {ours.size} differ, "
+                             f"max {np.max(np.abs(ours.astype(np.float32) - std)):.3g}")
 
 
 def test_empty_tokens():
@@ -173,11 +175,11 @@ def build_rewrites(folder: Path) -> dict[str, Path]:
     onnxqf-cuda (the same rounded weights). CPU only: ``python kernels/tests/test_kernels_gpu.py DIR`` makes them
     where torch and transformers are, for a GPU machine that has neither (ONNXQF_TEST_REWRITES=DIR)."""
     sys.path.insert(0, str(ROOT / "tests"))
-    from onnxqf.models.export import export_model
-    from tiny import tiny_model
-
     import onnxqf.lowering.cuda_kernels  # noqa: F401  (registers onnxqf-cuda)
     from onnxqf.cli import main
+    from onnxqf.models.export import export_model
+
+    from tiny import tiny_model
 
     folder.mkdir(parents=True, exist_ok=True)
     src = export_model(tiny_model("llama-gqa"), folder / "m.onnx", dtype="float16")
@@ -218,7 +220,8 @@ def test_rewrite_matches_standard_graph(tmp_path):
         except Exception as e:  # noqa: BLE001 - ONNX Runtime's own MatMulInteger refusing a shape is reported
             refused.append(f"{batch}x{seq}: {str(e).splitlines()[0][:160]}")
             continue
-        assert a.shape == b.shape and np.array_equal(a, b), (batch, seq, float(np.max(np.abs(a.astype(np.float32) - b))))
+        assert a.shape == b.shape and np.array_equal(a, b), (batch, seq,
+                                                             float(np.max(np.abs(a.astype(np.float32) - b))))
         compared.append((batch, seq))
     print(f"bit-exact at {compared}; the int8-token graph failed at {refused}")
     assert compared, refused
