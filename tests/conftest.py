@@ -26,6 +26,7 @@ def tiny_models(tiny_dir) -> dict[str, Path]:
     pytest.importorskip("torch")
     pytest.importorskip("transformers")
     from onnxqf.models.export import export_model
+
     from tiny import tiny_model
 
     out = {}
@@ -38,6 +39,7 @@ def tiny_models(tiny_dir) -> dict[str, Path]:
 def tiny_fp16(tiny_dir) -> Path:
     pytest.importorskip("torch")
     from onnxqf.models.export import export_model
+
     from tiny import tiny_model
 
     return export_model(tiny_model("llama-gqa"), tiny_dir / "llama-gqa-fp16.onnx", dtype="float16")

@@ -44,10 +44,10 @@ def run_case(model_name: str, args: list[str], work: Path, extra: tuple[str, ...
     import onnxruntime as ort
 
     sys.path.insert(0, str(HERE))
-    from tiny import tiny_model
-
     from onnxqf.cli import main
     from onnxqf.models.export import export_model
+
+    from tiny import tiny_model
 
     work.mkdir(parents=True, exist_ok=True)
     src = work / f"{model_name}.onnx"
@@ -56,7 +56,8 @@ def run_case(model_name: str, args: list[str], work: Path, extra: tuple[str, ...
     calib = work / "ids.npy"
     np.save(calib, ids())
     out = work / f"{model_name}.{abs(hash(tuple(args)))}.onnx"
-    argv = ["rewrite", str(src), *args, *extra, "--calib", str(calib), "--calib-windows", "2", "--calib-seq", "64", "-q", "-o", str(out)]
+    argv = ["rewrite", str(src), *args, *extra, "--calib", str(calib), "--calib-windows", "2", "--calib-seq", "64",
+            "-q", "-o", str(out)]
     assert main(argv) == 0, argv
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     x = ids()[1000:1024][None]

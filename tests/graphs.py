@@ -123,7 +123,8 @@ class _Builder:
             gu = self.op("MatMul", [h2, self.weight(f"layers.{i}.gate_up_proj", s.hidden, 2 * s.d_ff)])
             gate, up = self.ops("Split", [gu, self.const("split", np.array([s.d_ff] * 2, np.int64))], 2, axis=-1)
         else:
-            gate, up = (self.op("MatMul", [h2, self.weight(f"layers.{i}.{r}_proj", s.hidden, s.d_ff)]) for r in ("gate", "up"))
+            gate, up = (self.op("MatMul", [h2, self.weight(f"layers.{i}.{r}_proj", s.hidden, s.d_ff)])
+                        for r in ("gate", "up"))
         act = self.op("Mul", [gate, self.op("Sigmoid", [gate])])
         d = self.op("MatMul", [self.op("Mul", [act, up]), self.weight(f"layers.{i}.down_proj", s.d_ff, s.hidden)])
         if s.post_norms:

@@ -150,14 +150,16 @@ def test_every_module_declares_its_public_names():
         if names is None:
             bad.append(f"{path.relative_to(ROOT)}: no __all__")
             continue
-        namespace = {n.name for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
+        namespace = {n.name for n in ast.walk(ast.parse(path.read_text()))
+                     if isinstance(n, (ast.FunctionDef, ast.ClassDef))}
         for node in ast.parse(path.read_text()).body:
             if isinstance(node, (ast.Assign, ast.AnnAssign)):
                 namespace |= {t.id for t in (node.targets if isinstance(node, ast.Assign) else [node.target])
                               if isinstance(t, ast.Name)}
             elif isinstance(node, (ast.Import, ast.ImportFrom)):
                 namespace |= {(a.asname or a.name).split(".")[0] for a in node.names}
-        bad += [f"{path.relative_to(ROOT)}: __all__ names {n}, which it does not define" for n in names if n not in namespace]
+        bad += [f"{path.relative_to(ROOT)}: __all__ names {n}, which it does not define"
+                for n in names if n not in namespace]
         declared[module] = set(names)
     files = dict(modules)
     for folder in ("scripts", "tests", "kernels"):
@@ -167,7 +169,8 @@ def test_every_module_declares_its_public_names():
         for target, names, line in imports_of(path, module, path.name == "__init__.py"):
             if target in declared and target != module:
                 missing = [n for n in names if n not in declared[target] and f"{target}.{n}" not in modules]
-                bad += [f"{path.relative_to(ROOT)}:{line} imports {n} from {target}, not in its __all__" for n in missing]
+                bad += [f"{path.relative_to(ROOT)}:{line} imports {n} from {target}, not in its __all__"
+                        for n in missing]
     assert not bad, "\n".join(bad)
 
 

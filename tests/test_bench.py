@@ -17,9 +17,9 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxqf.runtime.bench import BenchOptions, describe, format_table, parse_past, run_bench
 from onnxqf.cli import main
 from onnxqf.errors import OnnxqfError
+from onnxqf.runtime.bench import BenchOptions, describe, format_table, parse_past, run_bench
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB, KV_HEADS, HEAD_DIM, LAYERS = 32, 2, 4, 2
@@ -51,7 +51,8 @@ def kv_graph(path: Path, *, positions: bool = True, broken_present: bool = False
               helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "total"])]
     if positions:
         inputs.append(helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["batch", "seq"]))
-        nodes += [helper.make_node("Gather", ["pos_embed", "position_ids"], ["xp"]), helper.make_node("Add", ["x0", "xp"], ["x"])]
+        nodes += [helper.make_node("Gather", ["pos_embed", "position_ids"], ["xp"]),
+                  helper.make_node("Add", ["x0", "xp"], ["x"])]
     else:
         nodes.append(helper.make_node("Identity", ["x0"], ["x"]))
     nodes += [
@@ -96,8 +97,10 @@ def plain_graph(path: Path, output: str = "logits") -> Path:
     rng = np.random.default_rng(1)
     inits = [numpy_helper.from_array(rng.standard_normal((VOCAB, 8)).astype(np.float32), "embed"),
              numpy_helper.from_array(rng.standard_normal((8, VOCAB)).astype(np.float32), "w")]
-    nodes = [helper.make_node("Gather", ["embed", "input_ids"], ["x"]), helper.make_node("MatMul", ["x", "w"], [output])]
-    graph = helper.make_graph(nodes, "plain", [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["b", "s"])],
+    nodes = [helper.make_node("Gather", ["embed", "input_ids"], ["x"]),
+             helper.make_node("MatMul", ["x", "w"], [output])]
+    graph = helper.make_graph(nodes, "plain",
+                              [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["b", "s"])],
                               [helper.make_tensor_value_info(output, TensorProto.FLOAT, ["b", "s", VOCAB])], inits)
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)], ir_version=9), str(path))
     return path
@@ -108,7 +111,7 @@ FAST = BenchOptions(ep="cpu", batch=2, seq=4, past=(0, 3), decode_tokens=3, repe
 
 def one_line_error(capsys, rc: int, expected_rc: int = 2) -> str:
     err = capsys.readouterr().err
-    lines = [l for l in err.strip().splitlines() if l.strip()]
+    lines = [line for line in err.strip().splitlines() if line.strip()]
     assert rc == expected_rc, err
     assert len(lines) == 1 and lines[0].startswith("onnxqf: error:"), err
     return lines[0]
@@ -147,12 +150,13 @@ def test_fixed_buffer_decode_step(tmp_path):
 
     kv = kv_graph(tmp_path / "kv.onnx")
     io = describe(kv).io
-    speeds = measure_decode_step_graph(make_session(kv), io, batch=2, past=5, warmup=1, repeats=3, steps=2, device="cpu")
+    speeds = measure_decode_step_graph(make_session(kv), io, batch=2, past=5, warmup=1, repeats=3, steps=2,
+                                       device="cpu")
     assert len(speeds) == 3 and min(speeds) > 0
     broken = kv_graph(tmp_path / "broken.onnx", broken_present=True)
     with pytest.raises(Exception):
-        measure_decode_step_graph(make_session(broken), describe(broken).io, batch=1, past=5, warmup=0, repeats=1, steps=1,
-                                  device="cpu")
+        measure_decode_step_graph(make_session(broken), describe(broken).io, batch=1, past=5, warmup=0, repeats=1,
+                                  steps=1, device="cpu")
     with pytest.raises(OnnxqfError, match="--cuda-graph needs --ep cuda"):
         run_bench([str(kv)], BenchOptions(ep="cpu", cuda_graph=True, progress=False))
 
@@ -160,15 +164,16 @@ def test_fixed_buffer_decode_step(tmp_path):
 def test_kv_fp16_cache(tmp_path):
     kv16 = kv_graph(tmp_path / "kv16.onnx", dtype=TensorProto.FLOAT16)
     assert describe(kv16).io.cache_dtype == np.float16
-    r = run_bench([str(kv16)], BenchOptions(ep="cpu", seq=3, past=(2,), decode_tokens=2, repeats=1, warmup=0, progress=False))
+    r = run_bench([str(kv16)], BenchOptions(ep="cpu", seq=3, past=(2,), decode_tokens=2, repeats=1, warmup=0,
+                                            progress=False))
     assert r["models"][0]["decode"]["2"]["tokens_per_s"]["median"] > 0
 
 
 def test_plain_models_and_ref(tiny_models, tmp_path, capsys):
     a, b = tiny_models["llama-gqa"], tiny_models["llama-tied"]
     kv = kv_graph(tmp_path / "kv.onnx")
-    rc = main(["bench", str(b), str(kv), "--ref", str(a), "--ep", "cpu", "--seq", "8", "--past", "4", "--decode-tokens", "2",
-               "--repeats", "2", "--warmup", "1", "--json"])
+    rc = main(["bench", str(b), str(kv), "--ref", str(a), "--ep", "cpu", "--seq", "8", "--past", "4",
+               "--decode-tokens", "2", "--repeats", "2", "--warmup", "1", "--json"])
     out = capsys.readouterr().out
     assert rc == 0
     r = json.loads(out)
@@ -188,6 +193,7 @@ def test_genai_folder(tmp_path):
     pytest.importorskip("onnxruntime_genai")
     pytest.importorskip("transformers")
     from onnxqf.models.genai_export import export_genai
+
     from tiny import save_byte_tokenizer, tiny_model
 
     model = tiny_model("llama-gqa")
@@ -221,7 +227,8 @@ def test_unsupported_inputs(tmp_path, capsys):
     m = onnx.load(str(kv_graph(tmp_path / "kv.onnx")))
     m.graph.output.remove(next(o for o in m.graph.output if o.name == "present.1.value"))
     onnx.save(m, str(tmp_path / "nopresent.onnx"))
-    assert "no matching output 'present.1.value'" in one_line_error(capsys, main(["bench", str(tmp_path / "nopresent.onnx")]))
+    rc = main(["bench", str(tmp_path / "nopresent.onnx")])
+    assert "no matching output 'present.1.value'" in one_line_error(capsys, rc)
     m = onnx.load(str(plain_graph(tmp_path / "p.onnx")))
     m.graph.input.append(helper.make_tensor_value_info("token_type_ids", TensorProto.INT64, ["b", "s"]))
     onnx.save(m, str(tmp_path / "extra.onnx"))
@@ -320,7 +327,8 @@ def nbits_graph(path: Path, specs: list[dict]) -> Path:
         bits, block, N = spec.get("bits", 4), spec.get("block", 32), spec.get("N", 64)
         ftype = spec.get("float", np.float16)
         blocks = K // block
-        inits.append(numpy_helper.from_array(rng.integers(0, 255, (N, blocks, block * bits // 8), dtype=np.uint8), f"B{i}"))
+        codes = rng.integers(0, 255, (N, blocks, block * bits // 8), dtype=np.uint8)
+        inits.append(numpy_helper.from_array(codes, f"B{i}"))
         inits.append(numpy_helper.from_array(np.full(N * blocks, 0.01, ftype), f"s{i}"))
         inputs = ["x" if ftype == np.float16 else "x32", f"B{i}", f"s{i}"]
         if spec.get("zp"):
@@ -332,10 +340,13 @@ def nbits_graph(path: Path, specs: list[dict]) -> Path:
     if any(s.get("float", np.float16) != np.float16 for s in specs):
         nodes.append(helper.make_node("Cast", ["x"], ["x32"], to=TensorProto.FLOAT))
     nodes.append(helper.make_node("Identity", [outs[0]], ["logits"]))
-    graph = helper.make_graph(nodes, "nbits", [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["b", "s"])],
-                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT16, ["b", "s", specs[0].get("N", 64)])],
+    graph = helper.make_graph(nodes, "nbits",
+                              [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["b", "s"])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT16,
+                                                             ["b", "s", specs[0].get("N", 64)])],
                               inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)],
+    model = helper.make_model(graph,
+                              opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)],
                               ir_version=9)
     onnx.save(model, str(path))
     return path

@@ -7,11 +7,12 @@ from pathlib import Path
 
 import numpy as np
 
-from helpers import run_logits
 from onnxqf.graph.modelfile import load_model, save_model
 from onnxqf.lowering.w8a8 import Int8Token
 from onnxqf.passes.quantize import QuantizePass
 from onnxqf.recognize import recognize
+
+from helpers import run_logits
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -24,7 +25,8 @@ def _budget():
 
 
 def test_fake_quant_activations_match_the_int8_graph(tiny_models, text_ids, tmp_path):
-    """RTN int8 weights (dequantized) + per-token fake-quant activations == the int8-token lowering's MatMulInteger graph."""
+    """RTN int8 weights (dequantized) + per-token fake-quant activations == the int8-token lowering's MatMulInteger
+    graph."""
     budget = _budget()
     src = tiny_models["llama-gqa"]
     ids = text_ids[None, :96]

@@ -12,7 +12,6 @@ import pytest
 from onnx import TensorProto, helper
 
 
-
 def digest(path):
     return hashlib.sha256(open(path, "rb").read()).hexdigest()
 
@@ -34,7 +33,7 @@ def copy_model(src, dst_dir):
 
 
 def assert_one_line_error(rc, err):
-    lines = [l for l in err.strip().splitlines() if l.strip()]
+    lines = [line for line in err.strip().splitlines() if line.strip()]
     assert rc == 2, err
     assert len(lines) == 1 and lines[0].startswith("onnxqf: error:"), err
 
@@ -141,7 +140,8 @@ def test_rewrite_and_eval_end_to_end(tiny_models, ids_file, tmp_path):
     r = json.loads(stdout)
     assert {"kl", "ppl_orig", "ppl_new", "top1", "tokens"} <= set(r)
     assert r["tokens"] == 256 and 0 <= r["kl"] < 0.01
-    rc, _, _ = run_cli("eval", src, out, "--tokens", ids_file, "--windows", "2", "--seq", "128", "--json", "--max-kl", "0")
+    rc, _, _ = run_cli("eval", src, out, "--tokens", ids_file, "--windows", "2", "--seq", "128", "--json",
+                       "--max-kl", "0")
     assert rc == 1
 
 

@@ -6,8 +6,8 @@ import sys
 
 import pytest
 
-from onnxqf.recognize import recognize
 from onnxqf.graph.modelfile import get_metadata, load_model
+from onnxqf.recognize import recognize
 
 
 def run_cli(*args):
@@ -33,7 +33,8 @@ def test_export_from_directory_without_tokenizer(tmp_path):
 
 def test_unsupported_architecture(tmp_path):
     transformers = pytest.importorskip("transformers")
-    cfg = transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64, n_positions=64, bos_token_id=0, eos_token_id=0)
+    cfg = transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64, n_positions=64, bos_token_id=0,
+                                  eos_token_id=0)
     transformers.GPT2LMHeadModel(cfg).save_pretrained(tmp_path / "gpt2")
     rc, _, err = run_cli("export", tmp_path / "gpt2", "-o", tmp_path / "x.onnx")
     assert rc == 2

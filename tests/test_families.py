@@ -18,6 +18,7 @@ pytest.importorskip("torch")
 pytest.importorskip("onnxruntime_genai")
 
 from onnxqf.cli import main  # noqa: E402
+
 from tiny import FAMILY_MODELS, save_byte_tokenizer, tiny_model  # noqa: E402
 
 FAMILIES = list(FAMILY_MODELS)
@@ -224,8 +225,8 @@ def test_qwen3_genai_every_transform_exact(family, calib, transform, tmp_path):
     assert r["kl"] <= 1e-6 and r["max_abs_diff"] <= 1e-4 * r["max_abs_logit"], r
 
 
-@pytest.mark.parametrize("fmt", [["--quant", "int8"], ["--quant", "int8", "--act-quant", "tensor"], ["--quant", "int8w"],
-                                 ["--quant", "int4", "--asymmetric"]])
+@pytest.mark.parametrize("fmt", [["--quant", "int8"], ["--quant", "int8", "--act-quant", "tensor"],
+                                 ["--quant", "int8w"], ["--quant", "int4", "--asymmetric"]])
 def test_qwen3_genai_every_format_generates(family, calib, fmt, tmp_path):
     from onnxqf.analysis.evaluate import compare
     from onnxqf.genai.generate import generate

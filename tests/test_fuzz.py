@@ -199,8 +199,9 @@ def test_killed_rewrite_leaves_no_output_and_is_cleaned_next_time(tiny_models, t
     (stale / "model.onnx.data").write_bytes(b"x" * 100)
     live = out.parent / f"{PARTIAL_PREFIX}{os.getppid()}-def"  # a process that is still running: kept
     live.mkdir()
-    proc = subprocess.Popen([sys.executable, "-m", "onnxqf.cli", "rewrite", str(model), "--hybrid", "--calib-windows", "2",
-                             "--calib-seq", "64", "-o", str(out), "-q"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen([sys.executable, "-m", "onnxqf.cli", "rewrite", str(model), "--hybrid",
+                             "--calib-windows", "2", "--calib-seq", "64", "-o", str(out), "-q"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     time.sleep(6)
     proc.send_signal(signal.SIGKILL)
     proc.wait()

@@ -22,6 +22,7 @@ from onnxqf.cli import main  # noqa: E402
 from onnxqf.errors import GenaiFolderError, OnnxqfError  # noqa: E402
 from onnxqf.genai.folder import read_genai  # noqa: E402
 from onnxqf.genai.generate import generate  # noqa: E402
+
 from tiny import save_byte_tokenizer  # noqa: E402
 
 PROMPT = [17, 42, 301, 5, 77, 250, 9, 128, 64, 3, 400, 11]
@@ -32,6 +33,7 @@ def built(tmp_path_factory):
     """(HF folder, genai folder, plain .onnx) of the same tiny weights."""
     from onnxqf.models.export import export_model
     from onnxqf.models.genai_export import export_genai
+
     from tiny import tiny_model
 
     tmp = tmp_path_factory.mktemp("genai")
@@ -157,7 +159,8 @@ def test_export_refusals_write_nothing(built, tmp_path, capsys):
     (busy / "mine.txt").write_text("keep")
     assert main(["export", str(hf), "--kv-cache", "-o", str(busy / "model.onnx")]) == 2
     assert "not an onnxruntime-genai folder" in capsys.readouterr().err
-    assert main(["export", str(hf), "--kv-cache", "--dtype", "float16", "--ep", "cpu", "-o", str(tmp_path / "a" / "model.onnx")]) == 2
+    assert main(["export", str(hf), "--kv-cache", "--dtype", "float16", "--ep", "cpu",
+                 "-o", str(tmp_path / "a" / "model.onnx")]) == 2
     assert main(["export", str(hf), "--ep", "cpu", "-o", str(tmp_path / "b.onnx")]) == 2  # --ep needs --kv-cache
     assert sorted(p.name for p in tmp_path.iterdir()) == ["busy"]
     assert [p.name for p in busy.iterdir()] == ["mine.txt"]
@@ -200,7 +203,8 @@ def test_missing_onnxruntime_genai(monkeypatch, tmp_path):
     from onnxqf.models.genai_export import require_builder
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "onnxruntime_genai" else real(name, *a))
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "onnxruntime_genai" else real(name, *a))
     with pytest.raises(OnnxqfError, match=r"pip install 'onnxqf\[genai\]'"):
         require_builder()
     monkeypatch.setitem(sys.modules, "onnxruntime_genai", None)
@@ -221,7 +225,8 @@ def test_recognize_builder_graph(built):
     g, p = recognize_genai(load_model(gen / "model.onnx")), recognize(load_model(plain))
     assert g.config == p.config and len(g.layers) == len(p.layers) == 2
     for lg, lp in zip(g.layers, p.layers):
-        assert lg.q.node is lg.k.node is lg.v.node and (lg.q.cols, lg.k.cols, lg.v.cols) == ((0, 64), (64, 96), (96, 128))
+        assert lg.q.node is lg.k.node is lg.v.node
+        assert (lg.q.cols, lg.k.cols, lg.v.cols) == ((0, 64), (64, 96), (96, 128))
         for a, b in zip(lg.linears(), lp.linears()):
             assert a.role == b.role and a.shape == b.shape and np.allclose(a.matrix(), b.matrix())
         for a, b in ((lg.attn_norm, lp.attn_norm), (lg.mlp_norm, lp.mlp_norm)):
@@ -229,14 +234,17 @@ def test_recognize_builder_graph(built):
         assert lg.mlp_norm.input is lg.attn_add.outputs[3]  # the Skip norm's residual sum
     assert g.final_norm.kind == "SkipSimplifiedLayerNormalization" and g.lm_head.shape == (64, 512)
     # the packed MatMul is one weight linear: quantization and prepare_linears see it once
-    assert [lin.role for lin in g.linears(include_lm_head=False)][:5] == ["qkv_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    assert g.layers[0].qkv.node is g.layers[0].q.node and g.layers[0].qkv.cols is None and g.layers[0].qkv.shape == (64, 128)
+    roles = [lin.role for lin in g.linears(include_lm_head=False)][:5]
+    assert roles == ["qkv_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    qkv = g.layers[0].qkv
+    assert qkv.node is g.layers[0].q.node and qkv.cols is None and qkv.shape == (64, 128)
     assert g.site_of()["layers.0.qkv_proj"].kind == "attn_in"
     # writing one column block leaves the other blocks of the packed weight alone
     v = g.layers[0].v
     before = g.layers[0].q.matrix(), g.layers[0].k.matrix()
     set_weight_matrix(v, np.zeros(v.shape))
-    assert not v.matrix().any() and all(np.array_equal(a, b.matrix()) for a, b in zip(before, (g.layers[0].q, g.layers[0].k)))
+    assert not v.matrix().any()
+    assert all(np.array_equal(a, b.matrix()) for a, b in zip(before, (g.layers[0].q, g.layers[0].k)))
 
 
 # --------------------------------------------------------------------------- rewriting genai folders
@@ -246,6 +254,7 @@ def test_recognize_builder_graph(built):
 def folders(built, tmp_path_factory):
     """name -> a genai folder of that tiny model, built on first use (llama-gqa is ``built``'s)."""
     from onnxqf.models.genai_export import export_genai
+
     from tiny import tiny_model
 
     cache = {"llama-gqa": built[1]}
@@ -320,12 +329,13 @@ def test_rewrite_genai_default_output(folders, tmp_path, capsys):
     gen = _copy(folders("llama-gqa"), tmp_path / "gen")
     assert main(["rewrite", str(gen), "--rotate", "--quant", "none", "-q"]) == 0
     out = tmp_path / "gen.rotate.float"
-    assert capsys.readouterr().out.strip() == str(out / "model.onnx") and read_genai(out).model_path == out / "model.onnx"
+    assert capsys.readouterr().out.strip() == str(out / "model.onnx")
+    assert read_genai(out).model_path == out / "model.onnx"
     # another graph name: the copied config names it
     assert main(["rewrite", str(gen), "--rotate", "--quant", "none", "-q", "-o", str(tmp_path / "r" / "rot.onnx")]) == 0
     assert read_genai(tmp_path / "r").model_path.name == "rot.onnx"
-    assert {p.name for p in (tmp_path / "r").iterdir()} == {"rot.onnx", "rot.onnx.data", "genai_config.json", "tokenizer.json",
-                                                           "tokenizer_config.json"}
+    assert {p.name for p in (tmp_path / "r").iterdir()} == {"rot.onnx", "rot.onnx.data", "genai_config.json",
+                                                           "tokenizer.json", "tokenizer_config.json"}
 
 
 @pytest.mark.parametrize("quant, op, per_layer", [("int8", "MatMulIntegerToFloat", 4), ("int4", "MatMulNBits", 5)])
@@ -399,7 +409,8 @@ def test_rewrite_genai_refusals(folders, tmp_path, capsys):
         (["-o", str(gen / "model.onnx")], "would replace the input genai folder"),
         (["-o", str(gen / "other.onnx")], "would replace the input genai folder"),
         (["-o", str(busy)], "not an onnxruntime-genai folder"),
-        (["--keep-float", "v_proj", "--quant", "int8", "-o", str(tmp_path / "k")], "keep all three float with --keep-float qkv_proj"),
+        (["--keep-float", "v_proj", "--quant", "int8", "-o", str(tmp_path / "k")],
+         "keep all three float with --keep-float qkv_proj"),
     ]
     for extra, message in cases:
         assert main(["rewrite", str(gen), "--rotate", "--quant", "none", "-q", *extra]) == 2
@@ -420,8 +431,10 @@ def test_rewrite_genai_refusals(folders, tmp_path, capsys):
     assert "unsupported attention op MultiHeadAttention" in capsys.readouterr().err and not (tmp_path / "m").exists()
     # an already quantized folder is refused with one line
     for quant, op in (("int4", "MatMulNBits"), ("int8", "MatMulInteger")):
-        assert main(["rewrite", str(gen), "--quant", quant, "--weight-rounding", "rtn", "-o", str(tmp_path / quant), "-q"]) == 0
+        assert main(["rewrite", str(gen), "--quant", quant, "--weight-rounding", "rtn", "-o", str(tmp_path / quant),
+                     "-q"]) == 0
         capsys.readouterr()
-        assert main(["rewrite", str(tmp_path / quant), "--rotate", "--quant", "none", "-o", str(tmp_path / "again"), "-q"]) == 2
+        assert main(["rewrite", str(tmp_path / quant), "--rotate", "--quant", "none", "-o", str(tmp_path / "again"),
+                     "-q"]) == 2
         err = capsys.readouterr().err.strip()
         assert err.count("\n") == 0 and f"already quantized ({op}" in err and not (tmp_path / "again").exists()

@@ -4,11 +4,12 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
-from helpers import kl_per_token, options, run_logits
 from onnxqf.errors import UnsupportedGraphError
-from onnxqf.recognize import recognize
 from onnxqf.graph.modelfile import load_model, save_model
 from onnxqf.pipeline import rewrite
+from onnxqf.recognize import recognize
+
+from helpers import kl_per_token, options, run_logits
 
 
 @pytest.mark.parametrize("name,heads,kv,tied,bias", [
@@ -21,8 +22,10 @@ def test_roles_and_config(tiny_models, name, heads, kv, tied, bias):
     assert (s.config.num_heads, s.config.num_kv_heads) == (heads, kv)
     assert s.tied() == tied
     l0 = s.layers[0]
-    assert [lin.role for lin in l0.linears()] == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-    assert (l0.q.bias is not None, l0.k.bias is not None, l0.v.bias is not None, l0.o.bias is not None) == (bias, bias, bias, False)
+    assert [lin.role for lin in l0.linears()] == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                  "down_proj"]
+    biases = (l0.q.bias is not None, l0.k.bias is not None, l0.v.bias is not None, l0.o.bias is not None)
+    assert biases == (bias, bias, bias, False)
     assert l0.k.shape[1] == kv * s.config.head_dim
     assert l0.mlp_mul is not None
     assert s.lm_head.shape == (s.config.hidden, 512)

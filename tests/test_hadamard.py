@@ -5,10 +5,9 @@ from __future__ import annotations
 import math
 
 import numpy as np
-
-from onnxqf.maths.fold import kron_apply
 import pytest
 
+from onnxqf.maths.fold import kron_apply
 from onnxqf.maths.hadamard import (
     NoHadamardError,
     Rotation,

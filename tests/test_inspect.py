@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from onnxqf.errors import OnnxqfError
 from onnxqf.analysis.inspection import (
     SITES,
     TRANSFORMS,
@@ -19,6 +18,7 @@ from onnxqf.analysis.inspection import (
     site_metrics,
     transform_pair,
 )
+from onnxqf.errors import OnnxqfError
 from onnxqf.maths.metrics import channel_magnitudes, difficulty, layer_error
 from onnxqf.maths.smoothing import site_scales
 
@@ -157,6 +157,7 @@ def inspect_model(tmp_path_factory) -> tuple[Path, Path]:
     pytest.importorskip("torch")
     pytest.importorskip("transformers")
     from onnxqf.models.export import export_model
+
     from tiny import tiny_model
 
     d = tmp_path_factory.mktemp("inspect")
@@ -178,7 +179,8 @@ def inspected(inspect_model, tmp_path_factory) -> tuple[Path, str]:
     out = tmp_path_factory.mktemp("inspect-out") / "run"
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
-        rc = main(["inspect", str(model), "--tokens", str(ids), "--windows", "3", "--seq", "64", "--out", str(out), "--json"])
+        rc = main(["inspect", str(model), "--tokens", str(ids), "--windows", "3", "--seq", "64", "--out", str(out),
+                   "--json"])
     assert rc == 0
     return out, printed.getvalue()
 
@@ -230,7 +232,6 @@ def test_inspect_json(inspected):
 
 def test_inspect_table_and_replace(inspect_model, tmp_path, capsys):
     from onnxqf.cli import main
-
     from onnxqf.graph.modelfile import load_model, save_model
 
     model, ids = inspect_model

@@ -14,7 +14,8 @@ from onnxqf.graph.modelfile import load_model, save_model
 def gather_model(rows: int, cols: int = 8) -> ir.Model:
     table = np.zeros((rows, cols), np.float32)
     table[-1] = 7.0
-    t = ir.Value(name="table", shape=ir.Shape([rows, cols]), type=ir.TensorType(ir.DataType.FLOAT), const_value=ir.tensor(table, name="table"))
+    t = ir.Value(name="table", shape=ir.Shape([rows, cols]), type=ir.TensorType(ir.DataType.FLOAT),
+                 const_value=ir.tensor(table, name="table"))
     ids = ir.Value(name="ids", shape=ir.Shape([3]), type=ir.TensorType(ir.DataType.INT64))
     node = ir.node("Gather", [t, ids])
     node.outputs[0].name = "out"

@@ -2,8 +2,8 @@
 
 import numpy as np
 
-from onnxqf.recognize import recognize
 from onnxqf.graph.modelfile import load_model, save_model
+from onnxqf.recognize import recognize
 from onnxqf.runtime.session import saved
 
 

@@ -4,17 +4,16 @@ GPTQ feeds each layer the outputs of the layers before it with their weights rou
 import numpy as np
 import pytest
 
-from helpers import options
-
-from onnxqf.calib import calibrate
+from onnxqf.calib import calibrate, layerwise
 from onnxqf.graph import edit
-from onnxqf.calib import layerwise
 from onnxqf.graph.modelfile import load_model
 from onnxqf.lowering.nbits import MatMulNBits
 from onnxqf.lowering.w8a8 import Uint8Token
 from onnxqf.passes.quantize import QuantizePass
 from onnxqf.pipeline import rewrite
 from onnxqf.recognize import recognize
+
+from helpers import options
 
 
 def _windows(text_ids, n=3, seq=48):
@@ -53,7 +52,8 @@ def test_segments_hold_one_layer_each(tiny_models):
         assert {v.name for v in seg.inputs} <= prev.live | {v.name for v in model.graph.inputs}
 
 
-@pytest.mark.parametrize("make_pass", [lambda: QuantizePass(Uint8Token()), lambda: QuantizePass(MatMulNBits(bits=4, block_size=16))],
+@pytest.mark.parametrize("make_pass", [lambda: QuantizePass(Uint8Token()),
+                                       lambda: QuantizePass(MatMulNBits(bits=4, block_size=16))],
                          ids=["int8", "int4"])
 def test_sequential_hessians_see_rounded_earlier_layers(tiny_models, text_ids, make_pass):
     """Layer 0's X^T X are the float model's; layer 1's equal those of a model whose layer 0 carries the
@@ -66,7 +66,8 @@ def test_sequential_hessians_see_rounded_earlier_layers(tiny_models, text_ids, m
     seq = layerwise.sequential_hessians(model, structure, wins, qpass.rounded, progress=False)
     float_h = calibrate.collect_hessians(model, calibrate.site_values(structure), wins, progress=False)
     for site in structure.layers[0].sites():
-        np.testing.assert_allclose(seq[site.name], float_h[site.name], rtol=1e-5, atol=1e-5 * np.abs(float_h[site.name]).max())
+        np.testing.assert_allclose(seq[site.name], float_h[site.name], rtol=1e-5,
+                                   atol=1e-5 * np.abs(float_h[site.name]).max())
     # the reference: layer 0 rounded in a copy of the model, then the whole model run once
     ref_model = load_model(path)
     ref_structure = recognize(ref_model)
@@ -89,8 +90,9 @@ def test_rewrite_sequential_is_recorded_and_differs(tiny_models, ids_file, tmp_p
     reports, weights = {}, {}
     for sequential in (True, False):
         model = load_model(tiny_models["llama-gqa"])
-        reports[sequential] = rewrite(model, options(transform="rotate", quant="int4", block_size=16, calib=str(ids_file),
-                                                            calib_windows=2, calib_seq=64, sequential=sequential, progress=False))
+        reports[sequential] = rewrite(model, options(transform="rotate", quant="int4", block_size=16,
+                                                     calib=str(ids_file), calib_windows=2, calib_seq=64,
+                                                     sequential=sequential, progress=False))
         weights[sequential] = {v.name: v.const_value.numpy().copy() for v in model.graph.initializers.values()
                                if "layers.1.down_proj" in v.name and "weight_q4" in v.name}
     assert reports[True].calibration["gptq"] == "sequential"

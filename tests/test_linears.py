@@ -52,7 +52,8 @@ def test_linear_model_is_the_lowerings_emission(dtype):
     assert [v.name for v in float_model.graph.outputs] == ["y0", "y1", "y2"]
     w8 = linear_model(32, 48, parse_lowering("int8-token"), copies=3, dtype=dtype)
     ops = op_types(w8)
-    assert "MatMul" not in ops and ops.count("MatMulInteger") == 3 and ops.count("ReduceMax") == 3  # x quantized per copy
+    # x quantized per copy
+    assert "MatMul" not in ops and ops.count("MatMulInteger") == 3 and ops.count("ReduceMax") == 3
     nb = linear_model(32, 48, parse_lowering("matmulnbits"), copies=3, dtype=dtype)
     assert op_types(nb) == ["MatMulNBits"] * 3 and nb.graph.opset_imports["com.microsoft"] == 1
     assert [v.name for v in nb.graph.outputs] == ["y0", "y1", "y2"]
@@ -74,7 +75,8 @@ def test_bench_linears_cpu():
     for (K, spec), row in rows.items():
         assert set(row["ms"]) == {"1", "4"} and all(s["median"] > 0 and s["n"] == 2 for s in row["ms"].values())
         assert set(row["speedup"]) == {"1", "4"}
-        bound = {"float": 0.0, "uint8-token": 0.03, "int8-token": 0.03, "matmulnbits": 0.3, "matmulnbits:bits=8": 0.03}[spec]
+        bound = {"float": 0.0, "uint8-token": 0.03, "int8-token": 0.03, "matmulnbits": 0.3,
+                 "matmulnbits:bits=8": 0.03}[spec]
         assert row["error"] <= bound, (K, spec, row["error"])
     # uint8 codes shifted by 128 with zero point 128: the same products as int8 x int8
     assert rows[(32, "uint8-token")]["error"] == pytest.approx(rows[(32, "int8-token")]["error"], rel=1e-5)

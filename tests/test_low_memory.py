@@ -5,14 +5,14 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
-from helpers import options
-
 from onnxqf.calib import layerwise
 from onnxqf.graph import store
 from onnxqf.graph.modelfile import load_model, save_model
 from onnxqf.pipeline import low_memory, rewrite
 from onnxqf.recognize import recognize
 from onnxqf.runtime.session import make_session
+
+from helpers import options
 
 
 def _logits(path, ids):

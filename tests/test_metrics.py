@@ -8,9 +8,7 @@ import tracemalloc
 import numpy as np
 import pytest
 
-from onnxqf.maths import metrics
-from onnxqf.maths import qmath
-
+from onnxqf.maths import metrics, qmath
 
 # ----------------------------------------------------------------- magnitudes / difficulty
 

@@ -6,8 +6,9 @@ import collections
 import numpy as np
 import pytest
 
-from helpers import kl_per_token, run_logits
 from onnxqf.maths import nbits
+
+from helpers import kl_per_token, run_logits
 
 
 def hand_dequant(B_packed, scales, zero_points, K, N, bits, block_size):
@@ -111,7 +112,8 @@ def _nbits_model(K, N, q, accuracy_level=0):
     node = helper.make_node("MatMulNBits", inputs, ["y"], domain="com.microsoft", **attrs)
     graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, None, K])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, None, N])], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)])
+    model = helper.make_model(graph,
+                              opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)])
     onnx.checker.check_model(model)
     return model.SerializeToString()
 
@@ -147,10 +149,11 @@ def test_rtn_bytes_equal_onnxruntime_quantizer(bits, symmetric, K, block_size):
     B = (rng.normal(size=(K, N)) * rng.uniform(0.01, 2, size=(1, N))).astype(np.float32)
     graph = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["y"])], "g",
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, K])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, N])], [numpy_helper.from_array(B, "W")])
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, N])],
+                              [numpy_helper.from_array(B, "W")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
-    quantizer = mq.MatMulNBitsQuantizer(model, algo_config=mq.DefaultWeightOnlyQuantConfig(block_size=block_size,
-                                                                                          is_symmetric=symmetric, bits=bits))
+    config = mq.DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=symmetric, bits=bits)
+    quantizer = mq.MatMulNBitsQuantizer(model, algo_config=config)
     quantizer.process()
     theirs = {t.name: numpy_helper.to_array(t) for t in quantizer.model.model.graph.initializer}
     node = next(n for n in quantizer.model.model.graph.node if n.op_type == "MatMulNBits")
@@ -209,7 +212,8 @@ def test_gptq_blockwise_options_and_odd_k():
     B = rng.normal(size=(K, N))
     H = X.T @ X
     base = _out_err(X, B, nbits.quantize_blockwise(B, 4, 32).dequantize())
-    for kw in (dict(symmetric=False), dict(clip_search=True), dict(act_order=True, clip_search=True), dict(block_size=64)):
+    for kw in (dict(symmetric=False), dict(clip_search=True), dict(act_order=True, clip_search=True),
+               dict(block_size=64)):
         kw = {"block_size": 32, **kw}
         g = nbits.gptq_blockwise(B, H, 4, **kw)
         assert g.scales.shape == (-(-K // kw["block_size"]), N)
@@ -292,8 +296,9 @@ def test_cli_asymmetric_int4_writes_zero_points(tiny_models, tmp_path):
     """--asymmetric: every MatMulNBits gets a zero_points input, and the model stays close to float."""
     import onnx
 
-    from helpers import kl_per_token, run_logits
     from onnxqf.cli import main
+
+    from helpers import kl_per_token, run_logits
 
     out = tmp_path / "a.onnx"
     assert main(["rewrite", str(tiny_models["llama-gqa"]), "--rotate", "offline", "--quant", "int4", "--asymmetric",

@@ -3,18 +3,18 @@
 import numpy as np
 import pytest
 
-from helpers import options
-
 from onnxqf.calib import calibrate
 from onnxqf.calib.data import load_tokens, windows
 from onnxqf.errors import OnnxqfError
-from onnxqf.maths.metrics import layer_error
 from onnxqf.graph.modelfile import load_model
+from onnxqf.graph.structure import SITE_KINDS
+from onnxqf.maths.metrics import layer_error
+from onnxqf.maths.smoothing import relative_error
 from onnxqf.pipeline import rewrite
 from onnxqf.plan import PRESETS, Plan
 from onnxqf.recognize import recognize
-from onnxqf.maths.smoothing import relative_error
-from onnxqf.graph.structure import SITE_KINDS
+
+from helpers import options
 
 
 class ByteTokenizer:
@@ -77,8 +77,8 @@ def test_alpha_search_prediction_equals_written_graph(tiny_models, name):
 def test_fast_alpha_scorer_matches_the_exact_error(monkeypatch):
     """The α search's float32 scorer with Kronecker rotations equals the float64 dense definition; on a
     subset of columns (forced here by a small budget) it estimates it."""
-    from onnxqf.maths import smoothing
     from onnxqf.graph.structure import ModelConfig
+    from onnxqf.maths import smoothing
 
     cfg = ModelConfig(hidden=48, num_heads=3, num_kv_heads=1, head_dim=16, intermediate=80, vocab=10)
     plan = Plan.build(cfg, "hybrid", seed=3)

@@ -7,7 +7,6 @@ import pytest
 
 from onnxqf.maths import qmath
 
-
 # ----------------------------------------------------------------- per-channel weights
 
 

@@ -6,10 +6,11 @@ import numpy as np
 import onnx
 import pytest
 
-from helpers import kl_per_token, options, run_logits
 from onnxqf.graph.modelfile import load_model, save_model
 from onnxqf.pipeline import rewrite
 from onnxqf.runtime.target import TARGETS
+
+from helpers import kl_per_token, options, run_logits
 
 
 def ops(model):
@@ -73,7 +74,8 @@ def test_rotation_lowers_quantization_error(tiny_models, text_ids, tmp_path):
     assert kl_per_token(ref, run_logits(rotated, ids)) < kl_per_token(ref, run_logits(plain, ids))
 
 
-@pytest.mark.parametrize("preset", [dict(transform="smooth"), dict(transform="hybrid"), dict(transform="hybrid-folded")])
+@pytest.mark.parametrize("preset", [dict(transform="smooth"), dict(transform="hybrid"),
+                                    dict(transform="hybrid-folded")])
 def test_smooth_and_hybrid_with_calibration(tiny_models, ids_file, text_ids, tmp_path, preset):
     model = load_model(tiny_models["qwen2-bias"])
     report = rewrite(model, options(progress=False, calib=str(ids_file), calib_windows=4, calib_seq=128, **preset))
@@ -87,7 +89,8 @@ def test_smooth_and_hybrid_with_calibration(tiny_models, ids_file, text_ids, tmp
 
 def test_smoothing_alone_is_function_preserving(tiny_models, ids_file, text_ids, tmp_path):
     model = load_model(tiny_models["llama-gqa"])
-    rewrite(model, options(transform="smooth", quant="none", alpha=0.5, progress=False, calib=str(ids_file), calib_windows=2, calib_seq=128))
+    rewrite(model, options(transform="smooth", quant="none", alpha=0.5, progress=False, calib=str(ids_file),
+                           calib_windows=2, calib_seq=128))
     out = save_model(model, tmp_path / "s.onnx")
     ids = text_ids[:256].reshape(2, 128)
     ref, new = run_logits(tiny_models["llama-gqa"], ids), run_logits(out, ids)
@@ -96,7 +99,8 @@ def test_smoothing_alone_is_function_preserving(tiny_models, ids_file, text_ids,
 
 def test_hybrid_float_is_function_preserving(tiny_models, ids_file, text_ids, tmp_path):
     model = load_model(tiny_models["llama-odd"])
-    rewrite(model, options(transform="hybrid", quant="none", progress=False, calib=str(ids_file), calib_windows=2, calib_seq=128))
+    rewrite(model, options(transform="hybrid", quant="none", progress=False, calib=str(ids_file), calib_windows=2,
+                           calib_seq=128))
     out = save_model(model, tmp_path / "h.onnx")
     ids = text_ids[:256].reshape(2, 128)
     ref, new = run_logits(tiny_models["llama-odd"], ids), run_logits(out, ids)

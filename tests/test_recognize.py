@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from graphs import decoder, run
 from onnxqf.errors import UnsupportedGraphError
 from onnxqf.maths.metrics import kl_divergence
 from onnxqf.passes.fold_norms import FoldNormsPass
@@ -16,6 +15,8 @@ from onnxqf.passes.rotate_vo import ValueOutputRotationPass
 from onnxqf.plan import Plan
 from onnxqf.recognize import RECOGNIZERS, recognize
 from onnxqf.recognize.families import GENERIC
+
+from graphs import decoder, run
 
 IDS = np.random.default_rng(0).integers(0, 64, (2, 12))
 
@@ -84,7 +85,8 @@ def _rotate(model, preset: str):
 
 
 @pytest.mark.parametrize("preset", ["rotate", "hybrid"])
-@pytest.mark.parametrize("overrides", [{}, {"norm": "SimplifiedLayerNormalization", "tied": True}, {"norm_offset": 1.0}],
+@pytest.mark.parametrize("overrides",
+                         [{}, {"norm": "SimplifiedLayerNormalization", "tied": True}, {"norm_offset": 1.0}],
                          ids=["decomposed", "fused-tied", "offset"])
 def test_rotations_exact_on_hand_built_graph(preset, overrides):
     ref = run(decoder(**overrides), IDS)

@@ -4,8 +4,6 @@ import numpy as np
 import onnx
 import pytest
 
-from helpers import TINY_NAMES, kl_per_token, options, run_logits
-from onnxqf.recognize import recognize
 from onnxqf.graph.modelfile import load_model, save_model
 from onnxqf.passes.fold_norms import FoldNormsPass
 from onnxqf.passes.online_hadamard import DownProjHadamardPass
@@ -14,6 +12,9 @@ from onnxqf.passes.rotate_residual import RotateResidualPass
 from onnxqf.passes.rotate_vo import ValueOutputRotationPass
 from onnxqf.pipeline import rewrite
 from onnxqf.plan import Plan
+from onnxqf.recognize import recognize
+
+from helpers import TINY_NAMES, kl_per_token, options, run_logits
 
 PASS_SETS = {
     "fold": [FoldNormsPass],

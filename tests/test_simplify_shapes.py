@@ -5,11 +5,13 @@ import collections
 import numpy as np
 import pytest
 
-from helpers import run_logits
 from onnxqf.graph.modelfile import load_model, save_model
 from onnxqf.passes.simplify_shapes import SimplifyShapesPass, expand_constant, reshape_constant
 
-SHAPE_INPUTS = {"Reshape": [1], "Expand": [1], "Slice": [1, 2, 3, 4], "Range": [0, 1, 2], "ConstantOfShape": [0], "Tile": [1]}
+from helpers import run_logits
+
+SHAPE_INPUTS = {"Reshape": [1], "Expand": [1], "Slice": [1, 2, 3, 4], "Range": [0, 1, 2], "ConstantOfShape": [0],
+                "Tile": [1]}
 
 
 def computed_shape_inputs(model):
@@ -41,6 +43,7 @@ def test_exported_graphs_have_no_computed_shapes(tiny_models, name):
 def test_pass_is_function_preserving_for_any_shape(tmp_path):
     pytest.importorskip("torch")
     from onnxqf.models.export import export_model
+
     from tiny import tiny_model
 
     raw = export_model(tiny_model("qwen2-bias"), tmp_path / "raw.onnx", simplify_shapes=False)

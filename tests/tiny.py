@@ -8,11 +8,15 @@ from __future__ import annotations
 
 TINY_MODELS = {
     # name: (model_type, config overrides)
-    "llama-gqa": ("llama", dict(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)),
-    "llama-tied": ("llama", dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=True)),
-    "qwen2-bias": ("qwen2", dict(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)),
+    "llama-gqa": ("llama", dict(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
+                                tie_word_embeddings=False)),
+    "llama-tied": ("llama", dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=4,
+                                 tie_word_embeddings=True)),
+    "qwen2-bias": ("qwen2", dict(hidden_size=64, intermediate_size=96, num_attention_heads=4, num_key_value_heads=2,
+                                 tie_word_embeddings=False)),
     # 48 = 12 * 4 (Paley), 3 heads of 16: head mixing needs the orthogonal fallback; d_ff 80 = 20 * 4
-    "llama-odd": ("llama", dict(hidden_size=48, intermediate_size=80, num_attention_heads=3, num_key_value_heads=1, tie_word_embeddings=True)),
+    "llama-odd": ("llama", dict(hidden_size=48, intermediate_size=80, num_attention_heads=3, num_key_value_heads=1,
+                                tie_word_embeddings=True)),
 }
 
 # One tiny model per family of onnxqf.recognize.families (tests/test_families.py): hidden 64, 4 heads of 16,
@@ -34,8 +38,8 @@ FAMILY_MODELS = {
     # window longer than the KV cache that eval's empty past gives it)
     "gemma2": ("gemma2", dict(_SHAPE, sliding_window=512, **_IDS)),
     "gemma3": ("gemma3_text", dict(_SHAPE, sliding_window=64, **_IDS)),  # + q/k norms
-    "granite": ("granite", dict(_SHAPE, embedding_multiplier=12.0, residual_multiplier=0.22, attention_multiplier=0.0625,
-                                logits_scaling=8.0, **_IDS)),
+    "granite": ("granite", dict(_SHAPE, embedding_multiplier=12.0, residual_multiplier=0.22,
+                                attention_multiplier=0.0625, logits_scaling=8.0, **_IDS)),
     "smollm3": ("smollm3", dict(_SHAPE, no_rope_layer_interval=2, **_IDS)),  # every second layer without rotary
     "ernie4_5": ("ernie4_5", dict(_SHAPE, **_IDS)),  # the Llama pattern (interleaved rotary, tied)
     "mistral": ("mistral", dict(_SHAPE, sliding_window=None, **_IDS)),  # the Llama pattern (no window: v0.2 and later)
