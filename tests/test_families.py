@@ -24,8 +24,7 @@ from tiny import FAMILY_MODELS, save_byte_tokenizer, tiny_model  # noqa: E402
 FAMILIES = list(FAMILY_MODELS)
 POST_NORMS = {"gemma2", "gemma3"}  # a residual rotation is refused, the online rotations are exact
 NO_GENAI = {"smollm3": "position_ids", "gemma3": "rope_type"}  # onnxruntime-genai 0.18's builder fails on these
-# Gemma 2's genai folder is recognized and refuses the residual rotation, but onnxqf cannot run it with an empty
-# KV cache yet (GroupQueryAttention's sliding window needs a cache as long as the window), so no calibration
+# Gemma 2's genai folder refuses the residual rotation (--rotate): its own tests below
 GENAI = [f for f in FAMILIES if f not in NO_GENAI and f != "gemma2"]
 TITLES = {"gemma2": "Gemma 2 (gemma2)", "gemma3": "Gemma 3 (gemma3_text)"}
 PROMPT = [17, 42, 301, 5, 77, 250, 9, 128, 64, 3, 400, 11]
@@ -162,6 +161,36 @@ def test_gemma2_genai_folder_recognized_and_rotation_refused(family, tmp_path, c
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "norms after its blocks" in err and "residual rotation" in err, err
     assert not (tmp_path / "r").exists()
+
+
+def test_gemma2_genai_folder_calibrates_hybrid_exact_and_generates(family, calib, tmp_path):
+    """Gemma 2 folders keep a sliding-window KV cache in their local layers, which ONNX Runtime refuses empty:
+    eval and calibration feed a zero past of the window's length, masked out (onnxqf.genai.feeds). The folder's
+    logits so fed are the plain export's (window 16 < 32 tokens: the window bites); --hybrid is exact in float;
+    W8A8 --hybrid and int4 (no rotation: --rotate is refused) run and generate; the float rewrite generates the
+    folder's own tokens."""
+    import onnxruntime as ort
+
+    from onnxqf.analysis.evaluate import compare
+    from onnxqf.genai.feeds import graph_io, logits_function
+    from onnxqf.genai.generate import generate
+
+    gen = family("gemma2", "gen")
+    io = graph_io(gen)
+    assert io.min_past == {"past_key_values.0.key": 16, "past_key_values.0.value": 16}, io.min_past  # local layer 0
+    session = ort.InferenceSession(str(gen / "model.onnx"), providers=["CPUExecutionProvider"])
+    _exact(_logits(family("gemma2", "plain"), WINDOWS), logits_function(session, io)(WINDOWS))
+    ref = generate(gen, token_ids=PROMPT, max_new_tokens=8, quiet=True)["tokens"]  # 20 tokens: past the window
+    out = tmp_path / "float"
+    assert main(["rewrite", str(gen), "--hybrid", "--quant", "none", *calib, "-o", str(out), "-q"]) == 0
+    r = compare(gen, out, WINDOWS, progress=False, max_abs=True)
+    assert r["kl"] <= 1e-6 and r["max_abs_diff"] <= 1e-4 * r["max_abs_logit"] and r["top1"] == 1.0, r
+    assert generate(out, token_ids=PROMPT, max_new_tokens=8, quiet=True)["tokens"] == ref
+    for label, args, bound in (("w8a8", ["--hybrid"], 0.1), ("int4", ["--quant", "int4"], 0.5)):
+        out = tmp_path / label
+        assert main(["rewrite", str(gen), *args, *calib, "-o", str(out), "-q"]) == 0, label
+        assert compare(gen, out, WINDOWS, progress=False)["kl"] < bound, label
+        assert generate(out, token_ids=PROMPT, max_new_tokens=4, quiet=True)["new_tokens"] == 4, label
 
 
 @pytest.mark.parametrize("name", list(NO_GENAI))

@@ -10,6 +10,10 @@ Rules:
 - ids, mask and positions take the integer types the graph declares.
 - Cache dims the graph leaves symbolic come from the caller (:meth:`GraphIO.with_kv_shape`), or, for a
   graph file, from the ``genai_config.json`` beside it (:func:`graph_io`).
+- A cache input that ONNX Runtime refuses empty (a ``GroupQueryAttention`` keeping a sliding-window cache:
+  Gemma 2's local layers, :attr:`GraphIO.min_past`) gets zeros of ``local_window_size`` positions instead, and
+  the mask still covers the ids only: GroupQueryAttention counts the valid past from the mask (its sum less the
+  new tokens: none), so the zeros are capacity, never attended, and the logits are the plain graph's.
 - An input that is none of these is refused in one line (:meth:`GraphIO.check_feedable`), before anything runs.
 """
 
@@ -56,7 +60,7 @@ def feed_function(io: GraphIO) -> Callable[[np.ndarray], dict[str, np.ndarray]]:
         if io.positions:
             out[io.positions] = np.broadcast_to(np.arange(s, dtype=io.int_types[io.positions]), (b, s)).copy()
         for name in cache:
-            out[name] = np.zeros((b, past[0], 0, past[1]), past[2])
+            out[name] = np.zeros((b, past[0], io.min_past.get(name, 0), past[1]), past[2])
         return out
 
     return feed

@@ -60,8 +60,11 @@ def generate(path: str | os.PathLike, prompt: str | None = None, *, token_ids=No
     context = int(folder.config["model"].get("context_length") or (ids.size + max_new_tokens))
     if ids.size >= context:
         raise OnnxqfError(f"the prompt has {ids.size} tokens, the model's context is {context}")
+    # onnxruntime-genai sizes the KV cache by max_length, and a sliding-window cache (Gemma 2's local layers) must
+    # hold the whole window: ONNX Runtime refuses a smaller one. The loop below stops after max_new_tokens anyway.
+    window = int((folder.config["model"].get("decoder", {}).get("sliding_window") or {}).get("window_size") or 0)
     params = og.GeneratorParams(model)
-    params.set_search_options(do_sample=False, max_length=min(context, int(ids.size) + max_new_tokens))
+    params.set_search_options(do_sample=False, max_length=min(context, max(int(ids.size) + max_new_tokens, window)))
     gen = og.Generator(model, params)
     t0 = time.perf_counter()
     gen.append_tokens(ids[None, :])  # prefill: runs the prompt through the model

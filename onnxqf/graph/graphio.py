@@ -2,7 +2,8 @@
 
 One description (:class:`GraphIO`) for every command that feeds a graph: bench, eval, calibration
 (whole graph or layer by layer), placement and generation. It is read from the graph's declared
-inputs and outputs only: external data is never loaded, so describing a 7B model costs nothing.
+inputs and outputs (and the attributes of its attention nodes): external data is never loaded, so
+describing a 7B model costs nothing.
 
 Rules (the layouts onnxqf drives: its own logits-only export and onnxruntime-genai's KV-cache graphs):
 
@@ -16,6 +17,10 @@ Rules (the layouts onnxqf drives: its own logits-only export and onnxruntime-gen
   anything else is refused here). A dim the graph leaves symbolic (onnxruntime-genai names
   head_dim ``kv_cache_dim`` in some graphs) is None until the caller supplies it
   (:meth:`GraphIO.with_kv_shape`: from a ``genai_config.json`` or a recognized structure).
+- **least past**: a cache input read by a ``GroupQueryAttention`` that keeps a sliding-window cache
+  (``sliding_window_cache`` set, ``local_window_size`` > 0: Gemma 2's local layers in onnxruntime-genai's
+  builder) must hold at least ``local_window_size`` positions, even when none of them is valid
+  (ONNX Runtime refuses an empty one): ``min_past`` maps such inputs to that size.
 - **logits**: the output ``logits``, else the first output.
 - Any other input is listed in ``unknown``: callers that feed the graph refuse it.
 
@@ -91,6 +96,7 @@ class GraphIO:
     vocab: int | None = None
     int_types: dict[str, np.dtype] = dataclasses.field(default_factory=dict)
     unknown: tuple[str, ...] = ()
+    min_past: dict[str, int] = dataclasses.field(default_factory=dict)
 
     @property
     def has_cache(self) -> bool:
@@ -137,7 +143,12 @@ class GraphIO:
                              for d in tt.shape.dim)
             return _Arg(v.name, int(tt.elem_type), dims)
 
-        return cls._build([arg(v) for v in graph.input if v.name not in inits], [arg(v) for v in graph.output], path)
+        from onnx import helper
+
+        windows = [({a.name: helper.get_attribute_value(a) for a in n.attribute}, list(n.input))
+                   for n in graph.node if n.op_type == "GroupQueryAttention"]
+        return cls._build([arg(v) for v in graph.input if v.name not in inits], [arg(v) for v in graph.output], path,
+                          _min_past(windows))
 
     @classmethod
     def from_model(cls, model, path: str | None = None) -> "GraphIO":
@@ -150,10 +161,13 @@ class GraphIO:
             return _Arg(v.name, int(v.dtype) if v.dtype is not None else 0, dims)
 
         inputs = [arg(v) for v in model.graph.inputs if not v.is_initializer()]
-        return cls._build(inputs, [arg(v) for v in model.graph.outputs], path)
+        windows = [({k: a.value for k, a in n.attributes.items()}, [v.name if v is not None else "" for v in n.inputs])
+                   for n in model.graph if n.op_type == "GroupQueryAttention"]
+        return cls._build(inputs, [arg(v) for v in model.graph.outputs], path, _min_past(windows))
 
     @classmethod
-    def _build(cls, inputs: list[_Arg], outputs: list[_Arg], path: str | None) -> "GraphIO":
+    def _build(cls, inputs: list[_Arg], outputs: list[_Arg], path: str | None,
+               min_past: dict[str, int] | None = None) -> "GraphIO":
         where = path or "model"
         in_names = {a.name for a in inputs}
         out_by_name = {a.name: a for a in outputs}
@@ -195,7 +209,8 @@ class GraphIO:
         return cls(path=path, inputs=tuple(a.name for a in inputs), outputs=tuple(a.name for a in outputs), ids=ids,
                    mask=mask, positions=positions, cache=tuple((c[2], c[3]) for c in cache),
                    logits=logits.name if logits else None, logits_dtype=logits.dtype() if logits else None,
-                   vocab=logits.static(-1) if logits else None, int_types=int_types, unknown=tuple(unknown), **fields)
+                   vocab=logits.static(-1) if logits else None, int_types=int_types, unknown=tuple(unknown),
+                   min_past={k: v for k, v in (min_past or {}).items() if k in in_names}, **fields)
 
     # -- completing and checking ----------------------------------------------------------------
 
@@ -228,3 +243,18 @@ class GraphIO:
         if not self.kv_shape_known:
             raise OnnxqfError(f"{where}: cannot tell the KV-cache shape of '{name}' (kv_heads, head_dim) without its "
                               "genai_config.json")
+
+
+def _min_past(nodes: list[tuple[dict, list[str]]]) -> dict[str, int]:
+    """past input -> the least number of positions its GroupQueryAttention accepts, from ``(attributes,
+    input names)`` of each such node: its ``local_window_size`` where it keeps a sliding-window cache
+    (``sliding_window_cache``), the inputs past_key (3) and past_value (4); other nodes accept an empty past."""
+    out: dict[str, int] = {}
+    for attrs, names in nodes:
+        window = int(attrs.get("local_window_size", -1) or -1)
+        if not attrs.get("sliding_window_cache") or window <= 0:
+            continue
+        for name in names[3:5]:
+            if name:
+                out[name] = max(out.get(name, 0), window)
+    return out
