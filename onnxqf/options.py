@@ -20,6 +20,7 @@ import dataclasses
 from onnxqf.calib.data import BUILTIN_CALIB
 from onnxqf.errors import OnnxqfError
 from onnxqf.graph.edit import OnlineStyle
+from onnxqf.lowering import base as lowering_registry
 from onnxqf.plan import PRESETS
 
 __all__ = ["Transform", "W8A8", "WeightOnly", "Calibration", "RewriteOptions", "TRANSFORMS", "FORMATS",
@@ -77,6 +78,10 @@ class W8A8:
         _choice("--act-quant", self.activations, ACTIVATIONS)
         if self.lm_head_bits is not None:
             _choice("--lm-head-bits", self.lm_head_bits, (4, 8))
+        if self.lowering is not None and lowering_registry.get(self.lowering).format != self.format:
+            names = ", ".join(lowering_registry.names(self.format))
+            raise OnnxqfError(f"--lowering {self.lowering} is not a W8A8 lowering (one of {names}); "
+                              "weight-only formats are MatMulNBits")
 
     @property
     def label(self) -> str:

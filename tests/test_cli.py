@@ -179,3 +179,17 @@ def test_placement_baseline_counts_only_added_nodes():
     assert "MatMulInteger x3" in format_placement(more)
     copies = compare_to_baseline(result({"CPUExecutionProvider": {"Gather": 1}}, memcpy=["Memcpy_1"]), base)
     assert copies["status"] == "fallback"
+
+
+def test_rewrite_option_errors_come_before_any_work(tmp_path, capsys):
+    """A bad --lowering or --online-rotation is one line and exit 2 before the model is even read."""
+    from onnxqf.cli import main
+
+    missing = tmp_path / "no-such-model.onnx"
+    for extra, message in ((["--lowering", "nope"], "unknown lowering 'nope'"),
+                           (["--lowering", "matmulnbits"], "is not a W8A8 lowering"),
+                           (["--online-rotation", "fast"], "--online-rotation"),
+                           (["--act-quant", "asym", "--asymmetric"], "--asymmetric applies to the weight-only")):
+        assert main(["rewrite", str(missing), *extra, "-q"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and message in err, err
