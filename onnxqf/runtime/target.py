@@ -24,6 +24,7 @@ import onnx_ir as ir
 from onnxqf.errors import OnnxqfError, ProviderUnavailableError
 from onnxqf.graph.edit import OnlineStyle
 from onnxqf.lowering import base as lowering_base
+from onnxqf.lowering.nbits import MatMulNBits
 
 __all__ = ["Target", "TARGETS", "get_target", "default_target_name", "genai_provider", "METADATA_TARGET",
            "METADATA_LOWERING"]
@@ -56,8 +57,6 @@ class Target:
     # -- lowerings ----------------------------------------------------------------------------------
     def head_lowering(self, quant) -> lowering_base.Lowering | None:
         """lm_head's own lowering, when the config gives it one (W8A8 with ``lm_head_bits``), else None."""
-        from onnxqf.lowering.nbits import MatMulNBits
-
         if quant.format == "int8" and quant.lm_head_bits is not None:
             return MatMulNBits(bits=quant.lm_head_bits, block_size=32, accuracy_level=self.nbits_accuracy_level,
                                lm_head_bits=quant.lm_head_bits)
@@ -66,8 +65,6 @@ class Target:
     def lowering(self, quant) -> lowering_base.Lowering:
         """The lowering of a quantization config (:mod:`onnxqf.options`) on this target: the config's own
         ``lowering`` when it names one, else this target's choice for the format."""
-        from onnxqf.lowering.nbits import MatMulNBits
-
         if quant.format == "int8":
             name = quant.lowering or self.w8a8[quant.activations]
             cls = lowering_base.get(name)
