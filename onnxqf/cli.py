@@ -448,8 +448,7 @@ def cmd_rewrite(args) -> int:
 
     def save(model) -> None:
         if folder is not None:  # the whole folder: decoder, genai_config.json, tokenizer files (+ the kernels it needs)
-            domains = {d for d in model.graph.opset_imports}
-            libraries = get_target("cuda").custom_op_libraries(domains) if "onnxqf" in domains else []
+            libraries = get_target("cuda").custom_op_libraries(set(model.graph.opset_imports))  # [] for most graphs
             write_folder(folder, model, out, libraries[0] if libraries else None)
         else:
             _save_plain(model, src, out)

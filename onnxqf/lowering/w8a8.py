@@ -43,13 +43,14 @@ import numpy as np
 import onnx_ir as ir
 from onnx_ir import tape as ir_tape
 
+from onnxqf.errors import UnsupportedGraphError
 from onnxqf.graph import edit
 from onnxqf.lowering.base import FLOAT32, LinearGroup, Lowering, insert_after_producer, register, replace_outputs
 from onnxqf.maths import qmath
 from onnxqf.maths.gptq import gptq_quantize, prepare
 
 __all__ = ["W8A8Lowering", "Int8Token", "Uint8Token", "Uint8TokenQL", "Uint8TokenAsym", "Int8TokenAsym", "Uint8Tensor",
-           "per_token_codes", "asymmetric_codes", "refine_asymmetric", "Uint8TokenIter", "Int8TokenIter"]
+           "token_amax", "per_token_codes", "asymmetric_codes", "refine_asymmetric", "Uint8TokenIter", "Int8TokenIter"]
 
 
 @dataclasses.dataclass
@@ -136,17 +137,23 @@ def _as_f32(tape, value: ir.Value, dtype: ir.DataType, name: str) -> ir.Value:
     return value if dtype == FLOAT32 else tape.op("Cast", [value], {"to": FLOAT32}, name=name)
 
 
-def per_token_codes(tape: ir_tape.Tape, graph: ir.Graph, x: ir.Value, dtype: ir.DataType,
-                    base: str) -> tuple[ir.Value, ir.Value, ir.Value]:
-    """Nodes (on ``tape``) of per-token symmetric int8 codes of ``x``: (round(x * 127 / max|x|) in ``dtype``,
-    max|x| per token (keepdims, at least a tiny floor), the constant 127). scripts/hybrid_budget.py multiplies
-    them back to simulate the W8A8 graph in float."""
+def token_amax(tape: ir_tape.Tape, graph: ir.Graph, x: ir.Value, dtype: ir.DataType,
+               base: str) -> tuple[ir.Value, ir.Value]:
+    """Nodes of max|x| per token (keepdims, at least a tiny floor) and the constant 127, in ``dtype``."""
     absx = tape.op("Abs", [x], name=f"{base}/abs")
     axes = edit.add_initializer(graph, f"{base}/axes", np.array([-1], np.int64))
     amax = tape.op("ReduceMax", [absx, axes], {"keepdims": 1}, name=f"{base}/amax")
     tiny = edit.add_initializer(graph, f"{base}/tiny", np.array(1e-6 if dtype == FLOAT32 else 1e-4, dtype.numpy()))
     amax = tape.op("Max", [amax, tiny], name=f"{base}/amax_safe")
-    qmax = edit.add_initializer(graph, f"{base}/qmax", np.array(127.0, dtype.numpy()))
+    return amax, edit.add_initializer(graph, f"{base}/qmax", np.array(127.0, dtype.numpy()))
+
+
+def per_token_codes(tape: ir_tape.Tape, graph: ir.Graph, x: ir.Value, dtype: ir.DataType,
+                    base: str) -> tuple[ir.Value, ir.Value, ir.Value]:
+    """Nodes (on ``tape``) of per-token symmetric int8 codes of ``x``: (round(x * 127 / max|x|) in ``dtype``,
+    max|x| per token (keepdims, at least a tiny floor), the constant 127). scripts/hybrid_budget.py multiplies
+    them back to simulate the W8A8 graph in float."""
+    amax, qmax = token_amax(tape, graph, x, dtype, base)
     inv = tape.op("Div", [qmax, amax], name=f"{base}/inv_scale")
     scaled = tape.op("Mul", [x, inv], name=f"{base}/scale")
     return tape.op("Round", [scaled], name=f"{base}/round"), amax, qmax
@@ -167,10 +174,15 @@ def asymmetric_codes(tape: ir_tape.Tape, graph: ir.Graph, x: ir.Value, dtype: ir
     scale = tape.op("Max", [step, tiny], name=f"{base}/scale")
     zp = tape.op("Round", [tape.op("Div", [tape.op("Neg", [lo], name=f"{base}/neg_lo"), scale], name=f"{base}/zp_f")],
                  name=f"{base}/zp")
+    return _affine_codes(tape, x, scale, zp, zero, levels, base), scale, zp
+
+
+def _affine_codes(tape, x: ir.Value, scale: ir.Value, zp: ir.Value, zero: ir.Value, levels: ir.Value,
+                  base: str) -> ir.Value:
+    """``clip(round(x / scale) + zp, 0, 255)`` per token (as float values)."""
     rounded = tape.op("Round", [tape.op("Div", [x, scale], name=f"{base}/div")], name=f"{base}/round")
     shifted = tape.op("Add", [rounded, zp], name=f"{base}/shift")
-    codes = tape.op("Clip", [shifted, zero, levels], name=f"{base}/clip")
-    return codes, scale, zp
+    return tape.op("Clip", [shifted, zero, levels], name=f"{base}/clip")
 
 
 def refine_asymmetric(tape: ir_tape.Tape, graph: ir.Graph, x: ir.Value, codes: ir.Value, scale: ir.Value,
@@ -204,9 +216,7 @@ def refine_asymmetric(tape: ir_tape.Tape, graph: ir.Graph, x: ir.Value, codes: i
                                                         name=f"{base}/{n}/zp_f")], name=f"{base}/{n}/zp_r"),
                               zero, levels], name=f"{base}/{n}/zp")
         scale = a
-        shifted = tape.op("Add", [tape.op("Round", [tape.op("Div", [x, scale], name=f"{base}/{n}/div")],
-                                          name=f"{base}/{n}/round"), zp], name=f"{base}/{n}/shift")
-        codes = tape.op("Clip", [shifted, zero, levels], name=f"{base}/{n}/clip")
+        codes = _affine_codes(tape, x, scale, zp, zero, levels, f"{base}/{n}")
     return codes, scale, zp
 
 
@@ -264,12 +274,7 @@ class Uint8TokenQL(Uint8Token):
     domains = {"com.microsoft": 1, "": 21}
 
     def quantize_activation(self, tape, graph, x, dtype, base):
-        absx = tape.op("Abs", [x], name=f"{base}/abs")
-        axes = edit.add_initializer(graph, f"{base}/axes", np.array([-1], np.int64))
-        amax = tape.op("ReduceMax", [absx, axes], {"keepdims": 1}, name=f"{base}/amax")
-        tiny = edit.add_initializer(graph, f"{base}/tiny", np.array(1e-6 if dtype == FLOAT32 else 1e-4, dtype.numpy()))
-        amax = tape.op("Max", [amax, tiny], name=f"{base}/amax_safe")
-        qmax = edit.add_initializer(graph, f"{base}/qmax", np.array(127.0, dtype.numpy()))
+        amax, qmax = token_amax(tape, graph, x, dtype, base)
         step = tape.op("Div", [amax, qmax], name=f"{base}/step")
         # a zero point of the scale's shape (the op wants one per block): 128 for every token
         zp = tape.op("Cast", [tape.op("Add", [tape.op("Mul", [step, edit.add_initializer(
@@ -278,7 +283,8 @@ class Uint8TokenQL(Uint8Token):
             name=f"{base}/zp")
         k = x.shape[-1] if x.shape is not None and isinstance(x.shape[-1], int) else None
         if k is None:
-            raise ValueError(f"{base}: uint8-token-ql needs a static last dimension")
+            raise UnsupportedGraphError(f"{base}: uint8-token-ql needs a static hidden size "
+                                        "(use --lowering uint8-token)")
         xu = tape.op("QuantizeLinear", [x, step, zp], {"axis": -1, "block_size": k}, name=f"{base}/quantize")
         xu.type = ir.TensorType(ir.DataType.UINT8)
         return xu, _as_f32(tape, amax, dtype, f"{base}/amax_f32")

@@ -66,11 +66,8 @@ class Target:
         """The lowering of a quantization config (:mod:`onnxqf.options`) on this target: the config's own
         ``lowering`` when it names one, else this target's choice for the format."""
         if quant.format == "int8":
-            name = quant.lowering or self.w8a8[quant.activations]
-            cls = lowering_base.get(name)
-            if cls.format != "int8":
-                raise OnnxqfError(f"--lowering {name} lowers {cls.format} linears, not W8A8")
-            return cls(clip_search=quant.clip_search)
+            # (a W8A8 config only names a W8A8 lowering: onnxqf.options.W8A8 checks it)
+            return lowering_base.get(quant.lowering or self.w8a8[quant.activations])(clip_search=quant.clip_search)
         level = self.nbits_accuracy_level if quant.accuracy_level is None else quant.accuracy_level
         return MatMulNBits(bits=quant.bits, block_size=quant.block_size, symmetric=not quant.asymmetric,
                            clip_search=quant.clip_search, act_order=quant.act_order, damp=quant.damp,
