@@ -8,7 +8,8 @@ them, so what the α search measures is what is written. Transforms (``RewriteOp
 
 - ``none``: quantization only (the W8A8 baseline)
 - ``smooth``: SmoothQuant at all four sites (scales folded into norms, v_proj and up_proj)
-- ``rotate``: residual rotation (folded) + online Hadamard before down_proj + value/output rotation
+- ``rotate``: residual rotation (folded) + online Hadamard before down_proj + value/output rotation (a conv
+  layer's out_proj input, LFM2: an online Hadamard, its signs folded into in_proj)
 - ``rotate-offline``: only the rotations that fold into weights (residual, per-head value/output):
   no node added
 - ``hybrid``: smoothing *before* rotation at all four linear inputs: the scales fold into the norms'
@@ -42,6 +43,7 @@ from onnxqf.options import RewriteOptions
 from onnxqf.passes.fold_norms import FoldNormsPass
 from onnxqf.passes.online_hadamard import DownProjHadamardPass
 from onnxqf.passes.quantize import QuantizePass, matches
+from onnxqf.passes.rotate_conv_out import ConvOutputHadamardPass
 from onnxqf.passes.rotate_norm_outputs import NormOutputHadamardPass
 from onnxqf.passes.rotate_residual import RotateResidualPass
 from onnxqf.passes.rotate_vo import ValueOutputRotationPass
@@ -141,6 +143,8 @@ def _rewrite(model: ir.Model, opts: RewriteOptions, tokenizer, layered: bool,
                        "are not rotated", structure.config.intermediate)
     if plan.rotates:
         rotations.append(ValueOutputRotationPass(plan.head, plan.heads, report, online))
+    if plan.conv_out is not None:
+        rotations.append(ConvOutputHadamardPass(plan.conv_out, report, online))
     if rotations:
         _run(model, ir.passes.Sequential(*rotations))
     if lowering is not None:

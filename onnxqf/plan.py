@@ -13,10 +13,14 @@ Rotations (all orthogonal, ``Q = diag(signs) · kron(factors)``):
 - ``down`` (d_ff): online before every down_proj; signs fold into up_proj.
 - ``head`` (head_dim): folded into v_proj's output columns per head; ``heads`` (num_heads): an
   online head mixing before o_proj, without signs (they could not fold into shared KV heads).
+- ``conv_out`` (hidden, only for models with conv layers, LFM2): online before every conv layer's out_proj;
+  its signs fold into in_proj's ``C`` columns (the gate ``C·`` is per channel), nothing else folds there.
+  Drawn after the others, so that a model without conv layers gets the same rotations as before.
 
 ``rotate-offline`` keeps only the rotations that fold into initializers (residual, and the per-head
 value rotation, undone in o_proj's rows): no node is added, so a weight-only model runs as fast as
-an unrotated one; down_proj's input and the head mixing are not rotated.
+an unrotated one; down_proj's input and the head mixing are not rotated (and a conv layer's out_proj input
+cannot be: the LFM2 family refuses the preset).
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import dataclasses
 import numpy as np
 
 from onnxqf.errors import OnnxqfError
-from onnxqf.graph.structure import SITE_KINDS, ModelConfig
+from onnxqf.graph.structure import MIXERS, SITE_KINDS, ModelConfig
 from onnxqf.maths import fold
 from onnxqf.maths.hadamard import Rotation, rotation
 
@@ -62,6 +66,7 @@ class Plan:
     down: Rotation | None = None
     head: Rotation | None = None
     heads: Rotation | None = None
+    conv_out: Rotation | None = None
 
     @property
     def rotates(self) -> bool:
@@ -84,9 +89,10 @@ class Plan:
             r_down = None  # no Hadamard construction and a dense factor too costly to run online
         r_head = rotation(config.head_dim, rng) if rotate else None
         r_heads = rotation(config.num_heads, rng) if rotate else None
+        r_conv = rotation(config.hidden, rng) if rotate and config.conv_layers else None
         if preset in OFFLINE_ONLY:  # drawn as for "rotate" (same residual and head rotations), the online ones dropped
-            r_down = r_heads = None
-        return cls(seed, tuple(smooth), r_res, r_norm, r_down, r_head, r_heads)
+            r_down = r_heads = r_conv = None
+        return cls(seed, tuple(smooth), r_res, r_norm, r_down, r_head, r_heads, r_conv)
 
     def heads_mixing(self, num_heads: int | None = None) -> np.ndarray:
         """The online head mixing R_nh (no signs), num_heads x num_heads; the identity without one."""
@@ -94,11 +100,12 @@ class Plan:
             return np.eye(num_heads or 1)
         return self.heads.mixing() if self.heads.n > 1 else np.eye(1)
 
-    def site_transform(self, kind: str, config: ModelConfig) -> fold.KronRotation | None:
+    def site_transform(self, kind: str, config: ModelConfig, mixer: str = "attention") -> fold.KronRotation | None:
         """The rotation applied to a site's (smoothed) activation in the written graph, as Kronecker stages
-        (applied in O(n · Σ factors)), or None."""
-        if kind not in SITE_KINDS:
-            raise ValueError(kind)
+        (applied in O(n · Σ factors)), or None. ``mixer``: the layer's (:data:`~onnxqf.graph.structure.MIXERS`):
+        a conv layer's o_in gets ``conv_out``."""
+        if kind not in SITE_KINDS or mixer not in MIXERS:
+            raise ValueError((kind, mixer))
         if kind in ("attn_in", "mlp_in"):
             r = self.norm_out or self.residual
             return None if r is None else fold.KronRotation([(r.signs, r.factors)])
@@ -106,33 +113,40 @@ class Plan:
             return None
         if kind == "down_in":
             return None if self.down is None else fold.KronRotation([(self.down.signs, self.down.factors)])
+        if mixer == "conv":
+            return None if self.conv_out is None else fold.KronRotation([(self.conv_out.signs, self.conv_out.factors)])
         # o_in: (I ⊗ R_dh)(R_nh ⊗ I), R_dh = diag(signs) kron(factors) per head
         nh, dh = config.num_heads, config.head_dim
         return fold.KronRotation([(np.tile(self.head.signs, nh), [np.eye(nh), *self.head.factors]),
                                   (None, [self.heads_mixing(nh), np.eye(dh)])])
 
-    def site_rotation(self, kind: str, config: ModelConfig) -> np.ndarray | None:
+    def site_rotation(self, kind: str, config: ModelConfig, mixer: str = "attention") -> np.ndarray | None:
         """:meth:`site_transform` as a dense matrix."""
-        t = self.site_transform(kind, config)
+        t = self.site_transform(kind, config, mixer)
         return None if t is None else t.matrix()
 
     def reader_output(self, role: str, B: np.ndarray, config: ModelConfig, cols: slice | None = None) -> np.ndarray:
         """A reader's weight with the output-side folds that later rotations will apply to it.
 
-        v_proj's columns get the per-head rotation, up_proj's the down rotation's signs, and o_proj's
-        and down_proj's the residual rotation: per-output-channel quantization sees these, so the
-        α search scores a site's readers as they will be written. ``cols``: ``B`` holds only these
-        columns of the weight (whole heads for v_proj; o_proj and down_proj must be whole).
+        v_proj's columns get the per-head rotation, up_proj's the down rotation's signs, a conv layer's
+        in_proj's ``C`` columns the ``conv_out`` signs, and o_proj's, out_proj's and down_proj's the residual
+        rotation: per-output-channel quantization sees these, so the α search scores a site's readers as they
+        will be written. ``cols``: ``B`` holds only these columns of the weight (whole heads for v_proj; o_proj,
+        out_proj and down_proj must be whole).
         """
         if role == "v_proj" and self.rotates:
             B = fold.headwise_output(B, self.head.matrix(), config.head_dim)
         elif role == "up_proj" and self.down is not None:
             B = fold.scale_cols(B, self.down.signs if cols is None else self.down.signs[cols])
-        elif role in ("o_proj", "down_proj") and self.residual is not None:
+        elif role == "in_proj" and self.conv_out is not None:
+            h = config.hidden
+            signs = np.concatenate([np.ones(h), self.conv_out.signs, np.ones(h)])  # columns [B | C | x]
+            B = fold.scale_cols(B, signs if cols is None else signs[cols])
+        elif role in ("o_proj", "out_proj", "down_proj") and self.residual is not None:
             B = fold.rotate_output(B, self.residual.matrix())
         return B
 
     def describe(self) -> dict[str, str]:
         """Rotation kinds by name, for reports."""
-        names = ("residual", "norm_out", "down", "head", "heads")
+        names = ("residual", "norm_out", "down", "head", "heads", "conv_out")
         return {n: getattr(self, n).kind for n in names if getattr(self, n) is not None}

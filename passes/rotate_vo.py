@@ -11,6 +11,7 @@ from onnxqf.graph.edit import OnlineStyle
 from onnxqf.maths import fold
 from onnxqf.maths.hadamard import Rotation
 from onnxqf.passes.base import RewritePass
+from onnxqf.recognize.families import FOLDED_OUTPUT_ROTATION, GENERIC
 
 __all__ = ["ValueOutputRotationPass"]
 
@@ -27,6 +28,12 @@ class ValueOutputRotationPass(RewritePass):
     Without ``heads`` (the ``rotate-offline`` preset) there is no head mixing: ``T = I ⊗ R_dh`` is undone
     in o_proj's rows and no node is added.
 
+    Only attention layers: a conv layer (LFM2) has no per-head values, and no rotation folds through its gates
+    into in_proj; its out_proj input is rotated online by
+    :class:`~onnxqf.passes.rotate_conv_out.ConvOutputHadamardPass`. Without ``heads`` the preset promises every
+    o_proj/out_proj input rotated with no node added, which conv layers cannot keep: ``requires`` refuses it
+    through the family (:data:`~onnxqf.recognize.families.FOLDED_OUTPUT_ROTATION`).
+
     Attributes:
         head: the plan's head_dim rotation; heads: its num_heads rotation (only the mixing is used), or None.
     """
@@ -36,7 +43,10 @@ class ValueOutputRotationPass(RewritePass):
         self.head, self.heads, self.online = head, heads, online or OnlineStyle()
 
     def requires(self, model: ir.Model) -> None:
-        cfg = self.structure(model).config
+        s = self.structure(model)
+        cfg = s.config
+        if self.heads is None and s.conv_layers():
+            (s.family or GENERIC).check(FOLDED_OUTPUT_ROTATION)
         if self.head.n != cfg.head_dim or (self.heads is not None and self.heads.n != cfg.num_heads):
             raise OnnxqfError(f"value/output rotations of sizes {self.head.n}/{self.heads and self.heads.n} for "
                               f"head_dim {cfg.head_dim}, {cfg.num_heads} heads")
@@ -48,7 +58,7 @@ class ValueOutputRotationPass(RewritePass):
         R_dh = self.head.matrix()
         online = self.heads is not None and cfg.num_heads > 1
         R_nh = self.heads.mixing() if online else np.eye(cfg.num_heads)
-        for layer in s.layers:
+        for layer in s.attention_layers():
             v, o = layer.v, layer.o
             edit.update_matrix(v, lambda B: fold.headwise_output(B, R_dh, cfg.head_dim), by="rows")
             if v.bias is not None:

@@ -22,7 +22,8 @@ class SmoothPass(RewritePass):
 
     Rules: ``1/s`` folds into the site's producer (:class:`onnxqf.graph.structure.Site`): the norm's γ
     (attention and MLP inputs), v_proj's output columns (o_proj's input; scales tied across the
-    query heads of a KV group), or up_proj's output columns (down_proj's input). Exact in float.
+    query heads of a KV group) or a conv layer's in_proj ``C`` columns (out_proj's input), or up_proj's
+    output columns (down_proj's input). Exact in float.
     With ``alpha="auto"`` each site gets the α (or no smoothing) whose W8A8 layer error, measured on
     the calibration sample *after the plan's rotation of that site*, with the readers' weights as
     they will be written (:meth:`Plan.reader_output`), is lowest; the choice and its predicted error
@@ -53,7 +54,8 @@ class SmoothPass(RewritePass):
         s = self.structure(model)
         edit.prepare_linears(model.graph, s)
         cfg = s.config
-        rotations = {kind: self.plan.site_transform(kind, cfg) for kind in self.plan.smooth}
+        rotations = {(kind, mixer): self.plan.site_transform(kind, cfg, mixer) for kind in self.plan.smooth
+                     for mixer in {site.mixer for site in s.sites(self.plan.smooth)}}
         modified = False
         # o_in and down_in first: their scales fold into v_proj's and up_proj's columns, which the
         # attention and MLP inputs' searches must then see as written
@@ -66,7 +68,7 @@ class SmoothPass(RewritePass):
             st = self.stats[site.name]
             B, w = self._scored_weights(site, cfg)
             choice = smoothing.choose_scales(st.sample, st.stats.absmax, B, self.alpha, site.kv_groups,
-                                             rotations[site.kind], weight_absmax=w)
+                                             rotations[site.kind, site.mixer], weight_absmax=w)
             self.report.sites[site.name] = SiteChoice(choice.alpha, choice.predicted, choice.unsmoothed)
             if choice.alpha is None:
                 continue
@@ -87,7 +89,7 @@ class SmoothPass(RewritePass):
         parts, offset = [], 0
         for lin, n in zip(site.readers, sizes):
             # the output-side folds of reader_output act per column, per head, or (a residual rotation) on all
-            budget = 1 << 62 if lin.role in ("o_proj", "down_proj") else self.SCORE_SLICE_BYTES
+            budget = 1 << 62 if lin.role in ("o_proj", "out_proj", "down_proj") else self.SCORE_SLICE_BYTES
             for sl, chunk in column_chunks(lin.stored_matrix(), budget, align=cfg.head_dim):
                 M = self.plan.reader_output(lin.role, chunk, cfg, sl)
                 np.maximum(w, np.abs(M).max(axis=1), out=w)

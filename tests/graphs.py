@@ -5,7 +5,9 @@ as Pow/ReduceMean/Add/Sqrt/Div/Mul or as one ``SimplifiedLayerNormalization``, q
 as Reshape/Transpose/MatMul/Softmax, o_proj, gate/up, SiLU as Sigmoid·Mul, down_proj, residual Adds,
 final norm, lm_head), with switches for what model families add: Gemma's ``(1 + γ)`` norm and embedding
 scale, norms after the blocks (Gemma 2/3), per-head q/k norms (Qwen3), packed ``qkv_proj`` and
-``gate_up_proj`` split by ``Split`` (Phi-3), scalar residual multipliers (Granite). Weights are random
+``gate_up_proj`` split by ``Split`` (Phi-3), scalar residual multipliers (Granite), LFM2's short gated
+convolutions in place of attention in some layers (in_proj, Transpose, Split into B/C/x, ``B·x``, a depthwise
+causal ``Conv``, ``C·``, Transpose, out_proj). Weights are random
 with a few large norm channels, so a pass that gets a fold wrong changes the logits.
 """
 
@@ -38,6 +40,8 @@ class Spec:
     packed_qkv: bool = False  # Phi-3
     packed_gate_up: bool = False  # Phi-3
     tied: bool = False
+    conv_layers: tuple[int, ...] = ()  # LFM2: these layers mix tokens with a short gated convolution
+    conv_bias: bool = False  # biases on in_proj, the conv and out_proj
     seed: int = 0
 
 
@@ -98,10 +102,33 @@ class _Builder:
             y = self.norm(y, hd, norm)
         return self.op("Transpose", [y], perm=perm)
 
+    def biased(self, x: str, n: int, base: str) -> str:
+        return self.op("Add", [x, self.const(base, (0.1 * self.rng.standard_normal(n)).astype(np.float32))]) \
+            if self.spec.conv_bias else x
+
+    def conv(self, h: str, i: int) -> str:
+        """LFM2's short gated convolution (kernel 3, causal: padded on the left only) of the normed input."""
+        s = self.spec
+        bcx = self.biased(self.op("MatMul", [h, self.weight(f"layers.{i}.in_proj", s.hidden, 3 * s.hidden)]),
+                          3 * s.hidden, f"layers.{i}.in_proj.bias")
+        t = self.op("Transpose", [bcx], perm=[0, 2, 1])
+        b, c, xs = self.ops("Split", [t, self.const("split", np.array([s.hidden] * 3, np.int64))], 3, axis=1)
+        kernel = (self.rng.standard_normal((s.hidden, 1, 3)) / np.sqrt(3)).astype(np.float32)
+        inputs = [self.op("Mul", [b, xs]), self.const(f"layers.{i}.conv.weight", kernel)]
+        if s.conv_bias:
+            inputs.append(self.const(f"layers.{i}.conv.bias", (0.1 * self.rng.standard_normal(s.hidden)).astype(
+                np.float32)))
+        conv = self.op("Conv", inputs, group=s.hidden, kernel_shape=[3], pads=[2, 0])
+        y = self.op("Transpose", [self.op("Mul", [c, conv])], perm=[0, 2, 1])
+        return self.biased(self.op("MatMul", [y, self.weight(f"layers.{i}.out_proj", s.hidden, s.hidden)]), s.hidden,
+                           f"layers.{i}.out_proj.bias")
+
     def layer(self, x: str, i: int) -> str:
         s = self.spec
         q_width = s.heads * s.head_dim
         h = self.norm(x, s.hidden, f"layers.{i}.input_layernorm")
+        if i in s.conv_layers:
+            return self.mlp(self.op("Add", [x, self.scaled(self.conv(h, i), s.residual_multiplier)]), i)
         if s.packed_qkv:
             qkv = self.op("MatMul", [h, self.weight(f"layers.{i}.qkv_proj", s.hidden, 3 * q_width)])
             q, k, v = self.ops("Split", [qkv, self.const("split", np.array([q_width] * 3, np.int64))], 3, axis=-1)
@@ -117,7 +144,10 @@ class _Builder:
         o = self.op("MatMul", [ctx, self.weight(f"layers.{i}.o_proj", q_width, s.hidden)])
         if s.post_norms:
             o = self.norm(o, s.hidden, f"layers.{i}.post_attention_layernorm")
-        x = self.op("Add", [x, self.scaled(o, s.residual_multiplier)])
+        return self.mlp(self.op("Add", [x, self.scaled(o, s.residual_multiplier)]), i)
+
+    def mlp(self, x: str, i: int) -> str:
+        s = self.spec
         h2 = self.norm(x, s.hidden, f"layers.{i}.pre_feedforward_layernorm")
         if s.packed_gate_up:
             gu = self.op("MatMul", [h2, self.weight(f"layers.{i}.gate_up_proj", s.hidden, 2 * s.d_ff)])

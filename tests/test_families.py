@@ -3,8 +3,8 @@
 Per family: the plain export computes what transformers computes and is recognized as its family; the float
 rotations are exact against the un-rewritten graph (plain export and, where the builder writes one, the
 onnxruntime-genai folder); the W8A8 hybrid and int4 rewrites of the genai folder load in onnxruntime-genai and
-generate; what cannot be exact (a residual rotation under Gemma 2/3's norms after the blocks) and what the
-builder cannot write are refused in one line.
+generate; what cannot be exact (a residual rotation under Gemma 2/3's norms after the blocks, a rotation folded
+through LFM2's conv gates) and what the builder cannot write are refused in one line.
 """
 
 from __future__ import annotations
@@ -27,6 +27,10 @@ NO_GENAI = {"smollm3": "position_ids", "gemma3": "rope_type"}  # onnxruntime-gen
 # Gemma 2's genai folder refuses the residual rotation (--rotate): its own tests below
 GENAI = [f for f in FAMILIES if f not in NO_GENAI and f != "gemma2"]
 TITLES = {"gemma2": "Gemma 2 (gemma2)", "gemma3": "Gemma 3 (gemma3_text)"}
+QK_NORMS = {"qwen3", "gemma3", "lfm2"}
+MIXERS = {"lfm2": ["conv", "attention"]}  # a short convolution layer, then attention; other families: attention
+# the weight MatMuls of one tiny model's two layers, a packed one once (a conv layer: in_proj, out_proj and the MLP)
+LINEARS = {"phi3": 8, "lfm2": 12}
 PROMPT = [17, 42, 301, 5, 77, 250, 9, 128, 64, 3, 400, 11]
 WINDOWS = np.random.default_rng(0).integers(1, 512, (2, 32))
 
@@ -94,10 +98,11 @@ def test_plain_export_matches_transformers_and_names_its_family(family, name):
     _exact(ref, _logits(path, WINDOWS))
     s = recognize(load_model(path))
     assert s.family.name == FAMILY_MODELS[name][0] and len(s.layers) == 2
-    layer = s.layers[0]
+    assert [layer.mixer for layer in s.layers] == MIXERS.get(name, ["attention"] * 2)
+    layer = s.attention_layers()[0]
     assert (layer.qkv is not None, layer.gate_up is not None) == ((True, True) if name == "phi3" else (False, False))
     assert len(layer.post_norms()) == (2 if name in POST_NORMS else 0)
-    qk = name in ("qwen3", "gemma3")
+    qk = name in QK_NORMS
     assert (layer.q_norm is not None, layer.k_norm is not None) == (qk, qk)
     if qk:  # over the head size, not the hidden size
         assert layer.q_norm.scale().shape == (s.config.head_dim,)
@@ -231,7 +236,7 @@ def test_plain_w8a8_hybrid_and_int4(family, calib, name, tmp_path):
     ref = _logits(plain, WINDOWS)
     # every weight MatMul of every layer, a packed one (Phi-3) once
     linears = [lin.name for lin in recognize(load_model(plain)).linears(include_lm_head=False)]
-    assert len(linears) == 2 * (4 if name == "phi3" else 7)
+    assert len(linears) == LINEARS.get(name, 14)
     int4 = [] if name in POST_NORMS else ["--rotate"]
     for label, args in (("w8a8", ["--hybrid"]), ("int4", [*int4, "--quant", "int4"])):
         out = tmp_path / f"{label}.onnx"
@@ -267,25 +272,86 @@ def test_qwen3_genai_every_format_generates(family, calib, fmt, tmp_path):
     assert generate(out, token_ids=PROMPT, max_new_tokens=4, quiet=True)["new_tokens"] == 4
 
 
-def test_lfm2_genai_folder_refused_in_one_line(tmp_path, capsys):
-    """LFM2: export refuses it by name; a folder the builder wrote anyway is refused naming its convolution."""
-    from onnxqf.models import genai_export
+# -- LFM2: conv layers (tests/tiny.py's lfm2: layer 0 a short convolution, layer 1 attention) ----------------------
 
-    hf = tmp_path / "hf"
-    model = tiny_model("lfm2")
-    model.save_pretrained(str(hf))
-    save_byte_tokenizer(hf)
+
+@pytest.mark.parametrize("what", ["plain", "gen"])
+@pytest.mark.parametrize("transform", [["--smooth"], ["--hybrid", "folded"], ["--rotate"], ["--hybrid"]])
+def test_lfm2_every_transform_exact(family, calib, what, transform, tmp_path):
+    """Every transform the LFM2 family accepts, exact in float on the plain export and the genai folder; the conv
+    layer is transformed too (its out_proj input rotated online by the rotating presets, smoothed into C)."""
+    import json
+
+    from onnxqf.analysis.evaluate import compare
+    from onnxqf.genai.folder import model_file
+    from onnxqf.graph.modelfile import get_metadata, load_model
+
+    src = family("lfm2", what)
+    out = tmp_path / ("t.onnx" if what == "plain" else "t")
+    assert main(["rewrite", str(src), *transform, "--quant", "none", *calib, "-o", str(out), "-q"]) == 0
+    r = compare(src, out, WINDOWS, progress=False, max_abs=True)
+    print(what, transform, "KL", r["kl"], "rel", r["max_abs_diff"] / r["max_abs_logit"])
+    assert r["kl"] <= 1e-6 and r["max_abs_diff"] <= 1e-4 * r["max_abs_logit"] and r["top1"] == 1.0, r
+    model = load_model(model_file(out))
+    rotated = {n.name.split("/")[0] for n in model.graph if "/hadamard" in (n.name or "")}
+    if transform[0] == "--rotate" or transform == ["--hybrid"]:
+        assert "layers.0.out_proj" in rotated, rotated
+    smoothed = json.loads(get_metadata(model, "rewrite"))["sites"]
+    assert ("layers.0.o_in" in smoothed) == (transform != ["--rotate"]), smoothed  # folded into in_proj's C
+
+
+@pytest.mark.parametrize("what", ["plain", "gen"])
+def test_lfm2_folded_output_rotation_refused_in_one_line(family, what, tmp_path, capsys):
+    src = family("lfm2", what)
+    out = tmp_path / ("r.onnx" if what == "plain" else "r")
     capsys.readouterr()
-    assert main(["export", str(hf), "--kv-cache", "-o", str(tmp_path / "x" / "model.onnx")]) == 2
+    assert main(["rewrite", str(src), "--rotate", "offline", "--quant", "none", "-o", str(out), "-q"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err.count("\n") == 0 and "architecture 'lfm2' is not supported" in err and "convolution" in err, err
-    gen = tmp_path / "gen"
-    genai_export._run_builder(hf, gen, "fp32", "cpu", cache=tmp_path / "cache", filename="model.onnx", verbose=False)
-    from onnxqf.errors import UnsupportedGraphError
+    assert err.count("\n") == 0 and "LFM2 (lfm2)" in err and "--rotate offline" in err and "channel by channel" in err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("ep", ["cpu", "cuda"])
+def test_lfm2_w8a8_both_targets(family, calib, ep, tmp_path):
+    """W8A8 --hybrid lowered for each target (the CUDA lowering's standard ops also run on the CPU provider): every
+    layer's linears quantized, in_proj and out_proj included."""
+    import json
+
+    from onnxqf.graph.modelfile import get_metadata, load_model
+    from onnxqf.maths.metrics import kl_divergence
+
+    plain = family("lfm2", "plain")
+    out = tmp_path / "w8a8.onnx"
+    assert main(["rewrite", str(plain), "--hybrid", "--ep", ep, *calib, "-o", str(out), "-q"]) == 0
+    report = json.loads(get_metadata(load_model(out), "rewrite"))
+    assert report["target"] == ep and {"layers.0.in_proj", "layers.0.out_proj"} <= set(report["quantized"])
+    assert kl_divergence(_logits(plain, WINDOWS), _logits(out, WINDOWS)) < 0.1
+
+
+def test_lfm2_genai_folder_feeds_conv_state_and_generates(family):
+    """The builder's LFM2 folder: CausalConvWithState with a conv-state input per conv layer. onnxqf feeds zeros of
+    [batch, channels, L - 1] (the causal padding) and gets the plain export's logits; onnxruntime-genai generates
+    transformers' greedy tokens from the folder."""
+    import onnxruntime as ort
+    import torch
+
+    from onnxqf.genai.feeds import graph_io, logits_function
+    from onnxqf.genai.folder import read_genai
     from onnxqf.graph.modelfile import load_model
     from onnxqf.recognize import recognize
 
-    with pytest.raises(UnsupportedGraphError) as info:
-        recognize(load_model(gen / "model.onnx"))
-    msg = str(info.value)
-    assert "\n" not in msg and "layer 0" in msg and "CausalConvWithState" in msg and "LFM2" in msg, msg
+    gen = family("lfm2", "gen")
+    io = graph_io(gen)
+    assert io.conv_state == (("past.0.conv", "present.0.conv"),) and io.conv_shapes["past.0.conv"][:2] == (64, 2)
+    assert read_genai(gen).kv_layers == (1,)
+    s = recognize(load_model(gen / "model.onnx"))
+    assert [layer.mixer for layer in s.layers] == ["conv", "attention"] and s.family.name == "lfm2"
+    assert s.layers[0].conv.conv.op_type == "CausalConvWithState"
+    session = ort.InferenceSession(str(gen / "model.onnx"), providers=["CPUExecutionProvider"])
+    _exact(_logits(family("lfm2", "plain"), WINDOWS), logits_function(session, io)(WINDOWS))
+    from onnxqf.genai.generate import generate
+
+    with torch.no_grad():
+        hf = tiny_model("lfm2").generate(torch.tensor([PROMPT]), max_new_tokens=8, do_sample=False,
+                                         pad_token_id=0, eos_token_id=None)[0, len(PROMPT):].tolist()
+    assert generate(gen, token_ids=PROMPT, max_new_tokens=8, quiet=True)["tokens"] == hf

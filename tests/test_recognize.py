@@ -9,6 +9,7 @@ from onnxqf.errors import UnsupportedGraphError
 from onnxqf.maths.metrics import kl_divergence
 from onnxqf.passes.fold_norms import FoldNormsPass
 from onnxqf.passes.online_hadamard import DownProjHadamardPass
+from onnxqf.passes.rotate_conv_out import ConvOutputHadamardPass
 from onnxqf.passes.rotate_norm_outputs import NormOutputHadamardPass
 from onnxqf.passes.rotate_residual import RotateResidualPass
 from onnxqf.passes.rotate_vo import ValueOutputRotationPass
@@ -79,6 +80,8 @@ def _rotate(model, preset: str):
     if plan.norm_out is not None:
         passes.append(NormOutputHadamardPass(plan.norm_out))
     passes += [DownProjHadamardPass(plan.down), ValueOutputRotationPass(plan.head, plan.heads)]
+    if plan.conv_out is not None:
+        passes.append(ConvOutputHadamardPass(plan.conv_out))
     for p in passes:
         p(model)
     return model
@@ -132,6 +135,8 @@ FAMILY_GRAPHS = {
     "phi3-like": dict(packed_qkv=True, packed_gate_up=True),
     "phi3-fused": dict(packed_qkv=True, packed_gate_up=True, norm="SimplifiedLayerNormalization"),
     "gemma2-like": dict(norm_offset=1.0, embedding_scale=32 ** 0.5, post_norms=True),
+    "lfm2-like": dict(conv_layers=(0,), qk_norms=True, tied=True),
+    "lfm2-bias": dict(conv_layers=(0,), conv_bias=True, norm="SimplifiedLayerNormalization"),
 }
 
 
@@ -140,7 +145,7 @@ def test_family_graphs_recognized(name):
     spec = FAMILY_GRAPHS[name]
     s = recognize(decoder(**spec))
     assert len(s.layers) == 2
-    for layer in s.layers:
+    for layer in s.attention_layers():
         assert (layer.qkv is not None) == spec.get("packed_qkv", False)
         assert (layer.gate_up is not None) == spec.get("packed_gate_up", False)
         assert len(layer.post_norms()) == (2 if spec.get("post_norms") else 0)
@@ -152,7 +157,7 @@ def test_family_graphs_recognized(name):
             assert layer.matmuls()[0] is layer.qkv and layer.site("attn_in").matmuls() == [layer.qkv]
         if layer.gate_up is not None:
             assert (layer.gate.cols, layer.up.cols) == ((0, 48), (48, 96)) and layer.mlp_mul is not None
-    assert s.family.refused == {} or spec.get("post_norms")
+    assert s.family.refused == {} or spec.get("post_norms") or spec.get("conv_layers")
 
 
 @pytest.mark.parametrize("name", FAMILY_GRAPHS)
@@ -182,4 +187,56 @@ def test_post_norms_refuse_the_residual_rotation():
     assert isinstance(cause, UnsupportedGraphError)
     msg = str(cause)
     assert "\n" not in msg and "norms after" in msg and "residual rotation" in msg and "--hybrid" in msg
+    assert np.array_equal(run(model, IDS), before)
+
+
+@pytest.mark.parametrize("name", ["lfm2-like", "lfm2-bias"])
+def test_conv_layers_recognized(name):
+    """LFM2's conv layers: in_proj packed into B | C | x, the conv node, out_proj as the layer's writer; the sites
+    read in_proj's and out_proj's inputs, o_in folds into C's columns; the family (no metadata) is LFM2's."""
+    s = recognize(decoder(**FAMILY_GRAPHS[name]))
+    assert [layer.mixer for layer in s.layers] == ["conv", "attention"] and s.config.conv_layers == 1
+    assert s.family.name == "lfm2" and s.family.refused
+    conv = s.layers[0]
+    assert conv.q is None and conv.kv_groups is None and conv.conv.conv.op_type == "Conv"
+    assert [lin.role for lin in conv.linears()] == ["in_proj", "out_proj", "gate_proj", "up_proj", "down_proj"]
+    assert conv.matmuls()[0] is conv.conv.in_proj and [b.cols for b in conv.conv.in_proj.blocks] == \
+        [(0, 32), (32, 64), (64, 96)]
+    assert (conv.conv.b.cols, conv.conv.c.cols, conv.conv.xs.cols) == ((0, 32), (32, 64), (64, 96))
+    attn_in, o_in = conv.site("attn_in"), conv.site("o_in")
+    assert attn_in.matmuls() == [conv.conv.in_proj] and attn_in.fold_norm is conv.attn_norm
+    assert o_in.readers == (conv.o,) and o_in.fold_linear is conv.conv.c and o_in.mixer == "conv"
+    assert (conv.conv.in_proj.bias is not None) == FAMILY_GRAPHS[name].get("conv_bias", False)
+    assert [lin.name for lin in s.linears(include_lm_head=False)][:2] == ["layers.0.in_proj", "layers.0.out_proj"]
+    assert s.layers[1].kv_groups == (4, 1, 8)
+
+
+@pytest.mark.parametrize("name", ["lfm2-like", "lfm2-bias"])
+def test_conv_layer_smoothing_folds_into_c_columns(name):
+    """A per-channel scale on out_proj's input folds into in_proj's C columns (and bias): exact."""
+    from onnxqf.passes.smooth import fold_scales
+
+    model = decoder(**FAMILY_GRAPHS[name])
+    ref = run(model, IDS)
+    s = recognize(model)
+    scale = np.exp(np.random.default_rng(1).standard_normal(32))
+    for site in (s.layers[0].site("o_in"), s.layers[0].site("attn_in")):
+        fold_scales(model.graph, site, scale)
+    out = run(model, IDS)
+    assert np.max(np.abs(out - ref)) <= 1e-4 * np.max(np.abs(ref)) and kl_divergence(ref, out) <= 1e-6
+
+
+def test_conv_layer_offline_output_rotation_refused():
+    """No rotation folds from out_proj's input into in_proj (the gates and the conv are per channel): the
+    offline preset (no head mixing, nothing online) is refused in one line through the family, graph untouched."""
+    model = decoder(**FAMILY_GRAPHS["lfm2-like"])
+    s = recognize(model)
+    plan = Plan.build(s.config, "rotate-offline", seed=0)
+    assert plan.conv_out is None and plan.heads is None and Plan.build(s.config, "rotate").conv_out is not None
+    before = run(model, IDS)
+    with pytest.raises(Exception) as info:
+        ValueOutputRotationPass(plan.head, plan.heads)(model)
+    cause = info.value if isinstance(info.value, UnsupportedGraphError) else info.value.__cause__
+    msg = str(cause)
+    assert isinstance(cause, UnsupportedGraphError) and "\n" not in msg and "LFM2 (lfm2)" in msg and "--rotate" in msg
     assert np.array_equal(run(model, IDS), before)

@@ -43,10 +43,11 @@ FAMILY_MODELS = {
     "smollm3": ("smollm3", dict(_SHAPE, no_rope_layer_interval=2, **_IDS)),  # every second layer without rotary
     "ernie4_5": ("ernie4_5", dict(_SHAPE, **_IDS)),  # the Llama pattern (interleaved rotary, tied)
     "mistral": ("mistral", dict(_SHAPE, sliding_window=None, **_IDS)),  # the Llama pattern (no window: v0.2 and later)
+    # a short gated convolution layer, then an attention layer with per-head q/k norms; tied; d_ff 256 (LFM2 adjusts
+    # intermediate_size: 2/3 of it, rounded up to a multiple of 256)
+    "lfm2": ("lfm2", dict(_SHAPE, layer_types=["conv", "full_attention"], **_IDS)),
 }
 TINY_MODELS.update(FAMILY_MODELS)
-# refused by onnxqf (a short-convolution layer, then an attention layer), for its refusal test
-TINY_MODELS["lfm2"] = ("lfm2", dict(_SHAPE, layer_types=["conv", "full_attention"], **_IDS))
 
 
 def tiny_model(name: str, seed: int = 0, layers: int = 2, vocab: int = 512):

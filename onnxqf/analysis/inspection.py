@@ -295,14 +295,14 @@ def run_inspect(model_path: str | os.PathLike, source: str, out: str | os.PathLi
     if heat_layer is None:
         heat_layer = max(layers, key=lambda i: stats[(i, "down_in")].max)
 
-    # the rotations `rewrite --hybrid --seed` applies at each site (the same for every layer)
+    # the rotations `rewrite --hybrid --seed` applies at each site (the same for every layer of one mixer kind)
     plan = Plan.build(config, INSPECT_PRESET, opts.seed)
-    rotations = {kind: plan.site_rotation(kind, config) for kind in {site for _, site in keys}}
+    rotations = {(site.kind, site.mixer): plan.site_rotation(site.kind, config, site.mixer) for site in sites.values()}
     accs: dict[tuple[int, str], SiteAccumulator] = {}
     for i, site in keys:
         B = sites[(i, site)].matrix()
         s = site_scales(stats[(i, site)].absmax, B, opts.alpha, sites[(i, site)].kv_groups)
-        accs[(i, site)] = SiteAccumulator(s, rotations[site])
+        accs[(i, site)] = SiteAccumulator(s, rotations[site, sites[(i, site)].mixer])
     stats.clear()  # the scales are made: the absmax of every site can go
 
     # pass 2: the four transforms of every window, into streaming accumulators

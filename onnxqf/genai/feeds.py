@@ -14,6 +14,9 @@ Rules:
   Gemma 2's local layers, :attr:`GraphIO.min_past`) gets zeros of ``local_window_size`` positions instead, and
   the mask still covers the ids only: GroupQueryAttention counts the valid past from the mask (its sum less the
   new tokens: none), so the zeros are capacity, never attended, and the logits are the plain graph's.
+- A conv-state input (onnxruntime-genai's LFM2: ``past.N.conv``, :attr:`GraphIO.conv_state`) gets zeros
+  ``[batch, channels, width]``: the state before the first token is the convolution's causal zero padding, so
+  the logits are the plain graph's.
 - An input that is none of these is refused in one line (:meth:`GraphIO.check_feedable`), before anything runs.
 """
 
@@ -50,6 +53,7 @@ def feed_function(io: GraphIO) -> Callable[[np.ndarray], dict[str, np.ndarray]]:
     ids_type = io.int_types[io.ids]
     past = (io.kv_heads, io.head_dim, io.cache_dtype)
     cache = [name for name, _ in io.cache]
+    conv = {name: io.conv_shapes[name] for name, _ in io.conv_state}
 
     def feed(ids: np.ndarray) -> dict[str, np.ndarray]:
         ids = np.asarray(ids)
@@ -61,6 +65,8 @@ def feed_function(io: GraphIO) -> Callable[[np.ndarray], dict[str, np.ndarray]]:
             out[io.positions] = np.broadcast_to(np.arange(s, dtype=io.int_types[io.positions]), (b, s)).copy()
         for name in cache:
             out[name] = np.zeros((b, past[0], io.min_past.get(name, 0), past[1]), past[2])
+        for name, (channels, width, dtype) in conv.items():
+            out[name] = np.zeros((b, channels, width), dtype)
         return out
 
     return feed

@@ -60,13 +60,14 @@ class GenaiFolder:
     past_key_names: str  # e.g. "past_key_values.%d.key"
     past_value_names: str
     graph_inputs: tuple[str, ...]
+    kv_layers: tuple[int, ...] = ()  # the layers with a KV cache (all but LFM2's conv layers)
 
     @property
     def decoder(self) -> dict:
         return self.config["model"]["decoder"]
 
     def past_names(self) -> list[str]:
-        return [p % i for i in range(self.layers) for p in (self.past_key_names, self.past_value_names)]
+        return [p % i for i in self.kv_layers for p in (self.past_key_names, self.past_value_names)]
 
 
 def genai_dir(path: str | os.PathLike) -> Path | None:
@@ -138,18 +139,22 @@ def read_genai(path: str | os.PathLike, *, check_attention: bool = True) -> Gena
                                "(inputs_embeds-only decoders are not supported)")
     key_pat = names_in.get("past_key_names", "past_key_values.%d.key")
     value_pat = names_in.get("past_value_names", "past_key_values.%d.value")
-    layers = 0
-    while _fmt(key_pat, layers) in inputs:
-        layers += 1
-    if layers == 0:
-        raise GenaiFolderError(f"{model_path}: the graph has no KV-cache inputs ('{_fmt(key_pat, 0)}')")
     n_layers, n_heads = int(dec["num_hidden_layers"]), int(dec["num_attention_heads"])
     kv_heads, head_size = int(dec["num_key_value_heads"]), int(dec["head_size"])
-    if layers != n_layers:
-        raise GenaiFolderError(f"{d}: {GENAI_CONFIG} says num_hidden_layers={n_layers}, the graph has {layers} "
-                               f"'{_fmt(key_pat, 0)}'-style inputs")
+    kv_layers, conv_layers = _layer_kinds(dec, names_in, n_layers, cfg_path)
+    if not conv_layers:  # every layer has a KV cache: count them in the graph
+        layers = 0
+        while _fmt(key_pat, layers) in inputs:
+            layers += 1
+        if layers == 0:
+            raise GenaiFolderError(f"{model_path}: the graph has no KV-cache inputs ('{_fmt(key_pat, 0)}')")
+        if layers != n_layers:
+            raise GenaiFolderError(f"{d}: {GENAI_CONFIG} says num_hidden_layers={n_layers}, the graph has {layers} "
+                                   f"'{_fmt(key_pat, 0)}'-style inputs")
+        kv_layers = tuple(range(layers))
+    layers = n_layers
     cache = {past for past, _ in io.cache}
-    for i in range(layers):
+    for i in kv_layers:
         for pat in (key_pat, value_pat):
             name = _fmt(pat, i)
             if name not in inputs:
@@ -157,7 +162,13 @@ def read_genai(path: str | os.PathLike, *, check_attention: bool = True) -> Gena
             if name not in cache:
                 raise GenaiFolderError(f"{model_path}: the KV-cache input '{name}' is not named past_* (onnxqf feeds "
                                        "those as the cache)")
-    name = _fmt(key_pat, 0)
+    states = {past for past, _ in io.conv_state}
+    for i in conv_layers:
+        name = _fmt(names_in["past_conv_names"], i)
+        if name not in states:
+            raise GenaiFolderError(f"{model_path}: the graph has no conv-state input '{name}' "
+                                   f"([batch, channels, width], named past.N.conv) for conv layer {i}")
+    name = _fmt(key_pat, kv_layers[0])
     if io.cache_rank != 4:
         raise GenaiFolderError(f"{model_path}: '{name}' has rank {io.cache_rank}, "
                                "expected [batch, kv_heads, past, head_size]")
@@ -182,14 +193,29 @@ def read_genai(path: str | os.PathLike, *, check_attention: bool = True) -> Gena
         raise GenaiFolderError(f"{model_path}: unsupported attention op {op} (supported: {SUPPORTED_ATTENTION}, "
                                "which the model builder emits for float32 on cpu and float16 on cuda)")
     if op == SUPPORTED_ATTENTION:
-        _check_gqa(attn, graph, inits, layers, n_heads, kv_heads, head_size, d)
+        _check_gqa(attn, graph, inits, len(kv_layers), n_heads, kv_heads, head_size, d)
     model_cfg = config["model"]
     return GenaiFolder(
         directory=d, model_path=model_path, config=config, layers=layers, num_heads=n_heads, kv_heads=kv_heads,
         head_size=head_size, hidden=dec.get("hidden_size"), vocab=model_cfg.get("vocab_size"), attention_op=op,
         io_dtype=io_dtype, past_key_names=key_pat, past_value_names=value_pat,
-        graph_inputs=io.inputs,
+        graph_inputs=io.inputs, kv_layers=tuple(kv_layers),
     )
+
+
+def _layer_kinds(dec: dict, names_in: dict, n_layers: int, cfg_path: Path) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(layers with a KV cache, conv layers) from the decoder's ``layer_types`` when it names conv layers (LFM2,
+    with ``past_conv_names``); ((), ()) for a decoder of attention layers only."""
+    types = dec.get("layer_types")
+    if not isinstance(types, list) or "conv" not in types:
+        return (), ()
+    if len(types) != n_layers or "past_conv_names" not in names_in:
+        raise GenaiFolderError(f"{cfg_path}: layer_types names conv layers but does not list num_hidden_layers="
+                               f"{n_layers} layers with inputs.past_conv_names")
+    kv = tuple(i for i, t in enumerate(types) if t != "conv")
+    if not kv:
+        raise GenaiFolderError(f"{cfg_path}: no attention layer (layer_types are all conv)")
+    return kv, tuple(i for i, t in enumerate(types) if t == "conv")
 
 
 def _fmt(pattern: str, i: int) -> str:

@@ -21,6 +21,10 @@ Rules (the layouts onnxqf drives: its own logits-only export and onnxruntime-gen
   (``sliding_window_cache`` set, ``local_window_size`` > 0: Gemma 2's local layers in onnxruntime-genai's
   builder) must hold at least ``local_window_size`` positions, even when none of them is valid
   (ONNX Runtime refuses an empty one): ``min_past`` maps such inputs to that size.
+- **conv state**: the inputs ``past.N.conv`` (onnxruntime-genai's LFM2: the last ``L - 1`` inputs of layer N's
+  short convolution, ``[batch, channels, L - 1]`` with static channels and width), each paired with the output
+  ``present.N.conv``. A whole-sequence forward feeds zeros: the convolution's causal padding, what the plain
+  export computes.
 - **logits**: the output ``logits``, else the first output.
 - Any other input is listed in ``unknown``: callers that feed the graph refuse it.
 
@@ -40,11 +44,13 @@ import numpy as np
 
 from onnxqf.errors import BadModelFileError, OnnxqfError
 
-__all__ = ["CACHE_PREFIX", "GraphIO", "PAST_RE"]
+__all__ = ["CACHE_PREFIX", "CONV_STATE_RE", "GraphIO", "PAST_RE"]
 
 CACHE_PREFIX = "past_"
 #: onnxruntime-genai's cache input names; the matching output is ``present.N.key|value``
 PAST_RE = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
+#: onnxruntime-genai's conv-state input names (LFM2); the matching output is ``present.N.conv``
+CONV_STATE_RE = re.compile(r"^past\.(\d+)\.conv$")
 IDS, MASK, POSITIONS, LOGITS = "input_ids", "attention_mask", "position_ids", "logits"
 
 
@@ -97,6 +103,10 @@ class GraphIO:
     int_types: dict[str, np.dtype] = dataclasses.field(default_factory=dict)
     unknown: tuple[str, ...] = ()
     min_past: dict[str, int] = dataclasses.field(default_factory=dict)
+    # (past.N.conv input, present.N.conv output or None) in layer order, and each input's (channels, width, dtype),
+    # None where the graph leaves a dim symbolic
+    conv_state: tuple[tuple[str, str | None], ...] = ()
+    conv_shapes: dict[str, tuple[int | None, int | None, np.dtype | None]] = dataclasses.field(default_factory=dict)
 
     @property
     def has_cache(self) -> bool:
@@ -105,7 +115,7 @@ class GraphIO:
     @property
     def is_kv(self) -> bool:
         """A graph fed more than token ids (a mask, positions or a cache): onnxruntime-genai's layout."""
-        return bool(self.mask or self.positions or self.cache)
+        return bool(self.mask or self.positions or self.cache or self.conv_state)
 
     @property
     def kv_shape_known(self) -> bool:
@@ -177,9 +187,16 @@ class GraphIO:
         mask = positions = None
         cache: list[tuple[int, int, str, str | None]] = []  # (layer, order, past, present)
         cache_args: list[_Arg] = []
+        conv: list[tuple[int, str, str | None]] = []
+        conv_shapes: dict[str, tuple[int | None, int | None, np.dtype | None]] = {}
         unknown = []
         for a in inputs:
-            if a.name == ids:
+            m = CONV_STATE_RE.match(a.name)
+            if m and a.dims is not None and len(a.dims) == 3:
+                present = f"present.{m.group(1)}.conv"
+                conv.append((int(m.group(1)), a.name, present if present in out_by_name else None))
+                conv_shapes[a.name] = (a.static(1), a.static(2), a.dtype())
+            elif a.name == ids:
                 int_types[a.name] = a.dtype() or np.dtype(np.int64)
             elif a.name == MASK:
                 mask = a.name
@@ -210,7 +227,8 @@ class GraphIO:
                    mask=mask, positions=positions, cache=tuple((c[2], c[3]) for c in cache),
                    logits=logits.name if logits else None, logits_dtype=logits.dtype() if logits else None,
                    vocab=logits.static(-1) if logits else None, int_types=int_types, unknown=tuple(unknown),
-                   min_past={k: v for k, v in (min_past or {}).items() if k in in_names}, **fields)
+                   min_past={k: v for k, v in (min_past or {}).items() if k in in_names},
+                   conv_state=tuple((c[1], c[2]) for c in sorted(conv)), conv_shapes=conv_shapes, **fields)
 
     # -- completing and checking ----------------------------------------------------------------
 
@@ -231,6 +249,11 @@ class GraphIO:
             raise OnnxqfError(f"{where}: the graph has no input to feed token ids to")
         if self.is_kv and self.unknown:
             raise OnnxqfError(f"{where}: graph input '{self.unknown[0]}' is not one onnxqf knows how to feed")
+        for name, _ in self.conv_state:
+            channels, width, dtype = self.conv_shapes[name]
+            if channels is None or width is None or dtype not in (np.dtype(np.float32), np.dtype(np.float16)):
+                raise OnnxqfError(f"{where}: conv-state input '{name}' is not [batch, channels, width] with static "
+                                  "channels and width, of float32 or float16")
         if not self.cache:
             return
         name = self.cache[0][0]

@@ -22,8 +22,8 @@ if TYPE_CHECKING:
     from onnxqf.recognize.families import Family
 
 __all__ = [
-    "ONLINE_ROTATION", "SITE_KINDS", "SITE_TITLES", "Layer", "Linear", "ModelConfig", "Norm", "Site", "Structure",
-    "const_array", "distinct_matmuls", "group_by_input", "is_initializer", "read",
+    "MIXERS", "ONLINE_ROTATION", "SITE_KINDS", "SITE_TITLES", "ConvMixer", "Layer", "Linear", "ModelConfig", "Norm",
+    "Site", "Structure", "const_array", "distinct_matmuls", "group_by_input", "is_initializer", "read",
 ]
 
 # Node metadata key marking the nodes of an online rotation that onnxqf inserted (value: its name).
@@ -33,11 +33,16 @@ ONLINE_ROTATION = "onnxqf.online_rotation"
 # The four quantized inputs of a decoder layer, in graph order.
 SITE_KINDS = ("attn_in", "o_in", "mlp_in", "down_in")
 SITE_TITLES = {
-    "attn_in": "q/k/v_proj input (attn_in)",
-    "o_in": "o_proj input (o_in)",
+    "attn_in": "q/k/v_proj (in_proj) input (attn_in)",
+    "o_in": "o_proj (out_proj) input (o_in)",
     "mlp_in": "gate/up_proj input (mlp_in)",
     "down_in": "down_proj input (down_in)",
 }
+
+
+# What mixes the tokens in a layer, before its MLP: attention (q/k/v, o_proj), or LFM2's short gated
+# convolution (in_proj, conv, out_proj; :class:`ConvMixer`).
+MIXERS = ("attention", "conv")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -220,7 +225,9 @@ class Site:
     ``fold_norm``'s gamma (attention and MLP inputs) or into ``fold_linear``'s output columns
     (v_proj for o_proj's input, up_proj for down_proj's: ``act(gate) * up`` is linear in up). For
     o_proj's input ``kv_groups = (n_kv_heads, heads per group, head_dim)``: the scales must be equal
-    across the query heads that share a KV head, since they all read the same value channels.
+    across the query heads that share a KV head, since they all read the same value channels. In a conv
+    layer (``mixer`` "conv", LFM2) the attention input is in_proj's and o_proj's is out_proj's, whose scale
+    folds into in_proj's ``C`` columns (a per-channel scale passes through the gate ``C·``).
     """
 
     layer: int
@@ -231,6 +238,7 @@ class Site:
     fold_linear: Linear | None = None
     kv_groups: tuple[int, int, int] | None = None
     packed: tuple[Linear, ...] = ()  # the packed MatMuls whose blocks are among the readers
+    mixer: str = "attention"  # the layer's mixer (one of MIXERS): which rotations its o_in gets
 
     @property
     def name(self) -> str:
@@ -253,13 +261,36 @@ class Site:
 
 
 @dataclasses.dataclass(eq=False)
+class ConvMixer:
+    """LFM2's short gated convolution, the mixer of a conv layer in place of attention::
+
+        y = RMSNorm(x) @ in_proj -> [B | C | x'] (column blocks) -> B·x' -> depthwise causal conv -> C·(...)
+          -> @ out_proj -> residual Add
+
+    ``in_proj`` is one packed MatMul whose ``blocks`` are ``b``, ``c``, ``xs`` (in column order); ``conv`` is the
+    ONNX ``Conv`` (one kernel per channel: ``group`` = channels) or the model builder's ``CausalConvWithState``.
+    Only a per-channel (diagonal) map passes through the gates and the conv, never a rotation: out_proj's input
+    can be smoothed or sign-flipped into ``c``'s columns, and rotated only online.
+    """
+
+    in_proj: Linear
+    conv: ir.Node
+    b: Linear
+    c: Linear
+    xs: Linear
+
+
+@dataclasses.dataclass(eq=False)
 class Layer:
+    """One decoder layer: a norm, a mixer (attention: ``q/k/v/o``; or a conv block: ``conv`` with ``in_proj`` and
+    ``o`` = out_proj, ``q/k/v`` None), the residual Add, a norm, the gated MLP, the residual Add."""
+
     index: int
     attn_norm: Norm
-    q: Linear
-    k: Linear
-    v: Linear
-    o: Linear
+    q: Linear | None  # None in a conv layer
+    k: Linear | None
+    v: Linear | None
+    o: Linear  # o_proj, or a conv layer's out_proj: the linear that writes the mixer's output
     attn_add: ir.Node
     mlp_norm: Norm
     gate: Linear
@@ -279,27 +310,53 @@ class Layer:
     # per-head RMSNorms of the queries and keys before rotary (Qwen3, Gemma 3), None when absent
     q_norm: Norm | None = None
     k_norm: Norm | None = None
+    # a conv layer's mixer (LFM2), None in an attention layer
+    conv: ConvMixer | None = None
+
+    @property
+    def mixer(self) -> str:
+        """What mixes the tokens: "attention" or "conv" (see :data:`MIXERS`)."""
+        return "attention" if self.conv is None else "conv"
+
+    def mixer_linears(self) -> list[Linear]:
+        """The mixer's projections by role: q, k, v, o_proj; or a conv layer's in_proj (whole) and out_proj."""
+        if self.conv is not None:
+            return [self.conv.in_proj, self.o]
+        return [self.q, self.k, self.v, self.o]
 
     def linears(self) -> list[Linear]:
-        """The seven projections by role (q/k/v, gate/up may be column blocks of one packed MatMul)."""
-        return [self.q, self.k, self.v, self.o, self.gate, self.up, self.down]
+        """The projections by role: q/k/v, o, gate, up, down (q/k/v, gate/up may be column blocks of one packed
+        MatMul); a conv layer's in_proj and out_proj in place of q/k/v and o."""
+        return [*self.mixer_linears(), self.gate, self.up, self.down]
 
     def matmuls(self) -> list[Linear]:
-        """The weight MatMuls of the layer, each once: a packed q/k/v (gate/up) is one Linear, not its blocks."""
-        qkv = [self.qkv] if self.qkv is not None else [self.q, self.k, self.v]
+        """The weight MatMuls of the layer, each once: a packed q/k/v (gate/up, a conv's in_proj) is one Linear,
+        not its blocks."""
+        if self.conv is not None:
+            mixer = [self.conv.in_proj, self.o]
+        else:
+            mixer = [*([self.qkv] if self.qkv is not None else [self.q, self.k, self.v]), self.o]
         gate_up = [self.gate_up] if self.gate_up is not None else [self.gate, self.up]
-        return [*qkv, self.o, *gate_up, self.down]
+        return [*mixer, *gate_up, self.down]
 
     def sites(self) -> list[Site]:
         """The four quantized inputs of this layer, in graph order (see :data:`SITE_KINDS`)."""
-        i = self.index
-        packed_qkv = (self.qkv,) if self.qkv is not None else ()
+        i, m = self.index, self.mixer
         packed_mlp = (self.gate_up,) if self.gate_up is not None else ()
+        if self.conv is not None:
+            in_proj = self.conv.in_proj
+            mixer = [Site(i, "attn_in", in_proj.input, (in_proj,), fold_norm=self.attn_norm, mixer=m),
+                     Site(i, "o_in", self.o.input, (self.o,), fold_linear=self.conv.c, mixer=m)]
+        else:
+            packed_qkv = (self.qkv,) if self.qkv is not None else ()
+            mixer = [Site(i, "attn_in", self.q.input, (self.q, self.k, self.v), fold_norm=self.attn_norm,
+                          packed=packed_qkv),
+                     Site(i, "o_in", self.o.input, (self.o,), fold_linear=self.v, kv_groups=self.kv_groups)]
         return [
-            Site(i, "attn_in", self.q.input, (self.q, self.k, self.v), fold_norm=self.attn_norm, packed=packed_qkv),
-            Site(i, "o_in", self.o.input, (self.o,), fold_linear=self.v, kv_groups=self.kv_groups),
-            Site(i, "mlp_in", self.gate.input, (self.gate, self.up), fold_norm=self.mlp_norm, packed=packed_mlp),
-            Site(i, "down_in", self.down.input, (self.down,), fold_linear=self.up),
+            *mixer,
+            Site(i, "mlp_in", self.gate.input, (self.gate, self.up), fold_norm=self.mlp_norm, packed=packed_mlp,
+                 mixer=m),
+            Site(i, "down_in", self.down.input, (self.down,), fold_linear=self.up, mixer=m),
         ]
 
     def post_norms(self) -> list[Norm]:
@@ -317,6 +374,7 @@ class ModelConfig:
     head_dim: int
     intermediate: int
     vocab: int
+    conv_layers: int = 0  # layers whose mixer is a short convolution (LFM2), not attention
 
     @property
     def kv_groups(self) -> tuple[int, int, int]:
@@ -365,6 +423,12 @@ class Structure:
         """Every layer's sites of the given kinds, layer by layer."""
         return [site for layer in self.layers for site in layer.sites() if site.kind in kinds]
 
+    def attention_layers(self) -> list[Layer]:
+        return [layer for layer in self.layers if layer.conv is None]
+
+    def conv_layers(self) -> list[Layer]:
+        return [layer for layer in self.layers if layer.conv is not None]
+
     def site_of(self) -> dict[str, Site]:
         """Linear name -> the site it reads (a packed q/k/v or gate/up under its own name too)."""
         out = {lin.name: site for site in self.sites() for lin in site.readers}
@@ -385,11 +449,12 @@ class Structure:
         return out + [(self.final_norm, (self.lm_head,))]
 
     def stream_readers(self) -> list[Linear]:
-        """The weight MatMuls that read the (normed) residual stream, each once: q/k/v, gate/up, lm_head."""
+        """The weight MatMuls that read the (normed) residual stream, each once: q/k/v (in_proj), gate/up,
+        lm_head."""
         return [lin for _, readers in self.norm_readers() for lin in readers]
 
     def stream_writers(self) -> list[Linear]:
-        """The weight MatMuls that write into the residual stream: o_proj and down_proj."""
+        """The weight MatMuls that write into the residual stream: o_proj (out_proj) and down_proj."""
         return [lin for layer in self.layers for lin in (layer.o, layer.down)]
 
     def tied(self) -> bool:

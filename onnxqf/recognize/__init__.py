@@ -46,7 +46,8 @@ def recognize(model: ir.Model) -> Structure:
     else:  # pragma: no cover - the plain recognizer accepts every graph
         raise UnsupportedGraphError("no recognizer accepts this graph")
     check_consistent(structure)
-    structure.family = family_of_graph(model, any(layer.post_norms() for layer in structure.layers))
+    structure.family = family_of_graph(model, any(layer.post_norms() for layer in structure.layers),
+                                       conv=bool(structure.conv_layers()))
     return structure
 
 
@@ -64,8 +65,10 @@ def check_consistent(structure: Structure) -> None:
             raise UnsupportedGraphError(f"{lin.name}: the weight '{lin.weight.name}' is {dtype.name}, not a float type "
                                         "(an already quantized or malformed model?)")
     for layer in structure.layers:
-        want = {"q_proj": (cfg.hidden, q_width), "k_proj": (cfg.hidden, layer.k.shape[1]),
-                "v_proj": (cfg.hidden, layer.k.shape[1]), "o_proj": (q_width, cfg.hidden),
+        kv_width = layer.k.shape[1] if layer.k is not None else 0
+        want = {"q_proj": (cfg.hidden, q_width), "k_proj": (cfg.hidden, kv_width),
+                "v_proj": (cfg.hidden, kv_width), "o_proj": (q_width, cfg.hidden),
+                "in_proj": (cfg.hidden, 3 * cfg.hidden), "out_proj": (cfg.hidden, cfg.hidden),  # a conv layer's
                 "gate_proj": (cfg.hidden, cfg.intermediate),
                 "up_proj": (cfg.hidden, cfg.intermediate), "down_proj": (cfg.intermediate, cfg.hidden)}
         for lin in layer.linears():

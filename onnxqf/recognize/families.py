@@ -16,7 +16,11 @@ in one line and each transform can say, before it runs, whether it is exact for 
   so it is refused; the online rotations need no residual rotation and stay exact;
 * ``qk_norms``: per-head RMSNorms on queries and keys before rotary (Qwen3, Gemma 3): they read q_proj's
   and k_proj's outputs, which no transform changes;
-* ``multipliers``: scalar residual, attention and logit multipliers (Granite): scalars commute.
+* ``multipliers``: scalar residual, attention and logit multipliers (Granite): scalars commute;
+* ``conv``: layers whose mixer is a short gated convolution instead of attention (LFM2:
+  :class:`~onnxqf.graph.structure.ConvMixer`). A residual rotation and online rotations are exact around them,
+  smoothing of out_proj's input folds into in_proj's ``C`` columns, but no rotation folds from out_proj's input
+  into in_proj (the gates and the depthwise conv act channel by channel): that input is rotated online only.
 
 Adding a family: an entry in :data:`FAMILIES` (and, for a new graph pattern such as a new norm form, its
 matcher in :mod:`onnxqf.recognize.match`), and a tiny model in ``tests/tiny.py``.
@@ -34,13 +38,18 @@ import onnx_ir as ir
 from onnxqf.errors import UnsupportedGraphError
 from onnxqf.graph.modelfile import get_metadata
 
-__all__ = ["FAMILIES", "GENERIC", "REFUSED", "RESIDUAL_ROTATION", "Family", "by_model_type", "check_model_type",
-           "family_of_graph"]
+__all__ = ["FAMILIES", "FOLDED_OUTPUT_ROTATION", "GENERIC", "REFUSED", "RESIDUAL_ROTATION", "Family", "by_model_type",
+           "check_model_type", "family_of_graph"]
 
 #: transform components a family may refuse (the names the passes check)
 RESIDUAL_ROTATION = "a residual rotation folded into the weights (--rotate, --hybrid folded)"
+FOLDED_OUTPUT_ROTATION = "a rotation of every o_proj/out_proj input folded into the weights, no node added " \
+                         "(--rotate offline)"
 
 _BUILDER = "onnxruntime-genai 0.18's model builder "
+_CONV_REASON = ("its conv layers gate in_proj's outputs channel by channel (B·x, C·(...)) around a depthwise "
+                "convolution, so only a diagonal scale, not a rotation, folds from out_proj's input into in_proj; use "
+                "--rotate or --hybrid (out_proj's input rotated online)")
 _POST_NORM_REASON = ("its RMSNorms after the attention and MLP blocks do not commute with a rotation of the residual "
                      "stream; use --hybrid (full: online rotations after each norm) or --smooth")
 
@@ -58,6 +67,7 @@ class Family:
     post_norms: bool = False
     qk_norms: bool = False
     multipliers: bool = False
+    conv: bool = False
     activation: str = "silu"  # of the gated MLP: "silu", "gelu_tanh"
     genai_refused: str | None = None  # why no onnxruntime-genai folder is made for it (--kv-cache), or None
     refused: Mapping[str, str] = dataclasses.field(default_factory=lambda: MappingProxyType({}))
@@ -96,6 +106,8 @@ FAMILIES: tuple[Family, ...] = (
                                     "'rope_type'); use the plain export"),
     Family("granite", "Granite", embedding_scale="multiplier", multipliers=True),
     Family("ernie4_5", "Ernie 4.5"),  # the Llama pattern: an entry is all it takes
+    # short gated convolutions between attention layers (which have per-head q/k norms)
+    Family("lfm2", "LFM2", qk_norms=True, conv=True, refused=_refuse(**{FOLDED_OUTPUT_ROTATION: _CONV_REASON})),
 )
 
 #: families the builder (or transformers) can write that onnxqf refuses, with the reason
@@ -106,7 +118,6 @@ REFUSED: Mapping[str, str] = MappingProxyType({
     "olmo": "its LayerNorm has no parameters and subtracts the mean (not rotation-invariant)",
     "olmo2": "its norms come only after the blocks, so no norm precedes q/k/v and gate/up to fold a scale into",
     "gpt2": "LayerNorm subtracts the mean and the MLP is not gated",
-    "lfm2": "its short gated convolution blocks are not decoder layers the recognizer can match yet",
     "nemotron": "its LayerNorm1P subtracts the mean and its MLP is not gated",
     "gemma3": "a vision-language checkpoint; export its text model (gemma3_text)",
 })
@@ -134,9 +145,10 @@ def check_model_type(model_type: str | None) -> Family:
                                 "need RMSNorm, q/k/v projections and a gated MLP")
 
 
-def family_of_graph(model: ir.Model, post_norms: bool) -> Family:
-    """The family a graph records (onnxqf's export writes the model_type into its metadata); otherwise a
-    generic family that refuses what the recognized structure rules out (norms after the blocks)."""
+def family_of_graph(model: ir.Model, post_norms: bool, conv: bool = False) -> Family:
+    """The family a graph records (onnxqf's export writes the model_type into its metadata); otherwise LFM2 for a
+    graph with conv layers (``conv``), or a generic family that refuses what the recognized structure rules out
+    (norms after the blocks)."""
     meta = get_metadata(model, "config")
     if meta:
         try:
@@ -145,6 +157,8 @@ def family_of_graph(model: ir.Model, post_norms: bool) -> Family:
             family = None
         if family is not None:
             return family
+    if conv:
+        return _BY_TYPE["lfm2"]
     if post_norms:
         return Family("decoder", "a model with norms after its blocks (Gemma 2/3)", ("decoder",), post_norms=True,
                       refused=_refuse(**{RESIDUAL_ROTATION: _POST_NORM_REASON}))

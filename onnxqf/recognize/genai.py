@@ -12,7 +12,9 @@ The builder's decoder differs from a plain export in four ways this module maps 
 * q, k and v are one MatMul (``qkv_proj``, plus one bias Add for Qwen2) whose columns are
   [q | k | v]: three :class:`Linear` records share the node, each with its ``cols`` block, and
   ``Layer.qkv`` is the whole MatMul (what quantization replaces, once);
-* attention is ``GroupQueryAttention`` (rotary inside, KV cache as graph inputs/outputs);
+* attention is ``GroupQueryAttention`` (rotary inside, KV cache as graph inputs/outputs); LFM2's conv layers
+  are in_proj, Transpose, Split, the gates and ``CausalConvWithState`` (its state a graph input/output),
+  matched by :func:`~onnxqf.recognize.match.match_conv_mixer` as in a plain export;
 * SiLU is ``Sigmoid`` * ``Mul``; lm_head is its own MatMul of a [hidden, vocab] weight; for tied
   checkpoints the builder stores the table once, as that weight, and the embedding Gather reads it
   through a Transpose (:func:`onnxqf.graph.edit.private_embedding` unties it before a residual rotation).
@@ -28,6 +30,7 @@ from onnxqf.recognize.match import (  # linear_readers sees through onnxqf's onl
     classify_gate_up,
     find_gather,
     linear_readers,
+    match_conv_mixer,
     scalar_factor,
     split_blocks,
     through_scalar_mul,
@@ -240,7 +243,7 @@ def recognize_genai(model: ir.Model) -> Structure:
     x, _ = through_scalar_mul(gather.outputs[0])  # Gemma's √hidden, Granite's embedding multiplier
     vocab = _vocab(gather)
     layers: list[Layer] = []
-    config = None
+    config = d_ff = None  # (heads, kv heads, head size) of the attention layers; the MLP width
     next_norm = None  # the Skip norm that ends the previous layer
     while True:
         idx = len(layers)
@@ -248,18 +251,28 @@ def recognize_genai(model: ir.Model) -> Structure:
         node = _norm_node_of(x, where) if idx == 0 else next_norm
         norm = _norm(node, x, where)
         readers = linear_readers(norm.output)
+        conv = None
         if len(readers) == 1 and not _reaches_gqa(readers[0]):
-            if readers[0].shape[1] != vocab or not _reaches_output(readers[0].output):
+            conv = match_conv_mixer(readers[0])  # LFM2's short convolution (CausalConvWithState)
+            if conv is None and (readers[0].shape[1] != vocab or not _reaches_output(readers[0].output)):
                 ops = sorted(_ops_after(readers[0].output) - {"Split", "Reshape", "Transpose", "Mul", "Cast"})
                 raise UnsupportedGraphError(f"{where}: the norm feeds {', '.join(ops) or 'no attention'} instead of "
-                                            f"{GQA}; layers other than attention (e.g. LFM2's short convolutions) are "
-                                            "not supported")
-            final_norm, lm_head = norm, readers[0]
-            lm_head.role = "lm_head"
-            break
-        q, k, v, attn, qkv, qk_norms = _qkv(norm.output, where)
-        o = _only_linear_reader(attn.outputs[0], where, "o_proj")
-        attn_add, post_attn = _block_output(o, where, "o_proj")
+                                            f"{GQA} or a short convolution (LFM2's in_proj, gates and "
+                                            "CausalConvWithState); other layers are not supported")
+            if conv is None:
+                final_norm, lm_head = norm, readers[0]
+                lm_head.role = "lm_head"
+                break
+        if conv is not None:
+            conv, o = conv
+            q = k = v = attn = qkv = None
+            qk_norms = [None, None]
+            attn_add, post_attn = _block_output(o, where, "out_proj")
+        else:
+            q, k, v, attn, qkv, qk_norms = _qkv(norm.output, where)
+            o = _only_linear_reader(attn.outputs[0], where, "o_proj")
+            o.role = "o_proj"
+            attn_add, post_attn = _block_output(o, where, "o_proj")
         norm2 = _norm(attn_add, _residual_out(attn_add, where), where)
         readers2 = linear_readers(norm2.output)
         if len(readers2) != 2:
@@ -271,26 +284,36 @@ def recognize_genai(model: ir.Model) -> Structure:
             raise UnsupportedGraphError(f"{where}: up_proj does not feed the gated Mul")
         down = _only_linear_reader(mlp_mul.outputs[0], where, "down_proj")
         mlp_add, post_mlp = _block_output(down, where, "down_proj")
-        for lin, role in ((q, "q_proj"), (k, "k_proj"), (v, "v_proj"), (o, "o_proj"), (gate, "gate_proj"),
-                          (up, "up_proj"), (down, "down_proj")):
-            lin.role, lin.layer = role, idx
-        if qkv is not None:
-            qkv.layer = idx
-        heads = attn.attributes.get_int("num_heads", 0)
-        kv_heads = attn.attributes.get_int("kv_num_heads", 0)
-        head_dim = q.shape[1] // heads
-        layer_config = (heads, kv_heads, head_dim, gate.shape[1])
-        if config is not None and layer_config != config:
-            raise UnsupportedGraphError(f"{where}: heads/head size/MLP width differ from layer 0")
-        config = layer_config
+        for lin, role in ((q, "q_proj"), (k, "k_proj"), (v, "v_proj"), (gate, "gate_proj"), (up, "up_proj"),
+                          (down, "down_proj")):
+            if lin is not None:
+                lin.role, lin.layer = role, idx
+        for lin in (o, qkv, *([] if conv is None else [conv.in_proj, *conv.in_proj.blocks])):
+            if lin is not None:
+                lin.layer = idx
+        if d_ff is not None and gate.shape[1] != d_ff:
+            raise UnsupportedGraphError(f"{where}: the MLP width differs from layer 0's")
+        d_ff = gate.shape[1]
         layer = Layer(idx, norm, q, k, v, o, attn_add, norm2, gate, up, down, mlp_add, mlp_mul, qkv=qkv,
-                      post_attn_norm=post_attn, post_mlp_norm=post_mlp, q_norm=qk_norms[0], k_norm=qk_norms[1])
-        layer.kv_groups = (kv_heads, heads // kv_heads, head_dim)
+                      post_attn_norm=post_attn, post_mlp_norm=post_mlp, q_norm=qk_norms[0], k_norm=qk_norms[1],
+                      conv=conv)
+        if attn is not None:
+            heads = attn.attributes.get_int("num_heads", 0)
+            kv_heads = attn.attributes.get_int("kv_num_heads", 0)
+            head_dim = q.shape[1] // heads
+            if config is not None and (heads, kv_heads, head_dim) != config:
+                raise UnsupportedGraphError(f"{where}: heads/head size differ from the first attention layer's")
+            config = (heads, kv_heads, head_dim)
+            layer.kv_groups = (kv_heads, heads // kv_heads, head_dim)
         layers.append(layer)
         x = mlp_add.outputs[3] if len(mlp_add.outputs) > 3 and mlp_add.outputs[3] is not None else mlp_add.inputs[0]
         next_norm = mlp_add  # the next layer's attention norm, or the final norm
     if not layers:
         raise UnsupportedGraphError("no decoder layers found")
+    if config is None:
+        raise UnsupportedGraphError(f"no {GQA} layer found (only short convolutions): cannot tell the head size")
     vocab, hidden = lm_head.shape[1], lm_head.shape[0]
-    heads, kv_heads, head_dim, d_ff = config
-    return Structure(gather, layers, final_norm, lm_head, ModelConfig(hidden, heads, kv_heads, head_dim, d_ff, vocab))
+    heads, kv_heads, head_dim = config
+    conv_layers = sum(layer.conv is not None for layer in layers)
+    return Structure(gather, layers, final_norm, lm_head,
+                     ModelConfig(hidden, heads, kv_heads, head_dim, d_ff, vocab, conv_layers=conv_layers))

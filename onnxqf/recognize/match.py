@@ -14,20 +14,23 @@ from collections import deque
 import onnx_ir as ir
 
 from onnxqf.errors import UnsupportedGraphError
-from onnxqf.graph.structure import ONLINE_ROTATION, Linear, Norm, const_array, is_initializer
+from onnxqf.graph.structure import ONLINE_ROTATION, ConvMixer, Linear, Norm, const_array, is_initializer
 
 __all__ = [
     "linear_readers",
-    "ACTIVATIONS", "FUSED_ATTENTION", "PASS_THROUGH", "classify_gate_up", "classify_qkv", "consumers", "find_gather",
-    "first_mixing_op", "match_decomposed_norm", "match_fused_norm", "match_linear", "match_norm",
-    "norm_scale", "post_norm_writer", "residual_add", "scalar_factor", "single", "split_blocks",
-    "strip_casts_back", "through_casts_fwd", "through_scalar_mul", "writer",
+    "ACTIVATIONS", "CONV_OPS", "FUSED_ATTENTION", "PASS_THROUGH", "channel_blocks", "classify_gate_up",
+    "classify_qkv", "consumers", "find_gather", "first_mixing_op", "match_conv_mixer", "match_decomposed_norm",
+    "match_fused_norm", "match_linear", "match_norm", "norm_scale", "post_norm_writer", "residual_add",
+    "scalar_factor", "single", "split_blocks", "strip_casts_back", "through_casts_fwd", "through_scalar_mul",
+    "writer",
 ]
 
 # Ops that only move data or change dtype: the recognizer looks through them.
 PASS_THROUGH = {"Cast", "Identity", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Expand"}
 ACTIVATIONS = {"Sigmoid", "Silu", "Swish", "Gelu", "FastGelu", "QuickGelu", "BiasGelu", "Tanh", "Erf", "Relu"}
 FUSED_ATTENTION = {"Attention", "MultiHeadAttention", "GroupQueryAttention"}
+#: LFM2's depthwise causal convolution: ONNX's Conv (plain exports) or the model builder's CausalConvWithState
+CONV_OPS = {"Conv", "CausalConvWithState"}
 
 
 def consumers(value: ir.Value) -> list[ir.Node]:
@@ -259,21 +262,12 @@ def split_blocks(value: ir.Value, width: int) -> list[tuple[int, int, ir.Value]]
     if len(users) == 1 and users[0].op_type == "Split":
         node = users[0]
         axis = node.attributes.get_int("axis", 0)
-        sizes = const_array(node.inputs[1]) if len(node.inputs) > 1 and node.inputs[1] is not None else None
         rank = len(value.shape) if value.shape is not None else None
         if axis != -1 and (rank is None or axis != rank - 1):
             return None
-        if sizes is None:
-            n = len(node.outputs)
-            if width % n:
-                return None
-            sizes = [width // n] * n
-        bounds = [0, *list(map(int, sizes))]
-        for i in range(1, len(bounds)):
-            bounds[i] += bounds[i - 1]
-        if bounds[-1] != width:
-            return None
-        return [(bounds[i], bounds[i + 1], node.outputs[i]) for i in range(len(node.outputs))]
+        bounds = _split_bounds(node, width)
+        return None if bounds is None else [(bounds[i], bounds[i + 1], node.outputs[i])
+                                            for i in range(len(node.outputs))]
     if not users or any(u.op_type != "Slice" for u in users):
         return None
     out = []
@@ -296,6 +290,99 @@ def split_blocks(value: ir.Value, width: int) -> list[tuple[int, int, ir.Value]]
     if out[0][0] != 0 or out[-1][1] != width or any(a[1] != b[0] for a, b in itertools.pairwise(out)):
         return None
     return out
+
+
+def _split_bounds(node: ir.Node, width: int) -> list[int] | None:
+    """The cumulative bounds [0, s0, s0 + s1, ..., width] of a Split of ``width`` channels (its sizes input, or
+    equal parts), or None when they do not add up."""
+    sizes = const_array(node.inputs[1]) if len(node.inputs) > 1 and node.inputs[1] is not None else None
+    if sizes is None:
+        n = len(node.outputs)
+        if width % n:
+            return None
+        sizes = [width // n] * n
+    bounds = [0, *list(map(int, sizes))]
+    for i in range(1, len(bounds)):
+        bounds[i] += bounds[i - 1]
+    return bounds if bounds[-1] == width else None
+
+
+def channel_blocks(value: ir.Value, width: int) -> list[tuple[int, int, ir.Value]] | None:
+    """:func:`split_blocks` of a projection's output that is transposed before the ``Split`` (LFM2's in_proj:
+    ``[batch, seq, 3H]`` -> Transpose -> ``[batch, 3H, seq]`` -> Split along the channel axis): the blocks' column
+    ranges in the projection's output, with the values the Split makes (in the transposed layout)."""
+    users = list(value.consumers())
+    if len(users) != 1 or users[0].op_type != "Transpose":
+        return None
+    perm = list(users[0].attributes.get_ints("perm", []))
+    splits = list(users[0].outputs[0].consumers())
+    if len(perm) < 2 or len(splits) != 1 or splits[0].op_type != "Split":
+        return None
+    node = splits[0]
+    if perm[node.attributes.get_int("axis", 0) % len(perm)] != len(perm) - 1:  # the split axis is the channels'
+        return None
+    bounds = _split_bounds(node, width)
+    return None if bounds is None else [(bounds[i], bounds[i + 1], node.outputs[i]) for i in range(len(node.outputs))]
+
+
+def _only_reader(value: ir.Value) -> ir.Node | None:
+    users = [n for n, _ in through_casts_fwd(value)]
+    return users[0] if len(users) == 1 else None
+
+
+def _depthwise(conv: ir.Node, channels: int) -> bool:
+    """Whether ``conv`` convolves each of ``channels`` channels with its own kernel (weight ``[channels, 1, k]``;
+    ONNX's Conv with ``group`` = channels)."""
+    w = const_array(conv.inputs[1]) if len(conv.inputs) > 1 else None
+    if w is None or w.ndim != 3 or w.shape[:2] != (channels, 1):
+        return False
+    return conv.op_type != "Conv" or conv.attributes.get_int("group", 1) == channels
+
+
+def match_conv_mixer(lin: Linear) -> tuple[ConvMixer, Linear] | None:
+    """(the conv block, its out_proj) when ``lin`` is LFM2's in_proj: its output transposed and split into three
+    blocks, two of them multiplied (``B·x``) into a depthwise causal convolution (:data:`CONV_OPS`, a Slice after
+    it), whose output the third block gates (``C·``) before a Transpose and the out_proj weight MatMul; else None.
+    ``lin`` becomes the packed ``in_proj`` with the blocks ``b``, ``c``, ``xs`` (``b`` is the lower block of the
+    product, which is symmetric in the two). Roles are set; layers are the recognizer's to set."""
+    blocks = channel_blocks(lin.output, lin.shape[1])
+    if blocks is None or len(blocks) != 3:
+        return None
+    values = [v for _, _, v in blocks]
+    index = {id(v): i for i, v in enumerate(values)}
+    products = list({id(n): n for v in values for n in v.consumers() if n.op_type == "Mul" and len(n.inputs) == 2
+                     and n.inputs[0] is not n.inputs[1] and all(id(x) in index for x in n.inputs)}.values())
+    if len(products) != 1:
+        return None
+    pair = sorted(index[id(x)] for x in products[0].inputs)
+    c = ({0, 1, 2} - set(pair)).pop()
+    conv = _only_reader(products[0].outputs[0])
+    width = blocks[c][1] - blocks[c][0]
+    if conv is None or conv.op_type not in CONV_OPS or conv.inputs[0] is not products[0].outputs[0] \
+            or not _depthwise(conv, width) or any(b - a != width for a, b, _ in blocks):
+        return None
+    gate = _only_reader(conv.outputs[0])
+    if gate is not None and gate.op_type == "Slice":  # the plain export pads both ends and keeps the first positions
+        gate = _only_reader(gate.outputs[0])
+    if gate is None or gate.op_type != "Mul" or not any(x is values[c] for x in gate.inputs):
+        return None
+    value = gate.outputs[0]
+    for _ in range(3):  # the Transpose back to [batch, seq, H]
+        readers = linear_readers(value)
+        if readers:
+            break
+        nxt = _only_reader(value)
+        if nxt is None or nxt.op_type not in PASS_THROUGH:
+            return None
+        value = nxt.outputs[0]
+    if len(readers) != 1:
+        return None
+    parts = [lin.block(a, b, role=f"in_proj.{name}", output=v)
+             for (a, b, v), name in zip(blocks, ["b" if i == pair[0] else "c" if i == c else "x" for i in range(3)],
+                                        strict=True)]
+    lin.role, lin.blocks = "in_proj", tuple(parts)
+    readers[0].role = "out_proj"
+    return ConvMixer(lin, conv, parts[pair[0]], parts[c], parts[pair[1]]), readers[0]
 
 
 def post_norm_writer(value: ir.Value) -> tuple[Linear, Norm] | None:

@@ -23,6 +23,7 @@ from onnxqf.recognize.match import (
     classify_qkv,
     find_gather,
     linear_readers,
+    match_conv_mixer,
     match_norm,
     post_norm_writer,
     residual_add,
@@ -51,12 +52,19 @@ def recognize_plain(model: ir.Model) -> Structure:
             final_norm, lm_head = norm, readers[0]
             lm_head.role = "lm_head"
             break
-        readers, qkv = unpack(readers, 3, "qkv_proj", where, "q/k/v projections", "the attention norm")
-        q, k, v = classify_qkv(readers, where)
+        conv = match_conv_mixer(readers[0]) if len(readers) == 1 else None
+        if conv is not None:  # LFM2's short convolution in place of attention
+            conv, out_proj = conv
+            q = k = v = qkv = None
+            readers = [conv.in_proj]
+        else:
+            readers, qkv = unpack(readers, 3, "qkv_proj", where, "q/k/v projections", "the attention norm")
+            q, k, v = classify_qkv(readers, where)
         add1, attn_out = residual_add(x, norm, where)
         o, post_attn = _block_writer(attn_out, readers)
-        if o is None:
-            raise UnsupportedGraphError(f"{where}: no o_proj weight MatMul feeds the attention residual Add")
+        if o is None or (conv is not None and o.node is not out_proj.node):
+            what = "o_proj" if conv is None else "the conv block's out_proj"
+            raise UnsupportedGraphError(f"{where}: no {what} weight MatMul feeds the attention residual Add")
         x2 = add1.outputs[0]
         norm2 = match_norm(x2)
         if norm2 is None:
@@ -71,18 +79,24 @@ def recognize_plain(model: ir.Model) -> Structure:
         mlp_mul = down.input.producer()
         if mlp_mul is not None and not (mlp_mul.op_type == "Mul" and up.output in mlp_mul.inputs):
             mlp_mul = None
-        for lin, role in ((q, "q_proj"), (k, "k_proj"), (v, "v_proj"), (o, "o_proj"), (gate, "gate_proj"),
-                          (up, "up_proj"), (down, "down_proj"), (qkv, "qkv_proj"), (gate_up, "gate_up_proj")):
+        for lin, role in ((q, "q_proj"), (k, "k_proj"), (v, "v_proj"), (o, "o_proj" if conv is None else "out_proj"),
+                          (gate, "gate_proj"), (up, "up_proj"), (down, "down_proj"), (qkv, "qkv_proj"),
+                          (gate_up, "gate_up_proj")):
             if lin is not None:
                 lin.role, lin.layer = role, idx
+        if conv is not None:
+            for lin in (conv.in_proj, *conv.in_proj.blocks):
+                lin.layer = idx
         layers.append(Layer(idx, norm, q, k, v, o, add1, norm2, gate, up, down, add2, mlp_mul, qkv=qkv, gate_up=gate_up,
-                            post_attn_norm=post_attn, post_mlp_norm=post_mlp, q_norm=head_norm(q), k_norm=head_norm(k)))
+                            post_attn_norm=post_attn, post_mlp_norm=post_mlp,
+                            q_norm=None if q is None else head_norm(q), k_norm=None if k is None else head_norm(k),
+                            conv=conv))
         x = add2.outputs[0]
     if not layers:
         raise UnsupportedGraphError("no decoder layers found")
     config = infer_config(model, gather, layers, lm_head)
     for layer in layers:
-        layer.kv_groups = config.kv_groups
+        layer.kv_groups = config.kv_groups if layer.conv is None else None
     return Structure(gather, layers, final_norm, lm_head, config)
 
 
@@ -134,8 +148,11 @@ def _block_writer(out: ir.Value, readers: list[Linear]) -> tuple[Linear | None, 
 
 def infer_config(model: ir.Model, gather: ir.Node, layers: list[Layer], lm_head: Linear) -> ModelConfig:
     vocab, hidden = (int(d) for d in gather.inputs[0].const_value.shape.numpy())
-    l0 = layers[0]
-    q_out, kv_out, d_ff = l0.q.shape[1], l0.k.shape[1], l0.gate.shape[1]
+    attention = [layer for layer in layers if layer.conv is None]
+    if not attention:
+        raise UnsupportedGraphError("no attention layer found (only short convolutions): cannot tell the head size")
+    l0 = attention[0]
+    q_out, kv_out, d_ff = l0.q.shape[1], l0.k.shape[1], layers[0].gate.shape[1]
     meta = get_metadata(model, "config")
     head_dim = None
     if meta:
@@ -147,7 +164,8 @@ def infer_config(model: ir.Model, gather: ir.Node, layers: list[Layer], lm_head:
         raise UnsupportedGraphError(
             "cannot determine the attention head size from the graph; export with onnxqf or pass --head-dim"
         )
-    return ModelConfig(hidden, q_out // head_dim, kv_out // head_dim, int(head_dim), d_ff, vocab)
+    return ModelConfig(hidden, q_out // head_dim, kv_out // head_dim, int(head_dim), d_ff, vocab,
+                       conv_layers=len(layers) - len(attention))
 
 
 def head_dim_from_reshape(lin: Linear) -> int | None:

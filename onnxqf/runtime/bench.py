@@ -92,6 +92,8 @@ def describe(path: str | os.PathLike) -> BenchModel:
         raise OnnxqfError(f"{p}: no 'input_ids' input (inputs: {', '.join(io.inputs) or 'none'})")
     if io.unknown:
         raise OnnxqfError(f"{p}: unsupported input '{io.unknown[0]}' ({DRIVES})")
+    if io.conv_state:
+        raise OnnxqfError(f"{p}: unsupported input '{io.conv_state[0][0]}' (LFM2's conv state; {DRIVES})")
     for past, present in io.cache:
         if not PAST_RE.match(past):
             raise OnnxqfError(f"{p}: unsupported input '{past}' ({DRIVES})")
