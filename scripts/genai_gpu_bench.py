@@ -46,6 +46,9 @@ REWRITES = {
         # onnxqf's own CUDA kernels (kernels/; ONNXQF_KERNELS names the built library)
         "onnxqf W8A8 kernels": ["--lowering", "onnxqf-cuda"],
         "onnxqf hybrid W8A8 kernels": ["--hybrid", "--alpha", "0.5", "--lowering", "onnxqf-cuda"],
+        "onnxqf W8A8 kernels + lm_head": ["--lowering", "onnxqf-cuda", "--quantize-lm-head"],
+        "onnxqf hybrid W8A8 kernels + lm_head": ["--hybrid", "--alpha", "0.5", "--lowering", "onnxqf-cuda",
+                                                 "--quantize-lm-head"],
     },
     "cpu": {
         "onnxqf W8A8 token": [],
@@ -56,6 +59,10 @@ REWRITES = {
         "onnxqf hybrid W8A8 ql cycle:64 + lm_head": ["--hybrid", "--alpha", "0.5", "--lowering", "uint8-token-ql",
                                                       "--online-rotation", "cycle:64", "--quantize-lm-head"],
         "onnxqf int4 + lm_head int4": ["--quant", "int4", "--quantize-lm-head", "--lm-head-bits", "4"],
+        "onnxqf W8A8 token ql + lm_head int4": ["--lowering", "uint8-token-ql", "--quantize-lm-head",
+                                                "--lm-head-bits", "4"],
+        "onnxqf hybrid W8A8 ql + lm_head int4": ["--hybrid", "--alpha", "0.5", "--quantize-lm-head",
+                                                 "--lm-head-bits", "4"],
         "onnxqf hybrid W8A8": ["--hybrid", "--alpha", "0.5"],
         "onnxqf int4": ["--quant", "int4"],
         "onnxqf W8A8 int8 x int8": ["--lowering", "int8-token"],
@@ -158,6 +165,11 @@ def main() -> int:
                    "above 1 prefill --batch-seq tokens per sequence")
     r.add_argument("--batch-seq", type=int, default=128)
     r.add_argument("--budget", type=float, default=480.0, help="seconds for the whole run")
+    r.add_argument("--rewrite-limit", type=float, default=200.0, help="seconds for one rewrite")
+    r.add_argument("--builders", default="float,int4", help="which builder folders to make besides the reference: "
+                   "float,int4 (default) or float")
+    r.add_argument("--cuda-graph", action="store_true", help="passed to onnxqf bench: also decode steps replayed as "
+                   "CUDA graphs")
     r.add_argument("--tiny", action="store_true", help="tiny shapes, CPU (tests)")
     r.add_argument("--work", type=Path, help="scratch folder (default: under /dev/shm or the temp folder)")
     args = ap.parse_args()
@@ -200,8 +212,9 @@ def main() -> int:
         if not ((Path(p) / "onnxruntime").is_dir() and not (Path(p) / "onnxruntime" / "transformers").is_dir())))
     folders = {}
     int4_options = ["hf_token=false", "block_size=32"] + (["int4_accuracy_level=4"] if ep == "cpu" else [])
-    builder = {f"builder {precision}": ["-p", precision],
-               "builder int4 (RTN, block 32)": ["-p", "int4", "--extra_options", *int4_options]}
+    builder = {f"builder {precision}": ["-p", precision]}
+    if "int4" in args.builders.split(","):
+        builder["builder int4 (RTN, block 32)"] = ["-p", "int4", "--extra_options", *int4_options]
     for name, extra in builder.items():
         dst = base / name.split()[1]
         cmd = [py, "-m", "onnxruntime_genai.models.builder", "-i", hf, "-o", dst, "-e", ep, "-c", base / "cache",
@@ -227,7 +240,7 @@ def main() -> int:
         dst = base / name.replace(" ", "_").replace("+", "")
         calib = ["--calib-windows", "1", "--calib-seq", "32"] if "--hybrid" in extra else []
         step = sh([py, "-m", "onnxqf.cli", "rewrite", ref, *extra, "--weight-rounding", "rtn", *calib, "-o", dst, "-q"],
-                  env, min(200.0, left() - 90), cwd=base)
+                  env, min(args.rewrite_limit, left() - 90), cwd=base)
         result["steps"][name] = step
         if step["rc"] == 0:
             folders[name] = dst
@@ -250,7 +263,8 @@ def main() -> int:
         seq = args.seq if batch == 1 else args.batch_seq
         b = sh([py, "-m", "onnxqf.cli", "bench", *[folders[n] for n in names], "--ep", ep, "--batch", str(batch),
                 "--seq", str(seq), "--past", args.past, "--decode-tokens", "32", "--repeats", "10", "--warmup", "3",
-                "--nbits-kernel", args.nbits_kernel, "--json"], env, max(30.0, (left() - 5) / (len(batches) - k)),
+                "--nbits-kernel", args.nbits_kernel, *(["--cuda-graph"] if args.cuda_graph else []), "--json"],
+               env, max(30.0, (left() - 5) / (len(batches) - k)),
                cwd=base, keep=0)
         key = "bench" if batch == 1 else f"bench_batch{batch}"
         try:
@@ -275,18 +289,24 @@ def print_table(result: dict, key: str = "bench") -> None:
     past = str(bench["past"][0]) if bench["past"] else None
     print(f"\n{result['layers']} layers ({result.get('shape', result['ep'])} shape), onnxruntime-genai layout, "
           f"{bench['provider']}, onnxruntime {bench['onnxruntime']}, batch {bench['batch']}\n")
+    graphs = bool(bench.get("cuda_graph"))
     print(f"| folder | `check` rc | prefill {bench['batch']}x{bench['seq']} ms | x ref | decode past {past} tok/s | x "
-          "ref | ms/step |")
-    print("|---|---|---|---|---|---|---|")
+          "ref | ms/step |" + (" CUDA-graph step tok/s | x ref |" if graphs else ""))
+    print("|---|---|---|---|---|---|---|" + ("---|---|" if graphs else ""))
     for row in bench["models"]:
         d = (row.get("decode") or {}).get(past, {})
         tps = d.get("tokens_per_s", {}).get("median")
         sp = row["speedup"]["decode"].get(past) if past else None
+        g = ((row.get("decode_graph") or {}).get(past) or {}).get("tokens_per_s", {}).get("median")
+        gsp = (row["speedup"].get("decode_graph") or {}).get(past)
+        tail = (f" {g:.0f} | {gsp:.2f} |" if g and gsp else " - | - |") if graphs else ""
         print(f"| {row['label']} | {result['check'].get(row['label'].removesuffix(' [fpA_intB]'), {}).get('rc', '-')} "
               f"| {row['prefill_ms']['median']:.2f} | {row['speedup']['prefill']:.2f} | {tps:.0f} | {sp:.2f} | "
-              f"{bench['batch'] * 1e3 / tps:.3f} |" if tps else
+              f"{bench['batch'] * 1e3 / tps:.3f} |{tail}" if tps else
               f"| {row['label']} | - | {row['prefill_ms']['median']:.2f} | {row['speedup']['prefill']:.2f} | - | - | - "
-              "|")
+              f"|{tail}")
+        if row.get("decode_graph_note"):
+            print(f"  ({row['label']}: {row['decode_graph_note'][:300]})")
 
 
 if __name__ == "__main__":

@@ -469,17 +469,22 @@ def _bench_one(path, model: BenchModel, name: str, reference: bool, opts: BenchO
             row["decode_graph"] = {}
             for past in pasts:  # a captured graph has fixed shapes: one session per past length
                 bar.set_description(f"{name}: decode step past {past}, CUDA graph")
-                graph_session = _guard(name, "loading with a CUDA graph", lambda: make_session(
-                    io.path, ep="cuda", provider_options={"enable_cuda_graph": "1"}))
-                speeds = _guard(name, f"CUDA-graph decode step (past {past})", lambda: measure_decode_step_graph(
-                    graph_session, io, batch=opts.batch, past=past, warmup=opts.warmup, repeats=opts.repeats,
-                    steps=max(1, opts.decode_tokens)))
+                try:  # a graph ONNX Runtime cannot capture is this row's note, not the end of the run
+                    graph_session = _guard(name, "loading with a CUDA graph", lambda: make_session(
+                        io.path, ep="cuda", provider_options={"enable_cuda_graph": "1"}))
+                    speeds = _guard(name, f"CUDA-graph decode step (past {past})", lambda: measure_decode_step_graph(
+                        graph_session, io, batch=opts.batch, past=past, warmup=opts.warmup, repeats=opts.repeats,
+                        steps=max(1, opts.decode_tokens)))
+                except OnnxqfError as exc:
+                    row["decode_graph_note"] = str(exc)
+                    break
+                finally:
+                    graph_session = None
+                    gc.collect()
+                    bar.update(1)
                 stats = _stats(speeds)
                 row["decode_graph"][str(past)] = {"tokens_per_s": stats,
                                                   "ms_per_token": opts.batch * 1e3 / stats["median"]}
-                graph_session = None
-                gc.collect()
-                bar.update(1)
     else:
         row["decode"] = None
         row["decode_note"] = "n/a (no KV cache)"
@@ -555,6 +560,8 @@ def format_table(result: dict) -> str:
                  f"{result['repeats']} runs after {result['warmup']} warm-up; decode: {result['decode_tokens']} "
                  "tokens per run; ×ref > 1 is faster")
     for row in result["models"]:
+        if row.get("decode_graph_note"):
+            lines.append(f"{row['name']}: no CUDA-graph step: {row['decode_graph_note']}")
         if row.get("nbits_kernel") == "fpa-intb":
             nb = row["matmulnbits"]
             lines.append(f"{row['name']}: ONNX Runtime's CUTLASS weight-only kernels (ORT_FPA_INTB_GEMM=1) for "
