@@ -54,3 +54,21 @@ def test_iterative_refinement_is_no_worse_than_min_max(activations):
     # the int8 storage of the same codes (code - 128, CUDA's int8 x int8) computes the same values
     assert errs["int8-token-iter"] == pytest.approx(errs["uint8-token-iter"], rel=1e-3)
     assert errs["int8-token-asym"] == pytest.approx(errs["uint8-token-asym"], rel=1e-3)
+
+
+def test_float16_token_codes_are_finite_for_zero_and_tiny_tokens():
+    """In float16 the per-token 127 / amax must stay finite: a zero token (a zero-embedding pad, say) under a floor
+    below 2^-9 would make 0 * inf = NaN codes, and NaN in one position's values reaches every position through
+    attention. Evaluated in float16 arithmetic (onnx's reference evaluator: numpy, each node in its own type; ONNX
+    Runtime's CPU provider computes these float16 nodes in float32, CUDA's in float16). A zero token's outputs are 0."""
+    from onnx.reference import ReferenceEvaluator
+
+    x = np.random.default_rng(3).standard_normal((4, 64)).astype(np.float16)
+    x[1] = 0.0
+    x[2] *= np.float16(1e-4)
+    model = linear_model(64, 48, parse_lowering("int8-token"), copies=1, dtype="float16", seed=1)
+    with np.errstate(all="ignore"):
+        out = ReferenceEvaluator(ir.serde.serialize_model(model)).run(None, {"x": x})[0]
+    assert np.isfinite(out.astype(np.float32)).all()
+    assert not out[1].any()
+    assert 0 < np.abs(out[2]).max() < 1e-3 * np.abs(out[0]).max()

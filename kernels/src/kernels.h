@@ -5,7 +5,7 @@
 //   w      int8 [N, K] row-major ("TN": the transpose of ONNX MatMul's [K, N] weight)
 //   wscale fp32 [N]   the weight's per-channel scale already divided by 127
 //   bias   fp16 [N]   optional (nullptr)
-//   amax[m] = max(max_k |x[m,k]|, fp16(1e-4))                  (fp16 arithmetic, exact)
+//   amax[m] = max(max_k |x[m,k]|, 2^-9)                        (fp16 arithmetic, exact; 127/amax finite)
 //   inv[m]  = fp16(127 / amax[m])                               (__hdiv, as ONNX Runtime's fp16 Div)
 //   q[m,k]  = rint(fp16(x[m,k] * inv[m]))  in [-127, 127]       (__hmul then round half to even)
 //   acc     = sum_k q[m,k] * w[n,k]                             (int32, exact)

@@ -32,28 +32,20 @@ __device__ __forceinline__ float chunk_absmax(const uint4& c, float m) {
   return m;
 }
 
-// The scale of one token: fp16 127/amax as the graph computes it; when that overflows fp16 (amax < 127/65504,
-// where the fp16 graph makes inf/NaN codes), the codes are computed in fp32 instead (finite: zeros stay 0).
-struct TokenScale {
-  __half inv;
-  float finv;
-  bool wide;
-};
-
-__device__ __forceinline__ int8_t code_of(__half x, const TokenScale& s) {
+__device__ __forceinline__ int8_t code_of(__half x, __half inv) {
   // fp16 product (correctly rounded, as ONNX Runtime's fp16 Mul), then round half to even
-  const float r = s.wide ? rintf(__half2float(x) * s.finv) : rintf(__half2float(__hmul(x, s.inv)));
+  const float r = rintf(__half2float(__hmul(x, inv)));
   return static_cast<int8_t>(fminf(fmaxf(r, -127.f), 127.f));
 }
 
-__device__ __forceinline__ uint2 chunk_codes(const uint4& c, const TokenScale& s) {
+__device__ __forceinline__ uint2 chunk_codes(const uint4& c, __half inv) {
   const __half* h = reinterpret_cast<const __half*>(&c);
   union {
     int8_t b[8];
     uint2 u;
   } out;
 #pragma unroll
-  for (int j = 0; j < 8; ++j) out.b[j] = code_of(h[j], s);
+  for (int j = 0; j < 8; ++j) out.b[j] = code_of(h[j], inv);
   return out.u;
 }
 
@@ -61,7 +53,7 @@ __device__ __forceinline__ uint2 chunk_codes(const uint4& c, const TokenScale& s
 // floored amax to *amax_dst (thread 0). vec: the row starts 16-byte aligned and K % 8 == 0. red/scale_s: shared.
 template <int CACHED = kQuantCached>
 __device__ __forceinline__ void quantize_row_block(const __half* __restrict__ xr, int8_t* qr, float* amax_dst,
-                                                   int64_t K, bool vec, float* red, TokenScale* scale_s) {
+                                                   int64_t K, bool vec, float* red, __half* scale_s) {
   const int tid = threadIdx.x;
   float m = 0.f;
   uint4 cache[CACHED];
@@ -88,20 +80,17 @@ __device__ __forceinline__ void quantize_row_block(const __half* __restrict__ xr
     float v = tid < kQuantThreads / 32 ? red[tid] : 0.f;
     v = warp_max(v);
     if (tid == 0) {
-      // the max of fp16 magnitudes is an fp16 value: exact; the floor is onnxqf's fp16 tiny (1e-4)
+      // the max of fp16 magnitudes is an fp16 value: exact; the floor is onnxqf's fp16 one (2^-9: 127/amax stays
+      // a finite fp16, FP16_AMAX_FLOOR in onnxqf/lowering/w8a8.py)
       __half a = __float2half_rn(v);
-      const __half tiny = __float2half_rn(1e-4f);
-      if (__hlt(a, tiny)) a = tiny;
-      TokenScale ts;
-      ts.inv = __hdiv(__float2half_rn(127.f), a);  // ONNX Runtime's fp16 Div
-      ts.finv = 127.f / __half2float(a);
-      ts.wide = __hisinf(ts.inv) != 0;
-      *scale_s = ts;
+      const __half floor = __float2half_rn(0.001953125f);
+      if (__hlt(a, floor)) a = floor;
+      *scale_s = __hdiv(__float2half_rn(127.f), a);  // ONNX Runtime's fp16 Div
       *amax_dst = __half2float(a);
     }
   }
   __syncthreads();
-  const TokenScale inv = *scale_s;
+  const __half inv = *scale_s;
   if (vec) {
     uint2* qv = reinterpret_cast<uint2*>(qr);
 #pragma unroll
@@ -123,7 +112,7 @@ __global__ void __launch_bounds__(kQuantThreads) quantize_rows_kernel(const __ha
                                                                       float* __restrict__ amax_out, int64_t K,
                                                                       bool vec) {
   __shared__ float red[kQuantThreads / 32];
-  __shared__ TokenScale scale_s;
+  __shared__ __half scale_s;
   const int64_t row = blockIdx.x;
   quantize_row_block(x + row * K, q + row * K, amax_out + row, K, vec, red, &scale_s);
 }
@@ -235,7 +224,7 @@ __global__ void __launch_bounds__(kQuantThreads, 3) fused_gemv_kernel(const __ha
   int8_t* qs = reinterpret_cast<int8_t*>(fused_smem);  // [MT][K]
   __shared__ float amax_s[MT];
   __shared__ float red[kQuantThreads / 32];
-  __shared__ TokenScale scale_s;
+  __shared__ __half scale_s;
   const int lane = threadIdx.x & 31;
   const int64_t warp = static_cast<int64_t>(blockIdx.x) * kFusedWarps + (threadIdx.x >> 5);
   const int64_t n0 = warp * R;

@@ -36,13 +36,9 @@ def reference(x: np.ndarray, q: np.ndarray, wscale: np.ndarray,
               bias: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
     """numpy: (y fp16, codes int8) by the definition (fp16 amax, fp16 127/amax, fp16 product, round half even)."""
     amax = np.max(np.abs(x), axis=-1, keepdims=True).astype(np.float16)
-    amax = np.maximum(amax, np.float16(1e-4))
-    with np.errstate(over="ignore", invalid="ignore"):
-        inv = (np.float16(127.0) / amax).astype(np.float16)
-        scaled = (x * inv).astype(np.float16).astype(np.float32)
-    # tokens whose fp16 127/amax overflows (amax < 127/65504): codes in fp32 (the fp16 graph makes inf/NaN there)
-    wide = np.isinf(inv)
-    scaled = np.where(wide, x.astype(np.float32) * (np.float32(127) / amax.astype(np.float32)), scaled)
+    amax = np.maximum(amax, np.float16(2.0 ** -9))  # onnxqf's fp16 floor: 127 / amax is a finite fp16
+    inv = (np.float16(127.0) / amax).astype(np.float16)
+    scaled = (x * inv).astype(np.float16).astype(np.float32)
     codes = np.clip(np.rint(scaled), -127, 127).astype(np.int8)
     acc = codes.astype(np.float64) @ q.T.astype(np.float64)  # exact: |acc| < 2^53
     t = acc.astype(np.float32) * amax.astype(np.float32)
@@ -94,13 +90,14 @@ def run_poisoned(sess, x, N, out="y"):
     return y.numpy()
 
 
-def data(M, K, N, seed, with_bias, zero_row=True):
+def data(M, K, N, seed, with_bias, tiny_row=True):
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((M, K)).astype(np.float32)
     x[:, rng.choice(K, size=max(1, K // 64), replace=False)] *= 30
-    if M > 2 and zero_row:
-        x[1] = 0.0  # an all-zero token: the amax floor (the fp16 graph's codes are NaN there: not compared to it)
-        x[2] *= 1e-6  # a tiny token: fp16 127/amax overflows
+    if M > 2:
+        x[1] = 0.0  # an all-zero token: the amax floor
+        if tiny_row:
+            x[2] *= 1e-6  # a tiny token: below the floor, its outputs fp16 subnormals
     x = x.astype(np.float16)
     q = rng.integers(-127, 128, size=(N, K), dtype=np.int8)
     wscale = (rng.uniform(0.5, 1.5, N) * 0.02 / np.sqrt(K) / 127).astype(np.float32)
@@ -148,12 +145,15 @@ def test_against_numpy(M, K, N, with_bias, env):
                                        (128, 4096, 4096, None), (2048, 4096, 11008, None), (777, 11008, 4096, None),
                                        (2048, 4096, 4096, {"ONNXQF_GEMM_TILE": "2"})])
 def test_bit_exact_against_standard_graph(M, K, N, env):
-    """The same output as onnxqf's int8-token graph (MatMulInteger), every element, to the bit."""
-    x, q, wscale, _ = data(M, K, N, seed=M + 7 * K + N, with_bias=False, zero_row=False)
+    """The same output as onnxqf's int8-token graph (MatMulInteger), every element, to the bit, an all-zero token
+    included (zeros in both: the fp16 floor keeps 127/amax finite). Not a token of fp16-subnormal inputs: their
+    outputs are fp16 subnormals, which ONNX Runtime's fp16 nodes and the op may round differently (measured: one such
+    token, 4080 of 4096 outputs differ by at most 2.6e-5)."""
+    x, q, wscale, _ = data(M, K, N, seed=M + 7 * K + N, with_bias=False, tiny_row=False)
     ours = run_poisoned(session(K, N, False, env, q=q, wscale=wscale), x.reshape(1, M, K), N).reshape(M, N)
     std_sess = session(K, N, False, standard=True, q=q, wscale=wscale)
     std = run_poisoned(std_sess, x, N, out="y0")
-    assert not np.isnan(ours.astype(np.float32)).any()
+    assert not np.isnan(ours.astype(np.float32)).any() and not np.isnan(std.astype(np.float32)).any()
     mismatches = int(np.sum(ours != std))
     assert mismatches == 0, (f"{mismatches} of {ours.size} differ, "
                              f"max {np.max(np.abs(ours.astype(np.float32) - std)):.3g}")

@@ -137,13 +137,19 @@ def _as_f32(tape, value: ir.Value, dtype: ir.DataType, name: str) -> ir.Value:
     return value if dtype == FLOAT32 else tape.op("Cast", [value], {"to": FLOAT32}, name=name)
 
 
+#: the floor of a token's max|x| in float16 graphs: 2^-9, the smallest power of two whose 127 / amax (65024) is a
+#: finite float16 (a zero token's codes would be 0 * inf = NaN under a smaller floor, e.g. a zero-embedding pad)
+FP16_AMAX_FLOOR = 2.0 ** -9
+
+
 def token_amax(tape: ir_tape.Tape, graph: ir.Graph, x: ir.Value, dtype: ir.DataType,
                base: str) -> tuple[ir.Value, ir.Value]:
     """Nodes of max|x| per token (keepdims, at least a tiny floor) and the constant 127, in ``dtype``."""
     absx = tape.op("Abs", [x], name=f"{base}/abs")
     axes = edit.add_initializer(graph, f"{base}/axes", np.array([-1], np.int64))
     amax = tape.op("ReduceMax", [absx, axes], {"keepdims": 1}, name=f"{base}/amax")
-    tiny = edit.add_initializer(graph, f"{base}/tiny", np.array(1e-6 if dtype == FLOAT32 else 1e-4, dtype.numpy()))
+    tiny = edit.add_initializer(graph, f"{base}/tiny", np.array(1e-6 if dtype == FLOAT32 else FP16_AMAX_FLOOR,
+                                                                  dtype.numpy()))
     amax = tape.op("Max", [amax, tiny], name=f"{base}/amax_safe")
     return amax, edit.add_initializer(graph, f"{base}/qmax", np.array(127.0, dtype.numpy()))
 
