@@ -23,7 +23,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from onnxqf.runtime import kernels  # imports no onnxruntime: the skips below still decide
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "scripts"))
 
 ort = pytest.importorskip("onnxruntime")
 if "CUDAExecutionProvider" not in ort.get_available_providers() and __name__ != "__main__":
@@ -51,9 +50,7 @@ def reference(x: np.ndarray, q: np.ndarray, wscale: np.ndarray,
 def session(K, N, with_bias, env=None, standard=False, q=None, wscale=None, bias=None):
     inits = []
     if standard:
-        from kernel_bench import graph_int8_token
-
-        return _session(graph_int8_token(K, N, [(q, wscale)]), False, env)
+        return _session(standard_graph(K, N, q, wscale), False, env)
     inits = [numpy_helper.from_array(q, "wq"), numpy_helper.from_array(wscale, "ws")]
     ins = ["x", "wq", "ws"]
     if with_bias:
@@ -65,6 +62,24 @@ def session(K, N, with_bias, env=None, standard=False, q=None, wscale=None, bias
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(kernels.DOMAIN, 1)])
     m.ir_version = 9
     return _session(m, True, env)
+
+
+def standard_graph(K, N, q, wscale):
+    """onnxqf's own int8-token lowering of one float16 linear (onnxqf.runtime.linears), its int8 weight and scale
+    replaced by ``q`` ([N, K], stored [K, N] as MatMulInteger reads it) and ``wscale`` (already / 127)."""
+    import onnx_ir as ir
+
+    from onnxqf.runtime.linears import linear_model, parse_lowering
+
+    model = linear_model(K, N, parse_lowering("int8-token"), copies=1, dtype="float16")
+    inits = model.graph.initializers
+    inits.pop("linear0.weight")  # the float weight the lowering replaced
+    for name in list(inits):
+        if name.startswith("linear0.weight_int8"):
+            inits[name].const_value = ir.tensor(np.ascontiguousarray(q.T), name=name)
+        elif name.startswith("linear0.weight_scale"):
+            inits[name].const_value = ir.tensor(wscale, name=name)
+    return ir.serde.serialize_model(model)
 
 
 def _session(model, custom, env):

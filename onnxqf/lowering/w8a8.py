@@ -138,7 +138,7 @@ def _as_f32(tape, value: ir.Value, dtype: ir.DataType, name: str) -> ir.Value:
 
 
 #: the floor of a token's max|x| in float16 graphs: 2^-9, the smallest power of two whose 127 / amax (65024) is a
-#: finite float16 (a zero token's codes would be 0 * inf = NaN under a smaller floor, e.g. a zero-embedding pad)
+#: finite float16 (under a smaller floor a token with max|x| < 127/65504 gets +-inf codes and NaN for its zeros)
 FP16_AMAX_FLOOR = 2.0 ** -9
 
 
