@@ -135,7 +135,7 @@ def _rewrite(model: ir.Model, opts: RewriteOptions, tokenizer, layered: bool,
     if plan.residual is not None:
         rotations.append(RotateResidualPass(plan.residual, report))
     if plan.norm_out is not None:
-        rotations.append(NormOutputHadamardPass(plan.norm_out, report, online))
+        rotations.append(NormOutputHadamardPass(plan.norm_out, report, online, head=opts.quantize_lm_head))
     if plan.down is not None:
         rotations.append(DownProjHadamardPass(plan.down, report, online))
     elif plan.rotates and opts.transform.kind not in OFFLINE_ONLY:

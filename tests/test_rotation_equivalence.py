@@ -24,6 +24,7 @@ PASS_SETS = {
     "vo": [FoldNormsPass, ValueOutputRotationPass],
     "all": [FoldNormsPass, RotateResidualPass, DownProjHadamardPass, ValueOutputRotationPass],
     "hybrid": [FoldNormsPass, NormOutputHadamardPass, DownProjHadamardPass, ValueOutputRotationPass],
+    "norm_out+head": ["norm_out+head"],  # the final norm's output too (a quantized lm_head): tied ones untied
 }
 
 
@@ -31,6 +32,8 @@ def make_pass(cls, model):
     """A pass with its rotation(s) from the plan that the presets use."""
     plan = Plan.build(recognize(model).config, "rotate", seed=0)
     hybrid = Plan.build(recognize(model).config, "hybrid", seed=0)
+    if cls == "norm_out+head":
+        return NormOutputHadamardPass(hybrid.norm_out, head=True)
     return {FoldNormsPass: lambda: cls(), RotateResidualPass: lambda: cls(plan.residual),
             NormOutputHadamardPass: lambda: cls(hybrid.norm_out), DownProjHadamardPass: lambda: cls(plan.down),
             ValueOutputRotationPass: lambda: cls(plan.head, plan.heads)}[cls]()
@@ -119,6 +122,26 @@ def test_full_hybrid_float_is_exact(tiny_models, text_ids, tmp_path, name):
     assert len(report.sites) == 4 * len(recognize(model).layers)
     out = save_model(model, tmp_path / "hybrid.onnx")
     assert_equivalent(tiny_models[name], out, windows(text_ids))
+
+
+@pytest.mark.parametrize("name", ["llama-tied", "qwen2-bias"])
+def test_full_hybrid_rotates_a_quantized_lm_head_input(tiny_models, text_ids, tmp_path, name):
+    """With --quantize-lm-head the full hybrid also rotates the final norm's output online (lm_head's input): one
+    more rotation site than without, lm_head quantized, and its W8A8 logits no further from float than without the
+    rotation by more than noise (the float version of the same rotation is exact: test_passes_preserve_logits)."""
+    import collections
+
+    kl = {}
+    for head in (False, True):
+        model = load_model(tiny_models[name])
+        rewrite(model, options(transform="hybrid", alpha=0.5, quantize_lm_head=head, weight_rounding="rtn",
+                               calib="builtin", calib_windows=1, calib_seq=64), tokenizer=_ByteTokenizer())
+        names = collections.Counter(n.name.split("/")[0] for n in model.graph if "hadamard" in (n.name or ""))
+        assert ("lm_head_in" in names) == head, names
+        out = save_model(model, tmp_path / f"h{int(head)}.onnx")
+        ref, new = run_logits(tiny_models[name], windows(text_ids)), run_logits(out, windows(text_ids))
+        kl[head] = kl_per_token(ref, new)
+    assert 0 < kl[True] < 0.1, kl
 
 
 class _ByteTokenizer:
