@@ -1,6 +1,13 @@
 """Presets: which passes run, in which order, for `onnxqf rewrite`.
 
-    simplify shapes -> fold norms -> [calibrate -> smooth] -> [rotations] -> [quantize]
+    [centre the residual stream] -> simplify shapes -> fold norms -> [calibrate -> smooth] -> [rotations]
+      -> [quantize]
+
+Centring (:class:`~onnxqf.passes.centre_residual.CentreResidualPass`) runs when the recognizer found LayerNorms on
+the residual stream (OLMo: ``Structure.centring_norms()``, allowed by the family's ``centre_residual``) and the
+transform is not ``none``: every transform then sees RMSNorms, as in a Llama (the residual rotation needs them; the
+others would be exact on LayerNorms too, but one graph form keeps the passes simple). ``none`` (quantization only)
+leaves the graph as exported, so plain W8A8 changes no weight but by rounding.
 
 One :class:`~onnxqf.plan.Plan` (sites to smooth, every rotation, one seed) is built from the model
 and the options; the smoothing pass tunes against the plan's rotations and the rotation passes apply
@@ -40,6 +47,7 @@ from onnxqf.graph import store
 from onnxqf.graph.edit import OnlineStyle
 from onnxqf.graph.modelfile import set_metadata
 from onnxqf.options import RewriteOptions
+from onnxqf.passes.centre_residual import CentreResidualPass
 from onnxqf.passes.fold_norms import FoldNormsPass
 from onnxqf.passes.online_hadamard import DownProjHadamardPass
 from onnxqf.passes.quantize import QuantizePass, matches
@@ -112,7 +120,12 @@ def _rewrite(model: ir.Model, opts: RewriteOptions, tokenizer, layered: bool,
     report = RewriteReport(options=opts.label, layers=len(structure.layers), rotations=plan.describe())
     t0 = time.time()
     calib = opts.calibration
+    skipped = plan.skipped(structure.config, opts.transform.kind)
+    if skipped:
+        logger.warning("%s", skipped)
 
+    if opts.transform.kind != "none" and structure.centring_norms():
+        _run(model, CentreResidualPass(report))  # OLMo's LayerNorms: first, so every other pass sees RMSNorms
     _run(model, SimplifyShapesPass(report))
     if opts.transform.kind != "none":
         _run(model, FoldNormsPass(report))

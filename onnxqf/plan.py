@@ -17,6 +17,13 @@ Rotations (all orthogonal, ``Q = diag(signs) · kron(factors)``):
   its signs fold into in_proj's ``C`` columns (the gate ``C·`` is per channel), nothing else folds there.
   Drawn after the others, so that a model without conv layers gets the same rotations as before.
 
+Clamped values (``ModelConfig.value_clip``, OLMo's ``clip_qkv``): a Clip reads v_proj's output, and neither a
+smoothing scale nor ``head`` folds into v_proj's columns under it (``clip(v / s) ≠ clip(v) / s``). For such a
+model the plan does not smooth ``o_in`` and ``head`` is the identity (kind ``identity``, drawn all the same so
+that the other rotations are those of the same seed); the head mixing ``heads`` runs after the attention and
+stays. The residual and norm-output rotations and the other sites' smoothing leave q/k/v's outputs unchanged, so
+the clamps see what they saw.
+
 ``rotate-offline`` keeps only the rotations that fold into initializers (residual, and the per-head
 value rotation, undone in o_proj's rows): no node is added, so a weight-only model runs as fast as
 an unrotated one; down_proj's input and the head mixing are not rotated (and a conv layer's out_proj input
@@ -34,7 +41,7 @@ from onnxqf.graph.structure import MIXERS, SITE_KINDS, ModelConfig
 from onnxqf.maths import fold
 from onnxqf.maths.hadamard import Rotation, rotation
 
-__all__ = ["MAX_DENSE_ONLINE", "PRESETS", "OFFLINE_ONLY", "Plan"]
+__all__ = ["MAX_DENSE_ONLINE", "PRESETS", "OFFLINE_ONLY", "Plan", "identity"]
 
 #: the largest dense (non-Hadamard) factor an online rotation may carry; larger ones are not applied
 MAX_DENSE_ONLINE = 256
@@ -51,6 +58,11 @@ PRESETS = {
     # the earlier two-site hybrid: residual rotation folded, so only o_proj/down_proj inputs smooth
     "hybrid-folded": (("o_in", "down_in"), True, False),
 }
+
+
+def identity(n: int) -> Rotation:
+    """The n×n identity as a :class:`Rotation` (kind ``identity``): a rotation the plan holds but does not apply."""
+    return Rotation(signs=np.ones(n), factors=[np.eye(n)], kind="identity")
 
 
 #: presets whose rotations all fold into initializers (no online rotation node in the graph)
@@ -92,7 +104,17 @@ class Plan:
         r_conv = rotation(config.hidden, rng) if rotate and config.conv_layers else None
         if preset in OFFLINE_ONLY:  # drawn as for "rotate" (same residual and head rotations), the online ones dropped
             r_down = r_heads = r_conv = None
+        if config.value_clip:  # nothing folds into v_proj's columns under the clamp
+            smooth = tuple(k for k in smooth if k != "o_in")
+            r_head = None if r_head is None else identity(config.head_dim)
         return cls(seed, tuple(smooth), r_res, r_norm, r_down, r_head, r_heads, r_conv)
+
+    def skipped(self, config: ModelConfig, preset: str) -> str | None:
+        """One line saying what ``preset`` does not apply to this model and why, or None (clamped values)."""
+        if not config.value_clip or preset == "none":
+            return None
+        return ("q/k/v are clamped (clip_qkv): o_proj's input is neither smoothed nor rotated per head, since both "
+                "would fold into v_proj's columns under the clamp and not be exact; the head mixing stays")
 
     def heads_mixing(self, num_heads: int | None = None) -> np.ndarray:
         """The online head mixing R_nh (no signs), num_heads x num_heads; the identity without one."""

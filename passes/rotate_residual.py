@@ -35,6 +35,9 @@ class RotateResidualPass(RotationPass):
     def requires(self, model: ir.Model) -> None:
         s = self.recognize_and_check(model)
         (s.family or GENERIC).check(RESIDUAL_ROTATION)  # e.g. Gemma 2/3: norms after the blocks
+        if s.centring_norms():
+            raise OnnxqfError("residual rotation needs RMSNorms: LayerNormalization subtracts the mean (run "
+                              "CentreResidualPass first)")
         for norm in s.norms():
             if not norm.is_unit():
                 raise OnnxqfError("residual rotation needs folded norm scales (run FoldNormsPass first)")

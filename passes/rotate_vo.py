@@ -32,7 +32,9 @@ class ValueOutputRotationPass(RewritePass):
     into in_proj; its out_proj input is rotated online by
     :class:`~onnxqf.passes.rotate_conv_out.ConvOutputHadamardPass`. Without ``heads`` the preset promises every
     o_proj/out_proj input rotated with no node added, which conv layers cannot keep: ``requires`` refuses it
-    through the family (:data:`~onnxqf.recognize.families.FOLDED_OUTPUT_ROTATION`).
+    through the family (:data:`~onnxqf.recognize.families.FOLDED_OUTPUT_ROTATION`). When v_proj's output is
+    clamped (``ModelConfig.value_clip``, OLMo's clip_qkv) ``R_dh`` must be the identity (the plan makes it so):
+    ``clip(v R_dh) ≠ clip(v) R_dh``; the head mixing, after the attention, stays exact.
 
     Attributes:
         head: the plan's head_dim rotation; heads: its num_heads rotation (only the mixing is used), or None.
@@ -50,6 +52,9 @@ class ValueOutputRotationPass(RewritePass):
         if self.head.n != cfg.head_dim or (self.heads is not None and self.heads.n != cfg.num_heads):
             raise OnnxqfError(f"value/output rotations of sizes {self.head.n}/{self.heads and self.heads.n} for "
                               f"head_dim {cfg.head_dim}, {cfg.num_heads} heads")
+        if cfg.value_clip and not np.array_equal(self.head.matrix(), np.eye(cfg.head_dim)):
+            raise OnnxqfError("a per-head value rotation is not exact here: a Clip reads v_proj's output (clip_qkv) "
+                              "and the rotation would fold into v_proj's columns under it")
 
     def apply(self, model: ir.Model) -> bool:
         s = self.structure(model)

@@ -27,8 +27,8 @@ class SmoothPass(RewritePass):
     With ``alpha="auto"`` each site gets the α (or no smoothing) whose W8A8 layer error, measured on
     the calibration sample *after the plan's rotation of that site*, with the readers' weights as
     they will be written (:meth:`Plan.reader_output`), is lowest; the choice and its predicted error
-    go to ``report.sites``. ``requires``: statistics for every smoothed site, and
-    for γ-folded sites a norm with a scale.
+    go to ``report.sites``. ``requires``: statistics for every smoothed site, for γ-folded sites a norm with a
+    scale, and no o_in site when v_proj's output is clamped (``ModelConfig.value_clip``).
 
     Attributes:
         plan: which sites to smooth and the rotations that follow; stats: calibration statistics by
@@ -44,7 +44,11 @@ class SmoothPass(RewritePass):
         self.plan, self.stats, self.alpha = plan, stats, alpha
 
     def requires(self, model: ir.Model) -> None:
-        for site in self.structure(model).sites(self.plan.smooth):
+        s = self.structure(model)
+        if s.config.value_clip and "o_in" in self.plan.smooth:
+            raise OnnxqfError("o_in cannot be smoothed: a Clip reads v_proj's output (clip_qkv), and a scale folded "
+                              "into v_proj's columns would be clamped")
+        for site in s.sites(self.plan.smooth):
             if site.name not in self.stats:
                 raise OnnxqfError(f"no calibration statistics for {site.name}")
             if site.fold_norm is not None and not site.fold_norm.has_scale:

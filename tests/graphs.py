@@ -5,7 +5,8 @@ as Pow/ReduceMean/Add/Sqrt/Div/Mul or as one ``SimplifiedLayerNormalization``, q
 as Reshape/Transpose/MatMul/Softmax, o_proj, gate/up, SiLU as Sigmoid·Mul, down_proj, residual Adds,
 final norm, lm_head), with switches for what model families add: Gemma's ``(1 + γ)`` norm and embedding
 scale, norms after the blocks (Gemma 2/3), per-head q/k norms (Qwen3), packed ``qkv_proj`` and
-``gate_up_proj`` split by ``Split`` (Phi-3), scalar residual multipliers (Granite), LFM2's short gated
+``gate_up_proj`` split by ``Split`` (Phi-3), scalar residual multipliers (Granite), OLMo's parameter-free
+``LayerNormalization`` and its ``Clip`` of q/k/v, LFM2's short gated
 convolutions in place of attention in some layers (in_proj, Transpose, Split into B/C/x, ``B·x``, a depthwise
 causal ``Conv``, ``C·``, Transpose, out_proj). Weights are random
 with a few large norm channels, so a pass that gets a fold wrong changes the logits.
@@ -31,7 +32,7 @@ class Spec:
     head_dim: int = 8
     d_ff: int = 48
     vocab: int = 64
-    norm: str = "decomposed"  # or "SimplifiedLayerNormalization"
+    norm: str = "decomposed"  # or "SimplifiedLayerNormalization", or "LayerNormalization" (OLMo: no parameters)
     norm_offset: float = 0.0  # Gemma: the graph multiplies by (1 + γ)
     embedding_scale: float | None = None  # Gemma: sqrt(hidden); Granite: a multiplier
     residual_multiplier: float | None = None  # Granite: each block's output times a scalar before the Add
@@ -42,6 +43,7 @@ class Spec:
     tied: bool = False
     conv_layers: tuple[int, ...] = ()  # LFM2: these layers mix tokens with a short gated convolution
     conv_bias: bool = False  # biases on in_proj, the conv and out_proj
+    clip_qkv: float | None = None  # OLMo: q, k and v clamped to [-c, c]
     seed: int = 0
 
 
@@ -81,6 +83,10 @@ class _Builder:
         return self.const(base, (g - self.spec.norm_offset).astype(np.float32))
 
     def norm(self, x: str, n: int, base: str) -> str:
+        if self.spec.norm == "LayerNormalization":  # OLMo's: no parameters (the exporter's scale of ones, shared)
+            if not hasattr(self, "ones"):
+                self.ones = self.const("ones", np.ones(n, np.float32))
+            return self.op("LayerNormalization", [x, self.ones], axis=-1, epsilon=1e-5, stash_type=1)
         g = self.gamma(base, n)
         if self.spec.norm_offset:
             g = self.op("Add", [g, self.const("one", np.float32(self.spec.norm_offset))])
@@ -134,6 +140,9 @@ class _Builder:
             q, k, v = self.ops("Split", [qkv, self.const("split", np.array([q_width] * 3, np.int64))], 3, axis=-1)
         else:
             q, k, v = (self.op("MatMul", [h, self.weight(f"layers.{i}.{r}_proj", s.hidden, q_width)]) for r in "qkv")
+        if s.clip_qkv is not None:
+            lo, hi = self.const("clip_min", np.float32(-s.clip_qkv)), self.const("clip_max", np.float32(s.clip_qkv))
+            q, k, v = (self.op("Clip", [t, lo, hi]) for t in (q, k, v))
         q4 = self.heads(q, s.heads, [0, 2, 1, 3], f"layers.{i}.q_norm" if s.qk_norms else None)
         kt = self.heads(k, s.heads, [0, 2, 3, 1], f"layers.{i}.k_norm" if s.qk_norms else None)
         v4 = self.heads(v, s.heads, [0, 2, 1, 3])

@@ -4,7 +4,8 @@ Per family: the plain export computes what transformers computes and is recogniz
 rotations are exact against the un-rewritten graph (plain export and, where the builder writes one, the
 onnxruntime-genai folder); the W8A8 hybrid and int4 rewrites of the genai folder load in onnxruntime-genai and
 generate; what cannot be exact (a residual rotation under Gemma 2/3's norms after the blocks, a rotation folded
-through LFM2's conv gates) and what the builder cannot write are refused in one line.
+through LFM2's conv gates) and what the builder cannot write are refused in one line; OLMo's LayerNorms become
+RMSNorms of a centred residual stream, and what would fold under its clip_qkv is skipped with one line.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ from tiny import FAMILY_MODELS, save_byte_tokenizer, tiny_model  # noqa: E402
 
 FAMILIES = list(FAMILY_MODELS)
 POST_NORMS = {"gemma2", "gemma3"}  # a residual rotation is refused, the online rotations are exact
-NO_GENAI = {"smollm3": "position_ids", "gemma3": "rope_type"}  # onnxruntime-genai 0.18's builder fails on these
+# onnxruntime-genai 0.18's builder fails on these, or (OLMo) writes a folder that does not compute the model
+NO_GENAI = {"smollm3": "position_ids", "gemma3": "rope_type", "olmo": "SimplifiedLayerNormalization"}
 # Gemma 2's genai folder refuses the residual rotation (--rotate): its own tests below
 GENAI = [f for f in FAMILIES if f not in NO_GENAI and f != "gemma2"]
 TITLES = {"gemma2": "Gemma 2 (gemma2)", "gemma3": "Gemma 3 (gemma3_text)"}
@@ -355,3 +357,119 @@ def test_lfm2_genai_folder_feeds_conv_state_and_generates(family):
         hf = tiny_model("lfm2").generate(torch.tensor([PROMPT]), max_new_tokens=8, do_sample=False,
                                          pad_token_id=0, eos_token_id=None)[0, len(PROMPT):].tolist()
     assert generate(gen, token_ids=PROMPT, max_new_tokens=8, quiet=True)["tokens"] == hf
+
+
+# -- OLMo: LayerNorms without parameters, centred into RMSNorms; clip_qkv (tests/tiny.py's olmo, olmo-clip) -------
+
+
+@pytest.mark.parametrize("name", ["olmo", "olmo-clip"])
+@pytest.mark.parametrize("transform", [["--smooth"], ["--rotate"], ["--rotate", "offline"], ["--hybrid", "folded"],
+                                       ["--hybrid"]])
+def test_olmo_every_transform_exact(family, calib, name, transform, tmp_path, capsys):
+    """Every transform on OLMo's plain export, exact in float: the residual stream is centred first and its
+    LayerNorms are RMSNorms in the output (CentreResidualPass). With clip_qkv (olmo-clip) o_proj's input is neither
+    smoothed nor rotated per head (one warning line); without it both are."""
+    import json
+
+    from onnxqf.graph.modelfile import get_metadata, load_model
+    from onnxqf.recognize import recognize
+
+    plain = family(name, "plain")
+    assert [n.kind for n in recognize(load_model(plain)).norms()] == ["LayerNormalization"] * 5
+    out = tmp_path / "t.onnx"
+    capsys.readouterr()
+    assert main(["rewrite", str(plain), *transform, "--quant", "none", *calib, "-o", str(out), "-q"]) == 0
+    err = capsys.readouterr().err.strip()
+    ref, new = _logits(plain, WINDOWS), _logits(out, WINDOWS)
+    from onnxqf.maths.metrics import kl_divergence
+
+    print(name, transform, "rel", np.max(np.abs(new - ref)) / np.max(np.abs(ref)), "KL", kl_divergence(ref, new))
+    _exact(ref, new)
+    model = load_model(out)
+    s = recognize(model)
+    assert not s.centring_norms() and {n.kind for n in s.norms()} == {"decomposed"}
+    assert not any(node.op_type == "LayerNormalization" for node in model.graph)
+    report = json.loads(get_metadata(model, "rewrite"))
+    assert report["passes"][0]["name"] == "CentreResidualPass"
+    clip = name == "olmo-clip"
+    assert s.config.value_clip == clip
+    assert (err.count("\n") == 0 and "clip_qkv" in err and "o_proj's input" in err) if clip else err == "", err
+    if transform != ["--rotate"] and transform != ["--rotate", "offline"]:
+        assert ("layers.0.o_in" in report["sites"]) != clip, report["sites"]
+    if transform[0] == "--rotate" or transform == ["--hybrid"] or transform == ["--hybrid", "folded"]:
+        assert report["rotations"]["head"] == ("identity" if clip else "hadamard"), report["rotations"]
+
+
+def test_olmo_quantization_only_keeps_the_layernorms(family, calib, tmp_path):
+    """W8A8 without a transform leaves OLMo's graph as exported (LayerNorms, weights uncentred) but for the
+    quantized linears; the full hybrid beats it."""
+    from onnxqf.graph.modelfile import load_model
+    from onnxqf.maths.metrics import kl_divergence
+
+    plain = family("olmo", "plain")
+    ref = _logits(plain, WINDOWS)
+    kls = {}
+    for label, args in (("w8a8", []), ("hybrid", ["--hybrid"])):
+        out = tmp_path / f"{label}.onnx"
+        assert main(["rewrite", str(plain), *args, *calib, "-o", str(out), "-q"]) == 0, label
+        kls[label] = kl_divergence(ref, _logits(out, WINDOWS))
+        layer_norms = sum(node.op_type == "LayerNormalization" for node in load_model(out).graph)
+        assert layer_norms == (5 if label == "w8a8" else 0), label
+    assert kls["hybrid"] < kls["w8a8"] < 0.01, kls
+
+
+def test_olmo_clip_is_what_transformers_computes_and_folds_under_it_are_refused(family, tmp_path):
+    """The clamp bites on the tiny model (the logits without it differ), the export keeps it (a Clip on q, k and v),
+    and a per-head value rotation or an o_in smoothing plan is refused by the passes in one line."""
+    import torch
+
+    from onnxqf.errors import OnnxqfError
+    from onnxqf.graph.modelfile import load_model
+    from onnxqf.maths.hadamard import rotation
+    from onnxqf.passes.rotate_vo import ValueOutputRotationPass
+    from onnxqf.plan import Plan
+    from onnxqf.recognize import recognize
+
+    plain = family("olmo-clip", "plain")
+    model = tiny_model("olmo-clip")
+    with torch.no_grad():
+        ref = model(input_ids=torch.from_numpy(WINDOWS)).logits.numpy()
+        model.config.clip_qkv = None
+        for layer in model.model.layers:
+            layer.self_attn.config = model.config
+        unclipped = model(input_ids=torch.from_numpy(WINDOWS)).logits.numpy()
+    assert np.max(np.abs(unclipped - ref)) > 0.05 * np.max(np.abs(ref))
+    _exact(ref, _logits(plain, WINDOWS))
+    m = load_model(plain)
+    assert sum(node.op_type == "Clip" for node in m.graph) == 6
+    s = recognize(m)
+    plan = Plan.build(s.config, "hybrid")
+    assert "o_in" not in plan.smooth and plan.head.kind == "identity" and plan.heads.kind == "hadamard"
+    with pytest.raises(Exception) as info:
+        ValueOutputRotationPass(rotation(16, 0), plan.heads)(m)
+    cause = info.value if isinstance(info.value, OnnxqfError) else info.value.__cause__
+    assert isinstance(cause, OnnxqfError) and "clip_qkv" in str(cause) and "\n" not in str(cause)
+
+
+@pytest.mark.slow
+def test_olmo_builder_folder_is_not_the_model(family, tmp_path):
+    """Why OLMo's --kv-cache is refused: onnxruntime-genai 0.18's builder writes OLMo's LayerNorm as an RMSNorm
+    (SimplifiedLayerNormalization, no mean subtracted), so its folder's logits are far from the model's."""
+    import subprocess
+    import sys
+
+    import onnx
+    import onnxruntime as ort
+
+    from onnxqf.genai.feeds import graph_io, logits_function
+
+    hf = family("olmo", "hf")
+    out = tmp_path / "gen"
+    subprocess.run([sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(hf), "-o", str(out), "-p",
+                    "fp32", "-e", "cpu", "-c", str(tmp_path / "cache")], check=True, capture_output=True)
+    ops = {node.op_type for node in onnx.load(str(out / "model.onnx"), load_external_data=False).graph.node}
+    assert "SimplifiedLayerNormalization" in ops and "LayerNormalization" not in ops
+    session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    ref = _logits(family("olmo", "plain"), WINDOWS)
+    folder = logits_function(session, graph_io(out))(WINDOWS)
+    assert np.max(np.abs(folder - ref)) > 0.1 * np.max(np.abs(ref))

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import numpy as np
+import onnx_ir as ir
 import pytest
 
-from onnxqf.errors import UnsupportedGraphError
+from onnxqf.errors import OnnxqfError, UnsupportedGraphError
 from onnxqf.maths.metrics import kl_divergence
+from onnxqf.passes.centre_residual import CentreResidualPass
 from onnxqf.passes.fold_norms import FoldNormsPass
 from onnxqf.passes.online_hadamard import DownProjHadamardPass
 from onnxqf.passes.rotate_conv_out import ConvOutputHadamardPass
@@ -240,3 +242,88 @@ def test_conv_layer_offline_output_rotation_refused():
     msg = str(cause)
     assert isinstance(cause, UnsupportedGraphError) and "\n" not in msg and "LFM2 (lfm2)" in msg and "--rotate" in msg
     assert np.array_equal(run(model, IDS), before)
+
+
+# -- OLMo's LayerNorms: the residual stream centred, the LayerNorms replaced by RMSNorms (CentreResidualPass) -------
+
+LAYER_NORM_GRAPHS = {
+    "olmo-like": dict(norm="LayerNormalization"),
+    "olmo-tied-clip": dict(norm="LayerNormalization", tied=True, clip_qkv=1.0),
+}
+
+
+def _one_line_cause(info) -> str:
+    cause = info.value if isinstance(info.value, OnnxqfError) else info.value.__cause__
+    assert isinstance(cause, OnnxqfError) and "\n" not in str(cause), info.value
+    return str(cause)
+
+
+@pytest.mark.parametrize("name", LAYER_NORM_GRAPHS)
+def test_layer_norm_graph_centred_into_rms_norms(name):
+    """Every norm on the stream is a LayerNormalization that centres; the pass centres the embedding rows and the
+    writers' outputs and replaces each by the decomposed RMSNorm: same logits, a Llama-like graph (a tied lm_head
+    keeps the uncentred table)."""
+    spec = LAYER_NORM_GRAPHS[name]
+    model = decoder(**spec)
+    s = recognize(model)
+    assert [n.kind for n in s.norms()] == ["LayerNormalization"] * 5 and len(s.centring_norms()) == 5
+    assert s.family.centre_residual and s.family.name == "decoder" and s.config.value_clip == ("clip_qkv" in spec)
+    assert s.tied() == spec.get("tied", False)
+    ref = run(model, IDS)
+    CentreResidualPass()(model)
+    out = run(model, IDS)
+    assert np.max(np.abs(out - ref)) <= 1e-5 * np.max(np.abs(ref)) and kl_divergence(ref, out) <= 1e-9
+    s = recognize(model)
+    assert not s.centring_norms() and {n.kind for n in s.norms()} == {"decomposed"}
+    assert all(n.is_unit() and n.has_scale for n in s.norms()) and len({id(n.gamma) for n in s.norms()}) == 5
+    assert not any(node.op_type == "LayerNormalization" for node in model.graph)
+    np.testing.assert_allclose(s.embedding_table.const_value.numpy().mean(axis=1), 0.0, atol=1e-6)
+    for lin in s.stream_writers():
+        np.testing.assert_allclose(lin.matrix().mean(axis=1), 0.0, atol=1e-6)
+    assert not s.tied()
+    assert CentreResidualPass()(model).modified is False  # nothing left to centre
+
+
+@pytest.mark.parametrize("preset", ["rotate", "hybrid", "hybrid-folded"])
+@pytest.mark.parametrize("name", LAYER_NORM_GRAPHS)
+def test_layer_norm_graph_rotations_exact_after_centring(name, preset):
+    """After centring, every rotation is exact; with clipped q/k/v the plan rotates o_proj's input by the head
+    mixing only (nothing folds into v_proj's columns under the clamp)."""
+    spec = LAYER_NORM_GRAPHS[name]
+    ref = run(decoder(**spec), IDS)
+    model = decoder(**spec)
+    CentreResidualPass()(model)
+    plan = Plan.build(recognize(model).config, preset, seed=0)
+    assert (plan.head.kind == "identity") == ("clip_qkv" in spec) and ("o_in" in plan.smooth) == (
+        "clip_qkv" not in spec and preset in ("hybrid", "hybrid-folded"))
+    out = run(_rotate(model, preset), IDS)
+    assert np.max(np.abs(out - ref)) <= 1e-4 * np.max(np.abs(ref)) and kl_divergence(ref, out) <= 1e-6
+
+
+def test_layer_norm_graph_refusals():
+    """The residual rotation refuses LayerNorms (centre first); the recognizer refuses a LayerNorm with a bias and
+    a stream read by LayerNorms and RMSNorms alike; each in one line, the graph untouched."""
+    model = decoder(norm="LayerNormalization")
+    s = recognize(model)
+    plan = Plan.build(s.config, "rotate", seed=0)
+    before = run(model, IDS)
+    with pytest.raises(Exception) as info:
+        RotateResidualPass(plan.residual)(model)
+    assert "CentreResidualPass" in _one_line_cause(info) and np.array_equal(run(model, IDS), before)
+
+    ln = s.layers[1].mlp_norm.gamma_node
+    bias = ir.Value(name="ln_bias", shape=ir.Shape([32]), type=ir.TensorType(ir.DataType.FLOAT),
+                    const_value=ir.tensor(np.full(32, 0.5, np.float32), name="ln_bias"))
+    model.graph.register_initializer(bias)
+    ln.resize_inputs(3)
+    ln.replace_input_with(2, bias)
+    with pytest.raises(UnsupportedGraphError, match="adds a bias"):
+        recognize(model)
+
+    mixed = decoder()
+    norm = recognize(mixed).layers[0].attn_norm
+    node = ir.node("LayerNormalization", [norm.input, norm.gamma], attributes={"axis": -1}, name="ln")
+    mixed.graph.insert_before(norm.gamma_node, node)
+    norm.output.replace_all_uses_with(node.outputs[0])
+    with pytest.raises(UnsupportedGraphError, match="other norms on the residual stream are RMSNorms"):
+        recognize(mixed)

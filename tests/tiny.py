@@ -46,8 +46,16 @@ FAMILY_MODELS = {
     # a short gated convolution layer, then an attention layer with per-head q/k norms; tied; d_ff 256 (LFM2 adjusts
     # intermediate_size: 2/3 of it, rounded up to a multiple of 256)
     "lfm2": ("lfm2", dict(_SHAPE, layer_types=["conv", "full_attention"], **_IDS)),
+    # LayerNorms without parameters (centred into RMSNorms); its outliers are in the embedding (NO_NORM_SCALES)
+    "olmo": ("olmo", dict(_SHAPE, **_IDS)),
 }
 TINY_MODELS.update(FAMILY_MODELS)
+# OLMo 1.7's clip_qkv (q/k/v clamped: 2.5 clamps 5% of the tiny model's values, its logits move by 19%), and
+# biases on q/k/v/o (o_proj's is centred)
+TINY_MODELS["olmo-clip"] = ("olmo", dict(_SHAPE, clip_qkv=2.5, attention_bias=True, **_IDS))
+# families without norm scales: the outlier channels are put in the embedding instead (they reach every norm's
+# output), and the weights scaled up from the 0.02 initialization (else the logits are nearly uniform)
+NO_NORM_SCALES = {"olmo"}
 
 
 def tiny_model(name: str, seed: int = 0, layers: int = 2, vocab: int = 512):
@@ -70,6 +78,12 @@ def tiny_model(name: str, seed: int = 0, layers: int = 2, vocab: int = 512):
                 p[: max(1, p.numel() // 16)] *= 8.0
             elif p.ndim == 1:  # biases
                 p.copy_(0.1 * torch.randn(p.shape, generator=g))
+            elif model_type in NO_NORM_SCALES and "embed_tokens" in name_:
+                # unit rows with a few large channels (the residual stream's outliers, which every norm passes on)
+                p.copy_(torch.randn(p.shape, generator=g))
+                p[:, : max(1, p.shape[1] // 16)] *= 8.0
+            elif model_type in NO_NORM_SCALES:  # weights of about 1/√fan_in, so that the logits are not uniform
+                p.mul_(8.0)
     return model
 
 

@@ -175,15 +175,20 @@ class Norm:
     Passes read and write the multiplier only through :meth:`scale` / :meth:`set_scale`, which see the
     effective multiplier whatever form the family stores it in (γ, or Gemma's ``1 + γ`` where the graph
     adds the one: ``offset`` 1).
+
+    ``centres``: the norm is a ``LayerNormalization`` (OLMo's parameter-free LayerNorm), which subtracts the mean
+    first: ``out = RMSNorm(x − mean(x)) * gamma``. It commutes with no rotation until the residual stream is centred
+    and the node replaced by an RMSNorm (:class:`~onnxqf.passes.centre_residual.CentreResidualPass`).
     """
 
-    kind: str  # "decomposed", "RMSNormalization" or "SimplifiedLayerNormalization"
+    kind: str  # "decomposed", "RMSNormalization", "SimplifiedLayerNormalization" or "LayerNormalization"
     input: ir.Value
     output: ir.Value
     gamma: ir.Value | None  # 1-D initializer, None when the norm has no scale
     gamma_node: ir.Node | None  # the Mul by the multiplier (decomposed), or the fused node
     offset: float = 0.0  # the norm multiplies by ``offset + gamma``
     offset_node: ir.Node | None = None  # the Add(gamma, offset) that reads gamma, when offset != 0
+    centres: bool = False  # a LayerNormalization: subtracts the mean before normalizing
 
     @property
     def has_scale(self) -> bool:
@@ -375,6 +380,9 @@ class ModelConfig:
     intermediate: int
     vocab: int
     conv_layers: int = 0  # layers whose mixer is a short convolution (LFM2), not attention
+    # v_proj's outputs are clamped (OLMo's clip_qkv: a Clip reads them): no per-channel scale or rotation folds into
+    # v_proj's columns under the clamp, so o_proj's input is neither smoothed nor rotated per head (onnxqf.plan)
+    value_clip: bool = False
 
     @property
     def kv_groups(self) -> tuple[int, int, int]:
@@ -440,7 +448,13 @@ class Structure:
         return out
 
     def norms(self) -> list[Norm]:
+        """The norms that read the residual stream: each layer's attention and MLP norms, and the final norm."""
         return [n for layer in self.layers for n in (layer.attn_norm, layer.mlp_norm)] + [self.final_norm]
+
+    def centring_norms(self) -> list[Norm]:
+        """The norms of :meth:`norms` that subtract the mean (LayerNormalization, OLMo): while there are any, the
+        residual stream must be centred before it is rotated (``passes/centre_residual.py``)."""
+        return [n for n in self.norms() if n.centres]
 
     def norm_readers(self) -> list[tuple[Norm, tuple[Linear, ...]]]:
         """Each RMSNorm before linears with the weight MatMuls that read its output, each once (a packed

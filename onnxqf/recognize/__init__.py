@@ -21,7 +21,7 @@ from onnxqf.recognize.genai import is_builder_graph, recognize_genai
 from onnxqf.recognize.match import through_casts_fwd
 from onnxqf.recognize.plain import recognize_plain
 
-__all__ = ["RECOGNIZERS", "Recognizer", "check_consistent", "recognize", "through_casts_fwd"]
+__all__ = ["RECOGNIZERS", "Recognizer", "check_centring", "check_consistent", "recognize", "through_casts_fwd"]
 
 
 class Recognizer(NamedTuple):
@@ -46,9 +46,28 @@ def recognize(model: ir.Model) -> Structure:
     else:  # pragma: no cover - the plain recognizer accepts every graph
         raise UnsupportedGraphError("no recognizer accepts this graph")
     check_consistent(structure)
+    centring = structure.centring_norms()
     structure.family = family_of_graph(model, any(layer.post_norms() for layer in structure.layers),
-                                       conv=bool(structure.conv_layers()))
+                                       conv=bool(structure.conv_layers()), centres=bool(centring))
+    check_centring(structure)
     return structure
+
+
+def check_centring(structure: Structure) -> None:
+    """LayerNorms (norms that subtract the mean) on the residual stream only in a family whose stream can be centred
+    (:attr:`~onnxqf.recognize.families.Family.centre_residual`, OLMo), and then every norm there is one: centring
+    the stream for them would change an RMSNorm that reads it."""
+    centring = structure.centring_norms()
+    if not centring:
+        return
+    name = centring[0].gamma_node.name
+    family = structure.family
+    if family is not None and not family.centre_residual:
+        raise UnsupportedGraphError(f"LayerNormalization '{name}' subtracts the mean and is not rotation-invariant; "
+                                    f"{family.title}'s norms are RMSNorms")
+    if len(centring) != len(structure.norms()):
+        raise UnsupportedGraphError(f"LayerNormalization '{name}' subtracts the mean but other norms on the residual "
+                                    "stream are RMSNorms: the stream cannot be centred for both")
 
 
 _FLOAT_TYPES = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE)

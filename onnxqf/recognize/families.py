@@ -20,7 +20,13 @@ in one line and each transform can say, before it runs, whether it is exact for 
 * ``conv``: layers whose mixer is a short gated convolution instead of attention (LFM2:
   :class:`~onnxqf.graph.structure.ConvMixer`). A residual rotation and online rotations are exact around them,
   smoothing of out_proj's input folds into in_proj's ``C`` columns, but no rotation folds from out_proj's input
-  into in_proj (the gates and the depthwise conv act channel by channel): that input is rotated online only.
+  into in_proj (the gates and the depthwise conv act channel by channel): that input is rotated online only;
+* ``centre_residual``: the norms on the residual stream are LayerNorms (OLMo's, without parameters), which subtract
+  the mean and commute with no rotation. ``LayerNorm(x) = RMSNorm(x − mean(x))``: once every writer of the stream
+  (the embedding, o_proj, down_proj) writes zero-mean vectors, each LayerNorm is an RMSNorm with the same ε, and
+  the model is the Llama pattern (:class:`~onnxqf.passes.centre_residual.CentreResidualPass`, run first by the
+  pipeline for every transform). The recognizer accepts LayerNormalization on the residual stream only for such a
+  family (or a graph that records none).
 
 Adding a family: an entry in :data:`FAMILIES` (and, for a new graph pattern such as a new norm form, its
 matcher in :mod:`onnxqf.recognize.match`), and a tiny model in ``tests/tiny.py``.
@@ -68,6 +74,7 @@ class Family:
     qk_norms: bool = False
     multipliers: bool = False
     conv: bool = False
+    centre_residual: bool = False
     activation: str = "silu"  # of the gated MLP: "silu", "gelu_tanh"
     genai_refused: str | None = None  # why no onnxruntime-genai folder is made for it (--kv-cache), or None
     refused: Mapping[str, str] = dataclasses.field(default_factory=lambda: MappingProxyType({}))
@@ -108,6 +115,11 @@ FAMILIES: tuple[Family, ...] = (
     Family("ernie4_5", "Ernie 4.5"),  # the Llama pattern: an entry is all it takes
     # short gated convolutions between attention layers (which have per-head q/k norms)
     Family("lfm2", "LFM2", qk_norms=True, conv=True, refused=_refuse(**{FOLDED_OUTPUT_ROTATION: _CONV_REASON})),
+    # LayerNorms without parameters: the residual stream is centred, then they are RMSNorms
+    Family("olmo", "OLMo", centre_residual=True,
+           genai_refused=_BUILDER + "writes its LayerNorm as an RMSNorm (SimplifiedLayerNormalization: the mean is "
+                                    "not subtracted) and drops clip_qkv, so its folder does not compute the model; use "
+                                    "the plain export"),
 )
 
 #: families the builder (or transformers) can write that onnxqf refuses, with the reason
@@ -115,7 +127,6 @@ REFUSED: Mapping[str, str] = MappingProxyType({
     "phi": "LayerNorm subtracts the mean (not rotation-invariant) and attention and MLP run in parallel",
     "stablelm": "LayerNorm subtracts the mean and is not rotation-invariant",
     "cohere": "LayerNorm subtracts the mean and attention and MLP run in parallel",
-    "olmo": "its LayerNorm has no parameters and subtracts the mean (not rotation-invariant)",
     "olmo2": "its norms come only after the blocks, so no norm precedes q/k/v and gate/up to fold a scale into",
     "gpt2": "LayerNorm subtracts the mean and the MLP is not gated",
     "nemotron": "its LayerNorm1P subtracts the mean and its MLP is not gated",
@@ -145,10 +156,10 @@ def check_model_type(model_type: str | None) -> Family:
                                 "need RMSNorm, q/k/v projections and a gated MLP")
 
 
-def family_of_graph(model: ir.Model, post_norms: bool, conv: bool = False) -> Family:
+def family_of_graph(model: ir.Model, post_norms: bool, conv: bool = False, centres: bool = False) -> Family:
     """The family a graph records (onnxqf's export writes the model_type into its metadata); otherwise LFM2 for a
     graph with conv layers (``conv``), or a generic family that refuses what the recognized structure rules out
-    (norms after the blocks)."""
+    (norms after the blocks) or centres its residual stream (``centres``: LayerNorms on it)."""
     meta = get_metadata(model, "config")
     if meta:
         try:
@@ -161,5 +172,7 @@ def family_of_graph(model: ir.Model, post_norms: bool, conv: bool = False) -> Fa
         return _BY_TYPE["lfm2"]
     if post_norms:
         return Family("decoder", "a model with norms after its blocks (Gemma 2/3)", ("decoder",), post_norms=True,
-                      refused=_refuse(**{RESIDUAL_ROTATION: _POST_NORM_REASON}))
+                      centre_residual=centres, refused=_refuse(**{RESIDUAL_ROTATION: _POST_NORM_REASON}))
+    if centres:
+        return Family("decoder", "a model with LayerNorms", ("decoder",), centre_residual=True)
     return GENERIC

@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 from collections import deque
 
+import numpy as np
 import onnx_ir as ir
 
 from onnxqf.errors import UnsupportedGraphError
@@ -20,9 +21,9 @@ __all__ = [
     "linear_readers",
     "ACTIVATIONS", "CONV_OPS", "FUSED_ATTENTION", "PASS_THROUGH", "channel_blocks", "classify_gate_up",
     "classify_qkv", "consumers", "find_gather", "first_mixing_op", "match_conv_mixer", "match_decomposed_norm",
-    "match_fused_norm", "match_linear", "match_norm", "norm_scale", "post_norm_writer", "residual_add",
-    "scalar_factor", "single", "split_blocks", "strip_casts_back", "through_casts_fwd", "through_scalar_mul",
-    "writer",
+    "match_fused_norm", "match_layer_norm", "match_linear", "match_norm", "norm_scale", "post_norm_writer",
+    "residual_add", "scalar_factor", "single", "split_blocks", "strip_casts_back", "through_casts_fwd",
+    "through_scalar_mul", "writer",
 ]
 
 # Ops that only move data or change dtype: the recognizer looks through them.
@@ -182,11 +183,31 @@ def match_fused_norm(x_src: ir.Value) -> Norm | None:
             gamma, offset, offset_node = found or (None, 0.0, None)
             return Norm(node.op_type, x_src, node.outputs[0], gamma, node, offset=offset, offset_node=offset_node)
         if node.op_type == "LayerNormalization":
-            raise UnsupportedGraphError(
-                f"LayerNormalization '{node.name}' subtracts the mean and is not rotation-invariant; "
-                "only RMSNorm models are supported"
-            )
+            return match_layer_norm(node, x_src)
     return None
+
+
+def match_layer_norm(node: ir.Node, x_src: ir.Value) -> Norm:
+    """A ``LayerNormalization`` over the last axis with a constant scale and no bias (or a zero one), only its
+    first output used: a :class:`Norm` that ``centres`` (OLMo's parameter-free LayerNorm, exported with a scale of
+    ones). It equals an RMSNorm once the residual stream is centred (:mod:`onnxqf.maths.centring`). Anything else
+    is refused in one line: a bias would have to fold into every reader's bias."""
+    where = f"LayerNormalization '{node.name}'"
+    rank = len(x_src.shape) if x_src.shape is not None else None
+    axis = node.attributes.get_int("axis", -1)
+    if axis != -1 and (rank is None or axis != rank - 1):
+        raise UnsupportedGraphError(f"{where} normalizes axis {axis}, not the hidden axis; not rotation-invariant")
+    scale = node.inputs[1] if len(node.inputs) > 1 else None
+    if const_array(scale) is None:
+        raise UnsupportedGraphError(f"{where} has a non-constant scale")
+    bias = const_array(node.inputs[2]) if len(node.inputs) > 2 and node.inputs[2] is not None else None
+    if len(node.inputs) > 2 and node.inputs[2] is not None and (bias is None or np.any(bias != 0)):
+        raise UnsupportedGraphError(f"{where} adds a bias; only LayerNorms without a bias (OLMo) are supported")
+    if any(list(out.uses()) for out in node.outputs[1:] if out is not None):
+        raise UnsupportedGraphError(f"{where}: its mean or inverse deviation output is used")
+    gamma, offset, offset_node = norm_scale(scale) or (None, 0.0, None)
+    return Norm("LayerNormalization", x_src, node.outputs[0], gamma, node, offset=offset, offset_node=offset_node,
+                centres=True)
 
 
 def match_norm(x: ir.Value) -> Norm | None:

@@ -6,7 +6,8 @@ gate/up (two readers); the linear that writes into the Add is o_proj or down_pro
 apart by what the graph does with each output (q and k meet in the score MatMul, v in the
 probability MatMul; gate goes through the activation), never by tensor names, so graphs from other
 exporters match too. Norms are matched as the decomposed ``x * 1/sqrt(mean(x^2) + eps) * gamma``
-(with or without Casts around it), or as ``RMSNormalization`` / ``SimplifiedLayerNormalization``.
+(with or without Casts around it), or as ``RMSNormalization`` / ``SimplifiedLayerNormalization``, or as a
+``LayerNormalization`` without a bias (OLMo: a norm that ``centres``, see :mod:`onnxqf.maths.centring`).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from onnxqf.recognize.match import (
     writer,
 )
 
-__all__ = ["head_dim_from_reshape", "head_norm", "infer_config", "recognize_plain", "unpack"]
+__all__ = ["clipped", "head_dim_from_reshape", "head_norm", "infer_config", "recognize_plain", "unpack"]
 
 
 def recognize_plain(model: ir.Model) -> Structure:
@@ -165,12 +166,21 @@ def infer_config(model: ir.Model, gather: ir.Node, layers: list[Layer], lm_head:
             "cannot determine the attention head size from the graph; export with onnxqf or pass --head-dim"
         )
     return ModelConfig(hidden, q_out // head_dim, kv_out // head_dim, int(head_dim), d_ff, vocab,
-                       conv_layers=len(layers) - len(attention))
+                       conv_layers=len(layers) - len(attention),
+                       value_clip=any(clipped(layer.v) for layer in attention))
+
+
+def clipped(lin: Linear) -> bool:
+    """Whether a ``Clip`` reads the projection's output (OLMo's clip_qkv clamps q, k and v)."""
+    return any(node.op_type == "Clip" for node, _ in through_casts_fwd(lin.output))
 
 
 def head_dim_from_reshape(lin: Linear) -> int | None:
-    """The last entry of the shape that splits a projection into heads, if it is a constant."""
-    for node, _ in through_casts_fwd(lin.output):
+    """The last entry of the shape that splits a projection into heads, if it is a constant (after a Clip:
+    OLMo's clip_qkv)."""
+    readers = [n for n, _ in through_casts_fwd(lin.output)]
+    readers += [n for clip in readers if clip.op_type == "Clip" for n, _ in through_casts_fwd(clip.outputs[0])]
+    for node in readers:
         if node.op_type != "Reshape":
             continue
         shape = const_array(node.inputs[1])
