@@ -43,6 +43,7 @@ FAMILY_MODELS = {
     "smollm3": ("smollm3", dict(_SHAPE, no_rope_layer_interval=2, **_IDS)),  # every second layer without rotary
     "ernie4_5": ("ernie4_5", dict(_SHAPE, **_IDS)),  # the Llama pattern (interleaved rotary, tied)
     "mistral": ("mistral", dict(_SHAPE, sliding_window=None, **_IDS)),  # the Llama pattern (no window: v0.2 and later)
+    "hunyuan": ("hunyuan_v1_dense", dict(_SHAPE, **_IDS)),  # per-head q/k norms after rotary
     # a short gated convolution layer, then an attention layer with per-head q/k norms; tied; d_ff 256 (LFM2 adjusts
     # intermediate_size: 2/3 of it, rounded up to a multiple of 256)
     "lfm2": ("lfm2", dict(_SHAPE, layer_types=["conv", "full_attention"], **_IDS)),

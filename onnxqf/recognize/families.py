@@ -113,6 +113,8 @@ FAMILIES: tuple[Family, ...] = (
                                     "'rope_type'); use the plain export"),
     Family("granite", "Granite", embedding_scale="multiplier", multipliers=True),
     Family("ernie4_5", "Ernie 4.5"),  # the Llama pattern: an entry is all it takes
+    # per-head q/k norms after rotary (on q/k's outputs: nothing a transform touches)
+    Family("hunyuan_v1_dense", "HunYuan dense", qk_norms=True),
     # short gated convolutions between attention layers (which have per-head q/k norms)
     Family("lfm2", "LFM2", qk_norms=True, conv=True, refused=_refuse(**{FOLDED_OUTPUT_ROTATION: _CONV_REASON})),
     # LayerNorms without parameters: the residual stream is centred, then they are RMSNorms

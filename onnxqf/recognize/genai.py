@@ -85,9 +85,10 @@ def _only_linear_reader(value: ir.Value, where: str, what: str) -> Linear:
     return readers[0]
 
 
-def _to_gqa(value: ir.Value, limit: int = 4) -> tuple[ir.Node, int, Norm | None] | None:
+def _to_gqa(value: ir.Value, limit: int = 6) -> tuple[ir.Node, int, Norm | None] | None:
     """(the GroupQueryAttention node, the input slot, the per-head norm on the way) that ``value`` reaches through
-    Reshapes and at most one SimplifiedLayerNormalization (Qwen3's q/k norms before rotary), or None."""
+    Reshapes, a RotaryEmbedding (HunYuan's rotary before its q/k norms) and at most one SimplifiedLayerNormalization
+    (Qwen3's q/k norms before rotary), or None."""
     norm = None
     for _ in range(limit):
         users = list(value.consumers())
@@ -99,7 +100,7 @@ def _to_gqa(value: ir.Value, limit: int = 4) -> tuple[ir.Node, int, Norm | None]
         node = users[0]
         if node.op_type == NORM and norm is None and len(node.inputs) > 1 and is_initializer(node.inputs[1]):
             norm = Norm(NORM, value, node.outputs[0], node.inputs[1], node)
-        elif node.op_type not in ("Reshape", "Cast", "Identity"):
+        elif node.op_type not in ("Reshape", "Cast", "Identity", "RotaryEmbedding") or list(node.inputs).index(value):
             return None
         value = node.outputs[0]
     return None
