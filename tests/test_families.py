@@ -25,14 +25,17 @@ from tiny import FAMILY_MODELS, save_byte_tokenizer, tiny_model  # noqa: E402
 FAMILIES = list(FAMILY_MODELS)
 POST_NORMS = {"gemma2", "gemma3"}  # a residual rotation is refused, the online rotations are exact
 # onnxruntime-genai 0.18's builder fails on these, or (OLMo) writes a folder that does not compute the model
-NO_GENAI = {"smollm3": "position_ids", "gemma3": "rope_type", "olmo": "SimplifiedLayerNormalization"}
+NO_GENAI = {"smollm3": "position_ids", "gemma3": "rope_type", "olmo": "SimplifiedLayerNormalization",
+            "seed_oss": "no Seed-OSS", "internlm3": "no InternLM3", "glm": "no GLM"}
 # Gemma 2's genai folder refuses the residual rotation (--rotate): its own tests below
 GENAI = [f for f in FAMILIES if f not in NO_GENAI and f != "gemma2"]
 TITLES = {"gemma2": "Gemma 2 (gemma2)", "gemma3": "Gemma 3 (gemma3_text)"}
 QK_NORMS = {"qwen3", "gemma3", "lfm2"}
 MIXERS = {"lfm2": ["conv", "attention"]}  # a short convolution layer, then attention; other families: attention
 # the weight MatMuls of one tiny model's two layers, a packed one once (a conv layer: in_proj, out_proj and the MLP)
-LINEARS = {"phi3": 8, "lfm2": 12}
+LINEARS = {"phi3": 8, "lfm2": 12, "glm": 12}
+# (packed q/k/v, packed gate/up) per family; the others store every projection apart
+PACKED = {"phi3": (True, True), "glm": (False, True)}
 PROMPT = [17, 42, 301, 5, 77, 250, 9, 128, 64, 3, 400, 11]
 WINDOWS = np.random.default_rng(0).integers(1, 512, (2, 32))
 
@@ -102,7 +105,7 @@ def test_plain_export_matches_transformers_and_names_its_family(family, name):
     assert s.family.name == FAMILY_MODELS[name][0] and len(s.layers) == 2
     assert [layer.mixer for layer in s.layers] == MIXERS.get(name, ["attention"] * 2)
     layer = s.attention_layers()[0]
-    assert (layer.qkv is not None, layer.gate_up is not None) == ((True, True) if name == "phi3" else (False, False))
+    assert (layer.qkv is not None, layer.gate_up is not None) == PACKED.get(name, (False, False))
     assert len(layer.post_norms()) == (2 if name in POST_NORMS else 0)
     qk = name in QK_NORMS
     assert (layer.q_norm is not None, layer.k_norm is not None) == (qk, qk)

@@ -44,6 +44,9 @@ FAMILY_MODELS = {
     "ernie4_5": ("ernie4_5", dict(_SHAPE, **_IDS)),  # the Llama pattern (interleaved rotary, tied)
     "mistral": ("mistral", dict(_SHAPE, sliding_window=None, **_IDS)),  # the Llama pattern (no window: v0.2 and later)
     "hunyuan": ("hunyuan_v1_dense", dict(_SHAPE, **_IDS)),  # per-head q/k norms after rotary
+    "seed_oss": ("seed_oss", dict(_SHAPE, **_IDS)),  # the Llama pattern with q/k/v biases
+    "internlm3": ("internlm3", dict(_SHAPE, **_IDS)),  # the Llama pattern
+    "glm": ("glm", dict(_SHAPE, **_IDS)),  # packed gate_up, partial interleaved rotary
     # a short gated convolution layer, then an attention layer with per-head q/k norms; tied; d_ff 256 (LFM2 adjusts
     # intermediate_size: 2/3 of it, rounded up to a multiple of 256)
     "lfm2": ("lfm2", dict(_SHAPE, layer_types=["conv", "full_attention"], **_IDS)),

@@ -115,6 +115,12 @@ FAMILIES: tuple[Family, ...] = (
     Family("ernie4_5", "Ernie 4.5"),  # the Llama pattern: an entry is all it takes
     # per-head q/k norms after rotary (on q/k's outputs: nothing a transform touches)
     Family("hunyuan_v1_dense", "HunYuan dense", qk_norms=True),
+    # the Llama pattern in transformers' exports; the builder writes no folder for them
+    Family("seed_oss", "Seed-OSS", genai_refused=_BUILDER + "has no Seed-OSS architecture; use the plain export"),
+    Family("internlm3", "InternLM3", genai_refused=_BUILDER + "has no InternLM3 architecture (only InternLM2); use "
+                                                              "the plain export"),
+    Family("glm", "GLM-4", packed=("gate_up_proj",),
+           genai_refused=_BUILDER + "has no GLM architecture; use the plain export"),
     # short gated convolutions between attention layers (which have per-head q/k norms)
     Family("lfm2", "LFM2", qk_norms=True, conv=True, refused=_refuse(**{FOLDED_OUTPUT_ROTATION: _CONV_REASON})),
     # LayerNorms without parameters: the residual stream is centred, then they are RMSNorms
