@@ -6,10 +6,11 @@ import onnx_ir as ir
 
 from onnxqf.errors import OnnxqfError
 from onnxqf.graph import edit
+from onnxqf.graph.structure import Linear
 from onnxqf.maths import fold
 from onnxqf.passes.base import RotationPass
 
-__all__ = ["DownProjHadamardPass"]
+__all__ = ["DownProjHadamardPass", "rotate_gated_input"]
 
 
 class DownProjHadamardPass(RotationPass):
@@ -41,11 +42,18 @@ class DownProjHadamardPass(RotationPass):
         edit.prepare_linears(model.graph, s)
         D, factors = self.rotation.signs, list(self.rotation.factors)
         for layer in s.layers:
-            up, down = layer.up, layer.down
-            edit.update_matrix(up, lambda B: fold.scale_cols(B, D), by="rows")
-            if up.bias is not None:
-                edit.set_bias_vector(up, up.bias_vector() * D)
-            edit.update_matrix(down, lambda B: fold.kron_input(fold.scale_rows(B, D), factors), by="columns")
-            edit.rotate_value_online(model.graph, down.input, factors, s.dtype,
-                                     f"layers.{layer.index}.down_proj/hadamard", **self.online.kwargs())
+            rotate_gated_input(model.graph, layer.up, layer.down, D, factors, s.dtype,
+                               f"layers.{layer.index}.down_proj/hadamard", self.online)
         return True
+
+
+def rotate_gated_input(graph: ir.Graph, gate: Linear, reader: Linear, D, factors, dtype, name: str,
+                       online) -> None:
+    """``reader``'s input ``x`` (linear in ``gate``'s output channel by channel) becomes ``x D H``: the signs D into
+    ``gate``'s output columns and bias, the mixing H as online Kronecker factors (``online``: an OnlineStyle) before
+    ``reader``, whose weight gets ``H^T D B``."""
+    edit.update_matrix(gate, lambda B: fold.scale_cols(B, D), by="rows")
+    if gate.bias is not None:
+        edit.set_bias_vector(gate, gate.bias_vector() * D)
+    edit.update_matrix(reader, lambda B: fold.kron_input(fold.scale_rows(B, D), factors), by="columns")
+    edit.rotate_value_online(graph, reader.input, factors, dtype, name, **online.kwargs())

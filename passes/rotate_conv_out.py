@@ -5,8 +5,8 @@ from __future__ import annotations
 import onnx_ir as ir
 
 from onnxqf.graph import edit
-from onnxqf.maths import fold
 from onnxqf.passes.base import RotationPass
+from onnxqf.passes.online_hadamard import rotate_gated_input
 
 __all__ = ["ConvOutputHadamardPass"]
 
@@ -38,11 +38,6 @@ class ConvOutputHadamardPass(RotationPass):
         edit.prepare_linears(model.graph, s)
         D, factors = self.rotation.signs, list(self.rotation.factors)
         for layer in s.conv_layers():
-            c, out_proj = layer.conv.c, layer.o
-            edit.update_matrix(c, lambda B: fold.scale_cols(B, D), by="rows")
-            if c.bias is not None:
-                edit.set_bias_vector(c, c.bias_vector() * D)
-            edit.update_matrix(out_proj, lambda B: fold.kron_input(fold.scale_rows(B, D), factors), by="columns")
-            edit.rotate_value_online(model.graph, out_proj.input, factors, s.dtype,
-                                     f"layers.{layer.index}.out_proj/hadamard", **self.online.kwargs())
+            rotate_gated_input(model.graph, layer.conv.c, layer.o, D, factors, s.dtype,
+                               f"layers.{layer.index}.out_proj/hadamard", self.online)
         return bool(s.conv_layers())
