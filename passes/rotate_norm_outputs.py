@@ -41,7 +41,8 @@ class NormOutputHadamardPass(RotationPass):
         self.head = head
 
     def _targets(self, s):
-        """(name, norm, linears reading its output) of every norm this pass rotates."""
+        """(name, norm, the linears reading its output, the weight MatMuls among them, each once) of every norm
+        this pass rotates."""
         out = [(site.name, site.fold_norm, site.readers, site.matmuls()) for site in s.sites(("attn_in", "mlp_in"))]
         if self.head:
             out.append(("lm_head_in", s.final_norm, [s.lm_head], [s.lm_head]))
