@@ -264,6 +264,10 @@ def build_parser() -> argparse.ArgumentParser:
                           "always timed first (default uint8-token,int8-token,matmulnbits)")
     lin.add_argument("--dtype", choices=["float32", "float16"], default="float32", help="activations (default float32)")
     lin.add_argument("--copies", type=_positive, default=8, help="independent linears per graph (default 8)")
+    lin.add_argument("--rotated", action="store_true",
+                     help="each lowered linear reads its own online Hadamard rotation of x (what --hybrid puts before "
+                          "a down_proj), in the provider's style; onnxqf-cuda runs it inside its op; float stays a "
+                          "plain MatMul (the time to beat)")
     return p
 
 
@@ -594,7 +598,8 @@ def _bench_linears(args) -> int:
         raise OnnxqfError("--linears times its own graphs: give no MODEL")
     opts = LinearsOptions(shapes=parse_shapes(args.linears), ms=parse_counts(args.m), ep=args.ep, dtype=args.dtype,
                           lowerings=tuple(s for s in args.lowerings.split(",") if s), copies=args.copies,
-                          repeats=args.repeats, warmup=args.warmup, nbits_kernel=args.nbits_kernel)
+                          repeats=args.repeats, warmup=args.warmup, nbits_kernel=args.nbits_kernel,
+                          rotate=args.rotated)
     quiet = args.quiet or args.json
     result = bench_linears(opts, progress=None if quiet else lambda line: print(line, file=sys.stderr, flush=True))
     print(json.dumps(result) if args.json else format_linears(result))

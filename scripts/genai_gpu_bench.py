@@ -59,6 +59,12 @@ REWRITES = {
         "onnxqf hybrid W8A8 ql cycle:64 + lm_head": ["--hybrid", "--alpha", "0.5", "--lowering", "uint8-token-ql",
                                                       "--online-rotation", "cycle:64", "--quantize-lm-head"],
         "onnxqf int4 + lm_head int4": ["--quant", "int4", "--quantize-lm-head", "--lm-head-bits", "4"],
+        # lm_head as 8-bit MatMulNBits (accuracy_level 4: MLAS's int8 kernels, block-wise int8 activations)
+        "onnxqf W8A8 token ql + lm_head 8-bit": ["--lowering", "uint8-token-ql", "--quantize-lm-head",
+                                                 "--lm-head-bits", "8"],
+        "onnxqf hybrid W8A8 ql + lm_head 8-bit": ["--hybrid", "--alpha", "0.5", "--quantize-lm-head",
+                                                  "--lm-head-bits", "8"],
+        "onnxqf int8w + lm_head 8-bit": ["--quant", "int8w", "--quantize-lm-head"],
         "onnxqf W8A8 token ql + lm_head int4": ["--lowering", "uint8-token-ql", "--quantize-lm-head",
                                                 "--lm-head-bits", "4"],
         "onnxqf hybrid W8A8 ql + lm_head int4": ["--hybrid", "--alpha", "0.5", "--quantize-lm-head",

@@ -57,3 +57,113 @@ def test_rewrite_emits_the_kernel_and_check_needs_cuda(tiny_fp16, tmp_path, caps
     assert main(["check", str(out), "--ep", "cpu"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "--ep cuda only" in err
+
+
+def _kron(groups, K):
+    m = np.ones((1, 1))
+    for size, f in groups:
+        m = np.kron(m, np.eye(size) if f is None else f)
+    assert m.shape == (K, K)
+    return m
+
+
+def test_kernel_rotation_layout_computes_the_kronecker_rotation():
+    """The op's form of an online rotation (A^T padded, B, the inner size) rotates as ``x @ kron(A, B)``, for every
+    shape of group list the online rotations write; shapes the op cannot run are left to the graph (None)."""
+    from onnxqf.lowering.cuda_kernels import kernel_rotation
+    from onnxqf.maths.hadamard import random_orthogonal
+
+    rng = np.random.default_rng(0)
+    cases = {
+        "two dense (as d_ff 11008 = 172 x 64)": [(12, random_orthogonal(12, 1)), (32, random_orthogonal(32, 2))],
+        "dense then identity (o_proj's head mixing)": [(4, random_orthogonal(4, 3)), (16, None)],
+        "identity then dense": [(3, None), (48, random_orthogonal(48, 4))],
+        "one dense group": [(96, random_orthogonal(96, 5))],
+        "an inner size of 8 (as 2048 = 256 x 8)": [(20, random_orthogonal(20, 8)), (8, random_orthogonal(8, 9))],
+    }
+    for what, groups in cases.items():
+        K = int(np.prod([s for s, _ in groups]))
+        rot = kernel_rotation(groups, K)
+        assert rot is not None, what
+        x = rng.standard_normal((5, K))
+        np.testing.assert_allclose(rot.apply(x), x @ _kron(groups, K), atol=1e-12, err_msg=what)
+        if rot.at is not None:
+            assert rot.at.shape[0] % 16 == 0 and not rot.at[K // rot.block:].any()
+    dense = random_orthogonal(16, 6)
+    assert kernel_rotation([(16, dense), (4, random_orthogonal(4, 7))], 64) is None  # inner size not a multiple of 8
+    assert kernel_rotation([(2, dense[:2, :2]), (16, dense), (16, dense)], 512) is None  # three groups
+    assert kernel_rotation([(4096, None), (16, dense)], 4096 * 16) is None  # a row larger than the op's shared memory
+
+
+def _op_reference(node, x):
+    """numpy: what onnxqf.W8A8Linear computes (kernels.h; the rotation in fp32 with fp16 results, as the op)."""
+    vals = [None if v is None else v.const_value.numpy() for v in node.inputs[1:]]
+    w, ws = vals[0], vals[1]
+    ra = vals[3] if len(vals) > 3 else None
+    rb = vals[4] if len(vals) > 4 else None
+    block = node.attributes["rotation_block"].value if "rotation_block" in node.attributes else 0
+    K = x.shape[-1]
+    x = x.astype(np.float16)
+    if block:
+        X = x.reshape(-1, K // block, block)
+        if rb is not None:
+            X = (X.astype(np.float32) @ rb[:block, :block].astype(np.float32)).astype(np.float16)
+        if ra is not None:
+            a = K // block
+            X = np.einsum("pi,rib->rpb", ra[:a, :a].astype(np.float32), X.astype(np.float32)).astype(np.float16)
+        x = X.reshape(-1, K)
+    amax = np.maximum(np.abs(x).max(axis=-1, keepdims=True), np.float16(2.0 ** -9)).astype(np.float16)
+    inv = (np.float16(127.0) / amax).astype(np.float16)
+    codes = np.clip(np.rint((x * inv).astype(np.float16).astype(np.float32)), -127, 127)
+    acc = codes.astype(np.float64) @ w.T.astype(np.float64)
+    return ((acc.astype(np.float32) * amax.astype(np.float32)) * ws[None, :]).astype(np.float16)
+
+
+def test_online_rotation_moves_into_the_op():
+    """A linear behind an online rotation: the onnxqf-cuda lowering takes the rotation into its op (no MatMul,
+    Transpose or Reshape left) and computes what the standard int8-token graph with the rotation nodes computes, to
+    the fp16 rounding of the rotated values; ``fuse_rotations=False`` keeps the nodes."""
+    import onnxruntime as ort
+
+    from onnxqf.runtime.linears import linear_model, parse_lowering
+
+    rng = np.random.default_rng(1)
+    # one group (96 = 12 * 8); 36 x 16 (SmolLM2's hidden); 256 x 8 (hidden 2048); 256 x 16 (Llama-2-7B's hidden)
+    for K in (96, 576, 2048, 4096):
+        x = rng.standard_normal((6, K)).astype(np.float16)
+        x[:, 3] *= 30  # an outlier channel: what the rotation spreads
+        fused = linear_model(K, 32, parse_lowering("onnxqf-cuda"), copies=2, dtype="float16", rotate=True)
+        ops = [n.op_type for n in fused.graph]
+        assert ops.count(OP) == 2 and not {"MatMul", "Transpose", "Reshape", "Shape"} & set(ops), ops
+        kept = linear_model(K, 32, parse_lowering("onnxqf-cuda:fuse_rotations=false"), copies=2, dtype="float16",
+                            rotate=True)
+        assert "MatMul" in [n.op_type for n in kept.graph]
+        standard = linear_model(K, 32, parse_lowering("int8-token"), copies=2, dtype="float16", rotate=True)
+        proto = ir.serde.serialize_model(standard).SerializeToString()
+        want = ort.InferenceSession(proto, providers=["CPUExecutionProvider"]).run(None, {"x": x})
+        floats = ir.serde.serialize_model(linear_model(K, 32, None, copies=2, dtype="float16", rotate=True))
+        exact = ort.InferenceSession(floats.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+        for node, y, f in zip([n for n in fused.graph if n.op_type == OP], want, exact):
+            got = _op_reference(node, x).astype(np.float32)
+            y, f = y.astype(np.float32), f.astype(np.float32)
+            top = np.abs(f).max()
+            assert np.abs(got - y).max() <= 0.02 * top, K  # a code may move by one where a rotated value rounds
+            assert np.abs(got - f).max() <= 0.05 * top, K  # and both are W8A8 of the rotated float product
+
+
+def test_hybrid_rewrite_moves_every_online_rotation_into_the_ops(tiny_fp16, ids_file, tmp_path):
+    """`rewrite --hybrid --lowering onnxqf-cuda`: every online rotation the hybrid writes (norm outputs, o_proj's head
+    mixing, down_proj) is taken into the W8A8Linear reading it: no rotation node is left, and each op says its
+    rotation's inner size."""
+    from onnxqf.cli import main
+    from onnxqf.graph.structure import ONLINE_ROTATION
+
+    out = tmp_path / "h.onnx"
+    assert main(["rewrite", str(tiny_fp16), "--hybrid", "--lowering", "onnxqf-cuda", "--weight-rounding", "rtn",
+                 "--calib", str(ids_file), "-o", str(out), "-q"]) == 0
+    model = onnx.load(str(out), load_external_data=False)
+    assert not [n.name for n in model.graph.node if any(p.key == ONLINE_ROTATION for p in n.metadata_props)]
+    ops = [n for n in model.graph.node if n.op_type == OP]
+    blocks = {n.name.split("/")[0]: {a.name: a.i for a in n.attribute}.get("rotation_block") for n in ops}
+    assert len(ops) == 8 and all(blocks.values()), blocks
+    assert blocks["layers.0.down_proj"] == 96 and blocks["layers.0.o_proj"] == 16  # d_ff 96: one group; 4 heads of 16

@@ -5,6 +5,10 @@
 //              W      int8    [N, K]   (row-major; the transpose of ONNX MatMul's [K, N])
 //              Wscale float    [N]     (weight scale per output channel, already divided by 127)
 //              B      float16 [N]     (optional bias)
+//              RA     float16 [a16, a16] (optional: A^T zero-padded to a16 = a rounded up to 16; absent: A = I)
+//              RB     float16 [b16, b16] (optional: B zero-padded to b16 = b rounded up to 16; absent: B = I)
+//     attribute: rotation_block (int, default 0): b; when > 0, X is first rotated online, X <- X @ kron(A, B)
+//                (a = K / b), inside the quantization (kernels.h: launch_rotate_quantize_rows)
 //     output:  Y      float16 [..., N]
 //   Y = per-token int8 quantization of X (kernels.h), int8 GEMM, dequantization fused (fp16 out).
 //
@@ -98,6 +102,8 @@ struct W8A8LinearKernel {
   int device = 0;
   int gemv_max_m = 4;
   int force_tile = -1;
+  int sm_count = 1;
+  int64_t rotation_block = 0;
 
   OrtStatusPtr ComputeV2(OrtKernelContext* context) {
     try {
@@ -115,8 +121,10 @@ struct W8A8LinearKernel {
     auto X = ctx.GetInput(0);
     auto W = ctx.GetInput(1);
     auto S = ctx.GetInput(2);
-    Ort::ConstValue B{nullptr};
+    Ort::ConstValue B{nullptr}, RA{nullptr}, RB{nullptr};
     if (n_in > 3) B = ctx.GetInput(3);
+    if (n_in > 4) RA = ctx.GetInput(4);
+    if (n_in > 5) RB = ctx.GetInput(5);
     const std::vector<int64_t> xs = X.GetTensorTypeAndShapeInfo().GetShape();
     const std::vector<int64_t> wsh = W.GetTensorTypeAndShapeInfo().GetShape();
     if (xs.empty()) return fail("onnxqf.W8A8Linear: X must have rank >= 1");
@@ -132,6 +140,29 @@ struct W8A8LinearKernel {
       if (static_cast<int64_t>(B.GetTensorTypeAndShapeInfo().GetElementCount()) != N)
         return fail("onnxqf.W8A8Linear: B must have N = " + std::to_string(N) + " elements");
       bias = reinterpret_cast<const __half*>(B.GetTensorRawData());
+    }
+    const __half* rot_a = nullptr;
+    const __half* rot_b = nullptr;
+    if (rotation_block > 0) {
+      const int64_t b = rotation_block;
+      if (!onnxqf::rotate_quantize_supported(K, b))
+        return fail("onnxqf.W8A8Linear: cannot rotate K = " + std::to_string(K) + " by blocks of rotation_block = " +
+                    std::to_string(b) + " (b % 8 == 0, K % b == 0, 6 * a16 * b16 <= " +
+                    std::to_string(onnxqf::kRotateMaxSmem) + " bytes)");
+      const int64_t a16 = (K / b + 15) / 16 * 16, b16 = (b + 15) / 16 * 16;
+      if (RA) {
+        const auto sh = RA.GetTensorTypeAndShapeInfo().GetShape();
+        if (sh.size() != 2 || sh[0] != a16 || sh[1] != a16)
+          return fail("onnxqf.W8A8Linear: RA must be [" + std::to_string(a16) + ", " + std::to_string(a16) + "]");
+        rot_a = reinterpret_cast<const __half*>(RA.GetTensorRawData());
+      }
+      if (RB) {
+        const auto sh = RB.GetTensorTypeAndShapeInfo().GetShape();
+        if (sh.size() != 2 || sh[0] != b16 || sh[1] != b16)
+          return fail("onnxqf.W8A8Linear: RB must be [" + std::to_string(b16) + ", " + std::to_string(b16) + "]");
+        rot_b = reinterpret_cast<const __half*>(RB.GetTensorRawData());
+      }
+      if (!rot_a && !rot_b) return fail("onnxqf.W8A8Linear: rotation_block is set but neither RA nor RB is given");
     }
     std::vector<int64_t> ys = xs;
     ys.back() = N;
@@ -151,7 +182,8 @@ struct W8A8LinearKernel {
                          reinterpret_cast<uintptr_t>(y) % 16 == 0 && reinterpret_cast<uintptr_t>(ws) % 16 == 0 &&
                          (!bias || reinterpret_cast<uintptr_t>(bias) % 16 == 0);
     // small M in one launch, no scratch: quantization into shared memory + GEMV
-    if (M <= gemv_max_m && onnxqf::w8a8_fused_gemv_supported(x, w, M, K)) {
+    const bool rotate = rot_a || rot_b;
+    if (!rotate && M <= gemv_max_m && onnxqf::w8a8_fused_gemv_supported(x, w, M, K)) {
       cudaError_t e = onnxqf::launch_w8a8_fused_gemv(x, w, ws, bias, y, M, N, K, stream);
       if (e != cudaSuccess) return fail(std::string("onnxqf.W8A8Linear: CUDA error: ") + cudaGetErrorString(e));
       return nullptr;
@@ -171,7 +203,8 @@ struct W8A8LinearKernel {
     auto* amax = reinterpret_cast<float*>(static_cast<char*>(scratch) + q_bytes);
     void* workspace = ws_bytes ? static_cast<char*>(scratch) + q_bytes + a_bytes : nullptr;
 
-    e = onnxqf::launch_quantize_rows(x, q, amax, M, K, stream);
+    e = rotate ? onnxqf::launch_rotate_quantize_rows(x, rot_a, rot_b, q, amax, M, K, rotation_block, sm_count, stream)
+               : onnxqf::launch_quantize_rows(x, q, amax, M, K, stream);
     if (e == cudaSuccess) {
       if (path == 2) {
         e = onnxqf::launch_w8a8_gemm_sm90(tile, q, amax, w, ws, bias, y, M, N, K, workspace, stream);
@@ -191,12 +224,21 @@ struct W8A8LinearKernel {
 };
 
 struct W8A8LinearOp : Ort::CustomOpBase<W8A8LinearOp, W8A8LinearKernel, true> {
-  OrtStatusPtr CreateKernelV2(const OrtApi& /*api*/, const OrtKernelInfo* /*info*/, void** kernel) const {
+  OrtStatusPtr CreateKernelV2(const OrtApi& /*api*/, const OrtKernelInfo* info, void** kernel) const {
     int dev = 0;
     const std::string problem = device_problem(&dev);
     if (!problem.empty()) return fail(problem);
+    int64_t rotation_block = 0;
+    try {
+      rotation_block = Ort::ConstKernelInfo(info).GetAttribute<int64_t>("rotation_block");
+    } catch (const Ort::Exception&) {
+      rotation_block = 0;  // no such attribute: no rotation
+    }
+    if (rotation_block < 0) return fail("onnxqf.W8A8Linear: rotation_block must be >= 0");
     auto* k = new W8A8LinearKernel();
     k->device = dev;
+    k->rotation_block = rotation_block;
+    cudaDeviceGetAttribute(&k->sm_count, cudaDevAttrMultiProcessorCount, dev);
     k->gemv_max_m = env_int("ONNXQF_GEMV_MAX_M", 4);
     k->force_tile = env_int("ONNXQF_GEMM_TILE", -1);
     *kernel = k;
@@ -206,7 +248,7 @@ struct W8A8LinearOp : Ort::CustomOpBase<W8A8LinearOp, W8A8LinearKernel, true> {
   const char* GetName() const { return "W8A8Linear"; }
   const char* GetExecutionProviderType() const { return "CUDAExecutionProvider"; }
 
-  size_t GetInputTypeCount() const { return 4; }
+  size_t GetInputTypeCount() const { return 6; }
   ONNXTensorElementDataType GetInputType(size_t i) const {
     switch (i) {
       case 0: return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16;
@@ -216,7 +258,7 @@ struct W8A8LinearOp : Ort::CustomOpBase<W8A8LinearOp, W8A8LinearKernel, true> {
     }
   }
   OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t i) const {
-    return i == 3 ? OrtCustomOpInputOutputCharacteristic::INPUT_OUTPUT_OPTIONAL
+    return i >= 3 ? OrtCustomOpInputOutputCharacteristic::INPUT_OUTPUT_OPTIONAL
                   : OrtCustomOpInputOutputCharacteristic::INPUT_OUTPUT_REQUIRED;
   }
   size_t GetOutputTypeCount() const { return 1; }

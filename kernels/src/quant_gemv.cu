@@ -1,6 +1,7 @@
 // Per-token int8 quantization, the small-M (decode) W8A8 GEMV and a slow any-shape fallback.
 // Conventions: kernels.h.
 #include "kernels.h"
+#include "quant_row.cuh"
 
 #include <algorithm>
 
@@ -9,12 +10,6 @@ namespace {
 
 constexpr int kQuantThreads = 256;
 constexpr int kQuantCached = 8;  // 16-byte chunks of x per thread held in registers (K <= 16384 read once)
-
-__device__ __forceinline__ float warp_max(float v) {
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, off));
-  return v;
-}
 
 __device__ __forceinline__ int warp_sum(int v) {
 #pragma unroll
@@ -30,12 +25,6 @@ __device__ __forceinline__ float chunk_absmax(const uint4& c, float m) {
     m = fmaxf(m, fmaxf(f.x, f.y));
   }
   return m;
-}
-
-__device__ __forceinline__ int8_t code_of(__half x, __half inv) {
-  // fp16 product (correctly rounded, as ONNX Runtime's fp16 Mul), then round half to even
-  const float r = rintf(__half2float(__hmul(x, inv)));
-  return static_cast<int8_t>(fminf(fmaxf(r, -127.f), 127.f));
 }
 
 __device__ __forceinline__ uint2 chunk_codes(const uint4& c, __half inv) {
@@ -79,15 +68,7 @@ __device__ __forceinline__ void quantize_row_block(const __half* __restrict__ xr
   if (tid < 32) {
     float v = tid < kQuantThreads / 32 ? red[tid] : 0.f;
     v = warp_max(v);
-    if (tid == 0) {
-      // the max of fp16 magnitudes is an fp16 value: exact; the floor is onnxqf's fp16 one (2^-9: 127/amax stays
-      // a finite fp16, FP16_AMAX_FLOOR in onnxqf/lowering/w8a8.py)
-      __half a = __float2half_rn(v);
-      const __half floor = __float2half_rn(0.001953125f);
-      if (__hlt(a, floor)) a = floor;
-      *scale_s = __hdiv(__float2half_rn(127.f), a);  // ONNX Runtime's fp16 Div
-      *amax_dst = __half2float(a);
-    }
+    if (tid == 0) row_scale(v, scale_s, amax_dst);
   }
   __syncthreads();
   const __half inv = *scale_s;

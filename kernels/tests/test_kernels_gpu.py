@@ -243,3 +243,42 @@ def test_rewrite_matches_standard_graph(tmp_path):
 
 if __name__ == "__main__":
     print(build_rewrites(Path(sys.argv[1])))
+
+
+ROTATED = [
+    # (M, K, N): the rotation inside the op at every path (GEMV at small M, GEMM above)
+    (1, 11008, 4096),   # d_ff of Llama-2-7B: 172 x 64 (both factors dense), M = 1
+    (3, 4096, 4096),    # its hidden: 256 x 16
+    (16, 4096, 1024),
+    (300, 11008, 4096),
+    (2048, 4096, 4096),
+    (37, 576, 256),     # SmolLM2's hidden: 36 x 16
+    (130, 2048, 512),   # hidden 2048: 256 x 8 (the inner factor padded to 16)
+    (2, 2048, 512),
+    (9, 96, 64),        # one dense group
+]
+
+
+@pytest.mark.parametrize("M,K,N", ROTATED)
+def test_rotation_inside_the_op_matches_the_standard_graph(M, K, N):
+    """A linear behind an online rotation (linears.linear_model(rotate=True)): the op's fused rotation against the
+    standard int8-token graph with the rotation nodes, both on CUDA: the same outputs up to a code moved by one where
+    a rotated value rounds the other way in fp16; outputs poisoned first."""
+    from onnxqf.runtime.linears import linear_model, parse_lowering
+
+    rng = np.random.default_rng(M + K)
+    x = rng.standard_normal((M, K)).astype(np.float32)
+    x[:, rng.choice(K, size=max(1, K // 64), replace=False)] *= 30
+    x = x.astype(np.float16)
+    fused = linear_model(K, N, parse_lowering("onnxqf-cuda"), copies=1, dtype="float16", rotate=True)
+    assert "MatMul" not in [n.op_type for n in fused.graph]
+    standard = linear_model(K, N, parse_lowering("int8-token"), copies=1, dtype="float16", rotate=True)
+    import onnx_ir as ir
+
+    got = run_poisoned(_session(ir.serde.serialize_model(fused), True, None), x, N, out="y0").astype(np.float32)
+    want = run_poisoned(_session(ir.serde.serialize_model(standard), False, None), x, N, out="y0").astype(np.float32)
+    assert np.isfinite(got).all()
+    top = np.abs(want).max()
+    err = np.abs(got - want).max() / top
+    mean = np.abs(got - want).mean() / np.abs(want).mean()
+    assert err < 0.02 and mean < 0.005, (err, mean)

@@ -7,6 +7,7 @@ original dtype here, so every fold happens in float64 whatever the model's preci
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import numpy as np
 import onnx_ir as ir
@@ -20,7 +21,8 @@ from onnxqf.maths.hadamard import ONLINE_GROUP_MAX, online_groups
 
 __all__ = ["weight_layout", "set_weight_matrix", "SLICE_BYTES", "update_matrix", "update_slices", "set_bias_vector",
            "make_private", "make_bias_private", "private_embedding", "prepare_linears", "OnlineStyle",
-           "rotate_value_online", "add_initializer", "unique_name", "write"]
+           "rotate_value_online", "ONLINE_GROUPS", "OnlineRotation", "online_rotation_of", "add_initializer",
+           "unique_name", "write"]
 
 
 def weight_layout(lin: Linear, B: np.ndarray, stored: np.ndarray | None = None) -> np.ndarray:
@@ -176,6 +178,64 @@ class OnlineStyle:
         return cls(int(group) if group else ONLINE_GROUP_MAX, kind == "batched")
 
 
+ONLINE_GROUPS = "onnxqf.online_groups"
+
+
+@dataclasses.dataclass
+class OnlineRotation:
+    """An online rotation block of the graph (:func:`rotate_value_online`), read back.
+
+    Attributes:
+        nodes: the block's nodes.
+        input: the value it rotates.
+        output: the rotated value.
+        groups: ``[(size, matrix or None)]`` in Kronecker order (None: identity), float64.
+    """
+
+    nodes: list[ir.Node]
+    input: ir.Value
+    output: ir.Value
+    groups: list[tuple[int, np.ndarray | None]]
+
+    def private(self) -> bool:
+        """Only the block's own nodes read its intermediate values (the block can be replaced as a whole)."""
+        inside = set(map(id, self.nodes))
+        return all(id(c) in inside for node in self.nodes for out in node.outputs if out is not self.output
+                   for c in out.consumers())
+
+    def remove(self, graph: ir.Graph) -> None:
+        """Delete the block's nodes and the initializers only they read (its output must have no readers left)."""
+        inits = {inp.name: inp for node in self.nodes for inp in node.inputs
+                 if inp is not None and inp.name in graph.initializers}
+        graph.remove(list(reversed(self.nodes)), safe=True)
+        for name, value in inits.items():
+            if not list(value.consumers()):
+                del graph.initializers[name]
+
+
+def online_rotation_of(graph: ir.Graph, value: ir.Value) -> OnlineRotation | None:
+    """The online rotation block whose output is ``value``, or None (not one, or written before the groups were
+    recorded)."""
+    node = value.producer()
+    if node is None or ONLINE_GROUPS not in node.metadata_props or ONLINE_ROTATION not in node.metadata_props:
+        return None
+    name = node.metadata_props[ONLINE_ROTATION]
+    nodes = [n for n in graph if n.metadata_props.get(ONLINE_ROTATION) == name]
+    shapes = [n for n in nodes if n.op_type == "Shape"]
+    if len(shapes) != 1 or shapes[0].inputs[0] is None:
+        return None
+    groups: list[tuple[int, np.ndarray | None]] = []
+    for size, init, transposed in json.loads(node.metadata_props[ONLINE_GROUPS]):
+        if init is None:
+            groups.append((int(size), None))
+            continue
+        if init not in graph.initializers:
+            return None
+        f = np.asarray(read(graph.initializers[init]), np.float64)
+        groups.append((int(size), np.ascontiguousarray(f.T) if transposed else f))
+    return OnlineRotation(nodes, shapes[0].inputs[0], value, groups)
+
+
 def rotate_value_online(
     graph: ir.Graph,
     value: ir.Value,
@@ -197,7 +257,9 @@ def rotate_value_online(
     (skipped for an identity group) and moved to the front with a Transpose, which brings the axes
     back to their order after k steps. A single dense group, or identities followed by one dense
     group, needs no Transpose. Cost: n * sum(g_i) multiply-adds per row instead of n^2.
-    The nodes go right after ``value``'s producer.
+    The nodes go right after ``value``'s producer. The last node (the restore Reshape) records the groups in
+    Kronecker order (metadata ``ONLINE_GROUPS``: size, factor initializer or null, stored transposed), so that a
+    lowering can compute the rotation another way (:func:`online_rotation_of`).
     """
     groups = online_groups(factors, sizes, max_group)
     n = int(np.prod([g for g, _ in groups]))
@@ -212,32 +274,36 @@ def rotate_value_online(
             consts[dims] = add_initializer(graph, f"{name}/shape", np.array(dims, np.int64))
         return consts[dims]
 
-    def matmul(y: ir.Value, step: int, size: int, f: np.ndarray) -> ir.Value:
+    record: list[list] = [[size, None, False] for size, _ in groups]
+
+    def matmul(y: ir.Value, step: int, size: int, f: np.ndarray, group: int) -> ir.Value:
         y = tape.op("Reshape", [y, const_shape(-1, size)], name=f"{name}/rows{step}")
         w = add_initializer(graph, f"{name}/factor{step}", f, dtype)
+        record[group][1] = w.name
         return tape.op("MatMul", [y, w], name=f"{name}/matmul{step}")
 
     if all(f is None for _, f in groups[:-1]):
         size, f = groups[-1]
         if f is not None:
-            y = matmul(y, 0, size, f)
+            y = matmul(y, 0, size, f, len(groups) - 1)
     elif batched:
         for step, (size, f) in enumerate(groups):
             if f is None:
                 continue
             after = int(np.prod([g for g, _ in groups[step + 1:]], dtype=np.int64))
             if after == 1:
-                y = matmul(y, step, size, f)
+                y = matmul(y, step, size, f, step)
                 continue
             y = tape.op("Reshape", [y, const_shape(-1, size, after)], name=f"{name}/view{step}")
             w = add_initializer(graph, f"{name}/factor{step}_t", np.ascontiguousarray(np.asarray(f).T), dtype)
+            record[step][1:] = [w.name, True]
             y = tape.op("MatMul", [w, y], name=f"{name}/matmul{step}")
     else:
         order = list(range(len(groups)))
         for step in range(len(groups)):
             size, f = groups[order[-1]]
             if f is not None:
-                y = matmul(y, step, size, f)
+                y = matmul(y, step, size, f, order[-1])
             y = tape.op("Reshape", [y, const_shape(-1, n // size, size)], name=f"{name}/view{step}")
             y = tape.op("Transpose", [y], attributes={"perm": [0, 2, 1]}, name=f"{name}/cycle{step}")
             order = order[-1:] + order[:-1]
@@ -245,6 +311,7 @@ def rotate_value_online(
     y.shape, y.type = value.shape, value.type
     for node in tape.nodes:  # so that recognition sees through the block (structure.ONLINE_ROTATION)
         node.metadata_props[ONLINE_ROTATION] = name
+    tape.nodes[-1].metadata_props[ONLINE_GROUPS] = json.dumps(record)
     producer = value.producer()
     if producer is None:
         graph.insert_before(readers[0], tape.nodes)

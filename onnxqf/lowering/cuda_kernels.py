@@ -11,7 +11,15 @@ which computes, inside one op, exactly what ``int8-token`` computes with standar
     amax = max(max|x| per token, 1e-4); codes = Round(x * (127 / amax))     (float16, as the graph does)
     y    = Cast<f16>(Cast<f32>(codes @ Wq^T) * amax * wscale),  wscale = w_scale / 127 (float32)
 
-so its outputs are those of ``int8-token`` to the bit. The op has a CUDA kernel only, for sm_90a (H100/H200), and
+so its outputs are those of ``int8-token`` to the bit.
+
+When the group's activation is the output of an online rotation (``--hybrid``'s down_proj, o_proj and lm_head inputs)
+of at most two Kronecker groups ``x @ kron(A, B)`` that fit the kernel (:func:`kernel_rotation`), the rotation moves
+into the op: it reads the unrotated activation and rotates each token on the tensor cores inside its quantization
+(``rotation_block`` = b, inputs RA = A^T padded, RB = B), and the block of Reshape / MatMul / Transpose nodes goes.
+Its codes then equal the standard graph's up to the fp16 rounding of the rotated values (another summation order).
+
+The op has a CUDA kernel only, for sm_90a (H100/H200), and
 takes float16 activations: float32 models are refused. Sessions that run the graph must load the library
 (:func:`onnxqf.runtime.kernels.register`).
 """
@@ -30,24 +38,86 @@ from onnxqf.graph import edit
 from onnxqf.lowering.base import LinearGroup, register, replace_outputs
 from onnxqf.lowering.w8a8 import W8A8Lowering
 
-__all__ = ["DOMAIN", "OP", "OnnxqfCudaW8A8", "emit_w8a8_kernel"]
+__all__ = ["DOMAIN", "OP", "ROTATE_MAX_SMEM", "KernelRotation", "OnnxqfCudaW8A8", "emit_w8a8_kernel",
+           "kernel_rotation"]
 
 DOMAIN = "onnxqf"  # = onnxqf.runtime.kernels.DOMAIN (not imported: lowering needs no GPU library)
 OP = "W8A8Linear"
+ROTATE_MAX_SMEM = 200 * 1024  # = kRotateMaxSmem in kernels/src/kernels.h: the op's shared memory for one row
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelRotation:
+    """An online rotation ``x @ kron(A, B)`` in the op's layout (kernels/src/kernels.h).
+
+    Attributes:
+        block: b, the size of the inner factor (``rotation_block``); a = K / b.
+        at: A^T zero-padded to ``[a16, a16]`` (a16 = a rounded up to 16), or None for A = I.
+        b: B zero-padded to ``[b16, b16]`` (b16 = b rounded up to 16), or None for B = I.
+    """
+
+    block: int
+    at: np.ndarray | None
+    b: np.ndarray | None
+
+    def apply(self, x: np.ndarray) -> np.ndarray:
+        """What the op computes before quantizing, in float64 (no fp16 rounding): ``x [..., K]`` rotated."""
+        K = x.shape[-1]
+        a, b = K // self.block, self.block
+        X = x.reshape(-1, a, b).astype(np.float64)
+        if self.b is not None:
+            X = X @ self.b[:b, :b]
+        if self.at is not None:
+            X = np.einsum("pi,rib->rpb", self.at[:a, :a], X)
+        return X.reshape(x.shape)
+
+
+def kernel_rotation(groups: list[tuple[int, np.ndarray | None]], K: int) -> KernelRotation | None:
+    """The op's form of the rotation ``kron(*groups)`` of a K-wide activation, or None when the op cannot run it
+    (more than two groups, an inner size that is not a multiple of 8, a row too large for its shared memory).
+    ``groups``: ``[(size, matrix or None)]`` as
+    :class:`onnxqf.graph.edit.OnlineRotation` reads them."""
+    if len(groups) == 1:
+        (size, f), = groups
+        groups = [(1, None), (size, f)]
+    if len(groups) != 2 or groups[0][0] * groups[1][0] != K:
+        return None
+    (a, A), (b, B) = groups
+    a16, b16 = -(-a // 16) * 16, -(-b // 16) * 16
+    if b % 8 or 6 * a16 * b16 > ROTATE_MAX_SMEM or (A is None and B is None):
+        return None
+    at = bp = None
+    if A is not None:
+        at = np.zeros((a16, a16))
+        at[:a, :a] = np.asarray(A, np.float64).T
+    if B is not None:
+        bp = np.zeros((b16, b16))
+        bp[:b, :b] = np.asarray(B, np.float64)
+    return KernelRotation(b, at, bp)
 
 
 def emit_w8a8_kernel(graph: ir.Graph, x: ir.Value, q_int8_KN: np.ndarray, scale: np.ndarray, base_name: str,
-                     tape: ir_tape.Tape | None = None) -> ir.Value:
+                     tape: ir_tape.Tape | None = None, rotation: KernelRotation | None = None) -> ir.Value:
     """The ``onnxqf.W8A8Linear`` node (on ``tape``, a new one if None, not inserted) computing
     ``x @ (q_int8_KN * scale)`` with per-token int8 activations: ``q_int8_KN`` int8 ``[K, N]`` (MatMul's layout),
-    ``scale`` the per-output-channel weight scale ``[N]``. Returns the float16 output value."""
+    ``scale`` the per-output-channel weight scale ``[N]``; ``rotation``: x is rotated first, inside the op.
+    Returns the float16 output value."""
     if q_int8_KN.dtype != np.int8 or q_int8_KN.ndim != 2 or scale.shape != (q_int8_KN.shape[1],):
         raise OnnxqfError(f"{base_name}: W8A8Linear needs int8 [K, N] weights and N scales")
     tape = tape if tape is not None else ir_tape.Tape(graph)
     wq = edit.add_initializer(graph, f"{base_name}.weight_int8_nk", np.ascontiguousarray(q_int8_KN.T))
     ws = edit.add_initializer(graph, f"{base_name}.weight_scale",
                               (np.asarray(scale, np.float64) / 127.0).astype(np.float32))
-    y = tape.op(OP, [x, wq, ws], domain=DOMAIN, name=f"{base_name}/w8a8_linear")
+    inputs, attributes = [x, wq, ws], {}
+    if rotation is not None:
+        ra = rb = None
+        if rotation.at is not None:
+            ra = edit.add_initializer(graph, f"{base_name}.rotation_at", rotation.at, ir.DataType.FLOAT16)
+        if rotation.b is not None:
+            rb = edit.add_initializer(graph, f"{base_name}.rotation_b", rotation.b, ir.DataType.FLOAT16)
+        inputs += [None, ra] + ([rb] if rb is not None else [])
+        attributes["rotation_block"] = int(rotation.block)
+    y = tape.op(OP, inputs, attributes=attributes or None, domain=DOMAIN, name=f"{base_name}/w8a8_linear")
     y.type = ir.TensorType(ir.DataType.FLOAT16)
     return y
 
@@ -60,6 +130,8 @@ class OnnxqfCudaW8A8(W8A8Lowering):
     summary = ("per-token int8 x int8 in one fused onnxqf.W8A8Linear node per activation (onnxqf's CUDA kernels: "
                "H100/H200, float16 models; sessions load kernels/build/libonnxqf_kernels.so)")
     domains: ClassVar[dict[str, int]] = {DOMAIN: 1}
+    #: move online rotations into the op where it can run them (:func:`kernel_rotation`)
+    fuse_rotations: bool = True
 
     def emit(self, graph: ir.Graph, group: LinearGroup, weights) -> None:
         if group.dtype != ir.DataType.FLOAT16:
@@ -68,7 +140,15 @@ class OnnxqfCudaW8A8(W8A8Lowering):
         q = np.concatenate([w[0] for w in weights], axis=1)
         scale = np.concatenate([w[1] for w in weights])
         tape = ir_tape.Tape(graph)
-        y = emit_w8a8_kernel(graph, group.x, q, scale, group.base, tape)
+        x, block, rotation = group.x, None, None
+        if self.fuse_rotations:
+            block = edit.online_rotation_of(graph, group.x)
+            readers = {id(lin.node) for lin in group.linears}
+            if block is not None and block.private() and {id(n) for n in group.x.consumers()} == readers:
+                rotation = kernel_rotation(block.groups, q.shape[0])
+            if rotation is not None:
+                x = block.input
+        y = emit_w8a8_kernel(graph, x, q, scale, group.base, tape, rotation)
         if len(group.linears) > 1:
             sizes = edit.add_initializer(graph, f"{group.base}/split_sizes",
                                          np.array([w[0].shape[1] for w in weights], np.int64))
@@ -78,6 +158,8 @@ class OnnxqfCudaW8A8(W8A8Lowering):
             outs = [y]
         graph.insert_before(group.first, tape.nodes)
         replace_outputs(graph, group.linears, outs)
+        if rotation is not None:
+            block.remove(graph)
 
     def node_issue(self, node: ir.Node, provider: str) -> str | None:
         if node.domain != DOMAIN:

@@ -7,6 +7,10 @@ Rules:
   linears ``y_i = x @ W_i`` with distinct random weights ``W_i`` ``[K, N]`` (normal, std 0.02, drawn from
   ``seed``: the same weights for every lowering of one shape). Outputs ``y0 .. y{copies-1}`` ``[M, N]`` in the
   activation's dtype.
+- ``rotate``: each linear reads its own online Hadamard rotation of ``x`` (``x_i = Identity(x)``, rotated by the
+  nodes :func:`onnxqf.graph.edit.rotate_value_online` writes in the provider's style, the Hadamard factors of K):
+  what ``--hybrid`` puts before a down_proj or o_proj; a lowering that runs the rotation itself (onnxqf-cuda)
+  takes it in. The float row stays unrotated (the time to beat); the errors are against float with the rotation.
 - ``float`` keeps the MatMuls: the reference. Any other row names a registered lowering
   (:mod:`onnxqf.lowering`), optionally with fields of its dataclass (``matmulnbits:bits=8:block_size=128``;
   MatMulNBits without ``accuracy_level`` gets the target's, as ``onnxqf rewrite --ep`` gives it);
@@ -36,9 +40,11 @@ import numpy as np
 import onnx_ir as ir
 
 from onnxqf.errors import OnnxqfError
+from onnxqf.graph import edit
 from onnxqf.graph.structure import Linear
 from onnxqf.lowering import base as lowering_base
 from onnxqf.maths.gptq import column_chunks
+from onnxqf.maths.hadamard import hadamard_factors
 from onnxqf.runtime.target import get_target
 
 __all__ = [
@@ -64,6 +70,7 @@ class LinearsOptions:
     added when missing), provider, activation dtype, copies per graph, runs, MatMulNBits kernels."""
 
     shapes: tuple[tuple[int, int], ...] = ((2048, 5632),)
+    rotate: bool = False
     ms: tuple[int, ...] = (1, 16, 256)
     lowerings: tuple[str, ...] = ("uint8-token", "int8-token", "matmulnbits")
     ep: str = "cpu"
@@ -135,8 +142,9 @@ def parse_lowering(spec: str, ep: str | None = None) -> lowering_base.Lowering |
 
 
 def linear_model(K: int, N: int, lowering: lowering_base.Lowering | None, *, copies: int = 8,
-                 dtype: str = "float32", seed: int = 0) -> ir.Model:
-    """The graph of the module docstring: ``copies`` linears K -> N, lowered by ``lowering`` (None: float)."""
+                 dtype: str = "float32", seed: int = 0, rotate: bool = False, ep: str = "cuda") -> ir.Model:
+    """The graph of the module docstring: ``copies`` linears K -> N, lowered by ``lowering`` (None: float);
+    ``rotate``: each reads its own online rotation of x, emitted in ``ep``'s style."""
     dt = DTYPES[dtype]
     graph = ir.Graph([ir.Value(name="x", shape=ir.Shape(["M", K]), type=ir.TensorType(dt))], [], nodes=[],
                      opset_imports={"": 18}, name="linears")
@@ -148,10 +156,21 @@ def linear_model(K: int, N: int, lowering: lowering_base.Lowering | None, *, cop
         weight = ir.Value(name=f"linear{i}.weight", shape=ir.Shape([K, N]), type=ir.TensorType(dt),
                           const_value=ir.tensor(w, name=f"linear{i}.weight"))
         graph.register_initializer(weight)
-        node = ir.Node("", "MatMul", [x, weight], name=f"linear{i}/MatMul", num_outputs=1)
+        xi = x
+        if rotate:
+            ident = ir.Node("", "Identity", [x], name=f"linear{i}/input", num_outputs=1)
+            xi = ident.outputs[0]
+            xi.name, xi.shape, xi.type = f"x{i}", x.shape, x.type
+            graph.append(ident)
+        node = ir.Node("", "MatMul", [xi, weight], name=f"linear{i}/MatMul", num_outputs=1)
         y = node.outputs[0]
         y.name, y.shape, y.type = f"y{i}", ir.Shape(["M", N]), ir.TensorType(dt)
         graph.append(node)
+        if rotate:
+            factors = hadamard_factors(K)
+            if factors is None:
+                raise OnnxqfError(f"--rotate: no Hadamard construction of order K = {K}")
+            edit.rotate_value_online(graph, xi, factors, dt, f"linear{i}/hadamard", **get_target(ep).online.kwargs())
         graph.outputs.append(y)
         linears.append(Linear(node, weight, role=f"linear{i}"))
     if lowering is not None:
@@ -211,7 +230,8 @@ def bench_linears(opts: LinearsOptions, progress=None) -> dict:
             nbits = lowering is not None and lowering.name == "matmulnbits"
             kernels = {"default": ["default"], "fpa-intb": ["fpa-intb"],
                        "both": ["default", "fpa-intb"]}[opts.nbits_kernel]
-            model = linear_model(K, N, lowering, copies=opts.copies, dtype=opts.dtype, seed=opts.seed)
+            model = linear_model(K, N, lowering, copies=opts.copies, dtype=opts.dtype, seed=opts.seed,
+                                 rotate=opts.rotate and lowering is not None, ep=opts.ep)
             for kernel in kernels if nbits else ["default"]:
                 row = {"K": K, "N": N, "lowering": spec, "kernel": kernel,
                        "what": "MatMul" if lowering is None else lowering.describe(),
@@ -222,6 +242,12 @@ def bench_linears(opts: LinearsOptions, progress=None) -> dict:
                     outs = session.run(None, {"x": xs[opts.ms[0]]})
                     if reference is None:
                         reference = outs
+                        if opts.rotate:  # what the rotated lowerings approximate
+                            rotated = linear_model(K, N, None, copies=opts.copies, dtype=opts.dtype, seed=opts.seed,
+                                                   rotate=True, ep=opts.ep)
+                            with saved(rotated) as rpath:
+                                rsession = make_session(rpath, opts.ep, strict_ep=opts.ep == "cuda")
+                            reference = rsession.run(None, {"x": xs[opts.ms[0]]})
                     top = max(float(np.abs(r.astype(np.float32)).max()) for r in reference)
                     row["error"] = max(float(np.abs(o.astype(np.float32) - r.astype(np.float32)).max())
                                        for o, r in zip(outs, reference)) / max(top, 1e-30)

@@ -1,0 +1,30 @@
+// Per-token quantization arithmetic shared by every kernel that quantizes activations (kernels.h: conventions).
+#pragma once
+
+#include <cuda_fp16.h>
+
+namespace onnxqf {
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, off));
+  return v;
+}
+
+// The row's floored fp16 amax and fp16 127/amax from the max of its fp16 magnitudes (an fp16 value: exact). The
+// floor is onnxqf's fp16 one (2^-9: 127/amax stays a finite fp16, FP16_AMAX_FLOOR in onnxqf/lowering/w8a8.py).
+__device__ __forceinline__ void row_scale(float absmax, __half* inv, float* amax) {
+  __half a = __float2half_rn(absmax);
+  const __half floor = __float2half_rn(0.001953125f);
+  if (__hlt(a, floor)) a = floor;
+  *inv = __hdiv(__float2half_rn(127.f), a);  // ONNX Runtime's fp16 Div
+  *amax = __half2float(a);
+}
+
+__device__ __forceinline__ int8_t code_of(__half x, __half inv) {
+  // fp16 product (correctly rounded, as ONNX Runtime's fp16 Mul), then round half to even
+  const float r = rintf(__half2float(__hmul(x, inv)));
+  return static_cast<int8_t>(fminf(fmaxf(r, -127.f), 127.f));
+}
+
+}  // namespace onnxqf

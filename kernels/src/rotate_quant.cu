@@ -1,0 +1,153 @@
+// Online rotation fused into the per-token quantization: each row x (K = a * b, viewed as X [a, b] row-major) becomes
+// y = x @ kron(A, B), i.e. Y = A^T X B, on the tensor cores (WMMA 16x16x16, fp16 in, fp32 accumulate), and fp16(Y) is
+// quantized as launch_quantize_rows quantizes x. The intermediate X B is rounded to fp16, as the standard-op graph
+// (one fp16 MatMul per Kronecker factor) rounds it. One block of 16 warps per row at a time, the blocks striding over
+// the rows; the row and its products live in shared memory as [a16, b16] (6 * a16 * b16 bytes, a16 and b16 = a and
+// b rounded up to 16, the padding zero); the factors are read from global memory (a few KB, cache-resident).
+#include <mma.h>
+
+#include <algorithm>
+
+#include "kernels.h"
+#include "quant_row.cuh"
+
+namespace onnxqf {
+namespace {
+
+namespace wmma = nvcuda::wmma;
+
+constexpr int kRotThreads = 512;  // 16 warps: at one token the row's tiles are spread over as many warps as is cheap
+constexpr int kRotWarps = kRotThreads / 32;
+
+using FragA = wmma::fragment<wmma::matrix_a, 16, 16, 16, __half, wmma::row_major>;
+using FragB = wmma::fragment<wmma::matrix_b, 16, 16, 16, __half, wmma::row_major>;
+using FragC = wmma::fragment<wmma::accumulator, 16, 16, 16, float>;
+
+// dst [rows16 x cols] (fp32, shared) = lhs [rows16 x inner] @ rhs [inner x cols]; every operand row-major, every
+// size a multiple of 16; the warps split the 16x16 output tiles.
+__device__ __forceinline__ void tile_gemm(const __half* lhs, int ld_lhs, const __half* rhs, int ld_rhs, float* dst,
+                                          int rows16, int cols, int inner) {
+  const int warp = threadIdx.x >> 5;
+  const int tiles_n = cols / 16;
+  const int tiles = (rows16 / 16) * tiles_n;
+  for (int t = warp; t < tiles; t += kRotWarps) {
+    const int ti = t / tiles_n, tj = t % tiles_n;
+    FragC c;
+    wmma::fill_fragment(c, 0.f);
+#pragma unroll 4
+    for (int k = 0; k < inner; k += 16) {  // unrolled: the next fragments' loads in flight during this product
+      FragA fa;
+      FragB fb;
+      wmma::load_matrix_sync(fa, lhs + static_cast<int64_t>(ti) * 16 * ld_lhs + k, ld_lhs);
+      wmma::load_matrix_sync(fb, rhs + static_cast<int64_t>(k) * ld_rhs + tj * 16, ld_rhs);
+      wmma::mma_sync(c, fa, fb, c);
+    }
+    wmma::store_matrix_sync(dst + static_cast<int64_t>(ti) * 16 * cols + tj * 16, c, cols, wmma::mem_row_major);
+  }
+}
+
+// fp32 products back to fp16 (the rounding of a standard fp16 MatMul's output).
+__device__ __forceinline__ void to_half(const float* src, __half* dst, int n) {
+  for (int e = threadIdx.x * 2; e < n; e += kRotThreads * 2)
+    *reinterpret_cast<__half2*>(dst + e) = __floats2half2_rn(src[e], src[e + 1]);
+}
+
+__global__ void __launch_bounds__(kRotThreads) rotate_quantize_kernel(const __half* __restrict__ x,
+                                                                     const __half* __restrict__ at,
+                                                                     const __half* __restrict__ bm,
+                                                                     int8_t* __restrict__ q,
+                                                                     float* __restrict__ amax_out, int64_t M,
+                                                                     int a, int b) {
+  extern __shared__ __align__(128) unsigned char rot_smem[];
+  const int a16 = (a + 15) / 16 * 16, b16 = (b + 15) / 16 * 16;
+  const int K = a * b, n16 = a16 * b16;
+  const int bc = b / 8;                                              // 16-byte chunks per row of X (b % 8 == 0)
+  __half* xs = reinterpret_cast<__half*>(rot_smem);                  // [a16, b16] fp16: the row, then X B
+  float* ts = reinterpret_cast<float*>(rot_smem + size_t(n16) * 2);  // [a16, b16] fp32 products
+  __shared__ float red[kRotWarps];
+  __shared__ __half inv_s;
+  const int tid = threadIdx.x;
+  for (int64_t row = blockIdx.x; row < M; row += gridDim.x) {
+    const uint4* xr = reinterpret_cast<const uint4*>(x + row * K);
+    for (int c = tid; c < n16 / 8; c += kRotThreads) {  // a 16-byte chunk of X, or of the zero padding
+      const int i = c / (b16 / 8), j = c % (b16 / 8);
+      reinterpret_cast<uint4*>(xs)[c] = (i < a && j < bc) ? __ldg(xr + i * bc + j) : make_uint4(0, 0, 0, 0);
+    }
+    __syncthreads();
+    if (bm) {  // X B (bm zero-padded to [b16, b16]: the padding columns stay zero)
+      tile_gemm(xs, b16, bm, b16, ts, a16, b16, b16);
+      __syncthreads();
+      to_half(ts, xs, n16);
+      __syncthreads();
+    }
+    if (at) {  // A^T (X B): at is A^T zero-padded to [a16, a16], so the padding rows stay zero
+      tile_gemm(at, a16, xs, b16, ts, a16, b16, a16);
+      __syncthreads();
+      to_half(ts, xs, n16);
+      __syncthreads();
+    }
+    float m = 0.f;  // the padding is zero: the max over [a16, b16] is the row's
+    for (int e = tid * 2; e < n16; e += kRotThreads * 2) {
+      const float2 f = __half22float2(__habs2(*reinterpret_cast<const __half2*>(xs + e)));
+      m = fmaxf(m, fmaxf(f.x, f.y));
+    }
+    m = warp_max(m);
+    if ((tid & 31) == 0) red[tid >> 5] = m;
+    __syncthreads();
+    if (tid < 32) {
+      float v = tid < kRotWarps ? red[tid] : 0.f;
+      v = warp_max(v);
+      if (tid == 0) row_scale(v, &inv_s, amax_out + row);
+    }
+    __syncthreads();
+    const __half inv = inv_s;
+    int8_t* qr = q + row * K;
+    for (int e = tid * 4; e < K; e += kRotThreads * 4) {  // b % 8 == 0: 4 codes lie in one row of X
+      const __half* v = xs + (e / b) * b16 + e % b;
+      char4 c;
+      c.x = code_of(v[0], inv);
+      c.y = code_of(v[1], inv);
+      c.z = code_of(v[2], inv);
+      c.w = code_of(v[3], inv);
+      *reinterpret_cast<char4*>(qr + e) = c;
+    }
+    __syncthreads();  // xs is overwritten by the next row
+  }
+}
+
+}  // namespace
+
+size_t rotate_quantize_smem(int64_t K, int64_t b) {
+  if (b <= 0 || K % b != 0) return 0;
+  const int64_t a16 = (K / b + 15) / 16 * 16, b16 = (b + 15) / 16 * 16;
+  return static_cast<size_t>(a16 * b16 * 6);
+}
+
+bool rotate_quantize_supported(int64_t K, int64_t b) {
+  return b > 0 && b % 8 == 0 && K % b == 0 && rotate_quantize_smem(K, b) <= kRotateMaxSmem;
+}
+
+cudaError_t launch_rotate_quantize_rows(const __half* x, const __half* at, const __half* bm, int8_t* q, float* amax,
+                                        int64_t M, int64_t K, int64_t b, int sm_count, cudaStream_t stream) {
+  if (M <= 0) return cudaSuccess;
+  if (!rotate_quantize_supported(K, b) || reinterpret_cast<uintptr_t>(x) % 16 != 0 ||
+      reinterpret_cast<uintptr_t>(q) % 4 != 0 || reinterpret_cast<uintptr_t>(at) % 32 != 0 ||
+      reinterpret_cast<uintptr_t>(bm) % 32 != 0)
+    return cudaErrorInvalidValue;
+  const size_t smem = rotate_quantize_smem(K, b);
+  static bool opted_in = false;  // once per process: the kernel may use up to kRotateMaxSmem of shared memory
+  if (!opted_in) {
+    cudaError_t e = cudaFuncSetAttribute(rotate_quantize_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         static_cast<int>(kRotateMaxSmem));
+    if (e != cudaSuccess) return e;
+    opted_in = true;
+  }
+  int per_sm = 1;
+  cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, rotate_quantize_kernel, kRotThreads, smem);
+  const int64_t blocks = std::min<int64_t>(M, static_cast<int64_t>(std::max(1, sm_count)) * std::max(1, per_sm));
+  rotate_quantize_kernel<<<static_cast<unsigned>(blocks), kRotThreads, smem, stream>>>(
+      x, at, bm, q, amax, M, static_cast<int>(K / b), static_cast<int>(b));
+  return cudaGetLastError();
+}
+
+}  // namespace onnxqf
