@@ -252,6 +252,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "nodes, see `onnxqf check`) or both (each such model twice). On an H200 they made int4 decode "
                         "1.3x faster than the default kernels at --batch 16, no faster at batch 1, and prefill 1.6x "
                         "slower (docs/benchmarks.md, section f)")
+    b.add_argument("--op-times", action="store_true",
+                   help="--ep cpu: also profile each model (ONNX Runtime's profiler, a second session) and print its "
+                        "kernel time per operator type, per prefill and per decode token: where the time goes")
     b.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     b.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     lin = b.add_argument_group("one linear at a time (no MODEL): graphs of --copies linears x @ W, lowered by "
@@ -585,7 +588,7 @@ def cmd_bench(args) -> int:
     opts = BenchOptions(ep=args.ep, batch=args.batch, seq=args.seq, past=parse_past(args.past),
                         decode_tokens=args.decode_tokens, repeats=args.repeats, warmup=args.warmup,
                         cuda_graph=args.cuda_graph, progress=not (args.quiet or args.json),
-                        nbits_kernel=args.nbits_kernel)
+                        nbits_kernel=args.nbits_kernel, op_times=args.op_times)
     result = run_bench(args.models, opts, ref=args.ref)
     print(json.dumps(result) if args.json else format_table(result))
     return 0

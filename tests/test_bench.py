@@ -447,3 +447,39 @@ def test_cpu_threads_and_isa(tmp_path, capsys):
                "--warmup", "0", "-q"])
     table = capsys.readouterr().out
     assert rc == 0 and f"CPU: {cpu['intra_op_threads']} intra-op threads" in table and f"ISA {cpu['isa']}" in table
+
+
+def test_op_times_rules():
+    """Runs are model_run events; the first is skipped; only *_kernel_time node events after it count."""
+    from onnxqf.runtime.bench import op_times
+
+    def run(ts, dur):
+        return {"cat": "Session", "name": "model_run", "ts": ts, "dur": dur}
+
+    def node(ts, op, us, suffix="_kernel_time"):
+        return {"cat": "Node", "name": f"n{ts}{suffix}", "ts": ts, "dur": us, "args": {"op_name": op}}
+
+    events = [run(0, 100), node(10, "MatMul", 90_000),  # the warm-up run: left out
+              run(200, 50), node(210, "MatMul", 3_000), node(220, "Add", 1_000),
+              node(230, "MatMul", 7, "_fence_before"),
+              run(300, 50), node(310, "MatMul", 5_000), node(320, "Add", 1_000),
+              {"cat": "Session", "name": "session_initialization", "ts": 0, "dur": 5}]
+    t = op_times(events)
+    assert list(t) == ["MatMul", "Add"] and t == pytest.approx({"MatMul": 4.0, "Add": 1.0})
+    assert op_times(events, skip=0)["MatMul"] == pytest.approx(98 / 3)
+    with pytest.raises(ValueError, match="3 runs"):
+        op_times(events, skip=3)
+
+
+def test_bench_op_times_on_the_cpu(tmp_path, capsys):
+    """--op-times profiles each model: per prefill and per decode token, the graph's operator types."""
+    kv = kv_graph(tmp_path / "kv.onnx")
+    r = run_bench([str(kv)], BenchOptions(ep="cpu", batch=1, seq=4, past=(3,), decode_tokens=2, repeats=1, warmup=0,
+                                          progress=False, op_times=True))
+    t = r["models"][0]["op_times"]
+    ops = {n.op_type for n in onnx.load(str(kv)).graph.node}  # ONNX Runtime's fusions may rename a few
+    assert "Gather" in t["prefill"] and "Gather" in t["decode"] and t["decode_past"] == 3
+    assert len(set(t["prefill"]) & ops) >= len(t["prefill"]) - 2
+    assert sum(t["prefill"].values()) > 0 and "op times: prefill" in format_table(r)
+    rc = main(["bench", str(kv), "--ep", "cuda", "--op-times", "-q"])
+    assert rc in (2, 3)  # no CUDA here (3), or refused: --op-times is CPU only (2)

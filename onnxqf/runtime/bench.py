@@ -25,6 +25,11 @@ sessions ran with (their ``intra_op_num_threads``; 0 means ONNX Runtime's defaul
 the best instruction set of the CPU that ONNX Runtime's kernels dispatch on (AMX, AVX512-VNNI, AVX-512,
 AVX-VNNI, AVX2; from /proc/cpuinfo's flags, "unknown" where there is none): int8 speed depends on both.
 
+**Where the time goes** (``op_times``, ``--op-times``, CPU only): after a model's measurements, a second
+session with ONNX Runtime's profiler runs ``OP_TIME_RUNS`` prefills and one decode loop at the first past; the
+kernel time of its nodes is summed per operator type (:func:`op_times`) and given per prefill and per decode
+token. On CUDA the profiler times a node's launch, not its kernel, so it is refused there.
+
 **MatMulNBits kernels.** ONNX Runtime's CUDA provider has two sets: its default ones and TensorRT-LLM's
 CUTLASS weight-only GEMM/GEMV ("fpA_intB"), which it uses for the nodes they cover when
 ``ORT_FPA_INTB_GEMM`` is set as a session is made. ``nbits_kernel`` picks them per run ("both": each
@@ -47,7 +52,7 @@ from onnxqf.graph.graphio import PAST_RE, GraphIO
 
 __all__ = ["DEVICE", "ISA_TIERS", "NBITS_KERNELS", "BenchModel", "BenchOptions", "check_provider", "cpu_info",
            "cpu_isa", "describe", "format_table", "kernel_runs", "measure_decode", "measure_decode_step_graph",
-           "measure_prefill", "parse_past", "physical_cores", "run_bench"]
+           "measure_prefill", "op_times", "parse_past", "physical_cores", "run_bench"]
 
 DEVICE = {"cpu": "cpu", "cuda": "cuda"}
 DRIVES = "bench drives input_ids, attention_mask, position_ids and past_key_values.N.key|value"
@@ -292,6 +297,7 @@ class BenchOptions:
     cuda_graph: bool = False  # also decode steps replayed as CUDA graphs (measure_decode_step_graph)
     progress: bool = True
     nbits_kernel: str = "default"  # MatMulNBits kernels: "default", "fpa-intb" (CUTLASS, ORT_FPA_INTB_GEMM=1) or "both"
+    op_times: bool = False  # also profile: kernel time per operator type (CPU only)
 
 
 NBITS_KERNELS = ("default", "fpa-intb", "both")
@@ -353,10 +359,13 @@ def run_bench(models: list[str], opts: BenchOptions, ref: str | None = None) -> 
     runs = kernel_runs(described, opts.nbits_kernel)
     if opts.nbits_kernel != "default" and opts.ep != "cuda":
         raise OnnxqfError("--nbits-kernel fpa-intb|both selects CUDA kernels of MatMulNBits: it needs --ep cuda")
+    if opts.op_times and opts.ep != "cpu":
+        raise OnnxqfError("--op-times needs --ep cpu: on CUDA ONNX Runtime's profiler times each node's launch, "
+                          "not its kernel")
     device = DEVICE[opts.ep]
     pasts = list(opts.past) if opts.decode_tokens > 0 else []
     per_cache = len(pasts) * (2 if opts.cuda_graph else 1)
-    total = sum(2 + (per_cache if described[i].has_cache else 0) for i, _ in runs)
+    total = sum(2 + (per_cache if described[i].has_cache else 0) + opts.op_times for i, _ in runs)
     rt = ort()
     result = {"ep": opts.ep, "provider": provider, "onnxruntime": rt.__version__, "batch": opts.batch, "seq": opts.seq,
               "past": pasts, "decode_tokens": opts.decode_tokens, "repeats": opts.repeats, "warmup": opts.warmup,
@@ -490,7 +499,67 @@ def _bench_one(path, model: BenchModel, name: str, reference: bool, opts: BenchO
         row["decode_note"] = "n/a (no KV cache)"
     session = None  # one session in memory at a time
     gc.collect()
+    if opts.op_times:
+        bar.set_description(f"{name}: profiling")
+        row["op_times"] = _guard(name, "profiling", lambda: _profile(io, opts, device, pasts))
+        bar.update(1)
     return row
+
+
+#: prefills the profiling session runs after its untimed first one; their kernel times are averaged
+OP_TIME_RUNS = 3
+
+
+def op_times(events: list[dict], skip: int = 1) -> dict[str, float]:
+    """Milliseconds per run by operator type, largest first, from ONNX Runtime profile ``events`` (its JSON).
+
+    Rules: a run is a ``model_run`` event (``cat`` "Session"); the first ``skip`` runs (warm-up: allocations,
+    first-touch of the weights) are left out and the rest averaged; only node events count (``cat`` "Node", a
+    name ending "_kernel_time": the kernel's own time, not the "_fence_before/after" events) whose start falls
+    after the skipped runs' end; ``dur`` is in microseconds; the operator type is ``args.op_name``. A profile
+    with no more than ``skip`` runs: ValueError."""
+    runs = sorted((e for e in events if e.get("cat") == "Session" and e.get("name") == "model_run"),
+                  key=lambda e: e["ts"])
+    if len(runs) <= skip:
+        raise ValueError(f"the profile holds {len(runs)} runs; {skip} are skipped")
+    after = runs[skip - 1]["ts"] + runs[skip - 1]["dur"] if skip else float("-inf")
+    total: dict[str, float] = {}
+    for e in events:
+        if e.get("cat") != "Node" or not str(e.get("name", "")).endswith("_kernel_time") or e.get("ts", 0) < after:
+            continue
+        op = (e.get("args") or {}).get("op_name", "?")
+        total[op] = total.get(op, 0.0) + float(e.get("dur", 0)) / 1e3
+    n = len(runs) - skip
+    return {op: ms / n for op, ms in sorted(total.items(), key=lambda kv: -kv[1])}
+
+
+def _profile(io: GraphIO, opts: BenchOptions, device: str, pasts: list[int]) -> dict:
+    """Kernel ms per operator type: per prefill of ``batch x seq`` and per decode token at ``pasts[0]`` (a loop of
+    ``decode_tokens`` steps after a first one)."""
+    import json
+    import tempfile
+
+    from onnxqf.runtime.session import make_session
+
+    out: dict = {}
+    with tempfile.TemporaryDirectory(prefix="onnxqf-profile-") as tmp:
+        phases = ["prefill"] + (["decode"] if io.has_cache and pasts and opts.decode_tokens > 0 else [])
+        for phase in phases:
+            session = make_session(io.path, ep=opts.ep, profile=os.path.join(tmp, phase))
+            if phase == "prefill":
+                measure_prefill(session, io, device=device, batch=opts.batch, seq=opts.seq, warmup=1,
+                                repeats=OP_TIME_RUNS)
+            else:  # one step first (the skipped run), then the loop: each step is one run
+                measure_decode(session, io, device=device, batch=opts.batch, past=pasts[0], tokens=1, warmup=0,
+                               repeats=1)
+                measure_decode(session, io, device=device, batch=opts.batch, past=pasts[0],
+                               tokens=opts.decode_tokens, warmup=0, repeats=1)
+            events = json.loads(Path(session.end_profiling()).read_text())
+            session = None
+            gc.collect()
+            out[phase] = op_times(events)
+    out["decode_past"] = pasts[0] if "decode" in out else None
+    return out
 
 
 def _guard(name: str, what: str, fn):
@@ -560,6 +629,8 @@ def format_table(result: dict) -> str:
                  f"{result['repeats']} runs after {result['warmup']} warm-up; decode: {result['decode_tokens']} "
                  "tokens per run; ×ref > 1 is faster")
     for row in result["models"]:
+        if row.get("op_times"):
+            lines.append(_op_time_line(row))
         if row.get("decode_graph_note"):
             lines.append(f"{row['name']}: no CUDA-graph step: {row['decode_graph_note']}")
         if row.get("nbits_kernel") == "fpa-intb":
@@ -567,6 +638,19 @@ def format_table(result: dict) -> str:
             lines.append(f"{row['name']}: ONNX Runtime's CUTLASS weight-only kernels (ORT_FPA_INTB_GEMM=1) for "
                          f"{nb['fpa_intb']} of its {nb['nodes']} MatMulNBits nodes")
     return "\n".join(lines)
+
+
+def _op_time_line(row: dict, top: int = 6) -> str:
+    """``name: prefill 12.3 ms of kernels: MatMul 60% (7.4), ...; decode token ...``: the largest operator types."""
+    parts = []
+    for phase, unit in (("prefill", "prefill"), ("decode", "decode token")):
+        t = row["op_times"].get(phase)
+        if not t:
+            continue
+        total = sum(t.values())
+        ops = ", ".join(f"{op} {100 * ms / total:.0f}% ({_num(ms)})" for op, ms in list(t.items())[:top])
+        parts.append(f"{unit} {_num(total)} ms of kernels: {ops}")
+    return f"{row['name']} op times: " + "; ".join(parts)
 
 
 def _rate_cells(d: dict, speedup: float | None) -> list[str]:
