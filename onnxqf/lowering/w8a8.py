@@ -282,11 +282,12 @@ class Uint8TokenQL(Uint8Token):
     def quantize_activation(self, tape, graph, x, dtype, base):
         amax, qmax = token_amax(tape, graph, x, dtype, base)
         step = tape.op("Div", [amax, qmax], name=f"{base}/step")
-        # a zero point of the scale's shape (the op wants one per block): 128 for every token
-        zp = tape.op("Cast", [tape.op("Add", [tape.op("Mul", [step, edit.add_initializer(
-            graph, f"{base}/zero", np.array(0.0, dtype.numpy()))], name=f"{base}/zeros"), edit.add_initializer(
-            graph, f"{base}/offset", np.array(128.0, dtype.numpy()))], name=f"{base}/zp_f")], {"to": ir.DataType.UINT8},
-            name=f"{base}/zp")
+        # a zero point of the scale's shape (the op wants one per block): 128 for every token, in one node: the
+        # step quantized per tensor with the dtype's largest scale (step / max < 1/2 rounds to 0) and zero point 128
+        huge = edit.add_initializer(graph, f"{base}/huge", np.array(np.finfo(dtype.numpy()).max, dtype.numpy()))
+        offset = edit.add_initializer(graph, f"{base}/offset", np.array(128, np.uint8))
+        zp = tape.op("QuantizeLinear", [step, huge, offset], name=f"{base}/zp")
+        zp.type = ir.TensorType(ir.DataType.UINT8)
         k = x.shape[-1] if x.shape is not None and isinstance(x.shape[-1], int) else None
         if k is None:
             raise UnsupportedGraphError(f"{base}: uint8-token-ql needs a static hidden size "
