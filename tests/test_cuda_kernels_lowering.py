@@ -95,6 +95,29 @@ def test_kernel_rotation_layout_computes_the_kronecker_rotation():
     assert kernel_rotation([(4096, None), (16, dense)], 4096 * 16) is None  # a row larger than the op's shared memory
 
 
+def test_kernel_rotation_balances_a_kronecker_factor():
+    """An outer factor that is itself a Kronecker product (a Sylvester Hadamard: kron(H256, H16) = kron(H64, H64)) is
+    split so the op's two factors are balanced: the same rotation for half the work; a factor that does not split
+    (a random orthogonal one) stays as it is."""
+    from onnxqf.lowering.cuda_kernels import kernel_rotation, kron_split
+    from onnxqf.maths.hadamard import random_orthogonal
+
+    h2 = np.array([[1.0, 1.0], [1.0, -1.0]]) / np.sqrt(2)
+    h16 = np.ones((1, 1))
+    for _ in range(4):
+        h16 = np.kron(h16, h2)
+    h256 = np.kron(h16, h16)
+    groups = [(256, h256), (16, h16)]
+    rot = kernel_rotation(groups, 4096)
+    assert rot.block == 64 and rot.at.shape == (64, 64) and rot.b.shape == (64, 64)
+    x = np.random.default_rng(1).standard_normal((3, 4096))
+    np.testing.assert_allclose(rot.apply(x), x @ _kron(groups, 4096), atol=1e-12)
+    assert (np.abs(rot.at.astype(np.float16)) == 0.125).all()  # the fp16 factors the op gets: exactly +-1/8
+    q = random_orthogonal(64, 3)
+    assert kron_split(q, 8) is None and kron_split(np.kron(q[:8, :8], h16), 16) is not None
+    assert kernel_rotation([(64, q), (16, None)], 1024).block == 16  # nothing to split: as given
+
+
 def _op_reference(node, x):
     """numpy: what onnxqf.W8A8Linear computes (kernels.h; the rotation in fp32 with fp16 results, as the op)."""
     vals = [None if v is None else v.const_value.numpy() for v in node.inputs[1:]]
