@@ -254,7 +254,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "slower (docs/benchmarks.md, section f)")
     b.add_argument("--op-times", action="store_true",
                    help="--ep cpu: also profile each model (ONNX Runtime's profiler, a second session) and print its "
-                        "kernel time per operator type, per prefill and per decode token: where the time goes")
+                        "kernel time per operator type, per prefill and per decode token: where the time goes (the "
+                        "profiler adds a few microseconds per node: compare the shares, not the totals with the table)")
     b.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     b.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     lin = b.add_argument_group("one linear at a time (no MODEL): graphs of --copies linears x @ W, lowered by "

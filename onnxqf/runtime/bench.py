@@ -28,7 +28,8 @@ AVX-VNNI, AVX2; from /proc/cpuinfo's flags, "unknown" where there is none): int8
 **Where the time goes** (``op_times``, ``--op-times``, CPU only): after a model's measurements, a second
 session with ONNX Runtime's profiler runs ``OP_TIME_RUNS`` prefills and one decode loop at the first past; the
 kernel time of its nodes is summed per operator type (:func:`op_times`) and given per prefill and per decode
-token. On CUDA the profiler times a node's launch, not its kernel, so it is refused there.
+token. The profiler adds a few microseconds per node, so on small graphs the totals exceed the table's times: the
+shares are what to read. On CUDA the profiler times a node's launch, not its kernel, so it is refused there.
 
 **MatMulNBits kernels.** ONNX Runtime's CUDA provider has two sets: its default ones and TensorRT-LLM's
 CUTLASS weight-only GEMM/GEMV ("fpA_intB"), which it uses for the nodes they cover when
