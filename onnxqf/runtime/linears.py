@@ -151,6 +151,11 @@ def linear_model(K: int, N: int, lowering: lowering_base.Lowering | None, *, cop
     x = graph.inputs[0]
     rng = np.random.default_rng(seed)
     linears = []
+    if rotate:  # one construction for every copy, checked before anything is built
+        factors = hadamard_factors(K)
+        if factors is None:
+            raise OnnxqfError(f"--rotated: no Hadamard construction of order K = {K}")
+        online = get_target(ep).online.kwargs()
     for i in range(copies):
         w = (rng.standard_normal((K, N), dtype=np.float32) * 0.02).astype(dt.numpy())
         weight = ir.Value(name=f"linear{i}.weight", shape=ir.Shape([K, N]), type=ir.TensorType(dt),
@@ -167,10 +172,7 @@ def linear_model(K: int, N: int, lowering: lowering_base.Lowering | None, *, cop
         y.name, y.shape, y.type = f"y{i}", ir.Shape(["M", N]), ir.TensorType(dt)
         graph.append(node)
         if rotate:
-            factors = hadamard_factors(K)
-            if factors is None:
-                raise OnnxqfError(f"--rotate: no Hadamard construction of order K = {K}")
-            edit.rotate_value_online(graph, xi, factors, dt, f"linear{i}/hadamard", **get_target(ep).online.kwargs())
+            edit.rotate_value_online(graph, xi, factors, dt, f"linear{i}/hadamard", **online)
         graph.outputs.append(y)
         linears.append(Linear(node, weight, role=f"linear{i}"))
     if lowering is not None:
