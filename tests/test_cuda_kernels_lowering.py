@@ -9,7 +9,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from onnxqf.lowering.cuda_kernels import DOMAIN, OP, OnnxqfCudaW8A8, emit_w8a8_kernel
+from onnxqf.lowering.cuda_kernels import DOMAIN, OP, OnnxqfCudaW8A8, emit_w8a8_kernel, walsh_matrix
 
 
 def test_emit_node_and_initializers():
@@ -95,6 +95,33 @@ def test_kernel_rotation_layout_computes_the_kronecker_rotation():
     assert kernel_rotation([(4096, None), (16, dense)], 4096 * 16) is None  # a row larger than the op's shared memory
 
 
+def test_kernel_rotation_runs_walsh_hadamard_factors_as_transforms():
+    """A factor that is Sylvester's normalised Hadamard matrix goes to the op as a Walsh flag, not a matrix (the op
+    runs it as a fast transform); a factor found with the opposite sign trades it with the other factor; dense
+    factors stay matrices. The op's form rotates as ``x @ kron(A, B)`` in every case."""
+    from onnxqf.lowering.cuda_kernels import kernel_rotation, walsh_sign
+    from onnxqf.maths.hadamard import random_orthogonal
+
+    h32, h4, h16 = walsh_matrix(32), walsh_matrix(4), walsh_matrix(16)
+    assert walsh_sign(h32) == 1 and walsh_sign(-h4) == -1 and walsh_sign(random_orthogonal(8, 0)) == 0
+    assert walsh_sign(None) == 0 and walsh_sign(np.eye(3)) == 0
+    assert walsh_sign(h32.astype(np.float16).astype(np.float64)) == 1  # a float16 model's factor, read back
+    rng = np.random.default_rng(3)
+    cases = {  # groups -> (walsh flags, A^T given, B given)
+        "head mixing: 32 heads x 128": ([(32, h32), (128, None)], (2, False, False)),
+        "d_ff: a dense Hadamard over a Walsh 32": ([(12, random_orthogonal(12, 1)), (32, h32)], (1, True, False)),
+        "-H x H: the sign moves to B": ([(4, -h4), (16, h16)], (2, False, True)),
+        "-H x -H": ([(4, -h4), (16, -h16)], (3, False, False)),
+        "dense x dense": ([(4, random_orthogonal(4, 5)), (16, random_orthogonal(16, 6))], (0, True, True)),
+    }
+    for what, (groups, (walsh, has_at, has_b)) in cases.items():
+        K = int(np.prod([s for s, _ in groups]))
+        rot = kernel_rotation(groups, K)
+        assert (rot.walsh, rot.at is not None, rot.b is not None) == (walsh, has_at, has_b), what
+        x = rng.standard_normal((3, K))
+        np.testing.assert_allclose(rot.apply(x), x @ _kron(groups, K), atol=1e-12, err_msg=what)
+
+
 def test_kernel_rotation_balances_a_kronecker_factor():
     """An outer factor that is itself a Kronecker product (a Sylvester Hadamard: kron(H256, H16) = kron(H64, H64)) is
     split so the op's two factors are balanced: the same rotation for half the work; a factor that does not split
@@ -109,10 +136,14 @@ def test_kernel_rotation_balances_a_kronecker_factor():
     h256 = np.kron(h16, h16)
     groups = [(256, h256), (16, h16)]
     rot = kernel_rotation(groups, 4096)
-    assert rot.block == 64 and rot.at.shape == (64, 64) and rot.b.shape == (64, 64)
+    assert rot.block == 64 and rot.walsh == 3 and rot.at is None and rot.b is None  # both factors H64 / 8
     x = np.random.default_rng(1).standard_normal((3, 4096))
     np.testing.assert_allclose(rot.apply(x), x @ _kron(groups, 4096), atol=1e-12)
-    assert (np.abs(rot.at.astype(np.float16)) == 0.125).all()  # the fp16 factors the op gets: exactly +-1/8
+    q4 = random_orthogonal(4, 2)
+    groups = [(256, np.kron(q4, np.kron(h16, np.kron(h2, h2)))), (16, h16)]
+    rot = kernel_rotation(groups, 4096)  # a dense 4 inside the outer factor: 64 (dense) x 64 (Walsh)
+    assert rot.block == 64 and rot.walsh == 1 and rot.at.shape == (64, 64) and rot.b is None
+    np.testing.assert_allclose(rot.apply(x), x @ _kron(groups, 4096), atol=1e-12)
     q = random_orthogonal(64, 3)
     assert kron_split(q, 8) is None and kron_split(np.kron(q[:8, :8], h16), 16) is not None
     assert kernel_rotation([(64, q), (16, None)], 1024).block == 16  # nothing to split: as given
@@ -125,16 +156,21 @@ def _op_reference(node, x):
     ra = vals[3] if len(vals) > 3 else None
     rb = vals[4] if len(vals) > 4 else None
     block = node.attributes["rotation_block"].value if "rotation_block" in node.attributes else 0
+    walsh = node.attributes["rotation_walsh"].value if "rotation_walsh" in node.attributes else 0
     K = x.shape[-1]
     x = x.astype(np.float16)
     if block:
-        X = x.reshape(-1, K // block, block)
+        a = K // block
+        X = x.reshape(-1, a, block).astype(np.float32)
         if rb is not None:
-            X = (X.astype(np.float32) @ rb[:block, :block].astype(np.float32)).astype(np.float16)
-        if ra is not None:
-            a = K // block
-            X = np.einsum("pi,rib->rpb", ra[:a, :a].astype(np.float32), X.astype(np.float32)).astype(np.float16)
-        x = X.reshape(-1, K)
+            X = X @ rb[:block, :block].astype(np.float32)
+        elif walsh & 1:
+            X = X @ walsh_matrix(block).astype(np.float32)
+        if ra is not None:  # a dense factor reads the fp16-rounded row
+            X = np.einsum("pi,rib->rpb", ra[:a, :a].astype(np.float32), X.astype(np.float16).astype(np.float32))
+        elif walsh & 2:
+            X = np.einsum("pi,rib->rpb", walsh_matrix(a).astype(np.float32), X)
+        x = X.astype(np.float16).reshape(-1, K)
     amax = np.maximum(np.abs(x).max(axis=-1, keepdims=True), np.float16(2.0 ** -9)).astype(np.float16)
     inv = (np.float16(127.0) / amax).astype(np.float16)
     codes = np.clip(np.rint((x * inv).astype(np.float16).astype(np.float32)), -127, 127)

@@ -35,16 +35,20 @@ cudaError_t launch_w8a8_fused_gemv(const __half* x, const int8_t* w, const float
                                    __half* y, int64_t M, int64_t N, int64_t K, cudaStream_t stream);
 
 // Online rotation fused into the quantization: each row x [K] (viewed as X [a, b], a = K / b) becomes
-// fp16(x @ kron(A, B)) = fp16(A^T fp16(X B)) (fp32 accumulation), then is quantized as launch_quantize_rows does.
-//   at  fp16 [a16, a16]: A^T zero-padded to a16 = a rounded up to 16; nullptr: A = I
-//   bm  fp16 [b16, b16]: B zero-padded to b16 = b rounded up to 16; nullptr: B = I
-// Requires rotate_quantize_supported(K, b) (b % 8 == 0, 6 * a16 * b16 <= kRotateMaxSmem bytes) and 32-byte aligned
-// factors. sm_count: the GPU's multiprocessors (the grid strides over the rows).
+// fp16(x @ kron(A, B)) = fp16(A^T (X B)), then is quantized as launch_quantize_rows does. Each factor is dense, the
+// identity, or (walsh) the normalised Walsh-Hadamard matrix of Sylvester's construction, H_n / sqrt(n):
+//   at    fp16 [a16, a16]: A^T zero-padded to a16 = a rounded up to 16; nullptr: A = I (or Walsh, below)
+//   bm    fp16 [b16, b16]: B zero-padded to b16 = b rounded up to 16; nullptr: B = I (or Walsh)
+//   walsh bit 0: B = H_b / sqrt(b) (bm must be nullptr, b a power of two); bit 1: A = H_a / sqrt(a) (at nullptr)
+// A dense factor is a tensor-core product (fp32 sums) on the fp16-rounded row; a Walsh factor a fast transform in
+// fp32. Requires rotate_quantize_supported(K, b) (b % 8 == 0, 6 * a16 * b16 <= kRotateMaxSmem bytes), some factor
+// not the identity, and 32-byte aligned factors. sm_count: the GPU's multiprocessors (the grid strides over the rows).
 constexpr size_t kRotateMaxSmem = 200 * 1024;
 size_t rotate_quantize_smem(int64_t K, int64_t b);
 bool rotate_quantize_supported(int64_t K, int64_t b);
-cudaError_t launch_rotate_quantize_rows(const __half* x, const __half* at, const __half* bm, int8_t* q, float* amax,
-                                        int64_t M, int64_t K, int64_t b, int sm_count, cudaStream_t stream);
+cudaError_t launch_rotate_quantize_rows(const __half* x, const __half* at, const __half* bm, int walsh, int8_t* q,
+                                        float* amax, int64_t M, int64_t K, int64_t b, int sm_count,
+                                        cudaStream_t stream);
 
 // Any shape, slow: one warp per output element. For shapes the fast paths cannot take.
 cudaError_t launch_w8a8_naive(const int8_t* q, const float* amax, const int8_t* w, const float* wscale,

@@ -9,6 +9,8 @@
 //              RB     float16 [b16, b16] (optional: B zero-padded to b16 = b rounded up to 16; absent: B = I)
 //     attribute: rotation_block (int, default 0): b; when > 0, X is first rotated online, X <- X @ kron(A, B)
 //                (a = K / b), inside the quantization (kernels.h: launch_rotate_quantize_rows)
+//     attribute: rotation_walsh (int, default 0): bit 0: B = H_b / sqrt(b), bit 1: A = H_a / sqrt(a) (Sylvester's
+//                Walsh-Hadamard matrix, run as a fast transform; that factor's input RB / RA absent)
 //     output:  Y      float16 [..., N]
 //   Y = per-token int8 quantization of X (kernels.h), int8 GEMM, dequantization fused (fp16 out).
 //
@@ -104,6 +106,7 @@ struct W8A8LinearKernel {
   int force_tile = -1;
   int sm_count = 1;
   int64_t rotation_block = 0;
+  int rotation_walsh = 0;
 
   OrtStatusPtr ComputeV2(OrtKernelContext* context) {
     try {
@@ -162,7 +165,13 @@ struct W8A8LinearKernel {
           return fail("onnxqf.W8A8Linear: RB must be [" + std::to_string(b16) + ", " + std::to_string(b16) + "]");
         rot_b = reinterpret_cast<const __half*>(RB.GetTensorRawData());
       }
-      if (!rot_a && !rot_b) return fail("onnxqf.W8A8Linear: rotation_block is set but neither RA nor RB is given");
+      const auto pow2 = [](int64_t n) { return n > 0 && (n & (n - 1)) == 0; };
+      if ((rotation_walsh & 1) && (rot_b || !pow2(b)))
+        return fail("onnxqf.W8A8Linear: rotation_walsh bit 0 needs no RB and a power-of-two rotation_block");
+      if ((rotation_walsh & 2) && (rot_a || !pow2(K / b)))
+        return fail("onnxqf.W8A8Linear: rotation_walsh bit 1 needs no RA and a power-of-two K / rotation_block");
+      if (!rot_a && !rot_b && !rotation_walsh)
+        return fail("onnxqf.W8A8Linear: rotation_block is set but neither RA, RB nor rotation_walsh is given");
     }
     std::vector<int64_t> ys = xs;
     ys.back() = N;
@@ -182,7 +191,7 @@ struct W8A8LinearKernel {
                          reinterpret_cast<uintptr_t>(y) % 16 == 0 && reinterpret_cast<uintptr_t>(ws) % 16 == 0 &&
                          (!bias || reinterpret_cast<uintptr_t>(bias) % 16 == 0);
     // small M in one launch, no scratch: quantization into shared memory + GEMV
-    const bool rotate = rot_a || rot_b;
+    const bool rotate = rotation_block > 0;
     if (!rotate && M <= gemv_max_m && onnxqf::w8a8_fused_gemv_supported(x, w, M, K)) {
       cudaError_t e = onnxqf::launch_w8a8_fused_gemv(x, w, ws, bias, y, M, N, K, stream);
       if (e != cudaSuccess) return fail(std::string("onnxqf.W8A8Linear: CUDA error: ") + cudaGetErrorString(e));
@@ -203,7 +212,8 @@ struct W8A8LinearKernel {
     auto* amax = reinterpret_cast<float*>(static_cast<char*>(scratch) + q_bytes);
     void* workspace = ws_bytes ? static_cast<char*>(scratch) + q_bytes + a_bytes : nullptr;
 
-    e = rotate ? onnxqf::launch_rotate_quantize_rows(x, rot_a, rot_b, q, amax, M, K, rotation_block, sm_count, stream)
+    e = rotate ? onnxqf::launch_rotate_quantize_rows(x, rot_a, rot_b, rotation_walsh, q, amax, M, K, rotation_block,
+                                                        sm_count, stream)
                : onnxqf::launch_quantize_rows(x, q, amax, M, K, stream);
     if (e == cudaSuccess) {
       if (path == 2) {
@@ -235,9 +245,18 @@ struct W8A8LinearOp : Ort::CustomOpBase<W8A8LinearOp, W8A8LinearKernel, true> {
       rotation_block = 0;  // no such attribute: no rotation
     }
     if (rotation_block < 0) return fail("onnxqf.W8A8Linear: rotation_block must be >= 0");
+    int64_t rotation_walsh = 0;
+    try {
+      rotation_walsh = Ort::ConstKernelInfo(info).GetAttribute<int64_t>("rotation_walsh");
+    } catch (const Ort::Exception&) {
+      rotation_walsh = 0;
+    }
+    if (rotation_walsh < 0 || rotation_walsh > 3 || (rotation_walsh && rotation_block == 0))
+      return fail("onnxqf.W8A8Linear: rotation_walsh must be 0..3, and set only with rotation_block");
     auto* k = new W8A8LinearKernel();
     k->device = dev;
     k->rotation_block = rotation_block;
+    k->rotation_walsh = static_cast<int>(rotation_walsh);
     cudaDeviceGetAttribute(&k->sm_count, cudaDevAttrMultiProcessorCount, dev);
     k->gemv_max_m = env_int("ONNXQF_GEMV_MAX_M", 4);
     k->force_tile = env_int("ONNXQF_GEMM_TILE", -1);

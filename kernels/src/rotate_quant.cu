@@ -1,9 +1,11 @@
 // Online rotation fused into the per-token quantization: each row x (K = a * b, viewed as X [a, b] row-major) becomes
-// y = x @ kron(A, B), i.e. Y = A^T X B, on the tensor cores (WMMA 16x16x16, fp16 in, fp32 accumulate), and fp16(Y) is
-// quantized as launch_quantize_rows quantizes x. The intermediate X B is rounded to fp16, as the standard-op graph
-// (one fp16 MatMul per Kronecker factor) rounds it. One block of 16 warps per row at a time, the blocks striding over
-// the rows; the row and its products live in shared memory as [a16, b16] (6 * a16 * b16 bytes, a16 and b16 = a and
-// b rounded up to 16, the padding zero); the factors are read from global memory (a few KB, cache-resident).
+// y = x @ kron(A, B), i.e. Y = A^T X B, and fp16(Y) is quantized as launch_quantize_rows quantizes x. Each factor is
+// either dense, a product on the tensor cores (WMMA 16x16x16, fp16 in, fp32 accumulate; the row rounded to fp16
+// before it, as the standard-op graph's fp16 MatMul reads it), or the normalised Walsh-Hadamard (Sylvester) matrix,
+// applied as a fast Walsh-Hadamard transform in fp32 (n log n adds: radix-8 butterfly passes through shared memory,
+// the first three stages along a row in registers as the row is loaded). One block of 16 warps per row at a time,
+// the blocks striding over the rows; the row lives in shared memory as [a16, b16] fp16 plus fp32 (6 * a16 * b16
+// bytes, a16 and b16 = a and b rounded up to 16, the padding zero); dense factors are read from global memory.
 #include <mma.h>
 
 #include <algorithm>
@@ -46,16 +48,80 @@ __device__ __forceinline__ void tile_gemm(const __half* lhs, int ld_lhs, const _
   }
 }
 
-// fp32 products back to fp16 (the rounding of a standard fp16 MatMul's output).
-__device__ __forceinline__ void to_half(const float* src, __half* dst, int n) {
+// fp32 values (times `scale`) back to fp16 (the rounding of a standard fp16 MatMul's output).
+__device__ __forceinline__ void to_half(const float* src, __half* dst, int n, float scale) {
   for (int e = threadIdx.x * 2; e < n; e += kRotThreads * 2)
-    *reinterpret_cast<__half2*>(dst + e) = __floats2half2_rn(src[e], src[e + 1]);
+    *reinterpret_cast<__half2*>(dst + e) = __floats2half2_rn(src[e] * scale, src[e + 1] * scale);
+}
+
+// fp16 row to fp32.
+__device__ __forceinline__ void to_float(const __half* src, float* dst, int n) {
+  for (int e = threadIdx.x * 2; e < n; e += kRotThreads * 2) {
+    const float2 f = __half22float2(*reinterpret_cast<const __half2*>(src + e));
+    dst[e] = f.x;
+    dst[e + 1] = f.y;
+  }
+}
+
+// The unnormalised Walsh-Hadamard transform on P = 2^R values in registers (natural, Sylvester order).
+template <int P>
+__device__ __forceinline__ void walsh_regs(float* r) {
+#pragma unroll
+  for (int s = 1; s < P; s <<= 1)
+#pragma unroll
+    for (int k = 0; k < P; ++k)
+      if (!(k & s)) {
+        const float u = r[k], v = r[k + s];
+        r[k] = u + v;
+        r[k + s] = u - v;
+      }
+}
+
+// R butterfly stages (spans h, 2h, ..., h 2^(R-1)) of the unnormalised Walsh-Hadamard transform of `lines` vectors
+// of length n in f (fp32, shared): vector l's element e is f[l * line_stride + e * elem_stride]. Each thread takes
+// groups of P = 2^R elements {base + k h}, the groups closed under these stages. lines_fast: consecutive threads
+// take consecutive vectors (elements strided: coalesced when the vectors are columns), else consecutive groups.
+template <int R>
+__device__ __forceinline__ void walsh_pass(float* f, int lines, int n, int line_stride, int elem_stride, int h,
+                                           bool lines_fast) {
+  constexpr int P = 1 << R;
+  const int groups = n / P, total = lines * groups;
+  for (int u = threadIdx.x; u < total; u += kRotThreads) {
+    const int l = lines_fast ? u % lines : u / groups, p = lines_fast ? u / lines : u % groups;
+    float* v = f + l * line_stride + ((p / h) * (h * P) + p % h) * elem_stride;
+    const int step = h * elem_stride;
+    float r[P];
+#pragma unroll
+    for (int k = 0; k < P; ++k) r[k] = v[k * step];
+    walsh_regs<P>(r);
+#pragma unroll
+    for (int k = 0; k < P; ++k) v[k * step] = r[k];
+  }
+}
+
+// The stages of spans h0, 2 h0, ..., n/2 (n a power of two), three at a time, each pass followed by a barrier.
+__device__ __forceinline__ void walsh(float* f, int lines, int n, int line_stride, int elem_stride, int h0,
+                                      bool lines_fast) {
+  for (int h = h0; h < n;) {
+    const int left = n / h;
+    if (left >= 8) {
+      walsh_pass<3>(f, lines, n, line_stride, elem_stride, h, lines_fast);
+      h *= 8;
+    } else if (left == 4) {
+      walsh_pass<2>(f, lines, n, line_stride, elem_stride, h, lines_fast);
+      h *= 4;
+    } else {
+      walsh_pass<1>(f, lines, n, line_stride, elem_stride, h, lines_fast);
+      h *= 2;
+    }
+    __syncthreads();
+  }
 }
 
 __global__ void __launch_bounds__(kRotThreads) rotate_quantize_kernel(const __half* __restrict__ x,
                                                                      const __half* __restrict__ at,
                                                                      const __half* __restrict__ bm,
-                                                                     int8_t* __restrict__ q,
+                                                                     int walsh_mask, int8_t* __restrict__ q,
                                                                      float* __restrict__ amax_out, int64_t M,
                                                                      int a, int b) {
   extern __shared__ __align__(128) unsigned char rot_smem[];
@@ -63,27 +129,65 @@ __global__ void __launch_bounds__(kRotThreads) rotate_quantize_kernel(const __ha
   const int K = a * b, n16 = a16 * b16;
   const int bc = b / 8;                                              // 16-byte chunks per row of X (b % 8 == 0)
   __half* xs = reinterpret_cast<__half*>(rot_smem);                  // [a16, b16] fp16: the row, then X B
-  float* ts = reinterpret_cast<float*>(rot_smem + size_t(n16) * 2);  // [a16, b16] fp32 products
+  float* ts = reinterpret_cast<float*>(rot_smem + size_t(n16) * 2);  // [a16, b16] fp32 products / transforms
   __shared__ float red[kRotWarps];
   __shared__ __half inv_s;
   const int tid = threadIdx.x;
+  const bool walsh_b = walsh_mask & 1, walsh_a = walsh_mask & 2;
+  const bool load_f32 = walsh_b || (walsh_a && !bm);  // the row goes straight to the fp32 buffer
   for (int64_t row = blockIdx.x; row < M; row += gridDim.x) {
     const uint4* xr = reinterpret_cast<const uint4*>(x + row * K);
     for (int c = tid; c < n16 / 8; c += kRotThreads) {  // a 16-byte chunk of X, or of the zero padding
       const int i = c / (b16 / 8), j = c % (b16 / 8);
-      reinterpret_cast<uint4*>(xs)[c] = (i < a && j < bc) ? __ldg(xr + i * bc + j) : make_uint4(0, 0, 0, 0);
+      const uint4 v = (i < a && j < bc) ? __ldg(xr + i * bc + j) : make_uint4(0, 0, 0, 0);
+      if (!load_f32) {
+        reinterpret_cast<uint4*>(xs)[c] = v;
+        continue;
+      }
+      float r[8];
+      const __half2* h2 = reinterpret_cast<const __half2*>(&v);
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        const float2 f = __half22float2(h2[k]);
+        r[2 * k] = f.x;
+        r[2 * k + 1] = f.y;
+      }
+      if (walsh_b) walsh_regs<8>(r);  // the first three stages along the row: the chunk is 8 aligned elements
+      float4* d = reinterpret_cast<float4*>(ts + size_t(c) * 8);
+      d[0] = make_float4(r[0], r[1], r[2], r[3]);
+      d[1] = make_float4(r[4], r[5], r[6], r[7]);
     }
     __syncthreads();
-    if (bm) {  // X B (bm zero-padded to [b16, b16]: the padding columns stay zero)
+    bool in_f32 = load_f32;  // where the row is now: ts (fp32, times `scale`) or xs (fp16)
+    float scale = 1.f;
+    if (walsh_b) {  // X H_b / sqrt(b) along each row, from span 8 on
+      walsh(ts, a, b, b16, 1, 8, false);
+      scale *= rsqrtf(static_cast<float>(b));
+    } else if (bm) {  // X B (bm zero-padded to [b16, b16]: the padding columns stay zero)
       tile_gemm(xs, b16, bm, b16, ts, a16, b16, b16);
       __syncthreads();
-      to_half(ts, xs, n16);
-      __syncthreads();
+      in_f32 = true;
     }
-    if (at) {  // A^T (X B): at is A^T zero-padded to [a16, a16], so the padding rows stay zero
+    if (walsh_a) {  // H_a / sqrt(a) (X B) along each column
+      if (!in_f32) {
+        to_float(xs, ts, n16);
+        __syncthreads();
+        in_f32 = true;
+      }
+      walsh(ts, b, a, 1, b16, 1, true);
+      scale *= rsqrtf(static_cast<float>(a));
+    } else if (at) {  // A^T (X B): at is A^T zero-padded to [a16, a16], so the padding rows stay zero
+      if (in_f32) {
+        to_half(ts, xs, n16, scale);
+        scale = 1.f;
+        __syncthreads();
+      }
       tile_gemm(at, a16, xs, b16, ts, a16, b16, a16);
       __syncthreads();
-      to_half(ts, xs, n16);
+      in_f32 = true;
+    }
+    if (in_f32) {
+      to_half(ts, xs, n16, scale);
       __syncthreads();
     }
     float m = 0.f;  // the padding is zero: the max over [a16, b16] is the row's
@@ -127,10 +231,14 @@ bool rotate_quantize_supported(int64_t K, int64_t b) {
   return b > 0 && b % 8 == 0 && K % b == 0 && rotate_quantize_smem(K, b) <= kRotateMaxSmem;
 }
 
-cudaError_t launch_rotate_quantize_rows(const __half* x, const __half* at, const __half* bm, int8_t* q, float* amax,
-                                        int64_t M, int64_t K, int64_t b, int sm_count, cudaStream_t stream) {
+static bool pow2(int64_t n) { return n > 0 && (n & (n - 1)) == 0; }
+
+cudaError_t launch_rotate_quantize_rows(const __half* x, const __half* at, const __half* bm, int walsh, int8_t* q,
+                                        float* amax, int64_t M, int64_t K, int64_t b, int sm_count,
+                                        cudaStream_t stream) {
   if (M <= 0) return cudaSuccess;
-  if (!rotate_quantize_supported(K, b) || reinterpret_cast<uintptr_t>(x) % 16 != 0 ||
+  if (!rotate_quantize_supported(K, b) || walsh < 0 || walsh > 3 || ((walsh & 1) && (bm || !pow2(b))) ||
+      ((walsh & 2) && (at || !pow2(K / b))) || (!walsh && !at && !bm) || reinterpret_cast<uintptr_t>(x) % 16 != 0 ||
       reinterpret_cast<uintptr_t>(q) % 4 != 0 || reinterpret_cast<uintptr_t>(at) % 32 != 0 ||
       reinterpret_cast<uintptr_t>(bm) % 32 != 0)
     return cudaErrorInvalidValue;
@@ -146,7 +254,7 @@ cudaError_t launch_rotate_quantize_rows(const __half* x, const __half* at, const
   cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, rotate_quantize_kernel, kRotThreads, smem);
   const int64_t blocks = std::min<int64_t>(M, static_cast<int64_t>(std::max(1, sm_count)) * std::max(1, per_sm));
   rotate_quantize_kernel<<<static_cast<unsigned>(blocks), kRotThreads, smem, stream>>>(
-      x, at, bm, q, amax, M, static_cast<int>(K / b), static_cast<int>(b));
+      x, at, bm, walsh, q, amax, M, static_cast<int>(K / b), static_cast<int>(b));
   return cudaGetLastError();
 }
 

@@ -282,3 +282,66 @@ def test_rotation_inside_the_op_matches_the_standard_graph(M, K, N):
     err = np.abs(got - want).max() / top
     mean = np.abs(got - want).mean() / np.abs(want).mean()
     assert err < 0.02 and mean < 0.005, (err, mean)
+
+
+FACTORS = [
+    # (M, a, A, b, B): each kind of factor the op takes (W: Sylvester's, as a Walsh flag; R: dense; None: identity)
+    (3, 64, "W", 64, "W"),      # K = 4096 as the lowering balances it: both transforms
+    (300, 64, "W", 64, "W"),    # the same under the GEMM
+    (2, 32, "W", 128, None),    # o_proj's head mixing: 32 heads of 128
+    (17, 16, "W", 48, "R"),     # a dense inner factor, then a transform along the columns
+    (5, 12, "R", 32, "W"),      # a dense outer factor over a transform (as 11008 = 344 x 32)
+    (1, 344, "R", 32, "W"),     # 11008 itself at one token (the GEMV)
+    (4, 3, None, 64, "W"),      # a transform along the rows only
+    (9, 8, "W", 8, "W"),        # the smallest: 8 x 8, the inner factor padded to 16
+]
+
+
+@pytest.mark.parametrize("M,a,A,b,B", FACTORS)
+def test_rotation_factor_kinds_against_numpy(M, a, A, b, B):
+    """The op with each kind of rotation factor (dense on the tensor cores, Walsh-Hadamard as a transform, the
+    identity) against numpy: the float64 rotation rounded to fp16, then the op's definition; a code may move by one
+    where a rotated value rounds the other way (fp32 sums in another order)."""
+    from onnxqf.lowering.cuda_kernels import KernelRotation
+    from onnxqf.maths.hadamard import hadamard_matrix, random_orthogonal
+
+    def dense(n, seed):
+        h = hadamard_matrix(n) if n == 344 else None
+        return h / np.sqrt(n) if h is not None else random_orthogonal(n, seed)
+
+    K, N = a * b, 256
+    a16, b16 = -(-a // 16) * 16, -(-b // 16) * 16
+    at = bp = None
+    if A == "R":
+        at = np.zeros((a16, a16))
+        at[:a, :a] = dense(a, 1).T
+    if B == "R":
+        bp = np.zeros((b16, b16))
+        bp[:b, :b] = dense(b, 2)
+    rot = KernelRotation(b, at, bp, (1 if B == "W" else 0) | (2 if A == "W" else 0))
+    x, q, wscale, _ = data(M, K, N, seed=a + b, with_bias=False, tiny_row=False)
+    inits = [numpy_helper.from_array(q, "wq"), numpy_helper.from_array(wscale, "ws")]
+    ins = ["x", "wq", "ws", "", "", ""]
+    if at is not None:
+        inits.append(numpy_helper.from_array(at.astype(np.float16), "ra"))
+        ins[4] = "ra"
+    if bp is not None:
+        inits.append(numpy_helper.from_array(bp.astype(np.float16), "rb"))
+        ins[5] = "rb"
+    while ins[-1] == "":
+        ins.pop()
+    attrs = {"rotation_block": b} | ({"rotation_walsh": rot.walsh} if rot.walsh else {})
+    node = helper.make_node(kernels.W8A8_LINEAR, ins, ["y"], domain=kernels.DOMAIN, **attrs)
+    g = helper.make_graph([node], "t", [helper.make_tensor_value_info("x", F16, ["M", K])],
+                          [helper.make_tensor_value_info("y", F16, ["M", N])], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(kernels.DOMAIN, 1)])
+    m.ir_version = 9
+    got = run_poisoned(_session(m, True, None), x, N).astype(np.float32)
+    ref = KernelRotation(b, None if at is None else at.astype(np.float16).astype(np.float64),
+                         None if bp is None else bp.astype(np.float16).astype(np.float64), rot.walsh)
+    want, _ = reference(ref.apply(x.astype(np.float64)).astype(np.float16), q, wscale, None)
+    want = want.astype(np.float32)
+    assert np.isfinite(got).all()
+    err = np.abs(got - want).max() / np.abs(want).max()
+    mean = np.abs(got - want).mean() / np.abs(want).mean()
+    assert err < 0.02 and mean < 0.005, (err, mean)

@@ -15,8 +15,10 @@ so its outputs are those of ``int8-token`` to the bit.
 
 When the group's activation is the output of an online rotation (``--hybrid``'s down_proj, o_proj and lm_head inputs)
 of at most two Kronecker groups ``x @ kron(A, B)`` that fit the kernel (:func:`kernel_rotation`), the rotation moves
-into the op: it reads the unrotated activation and rotates each token on the tensor cores inside its quantization
-(``rotation_block`` = b, inputs RA = A^T padded, RB = B), and the block of Reshape / MatMul / Transpose nodes goes.
+into the op: it reads the unrotated activation and rotates each token inside its quantization (``rotation_block`` =
+b, inputs RA = A^T padded, RB = B: tensor-core products; a factor that is Sylvester's Hadamard matrix, as every
+power-of-two part of onnxqf's rotations is, goes as a bit of ``rotation_walsh`` instead and runs as a fast
+Walsh-Hadamard transform), and the block of Reshape / MatMul / Transpose nodes goes.
 Its codes then equal the standard graph's up to the fp16 rounding of the rotated values (another summation order).
 
 The op has a CUDA kernel only, for sm_90a (H100/H200), and
@@ -37,9 +39,10 @@ from onnxqf.errors import OnnxqfError
 from onnxqf.graph import edit
 from onnxqf.lowering.base import LinearGroup, register, replace_outputs
 from onnxqf.lowering.w8a8 import W8A8Lowering
+from onnxqf.maths.hadamard import sylvester
 
 __all__ = ["DOMAIN", "OP", "ROTATE_MAX_SMEM", "KernelRotation", "OnnxqfCudaW8A8", "balance_factors",
-           "emit_w8a8_kernel", "kernel_rotation", "kron_split"]
+           "emit_w8a8_kernel", "kernel_rotation", "kron_split", "walsh_matrix", "walsh_sign"]
 
 DOMAIN = "onnxqf"  # = onnxqf.runtime.kernels.DOMAIN (not imported: lowering needs no GPU library)
 OP = "W8A8Linear"
@@ -52,13 +55,16 @@ class KernelRotation:
 
     Attributes:
         block: b, the size of the inner factor (``rotation_block``); a = K / b.
-        at: A^T zero-padded to ``[a16, a16]`` (a16 = a rounded up to 16), or None for A = I.
-        b: B zero-padded to ``[b16, b16]`` (b16 = b rounded up to 16), or None for B = I.
+        at: A^T zero-padded to ``[a16, a16]`` (a16 = a rounded up to 16), or None for A = I or Walsh.
+        b: B zero-padded to ``[b16, b16]`` (b16 = b rounded up to 16), or None for B = I or Walsh.
+        walsh: ``rotation_walsh``: bit 0 B, bit 1 A is the normalised Walsh-Hadamard matrix ``H_n / sqrt(n)``
+            (Sylvester's construction; the op runs it as a fast transform and takes no matrix for it).
     """
 
     block: int
     at: np.ndarray | None
     b: np.ndarray | None
+    walsh: int = 0
 
     def apply(self, x: np.ndarray) -> np.ndarray:
         """What the op computes before quantizing, in float64 (no fp16 rounding): ``x [..., K]`` rotated."""
@@ -67,9 +73,30 @@ class KernelRotation:
         X = x.reshape(-1, a, b).astype(np.float64)
         if self.b is not None:
             X = X @ self.b[:b, :b]
+        elif self.walsh & 1:
+            X = X @ walsh_matrix(b)
         if self.at is not None:
             X = np.einsum("pi,rib->rpb", self.at[:a, :a], X)
+        elif self.walsh & 2:
+            X = np.einsum("pi,rib->rpb", walsh_matrix(a), X)
         return X.reshape(x.shape)
+
+
+def walsh_matrix(n: int) -> np.ndarray:
+    """``H_n / sqrt(n)``: Sylvester's Hadamard matrix of order n (a power of two), normalised (symmetric)."""
+    return sylvester(n) / np.sqrt(n)
+
+
+def walsh_sign(M: np.ndarray | None) -> int:
+    """+1 or -1 when ``M = ±H_n / sqrt(n)`` (:func:`walsh_matrix`) to the fp16 rounding of its entries (the graph
+    holds a float16 model's factors in float16), else 0 (None, or any other matrix)."""
+    if M is None or M.shape[0] < 2 or M.shape[0] & (M.shape[0] - 1):
+        return 0
+    H = walsh_matrix(M.shape[0])
+    for sign in (1, -1):
+        if np.allclose(M, sign * H, rtol=0, atol=1e-3 / np.sqrt(M.shape[0])):
+            return sign
+    return 0
 
 
 def kernel_rotation(groups: list[tuple[int, np.ndarray | None]], K: int) -> KernelRotation | None:
@@ -88,14 +115,19 @@ def kernel_rotation(groups: list[tuple[int, np.ndarray | None]], K: int) -> Kern
     a16, b16 = -(-a // 16) * 16, -(-b // 16) * 16
     if b % 8 or 6 * a16 * b16 > ROTATE_MAX_SMEM or (A is None and B is None):
         return None
+    A = None if A is None else np.asarray(A, np.float64)
+    B = None if B is None else np.asarray(B, np.float64)
+    if A is not None and B is not None and (walsh_sign(A) == -1 or (walsh_sign(A) == 0 and walsh_sign(B) == -1)):
+        A, B = -A, -B  # kron(-A, -B) = kron(A, B): a Walsh factor found with the other sign (kron_split's)
+    walsh = (1 if walsh_sign(B) == 1 else 0) | (2 if walsh_sign(A) == 1 else 0)
     at = bp = None
-    if A is not None:
+    if A is not None and not walsh & 2:
         at = np.zeros((a16, a16))
-        at[:a, :a] = np.asarray(A, np.float64).T
-    if B is not None:
+        at[:a, :a] = A.T
+    if B is not None and not walsh & 1:
         bp = np.zeros((b16, b16))
-        bp[:b, :b] = np.asarray(B, np.float64)
-    return KernelRotation(b, at, bp)
+        bp[:b, :b] = B
+    return KernelRotation(b, at, bp, walsh)
 
 
 def kron_split(A: np.ndarray, s: int) -> tuple[np.ndarray, np.ndarray] | None:
@@ -155,8 +187,12 @@ def emit_w8a8_kernel(graph: ir.Graph, x: ir.Value, q_int8_KN: np.ndarray, scale:
             ra = edit.add_initializer(graph, f"{base_name}.rotation_at", rotation.at, ir.DataType.FLOAT16)
         if rotation.b is not None:
             rb = edit.add_initializer(graph, f"{base_name}.rotation_b", rotation.b, ir.DataType.FLOAT16)
-        inputs += [None, ra] + ([rb] if rb is not None else [])
+        inputs += [None, ra, rb]
+        while inputs[-1] is None:  # no trailing empty inputs (a Walsh factor takes none)
+            inputs.pop()
         attributes["rotation_block"] = int(rotation.block)
+        if rotation.walsh:
+            attributes["rotation_walsh"] = int(rotation.walsh)
     y = tape.op(OP, inputs, attributes=attributes or None, domain=DOMAIN, name=f"{base_name}/w8a8_linear")
     y.type = ir.TensorType(ir.DataType.FLOAT16)
     return y
