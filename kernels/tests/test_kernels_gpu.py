@@ -247,13 +247,13 @@ if __name__ == "__main__":
 
 ROTATED = [
     # (M, K, N): the rotation inside the op at every path (GEMV at small M, GEMM above)
-    (1, 11008, 4096),   # d_ff of Llama-2-7B: 172 x 64 (both factors dense), M = 1
-    (3, 4096, 4096),    # its hidden: 256 x 16
+    (1, 11008, 4096),   # d_ff of Llama-2-7B: 344 (dense) x 32 (Walsh), M = 1
+    (3, 4096, 4096),    # its hidden: 64 x 64, both Walsh
     (16, 4096, 1024),
     (300, 11008, 4096),
     (2048, 4096, 4096),
-    (37, 576, 256),     # SmolLM2's hidden: 36 x 16
-    (130, 2048, 512),   # hidden 2048: 256 x 8 (the inner factor padded to 16)
+    (37, 576, 256),     # SmolLM2's hidden: 36 (dense) x 16 (Walsh)
+    (130, 2048, 512),   # hidden 2048: 64 x 32, both Walsh
     (2, 2048, 512),
     (9, 96, 64),        # one dense group
 ]
