@@ -62,15 +62,7 @@ __device__ __forceinline__ void quantize_row_block(const __half* __restrict__ xr
   } else {
     for (int64_t k = tid; k < K; k += kQuantThreads) m = fmaxf(m, fabsf(__half2float(xr[k])));
   }
-  m = warp_max(m);
-  if ((tid & 31) == 0) red[tid >> 5] = m;
-  __syncthreads();
-  if (tid < 32) {
-    float v = tid < kQuantThreads / 32 ? red[tid] : 0.f;
-    v = warp_max(v);
-    if (tid == 0) row_scale(v, scale_s, amax_dst);
-  }
-  __syncthreads();
+  block_row_scale<kQuantThreads / 32>(m, red, scale_s, amax_dst);
   const __half inv = *scale_s;
   if (vec) {
     uint2* qv = reinterpret_cast<uint2*>(qr);

@@ -27,4 +27,20 @@ __device__ __forceinline__ int8_t code_of(__half x, __half inv) {
   return static_cast<int8_t>(fminf(fmaxf(r, -127.f), 127.f));
 }
 
+// The block's max of m (each thread's, WARPS warps; red: shared [WARPS]), then the row's scale (row_scale) written
+// by thread 0. Ends with a barrier: *inv is then readable by every thread.
+template <int WARPS>
+__device__ __forceinline__ void block_row_scale(float m, float* red, __half* inv, float* amax) {
+  const int tid = threadIdx.x;
+  m = warp_max(m);
+  if ((tid & 31) == 0) red[tid >> 5] = m;
+  __syncthreads();
+  if (tid < 32) {
+    float v = tid < WARPS ? red[tid] : 0.f;
+    v = warp_max(v);
+    if (tid == 0) row_scale(v, inv, amax);
+  }
+  __syncthreads();
+}
+
 }  // namespace onnxqf

@@ -195,15 +195,7 @@ __global__ void __launch_bounds__(kRotThreads) rotate_quantize_kernel(const __ha
       const float2 f = __half22float2(__habs2(*reinterpret_cast<const __half2*>(xs + e)));
       m = fmaxf(m, fmaxf(f.x, f.y));
     }
-    m = warp_max(m);
-    if ((tid & 31) == 0) red[tid >> 5] = m;
-    __syncthreads();
-    if (tid < 32) {
-      float v = tid < kRotWarps ? red[tid] : 0.f;
-      v = warp_max(v);
-      if (tid == 0) row_scale(v, &inv_s, amax_out + row);
-    }
-    __syncthreads();
+    block_row_scale<kRotWarps>(m, red, &inv_s, amax_out + row);
     const __half inv = inv_s;
     int8_t* qr = q + row * K;
     for (int e = tid * 4; e < K; e += kRotThreads * 4) {  // b % 8 == 0: 4 codes lie in one row of X
