@@ -44,6 +44,7 @@ cudaError_t launch_w8a8_fused_gemv(const __half* x, const int8_t* w, const float
 // fp32. Requires rotate_quantize_supported(K, b) (b % 8 == 0, 6 * a16 * b16 <= kRotateMaxSmem bytes), some factor
 // not the identity, and 32-byte aligned factors. sm_count: the GPU's multiprocessors (the grid strides over the rows).
 constexpr size_t kRotateMaxSmem = 200 * 1024;
+constexpr bool is_pow2(int64_t n) { return n > 0 && (n & (n - 1)) == 0; }  // a Walsh factor's size
 size_t rotate_quantize_smem(int64_t K, int64_t b);
 bool rotate_quantize_supported(int64_t K, int64_t b);
 cudaError_t launch_rotate_quantize_rows(const __half* x, const __half* at, const __half* bm, int walsh, int8_t* q,

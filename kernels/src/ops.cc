@@ -165,10 +165,9 @@ struct W8A8LinearKernel {
           return fail("onnxqf.W8A8Linear: RB must be [" + std::to_string(b16) + ", " + std::to_string(b16) + "]");
         rot_b = reinterpret_cast<const __half*>(RB.GetTensorRawData());
       }
-      const auto pow2 = [](int64_t n) { return n > 0 && (n & (n - 1)) == 0; };
-      if ((rotation_walsh & 1) && (rot_b || !pow2(b)))
+      if ((rotation_walsh & 1) && (rot_b || !onnxqf::is_pow2(b)))
         return fail("onnxqf.W8A8Linear: rotation_walsh bit 0 needs no RB and a power-of-two rotation_block");
-      if ((rotation_walsh & 2) && (rot_a || !pow2(K / b)))
+      if ((rotation_walsh & 2) && (rot_a || !onnxqf::is_pow2(K / b)))
         return fail("onnxqf.W8A8Linear: rotation_walsh bit 1 needs no RA and a power-of-two K / rotation_block");
       if (!rot_a && !rot_b && !rotation_walsh)
         return fail("onnxqf.W8A8Linear: rotation_block is set but neither RA, RB nor rotation_walsh is given");

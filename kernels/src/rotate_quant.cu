@@ -223,14 +223,12 @@ bool rotate_quantize_supported(int64_t K, int64_t b) {
   return b > 0 && b % 8 == 0 && K % b == 0 && rotate_quantize_smem(K, b) <= kRotateMaxSmem;
 }
 
-static bool pow2(int64_t n) { return n > 0 && (n & (n - 1)) == 0; }
-
 cudaError_t launch_rotate_quantize_rows(const __half* x, const __half* at, const __half* bm, int walsh, int8_t* q,
                                         float* amax, int64_t M, int64_t K, int64_t b, int sm_count,
                                         cudaStream_t stream) {
   if (M <= 0) return cudaSuccess;
-  if (!rotate_quantize_supported(K, b) || walsh < 0 || walsh > 3 || ((walsh & 1) && (bm || !pow2(b))) ||
-      ((walsh & 2) && (at || !pow2(K / b))) || (!walsh && !at && !bm) || reinterpret_cast<uintptr_t>(x) % 16 != 0 ||
+  if (!rotate_quantize_supported(K, b) || walsh < 0 || walsh > 3 || ((walsh & 1) && (bm || !is_pow2(b))) ||
+      ((walsh & 2) && (at || !is_pow2(K / b))) || (!walsh && !at && !bm) || reinterpret_cast<uintptr_t>(x) % 16 != 0 ||
       reinterpret_cast<uintptr_t>(q) % 4 != 0 || reinterpret_cast<uintptr_t>(at) % 32 != 0 ||
       reinterpret_cast<uintptr_t>(bm) % 32 != 0)
     return cudaErrorInvalidValue;

@@ -117,9 +117,10 @@ def kernel_rotation(groups: list[tuple[int, np.ndarray | None]], K: int) -> Kern
         return None
     A = None if A is None else np.asarray(A, np.float64)
     B = None if B is None else np.asarray(B, np.float64)
-    if A is not None and B is not None and (walsh_sign(A) == -1 or (walsh_sign(A) == 0 and walsh_sign(B) == -1)):
-        A, B = -A, -B  # kron(-A, -B) = kron(A, B): a Walsh factor found with the other sign (kron_split's)
-    walsh = (1 if walsh_sign(B) == 1 else 0) | (2 if walsh_sign(A) == 1 else 0)
+    sa, sb = walsh_sign(A), walsh_sign(B)
+    if A is not None and B is not None and (sa == -1 or (sa == 0 and sb == -1)):
+        A, B, sa, sb = -A, -B, -sa, -sb  # kron(-A, -B) = kron(A, B): a Walsh factor found with the other sign
+    walsh = (1 if sb == 1 else 0) | (2 if sa == 1 else 0)
     at = bp = None
     if A is not None and not walsh & 2:
         at = np.zeros((a16, a16))
