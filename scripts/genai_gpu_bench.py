@@ -134,8 +134,9 @@ def source_tree(base: Path) -> Path:
     site = base / "site"
     shutil.rmtree(site, ignore_errors=True)
     shutil.copytree(ROOT / "onnxqf", site / "onnxqf", ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copytree(ROOT / "passes", site / "onnxqf" / "passes", ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copytree(ROOT / "models", site / "onnxqf" / "models", ignore=shutil.ignore_patterns("__pycache__"))
+    for sub in ("passes", "models"):  # over any copy of them already in onnxqf/ (as on the GPU machine's checkout)
+        shutil.copytree(ROOT / sub, site / "onnxqf" / sub, ignore=shutil.ignore_patterns("__pycache__"),
+                        dirs_exist_ok=True)
     return site
 
 

@@ -5,7 +5,6 @@
 
 namespace onnxqf {
 
-namespace {
 int sm_count_of_current_device() {
   int dev = 0, n = 0;
   if (cudaGetDevice(&dev) != cudaSuccess) return 0;
@@ -13,6 +12,7 @@ int sm_count_of_current_device() {
   return n;
 }
 
+namespace {
 bool fits_int(int64_t M, int64_t N, int64_t K) {
   return M > 0 && N > 0 && K > 0 && M <= INT_MAX && N <= INT_MAX && K <= INT_MAX;
 }

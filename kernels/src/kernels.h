@@ -28,11 +28,36 @@ cudaError_t launch_quantize_rows(const __half* x, int8_t* q, float* amax, int64_
 cudaError_t launch_w8a8_gemv(const int8_t* q, const float* amax, const int8_t* w, const float* wscale,
                              const __half* bias, __half* y, int64_t M, int64_t N, int64_t K, cudaStream_t stream);
 
-// Small M (<= kFusedMaxM) in one launch: quantization of x into shared memory + GEMV. Check support first.
+// A rotation x @ kron(A, B) whose factors are each H_n / sqrt(n) (Sylvester's Walsh-Hadamard) or the identity, K =
+// a b a power of two: the Walsh-Hadamard transform over the bits [lo, hi) of the element index (B's bits are the
+// low log2 b, A's the high log2 a), times scale. n = 0: not such a rotation (or too small: K < 512, or K > 16384).
+struct WalshSpec {
+  int n = 0, lo = 0, hi = 0;
+  float scale = 1.f;
+};
+WalshSpec walsh_spec(int64_t K, int64_t b, bool walsh_a, bool walsh_b);
+
+// Small M (<= kFusedMaxM) in one launch: quantization of x into shared memory + GEMV; with a WalshSpec (n > 0;
+// K <= 4096) each row is rotated first. Check support first.
 constexpr int kFusedMaxM = 4;
-bool w8a8_fused_gemv_supported(const __half* x, const int8_t* w, int64_t M, int64_t K);
+bool w8a8_fused_gemv_supported(const __half* x, const int8_t* w, int64_t M, int64_t K, const WalshSpec* rot = nullptr);
 cudaError_t launch_w8a8_fused_gemv(const __half* x, const int8_t* w, const float* wscale, const __half* bias,
-                                   __half* y, int64_t M, int64_t N, int64_t K, cudaStream_t stream);
+                                   __half* y, int64_t M, int64_t N, int64_t K, cudaStream_t stream,
+                                   const WalshSpec* rot = nullptr);
+
+// Rotation by Walsh-Hadamard factors (a WalshSpec with n > 0) fused into the per-token quantization, any M: one
+// block of K / 16 threads per row at a time, 16 values per thread in registers (kernels/src/walsh_row.cuh).
+cudaError_t launch_walsh_quantize_rows(const __half* x, const WalshSpec& spec, int8_t* q, float* amax, int64_t M,
+                                       int sm_count, cudaStream_t stream);
+
+// Rotation with a dense outer factor A (at: A^T zero-padded to [a16, a16]) and B Walsh-Hadamard (b a power of two,
+// 8 <= b <= 256) or the identity, as a GEMM over all rows: each row's X B is written transposed, Z [M * b, a8]
+// (a8 = a rounded up to 8, the padding zero); D = Z A on the tensor cores (CUTLASS, fp32 sums, fp16 out) is the
+// rotated rows transposed back; the per-token quantization reads D. scratch: rotate_dense_scratch(M, K, b) bytes.
+bool rotate_dense_supported(int64_t K, int64_t b, bool walsh_b);
+size_t rotate_dense_scratch(int64_t M, int64_t K, int64_t b);
+cudaError_t launch_rotate_dense_quantize(const __half* x, const __half* at, bool walsh_b, int8_t* q, float* amax,
+                                         int64_t M, int64_t K, int64_t b, void* scratch, cudaStream_t stream);
 
 // Online rotation fused into the quantization: each row x [K] (viewed as X [a, b], a = K / b) becomes
 // fp16(x @ kron(A, B)) = fp16(A^T (X B)), then is quantized as launch_quantize_rows does. Each factor is dense, the
@@ -50,6 +75,15 @@ bool rotate_quantize_supported(int64_t K, int64_t b);
 cudaError_t launch_rotate_quantize_rows(const __half* x, const __half* at, const __half* bm, int walsh, int8_t* q,
                                         float* amax, int64_t M, int64_t K, int64_t b, int sm_count,
                                         cudaStream_t stream);
+
+// The current device's multiprocessor count (0 if it cannot be read: CUTLASS then asks itself).
+int sm_count_of_current_device();
+
+// D [M, N] = A [M, K] @ B, fp16 in and out, fp32 sums (CUTLASS SM90): A row-major (lda = K), B given as its
+// transpose [N, K] row-major with leading dimension ldb (>= K), D row-major (ldd = N). K, N, ldb % 8 == 0.
+size_t f16_gemm_sm90_workspace(int64_t M, int64_t N, int64_t K);
+cudaError_t launch_f16_gemm_sm90(const __half* a, const __half* bt, int64_t ldb, __half* d, int64_t M, int64_t N,
+                                 int64_t K, void* workspace, cudaStream_t stream);
 
 // Any shape, slow: one warp per output element. For shapes the fast paths cannot take.
 cudaError_t launch_w8a8_naive(const int8_t* q, const float* amax, const int8_t* w, const float* wscale,

@@ -104,6 +104,7 @@ struct W8A8LinearKernel {
   int device = 0;
   int gemv_max_m = 4;
   int force_tile = -1;
+  bool tile_rotation = false;  // ONNXQF_ROTATION_TILES=1: every rotation by the per-token tensor-core kernel
   int sm_count = 1;
   int64_t rotation_block = 0;
   int rotation_walsh = 0;
@@ -189,10 +190,19 @@ struct W8A8LinearKernel {
     const bool aligned = K % 16 == 0 && N % 8 == 0 && reinterpret_cast<uintptr_t>(w) % 16 == 0 &&
                          reinterpret_cast<uintptr_t>(y) % 16 == 0 && reinterpret_cast<uintptr_t>(ws) % 16 == 0 &&
                          (!bias || reinterpret_cast<uintptr_t>(bias) % 16 == 0);
-    // small M in one launch, no scratch: quantization into shared memory + GEMV
+    // the rotation's kernel: Walsh-Hadamard factors alone as a transform in registers (any M; at small M inside the
+    // GEMV); a dense outer factor over a Walsh or identity inner one as a GEMM over all tokens; else the per-token
+    // tensor-core product (rotate_quant.cu)
     const bool rotate = rotation_block > 0;
-    if (!rotate && M <= gemv_max_m && onnxqf::w8a8_fused_gemv_supported(x, w, M, K)) {
-      cudaError_t e = onnxqf::launch_w8a8_fused_gemv(x, w, ws, bias, y, M, N, K, stream);
+    const bool walsh_a = rotation_walsh & 2, walsh_b = rotation_walsh & 1;
+    const onnxqf::WalshSpec wspec =
+        rotate && !rot_a && !rot_b && !tile_rotation ? onnxqf::walsh_spec(K, rotation_block, walsh_a, walsh_b) : onnxqf::WalshSpec{};
+    const bool dense = rotate && rot_a && !rot_b && !walsh_a && !tile_rotation &&
+                       onnxqf::rotate_dense_supported(K, rotation_block, walsh_b);
+    // small M in one launch, no scratch: quantization (after a Walsh rotation) into shared memory + GEMV
+    if ((!rotate || wspec.n) && M <= gemv_max_m &&
+        onnxqf::w8a8_fused_gemv_supported(x, w, M, K, rotate ? &wspec : nullptr)) {
+      cudaError_t e = onnxqf::launch_w8a8_fused_gemv(x, w, ws, bias, y, M, N, K, stream, rotate ? &wspec : nullptr);
       if (e != cudaSuccess) return fail(std::string("onnxqf.W8A8Linear: CUDA error: ") + cudaGetErrorString(e));
       return nullptr;
     }
@@ -203,17 +213,23 @@ struct W8A8LinearKernel {
 
     const size_t q_bytes = round_up(size_t(M) * size_t(K), 256);
     const size_t a_bytes = round_up(size_t(M) * sizeof(float), 256);
-    size_t ws_bytes = path == 2 ? onnxqf::w8a8_gemm_sm90_workspace(tile, M, N, K) : 0;
+    const size_t ws_bytes = path == 2 ? round_up(onnxqf::w8a8_gemm_sm90_workspace(tile, M, N, K), 256) : 0;
+    const size_t r_bytes = dense ? onnxqf::rotate_dense_scratch(M, K, rotation_block) : 0;
     void* scratch = nullptr;
-    cudaError_t e = scratch_alloc(&scratch, q_bytes + a_bytes + ws_bytes, device, stream);
+    cudaError_t e = scratch_alloc(&scratch, q_bytes + a_bytes + ws_bytes + r_bytes, device, stream);
     if (e != cudaSuccess) return fail(std::string("onnxqf.W8A8Linear: scratch allocation: ") + cudaGetErrorString(e));
     auto* q = static_cast<int8_t*>(scratch);
     auto* amax = reinterpret_cast<float*>(static_cast<char*>(scratch) + q_bytes);
     void* workspace = ws_bytes ? static_cast<char*>(scratch) + q_bytes + a_bytes : nullptr;
+    void* r_scratch = static_cast<char*>(scratch) + q_bytes + a_bytes + ws_bytes;
 
-    e = rotate ? onnxqf::launch_rotate_quantize_rows(x, rot_a, rot_b, rotation_walsh, q, amax, M, K, rotation_block,
-                                                        sm_count, stream)
-               : onnxqf::launch_quantize_rows(x, q, amax, M, K, stream);
+    if (!rotate) e = onnxqf::launch_quantize_rows(x, q, amax, M, K, stream);
+    else if (wspec.n) e = onnxqf::launch_walsh_quantize_rows(x, wspec, q, amax, M, sm_count, stream);
+    else if (dense)
+      e = onnxqf::launch_rotate_dense_quantize(x, rot_a, walsh_b, q, amax, M, K, rotation_block, r_scratch, stream);
+    if (rotate && !wspec.n && (!dense || e == cudaErrorNotSupported))  // (CUTLASS may refuse a small factor)
+      e = onnxqf::launch_rotate_quantize_rows(x, rot_a, rot_b, rotation_walsh, q, amax, M, K, rotation_block, sm_count,
+                                              stream);
     if (e == cudaSuccess) {
       if (path == 2) {
         e = onnxqf::launch_w8a8_gemm_sm90(tile, q, amax, w, ws, bias, y, M, N, K, workspace, stream);
@@ -259,6 +275,7 @@ struct W8A8LinearOp : Ort::CustomOpBase<W8A8LinearOp, W8A8LinearKernel, true> {
     cudaDeviceGetAttribute(&k->sm_count, cudaDevAttrMultiProcessorCount, dev);
     k->gemv_max_m = env_int("ONNXQF_GEMV_MAX_M", 4);
     k->force_tile = env_int("ONNXQF_GEMM_TILE", -1);
+    k->tile_rotation = env_int("ONNXQF_ROTATION_TILES", 0) != 0;  // the per-token kernel for every rotation (A/B runs)
     *kernel = k;
     return nullptr;
   }

@@ -2,6 +2,7 @@
 // Conventions: kernels.h.
 #include "kernels.h"
 #include "quant_row.cuh"
+#include "walsh_row.cuh"
 
 #include <algorithm>
 
@@ -181,9 +182,10 @@ __global__ void __launch_bounds__(kGemvWarps * 32) gemv_kernel(const int8_t* __r
 }
 
 // Small M, one launch: each block first quantizes the MT rows of x into shared memory (every block redoes this
-// small, L2-resident work; the first weight loads are already in flight meanwhile), then each of its 8 warps
+// small, L2-resident work; the first weight loads are already in flight meanwhile), rotating each row first when
+// rot.n > 0 (walsh_row.cuh: fp32 buffers of 2 K after the codes), then each of its 8 warps
 // computes R consecutive outputs, its lanes striding over K in 16-byte chunks with the next U chunks per row
-// loaded while the current ones are used. Needs K % 16 == 0, x 16-byte aligned; shared memory MT * K bytes.
+// loaded while the current ones are used. Needs K % 16 == 0, x 16-byte aligned; shared memory MT * K bytes (+ 8 K).
 constexpr int kFusedWarps = kQuantThreads / 32;
 
 template <int MT, int R, int U>
@@ -192,7 +194,7 @@ __global__ void __launch_bounds__(kQuantThreads, 3) fused_gemv_kernel(const __ha
                                                                   const float* __restrict__ wscale,
                                                                   const __half* __restrict__ bias,
                                                                   __half* __restrict__ y, int64_t M, int64_t N,
-                                                                  int64_t K) {
+                                                                  int64_t K, WalshSpec rot) {
   extern __shared__ __align__(16) unsigned char fused_smem[];
   int8_t* qs = reinterpret_cast<int8_t*>(fused_smem);  // [MT][K]
   __shared__ float amax_s[MT];
@@ -215,7 +217,13 @@ __global__ void __launch_bounds__(kQuantThreads, 3) fused_gemv_kernel(const __ha
       for (int r = 0; r < R; ++r) wv[u][r] = load_stream(wrow[r] + c + 32 * u);
   }
   const int mcount = M < MT ? static_cast<int>(M) : MT;
-  for (int m = 0; m < mcount; ++m) quantize_row_block<2>(x + m * K, qs + m * K, &amax_s[m], K, true, red, &scale_s);
+  if (rot.n) {
+    float* fs = reinterpret_cast<float*>(fused_smem + MT * K);  // MT * K is a multiple of 16
+    for (int m = 0; m < mcount; ++m)
+      walsh_quantize_row<kFusedWarps>(x + m * K, rot, fs, qs + m * K, &amax_s[m], red, &scale_s);
+  } else {
+    for (int m = 0; m < mcount; ++m) quantize_row_block<2>(x + m * K, qs + m * K, &amax_s[m], K, true, red, &scale_s);
+  }
   __syncthreads();
   if (n0 >= N) return;
 
@@ -274,8 +282,8 @@ __global__ void __launch_bounds__(kQuantThreads, 3) fused_gemv_kernel(const __ha
 
 template <int MT, int R, int U>
 cudaError_t launch_fused_t(const __half* x, const int8_t* w, const float* wscale, const __half* bias, __half* y,
-                           int64_t M, int64_t N, int64_t K, cudaStream_t stream) {
-  const size_t smem = static_cast<size_t>(MT) * static_cast<size_t>(K);
+                           int64_t M, int64_t N, int64_t K, const WalshSpec& rot, cudaStream_t stream) {
+  const size_t smem = static_cast<size_t>(MT) * static_cast<size_t>(K) + (rot.n ? 8 * static_cast<size_t>(K) : 0);
   static bool configured = false;  // benign race: the attribute is idempotent
   if (!configured) {
     cudaError_t e = cudaFuncSetAttribute(fused_gemv_kernel<MT, R, U>, cudaFuncAttributeMaxDynamicSharedMemorySize,
@@ -287,7 +295,7 @@ cudaError_t launch_fused_t(const __half* x, const int8_t* w, const float* wscale
   const int64_t blocks = (warps + kFusedWarps - 1) / kFusedWarps;
   if (blocks > 0x7fffffff) return cudaErrorInvalidValue;
   fused_gemv_kernel<MT, R, U><<<static_cast<unsigned>(blocks), kQuantThreads, smem, stream>>>(x, w, wscale, bias, y, M,
-                                                                                             N, K);
+                                                                                             N, K, rot);
   return cudaGetLastError();
 }
 
@@ -340,17 +348,22 @@ cudaError_t launch_w8a8_gemv(const int8_t* q, const float* amax, const int8_t* w
   return launch_gemv_t<16, 4, 1>(q, amax, w, wscale, bias, y, M, N, K, stream);
 }
 
-bool w8a8_fused_gemv_supported(const __half* x, const int8_t* w, int64_t M, int64_t K) {
+bool w8a8_fused_gemv_supported(const __half* x, const int8_t* w, int64_t M, int64_t K, const WalshSpec* rot) {
+  // a rotated row is held by K / 16 of the block's threads, 16 values each
+  const bool rot_ok = !rot || !rot->n || (K == (int64_t{1} << rot->n) && K <= 16 * kQuantThreads);
+  const int64_t smem = static_cast<int64_t>(kFusedMaxM) * K + (rot && rot->n ? 8 * K : 0);
   return M >= 1 && M <= kFusedMaxM && K % 16 == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0 &&
-         reinterpret_cast<uintptr_t>(w) % 16 == 0 && static_cast<int64_t>(kFusedMaxM) * K <= kFusedMaxSmem;
+         reinterpret_cast<uintptr_t>(w) % 16 == 0 && smem <= kFusedMaxSmem && rot_ok;
 }
 
 cudaError_t launch_w8a8_fused_gemv(const __half* x, const int8_t* w, const float* wscale, const __half* bias,
-                                   __half* y, int64_t M, int64_t N, int64_t K, cudaStream_t stream) {
-  if (!w8a8_fused_gemv_supported(x, w, M, K)) return cudaErrorInvalidValue;
-  if (M <= 1) return launch_fused_t<1, 2, 4>(x, w, wscale, bias, y, M, N, K, stream);
-  if (M <= 2) return launch_fused_t<2, 2, 4>(x, w, wscale, bias, y, M, N, K, stream);
-  return launch_fused_t<4, 2, 2>(x, w, wscale, bias, y, M, N, K, stream);
+                                   __half* y, int64_t M, int64_t N, int64_t K, cudaStream_t stream,
+                                   const WalshSpec* rot) {
+  if (!w8a8_fused_gemv_supported(x, w, M, K, rot)) return cudaErrorInvalidValue;
+  const WalshSpec r = rot ? *rot : WalshSpec{};
+  if (M <= 1) return launch_fused_t<1, 2, 4>(x, w, wscale, bias, y, M, N, K, r, stream);
+  if (M <= 2) return launch_fused_t<2, 2, 4>(x, w, wscale, bias, y, M, N, K, r, stream);
+  return launch_fused_t<4, 2, 2>(x, w, wscale, bias, y, M, N, K, r, stream);
 }
 
 cudaError_t launch_w8a8_naive(const int8_t* q, const float* amax, const int8_t* w, const float* wscale,

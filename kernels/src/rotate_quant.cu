@@ -9,9 +9,11 @@
 #include <mma.h>
 
 #include <algorithm>
+#include <cmath>
 
 #include "kernels.h"
 #include "quant_row.cuh"
+#include "walsh_row.cuh"
 
 namespace onnxqf {
 namespace {
@@ -211,7 +213,221 @@ __global__ void __launch_bounds__(kRotThreads) rotate_quantize_kernel(const __ha
   }
 }
 
+// Rows rotated by Walsh-Hadamard factors alone (walsh_row.cuh): a block of WARPS * 32 = K / 16 threads per row at a
+// time, the blocks striding over the rows.
+template <int WARPS>
+__global__ void __launch_bounds__(WARPS * 32) walsh_quantize_kernel(const __half* __restrict__ x, WalshSpec spec,
+                                                                    int8_t* __restrict__ q,
+                                                                    float* __restrict__ amax_out, int64_t M) {
+  extern __shared__ __align__(16) unsigned char walsh_smem[];
+  __shared__ float red[WARPS];
+  __shared__ __half inv_s;
+  const int64_t K = int64_t{1} << spec.n;
+  float* fs = reinterpret_cast<float*>(walsh_smem);
+  for (int64_t row = blockIdx.x; row < M; row += gridDim.x)
+    walsh_quantize_row<WARPS>(x + row * K, spec, fs, q + row * K, amax_out + row, red, &inv_s);
+}
+
+template <int WARPS>
+cudaError_t launch_walsh_t(const __half* x, const WalshSpec& spec, int8_t* q, float* amax, int64_t M, int sm_count,
+                           cudaStream_t stream) {
+  const size_t smem = size_t{8} << spec.n;  // two fp32 buffers of K
+  static bool opted_in = false;  // once per process and instance: up to 128 KiB of shared memory (K = 16384)
+  if (!opted_in) {
+    cudaError_t e = cudaFuncSetAttribute(walsh_quantize_kernel<WARPS>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         static_cast<int>(size_t{8} << 14));
+    if (e != cudaSuccess) return e;
+    opted_in = true;
+  }
+  int per_sm = 1;
+  cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, walsh_quantize_kernel<WARPS>, WARPS * 32, smem);
+  const int64_t blocks = std::min<int64_t>(M, static_cast<int64_t>(std::max(1, sm_count)) * std::max(1, per_sm));
+  walsh_quantize_kernel<WARPS><<<static_cast<unsigned>(blocks), WARPS * 32, smem, stream>>>(x, spec, q, amax, M);
+  return cudaGetLastError();
+}
+
+// The dense-factor path, step 1: Z [M * b, a8] with Z[m * b + j][i] = fp16((X_m B)[i][j] * scale) for i < a, zero
+// for a <= i < a8 (B = the unnormalised Walsh-Hadamard matrix, scale = 1 / sqrt(b); or B = I, scale = 1). A block
+// of 256 threads takes `rows` = 2048 / b rows of one token: b / 8 threads per row, 8 values each in registers (the
+// first three stages there, the others across the row's lanes by shuffles); the block's [b, rows] tile goes out
+// through shared memory, so that the transposed writes are whole rows of Z.
+constexpr int kZThreads = 256;
+
+__global__ void __launch_bounds__(kZThreads) rows_to_z_kernel(const __half* __restrict__ x, __half* __restrict__ z,
+                                                              int a, int a8, int b, bool walsh_b, float scale) {
+  __shared__ __align__(16) __half tile[kZThreads * 8];  // [b][rows]
+  const int tpr = b / 8, rows = kZThreads / tpr;
+  const int64_t m = blockIdx.x;
+  const int r0 = blockIdx.y * rows;
+  const int t = threadIdx.x, lr = t / tpr, c = t % tpr, i = r0 + lr;
+  float r[8];
+  if (i < a) {
+    const uint4 v = __ldg(reinterpret_cast<const uint4*>(x + (m * a + i) * b) + c);
+    const __half2* h2 = reinterpret_cast<const __half2*>(&v);
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      const float2 f = __half22float2(h2[k]);
+      r[2 * k] = f.x;
+      r[2 * k + 1] = f.y;
+    }
+  } else {
+#pragma unroll
+    for (int k = 0; k < 8; ++k) r[k] = 0.f;
+  }
+  if (walsh_b) {
+#pragma unroll
+    for (int h = 1; h < 8; h <<= 1)
+#pragma unroll
+      for (int k = 0; k < 8; ++k)
+        if (!(k & h)) {
+          const float u = r[k], v = r[k + h];
+          r[k] = u + v;
+          r[k + h] = u - v;
+        }
+    for (int l = 1; l < tpr; l <<= 1) {  // spans 8 l: the partner row chunk is lane ^ l (tpr divides 32)
+      const bool upper = c & l;
+#pragma unroll
+      for (int k = 0; k < 8; ++k) {
+        const float p = __shfl_xor_sync(0xffffffffu, r[k], l);
+        r[k] = upper ? p - r[k] : r[k] + p;
+      }
+    }
+  }
+#pragma unroll
+  for (int k = 0; k < 8; ++k) tile[(c * 8 + k) * rows + lr] = __float2half_rn(r[k] * scale);
+  __syncthreads();
+  // rows / 2 half2 per row of the tile: row j of the tile is Z[m * b + j][r0 .. r0 + rows)
+  const int pairs = rows / 2;
+  for (int e = t; e < b * pairs; e += kZThreads) {
+    const int j = e / pairs, p = e % pairs, col = r0 + 2 * p;
+    if (col < a8)  // a8 and r0 are even: the pair lies inside or outside together
+      *reinterpret_cast<__half2*>(z + (m * b + j) * a8 + col) = reinterpret_cast<const __half2*>(tile + j * rows)[p];
+  }
+}
+
+// The dense-factor path, step 3: D [M * b, a8] holds each token's rotated row transposed (D[m * b + j][i] = Y_m[i][j]);
+// quantize token m (one block) into q[m][i * b + j]. Shared memory: the token's b * a8 values.
+constexpr int kDThreads = 512;
+
+__global__ void __launch_bounds__(kDThreads) quantize_from_d_kernel(const __half* __restrict__ d,
+                                                                    int8_t* __restrict__ q,
+                                                                    float* __restrict__ amax_out, int a, int a8,
+                                                                    int b) {
+  extern __shared__ __align__(16) unsigned char d_smem[];
+  __half* ds = reinterpret_cast<__half*>(d_smem);
+  __shared__ float red[kDThreads / 32];
+  __shared__ __half inv_s;
+  const int64_t m = blockIdx.x;
+  const int n = b * a8, K = a * b;  // n % 8 == 0
+  const uint4* src = reinterpret_cast<const uint4*>(d + m * n);
+  float mx = 0.f;  // the padding columns are zero
+  for (int e = threadIdx.x; e < n / 8; e += kDThreads) {
+    const uint4 v = __ldg(src + e);
+    reinterpret_cast<uint4*>(ds)[e] = v;
+    const __half2* h2 = reinterpret_cast<const __half2*>(&v);
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      const float2 f = __half22float2(__habs2(h2[k]));
+      mx = fmaxf(mx, fmaxf(f.x, f.y));
+    }
+  }
+  block_row_scale<kDThreads / 32>(mx, red, &inv_s, amax_out + m);  // its barriers also publish ds
+  const __half inv = inv_s;
+  int8_t* qr = q + m * K;
+  for (int e = threadIdx.x * 4; e < K; e += kDThreads * 4) {  // b % 8 == 0: 4 codes of one i
+    const int i = e / b, j = e % b;
+    char4 cc;
+    cc.x = code_of(ds[(j + 0) * a8 + i], inv);
+    cc.y = code_of(ds[(j + 1) * a8 + i], inv);
+    cc.z = code_of(ds[(j + 2) * a8 + i], inv);
+    cc.w = code_of(ds[(j + 3) * a8 + i], inv);
+    *reinterpret_cast<char4*>(qr + e) = cc;
+  }
+}
+
+int log2_of(int64_t n) {
+  int r = 0;
+  while ((int64_t{1} << r) < n) ++r;
+  return r;
+}
+
 }  // namespace
+
+WalshSpec walsh_spec(int64_t K, int64_t b, bool walsh_a, bool walsh_b) {
+  WalshSpec s;
+  if (b <= 0 || K % b != 0 || !is_pow2(K) || !is_pow2(b) || K < 512 || K > 16384 || !(walsh_a || walsh_b)) return s;
+  const int nb = log2_of(b), n = log2_of(K);
+  s.lo = walsh_b ? 0 : nb;
+  s.hi = walsh_a ? n : nb;
+  s.scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(int64_t{1} << (s.hi - s.lo))));
+  s.n = n;
+  return s;
+}
+
+cudaError_t launch_walsh_quantize_rows(const __half* x, const WalshSpec& spec, int8_t* q, float* amax, int64_t M,
+                                       int sm_count, cudaStream_t stream) {
+  if (M <= 0) return cudaSuccess;
+  if (reinterpret_cast<uintptr_t>(x) % 16 != 0) return cudaErrorInvalidValue;
+  switch (spec.n) {  // K / 16 threads
+    case 9: return launch_walsh_t<1>(x, spec, q, amax, M, sm_count, stream);
+    case 10: return launch_walsh_t<2>(x, spec, q, amax, M, sm_count, stream);
+    case 11: return launch_walsh_t<4>(x, spec, q, amax, M, sm_count, stream);
+    case 12: return launch_walsh_t<8>(x, spec, q, amax, M, sm_count, stream);
+    case 13: return launch_walsh_t<16>(x, spec, q, amax, M, sm_count, stream);
+    case 14: return launch_walsh_t<32>(x, spec, q, amax, M, sm_count, stream);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+bool rotate_dense_supported(int64_t K, int64_t b, bool walsh_b) {
+  if (b < 8 || b > 256 || K % b != 0 || (walsh_b && !is_pow2(b)) || (!walsh_b && b % 8 != 0)) return false;
+  const int64_t a8 = (K / b + 7) / 8 * 8;
+  // one token's D in the quantizing block's shared memory; 2048 / b rows per block of step 1 (b divides 2048)
+  return 2048 % b == 0 && b * a8 * 2 <= static_cast<int64_t>(kRotateMaxSmem) && a8 >= 16;
+}
+
+namespace {
+size_t dense_z_bytes(int64_t M, int64_t K, int64_t b) {
+  const int64_t a8 = (K / b + 7) / 8 * 8;
+  return (static_cast<size_t>(M * b * a8) * 2 + 255) / 256 * 256;
+}
+}  // namespace
+
+size_t rotate_dense_scratch(int64_t M, int64_t K, int64_t b) {
+  const int64_t a8 = (K / b + 7) / 8 * 8;
+  return 2 * dense_z_bytes(M, K, b) + f16_gemm_sm90_workspace(M * b, a8, a8);
+}
+
+cudaError_t launch_rotate_dense_quantize(const __half* x, const __half* at, bool walsh_b, int8_t* q, float* amax,
+                                         int64_t M, int64_t K, int64_t b, void* scratch, cudaStream_t stream) {
+  if (M <= 0) return cudaSuccess;
+  if (!rotate_dense_supported(K, b, walsh_b) || !at || reinterpret_cast<uintptr_t>(x) % 16 != 0 ||
+      reinterpret_cast<uintptr_t>(at) % 16 != 0 || reinterpret_cast<uintptr_t>(q) % 4 != 0 || M > 0x7fffffff)
+    return cudaErrorInvalidValue;
+  const int a = static_cast<int>(K / b), a8 = (a + 7) / 8 * 8, a16 = (a + 15) / 16 * 16;
+  const int rows = 2048 / static_cast<int>(b);
+  auto* z = static_cast<__half*>(scratch);
+  auto* d = reinterpret_cast<__half*>(static_cast<char*>(scratch) + dense_z_bytes(M, K, b));
+  void* ws = static_cast<char*>(scratch) + 2 * dense_z_bytes(M, K, b);
+  const float scale = walsh_b ? static_cast<float>(1.0 / std::sqrt(static_cast<double>(b))) : 1.f;
+  rows_to_z_kernel<<<dim3(static_cast<unsigned>(M), (a8 + rows - 1) / rows), kZThreads, 0, stream>>>(
+      x, z, a, a8, static_cast<int>(b), walsh_b, scale);
+  cudaError_t e = cudaGetLastError();
+  if (e != cudaSuccess) return e;
+  e = launch_f16_gemm_sm90(z, at, a16, d, M * b, a8, a8, ws, stream);
+  if (e != cudaSuccess) return e;
+  const size_t smem = static_cast<size_t>(b) * a8 * 2;
+  static bool opted_in = false;
+  if (!opted_in) {
+    e = cudaFuncSetAttribute(quantize_from_d_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                             static_cast<int>(kRotateMaxSmem));
+    if (e != cudaSuccess) return e;
+    opted_in = true;
+  }
+  quantize_from_d_kernel<<<static_cast<unsigned>(M), kDThreads, smem, stream>>>(d, q, amax, a, a8,
+                                                                                 static_cast<int>(b));
+  return cudaGetLastError();
+}
 
 size_t rotate_quantize_smem(int64_t K, int64_t b) {
   if (b <= 0 || K % b != 0) return 0;

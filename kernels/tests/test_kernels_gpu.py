@@ -294,14 +294,33 @@ FACTORS = [
     (1, 344, "R", 32, "W"),     # 11008 itself at one token (the GEMV)
     (4, 3, None, 64, "W"),      # a transform along the rows only
     (9, 8, "W", 8, "W"),        # the smallest: 8 x 8, the inner factor padded to 16
+    # Walsh-Hadamard factors alone, K = 512 ... 16384: the register transform (inside the GEMV at M <= 4, K <= 4096)
+    (1, 64, "W", 64, "W"),
+    (1, 64, "W", 32, "W"),      # K = 2048: half the GEMV block's threads hold the row
+    (40, 64, "W", 32, "W"),
+    (2, 16, "W", 32, "W"),      # K = 512: three windows, the last overlapping
+    (33, 32, "W", 16, "W"),
+    (70, 128, "W", 64, "W"),    # K = 8192
+    (3, 128, "W", 128, "W"),    # K = 16384: too large for the GEMV's block, the transform kernel first
+    (5, 8, None, 128, "W"),     # a transform over the low bits only
+    # a dense outer factor over a Walsh or identity inner one: the GEMM over all tokens
+    (200, 344, "R", 32, "W"),   # 11008 at prefill
+    (64, 36, "R", 16, "W"),     # K = 576 (a8 = 40)
+    (3, 40, "R", 8, None),      # the inner factor the identity
 ]
 
 
+@pytest.mark.parametrize("tiles", [False, True], ids=["default", "tiles"])
 @pytest.mark.parametrize("M,a,A,b,B", FACTORS)
-def test_rotation_factor_kinds_against_numpy(M, a, A, b, B):
+def test_rotation_factor_kinds_against_numpy(M, a, A, b, B, tiles):
     """The op with each kind of rotation factor (dense on the tensor cores, Walsh-Hadamard as a transform, the
     identity) against numpy: the float64 rotation rounded to fp16, then the op's definition; a code may move by one
-    where a rotated value rounds the other way (fp32 sums in another order)."""
+    where a rotated value rounds the other way (fp32 sums in another order). `tiles`: ONNXQF_ROTATION_TILES=1, the
+    per-token tensor-core kernel for every rotation (where its shared memory holds the row)."""
+    if tiles:
+        a16, b16 = -(-a // 16) * 16, -(-b // 16) * 16
+        if 6 * a16 * b16 > 200 * 1024:
+            pytest.skip("the per-token kernel cannot hold this row")
     from onnxqf.lowering.cuda_kernels import KernelRotation
     from onnxqf.maths.hadamard import hadamard_matrix, random_orthogonal
 
@@ -336,7 +355,7 @@ def test_rotation_factor_kinds_against_numpy(M, a, A, b, B):
                           [helper.make_tensor_value_info("y", F16, ["M", N])], inits)
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(kernels.DOMAIN, 1)])
     m.ir_version = 9
-    got = run_poisoned(_session(m, True, None), x, N).astype(np.float32)
+    got = run_poisoned(_session(m, True, {"ONNXQF_ROTATION_TILES": "1"} if tiles else None), x, N).astype(np.float32)
     ref = KernelRotation(b, None if at is None else at.astype(np.float16).astype(np.float64),
                          None if bp is None else bp.astype(np.float16).astype(np.float64), rot.walsh)
     want, _ = reference(ref.apply(x.astype(np.float64)).astype(np.float16), q, wscale, None)

@@ -1,0 +1,97 @@
+// A rotation by Walsh-Hadamard factors alone, fused into the per-token quantization, for one row held by a block:
+// K = 2^n values, T = K / 16 threads each holding 16 of them in registers (the block may have more threads: they
+// only take part in the barriers). The transform runs over the bits [lo, hi) of the element index (kernels.h:
+// WalshSpec) in windows of four bits: a window's stages are butterflies between a thread's own registers, and the
+// values move between windows through shared memory (two fp32 buffers of K, alternated: one barrier per move).
+// The row is read as 16 contiguous values per thread (window 0), the codes are written from the last window.
+#pragma once
+
+#include <cuda_fp16.h>
+
+#include "kernels.h"
+#include "quant_row.cuh"
+
+namespace onnxqf {
+
+// The register k of thread t when the window starts at bit s: bits [s, s + 4) of the index are k's.
+__device__ __forceinline__ int walsh_index(int t, int k, int s) {
+  return ((t >> s) << (s + 4)) | (k << s) | (t & ((1 << s) - 1));
+}
+
+// The butterfly stages of spans 2^lo .. 2^(hi-1) (0 <= lo, hi <= 4) over 16 registers (unnormalised).
+__device__ __forceinline__ void walsh16(float* r, int lo, int hi) {
+#pragma unroll
+  for (int s = 0; s < 4; ++s) {
+    if (s < lo || s >= hi) continue;
+    const int h = 1 << s;
+#pragma unroll
+    for (int k = 0; k < 16; ++k)
+      if (!(k & h)) {
+        const float u = r[k], v = r[k + h];
+        r[k] = u + v;
+        r[k + h] = u - v;
+      }
+  }
+}
+
+// Rotates row xr (fp16, 16-byte aligned) by `spec` and quantizes it: codes to qr (global or shared memory), the
+// floored amax to *amax_dst. fs: shared, 2 * K floats. Every thread of the block (WARPS warps, >= K / 16 threads)
+// calls it; it ends with a barrier (block_row_scale's), after which fs may be reused.
+template <int WARPS>
+__device__ __forceinline__ void walsh_quantize_row(const __half* __restrict__ xr, const WalshSpec& spec, float* fs,
+                                                   int8_t* qr, float* amax_dst, float* red, __half* inv_s) {
+  const int t = threadIdx.x, n = spec.n, K = 1 << n;
+  const bool mine = t < (K >> 4);
+  float r[16];
+  if (mine) {
+    const uint4* src = reinterpret_cast<const uint4*>(xr) + 2 * t;
+    const uint4 v0 = __ldg(src), v1 = __ldg(src + 1);
+    const __half2* h0 = reinterpret_cast<const __half2*>(&v0);
+    const __half2* h1 = reinterpret_cast<const __half2*>(&v1);
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      const float2 f0 = __half22float2(h0[k]), f1 = __half22float2(h1[k]);
+      r[2 * k] = f0.x;
+      r[2 * k + 1] = f0.y;
+      r[8 + 2 * k] = f1.x;
+      r[8 + 2 * k + 1] = f1.y;
+    }
+  }
+  int s = 0, done = 0, buf = 0;  // the window's first bit; the bits below `done` are transformed
+  for (;;) {
+    const int from = max(spec.lo, max(s, done)), to = min(spec.hi, s + 4);
+    if (mine && from < to) walsh16(r, from - s, to - s);
+    done = s + 4;
+    if (done >= spec.hi) break;
+    const int next = min(max(done, spec.lo), n - 4);  // the window holding the next bit to transform
+    float* f = fs + buf * K;
+    if (mine) {
+#pragma unroll
+      for (int k = 0; k < 16; ++k) f[walsh_index(t, k, s)] = r[k];
+    }
+    __syncthreads();
+    if (mine) {
+#pragma unroll
+      for (int k = 0; k < 16; ++k) r[k] = f[walsh_index(t, k, next)];
+    }
+    buf ^= 1;
+    s = next;
+  }
+  __half h[16];
+  float m = 0.f;
+  if (mine) {
+#pragma unroll
+    for (int k = 0; k < 16; ++k) {
+      h[k] = __float2half_rn(r[k] * spec.scale);
+      m = fmaxf(m, fabsf(__half2float(h[k])));
+    }
+  }
+  block_row_scale<WARPS>(m, red, inv_s, amax_dst);
+  if (mine) {
+    const __half inv = *inv_s;
+#pragma unroll
+    for (int k = 0; k < 16; ++k) qr[walsh_index(t, k, s)] = code_of(h[k], inv);
+  }
+}
+
+}  // namespace onnxqf
