@@ -79,6 +79,13 @@ cudaError_t launch_rotate_quantize_rows(const __half* x, const __half* at, const
 // The current device's multiprocessor count (0 if it cannot be read: CUTLASS then asks itself).
 int sm_count_of_current_device();
 
+// The same rotation at small M (b % 16 == 0, 16 <= b <= 256), unquantized: y [M, K] fp16 = the rotated rows in their
+// own order, a block per 16 rows of A^T and token (each block transforms its token's X B itself); the one-launch
+// GEMV then quantizes y.
+bool rotate_dense_rows_supported(int64_t K, int64_t b, bool walsh_b);
+cudaError_t launch_rotate_dense_rows(const __half* x, const __half* at, bool walsh_b, __half* y, int64_t M, int64_t K,
+                                     int64_t b, cudaStream_t stream);
+
 // D [M, N] = A [M, K] @ B, fp16 in and out, fp32 sums (CUTLASS SM90): A row-major (lda = K), B given as its
 // transpose [N, K] row-major with leading dimension ldb (>= K), D row-major (ldd = N). K, N, ldb % 8 == 0.
 size_t f16_gemm_sm90_workspace(int64_t M, int64_t N, int64_t K);

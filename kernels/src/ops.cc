@@ -206,6 +206,20 @@ struct W8A8LinearKernel {
       if (e != cudaSuccess) return fail(std::string("onnxqf.W8A8Linear: CUDA error: ") + cudaGetErrorString(e));
       return nullptr;
     }
+    // a dense factor at small M: the rotated rows (fp16) by one kernel, then the one-launch GEMV quantizes them
+    if (dense && M <= gemv_max_m && onnxqf::rotate_dense_rows_supported(K, rotation_block, walsh_b) &&
+        onnxqf::w8a8_fused_gemv_supported(x, w, M, K)) {
+      void* rows = nullptr;
+      cudaError_t e = scratch_alloc(&rows, round_up(size_t(M) * size_t(K) * 2, 256), device, stream);
+      if (e != cudaSuccess) return fail(std::string("onnxqf.W8A8Linear: scratch allocation: ") + cudaGetErrorString(e));
+      auto* xr = static_cast<__half*>(rows);
+      e = onnxqf::launch_rotate_dense_rows(x, rot_a, walsh_b, xr, M, K, rotation_block, stream);
+      if (e == cudaSuccess) e = onnxqf::launch_w8a8_fused_gemv(xr, w, ws, bias, y, M, N, K, stream);
+      const cudaError_t ef = cudaFreeAsync(rows, stream);
+      if (e == cudaSuccess) e = ef;
+      if (e != cudaSuccess) return fail(std::string("onnxqf.W8A8Linear: CUDA error: ") + cudaGetErrorString(e));
+      return nullptr;
+    }
     int path = 0;  // 0 naive, 1 gemv, 2 gemm
     const int tile = force_tile >= 0 ? force_tile : (M <= 128 ? 1 : 0);
     if (aligned) path = (M <= gemv_max_m) ? 1 : 2;

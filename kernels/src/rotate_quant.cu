@@ -246,6 +246,21 @@ cudaError_t launch_walsh_t(const __half* x, const WalshSpec& spec, int8_t* q, fl
   return cudaGetLastError();
 }
 
+// The unnormalised Walsh-Hadamard transform of a row of 8 tpr values held 8 per lane by tpr consecutive lanes (chunk
+// c of the row in this lane; tpr a power of two dividing 32, every lane of the warp taking part): the first three
+// stages in registers, the others by shuffles with the lane holding the partner chunk.
+__device__ __forceinline__ void walsh_chunk(float* r, int c, int tpr) {
+  walsh_regs<8>(r);
+  for (int l = 1; l < tpr; l <<= 1) {  // span 8 l: the partner chunk is c ^ l, lane ^ l
+    const bool upper = c & l;
+#pragma unroll
+    for (int k = 0; k < 8; ++k) {
+      const float p = __shfl_xor_sync(0xffffffffu, r[k], l);
+      r[k] = upper ? p - r[k] : r[k] + p;
+    }
+  }
+}
+
 // The dense-factor path, step 1: Z [M * b, a8] with Z[m * b + j][i] = fp16((X_m B)[i][j] * scale) for i < a, zero
 // for a <= i < a8 (B = the unnormalised Walsh-Hadamard matrix, scale = 1 / sqrt(b); or B = I, scale = 1). A block
 // of 256 threads takes `rows` = 2048 / b rows of one token: b / 8 threads per row, 8 values each in registers (the
@@ -274,25 +289,7 @@ __global__ void __launch_bounds__(kZThreads) rows_to_z_kernel(const __half* __re
 #pragma unroll
     for (int k = 0; k < 8; ++k) r[k] = 0.f;
   }
-  if (walsh_b) {
-#pragma unroll
-    for (int h = 1; h < 8; h <<= 1)
-#pragma unroll
-      for (int k = 0; k < 8; ++k)
-        if (!(k & h)) {
-          const float u = r[k], v = r[k + h];
-          r[k] = u + v;
-          r[k + h] = u - v;
-        }
-    for (int l = 1; l < tpr; l <<= 1) {  // spans 8 l: the partner row chunk is lane ^ l (tpr divides 32)
-      const bool upper = c & l;
-#pragma unroll
-      for (int k = 0; k < 8; ++k) {
-        const float p = __shfl_xor_sync(0xffffffffu, r[k], l);
-        r[k] = upper ? p - r[k] : r[k] + p;
-      }
-    }
-  }
+  if (walsh_b) walsh_chunk(r, c, tpr);
 #pragma unroll
   for (int k = 0; k < 8; ++k) tile[(c * 8 + k) * rows + lr] = __float2half_rn(r[k] * scale);
   __syncthreads();
@@ -343,6 +340,66 @@ __global__ void __launch_bounds__(kDThreads) quantize_from_d_kernel(const __half
     cc.w = code_of(ds[(j + 3) * a8 + i], inv);
     *reinterpret_cast<char4*>(qr + e) = cc;
   }
+}
+
+// The dense-factor path at small M, step 1 of 2 (the one-launch GEMV quantizes its output): block (rt, m) computes
+// rows [16 rt, 16 rt + 16) of token m's rotated row Y = A^T (X B), fp16, in the row's own order. Each block first
+// transforms the whole of X_m (b / 8 threads per row, as rows_to_z_kernel) into shared memory [a16, b] fp16, then
+// its warps take B's 16-column tiles: a WMMA product with A^T's 16-row panel read from global memory (fp32 sums).
+constexpr int kRowsThreads = 128;
+
+__global__ void __launch_bounds__(kRowsThreads) rotate_dense_rows_kernel(const __half* __restrict__ x,
+                                                                         const __half* __restrict__ at,
+                                                                         __half* __restrict__ y, int a, int a16,
+                                                                         int b, bool walsh_b, float scale) {
+  extern __shared__ __align__(128) unsigned char rows_smem[];
+  __half* zs = reinterpret_cast<__half*>(rows_smem);                          // [a16, b]
+  float* os = reinterpret_cast<float*>(rows_smem + size_t(a16) * b * 2);      // [16, b]
+  const int64_t m = blockIdx.y;
+  const int rt = blockIdx.x, tpr = b / 8;
+  // a16 * tpr is a multiple of 32 (a16 % 16 == 0, tpr >= 2): a row's lanes are in one warp, every warp whole
+  for (int task = threadIdx.x; task < a16 * tpr; task += kRowsThreads) {
+    const int i = task / tpr, c = task % tpr;
+    float r[8];
+    if (i < a) {
+      const uint4 v = __ldg(reinterpret_cast<const uint4*>(x + (m * a + i) * b) + c);
+      const __half2* h2 = reinterpret_cast<const __half2*>(&v);
+#pragma unroll
+      for (int k = 0; k < 4; ++k) {
+        const float2 f = __half22float2(h2[k]);
+        r[2 * k] = f.x;
+        r[2 * k + 1] = f.y;
+      }
+    } else {
+#pragma unroll
+      for (int k = 0; k < 8; ++k) r[k] = 0.f;
+    }
+    if (walsh_b) walsh_chunk(r, c, tpr);
+    __half2 o[4];
+#pragma unroll
+    for (int k = 0; k < 4; ++k) o[k] = __floats2half2_rn(r[2 * k] * scale, r[2 * k + 1] * scale);
+    *reinterpret_cast<uint4*>(zs + i * b + 8 * c) = *reinterpret_cast<const uint4*>(o);
+  }
+  __syncthreads();
+  const int warp = threadIdx.x >> 5;
+  for (int ct = warp; ct < b / 16; ct += kRowsThreads / 32) {
+    FragC acc;
+    wmma::fill_fragment(acc, 0.f);
+#pragma unroll 4
+    for (int k = 0; k < a16; k += 16) {
+      FragA fa;
+      FragB fb;
+      wmma::load_matrix_sync(fa, at + static_cast<int64_t>(rt) * 16 * a16 + k, a16);
+      wmma::load_matrix_sync(fb, zs + k * b + ct * 16, b);
+      wmma::mma_sync(acc, fa, fb, acc);
+    }
+    wmma::store_matrix_sync(os + ct * 16, acc, b, wmma::mem_row_major);
+  }
+  __syncthreads();
+  const int rows = min(16, a - rt * 16);  // the padding rows of A^T are not written
+  __half* yr = y + m * int64_t(a) * b + int64_t(rt) * 16 * b;
+  for (int e = threadIdx.x * 2; e < rows * b; e += kRowsThreads * 2)
+    *reinterpret_cast<__half2*>(yr + e) = __floats2half2_rn(os[e], os[e + 1]);
 }
 
 int log2_of(int64_t n) {
@@ -426,6 +483,33 @@ cudaError_t launch_rotate_dense_quantize(const __half* x, const __half* at, bool
   }
   quantize_from_d_kernel<<<static_cast<unsigned>(M), kDThreads, smem, stream>>>(d, q, amax, a, a8,
                                                                                  static_cast<int>(b));
+  return cudaGetLastError();
+}
+
+bool rotate_dense_rows_supported(int64_t K, int64_t b, bool walsh_b) {
+  if (b < 16 || b > 256 || b % 16 != 0 || K % b != 0 || (walsh_b && !is_pow2(b))) return false;
+  const int64_t a16 = (K / b + 15) / 16 * 16;
+  return a16 * b * 2 + 64 * b <= static_cast<int64_t>(kRotateMaxSmem);
+}
+
+cudaError_t launch_rotate_dense_rows(const __half* x, const __half* at, bool walsh_b, __half* y, int64_t M, int64_t K,
+                                     int64_t b, cudaStream_t stream) {
+  if (M <= 0) return cudaSuccess;
+  if (!rotate_dense_rows_supported(K, b, walsh_b) || !at || M > 65535 || reinterpret_cast<uintptr_t>(x) % 16 != 0 ||
+      reinterpret_cast<uintptr_t>(at) % 32 != 0 || reinterpret_cast<uintptr_t>(y) % 4 != 0)
+    return cudaErrorInvalidValue;
+  const int a = static_cast<int>(K / b), a16 = (a + 15) / 16 * 16;
+  const size_t smem = static_cast<size_t>(a16) * b * 2 + 64 * static_cast<size_t>(b);
+  static bool opted_in = false;
+  if (!opted_in) {
+    cudaError_t e = cudaFuncSetAttribute(rotate_dense_rows_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                         static_cast<int>(kRotateMaxSmem));
+    if (e != cudaSuccess) return e;
+    opted_in = true;
+  }
+  const float scale = walsh_b ? static_cast<float>(1.0 / std::sqrt(static_cast<double>(b))) : 1.f;
+  rotate_dense_rows_kernel<<<dim3(a16 / 16, static_cast<unsigned>(M)), kRowsThreads, smem, stream>>>(
+      x, at, y, a, a16, static_cast<int>(b), walsh_b, scale);
   return cudaGetLastError();
 }
 

@@ -305,6 +305,8 @@ FACTORS = [
     (5, 8, None, 128, "W"),     # a transform over the low bits only
     # a dense outer factor over a Walsh or identity inner one: the GEMM over all tokens
     (200, 344, "R", 32, "W"),   # 11008 at prefill
+    (4, 344, "R", 32, "W"),     # small M: the rotated rows by one kernel, then the one-launch GEMV
+    (2, 36, "R", 16, "W"),
     (64, 36, "R", 16, "W"),     # K = 576 (a8 = 40)
     (3, 40, "R", 8, None),      # the inner factor the identity
 ]
