@@ -21,6 +21,19 @@ namespace sm90 {
 
 using namespace cute;
 
+// Runs a CUTLASS device GEMM on `stream`: cudaErrorNotSupported when CUTLASS cannot implement the problem.
+template <class Gemm>
+cudaError_t run_cutlass(const typename Gemm::Arguments& args, void* workspace, cudaStream_t stream) {
+  Gemm gemm;
+  if (gemm.can_implement(args) != cutlass::Status::kSuccess) return cudaErrorNotSupported;
+  if (gemm.initialize(args, workspace, stream) != cutlass::Status::kSuccess) return cudaErrorUnknown;
+  if (gemm.run(stream) != cutlass::Status::kSuccess) {
+    const cudaError_t e = cudaGetLastError();
+    return e == cudaSuccess ? cudaErrorLaunchFailure : e;
+  }
+  return cudaGetLastError();
+}
+
 template <class TileShape, class ClusterShape, class KernelSchedule, class EpilogueSchedule>
 struct W8A8Gemm {
   using ElementA = int8_t;  // codes of x, [M, K] row-major
@@ -92,15 +105,7 @@ struct W8A8Gemm {
 
   static cudaError_t run(const int8_t* q, const float* amax, const int8_t* w, const float* wscale, const __half* bias,
                          __half* y, int M, int N, int K, int sm_count, void* workspace, cudaStream_t stream) {
-    auto args = arguments(q, amax, w, wscale, bias, y, M, N, K, sm_count);
-    Gemm gemm;
-    if (gemm.can_implement(args) != cutlass::Status::kSuccess) return cudaErrorNotSupported;
-    if (gemm.initialize(args, workspace, stream) != cutlass::Status::kSuccess) return cudaErrorUnknown;
-    if (gemm.run(stream) != cutlass::Status::kSuccess) {
-      const cudaError_t e = cudaGetLastError();
-      return e == cudaSuccess ? cudaErrorLaunchFailure : e;
-    }
-    return cudaGetLastError();
+    return run_cutlass<Gemm>(arguments(q, amax, w, wscale, bias, y, M, N, K, sm_count), workspace, stream);
   }
 };
 

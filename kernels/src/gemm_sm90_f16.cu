@@ -4,16 +4,7 @@
 // leading dimension of its own (the op's padded factor), D row-major.
 #include <climits>
 
-#include "kernels.h"
-
-#include "cute/tensor.hpp"
-#include "cutlass/cutlass.h"
-#include "cutlass/epilogue/collective/collective_builder.hpp"
-#include "cutlass/epilogue/fusion/sm90_callbacks_tma_warpspecialized.hpp"
-#include "cutlass/gemm/collective/collective_builder.hpp"
-#include "cutlass/gemm/device/gemm_universal_adapter.h"
-#include "cutlass/gemm/kernel/gemm_universal.hpp"
-#include "cutlass/util/packed_stride.hpp"
+#include "gemm_sm90.cuh"
 
 namespace onnxqf {
 namespace {
@@ -80,15 +71,8 @@ cudaError_t launch_f16_gemm_sm90(const __half* a, const __half* bt, int64_t ldb,
   if (!fits(M, N, K) || ldb < K || ldb > INT_MAX || K % 8 != 0 || N % 8 != 0 || ldb % 8 != 0)
     return cudaErrorInvalidValue;
   static const int sm_count = sm_count_of_current_device();  // one-GPU processes are the rule; 0 lets CUTLASS ask
-  auto args = F16Gemm::arguments(a, bt, int(ldb), d, int(M), int(N), int(K), sm_count);
-  F16Gemm::Gemm gemm;
-  if (gemm.can_implement(args) != cutlass::Status::kSuccess) return cudaErrorNotSupported;
-  if (gemm.initialize(args, workspace, stream) != cutlass::Status::kSuccess) return cudaErrorUnknown;
-  if (gemm.run(stream) != cutlass::Status::kSuccess) {
-    const cudaError_t e = cudaGetLastError();
-    return e == cudaSuccess ? cudaErrorLaunchFailure : e;
-  }
-  return cudaGetLastError();
+  return sm90::run_cutlass<F16Gemm::Gemm>(F16Gemm::arguments(a, bt, int(ldb), d, int(M), int(N), int(K), sm_count),
+                                          workspace, stream);
 }
 
 }  // namespace onnxqf

@@ -5,6 +5,17 @@
 
 namespace onnxqf {
 
+// Eight fp16 values (one 16-byte chunk) to fp32.
+__device__ __forceinline__ void halves_to_floats(const uint4& v, float* r) {
+  const __half2* h2 = reinterpret_cast<const __half2*>(&v);
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    const float2 f = __half22float2(h2[k]);
+    r[2 * k] = f.x;
+    r[2 * k + 1] = f.y;
+  }
+}
+
 __device__ __forceinline__ float warp_max(float v) {
 #pragma unroll
   for (int off = 16; off > 0; off >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, off));

@@ -147,13 +147,7 @@ __global__ void __launch_bounds__(kRotThreads) rotate_quantize_kernel(const __ha
         continue;
       }
       float r[8];
-      const __half2* h2 = reinterpret_cast<const __half2*>(&v);
-#pragma unroll
-      for (int k = 0; k < 4; ++k) {
-        const float2 f = __half22float2(h2[k]);
-        r[2 * k] = f.x;
-        r[2 * k + 1] = f.y;
-      }
+      halves_to_floats(v, r);
       if (walsh_b) walsh_regs<8>(r);  // the first three stages along the row: the chunk is 8 aligned elements
       float4* d = reinterpret_cast<float4*>(ts + size_t(c) * 8);
       d[0] = make_float4(r[0], r[1], r[2], r[3]);
@@ -261,6 +255,19 @@ __device__ __forceinline__ void walsh_chunk(float* r, int c, int tpr) {
   }
 }
 
+// Chunk c (8 values) of row i of token m's X [a, b] times B (unnormalised): in fp32, zero for the padding rows i >= a.
+// The lanes holding one row's b / 8 chunks call it together (walsh_chunk's shuffles).
+__device__ __forceinline__ void chunk_times_b(const __half* __restrict__ x, int64_t m, int a, int b, int i, int c,
+                                              bool walsh_b, float* r) {
+  if (i < a) {
+    halves_to_floats(__ldg(reinterpret_cast<const uint4*>(x + (m * a + i) * b) + c), r);
+  } else {
+#pragma unroll
+    for (int k = 0; k < 8; ++k) r[k] = 0.f;
+  }
+  if (walsh_b) walsh_chunk(r, c, b / 8);
+}
+
 // The dense-factor path, step 1: Z [M * b, a8] with Z[m * b + j][i] = fp16((X_m B)[i][j] * scale) for i < a, zero
 // for a <= i < a8 (B = the unnormalised Walsh-Hadamard matrix, scale = 1 / sqrt(b); or B = I, scale = 1). A block
 // of 256 threads takes `rows` = 2048 / b rows of one token: b / 8 threads per row, 8 values each in registers (the
@@ -276,20 +283,7 @@ __global__ void __launch_bounds__(kZThreads) rows_to_z_kernel(const __half* __re
   const int r0 = blockIdx.y * rows;
   const int t = threadIdx.x, lr = t / tpr, c = t % tpr, i = r0 + lr;
   float r[8];
-  if (i < a) {
-    const uint4 v = __ldg(reinterpret_cast<const uint4*>(x + (m * a + i) * b) + c);
-    const __half2* h2 = reinterpret_cast<const __half2*>(&v);
-#pragma unroll
-    for (int k = 0; k < 4; ++k) {
-      const float2 f = __half22float2(h2[k]);
-      r[2 * k] = f.x;
-      r[2 * k + 1] = f.y;
-    }
-  } else {
-#pragma unroll
-    for (int k = 0; k < 8; ++k) r[k] = 0.f;
-  }
-  if (walsh_b) walsh_chunk(r, c, tpr);
+  chunk_times_b(x, m, a, b, i, c, walsh_b, r);
 #pragma unroll
   for (int k = 0; k < 8; ++k) tile[(c * 8 + k) * rows + lr] = __float2half_rn(r[k] * scale);
   __syncthreads();
@@ -361,20 +355,7 @@ __global__ void __launch_bounds__(kRowsThreads) rotate_dense_rows_kernel(const _
   for (int task = threadIdx.x; task < a16 * tpr; task += kRowsThreads) {
     const int i = task / tpr, c = task % tpr;
     float r[8];
-    if (i < a) {
-      const uint4 v = __ldg(reinterpret_cast<const uint4*>(x + (m * a + i) * b) + c);
-      const __half2* h2 = reinterpret_cast<const __half2*>(&v);
-#pragma unroll
-      for (int k = 0; k < 4; ++k) {
-        const float2 f = __half22float2(h2[k]);
-        r[2 * k] = f.x;
-        r[2 * k + 1] = f.y;
-      }
-    } else {
-#pragma unroll
-      for (int k = 0; k < 8; ++k) r[k] = 0.f;
-    }
-    if (walsh_b) walsh_chunk(r, c, tpr);
+    chunk_times_b(x, m, a, b, i, c, walsh_b, r);
     __half2 o[4];
 #pragma unroll
     for (int k = 0; k < 4; ++k) o[k] = __floats2half2_rn(r[2 * k] * scale, r[2 * k + 1] * scale);

@@ -45,17 +45,8 @@ __device__ __forceinline__ void walsh_quantize_row(const __half* __restrict__ xr
   float r[16];
   if (mine) {
     const uint4* src = reinterpret_cast<const uint4*>(xr) + 2 * t;
-    const uint4 v0 = __ldg(src), v1 = __ldg(src + 1);
-    const __half2* h0 = reinterpret_cast<const __half2*>(&v0);
-    const __half2* h1 = reinterpret_cast<const __half2*>(&v1);
-#pragma unroll
-    for (int k = 0; k < 4; ++k) {
-      const float2 f0 = __half22float2(h0[k]), f1 = __half22float2(h1[k]);
-      r[2 * k] = f0.x;
-      r[2 * k + 1] = f0.y;
-      r[8 + 2 * k] = f1.x;
-      r[8 + 2 * k + 1] = f1.y;
-    }
+    halves_to_floats(__ldg(src), r);
+    halves_to_floats(__ldg(src + 1), r + 8);
   }
   int s = 0, done = 0, buf = 0;  // the window's first bit; the bits below `done` are transformed
   for (;;) {
