@@ -73,3 +73,43 @@ def test_float16_token_codes_are_finite_for_zero_and_tiny_tokens():
     assert np.isfinite(out.astype(np.float32)).all()
     assert not out[1].any()
     assert 0 < np.abs(out[2]).max() < 1e-3 * np.abs(out[0]).max()
+
+
+UINT8_ACTIVATIONS = [n for n in CPU_LOWERINGS if parse_lowering(n).uint8_activations]
+
+
+@pytest.mark.parametrize("name", UINT8_ACTIVATIONS)
+def test_uint8_weights_compute_the_same_products(name, activations):
+    """``uint8_weights``: the weights stored as w + 128 (uint8) with zero point 128, which ONNX Runtime's CPU
+    multiplies without the int16 saturation of its u8 x s8 kernel on AVX2 CPUs without VNNI. The symmetric ones give
+    the int8 x int8 products (float rounding apart), every one stays close to float."""
+    model = linear_model(64, 48, parse_lowering(f"{name}:uint8_weights=true"), copies=2, seed=1)
+    inits = model.graph.initializers
+    assert any(v.const_value.dtype == ir.DataType.UINT8 and ".weight_uint8" in k for k, v in inits.items())
+    assert not any(".weight_int8" in k for k in inits)
+    out = _outputs(model, activations)
+    ref = _outputs(linear_model(64, 48, None, copies=2, seed=1), activations)
+    assert np.abs(out - ref).max() / np.abs(ref).max() < (0.1 if name == "uint8-tensor" else 0.03)
+    if name in ("uint8-token", "uint8-token-ql"):
+        same = _outputs(linear_model(64, 48, parse_lowering("int8-token"), copies=2, seed=1), activations)
+        np.testing.assert_allclose(out, same, rtol=1e-5, atol=1e-5 * np.abs(same).max())
+
+
+@pytest.mark.parametrize("saturates", [False, True])
+def test_cpu_target_takes_uint8_weights_where_u8s8_saturates(saturates, monkeypatch):
+    """The CPU target's W8A8 lowering and ``parse_lowering`` choose uint8 weights exactly where the probe of the
+    local ONNX Runtime finds the u8 x s8 saturation; ``check --ep cpu`` (node_issues) flags int8 weights there."""
+    from onnxqf.lowering.base import get
+    from onnxqf.options import W8A8
+    from onnxqf.runtime import target
+
+    monkeypatch.setattr(target, "u8s8_saturates", lambda: saturates)
+    assert target.get_target("cpu").lowering(W8A8()).uint8_weights is saturates
+    assert parse_lowering("uint8-token").uint8_weights is saturates
+    assert target.get_target("cuda").lowering(W8A8()).uint8_weights is False
+    assert parse_lowering("int8-token").uint8_weights is False  # int8 activations: no such choice
+    int8_weights = linear_model(64, 48, get("uint8-token")(), copies=1, seed=1)
+    issues = target.get_target("cpu").node_issues(int8_weights)
+    assert any("saturate" in i for i in issues) is saturates
+    uint8_weights = linear_model(64, 48, get("uint8-token")(uint8_weights=True), copies=1, seed=1)
+    assert not any("saturate" in i for i in target.get_target("cpu").node_issues(uint8_weights))

@@ -29,6 +29,12 @@ MatMulInteger takes int8 x int8 only), the correction then uses ``z - 128``.
 
 ``uint8-tensor``: the ONNX-standard ``DynamicQuantizeLinear`` (per-tensor, asymmetric uint8); CPU only.
 
+The uint8-activation lowerings take ``uint8_weights=True``: the int8 weights stored as ``w + 128`` (uint8) with
+zero point 128, the same int32 products. ONNX Runtime's u8 x s8 CPU kernel on x86 CPUs with AVX2 but without VNNI
+adds pairs of u8 x s8 products in int16 with saturation (up to 2 * 255 * 127) and computes wrong sums; its u8 x u8
+kernel widens first. The CPU target sets it where a probe of the local ONNX Runtime shows the saturation
+(:func:`onnxqf.runtime.target.u8s8_saturates`).
+
 An activation read by several linears (q/k/v, gate/up) is quantized once, and their int8 weights are
 concatenated into one MatMulInteger whose rescaled result is Split back into the linears' outputs (one
 GEMM and one rescale per activation). Float16 models compute the rescale in float32 (int32
@@ -62,7 +68,9 @@ class W8A8Lowering(Lowering):
 
     format = "int8"
     private_weights = True  # the group's weights are untied (make_private) before they are read
+    uint8_activations = False  # the activations are uint8 codes (the CPU lowerings): uint8_weights applies
     clip_search: bool = False
+    uint8_weights: bool = False  # weights as uint8 (w + 128, zero point 128); only with uint8 activations
 
     # -- rounding -----------------------------------------------------------------------------------
     def prepare(self, H):
@@ -91,8 +99,12 @@ class W8A8Lowering(Lowering):
         act = self.quantize_activation(act_tape, graph, group.x, dtype, f"{head.name or head.node.name}/act_quant")
         insert_after_producer(graph, group.x, act_tape.nodes, group.first)
         tape = ir_tape.Tape(graph)
-        wq = edit.add_initializer(graph, f"{base}.weight_int8", q)
-        y = self.product(tape, graph, base, act, wq, q, scale)
+        if self.uint8_weights and self.uint8_activations:  # the same products through the u8 x u8 kernel
+            wq = edit.add_initializer(graph, f"{base}.weight_uint8", (q.astype(np.int16) + 128).astype(np.uint8))
+            wzp = edit.add_initializer(graph, f"{base}.weight_zero_point", np.array(128, np.uint8))
+        else:
+            wq, wzp = edit.add_initializer(graph, f"{base}.weight_int8", q), None
+        y = self.product(tape, graph, base, act, wq, q, scale, wzp)
         if dtype != FLOAT32:
             y = tape.op("Cast", [y], {"to": dtype}, name=f"{base}/to_{dtype.name.lower()}")
         if len(group.linears) > 1:
@@ -107,7 +119,9 @@ class W8A8Lowering(Lowering):
     def quantize_activation(self, tape, graph, x: ir.Value, dtype: ir.DataType, base: str):
         raise NotImplementedError
 
-    def product(self, tape, graph, base: str, act, wq: ir.Value, q: np.ndarray, scale: np.ndarray) -> ir.Value:
+    def product(self, tape, graph, base: str, act, wq: ir.Value, q: np.ndarray, scale: np.ndarray,
+                wzp: ir.Value | None = None) -> ir.Value:
+        """The float32 product of the group; ``wzp``: the weights' zero point (uint8 weights) or None."""
         raise NotImplementedError
 
     def node_issue(self, node: ir.Node, provider: str) -> str | None:
@@ -239,7 +253,7 @@ class Int8Token(W8A8Lowering):
         xq.type = ir.TensorType(ir.DataType.INT8)
         return xq, _as_f32(tape, amax, dtype, f"{base}/amax_f32")
 
-    def product(self, tape, graph, base, act, wq, q, scale):
+    def product(self, tape, graph, base, act, wq, q, scale, wzp=None):
         xq, amax = act
         acc = tape.op("MatMulInteger", [xq, wq], name=f"{base}/matmul_int8")
         return _rescale(tape, graph, base, acc, amax, scale / 127.0)
@@ -252,6 +266,7 @@ class Uint8Token(W8A8Lowering):
     providers = ("cpu",)
     summary = ("per-token symmetric codes shifted to uint8 (zero point 128) x int8 MatMulInteger: the same products "
                "as int8-token, on the CPU's fast u8 x s8 kernels")
+    uint8_activations = True
 
     def quantize_activation(self, tape, graph, x, dtype, base):
         rounded, amax, _ = per_token_codes(tape, graph, x, dtype, base)
@@ -262,9 +277,9 @@ class Uint8Token(W8A8Lowering):
         zp = edit.add_initializer(graph, f"{base}/zero_point", np.array(128, np.uint8))
         return xu, zp, _as_f32(tape, amax, dtype, f"{base}/amax_f32")
 
-    def product(self, tape, graph, base, act, wq, q, scale):
+    def product(self, tape, graph, base, act, wq, q, scale, wzp=None):
         xu, zp, amax = act
-        acc = tape.op("MatMulInteger", [xu, wq, zp], name=f"{base}/matmul_u8s8")
+        acc = tape.op("MatMulInteger", [xu, wq, zp] + ([wzp] if wzp is not None else []), name=f"{base}/matmul_u8s8")
         return _rescale(tape, graph, base, acc, amax, scale / 127.0)
 
 
@@ -296,12 +311,13 @@ class Uint8TokenQL(Uint8Token):
         xu.type = ir.TensorType(ir.DataType.UINT8)
         return xu, _as_f32(tape, amax, dtype, f"{base}/amax_f32")
 
-    def product(self, tape, graph, base, act, wq, q, scale):
+    def product(self, tape, graph, base, act, wq, q, scale, wzp=None):
         xu, amax = act
         one = edit.add_initializer(graph, f"{base}/a_scale", np.array(1.0, np.float32))
         wscale = edit.add_initializer(graph, f"{base}.weight_scale", (scale / 127.0).astype(np.float32))
         zp = edit.add_initializer(graph, f"{base}/a_zero_point", np.array(128, np.uint8))
-        y = tape.op("MatMulIntegerToFloat", [xu, wq, one, wscale, zp], domain="com.microsoft",
+        ins = [xu, wq, one, wscale, zp] + ([wzp] if wzp is not None else [])
+        y = tape.op("MatMulIntegerToFloat", ins, domain="com.microsoft",
                     name=f"{base}/matmul_u8s8")
         return tape.op("Mul", [y, amax], name=f"{base}/token_scale")
 
@@ -331,9 +347,12 @@ class _Asymmetric(W8A8Lowering):
             zp = tape.op("Sub", [zp, offset32], name=f"{base}/zp_signed")
         return xq, zp, _as_f32(tape, scale, dtype, f"{base}/scale_f32")
 
-    def product(self, tape, graph, base, act, wq, q, scale):
+    def product(self, tape, graph, base, act, wq, q, scale, wzp=None):
         xq, zp, s = act
-        acc = tape.op("MatMulInteger", [xq, wq], name=f"{base}/matmul_int8")
+        ins = [xq, wq]
+        if wzp is not None:  # the activations' zero point enters below: 0 here
+            ins += [edit.add_initializer(graph, f"{base}/a_zero_point", np.array(0, np.uint8)), wzp]
+        acc = tape.op("MatMulInteger", ins, name=f"{base}/matmul_int8")
         accf = tape.op("Cast", [acc], {"to": FLOAT32}, name=f"{base}/acc_f32")
         colsum = edit.add_initializer(graph, f"{base}.weight_colsum", q.astype(np.int64).sum(axis=0).astype(np.float32))
         correction = tape.op("Mul", [zp, colsum], name=f"{base}/zp_correction")
@@ -349,6 +368,7 @@ class Uint8TokenAsym(_Asymmetric):
     name = "uint8-token-asym"
     providers = ("cpu",)
     summary = "per-token asymmetric uint8 codes (a zero point per token, applied as a rank-one correction) x int8"
+    uint8_activations = True
 
 
 @register
@@ -367,6 +387,7 @@ class Uint8TokenIter(_Asymmetric):
     providers = ("cpu",)
     summary = "uint8-token-asym with each token's scale and zero point refined by 5 rounds of least squares"
     rounds = 5
+    uint8_activations = True
 
 
 @register
@@ -385,6 +406,7 @@ class Uint8Tensor(W8A8Lowering):
     name = "uint8-tensor"
     providers = ("cpu",)
     summary = "ONNX-standard DynamicQuantizeLinear (per-tensor asymmetric uint8) x int8 MatMulInteger"
+    uint8_activations = True
 
     def quantize_activation(self, tape, graph, x, dtype, base):
         x32 = _as_f32(tape, x, dtype, f"{base}/to_f32")
@@ -392,9 +414,9 @@ class Uint8Tensor(W8A8Lowering):
         xq.type, zp.type = ir.TensorType(ir.DataType.UINT8), ir.TensorType(ir.DataType.UINT8)
         return xq, sx, zp
 
-    def product(self, tape, graph, base, act, wq, q, scale):
+    def product(self, tape, graph, base, act, wq, q, scale, wzp=None):
         xq, sx, zp = act
-        acc = tape.op("MatMulInteger", [xq, wq, zp], name=f"{base}/matmul_int8")
+        acc = tape.op("MatMulInteger", [xq, wq, zp] + ([wzp] if wzp is not None else []), name=f"{base}/matmul_int8")
         accf = tape.op("Cast", [acc], {"to": FLOAT32}, name=f"{base}/acc_f32")
         wscale = edit.add_initializer(graph, f"{base}.weight_scale", scale.astype(np.float32))
         s = tape.op("Mul", [sx, wscale], name=f"{base}/scale")

@@ -45,7 +45,7 @@ from onnxqf.graph.structure import Linear
 from onnxqf.lowering import base as lowering_base
 from onnxqf.maths.gptq import column_chunks
 from onnxqf.maths.hadamard import hadamard_factors
-from onnxqf.runtime.target import get_target
+from onnxqf.runtime.target import get_target, with_cpu_weights
 
 __all__ = [
     "DTYPES",
@@ -138,7 +138,7 @@ def parse_lowering(spec: str, ep: str | None = None) -> lowering_base.Lowering |
             raise OnnxqfError(f"{name}: '{value}' is not a {kind.__name__} for {key}") from None
     if ep is not None and "accuracy_level" in defaults and "accuracy_level" not in kwargs:
         kwargs["accuracy_level"] = get_target(ep).nbits_accuracy_level
-    return cls(**kwargs)
+    return cls(**with_cpu_weights(cls, kwargs))  # (uint8 weights only for the uint8-activation, CPU lowerings)
 
 
 def linear_model(K: int, N: int, lowering: lowering_base.Lowering | None, *, copies: int = 8,

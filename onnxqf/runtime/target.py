@@ -18,7 +18,9 @@ convention: ``-p fp16`` goes with ``-e cuda``).
 from __future__ import annotations
 
 import dataclasses
+import functools
 
+import numpy as np
 import onnx_ir as ir
 
 from onnxqf.errors import OnnxqfError, ProviderUnavailableError
@@ -27,11 +29,43 @@ from onnxqf.lowering import base as lowering_base
 from onnxqf.lowering.nbits import MatMulNBits
 
 __all__ = ["Target", "TARGETS", "get_target", "default_target_name", "genai_provider", "METADATA_TARGET",
-           "METADATA_LOWERING"]
+           "METADATA_LOWERING", "u8s8_saturates", "with_cpu_weights"]
 
 #: model metadata keys where ``rewrite`` records what it lowered for (``check`` compares them with ``--ep``)
 METADATA_TARGET = "onnxqf.target"
 METADATA_LOWERING = "onnxqf.lowering"
+
+
+@functools.cache
+def u8s8_saturates() -> bool:
+    """Whether this machine's ONNX Runtime CPU kernel for uint8 x int8 MatMulInteger gives wrong sums: on x86 CPUs
+    with AVX2 but without VNNI it adds pairs of u8 x s8 products in int16 with saturation. Probed by one product
+    (64 x 255 x 127, whose pairs overflow int16); False where onnxruntime is not installed."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return False
+    from onnx import TensorProto, helper, numpy_helper
+
+    b = numpy_helper.from_array(np.full((64, 8), 127, np.int8), "b")
+    graph = helper.make_graph([helper.make_node("MatMulInteger", ["a", "b"], ["y"])], "probe",
+                              [helper.make_tensor_value_info("a", TensorProto.UINT8, [1, 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.INT32, [1, 8])], [b])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    session = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    y = session.run(None, {"a": np.full((1, 64), 255, np.uint8)})[0]
+    return bool((y != 64 * 255 * 127).any())
+
+
+def with_cpu_weights(cls, kwargs: dict) -> dict:
+    """``kwargs`` for the W8A8 lowering class ``cls`` on this machine's CPU: uint8 weights where the u8 x s8 kernel
+    saturates (:func:`u8s8_saturates`) and the caller did not choose."""
+    if getattr(cls, "uint8_activations", False) and "uint8_weights" not in kwargs and u8s8_saturates():
+        return {**kwargs, "uint8_weights": True}
+    return kwargs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,7 +101,9 @@ class Target:
         ``lowering`` when it names one, else this target's choice for the format."""
         if quant.format == "int8":
             # (a W8A8 config only names a W8A8 lowering: onnxqf.options.W8A8 checks it)
-            return lowering_base.get(quant.lowering or self.w8a8[quant.activations])(clip_search=quant.clip_search)
+            cls = lowering_base.get(quant.lowering or self.w8a8[quant.activations])
+            kwargs = {"clip_search": quant.clip_search}
+            return cls(**(with_cpu_weights(cls, kwargs) if self.name == "cpu" else kwargs))
         level = self.nbits_accuracy_level if quant.accuracy_level is None else quant.accuracy_level
         return MatMulNBits(bits=quant.bits, block_size=quant.block_size, symmetric=not quant.asymmetric,
                            clip_search=quant.clip_search, act_order=quant.act_order, damp=quant.damp,
@@ -93,6 +129,11 @@ class Target:
                 if issue:
                     issues.append(issue)
                     break
+            else:
+                if self.name == "cpu" and _u8s8_product(node) and u8s8_saturates():
+                    issues.append(f"{node.op_type} '{node.name}': uint8 x int8 products saturate in this CPU's ONNX "
+                                  "Runtime kernel (AVX2 without VNNI): rewrite with --ep cpu on this machine "
+                                  "(uint8 weights)")
         return issues
 
     # -- sessions -----------------------------------------------------------------------------------
@@ -160,3 +201,14 @@ def genai_provider(decoder: dict) -> str:
         for name in entry:
             return str(name).lower()
     return ""
+
+
+def _u8s8_product(node: ir.Node) -> bool:
+    """A MatMulInteger / MatMulIntegerToFloat whose weights (input 1, an initializer) are int8 and whose activations
+    are not int8 (uint8 codes)."""
+    if node.op_type not in ("MatMulInteger", "MatMulIntegerToFloat") or len(node.inputs) < 2:
+        return False
+    a, w = node.inputs[0], node.inputs[1]
+    if w is None or w.const_value is None or w.const_value.dtype != ir.DataType.INT8:
+        return False
+    return a is None or a.dtype != ir.DataType.INT8
