@@ -12,14 +12,9 @@ int sm_count_of_current_device() {
   return n;
 }
 
-namespace {
-bool fits_int(int64_t M, int64_t N, int64_t K) {
-  return M > 0 && N > 0 && K > 0 && M <= INT_MAX && N <= INT_MAX && K <= INT_MAX;
-}
-}  // namespace
 
 size_t w8a8_gemm_sm90_workspace(int tile, int64_t M, int64_t N, int64_t K) {
-  if (!fits_int(M, N, K)) return 0;
+  if (!sm90::fits_int(M, N, K)) return 0;
   switch (tile) {
     case 0: return sm90::workspace_large(int(M), int(N), int(K));
     case 1: return sm90::workspace_small(int(M), int(N), int(K));
@@ -30,7 +25,7 @@ size_t w8a8_gemm_sm90_workspace(int tile, int64_t M, int64_t N, int64_t K) {
 cudaError_t launch_w8a8_gemm_sm90(int tile, const int8_t* q, const float* amax, const int8_t* w, const float* wscale,
                                   const __half* bias, __half* y, int64_t M, int64_t N, int64_t K, void* workspace,
                                   cudaStream_t stream) {
-  if (!fits_int(M, N, K) || K % 16 != 0 || N % 8 != 0) return cudaErrorNotSupported;
+  if (!sm90::fits_int(M, N, K) || K % 16 != 0 || N % 8 != 0) return cudaErrorNotSupported;
   // sm_count: cached per process for the first device asked (one-GPU processes are the rule); 0 lets CUTLASS ask
   static const int sm_count = sm_count_of_current_device();
   switch (tile) {

@@ -5,6 +5,8 @@
 // Each tile configuration is instantiated in its own .cu file so that they compile in parallel.
 #pragma once
 
+#include <climits>
+
 #include "kernels.h"
 
 #include "cute/tensor.hpp"
@@ -20,6 +22,11 @@ namespace onnxqf {
 namespace sm90 {
 
 using namespace cute;
+
+// Whether a GEMM's sizes are positive and fit CUTLASS's int problem shape.
+inline bool fits_int(int64_t M, int64_t N, int64_t K) {
+  return M > 0 && N > 0 && K > 0 && M <= INT_MAX && N <= INT_MAX && K <= INT_MAX;
+}
 
 // Runs a CUTLASS device GEMM on `stream`: cudaErrorNotSupported when CUTLASS cannot implement the problem.
 template <class Gemm>

@@ -2,8 +2,6 @@
 // sums rounded once to fp16): the dense factor of an online rotation applied to every token at once
 // (launch_rotate_dense_quantize). D [M, N] = A [M, K] @ B, A row-major, B given as its transpose [N, K] with a
 // leading dimension of its own (the op's padded factor), D row-major.
-#include <climits>
-
 #include "gemm_sm90.cuh"
 
 namespace onnxqf {
@@ -54,21 +52,17 @@ struct F16Gemm {
   }
 };
 
-bool fits(int64_t M, int64_t N, int64_t K) {
-  return M > 0 && N > 0 && K > 0 && M <= INT_MAX && N <= INT_MAX && K <= INT_MAX;
-}
-
 }  // namespace
 
 size_t f16_gemm_sm90_workspace(int64_t M, int64_t N, int64_t K) {
-  if (!fits(M, N, K)) return 0;
+  if (!sm90::fits_int(M, N, K)) return 0;
   auto args = F16Gemm::arguments(nullptr, nullptr, int(K), nullptr, int(M), int(N), int(K), 0);
   return F16Gemm::Gemm::get_workspace_size(args);
 }
 
 cudaError_t launch_f16_gemm_sm90(const __half* a, const __half* bt, int64_t ldb, __half* d, int64_t M, int64_t N,
                                  int64_t K, void* workspace, cudaStream_t stream) {
-  if (!fits(M, N, K) || ldb < K || ldb > INT_MAX || K % 8 != 0 || N % 8 != 0 || ldb % 8 != 0)
+  if (!sm90::fits_int(M, N, K) || ldb < K || ldb > INT_MAX || K % 8 != 0 || N % 8 != 0 || ldb % 8 != 0)
     return cudaErrorInvalidValue;
   static const int sm_count = sm_count_of_current_device();  // one-GPU processes are the rule; 0 lets CUTLASS ask
   return sm90::run_cutlass<F16Gemm::Gemm>(F16Gemm::arguments(a, bt, int(ldb), d, int(M), int(N), int(K), sm_count),

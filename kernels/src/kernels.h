@@ -70,11 +70,20 @@ cudaError_t launch_rotate_dense_quantize(const __half* x, const __half* at, bool
 // not the identity, and 32-byte aligned factors. sm_count: the GPU's multiprocessors (the grid strides over the rows).
 constexpr size_t kRotateMaxSmem = 200 * 1024;
 constexpr bool is_pow2(int64_t n) { return n > 0 && (n & (n - 1)) == 0; }  // a Walsh factor's size
+constexpr int64_t round_up_to(int64_t n, int64_t m) { return (n + m - 1) / m * m; }  // a factor's padded size
 size_t rotate_quantize_smem(int64_t K, int64_t b);
 bool rotate_quantize_supported(int64_t K, int64_t b);
 cudaError_t launch_rotate_quantize_rows(const __half* x, const __half* at, const __half* bm, int walsh, int8_t* q,
                                         float* amax, int64_t M, int64_t K, int64_t b, int sm_count,
                                         cudaStream_t stream);
+
+// Lets kernel F use up to `bytes` of dynamic shared memory: asked once per process and kernel, the answer kept.
+template <auto F>
+cudaError_t opt_in_smem(size_t bytes) {
+  static const cudaError_t e =
+      cudaFuncSetAttribute(F, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
+  return e;
+}
 
 // The current device's multiprocessor count (0 if it cannot be read: CUTLASS then asks itself).
 int sm_count_of_current_device();

@@ -153,7 +153,7 @@ struct W8A8LinearKernel {
         return fail("onnxqf.W8A8Linear: cannot rotate K = " + std::to_string(K) + " by blocks of rotation_block = " +
                     std::to_string(b) + " (b % 8 == 0, K % b == 0, 6 * a16 * b16 <= " +
                     std::to_string(onnxqf::kRotateMaxSmem) + " bytes)");
-      const int64_t a16 = (K / b + 15) / 16 * 16, b16 = (b + 15) / 16 * 16;
+      const int64_t a16 = onnxqf::round_up_to(K / b, 16), b16 = onnxqf::round_up_to(b, 16);
       if (RA) {
         const auto sh = RA.GetTensorTypeAndShapeInfo().GetShape();
         if (sh.size() != 2 || sh[0] != a16 || sh[1] != a16)
@@ -195,8 +195,9 @@ struct W8A8LinearKernel {
     // tensor-core product (rotate_quant.cu)
     const bool rotate = rotation_block > 0;
     const bool walsh_a = rotation_walsh & 2, walsh_b = rotation_walsh & 1;
-    const onnxqf::WalshSpec wspec =
-        rotate && !rot_a && !rot_b && !tile_rotation ? onnxqf::walsh_spec(K, rotation_block, walsh_a, walsh_b) : onnxqf::WalshSpec{};
+    const onnxqf::WalshSpec wspec = rotate && !rot_a && !rot_b && !tile_rotation
+                                        ? onnxqf::walsh_spec(K, rotation_block, walsh_a, walsh_b)
+                                        : onnxqf::WalshSpec{};
     const bool dense = rotate && rot_a && !rot_b && !walsh_a && !tile_rotation &&
                        onnxqf::rotate_dense_supported(K, rotation_block, walsh_b);
     // small M in one launch, no scratch: quantization (after a Walsh rotation) into shared memory + GEMV

@@ -284,13 +284,7 @@ template <int MT, int R, int U>
 cudaError_t launch_fused_t(const __half* x, const int8_t* w, const float* wscale, const __half* bias, __half* y,
                            int64_t M, int64_t N, int64_t K, const WalshSpec& rot, cudaStream_t stream) {
   const size_t smem = static_cast<size_t>(MT) * static_cast<size_t>(K) + (rot.n ? 8 * static_cast<size_t>(K) : 0);
-  static bool configured = false;  // benign race: the attribute is idempotent
-  if (!configured) {
-    cudaError_t e = cudaFuncSetAttribute(fused_gemv_kernel<MT, R, U>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         kFusedMaxSmem);
-    if (e != cudaSuccess) return e;
-    configured = true;
-  }
+  if (const cudaError_t e = opt_in_smem<fused_gemv_kernel<MT, R, U>>(kFusedMaxSmem); e != cudaSuccess) return e;
   const int64_t warps = (N + R - 1) / R;
   const int64_t blocks = (warps + kFusedWarps - 1) / kFusedWarps;
   if (blocks > 0x7fffffff) return cudaErrorInvalidValue;

@@ -226,13 +226,8 @@ template <int WARPS>
 cudaError_t launch_walsh_t(const __half* x, const WalshSpec& spec, int8_t* q, float* amax, int64_t M, int sm_count,
                            cudaStream_t stream) {
   const size_t smem = size_t{8} << spec.n;  // two fp32 buffers of K
-  static bool opted_in = false;  // once per process and instance: up to 128 KiB of shared memory (K = 16384)
-  if (!opted_in) {
-    cudaError_t e = cudaFuncSetAttribute(walsh_quantize_kernel<WARPS>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         static_cast<int>(size_t{8} << 14));
-    if (e != cudaSuccess) return e;
-    opted_in = true;
-  }
+  // up to 128 KiB (K = 16384), asked once per instance
+  if (const cudaError_t oe = opt_in_smem<walsh_quantize_kernel<WARPS>>(size_t{8} << 14); oe != cudaSuccess) return oe;
   int per_sm = 1;
   cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, walsh_quantize_kernel<WARPS>, WARPS * 32, smem);
   const int64_t blocks = std::min<int64_t>(M, static_cast<int64_t>(std::max(1, sm_count)) * std::max(1, per_sm));
@@ -383,6 +378,8 @@ __global__ void __launch_bounds__(kRowsThreads) rotate_dense_rows_kernel(const _
     *reinterpret_cast<__half2*>(yr + e) = __floats2half2_rn(os[e], os[e + 1]);
 }
 
+float inv_sqrt(int64_t n) { return static_cast<float>(1.0 / std::sqrt(static_cast<double>(n))); }  // a Walsh scale
+
 int log2_of(int64_t n) {
   int r = 0;
   while ((int64_t{1} << r) < n) ++r;
@@ -397,7 +394,7 @@ WalshSpec walsh_spec(int64_t K, int64_t b, bool walsh_a, bool walsh_b) {
   const int nb = log2_of(b), n = log2_of(K);
   s.lo = walsh_b ? 0 : nb;
   s.hi = walsh_a ? n : nb;
-  s.scale = static_cast<float>(1.0 / std::sqrt(static_cast<double>(int64_t{1} << (s.hi - s.lo))));
+  s.scale = inv_sqrt(int64_t{1} << (s.hi - s.lo));
   s.n = n;
   return s;
 }
@@ -419,20 +416,20 @@ cudaError_t launch_walsh_quantize_rows(const __half* x, const WalshSpec& spec, i
 
 bool rotate_dense_supported(int64_t K, int64_t b, bool walsh_b) {
   if (b < 8 || b > 256 || K % b != 0 || (walsh_b && !is_pow2(b)) || (!walsh_b && b % 8 != 0)) return false;
-  const int64_t a8 = (K / b + 7) / 8 * 8;
+  const int64_t a8 = round_up_to(K / b, 8);
   // one token's D in the quantizing block's shared memory; 2048 / b rows per block of step 1 (b divides 2048)
   return 2048 % b == 0 && b * a8 * 2 <= static_cast<int64_t>(kRotateMaxSmem) && a8 >= 16;
 }
 
 namespace {
 size_t dense_z_bytes(int64_t M, int64_t K, int64_t b) {
-  const int64_t a8 = (K / b + 7) / 8 * 8;
+  const int64_t a8 = round_up_to(K / b, 8);
   return (static_cast<size_t>(M * b * a8) * 2 + 255) / 256 * 256;
 }
 }  // namespace
 
 size_t rotate_dense_scratch(int64_t M, int64_t K, int64_t b) {
-  const int64_t a8 = (K / b + 7) / 8 * 8;
+  const int64_t a8 = round_up_to(K / b, 8);
   return 2 * dense_z_bytes(M, K, b) + f16_gemm_sm90_workspace(M * b, a8, a8);
 }
 
@@ -442,12 +439,13 @@ cudaError_t launch_rotate_dense_quantize(const __half* x, const __half* at, bool
   if (!rotate_dense_supported(K, b, walsh_b) || !at || reinterpret_cast<uintptr_t>(x) % 16 != 0 ||
       reinterpret_cast<uintptr_t>(at) % 16 != 0 || reinterpret_cast<uintptr_t>(q) % 4 != 0 || M > 0x7fffffff)
     return cudaErrorInvalidValue;
-  const int a = static_cast<int>(K / b), a8 = (a + 7) / 8 * 8, a16 = (a + 15) / 16 * 16;
+  const int a = static_cast<int>(K / b);
+  const int a8 = static_cast<int>(round_up_to(a, 8)), a16 = static_cast<int>(round_up_to(a, 16));
   const int rows = 2048 / static_cast<int>(b);
   auto* z = static_cast<__half*>(scratch);
   auto* d = reinterpret_cast<__half*>(static_cast<char*>(scratch) + dense_z_bytes(M, K, b));
   void* ws = static_cast<char*>(scratch) + 2 * dense_z_bytes(M, K, b);
-  const float scale = walsh_b ? static_cast<float>(1.0 / std::sqrt(static_cast<double>(b))) : 1.f;
+  const float scale = walsh_b ? inv_sqrt(b) : 1.f;
   rows_to_z_kernel<<<dim3(static_cast<unsigned>(M), (a8 + rows - 1) / rows), kZThreads, 0, stream>>>(
       x, z, a, a8, static_cast<int>(b), walsh_b, scale);
   cudaError_t e = cudaGetLastError();
@@ -455,13 +453,7 @@ cudaError_t launch_rotate_dense_quantize(const __half* x, const __half* at, bool
   e = launch_f16_gemm_sm90(z, at, a16, d, M * b, a8, a8, ws, stream);
   if (e != cudaSuccess) return e;
   const size_t smem = static_cast<size_t>(b) * a8 * 2;
-  static bool opted_in = false;
-  if (!opted_in) {
-    e = cudaFuncSetAttribute(quantize_from_d_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                             static_cast<int>(kRotateMaxSmem));
-    if (e != cudaSuccess) return e;
-    opted_in = true;
-  }
+  if (const cudaError_t oe = opt_in_smem<quantize_from_d_kernel>(kRotateMaxSmem); oe != cudaSuccess) return oe;
   quantize_from_d_kernel<<<static_cast<unsigned>(M), kDThreads, smem, stream>>>(d, q, amax, a, a8,
                                                                                  static_cast<int>(b));
   return cudaGetLastError();
@@ -469,7 +461,7 @@ cudaError_t launch_rotate_dense_quantize(const __half* x, const __half* at, bool
 
 bool rotate_dense_rows_supported(int64_t K, int64_t b, bool walsh_b) {
   if (b < 16 || b > 256 || b % 16 != 0 || K % b != 0 || (walsh_b && !is_pow2(b))) return false;
-  const int64_t a16 = (K / b + 15) / 16 * 16;
+  const int64_t a16 = round_up_to(K / b, 16);
   return a16 * b * 2 + 64 * b <= static_cast<int64_t>(kRotateMaxSmem);
 }
 
@@ -479,16 +471,10 @@ cudaError_t launch_rotate_dense_rows(const __half* x, const __half* at, bool wal
   if (!rotate_dense_rows_supported(K, b, walsh_b) || !at || M > 65535 || reinterpret_cast<uintptr_t>(x) % 16 != 0 ||
       reinterpret_cast<uintptr_t>(at) % 32 != 0 || reinterpret_cast<uintptr_t>(y) % 4 != 0)
     return cudaErrorInvalidValue;
-  const int a = static_cast<int>(K / b), a16 = (a + 15) / 16 * 16;
+  const int a = static_cast<int>(K / b), a16 = static_cast<int>(round_up_to(a, 16));
   const size_t smem = static_cast<size_t>(a16) * b * 2 + 64 * static_cast<size_t>(b);
-  static bool opted_in = false;
-  if (!opted_in) {
-    cudaError_t e = cudaFuncSetAttribute(rotate_dense_rows_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         static_cast<int>(kRotateMaxSmem));
-    if (e != cudaSuccess) return e;
-    opted_in = true;
-  }
-  const float scale = walsh_b ? static_cast<float>(1.0 / std::sqrt(static_cast<double>(b))) : 1.f;
+  if (const cudaError_t oe = opt_in_smem<rotate_dense_rows_kernel>(kRotateMaxSmem); oe != cudaSuccess) return oe;
+  const float scale = walsh_b ? inv_sqrt(b) : 1.f;
   rotate_dense_rows_kernel<<<dim3(a16 / 16, static_cast<unsigned>(M)), kRowsThreads, smem, stream>>>(
       x, at, y, a, a16, static_cast<int>(b), walsh_b, scale);
   return cudaGetLastError();
@@ -496,7 +482,7 @@ cudaError_t launch_rotate_dense_rows(const __half* x, const __half* at, bool wal
 
 size_t rotate_quantize_smem(int64_t K, int64_t b) {
   if (b <= 0 || K % b != 0) return 0;
-  const int64_t a16 = (K / b + 15) / 16 * 16, b16 = (b + 15) / 16 * 16;
+  const int64_t a16 = round_up_to(K / b, 16), b16 = round_up_to(b, 16);
   return static_cast<size_t>(a16 * b16 * 6);
 }
 
@@ -514,13 +500,7 @@ cudaError_t launch_rotate_quantize_rows(const __half* x, const __half* at, const
       reinterpret_cast<uintptr_t>(bm) % 32 != 0)
     return cudaErrorInvalidValue;
   const size_t smem = rotate_quantize_smem(K, b);
-  static bool opted_in = false;  // once per process: the kernel may use up to kRotateMaxSmem of shared memory
-  if (!opted_in) {
-    cudaError_t e = cudaFuncSetAttribute(rotate_quantize_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         static_cast<int>(kRotateMaxSmem));
-    if (e != cudaSuccess) return e;
-    opted_in = true;
-  }
+  if (const cudaError_t oe = opt_in_smem<rotate_quantize_kernel>(kRotateMaxSmem); oe != cudaSuccess) return oe;
   int per_sm = 1;
   cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, rotate_quantize_kernel, kRotThreads, smem);
   const int64_t blocks = std::min<int64_t>(M, static_cast<int64_t>(std::max(1, sm_count)) * std::max(1, per_sm));
