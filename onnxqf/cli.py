@@ -253,9 +253,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "1.3x faster than the default kernels at --batch 16, no faster at batch 1, and prefill 1.6x "
                         "slower (docs/benchmarks.md, section f)")
     b.add_argument("--op-times", action="store_true",
-                   help="--ep cpu: also profile each model (ONNX Runtime's profiler, a second session) and print its "
-                        "kernel time per operator type, per prefill and per decode token: where the time goes (the "
-                        "profiler adds a few microseconds per node: compare the shares, not the totals with the table)")
+                   help="also profile each model (a second session) and print where the time goes, per prefill "
+                        "and per decode token: on the CPU ONNX Runtime's profiler, kernel time per operator type (it "
+                        "adds a few microseconds per node: compare the shares); on CUDA the GPU's activity tracer "
+                        "through PyTorch's profiler, GPU time per kernel. With --linears (CUDA): GPU time per kernel "
+                        "per linear")
     b.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     b.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     lin = b.add_argument_group("one linear at a time (no MODEL): graphs of --copies linears x @ W, lowered by "
@@ -603,7 +605,7 @@ def _bench_linears(args) -> int:
     opts = LinearsOptions(shapes=parse_shapes(args.linears), ms=parse_counts(args.m), ep=args.ep, dtype=args.dtype,
                           lowerings=tuple(s for s in args.lowerings.split(",") if s), copies=args.copies,
                           repeats=args.repeats, warmup=args.warmup, nbits_kernel=args.nbits_kernel,
-                          rotate=args.rotated)
+                          rotate=args.rotated, kernel_times=args.op_times)
     quiet = args.quiet or args.json
     result = bench_linears(opts, progress=None if quiet else lambda line: print(line, file=sys.stderr, flush=True))
     print(json.dumps(result) if args.json else format_linears(result))

@@ -177,6 +177,8 @@ def main() -> int:
                    "float,int4 (default) or float")
     r.add_argument("--cuda-graph", action="store_true", help="passed to onnxqf bench: also decode steps replayed as "
                    "CUDA graphs")
+    r.add_argument("--op-times", action="store_true", help="passed to onnxqf bench: also where the time goes (per "
+                   "operator type on the CPU, per GPU kernel on CUDA)")
     r.add_argument("--tiny", action="store_true", help="tiny shapes, CPU (tests)")
     r.add_argument("--work", type=Path, help="scratch folder (default: under /dev/shm or the temp folder)")
     args = ap.parse_args()
@@ -270,7 +272,8 @@ def main() -> int:
         seq = args.seq if batch == 1 else args.batch_seq
         b = sh([py, "-m", "onnxqf.cli", "bench", *[folders[n] for n in names], "--ep", ep, "--batch", str(batch),
                 "--seq", str(seq), "--past", args.past, "--decode-tokens", "32", "--repeats", "10", "--warmup", "3",
-                "--nbits-kernel", args.nbits_kernel, *(["--cuda-graph"] if args.cuda_graph else []), "--json"],
+                "--nbits-kernel", args.nbits_kernel, *(["--cuda-graph"] if args.cuda_graph else []),
+                *(["--op-times"] if args.op_times else []), "--json"],
                env, max(30.0, (left() - 5) / (len(batches) - k)),
                cwd=base, keep=0)
         key = "bench" if batch == 1 else f"bench_batch{batch}"
@@ -314,6 +317,12 @@ def print_table(result: dict, key: str = "bench") -> None:
               f"|{tail}")
         if row.get("decode_graph_note"):
             print(f"  ({row['label']}: {row['decode_graph_note'][:300]})")
+    for row in bench["models"]:
+        for phase in ("prefill", "decode"):
+            times = (row.get("op_times") or {}).get(phase)
+            if times:
+                top = ", ".join(f"{k} {ms:.3f}" for k, ms in list(times.items())[:12])
+                print(f"  {row['label']} {phase}: {sum(times.values()):.3f} ms = {top}")
 
 
 if __name__ == "__main__":

@@ -52,6 +52,12 @@ def test_rewrite_emits_the_kernel_and_check_needs_cuda(tiny_fp16, tmp_path, caps
     model = onnx.load(str(out), load_external_data=False)
     ops = [n.op_type for n in model.graph.node]
     assert ops.count(OP) == 2 * 4 and "MatMulInteger" not in ops  # q/k/v, o, gate/up, down per layer
+    assert "Split" not in ops  # a group's op writes one output per linear
+    outs = sorted(len(n.output) for n in model.graph.node if n.op_type == OP)
+    assert outs == [1] * 4 + [2] * 2 + [3] * 2, outs  # o, down; gate/up; q/k/v
+    for n in model.graph.node:
+        sizes = [list(a.ints) for a in n.attribute if a.name == "output_sizes"]
+        assert (len(n.output) > 1) == bool(sizes) and (not sizes or len(sizes[0]) == len(n.output))
     assert {p.key: p.value for p in model.metadata_props}["onnxqf.target"] == "cuda"
     capsys.readouterr()
     assert main(["check", str(out), "--ep", "cpu"]) == 2

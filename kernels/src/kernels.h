@@ -37,13 +37,31 @@ struct WalshSpec {
 };
 WalshSpec walsh_spec(int64_t K, int64_t b, bool walsh_a, bool walsh_b);
 
+// The op's outputs: the N output channels cut into `count` consecutive parts (the q/k/v or gate/up of one linear
+// group), part i the columns [end[i-1], end[i]) (end[-1] = 0) written as its own tensor y[i] [M, end[i] - end[i-1]].
+constexpr int kMaxOutputs = 4;
+struct OutSplit {
+  __half* y[kMaxOutputs] = {};
+  int64_t end[kMaxOutputs] = {};
+  int count = 0;
+};
+inline OutSplit one_output(__half* y, int64_t N) {
+  OutSplit o;
+  o.y[0] = y;
+  o.end[0] = N;
+  o.count = 1;
+  return o;
+}
+
 // Small M (<= kFusedMaxM) in one launch: quantization of x into shared memory + GEMV; with a WalshSpec (n > 0;
-// K <= 4096) each row is rotated first. Check support first.
+// K <= 4096) each row is rotated first. Check support first. N = out.end[out.count - 1].
 constexpr int kFusedMaxM = 4;
 bool w8a8_fused_gemv_supported(const __half* x, const int8_t* w, int64_t M, int64_t K, const WalshSpec* rot = nullptr);
+// config (M = 1): -1 = by shape (the default: 1 x 8 for N >= 8192, 4 x 4 for K >= 8192, else 0), 0 = 2 outputs per
+// warp x 4 chunks in flight, 1 = 1 x 8, 2 = 2 x 8, 3 = 4 x 4, 4 = 4 x 2, 5 = 1 x 16 (ONNXQF_GEMV_CONFIG, A/B runs).
 cudaError_t launch_w8a8_fused_gemv(const __half* x, const int8_t* w, const float* wscale, const __half* bias,
-                                   __half* y, int64_t M, int64_t N, int64_t K, cudaStream_t stream,
-                                   const WalshSpec* rot = nullptr);
+                                   const OutSplit& out, int64_t M, int64_t K, cudaStream_t stream,
+                                   const WalshSpec* rot = nullptr, int config = -1);
 
 // Rotation by Walsh-Hadamard factors (a WalshSpec with n > 0) fused into the per-token quantization, any M: one
 // block of K / 16 threads per row at a time, 16 values per thread in registers (kernels/src/walsh_row.cuh).

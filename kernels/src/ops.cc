@@ -11,7 +11,9 @@
 //                (a = K / b), inside the quantization (kernels.h: launch_rotate_quantize_rows)
 //     attribute: rotation_walsh (int, default 0): bit 0: B = H_b / sqrt(b), bit 1: A = H_a / sqrt(a) (Sylvester's
 //                Walsh-Hadamard matrix, run as a fast transform; that factor's input RB / RA absent)
-//     output:  Y      float16 [..., N]
+//     attribute: output_sizes (ints, optional): the N output channels cut into consecutive parts, one output each
+//                (at most 4: a linear group's q/k/v or gate/up, whose codes are shared); absent: one output
+//     outputs: Y...   float16 [..., N] (or [..., output_sizes[i]] each)
 //   Y = per-token int8 quantization of X (kernels.h), int8 GEMM, dequantization fused (fp16 out).
 //
 // The library is built for sm_90a (H100/H200, compute capability 9.0) and refuses any other GPU when a session
@@ -19,6 +21,7 @@
 //   ONNXQF_GEMV_MAX_M   rows up to which the GEMV runs (default 4: one launch with the quantization fused for
 //                       M <= 4, the separate quantization kernel + GEMV above); larger M takes the tensor-core GEMM
 //   ONNXQF_GEMM_TILE    force the GEMM tile: 0 = 128x128, 1 = 64x128, 2 = 128x256 (default: 1 for M <= 128, else 0)
+//   ONNXQF_GEMV_CONFIG  the one-token GEMV's outputs per warp x weight chunks in flight (kernels.h; default -1: by shape)
 #define ORT_API_MANUAL_INIT
 #include "onnxruntime_cxx_api.h"
 #undef ORT_API_MANUAL_INIT
@@ -28,6 +31,7 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <algorithm>
 #include <map>
 #include <mutex>
 #include <string>
@@ -103,11 +107,13 @@ size_t round_up(size_t x, size_t a) { return (x + a - 1) / a * a; }
 struct W8A8LinearKernel {
   int device = 0;
   int gemv_max_m = 4;
+  int gemv_config = -1;
   int force_tile = -1;
   bool tile_rotation = false;  // ONNXQF_ROTATION_TILES=1: every rotation by the per-token tensor-core kernel
   int sm_count = 1;
   int64_t rotation_block = 0;
   int rotation_walsh = 0;
+  std::vector<int64_t> output_sizes;  // empty: one output
 
   OrtStatusPtr ComputeV2(OrtKernelContext* context) {
     try {
@@ -173,9 +179,25 @@ struct W8A8LinearKernel {
       if (!rot_a && !rot_b && !rotation_walsh)
         return fail("onnxqf.W8A8Linear: rotation_block is set but neither RA, RB nor rotation_walsh is given");
     }
+    // the outputs: one of N channels, or output_sizes' consecutive parts (a linear group's q/k/v, gate/up)
+    const size_t n_out = ctx.GetOutputCount();
+    const std::vector<int64_t> parts = output_sizes.empty() ? std::vector<int64_t>{N} : output_sizes;
+    if (parts.size() != n_out)
+      return fail("onnxqf.W8A8Linear: " + std::to_string(n_out) + " outputs but output_sizes gives " +
+                  std::to_string(parts.size()) + " sizes");
+    onnxqf::OutSplit out;
     std::vector<int64_t> ys = xs;
-    ys.back() = N;
-    auto Y = ctx.GetOutput(0, ys);
+    int64_t total = 0;
+    for (size_t i = 0; i < n_out; ++i) {
+      total += parts[i];
+      ys.back() = parts[i];
+      out.y[i] = reinterpret_cast<__half*>(ctx.GetOutput(i, ys).GetTensorMutableRawData());
+      out.end[i] = total;
+    }
+    out.count = static_cast<int>(n_out);
+    if (total != N)
+      return fail("onnxqf.W8A8Linear: output_sizes add up to " + std::to_string(total) + ", W has N = " +
+                  std::to_string(N));
     int64_t M = 1;
     for (size_t i = 0; i + 1 < xs.size(); ++i) M *= xs[i];
     if (M == 0 || N == 0) return nullptr;
@@ -185,10 +207,11 @@ struct W8A8LinearKernel {
     const auto* x = reinterpret_cast<const __half*>(X.GetTensorRawData());
     const auto* w = reinterpret_cast<const int8_t*>(W.GetTensorRawData());
     const auto* ws = reinterpret_cast<const float*>(S.GetTensorRawData());
-    auto* y = reinterpret_cast<__half*>(Y.GetTensorMutableRawData());
-
-    const bool aligned = K % 16 == 0 && N % 8 == 0 && reinterpret_cast<uintptr_t>(w) % 16 == 0 &&
-                         reinterpret_cast<uintptr_t>(y) % 16 == 0 && reinterpret_cast<uintptr_t>(ws) % 16 == 0 &&
+    bool parts_aligned = true;  // each part's columns start 8-aligned (its scales, bias and output 16-byte aligned)
+    for (int i = 0; i < out.count; ++i)
+      parts_aligned = parts_aligned && parts[i] % 8 == 0 && reinterpret_cast<uintptr_t>(out.y[i]) % 16 == 0;
+    const bool aligned = K % 16 == 0 && parts_aligned && reinterpret_cast<uintptr_t>(w) % 16 == 0 &&
+                         reinterpret_cast<uintptr_t>(ws) % 16 == 0 &&
                          (!bias || reinterpret_cast<uintptr_t>(bias) % 16 == 0);
     // the rotation's kernel: Walsh-Hadamard factors alone as a transform in registers (any M; at small M inside the
     // GEMV); a dense outer factor over a Walsh or identity inner one as a GEMM over all tokens; else the per-token
@@ -203,7 +226,8 @@ struct W8A8LinearKernel {
     // small M in one launch, no scratch: quantization (after a Walsh rotation) into shared memory + GEMV
     if ((!rotate || wspec.n) && M <= gemv_max_m &&
         onnxqf::w8a8_fused_gemv_supported(x, w, M, K, rotate ? &wspec : nullptr)) {
-      cudaError_t e = onnxqf::launch_w8a8_fused_gemv(x, w, ws, bias, y, M, N, K, stream, rotate ? &wspec : nullptr);
+      cudaError_t e = onnxqf::launch_w8a8_fused_gemv(x, w, ws, bias, out, M, K, stream, rotate ? &wspec : nullptr,
+                                                     gemv_config);
       if (e != cudaSuccess) return fail(std::string("onnxqf.W8A8Linear: CUDA error: ") + cudaGetErrorString(e));
       return nullptr;
     }
@@ -215,7 +239,7 @@ struct W8A8LinearKernel {
       if (e != cudaSuccess) return fail(std::string("onnxqf.W8A8Linear: scratch allocation: ") + cudaGetErrorString(e));
       auto* xr = static_cast<__half*>(rows);
       e = onnxqf::launch_rotate_dense_rows(x, rot_a, walsh_b, xr, M, K, rotation_block, stream);
-      if (e == cudaSuccess) e = onnxqf::launch_w8a8_fused_gemv(xr, w, ws, bias, y, M, N, K, stream);
+      if (e == cudaSuccess) e = onnxqf::launch_w8a8_fused_gemv(xr, w, ws, bias, out, M, K, stream, nullptr, gemv_config);
       const cudaError_t ef = cudaFreeAsync(rows, stream);
       if (e == cudaSuccess) e = ef;
       if (e != cudaSuccess) return fail(std::string("onnxqf.W8A8Linear: CUDA error: ") + cudaGetErrorString(e));
@@ -228,7 +252,9 @@ struct W8A8LinearKernel {
 
     const size_t q_bytes = round_up(size_t(M) * size_t(K), 256);
     const size_t a_bytes = round_up(size_t(M) * sizeof(float), 256);
-    const size_t ws_bytes = path == 2 ? round_up(onnxqf::w8a8_gemm_sm90_workspace(tile, M, N, K), 256) : 0;
+    size_t ws_bytes = 0;
+    for (int i = 0; path == 2 && i < out.count; ++i)
+      ws_bytes = std::max(ws_bytes, round_up(onnxqf::w8a8_gemm_sm90_workspace(tile, M, parts[i], K), 256));
     const size_t r_bytes = dense ? onnxqf::rotate_dense_scratch(M, K, rotation_block) : 0;
     void* scratch = nullptr;
     cudaError_t e = scratch_alloc(&scratch, q_bytes + a_bytes + ws_bytes + r_bytes, device, stream);
@@ -245,16 +271,21 @@ struct W8A8LinearKernel {
     if (rotate && !wspec.n && (!dense || e == cudaErrorNotSupported))  // (CUTLASS may refuse a small factor)
       e = onnxqf::launch_rotate_quantize_rows(x, rot_a, rot_b, rotation_walsh, q, amax, M, K, rotation_block, sm_count,
                                               stream);
-    if (e == cudaSuccess) {
-      if (path == 2) {
-        e = onnxqf::launch_w8a8_gemm_sm90(tile, q, amax, w, ws, bias, y, M, N, K, workspace, stream);
+    for (int i = 0; e == cudaSuccess && i < out.count; ++i) {  // each output its own product of the shared codes
+      const int64_t start = i ? out.end[i - 1] : 0, n = parts[i];
+      const int8_t* wi = w + start * K;
+      const float* si = ws + start;
+      const __half* bi = bias ? bias + start : nullptr;
+      int part_path = path;
+      if (part_path == 2) {
+        e = onnxqf::launch_w8a8_gemm_sm90(tile, q, amax, wi, si, bi, out.y[i], M, n, K, workspace, stream);
         if (e == cudaErrorNotSupported) {
           (void)cudaGetLastError();
-          path = 1;
+          part_path = 1;
         }
       }
-      if (path == 1) e = onnxqf::launch_w8a8_gemv(q, amax, w, ws, bias, y, M, N, K, stream);
-      if (path == 0) e = onnxqf::launch_w8a8_naive(q, amax, w, ws, bias, y, M, N, K, stream);
+      if (part_path == 1) e = onnxqf::launch_w8a8_gemv(q, amax, wi, si, bi, out.y[i], M, n, K, stream);
+      if (part_path == 0) e = onnxqf::launch_w8a8_naive(q, amax, wi, si, bi, out.y[i], M, n, K, stream);
     }
     cudaError_t ef = cudaFreeAsync(scratch, stream);
     if (e == cudaSuccess) e = ef;
@@ -283,12 +314,24 @@ struct W8A8LinearOp : Ort::CustomOpBase<W8A8LinearOp, W8A8LinearKernel, true> {
     }
     if (rotation_walsh < 0 || rotation_walsh > 3 || (rotation_walsh && rotation_block == 0))
       return fail("onnxqf.W8A8Linear: rotation_walsh must be 0..3, and set only with rotation_block");
+    std::vector<int64_t> output_sizes;
+    try {
+      output_sizes = Ort::ConstKernelInfo(info).GetAttributes<int64_t>("output_sizes");
+    } catch (const Ort::Exception&) {
+      output_sizes.clear();  // no such attribute: one output
+    }
+    if (output_sizes.size() > static_cast<size_t>(onnxqf::kMaxOutputs))
+      return fail("onnxqf.W8A8Linear: at most " + std::to_string(onnxqf::kMaxOutputs) + " outputs (output_sizes)");
+    for (int64_t v : output_sizes)
+      if (v <= 0) return fail("onnxqf.W8A8Linear: output_sizes must be positive");
     auto* k = new W8A8LinearKernel();
+    k->output_sizes = output_sizes;
     k->device = dev;
     k->rotation_block = rotation_block;
     k->rotation_walsh = static_cast<int>(rotation_walsh);
     cudaDeviceGetAttribute(&k->sm_count, cudaDevAttrMultiProcessorCount, dev);
     k->gemv_max_m = env_int("ONNXQF_GEMV_MAX_M", 4);
+    k->gemv_config = env_int("ONNXQF_GEMV_CONFIG", -1);
     k->force_tile = env_int("ONNXQF_GEMM_TILE", -1);
     k->tile_rotation = env_int("ONNXQF_ROTATION_TILES", 0) != 0;  // the per-token kernel for every rotation (A/B runs)
     *kernel = k;
@@ -311,16 +354,35 @@ struct W8A8LinearOp : Ort::CustomOpBase<W8A8LinearOp, W8A8LinearKernel, true> {
     return i >= 3 ? OrtCustomOpInputOutputCharacteristic::INPUT_OUTPUT_OPTIONAL
                   : OrtCustomOpInputOutputCharacteristic::INPUT_OUTPUT_REQUIRED;
   }
+  // one or more float16 outputs (output_sizes): a variadic output of one type
   size_t GetOutputTypeCount() const { return 1; }
   ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16; }
+  OrtCustomOpInputOutputCharacteristic GetOutputCharacteristic(size_t) const {
+    return OrtCustomOpInputOutputCharacteristic::INPUT_OUTPUT_VARIADIC;
+  }
+  int GetVariadicOutputMinArity() const { return 1; }
+  bool GetVariadicOutputHomogeneity() const { return true; }
 
   static OrtStatusPtr InferOutputShape(Ort::ShapeInferContext& ctx) {
     if (ctx.GetInputCount() < 2) return nullptr;
     Ort::ShapeInferContext::Shape y = ctx.GetInputShape(0);
     const auto& w = ctx.GetInputShape(1);
     if (y.empty() || w.size() != 2) return nullptr;
-    y.back() = w[0];
-    return ctx.SetOutputShape(0, y, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16).release();
+    std::vector<int64_t> sizes;
+    try {
+      sizes = ctx.GetAttrInts("output_sizes");
+    } catch (const Ort::Exception&) {
+      sizes.clear();
+    }
+    if (sizes.empty()) {
+      y.back() = w[0];
+      return ctx.SetOutputShape(0, y, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16).release();
+    }
+    for (size_t i = 0; i < sizes.size(); ++i) {
+      y.back() = Ort::ShapeInferContext::SymbolicInteger(sizes[i]);
+      if (OrtStatusPtr st = ctx.SetOutputShape(i, y, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16).release()) return st;
+    }
+    return nullptr;
   }
 };
 

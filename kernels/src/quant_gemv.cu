@@ -188,13 +188,12 @@ __global__ void __launch_bounds__(kGemvWarps * 32) gemv_kernel(const int8_t* __r
 // loaded while the current ones are used. Needs K % 16 == 0, x 16-byte aligned; shared memory MT * K bytes (+ 8 K).
 constexpr int kFusedWarps = kQuantThreads / 32;
 
-template <int MT, int R, int U>
-__global__ void __launch_bounds__(kQuantThreads, 3) fused_gemv_kernel(const __half* __restrict__ x,
+template <int MT, int R, int U, int MINB = 3>
+__global__ void __launch_bounds__(kQuantThreads, MINB) fused_gemv_kernel(const __half* __restrict__ x,
                                                                   const int8_t* __restrict__ w,
                                                                   const float* __restrict__ wscale,
-                                                                  const __half* __restrict__ bias,
-                                                                  __half* __restrict__ y, int64_t M, int64_t N,
-                                                                  int64_t K, WalshSpec rot) {
+                                                                  const __half* __restrict__ bias, OutSplit out,
+                                                                  int64_t M, int64_t N, int64_t K, WalshSpec rot) {
   extern __shared__ __align__(16) unsigned char fused_smem[];
   int8_t* qs = reinterpret_cast<int8_t*>(fused_smem);  // [MT][K]
   __shared__ float amax_s[MT];
@@ -276,20 +275,33 @@ __global__ void __launch_bounds__(kQuantThreads, 3) fused_gemv_kernel(const __ha
     for (int r = 0; r < R; ++r) {
       const int v = warp_sum(acc[m][r]);
       const int64_t nn = n0 + r;
-      if (lane == ((m * R + r) & 31) && m < mcount && nn < N) y[m * N + nn] = dequant(v, amax_s[m], wscale[nn], bias, nn);
+      if (lane == ((m * R + r) & 31) && m < mcount && nn < N) {
+        __half* yp = out.y[0];  // the output holding column nn (static indices: out stays in parameter space)
+        int64_t start = 0, end = out.end[0];
+#pragma unroll
+        for (int i = 1; i < kMaxOutputs; ++i)
+          if (i < out.count && nn >= out.end[i - 1]) {
+            yp = out.y[i];
+            start = out.end[i - 1];
+            end = out.end[i];
+          }
+        yp[m * (end - start) + (nn - start)] = dequant(v, amax_s[m], wscale[nn], bias, nn);
+      }
     }
 }
 
-template <int MT, int R, int U>
-cudaError_t launch_fused_t(const __half* x, const int8_t* w, const float* wscale, const __half* bias, __half* y,
-                           int64_t M, int64_t N, int64_t K, const WalshSpec& rot, cudaStream_t stream) {
+// MINB: blocks per multiprocessor the registers must allow (the weight registers grow with R * U)
+template <int MT, int R, int U, int MINB = 3>
+cudaError_t launch_fused_t(const __half* x, const int8_t* w, const float* wscale, const __half* bias,
+                           const OutSplit& out, int64_t M, int64_t K, const WalshSpec& rot, cudaStream_t stream) {
+  const int64_t N = out.end[out.count - 1];
   const size_t smem = static_cast<size_t>(MT) * static_cast<size_t>(K) + (rot.n ? 8 * static_cast<size_t>(K) : 0);
-  if (const cudaError_t e = opt_in_smem<fused_gemv_kernel<MT, R, U>>(kFusedMaxSmem); e != cudaSuccess) return e;
+  if (const cudaError_t e = opt_in_smem<fused_gemv_kernel<MT, R, U, MINB>>(kFusedMaxSmem); e != cudaSuccess) return e;
   const int64_t warps = (N + R - 1) / R;
   const int64_t blocks = (warps + kFusedWarps - 1) / kFusedWarps;
   if (blocks > 0x7fffffff) return cudaErrorInvalidValue;
-  fused_gemv_kernel<MT, R, U><<<static_cast<unsigned>(blocks), kQuantThreads, smem, stream>>>(x, w, wscale, bias, y, M,
-                                                                                             N, K, rot);
+  fused_gemv_kernel<MT, R, U, MINB><<<static_cast<unsigned>(blocks), kQuantThreads, smem, stream>>>(
+      x, w, wscale, bias, out, M, N, K, rot);
   return cudaGetLastError();
 }
 
@@ -351,13 +363,27 @@ bool w8a8_fused_gemv_supported(const __half* x, const int8_t* w, int64_t M, int6
 }
 
 cudaError_t launch_w8a8_fused_gemv(const __half* x, const int8_t* w, const float* wscale, const __half* bias,
-                                   __half* y, int64_t M, int64_t N, int64_t K, cudaStream_t stream,
-                                   const WalshSpec* rot) {
-  if (!w8a8_fused_gemv_supported(x, w, M, K, rot)) return cudaErrorInvalidValue;
+                                   const OutSplit& out, int64_t M, int64_t K, cudaStream_t stream,
+                                   const WalshSpec* rot, int config) {
+  if (!w8a8_fused_gemv_supported(x, w, M, K, rot) || out.count < 1 || out.count > kMaxOutputs)
+    return cudaErrorInvalidValue;
   const WalshSpec r = rot ? *rot : WalshSpec{};
-  if (M <= 1) return launch_fused_t<1, 2, 4>(x, w, wscale, bias, y, M, N, K, r, stream);
-  if (M <= 2) return launch_fused_t<2, 2, 4>(x, w, wscale, bias, y, M, N, K, r, stream);
-  return launch_fused_t<4, 2, 2>(x, w, wscale, bias, y, M, N, K, r, stream);
+  if (M <= 1) {
+    if (config < 0) {  // by shape (H100 sweep, docs/benchmarks.md g6): wide N -> 1 x 8; long K -> 4 x 4; else 2 x 4
+      const int64_t N = out.end[out.count - 1];
+      config = K >= 8192 ? 3 : N >= 8192 ? 1 : 0;
+    }
+    switch (config) {  // outputs per warp x 16-byte chunks per row in flight (A/B runs: ONNXQF_GEMV_CONFIG)
+      case 1: return launch_fused_t<1, 1, 8>(x, w, wscale, bias, out, M, K, r, stream);
+      case 2: return launch_fused_t<1, 2, 8, 2>(x, w, wscale, bias, out, M, K, r, stream);
+      case 3: return launch_fused_t<1, 4, 4, 2>(x, w, wscale, bias, out, M, K, r, stream);
+      case 4: return launch_fused_t<1, 4, 2>(x, w, wscale, bias, out, M, K, r, stream);
+      case 5: return launch_fused_t<1, 1, 16, 2>(x, w, wscale, bias, out, M, K, r, stream);
+      default: return launch_fused_t<1, 2, 4>(x, w, wscale, bias, out, M, K, r, stream);
+    }
+  }
+  if (M <= 2) return launch_fused_t<2, 2, 4>(x, w, wscale, bias, out, M, K, r, stream);
+  return launch_fused_t<4, 2, 2>(x, w, wscale, bias, out, M, K, r, stream);
 }
 
 cudaError_t launch_w8a8_naive(const int8_t* q, const float* amax, const int8_t* w, const float* wscale,

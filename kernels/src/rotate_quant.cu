@@ -218,8 +218,14 @@ __global__ void __launch_bounds__(WARPS * 32) walsh_quantize_kernel(const __half
   __shared__ __half inv_s;
   const int64_t K = int64_t{1} << spec.n;
   float* fs = reinterpret_cast<float*>(walsh_smem);
-  for (int64_t row = blockIdx.x; row < M; row += gridDim.x)
-    walsh_quantize_row<WARPS>(x + row * K, spec, fs, q + row * K, amax_out + row, red, &inv_s);
+  int64_t row = blockIdx.x;
+  if (row >= M) return;
+  WalshLoad next = walsh_load(x + row * K, spec.n);
+  for (; row < M; row += gridDim.x) {  // the next row's loads are in flight while this one is transformed
+    const WalshLoad cur = next;
+    if (row + gridDim.x < M) next = walsh_load(x + (row + gridDim.x) * K, spec.n);
+    walsh_quantize_loaded<WARPS>(cur, spec, fs, q + row * K, amax_out + row, red, &inv_s);
+  }
 }
 
 template <int WARPS>

@@ -18,6 +18,11 @@ __device__ __forceinline__ int walsh_index(int t, int k, int s) {
   return ((t >> s) << (s + 4)) | (k << s) | (t & ((1 << s) - 1));
 }
 
+// Where index i lives in a shared buffer: the low four bits XORed with the next four. A window's exchange writes or
+// reads, for each register k, index walsh_index(t, k, s) across a warp's threads; unswizzled, the window at bit 0
+// puts the 32 threads 16 words apart (a 16-way bank conflict); swizzled, no pattern here conflicts more than 2-way.
+__device__ __forceinline__ int walsh_slot(int i) { return i ^ ((i >> 4) & 15); }
+
 // The butterfly stages of spans 2^lo .. 2^(hi-1) (0 <= lo, hi <= 4) over 16 registers (unnormalised).
 __device__ __forceinline__ void walsh16(float* r, int lo, int hi) {
 #pragma unroll
@@ -34,20 +39,30 @@ __device__ __forceinline__ void walsh16(float* r, int lo, int hi) {
   }
 }
 
-// Rotates row xr (fp16, 16-byte aligned) by `spec` and quantizes it: codes to qr (global or shared memory), the
-// floored amax to *amax_dst. fs: shared, 2 * K floats. Every thread of the block (WARPS warps, >= K / 16 threads)
-// calls it; it ends with a barrier (block_row_scale's), after which fs may be reused.
+// The thread's 16 values of row xr (window 0: two 16-byte chunks), or zeros for threads beyond K / 16.
+struct WalshLoad {
+  uint4 lo = {0, 0, 0, 0}, hi = {0, 0, 0, 0};
+};
+__device__ __forceinline__ WalshLoad walsh_load(const __half* __restrict__ xr, int n) {
+  WalshLoad v;
+  const int t = threadIdx.x;
+  if (t < ((1 << n) >> 4)) {
+    const uint4* src = reinterpret_cast<const uint4*>(xr) + 2 * t;
+    v.lo = __ldg(src);
+    v.hi = __ldg(src + 1);
+  }
+  return v;
+}
+
+// walsh_quantize_row on a row already loaded (walsh_load): a caller striding over rows loads the next one first.
 template <int WARPS>
-__device__ __forceinline__ void walsh_quantize_row(const __half* __restrict__ xr, const WalshSpec& spec, float* fs,
-                                                   int8_t* qr, float* amax_dst, float* red, __half* inv_s) {
+__device__ __forceinline__ void walsh_quantize_loaded(const WalshLoad& in, const WalshSpec& spec, float* fs,
+                                                      int8_t* qr, float* amax_dst, float* red, __half* inv_s) {
   const int t = threadIdx.x, n = spec.n, K = 1 << n;
   const bool mine = t < (K >> 4);
   float r[16];
-  if (mine) {
-    const uint4* src = reinterpret_cast<const uint4*>(xr) + 2 * t;
-    halves_to_floats(__ldg(src), r);
-    halves_to_floats(__ldg(src + 1), r + 8);
-  }
+  halves_to_floats(in.lo, r);
+  halves_to_floats(in.hi, r + 8);
   int s = 0, done = 0, buf = 0;  // the window's first bit; the bits below `done` are transformed
   for (;;) {
     const int from = max(spec.lo, max(s, done)), to = min(spec.hi, s + 4);
@@ -58,12 +73,12 @@ __device__ __forceinline__ void walsh_quantize_row(const __half* __restrict__ xr
     float* f = fs + buf * K;
     if (mine) {
 #pragma unroll
-      for (int k = 0; k < 16; ++k) f[walsh_index(t, k, s)] = r[k];
+      for (int k = 0; k < 16; ++k) f[walsh_slot(walsh_index(t, k, s))] = r[k];
     }
     __syncthreads();
     if (mine) {
 #pragma unroll
-      for (int k = 0; k < 16; ++k) r[k] = f[walsh_index(t, k, next)];
+      for (int k = 0; k < 16; ++k) r[k] = f[walsh_slot(walsh_index(t, k, next))];
     }
     buf ^= 1;
     s = next;
@@ -83,6 +98,15 @@ __device__ __forceinline__ void walsh_quantize_row(const __half* __restrict__ xr
 #pragma unroll
     for (int k = 0; k < 16; ++k) qr[walsh_index(t, k, s)] = code_of(h[k], inv);
   }
+}
+
+// Rotates row xr (fp16, 16-byte aligned) by `spec` and quantizes it: codes to qr (global or shared memory), the
+// floored amax to *amax_dst. fs: shared, 2 * K floats. Every thread of the block (WARPS warps, >= K / 16 threads)
+// calls it; it ends with a barrier (block_row_scale's), after which fs may be reused.
+template <int WARPS>
+__device__ __forceinline__ void walsh_quantize_row(const __half* __restrict__ xr, const WalshSpec& spec, float* fs,
+                                                   int8_t* qr, float* amax_dst, float* red, __half* inv_s) {
+  walsh_quantize_loaded<WARPS>(walsh_load(xr, spec.n), spec, fs, qr, amax_dst, red, inv_s);
 }
 
 }  // namespace onnxqf

@@ -174,6 +174,59 @@ def test_bit_exact_against_standard_graph(M, K, N, env):
                              f"max {np.max(np.abs(ours.astype(np.float32) - std)):.3g}")
 
 
+PARTS = [
+    # (M, K, sizes, bias, rotation_walsh block, env): one op writing a linear group's outputs, at every path
+    (1, 4096, (4096, 1024, 1024), False, 0, None),    # q/k/v of a GQA layer: the fused GEMV
+    (3, 4096, (11008, 11008), True, 0, None),         # gate/up, fused GEMV at 3 rows, bias
+    (2, 4096, (4096, 1024, 1024), False, 64, None),   # the fused GEMV after the Walsh rotation
+    (64, 4096, (4096, 1024, 1024), True, 0, None),    # GEMM small tile, one per output on shared codes
+    (300, 4096, (11008, 11008), False, 64, None),     # the Walsh kernel, then a GEMM per output
+    (2048, 2048, (2048, 512, 512), False, 0, None),   # GEMM large tile
+    (16, 4096, (4096, 1024, 1024), False, 0, {"ONNXQF_GEMV_MAX_M": "16"}),  # separate quantization + GEMV
+    (40, 1024, (500, 508), False, 0, None),           # a part of N % 8 != 0: the GEMV for every part
+]
+
+
+@pytest.mark.parametrize("M,K,sizes,with_bias,block,env", PARTS)
+def test_output_parts_against_numpy(M, K, sizes, with_bias, block, env):
+    """``output_sizes``: the op writes each consecutive part of its N channels as its own output (the group's q/k/v
+    or gate/up, no Split): each equals its columns of the one-output reference; outputs poisoned first."""
+    N = sum(sizes)
+    x, q, wscale, bias = data(M, K, N, seed=M + K + len(sizes), with_bias=with_bias, tiny_row=False)
+    inits = [numpy_helper.from_array(q, "wq"), numpy_helper.from_array(wscale, "ws")]
+    ins = ["x", "wq", "ws"] + (["b"] if with_bias else [])
+    if with_bias:
+        inits.append(numpy_helper.from_array(bias, "b"))
+    outs = [f"y{i}" for i in range(len(sizes))]
+    attrs = {"output_sizes": list(sizes)}
+    if block:
+        attrs |= {"rotation_block": block, "rotation_walsh": 3}
+    node = helper.make_node(kernels.W8A8_LINEAR, ins, outs, domain=kernels.DOMAIN, **attrs)
+    g = helper.make_graph([node], "t", [helper.make_tensor_value_info("x", F16, ["M", K])],
+                          [helper.make_tensor_value_info(o, F16, ["M", n]) for o, n in zip(outs, sizes)], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(kernels.DOMAIN, 1)])
+    m.ir_version = 9
+    sess = _session(m, True, env)
+    assert [o.shape[-1] for o in sess.get_outputs()] == list(sizes)  # the op's shape inference
+    b = sess.io_binding()
+    b.bind_ortvalue_input("x", ort.OrtValue.ortvalue_from_numpy(x, "cuda", 0))
+    ys = [ort.OrtValue.ortvalue_from_numpy(np.full((M, n), np.nan, np.float16), "cuda", 0) for n in sizes]
+    for o, y in zip(outs, ys):
+        b.bind_ortvalue_output(o, y)
+    sess.run_with_iobinding(b)
+    got = np.concatenate([y.numpy() for y in ys], axis=1).astype(np.float32)
+    xr = x
+    if block:
+        from onnxqf.lowering.cuda_kernels import KernelRotation
+
+        xr = KernelRotation(block, None, None, 3).apply(x.astype(np.float64)).astype(np.float16)
+    want = reference(xr, q, wscale, bias)[0].astype(np.float32)
+    assert not np.isnan(got).any(), "unwritten outputs"
+    err = np.abs(got - want).max() / np.abs(want).max()
+    mean = np.abs(got - want).mean() / np.abs(want).mean()
+    assert err < 0.02 and mean < 0.005, (err, mean)
+
+
 def test_empty_tokens():
     _, q, wscale, _ = data(4, 256, 64, seed=1, with_bias=False)
     sess = session(256, 64, False, q=q, wscale=wscale)

@@ -4,7 +4,8 @@ The group's int8 weights (rounded as every W8A8 lowering rounds them) are concat
 stored transposed, ``[N, K]`` ("TN", what the int8 tensor cores read), and the whole linear is one node of the
 ``onnxqf`` domain, from ``kernels/`` (``onnxqf.runtime.kernels``)::
 
-    y = onnxqf.W8A8Linear(x, Wq[N, K] int8, wscale[N] float32)       (Split into the group's outputs if several)
+    y... = onnxqf.W8A8Linear(x, Wq[N, K] int8, wscale[N] float32)    (one output per linear of the group:
+                                                                      output_sizes = their N's)
 
 which computes, inside one op, exactly what ``int8-token`` computes with standard ops (kernels/README.md)::
 
@@ -41,12 +42,13 @@ from onnxqf.lowering.base import LinearGroup, register, replace_outputs
 from onnxqf.lowering.w8a8 import W8A8Lowering
 from onnxqf.maths.hadamard import sylvester
 
-__all__ = ["DOMAIN", "OP", "ROTATE_MAX_SMEM", "KernelRotation", "OnnxqfCudaW8A8", "balance_factors",
+__all__ = ["DOMAIN", "MAX_OUTPUTS", "OP", "ROTATE_MAX_SMEM", "KernelRotation", "OnnxqfCudaW8A8", "balance_factors",
            "emit_w8a8_kernel", "kernel_rotation", "kron_split", "walsh_matrix", "walsh_sign"]
 
 DOMAIN = "onnxqf"  # = onnxqf.runtime.kernels.DOMAIN (not imported: lowering needs no GPU library)
 OP = "W8A8Linear"
 ROTATE_MAX_SMEM = 200 * 1024  # = kRotateMaxSmem in kernels/src/kernels.h: the op's shared memory for one row
+MAX_OUTPUTS = 4  # = kMaxOutputs in kernels/src/kernels.h: a group's linears written by one op
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,11 +172,13 @@ def balance_factors(a: int, A: np.ndarray, b: int, B: np.ndarray | None):
 
 
 def emit_w8a8_kernel(graph: ir.Graph, x: ir.Value, q_int8_KN: np.ndarray, scale: np.ndarray, base_name: str,
-                     tape: ir_tape.Tape | None = None, rotation: KernelRotation | None = None) -> ir.Value:
+                     tape: ir_tape.Tape | None = None, rotation: KernelRotation | None = None,
+                     output_sizes: list[int] | None = None):
     """The ``onnxqf.W8A8Linear`` node (on ``tape``, a new one if None, not inserted) computing
     ``x @ (q_int8_KN * scale)`` with per-token int8 activations: ``q_int8_KN`` int8 ``[K, N]`` (MatMul's layout),
     ``scale`` the per-output-channel weight scale ``[N]``; ``rotation``: x is rotated first, inside the op.
-    Returns the float16 output value."""
+    Returns the float16 output value; with ``output_sizes`` (several parts adding up to N, at most
+    :data:`MAX_OUTPUTS`) the list of one output per part, the N channels cut in that order (no Split node)."""
     if q_int8_KN.dtype != np.int8 or q_int8_KN.ndim != 2 or scale.shape != (q_int8_KN.shape[1],):
         raise OnnxqfError(f"{base_name}: W8A8Linear needs int8 [K, N] weights and N scales")
     tape = tape if tape is not None else ir_tape.Tape(graph)
@@ -194,6 +198,15 @@ def emit_w8a8_kernel(graph: ir.Graph, x: ir.Value, q_int8_KN: np.ndarray, scale:
         attributes["rotation_block"] = int(rotation.block)
         if rotation.walsh:
             attributes["rotation_walsh"] = int(rotation.walsh)
+    if output_sizes is not None and len(output_sizes) > 1:
+        if len(output_sizes) > MAX_OUTPUTS or sum(output_sizes) != q_int8_KN.shape[1] or min(output_sizes) < 1:
+            raise OnnxqfError(f"{base_name}: W8A8Linear takes 2..{MAX_OUTPUTS} positive output sizes adding up to N")
+        attributes["output_sizes"] = [int(n) for n in output_sizes]
+        ys = tape.op_multi_out(OP, inputs, attributes=attributes, domain=DOMAIN, num_outputs=len(output_sizes),
+                               name=f"{base_name}/w8a8_linear")
+        for y in ys:
+            y.type = ir.TensorType(ir.DataType.FLOAT16)
+        return list(ys)
     y = tape.op(OP, inputs, attributes=attributes or None, domain=DOMAIN, name=f"{base_name}/w8a8_linear")
     y.type = ir.TensorType(ir.DataType.FLOAT16)
     return y
@@ -225,14 +238,15 @@ class OnnxqfCudaW8A8(W8A8Lowering):
                 rotation = kernel_rotation(block.groups, q.shape[0])
             if rotation is not None:
                 x = block.input
-        y = emit_w8a8_kernel(graph, x, q, scale, group.base, tape, rotation)
-        if len(group.linears) > 1:
-            sizes = edit.add_initializer(graph, f"{group.base}/split_sizes",
-                                         np.array([w[0].shape[1] for w in weights], np.int64))
-            outs = tape.op_multi_out("Split", [y, sizes], {"axis": -1}, num_outputs=len(weights),
+        sizes = [w[0].shape[1] for w in weights]
+        if len(sizes) <= MAX_OUTPUTS:  # one output per linear, written by the op itself
+            y = emit_w8a8_kernel(graph, x, q, scale, group.base, tape, rotation, output_sizes=sizes)
+            outs = y if isinstance(y, list) else [y]
+        else:  # (no such group in the families served: more parts than the op's outputs)
+            y = emit_w8a8_kernel(graph, x, q, scale, group.base, tape, rotation)
+            split = edit.add_initializer(graph, f"{group.base}/split_sizes", np.array(sizes, np.int64))
+            outs = tape.op_multi_out("Split", [y, split], {"axis": -1}, num_outputs=len(weights),
                                      name=f"{group.base}/split")
-        else:
-            outs = [y]
         graph.insert_before(group.first, tape.nodes)
         replace_outputs(graph, group.linears, outs)
         if rotation is not None:

@@ -25,11 +25,14 @@ sessions ran with (their ``intra_op_num_threads``; 0 means ONNX Runtime's defaul
 the best instruction set of the CPU that ONNX Runtime's kernels dispatch on (AMX, AVX512-VNNI, AVX-512,
 AVX-VNNI, AVX2; from /proc/cpuinfo's flags, "unknown" where there is none): int8 speed depends on both.
 
-**Where the time goes** (``op_times``, ``--op-times``, CPU only): after a model's measurements, a second
-session with ONNX Runtime's profiler runs ``OP_TIME_RUNS`` prefills and one decode loop at the first past; the
-kernel time of its nodes is summed per operator type (:func:`op_times`) and given per prefill and per decode
-token. The profiler adds a few microseconds per node, so on small graphs the totals exceed the table's times: the
-shares are what to read. On CUDA the profiler times a node's launch, not its kernel, so it is refused there.
+**Where the time goes** (``op_times``, ``--op-times``): after a model's measurements, a second session with
+ONNX Runtime's profiler runs ``OP_TIME_RUNS`` prefills and one decode loop at the first past; the kernel time of
+its nodes is summed per operator type (:func:`op_times`) and given per prefill and per decode token. The profiler
+adds a few microseconds per node, so on small graphs the totals exceed the table's times: the shares are what to
+read. On CUDA that profiler times a node's launch, not its kernel, so there the same runs go under the GPU's
+activity tracer instead (:mod:`onnxqf.runtime.cuda_profile`: GPU ms per kernel, e.g. "cutlass GEMM int8",
+"walsh_quantize_kernel<4>", "memcpy"; needs PyTorch); a decode token's kernel time below its step time is the
+host's share.
 
 **MatMulNBits kernels.** ONNX Runtime's CUDA provider has two sets: its default ones and TensorRT-LLM's
 CUTLASS weight-only GEMM/GEMV ("fpA_intB"), which it uses for the nodes they cover when
@@ -156,8 +159,9 @@ def _stats(values: list[float]) -> dict:
 
 
 def measure_prefill(session, io: GraphIO, *, device: str, batch: int, seq: int, warmup: int, repeats: int,
-                    seed: int = 0) -> list[float]:
-    """Seconds per forward of batch x seq tokens (empty past for KV-cache graphs), ``repeats`` values."""
+                    seed: int = 0, traced=None) -> list[float]:
+    """Seconds per forward of batch x seq tokens (empty past for KV-cache graphs), ``repeats`` values.
+    ``traced``: a function that runs the function it is given (a profiler around the runs, not the uploads)."""
     from onnxqf.runtime.session import ort
 
     rt = ort()
@@ -178,18 +182,23 @@ def measure_prefill(session, io: GraphIO, *, device: str, batch: int, seq: int, 
     for out in [io.logits] + [present for _, present in io.cache]:
         binding.bind_output(out, device, 0)
     times = []
-    for i in range(warmup + repeats):
-        t = time.perf_counter()
-        session.run_with_iobinding(binding, ro)
-        binding.synchronize_outputs()
-        if i >= warmup:
-            times.append(time.perf_counter() - t)
+
+    def runs():
+        for i in range(warmup + repeats):
+            t = time.perf_counter()
+            session.run_with_iobinding(binding, ro)
+            binding.synchronize_outputs()
+            if i >= warmup:
+                times.append(time.perf_counter() - t)
+
+    (traced or (lambda f: f()))(runs)
     return times
 
 
 def measure_decode(session, io: GraphIO, *, device: str, batch: int, past: int, tokens: int, warmup: int,
-                   repeats: int, seed: int = 0) -> list[float]:
-    """Tokens/s of a KV-cache loop of ``tokens`` steps from a random past of length ``past``, ``repeats`` values."""
+                   repeats: int, seed: int = 0, traced=None) -> list[float]:
+    """Tokens/s of a KV-cache loop of ``tokens`` steps from a random past of length ``past``, ``repeats`` values
+    (``traced``: as :func:`measure_prefill`'s)."""
     from onnxqf.runtime.session import ort
 
     if not io.cache:
@@ -227,10 +236,14 @@ def measure_decode(session, io: GraphIO, *, device: str, batch: int, past: int, 
         return time.perf_counter() - t0
 
     speeds = []
-    for i in range(warmup + repeats):
-        elapsed = loop()
-        if i >= warmup:
-            speeds.append(batch * tokens / elapsed)
+
+    def runs():
+        for i in range(warmup + repeats):
+            elapsed = loop()
+            if i >= warmup:
+                speeds.append(batch * tokens / elapsed)
+
+    (traced or (lambda f: f()))(runs)
     return speeds
 
 
@@ -298,7 +311,7 @@ class BenchOptions:
     cuda_graph: bool = False  # also decode steps replayed as CUDA graphs (measure_decode_step_graph)
     progress: bool = True
     nbits_kernel: str = "default"  # MatMulNBits kernels: "default", "fpa-intb" (CUTLASS, ORT_FPA_INTB_GEMM=1) or "both"
-    op_times: bool = False  # also profile: kernel time per operator type (CPU only)
+    op_times: bool = False  # also profile: kernel time per operator type (CPU) or per GPU kernel (CUDA)
 
 
 NBITS_KERNELS = ("default", "fpa-intb", "both")
@@ -360,9 +373,6 @@ def run_bench(models: list[str], opts: BenchOptions, ref: str | None = None) -> 
     runs = kernel_runs(described, opts.nbits_kernel)
     if opts.nbits_kernel != "default" and opts.ep != "cuda":
         raise OnnxqfError("--nbits-kernel fpa-intb|both selects CUDA kernels of MatMulNBits: it needs --ep cuda")
-    if opts.op_times and opts.ep != "cpu":
-        raise OnnxqfError("--op-times needs --ep cpu: on CUDA ONNX Runtime's profiler times each node's launch, "
-                          "not its kernel")
     device = DEVICE[opts.ep]
     pasts = list(opts.past) if opts.decode_tokens > 0 else []
     per_cache = len(pasts) * (2 if opts.cuda_graph else 1)
@@ -543,8 +553,10 @@ def _profile(io: GraphIO, opts: BenchOptions, device: str, pasts: list[int]) -> 
     from onnxqf.runtime.session import make_session
 
     out: dict = {}
+    phases = ["prefill"] + (["decode"] if io.has_cache and pasts and opts.decode_tokens > 0 else [])
+    if opts.ep == "cuda":
+        return _profile_cuda(io, opts, phases, pasts)
     with tempfile.TemporaryDirectory(prefix="onnxqf-profile-") as tmp:
-        phases = ["prefill"] + (["decode"] if io.has_cache and pasts and opts.decode_tokens > 0 else [])
         for phase in phases:
             session = make_session(io.path, ep=opts.ep, profile=os.path.join(tmp, phase))
             if phase == "prefill":
@@ -560,6 +572,34 @@ def _profile(io: GraphIO, opts: BenchOptions, device: str, pasts: list[int]) -> 
             gc.collect()
             out[phase] = op_times(events)
     out["decode_past"] = pasts[0] if "decode" in out else None
+    return out
+
+
+def _profile_cuda(io: GraphIO, opts: BenchOptions, phases: list[str], pasts: list[int]) -> dict:
+    """GPU ms per kernel family (:mod:`onnxqf.runtime.cuda_profile`): per prefill (``OP_TIME_RUNS`` after one
+    untraced) and per decode token at ``pasts[0]`` (a traced loop of ``decode_tokens`` steps after one untraced)."""
+    from onnxqf.runtime.cuda_profile import profile_cuda
+    from onnxqf.runtime.session import make_session
+
+    session = make_session(io.path, ep="cuda")
+    out: dict = {}
+    for phase in phases:
+        got: dict = {}
+
+        def traced(fn, n):
+            got["times"] = profile_cuda(fn, n)
+        if phase == "prefill":  # one untraced run first, then OP_TIME_RUNS traced (the inputs uploaded before)
+            measure_prefill(session, io, device="cuda", batch=opts.batch, seq=opts.seq, warmup=1, repeats=0)
+            measure_prefill(session, io, device="cuda", batch=opts.batch, seq=opts.seq, warmup=0, repeats=OP_TIME_RUNS,
+                            traced=lambda f: traced(f, OP_TIME_RUNS))
+        else:  # one untraced loop first, then a traced loop of decode_tokens steps
+            measure_decode(session, io, device="cuda", batch=opts.batch, past=pasts[0], tokens=opts.decode_tokens,
+                           warmup=0, repeats=1)
+            measure_decode(session, io, device="cuda", batch=opts.batch, past=pasts[0], tokens=opts.decode_tokens,
+                           warmup=0, repeats=1, traced=lambda f: traced(f, opts.decode_tokens))
+        out[phase] = got["times"]
+    out["decode_past"] = pasts[0] if "decode" in out else None
+    out["unit"] = "GPU ms per kernel family"
     return out
 
 

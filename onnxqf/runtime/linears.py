@@ -25,6 +25,9 @@ Rules:
 - Check: every lowered graph's outputs on one random ``x`` against the float graph's:
   ``max |y - y_float| / max |y_float|`` (``error``); it states the lowering computes the same product up to
   its rounding.
+- ``kernel_times`` (CUDA only): after a row's timed runs at each M, ``repeats`` more run under the GPU's activity
+  tracer (:mod:`onnxqf.runtime.cuda_profile`); the row's ``kernels`` give GPU µs per kernel family per linear
+  (per run / ``copies``) at each M: which of a lowering's kernels the time goes to.
 - On CUDA sessions refuse CPU fallback: a lowering with a node CUDA cannot run is reported, not timed.
   ``nbits_kernel`` (``default``, ``fpa-intb``, ``both``) picks ONNX Runtime's MatMulNBits kernels on CUDA
   for MatMulNBits rows, as ``onnxqf bench --nbits-kernel`` does (``both``: two rows; on the CPU the variable
@@ -80,6 +83,7 @@ class LinearsOptions:
     warmup: int = 5
     nbits_kernel: str = "default"
     seed: int = 0
+    kernel_times: bool = False
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
@@ -89,6 +93,9 @@ class LinearsOptions:
         if self.copies < 1 or self.repeats < 1 or self.warmup < 0 or not self.ms or min(self.ms) < 1:
             raise OnnxqfError("copies, repeats and every M must be positive")
         get_target(self.ep)
+        if self.kernel_times and self.ep != "cuda":
+            raise OnnxqfError("--linears --op-times reads GPU kernel times: it needs --ep cuda (on the CPU, time "
+                              "models with --op-times)")
         for spec in self.lowerings:
             parse_lowering(spec)
 
@@ -186,8 +193,9 @@ def linear_model(K: int, N: int, lowering: lowering_base.Lowering | None, *, cop
     return ir.Model(graph, ir_version=10)
 
 
-def time_runs(session, feeds: dict[str, np.ndarray], *, device: str, warmup: int, repeats: int) -> list[float]:
-    """Seconds per run of ``session`` with ``feeds`` and every output bound on ``device`` (IOBinding)."""
+def bound_runs(session, feeds: dict[str, np.ndarray], *, device: str):
+    """A function ``runs(warmup, repeats)`` -> seconds per timed run of ``session`` with ``feeds`` uploaded once and
+    every output bound on ``device`` (IOBinding)."""
     from onnxqf.runtime.session import ort
 
     rt = ort()
@@ -197,14 +205,24 @@ def time_runs(session, feeds: dict[str, np.ndarray], *, device: str, warmup: int
         binding.bind_ortvalue_input(name, value)
     for out in session.get_outputs():
         binding.bind_output(out.name, device, 0)
-    times = []
-    for i in range(warmup + repeats):
-        t = time.perf_counter()
-        session.run_with_iobinding(binding)
-        binding.synchronize_outputs()
-        if i >= warmup:
-            times.append(time.perf_counter() - t)
-    return times
+
+    def runs(warmup: int, repeats: int) -> list[float]:
+        times = []
+        for i in range(warmup + repeats):
+            t = time.perf_counter()
+            session.run_with_iobinding(binding)
+            binding.synchronize_outputs()
+            if i >= warmup:
+                times.append(time.perf_counter() - t)
+        return times
+
+    runs.values = values  # (kept alive with the function)
+    return runs
+
+
+def time_runs(session, feeds: dict[str, np.ndarray], *, device: str, warmup: int, repeats: int) -> list[float]:
+    """Seconds per run of ``session`` with ``feeds`` and every output bound on ``device`` (IOBinding)."""
+    return bound_runs(session, feeds, device=device)(warmup, repeats)
 
 
 def _stats_ms(seconds: list[float], scale: float) -> dict:
@@ -257,6 +275,8 @@ def bench_linears(opts: LinearsOptions, progress=None) -> dict:
                         runs = time_runs(session, {"x": xs[M]}, device=device, warmup=opts.warmup,
                                          repeats=opts.repeats)
                         row["ms"][str(M)] = _stats_ms(runs, opts.copies)
+                        if opts.kernel_times:
+                            row.setdefault("kernels", {})[str(M)] = _kernel_us(session, xs[M], opts)
                     session = None
                 except OnnxqfError as exc:
                     row["refused"] = str(exc)
@@ -265,6 +285,16 @@ def bench_linears(opts: LinearsOptions, progress=None) -> dict:
                 if progress is not None:
                     progress(format_linears({**result, "rows": [row]}, header=False))
     return result
+
+
+def _kernel_us(session, x: np.ndarray, opts: LinearsOptions) -> dict[str, float]:
+    """GPU µs per linear by kernel family over ``repeats`` traced runs."""
+    from onnxqf.runtime.cuda_profile import profile_cuda
+
+    runs = bound_runs(session, {"x": x}, device="cuda")  # the upload before the trace starts
+    runs(1, 0)
+    ms = profile_cuda(lambda: runs(0, opts.repeats), opts.repeats)
+    return {k: v * 1e3 / opts.copies for k, v in ms.items()}
 
 
 def _speedups(rows: list[dict], row: dict) -> None:
@@ -297,4 +327,9 @@ def format_linears(result: dict, header: bool = True) -> str:
         err = "" if "error" not in r or r["lowering"] == FLOAT else f"{r['error']:.2e}"
         lines.append(f"| {r['K']} -> {r['N']} | {r['lowering']} | {r['kernel']} | " + " | ".join(cells)
                      + f" | {err} |")
+    for r in result["rows"]:
+        for m, kernels in (r.get("kernels") or {}).items():
+            parts = ", ".join(f"{k} {us:.1f}" for k, us in kernels.items())
+            lines.append(f"{r['K']} -> {r['N']} {r['lowering']} M = {m}: GPU µs per linear {sum(kernels.values()):.1f}"
+                         f" = {parts}")
     return "\n".join(lines)
