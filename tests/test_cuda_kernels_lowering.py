@@ -59,10 +59,53 @@ def test_rewrite_emits_the_kernel_and_check_needs_cuda(tiny_fp16, tmp_path, caps
         sizes = [list(a.ints) for a in n.attribute if a.name == "output_sizes"]
         assert (len(n.output) > 1) == bool(sizes) and (not sizes or len(sizes[0]) == len(n.output))
     assert {p.key: p.value for p in model.metadata_props}["onnxqf.target"] == "cuda"
+    # down_proj reads SwiGLU's two inputs, the product made inside the op: no Sigmoid is left
+    glu = {n.name.split("/")[0]: list(n.input) for n in model.graph.node
+           if n.op_type == OP and any(a.name == "input_glu" and a.i == 1 for a in n.attribute)}
+    assert sorted(glu) == ["layers.0.down_proj", "layers.1.down_proj"] and "Sigmoid" not in ops
+    gate_up = {n.name.split("/")[0]: list(n.output) for n in model.graph.node if n.op_type == OP}
+    assert all(glu[f"layers.{i}.down_proj"][0] == gate_up[f"layers.{i}.gate_proj+up_proj"][0] and
+               glu[f"layers.{i}.down_proj"][6] == gate_up[f"layers.{i}.gate_proj+up_proj"][1] for i in (0, 1))
     capsys.readouterr()
     assert main(["check", str(out), "--ep", "cpu"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "--ep cuda only" in err
+
+
+def _glu_graph(order: int, extra_reader: bool = False, u_shape=("B", 8)):
+    """y = Mul(Mul(g, Sigmoid(g)), u) (operand orders by ``order``'s bits) as an ir graph; returns (graph, x)."""
+    f16 = ir.TensorType(ir.DataType.FLOAT16)
+    g = ir.Value(name="g", type=f16, shape=ir.Shape(["B", 8]))
+    u = ir.Value(name="u", type=f16, shape=ir.Shape(list(u_shape)))
+    sig = ir.Node("", "Sigmoid", [g], name="sig")
+    s = sig.outputs[0]
+    inner = ir.Node("", "Mul", [g, s] if order & 1 else [s, g], name="inner")
+    t = inner.outputs[0]
+    outer = ir.Node("", "Mul", [t, u] if order & 2 else [u, t], name="outer")
+    nodes = [sig, inner, outer]
+    outs = [outer.outputs[0]]
+    if extra_reader:
+        other = ir.Node("", "Neg", [t], name="other")
+        nodes.append(other)
+        outs.append(other.outputs[0])
+    graph = ir.Graph([g, u], outs, nodes=nodes, opset_imports={"": 18}, name="glu")
+    return graph, outer.outputs[0]
+
+
+def test_swiglu_of_finds_the_product_in_any_operand_order():
+    from onnxqf.lowering.cuda_kernels import swiglu_of
+
+    for order in range(4):
+        graph, x = _glu_graph(order)
+        found = swiglu_of(x)
+        assert found is not None and (found.g.name, found.u.name) == ("g", "u"), order
+        assert [n.name for n in found.nodes] == ["outer", "inner", "sig"]
+    graph, x = _glu_graph(3, extra_reader=True)
+    assert swiglu_of(x) is None  # silu(g) read elsewhere: the nodes must stay
+    graph, x = _glu_graph(3, u_shape=("B", 1))
+    assert swiglu_of(x) is None  # u broadcast: not the op's elementwise product
+    graph, x = _glu_graph(3)
+    assert swiglu_of(graph.node("sig").outputs[0]) is None and swiglu_of(graph.inputs[0]) is None
 
 
 def _kron(groups, K):
@@ -232,3 +275,5 @@ def test_hybrid_rewrite_moves_every_online_rotation_into_the_ops(tiny_fp16, ids_
     blocks = {n.name.split("/")[0]: {a.name: a.i for a in n.attribute}.get("rotation_block") for n in ops}
     assert len(ops) == 8 and all(blocks.values()), blocks
     assert blocks["layers.0.down_proj"] == 96 and blocks["layers.0.o_proj"] == 16  # d_ff 96: one group; 4 heads of 16
+    glu = [n.name for n in ops if any(a.name == "input_glu" for a in n.attribute)]
+    assert sorted(glu) == ["layers.0.down_proj/w8a8_linear", "layers.1.down_proj/w8a8_linear"]  # rotation + SwiGLU

@@ -20,8 +20,13 @@
 
 namespace onnxqf {
 
-// Per-token quantization: q [M, K] int8, amax [M] fp32 (the floored fp16 amax, widened).
-cudaError_t launch_quantize_rows(const __half* x, int8_t* q, float* amax, int64_t M, int64_t K, cudaStream_t stream);
+// Per-token quantization: q [M, K] int8, amax [M] fp32 (the floored fp16 amax, widened). u: null, or the rows are
+// SwiGLU's products silu(x) * u, computed on the way in (quant_row.cuh: glu_one).
+cudaError_t launch_quantize_rows(const __half* x, int8_t* q, float* amax, int64_t M, int64_t K, cudaStream_t stream,
+                                 const __half* u = nullptr);
+
+// y = silu(g) * u elementwise, n values, in the standard graph's fp16 steps (quant_row.cuh: glu_one).
+cudaError_t launch_glu(const __half* g, const __half* u, __half* y, int64_t n, cudaStream_t stream);
 
 // y = dequant(q @ w^T) for small M: reads w once per 16 rows of M (any M; fast when M <= 16).
 // Requires K % 16 == 0 (else use launch_w8a8_naive).
@@ -59,9 +64,10 @@ constexpr int kFusedMaxM = 4;
 bool w8a8_fused_gemv_supported(const __half* x, const int8_t* w, int64_t M, int64_t K, const WalshSpec* rot = nullptr);
 // config (M = 1): -1 = by shape (the default: 1 x 8 for N >= 8192, 4 x 4 for K >= 8192, else 0), 0 = 2 outputs per
 // warp x 4 chunks in flight, 1 = 1 x 8, 2 = 2 x 8, 3 = 4 x 4, 4 = 4 x 2, 5 = 1 x 16 (ONNXQF_GEMV_CONFIG, A/B runs).
+// u (16-byte aligned, no rotation): the rows are SwiGLU's silu(x) * u, as in launch_quantize_rows.
 cudaError_t launch_w8a8_fused_gemv(const __half* x, const int8_t* w, const float* wscale, const __half* bias,
                                    const OutSplit& out, int64_t M, int64_t K, cudaStream_t stream,
-                                   const WalshSpec* rot = nullptr, int config = -1);
+                                   const WalshSpec* rot = nullptr, int config = -1, const __half* u = nullptr);
 
 // Rotation by Walsh-Hadamard factors (a WalshSpec with n > 0) fused into the per-token quantization, any M: one
 // block of K / 16 threads per row at a time, 16 values per thread in registers (kernels/src/walsh_row.cuh).

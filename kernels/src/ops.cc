@@ -7,10 +7,13 @@
 //              B      float16 [N]     (optional bias)
 //              RA     float16 [a16, a16] (optional: A^T zero-padded to a16 = a rounded up to 16; absent: A = I)
 //              RB     float16 [b16, b16] (optional: B zero-padded to b16 = b rounded up to 16; absent: B = I)
+//              U      float16 [..., K] (optional: with input_glu)
 //     attribute: rotation_block (int, default 0): b; when > 0, X is first rotated online, X <- X @ kron(A, B)
 //                (a = K / b), inside the quantization (kernels.h: launch_rotate_quantize_rows)
 //     attribute: rotation_walsh (int, default 0): bit 0: B = H_b / sqrt(b), bit 1: A = H_a / sqrt(a) (Sylvester's
 //                Walsh-Hadamard matrix, run as a fast transform; that factor's input RB / RA absent)
+//     attribute: input_glu (int, default 0): 1: the op's input is SwiGLU's silu(X) * U (input U float16, the shape
+//                of X), computed inside the quantization in the fp16 steps of the standard Sigmoid / Mul / Mul nodes
 //     attribute: output_sizes (ints, optional): the N output channels cut into consecutive parts, one output each
 //                (at most 4: a linear group's q/k/v or gate/up, whose codes are shared); absent: one output
 //     outputs: Y...   float16 [..., N] (or [..., output_sizes[i]] each)
@@ -104,6 +107,15 @@ cudaError_t scratch_alloc(void** p, size_t bytes, int device, cudaStream_t strea
 
 size_t round_up(size_t x, size_t a) { return (x + a - 1) / a * a; }
 
+// Scratch given back (stream-ordered) when the scope ends, whichever way it ends.
+struct ScratchGuard {
+  void* p = nullptr;
+  cudaStream_t stream = nullptr;
+  ~ScratchGuard() {
+    if (p) cudaFreeAsync(p, stream);
+  }
+};
+
 struct W8A8LinearKernel {
   int device = 0;
   int gemv_max_m = 4;
@@ -113,6 +125,7 @@ struct W8A8LinearKernel {
   int sm_count = 1;
   int64_t rotation_block = 0;
   int rotation_walsh = 0;
+  bool input_glu = false;
   std::vector<int64_t> output_sizes;  // empty: one output
 
   OrtStatusPtr ComputeV2(OrtKernelContext* context) {
@@ -131,10 +144,11 @@ struct W8A8LinearKernel {
     auto X = ctx.GetInput(0);
     auto W = ctx.GetInput(1);
     auto S = ctx.GetInput(2);
-    Ort::ConstValue B{nullptr}, RA{nullptr}, RB{nullptr};
+    Ort::ConstValue B{nullptr}, RA{nullptr}, RB{nullptr}, U{nullptr};
     if (n_in > 3) B = ctx.GetInput(3);
     if (n_in > 4) RA = ctx.GetInput(4);
     if (n_in > 5) RB = ctx.GetInput(5);
+    if (n_in > 6) U = ctx.GetInput(6);
     const std::vector<int64_t> xs = X.GetTensorTypeAndShapeInfo().GetShape();
     const std::vector<int64_t> wsh = W.GetTensorTypeAndShapeInfo().GetShape();
     if (xs.empty()) return fail("onnxqf.W8A8Linear: X must have rank >= 1");
@@ -150,6 +164,13 @@ struct W8A8LinearKernel {
       if (static_cast<int64_t>(B.GetTensorTypeAndShapeInfo().GetElementCount()) != N)
         return fail("onnxqf.W8A8Linear: B must have N = " + std::to_string(N) + " elements");
       bias = reinterpret_cast<const __half*>(B.GetTensorRawData());
+    }
+    const __half* u = nullptr;  // SwiGLU's up projection: the input is silu(X) * U
+    if (input_glu != static_cast<bool>(U))
+      return fail("onnxqf.W8A8Linear: input U is given exactly when input_glu = 1");
+    if (U) {
+      if (U.GetTensorTypeAndShapeInfo().GetShape() != xs) return fail("onnxqf.W8A8Linear: U must have X's shape");
+      u = reinterpret_cast<const __half*>(U.GetTensorRawData());
     }
     const __half* rot_a = nullptr;
     const __half* rot_b = nullptr;
@@ -223,11 +244,20 @@ struct W8A8LinearKernel {
                                         : onnxqf::WalshSpec{};
     const bool dense = rotate && rot_a && !rot_b && !walsh_a && !tile_rotation &&
                        onnxqf::rotate_dense_supported(K, rotation_block, walsh_b);
+    // SwiGLU's products: inside the quantization where it reads X as it is (no rotation), else written first
+    ScratchGuard glu_rows{nullptr, stream};
+    if (u && (rotate || reinterpret_cast<uintptr_t>(u) % 16 != 0)) {
+      cudaError_t e = scratch_alloc(&glu_rows.p, round_up(size_t(M) * size_t(K) * 2, 256), device, stream);
+      if (e == cudaSuccess) e = onnxqf::launch_glu(x, u, static_cast<__half*>(glu_rows.p), M * K, stream);
+      if (e != cudaSuccess) return fail(std::string("onnxqf.W8A8Linear: SwiGLU: ") + cudaGetErrorString(e));
+      x = static_cast<const __half*>(glu_rows.p);
+      u = nullptr;
+    }
     // small M in one launch, no scratch: quantization (after a Walsh rotation) into shared memory + GEMV
     if ((!rotate || wspec.n) && M <= gemv_max_m &&
         onnxqf::w8a8_fused_gemv_supported(x, w, M, K, rotate ? &wspec : nullptr)) {
       cudaError_t e = onnxqf::launch_w8a8_fused_gemv(x, w, ws, bias, out, M, K, stream, rotate ? &wspec : nullptr,
-                                                     gemv_config);
+                                                     gemv_config, u);
       if (e != cudaSuccess) return fail(std::string("onnxqf.W8A8Linear: CUDA error: ") + cudaGetErrorString(e));
       return nullptr;
     }
@@ -264,7 +294,7 @@ struct W8A8LinearKernel {
     void* workspace = ws_bytes ? static_cast<char*>(scratch) + q_bytes + a_bytes : nullptr;
     void* r_scratch = static_cast<char*>(scratch) + q_bytes + a_bytes + ws_bytes;
 
-    if (!rotate) e = onnxqf::launch_quantize_rows(x, q, amax, M, K, stream);
+    if (!rotate) e = onnxqf::launch_quantize_rows(x, q, amax, M, K, stream, u);
     else if (wspec.n) e = onnxqf::launch_walsh_quantize_rows(x, wspec, q, amax, M, sm_count, stream);
     else if (dense)
       e = onnxqf::launch_rotate_dense_quantize(x, rot_a, walsh_b, q, amax, M, K, rotation_block, r_scratch, stream);
@@ -324,7 +354,15 @@ struct W8A8LinearOp : Ort::CustomOpBase<W8A8LinearOp, W8A8LinearKernel, true> {
       return fail("onnxqf.W8A8Linear: at most " + std::to_string(onnxqf::kMaxOutputs) + " outputs (output_sizes)");
     for (int64_t v : output_sizes)
       if (v <= 0) return fail("onnxqf.W8A8Linear: output_sizes must be positive");
+    int64_t input_glu = 0;
+    try {
+      input_glu = Ort::ConstKernelInfo(info).GetAttribute<int64_t>("input_glu");
+    } catch (const Ort::Exception&) {
+      input_glu = 0;
+    }
+    if (input_glu != 0 && input_glu != 1) return fail("onnxqf.W8A8Linear: input_glu must be 0 or 1");
     auto* k = new W8A8LinearKernel();
+    k->input_glu = input_glu == 1;
     k->output_sizes = output_sizes;
     k->device = dev;
     k->rotation_block = rotation_block;
@@ -341,7 +379,7 @@ struct W8A8LinearOp : Ort::CustomOpBase<W8A8LinearOp, W8A8LinearKernel, true> {
   const char* GetName() const { return "W8A8Linear"; }
   const char* GetExecutionProviderType() const { return "CUDAExecutionProvider"; }
 
-  size_t GetInputTypeCount() const { return 6; }
+  size_t GetInputTypeCount() const { return 7; }
   ONNXTensorElementDataType GetInputType(size_t i) const {
     switch (i) {
       case 0: return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16;

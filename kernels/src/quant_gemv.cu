@@ -40,28 +40,32 @@ __device__ __forceinline__ uint2 chunk_codes(const uint4& c, __half inv) {
 }
 
 // Quantizes one row with the whole block (kQuantThreads threads): codes to qr (global or shared memory), the
-// floored amax to *amax_dst (thread 0). vec: the row starts 16-byte aligned and K % 8 == 0. red/scale_s: shared.
+// floored amax to *amax_dst (thread 0). ur: null, or the row of u when the row is SwiGLU's silu(xr) * ur (glu_one).
+// vec: the rows start 16-byte aligned and K % 8 == 0. red/scale_s: shared.
 template <int CACHED = kQuantCached>
-__device__ __forceinline__ void quantize_row_block(const __half* __restrict__ xr, int8_t* qr, float* amax_dst,
-                                                   int64_t K, bool vec, float* red, __half* scale_s) {
+__device__ __forceinline__ void quantize_row_block(const __half* __restrict__ xr, const __half* __restrict__ ur,
+                                                   int8_t* qr, float* amax_dst, int64_t K, bool vec, float* red,
+                                                   __half* scale_s) {
   const int tid = threadIdx.x;
   float m = 0.f;
   uint4 cache[CACHED];
   const int64_t nvec = vec ? K / 8 : 0;
+  const uint4* xv = reinterpret_cast<const uint4*>(xr);
+  const uint4* uv = reinterpret_cast<const uint4*>(ur);
   if (vec) {
-    const uint4* xv = reinterpret_cast<const uint4*>(xr);
 #pragma unroll
     for (int i = 0; i < CACHED; ++i) {
       const int64_t c = tid + static_cast<int64_t>(i) * kQuantThreads;
       if (c < nvec) {
-        cache[i] = __ldg(xv + c);
+        cache[i] = load_chunk(xv, uv, c);
         m = chunk_absmax(cache[i], m);
       }
     }
     for (int64_t c = tid + static_cast<int64_t>(CACHED) * kQuantThreads; c < nvec; c += kQuantThreads)
-      m = chunk_absmax(__ldg(xv + c), m);
+      m = chunk_absmax(load_chunk(xv, uv, c), m);
   } else {
-    for (int64_t k = tid; k < K; k += kQuantThreads) m = fmaxf(m, fabsf(__half2float(xr[k])));
+    for (int64_t k = tid; k < K; k += kQuantThreads)
+      m = fmaxf(m, fabsf(__half2float(ur ? glu_one(xr[k], ur[k]) : xr[k])));
   }
   block_row_scale<kQuantThreads / 32>(m, red, scale_s, amax_dst);
   const __half inv = *scale_s;
@@ -72,23 +76,36 @@ __device__ __forceinline__ void quantize_row_block(const __half* __restrict__ xr
       const int64_t c = tid + static_cast<int64_t>(i) * kQuantThreads;
       if (c < nvec) qv[c] = chunk_codes(cache[i], inv);
     }
-    const uint4* xv = reinterpret_cast<const uint4*>(xr);
     for (int64_t c = tid + static_cast<int64_t>(CACHED) * kQuantThreads; c < nvec; c += kQuantThreads)
-      qv[c] = chunk_codes(__ldg(xv + c), inv);
+      qv[c] = chunk_codes(load_chunk(xv, uv, c), inv);
   } else {
-    for (int64_t k = tid; k < K; k += kQuantThreads) qr[k] = code_of(xr[k], inv);
+    for (int64_t k = tid; k < K; k += kQuantThreads) qr[k] = code_of(ur ? glu_one(xr[k], ur[k]) : xr[k], inv);
   }
 }
 
 // One block per row.
 __global__ void __launch_bounds__(kQuantThreads) quantize_rows_kernel(const __half* __restrict__ x,
+                                                                      const __half* __restrict__ u,
                                                                       int8_t* __restrict__ q,
                                                                       float* __restrict__ amax_out, int64_t K,
                                                                       bool vec) {
   __shared__ float red[kQuantThreads / 32];
   __shared__ __half scale_s;
   const int64_t row = blockIdx.x;
-  quantize_row_block(x + row * K, q + row * K, amax_out + row, K, vec, red, &scale_s);
+  quantize_row_block(x + row * K, u ? u + row * K : nullptr, q + row * K, amax_out + row, K, vec, red, &scale_s);
+}
+
+// y = silu(g) * u elementwise (glu_one), 8 values per thread where all three are 16-byte aligned and n % 8 == 0.
+__global__ void glu_kernel(const __half* __restrict__ g, const __half* __restrict__ u, __half* __restrict__ y,
+                           int64_t n, bool vec) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (vec) {
+    if (i < n / 8)
+      reinterpret_cast<uint4*>(y)[i] =
+          load_chunk(reinterpret_cast<const uint4*>(g), reinterpret_cast<const uint4*>(u), i);
+  } else if (i < n) {
+    y[i] = glu_one(g[i], u[i]);
+  }
 }
 
 __device__ __forceinline__ int4 load_stream(const int4* p) {
@@ -190,6 +207,7 @@ constexpr int kFusedWarps = kQuantThreads / 32;
 
 template <int MT, int R, int U, int MINB = 3>
 __global__ void __launch_bounds__(kQuantThreads, MINB) fused_gemv_kernel(const __half* __restrict__ x,
+                                                                  const __half* __restrict__ u,
                                                                   const int8_t* __restrict__ w,
                                                                   const float* __restrict__ wscale,
                                                                   const __half* __restrict__ bias, OutSplit out,
@@ -221,7 +239,8 @@ __global__ void __launch_bounds__(kQuantThreads, MINB) fused_gemv_kernel(const _
     for (int m = 0; m < mcount; ++m)
       walsh_quantize_row<kFusedWarps>(x + m * K, rot, fs, qs + m * K, &amax_s[m], red, &scale_s);
   } else {
-    for (int m = 0; m < mcount; ++m) quantize_row_block<2>(x + m * K, qs + m * K, &amax_s[m], K, true, red, &scale_s);
+    for (int m = 0; m < mcount; ++m)
+      quantize_row_block<2>(x + m * K, u ? u + m * K : nullptr, qs + m * K, &amax_s[m], K, true, red, &scale_s);
   }
   __syncthreads();
   if (n0 >= N) return;
@@ -292,8 +311,9 @@ __global__ void __launch_bounds__(kQuantThreads, MINB) fused_gemv_kernel(const _
 
 // MINB: blocks per multiprocessor the registers must allow (the weight registers grow with R * U)
 template <int MT, int R, int U, int MINB = 3>
-cudaError_t launch_fused_t(const __half* x, const int8_t* w, const float* wscale, const __half* bias,
-                           const OutSplit& out, int64_t M, int64_t K, const WalshSpec& rot, cudaStream_t stream) {
+cudaError_t launch_fused_t(const __half* x, const __half* u, const int8_t* w, const float* wscale,
+                           const __half* bias, const OutSplit& out, int64_t M, int64_t K, const WalshSpec& rot,
+                           cudaStream_t stream) {
   const int64_t N = out.end[out.count - 1];
   const size_t smem = static_cast<size_t>(MT) * static_cast<size_t>(K) + (rot.n ? 8 * static_cast<size_t>(K) : 0);
   if (const cudaError_t e = opt_in_smem<fused_gemv_kernel<MT, R, U, MINB>>(kFusedMaxSmem); e != cudaSuccess) return e;
@@ -301,7 +321,7 @@ cudaError_t launch_fused_t(const __half* x, const int8_t* w, const float* wscale
   const int64_t blocks = (warps + kFusedWarps - 1) / kFusedWarps;
   if (blocks > 0x7fffffff) return cudaErrorInvalidValue;
   fused_gemv_kernel<MT, R, U, MINB><<<static_cast<unsigned>(blocks), kQuantThreads, smem, stream>>>(
-      x, w, wscale, bias, out, M, N, K, rot);
+      x, u, w, wscale, bias, out, M, N, K, rot);
   return cudaGetLastError();
 }
 
@@ -334,12 +354,23 @@ cudaError_t launch_gemv_t(const int8_t* q, const float* amax, const int8_t* w, c
 
 }  // namespace
 
-cudaError_t launch_quantize_rows(const __half* x, int8_t* q, float* amax, int64_t M, int64_t K, cudaStream_t stream) {
+cudaError_t launch_quantize_rows(const __half* x, int8_t* q, float* amax, int64_t M, int64_t K, cudaStream_t stream,
+                                 const __half* u) {
   if (M <= 0) return cudaSuccess;
   if (M > 0x7fffffff) return cudaErrorInvalidValue;
   const bool vec = (K % 8 == 0) && (reinterpret_cast<uintptr_t>(x) % 16 == 0) &&
-                   (reinterpret_cast<uintptr_t>(q) % 8 == 0);
-  quantize_rows_kernel<<<static_cast<unsigned>(M), kQuantThreads, 0, stream>>>(x, q, amax, K, vec);
+                   (reinterpret_cast<uintptr_t>(u) % 16 == 0) && (reinterpret_cast<uintptr_t>(q) % 8 == 0);
+  quantize_rows_kernel<<<static_cast<unsigned>(M), kQuantThreads, 0, stream>>>(x, u, q, amax, K, vec);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_glu(const __half* g, const __half* u, __half* y, int64_t n, cudaStream_t stream) {
+  if (n <= 0) return cudaSuccess;
+  const bool vec = n % 8 == 0 && (reinterpret_cast<uintptr_t>(g) | reinterpret_cast<uintptr_t>(u) |
+                                  reinterpret_cast<uintptr_t>(y)) % 16 == 0;
+  const int64_t blocks = ((vec ? n / 8 : n) + 255) / 256;
+  if (blocks > 0x7fffffff) return cudaErrorInvalidValue;
+  glu_kernel<<<static_cast<unsigned>(blocks), 256, 0, stream>>>(g, u, y, n, vec);
   return cudaGetLastError();
 }
 
@@ -364,8 +395,9 @@ bool w8a8_fused_gemv_supported(const __half* x, const int8_t* w, int64_t M, int6
 
 cudaError_t launch_w8a8_fused_gemv(const __half* x, const int8_t* w, const float* wscale, const __half* bias,
                                    const OutSplit& out, int64_t M, int64_t K, cudaStream_t stream,
-                                   const WalshSpec* rot, int config) {
-  if (!w8a8_fused_gemv_supported(x, w, M, K, rot) || out.count < 1 || out.count > kMaxOutputs)
+                                   const WalshSpec* rot, int config, const __half* u) {
+  if (!w8a8_fused_gemv_supported(x, w, M, K, rot) || out.count < 1 || out.count > kMaxOutputs ||
+      (u && ((rot && rot->n) || reinterpret_cast<uintptr_t>(u) % 16 != 0)))
     return cudaErrorInvalidValue;
   const WalshSpec r = rot ? *rot : WalshSpec{};
   if (M <= 1) {
@@ -374,16 +406,16 @@ cudaError_t launch_w8a8_fused_gemv(const __half* x, const int8_t* w, const float
       config = K >= 8192 ? 3 : N >= 8192 ? 1 : 0;
     }
     switch (config) {  // outputs per warp x 16-byte chunks per row in flight (A/B runs: ONNXQF_GEMV_CONFIG)
-      case 1: return launch_fused_t<1, 1, 8>(x, w, wscale, bias, out, M, K, r, stream);
-      case 2: return launch_fused_t<1, 2, 8, 2>(x, w, wscale, bias, out, M, K, r, stream);
-      case 3: return launch_fused_t<1, 4, 4, 2>(x, w, wscale, bias, out, M, K, r, stream);
-      case 4: return launch_fused_t<1, 4, 2>(x, w, wscale, bias, out, M, K, r, stream);
-      case 5: return launch_fused_t<1, 1, 16, 2>(x, w, wscale, bias, out, M, K, r, stream);
-      default: return launch_fused_t<1, 2, 4>(x, w, wscale, bias, out, M, K, r, stream);
+      case 1: return launch_fused_t<1, 1, 8>(x, u, w, wscale, bias, out, M, K, r, stream);
+      case 2: return launch_fused_t<1, 2, 8, 2>(x, u, w, wscale, bias, out, M, K, r, stream);
+      case 3: return launch_fused_t<1, 4, 4, 2>(x, u, w, wscale, bias, out, M, K, r, stream);
+      case 4: return launch_fused_t<1, 4, 2>(x, u, w, wscale, bias, out, M, K, r, stream);
+      case 5: return launch_fused_t<1, 1, 16, 2>(x, u, w, wscale, bias, out, M, K, r, stream);
+      default: return launch_fused_t<1, 2, 4>(x, u, w, wscale, bias, out, M, K, r, stream);
     }
   }
-  if (M <= 2) return launch_fused_t<2, 2, 4>(x, w, wscale, bias, out, M, K, r, stream);
-  return launch_fused_t<4, 2, 2>(x, w, wscale, bias, out, M, K, r, stream);
+  if (M <= 2) return launch_fused_t<2, 2, 4>(x, u, w, wscale, bias, out, M, K, r, stream);
+  return launch_fused_t<4, 2, 2>(x, u, w, wscale, bias, out, M, K, r, stream);
 }
 
 cudaError_t launch_w8a8_naive(const int8_t* q, const float* amax, const int8_t* w, const float* wscale,

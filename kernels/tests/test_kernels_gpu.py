@@ -419,3 +419,76 @@ def test_rotation_factor_kinds_against_numpy(M, a, A, b, B, tiles):
     err = np.abs(got - want).max() / np.abs(want).max()
     mean = np.abs(got - want).mean() / np.abs(want).mean()
     assert err < 0.02 and mean < 0.005, (err, mean)
+
+
+GLU = [
+    # (M, K, rotation (a, A, b, B) or None, env): each way the op reads SwiGLU's product
+    (1, 4096, None, None),                              # the one-launch GEMV, product on the way in
+    (3, 11008, None, None),                             # the same, 4-row kernel
+    (16, 4096, None, {"ONNXQF_GEMV_MAX_M": "16"}),      # the separate quantization + GEMV
+    (300, 11008, None, None),                           # the separate quantization + GEMM
+    (5, 1000, None, None),                              # K % 16 != 0: the any-shape fallback
+    (1, 4096, (64, "W", 64, "W"), None),                # rotated: the product written first, then the rotation
+    (300, 11008, (344, "R", 32, "W"), None),
+    (2, 11008, (344, "R", 32, "W"), None),
+]
+
+
+@pytest.mark.parametrize("M,K,rotation,env", GLU)
+def test_glu_input_equals_the_standard_nodes(M, K, rotation, env):
+    """``input_glu`` = 1 (X = g, U = u): the op computes silu(g) * u itself, in the fp16 steps of ONNX Runtime's
+    Sigmoid, Mul, Mul on CUDA, so its outputs equal the same op fed by those three nodes, to the bit; outputs
+    poisoned first."""
+    from onnxqf.maths.hadamard import hadamard_matrix
+
+    N = 512
+    rng = np.random.default_rng(M + K)
+    g = (rng.standard_normal((M, K)) * 3).astype(np.float16)
+    u = rng.standard_normal((M, K)).astype(np.float16)
+    u[:, rng.choice(K, size=max(1, K // 64), replace=False)] *= 30
+    _, q, wscale, _ = data(M, K, N, seed=K, with_bias=False)
+    inits = [numpy_helper.from_array(q, "wq"), numpy_helper.from_array(wscale, "ws")]
+    ins, attrs = ["", "wq", "ws", "", "", ""], {}
+    if rotation is not None:
+        a, A, b, B = rotation
+        if A == "R":
+            at = np.zeros((-(-a // 16) * 16,) * 2)
+            at[:a, :a] = hadamard_matrix(a).T / np.sqrt(a)
+            inits.append(numpy_helper.from_array(at.astype(np.float16), "ra"))
+            ins[4] = "ra"
+        attrs = {"rotation_block": b, "rotation_walsh": (1 if B == "W" else 0) | (2 if A == "W" else 0)}
+
+    def model(fused: bool):
+        nodes, i = [], list(ins)
+        if fused:
+            i[0] = "g"
+            i += ["u"]
+            extra = {"input_glu": 1}
+        else:
+            nodes = [helper.make_node("Sigmoid", ["g"], ["s"]), helper.make_node("Mul", ["g", "s"], ["t"]),
+                     helper.make_node("Mul", ["t", "u"], ["x"])]
+            i[0] = "x"
+            while i[-1] == "":
+                i.pop()
+            extra = {}
+        nodes.append(helper.make_node(kernels.W8A8_LINEAR, i, ["y"], domain=kernels.DOMAIN, **attrs, **extra))
+        graph = helper.make_graph(nodes, "t", [helper.make_tensor_value_info(n, F16, ["M", K]) for n in ("g", "u")],
+                                  [helper.make_tensor_value_info("y", F16, ["M", N])], inits)
+        m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18),
+                                                    helper.make_opsetid(kernels.DOMAIN, 1)])
+        m.ir_version = 9
+        return _session(m, True, env)
+
+    def run(sess):
+        b = sess.io_binding()
+        b.bind_ortvalue_input("g", ort.OrtValue.ortvalue_from_numpy(g, "cuda", 0))
+        b.bind_ortvalue_input("u", ort.OrtValue.ortvalue_from_numpy(u, "cuda", 0))
+        y = ort.OrtValue.ortvalue_from_numpy(np.full((M, N), np.nan, np.float16), "cuda", 0)
+        b.bind_ortvalue_output("y", y)
+        sess.run_with_iobinding(b)
+        return y.numpy()
+
+    got, want = run(model(True)), run(model(False))
+    assert np.isfinite(got.astype(np.float32)).all(), "unwritten outputs"
+    differ = np.mean(got != want)
+    assert differ == 0, f"{differ:.2%} of the outputs differ (max {np.abs(got.astype(np.float32) - want).max()})"

@@ -22,6 +22,11 @@ power-of-two part of onnxqf's rotations is, goes as a bit of ``rotation_walsh`` 
 Walsh-Hadamard transform), and the block of Reshape / MatMul / Transpose nodes goes.
 Its codes then equal the standard graph's up to the fp16 rounding of the rotated values (another summation order).
 
+When the group's activation is SwiGLU's product ``Mul(Mul(g, Sigmoid(g)), u)`` (down_proj of Llama-like MLPs; either
+operand order, float16, the intermediate values read by nothing else) the op takes g and u instead (``input_glu`` = 1,
+u its last input) and computes the product inside its quantization, in the same fp16 steps as those three nodes, which
+go: three fewer passes over the MLP's widest activation (:func:`swiglu_of`).
+
 The op has a CUDA kernel only, for sm_90a (H100/H200), and
 takes float16 activations: float32 models are refused. Sessions that run the graph must load the library
 (:func:`onnxqf.runtime.kernels.register`).
@@ -42,8 +47,9 @@ from onnxqf.lowering.base import LinearGroup, register, replace_outputs
 from onnxqf.lowering.w8a8 import W8A8Lowering
 from onnxqf.maths.hadamard import sylvester
 
-__all__ = ["DOMAIN", "MAX_OUTPUTS", "OP", "ROTATE_MAX_SMEM", "KernelRotation", "OnnxqfCudaW8A8", "balance_factors",
-           "emit_w8a8_kernel", "kernel_rotation", "kron_split", "walsh_matrix", "walsh_sign"]
+__all__ = ["DOMAIN", "MAX_OUTPUTS", "OP", "ROTATE_MAX_SMEM", "KernelRotation", "OnnxqfCudaW8A8", "SwiGlu",
+           "balance_factors", "emit_w8a8_kernel", "kernel_rotation", "kron_split", "swiglu_of", "walsh_matrix",
+           "walsh_sign"]
 
 DOMAIN = "onnxqf"  # = onnxqf.runtime.kernels.DOMAIN (not imported: lowering needs no GPU library)
 OP = "W8A8Linear"
@@ -171,14 +177,52 @@ def balance_factors(a: int, A: np.ndarray, b: int, B: np.ndarray | None):
     return best[1:]
 
 
+@dataclasses.dataclass(frozen=True)
+class SwiGlu:
+    """``value = Mul(Mul(g, Sigmoid(g)), u)`` found in a graph: the two inputs and the three nodes (outer Mul first)."""
+
+    g: ir.Value
+    u: ir.Value
+    nodes: tuple[ir.Node, ...]
+
+
+def _is_op(node: ir.Node | None, op_type: str, arity: int) -> bool:
+    return node is not None and node.op_type == op_type and node.domain in ("", "ai.onnx") and \
+        len(node.inputs) == arity and all(v is not None for v in node.inputs)
+
+
+def swiglu_of(value: ir.Value) -> SwiGlu | None:
+    """The SwiGLU product whose output is ``value`` (module docstring), or None. Rules: the outer node is a Mul of
+    ``silu`` and u; ``silu`` is a Mul of g and ``Sigmoid(g)``, each read by nothing else (either operand order at
+    each Mul); g and u are float16 and of one known shape (no broadcasting)."""
+    outer = value.producer()
+    if not _is_op(outer, "Mul", 2):
+        return None
+    for silu, u in (tuple(outer.inputs), tuple(reversed(outer.inputs))):
+        inner = silu.producer()
+        if not _is_op(inner, "Mul", 2) or len(list(silu.consumers())) != 1:
+            continue
+        for g, sig_v in (tuple(inner.inputs), tuple(reversed(inner.inputs))):
+            sig = sig_v.producer()
+            if not _is_op(sig, "Sigmoid", 1) or sig.inputs[0] is not g or len(list(sig_v.consumers())) != 1:
+                continue
+            dtypes = {v.type.dtype if v.type is not None else None for v in (g, u)}
+            if dtypes != {ir.DataType.FLOAT16} or g.shape is None or u.shape is None or \
+                    list(g.shape) != list(u.shape) or g is u:
+                continue
+            return SwiGlu(g, u, (outer, inner, sig))
+    return None
+
+
 def emit_w8a8_kernel(graph: ir.Graph, x: ir.Value, q_int8_KN: np.ndarray, scale: np.ndarray, base_name: str,
                      tape: ir_tape.Tape | None = None, rotation: KernelRotation | None = None,
-                     output_sizes: list[int] | None = None):
+                     output_sizes: list[int] | None = None, glu_up: ir.Value | None = None):
     """The ``onnxqf.W8A8Linear`` node (on ``tape``, a new one if None, not inserted) computing
     ``x @ (q_int8_KN * scale)`` with per-token int8 activations: ``q_int8_KN`` int8 ``[K, N]`` (MatMul's layout),
     ``scale`` the per-output-channel weight scale ``[N]``; ``rotation``: x is rotated first, inside the op.
     Returns the float16 output value; with ``output_sizes`` (several parts adding up to N, at most
-    :data:`MAX_OUTPUTS`) the list of one output per part, the N channels cut in that order (no Split node)."""
+    :data:`MAX_OUTPUTS`) the list of one output per part, the N channels cut in that order (no Split node); with
+    ``glu_up`` the op's input is ``silu(x) * glu_up`` (SwiGLU, :func:`swiglu_of`)."""
     if q_int8_KN.dtype != np.int8 or q_int8_KN.ndim != 2 or scale.shape != (q_int8_KN.shape[1],):
         raise OnnxqfError(f"{base_name}: W8A8Linear needs int8 [K, N] weights and N scales")
     tape = tape if tape is not None else ir_tape.Tape(graph)
@@ -193,11 +237,14 @@ def emit_w8a8_kernel(graph: ir.Graph, x: ir.Value, q_int8_KN: np.ndarray, scale:
         if rotation.b is not None:
             rb = edit.add_initializer(graph, f"{base_name}.rotation_b", rotation.b, ir.DataType.FLOAT16)
         inputs += [None, ra, rb]
-        while inputs[-1] is None:  # no trailing empty inputs (a Walsh factor takes none)
-            inputs.pop()
         attributes["rotation_block"] = int(rotation.block)
         if rotation.walsh:
             attributes["rotation_walsh"] = int(rotation.walsh)
+    if glu_up is not None:
+        inputs += [None] * (6 - len(inputs)) + [glu_up]  # U is the op's input 6
+        attributes["input_glu"] = 1
+    while inputs[-1] is None:  # no trailing empty inputs (a Walsh factor takes none)
+        inputs.pop()
     if output_sizes is not None and len(output_sizes) > 1:
         if len(output_sizes) > MAX_OUTPUTS or sum(output_sizes) != q_int8_KN.shape[1] or min(output_sizes) < 1:
             raise OnnxqfError(f"{base_name}: W8A8Linear takes 2..{MAX_OUTPUTS} positive output sizes adding up to N")
@@ -222,6 +269,8 @@ class OnnxqfCudaW8A8(W8A8Lowering):
     domains: ClassVar[dict[str, int]] = {DOMAIN: 1}
     #: move online rotations into the op where it can run them (:func:`kernel_rotation`)
     fuse_rotations: bool = True
+    #: compute SwiGLU's product inside the op where it is the group's activation (:func:`swiglu_of`)
+    fuse_glu: bool = True
 
     def emit(self, graph: ir.Graph, group: LinearGroup, weights) -> None:
         if group.dtype != ir.DataType.FLOAT16:
@@ -238,12 +287,19 @@ class OnnxqfCudaW8A8(W8A8Lowering):
                 rotation = kernel_rotation(block.groups, q.shape[0])
             if rotation is not None:
                 x = block.input
+        # SwiGLU's product read only by this group (or by the rotation the op takes over): computed inside the op
+        glu = swiglu_of(x) if self.fuse_glu else None
+        if glu is not None:
+            readers = {id(lin.node) for lin in group.linears} | {id(n) for n in (block.nodes if rotation else [])}
+            if not {id(n) for n in x.consumers()} <= readers or x.is_graph_output():
+                glu = None
+        x_in, up = (glu.g, glu.u) if glu is not None else (x, None)
         sizes = [w[0].shape[1] for w in weights]
         if len(sizes) <= MAX_OUTPUTS:  # one output per linear, written by the op itself
-            y = emit_w8a8_kernel(graph, x, q, scale, group.base, tape, rotation, output_sizes=sizes)
+            y = emit_w8a8_kernel(graph, x_in, q, scale, group.base, tape, rotation, output_sizes=sizes, glu_up=up)
             outs = y if isinstance(y, list) else [y]
         else:  # (no such group in the families served: more parts than the op's outputs)
-            y = emit_w8a8_kernel(graph, x, q, scale, group.base, tape, rotation)
+            y = emit_w8a8_kernel(graph, x_in, q, scale, group.base, tape, rotation, glu_up=up)
             split = edit.add_initializer(graph, f"{group.base}/split_sizes", np.array(sizes, np.int64))
             outs = tape.op_multi_out("Split", [y, split], {"axis": -1}, num_outputs=len(weights),
                                      name=f"{group.base}/split")
@@ -251,6 +307,8 @@ class OnnxqfCudaW8A8(W8A8Lowering):
         replace_outputs(graph, group.linears, outs)
         if rotation is not None:
             block.remove(graph)
+        if glu is not None:
+            graph.remove(list(glu.nodes), safe=True)
 
     def node_issue(self, node: ir.Node, provider: str) -> str | None:
         if node.domain != DOMAIN:
