@@ -80,8 +80,10 @@ cudaError_t launch_walsh_quantize_rows(const __half* x, const WalshSpec& spec, i
 // rotated rows transposed back; the per-token quantization reads D. scratch: rotate_dense_scratch(M, K, b) bytes.
 bool rotate_dense_supported(int64_t K, int64_t b, bool walsh_b);
 size_t rotate_dense_scratch(int64_t M, int64_t K, int64_t b);
+// u: null, or x is SwiGLU's silu(x) * u, made as it is read (here and in launch_rotate_dense_rows).
 cudaError_t launch_rotate_dense_quantize(const __half* x, const __half* at, bool walsh_b, int8_t* q, float* amax,
-                                         int64_t M, int64_t K, int64_t b, void* scratch, cudaStream_t stream);
+                                         int64_t M, int64_t K, int64_t b, void* scratch, cudaStream_t stream,
+                                         const __half* u = nullptr);
 
 // Online rotation fused into the quantization: each row x [K] (viewed as X [a, b], a = K / b) becomes
 // fp16(x @ kron(A, B)) = fp16(A^T (X B)), then is quantized as launch_quantize_rows does. Each factor is dense, the
@@ -117,7 +119,7 @@ int sm_count_of_current_device();
 // GEMV then quantizes y.
 bool rotate_dense_rows_supported(int64_t K, int64_t b, bool walsh_b);
 cudaError_t launch_rotate_dense_rows(const __half* x, const __half* at, bool walsh_b, __half* y, int64_t M, int64_t K,
-                                     int64_t b, cudaStream_t stream);
+                                     int64_t b, cudaStream_t stream, const __half* u = nullptr);
 
 // D [M, N] = A [M, K] @ B, fp16 in and out, fp32 sums (CUTLASS SM90): A row-major (lda = K), B given as its
 // transpose [N, K] row-major with leading dimension ldb (>= K), D row-major (ldd = N). K, N, ldb % 8 == 0.

@@ -24,7 +24,7 @@
 //   ONNXQF_GEMV_MAX_M   rows up to which the GEMV runs (default 4: one launch with the quantization fused for
 //                       M <= 4, the separate quantization kernel + GEMV above); larger M takes the tensor-core GEMM
 //   ONNXQF_GEMM_TILE    force the GEMM tile: 0 = 128x128, 1 = 64x128, 2 = 128x256 (default: 1 for M <= 128, else 0)
-//   ONNXQF_GEMV_CONFIG  the one-token GEMV's outputs per warp x weight chunks in flight (kernels.h; default -1: by shape)
+//   ONNXQF_GEMV_CONFIG  the one-token GEMV's outputs per warp x weight chunks in flight (kernels.h; -1: by shape)
 #define ORT_API_MANUAL_INIT
 #include "onnxruntime_cxx_api.h"
 #undef ORT_API_MANUAL_INIT
@@ -244,15 +244,20 @@ struct W8A8LinearKernel {
                                         : onnxqf::WalshSpec{};
     const bool dense = rotate && rot_a && !rot_b && !walsh_a && !tile_rotation &&
                        onnxqf::rotate_dense_supported(K, rotation_block, walsh_b);
-    // SwiGLU's products: inside the quantization where it reads X as it is (no rotation), else written first
+    // SwiGLU's products: made as X is read where the kernel reads it as it is (no rotation) or by rows of X (the
+    // dense factor's kernels), else written once first (write_glu)
     ScratchGuard glu_rows{nullptr, stream};
-    if (u && (rotate || reinterpret_cast<uintptr_t>(u) % 16 != 0)) {
+    auto write_glu = [&]() -> cudaError_t {
+      if (!u) return cudaSuccess;
       cudaError_t e = scratch_alloc(&glu_rows.p, round_up(size_t(M) * size_t(K) * 2, 256), device, stream);
       if (e == cudaSuccess) e = onnxqf::launch_glu(x, u, static_cast<__half*>(glu_rows.p), M * K, stream);
-      if (e != cudaSuccess) return fail(std::string("onnxqf.W8A8Linear: SwiGLU: ") + cudaGetErrorString(e));
       x = static_cast<const __half*>(glu_rows.p);
       u = nullptr;
-    }
+      return e;
+    };
+    if (u && ((rotate && !dense) || reinterpret_cast<uintptr_t>(u) % 16 != 0))
+      if (const cudaError_t e = write_glu(); e != cudaSuccess)
+        return fail(std::string("onnxqf.W8A8Linear: SwiGLU: ") + cudaGetErrorString(e));
     // small M in one launch, no scratch: quantization (after a Walsh rotation) into shared memory + GEMV
     if ((!rotate || wspec.n) && M <= gemv_max_m &&
         onnxqf::w8a8_fused_gemv_supported(x, w, M, K, rotate ? &wspec : nullptr)) {
@@ -268,7 +273,7 @@ struct W8A8LinearKernel {
       cudaError_t e = scratch_alloc(&rows, round_up(size_t(M) * size_t(K) * 2, 256), device, stream);
       if (e != cudaSuccess) return fail(std::string("onnxqf.W8A8Linear: scratch allocation: ") + cudaGetErrorString(e));
       auto* xr = static_cast<__half*>(rows);
-      e = onnxqf::launch_rotate_dense_rows(x, rot_a, walsh_b, xr, M, K, rotation_block, stream);
+      e = onnxqf::launch_rotate_dense_rows(x, rot_a, walsh_b, xr, M, K, rotation_block, stream, u);
       if (e == cudaSuccess) e = onnxqf::launch_w8a8_fused_gemv(xr, w, ws, bias, out, M, K, stream, nullptr, gemv_config);
       const cudaError_t ef = cudaFreeAsync(rows, stream);
       if (e == cudaSuccess) e = ef;
@@ -297,10 +302,15 @@ struct W8A8LinearKernel {
     if (!rotate) e = onnxqf::launch_quantize_rows(x, q, amax, M, K, stream, u);
     else if (wspec.n) e = onnxqf::launch_walsh_quantize_rows(x, wspec, q, amax, M, sm_count, stream);
     else if (dense)
-      e = onnxqf::launch_rotate_dense_quantize(x, rot_a, walsh_b, q, amax, M, K, rotation_block, r_scratch, stream);
-    if (rotate && !wspec.n && (!dense || e == cudaErrorNotSupported))  // (CUTLASS may refuse a small factor)
-      e = onnxqf::launch_rotate_quantize_rows(x, rot_a, rot_b, rotation_walsh, q, amax, M, K, rotation_block, sm_count,
-                                              stream);
+      e = onnxqf::launch_rotate_dense_quantize(x, rot_a, walsh_b, q, amax, M, K, rotation_block, r_scratch, stream,
+                                               u);
+    if (rotate && !wspec.n && (!dense || e == cudaErrorNotSupported)) {  // (CUTLASS may refuse a small factor)
+      (void)cudaGetLastError();
+      e = write_glu();
+      if (e == cudaSuccess)
+        e = onnxqf::launch_rotate_quantize_rows(x, rot_a, rot_b, rotation_walsh, q, amax, M, K, rotation_block,
+                                                sm_count, stream);
+    }
     for (int i = 0; e == cudaSuccess && i < out.count; ++i) {  // each output its own product of the shared codes
       const int64_t start = i ? out.end[i - 1] : 0, n = parts[i];
       const int8_t* wi = w + start * K;

@@ -257,11 +257,14 @@ __device__ __forceinline__ void walsh_chunk(float* r, int c, int tpr) {
 }
 
 // Chunk c (8 values) of row i of token m's X [a, b] times B (unnormalised): in fp32, zero for the padding rows i >= a.
-// The lanes holding one row's b / 8 chunks call it together (walsh_chunk's shuffles).
-__device__ __forceinline__ void chunk_times_b(const __half* __restrict__ x, int64_t m, int a, int b, int i, int c,
-                                              bool walsh_b, float* r) {
+// u: null, or X is SwiGLU's silu(x) * u (glu_chunk). The lanes holding one row's b / 8 chunks call it together
+// (walsh_chunk's shuffles).
+__device__ __forceinline__ void chunk_times_b(const __half* __restrict__ x, const __half* __restrict__ u, int64_t m,
+                                              int a, int b, int i, int c, bool walsh_b, float* r) {
   if (i < a) {
-    halves_to_floats(__ldg(reinterpret_cast<const uint4*>(x + (m * a + i) * b) + c), r);
+    const int64_t row = (m * a + i) * b;
+    halves_to_floats(load_chunk(reinterpret_cast<const uint4*>(x + row), u ? reinterpret_cast<const uint4*>(u + row)
+                                                                           : nullptr, c), r);
   } else {
 #pragma unroll
     for (int k = 0; k < 8; ++k) r[k] = 0.f;
@@ -276,7 +279,8 @@ __device__ __forceinline__ void chunk_times_b(const __half* __restrict__ x, int6
 // through shared memory, so that the transposed writes are whole rows of Z.
 constexpr int kZThreads = 256;
 
-__global__ void __launch_bounds__(kZThreads) rows_to_z_kernel(const __half* __restrict__ x, __half* __restrict__ z,
+__global__ void __launch_bounds__(kZThreads) rows_to_z_kernel(const __half* __restrict__ x,
+                                                              const __half* __restrict__ u, __half* __restrict__ z,
                                                               int a, int a8, int b, bool walsh_b, float scale) {
   __shared__ __align__(16) __half tile[kZThreads * 8];  // [b][rows]
   const int tpr = b / 8, rows = kZThreads / tpr;
@@ -284,7 +288,7 @@ __global__ void __launch_bounds__(kZThreads) rows_to_z_kernel(const __half* __re
   const int r0 = blockIdx.y * rows;
   const int t = threadIdx.x, lr = t / tpr, c = t % tpr, i = r0 + lr;
   float r[8];
-  chunk_times_b(x, m, a, b, i, c, walsh_b, r);
+  chunk_times_b(x, u, m, a, b, i, c, walsh_b, r);
 #pragma unroll
   for (int k = 0; k < 8; ++k) tile[(c * 8 + k) * rows + lr] = __float2half_rn(r[k] * scale);
   __syncthreads();
@@ -344,6 +348,7 @@ __global__ void __launch_bounds__(kDThreads) quantize_from_d_kernel(const __half
 constexpr int kRowsThreads = 128;
 
 __global__ void __launch_bounds__(kRowsThreads) rotate_dense_rows_kernel(const __half* __restrict__ x,
+                                                                         const __half* __restrict__ u,
                                                                          const __half* __restrict__ at,
                                                                          __half* __restrict__ y, int a, int a16,
                                                                          int b, bool walsh_b, float scale) {
@@ -356,7 +361,7 @@ __global__ void __launch_bounds__(kRowsThreads) rotate_dense_rows_kernel(const _
   for (int task = threadIdx.x; task < a16 * tpr; task += kRowsThreads) {
     const int i = task / tpr, c = task % tpr;
     float r[8];
-    chunk_times_b(x, m, a, b, i, c, walsh_b, r);
+    chunk_times_b(x, u, m, a, b, i, c, walsh_b, r);
     __half2 o[4];
 #pragma unroll
     for (int k = 0; k < 4; ++k) o[k] = __floats2half2_rn(r[2 * k] * scale, r[2 * k + 1] * scale);
@@ -440,10 +445,12 @@ size_t rotate_dense_scratch(int64_t M, int64_t K, int64_t b) {
 }
 
 cudaError_t launch_rotate_dense_quantize(const __half* x, const __half* at, bool walsh_b, int8_t* q, float* amax,
-                                         int64_t M, int64_t K, int64_t b, void* scratch, cudaStream_t stream) {
+                                         int64_t M, int64_t K, int64_t b, void* scratch, cudaStream_t stream,
+                                         const __half* u) {
   if (M <= 0) return cudaSuccess;
-  if (!rotate_dense_supported(K, b, walsh_b) || !at || reinterpret_cast<uintptr_t>(x) % 16 != 0 ||
-      reinterpret_cast<uintptr_t>(at) % 16 != 0 || reinterpret_cast<uintptr_t>(q) % 4 != 0 || M > 0x7fffffff)
+  if (!rotate_dense_supported(K, b, walsh_b) || !at ||
+      (reinterpret_cast<uintptr_t>(x) | reinterpret_cast<uintptr_t>(u) | reinterpret_cast<uintptr_t>(at)) % 16 != 0 ||
+      reinterpret_cast<uintptr_t>(q) % 4 != 0 || M > 0x7fffffff)
     return cudaErrorInvalidValue;
   const int a = static_cast<int>(K / b);
   const int a8 = static_cast<int>(round_up_to(a, 8)), a16 = static_cast<int>(round_up_to(a, 16));
@@ -453,7 +460,7 @@ cudaError_t launch_rotate_dense_quantize(const __half* x, const __half* at, bool
   void* ws = static_cast<char*>(scratch) + 2 * dense_z_bytes(M, K, b);
   const float scale = walsh_b ? inv_sqrt(b) : 1.f;
   rows_to_z_kernel<<<dim3(static_cast<unsigned>(M), (a8 + rows - 1) / rows), kZThreads, 0, stream>>>(
-      x, z, a, a8, static_cast<int>(b), walsh_b, scale);
+      x, u, z, a, a8, static_cast<int>(b), walsh_b, scale);
   cudaError_t e = cudaGetLastError();
   if (e != cudaSuccess) return e;
   e = launch_f16_gemm_sm90(z, at, a16, d, M * b, a8, a8, ws, stream);
@@ -472,9 +479,10 @@ bool rotate_dense_rows_supported(int64_t K, int64_t b, bool walsh_b) {
 }
 
 cudaError_t launch_rotate_dense_rows(const __half* x, const __half* at, bool walsh_b, __half* y, int64_t M, int64_t K,
-                                     int64_t b, cudaStream_t stream) {
+                                     int64_t b, cudaStream_t stream, const __half* u) {
   if (M <= 0) return cudaSuccess;
-  if (!rotate_dense_rows_supported(K, b, walsh_b) || !at || M > 65535 || reinterpret_cast<uintptr_t>(x) % 16 != 0 ||
+  if (!rotate_dense_rows_supported(K, b, walsh_b) || !at || M > 65535 ||
+      (reinterpret_cast<uintptr_t>(x) | reinterpret_cast<uintptr_t>(u)) % 16 != 0 ||
       reinterpret_cast<uintptr_t>(at) % 32 != 0 || reinterpret_cast<uintptr_t>(y) % 4 != 0)
     return cudaErrorInvalidValue;
   const int a = static_cast<int>(K / b), a16 = static_cast<int>(round_up_to(a, 16));
@@ -482,7 +490,7 @@ cudaError_t launch_rotate_dense_rows(const __half* x, const __half* at, bool wal
   if (const cudaError_t oe = opt_in_smem<rotate_dense_rows_kernel>(kRotateMaxSmem); oe != cudaSuccess) return oe;
   const float scale = walsh_b ? inv_sqrt(b) : 1.f;
   rotate_dense_rows_kernel<<<dim3(a16 / 16, static_cast<unsigned>(M)), kRowsThreads, smem, stream>>>(
-      x, at, y, a, a16, static_cast<int>(b), walsh_b, scale);
+      x, u, at, y, a, a16, static_cast<int>(b), walsh_b, scale);
   return cudaGetLastError();
 }
 
