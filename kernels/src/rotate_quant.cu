@@ -342,10 +342,20 @@ __global__ void __launch_bounds__(kDThreads) quantize_from_d_kernel(const __half
 }
 
 // The dense-factor path at small M, step 1 of 2 (the one-launch GEMV quantizes its output): block (rt, m) computes
-// rows [16 rt, 16 rt + 16) of token m's rotated row Y = A^T (X B), fp16, in the row's own order. Each block first
-// transforms the whole of X_m (b / 8 threads per row, as rows_to_z_kernel) into shared memory [a16, b] fp16, then
-// its warps take B's 16-column tiles: a WMMA product with A^T's 16-row panel read from global memory (fp32 sums).
+// rows [16 rt, 16 rt + 16) of token m's rotated row Y = A^T (X B), fp16, in the row's own order. Each block starts
+// copying A^T's 16-row panel into shared memory (cp.async), transforms the whole of X_m meanwhile (b / 8 threads per
+// row, as rows_to_z_kernel) into shared memory [a16, b] fp16, then its warps take (16-column tile of B, part of the
+// sum over i) pairs: WMMA products from shared memory (fp32 sums), the parts added at the end.
 constexpr int kRowsThreads = 128;
+constexpr int kRowsWarps = kRowsThreads / 32;
+
+// The parts the sum over i is cut into so that every warp has a tile: b / 16 column tiles, kRowsWarps warps.
+__host__ __device__ constexpr int rows_k_parts(int b) { return b / 16 >= kRowsWarps ? 1 : kRowsWarps / (b / 16); }
+
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(gmem));
+}
 
 __global__ void __launch_bounds__(kRowsThreads) rotate_dense_rows_kernel(const __half* __restrict__ x,
                                                                          const __half* __restrict__ u,
@@ -353,10 +363,14 @@ __global__ void __launch_bounds__(kRowsThreads) rotate_dense_rows_kernel(const _
                                                                          __half* __restrict__ y, int a, int a16,
                                                                          int b, bool walsh_b, float scale) {
   extern __shared__ __align__(128) unsigned char rows_smem[];
-  __half* zs = reinterpret_cast<__half*>(rows_smem);                          // [a16, b]
-  float* os = reinterpret_cast<float*>(rows_smem + size_t(a16) * b * 2);      // [16, b]
+  __half* zs = reinterpret_cast<__half*>(rows_smem);                           // [a16, b]
+  __half* ps = zs + size_t(a16) * b;                                           // [16, a16]: A^T's panel
+  float* os = reinterpret_cast<float*>(ps + size_t(16) * a16);                 // [parts][16, b]
   const int64_t m = blockIdx.y;
   const int rt = blockIdx.x, tpr = b / 8;
+  const __half* panel = at + static_cast<int64_t>(rt) * 16 * a16;  // 16 contiguous rows of a16
+  for (int e = threadIdx.x; e < 2 * a16; e += kRowsThreads) cp_async16(ps + 8 * e, panel + 8 * e);
+  asm volatile("cp.async.commit_group;\n" ::);
   // a16 * tpr is a multiple of 32 (a16 % 16 == 0, tpr >= 2): a row's lanes are in one warp, every warp whole
   for (int task = threadIdx.x; task < a16 * tpr; task += kRowsThreads) {
     const int i = task / tpr, c = task % tpr;
@@ -367,26 +381,38 @@ __global__ void __launch_bounds__(kRowsThreads) rotate_dense_rows_kernel(const _
     for (int k = 0; k < 4; ++k) o[k] = __floats2half2_rn(r[2 * k] * scale, r[2 * k + 1] * scale);
     *reinterpret_cast<uint4*>(zs + i * b + 8 * c) = *reinterpret_cast<const uint4*>(o);
   }
+  asm volatile("cp.async.wait_group 0;\n" ::);
   __syncthreads();
-  const int warp = threadIdx.x >> 5;
-  for (int ct = warp; ct < b / 16; ct += kRowsThreads / 32) {
+  const int warp = threadIdx.x >> 5, parts = rows_k_parts(b), steps = a16 / 16;
+  for (int task = warp; task < (b / 16) * parts; task += kRowsWarps) {
+    const int ct = task % (b / 16), part = task / (b / 16);
     FragC acc;
     wmma::fill_fragment(acc, 0.f);
-#pragma unroll 4
-    for (int k = 0; k < a16; k += 16) {
+    for (int s = part * steps / parts; s < (part + 1) * steps / parts; ++s) {
       FragA fa;
       FragB fb;
-      wmma::load_matrix_sync(fa, at + static_cast<int64_t>(rt) * 16 * a16 + k, a16);
-      wmma::load_matrix_sync(fb, zs + k * b + ct * 16, b);
+      wmma::load_matrix_sync(fa, ps + 16 * s, a16);
+      wmma::load_matrix_sync(fb, zs + 16 * s * b + ct * 16, b);
       wmma::mma_sync(acc, fa, fb, acc);
     }
-    wmma::store_matrix_sync(os + ct * 16, acc, b, wmma::mem_row_major);
+    wmma::store_matrix_sync(os + part * 16 * b + ct * 16, acc, b, wmma::mem_row_major);
   }
   __syncthreads();
   const int rows = min(16, a - rt * 16);  // the padding rows of A^T are not written
   __half* yr = y + m * int64_t(a) * b + int64_t(rt) * 16 * b;
-  for (int e = threadIdx.x * 2; e < rows * b; e += kRowsThreads * 2)
-    *reinterpret_cast<__half2*>(yr + e) = __floats2half2_rn(os[e], os[e + 1]);
+  for (int e = threadIdx.x * 2; e < rows * b; e += kRowsThreads * 2) {
+    float v0 = 0.f, v1 = 0.f;
+    for (int p = 0; p < parts; ++p) {
+      v0 += os[p * 16 * b + e];
+      v1 += os[p * 16 * b + e + 1];
+    }
+    *reinterpret_cast<__half2*>(yr + e) = __floats2half2_rn(v0, v1);
+  }
+}
+
+// rotate_dense_rows_kernel's shared memory: X B [a16, b] and A^T's panel [16, a16] in fp16, the parts [16, b] fp32.
+size_t rotate_dense_rows_smem(int64_t a16, int64_t b) {
+  return static_cast<size_t>(a16 * b * 2 + 16 * a16 * 2 + rows_k_parts(static_cast<int>(b)) * 16 * b * 4);
 }
 
 float inv_sqrt(int64_t n) { return static_cast<float>(1.0 / std::sqrt(static_cast<double>(n))); }  // a Walsh scale
@@ -474,8 +500,7 @@ cudaError_t launch_rotate_dense_quantize(const __half* x, const __half* at, bool
 
 bool rotate_dense_rows_supported(int64_t K, int64_t b, bool walsh_b) {
   if (b < 16 || b > 256 || b % 16 != 0 || K % b != 0 || (walsh_b && !is_pow2(b))) return false;
-  const int64_t a16 = round_up_to(K / b, 16);
-  return a16 * b * 2 + 64 * b <= static_cast<int64_t>(kRotateMaxSmem);
+  return rotate_dense_rows_smem(round_up_to(K / b, 16), b) <= kRotateMaxSmem;
 }
 
 cudaError_t launch_rotate_dense_rows(const __half* x, const __half* at, bool walsh_b, __half* y, int64_t M, int64_t K,
@@ -486,7 +511,7 @@ cudaError_t launch_rotate_dense_rows(const __half* x, const __half* at, bool wal
       reinterpret_cast<uintptr_t>(at) % 32 != 0 || reinterpret_cast<uintptr_t>(y) % 4 != 0)
     return cudaErrorInvalidValue;
   const int a = static_cast<int>(K / b), a16 = static_cast<int>(round_up_to(a, 16));
-  const size_t smem = static_cast<size_t>(a16) * b * 2 + 64 * static_cast<size_t>(b);
+  const size_t smem = rotate_dense_rows_smem(a16, b);
   if (const cudaError_t oe = opt_in_smem<rotate_dense_rows_kernel>(kRotateMaxSmem); oe != cudaSuccess) return oe;
   const float scale = walsh_b ? inv_sqrt(b) : 1.f;
   rotate_dense_rows_kernel<<<dim3(a16 / 16, static_cast<unsigned>(M)), kRowsThreads, smem, stream>>>(
