@@ -305,7 +305,7 @@ struct W8A8LinearKernel {
       e = onnxqf::launch_rotate_dense_quantize(x, rot_a, walsh_b, q, amax, M, K, rotation_block, r_scratch, stream,
                                                u);
     if (rotate && !wspec.n && (!dense || e == cudaErrorNotSupported)) {  // (CUTLASS may refuse a small factor)
-      (void)cudaGetLastError();
+      if (dense) (void)cudaGetLastError();  // the refusal's, as after the int8 GEMM's below
       e = write_glu();
       if (e == cudaSuccess)
         e = onnxqf::launch_rotate_quantize_rows(x, rot_a, rot_b, rotation_walsh, q, amax, M, K, rotation_block,
