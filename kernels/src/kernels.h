@@ -62,12 +62,22 @@ inline OutSplit one_output(__half* y, int64_t N) {
 // K <= 4096) each row is rotated first. Check support first. N = out.end[out.count - 1].
 constexpr int kFusedMaxM = 4;
 bool w8a8_fused_gemv_supported(const __half* x, const int8_t* w, int64_t M, int64_t K, const WalshSpec* rot = nullptr);
-// config (M = 1): -1 = by shape (the default: 1 x 8 for N >= 8192, 4 x 4 for K >= 8192, else 0), 0 = 2 outputs per
-// warp x 4 chunks in flight, 1 = 1 x 8, 2 = 2 x 8, 3 = 4 x 4, 4 = 4 x 2, 5 = 1 x 16 (ONNXQF_GEMV_CONFIG, A/B runs).
+struct GemvOptions {
+  // M = 1: -1 = by shape (the default: 1 x 8 for N >= 8192, 4 x 4 for K >= 8192, else 0), 0 = 2 outputs per warp x 4
+  // chunks in flight, 1 = 1 x 8, 2 = 2 x 8, 3 = 4 x 4, 4 = 4 x 2, 5 = 1 x 16 (ONNXQF_GEMV_CONFIG, A/B runs)
+  int config = -1;
+  // > 0: the grid holds at most the blocks this many multiprocessors run at once, each warp striding over the
+  // outputs (each block's quantization of x paid once); 0: one warp per group of outputs (ONNXQF_GEMV_PERSIST=0)
+  int sm_count = 0;
+  // launched as a programmatic dependent launch (ONNXQF_PDL=1): loads weights while the stream's previous kernel
+  // ends; off by default (an H100 run of back-to-back GEMVs measured it 1.2-1.7x slower, docs/benchmarks.md g7)
+  bool pdl = false;
+};
 // u (16-byte aligned, no rotation): the rows are SwiGLU's silu(x) * u, as in launch_quantize_rows.
 cudaError_t launch_w8a8_fused_gemv(const __half* x, const int8_t* w, const float* wscale, const __half* bias,
                                    const OutSplit& out, int64_t M, int64_t K, cudaStream_t stream,
-                                   const WalshSpec* rot = nullptr, int config = -1, const __half* u = nullptr);
+                                   const WalshSpec* rot = nullptr, const GemvOptions& opt = GemvOptions{},
+                                   const __half* u = nullptr);
 
 // Rotation by Walsh-Hadamard factors (a WalshSpec with n > 0) fused into the per-token quantization, any M: one
 // block of K / 16 threads per row at a time, 16 values per thread in registers (kernels/src/walsh_row.cuh).

@@ -25,6 +25,9 @@
 //                       M <= 4, the separate quantization kernel + GEMV above); larger M takes the tensor-core GEMM
 //   ONNXQF_GEMM_TILE    force the GEMM tile: 0 = 128x128, 1 = 64x128, 2 = 128x256 (default: 1 for M <= 128, else 0)
 //   ONNXQF_GEMV_CONFIG  the one-token GEMV's outputs per warp x weight chunks in flight (kernels.h; -1: by shape)
+//   ONNXQF_GEMV_PERSIST 0: the small-M GEMV's grid one warp per group of outputs (default 1: as many blocks as the
+//                       GPU holds at once, each striding over the outputs)
+//   ONNXQF_PDL          1: the small-M GEMV as a programmatic dependent launch (default 0: measured slower)
 #define ORT_API_MANUAL_INIT
 #include "onnxruntime_cxx_api.h"
 #undef ORT_API_MANUAL_INIT
@@ -119,7 +122,7 @@ struct ScratchGuard {
 struct W8A8LinearKernel {
   int device = 0;
   int gemv_max_m = 4;
-  int gemv_config = -1;
+  onnxqf::GemvOptions gemv;
   int force_tile = -1;
   bool tile_rotation = false;  // ONNXQF_ROTATION_TILES=1: every rotation by the per-token tensor-core kernel
   int sm_count = 1;
@@ -262,7 +265,7 @@ struct W8A8LinearKernel {
     if ((!rotate || wspec.n) && M <= gemv_max_m &&
         onnxqf::w8a8_fused_gemv_supported(x, w, M, K, rotate ? &wspec : nullptr)) {
       cudaError_t e = onnxqf::launch_w8a8_fused_gemv(x, w, ws, bias, out, M, K, stream, rotate ? &wspec : nullptr,
-                                                     gemv_config, u);
+                                                     gemv, u);
       if (e != cudaSuccess) return fail(std::string("onnxqf.W8A8Linear: CUDA error: ") + cudaGetErrorString(e));
       return nullptr;
     }
@@ -274,7 +277,7 @@ struct W8A8LinearKernel {
       if (e != cudaSuccess) return fail(std::string("onnxqf.W8A8Linear: scratch allocation: ") + cudaGetErrorString(e));
       auto* xr = static_cast<__half*>(rows);
       e = onnxqf::launch_rotate_dense_rows(x, rot_a, walsh_b, xr, M, K, rotation_block, stream, u);
-      if (e == cudaSuccess) e = onnxqf::launch_w8a8_fused_gemv(xr, w, ws, bias, out, M, K, stream, nullptr, gemv_config);
+      if (e == cudaSuccess) e = onnxqf::launch_w8a8_fused_gemv(xr, w, ws, bias, out, M, K, stream, nullptr, gemv);
       const cudaError_t ef = cudaFreeAsync(rows, stream);
       if (e == cudaSuccess) e = ef;
       if (e != cudaSuccess) return fail(std::string("onnxqf.W8A8Linear: CUDA error: ") + cudaGetErrorString(e));
@@ -379,7 +382,9 @@ struct W8A8LinearOp : Ort::CustomOpBase<W8A8LinearOp, W8A8LinearKernel, true> {
     k->rotation_walsh = static_cast<int>(rotation_walsh);
     cudaDeviceGetAttribute(&k->sm_count, cudaDevAttrMultiProcessorCount, dev);
     k->gemv_max_m = env_int("ONNXQF_GEMV_MAX_M", 4);
-    k->gemv_config = env_int("ONNXQF_GEMV_CONFIG", -1);
+    k->gemv.config = env_int("ONNXQF_GEMV_CONFIG", -1);
+    k->gemv.sm_count = env_int("ONNXQF_GEMV_PERSIST", 1) != 0 ? k->sm_count : 0;
+    k->gemv.pdl = env_int("ONNXQF_PDL", 0) != 0;
     k->force_tile = env_int("ONNXQF_GEMM_TILE", -1);
     k->tile_rotation = env_int("ONNXQF_ROTATION_TILES", 0) != 0;  // the per-token kernel for every rotation (A/B runs)
     *kernel = k;

@@ -5,6 +5,8 @@
 #include "walsh_row.cuh"
 
 #include <algorithm>
+#include <map>
+#include <mutex>
 
 namespace onnxqf {
 namespace {
@@ -198,101 +200,31 @@ __global__ void __launch_bounds__(kGemvWarps * 32) gemv_kernel(const int8_t* __r
     }
 }
 
+// Programmatic dependent launch (sm_90): a kernel launched with the attribute may start while the kernel before
+// it in the stream finishes; it reads nothing that kernel writes before pdl_wait(). Both are no-ops otherwise.
+__device__ __forceinline__ void pdl_wait() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
+__device__ __forceinline__ void pdl_launch_dependents() { asm volatile("griddepcontrol.launch_dependents;"); }
+
 // Small M, one launch: each block first quantizes the MT rows of x into shared memory (every block redoes this
-// small, L2-resident work; the first weight loads are already in flight meanwhile), rotating each row first when
-// rot.n > 0 (walsh_row.cuh: fp32 buffers of 2 K after the codes), then each of its 8 warps
-// computes R consecutive outputs, its lanes striding over K in 16-byte chunks with the next U chunks per row
-// loaded while the current ones are used. Needs K % 16 == 0, x 16-byte aligned; shared memory MT * K bytes (+ 8 K).
+// small, L2-resident work; its first weight loads are already in flight meanwhile), rotating each row first when
+// rot.n > 0 (walsh_row.cuh: fp32 buffers of 2 K after the codes). Then each of its 8 warps computes R consecutive
+// outputs at a time, its lanes striding over K in steps of U 16-byte chunks per row, the next step's chunks loaded
+// while the current ones are used; a warp strides over the output groups (R outputs) by the grid's warp count,
+// the loads running on from one group into the next (the grid may be smaller than one warp per group: the
+// launch sizes it to the blocks the GPU holds at once, so that each block's quantization is paid once).
+// Needs K % 16 == 0, x 16-byte aligned; shared memory MT * K bytes (+ 8 K).
 constexpr int kFusedWarps = kQuantThreads / 32;
 
-template <int MT, int R, int U, int MINB = 3>
-__global__ void __launch_bounds__(kQuantThreads, MINB) fused_gemv_kernel(const __half* __restrict__ x,
-                                                                  const __half* __restrict__ u,
-                                                                  const int8_t* __restrict__ w,
-                                                                  const float* __restrict__ wscale,
-                                                                  const __half* __restrict__ bias, OutSplit out,
-                                                                  int64_t M, int64_t N, int64_t K, WalshSpec rot) {
-  extern __shared__ __align__(16) unsigned char fused_smem[];
-  int8_t* qs = reinterpret_cast<int8_t*>(fused_smem);  // [MT][K]
-  __shared__ float amax_s[MT];
-  __shared__ float red[kQuantThreads / 32];
-  __shared__ __half scale_s;
-  const int lane = threadIdx.x & 31;
-  const int64_t warp = static_cast<int64_t>(blockIdx.x) * kFusedWarps + (threadIdx.x >> 5);
-  const int64_t n0 = warp * R;
-  const int64_t nch = K >> 4;
-  const int4* wrow[R];
-#pragma unroll
-  for (int r = 0; r < R; ++r) wrow[r] = reinterpret_cast<const int4*>(w + min(n0 + r, N - 1) * K);
-
-  int4 wv[U][R];
-  int64_t c = lane;
-  if (c + 32 * (U - 1) < nch) {
-#pragma unroll
-    for (int u = 0; u < U; ++u)
-#pragma unroll
-      for (int r = 0; r < R; ++r) wv[u][r] = load_stream(wrow[r] + c + 32 * u);
-  }
-  const int mcount = M < MT ? static_cast<int>(M) : MT;
-  if (rot.n) {
-    float* fs = reinterpret_cast<float*>(fused_smem + MT * K);  // MT * K is a multiple of 16
-    for (int m = 0; m < mcount; ++m)
-      walsh_quantize_row<kFusedWarps>(x + m * K, rot, fs, qs + m * K, &amax_s[m], red, &scale_s);
-  } else {
-    for (int m = 0; m < mcount; ++m)
-      quantize_row_block<2>(x + m * K, u ? u + m * K : nullptr, qs + m * K, &amax_s[m], K, true, red, &scale_s);
-  }
-  __syncthreads();
-  if (n0 >= N) return;
-
-  const int4* xs[MT];
-#pragma unroll
-  for (int m = 0; m < MT; ++m) xs[m] = reinterpret_cast<const int4*>(qs + min(m, mcount - 1) * K);
-  int acc[MT][R];
-#pragma unroll
-  for (int m = 0; m < MT; ++m)
-#pragma unroll
-    for (int r = 0; r < R; ++r) acc[m][r] = 0;
-
-  while (c + 32 * (U - 1) < nch) {
-    int4 cur[U][R];
-#pragma unroll
-    for (int u = 0; u < U; ++u)
-#pragma unroll
-      for (int r = 0; r < R; ++r) cur[u][r] = wv[u][r];
-    const int64_t next = c + 32 * U;
-    if (next + 32 * (U - 1) < nch) {
-#pragma unroll
-      for (int u = 0; u < U; ++u)
-#pragma unroll
-        for (int r = 0; r < R; ++r) wv[u][r] = load_stream(wrow[r] + next + 32 * u);
-    }
-#pragma unroll
-    for (int u = 0; u < U; ++u)
-#pragma unroll
-      for (int m = 0; m < MT; ++m) {
-        const int4 xv = xs[m][c + 32 * u];
-#pragma unroll
-        for (int r = 0; r < R; ++r) acc[m][r] = dot16(xv, cur[u][r], acc[m][r]);
-      }
-    c = next;
-  }
-  for (; c < nch; c += 32) {
-    int4 wt[R];
-#pragma unroll
-    for (int r = 0; r < R; ++r) wt[r] = load_stream(wrow[r] + c);
-#pragma unroll
-    for (int m = 0; m < MT; ++m) {
-      const int4 xv = xs[m][c];
-#pragma unroll
-      for (int r = 0; r < R; ++r) acc[m][r] = dot16(xv, wt[r], acc[m][r]);
-    }
-  }
+template <int MT, int R>
+__device__ __forceinline__ void write_group(int (&acc)[MT][R], int lane, int64_t n0, int mcount, int64_t N,
+                                            const float* amax_s, const float* __restrict__ wscale,
+                                            const __half* __restrict__ bias, const OutSplit& out) {
 #pragma unroll
   for (int m = 0; m < MT; ++m)
 #pragma unroll
     for (int r = 0; r < R; ++r) {
       const int v = warp_sum(acc[m][r]);
+      acc[m][r] = 0;
       const int64_t nn = n0 + r;
       if (lane == ((m * R + r) & 31) && m < mcount && nn < N) {
         __half* yp = out.y[0];  // the output holding column nn (static indices: out stays in parameter space)
@@ -309,20 +241,137 @@ __global__ void __launch_bounds__(kQuantThreads, MINB) fused_gemv_kernel(const _
     }
 }
 
+template <int MT, int R, int U, int MINB = 3>
+__global__ void __launch_bounds__(kQuantThreads, MINB) fused_gemv_kernel(const __half* __restrict__ x,
+                                                                  const __half* __restrict__ u,
+                                                                  const int8_t* __restrict__ w,
+                                                                  const float* __restrict__ wscale,
+                                                                  const __half* __restrict__ bias, OutSplit out,
+                                                                  int64_t M, int64_t N, int64_t K, WalshSpec rot) {
+  extern __shared__ __align__(16) unsigned char fused_smem[];
+  int8_t* qs = reinterpret_cast<int8_t*>(fused_smem);  // [MT][K]
+  __shared__ float amax_s[MT];
+  __shared__ float red[kQuantThreads / 32];
+  __shared__ __half scale_s;
+  const int lane = threadIdx.x & 31;
+  const int64_t groups = (N + R - 1) / R;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kFusedWarps;
+  int64_t g = static_cast<int64_t>(blockIdx.x) * kFusedWarps + (threadIdx.x >> 5);
+  const int64_t nch = K >> 4;
+  const int steps = static_cast<int>((nch + 32 * U - 1) / (32 * U));  // per group
+
+  int4 wv[U][R];
+  auto load_step = [&](int64_t gg, int j) {
+    const int64_t base = static_cast<int64_t>(j) * 32 * U + lane;
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      const int4* row = reinterpret_cast<const int4*>(w + min(gg * R + r, N - 1) * K);
+#pragma unroll
+      for (int v = 0; v < U; ++v) {
+        const int64_t c = base + 32 * v;
+        wv[v][r] = c < nch ? load_stream(row + c) : make_int4(0, 0, 0, 0);
+      }
+    }
+  };
+  if (g < groups) load_step(g, 0);  // the weights: written by no kernel, read before the wait
+  pdl_wait();
+  const int mcount = M < MT ? static_cast<int>(M) : MT;
+  if (rot.n) {
+    float* fs = reinterpret_cast<float*>(fused_smem + MT * K);  // MT * K is a multiple of 16
+    for (int m = 0; m < mcount; ++m)
+      walsh_quantize_row<kFusedWarps>(x + m * K, rot, fs, qs + m * K, &amax_s[m], red, &scale_s);
+  } else {
+    for (int m = 0; m < mcount; ++m)
+      quantize_row_block<2>(x + m * K, u ? u + m * K : nullptr, qs + m * K, &amax_s[m], K, true, red, &scale_s);
+  }
+  __syncthreads();
+  pdl_launch_dependents();
+  if (g >= groups) return;
+
+  const int4* xs[MT];
+#pragma unroll
+  for (int m = 0; m < MT; ++m) xs[m] = reinterpret_cast<const int4*>(qs + min(m, mcount - 1) * K);
+  int acc[MT][R];
+#pragma unroll
+  for (int m = 0; m < MT; ++m)
+#pragma unroll
+    for (int r = 0; r < R; ++r) acc[m][r] = 0;
+
+  for (int j = 0;;) {
+    int4 cur[U][R];
+#pragma unroll
+    for (int v = 0; v < U; ++v)
+#pragma unroll
+      for (int r = 0; r < R; ++r) cur[v][r] = wv[v][r];
+    int64_t g2 = g;
+    int j2 = j + 1;
+    if (j2 == steps) {
+      j2 = 0;
+      g2 += stride;
+    }
+    if (g2 < groups) load_step(g2, j2);
+    const int64_t base = static_cast<int64_t>(j) * 32 * U + lane;
+#pragma unroll
+    for (int v = 0; v < U; ++v) {
+      const int64_t c = base + 32 * v;
+      if (c < nch) {
+#pragma unroll
+        for (int m = 0; m < MT; ++m) {
+          const int4 xv = xs[m][c];
+#pragma unroll
+          for (int r = 0; r < R; ++r) acc[m][r] = dot16(xv, cur[v][r], acc[m][r]);
+        }
+      }
+    }
+    if (j == steps - 1) write_group<MT, R>(acc, lane, g * R, mcount, N, amax_s, wscale, bias, out);
+    if (g2 >= groups) break;
+    g = g2;
+    j = j2;
+  }
+}
+
 // MINB: blocks per multiprocessor the registers must allow (the weight registers grow with R * U)
 template <int MT, int R, int U, int MINB = 3>
 cudaError_t launch_fused_t(const __half* x, const __half* u, const int8_t* w, const float* wscale,
                            const __half* bias, const OutSplit& out, int64_t M, int64_t K, const WalshSpec& rot,
-                           cudaStream_t stream) {
+                           const GemvOptions& opt, cudaStream_t stream) {
+  auto kernel = fused_gemv_kernel<MT, R, U, MINB>;
   const int64_t N = out.end[out.count - 1];
   const size_t smem = static_cast<size_t>(MT) * static_cast<size_t>(K) + (rot.n ? 8 * static_cast<size_t>(K) : 0);
   if (const cudaError_t e = opt_in_smem<fused_gemv_kernel<MT, R, U, MINB>>(kFusedMaxSmem); e != cudaSuccess) return e;
   const int64_t warps = (N + R - 1) / R;
-  const int64_t blocks = (warps + kFusedWarps - 1) / kFusedWarps;
+  int64_t blocks = (warps + kFusedWarps - 1) / kFusedWarps;
+  if (opt.sm_count > 0 && blocks > static_cast<int64_t>(opt.sm_count) * MINB) {
+    static std::mutex mu;  // the blocks one multiprocessor holds at once, by shared memory size (at least MINB)
+    static std::map<size_t, int> per_sm_of;
+    int per_sm = MINB;
+    {
+      std::lock_guard<std::mutex> lock(mu);
+      auto it = per_sm_of.find(smem);
+      if (it == per_sm_of.end()) {
+        int n = 0;
+        if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, kQuantThreads, smem) != cudaSuccess || n < 1) {
+          cudaGetLastError();
+          n = MINB;
+        }
+        it = per_sm_of.emplace(smem, n).first;
+      }
+      per_sm = it->second;
+    }
+    blocks = std::min<int64_t>(blocks, static_cast<int64_t>(opt.sm_count) * per_sm);
+  }
   if (blocks > 0x7fffffff) return cudaErrorInvalidValue;
-  fused_gemv_kernel<MT, R, U, MINB><<<static_cast<unsigned>(blocks), kQuantThreads, smem, stream>>>(
-      x, u, w, wscale, bias, out, M, N, K, rot);
-  return cudaGetLastError();
+  cudaLaunchConfig_t cfg{};
+  cfg.gridDim = dim3(static_cast<unsigned>(blocks));
+  cfg.blockDim = dim3(kQuantThreads);
+  cfg.dynamicSmemBytes = smem;
+  cfg.stream = stream;
+  cudaLaunchAttribute attr[1];
+  attr[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr[0].val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = attr;
+  cfg.numAttrs = opt.pdl ? 1 : 0;
+  return cudaLaunchKernelEx(&cfg, kernel, x, u, w, wscale, bias, out, M, N, K, rot);
 }
 
 // One warp per output element, byte loads: any K, any alignment.
@@ -395,27 +444,28 @@ bool w8a8_fused_gemv_supported(const __half* x, const int8_t* w, int64_t M, int6
 
 cudaError_t launch_w8a8_fused_gemv(const __half* x, const int8_t* w, const float* wscale, const __half* bias,
                                    const OutSplit& out, int64_t M, int64_t K, cudaStream_t stream,
-                                   const WalshSpec* rot, int config, const __half* u) {
+                                   const WalshSpec* rot, const GemvOptions& opt, const __half* u) {
   if (!w8a8_fused_gemv_supported(x, w, M, K, rot) || out.count < 1 || out.count > kMaxOutputs ||
       (u && ((rot && rot->n) || reinterpret_cast<uintptr_t>(u) % 16 != 0)))
     return cudaErrorInvalidValue;
   const WalshSpec r = rot ? *rot : WalshSpec{};
   if (M <= 1) {
+    int config = opt.config;
     if (config < 0) {  // by shape (H100 sweep, docs/benchmarks.md g6): wide N -> 1 x 8; long K -> 4 x 4; else 2 x 4
       const int64_t N = out.end[out.count - 1];
       config = K >= 8192 ? 3 : N >= 8192 ? 1 : 0;
     }
     switch (config) {  // outputs per warp x 16-byte chunks per row in flight (A/B runs: ONNXQF_GEMV_CONFIG)
-      case 1: return launch_fused_t<1, 1, 8>(x, u, w, wscale, bias, out, M, K, r, stream);
-      case 2: return launch_fused_t<1, 2, 8, 2>(x, u, w, wscale, bias, out, M, K, r, stream);
-      case 3: return launch_fused_t<1, 4, 4, 2>(x, u, w, wscale, bias, out, M, K, r, stream);
-      case 4: return launch_fused_t<1, 4, 2>(x, u, w, wscale, bias, out, M, K, r, stream);
-      case 5: return launch_fused_t<1, 1, 16, 2>(x, u, w, wscale, bias, out, M, K, r, stream);
-      default: return launch_fused_t<1, 2, 4>(x, u, w, wscale, bias, out, M, K, r, stream);
+      case 1: return launch_fused_t<1, 1, 8>(x, u, w, wscale, bias, out, M, K, r, opt, stream);
+      case 2: return launch_fused_t<1, 2, 8, 2>(x, u, w, wscale, bias, out, M, K, r, opt, stream);
+      case 3: return launch_fused_t<1, 4, 4, 2>(x, u, w, wscale, bias, out, M, K, r, opt, stream);
+      case 4: return launch_fused_t<1, 4, 2>(x, u, w, wscale, bias, out, M, K, r, opt, stream);
+      case 5: return launch_fused_t<1, 1, 16, 2>(x, u, w, wscale, bias, out, M, K, r, opt, stream);
+      default: return launch_fused_t<1, 2, 4>(x, u, w, wscale, bias, out, M, K, r, opt, stream);
     }
   }
-  if (M <= 2) return launch_fused_t<2, 2, 4>(x, u, w, wscale, bias, out, M, K, r, stream);
-  return launch_fused_t<4, 2, 2>(x, u, w, wscale, bias, out, M, K, r, stream);
+  if (M <= 2) return launch_fused_t<2, 2, 4>(x, u, w, wscale, bias, out, M, K, r, opt, stream);
+  return launch_fused_t<4, 2, 2>(x, u, w, wscale, bias, out, M, K, r, opt, stream);
 }
 
 cudaError_t launch_w8a8_naive(const int8_t* q, const float* amax, const int8_t* w, const float* wscale,

@@ -126,6 +126,11 @@ CASES = [
     (3, 4096, 1024, True, None),                                    # fused, M = 3 (4-row kernel), bias
     (2, 11008, 4096, False, None),                                  # fused, M = 2, K = 11008
     (2, 32768, 256, False, None),                                   # 4 * K over the fused kernel's shared memory
+    (1, 2048, 32000, True, None),                                   # fused M = 1, more output groups than warps
+    (1, 11008, 16384, False, None),                                 # the same, 4 x 4 config, ragged last step
+    (3, 4096, 50000, False, None),                                  # the same, 4-row kernel
+    (1, 2048, 32000, True, {"ONNXQF_GEMV_PERSIST": "0"}),           # a warp per group of outputs
+    (1, 4096, 22016, False, {"ONNXQF_PDL": "1"}),                   # as a programmatic dependent launch
     (16, 11008, 4096, False, {"ONNXQF_GEMV_MAX_M": "16"}),          # separate quantization + GEMV, M = 16
     (7, 4096, 1024, True, {"ONNXQF_GEMV_MAX_M": "16"}),             # the same, 8-row kernel
     (16, 4096, 1024, True, None),                                   # GEMM small tile at M = 16
@@ -155,7 +160,7 @@ def test_against_numpy(M, K, N, with_bias, env):
         assert np.mean(got == want) > 0.99
 
 
-@pytest.mark.parametrize("M,K,N,env", [(1, 4096, 11008, None), (4, 11008, 4096, None),
+@pytest.mark.parametrize("M,K,N,env", [(1, 4096, 11008, None), (4, 11008, 4096, None), (1, 4096, 22016, None),
                                        (16, 11008, 4096, {"ONNXQF_GEMV_MAX_M": "16"}), (16, 4096, 4096, None),
                                        (128, 4096, 4096, None), (2048, 4096, 11008, None), (777, 11008, 4096, None),
                                        (2048, 4096, 4096, {"ONNXQF_GEMM_TILE": "2"})])
