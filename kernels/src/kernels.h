@@ -70,7 +70,7 @@ struct GemvOptions {
   // outputs (each block's quantization of x paid once); 0: one warp per group of outputs (ONNXQF_GEMV_PERSIST=0)
   int sm_count = 0;
   // launched as a programmatic dependent launch (ONNXQF_PDL=1): loads weights while the stream's previous kernel
-  // ends; off by default (an H100 run of back-to-back GEMVs measured it 1.2-1.7x slower, docs/benchmarks.md g7)
+  // ends (docs/benchmarks.md g7 has what it measured; CUPTI's kernel times count a dependent's wait)
   bool pdl = false;
 };
 // u (16-byte aligned, no rotation): the rows are SwiGLU's silu(x) * u, as in launch_quantize_rows.

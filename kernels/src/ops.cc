@@ -27,7 +27,7 @@
 //   ONNXQF_GEMV_CONFIG  the one-token GEMV's outputs per warp x weight chunks in flight (kernels.h; -1: by shape)
 //   ONNXQF_GEMV_PERSIST 0: the small-M GEMV's grid one warp per group of outputs (default 1: as many blocks as the
 //                       GPU holds at once, each striding over the outputs)
-//   ONNXQF_PDL          1: the small-M GEMV as a programmatic dependent launch (default 0: measured slower)
+//   ONNXQF_PDL          1: the small-M GEMV as a programmatic dependent launch (default 0)
 #define ORT_API_MANUAL_INIT
 #include "onnxruntime_cxx_api.h"
 #undef ORT_API_MANUAL_INIT
