@@ -1,0 +1,123 @@
+"""A/B of the onnxqf kernels library's small-M settings (environment variables read when a session creates its
+kernels) on one linear at a time, against FP16 MatMul, in one process (docs/benchmarks.md g8).
+
+For each shape K:N a float16 graph of --copies independent linears (onnxqf.runtime.linears.linear_model) and its
+`onnxqf-cuda` lowering are built once; one session per setting is made with that setting's environment (the
+kernels read it at creation), and all sessions are timed round-robin for --rounds rounds of --repeats runs each
+(IOBinding, M rows), so that the machine's drift falls on every setting alike. A setting's time is the median over
+rounds of each round's median per linear; × = FP16's time / this. Every session's output is checked against the
+first setting's (the settings change the schedule, not the sums: equal to the bit).
+
+    source .ortgpu/activate.sh && export ONNXQF_KERNELS=$PWD/kernels/build/libonnxqf_kernels.so && \\
+        python3 scripts/gemv_ab.py --shapes 4096:4096,4096:11008,11008:4096 --m 1 \\
+        --settings "base=;c1=ONNXQF_GEMV_CONFIG=1;pdl=ONNXQF_PDL=1" --out $OUT/gemv_ab.json
+
+(docs/benchmarks.md g8 compared variants of the library this way that were taken out again: its L2-prefetch and
+shared-memory settings no longer exist.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from onnxqf.runtime.linears import bound_runs, linear_model, parse_counts, parse_lowering, parse_shapes  # noqa: E402
+from onnxqf.runtime.session import make_session, saved  # noqa: E402
+
+
+def parse_settings(text: str) -> list[tuple[str, dict[str, str]]]:
+    """``name=VAR=v,VAR=v;name2=...`` -> [(name, {VAR: v})] (an empty list after ``name=``: the environment as is)."""
+    out = []
+    for part in filter(None, (p.strip() for p in text.split(";"))):
+        name, _, rest = part.partition("=")
+        pairs = [kv for kv in rest.split(",") if kv]
+        if not name or name == "fp16" or any("=" not in kv for kv in pairs):
+            raise ValueError(f"--settings: '{part}' is not NAME=VAR=value,... (NAME not 'fp16')")
+        if name in (n for n, _ in out):
+            raise ValueError(f"--settings: '{name}' twice")
+        out.append((name, dict(kv.split("=", 1) for kv in pairs)))
+    if not out:
+        raise ValueError("--settings: none given")
+    return out
+
+
+@contextlib.contextmanager
+def environ(env: dict[str, str]):
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--shapes", default="4096:4096,4096:11008,11008:4096")
+    ap.add_argument("--m", default="1", help="rows, comma-separated")
+    ap.add_argument("--settings", required=True, help="name=VAR=v,VAR=v;name2=... (the first is the check's reference)")
+    ap.add_argument("--copies", type=int, default=4)
+    ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--out", default=None, help="JSON file for the rows")
+    args = ap.parse_args(argv)
+    try:
+        settings = parse_settings(args.settings)
+    except ValueError as exc:
+        ap.error(str(exc))
+    lowering = parse_lowering("onnxqf-cuda", "cuda")
+    rng = np.random.default_rng(1)
+    rows = []
+    t0 = time.perf_counter()
+    for K, N in parse_shapes(args.shapes):
+        float_model = linear_model(K, N, None, copies=args.copies, dtype="float16", ep="cuda")
+        model = linear_model(K, N, lowering, copies=args.copies, dtype="float16", ep="cuda")
+        with saved(float_model) as path:
+            sessions = {"fp16": make_session(path, "cuda", strict_ep=True)}
+        with saved(model) as path:
+            for name, env in settings:
+                with environ(env):
+                    sessions[name] = make_session(path, "cuda", strict_ep=True)
+        for M in parse_counts(args.m):
+            x = rng.standard_normal((M, K), dtype=np.float32).astype(np.float16)
+            ref = None
+            for name, _ in settings:
+                outs = sessions[name].run(None, {"x": x})
+                if ref is None:
+                    ref = outs
+                elif not all(np.array_equal(a, b) for a, b in zip(outs, ref)):
+                    raise SystemExit(f"{name}: outputs differ from {settings[0][0]}'s at {K}:{N} M={M}")
+            runs = {name: bound_runs(s, {"x": x}, device="cuda") for name, s in sessions.items()}
+            per = {name: [] for name in runs}
+            for _ in range(args.rounds):
+                for name, r in runs.items():
+                    per[name].append(float(np.median(r(3, args.repeats))) * 1e3 / args.copies)
+            ms = {name: float(np.median(v)) for name, v in per.items()}
+            row = {"K": K, "N": N, "M": M, "ms": ms, "rounds": per,
+                   "speedup": {name: ms["fp16"] / v for name, v in ms.items()}}
+            rows.append(row)
+            print(f"{K}->{N} M={M}: " + "  ".join(f"{n} {v * 1e3:.1f}us ({row['speedup'][n]:.2f}x)"
+                                                 for n, v in ms.items()), f"[{time.perf_counter() - t0:.0f}s]",
+                  flush=True)
+        sessions = runs = None
+    if args.out:
+        Path(args.out).write_text(json.dumps({"settings": settings, "copies": args.copies, "repeats": args.repeats,
+                                              "rounds": args.rounds, "rows": rows}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

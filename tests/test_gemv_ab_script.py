@@ -1,0 +1,33 @@
+"""scripts/gemv_ab.py's pure parts (its timing needs CUDA and the kernels library): the settings it parses and the
+environment it sets for one session and restores after."""
+
+import importlib.util
+import os
+from pathlib import Path
+
+import pytest
+
+_spec = importlib.util.spec_from_file_location("gemv_ab", Path(__file__).parent.parent / "scripts" / "gemv_ab.py")
+gemv_ab = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(gemv_ab)
+
+
+def test_settings_parse_into_names_and_environments():
+    got = gemv_ab.parse_settings("base=; pdl=ONNXQF_PDL=1 ;c1=ONNXQF_GEMV_CONFIG=1,ONNXQF_PDL=0;")
+    assert got == [("base", {}), ("pdl", {"ONNXQF_PDL": "1"}),
+                   ("c1", {"ONNXQF_GEMV_CONFIG": "1", "ONNXQF_PDL": "0"})]
+
+
+@pytest.mark.parametrize("bad", ["", ";", "=ONNXQF_PDL=1", "fp16=", "a=ONNXQF_PDL", "a=;a=ONNXQF_PDL=1"])
+def test_bad_settings_are_refused(bad):
+    with pytest.raises(ValueError):
+        gemv_ab.parse_settings(bad)
+
+
+def test_environment_is_restored(monkeypatch):
+    monkeypatch.setenv("ONNXQF_PDL", "0")
+    monkeypatch.delenv("ONNXQF_GEMV_CONFIG", raising=False)
+    with gemv_ab.environ({"ONNXQF_PDL": "1", "ONNXQF_GEMV_CONFIG": "3"}):
+        assert os.environ["ONNXQF_PDL"] == "1" and os.environ["ONNXQF_GEMV_CONFIG"] == "3"
+    assert os.environ["ONNXQF_PDL"] == "0"
+    assert "ONNXQF_GEMV_CONFIG" not in os.environ
