@@ -26,22 +26,7 @@ if [ ! -f "$cutlass/include/cutlass/cutlass.h" ] || [ ! -f "$cudart" ]; then
   "$py" -m pip install -q --no-deps --upgrade --target "$deps" 'nvidia-cutlass==4.2.0.0' 'nvidia-cuda-runtime==13.0.*'
 fi
 
-if [ -z "${ORT_INCLUDE_DIR:-}" ]; then
-  ORT_INCLUDE_DIR=$build/ortheaders/include/onnxruntime
-  if [ ! -f "$ORT_INCLUDE_DIR/onnxruntime_cxx_api.h" ]; then
-    fetch=""
-    for f in "$root/shared/ortheaders/fetch.sh" "$root/../shared/ortheaders/fetch.sh"; do
-      [ -f "$f" ] && { fetch=$f; break; }
-    done
-    if [ -z "$fetch" ]; then
-      echo "onnxqf kernels: set ORT_INCLUDE_DIR to a folder holding onnxruntime_cxx_api.h (ONNX Runtime >= 1.21:" \
-           "its release archive's include/ or Debian's libonnxruntime-dev)" >&2
-      exit 2
-    fi
-    echo "== ONNX Runtime C/C++ API headers -> $build/ortheaders"
-    bash "$fetch" "$build/ortheaders"
-  fi
-fi
+. "$here/ortheaders.sh"  # sets ORT_INCLUDE_DIR
 
 if ! command -v cmake >/dev/null || ! command -v ninja >/dev/null; then
   echo "== cmake, ninja from PyPI"

@@ -438,7 +438,8 @@ def cmd_rewrite(args) -> int:
     from onnxqf.genai.folder import genai_dir, output_path, read_genai, write_folder
     from onnxqf.graph.modelfile import load_model
     from onnxqf.pipeline import rewrite
-    from onnxqf.runtime.target import genai_provider, get_target
+    from onnxqf.runtime.kernels import libraries_for
+    from onnxqf.runtime.target import genai_provider
 
     if args.list_lowerings:
         from onnxqf.lowering.base import REGISTRY, names
@@ -464,8 +465,7 @@ def cmd_rewrite(args) -> int:
     if folder is not None and opts.quant is not None and opts.quant.format == "int8" and opts.quant.lowering:
         from onnxqf.lowering.base import get
 
-        # a missing library: now, not after
-        get_target("cuda").custom_op_libraries(set(get(opts.quant.lowering).domains))
+        libraries_for(set(get(opts.quant.lowering).domains))  # a missing library: now, not after
     model = load_model(src)
     tok_dir = args.tokenizer or (str(folder.directory) if folder is not None else None)  # genai folders hold theirs
     needs_tokenizer = opts.needs_calibration and not args.calib.endswith(".npy")
@@ -473,7 +473,7 @@ def cmd_rewrite(args) -> int:
 
     def save(model) -> None:
         if folder is not None:  # the whole folder: decoder, genai_config.json, tokenizer files (+ the kernels it needs)
-            libraries = get_target("cuda").custom_op_libraries(set(model.graph.opset_imports))  # [] for most graphs
+            libraries = libraries_for(set(model.graph.opset_imports))  # [] for most graphs
             write_folder(folder, model, out, libraries[0] if libraries else None)
         else:
             _save_plain(model, src, out)

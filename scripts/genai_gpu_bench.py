@@ -73,6 +73,10 @@ REWRITES = {
         "onnxqf int4": ["--quant", "int4"],
         "onnxqf W8A8 int8 x int8": ["--lowering", "int8-token"],
         "onnxqf W8A8 token ql": ["--lowering", "uint8-token-ql"],
+        # onnxqf's CPU op library (kernels/build_cpu.sh; ONNXQF_CPU_KERNELS names the built library)
+        "onnxqf W8A8 cpu op + lm_head": ["--lowering", "onnxqf-cpu", "--quantize-lm-head"],
+        "onnxqf hybrid W8A8 cpu op + lm_head": ["--hybrid", "--alpha", "0.5", "--lowering", "onnxqf-cpu",
+                                                "--quantize-lm-head"],
         "onnxqf W8A8 asym": ["--act-quant", "asym"],
         "onnxqf int4 accuracy_level 0": ["--quant", "int4", "--accuracy-level", "0"],
         "onnxqf rotate + int4": ["--rotate", "--quant", "int4"],

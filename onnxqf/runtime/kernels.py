@@ -1,4 +1,12 @@
-"""onnxqf's CUDA kernels: an ONNX Runtime custom-op library (``kernels/``, domain ``onnxqf``).
+"""onnxqf's kernels: ONNX Runtime custom-op libraries built from ``kernels/``.
+
+- the CUDA kernels, domain ``onnxqf`` (below);
+- the CPU op library ``libonnxqf_cpu.so``, domain ``onnxqf.cpu`` (``kernels/cpu/``: per-token uint8 quantization in
+  one node, :mod:`onnxqf.lowering.cpu_kernels`), built with a C++ compiler alone (``bash kernels/build_cpu.sh`` or
+  ``python -m onnxqf.runtime.kernels build-cpu``) and found at ``$ONNXQF_CPU_KERNELS``, in the package or in
+  ``kernels/build/`` like the CUDA one (:func:`cpu_library_path`).
+
+The CUDA library:
 
 The library, ``libonnxqf_kernels.so``, is built from the repository's ``kernels/`` folder for sm_90a (H100/H200)::
 
@@ -21,12 +29,18 @@ from pathlib import Path
 from onnxqf.errors import OnnxqfError
 
 __all__ = [
+    "CPU_DOMAIN",
+    "CPU_ENV",
     "DOMAIN",
     "ENV",
     "W8A8_LINEAR",
     "available",
     "build",
+    "build_cpu",
     "check_device",
+    "cpu_available",
+    "cpu_library_path",
+    "libraries_for",
     "library_path",
     "library_target",
     "preload_cuda_runtime",
@@ -40,34 +54,60 @@ W8A8_LINEAR = "W8A8Linear"
 ENV = "ONNXQF_KERNELS"
 LIBRARY = "libonnxqf_kernels.so"
 
-_PACKAGE_LIB = Path(__file__).resolve().parent / "lib" / LIBRARY
+#: the CPU op library: its domain, the variable naming its file, the file
+CPU_DOMAIN = "onnxqf.cpu"
+CPU_ENV = "ONNXQF_CPU_KERNELS"
+CPU_LIBRARY = "libonnxqf_cpu.so"
+
+_HERE = Path(__file__).resolve().parent
 _CHECKOUT = Path(__file__).resolve().parents[2]
 _BUILD_LIB = _CHECKOUT / "kernels" / "build" / LIBRARY
 _BUILD_SCRIPT = _CHECKOUT / "kernels" / "build.sh"
+_CPU_BUILD_LIB = _CHECKOUT / "kernels" / "build" / CPU_LIBRARY
+_CPU_BUILD_SCRIPT = _CHECKOUT / "kernels" / "build_cpu.sh"
 
 
-def _candidates() -> list[Path]:
-    env = os.environ.get(ENV)
-    if env:
-        return [Path(env)]
-    return [_PACKAGE_LIB, _BUILD_LIB]
+def _candidates(env: str, file: str, build_lib: Path) -> list[Path]:
+    value = os.environ.get(env)
+    if value:
+        return [Path(value)]
+    return [_HERE / "lib" / file, build_lib]
+
+
+def _find(env: str, file: str, build_lib: Path, what: str, how: str) -> Path:
+    for path in _candidates(env, file, build_lib):
+        if path.is_file():
+            return path
+    if os.environ.get(env):
+        raise OnnxqfError(f"{env}={os.environ[env]}: no such file ({what})")
+    raise OnnxqfError(f"{what} is not built: run {how}, or set {env}=PATH to {file}")
 
 
 def library_path() -> Path:
-    """The library file; :class:`OnnxqfError` (one line) when it is not there."""
-    env = os.environ.get(ENV)
-    for path in _candidates():
-        if path.is_file():
-            return path
-    if env:
-        raise OnnxqfError(f"{ENV}={env}: no such file (onnxqf's CUDA kernels library)")
-    raise OnnxqfError("onnxqf's CUDA kernels are not built: run `python -m onnxqf.runtime.kernels build` "
-                      f"(or `bash kernels/build.sh`), or set {ENV}=PATH to {LIBRARY}")
+    """The CUDA library's file; :class:`OnnxqfError` (one line) when it is not there."""
+    return _find(ENV, LIBRARY, _BUILD_LIB, "onnxqf's CUDA kernels library",
+                 "`python -m onnxqf.runtime.kernels build` (or `bash kernels/build.sh`)")
+
+
+def cpu_library_path() -> Path:
+    """The CPU op library's file; :class:`OnnxqfError` (one line) when it is not there."""
+    return _find(CPU_ENV, CPU_LIBRARY, _CPU_BUILD_LIB, "onnxqf's CPU op library",
+                 "`python -m onnxqf.runtime.kernels build-cpu` (or `bash kernels/build_cpu.sh`)")
 
 
 def available() -> bool:
-    """The library file exists (says nothing about the GPU)."""
-    return any(p.is_file() for p in _candidates())
+    """The CUDA library file exists (says nothing about the GPU)."""
+    return any(p.is_file() for p in _candidates(ENV, LIBRARY, _BUILD_LIB))
+
+
+def cpu_available() -> bool:
+    """The CPU op library file exists."""
+    return any(p.is_file() for p in _candidates(CPU_ENV, CPU_LIBRARY, _CPU_BUILD_LIB))
+
+
+def libraries_for(domains: set[str]) -> list[Path]:
+    """The libraries a graph importing ``domains`` needs (any provider's), each found or refused in one line."""
+    return ([library_path()] if DOMAIN in domains else []) + ([cpu_library_path()] if CPU_DOMAIN in domains else [])
 
 
 def preload_cuda_runtime() -> None:
@@ -122,40 +162,56 @@ def check_device(path: Path | None = None) -> str:
 
 
 def register(session_options, path: Path | None = None) -> Path:
-    """Register the library's ops in ``session_options`` (an ``onnxruntime.SessionOptions``); returns its path.
-    A GPU the kernels are not built for is refused when the session creates its kernels."""
-    path = path or library_path()
-    preload_cuda_runtime()
+    """Register a library's ops in ``session_options`` (an ``onnxruntime.SessionOptions``); returns its path.
+    ``path``: the CUDA library by default; the CPU op library (a file named ``libonnxqf_cpu.so``) needs no CUDA
+    runtime. A GPU the CUDA kernels are not built for is refused when the session creates its kernels."""
+    path = Path(path or library_path())
+    if path.name != CPU_LIBRARY:
+        preload_cuda_runtime()
     session_options.register_custom_ops_library(str(path))
     return path
 
 
-def build(jobs: int | None = None) -> Path:
-    """Build the library from the checkout's ``kernels/`` (``kernels/build.sh``); returns its path."""
-    if not _BUILD_SCRIPT.is_file():
-        raise OnnxqfError(f"no {_BUILD_SCRIPT}: building the kernels needs the onnxqf source checkout")
+def _run_build(script: Path, what: str, jobs: int | None) -> None:
+    if not script.is_file():
+        raise OnnxqfError(f"no {script}: building {what} needs the onnxqf source checkout")
     env = dict(os.environ, PYTHON=sys.executable)
     if jobs:
         env["JOBS"] = str(jobs)
-    done = subprocess.run(["bash", str(_BUILD_SCRIPT)], env=env, check=False)
+    done = subprocess.run(["bash", str(script)], env=env, check=False)
     if done.returncode != 0:
-        raise OnnxqfError(f"building onnxqf's CUDA kernels failed (exit {done.returncode}; see the output above)")
+        raise OnnxqfError(f"building {what} failed (exit {done.returncode}; see the output above)")
+
+
+def build(jobs: int | None = None) -> Path:
+    """Build the CUDA library from the checkout's ``kernels/`` (``kernels/build.sh``); returns its path."""
+    _run_build(_BUILD_SCRIPT, "onnxqf's CUDA kernels", jobs)
     return _BUILD_LIB
 
 
+def build_cpu() -> Path:
+    """Build the CPU op library (``kernels/build_cpu.sh``: a C++ compiler, no CUDA); returns its path."""
+    _run_build(_CPU_BUILD_SCRIPT, "onnxqf's CPU op library", None)
+    return _CPU_BUILD_LIB
+
+
 def main(argv: list[str] | None = None) -> int:
-    """``python -m onnxqf.runtime.kernels build|path|check``."""
+    """``python -m onnxqf.runtime.kernels build|path|check|build-cpu|path-cpu``."""
     argv = sys.argv[1:] if argv is None else argv
     cmd = argv[0] if argv else "path"
     try:
         if cmd == "build":
             print(build())
+        elif cmd == "build-cpu":
+            print(build_cpu())
+        elif cmd == "path-cpu":
+            print(cpu_library_path())
         elif cmd == "path":
             print(library_path())
         elif cmd == "check":
             print(f"{library_path()}: {check_device()} kernels run on this GPU")
         else:
-            print("usage: python -m onnxqf.runtime.kernels build|path|check", file=sys.stderr)
+            print("usage: python -m onnxqf.runtime.kernels build|path|check|build-cpu|path-cpu", file=sys.stderr)
             return 2
     except OnnxqfError as e:
         print(f"error: {e}", file=sys.stderr)

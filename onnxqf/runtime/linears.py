@@ -55,6 +55,7 @@ __all__ = [
     "FLOAT",
     "LinearsOptions",
     "bench_linears",
+    "bound_runs",
     "format_linears",
     "linear_model",
     "parse_counts",

@@ -45,7 +45,7 @@ def session_options(*, strict_ep: bool = False, profile: str | None = None, thre
         so.profile_file_prefix = profile
     if threads:
         so.intra_op_num_threads = threads
-    for library in custom_op_libraries:  # onnxqf's CUDA kernels (it loads the CUDA runtime they link first)
+    for library in custom_op_libraries:  # onnxqf's kernels (the CUDA runtime loaded first for the CUDA ones)
         from onnxqf.runtime import kernels
 
         kernels.register(so, library)

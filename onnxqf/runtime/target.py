@@ -146,15 +146,16 @@ class Target:
 
     def custom_op_libraries(self, domains: set[str]) -> list:
         """The custom-op libraries a graph importing ``domains`` needs on this target (onnxqf's CUDA kernels for the
-        ``onnxqf`` domain); one clear line when this target cannot run them."""
+        ``onnxqf`` domain, its CPU op library for ``onnxqf.cpu``); one clear line when this target cannot run them."""
         from onnxqf.runtime import kernels
 
-        if kernels.DOMAIN not in domains:
-            return []
-        if self.name != "cuda":
+        if kernels.DOMAIN in domains and self.name != "cuda":
             raise OnnxqfError(f"the graph uses onnxqf's CUDA kernels (domain '{kernels.DOMAIN}'): they run on --ep "
                               "cuda only")
-        return [kernels.library_path()]
+        if kernels.CPU_DOMAIN in domains and self.name != "cpu":
+            raise OnnxqfError(f"the graph uses onnxqf's CPU op library (domain '{kernels.CPU_DOMAIN}'): it runs on "
+                              "--ep cpu only")
+        return kernels.libraries_for(domains)
 
     def providers(self, provider_options: dict | None = None) -> list:
         """The ``providers`` argument of an InferenceSession on this target."""
