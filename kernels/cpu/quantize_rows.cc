@@ -7,6 +7,11 @@
 //   Q = saturate(round_half_even(x / s) + 128)   (as QuantizeLinear(x, s, 128) into uint8)
 // which are the codes and the scale of onnxqf's uint8-token-ql lowering (onnxqf/lowering/w8a8.py), made in one
 // pass over the row instead of six nodes. Rows are spread over ONNX Runtime's intra-op threads.
+//
+// With the attribute rotation_sizes (n_1 .. n_t, product K) each row is first rotated, x <- x @ kron(F_1, .., F_t),
+// factor by factor along its axis of the row seen as an [n_1, .., n_t] tensor; rotation_kinds says what each F is:
+// 0 the identity, 1 a dense matrix (the next n*n values of input R, F[i][j] row-major), 2 Sylvester's Hadamard
+// matrix H_n / sqrt(n), 3 its negative (2 and 3: a fast Walsh-Hadamard transform, n a power of two). Float32 sums.
 #define ORT_API_MANUAL_INIT
 #include "onnxruntime_cxx_api.h"
 #undef ORT_API_MANUAL_INIT
@@ -15,6 +20,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <mutex>
 #include <string>
 #include <vector>
@@ -50,6 +56,81 @@ ONNXQF_CLONES float quantize_row(const float* __restrict__ x, uint8_t* __restric
   return amax;
 }
 
+enum Kind : int64_t { kIdentity = 0, kDense = 1, kWalsh = 2, kWalshNeg = 3 };
+
+struct Rotation {
+  std::vector<int64_t> sizes, kinds, offsets;  // per factor; offsets: where a dense factor starts in R
+  float scale = 1.f;                            // the Walsh factors' normalisations and signs
+  bool empty() const { return sizes.empty(); }
+};
+
+// y[o, j, in] = sum_i x[o, i, in] * f[i, j] over the factor's axis (n wide, inner values after it).
+ONNXQF_CLONES void dense_axis(const float* __restrict__ x, float* __restrict__ y, const float* __restrict__ f,
+                              int64_t outer, int64_t n, int64_t inner) {
+  for (int64_t o = 0; o < outer; ++o) {
+    const float* xo = x + o * n * inner;
+    float* yo = y + o * n * inner;
+    if (inner == 1) {
+      for (int64_t j = 0; j < n; ++j) yo[j] = 0.f;
+      for (int64_t i = 0; i < n; ++i) {
+        const float xi = xo[i];
+        const float* fi = f + i * n;
+        for (int64_t j = 0; j < n; ++j) yo[j] += xi * fi[j];
+      }
+    } else {
+      for (int64_t j = 0; j < n; ++j) {
+        float* yj = yo + j * inner;
+        for (int64_t k = 0; k < inner; ++k) yj[k] = 0.f;
+        for (int64_t i = 0; i < n; ++i) {
+          const float c = f[i * n + j];
+          const float* xi = xo + i * inner;
+          for (int64_t k = 0; k < inner; ++k) yj[k] += c * xi[k];
+        }
+      }
+    }
+  }
+}
+
+// The unnormalised Walsh-Hadamard transform along the factor's axis, in place (n a power of two).
+ONNXQF_CLONES void walsh_axis(float* __restrict__ x, int64_t outer, int64_t n, int64_t inner) {
+  for (int64_t o = 0; o < outer; ++o) {
+    float* xo = x + o * n * inner;
+    for (int64_t h = 1; h < n; h *= 2)
+      for (int64_t i = 0; i < n; i += 2 * h)
+        for (int64_t k = i; k < i + h; ++k) {
+          float* p = xo + k * inner;
+          float* q = p + h * inner;
+          for (int64_t m = 0; m < inner; ++m) {
+            const float u = p[m], v = q[m];
+            p[m] = u + v;
+            q[m] = u - v;
+          }
+        }
+  }
+}
+
+// Rotates row x (K values) into buf (2 K floats of scratch); returns the rotated row (in buf).
+const float* rotate_row(const float* x, const Rotation& rot, const float* R, int64_t K, float* buf) {
+  float* cur = buf;
+  float* other = buf + K;
+  std::memcpy(cur, x, sizeof(float) * static_cast<size_t>(K));
+  int64_t before = 1;
+  for (size_t t = 0; t < rot.sizes.size(); ++t) {
+    const int64_t n = rot.sizes[t];
+    const int64_t inner = K / (before * n);
+    if (rot.kinds[t] == kDense) {
+      dense_axis(cur, other, R + rot.offsets[t], before, n, inner);
+      std::swap(cur, other);
+    } else if (rot.kinds[t] != kIdentity) {
+      walsh_axis(cur, before, n, inner);
+    }
+    before *= n;
+  }
+  if (rot.scale != 1.f)
+    for (int64_t k = 0; k < K; ++k) cur[k] *= rot.scale;
+  return cur;
+}
+
 struct Rows {
   const float* x;
   uint8_t* q;
@@ -57,16 +138,26 @@ struct Rows {
   int64_t K;
   int64_t rows;
   int64_t per_task;
+  const Rotation* rot;
+  const float* R;
 };
 
 void run_task(void* data, size_t task) {
   const Rows& r = *static_cast<const Rows*>(data);
   const int64_t first = static_cast<int64_t>(task) * r.per_task;
   const int64_t last = std::min(r.rows, first + r.per_task);
-  for (int64_t i = first; i < last; ++i) r.a[i] = quantize_row(r.x + i * r.K, r.q + i * r.K, r.K);
+  std::vector<float> buf(r.rot->empty() ? 0 : 2 * static_cast<size_t>(r.K));
+  for (int64_t i = first; i < last; ++i) {
+    const float* row = r.x + i * r.K;
+    if (!r.rot->empty()) row = rotate_row(row, *r.rot, r.R, r.K, buf.data());
+    r.a[i] = quantize_row(row, r.q + i * r.K, r.K);
+  }
 }
 
 struct QuantizeRowsKernel {
+  Rotation rot;
+  int64_t dense_values = 0;  // what R must hold
+
   OrtStatusPtr ComputeV2(OrtKernelContext* context) {
     try {
       Ort::KernelContext ctx(context);
@@ -74,6 +165,22 @@ struct QuantizeRowsKernel {
       const std::vector<int64_t> shape = X.GetTensorTypeAndShapeInfo().GetShape();
       if (shape.empty()) return fail("onnxqf.cpu.QuantizeRows: X must have rank >= 1");
       const int64_t K = shape.back();
+      const float* R = nullptr;
+      if (!rot.empty()) {
+        int64_t prod = 1;
+        for (int64_t n : rot.sizes) prod *= n;
+        if (prod != K)
+          return fail("onnxqf.cpu.QuantizeRows: rotation_sizes multiply to " + std::to_string(prod) +
+                      ", X has K = " + std::to_string(K));
+        if (dense_values > 0) {
+          if (ctx.GetInputCount() < 2) return fail("onnxqf.cpu.QuantizeRows: a dense factor needs input R");
+          auto Rv = ctx.GetInput(1);
+          if (!Rv || static_cast<int64_t>(Rv.GetTensorTypeAndShapeInfo().GetElementCount()) != dense_values)
+            return fail("onnxqf.cpu.QuantizeRows: R must hold " + std::to_string(dense_values) +
+                        " values (the dense factors, n*n each)");
+          R = Rv.GetTensorData<float>();
+        }
+      }
       int64_t rows = 1;
       for (size_t i = 0; i + 1 < shape.size(); ++i) rows *= shape[i];
       std::vector<int64_t> ashape = shape;
@@ -85,7 +192,7 @@ struct QuantizeRowsKernel {
         return nullptr;
       }
       Rows r{X.GetTensorData<float>(), Q.GetTensorMutableData<uint8_t>(), A.GetTensorMutableData<float>(), K, rows,
-             0};
+             0, &rot, R};
       // tasks of at least ~32k values: small rows (decode) stay on one thread
       r.per_task = std::max<int64_t>(1, (int64_t{1} << 15) / K);
       const int64_t tasks = (rows + r.per_task - 1) / r.per_task;
@@ -104,14 +211,46 @@ struct QuantizeRowsKernel {
 };
 
 struct QuantizeRowsOp : Ort::CustomOpBase<QuantizeRowsOp, QuantizeRowsKernel, true> {
-  OrtStatusPtr CreateKernelV2(const OrtApi& /*api*/, const OrtKernelInfo* /*info*/, void** kernel) const {
-    *kernel = new QuantizeRowsKernel();
+  OrtStatusPtr CreateKernelV2(const OrtApi& /*api*/, const OrtKernelInfo* info, void** kernel) const {
+    std::vector<int64_t> sizes, kinds;
+    try {
+      sizes = Ort::ConstKernelInfo(info).GetAttributes<int64_t>("rotation_sizes");
+    } catch (const Ort::Exception&) {
+      sizes.clear();  // no such attribute: no rotation
+    }
+    try {
+      kinds = Ort::ConstKernelInfo(info).GetAttributes<int64_t>("rotation_kinds");
+    } catch (const Ort::Exception&) {
+      kinds.clear();
+    }
+    if (kinds.size() != sizes.size())
+      return fail("onnxqf.cpu.QuantizeRows: rotation_kinds must give one kind per rotation_sizes entry");
+    auto k = std::make_unique<QuantizeRowsKernel>();
+    for (size_t t = 0; t < sizes.size(); ++t) {
+      const int64_t n = sizes[t], kind = kinds[t];
+      if (n < 1 || kind < kIdentity || kind > kWalshNeg)
+        return fail("onnxqf.cpu.QuantizeRows: rotation sizes must be >= 1 and kinds 0..3");
+      if ((kind == kWalsh || kind == kWalshNeg) && (n & (n - 1)))
+        return fail("onnxqf.cpu.QuantizeRows: a Walsh-Hadamard factor needs a power-of-two size, not " +
+                    std::to_string(n));
+      k->rot.sizes.push_back(n);
+      k->rot.kinds.push_back(kind);
+      k->rot.offsets.push_back(k->dense_values);
+      if (kind == kDense) k->dense_values += n * n;
+      if (kind == kWalsh || kind == kWalshNeg)
+        k->rot.scale *= (kind == kWalshNeg ? -1.f : 1.f) / std::sqrt(static_cast<float>(n));
+    }
+    *kernel = k.release();
     return nullptr;
   }
   const char* GetName() const { return "QuantizeRows"; }
   const char* GetExecutionProviderType() const { return "CPUExecutionProvider"; }
-  size_t GetInputTypeCount() const { return 1; }
+  size_t GetInputTypeCount() const { return 2; }
   ONNXTensorElementDataType GetInputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
+  OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t i) const {
+    return i == 0 ? OrtCustomOpInputOutputCharacteristic::INPUT_OUTPUT_REQUIRED
+                  : OrtCustomOpInputOutputCharacteristic::INPUT_OUTPUT_OPTIONAL;
+  }
   size_t GetOutputTypeCount() const { return 2; }
   ONNXTensorElementDataType GetOutputType(size_t i) const {
     return i == 0 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;

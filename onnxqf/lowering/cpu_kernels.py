@@ -10,6 +10,12 @@ the token's scale, the group's Split::
     xu, amax = onnxqf.cpu.QuantizeRows(x)            xu = saturate(round(x / (amax / 127)) + 128), amax per token
     y        = MatMulIntegerToFloat(xu, Wq, 1, w_scale / 127, 128) * amax
 
+When the group's activation is the output of an online rotation (``--hybrid``'s down_proj, o_proj and lm_head
+inputs) read by nothing else, the rotation moves into the same node (``fuse_rotations``): it reads the unrotated
+activation and rotates each row by the block's Kronecker factors before quantizing it (attributes ``rotation_sizes``
+and ``rotation_kinds``, the dense factors in input R; :func:`cpu_rotation`), and the block of batched MatMul nodes
+goes. A factor that is Sylvester's Hadamard matrix (±H_n / sqrt(n)) runs as a fast Walsh-Hadamard transform.
+
 Float32 activations only (the CPU target's models). Sessions that run the graph load the library
 (:func:`onnxqf.runtime.kernels.cpu_library_path`; ``onnxqf`` commands do it themselves).
 """
@@ -19,16 +25,75 @@ from __future__ import annotations
 import dataclasses
 from typing import ClassVar
 
+import numpy as np
 import onnx_ir as ir
 
 from onnxqf.errors import UnsupportedGraphError
-from onnxqf.lowering.base import FLOAT32, register
+from onnxqf.graph import edit
+from onnxqf.lowering.base import FLOAT32, LinearGroup, register
+from onnxqf.lowering.cuda_kernels import walsh_sign
 from onnxqf.lowering.w8a8 import Uint8TokenQL
+from onnxqf.maths.hadamard import sylvester
 
-__all__ = ["DOMAIN", "OP", "OnnxqfCpu"]
+__all__ = ["DOMAIN", "IDENTITY", "DENSE", "OP", "WALSH", "WALSH_NEG", "CpuRotation", "OnnxqfCpu", "cpu_rotation"]
 
 DOMAIN = "onnxqf.cpu"  # = onnxqf.runtime.kernels.CPU_DOMAIN (not imported: lowering loads no library)
 OP = "QuantizeRows"
+#: rotation_kinds (kernels/cpu/quantize_rows.cc): the identity, a dense matrix, +H_n / sqrt(n), -H_n / sqrt(n)
+IDENTITY = 0
+DENSE = 1
+WALSH = 2
+WALSH_NEG = 3
+
+
+@dataclasses.dataclass(frozen=True)
+class CpuRotation:
+    """An online rotation ``x @ kron(F_1, .., F_t)`` in the op's form: ``sizes`` (n_t), ``kinds`` (one of
+    IDENTITY, DENSE, WALSH, WALSH_NEG per factor) and ``dense``, the DENSE factors' matrices in order (float64)."""
+
+    sizes: tuple[int, ...]
+    kinds: tuple[int, ...]
+    dense: tuple[np.ndarray, ...]
+
+    def matrices(self) -> list[np.ndarray | None]:
+        """Each factor's matrix (None: the identity), float64."""
+        out, dense = [], iter(self.dense)
+        for n, kind in zip(self.sizes, self.kinds):
+            if kind == IDENTITY:
+                out.append(None)
+            elif kind == DENSE:
+                out.append(next(dense))
+            else:
+                out.append((1.0 if kind == WALSH else -1.0) * sylvester(n) / np.sqrt(n))
+        return out
+
+    def apply(self, x: np.ndarray) -> np.ndarray:
+        """What the op computes before quantizing, in float64: ``x [..., K]`` rotated."""
+        t = x.reshape(-1, *self.sizes).astype(np.float64)
+        for axis, m in enumerate(self.matrices(), start=1):
+            if m is not None:
+                t = np.moveaxis(np.tensordot(t, m, axes=([axis], [0])), -1, axis)
+        return t.reshape(x.shape)
+
+
+def cpu_rotation(groups: list[tuple[int, np.ndarray | None]], K: int) -> CpuRotation | None:
+    """The op's form of the rotation ``kron(*groups)`` of a K-wide activation (``[(size, matrix or None)]`` as
+    :class:`onnxqf.graph.edit.OnlineRotation` reads them), or None when the sizes do not multiply to K or nothing
+    rotates. Any number of factors; a factor that is ±H_n / sqrt(n) (:func:`walsh_sign`) runs as a fast transform."""
+    if not groups or int(np.prod([n for n, _ in groups])) != K or all(m is None for _, m in groups):
+        return None
+    kinds, dense = [], []
+    for n, m in groups:
+        if m is None:
+            kinds.append(IDENTITY)
+            continue
+        sign = walsh_sign(np.asarray(m, np.float64))
+        if sign:
+            kinds.append(WALSH if sign > 0 else WALSH_NEG)
+        else:
+            kinds.append(DENSE)
+            dense.append(np.asarray(m, np.float64))
+    return CpuRotation(tuple(int(n) for n, _ in groups), tuple(kinds), tuple(dense))
 
 
 @register
@@ -38,12 +103,41 @@ class OnnxqfCpu(Uint8TokenQL):
     summary = ("uint8-token-ql with each activation's codes and scale made by one onnxqf.cpu.QuantizeRows node "
                "(onnxqf's CPU op library: bash kernels/build_cpu.sh); float32 models")
     domains: ClassVar[dict[str, int]] = {DOMAIN: 1, "com.microsoft": 1}
+    #: move online rotations into the quantization node (:func:`cpu_rotation`)
+    fuse_rotations: bool = True
+    # (the rotation block and its op form while one group is emitted)
+    _fused: tuple | None = dataclasses.field(default=None, init=False, repr=False, compare=False)
+
+    def emit(self, graph: ir.Graph, group: LinearGroup, weights) -> None:
+        block = rotation = None
+        if self.fuse_rotations:
+            block = edit.online_rotation_of(graph, group.x)
+            readers = {id(lin.node) for lin in group.linears}
+            if block is not None and block.private() and {id(n) for n in group.x.consumers()} == readers and \
+                    not group.x.is_graph_output() and group.x.shape is not None and isinstance(group.x.shape[-1], int):
+                rotation = cpu_rotation(block.groups, group.x.shape[-1])
+        self._fused = (block, rotation) if rotation is not None else None
+        try:
+            super().emit(graph, group, weights)
+        finally:
+            self._fused = None
+        if rotation is not None:
+            block.remove(graph)
 
     def quantize_activation(self, tape, graph, x, dtype, base):
         if dtype != FLOAT32:
             raise UnsupportedGraphError(f"{base}: onnxqf-cpu takes float32 activations, not {dtype.name.lower()} "
                                         "(use --lowering uint8-token-ql)")
-        xu, amax = tape.op_multi_out(OP, [x], num_outputs=2, domain=DOMAIN, name=f"{base}/quantize_rows")
+        inputs, attributes = [x], {}
+        if self._fused is not None:
+            block, rotation = self._fused
+            inputs = [block.input]
+            attributes = {"rotation_sizes": list(rotation.sizes), "rotation_kinds": list(rotation.kinds)}
+            if rotation.dense:
+                flat = np.concatenate([m.reshape(-1) for m in rotation.dense]).astype(np.float32)
+                inputs.append(edit.add_initializer(graph, f"{base}.rotation", flat))
+        xu, amax = tape.op_multi_out(OP, inputs, attributes or None, num_outputs=2, domain=DOMAIN,
+                                     name=f"{base}/quantize_rows")
         xu.type = ir.TensorType(ir.DataType.UINT8)
         amax.type = ir.TensorType(FLOAT32)
         if x.shape is not None:
