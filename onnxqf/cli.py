@@ -116,7 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "else cpu")
     q.add_argument("--lowering", metavar="NAME",
                    help="a registered lowering instead of the target's choice, e.g. int8-token, uint8-token, "
-                        "uint8-token-asym, int8-token-asym, uint8-tensor (`onnxqf rewrite --list-lowerings`)")
+                        "uint8-token-asym, int8-token-asym, uint8-tensor, onnxqf-cpu, onnxqf-cuda (`onnxqf rewrite "
+                        "--list-lowerings`), optionally with fields of its config: onnxqf-cpu:fuse_rotations=false")
     q.add_argument("--list-lowerings", action="store_true", help="list the registered lowerings and exit")
     q.add_argument("--block-size", type=int, choices=BLOCK_SIZES, default=32,
                    help="weights per scale along the input dimension for int4/int8w (default 32)")
@@ -463,9 +464,9 @@ def cmd_rewrite(args) -> int:
         if out.exists() and src.exists() and _same_file(src, out):
             raise OnnxqfError("the output would overwrite the input; choose another -o")
     if folder is not None and opts.quant is not None and opts.quant.format == "int8" and opts.quant.lowering:
-        from onnxqf.lowering.base import get
+        from onnxqf.lowering.base import parse_spec
 
-        libraries_for(set(get(opts.quant.lowering).domains))  # a missing library: now, not after
+        libraries_for(set(parse_spec(opts.quant.lowering)[0].domains))  # a missing library: now, not after
     model = load_model(src)
     tok_dir = args.tokenizer or (str(folder.directory) if folder is not None else None)  # genai folders hold theirs
     needs_tokenizer = opts.needs_calibration and not args.calib.endswith(".npy")

@@ -64,7 +64,8 @@ class W8A8:
 
     activations: ``token`` (symmetric per token), ``asym`` (a scale and a zero point per token) or ``tensor``
     (ONNX's DynamicQuantizeLinear); clip_search: searched clipping per weight channel; lowering: a registered
-    W8A8 lowering by name (None: the target's for ``activations``); lm_head_bits: with ``quantize_lm_head``, lm_head
+    W8A8 lowering by name, optionally with fields of its dataclass (``onnxqf-cpu:fuse_rotations=false``; None: the
+    target's for ``activations``); lm_head_bits: with ``quantize_lm_head``, lm_head
     as weight-only MatMulNBits of 4 or 8 bits (block 32, the target's accuracy level) instead of W8A8."""
 
     activations: str = "token"
@@ -78,7 +79,7 @@ class W8A8:
         _choice("--act-quant", self.activations, ACTIVATIONS)
         if self.lm_head_bits is not None:
             _choice("--lm-head-bits", self.lm_head_bits, (4, 8))
-        if self.lowering is not None and lowering_registry.get(self.lowering).format != self.format:
+        if self.lowering is not None and lowering_registry.parse_spec(self.lowering)[0].format != self.format:
             names = ", ".join(lowering_registry.names(self.format))
             raise OnnxqfError(f"--lowering {self.lowering} is not a W8A8 lowering (one of {names}); "
                               "weight-only formats are MatMulNBits")

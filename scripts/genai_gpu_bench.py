@@ -77,6 +77,8 @@ REWRITES = {
         "onnxqf W8A8 cpu op + lm_head": ["--lowering", "onnxqf-cpu", "--quantize-lm-head"],
         "onnxqf hybrid W8A8 cpu op + lm_head": ["--hybrid", "--alpha", "0.5", "--lowering", "onnxqf-cpu",
                                                 "--quantize-lm-head"],
+        "onnxqf hybrid W8A8 cpu op, rotation nodes + lm_head": [
+            "--hybrid", "--alpha", "0.5", "--lowering", "onnxqf-cpu:fuse_rotations=false", "--quantize-lm-head"],
         "onnxqf W8A8 asym": ["--act-quant", "asym"],
         "onnxqf int4 accuracy_level 0": ["--quant", "int4", "--accuracy-level", "0"],
         "onnxqf rotate + int4": ["--rotate", "--quant", "int4"],

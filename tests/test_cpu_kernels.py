@@ -159,8 +159,9 @@ def test_lowering_equals_uint8_token_ql_to_the_bit(cpu_lib):
 
 def test_hybrid_rotations_move_into_the_op(cpu_lib, tiny_models, tmp_path):
     """`rewrite --hybrid --lowering onnxqf-cpu`: every online rotation block is gone, each one's factors now
-    attributes of the QuantizeRows that quantizes it; the logits equal uint8-token-ql's hybrid graph's up to float
-    rounding (the same rotation in float32 sums of another order, which can move a code at a tie by one step)."""
+    attributes of the QuantizeRows that quantizes it (`onnxqf-cpu:fuse_rotations=false` keeps the blocks); the
+    logits equal uint8-token-ql's hybrid graph's up to float rounding (the same rotation in float32 sums of another
+    order, which can move a code at a tie by one step)."""
     from onnxqf.cli import main
     from onnxqf.runtime.session import logits, make_session
 
@@ -168,12 +169,18 @@ def test_hybrid_rotations_move_into_the_op(cpu_lib, tiny_models, tmp_path):
     ids = tmp_path / "ids.npy"
     np.save(ids, np.random.default_rng(1).integers(1, 512, 256))
     out = {}
-    for low in ("onnxqf-cpu", "uint8-token-ql"):
-        out[low] = tmp_path / f"{low}.onnx"
+    for i, low in enumerate(("onnxqf-cpu", "uint8-token-ql", "onnxqf-cpu:fuse_rotations=false")):
+        out[low] = tmp_path / f"{i}.onnx"
         assert main(["rewrite", str(src), "--hybrid", "--lowering", low, "--calib", str(ids), "--calib-windows", "2",
                      "--calib-seq", "64", "--weight-rounding", "rtn", "-o", str(out[low]), "-q"]) == 0
     fused = onnx.load(str(out["onnxqf-cpu"]), load_external_data=False)
     std = onnx.load(str(out["uint8-token-ql"]), load_external_data=False)
+    unfused = onnx.load(str(out["onnxqf-cpu:fuse_rotations=false"]), load_external_data=False)
+    # a field of the lowering's config on the command line: the rotations stay nodes, the quantization is the op's
+    assert sum(n.op_type == "MatMul" for n in unfused.graph.node) == sum(n.op_type == "MatMul" for n in std.graph.node)
+    assert sum(n.op_type == OP and not n.attribute for n in unfused.graph.node) == 2 * 4
+    assert main(["rewrite", str(src), "--lowering", "onnxqf-cpu:bogus=1", "-o", str(tmp_path / "x.onnx"), "-q"]) == 2
+    assert not (tmp_path / "x.onnx").exists()
     nodes = [n for n in fused.graph.node if n.op_type == OP]
     rotated = [n for n in nodes if any(a.name == "rotation_sizes" for a in n.attribute)]
     assert len(nodes) == 2 * 4 and len(rotated) == 2 * 4  # the four hybrid sites of both layers

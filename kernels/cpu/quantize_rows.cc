@@ -35,6 +35,7 @@ OrtStatusPtr fail(const std::string& msg) { return g_api->CreateStatus(ORT_FAIL,
 
 constexpr float kFloor = 1e-6f;  // = the tiny of onnxqf.lowering.w8a8.token_amax for float32 graphs
 constexpr float kQmax = 127.f;
+constexpr float kRound = 12582912.f;  // 1.5 * 2^23
 
 #if defined(__x86_64__)
 #define ONNXQF_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
@@ -44,13 +45,26 @@ constexpr float kQmax = 127.f;
 
 // One row: its amax (floored) and its codes. On x86-64 compiled for AVX-512, AVX2 and the baseline, picked at load.
 ONNXQF_CLONES float quantize_row(const float* __restrict__ x, uint8_t* __restrict__ q, int64_t K) {
-  float m = 0.f;
-  for (int64_t k = 0; k < K; ++k) m = std::fmax(m, std::fabs(x[k]));
-  const float amax = std::fmax(m, kFloor);
+  // max |x| as the max of the bit patterns without their sign bit (ordered as the values are, for every non-NaN
+  // float): an integer reduction, which vectorizes where a float max (or fmax, a library call) does not
+  uint32_t mb = 0;
+  for (int64_t k = 0; k < K; ++k) {
+    uint32_t b;
+    std::memcpy(&b, x + k, sizeof b);
+    b &= 0x7fffffffu;
+    mb = b > mb ? b : mb;
+  }
+  float m;
+  std::memcpy(&m, &mb, sizeof m);
+  const float amax = m > kFloor ? m : kFloor;  // (a NaN makes every code 0 below)
   const float step = amax / kQmax;
   for (int64_t k = 0; k < K; ++k) {
-    float v = std::nearbyint(x[k] / step) + 128.f;  // the default rounding mode: half to even
-    v = std::fmin(std::fmax(v, 0.f), 255.f);
+    // comparisons, not fmax/fmin; round half to even without a library call: adding and taking away 1.5 * 2^23
+    // leaves the nearest integer in the default rounding mode, exactly nearbyint's, for |v| < 2^22 (|v| <= 128 here)
+    const float r = x[k] / step;
+    float v = (r + kRound) - kRound + 128.f;
+    v = v > 0.f ? v : 0.f;
+    v = v < 255.f ? v : 255.f;
     q[k] = static_cast<uint8_t>(v);
   }
   return amax;
@@ -58,8 +72,14 @@ ONNXQF_CLONES float quantize_row(const float* __restrict__ x, uint8_t* __restric
 
 enum Kind : int64_t { kIdentity = 0, kDense = 1, kWalsh = 2, kWalshNeg = 3 };
 
+// A Walsh factor over fewer contiguous values than this runs as a product with its +-1 matrix (vectorized over the
+// factor's outputs) instead of butterflies, which would work on one float at a time there.
+constexpr int64_t kButterflyInner = 8;
+
 struct Rotation {
   std::vector<int64_t> sizes, kinds, offsets;  // per factor; offsets: where a dense factor starts in R
+  std::vector<int64_t> walsh_offsets;          // per factor: where its unnormalised +-1 matrix starts in walsh, or -1
+  std::vector<float> walsh;
   float scale = 1.f;                            // the Walsh factors' normalisations and signs
   bool empty() const { return sizes.empty(); }
 };
@@ -77,8 +97,28 @@ ONNXQF_CLONES void dense_axis(const float* __restrict__ x, float* __restrict__ y
         const float* fi = f + i * n;
         for (int64_t j = 0; j < n; ++j) yo[j] += xi * fi[j];
       }
-    } else {
-      for (int64_t j = 0; j < n; ++j) {
+    } else {  // four outputs j at a time: each x row loaded once for four accumulating rows
+      int64_t j = 0;
+      for (; j + 4 <= n; j += 4) {
+        float* __restrict__ y0 = yo + j * inner;
+        float* __restrict__ y1 = y0 + inner;
+        float* __restrict__ y2 = y1 + inner;
+        float* __restrict__ y3 = y2 + inner;
+        for (int64_t k = 0; k < 4 * inner; ++k) y0[k] = 0.f;
+        for (int64_t i = 0; i < n; ++i) {
+          const float* fi = f + i * n + j;
+          const float c0 = fi[0], c1 = fi[1], c2 = fi[2], c3 = fi[3];
+          const float* xi = xo + i * inner;
+          for (int64_t k = 0; k < inner; ++k) {
+            const float v = xi[k];
+            y0[k] += c0 * v;
+            y1[k] += c1 * v;
+            y2[k] += c2 * v;
+            y3[k] += c3 * v;
+          }
+        }
+      }
+      for (; j < n; ++j) {
         float* yj = yo + j * inner;
         for (int64_t k = 0; k < inner; ++k) yj[k] = 0.f;
         for (int64_t i = 0; i < n; ++i) {
@@ -120,6 +160,9 @@ const float* rotate_row(const float* x, const Rotation& rot, const float* R, int
     const int64_t inner = K / (before * n);
     if (rot.kinds[t] == kDense) {
       dense_axis(cur, other, R + rot.offsets[t], before, n, inner);
+      std::swap(cur, other);
+    } else if (rot.kinds[t] != kIdentity && rot.walsh_offsets[t] >= 0) {
+      dense_axis(cur, other, rot.walsh.data() + rot.walsh_offsets[t], before, n, inner);
       std::swap(cur, other);
     } else if (rot.kinds[t] != kIdentity) {
       walsh_axis(cur, before, n, inner);
@@ -236,6 +279,13 @@ struct QuantizeRowsOp : Ort::CustomOpBase<QuantizeRowsOp, QuantizeRowsKernel, tr
       k->rot.sizes.push_back(n);
       k->rot.kinds.push_back(kind);
       k->rot.offsets.push_back(k->dense_values);
+      int64_t inner = 1;
+      for (size_t u = t + 1; u < sizes.size(); ++u) inner *= sizes[u];
+      const bool as_matrix = (kind == kWalsh || kind == kWalshNeg) && inner < kButterflyInner && n <= 64;
+      k->rot.walsh_offsets.push_back(as_matrix ? static_cast<int64_t>(k->rot.walsh.size()) : -1);
+      if (as_matrix)  // Sylvester's H_n: (-1)^popcount(i & j)
+        for (int64_t i = 0; i < n; ++i)
+          for (int64_t j = 0; j < n; ++j) k->rot.walsh.push_back(__builtin_popcountll(i & j) & 1 ? -1.f : 1.f);
       if (kind == kDense) k->dense_values += n * n;
       if (kind == kWalsh || kind == kWalshNeg)
         k->rot.scale *= (kind == kWalshNeg ? -1.f : 1.f) / std::sqrt(static_cast<float>(n));

@@ -26,7 +26,7 @@ import onnx_ir as ir
 from onnxqf.errors import OnnxqfError
 from onnxqf.graph.structure import Linear
 
-__all__ = ["LinearGroup", "Lowering", "REGISTRY", "register", "get", "names", "insert_after_producer",
+__all__ = ["LinearGroup", "Lowering", "REGISTRY", "register", "get", "names", "parse_spec", "insert_after_producer",
            "replace_outputs", "FLOAT32"]
 
 FLOAT32 = ir.DataType.FLOAT
@@ -121,6 +121,25 @@ def register(cls: type[Lowering]) -> type[Lowering]:
         raise ValueError(f"two lowerings named {cls.name}")
     REGISTRY[cls.name] = cls
     return cls
+
+
+def parse_spec(spec: str) -> tuple[type[Lowering], dict]:
+    """``NAME[:FIELD=VALUE]...`` -> (the registered lowering, its dataclass fields' values), each value parsed as
+    the field's default's type (``onnxqf-cpu:fuse_rotations=false``); one line for an unknown name or field."""
+    name, *fields = spec.split(":")
+    cls = get(name)
+    defaults = {f.name: f.default for f in dataclasses.fields(cls) if f.init} if dataclasses.is_dataclass(cls) else {}
+    kwargs = {}
+    for item in fields:
+        key, _, value = item.partition("=")
+        if key not in defaults:
+            raise OnnxqfError(f"{name} has no field '{key}' (fields: {', '.join(defaults) or 'none'})")
+        kind = type(defaults[key])
+        try:
+            kwargs[key] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
+        except ValueError:
+            raise OnnxqfError(f"{name}: '{value}' is not a {kind.__name__} for {key}") from None
+    return cls, kwargs
 
 
 def get(name: str) -> type[Lowering]:

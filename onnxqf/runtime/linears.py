@@ -127,23 +127,12 @@ def parse_lowering(spec: str, ep: str | None = None) -> lowering_base.Lowering |
     """``float`` -> None; ``NAME[:FIELD=VALUE]...`` -> that registered lowering with those dataclass fields
     (values parsed as the field's default's type). With ``ep``, a MatMulNBits lowering without an
     ``accuracy_level`` gets the target's (4 on the CPU, 0 on CUDA), as ``onnxqf rewrite --ep`` gives it."""
-    name, *fields = spec.split(":")
-    if name == FLOAT:
-        if fields:
+    if spec.split(":")[0] == FLOAT:
+        if ":" in spec:
             raise OnnxqfError("'float' takes no fields")
         return None
-    cls = lowering_base.get(name)
-    defaults = {f.name: f.default for f in dataclasses.fields(cls)}
-    kwargs = {}
-    for item in fields:
-        key, _, value = item.partition("=")
-        if key not in defaults:
-            raise OnnxqfError(f"{name} has no field '{key}' (fields: {', '.join(defaults) or 'none'})")
-        kind = type(defaults[key])
-        try:
-            kwargs[key] = value.lower() in ("1", "true", "yes") if kind is bool else kind(value)
-        except ValueError:
-            raise OnnxqfError(f"{name}: '{value}' is not a {kind.__name__} for {key}") from None
+    cls, kwargs = lowering_base.parse_spec(spec)
+    defaults = {f.name for f in dataclasses.fields(cls)}
     if ep is not None and "accuracy_level" in defaults and "accuracy_level" not in kwargs:
         kwargs["accuracy_level"] = get_target(ep).nbits_accuracy_level
     return cls(**with_cpu_weights(cls, kwargs))  # (uint8 weights only for the uint8-activation, CPU lowerings)

@@ -101,8 +101,8 @@ class Target:
         ``lowering`` when it names one, else this target's choice for the format."""
         if quant.format == "int8":
             # (a W8A8 config only names a W8A8 lowering: onnxqf.options.W8A8 checks it)
-            cls = lowering_base.get(quant.lowering or self.w8a8[quant.activations])
-            kwargs = {"clip_search": quant.clip_search}
+            cls, kwargs = lowering_base.parse_spec(quant.lowering or self.w8a8[quant.activations])
+            kwargs = {"clip_search": quant.clip_search, **kwargs}
             return cls(**(with_cpu_weights(cls, kwargs) if self.name == "cpu" else kwargs))
         level = self.nbits_accuracy_level if quant.accuracy_level is None else quant.accuracy_level
         return MatMulNBits(bits=quant.bits, block_size=quant.block_size, symmetric=not quant.asymmetric,
