@@ -65,8 +65,8 @@ class W8A8:
     activations: ``token`` (symmetric per token), ``asym`` (a scale and a zero point per token) or ``tensor``
     (ONNX's DynamicQuantizeLinear); clip_search: searched clipping per weight channel; lowering: a registered
     W8A8 lowering by name, optionally with fields of its dataclass (``onnxqf-cpu:fuse_rotations=false``; None: the
-    target's for ``activations``); lm_head_bits: with ``quantize_lm_head``, lm_head
-    as weight-only MatMulNBits of 4 or 8 bits (block 32, the target's accuracy level) instead of W8A8."""
+    target's for ``activations``); lm_head_bits: with ``quantize_lm_head``, lm_head as weight-only MatMulNBits of 4
+    or 8 bits (block 32, the target's accuracy level) instead of W8A8."""
 
     activations: str = "token"
     clip_search: bool = False

@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from onnxqf.graph import edit  # noqa: E402
 from onnxqf.lowering.base import FLOAT32  # noqa: E402
-from onnxqf.lowering.cpu_kernels import DOMAIN, OP, cpu_rotation  # noqa: E402
+from onnxqf.lowering.cpu_kernels import DOMAIN, cpu_rotation, quantize_rows_node  # noqa: E402
 from onnxqf.lowering.w8a8 import Uint8TokenQL  # noqa: E402
 from onnxqf.maths.hadamard import hadamard_factors  # noqa: E402
 from onnxqf.runtime import kernels  # noqa: E402
@@ -58,13 +58,7 @@ def graph(K: int, *, op: bool, rotate: bool) -> ir.Model:
             src = rotated
     tape = ir_tape.Tape(g)
     if op:
-        inputs, attrs = [src], {}
-        if rotation is not None:
-            attrs = {"rotation_sizes": list(rotation.sizes), "rotation_kinds": list(rotation.kinds)}
-            if rotation.dense:
-                flat = np.concatenate([m.reshape(-1) for m in rotation.dense]).astype(np.float32)
-                inputs.append(edit.add_initializer(g, "rotation", flat))
-        codes, amax = tape.op_multi_out(OP, inputs, attrs or None, num_outputs=2, domain=DOMAIN, name="quantize_rows")
+        codes, amax = quantize_rows_node(tape, g, src, "op", rotation)
     else:
         codes, amax = Uint8TokenQL().quantize_activation(tape, g, src, FLOAT32, "ql")
     for node in tape.nodes:

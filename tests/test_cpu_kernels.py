@@ -214,6 +214,24 @@ def test_targets_and_a_missing_library(monkeypatch, tmp_path):
     assert not kernels.cpu_available()
 
 
+def test_register_loads_no_cuda_runtime_for_the_cpu_library(cpu_lib, monkeypatch, tmp_path):
+    """The CPU op library, under its own name or renamed and named by $ONNXQF_CPU_KERNELS, registers without the
+    CUDA runtime (a CPU-only machine has none); any other library asks for it first."""
+    import shutil
+
+    calls = []
+    monkeypatch.setattr(kernels, "preload_cuda_runtime", lambda: calls.append(1))
+    kernels.register(ort.SessionOptions(), cpu_lib)
+    renamed = tmp_path / "mycpuops.so"
+    shutil.copy(cpu_lib, renamed)
+    monkeypatch.setenv(kernels.CPU_ENV, str(renamed))
+    kernels.register(ort.SessionOptions(), renamed)
+    assert calls == []
+    with pytest.raises(Exception):  # not a library at all: after the CUDA runtime was asked for
+        kernels.register(ort.SessionOptions(), tmp_path / "libonnxqf_kernels.so")
+    assert calls == [1]
+
+
 def test_rewrite_check_and_eval(cpu_lib, tiny_models, tmp_path, capsys):
     """`rewrite --lowering onnxqf-cpu`: one QuantizeRows per linear group; `check --ep cpu` places every node on the
     CPU (loading the library itself); `check --ep cuda` refuses it; `eval` runs it, as accurate as

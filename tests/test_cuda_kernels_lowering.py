@@ -9,7 +9,8 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from onnxqf.lowering.cuda_kernels import DOMAIN, OP, OnnxqfCudaW8A8, emit_w8a8_kernel, walsh_matrix
+from onnxqf.lowering.cuda_kernels import DOMAIN, OP, OnnxqfCudaW8A8, emit_w8a8_kernel
+from onnxqf.maths.hadamard import walsh_matrix
 
 
 def test_emit_node_and_initializers():
@@ -148,8 +149,8 @@ def test_kernel_rotation_runs_walsh_hadamard_factors_as_transforms():
     """A factor that is Sylvester's normalised Hadamard matrix goes to the op as a Walsh flag, not a matrix (the op
     runs it as a fast transform); a factor found with the opposite sign trades it with the other factor; dense
     factors stay matrices. The op's form rotates as ``x @ kron(A, B)`` in every case."""
-    from onnxqf.lowering.cuda_kernels import kernel_rotation, walsh_sign
-    from onnxqf.maths.hadamard import random_orthogonal
+    from onnxqf.lowering.cuda_kernels import kernel_rotation
+    from onnxqf.maths.hadamard import random_orthogonal, walsh_sign
 
     h32, h4, h16 = walsh_matrix(32), walsh_matrix(4), walsh_matrix(16)
     assert walsh_sign(h32) == 1 and walsh_sign(-h4) == -1 and walsh_sign(random_orthogonal(8, 0)) == 0

@@ -56,7 +56,9 @@ ONNXQF_CLONES float quantize_row(const float* __restrict__ x, uint8_t* __restric
   }
   float m;
   std::memcpy(&m, &mb, sizeof m);
-  const float amax = m > kFloor ? m : kFloor;  // (a NaN makes every code 0 below)
+  // (a NaN in the row orders above every float here: the amax falls to the floor, the row's codes saturate and
+  // its NaN values get code 0)
+  const float amax = m > kFloor ? m : kFloor;
   const float step = amax / kQmax;
   for (int64_t k = 0; k < K; ++k) {
     // comparisons, not fmax/fmin; round half to even without a library call: adding and taking away 1.5 * 2^23

@@ -31,11 +31,11 @@ import onnx_ir as ir
 from onnxqf.errors import UnsupportedGraphError
 from onnxqf.graph import edit
 from onnxqf.lowering.base import FLOAT32, LinearGroup, register
-from onnxqf.lowering.cuda_kernels import walsh_sign
 from onnxqf.lowering.w8a8 import Uint8TokenQL
-from onnxqf.maths.hadamard import sylvester
+from onnxqf.maths.hadamard import walsh_matrix, walsh_sign
 
-__all__ = ["DOMAIN", "IDENTITY", "DENSE", "OP", "WALSH", "WALSH_NEG", "CpuRotation", "OnnxqfCpu", "cpu_rotation"]
+__all__ = ["DOMAIN", "IDENTITY", "DENSE", "OP", "WALSH", "WALSH_NEG", "CpuRotation", "OnnxqfCpu", "cpu_rotation",
+           "quantize_rows_node"]
 
 DOMAIN = "onnxqf.cpu"  # = onnxqf.runtime.kernels.CPU_DOMAIN (not imported: lowering loads no library)
 OP = "QuantizeRows"
@@ -64,7 +64,7 @@ class CpuRotation:
             elif kind == DENSE:
                 out.append(next(dense))
             else:
-                out.append((1.0 if kind == WALSH else -1.0) * sylvester(n) / np.sqrt(n))
+                out.append((1.0 if kind == WALSH else -1.0) * walsh_matrix(n))
         return out
 
     def apply(self, x: np.ndarray) -> np.ndarray:
@@ -94,6 +94,26 @@ def cpu_rotation(groups: list[tuple[int, np.ndarray | None]], K: int) -> CpuRota
             kinds.append(DENSE)
             dense.append(np.asarray(m, np.float64))
     return CpuRotation(tuple(int(n) for n, _ in groups), tuple(kinds), tuple(dense))
+
+
+def quantize_rows_node(tape, graph: ir.Graph, x: ir.Value, base: str,
+                       rotation: CpuRotation | None = None) -> tuple[ir.Value, ir.Value]:
+    """The ``onnxqf.cpu.QuantizeRows`` node on ``tape`` (its dense factors, if any, an initializer of ``graph``):
+    ``x``'s uint8 codes and its per-token amax, x rotated first by ``rotation``."""
+    inputs, attributes = [x], {}
+    if rotation is not None:
+        attributes = {"rotation_sizes": list(rotation.sizes), "rotation_kinds": list(rotation.kinds)}
+        if rotation.dense:
+            flat = np.concatenate([m.reshape(-1) for m in rotation.dense]).astype(np.float32)
+            inputs.append(edit.add_initializer(graph, f"{base}.rotation", flat))
+    xu, amax = tape.op_multi_out(OP, inputs, attributes or None, num_outputs=2, domain=DOMAIN,
+                                 name=f"{base}/quantize_rows")
+    xu.type = ir.TensorType(ir.DataType.UINT8)
+    amax.type = ir.TensorType(FLOAT32)
+    if x.shape is not None:
+        xu.shape = x.shape
+        amax.shape = ir.Shape([*x.shape[:-1], 1])
+    return xu, amax
 
 
 @register
@@ -128,19 +148,10 @@ class OnnxqfCpu(Uint8TokenQL):
         if dtype != FLOAT32:
             raise UnsupportedGraphError(f"{base}: onnxqf-cpu takes float32 activations, not {dtype.name.lower()} "
                                         "(use --lowering uint8-token-ql)")
-        inputs, attributes = [x], {}
-        if self._fused is not None:
-            block, rotation = self._fused
-            inputs = [block.input]
-            attributes = {"rotation_sizes": list(rotation.sizes), "rotation_kinds": list(rotation.kinds)}
-            if rotation.dense:
-                flat = np.concatenate([m.reshape(-1) for m in rotation.dense]).astype(np.float32)
-                inputs.append(edit.add_initializer(graph, f"{base}.rotation", flat))
-        xu, amax = tape.op_multi_out(OP, inputs, attributes or None, num_outputs=2, domain=DOMAIN,
-                                     name=f"{base}/quantize_rows")
-        xu.type = ir.TensorType(ir.DataType.UINT8)
-        amax.type = ir.TensorType(FLOAT32)
-        if x.shape is not None:
-            xu.shape = x.shape
-            amax.shape = ir.Shape([*x.shape[:-1], 1])
+        if self._fused is None:
+            return quantize_rows_node(tape, graph, x, base)
+        block, rotation = self._fused
+        xu, amax = quantize_rows_node(tape, graph, block.input, base, rotation)
+        if x.shape is not None:  # (the rotated value's shape, known where the block's input's may not be)
+            xu.shape, amax.shape = x.shape, ir.Shape([*x.shape[:-1], 1])
         return xu, amax

@@ -45,11 +45,10 @@ from onnxqf.errors import OnnxqfError
 from onnxqf.graph import edit
 from onnxqf.lowering.base import LinearGroup, register, replace_outputs
 from onnxqf.lowering.w8a8 import W8A8Lowering
-from onnxqf.maths.hadamard import sylvester
+from onnxqf.maths.hadamard import walsh_matrix, walsh_sign
 
 __all__ = ["DOMAIN", "MAX_OUTPUTS", "OP", "ROTATE_MAX_SMEM", "KernelRotation", "OnnxqfCudaW8A8", "SwiGlu",
-           "balance_factors", "emit_w8a8_kernel", "kernel_rotation", "kron_split", "swiglu_of", "walsh_matrix",
-           "walsh_sign"]
+           "balance_factors", "emit_w8a8_kernel", "kernel_rotation", "kron_split", "swiglu_of"]
 
 DOMAIN = "onnxqf"  # = onnxqf.runtime.kernels.DOMAIN (not imported: lowering needs no GPU library)
 OP = "W8A8Linear"
@@ -88,23 +87,6 @@ class KernelRotation:
         elif self.walsh & 2:
             X = np.einsum("pi,rib->rpb", walsh_matrix(a), X)
         return X.reshape(x.shape)
-
-
-def walsh_matrix(n: int) -> np.ndarray:
-    """``H_n / sqrt(n)``: Sylvester's Hadamard matrix of order n (a power of two), normalised (symmetric)."""
-    return sylvester(n) / np.sqrt(n)
-
-
-def walsh_sign(M: np.ndarray | None) -> int:
-    """+1 or -1 when ``M = ±H_n / sqrt(n)`` (:func:`walsh_matrix`) to the fp16 rounding of its entries (the graph
-    holds a float16 model's factors in float16), else 0 (None, or any other matrix)."""
-    if M is None or M.shape[0] < 2 or M.shape[0] & (M.shape[0] - 1):
-        return 0
-    H = walsh_matrix(M.shape[0])
-    for sign in (1, -1):
-        if np.allclose(M, sign * H, rtol=0, atol=1e-3 / np.sqrt(M.shape[0])):
-            return sign
-    return 0
 
 
 def kernel_rotation(groups: list[tuple[int, np.ndarray | None]], K: int) -> KernelRotation | None:

@@ -63,7 +63,7 @@ __all__ = [
     "paley2",
     "random_orthogonal",
     "rotation",
-    "sylvester", "jacobsthal"]
+    "sylvester", "jacobsthal", "walsh_matrix", "walsh_sign"]
 
 
 class NoHadamardError(OnnxqfError, ValueError):
@@ -182,6 +182,23 @@ def sylvester(n: int) -> np.ndarray:
     while h.shape[0] < n:
         h = np.block([[h, h], [h, -h]])
     return h
+
+
+def walsh_matrix(n: int) -> np.ndarray:
+    """``H_n / sqrt(n)``: Sylvester's Hadamard matrix of order n (a power of two), normalised (symmetric)."""
+    return sylvester(n) / np.sqrt(n)
+
+
+def walsh_sign(M: np.ndarray | None) -> int:
+    """+1 or -1 when ``M = ±H_n / sqrt(n)`` (:func:`walsh_matrix`) to the fp16 rounding of its entries (the graph
+    holds a float16 model's factors in float16), else 0 (None, or any other matrix)."""
+    if M is None or M.shape[0] < 2 or M.shape[0] & (M.shape[0] - 1):
+        return 0
+    H = walsh_matrix(M.shape[0])
+    for sign in (1, -1):
+        if np.allclose(M, sign * H, rtol=0, atol=1e-3 / np.sqrt(M.shape[0])):
+            return sign
+    return 0
 
 
 def paley1(q: int) -> np.ndarray:

@@ -163,10 +163,12 @@ def check_device(path: Path | None = None) -> str:
 
 def register(session_options, path: Path | None = None) -> Path:
     """Register a library's ops in ``session_options`` (an ``onnxruntime.SessionOptions``); returns its path.
-    ``path``: the CUDA library by default; the CPU op library (a file named ``libonnxqf_cpu.so``) needs no CUDA
-    runtime. A GPU the CUDA kernels are not built for is refused when the session creates its kernels."""
+    ``path``: the CUDA library by default; the CPU op library (a file named ``libonnxqf_cpu.so``, or the one
+    ``$ONNXQF_CPU_KERNELS`` names) needs no CUDA runtime. A GPU the CUDA kernels are not built for is refused when
+    the session creates its kernels."""
     path = Path(path or library_path())
-    if path.name != CPU_LIBRARY:
+    named_cpu = os.environ.get(CPU_ENV)
+    if path.name != CPU_LIBRARY and not (named_cpu and Path(named_cpu).resolve() == path.resolve()):
         preload_cuda_runtime()
     session_options.register_custom_ops_library(str(path))
     return path
