@@ -112,6 +112,9 @@ def test_cpu_rotation_forms():
     [(4, "walsh"), (16, None)],                       # head mixing: Walsh over heads, identity inside
     [(12, "dense"), (8, "walsh")],                    # a dense factor and a Walsh one (down_proj, K = 96)
     [(11, "dense"), (16, "-walsh"), (8, "walsh")],    # three factors, a negative Walsh one
+    [(44, "dense"), (16, "walsh"), (8, "walsh")],     # d_ff 5632's plan: full register tiles and a ragged last one
+    [(10, "dense"), (3, "dense"), (8, "walsh")],      # an inner axis of 24 (one tile of 16 and 8 over) and n < 8
+    [(7, "dense"), (20, "dense")],                    # a last dense factor: tiles of 4 rows, 3 rows and 4 outputs over
 ])
 def test_rotated_quantize_rows_against_numpy(cpu_lib, groups):
     """With a rotation the op quantizes x @ kron(F...) (float32 sums): every dequantized value within half a step

@@ -86,52 +86,165 @@ struct Rotation {
   bool empty() const { return sizes.empty(); }
 };
 
-// y[o, j, in] = sum_i x[o, i, in] * f[i, j] over the factor's axis (n wide, inner values after it).
-ONNXQF_CLONES void dense_axis(const float* __restrict__ x, float* __restrict__ y, const float* __restrict__ f,
-                              int64_t outer, int64_t n, int64_t inner) {
-  for (int64_t o = 0; o < outer; ++o) {
-    const float* xo = x + o * n * inner;
-    float* yo = y + o * n * inner;
-    if (inner == 1) {
-      for (int64_t j = 0; j < n; ++j) yo[j] = 0.f;
-      for (int64_t i = 0; i < n; ++i) {
-        const float xi = xo[i];
-        const float* fi = f + i * n;
-        for (int64_t j = 0; j < n; ++j) yo[j] += xi * fi[j];
-      }
-    } else {  // four outputs j at a time: each x row loaded once for four accumulating rows
-      int64_t j = 0;
-      for (; j + 4 <= n; j += 4) {
-        float* __restrict__ y0 = yo + j * inner;
-        float* __restrict__ y1 = y0 + inner;
-        float* __restrict__ y2 = y1 + inner;
-        float* __restrict__ y3 = y2 + inner;
-        for (int64_t k = 0; k < 4 * inner; ++k) y0[k] = 0.f;
-        for (int64_t i = 0; i < n; ++i) {
-          const float* fi = f + i * n + j;
-          const float c0 = fi[0], c1 = fi[1], c2 = fi[2], c3 = fi[3];
-          const float* xi = xo + i * inner;
-          for (int64_t k = 0; k < inner; ++k) {
-            const float v = xi[k];
-            y0[k] += c0 * v;
-            y1[k] += c1 * v;
-            y2[k] += c2 * v;
-            y3[k] += c3 * v;
-          }
-        }
-      }
-      for (; j < n; ++j) {
-        float* yj = yo + j * inner;
-        for (int64_t k = 0; k < inner; ++k) yj[k] = 0.f;
-        for (int64_t i = 0; i < n; ++i) {
-          const float c = f[i * n + j];
-          const float* xi = xo + i * inner;
-          for (int64_t k = 0; k < inner; ++k) yj[k] += c * xi[k];
-        }
-      }
+// y[o, j, in] = sum_i x[o, i, in] * f[i, j] over the factor's axis (n wide, inner values after it), for vectors
+// of VW floats. Every sum runs over i in order from 0, whichever loop computes it. Where inner > 1 the products
+// run in register tiles (dense_tile) wherever whole tiles fit, the rest in dense_rest.
+
+// Outputs j0 .. j0+J-1 at inner values k0 .. k0+V*VW-1: J*V vector accumulators held in registers while the sum
+// runs over i (per i: V loads of x and J broadcasts of f for J*V vector FMAs).
+template <int VW, int J, int V>
+__attribute__((always_inline)) inline void dense_tile(const float* __restrict__ xo, float* __restrict__ yo,
+                                                      const float* __restrict__ f, int64_t n, int64_t inner,
+                                                      int64_t j0, int64_t k0) {
+  typedef float Vec __attribute__((vector_size(VW * sizeof(float))));
+  Vec acc[J * V];  // (one-dimensional, each vector loaded and stored on its own: kept in registers)
+#pragma GCC unroll 16
+  for (int t = 0; t < J * V; ++t) acc[t] = Vec{};
+  for (int64_t i = 0; i < n; ++i) {
+    Vec xv[V];
+#pragma GCC unroll 4
+    for (int v = 0; v < V; ++v) std::memcpy(&xv[v], xo + i * inner + k0 + v * VW, sizeof(Vec));
+    const float* fi = f + i * n + j0;
+#pragma GCC unroll 8
+    for (int jj = 0; jj < J; ++jj)
+#pragma GCC unroll 4
+      for (int v = 0; v < V; ++v) acc[jj * V + v] += fi[jj] * xv[v];
+  }
+#pragma GCC unroll 8
+  for (int jj = 0; jj < J; ++jj)
+#pragma GCC unroll 4
+    for (int v = 0; v < V; ++v) std::memcpy(yo + (j0 + jj) * inner + k0 + v * VW, &acc[jj * V + v], sizeof(Vec));
+}
+
+// Outputs j0 .. n-1 at inner values k0 .. k1-1, one output at a time.
+__attribute__((always_inline)) inline void dense_rest(const float* __restrict__ xo, float* __restrict__ yo,
+                                                      const float* __restrict__ f, int64_t n, int64_t inner,
+                                                      int64_t j0, int64_t k0, int64_t k1) {
+  for (int64_t j = j0; j < n; ++j) {
+    float* yj = yo + j * inner;
+    for (int64_t l = k0; l < k1; ++l) yj[l] = 0.f;
+    for (int64_t i = 0; i < n; ++i) {
+      const float c = f[i * n + j];
+      const float* xi = xo + i * inner;
+      for (int64_t l = k0; l < k1; ++l) yj[l] += c * xi[l];
     }
   }
 }
+
+// inner == 1: Y[o, j] = sum_i X[o, i] F[i, j] for rows o .. o + R - 1 and outputs j0 .. j0 + V*VW - 1, R*V vector
+// accumulators in registers (per i: V loads of F's row and R broadcasts of x).
+template <int VW, int R, int V>
+__attribute__((always_inline)) inline void dense_rows_tile(const float* __restrict__ x, float* __restrict__ y,
+                                                           const float* __restrict__ f, int64_t n, int64_t o,
+                                                           int64_t j0) {
+  typedef float Vec __attribute__((vector_size(VW * sizeof(float))));
+  Vec acc[R * V];
+#pragma GCC unroll 16
+  for (int t = 0; t < R * V; ++t) acc[t] = Vec{};
+  for (int64_t i = 0; i < n; ++i) {
+    Vec fv[V];
+#pragma GCC unroll 4
+    for (int v = 0; v < V; ++v) std::memcpy(&fv[v], f + i * n + j0 + v * VW, sizeof(Vec));
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const float xr = x[(o + r) * n + i];
+#pragma GCC unroll 4
+      for (int v = 0; v < V; ++v) acc[r * V + v] += xr * fv[v];
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+    for (int v = 0; v < V; ++v) std::memcpy(y + (o + r) * n + j0 + v * VW, &acc[r * V + v], sizeof(Vec));
+}
+
+// inner == 1 over all rows: register tiles of 4 rows by one vector of outputs where they fit, the rest one row at
+// a time (vectorized over j).
+template <int VW>
+__attribute__((always_inline)) inline void dense_rows(const float* __restrict__ x, float* __restrict__ y,
+                                                      const float* __restrict__ f, int64_t outer, int64_t n) {
+  constexpr int R = 4;
+  const int64_t jt = n - n % VW;  // outputs the tiles cover
+  int64_t o = 0;
+  if (jt > 0)
+    for (; o + R <= outer; o += R) {
+      for (int64_t j0 = 0; j0 < jt; j0 += VW) dense_rows_tile<VW, R, 1>(x, y, f, n, o, j0);
+      for (int64_t r = o; r < o + R; ++r)
+        for (int64_t j = jt; j < n; ++j) {
+          float acc = 0.f;
+          for (int64_t i = 0; i < n; ++i) acc += x[r * n + i] * f[i * n + j];
+          y[r * n + j] = acc;
+        }
+    }
+  for (; o < outer; ++o) {
+    const float* xo = x + o * n;
+    float* yo = y + o * n;
+    for (int64_t j = 0; j < n; ++j) yo[j] = 0.f;
+    for (int64_t i = 0; i < n; ++i) {
+      const float xi = xo[i];
+      const float* fi = f + i * n;
+      for (int64_t j = 0; j < n; ++j) yo[j] += xi * fi[j];
+    }
+  }
+}
+
+template <int VW>
+__attribute__((always_inline)) inline void dense_axis_t(const float* __restrict__ x, float* __restrict__ y,
+                                                        const float* __restrict__ f, int64_t outer, int64_t n,
+                                                        int64_t inner) {
+  constexpr int J = 4;
+  if (inner == 1) {  // the vectors across the outputs j: as wide as n allows
+    if (VW >= 16 && n >= 16)
+      dense_rows<(VW >= 16 ? 16 : 4)>(x, y, f, outer, n);
+    else if (VW >= 8 && n >= 8)
+      dense_rows<(VW >= 8 ? 8 : 4)>(x, y, f, outer, n);
+    else
+      dense_rows<4>(x, y, f, outer, n);
+    return;
+  }
+  for (int64_t o = 0; o < outer; ++o) {
+    const float* xo = x + o * n * inner;
+    float* yo = y + o * n * inner;
+    const int64_t jt = n - n % J;  // outputs the tiles cover
+    int64_t k0 = 0;
+    for (; k0 + 2 * VW <= inner; k0 += 2 * VW) {  // tiles two vectors wide, then one
+      for (int64_t j0 = 0; j0 < jt; j0 += J) dense_tile<VW, J, 2>(xo, yo, f, n, inner, j0, k0);
+      dense_rest(xo, yo, f, n, inner, jt, k0, k0 + 2 * VW);
+    }
+    for (; k0 + VW <= inner; k0 += VW) {
+      for (int64_t j0 = 0; j0 < jt; j0 += J) dense_tile<VW, J, 1>(xo, yo, f, n, inner, j0, k0);
+      dense_rest(xo, yo, f, n, inner, jt, k0, k0 + VW);
+    }
+    if (k0 < inner) dense_rest(xo, yo, f, n, inner, 0, k0, inner);
+  }
+}
+
+// dense_axis_t for the widest vectors the CPU has (picked once; a vector type wider than the target's registers
+// would be lowered through memory, so each width is its own function)
+#if defined(__x86_64__)
+__attribute__((target("avx512f"))) void dense_axis_avx512(const float* x, float* y, const float* f, int64_t outer,
+                                                          int64_t n, int64_t inner) {
+  dense_axis_t<16>(x, y, f, outer, n, inner);
+}
+__attribute__((target("avx2,fma"))) void dense_axis_avx2(const float* x, float* y, const float* f, int64_t outer,
+                                                         int64_t n, int64_t inner) {
+  dense_axis_t<8>(x, y, f, outer, n, inner);
+}
+#endif
+void dense_axis_base(const float* x, float* y, const float* f, int64_t outer, int64_t n, int64_t inner) {
+  dense_axis_t<4>(x, y, f, outer, n, inner);
+}
+
+using DenseAxis = void (*)(const float*, float*, const float*, int64_t, int64_t, int64_t);
+DenseAxis pick_dense_axis() {
+#if defined(__x86_64__)
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f")) return dense_axis_avx512;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return dense_axis_avx2;
+#endif
+  return dense_axis_base;
+}
+const DenseAxis dense_axis = pick_dense_axis();
 
 // The unnormalised Walsh-Hadamard transform along the factor's axis, in place (n a power of two).
 ONNXQF_CLONES void walsh_axis(float* __restrict__ x, int64_t outer, int64_t n, int64_t inner) {
