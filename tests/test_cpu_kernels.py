@@ -84,6 +84,26 @@ def test_quantize_rows_against_numpy(cpu_lib, shape):
         assert (q.reshape(-1, shape[-1])[1] == 128).all()
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("isa", ["avx2", "base"])
+def test_every_instruction_set_path_against_numpy(cpu_lib, isa):
+    """The library picks its row and dense-factor loops for the CPU when it loads (AVX-512, AVX2, the compiler's
+    loops); ONNXQF_CPU_ISA caps that choice, so each path runs here, in a fresh process, through the same checks."""
+    import os
+    import platform
+    import subprocess
+    import sys
+
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("the instruction-set paths are x86-64's")
+    env = dict(os.environ, ONNXQF_CPU_ISA=isa, ONNXQF_CPU_KERNELS=str(cpu_lib))
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
+                        "quantize_rows_against_numpy and not every_instruction_set"],
+                       env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    assert " passed" in r.stdout and "skipped" not in r.stdout.splitlines()[-1]
+
+
 def _orthogonal(n, rng):
     q, _ = np.linalg.qr(rng.standard_normal((n, n)))
     return q

@@ -19,11 +19,16 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <mutex>
 #include <string>
 #include <vector>
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
 
 #define ONNXQF_CPU_VERSION "1"
 
@@ -71,6 +76,130 @@ ONNXQF_CLONES float quantize_row(const float* __restrict__ x, uint8_t* __restric
   }
   return amax;
 }
+
+#if defined(__x86_64__)
+// ONNXQF_CPU_ISA=avx2|base caps the instruction set the library picks at load (tests run each path on one machine;
+// unset or anything else: the best the CPU has; base: AVX-512 and AVX2 paths off, the compiler-vectorized loops).
+bool isa_allowed(const char* isa) {
+  const char* cap = std::getenv("ONNXQF_CPU_ISA");
+  if (cap == nullptr) return true;
+  const std::string c(cap), want(isa);
+  if (c == "base") return false;
+  if (c == "avx2") return want == "avx2";
+  return true;
+}
+#endif
+
+#if defined(__x86_64__)
+// The same row under AVX2 with intrinsics: GCC compiles the loop above's clamp to compares and masks (with a register
+// spill) and its narrowing to uint8 to several packs; here max/min and two packs per 32 codes. MAXPS(v, 0) returns
+// v > 0 ? v : 0 (the second operand for NaN and for zeros) and MINPS(v, 255) v < 255 ? v : 255: the loop above's
+// comparisons exactly, so the codes are the same to the bit.
+// Eight codes as int32: the loop above's steps, one vector at a time.
+__attribute__((target("avx2"), always_inline)) inline __m256i codes_avx2(const float* p, __m256 step) {
+  const __m256 round = _mm256_set1_ps(kRound);
+  const __m256 r = _mm256_div_ps(_mm256_loadu_ps(p), step);
+  __m256 v = _mm256_add_ps(_mm256_sub_ps(_mm256_add_ps(r, round), round), _mm256_set1_ps(128.f));
+  v = _mm256_min_ps(_mm256_max_ps(v, _mm256_setzero_ps()), _mm256_set1_ps(255.f));
+  return _mm256_cvttps_epi32(v);
+}
+
+__attribute__((target("avx2"))) float quantize_row_avx2(const float* __restrict__ x, uint8_t* __restrict__ q,
+                                                        int64_t K) {
+  const __m256i abs_bits = _mm256_set1_epi32(0x7fffffff);
+  __m256i mv = _mm256_setzero_si256();
+  int64_t k = 0;
+  for (; k + 8 <= K; k += 8)
+    mv = _mm256_max_epu32(mv, _mm256_and_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + k)), abs_bits));
+  uint32_t lanes[8];
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(lanes), mv);
+  uint32_t mb = 0;
+  for (uint32_t b : lanes) mb = b > mb ? b : mb;
+  for (; k < K; ++k) {
+    uint32_t b;
+    std::memcpy(&b, x + k, sizeof b);
+    b &= 0x7fffffffu;
+    mb = b > mb ? b : mb;
+  }
+  float m;
+  std::memcpy(&m, &mb, sizeof m);
+  const float amax = m > kFloor ? m : kFloor;
+  const float step = amax / kQmax;
+  const __m256 vstep = _mm256_set1_ps(step);
+  // packus works within 128-bit halves: this puts the four vectors' dwords of codes back in order
+  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+  for (k = 0; k + 32 <= K; k += 32) {
+    const __m256i w01 = _mm256_packus_epi32(codes_avx2(x + k, vstep), codes_avx2(x + k + 8, vstep));
+    const __m256i w23 = _mm256_packus_epi32(codes_avx2(x + k + 16, vstep), codes_avx2(x + k + 24, vstep));
+    const __m256i b = _mm256_permutevar8x32_epi32(_mm256_packus_epi16(w01, w23), order);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + k), b);
+  }
+  for (; k < K; ++k) {
+    const float r = x[k] / step;
+    float v = (r + kRound) - kRound + 128.f;
+    v = v > 0.f ? v : 0.f;
+    v = v < 255.f ? v : 255.f;
+    q[k] = static_cast<uint8_t>(v);
+  }
+  return amax;
+}
+
+// (GCC 12's AVX-512 headers trip its -Wmaybe-uninitialized on their placeholder vectors, a false positive)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
+// The same under AVX-512: sixteen values a vector, each vector's codes narrowed to bytes in one instruction
+// (VPMOVUSDB); MAXPS/MINPS as above.
+__attribute__((target("avx512f"))) float quantize_row_avx512(const float* __restrict__ x, uint8_t* __restrict__ q,
+                                                             int64_t K) {
+  const __m512i abs_bits = _mm512_set1_epi32(0x7fffffff);
+  __m512i mv = _mm512_setzero_si512();
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) mv = _mm512_max_epu32(mv, _mm512_and_si512(_mm512_loadu_si512(x + k), abs_bits));
+  uint32_t lanes[16];
+  _mm512_storeu_si512(lanes, mv);
+  uint32_t mb = 0;
+  for (uint32_t b : lanes) mb = b > mb ? b : mb;
+  for (; k < K; ++k) {
+    uint32_t b;
+    std::memcpy(&b, x + k, sizeof b);
+    b &= 0x7fffffffu;
+    mb = b > mb ? b : mb;
+  }
+  float m;
+  std::memcpy(&m, &mb, sizeof m);
+  const float amax = m > kFloor ? m : kFloor;
+  const float step = amax / kQmax;
+  const __m512 vstep = _mm512_set1_ps(step), round = _mm512_set1_ps(kRound), v128 = _mm512_set1_ps(128.f),
+               v0 = _mm512_setzero_ps(), v255 = _mm512_set1_ps(255.f);
+  for (k = 0; k + 16 <= K; k += 16) {
+    const __m512 r = _mm512_div_ps(_mm512_loadu_ps(x + k), vstep);
+    __m512 v = _mm512_add_ps(_mm512_sub_ps(_mm512_add_ps(r, round), round), v128);
+    v = _mm512_min_ps(_mm512_max_ps(v, v0), v255);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + k), _mm512_cvtusepi32_epi8(_mm512_cvttps_epi32(v)));
+  }
+  for (; k < K; ++k) {
+    const float r = x[k] / step;
+    float v = (r + kRound) - kRound + 128.f;
+    v = v > 0.f ? v : 0.f;
+    v = v < 255.f ? v : 255.f;
+    q[k] = static_cast<uint8_t>(v);
+  }
+  return amax;
+}
+#pragma GCC diagnostic pop
+#endif
+
+using QuantizeRow = float (*)(const float*, uint8_t*, int64_t);
+QuantizeRow pick_quantize_row() {
+#if defined(__x86_64__)
+  __builtin_cpu_init();
+  if (isa_allowed("avx512") && __builtin_cpu_supports("avx512f")) return quantize_row_avx512;
+  if (isa_allowed("avx2") && __builtin_cpu_supports("avx2")) return quantize_row_avx2;
+#endif
+  return quantize_row;
+}
+const QuantizeRow quantize_row_fn = pick_quantize_row();
 
 enum Kind : int64_t { kIdentity = 0, kDense = 1, kWalsh = 2, kWalshNeg = 3 };
 
@@ -239,8 +368,8 @@ using DenseAxis = void (*)(const float*, float*, const float*, int64_t, int64_t,
 DenseAxis pick_dense_axis() {
 #if defined(__x86_64__)
   __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f")) return dense_axis_avx512;
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return dense_axis_avx2;
+  if (isa_allowed("avx512") && __builtin_cpu_supports("avx512f")) return dense_axis_avx512;
+  if (isa_allowed("avx2") && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return dense_axis_avx2;
 #endif
   return dense_axis_base;
 }
@@ -308,7 +437,7 @@ void run_task(void* data, size_t task) {
   for (int64_t i = first; i < last; ++i) {
     const float* row = r.x + i * r.K;
     if (!r.rot->empty()) row = rotate_row(row, *r.rot, r.R, r.K, buf.data());
-    r.a[i] = quantize_row(row, r.q + i * r.K, r.K);
+    r.a[i] = quantize_row_fn(row, r.q + i * r.K, r.K);
   }
 }
 
