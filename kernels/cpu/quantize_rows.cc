@@ -48,32 +48,45 @@ constexpr float kRound = 12582912.f;  // 1.5 * 2^23
 #define ONNXQF_CLONES
 #endif
 
-// One row: its amax (floored) and its codes. On x86-64 compiled for AVX-512, AVX2 and the baseline, picked at load.
-ONNXQF_CLONES float quantize_row(const float* __restrict__ x, uint8_t* __restrict__ q, int64_t K) {
-  // max |x| as the max of the bit patterns without their sign bit (ordered as the values are, for every non-NaN
-  // float): an integer reduction, which vectorizes where a float max (or fmax, a library call) does not
-  uint32_t mb = 0;
-  for (int64_t k = 0; k < K; ++k) {
+// The row's steps, from value k0 on: the max of |x|'s bit patterns without their sign bit (ordered as the values
+// are, for every non-NaN float: an integer reduction, which vectorizes where a float max or fmax does not) ...
+__attribute__((always_inline)) inline uint32_t abs_bits_max(const float* __restrict__ x, int64_t k0, int64_t K,
+                                                            uint32_t mb) {
+  for (int64_t k = k0; k < K; ++k) {
     uint32_t b;
     std::memcpy(&b, x + k, sizeof b);
     b &= 0x7fffffffu;
     mb = b > mb ? b : mb;
   }
+  return mb;
+}
+
+// ... that max as the floored amax (a NaN in the row orders above every float here: the amax falls to the floor, the
+// row's codes saturate and its NaN values get code 0) ...
+inline float floored_amax(uint32_t mb) {
   float m;
   std::memcpy(&m, &mb, sizeof m);
-  // (a NaN in the row orders above every float here: the amax falls to the floor, the row's codes saturate and
-  // its NaN values get code 0)
-  const float amax = m > kFloor ? m : kFloor;
-  const float step = amax / kQmax;
-  for (int64_t k = 0; k < K; ++k) {
-    // comparisons, not fmax/fmin; round half to even without a library call: adding and taking away 1.5 * 2^23
-    // leaves the nearest integer in the default rounding mode, exactly nearbyint's, for |v| < 2^22 (|v| <= 128 here)
+  return m > kFloor ? m : kFloor;
+}
+
+// ... and the codes: comparisons, not fmax/fmin; round half to even without a library call: adding and taking away
+// 1.5 * 2^23 leaves the nearest integer in the default rounding mode, exactly nearbyint's, for |v| < 2^22 (|v| <= 128
+// here).
+__attribute__((always_inline)) inline void row_codes(const float* __restrict__ x, uint8_t* __restrict__ q, int64_t k0,
+                                                     int64_t K, float step) {
+  for (int64_t k = k0; k < K; ++k) {
     const float r = x[k] / step;
     float v = (r + kRound) - kRound + 128.f;
     v = v > 0.f ? v : 0.f;
     v = v < 255.f ? v : 255.f;
     q[k] = static_cast<uint8_t>(v);
   }
+}
+
+// One row: its amax (floored) and its codes, as the compiler vectorizes them (for CPUs without the paths below).
+ONNXQF_CLONES float quantize_row(const float* __restrict__ x, uint8_t* __restrict__ q, int64_t K) {
+  const float amax = floored_amax(abs_bits_max(x, 0, K, 0));
+  row_codes(x, q, 0, K, amax / kQmax);
   return amax;
 }
 
@@ -115,15 +128,7 @@ __attribute__((target("avx2"))) float quantize_row_avx2(const float* __restrict_
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(lanes), mv);
   uint32_t mb = 0;
   for (uint32_t b : lanes) mb = b > mb ? b : mb;
-  for (; k < K; ++k) {
-    uint32_t b;
-    std::memcpy(&b, x + k, sizeof b);
-    b &= 0x7fffffffu;
-    mb = b > mb ? b : mb;
-  }
-  float m;
-  std::memcpy(&m, &mb, sizeof m);
-  const float amax = m > kFloor ? m : kFloor;
+  const float amax = floored_amax(abs_bits_max(x, k, K, mb));
   const float step = amax / kQmax;
   const __m256 vstep = _mm256_set1_ps(step);
   // packus works within 128-bit halves: this puts the four vectors' dwords of codes back in order
@@ -134,13 +139,7 @@ __attribute__((target("avx2"))) float quantize_row_avx2(const float* __restrict_
     const __m256i b = _mm256_permutevar8x32_epi32(_mm256_packus_epi16(w01, w23), order);
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + k), b);
   }
-  for (; k < K; ++k) {
-    const float r = x[k] / step;
-    float v = (r + kRound) - kRound + 128.f;
-    v = v > 0.f ? v : 0.f;
-    v = v < 255.f ? v : 255.f;
-    q[k] = static_cast<uint8_t>(v);
-  }
+  row_codes(x, q, k, K, step);
   return amax;
 }
 
@@ -160,15 +159,7 @@ __attribute__((target("avx512f"))) float quantize_row_avx512(const float* __rest
   _mm512_storeu_si512(lanes, mv);
   uint32_t mb = 0;
   for (uint32_t b : lanes) mb = b > mb ? b : mb;
-  for (; k < K; ++k) {
-    uint32_t b;
-    std::memcpy(&b, x + k, sizeof b);
-    b &= 0x7fffffffu;
-    mb = b > mb ? b : mb;
-  }
-  float m;
-  std::memcpy(&m, &mb, sizeof m);
-  const float amax = m > kFloor ? m : kFloor;
+  const float amax = floored_amax(abs_bits_max(x, k, K, mb));
   const float step = amax / kQmax;
   const __m512 vstep = _mm512_set1_ps(step), round = _mm512_set1_ps(kRound), v128 = _mm512_set1_ps(128.f),
                v0 = _mm512_setzero_ps(), v255 = _mm512_set1_ps(255.f);
@@ -178,13 +169,7 @@ __attribute__((target("avx512f"))) float quantize_row_avx512(const float* __rest
     v = _mm512_min_ps(_mm512_max_ps(v, v0), v255);
     _mm_storeu_si128(reinterpret_cast<__m128i*>(q + k), _mm512_cvtusepi32_epi8(_mm512_cvttps_epi32(v)));
   }
-  for (; k < K; ++k) {
-    const float r = x[k] / step;
-    float v = (r + kRound) - kRound + 128.f;
-    v = v > 0.f ? v : 0.f;
-    v = v < 255.f ? v : 255.f;
-    q[k] = static_cast<uint8_t>(v);
-  }
+  row_codes(x, q, k, K, step);
   return amax;
 }
 #pragma GCC diagnostic pop
