@@ -101,14 +101,10 @@ bool isa_allowed(const char* isa) {
   if (c == "avx2") return want == "avx2";
   return true;
 }
-#endif
 
-#if defined(__x86_64__)
-// The same row under AVX2 with intrinsics: GCC compiles the loop above's clamp to compares and masks (with a register
-// spill) and its narrowing to uint8 to several packs; here max/min and two packs per 32 codes. MAXPS(v, 0) returns
-// v > 0 ? v : 0 (the second operand for NaN and for zeros) and MINPS(v, 255) v < 255 ? v : 255: the loop above's
-// comparisons exactly, so the codes are the same to the bit.
-// Eight codes as int32: the loop above's steps, one vector at a time.
+// Eight codes as int32 under AVX2: row_codes' steps, one vector at a time. MAXPS(v, 0) returns v > 0 ? v : 0 (the
+// second operand for NaN and for zeros) and MINPS(v, 255) v < 255 ? v : 255: row_codes' comparisons exactly, so the
+// codes are the same to the bit.
 __attribute__((target("avx2"), always_inline)) inline __m256i codes_avx2(const float* p, __m256 step) {
   const __m256 round = _mm256_set1_ps(kRound);
   const __m256 r = _mm256_div_ps(_mm256_loadu_ps(p), step);
@@ -117,6 +113,8 @@ __attribute__((target("avx2"), always_inline)) inline __m256i codes_avx2(const f
   return _mm256_cvttps_epi32(v);
 }
 
+// The row under AVX2 with intrinsics: GCC compiles row_codes' clamp to compares and masks (with a register spill) and
+// its narrowing to uint8 to several packs; here MAXPS/MINPS and two packs per 32 codes.
 __attribute__((target("avx2"))) float quantize_row_avx2(const float* __restrict__ x, uint8_t* __restrict__ q,
                                                         int64_t K) {
   const __m256i abs_bits = _mm256_set1_epi32(0x7fffffff);
