@@ -87,8 +87,9 @@ def test_quantize_rows_against_numpy(cpu_lib, shape):
 @pytest.mark.slow
 @pytest.mark.parametrize("isa", ["avx2", "base"])
 def test_every_instruction_set_path_against_numpy(cpu_lib, isa):
-    """The library picks its row and dense-factor loops for the CPU when it loads (AVX-512, AVX2, the compiler's
-    loops); ONNXQF_CPU_ISA caps that choice, so each path runs here, in a fresh process, through the same checks."""
+    """The library picks its row, dense-factor and butterfly loops for the CPU when it loads (AVX-512, AVX2, the
+    compiler's loops); ONNXQF_CPU_ISA caps that choice, so each path runs here, in a fresh process, through the same
+    checks."""
     import os
     import platform
     import subprocess

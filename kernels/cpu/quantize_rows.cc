@@ -91,16 +91,21 @@ ONNXQF_CLONES float quantize_row(const float* __restrict__ x, uint8_t* __restric
 }
 
 #if defined(__x86_64__)
-// ONNXQF_CPU_ISA=avx2|base caps the instruction set the library picks at load (tests run each path on one machine;
-// unset or anything else: the best the CPU has; base: AVX-512 and AVX2 paths off, the compiler-vectorized loops).
-bool isa_allowed(const char* isa) {
+// The instruction sets the library's loops may use, read once when it loads: what the CPU has, capped by
+// ONNXQF_CPU_ISA=avx2|base (tests run each path on one machine; unset or anything else: the best the CPU has; base:
+// the AVX-512 and AVX2 paths off, the compiler-vectorized loops).
+struct Isa {
+  bool avx512, avx2, avx2_fma;
+};
+Isa detect_isa() {
+  __builtin_cpu_init();
   const char* cap = std::getenv("ONNXQF_CPU_ISA");
-  if (cap == nullptr) return true;
-  const std::string c(cap), want(isa);
-  if (c == "base") return false;
-  if (c == "avx2") return want == "avx2";
-  return true;
+  const std::string c = cap != nullptr ? cap : "";
+  const bool avx2 = c != "base" && __builtin_cpu_supports("avx2");
+  return {c != "base" && c != "avx2" && __builtin_cpu_supports("avx512f"), avx2,
+          avx2 && __builtin_cpu_supports("fma")};
 }
+const Isa isa = detect_isa();
 
 // Eight codes as int32 under AVX2: row_codes' steps, one vector at a time. MAXPS(v, 0) returns v > 0 ? v : 0 (the
 // second operand for NaN and for zeros) and MINPS(v, 255) v < 255 ? v : 255: row_codes' comparisons exactly, so the
@@ -174,15 +179,11 @@ __attribute__((target("avx512f"))) float quantize_row_avx512(const float* __rest
 #endif
 
 using QuantizeRow = float (*)(const float*, uint8_t*, int64_t);
-QuantizeRow pick_quantize_row() {
 #if defined(__x86_64__)
-  __builtin_cpu_init();
-  if (isa_allowed("avx512") && __builtin_cpu_supports("avx512f")) return quantize_row_avx512;
-  if (isa_allowed("avx2") && __builtin_cpu_supports("avx2")) return quantize_row_avx2;
+const QuantizeRow quantize_row_fn = isa.avx512 ? quantize_row_avx512 : isa.avx2 ? quantize_row_avx2 : quantize_row;
+#else
+const QuantizeRow quantize_row_fn = quantize_row;
 #endif
-  return quantize_row;
-}
-const QuantizeRow quantize_row_fn = pick_quantize_row();
 
 enum Kind : int64_t { kIdentity = 0, kDense = 1, kWalsh = 2, kWalshNeg = 3 };
 
@@ -348,15 +349,11 @@ void dense_axis_base(const float* x, float* y, const float* f, int64_t outer, in
 }
 
 using DenseAxis = void (*)(const float*, float*, const float*, int64_t, int64_t, int64_t);
-DenseAxis pick_dense_axis() {
 #if defined(__x86_64__)
-  __builtin_cpu_init();
-  if (isa_allowed("avx512") && __builtin_cpu_supports("avx512f")) return dense_axis_avx512;
-  if (isa_allowed("avx2") && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return dense_axis_avx2;
+const DenseAxis dense_axis = isa.avx512 ? dense_axis_avx512 : isa.avx2_fma ? dense_axis_avx2 : dense_axis_base;
+#else
+const DenseAxis dense_axis = dense_axis_base;
 #endif
-  return dense_axis_base;
-}
-const DenseAxis dense_axis = pick_dense_axis();
 
 // One butterfly pass over `inner` contiguous values, W floats a vector (inner a multiple of W): p <- p + q, q <- p - q.
 template <int W>
@@ -413,15 +410,11 @@ __attribute__((target("avx2"))) void walsh_axis_avx2(float* x, int64_t outer, in
 void walsh_axis_base(float* x, int64_t outer, int64_t n, int64_t inner) { walsh_axis_t<4>(x, outer, n, inner); }
 
 using WalshAxis = void (*)(float*, int64_t, int64_t, int64_t);
-WalshAxis pick_walsh_axis() {
 #if defined(__x86_64__)
-  __builtin_cpu_init();
-  if (isa_allowed("avx512") && __builtin_cpu_supports("avx512f")) return walsh_axis_avx512;
-  if (isa_allowed("avx2") && __builtin_cpu_supports("avx2")) return walsh_axis_avx2;
+const WalshAxis walsh_axis = isa.avx512 ? walsh_axis_avx512 : isa.avx2 ? walsh_axis_avx2 : walsh_axis_base;
+#else
+const WalshAxis walsh_axis = walsh_axis_base;
 #endif
-  return walsh_axis_base;
-}
-const WalshAxis walsh_axis = pick_walsh_axis();
 
 // Rotates row x (K values) into buf (2 K floats of scratch); returns the rotated row (in buf).
 const float* rotate_row(const float* x, const Rotation& rot, const float* R, int64_t K, float* buf) {
