@@ -77,6 +77,9 @@ REWRITES = {
         "onnxqf W8A8 cpu op + lm_head": ["--lowering", "onnxqf-cpu", "--quantize-lm-head"],
         "onnxqf hybrid W8A8 cpu op + lm_head": ["--hybrid", "--alpha", "0.5", "--lowering", "onnxqf-cpu",
                                                 "--quantize-lm-head"],
+        "onnxqf W8A8 cpu op asym + lm_head": ["--lowering", "onnxqf-cpu", "--act-quant", "asym", "--quantize-lm-head"],
+        "onnxqf hybrid W8A8 cpu op asym + lm_head": ["--hybrid", "--alpha", "0.5", "--lowering", "onnxqf-cpu",
+                                                     "--act-quant", "asym", "--quantize-lm-head"],
         "onnxqf hybrid W8A8 cpu op, rotation nodes + lm_head": [
             "--hybrid", "--alpha", "0.5", "--lowering", "onnxqf-cpu:fuse_rotations=false", "--quantize-lm-head"],
         "onnxqf W8A8 asym": ["--act-quant", "asym"],

@@ -13,7 +13,7 @@ import pytest
 
 from onnxqf.errors import OnnxqfError
 from onnxqf.graph.structure import ONLINE_ROTATION
-from onnxqf.lowering.cpu_kernels import DENSE, DOMAIN, IDENTITY, OP, WALSH, WALSH_NEG, cpu_rotation
+from onnxqf.lowering.cpu_kernels import DENSE, DEQUANTIZE_OP, DOMAIN, IDENTITY, OP, WALSH, WALSH_NEG, cpu_rotation
 from onnxqf.maths.hadamard import sylvester
 from onnxqf.runtime import kernels
 from onnxqf.runtime.linears import linear_model, parse_lowering
@@ -36,19 +36,21 @@ def _session(model_or_proto, lib=None):
     return ort.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
 
-def _quantize_rows_model(rotation=None):
+def _quantize_rows_model(rotation=None, asymmetric=False):
     x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, None)
     q = onnx.helper.make_tensor_value_info("q", onnx.TensorProto.UINT8, None)
     a = onnx.helper.make_tensor_value_info("a", onnx.TensorProto.FLOAT, None)
-    inputs, attrs, inits = ["x"], {}, []
+    z = onnx.helper.make_tensor_value_info("z", onnx.TensorProto.FLOAT, None)
+    inputs, attrs, inits = ["x"], {"asymmetric": 1} if asymmetric else {}, []
     if rotation is not None:
-        attrs = {"rotation_sizes": list(rotation.sizes), "rotation_kinds": list(rotation.kinds)}
+        attrs.update(rotation_sizes=list(rotation.sizes), rotation_kinds=list(rotation.kinds))
         if rotation.dense:
             flat = np.concatenate([m.reshape(-1) for m in rotation.dense]).astype(np.float32)
             inits.append(onnx.numpy_helper.from_array(flat, "R"))
             inputs.append("R")
-    node = onnx.helper.make_node(OP, inputs, ["q", "a"], domain=DOMAIN, **attrs)
-    graph = onnx.helper.make_graph([node], "quantize_rows", [x], [q, a], initializer=inits)
+    outs = [q, a, z] if asymmetric else [q, a]
+    node = onnx.helper.make_node(OP, inputs, [o.name for o in outs], domain=DOMAIN, **attrs)
+    graph = onnx.helper.make_graph([node], "quantize_rows", [x], outs, initializer=inits)
     return onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 18),
                                                         onnx.helper.make_opsetid(DOMAIN, 1)], ir_version=10)
 
@@ -61,11 +63,22 @@ def _reference(x: np.ndarray):
     return codes, amax
 
 
-@pytest.mark.parametrize("shape", [(1, 64), (5, 1000), (2, 3, 2048), (1500, 96), (4, 7)])
-def test_quantize_rows_against_numpy(cpu_lib, shape):
-    """Every shape (one decode token, odd K, rank 3, enough rows to be spread over threads, K under a vector) with an
-    outlier channel, an all-zero token (codes 128, the floor) and a tiny one, and values on exact .5 ties."""
-    rng = np.random.default_rng(sum(shape))
+def _asymmetric_reference(x: np.ndarray):
+    """uint8-token-asym's rule (onnxqf.lowering.w8a8.asymmetric_codes) in numpy, float32 steps: the range holds 0,
+    scale (hi - lo) / 255 floored at 1e-6, zero point round(-lo / scale), codes clip(round(x / scale) + zp, 0, 255)."""
+    f32 = np.float32
+    hi = np.maximum(x.max(axis=-1, keepdims=True), f32(0))
+    lo = np.minimum(x.min(axis=-1, keepdims=True), f32(0))
+    scale = np.maximum(((hi - lo) / f32(255)).astype(f32), f32(1e-6))
+    zp = np.rint((-lo / scale).astype(f32))
+    codes = np.clip(np.rint((x / scale).astype(f32)) + zp, 0, 255).astype(np.uint8)
+    return codes, scale, zp
+
+
+def _rows_with_edges(shape, seed):
+    """Rows of ``shape`` with an outlier channel, an all-zero token and a tiny one (when there are 3 rows or more),
+    and a last token of exact .5 ties (amax 127)."""
+    rng = np.random.default_rng(seed)
     x = rng.standard_normal(shape).astype(np.float32)
     flat = x.reshape(-1, shape[-1])
     flat[:, 0] *= 50.0
@@ -75,6 +88,18 @@ def test_quantize_rows_against_numpy(cpu_lib, shape):
     # ties: a token whose values are exact half steps (amax 127 -> step 1)
     flat[-1, :] = np.float32(0.5) * (np.arange(shape[-1]) % 9 - 4)
     flat[-1, -1] = 127.0
+    return x
+
+
+SHAPES = [(1, 64), (5, 1000), (2, 3, 2048), (1500, 96), (4, 7)]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_quantize_rows_against_numpy(cpu_lib, shape):
+    """Every shape (one decode token, odd K, rank 3, enough rows to be spread over threads, K under a vector) with an
+    outlier channel, an all-zero token (codes 128, the floor) and a tiny one, and values on exact .5 ties."""
+    x = _rows_with_edges(shape, sum(shape))
+    flat = x.reshape(-1, shape[-1])
     q, a = _session(_quantize_rows_model(), cpu_lib).run(None, {"x": x})
     want_q, want_a = _reference(x)
     assert q.dtype == np.uint8 and q.shape == x.shape and a.shape == (*x.shape[:-1], 1)
@@ -82,6 +107,54 @@ def test_quantize_rows_against_numpy(cpu_lib, shape):
     np.testing.assert_array_equal(q, want_q)
     if flat.shape[0] > 2:
         assert (q.reshape(-1, shape[-1])[1] == 128).all()
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_asymmetric_quantize_rows_against_numpy(cpu_lib, shape):
+    """asymmetric = 1: the codes, scales and zero points of uint8-token-asym's rule, every bit, on the same rows
+    (an all-zero token: scale at the floor, zero point 0, codes 0); a row of one sign keeps 0 in its range."""
+    x = _rows_with_edges(shape, sum(shape) + 1)
+    flat = x.reshape(-1, shape[-1])
+    if flat.shape[0] > 3:
+        flat[3] = np.abs(flat[3]) + 1.0  # all positive: lo = 0, zero point 0
+    q, s, z = _session(_quantize_rows_model(asymmetric=True), cpu_lib).run(None, {"x": x})
+    want_q, want_s, want_z = _asymmetric_reference(x)
+    assert q.dtype == np.uint8 and q.shape == x.shape and s.shape == z.shape == (*x.shape[:-1], 1)
+    np.testing.assert_array_equal(s, want_s)
+    np.testing.assert_array_equal(z, want_z)
+    np.testing.assert_array_equal(q, want_q)
+    if flat.shape[0] > 3:
+        assert (q.reshape(-1, shape[-1])[1] == 0).all() and z.reshape(-1)[3] == 0
+    # the codes' affine reading is within half a step of every value
+    back = (q.astype(np.float64) - z) * s
+    assert (np.abs(back - x) <= s * (0.5 + 1e-3) + 1e-12).all()
+
+
+def _dequantize_rows_model():
+    ins = [onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in "yszc"]
+    o = onnx.helper.make_tensor_value_info("o", onnx.TensorProto.FLOAT, None)
+    node = onnx.helper.make_node(DEQUANTIZE_OP, ["y", "s", "z", "c"], ["o"], domain=DOMAIN)
+    graph = onnx.helper.make_graph([node], "dequantize_rows", ins, [o])
+    return onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 18),
+                                                        onnx.helper.make_opsetid(DOMAIN, 1)], ir_version=10)
+
+
+@pytest.mark.parametrize("shape", [(1, 48), (3, 5, 1001), (700, 64)])
+def test_dequantize_rows_against_numpy(cpu_lib, shape):
+    """O = (Y - Z * C) * S per row, to float32 rounding; the wrong number of scales or column sums is refused."""
+    rng = np.random.default_rng(shape[-1])
+    y = (rng.standard_normal(shape) * 1000).astype(np.float32)
+    s = rng.uniform(1e-3, 1e-1, (*shape[:-1], 1)).astype(np.float32)
+    z = rng.integers(0, 256, (*shape[:-1], 1)).astype(np.float32)
+    c = rng.standard_normal(shape[-1]).astype(np.float32)
+    sess = _session(_dequantize_rows_model(), cpu_lib)
+    (o,) = sess.run(None, {"y": y, "s": s, "z": z, "c": c})
+    want = (y.astype(np.float64) - z.astype(np.float64) * c) * s
+    np.testing.assert_allclose(o, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+    with pytest.raises(Exception, match="one value per column"):
+        sess.run(None, {"y": y, "s": s, "z": z, "c": c[:-1]})
+    with pytest.raises(Exception, match="one value per row"):
+        sess.run(None, {"y": y, "s": s[..., :0], "z": z, "c": c})
 
 
 @pytest.mark.slow
@@ -137,9 +210,10 @@ def test_cpu_rotation_forms():
     [(10, "dense"), (3, "dense"), (8, "walsh")],      # an inner axis of 24 (one tile of 16 and 8 over) and n < 8
     [(7, "dense"), (20, "dense")],                    # a last dense factor: tiles of 4 rows, 3 rows and 4 outputs over
 ])
-def test_rotated_quantize_rows_against_numpy(cpu_lib, groups):
+@pytest.mark.parametrize("asymmetric", [False, True], ids=["symmetric", "asymmetric"])
+def test_rotated_quantize_rows_against_numpy(cpu_lib, groups, asymmetric):
     """With a rotation the op quantizes x @ kron(F...) (float32 sums): every dequantized value within half a step
-    of the float64 rotation, the scale within float32 rounding of its max."""
+    of the float64 rotation, the scale within float32 rounding of its max (its range for asymmetric codes)."""
     rng = np.random.default_rng(len(groups))
     mats = {"walsh": lambda n: sylvester(n) / np.sqrt(n), "-walsh": lambda n: -sylvester(n) / np.sqrt(n),
             "dense": lambda n: _orthogonal(n, rng), None: lambda n: None}
@@ -149,8 +223,16 @@ def test_rotated_quantize_rows_against_numpy(cpu_lib, groups):
     x = rng.standard_normal((33, K)).astype(np.float32)
     x[:, 1] *= 40.0
     x[5] = 0.0
-    q, a = _session(_quantize_rows_model(rot), cpu_lib).run(None, {"x": x})
     z = rot.apply(x)
+    if asymmetric:
+        q, a, zp = _session(_quantize_rows_model(rot, asymmetric=True), cpu_lib).run(None, {"x": x})
+        rng_ = np.maximum(z.max(-1, keepdims=True), 0) - np.minimum(z.min(-1, keepdims=True), 0)
+        np.testing.assert_allclose(a, np.maximum(rng_ / 255, 1e-6), rtol=1e-5)
+        step = a.astype(np.float64)
+        assert (np.abs((q.astype(np.float64) - zp) * step - z) <= step * (0.5 + 1e-3)).all()
+        assert (q[5] == 0).all()
+        return
+    q, a = _session(_quantize_rows_model(rot), cpu_lib).run(None, {"x": x})
     np.testing.assert_allclose(a, np.maximum(np.abs(z).max(-1, keepdims=True), 1e-6), rtol=1e-5)
     step = a.astype(np.float64) / 127
     assert (np.abs((q.astype(np.float64) - 128) * step - z) <= step * (0.5 + 1e-3)).all()
@@ -179,6 +261,46 @@ def test_lowering_equals_uint8_token_ql_to_the_bit(cpu_lib):
     got = _session(model, cpu_lib).run(None, {"x": x})
     for g, r in zip(got, ref):
         np.testing.assert_array_equal(g, r)
+
+
+@pytest.mark.parametrize("uint8_weights", [False, True])
+def test_asymmetric_lowering_equals_uint8_token_asym(cpu_lib, uint8_weights):
+    """`--act-quant asym --lowering onnxqf-cpu`: two nodes of the library per group (QuantizeRows, DequantizeRows)
+    around MatMulIntegerToFloat, the outputs of uint8-token-asym's graph (the same codes) to float32 rounding; with
+    uint8 weights too."""
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((12, 64)).astype(np.float32)
+    x[:, 5] *= 20.0
+    x[7] = 0.0
+    x[3] = np.abs(x[3])
+    extra = ":uint8_weights=true" if uint8_weights else ""
+    ref = _session(linear_model(64, 48, parse_lowering("uint8-token-asym" + extra), copies=2, seed=1)).run(
+        None, {"x": x})
+    low = parse_lowering("onnxqf-cpu:asymmetric=true" + extra)
+    assert low.describe() == "onnxqf-cpu:asymmetric=true"
+    model = linear_model(64, 48, low, copies=2, seed=1)
+    ops = [(n.domain, n.op_type) for n in model.graph]
+    assert ops.count((DOMAIN, OP)) == ops.count((DOMAIN, DEQUANTIZE_OP)) == 2
+    assert not any(op in ("ReduceMax", "ReduceMin", "Round", "Clip", "Mul", "Sub") for _, op in ops)
+    got = _session(model, cpu_lib).run(None, {"x": x})
+    for g, r in zip(got, ref):
+        np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-5 * np.abs(r).max())
+    sym = _session(linear_model(64, 48, parse_lowering("onnxqf-cpu"), copies=2, seed=1), cpu_lib).run(None, {"x": x})
+    assert not np.allclose(sym[0], got[0], rtol=1e-4, atol=1e-5 * np.abs(got[0]).max())  # other codes, not those
+
+
+def test_act_quant_picks_the_lowering_field():
+    """`--act-quant asym` with `--lowering onnxqf-cpu` makes its asymmetric codes; with a lowering that makes only
+    symmetric codes it is refused in one line."""
+    from onnxqf.options import quant_config
+
+    target = get_target("cpu")
+    low = target.lowering(quant_config("int8", activations="asym", lowering="onnxqf-cpu"))
+    assert low.asymmetric and low.describe() == "onnxqf-cpu:asymmetric=true"
+    assert not target.lowering(quant_config("int8", lowering="onnxqf-cpu")).asymmetric
+    assert target.lowering(quant_config("int8", activations="asym")).name == "uint8-token-asym"
+    with pytest.raises(OnnxqfError, match="makes token activations, not --act-quant asym"):
+        target.lowering(quant_config("int8", activations="asym", lowering="uint8-token-ql"))
 
 
 def test_hybrid_rotations_move_into_the_op(cpu_lib, tiny_models, tmp_path):

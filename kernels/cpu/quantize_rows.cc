@@ -12,6 +12,15 @@
 // factor by factor along its axis of the row seen as an [n_1, .., n_t] tensor; rotation_kinds says what each F is:
 // 0 the identity, 1 a dense matrix (the next n*n values of input R, F[i][j] row-major), 2 Sylvester's Hadamard
 // matrix H_n / sqrt(n), 3 its negative (2 and 3: a fast Walsh-Hadamard transform, n a power of two). Float32 sums.
+//
+// With the attribute asymmetric = 1 the codes are asymmetric per row, the steps of onnxqf's uint8-token-asym lowering
+// (onnxqf.lowering.w8a8.asymmetric_codes), and the op has a third output Z float32 [..., 1]:
+//   hi = max(max_k x_k, 0), lo = min(min_k x_k, 0), A = max((hi - lo) / 255, 1e-6)  (the row's scale)
+//   Z = round_half_even(-lo / A),   Q = clip(round_half_even(x / A) + Z, 0, 255)
+//
+// DequantizeRows: Y float32 [..., N], S and Z float32 [..., 1], C float32 [N] -> O = (Y - Z * C) * S per row: the
+// epilogue of a GEMM of asymmetric codes (Y = the codes' product with the weights, C = the weights' column sums in
+// Y's units), one pass over Y.
 #define ORT_API_MANUAL_INIT
 #include "onnxruntime_cxx_api.h"
 #undef ORT_API_MANUAL_INIT
@@ -72,11 +81,12 @@ inline float floored_amax(uint32_t mb) {
 // ... and the codes: comparisons, not fmax/fmin; round half to even without a library call: adding and taking away
 // 1.5 * 2^23 leaves the nearest integer in the default rounding mode, exactly nearbyint's, for |v| < 2^22 (|v| <= 128
 // here).
+// (offset: 128 for the symmetric codes, the row's zero point for the asymmetric ones).
 __attribute__((always_inline)) inline void row_codes(const float* __restrict__ x, uint8_t* __restrict__ q, int64_t k0,
-                                                     int64_t K, float step) {
+                                                     int64_t K, float step, float offset) {
   for (int64_t k = k0; k < K; ++k) {
     const float r = x[k] / step;
-    float v = (r + kRound) - kRound + 128.f;
+    float v = (r + kRound) - kRound + offset;
     v = v > 0.f ? v : 0.f;
     v = v < 255.f ? v : 255.f;
     q[k] = static_cast<uint8_t>(v);
@@ -86,8 +96,41 @@ __attribute__((always_inline)) inline void row_codes(const float* __restrict__ x
 // One row: its amax (floored) and its codes, as the compiler vectorizes them (for CPUs without the paths below).
 ONNXQF_CLONES float quantize_row(const float* __restrict__ x, uint8_t* __restrict__ q, int64_t K) {
   const float amax = floored_amax(abs_bits_max(x, 0, K, 0));
-  row_codes(x, q, 0, K, amax / kQmax);
+  row_codes(x, q, 0, K, amax / kQmax, 128.f);
   return amax;
+}
+
+// The asymmetric row's range: hi and lo over values k0.. (started at 0, which also makes them max(.., 0) and
+// min(.., 0); a NaN value is passed over, as MAXPS / MINPS do) ...
+__attribute__((always_inline)) inline void row_range(const float* __restrict__ x, int64_t k0, int64_t K, float& hi,
+                                                     float& lo) {
+  for (int64_t k = k0; k < K; ++k) {
+    hi = x[k] > hi ? x[k] : hi;
+    lo = x[k] < lo ? x[k] : lo;
+  }
+}
+
+// ... and its scale (returned) and zero point (in zp), the float32 steps of asymmetric_codes.
+inline float affine_step(float hi, float lo, float& zp) {
+  const float step = (hi - lo) / 255.f;
+  const float scale = step > kFloor ? step : kFloor;
+  zp = std::nearbyint(-lo / scale);
+  return scale;
+}
+
+// One asymmetric row, as the compiler vectorizes it.
+ONNXQF_CLONES float quantize_row_asym(const float* __restrict__ x, uint8_t* __restrict__ q, int64_t K, float* zp) {
+  float hi = 0.f, lo = 0.f;
+  row_range(x, 0, K, hi, lo);
+  const float scale = affine_step(hi, lo, *zp);
+  row_codes(x, q, 0, K, scale, *zp);
+  return scale;
+}
+
+// DequantizeRows' row: o = (y - z * c) * s, as the compiler vectorizes it.
+ONNXQF_CLONES void dequantize_row(const float* __restrict__ y, const float* __restrict__ c, float* __restrict__ o,
+                                  int64_t N, float s, float z) {
+  for (int64_t n = 0; n < N; ++n) o[n] = (y[n] - z * c[n]) * s;
 }
 
 #if defined(__x86_64__)
@@ -110,16 +153,32 @@ const Isa isa = detect_isa();
 // Eight codes as int32 under AVX2: row_codes' steps, one vector at a time. MAXPS(v, 0) returns v > 0 ? v : 0 (the
 // second operand for NaN and for zeros) and MINPS(v, 255) v < 255 ? v : 255: row_codes' comparisons exactly, so the
 // codes are the same to the bit.
-__attribute__((target("avx2"), always_inline)) inline __m256i codes_avx2(const float* p, __m256 step) {
+__attribute__((target("avx2"), always_inline)) inline __m256i codes_avx2(const float* p, __m256 step, __m256 offset) {
   const __m256 round = _mm256_set1_ps(kRound);
   const __m256 r = _mm256_div_ps(_mm256_loadu_ps(p), step);
-  __m256 v = _mm256_add_ps(_mm256_sub_ps(_mm256_add_ps(r, round), round), _mm256_set1_ps(128.f));
+  __m256 v = _mm256_add_ps(_mm256_sub_ps(_mm256_add_ps(r, round), round), offset);
   v = _mm256_min_ps(_mm256_max_ps(v, _mm256_setzero_ps()), _mm256_set1_ps(255.f));
   return _mm256_cvttps_epi32(v);
 }
 
-// The row under AVX2 with intrinsics: GCC compiles row_codes' clamp to compares and masks (with a register spill) and
-// its narrowing to uint8 to several packs; here MAXPS/MINPS and two packs per 32 codes.
+// A row's codes under AVX2 with intrinsics: GCC compiles row_codes' clamp to compares and masks (with a register
+// spill) and its narrowing to uint8 to several packs; here MAXPS/MINPS and two packs per 32 codes.
+__attribute__((target("avx2"))) void row_codes_avx2(const float* __restrict__ x, uint8_t* __restrict__ q, int64_t K,
+                                                    float step, float offset) {
+  const __m256 vstep = _mm256_set1_ps(step), voff = _mm256_set1_ps(offset);
+  // packus works within 128-bit halves: this puts the four vectors' dwords of codes back in order
+  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+  int64_t k = 0;
+  for (; k + 32 <= K; k += 32) {
+    const __m256i w01 = _mm256_packus_epi32(codes_avx2(x + k, vstep, voff), codes_avx2(x + k + 8, vstep, voff));
+    const __m256i w23 = _mm256_packus_epi32(codes_avx2(x + k + 16, vstep, voff), codes_avx2(x + k + 24, vstep, voff));
+    const __m256i b = _mm256_permutevar8x32_epi32(_mm256_packus_epi16(w01, w23), order);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + k), b);
+  }
+  row_codes(x, q, k, K, step, offset);
+}
+
+// The symmetric row under AVX2: the amax as an integer max of the bit patterns, then the codes.
 __attribute__((target("avx2"))) float quantize_row_avx2(const float* __restrict__ x, uint8_t* __restrict__ q,
                                                         int64_t K) {
   const __m256i abs_bits = _mm256_set1_epi32(0x7fffffff);
@@ -132,26 +191,53 @@ __attribute__((target("avx2"))) float quantize_row_avx2(const float* __restrict_
   uint32_t mb = 0;
   for (uint32_t b : lanes) mb = b > mb ? b : mb;
   const float amax = floored_amax(abs_bits_max(x, k, K, mb));
-  const float step = amax / kQmax;
-  const __m256 vstep = _mm256_set1_ps(step);
-  // packus works within 128-bit halves: this puts the four vectors' dwords of codes back in order
-  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
-  for (k = 0; k + 32 <= K; k += 32) {
-    const __m256i w01 = _mm256_packus_epi32(codes_avx2(x + k, vstep), codes_avx2(x + k + 8, vstep));
-    const __m256i w23 = _mm256_packus_epi32(codes_avx2(x + k + 16, vstep), codes_avx2(x + k + 24, vstep));
-    const __m256i b = _mm256_permutevar8x32_epi32(_mm256_packus_epi16(w01, w23), order);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + k), b);
-  }
-  row_codes(x, q, k, K, step);
+  row_codes_avx2(x, q, K, amax / kQmax, 128.f);
   return amax;
+}
+
+// The asymmetric row under AVX2: MAXPS(x, hi) / MINPS(x, lo) keep row_range's order of operands.
+__attribute__((target("avx2"))) float quantize_row_asym_avx2(const float* __restrict__ x, uint8_t* __restrict__ q,
+                                                             int64_t K, float* zp) {
+  __m256 vhi = _mm256_setzero_ps(), vlo = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 8 <= K; k += 8) {
+    const __m256 v = _mm256_loadu_ps(x + k);
+    vhi = _mm256_max_ps(v, vhi);
+    vlo = _mm256_min_ps(v, vlo);
+  }
+  float his[8], los[8], hi = 0.f, lo = 0.f;
+  _mm256_storeu_ps(his, vhi);
+  _mm256_storeu_ps(los, vlo);
+  for (int i = 0; i < 8; ++i) {
+    hi = his[i] > hi ? his[i] : hi;
+    lo = los[i] < lo ? los[i] : lo;
+  }
+  row_range(x, k, K, hi, lo);
+  const float scale = affine_step(hi, lo, *zp);
+  row_codes_avx2(x, q, K, scale, *zp);
+  return scale;
 }
 
 // (GCC 12's AVX-512 headers trip its -Wmaybe-uninitialized on their placeholder vectors, a false positive)
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #pragma GCC diagnostic ignored "-Wuninitialized"
-// The same under AVX-512: sixteen values a vector, each vector's codes narrowed to bytes in one instruction
+// A row's codes under AVX-512: sixteen values a vector, each vector's codes narrowed to bytes in one instruction
 // (VPMOVUSDB); MAXPS/MINPS as above.
+__attribute__((target("avx512f"))) void row_codes_avx512(const float* __restrict__ x, uint8_t* __restrict__ q,
+                                                         int64_t K, float step, float offset) {
+  const __m512 vstep = _mm512_set1_ps(step), round = _mm512_set1_ps(kRound), voff = _mm512_set1_ps(offset),
+               v0 = _mm512_setzero_ps(), v255 = _mm512_set1_ps(255.f);
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) {
+    const __m512 r = _mm512_div_ps(_mm512_loadu_ps(x + k), vstep);
+    __m512 v = _mm512_add_ps(_mm512_sub_ps(_mm512_add_ps(r, round), round), voff);
+    v = _mm512_min_ps(_mm512_max_ps(v, v0), v255);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + k), _mm512_cvtusepi32_epi8(_mm512_cvttps_epi32(v)));
+  }
+  row_codes(x, q, k, K, step, offset);
+}
+
 __attribute__((target("avx512f"))) float quantize_row_avx512(const float* __restrict__ x, uint8_t* __restrict__ q,
                                                              int64_t K) {
   const __m512i abs_bits = _mm512_set1_epi32(0x7fffffff);
@@ -163,26 +249,44 @@ __attribute__((target("avx512f"))) float quantize_row_avx512(const float* __rest
   uint32_t mb = 0;
   for (uint32_t b : lanes) mb = b > mb ? b : mb;
   const float amax = floored_amax(abs_bits_max(x, k, K, mb));
-  const float step = amax / kQmax;
-  const __m512 vstep = _mm512_set1_ps(step), round = _mm512_set1_ps(kRound), v128 = _mm512_set1_ps(128.f),
-               v0 = _mm512_setzero_ps(), v255 = _mm512_set1_ps(255.f);
-  for (k = 0; k + 16 <= K; k += 16) {
-    const __m512 r = _mm512_div_ps(_mm512_loadu_ps(x + k), vstep);
-    __m512 v = _mm512_add_ps(_mm512_sub_ps(_mm512_add_ps(r, round), round), v128);
-    v = _mm512_min_ps(_mm512_max_ps(v, v0), v255);
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + k), _mm512_cvtusepi32_epi8(_mm512_cvttps_epi32(v)));
-  }
-  row_codes(x, q, k, K, step);
+  row_codes_avx512(x, q, K, amax / kQmax, 128.f);
   return amax;
+}
+
+__attribute__((target("avx512f"))) float quantize_row_asym_avx512(const float* __restrict__ x, uint8_t* __restrict__ q,
+                                                                  int64_t K, float* zp) {
+  __m512 vhi = _mm512_setzero_ps(), vlo = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) {
+    const __m512 v = _mm512_loadu_ps(x + k);
+    vhi = _mm512_max_ps(v, vhi);
+    vlo = _mm512_min_ps(v, vlo);
+  }
+  float his[16], los[16], hi = 0.f, lo = 0.f;
+  _mm512_storeu_ps(his, vhi);
+  _mm512_storeu_ps(los, vlo);
+  for (int i = 0; i < 16; ++i) {
+    hi = his[i] > hi ? his[i] : hi;
+    lo = los[i] < lo ? los[i] : lo;
+  }
+  row_range(x, k, K, hi, lo);
+  const float scale = affine_step(hi, lo, *zp);
+  row_codes_avx512(x, q, K, scale, *zp);
+  return scale;
 }
 #pragma GCC diagnostic pop
 #endif
 
 using QuantizeRow = float (*)(const float*, uint8_t*, int64_t);
+using QuantizeRowAsym = float (*)(const float*, uint8_t*, int64_t, float*);
 #if defined(__x86_64__)
 const QuantizeRow quantize_row_fn = isa.avx512 ? quantize_row_avx512 : isa.avx2 ? quantize_row_avx2 : quantize_row;
+const QuantizeRowAsym quantize_row_asym_fn = isa.avx512 ? quantize_row_asym_avx512
+                                           : isa.avx2   ? quantize_row_asym_avx2
+                                                        : quantize_row_asym;
 #else
 const QuantizeRow quantize_row_fn = quantize_row;
+const QuantizeRowAsym quantize_row_asym_fn = quantize_row_asym;
 #endif
 
 enum Kind : int64_t { kIdentity = 0, kDense = 1, kWalsh = 2, kWalshNeg = 3 };
@@ -445,6 +549,7 @@ struct Rows {
   const float* x;
   uint8_t* q;
   float* a;
+  float* z;  // the asymmetric rows' zero points (nullptr: symmetric codes)
   int64_t K;
   int64_t rows;
   int64_t per_task;
@@ -460,13 +565,29 @@ void run_task(void* data, size_t task) {
   for (int64_t i = first; i < last; ++i) {
     const float* row = r.x + i * r.K;
     if (!r.rot->empty()) row = rotate_row(row, *r.rot, r.R, r.K, buf.data());
-    r.a[i] = quantize_row_fn(row, r.q + i * r.K, r.K);
+    if (r.z != nullptr)
+      r.a[i] = quantize_row_asym_fn(row, r.q + i * r.K, r.K, r.z + i);
+    else
+      r.a[i] = quantize_row_fn(row, r.q + i * r.K, r.K);
   }
+}
+
+// Rows spread over ONNX Runtime's intra-op threads in tasks of at least ~32k values (small rows, decode, stay on
+// one thread).
+void for_rows(Ort::KernelContext& ctx, void (*task)(void*, size_t), void* data, int64_t rows, int64_t width,
+              int64_t& per_task) {
+  per_task = std::max<int64_t>(1, (int64_t{1} << 15) / std::max<int64_t>(width, 1));
+  const int64_t tasks = (rows + per_task - 1) / per_task;
+  if (tasks == 1)
+    task(data, 0);
+  else
+    ctx.ParallelFor(task, static_cast<size_t>(tasks), 0, data);
 }
 
 struct QuantizeRowsKernel {
   Rotation rot;
   int64_t dense_values = 0;  // what R must hold
+  bool asymmetric = false;
 
   OrtStatusPtr ComputeV2(OrtKernelContext* context) {
     try {
@@ -495,22 +616,19 @@ struct QuantizeRowsKernel {
       for (size_t i = 0; i + 1 < shape.size(); ++i) rows *= shape[i];
       std::vector<int64_t> ashape = shape;
       ashape.back() = 1;
+      if (asymmetric && ctx.GetOutputCount() < 3)
+        return fail("onnxqf.cpu.QuantizeRows: asymmetric = 1 needs the third output (Z, the zero points)");
       auto Q = ctx.GetOutput(0, shape);
       auto A = ctx.GetOutput(1, ashape);
+      float* z = asymmetric ? ctx.GetOutput(2, ashape).GetTensorMutableData<float>() : nullptr;
       if (rows == 0 || K == 0) {
         if (K == 0 && rows > 0) std::fill_n(A.GetTensorMutableData<float>(), rows, kFloor);
+        if (K == 0 && rows > 0 && z != nullptr) std::fill_n(z, rows, 0.f);
         return nullptr;
       }
-      Rows r{X.GetTensorData<float>(), Q.GetTensorMutableData<uint8_t>(), A.GetTensorMutableData<float>(), K, rows,
-             0, &rot, R};
-      // tasks of at least ~32k values: small rows (decode) stay on one thread
-      r.per_task = std::max<int64_t>(1, (int64_t{1} << 15) / K);
-      const int64_t tasks = (rows + r.per_task - 1) / r.per_task;
-      if (tasks == 1) {
-        run_task(&r, 0);
-      } else {
-        ctx.ParallelFor(run_task, static_cast<size_t>(tasks), 0, &r);
-      }
+      Rows r{X.GetTensorData<float>(), Q.GetTensorMutableData<uint8_t>(), A.GetTensorMutableData<float>(), z, K,
+             rows, 0, &rot, R};
+      for_rows(ctx, run_task, &r, rows, K, r.per_task);
       return nullptr;
     } catch (const Ort::Exception& e) {
       return fail(std::string("onnxqf.cpu.QuantizeRows: ") + e.what());
@@ -536,6 +654,14 @@ struct QuantizeRowsOp : Ort::CustomOpBase<QuantizeRowsOp, QuantizeRowsKernel, tr
     if (kinds.size() != sizes.size())
       return fail("onnxqf.cpu.QuantizeRows: rotation_kinds must give one kind per rotation_sizes entry");
     auto k = std::make_unique<QuantizeRowsKernel>();
+    int64_t asymmetric = 0;
+    try {
+      asymmetric = Ort::ConstKernelInfo(info).GetAttribute<int64_t>("asymmetric");
+    } catch (const Ort::Exception&) {
+      asymmetric = 0;
+    }
+    if (asymmetric != 0 && asymmetric != 1) return fail("onnxqf.cpu.QuantizeRows: asymmetric must be 0 or 1");
+    k->asymmetric = asymmetric == 1;
     for (size_t t = 0; t < sizes.size(); ++t) {
       const int64_t n = sizes[t], kind = kinds[t];
       if (n < 1 || kind < kIdentity || kind > kWalshNeg)
@@ -568,16 +694,92 @@ struct QuantizeRowsOp : Ort::CustomOpBase<QuantizeRowsOp, QuantizeRowsKernel, tr
     return i == 0 ? OrtCustomOpInputOutputCharacteristic::INPUT_OUTPUT_REQUIRED
                   : OrtCustomOpInputOutputCharacteristic::INPUT_OUTPUT_OPTIONAL;
   }
-  size_t GetOutputTypeCount() const { return 2; }
+  size_t GetOutputTypeCount() const { return 3; }
   ONNXTensorElementDataType GetOutputType(size_t i) const {
     return i == 0 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+  }
+  OrtCustomOpInputOutputCharacteristic GetOutputCharacteristic(size_t i) const {
+    return i < 2 ? OrtCustomOpInputOutputCharacteristic::INPUT_OUTPUT_REQUIRED
+                 : OrtCustomOpInputOutputCharacteristic::INPUT_OUTPUT_OPTIONAL;
   }
   static OrtStatusPtr InferOutputShape(Ort::ShapeInferContext& ctx) {
     Ort::ShapeInferContext::Shape s = ctx.GetInputShape(0);
     if (s.empty()) return nullptr;
     if (OrtStatusPtr st = ctx.SetOutputShape(0, s, ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8).release()) return st;
     s.back() = Ort::ShapeInferContext::SymbolicInteger(int64_t{1});
-    return ctx.SetOutputShape(1, s, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT).release();
+    if (OrtStatusPtr st = ctx.SetOutputShape(1, s, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT).release()) return st;
+    int64_t asymmetric = 0;
+    try {
+      asymmetric = ctx.GetAttrInt("asymmetric");
+    } catch (const Ort::Exception&) {
+      asymmetric = 0;  // no such attribute: two outputs
+    }
+    if (asymmetric != 1) return nullptr;
+    return ctx.SetOutputShape(2, s, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT).release();
+  }
+};
+
+struct Dequant {
+  const float* y;
+  const float* s;
+  const float* z;
+  const float* c;
+  float* o;
+  int64_t N;
+  int64_t rows;
+  int64_t per_task;
+};
+
+void dequantize_task(void* data, size_t task) {
+  const Dequant& d = *static_cast<const Dequant*>(data);
+  const int64_t first = static_cast<int64_t>(task) * d.per_task;
+  const int64_t last = std::min(d.rows, first + d.per_task);
+  for (int64_t i = first; i < last; ++i) dequantize_row(d.y + i * d.N, d.c, d.o + i * d.N, d.N, d.s[i], d.z[i]);
+}
+
+struct DequantizeRowsKernel {
+  OrtStatusPtr ComputeV2(OrtKernelContext* context) {
+    try {
+      Ort::KernelContext ctx(context);
+      auto Y = ctx.GetInput(0), S = ctx.GetInput(1), Z = ctx.GetInput(2), C = ctx.GetInput(3);
+      const std::vector<int64_t> shape = Y.GetTensorTypeAndShapeInfo().GetShape();
+      if (shape.empty()) return fail("onnxqf.cpu.DequantizeRows: Y must have rank >= 1");
+      const int64_t N = shape.back();
+      const int64_t rows = N > 0 ? static_cast<int64_t>(Y.GetTensorTypeAndShapeInfo().GetElementCount()) / N : 0;
+      if (static_cast<int64_t>(S.GetTensorTypeAndShapeInfo().GetElementCount()) != rows ||
+          static_cast<int64_t>(Z.GetTensorTypeAndShapeInfo().GetElementCount()) != rows)
+        return fail("onnxqf.cpu.DequantizeRows: S and Z need one value per row of Y (" + std::to_string(rows) + ")");
+      if (static_cast<int64_t>(C.GetTensorTypeAndShapeInfo().GetElementCount()) != N)
+        return fail("onnxqf.cpu.DequantizeRows: C needs one value per column of Y (" + std::to_string(N) + ")");
+      auto O = ctx.GetOutput(0, shape);
+      if (rows == 0 || N == 0) return nullptr;
+      Dequant d{Y.GetTensorData<float>(), S.GetTensorData<float>(), Z.GetTensorData<float>(), C.GetTensorData<float>(),
+                O.GetTensorMutableData<float>(), N, rows, 0};
+      for_rows(ctx, dequantize_task, &d, rows, N, d.per_task);
+      return nullptr;
+    } catch (const Ort::Exception& e) {
+      return fail(std::string("onnxqf.cpu.DequantizeRows: ") + e.what());
+    } catch (const std::exception& e) {
+      return fail(std::string("onnxqf.cpu.DequantizeRows: ") + e.what());
+    }
+  }
+};
+
+struct DequantizeRowsOp : Ort::CustomOpBase<DequantizeRowsOp, DequantizeRowsKernel, true> {
+  OrtStatusPtr CreateKernelV2(const OrtApi& /*api*/, const OrtKernelInfo* /*info*/, void** kernel) const {
+    *kernel = new DequantizeRowsKernel();
+    return nullptr;
+  }
+  const char* GetName() const { return "DequantizeRows"; }
+  const char* GetExecutionProviderType() const { return "CPUExecutionProvider"; }
+  size_t GetInputTypeCount() const { return 4; }
+  ONNXTensorElementDataType GetInputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
+  size_t GetOutputTypeCount() const { return 1; }
+  ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
+  static OrtStatusPtr InferOutputShape(Ort::ShapeInferContext& ctx) {
+    Ort::ShapeInferContext::Shape s = ctx.GetInputShape(0);
+    if (s.empty()) return nullptr;
+    return ctx.SetOutputShape(0, s, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT).release();
   }
 };
 
@@ -593,6 +795,7 @@ __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL RegisterCustomOps
   if (!g_api) return nullptr;  // cannot even report: an ONNX Runtime older than the headers
   Ort::InitApi(g_api);
   static QuantizeRowsOp quantize_rows;
+  static DequantizeRowsOp dequantize_rows;
   static Ort::CustomOpDomain* domain = nullptr;
   static std::mutex mu;
   std::lock_guard<std::mutex> lock(mu);
@@ -600,6 +803,7 @@ __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL RegisterCustomOps
     if (!domain) {
       domain = new Ort::CustomOpDomain("onnxqf.cpu");
       domain->Add(&quantize_rows);
+      domain->Add(&dequantize_rows);
     }
     Ort::UnownedSessionOptions(options).Add(*domain);
   } catch (const Ort::Exception& e) {

@@ -10,6 +10,15 @@ the token's scale, the group's Split::
     xu, amax = onnxqf.cpu.QuantizeRows(x)            xu = saturate(round(x / (amax / 127)) + 128), amax per token
     y        = MatMulIntegerToFloat(xu, Wq, 1, w_scale / 127, 128) * amax
 
+With ``asymmetric`` (``--act-quant asym``) the node makes ``uint8-token-asym``'s codes instead (a scale and a zero point
+per token, :func:`onnxqf.lowering.w8a8.asymmetric_codes`), the GEMM runs with zero point 0 and the token's zero
+point comes off after it, with the token scale, in one ``onnxqf.cpu.DequantizeRows`` node (one pass, as the
+symmetric lowering's Mul)::
+
+    xu, s, z = onnxqf.cpu.QuantizeRows(x, asymmetric=1)
+    y        = onnxqf.cpu.DequantizeRows(MatMulIntegerToFloat(xu, Wq, 1, w_scale, 0), s, z, colsum(Wq) * w_scale)
+             = (y' - z * colsum(Wq) * w_scale) * s
+
 When the group's activation is the output of an online rotation (``--hybrid``'s down_proj, o_proj and lm_head
 inputs) read by nothing else, the rotation moves into the same node (``fuse_rotations``): it reads the unrotated
 activation and rotates each row by the block's Kronecker factors before quantizing it (attributes ``rotation_sizes``
@@ -34,11 +43,12 @@ from onnxqf.lowering.base import FLOAT32, LinearGroup, register
 from onnxqf.lowering.w8a8 import Uint8TokenQL
 from onnxqf.maths.hadamard import walsh_matrix, walsh_sign
 
-__all__ = ["DOMAIN", "IDENTITY", "DENSE", "OP", "WALSH", "WALSH_NEG", "CpuRotation", "OnnxqfCpu", "cpu_rotation",
-           "quantize_rows_node"]
+__all__ = ["DOMAIN", "IDENTITY", "DENSE", "OP", "DEQUANTIZE_OP", "WALSH", "WALSH_NEG", "CpuRotation", "OnnxqfCpu",
+           "cpu_rotation", "quantize_rows_node"]
 
 DOMAIN = "onnxqf.cpu"  # = onnxqf.runtime.kernels.CPU_DOMAIN (not imported: lowering loads no library)
 OP = "QuantizeRows"
+DEQUANTIZE_OP = "DequantizeRows"
 #: rotation_kinds (kernels/cpu/quantize_rows.cc): the identity, a dense matrix, +H_n / sqrt(n), -H_n / sqrt(n)
 IDENTITY = 0
 DENSE = 1
@@ -96,24 +106,29 @@ def cpu_rotation(groups: list[tuple[int, np.ndarray | None]], K: int) -> CpuRota
     return CpuRotation(tuple(int(n) for n, _ in groups), tuple(kinds), tuple(dense))
 
 
-def quantize_rows_node(tape, graph: ir.Graph, x: ir.Value, base: str,
-                       rotation: CpuRotation | None = None) -> tuple[ir.Value, ir.Value]:
+def quantize_rows_node(tape, graph: ir.Graph, x: ir.Value, base: str, rotation: CpuRotation | None = None,
+                       asymmetric: bool = False) -> tuple[ir.Value, ...]:
     """The ``onnxqf.cpu.QuantizeRows`` node on ``tape`` (its dense factors, if any, an initializer of ``graph``):
-    ``x``'s uint8 codes and its per-token amax, x rotated first by ``rotation``."""
+    ``x``'s uint8 codes and its per-token amax, x rotated first by ``rotation``; ``asymmetric``: the codes, the
+    scale and the zero point of each token."""
     inputs, attributes = [x], {}
     if rotation is not None:
         attributes = {"rotation_sizes": list(rotation.sizes), "rotation_kinds": list(rotation.kinds)}
         if rotation.dense:
             flat = np.concatenate([m.reshape(-1) for m in rotation.dense]).astype(np.float32)
             inputs.append(edit.add_initializer(graph, f"{base}.rotation", flat))
-    xu, amax = tape.op_multi_out(OP, inputs, attributes or None, num_outputs=2, domain=DOMAIN,
-                                 name=f"{base}/quantize_rows")
-    xu.type = ir.TensorType(ir.DataType.UINT8)
-    amax.type = ir.TensorType(FLOAT32)
+    if asymmetric:
+        attributes["asymmetric"] = 1
+    outs = tape.op_multi_out(OP, inputs, attributes or None, num_outputs=3 if asymmetric else 2, domain=DOMAIN,
+                             name=f"{base}/quantize_rows")
+    outs[0].type = ir.TensorType(ir.DataType.UINT8)
+    for v in outs[1:]:
+        v.type = ir.TensorType(FLOAT32)
     if x.shape is not None:
-        xu.shape = x.shape
-        amax.shape = ir.Shape([*x.shape[:-1], 1])
-    return xu, amax
+        outs[0].shape = x.shape
+        for v in outs[1:]:
+            v.shape = ir.Shape([*x.shape[:-1], 1])
+    return tuple(outs)
 
 
 @register
@@ -121,10 +136,14 @@ def quantize_rows_node(tape, graph: ir.Graph, x: ir.Value, base: str,
 class OnnxqfCpu(Uint8TokenQL):
     name = "onnxqf-cpu"
     summary = ("uint8-token-ql with each activation's codes and scale made by one onnxqf.cpu.QuantizeRows node "
-               "(onnxqf's CPU op library: bash kernels/build_cpu.sh); float32 models")
+               "(onnxqf's CPU op library: bash kernels/build_cpu.sh); float32 models; --act-quant asym: "
+               "uint8-token-asym's codes, the zero point taken off in one DequantizeRows node")
     domains: ClassVar[dict[str, int]] = {DOMAIN: 1, "com.microsoft": 1}
+    activations: ClassVar[tuple[str, ...]] = ("token", "asym")
     #: move online rotations into the quantization node (:func:`cpu_rotation`)
     fuse_rotations: bool = True
+    #: asymmetric per-token codes (uint8-token-asym's), set by ``--act-quant asym``
+    asymmetric: bool = False
     # (the rotation block and its op form while one group is emitted)
     _fused: tuple | None = dataclasses.field(default=None, init=False, repr=False, compare=False)
 
@@ -149,9 +168,27 @@ class OnnxqfCpu(Uint8TokenQL):
             raise UnsupportedGraphError(f"{base}: onnxqf-cpu takes float32 activations, not {dtype.name.lower()} "
                                         "(use --lowering uint8-token-ql)")
         if self._fused is None:
-            return quantize_rows_node(tape, graph, x, base)
+            return quantize_rows_node(tape, graph, x, base, asymmetric=self.asymmetric)
         block, rotation = self._fused
-        xu, amax = quantize_rows_node(tape, graph, block.input, base, rotation)
+        outs = quantize_rows_node(tape, graph, block.input, base, rotation, asymmetric=self.asymmetric)
         if x.shape is not None:  # (the rotated value's shape, known where the block's input's may not be)
-            xu.shape, amax.shape = x.shape, ir.Shape([*x.shape[:-1], 1])
-        return xu, amax
+            outs[0].shape = x.shape
+            for v in outs[1:]:
+                v.shape = ir.Shape([*x.shape[:-1], 1])
+        return outs
+
+    def product(self, tape, graph, base, act, wq, q, scale, wzp=None):
+        if not self.asymmetric:
+            return super().product(tape, graph, base, act, wq, q, scale, wzp)
+        xu, s, z = act
+        one = edit.add_initializer(graph, f"{base}/a_scale", np.array(1.0, np.float32))
+        wscale = edit.add_initializer(graph, f"{base}.weight_scale", scale.astype(np.float32))
+        zero = edit.add_initializer(graph, f"{base}/a_zero_point", np.array(0, np.uint8))
+        y = tape.op("MatMulIntegerToFloat", [xu, wq, one, wscale, zero] + ([wzp] if wzp is not None else []),
+                    domain="com.microsoft", name=f"{base}/matmul_u8s8")
+        colsum = (q.astype(np.int64).sum(axis=0) * scale.astype(np.float64)).astype(np.float32)
+        c = edit.add_initializer(graph, f"{base}.weight_colsum", colsum)
+        return tape.op(DEQUANTIZE_OP, [y, s, z, c], domain=DOMAIN, name=f"{base}/dequantize_rows")
+
+    def describe(self) -> str:
+        return f"{self.name}:asymmetric=true" if self.asymmetric else self.name

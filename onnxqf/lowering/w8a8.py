@@ -44,6 +44,7 @@ accumulators overflow float16) and cast back.
 from __future__ import annotations
 
 import dataclasses
+from typing import ClassVar
 
 import numpy as np
 import onnx_ir as ir
@@ -67,6 +68,8 @@ class W8A8Lowering(Lowering):
     needs) and :meth:`product` (the float32 result ``[.., N]`` of the concatenated group)."""
 
     format = "int8"
+    #: the ``--act-quant`` kinds it makes (``token``: symmetric per token)
+    activations: ClassVar[tuple[str, ...]] = ("token",)
     private_weights = True  # the group's weights are untied (make_private) before they are read
     uint8_activations = False  # the activations are uint8 codes (the CPU lowerings): uint8_weights applies
     clip_search: bool = False
@@ -326,6 +329,7 @@ class Uint8TokenQL(Uint8Token):
 class _Asymmetric(W8A8Lowering):
     """Asymmetric per-token activations; the zero point enters as a rank-one correction after the GEMM."""
 
+    activations: ClassVar[tuple[str, ...]] = ("asym",)
     code_offset = 0  # stored code = code - code_offset
     rounds = 0  # refinement rounds of each token's scale and zero point (refine_asymmetric)
 
@@ -386,6 +390,7 @@ class Uint8TokenIter(_Asymmetric):
     name = "uint8-token-iter"
     providers = ("cpu",)
     summary = "uint8-token-asym with each token's scale and zero point refined by 5 rounds of least squares"
+    activations: ClassVar[tuple[str, ...]] = ("iter",)
     rounds = 5
     uint8_activations = True
 
@@ -396,6 +401,7 @@ class Int8TokenIter(_Asymmetric):
     name = "int8-token-iter"
     providers = ("cuda",)
     summary = "int8-token-asym with each token's scale and zero point refined by 5 rounds of least squares"
+    activations: ClassVar[tuple[str, ...]] = ("iter",)
     code_offset = 128
     rounds = 5
 
@@ -406,6 +412,7 @@ class Uint8Tensor(W8A8Lowering):
     name = "uint8-tensor"
     providers = ("cpu",)
     summary = "ONNX-standard DynamicQuantizeLinear (per-tensor asymmetric uint8) x int8 MatMulInteger"
+    activations: ClassVar[tuple[str, ...]] = ("tensor",)
     uint8_activations = True
 
     def quantize_activation(self, tape, graph, x, dtype, base):

@@ -102,6 +102,12 @@ class Target:
         if quant.format == "int8":
             # (a W8A8 config only names a W8A8 lowering: onnxqf.options.W8A8 checks it)
             cls, kwargs = lowering_base.parse_spec(quant.lowering or self.w8a8[quant.activations])
+            kinds = getattr(cls, "activations", ("token",))
+            if quant.activations != "token" and quant.activations not in kinds:
+                raise OnnxqfError(f"--lowering {cls.name} makes {' or '.join(kinds)} activations, not --act-quant "
+                                  f"{quant.activations} (leave out --lowering for this target's choice)")
+            if quant.activations == "asym" and "asymmetric" in {f.name for f in dataclasses.fields(cls)}:
+                kwargs.setdefault("asymmetric", True)
             kwargs = {"clip_search": quant.clip_search, **kwargs}
             return cls(**(with_cpu_weights(cls, kwargs) if self.name == "cpu" else kwargs))
         level = self.nbits_accuracy_level if quant.accuracy_level is None else quant.accuracy_level
