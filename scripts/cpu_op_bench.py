@@ -7,7 +7,9 @@ For each K and M: the graph ``x [M, K] -> (uint8 codes, amax)`` built four ways 
 (:func:`onnxqf.graph.edit.rotate_value_online`, the factors of :func:`onnxqf.maths.hadamard.hadamard_factors`)
 followed by the ql nodes, and the op with that rotation inside (:func:`onnxqf.lowering.cpu_kernels.cpu_rotation`);
 ms per run, median of --repeats after 3 warm-up runs, default threads. The op's rows check that its codes equal the
-nodes' (to the bit unrotated; within one code rotated).
+nodes' (to the bit unrotated; within one code rotated). The asymmetric codes (``--act-quant asym``) the same way:
+``uint8-token-asym``'s nodes (:func:`onnxqf.lowering.w8a8.asymmetric_codes` and a Cast) against the op with
+``asymmetric=1``, unrotated and with the rotation inside.
 
     bash kernels/build_cpu.sh && python scripts/cpu_op_bench.py --k 2048,5632 --m 256,1
 """
@@ -29,13 +31,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from onnxqf.graph import edit  # noqa: E402
 from onnxqf.lowering.base import FLOAT32  # noqa: E402
 from onnxqf.lowering.cpu_kernels import DOMAIN, cpu_rotation, quantize_rows_node  # noqa: E402
-from onnxqf.lowering.w8a8 import Uint8TokenQL  # noqa: E402
+from onnxqf.lowering.w8a8 import Uint8TokenAsym, Uint8TokenQL  # noqa: E402
 from onnxqf.maths.hadamard import hadamard_factors  # noqa: E402
 from onnxqf.runtime import kernels  # noqa: E402
 from onnxqf.runtime.target import get_target  # noqa: E402
 
 
-def graph(K: int, *, op: bool, rotate: bool) -> ir.Model:
+def graph(K: int, *, op: bool, rotate: bool, asym: bool = False) -> ir.Model:
     x = ir.Value(name="x", shape=ir.Shape(["M", K]), type=ir.TensorType(FLOAT32))
     g = ir.Graph([x], [], nodes=[], opset_imports={"": 21, "com.microsoft": 1, DOMAIN: 1}, name="quantize")
     src = x
@@ -58,13 +60,17 @@ def graph(K: int, *, op: bool, rotate: bool) -> ir.Model:
             src = rotated
     tape = ir_tape.Tape(g)
     if op:
-        codes, amax = quantize_rows_node(tape, g, src, "op", rotation)
+        outs = quantize_rows_node(tape, g, src, "op", rotation, asymmetric=asym)
+    elif asym:
+        outs = Uint8TokenAsym().quantize_activation(tape, g, src, FLOAT32, "asym")
     else:
-        codes, amax = Uint8TokenQL().quantize_activation(tape, g, src, FLOAT32, "ql")
+        outs = Uint8TokenQL().quantize_activation(tape, g, src, FLOAT32, "ql")
     for node in tape.nodes:
         g.append(node)
-    codes.name, amax.name = "codes", "amax"
-    g.outputs.extend([codes, amax])
+    outs[0].name = "codes"
+    for i, v in enumerate(outs[1:]):
+        v.name = f"scale{i}"
+    g.outputs.extend(outs)
     return ir.Model(g, ir_version=10)
 
 
@@ -81,12 +87,15 @@ def main(argv=None) -> int:
     rows = []
     for K in (int(v) for v in args.k.split(",")):
         sessions = {}
-        for name, op, rotate in (("ql nodes", False, False), ("op", True, False),
-                                 ("rotation nodes + ql nodes", False, True), ("op, rotation inside", True, True)):
+        for name, op, rotate, asym in (("ql nodes", False, False, False), ("op", True, False, False),
+                                       ("rotation nodes + ql nodes", False, True, False),
+                                       ("op, rotation inside", True, True, False),
+                                       ("asym nodes", False, False, True), ("op asym", True, False, True),
+                                       ("op asym, rotation inside", True, True, True)):
             so = ort.SessionOptions()
             so.log_severity_level = 3
             kernels.register(so, lib)
-            proto = ir.serde.serialize_model(graph(K, op=op, rotate=rotate)).SerializeToString()
+            proto = ir.serde.serialize_model(graph(K, op=op, rotate=rotate, asym=asym)).SerializeToString()
             sessions[name] = ort.InferenceSession(proto, so, providers=["CPUExecutionProvider"])
         for M in (int(v) for v in args.m.split(",")):
             x = np.random.default_rng(K + M).standard_normal((M, K)).astype(np.float32)
@@ -103,11 +112,13 @@ def main(argv=None) -> int:
                         times.append(time.perf_counter() - t)
                 row["ms"][name] = float(np.median(times)) * 1e3
             row["op_codes_equal"] = bool(np.array_equal(outs["op"][0], outs["ql nodes"][0]))
+            row["op_asym_codes_equal"] = bool(np.array_equal(outs["op asym"][0], outs["asym nodes"][0]))
             row["rotated_codes_max_diff"] = int(np.abs(outs["op, rotation inside"][0].astype(int) -
                                                        outs["rotation nodes + ql nodes"][0].astype(int)).max())
             rows.append(row)
             print(f"K={K} M={M}: " + "  ".join(f"{n} {v:.3f} ms" for n, v in row["ms"].items()) +
-                  f"  (codes equal: {row['op_codes_equal']}, rotated max diff {row['rotated_codes_max_diff']})",
+                  f"  (codes equal: {row['op_codes_equal']}, asym {row['op_asym_codes_equal']}, rotated max diff "
+                  f"{row['rotated_codes_max_diff']})",
                   flush=True)
     if args.out:
         Path(args.out).write_text(json.dumps({"rows": rows, "onnxruntime": ort.__version__}, indent=1))

@@ -118,6 +118,18 @@ inline float affine_step(float hi, float lo, float& zp) {
   return scale;
 }
 
+// The scale and zero point from a vector loop's lanes of hi and lo, then values k.. of the row.
+inline float lanes_affine_step(const float* his, const float* los, int lanes, const float* x, int64_t k, int64_t K,
+                               float* zp) {
+  float hi = 0.f, lo = 0.f;
+  for (int i = 0; i < lanes; ++i) {
+    hi = his[i] > hi ? his[i] : hi;
+    lo = los[i] < lo ? los[i] : lo;
+  }
+  row_range(x, k, K, hi, lo);
+  return affine_step(hi, lo, *zp);
+}
+
 // One asymmetric row, as the compiler vectorizes it.
 ONNXQF_CLONES float quantize_row_asym(const float* __restrict__ x, uint8_t* __restrict__ q, int64_t K, float* zp) {
   float hi = 0.f, lo = 0.f;
@@ -205,15 +217,10 @@ __attribute__((target("avx2"))) float quantize_row_asym_avx2(const float* __rest
     vhi = _mm256_max_ps(v, vhi);
     vlo = _mm256_min_ps(v, vlo);
   }
-  float his[8], los[8], hi = 0.f, lo = 0.f;
+  float his[8], los[8];
   _mm256_storeu_ps(his, vhi);
   _mm256_storeu_ps(los, vlo);
-  for (int i = 0; i < 8; ++i) {
-    hi = his[i] > hi ? his[i] : hi;
-    lo = los[i] < lo ? los[i] : lo;
-  }
-  row_range(x, k, K, hi, lo);
-  const float scale = affine_step(hi, lo, *zp);
+  const float scale = lanes_affine_step(his, los, 8, x, k, K, zp);
   row_codes_avx2(x, q, K, scale, *zp);
   return scale;
 }
@@ -262,15 +269,10 @@ __attribute__((target("avx512f"))) float quantize_row_asym_avx512(const float* _
     vhi = _mm512_max_ps(v, vhi);
     vlo = _mm512_min_ps(v, vlo);
   }
-  float his[16], los[16], hi = 0.f, lo = 0.f;
+  float his[16], los[16];
   _mm512_storeu_ps(his, vhi);
   _mm512_storeu_ps(los, vlo);
-  for (int i = 0; i < 16; ++i) {
-    hi = his[i] > hi ? his[i] : hi;
-    lo = los[i] < lo ? los[i] : lo;
-  }
-  row_range(x, k, K, hi, lo);
-  const float scale = affine_step(hi, lo, *zp);
+  const float scale = lanes_affine_step(his, los, 16, x, k, K, zp);
   row_codes_avx512(x, q, K, scale, *zp);
   return scale;
 }
