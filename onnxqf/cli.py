@@ -130,8 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--lm-head-bits", type=int, choices=[4, 8],
                    help="with --quantize-lm-head: bits of lm_head's weights (int4/int8w: default 8); with W8A8, "
                         "lm_head becomes weight-only MatMulNBits of these bits (block 32) instead of W8A8")
-    q.add_argument("--act-quant", choices=ACTIVATIONS, default="token",
-                   help="W8A8 activations: token: symmetric per token (default); asym: a scale and a zero point per "
+    q.add_argument("--act-quant", choices=ACTIVATIONS, default=None,
+                   help="W8A8 activations: token: symmetric per token (the default, but asym with --lowering "
+                        "onnxqf-cpu, where it costs nothing: docs/results.md 2b); asym: a scale and a zero point per "
                         "token (the zero point applied after the GEMM with the weights' column sums); iter: asym with "
                         "each token's scale and zero point refined by 5 rounds of least squares; tensor: "
                         "DynamicQuantizeLinear, per tensor (CPU only)")
@@ -400,7 +401,7 @@ def _default_output(model: Path, args) -> Path:
     quant = {"int8": "w8a8" if not tag else "", "none": "float"}.get(args.quant, args.quant)
     if args.quant in ("int4", "int8w") and args.block_size != 32:
         quant += f"-b{args.block_size}"
-    if args.quant == "int8" and args.act_quant != "token":
+    if args.quant == "int8" and args.act_quant not in (None, "token"):
         quant += f".{args.act_quant}" if quant else args.act_quant
     return model.with_name(".".join(x for x in (model.stem, tag, quant, "onnx") if x))
 

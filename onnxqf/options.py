@@ -62,13 +62,14 @@ class Transform:
 class W8A8:
     """int8 weights (symmetric per output channel) x int8 activations quantized at run time.
 
-    activations: ``token`` (symmetric per token), ``asym`` (a scale and a zero point per token) or ``tensor``
-    (ONNX's DynamicQuantizeLinear); clip_search: searched clipping per weight channel; lowering: a registered
+    activations: ``token`` (symmetric per token), ``asym`` (a scale and a zero point per token), ``iter`` (asym
+    refined) or ``tensor`` (ONNX's DynamicQuantizeLinear); None: the lowering's own default (``token``, but ``asym``
+    for ``onnxqf-cpu``); clip_search: searched clipping per weight channel; lowering: a registered
     W8A8 lowering by name, optionally with fields of its dataclass (``onnxqf-cpu:fuse_rotations=false``; None: the
     target's for ``activations``); lm_head_bits: with ``quantize_lm_head``, lm_head as weight-only MatMulNBits of 4
     or 8 bits (block 32, the target's accuracy level) instead of W8A8."""
 
-    activations: str = "token"
+    activations: str | None = None
     clip_search: bool = False
     lowering: str | None = None
     lm_head_bits: int | None = None  # a quantized lm_head as weight-only MatMulNBits of these bits (None: W8A8)
@@ -76,7 +77,8 @@ class W8A8:
     format = "int8"
 
     def __post_init__(self):
-        _choice("--act-quant", self.activations, ACTIVATIONS)
+        if self.activations is not None:
+            _choice("--act-quant", self.activations, ACTIVATIONS)
         if self.lm_head_bits is not None:
             _choice("--lm-head-bits", self.lm_head_bits, (4, 8))
         if self.lowering is not None and lowering_registry.parse_spec(self.lowering)[0].format != self.format:
@@ -86,7 +88,7 @@ class W8A8:
 
     @property
     def label(self) -> str:
-        return f"int8 act={self.activations}" + (f" lowering={self.lowering}" if self.lowering else "")
+        return f"int8 act={self.activations or 'default'}" + (f" lowering={self.lowering}" if self.lowering else "")
 
 
 @dataclasses.dataclass(frozen=True)

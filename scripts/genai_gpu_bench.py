@@ -74,14 +74,16 @@ REWRITES = {
         "onnxqf W8A8 int8 x int8": ["--lowering", "int8-token"],
         "onnxqf W8A8 token ql": ["--lowering", "uint8-token-ql"],
         # onnxqf's CPU op library (kernels/build_cpu.sh; ONNXQF_CPU_KERNELS names the built library)
-        "onnxqf W8A8 cpu op + lm_head": ["--lowering", "onnxqf-cpu", "--quantize-lm-head"],
+        # (symmetric codes, as in run 6; the lowering's default is asymmetric since 2026-12-06: the asym rows)
+        "onnxqf W8A8 cpu op + lm_head": ["--lowering", "onnxqf-cpu", "--act-quant", "token", "--quantize-lm-head"],
         "onnxqf hybrid W8A8 cpu op + lm_head": ["--hybrid", "--alpha", "0.5", "--lowering", "onnxqf-cpu",
-                                                "--quantize-lm-head"],
+                                                "--act-quant", "token", "--quantize-lm-head"],
         "onnxqf W8A8 cpu op asym + lm_head": ["--lowering", "onnxqf-cpu", "--act-quant", "asym", "--quantize-lm-head"],
         "onnxqf hybrid W8A8 cpu op asym + lm_head": ["--hybrid", "--alpha", "0.5", "--lowering", "onnxqf-cpu",
                                                      "--act-quant", "asym", "--quantize-lm-head"],
         "onnxqf hybrid W8A8 cpu op, rotation nodes + lm_head": [
-            "--hybrid", "--alpha", "0.5", "--lowering", "onnxqf-cpu:fuse_rotations=false", "--quantize-lm-head"],
+            "--hybrid", "--alpha", "0.5", "--lowering", "onnxqf-cpu:fuse_rotations=false", "--act-quant", "token",
+            "--quantize-lm-head"],
         "onnxqf W8A8 asym": ["--act-quant", "asym"],
         "onnxqf int4 accuracy_level 0": ["--quant", "int4", "--accuracy-level", "0"],
         "onnxqf rotate + int4": ["--rotate", "--quant", "int4"],

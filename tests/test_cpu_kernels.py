@@ -249,13 +249,14 @@ def test_bad_rotation_attributes_are_refused(cpu_lib):
 
 
 def test_lowering_equals_uint8_token_ql_to_the_bit(cpu_lib):
-    """The same codes, the same MatMulIntegerToFloat and Mul: the outputs of uint8-token-ql, every bit."""
+    """Symmetric codes (asymmetric=false): the same codes, the same MatMulIntegerToFloat and Mul: the outputs of
+    uint8-token-ql, every bit."""
     rng = np.random.default_rng(0)
     x = rng.standard_normal((12, 64)).astype(np.float32)
     x[:, 5] *= 20.0
     x[7] = 0.0
     ref = _session(linear_model(64, 48, parse_lowering("uint8-token-ql"), copies=2, seed=1)).run(None, {"x": x})
-    model = linear_model(64, 48, parse_lowering("onnxqf-cpu"), copies=2, seed=1)
+    model = linear_model(64, 48, parse_lowering("onnxqf-cpu:asymmetric=false"), copies=2, seed=1)
     assert sum(n.op_type == OP and n.domain == DOMAIN for n in model.graph) == 2  # one per copy, nothing else
     assert not any(n.op_type in ("Abs", "ReduceMax", "QuantizeLinear") for n in model.graph)
     got = _session(model, cpu_lib).run(None, {"x": x})
@@ -265,7 +266,7 @@ def test_lowering_equals_uint8_token_ql_to_the_bit(cpu_lib):
 
 @pytest.mark.parametrize("uint8_weights", [False, True])
 def test_asymmetric_lowering_equals_uint8_token_asym(cpu_lib, uint8_weights):
-    """`--act-quant asym --lowering onnxqf-cpu`: two nodes of the library per group (QuantizeRows, DequantizeRows)
+    """`--lowering onnxqf-cpu` (asymmetric by default): two nodes of the library per group (QuantizeRows, DequantizeRows)
     around MatMulIntegerToFloat, the outputs of uint8-token-asym's graph (the same codes) to float32 rounding; with
     uint8 weights too."""
     rng = np.random.default_rng(2)
@@ -276,8 +277,8 @@ def test_asymmetric_lowering_equals_uint8_token_asym(cpu_lib, uint8_weights):
     extra = ":uint8_weights=true" if uint8_weights else ""
     ref = _session(linear_model(64, 48, parse_lowering("uint8-token-asym" + extra), copies=2, seed=1)).run(
         None, {"x": x})
-    low = parse_lowering("onnxqf-cpu:asymmetric=true" + extra)
-    assert low.describe() == "onnxqf-cpu:asymmetric=true"
+    low = parse_lowering("onnxqf-cpu" + extra)
+    assert low.asymmetric and low.describe() == "onnxqf-cpu"
     model = linear_model(64, 48, low, copies=2, seed=1)
     ops = [(n.domain, n.op_type) for n in model.graph]
     assert ops.count((DOMAIN, OP)) == ops.count((DOMAIN, DEQUANTIZE_OP)) == 2
@@ -285,19 +286,24 @@ def test_asymmetric_lowering_equals_uint8_token_asym(cpu_lib, uint8_weights):
     got = _session(model, cpu_lib).run(None, {"x": x})
     for g, r in zip(got, ref):
         np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-5 * np.abs(r).max())
-    sym = _session(linear_model(64, 48, parse_lowering("onnxqf-cpu"), copies=2, seed=1), cpu_lib).run(None, {"x": x})
+    sym = _session(linear_model(64, 48, parse_lowering("onnxqf-cpu:asymmetric=false"), copies=2, seed=1),
+                   cpu_lib).run(None, {"x": x})
     assert not np.allclose(sym[0], got[0], rtol=1e-4, atol=1e-5 * np.abs(got[0]).max())  # other codes, not those
 
 
 def test_act_quant_picks_the_lowering_field():
-    """`--act-quant asym` with `--lowering onnxqf-cpu` makes its asymmetric codes; with a lowering that makes only
-    symmetric codes it is refused in one line."""
+    """`--lowering onnxqf-cpu` makes asymmetric codes unless `--act-quant token`; `--act-quant asym` with a lowering
+    that makes only symmetric codes is refused in one line; without --lowering the target's default stays
+    symmetric (uint8-token-ql, no library needed)."""
     from onnxqf.options import quant_config
 
     target = get_target("cpu")
-    low = target.lowering(quant_config("int8", activations="asym", lowering="onnxqf-cpu"))
-    assert low.asymmetric and low.describe() == "onnxqf-cpu:asymmetric=true"
-    assert not target.lowering(quant_config("int8", lowering="onnxqf-cpu")).asymmetric
+    for acts in (None, "asym"):
+        low = target.lowering(quant_config("int8", activations=acts, lowering="onnxqf-cpu"))
+        assert low.asymmetric and low.describe() == "onnxqf-cpu"
+    low = target.lowering(quant_config("int8", activations="token", lowering="onnxqf-cpu"))
+    assert not low.asymmetric and low.describe() == "onnxqf-cpu:asymmetric=false"
+    assert target.lowering(quant_config("int8")).name == "uint8-token-ql"
     assert target.lowering(quant_config("int8", activations="asym")).name == "uint8-token-asym"
     with pytest.raises(OnnxqfError, match="makes token activations, not --act-quant asym"):
         target.lowering(quant_config("int8", activations="asym", lowering="uint8-token-ql"))
@@ -317,8 +323,9 @@ def test_hybrid_rotations_move_into_the_op(cpu_lib, tiny_models, tmp_path):
     out = {}
     for i, low in enumerate(("onnxqf-cpu", "uint8-token-ql", "onnxqf-cpu:fuse_rotations=false")):
         out[low] = tmp_path / f"{i}.onnx"
-        assert main(["rewrite", str(src), "--hybrid", "--lowering", low, "--calib", str(ids), "--calib-windows", "2",
-                     "--calib-seq", "64", "--weight-rounding", "rtn", "-o", str(out[low]), "-q"]) == 0
+        assert main(["rewrite", str(src), "--hybrid", "--lowering", low, "--act-quant", "token", "--calib", str(ids),
+                     "--calib-windows", "2", "--calib-seq", "64", "--weight-rounding", "rtn", "-o", str(out[low]),
+                     "-q"]) == 0
     fused = onnx.load(str(out["onnxqf-cpu"]), load_external_data=False)
     std = onnx.load(str(out["uint8-token-ql"]), load_external_data=False)
     unfused = onnx.load(str(out["onnxqf-cpu:fuse_rotations=false"]), load_external_data=False)
@@ -389,8 +396,8 @@ def test_rewrite_check_and_eval(cpu_lib, tiny_models, tmp_path, capsys):
     outs = {}
     for low in ("onnxqf-cpu", "uint8-token-ql"):
         outs[low] = tmp_path / f"{low}.onnx"
-        assert main(["rewrite", str(src), "--lowering", low, "--weight-rounding", "rtn", "-o", str(outs[low]),
-                     "-q"]) == 0
+        assert main(["rewrite", str(src), "--lowering", low, "--act-quant", "token", "--weight-rounding", "rtn", "-o",
+                     str(outs[low]), "-q"]) == 0
     model = onnx.load(str(outs["onnxqf-cpu"]), load_external_data=False)
     ops = [n.op_type for n in model.graph.node]
     assert ops.count(OP) == 2 * 4 and "ReduceMax" not in ops  # q/k/v, o, gate/up, down per layer
@@ -400,8 +407,17 @@ def test_rewrite_check_and_eval(cpu_lib, tiny_models, tmp_path, capsys):
     capsys.readouterr()
     assert main(["check", str(outs["onnxqf-cpu"]), "--ep", "cuda"]) != 0  # refused, or (no CUDA here) flagged
     out, err = capsys.readouterr()
-    assert "lowered for --ep cpu (onnxqf-cpu)" in out or ("--ep cpu only" in err and err.strip().count("\n") == 0)
+    assert "lowered for --ep cpu (onnxqf-cpu:asymmetric=false)" in out or ("--ep cpu only" in err and err.strip().count("\n") == 0)
     wins = np.random.default_rng(0).integers(1, 512, (2, 32))
     a = compare(src, outs["onnxqf-cpu"], wins, progress=False)
     b = compare(src, outs["uint8-token-ql"], wins, progress=False)
     assert a["kl"] == b["kl"] and a["top1"] == b["top1"]
+    # the lowering's default, asymmetric codes: uint8-token-asym's graph's accuracy (the same codes)
+    for low, extra in (("asym-op", ["--lowering", "onnxqf-cpu"]), ("asym-nodes", ["--act-quant", "asym"])):
+        outs[low] = tmp_path / f"{low}.onnx"
+        assert main(["rewrite", str(src), *extra, "--weight-rounding", "rtn", "-o", str(outs[low]), "-q"]) == 0
+    ops = [n.op_type for n in onnx.load(str(outs["asym-op"]), load_external_data=False).graph.node]
+    assert ops.count(OP) == ops.count(DEQUANTIZE_OP) == 2 * 4 and "ReduceMin" not in ops
+    c = compare(src, outs["asym-op"], wins, progress=False)
+    d = compare(src, outs["asym-nodes"], wins, progress=False)
+    assert abs(c["kl"] - d["kl"]) <= 1e-3 * d["kl"] and c["kl"] != a["kl"]

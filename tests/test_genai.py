@@ -382,7 +382,8 @@ def test_rewrite_genai_hybrid(folders, tmp_path, capsys):
 
 def test_rewrite_genai_cpu_op_library(folders, tmp_path, capsys):
     """--lowering onnxqf-cpu on a genai folder: the CPU op library is copied into the new folder and named in its
-    genai_config.json, so that onnxruntime-genai loads it and generates; the same KL as uint8-token-ql's folder."""
+    genai_config.json, so that onnxruntime-genai loads it and generates (its default, asymmetric codes:
+    QuantizeRows and DequantizeRows); with --act-quant token the same KL as uint8-token-ql's folder."""
     from onnxqf.analysis.evaluate import compare
     from onnxqf.runtime import kernels
 
@@ -391,16 +392,18 @@ def test_rewrite_genai_cpu_op_library(folders, tmp_path, capsys):
     gen = folders("llama-gqa")
     wins = np.random.default_rng(0).integers(1, 512, (2, 32))
     kl = {}
-    for low in ("onnxqf-cpu", "uint8-token-ql"):
-        out = tmp_path / low
-        assert main(["rewrite", str(gen), "--lowering", low, "--weight-rounding", "rtn", "-o", str(out), "-q"]) == 0
-        kl[low] = compare(gen, out, wins, progress=False)["kl"]
+    for name, args in (("onnxqf-cpu", ["--lowering", "onnxqf-cpu"]),
+                       ("symmetric", ["--lowering", "onnxqf-cpu", "--act-quant", "token"]),
+                       ("uint8-token-ql", ["--lowering", "uint8-token-ql"])):
+        out = tmp_path / name
+        assert main(["rewrite", str(gen), *args, "--weight-rounding", "rtn", "-o", str(out), "-q"]) == 0
+        kl[name] = compare(gen, out, wins, progress=False)["kl"]
     out = tmp_path / "onnxqf-cpu"
     assert (out / kernels.CPU_LIBRARY).is_file()
     cfg = json.loads((out / "genai_config.json").read_text())
     assert cfg["model"]["decoder"]["session_options"]["custom_ops_library"] == kernels.CPU_LIBRARY
-    assert _ops(out / "model.onnx")["QuantizeRows"] == 2 * 4
-    assert kl["onnxqf-cpu"] == kl["uint8-token-ql"] < 0.05
+    assert _ops(out / "model.onnx")["QuantizeRows"] == _ops(out / "model.onnx")["DequantizeRows"] == 2 * 4
+    assert kl["symmetric"] == kl["uint8-token-ql"] < 0.05 and kl["onnxqf-cpu"] < 0.05
     assert generate(out, token_ids=PROMPT, max_new_tokens=4, quiet=True)["new_tokens"] == 4
 
 

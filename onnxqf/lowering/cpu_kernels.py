@@ -10,7 +10,7 @@ the token's scale, the group's Split::
     xu, amax = onnxqf.cpu.QuantizeRows(x)            xu = saturate(round(x / (amax / 127)) + 128), amax per token
     y        = MatMulIntegerToFloat(xu, Wq, 1, w_scale / 127, 128) * amax
 
-With ``asymmetric`` (``--act-quant asym``) the node makes ``uint8-token-asym``'s codes instead (a scale and a zero point
+With ``asymmetric`` (the default; ``--act-quant token`` for the symmetric codes) the node makes ``uint8-token-asym``'s codes instead (a scale and a zero point
 per token, :func:`onnxqf.lowering.w8a8.asymmetric_codes`), the GEMM runs with zero point 0 and the token's zero
 point comes off after it, with the token scale, in one ``onnxqf.cpu.DequantizeRows`` node (one pass, as the
 symmetric lowering's Mul)::
@@ -135,15 +135,16 @@ def quantize_rows_node(tape, graph: ir.Graph, x: ir.Value, base: str, rotation: 
 @dataclasses.dataclass
 class OnnxqfCpu(Uint8TokenQL):
     name = "onnxqf-cpu"
-    summary = ("uint8-token-ql with each activation's codes and scale made by one onnxqf.cpu.QuantizeRows node "
-               "(onnxqf's CPU op library: bash kernels/build_cpu.sh); float32 models; --act-quant asym: "
-               "uint8-token-asym's codes, the zero point taken off in one DequantizeRows node")
+    summary = ("per-token codes and scales made by one onnxqf.cpu.QuantizeRows node (onnxqf's CPU op library: bash "
+               "kernels/build_cpu.sh), then MatMulIntegerToFloat; float32 models; asymmetric codes (uint8-token-asym's, "
+               "the zero point taken off in one DequantizeRows node) unless --act-quant token (uint8-token-ql's)")
     domains: ClassVar[dict[str, int]] = {DOMAIN: 1, "com.microsoft": 1}
     activations: ClassVar[tuple[str, ...]] = ("token", "asym")
     #: move online rotations into the quantization node (:func:`cpu_rotation`)
     fuse_rotations: bool = True
-    #: asymmetric per-token codes (uint8-token-asym's), set by ``--act-quant asym``
-    asymmetric: bool = False
+    #: asymmetric per-token codes (uint8-token-asym's): the default, as fast as the symmetric ones here and more
+    #: accurate (docs/results.md 2b); ``--act-quant token`` sets it off
+    asymmetric: bool = True
     # (the rotation block and its op form while one group is emitted)
     _fused: tuple | None = dataclasses.field(default=None, init=False, repr=False, compare=False)
 
@@ -191,4 +192,4 @@ class OnnxqfCpu(Uint8TokenQL):
         return tape.op(DEQUANTIZE_OP, [y, s, z, c], domain=DOMAIN, name=f"{base}/dequantize_rows")
 
     def describe(self) -> str:
-        return f"{self.name}:asymmetric=true" if self.asymmetric else self.name
+        return self.name if self.asymmetric else f"{self.name}:asymmetric=false"

@@ -101,13 +101,14 @@ class Target:
         ``lowering`` when it names one, else this target's choice for the format."""
         if quant.format == "int8":
             # (a W8A8 config only names a W8A8 lowering: onnxqf.options.W8A8 checks it)
-            cls, kwargs = lowering_base.parse_spec(quant.lowering or self.w8a8[quant.activations])
+            acts = quant.activations
+            cls, kwargs = lowering_base.parse_spec(quant.lowering or self.w8a8[acts or "token"])
             kinds = getattr(cls, "activations", ("token",))
-            if quant.activations != "token" and quant.activations not in kinds:
+            if acts not in (None, "token") and acts not in kinds:
                 raise OnnxqfError(f"--lowering {cls.name} makes {' or '.join(kinds)} activations, not --act-quant "
-                                  f"{quant.activations} (leave out --lowering for this target's choice)")
-            if quant.activations == "asym" and "asymmetric" in {f.name for f in dataclasses.fields(cls)}:
-                kwargs.setdefault("asymmetric", True)
+                                  f"{acts} (leave out --lowering for this target's choice)")
+            if acts is not None and "asymmetric" in {f.name for f in dataclasses.fields(cls)}:
+                kwargs.setdefault("asymmetric", acts == "asym")  # (None: the lowering's own default)
             kwargs = {"clip_search": quant.clip_search, **kwargs}
             return cls(**(with_cpu_weights(cls, kwargs) if self.name == "cpu" else kwargs))
         level = self.nbits_accuracy_level if quant.accuracy_level is None else quant.accuracy_level
