@@ -367,6 +367,16 @@ def test_targets_and_a_missing_library(monkeypatch, tmp_path):
     assert not kernels.cpu_available()
 
 
+def test_a_library_older_than_the_graphs_is_refused(cpu_lib, monkeypatch):
+    """The built library reports its version (onnxqf_cpu_version); one older than the ops this onnxqf writes (a
+    build left from before DequantizeRows) is refused in one line that says how to rebuild it."""
+    assert kernels.cpu_library_version(cpu_lib) == kernels.CPU_VERSION
+    monkeypatch.setattr(kernels, "cpu_library_version", lambda path: kernels.CPU_VERSION - 1)
+    with pytest.raises(OnnxqfError, match="rebuild it") as err:
+        get_target("cpu").custom_op_libraries({kernels.CPU_DOMAIN})
+    assert "\n" not in str(err.value)
+
+
 def test_register_loads_no_cuda_runtime_for_the_cpu_library(cpu_lib, monkeypatch, tmp_path):
     """The CPU op library, under its own name or renamed and named by $ONNXQF_CPU_KERNELS, registers without the
     CUDA runtime (a CPU-only machine has none); any other library asks for it first."""

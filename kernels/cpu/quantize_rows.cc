@@ -39,7 +39,7 @@
 #include <immintrin.h>
 #endif
 
-#define ONNXQF_CPU_VERSION "1"
+#define ONNXQF_CPU_VERSION "2"  // 2: QuantizeRows asymmetric=1, DequantizeRows
 
 namespace {
 

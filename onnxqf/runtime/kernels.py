@@ -58,6 +58,9 @@ LIBRARY = "libonnxqf_kernels.so"
 CPU_DOMAIN = "onnxqf.cpu"
 CPU_ENV = "ONNXQF_CPU_KERNELS"
 CPU_LIBRARY = "libonnxqf_cpu.so"
+#: the CPU op library's version this onnxqf writes graphs for (kernels/cpu/quantize_rows.cc, ONNXQF_CPU_VERSION;
+#: 2: QuantizeRows' asymmetric codes and DequantizeRows)
+CPU_VERSION = 2
 
 _HERE = Path(__file__).resolve().parent
 _CHECKOUT = Path(__file__).resolve().parents[2]
@@ -90,9 +93,28 @@ def library_path() -> Path:
 
 
 def cpu_library_path() -> Path:
-    """The CPU op library's file; :class:`OnnxqfError` (one line) when it is not there."""
-    return _find(CPU_ENV, CPU_LIBRARY, _CPU_BUILD_LIB, "onnxqf's CPU op library",
+    """The CPU op library's file; :class:`OnnxqfError` (one line) when it is not there or older than
+    :data:`CPU_VERSION` (a library built before this onnxqf: its ops lack what the graphs now use)."""
+    path = _find(CPU_ENV, CPU_LIBRARY, _CPU_BUILD_LIB, "onnxqf's CPU op library",
                  "`python -m onnxqf.runtime.kernels build-cpu` (or `bash kernels/build_cpu.sh`)")
+    version = cpu_library_version(path)
+    if version < CPU_VERSION:
+        raise OnnxqfError(f"{path}: onnxqf's CPU op library version {version}, this onnxqf needs {CPU_VERSION}: rebuild "
+                          "it (`bash kernels/build_cpu.sh` or `python -m onnxqf.runtime.kernels build-cpu`)")
+    return path
+
+
+def cpu_library_version(path: Path) -> int:
+    """The version a CPU op library file reports (``onnxqf_cpu_version()``); 0 when it cannot say."""
+    try:
+        fn = ctypes.CDLL(str(path)).onnxqf_cpu_version
+    except (OSError, AttributeError):
+        return 0
+    fn.restype = ctypes.c_char_p
+    try:
+        return int(fn().decode())
+    except (ValueError, UnicodeDecodeError):
+        return 0
 
 
 def available() -> bool:
