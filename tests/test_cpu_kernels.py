@@ -266,9 +266,9 @@ def test_lowering_equals_uint8_token_ql_to_the_bit(cpu_lib):
 
 @pytest.mark.parametrize("uint8_weights", [False, True])
 def test_asymmetric_lowering_equals_uint8_token_asym(cpu_lib, uint8_weights):
-    """`--lowering onnxqf-cpu` (asymmetric by default): two nodes of the library per group (QuantizeRows, DequantizeRows)
-    around MatMulIntegerToFloat, the outputs of uint8-token-asym's graph (the same codes) to float32 rounding; with
-    uint8 weights too."""
+    """`--lowering onnxqf-cpu` (asymmetric by default): two nodes of the library per group (QuantizeRows,
+    DequantizeRows) around MatMulIntegerToFloat, the outputs of uint8-token-asym's graph (the same codes) to
+    float32 rounding; with uint8 weights too."""
     rng = np.random.default_rng(2)
     x = rng.standard_normal((12, 64)).astype(np.float32)
     x[:, 5] *= 20.0
@@ -417,7 +417,8 @@ def test_rewrite_check_and_eval(cpu_lib, tiny_models, tmp_path, capsys):
     capsys.readouterr()
     assert main(["check", str(outs["onnxqf-cpu"]), "--ep", "cuda"]) != 0  # refused, or (no CUDA here) flagged
     out, err = capsys.readouterr()
-    assert "lowered for --ep cpu (onnxqf-cpu:asymmetric=false)" in out or ("--ep cpu only" in err and err.strip().count("\n") == 0)
+    assert "lowered for --ep cpu (onnxqf-cpu:asymmetric=false)" in out or \
+        ("--ep cpu only" in err and err.strip().count("\n") == 0)
     wins = np.random.default_rng(0).integers(1, 512, (2, 32))
     a = compare(src, outs["onnxqf-cpu"], wins, progress=False)
     b = compare(src, outs["uint8-token-ql"], wins, progress=False)

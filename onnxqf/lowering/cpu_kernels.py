@@ -10,8 +10,9 @@ the token's scale, the group's Split::
     xu, amax = onnxqf.cpu.QuantizeRows(x)            xu = saturate(round(x / (amax / 127)) + 128), amax per token
     y        = MatMulIntegerToFloat(xu, Wq, 1, w_scale / 127, 128) * amax
 
-With ``asymmetric`` (the default; ``--act-quant token`` for the symmetric codes) the node makes ``uint8-token-asym``'s codes instead (a scale and a zero point
-per token, :func:`onnxqf.lowering.w8a8.asymmetric_codes`), the GEMM runs with zero point 0 and the token's zero
+With ``asymmetric`` (the default; ``--act-quant token`` for the symmetric codes) the node makes
+``uint8-token-asym``'s codes instead (a scale and a zero point per token,
+:func:`onnxqf.lowering.w8a8.asymmetric_codes`), the GEMM runs with zero point 0 and the token's zero
 point comes off after it, with the token scale, in one ``onnxqf.cpu.DequantizeRows`` node (one pass, as the
 symmetric lowering's Mul)::
 
@@ -136,8 +137,9 @@ def quantize_rows_node(tape, graph: ir.Graph, x: ir.Value, base: str, rotation: 
 class OnnxqfCpu(Uint8TokenQL):
     name = "onnxqf-cpu"
     summary = ("per-token codes and scales made by one onnxqf.cpu.QuantizeRows node (onnxqf's CPU op library: bash "
-               "kernels/build_cpu.sh), then MatMulIntegerToFloat; float32 models; asymmetric codes (uint8-token-asym's, "
-               "the zero point taken off in one DequantizeRows node) unless --act-quant token (uint8-token-ql's)")
+               "kernels/build_cpu.sh), then MatMulIntegerToFloat; float32 models; asymmetric codes "
+               "(uint8-token-asym's, the zero point taken off in one DequantizeRows node) unless --act-quant token "
+               "(uint8-token-ql's)")
     domains: ClassVar[dict[str, int]] = {DOMAIN: 1, "com.microsoft": 1}
     activations: ClassVar[tuple[str, ...]] = ("token", "asym")
     #: move online rotations into the quantization node (:func:`cpu_rotation`)

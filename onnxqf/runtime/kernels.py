@@ -99,8 +99,8 @@ def cpu_library_path() -> Path:
                  "`python -m onnxqf.runtime.kernels build-cpu` (or `bash kernels/build_cpu.sh`)")
     version = cpu_library_version(path)
     if version < CPU_VERSION:
-        raise OnnxqfError(f"{path}: onnxqf's CPU op library version {version}, this onnxqf needs {CPU_VERSION}: rebuild "
-                          "it (`bash kernels/build_cpu.sh` or `python -m onnxqf.runtime.kernels build-cpu`)")
+        raise OnnxqfError(f"{path}: onnxqf's CPU op library version {version}, this onnxqf needs {CPU_VERSION}: "
+                          "rebuild it (`bash kernels/build_cpu.sh` or `python -m onnxqf.runtime.kernels build-cpu`)")
     return path
 
 
