@@ -225,6 +225,19 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--prompt", required=True, help="the text to continue (fed as it is: no chat template)")
     gen.add_argument("--max-new-tokens", type=_positive, default=64, help="tokens to generate at most (default 64)")
     gen.add_argument("--ep", choices=["cpu", "cuda"], default="cpu", help="execution provider (default cpu)")
+    pl = sub.add_parser("pipeline", help="join two rewrites of one genai model: one graph for prompts, one for tokens",
+                        description="Write one onnxruntime-genai folder that runs PREFILL's graph on the prompt and "
+                                    "DECODE's on every generated token (genai's decoder-pipeline stages; both graphs "
+                                    "share the KV cache, so both must be rewrites with the same transform and seed: "
+                                    "checked by comparing their caches on a short prompt). On the CPU: a W8A8 "
+                                    "rewrite for prompts (MatMulIntegerToFloat) and --quant int8w for decoding "
+                                    "(MatMulNBits' int8 kernels, faster at one token). Two copies of the weights.",
+                        epilog="example: onnxqf rewrite gen --hybrid --lowering onnxqf-cpu -o gen.w8a8 && onnxqf "
+                               "rewrite gen --hybrid --quant int8w -o gen.int8w && onnxqf pipeline gen.w8a8 gen.int8w "
+                               "-o gen.pipeline && onnxqf generate gen.pipeline --prompt 'Hello'")
+    pl.add_argument("prefill", metavar="PREFILL", help="genai folder whose graph runs on prompts")
+    pl.add_argument("decode", metavar="DECODE", help="genai folder whose graph runs on each generated token")
+    pl.add_argument("-o", "--output", required=True, help="the new folder")
     b = sub.add_parser("bench", help="prefill and KV-cache decode speed against a reference (IOBinding)",
                        description="Time each MODEL and a reference in the same run: prefill (one forward of batch x "
                                    "seq) and, for KV-cache graphs (onnxruntime-genai layout), a decode loop of "
@@ -327,7 +340,8 @@ def main(argv: list[str] | None = None) -> int:
     previous = _terminate_cleanly()
     try:
         return {"export": cmd_export, "rewrite": cmd_rewrite, "eval": cmd_eval, "check": cmd_check,
-                "inspect": cmd_inspect, "generate": cmd_generate, "bench": cmd_bench}[args.command](args)
+                "inspect": cmd_inspect, "generate": cmd_generate, "bench": cmd_bench,
+                "pipeline": cmd_pipeline}[args.command](args)
     except OnnxqfError as exc:
         print(f"onnxqf: error: {exc}", file=sys.stderr)
         return exc.exit_code
@@ -454,6 +468,7 @@ def cmd_rewrite(args) -> int:
         raise OnnxqfError("rewrite needs a MODEL (an .onnx file or an onnxruntime-genai folder)")
     opts = rewrite_options(args)
     src = Path(args.model)
+    _refuse_pipeline(src, "rewrite the two folders it joins, then join them again")
     folder = read_genai(src) if genai_dir(src) is not None else None  # an onnxruntime-genai folder (or its graph)
     if folder is not None:
         out = output_path(folder, args.output or _default_genai_output(folder, args))
@@ -583,6 +598,22 @@ def cmd_inspect(args) -> int:
     return 0
 
 
+def cmd_pipeline(args) -> int:
+    from onnxqf.genai.pipeline import join
+
+    print(join(args.prefill, args.decode, args.output))
+    return 0
+
+
+def _refuse_pipeline(path, what: str) -> None:
+    """A prefill / decode pipeline folder is read as its prompt graph; ``what`` cannot work on that alone."""
+    from onnxqf.genai.folder import GENAI_CONFIG, genai_dir, stage_files
+
+    d = genai_dir(path)
+    if d is not None and stage_files(json.loads((d / GENAI_CONFIG).read_text(encoding="utf-8"))) is not None:
+        raise OnnxqfError(f"{d}: a prefill / decode pipeline folder (`onnxqf pipeline`); {what}")
+
+
 def cmd_bench(args) -> int:
     from onnxqf.runtime.bench import BenchOptions, format_table, parse_past, run_bench
 
@@ -590,6 +621,8 @@ def cmd_bench(args) -> int:
         return _bench_linears(args)
     if not args.models:
         raise OnnxqfError("bench needs MODEL files, or --linears K:N")
+    for m in [*args.models, *([args.ref] if args.ref else [])]:
+        _refuse_pipeline(m, "bench times one graph: time the two folders it joins, or run `onnxqf generate` on it")
     opts = BenchOptions(ep=args.ep, batch=args.batch, seq=args.seq, past=parse_past(args.past),
                         decode_tokens=args.decode_tokens, repeats=args.repeats, warmup=args.warmup,
                         cuda_graph=args.cuda_graph, progress=not (args.quiet or args.json),

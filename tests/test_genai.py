@@ -465,3 +465,50 @@ def test_rewrite_genai_refusals(folders, tmp_path, capsys):
                      "-q"]) == 2
         err = capsys.readouterr().err.strip()
         assert err.count("\n") == 0 and f"already quantized ({op}" in err and not (tmp_path / "again").exists()
+
+
+def test_pipeline_of_two_rewrites(folders, tmp_path, capsys):
+    """`onnxqf pipeline W8A8 INT8W -o OUT`: one genai folder whose prompt runs through the W8A8 graph and every later
+    token through the int8w one (genai's decoder-pipeline stages, one KV cache); it generates, and its decode stage is
+    the second graph (negating that graph's logits changes every token after the first). Two rewrites whose caches
+    are in different bases (a rotation in one only) are refused in one line, nothing written; a pipeline folder is
+    not joined again, rewritten or benched; eval reads its prompt graph."""
+    import onnx
+
+    from onnxqf.genai.folder import read_genai
+
+    gen = folders("llama-gqa")
+    paths = {}
+    for name, args in (("w8a8", ["--lowering", "uint8-token-ql"]), ("int8w", ["--quant", "int8w"]),
+                       ("rotated", ["--rotate", "--quant", "none"])):
+        paths[name] = tmp_path / name
+        assert main(["rewrite", str(gen), *args, "--weight-rounding", "rtn", "-o", str(paths[name]), "-q"]) == 0
+    out = tmp_path / "pipe"
+    capsys.readouterr()
+    assert main(["pipeline", str(paths["w8a8"]), str(paths["int8w"]), "-o", str(out)]) == 0
+    cfg = json.loads((out / "genai_config.json").read_text())
+    assert cfg["model"]["type"] == "decoder-pipeline" and "filename" not in cfg["model"]["decoder"]
+    stages = [next(iter(s.items())) for s in cfg["model"]["decoder"]["pipeline"]]
+    assert [(n, s["filename"], s["run_on_prompt"], s["run_on_token_gen"]) for n, s in stages] == [
+        ("prefill", "prefill.onnx", True, False), ("decode", "decode.onnx", False, True)]
+    assert _ops(out / "prefill.onnx")["MatMulIntegerToFloat"] > 0 and _ops(out / "decode.onnx")["MatMulNBits"] > 0
+    assert read_genai(out).model_path.name == "prefill.onnx"
+    toks = generate(out, token_ids=PROMPT, max_new_tokens=6, quiet=True)["tokens"]
+    assert len(toks) == 6
+    # the decode stage is decode.onnx: its logits negated, the first token (the prompt's) stays, the rest move
+    m = onnx.load(str(out / "decode.onnx"))
+    for node in m.graph.node:
+        node.output[:] = ["logits_pos" if o == "logits" else o for o in node.output]
+    m.graph.node.append(onnx.helper.make_node("Neg", ["logits_pos"], ["logits"]))
+    onnx.save_model(m, str(out / "decode.onnx"), save_as_external_data=True, location="decode.onnx.data")
+    neg = generate(out, token_ids=PROMPT, max_new_tokens=6, quiet=True)["tokens"]
+    assert neg[0] == toks[0] and neg[1:] != toks[1:]
+    # refusals, in one line each, nothing written
+    bad = tmp_path / "bad"
+    assert main(["pipeline", str(paths["w8a8"]), str(paths["rotated"]), "-o", str(bad)]) == 2
+    assert "KV caches differ" in capsys.readouterr().err and not bad.exists()
+    assert main(["pipeline", str(out), str(paths["int8w"]), "-o", str(bad)]) == 2 and not bad.exists()
+    assert main(["rewrite", str(out), "-o", str(bad), "-q"]) == 2 and not bad.exists()
+    assert main(["bench", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("pipeline folder") == 3 and all(len(line) < 400 for line in err.strip().splitlines())

@@ -70,6 +70,24 @@ class GenaiFolder:
         return [p % i for i in self.kv_layers for p in (self.past_key_names, self.past_value_names)]
 
 
+#: the model type of a prefill / decode pipeline folder (:mod:`onnxqf.genai.pipeline`)
+PIPELINE_TYPE = "decoder-pipeline"
+
+
+def stage_files(config: dict) -> list[tuple[str, dict]] | None:
+    """A pipeline config's stages as (filename, stage) in order, or None for an ordinary decoder config."""
+    model = config.get("model", {}) if isinstance(config, dict) else {}
+    pipeline = model.get("decoder", {}).get("pipeline") if isinstance(model, dict) else None
+    if model.get("type") != PIPELINE_TYPE or not isinstance(pipeline, list):
+        return None
+    stages = []
+    for entry in pipeline:
+        for _name, stage in (entry.items() if isinstance(entry, dict) else []):
+            if isinstance(stage, dict) and "filename" in stage:
+                stages.append((str(stage["filename"]), stage))
+    return stages
+
+
 def genai_dir(path: str | os.PathLike) -> Path | None:
     """The genai folder of ``path`` (a folder, or a graph file inside one), or None."""
     p = Path(path)
@@ -112,6 +130,9 @@ def read_genai(path: str | os.PathLike, *, check_attention: bool = True) -> Gena
     dec = model_cfg.get("decoder") if isinstance(model_cfg, dict) else None
     if not isinstance(dec, dict):
         raise GenaiFolderError(f"{cfg_path}: no model.decoder section")
+    stages = stage_files(config)
+    if stages:  # a prefill / decode pipeline (onnxqf.genai.pipeline): read as its prompt stage's graph
+        dec = dict(dec, filename=next((f for f, st in stages if st.get("run_on_prompt", True)), stages[0][0]))
     missing = [k for k in ("filename", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_size")
                if k not in dec]
     if missing:
