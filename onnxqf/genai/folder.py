@@ -21,8 +21,8 @@ from onnxqf.errors import BadModelFileError, GenaiFolderError, OnnxqfError
 from onnxqf.graph.graphio import GraphIO
 
 __all__ = ["ATTENTION_OPS", "GENAI_CONFIG", "GENAI_INSTALL", "IO_DTYPES", "PIPELINE_TYPE", "SUPPORTED_ATTENTION",
-           "GenaiFolder", "genai_dir", "is_genai", "load_graph", "model_file", "output_path", "read_genai", "require_og",
-           "stage_files", "write_folder"]
+           "GenaiFolder", "genai_dir", "is_genai", "load_graph", "model_file", "output_path", "read_genai",
+           "require_og", "stage_files", "write_folder"]
 
 GENAI_CONFIG = "genai_config.json"
 GENAI_INSTALL = "pip install 'onnxqf[genai]'"
