@@ -34,9 +34,11 @@ __all__ = ["PREFILL", "DECODE", "cache_error", "join"]
 
 PREFILL = "prefill.onnx"
 DECODE = "decode.onnx"
-#: the check prompt's length (tokens) and the largest relative error allowed between the two graphs' caches
+#: the check prompt's length (tokens) and the largest relative error allowed between the two graphs' caches: two
+#: quantizations of one basis measured 0.02-0.03 (tiny model) and 0.26 (a random 8-layer Llama, W8A8 against int8w);
+#: caches in other bases 1.5 (a rotation in one only) and 7.6 (the hybrid's calibrated smoothing in one only)
 CHECK_TOKENS = 8
-MAX_CACHE_ERROR = 0.25
+MAX_CACHE_ERROR = 0.5
 
 
 def _shape(folder: GenaiFolder) -> tuple:
