@@ -229,15 +229,16 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Write one onnxruntime-genai folder that runs PREFILL's graph on the prompt and "
                                     "DECODE's on every generated token (genai's decoder-pipeline stages; both graphs "
                                     "share the KV cache, so both must be rewrites with the same transform and seed: "
-                                    "checked by comparing their caches on a short prompt). On the CPU: a W8A8 "
-                                    "rewrite for prompts (MatMulIntegerToFloat) and --quant int8w for decoding "
-                                    "(MatMulNBits' int8 kernels, faster at one token). Two copies of the weights.",
-                        epilog="example: onnxqf rewrite gen --hybrid --lowering onnxqf-cpu -o gen.w8a8 && onnxqf "
-                               "rewrite gen --hybrid --quant int8w -o gen.int8w && onnxqf pipeline gen.w8a8 gen.int8w "
+                                    "checked by comparing their caches on a short prompt; --hybrid has no weight-only "
+                                    "partner). On the CPU: a W8A8 rewrite for prompts (MatMulIntegerToFloat) and "
+                                    "--quant int8w for decoding (MatMulNBits' int8 kernels, faster at one token on "
+                                    "some CPUs: docs/benchmarks.md h). Two copies of the weights.",
+                        epilog="example: onnxqf rewrite gen --rotate --lowering onnxqf-cpu -o gen.w8a8 && onnxqf "
+                               "rewrite gen --rotate --quant int8w -o gen.int8w && onnxqf pipeline gen.w8a8 gen.int8w "
                                "-o gen.pipeline && onnxqf generate gen.pipeline --prompt 'Hello'")
     pl.add_argument("prefill", metavar="PREFILL", help="genai folder whose graph runs on prompts")
     pl.add_argument("decode", metavar="DECODE", help="genai folder whose graph runs on each generated token")
-    pl.add_argument("-o", "--output", required=True, help="the new folder")
+    pl.add_argument("-o", "--output", required=True, help="the new folder (NEWDIR or NEWDIR/model.onnx)")
     b = sub.add_parser("bench", help="prefill and KV-cache decode speed against a reference (IOBinding)",
                        description="Time each MODEL and a reference in the same run: prefill (one forward of batch x "
                                    "seq) and, for KV-cache graphs (onnxruntime-genai layout), a decode loop of "
@@ -607,11 +608,10 @@ def cmd_pipeline(args) -> int:
 
 def _refuse_pipeline(path, what: str) -> None:
     """A prefill / decode pipeline folder is read as its prompt graph; ``what`` cannot work on that alone."""
-    from onnxqf.genai.folder import GENAI_CONFIG, genai_dir, stage_files
+    from onnxqf.genai.folder import genai_dir, is_pipeline
 
-    d = genai_dir(path)
-    if d is not None and stage_files(json.loads((d / GENAI_CONFIG).read_text(encoding="utf-8"))) is not None:
-        raise OnnxqfError(f"{d}: a prefill / decode pipeline folder (`onnxqf pipeline`); {what}")
+    if is_pipeline(path):
+        raise OnnxqfError(f"{genai_dir(path)}: a prefill / decode pipeline folder (`onnxqf pipeline`); {what}")
 
 
 def cmd_bench(args) -> int:

@@ -22,7 +22,7 @@ from onnxqf.graph.graphio import GraphIO
 
 __all__ = ["ATTENTION_OPS", "GENAI_CONFIG", "GENAI_INSTALL", "IO_DTYPES", "PIPELINE_TYPE", "SUPPORTED_ATTENTION",
            "GenaiFolder", "genai_dir", "is_genai", "load_graph", "model_file", "output_path", "read_genai",
-           "require_og", "stage_files", "write_folder"]
+           "is_pipeline", "require_og", "stage_files", "write_folder"]
 
 GENAI_CONFIG = "genai_config.json"
 GENAI_INSTALL = "pip install 'onnxqf[genai]'"
@@ -86,6 +86,18 @@ def stage_files(config: dict) -> list[tuple[str, dict]] | None:
             if isinstance(stage, dict) and "filename" in stage:
                 stages.append((str(stage["filename"]), stage))
     return stages
+
+
+def is_pipeline(path: str | os.PathLike) -> bool:
+    """``path`` (a folder or a file in one) is a prefill / decode pipeline folder (:func:`stage_files`)."""
+    d = genai_dir(path)
+    if d is None:
+        return False
+    try:
+        config = json.loads((d / GENAI_CONFIG).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False  # (read_genai says what is wrong with it)
+    return stage_files(config) is not None
 
 
 def genai_dir(path: str | os.PathLike) -> Path | None:

@@ -2,7 +2,9 @@
 
 ONNX Runtime's CPU kernels are fastest for different weight formats at the two phases: ``MatMulIntegerToFloat``
 (W8A8, per-token codes) on a prompt of hundreds of tokens, ``MatMulNBits`` with int8 compute at one token (per
-linear, 8-bit MatMulNBits runs 1.4-1.8x faster than MatMulIntegerToFloat there: docs/benchmarks.md h). A graph cannot
+linear, 8-bit MatMulNBits runs 1.4-1.8x faster than MatMulIntegerToFloat there on the Xeon of docs/benchmarks.md h;
+end to end the two-graph folder decodes 1.2x faster than W8A8 on the development machine, ~3 % on that Xeon, where
+both are at the memory bound). A graph cannot
 switch kernels by the number of tokens cheaply, but onnxruntime-genai can: its ``decoder-pipeline`` model type runs
 each stage of ``model.decoder.pipeline`` on the prompt, on generated tokens or both (``run_on_prompt``,
 ``run_on_token_gen``), with the KV cache, the attention mask and the logits handed between stages by name. Here two
@@ -28,7 +30,15 @@ from pathlib import Path
 import numpy as np
 
 from onnxqf.errors import GenaiFolderError
-from onnxqf.genai.folder import GENAI_CONFIG, PIPELINE_TYPE, GenaiFolder, load_graph, read_genai, stage_files
+from onnxqf.genai.folder import (
+    GENAI_CONFIG,
+    PIPELINE_TYPE,
+    GenaiFolder,
+    is_pipeline,
+    load_graph,
+    output_path,
+    read_genai,
+)
 
 __all__ = ["PREFILL", "DECODE", "cache_error", "join"]
 
@@ -76,25 +86,20 @@ def cache_error(prefill: GenaiFolder, decode: GenaiFolder, tokens: int = CHECK_T
 
 def join(prefill_dir: str | Path, decode_dir: str | Path, out: str | Path, *,
          max_cache_error: float = MAX_CACHE_ERROR) -> Path:
-    """Write the pipeline folder ``out`` (module docstring) of ``prefill_dir``'s graph for prompts and
-    ``decode_dir``'s for generated tokens; returns ``out``. :class:`GenaiFolderError` (one line) for what the rules
-    refuse, before anything is written."""
+    """Write the pipeline folder ``out`` (``NEWDIR`` or ``NEWDIR/x.onnx``, as a rewrite's ``-o``; module docstring) of
+    ``prefill_dir``'s graph for prompts and ``decode_dir``'s for generated tokens; returns the folder.
+    :class:`GenaiFolderError` (one line) for what the rules refuse, before anything is written."""
     from onnxqf.graph.fileio import atomic_dir, is_partial
     from onnxqf.graph.modelfile import all_tensors, load_model, save_model
 
-    out = Path(out).absolute()
     folders = []
     for d in (prefill_dir, decode_dir):
-        cfg = Path(d) / GENAI_CONFIG
-        if cfg.is_file() and stage_files(json.loads(cfg.read_text(encoding="utf-8"))) is not None:
+        if is_pipeline(d):
             raise GenaiFolderError(f"{d}: already a prefill / decode pipeline folder; join two ordinary genai folders")
         folders.append(read_genai(d))
+    # the rules of a rewrite's output folder (new, empty or a genai folder; not an input's), NEWDIR or NEWDIR/x.onnx
+    out = [output_path(f, out) for f in folders][0].parent
     pre, dec = folders
-    for f in folders:
-        if out == f.directory.resolve() or out in f.directory.resolve().parents:
-            raise GenaiFolderError(f"the output folder {out} would replace the input folder {f.directory}")
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / GENAI_CONFIG).is_file())):
-        raise GenaiFolderError(f"{out} exists and is not an onnxruntime-genai folder: choose a new or empty folder")
     if _shape(pre) != _shape(dec):
         raise GenaiFolderError(f"{pre.directory} and {dec.directory} are not one model: layers, heads, head size or "
                                "KV cache differ")

@@ -41,7 +41,7 @@ import onnx_ir as ir
 from onnxqf.errors import UnsupportedGraphError
 from onnxqf.graph import edit
 from onnxqf.lowering.base import FLOAT32, LinearGroup, register
-from onnxqf.lowering.w8a8 import Uint8TokenQL
+from onnxqf.lowering.w8a8 import Uint8TokenQL, matmul_integer_to_float
 from onnxqf.maths.hadamard import walsh_matrix, walsh_sign
 
 __all__ = ["DOMAIN", "IDENTITY", "DENSE", "OP", "DEQUANTIZE_OP", "WALSH", "WALSH_NEG", "CpuRotation", "OnnxqfCpu",
@@ -108,10 +108,10 @@ def cpu_rotation(groups: list[tuple[int, np.ndarray | None]], K: int) -> CpuRota
 
 
 def quantize_rows_node(tape, graph: ir.Graph, x: ir.Value, base: str, rotation: CpuRotation | None = None,
-                       asymmetric: bool = False) -> tuple[ir.Value, ...]:
+                       asymmetric: bool = False, shape: ir.Shape | None = None) -> tuple[ir.Value, ...]:
     """The ``onnxqf.cpu.QuantizeRows`` node on ``tape`` (its dense factors, if any, an initializer of ``graph``):
     ``x``'s uint8 codes and its per-token amax, x rotated first by ``rotation``; ``asymmetric``: the codes, the
-    scale and the zero point of each token."""
+    scale and the zero point of each token. ``shape``: the codes' shape where x's is unknown (the rotated value's)."""
     inputs, attributes = [x], {}
     if rotation is not None:
         attributes = {"rotation_sizes": list(rotation.sizes), "rotation_kinds": list(rotation.kinds)}
@@ -125,10 +125,11 @@ def quantize_rows_node(tape, graph: ir.Graph, x: ir.Value, base: str, rotation: 
     outs[0].type = ir.TensorType(ir.DataType.UINT8)
     for v in outs[1:]:
         v.type = ir.TensorType(FLOAT32)
-    if x.shape is not None:
-        outs[0].shape = x.shape
+    shape = shape if shape is not None else x.shape
+    if shape is not None:
+        outs[0].shape = shape
         for v in outs[1:]:
-            v.shape = ir.Shape([*x.shape[:-1], 1])
+            v.shape = ir.Shape([*shape[:-1], 1])
     return tuple(outs)
 
 
@@ -173,22 +174,15 @@ class OnnxqfCpu(Uint8TokenQL):
         if self._fused is None:
             return quantize_rows_node(tape, graph, x, base, asymmetric=self.asymmetric)
         block, rotation = self._fused
-        outs = quantize_rows_node(tape, graph, block.input, base, rotation, asymmetric=self.asymmetric)
-        if x.shape is not None:  # (the rotated value's shape, known where the block's input's may not be)
-            outs[0].shape = x.shape
-            for v in outs[1:]:
-                v.shape = ir.Shape([*x.shape[:-1], 1])
-        return outs
+        # (the rotated value's shape, known where the block's input's may not be)
+        return quantize_rows_node(tape, graph, block.input, base, rotation, asymmetric=self.asymmetric,
+                                  shape=x.shape)
 
     def product(self, tape, graph, base, act, wq, q, scale, wzp=None):
         if not self.asymmetric:
             return super().product(tape, graph, base, act, wq, q, scale, wzp)
         xu, s, z = act
-        one = edit.add_initializer(graph, f"{base}/a_scale", np.array(1.0, np.float32))
-        wscale = edit.add_initializer(graph, f"{base}.weight_scale", scale.astype(np.float32))
-        zero = edit.add_initializer(graph, f"{base}/a_zero_point", np.array(0, np.uint8))
-        y = tape.op("MatMulIntegerToFloat", [xu, wq, one, wscale, zero] + ([wzp] if wzp is not None else []),
-                    domain="com.microsoft", name=f"{base}/matmul_u8s8")
+        y = matmul_integer_to_float(tape, graph, base, xu, wq, scale, 0, wzp)
         colsum = (q.astype(np.int64).sum(axis=0) * scale.astype(np.float64)).astype(np.float32)
         c = edit.add_initializer(graph, f"{base}.weight_colsum", colsum)
         return tape.op(DEQUANTIZE_OP, [y, s, z, c], domain=DOMAIN, name=f"{base}/dequantize_rows")

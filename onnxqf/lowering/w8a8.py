@@ -57,7 +57,8 @@ from onnxqf.maths import qmath
 from onnxqf.maths.gptq import gptq_quantize, prepare
 
 __all__ = ["W8A8Lowering", "Int8Token", "Uint8Token", "Uint8TokenQL", "Uint8TokenAsym", "Int8TokenAsym", "Uint8Tensor",
-           "token_amax", "per_token_codes", "asymmetric_codes", "refine_asymmetric", "Uint8TokenIter", "Int8TokenIter"]
+           "token_amax", "per_token_codes", "asymmetric_codes", "refine_asymmetric", "Uint8TokenIter", "Int8TokenIter",
+           "matmul_integer_to_float"]
 
 
 @dataclasses.dataclass
@@ -316,13 +317,19 @@ class Uint8TokenQL(Uint8Token):
 
     def product(self, tape, graph, base, act, wq, q, scale, wzp=None):
         xu, amax = act
-        one = edit.add_initializer(graph, f"{base}/a_scale", np.array(1.0, np.float32))
-        wscale = edit.add_initializer(graph, f"{base}.weight_scale", (scale / 127.0).astype(np.float32))
-        zp = edit.add_initializer(graph, f"{base}/a_zero_point", np.array(128, np.uint8))
-        ins = [xu, wq, one, wscale, zp] + ([wzp] if wzp is not None else [])
-        y = tape.op("MatMulIntegerToFloat", ins, domain="com.microsoft",
-                    name=f"{base}/matmul_u8s8")
+        y = matmul_integer_to_float(tape, graph, base, xu, wq, scale / 127.0, 128, wzp)
         return tape.op("Mul", [y, amax], name=f"{base}/token_scale")
+
+
+def matmul_integer_to_float(tape, graph: ir.Graph, base: str, xu: ir.Value, wq: ir.Value, channel_scale: np.ndarray,
+                            a_zero_point: int, wzp: ir.Value | None = None) -> ir.Value:
+    """``com.microsoft.MatMulIntegerToFloat(xu, wq, 1, channel_scale, a_zero_point[, wzp])`` on ``tape``: the uint8
+    codes' product with the weights, each output channel times its scale, as float32 (the token scale left out)."""
+    one = edit.add_initializer(graph, f"{base}/a_scale", np.array(1.0, np.float32))
+    wscale = edit.add_initializer(graph, f"{base}.weight_scale", np.asarray(channel_scale).astype(np.float32))
+    zp = edit.add_initializer(graph, f"{base}/a_zero_point", np.array(a_zero_point, np.uint8))
+    ins = [xu, wq, one, wscale, zp] + ([wzp] if wzp is not None else [])
+    return tape.op("MatMulIntegerToFloat", ins, domain="com.microsoft", name=f"{base}/matmul_u8s8")
 
 
 @dataclasses.dataclass
