@@ -258,6 +258,12 @@ def build_parser() -> argparse.ArgumentParser:
                                                                  "32)")
     b.add_argument("--repeats", type=_positive, default=10, help="timed runs per measurement (default 10)")
     b.add_argument("--warmup", type=int, default=3, help="untimed runs before them (default 3)")
+    b.add_argument("--cache", choices=["auto", "shared", "separate"], default="auto",
+                   help="how the KV cache is bound: auto (default) as the folder's genai_config.json says (its "
+                        "search.past_present_share_buffer: onnxruntime-genai then binds one buffer as both past and "
+                        "present, which GroupQueryAttention writes in place; the model builder sets it for every "
+                        "GroupQueryAttention folder), shared (one buffer; GroupQueryAttention graphs only) or separate "
+                        "(each step's present is a new output, fed back as the next past)")
     b.add_argument("--cuda-graph", action="store_true",
                    help="with --ep cuda, also time each decode step at a fixed past replayed as a CUDA graph (ONNX "
                         "Runtime's enable_cuda_graph): the step's GPU time without per-kernel launch cost; needs every "
@@ -626,7 +632,7 @@ def cmd_bench(args) -> int:
     opts = BenchOptions(ep=args.ep, batch=args.batch, seq=args.seq, past=parse_past(args.past),
                         decode_tokens=args.decode_tokens, repeats=args.repeats, warmup=args.warmup,
                         cuda_graph=args.cuda_graph, progress=not (args.quiet or args.json),
-                        nbits_kernel=args.nbits_kernel, op_times=args.op_times)
+                        nbits_kernel=args.nbits_kernel, op_times=args.op_times, cache=args.cache)
     result = run_bench(args.models, opts, ref=args.ref)
     print(json.dumps(result) if args.json else format_table(result))
     return 0

@@ -207,6 +207,75 @@ def test_genai_folder(tmp_path):
     assert all(r["models"][0]["decode"][p]["tokens_per_s"]["median"] > 0 for p in ("4", "16"))
 
 
+def test_shared_cache_as_genai_binds_it(tmp_path, capsys):
+    """A builder folder (GroupQueryAttention, genai_config.json's past_present_share_buffer true): bench binds one
+    buffer per cache input as past and present, as onnxruntime-genai does. Three decode steps that way give the
+    logits of three steps feeding each present back as the next past; --cache separate / auto / shared pick the
+    binding, and shared is refused for a graph without GroupQueryAttention."""
+    pytest.importorskip("onnxruntime_genai")
+    pytest.importorskip("transformers")
+    from onnxqf.models.genai_export import export_genai
+    from onnxqf.runtime.bench import bind_cache, measure_decode_step_graph, past_arrays, shared_cache_buffers
+    from onnxqf.runtime.session import make_session, ort
+
+    from tiny import save_byte_tokenizer, tiny_model
+
+    model = tiny_model("llama-gqa")
+    model.save_pretrained(str(tmp_path / "hf"))
+    save_byte_tokenizer(tmp_path / "hf")
+    folder = export_genai(str(tmp_path / "hf"), tmp_path / "gen" / "model.onnx").parent
+    described = describe(folder)
+    assert described.gqa and described.shares_cache
+    io, rt = described.io, ort()
+    session = make_session(io.path)
+    rng = np.random.default_rng(1)
+    past, steps = 5, 3
+    start = past_arrays(io, rng, 1, past)
+    tokens = rng.integers(0, 100, (steps, 1, 1)).astype(np.int64)
+
+    def step_feeds(t):
+        feeds = {io.ids: tokens[t], io.mask: np.ones((1, past + t + 1), np.int64)}
+        if io.positions:
+            feeds[io.positions] = np.full((1, 1), past + t, np.int64)
+        return {k: rt.OrtValue.ortvalue_from_numpy(v, "cpu", 0) for k, v in feeds.items()}
+
+    logits = {}
+    for shared in (False, True):
+        cur = ([rt.OrtValue.ortvalue_from_numpy(np.pad(start, ((0, 0), (0, 0), (0, steps), (0, 0))), "cpu", 0)
+                for _ in io.cache] if shared else [rt.OrtValue.ortvalue_from_numpy(start, "cpu", 0) for _ in io.cache])
+        out = []
+        for t in range(steps):
+            binding = session.io_binding()
+            for k, v in step_feeds(t).items():
+                binding.bind_ortvalue_input(k, v)
+            binding.bind_output(io.logits, "cpu", 0)
+            bind_cache(binding, io, cur, shared, "cpu")
+            session.run_with_iobinding(binding)
+            got = binding.get_outputs()
+            out.append(got[0].numpy().copy())
+            if not shared:
+                cur = list(got)[1:]
+        logits[shared] = np.stack(out)
+    np.testing.assert_allclose(logits[True], logits[False], rtol=1e-5, atol=1e-5)
+    buffers = shared_cache_buffers(rt, io, rng, 1, past, past + 2, "cpu")
+    assert buffers[0].shape() == [1, io.kv_heads, past + 2, io.head_dim]
+    assert not np.any(buffers[0].numpy()[:, :, past:]) and np.all(np.abs(buffers[0].numpy()[:, :, :past]) > 0)
+    assert min(measure_decode_step_graph(session, io, batch=1, past=4, warmup=0, repeats=2, steps=2, device="cpu",
+                                         shared=True)) > 0
+
+    opts = {"ep": "cpu", "seq": 8, "past": (4,), "decode_tokens": 3, "repeats": 2, "warmup": 1, "progress": False}
+    auto = run_bench([str(folder)], BenchOptions(**opts))
+    separate = run_bench([str(folder)], BenchOptions(**opts, cache="separate"))
+    assert auto["models"][0]["cache"] == "shared" and separate["models"][0]["cache"] == "separate"
+    assert auto["models"][0]["decode"]["4"]["tokens_per_s"]["median"] > 0
+    assert "one past/present buffer per input" in format_table(auto)
+    kv = kv_graph(tmp_path / "kv.onnx")
+    assert not describe(kv).gqa and run_bench([str(kv)], BenchOptions(**opts))["models"][0]["cache"] == "separate"
+    capsys.readouterr()  # the export's progress
+    line = one_line_error(capsys, main(["bench", str(kv), "--ep", "cpu", "--cache", "shared", "-q"]))
+    assert "--cache shared needs GroupQueryAttention" in line
+
+
 def test_no_logits_output(tmp_path, capsys):
     line = one_line_error(capsys, main(["bench", str(plain_graph(tmp_path / "y.onnx", output="y")), "--ep", "cpu"]))
     assert "no 'logits' output" in line

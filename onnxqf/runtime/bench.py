@@ -13,7 +13,19 @@ Method. Every input and output is bound with IOBinding on the provider's device 
 past for KV-cache graphs). **Decode** starts from a past of length P (random values of the cache's
 dtype, already on the device), then runs one token at a time, binding each step's ``present`` outputs
 (still on the device) as the next step's ``past`` inputs, for ``decode_tokens`` steps; its speed is
-``batch * decode_tokens / elapsed`` tokens/s. Each measurement is ``warmup`` untimed runs, then
+``batch * decode_tokens / elapsed`` tokens/s.
+
+**The cache as the client binds it.** onnxruntime-genai runs a folder whose ``genai_config.json`` says
+``search.past_present_share_buffer`` (the model builder writes it for every ``GroupQueryAttention`` graph, on
+every provider) with one buffer per cache input, ``max_length`` positions long, bound as both ``past`` and
+``present``: ``GroupQueryAttention`` then writes the new positions in place and reads the valid ones by the
+mask. Without it, every step allocates each ``present``, zeroes it and copies the past into it (on the CPU a
+single-threaded memset of every layer's cache per token). ``cache="auto"`` (the default) binds the cache the
+way the folder's config says; ``"shared"`` / ``"separate"`` force one way (shared needs a
+``GroupQueryAttention`` graph). Shared, each cache input is one buffer of ``past + decode_tokens`` positions
+(prefill: ``seq``; a CUDA-graph step: ``past + 1``) whose first ``past`` hold the random past, bound as input
+and output; a step's work does not depend on the buffer's length, which genai makes ``max_length``. Each
+measurement is ``warmup`` untimed runs, then
 ``repeats`` timed ones, reported as median, min, max and interquartile range. Timing is
 ``time.perf_counter`` around ``run_with_iobinding``: with ONNX Runtime's default run options the
 provider's stream is synchronized before ``run`` returns, and ``synchronize_outputs`` is called
@@ -54,9 +66,10 @@ import numpy as np
 from onnxqf.errors import OnnxqfError
 from onnxqf.graph.graphio import PAST_RE, GraphIO
 
-__all__ = ["DEVICE", "ISA_TIERS", "NBITS_KERNELS", "BenchModel", "BenchOptions", "check_provider", "cpu_info",
-           "cpu_isa", "describe", "format_table", "kernel_runs", "measure_decode", "measure_decode_step_graph",
-           "measure_prefill", "op_times", "parse_past", "physical_cores", "run_bench"]
+__all__ = ["CACHE_MODES", "DEVICE", "ISA_TIERS", "NBITS_KERNELS", "BenchModel", "BenchOptions", "bind_cache",
+           "cache_mode", "check_provider", "cpu_info", "cpu_isa", "describe", "format_table", "kernel_runs",
+           "measure_decode", "measure_decode_step_graph", "measure_prefill", "op_times", "parse_past", "past_arrays",
+           "physical_cores", "run_bench", "shared_cache_buffers"]
 
 DEVICE = {"cpu": "cpu", "cuda": "cuda"}
 DRIVES = "bench drives input_ids, attention_mask, position_ids and past_key_values.N.key|value"
@@ -69,6 +82,8 @@ class BenchModel:
 
     io: GraphIO
     nbits: dict = field(default_factory=lambda: {"nodes": 0, "fpa_intb": 0, "blockers": {}})
+    shares_cache: bool = False  # its genai_config.json says past_present_share_buffer (see the module doc)
+    gqa: bool = False  # its graph has GroupQueryAttention nodes (the op that takes a shared past/present buffer)
 
     @property
     def path(self) -> str:
@@ -114,7 +129,39 @@ def describe(path: str | os.PathLike) -> BenchModel:
                           "head_dim (or a genai_config.json beside the graph that gives them)")
     if io.cache and io.mask is None:
         raise OnnxqfError(f"{p}: a KV-cache graph needs an attention_mask input")
-    return BenchModel(io, nbits_kernels(onnx.load(p, load_external_data=False)))
+    graph = onnx.load(p, load_external_data=False)
+    gqa = any(n.op_type == "GroupQueryAttention" for n in graph.graph.node)
+    return BenchModel(io, nbits_kernels(graph), shares_cache=bool(io.cache) and gqa and _config_shares(p), gqa=gqa)
+
+
+def _config_shares(path: str | os.PathLike) -> bool:
+    """The ``search.past_present_share_buffer`` of the genai_config.json beside ``path`` (False without one)."""
+    import json
+
+    from onnxqf.genai.folder import GENAI_CONFIG, genai_dir
+
+    d = genai_dir(path)
+    if d is None:
+        return False
+    try:
+        config = json.loads((d / GENAI_CONFIG).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+    search = config.get("search") if isinstance(config, dict) else None
+    return bool(isinstance(search, dict) and search.get("past_present_share_buffer"))
+
+
+CACHE_MODES = ("auto", "shared", "separate")
+
+
+def cache_mode(model: BenchModel, mode: str) -> bool:
+    """Whether to bind ``model``'s cache as one shared past/present buffer, for ``--cache`` ``mode``."""
+    if mode not in CACHE_MODES:
+        raise OnnxqfError(f"--cache must be one of {', '.join(CACHE_MODES)}, not '{mode}'")
+    if mode == "shared" and model.io.cache and not model.gqa:
+        raise OnnxqfError(f"{model.path}: --cache shared needs GroupQueryAttention nodes (the op that writes its "
+                          "present into its past buffer); this graph has none")
+    return bool(model.io.cache) and (mode == "shared" or (mode == "auto" and model.shares_cache))
 
 
 # -- inputs ---------------------------------------------------------------------------------------
@@ -135,10 +182,35 @@ def _ids(io: GraphIO, rng: np.random.Generator, batch: int, seq: int) -> np.ndar
     return rng.integers(0, high, (batch, seq)).astype(io.int_types[io.ids])
 
 
-def _past_arrays(io: GraphIO, rng: np.random.Generator, batch: int, past: int) -> np.ndarray:
-    """One random [batch, kv_heads, past, head_dim] array (the same values serve every layer)."""
+def past_arrays(io: GraphIO, rng: np.random.Generator, batch: int, past: int,
+                 capacity: int | None = None) -> np.ndarray:
+    """One random [batch, kv_heads, past, head_dim] array (the same values serve every layer); with ``capacity``,
+    [batch, kv_heads, capacity, head_dim] whose first ``past`` positions are those values and the rest zeros (a
+    shared past/present buffer)."""
     shape = (batch, io.kv_heads, past, io.head_dim)
-    return rng.standard_normal(shape, dtype=np.float32).astype(io.cache_dtype)
+    values = rng.standard_normal(shape, dtype=np.float32).astype(io.cache_dtype)
+    if capacity is None:
+        return values
+    buffer = np.zeros((batch, io.kv_heads, capacity, io.head_dim), io.cache_dtype)
+    buffer[:, :, :past] = values
+    return buffer
+
+
+def shared_cache_buffers(rt, io: GraphIO, rng: np.random.Generator, batch: int, past: int, capacity: int, device: str):
+    """One device buffer per cache input (its own: each layer's present is written into it), ``capacity``
+    positions, the first ``past`` random."""
+    array = past_arrays(io, rng, batch, past, capacity)
+    return [rt.OrtValue.ortvalue_from_numpy(array.copy(), device, 0) for _ in io.cache]
+
+
+def bind_cache(binding, io: GraphIO, values, shared: bool, device: str) -> None:
+    """Bind each cache input to ``values``; its present to the same buffer (shared) or to a new output."""
+    for (past, present), value in zip(io.cache, values):
+        binding.bind_ortvalue_input(past, value)
+        if shared:
+            binding.bind_ortvalue_output(present, value)
+        else:
+            binding.bind_output(present, device, 0)
 
 
 def _run_options(rt):
@@ -159,9 +231,10 @@ def _stats(values: list[float]) -> dict:
 
 
 def measure_prefill(session, io: GraphIO, *, device: str, batch: int, seq: int, warmup: int, repeats: int,
-                    seed: int = 0, traced=None) -> list[float]:
+                    seed: int = 0, traced=None, shared: bool = False) -> list[float]:
     """Seconds per forward of batch x seq tokens (empty past for KV-cache graphs), ``repeats`` values.
-    ``traced``: a function that runs the function it is given (a profiler around the runs, not the uploads)."""
+    ``traced``: a function that runs the function it is given (a profiler around the runs, not the uploads).
+    ``shared``: the cache bound as one past/present buffer of ``seq`` positions (module doc)."""
     from onnxqf.runtime.session import ort
 
     rt = ort()
@@ -171,16 +244,15 @@ def measure_prefill(session, io: GraphIO, *, device: str, batch: int, seq: int, 
         feeds[io.mask] = np.ones((batch, seq), io.int_types[io.mask])
     if io.positions:
         feeds[io.positions] = np.broadcast_to(np.arange(seq), (batch, seq)).astype(io.int_types[io.positions])
-    if io.cache:
-        empty = _past_arrays(io, rng, batch, 0)
-        feeds.update({past: empty for past, _ in io.cache})
     values = {name: _ortvalue(rt, arr, device) for name, arr in feeds.items()}  # kept alive while bound
+    cache = (shared_cache_buffers(rt, io, rng, batch, 0, seq, device) if shared else
+             [_ortvalue(rt, past_arrays(io, rng, batch, 0), device) for _ in io.cache])
     ro = _run_options(rt)
     binding = session.io_binding()
     for name, value in values.items():
         binding.bind_ortvalue_input(name, value)
-    for out in [io.logits] + [present for _, present in io.cache]:
-        binding.bind_output(out, device, 0)
+    binding.bind_output(io.logits, device, 0)
+    bind_cache(binding, io, cache, shared, device)
     times = []
 
     def runs():
@@ -196,23 +268,27 @@ def measure_prefill(session, io: GraphIO, *, device: str, batch: int, seq: int, 
 
 
 def measure_decode(session, io: GraphIO, *, device: str, batch: int, past: int, tokens: int, warmup: int,
-                   repeats: int, seed: int = 0, traced=None) -> list[float]:
+                   repeats: int, seed: int = 0, traced=None, shared: bool = False) -> list[float]:
     """Tokens/s of a KV-cache loop of ``tokens`` steps from a random past of length ``past``, ``repeats`` values
-    (``traced``: as :func:`measure_prefill`'s)."""
+    (``traced``: as :func:`measure_prefill`'s). ``shared``: each cache input one buffer of ``past + tokens``
+    positions bound as past and present, written in place (module doc); else each step's presents are the next
+    step's pasts."""
     from onnxqf.runtime.session import ort
 
     if not io.cache:
         raise OnnxqfError(f"{io.path}: no KV cache to decode with")
     rt = ort()
     rng = np.random.default_rng(seed)
-    start_array = _past_arrays(io, rng, batch, past)
-    start = [_ortvalue(rt, start_array, device) for _ in io.cache]
+    if shared:  # each loop overwrites positions past.. of the same buffers: the same work every time
+        start = shared_cache_buffers(rt, io, rng, batch, past, past + max(tokens, 1), device)
+    else:
+        start_array = past_arrays(io, rng, batch, past)
+        start = [_ortvalue(rt, start_array, device) for _ in io.cache]
     token = _ortvalue(rt, _ids(io, rng, batch, 1), device)
     masks = [_ortvalue(rt, np.ones((batch, past + t + 1), io.int_types[io.mask]), device) for t in range(tokens)]
     positions = ([_ortvalue(rt, np.full((batch, 1), past + t, io.int_types[io.positions]), device)
                   for t in range(tokens)]
                  if io.positions else None)
-    outputs = [io.logits] + [present for _, present in io.cache]
     ro = _run_options(rt)
     binding = session.io_binding()
 
@@ -226,12 +302,11 @@ def measure_decode(session, io: GraphIO, *, device: str, batch: int, past: int, 
             binding.bind_ortvalue_input(io.mask, masks[t])
             if positions is not None:
                 binding.bind_ortvalue_input(io.positions, positions[t])
-            for (name, _), value in zip(io.cache, cur):
-                binding.bind_ortvalue_input(name, value)
-            for out in outputs:
-                binding.bind_output(out, device, 0)
+            binding.bind_output(io.logits, device, 0)
+            bind_cache(binding, io, cur, shared, device)
             session.run_with_iobinding(binding, ro)
-            cur = list(binding.get_outputs())[1:]  # the presents, still on the device, are the next past
+            if not shared:
+                cur = list(binding.get_outputs())[1:]  # the presents, still on the device, are the next past
         binding.synchronize_outputs()
         return time.perf_counter() - t0
 
@@ -248,7 +323,8 @@ def measure_decode(session, io: GraphIO, *, device: str, batch: int, past: int, 
 
 
 def measure_decode_step_graph(session, io: GraphIO, *, batch: int, past: int, warmup: int, repeats: int,
-                              steps: int = 32, seed: int = 0, device: str = "cuda") -> list[float]:
+                              steps: int = 32, seed: int = 0, device: str = "cuda",
+                              shared: bool = False) -> list[float]:
     """Tokens/s of one decode step at a fixed ``past``, replayed as a CUDA graph, ``repeats`` values.
 
     ``session`` must be a CUDA session made with ``enable_cuda_graph=1``. ONNX Runtime captures the
@@ -258,7 +334,8 @@ def measure_decode_step_graph(session, io: GraphIO, *, batch: int, past: int, wa
     not grow between replays: each replay is the step from ``past`` to ``past + 1``, the same work as
     the KV-cache loop's step at that length, without the per-kernel launch cost on the host. A value
     is ``steps`` replays timed together. (``device="cpu"`` runs the same fixed-buffer loop without a
-    graph, for tests.)
+    graph, for tests.) ``shared``: each cache input one buffer of ``past + 1`` positions bound as past and
+    present (module doc): each replay writes position ``past`` in place.
     """
     from onnxqf.runtime.session import ort
 
@@ -269,15 +346,20 @@ def measure_decode_step_graph(session, io: GraphIO, *, batch: int, past: int, wa
     feeds = {io.ids: _ids(io, rng, batch, 1), io.mask: np.ones((batch, past + 1), io.int_types[io.mask])}
     if io.positions:
         feeds[io.positions] = np.full((batch, 1), past, io.int_types[io.positions])
-    kv = _past_arrays(io, rng, batch, past)
-    feeds.update({name: kv for name, _ in io.cache})
+    if not shared:
+        kv = past_arrays(io, rng, batch, past)
+        feeds.update({name: kv for name, _ in io.cache})
     values = {name: rt.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a), device, 0) for name, a in feeds.items()}
     if not io.vocab:
         raise OnnxqfError(f"{io.path}: a CUDA graph needs a static vocabulary size on 'logits'")
     outs = {io.logits: rt.OrtValue.ortvalue_from_shape_and_type([batch, 1, io.vocab], io.logits_dtype, device, 0)}
-    for _, present in io.cache:
-        outs[present] = rt.OrtValue.ortvalue_from_shape_and_type([batch, io.kv_heads, past + 1, io.head_dim],
-                                                                 io.cache_dtype, device, 0)
+    buffers = shared_cache_buffers(rt, io, rng, batch, past, past + 1, device) if shared else []
+    for (name, present), buf in zip(io.cache, buffers):
+        values[name] = outs[present] = buf
+    if not shared:
+        for _, present in io.cache:
+            outs[present] = rt.OrtValue.ortvalue_from_shape_and_type([batch, io.kv_heads, past + 1, io.head_dim],
+                                                                     io.cache_dtype, device, 0)
     binding = session.io_binding()
     for name, value in values.items():
         binding.bind_ortvalue_input(name, value)
@@ -312,6 +394,7 @@ class BenchOptions:
     progress: bool = True
     nbits_kernel: str = "default"  # MatMulNBits kernels: "default", "fpa-intb" (CUTLASS, ORT_FPA_INTB_GEMM=1) or "both"
     op_times: bool = False  # also profile: kernel time per operator type (CPU) or per GPU kernel (CUDA)
+    cache: str = "auto"  # how the KV cache is bound: "auto" (as the folder's genai_config says), "shared", "separate"
 
 
 NBITS_KERNELS = ("default", "fpa-intb", "both")
@@ -367,6 +450,8 @@ def run_bench(models: list[str], opts: BenchOptions, ref: str | None = None) -> 
         raise OnnxqfError("--batch, --seq and --repeats must be >= 1, --warmup and --decode-tokens >= 0")
     paths = ([ref] if ref is not None else []) + list(models)
     described = [describe(p) for p in paths]  # every bad input is reported before anything is measured
+    for model in described:
+        cache_mode(model, opts.cache)
     provider = check_provider(opts.ep)
     if opts.cuda_graph and opts.ep != "cuda":
         raise OnnxqfError("--cuda-graph needs --ep cuda")
@@ -380,7 +465,8 @@ def run_bench(models: list[str], opts: BenchOptions, ref: str | None = None) -> 
     rt = ort()
     result = {"ep": opts.ep, "provider": provider, "onnxruntime": rt.__version__, "batch": opts.batch, "seq": opts.seq,
               "past": pasts, "decode_tokens": opts.decode_tokens, "repeats": opts.repeats, "warmup": opts.warmup,
-              "cuda_graph": opts.cuda_graph, "nbits_kernel": opts.nbits_kernel, "reference": paths[0], "models": []}
+              "cuda_graph": opts.cuda_graph, "nbits_kernel": opts.nbits_kernel, "cache_mode": opts.cache,
+              "reference": paths[0], "models": []}
     names = _names(paths)
     with tqdm(total=total, desc="bench", unit="step", disable=not opts.progress, leave=False) as bar:
         for n, (i, kernel) in enumerate(runs):
@@ -462,14 +548,17 @@ def _bench_one(path, model: BenchModel, name: str, reference: bool, opts: BenchO
     from onnxqf.runtime.session import make_session
 
     io = model.io
+    shared = cache_mode(model, opts.cache)
     bar.set_description(f"{name}: loading")
     session = make_session(io.path, ep=opts.ep)
     bar.update(1)
     row: dict = {"name": name, "path": str(path), "reference": reference, "kv_cache": io.has_cache,
+                 "cache": ("shared" if shared else "separate") if io.has_cache else None,
                  "intra_op_threads_setting": int(session.get_session_options().intra_op_num_threads)}
     bar.set_description(f"{name}: prefill {opts.batch}x{opts.seq}")
     times = _guard(name, "prefill", lambda: measure_prefill(session, io, device=device, batch=opts.batch,
-                                                             seq=opts.seq, warmup=opts.warmup, repeats=opts.repeats))
+                                                             seq=opts.seq, warmup=opts.warmup, repeats=opts.repeats,
+                                                             shared=shared))
     row["prefill_ms"] = _stats([t * 1e3 for t in times])
     row["prefill_tokens_per_s"] = opts.batch * opts.seq / float(np.median(times))
     bar.update(1)
@@ -479,7 +568,7 @@ def _bench_one(path, model: BenchModel, name: str, reference: bool, opts: BenchO
             bar.set_description(f"{name}: decode past {past}")
             speeds = _guard(name, f"decode (past {past})", lambda: measure_decode(
                 session, io, device=device, batch=opts.batch, past=past, tokens=opts.decode_tokens,
-                warmup=opts.warmup, repeats=opts.repeats))
+                warmup=opts.warmup, repeats=opts.repeats, shared=shared))
             stats = _stats(speeds)
             row["decode"][str(past)] = {"tokens_per_s": stats, "ms_per_token": opts.batch * 1e3 / stats["median"]}
             bar.update(1)
@@ -494,7 +583,7 @@ def _bench_one(path, model: BenchModel, name: str, reference: bool, opts: BenchO
                         io.path, ep="cuda", provider_options={"enable_cuda_graph": "1"}))
                     speeds = _guard(name, f"CUDA-graph decode step (past {past})", lambda: measure_decode_step_graph(
                         graph_session, io, batch=opts.batch, past=past, warmup=opts.warmup, repeats=opts.repeats,
-                        steps=max(1, opts.decode_tokens)))
+                        steps=max(1, opts.decode_tokens), shared=shared))
                 except OnnxqfError as exc:
                     row["decode_graph_note"] = str(exc)
                     break
@@ -512,7 +601,7 @@ def _bench_one(path, model: BenchModel, name: str, reference: bool, opts: BenchO
     gc.collect()
     if opts.op_times:
         bar.set_description(f"{name}: profiling")
-        row["op_times"] = _guard(name, "profiling", lambda: _profile(io, opts, device, pasts))
+        row["op_times"] = _guard(name, "profiling", lambda: _profile(io, opts, device, pasts, shared))
         bar.update(1)
     return row
 
@@ -544,7 +633,7 @@ def op_times(events: list[dict], skip: int = 1) -> dict[str, float]:
     return {op: ms / n for op, ms in sorted(total.items(), key=lambda kv: -kv[1])}
 
 
-def _profile(io: GraphIO, opts: BenchOptions, device: str, pasts: list[int]) -> dict:
+def _profile(io: GraphIO, opts: BenchOptions, device: str, pasts: list[int], shared: bool = False) -> dict:
     """Kernel ms per operator type: per prefill of ``batch x seq`` and per decode token at ``pasts[0]`` (a loop of
     ``decode_tokens`` steps after a first one)."""
     import json
@@ -555,18 +644,18 @@ def _profile(io: GraphIO, opts: BenchOptions, device: str, pasts: list[int]) -> 
     out: dict = {}
     phases = ["prefill"] + (["decode"] if io.has_cache and pasts and opts.decode_tokens > 0 else [])
     if opts.ep == "cuda":
-        return _profile_cuda(io, opts, phases, pasts)
+        return _profile_cuda(io, opts, phases, pasts, shared)
     with tempfile.TemporaryDirectory(prefix="onnxqf-profile-") as tmp:
         for phase in phases:
             session = make_session(io.path, ep=opts.ep, profile=os.path.join(tmp, phase))
             if phase == "prefill":
                 measure_prefill(session, io, device=device, batch=opts.batch, seq=opts.seq, warmup=1,
-                                repeats=OP_TIME_RUNS)
+                                repeats=OP_TIME_RUNS, shared=shared)
             else:  # one step first (the skipped run), then the loop: each step is one run
                 measure_decode(session, io, device=device, batch=opts.batch, past=pasts[0], tokens=1, warmup=0,
-                               repeats=1)
+                               repeats=1, shared=shared)
                 measure_decode(session, io, device=device, batch=opts.batch, past=pasts[0],
-                               tokens=opts.decode_tokens, warmup=0, repeats=1)
+                               tokens=opts.decode_tokens, warmup=0, repeats=1, shared=shared)
             events = json.loads(Path(session.end_profiling()).read_text())
             session = None
             gc.collect()
@@ -575,7 +664,8 @@ def _profile(io: GraphIO, opts: BenchOptions, device: str, pasts: list[int]) -> 
     return out
 
 
-def _profile_cuda(io: GraphIO, opts: BenchOptions, phases: list[str], pasts: list[int]) -> dict:
+def _profile_cuda(io: GraphIO, opts: BenchOptions, phases: list[str], pasts: list[int],
+                  shared: bool = False) -> dict:
     """GPU ms per kernel family (:mod:`onnxqf.runtime.cuda_profile`): per prefill (``OP_TIME_RUNS`` after one
     untraced) and per decode token at ``pasts[0]`` (a traced loop of ``decode_tokens`` steps after one untraced)."""
     from onnxqf.runtime.cuda_profile import profile_cuda
@@ -589,14 +679,15 @@ def _profile_cuda(io: GraphIO, opts: BenchOptions, phases: list[str], pasts: lis
         def traced(fn, n):
             got["times"] = profile_cuda(fn, n)
         if phase == "prefill":  # one untraced run first, then OP_TIME_RUNS traced (the inputs uploaded before)
-            measure_prefill(session, io, device="cuda", batch=opts.batch, seq=opts.seq, warmup=1, repeats=0)
+            measure_prefill(session, io, device="cuda", batch=opts.batch, seq=opts.seq, warmup=1, repeats=0,
+                            shared=shared)
             measure_prefill(session, io, device="cuda", batch=opts.batch, seq=opts.seq, warmup=0, repeats=OP_TIME_RUNS,
-                            traced=lambda f: traced(f, OP_TIME_RUNS))
+                            traced=lambda f: traced(f, OP_TIME_RUNS), shared=shared)
         else:  # one untraced loop first, then a traced loop of decode_tokens steps
             measure_decode(session, io, device="cuda", batch=opts.batch, past=pasts[0], tokens=opts.decode_tokens,
-                           warmup=0, repeats=1)
+                           warmup=0, repeats=1, shared=shared)
             measure_decode(session, io, device="cuda", batch=opts.batch, past=pasts[0], tokens=opts.decode_tokens,
-                           warmup=0, repeats=1, traced=lambda f: traced(f, opts.decode_tokens))
+                           warmup=0, repeats=1, traced=lambda f: traced(f, opts.decode_tokens), shared=shared)
         out[phase] = got["times"]
     out["decode_past"] = pasts[0] if "decode" in out else None
     out["unit"] = "GPU ms per kernel family"
@@ -611,6 +702,18 @@ def _guard(name: str, what: str, fn):
     except Exception as exc:
         msg = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
         raise OnnxqfError(f"{name}: onnxruntime failed during {what}: {msg}") from None
+
+
+def _cache_note(rows: list[dict]) -> str:
+    """'; KV cache: shared past/present buffers' (or separate, or which row had which)."""
+    kinds = {row["name"]: row.get("cache") for row in rows if row.get("cache")}
+    if not kinds:
+        return ""
+    if len(set(kinds.values())) == 1:
+        kind = next(iter(kinds.values()))
+        return "; KV cache: " + ("one past/present buffer per input (as genai_config.json says)" if kind == "shared"
+                                 else "a new present per step")
+    return "; KV cache: " + ", ".join(f"{name} {kind}" for name, kind in kinds.items())
 
 
 def _names(paths: list[str]) -> list[str]:
@@ -668,7 +771,7 @@ def format_table(result: dict) -> str:
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     lines.append(f"{result['provider']}, onnxruntime {result['onnxruntime']}; median [min–max] of "
                  f"{result['repeats']} runs after {result['warmup']} warm-up; decode: {result['decode_tokens']} "
-                 "tokens per run; ×ref > 1 is faster")
+                 "tokens per run; ×ref > 1 is faster" + _cache_note(result["models"]))
     for row in result["models"]:
         if row.get("op_times"):
             lines.append(_op_time_line(row))
