@@ -278,3 +278,116 @@ def test_hybrid_rewrite_moves_every_online_rotation_into_the_ops(tiny_fp16, ids_
     assert blocks["layers.0.down_proj"] == 96 and blocks["layers.0.o_proj"] == 16  # d_ff 96: one group; 4 heads of 16
     glu = [n.name for n in ops if any(a.name == "input_glu" for a in n.attribute)]
     assert sorted(glu) == ["layers.0.down_proj/w8a8_linear", "layers.1.down_proj/w8a8_linear"]  # rotation + SwiGLU
+
+
+def _sln_graph(K=64, read_mean=False, extra_reader=False, bias=False):
+    """a, skip -> SkipSimplifiedLayerNormalization -> (xn -> two MatMuls, sum -> Identity), float16, as ir."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    f16 = TensorProto.FLOAT16
+    inits = [numpy_helper.from_array(rng.uniform(0.5, 1.5, K).astype(np.float16), "gamma"),
+             numpy_helper.from_array(rng.standard_normal((K, 32)).astype(np.float16), "w1"),
+             numpy_helper.from_array(rng.standard_normal((K, 16)).astype(np.float16), "w2"),
+             numpy_helper.from_array(np.zeros(K, np.float16), "beta")]
+    sln_in = ["a", "skip", "gamma"] + (["beta"] if bias else [])
+    nodes = [helper.make_node("SkipSimplifiedLayerNormalization", sln_in, ["xn", "mean" if read_mean else "", "",
+                                                                          "s"], domain="com.microsoft", epsilon=1e-6),
+             helper.make_node("MatMul", ["xn", "w1"], ["y1"]), helper.make_node("MatMul", ["xn", "w2"], ["y2"]),
+             helper.make_node("Identity", ["s"], ["s_out"])]
+    outs = [helper.make_tensor_value_info(n, f16, None) for n in ("y1", "y2", "s_out")]
+    if read_mean:
+        outs.append(helper.make_tensor_value_info("mean", TensorProto.FLOAT, None))
+    if extra_reader:
+        nodes.append(helper.make_node("Relu", ["xn"], ["r"]))
+        outs.append(helper.make_tensor_value_info("r", f16, None))
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info(n, f16, [2, K]) for n in ("a", "skip")], outs,
+                          inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)])
+    graph = ir.serde.deserialize_model(m).graph
+    sln = next(n for n in graph if n.op_type == "SkipSimplifiedLayerNormalization")
+    readers = {id(n) for n in graph if n.op_type == "MatMul"}
+    return graph, sln, readers
+
+
+def test_skip_norm_of_rules():
+    """skip_norm_of: the node whose output 0 only the group reads, no bias, mean / inverse deviation unread; the sum
+    output kept when read; its epsilon (ONNX Runtime's default when absent)."""
+    from onnxqf.lowering.cuda_kernels import skip_norm_of
+
+    graph, sln, readers = _sln_graph()
+    norm = skip_norm_of(sln.outputs[0], readers)
+    assert norm is not None and norm.node is sln and norm.sum is sln.outputs[3]
+    assert (norm.x.name, norm.skip.name, norm.gamma.name) == ("a", "skip", "gamma")
+    assert abs(norm.epsilon - 1e-6) < 1e-12
+    assert skip_norm_of(sln.outputs[0], set(list(readers)[:1])) is None  # another linear reads it too
+    for kwargs in ({"read_mean": True}, {"extra_reader": True}, {"bias": True}, {"K": 40}):
+        graph, sln, readers = _sln_graph(**kwargs)
+        assert skip_norm_of(sln.outputs[0], readers) is None, kwargs
+
+
+def test_genai_rewrite_moves_the_norms_into_the_ops(tmp_path):
+    """`rewrite --lowering onnxqf-cuda` on the model builder's float16 CUDA folder: every
+    SkipSimplifiedLayerNormalization in front of q/k/v, gate/up and lm_head goes into its op (skip_norm, the sum its
+    last output where the residual stream goes on); ``fuse_norm=false`` keeps them. (The numbers:
+    kernels/tests/test_kernels_gpu.py on a GPU.)"""
+    import pytest
+
+    pytest.importorskip("onnxruntime_genai")
+    pytest.importorskip("transformers")
+    from onnxqf.cli import main
+    from onnxqf.models.genai_export import export_genai
+    from onnxqf.runtime import kernels
+
+    from tiny import save_byte_tokenizer, tiny_model
+
+    try:
+        kernels.library_path()
+    except Exception as exc:  # CI builds the library before the tests (.ci/run); a checkout without it cannot copy it
+        pytest.skip(f"the kernels library is not built here: {exc}")
+    model = tiny_model("llama-gqa")
+    model.save_pretrained(str(tmp_path / "hf"))
+    save_byte_tokenizer(tmp_path / "hf")
+    export_genai(str(tmp_path / "hf"), tmp_path / "gen" / "model.onnx", dtype="float16", ep="cuda")
+    before = onnx.load(str(tmp_path / "gen" / "model.onnx"), load_external_data=False)
+    slns = sum(n.op_type == "SkipSimplifiedLayerNormalization" for n in before.graph.node)
+    assert slns == 2 * 2  # after attention and after the MLP, per layer (the last one is the final norm)
+    counts = {}
+    for name, lowering in (("k", "onnxqf-cuda"), ("kept", "onnxqf-cuda:fuse_norm=false")):
+        assert main(["rewrite", str(tmp_path / "gen"), "--lowering", lowering, "--quantize-lm-head",
+                     "--weight-rounding", "rtn", "--ep", "cuda", "-o", str(tmp_path / name), "-q"]) == 0
+        graph = onnx.load(str(tmp_path / name / "model.onnx"), load_external_data=False).graph
+        counts[name] = sum(n.op_type == "SkipSimplifiedLayerNormalization" for n in graph.node)
+        normed = [n for n in graph.node if n.op_type == OP and any(a.name == "skip_norm" for a in n.attribute)]
+        if name == "kept":
+            assert not normed
+            continue
+        assert len(normed) == slns  # gate/up after attention's, q/k/v of the next layer and lm_head after the MLP's
+        modes = []
+        for n in normed:
+            modes.append(next(a.i for a in n.attribute if a.name == "skip_norm"))
+            assert len(n.input) == 9 and n.input[7] and n.input[8], n.input
+            if modes[-1] == 2:  # its sum goes on down the residual stream: the next op's skip
+                assert [m for m in graph.node if n.output[-1] in m.input], n.name
+        assert sorted(modes) == [1] + [2] * (slns - 1)  # lm_head's (the final norm's sum is read by nothing)
+    assert counts == {"k": 0, "kept": slns}
+
+
+def test_an_older_cuda_library_is_refused_in_one_line(monkeypatch, tmp_path):
+    """A CUDA library built before this onnxqf (its ops lack skip_norm) is refused when a session would register it,
+    with the command that rebuilds it, instead of ONNX Runtime's invalid-graph error."""
+    import pytest
+
+    from onnxqf.errors import OnnxqfError
+    from onnxqf.runtime import kernels
+
+    lib = tmp_path / kernels.LIBRARY
+    lib.write_bytes(b"")
+    monkeypatch.setattr(kernels, "library_version", lambda path=None: kernels.KERNELS_VERSION - 1)
+
+    class Options:
+        def register_custom_ops_library(self, path):
+            raise AssertionError("registered an old library")
+
+    with pytest.raises(OnnxqfError, match="rebuild it"):
+        kernels.register(Options(), lib)

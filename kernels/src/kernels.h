@@ -20,10 +20,22 @@
 
 namespace onnxqf {
 
+// The op's skip_norm: ONNX Runtime's SkipSimplifiedLayerNormalization in front of the quantization. Per row
+// s = x + skip (fp16 add, as that node), written to sum (when not null: the residual stream the next norm adds to);
+// the row quantized is y = fp16(gamma * fp16(s * r)), r = fp16(1 / sqrt(mean(s^2) + eps)) (the mean in fp32).
+// skip null: no norm. Rows 16-byte aligned, K % 8 == 0.
+struct NormSpec {
+  const __half* skip = nullptr;
+  const __half* gamma = nullptr;
+  __half* sum = nullptr;
+  float eps = 0.f;
+};
+
 // Per-token quantization: q [M, K] int8, amax [M] fp32 (the floored fp16 amax, widened). u: null, or the rows are
-// SwiGLU's products silu(x) * u, computed on the way in (quant_row.cuh: glu_one).
+// SwiGLU's products silu(x) * u, computed on the way in (quant_row.cuh: glu_one). norm: null, or each row is first
+// normalized (NormSpec; not with u).
 cudaError_t launch_quantize_rows(const __half* x, int8_t* q, float* amax, int64_t M, int64_t K, cudaStream_t stream,
-                                 const __half* u = nullptr);
+                                 const __half* u = nullptr, const NormSpec* norm = nullptr);
 
 // y = silu(g) * u elementwise, n values, in the standard graph's fp16 steps (quant_row.cuh: glu_one).
 cudaError_t launch_glu(const __half* g, const __half* u, __half* y, int64_t n, cudaStream_t stream);
@@ -73,11 +85,12 @@ struct GemvOptions {
   // ends (docs/benchmarks.md g7 has what it measured; CUPTI's kernel times count a dependent's wait)
   bool pdl = false;
 };
-// u (16-byte aligned, no rotation): the rows are SwiGLU's silu(x) * u, as in launch_quantize_rows.
+// u (16-byte aligned, no rotation): the rows are SwiGLU's silu(x) * u, as in launch_quantize_rows. norm (no
+// rotation, no u): each row normalized first (NormSpec), in shared memory; block 0 writes the sums.
 cudaError_t launch_w8a8_fused_gemv(const __half* x, const int8_t* w, const float* wscale, const __half* bias,
                                    const OutSplit& out, int64_t M, int64_t K, cudaStream_t stream,
                                    const WalshSpec* rot = nullptr, const GemvOptions& opt = GemvOptions{},
-                                   const __half* u = nullptr);
+                                   const __half* u = nullptr, const NormSpec* norm = nullptr);
 
 // Rotation by Walsh-Hadamard factors (a WalshSpec with n > 0) fused into the per-token quantization, any M: one
 // block of K / 16 threads per row at a time, 16 values per thread in registers (kernels/src/walsh_row.cuh).

@@ -16,7 +16,12 @@
 //                of X), computed inside the quantization in the fp16 steps of the standard Sigmoid / Mul / Mul nodes
 //     attribute: output_sizes (ints, optional): the N output channels cut into consecutive parts, one output each
 //                (at most 4: a linear group's q/k/v or gate/up, whose codes are shared); absent: one output
-//     outputs: Y...   float16 [..., N] (or [..., output_sizes[i]] each)
+//     attribute: skip_norm (int, default 0): 1: the op's input is ONNX Runtime's SkipSimplifiedLayerNormalization of
+//                X and input Skip (index 7, X's shape) with input Gamma (index 8, [K]) and attribute epsilon (float):
+//                s = X + Skip, the row quantized fp16(Gamma * fp16(s * r)), r = fp16(1 / sqrt(mean(s^2) + epsilon))
+//                (kernels.h: NormSpec); 2: the same, and s is the op's last output (the residual stream). Not with
+//                a rotation or input_glu.
+//     outputs: Y...   float16 [..., N] (or [..., output_sizes[i]] each), then S float16 [..., K] when skip_norm = 2
 //   Y = per-token int8 quantization of X (kernels.h), int8 GEMM, dequantization fused (fp16 out).
 //
 // The library is built for sm_90a (H100/H200, compute capability 9.0) and refuses any other GPU when a session
@@ -48,7 +53,7 @@
 #ifndef ONNXQF_KERNELS_TARGET
 #define ONNXQF_KERNELS_TARGET "sm_90a"
 #endif
-#define ONNXQF_KERNELS_VERSION "1"
+#define ONNXQF_KERNELS_VERSION "2"  // 2: skip_norm (onnxqf.runtime.kernels.KERNELS_VERSION)
 
 namespace {
 
@@ -129,6 +134,8 @@ struct W8A8LinearKernel {
   int64_t rotation_block = 0;
   int rotation_walsh = 0;
   bool input_glu = false;
+  int skip_norm = 0;  // 0: none, 1: skip + norm before the quantization, 2: and the sum as the last output
+  float epsilon = 1e-5f;
   std::vector<int64_t> output_sizes;  // empty: one output
 
   OrtStatusPtr ComputeV2(OrtKernelContext* context) {
@@ -147,11 +154,13 @@ struct W8A8LinearKernel {
     auto X = ctx.GetInput(0);
     auto W = ctx.GetInput(1);
     auto S = ctx.GetInput(2);
-    Ort::ConstValue B{nullptr}, RA{nullptr}, RB{nullptr}, U{nullptr};
+    Ort::ConstValue B{nullptr}, RA{nullptr}, RB{nullptr}, U{nullptr}, SK{nullptr}, G{nullptr};
     if (n_in > 3) B = ctx.GetInput(3);
     if (n_in > 4) RA = ctx.GetInput(4);
     if (n_in > 5) RB = ctx.GetInput(5);
     if (n_in > 6) U = ctx.GetInput(6);
+    if (n_in > 7) SK = ctx.GetInput(7);
+    if (n_in > 8) G = ctx.GetInput(8);
     const std::vector<int64_t> xs = X.GetTensorTypeAndShapeInfo().GetShape();
     const std::vector<int64_t> wsh = W.GetTensorTypeAndShapeInfo().GetShape();
     if (xs.empty()) return fail("onnxqf.W8A8Linear: X must have rank >= 1");
@@ -174,6 +183,18 @@ struct W8A8LinearKernel {
     if (U) {
       if (U.GetTensorTypeAndShapeInfo().GetShape() != xs) return fail("onnxqf.W8A8Linear: U must have X's shape");
       u = reinterpret_cast<const __half*>(U.GetTensorRawData());
+    }
+    onnxqf::NormSpec norm;  // skip_norm: X + Skip normalized before the quantization
+    if ((skip_norm != 0) != static_cast<bool>(SK) || static_cast<bool>(SK) != static_cast<bool>(G))
+      return fail("onnxqf.W8A8Linear: inputs Skip and Gamma are given exactly when skip_norm = 1 or 2");
+    if (SK) {
+      if (SK.GetTensorTypeAndShapeInfo().GetShape() != xs) return fail("onnxqf.W8A8Linear: Skip must have X's shape");
+      if (static_cast<int64_t>(G.GetTensorTypeAndShapeInfo().GetElementCount()) != K)
+        return fail("onnxqf.W8A8Linear: Gamma must have K = " + std::to_string(K) + " elements");
+      if (K % 8 != 0) return fail("onnxqf.W8A8Linear: skip_norm needs K % 8 == 0");
+      norm.skip = reinterpret_cast<const __half*>(SK.GetTensorRawData());
+      norm.gamma = reinterpret_cast<const __half*>(G.GetTensorRawData());
+      norm.eps = epsilon;
     }
     const __half* rot_a = nullptr;
     const __half* rot_b = nullptr;
@@ -203,12 +224,16 @@ struct W8A8LinearKernel {
       if (!rot_a && !rot_b && !rotation_walsh)
         return fail("onnxqf.W8A8Linear: rotation_block is set but neither RA, RB nor rotation_walsh is given");
     }
+    if (norm.skip && (rotation_block > 0 || input_glu))
+      return fail("onnxqf.W8A8Linear: skip_norm does not combine with a rotation or input_glu");
     // the outputs: one of N channels, or output_sizes' consecutive parts (a linear group's q/k/v, gate/up)
-    const size_t n_out = ctx.GetOutputCount();
+    const size_t n_all = ctx.GetOutputCount();
+    const size_t n_out = n_all - (skip_norm == 2 ? 1 : 0);  // (skip_norm = 2: the sum is the last output)
     const std::vector<int64_t> parts = output_sizes.empty() ? std::vector<int64_t>{N} : output_sizes;
-    if (parts.size() != n_out)
-      return fail("onnxqf.W8A8Linear: " + std::to_string(n_out) + " outputs but output_sizes gives " +
-                  std::to_string(parts.size()) + " sizes");
+    if (parts.size() != n_out || n_all < 1)
+      return fail("onnxqf.W8A8Linear: " + std::to_string(n_all) + " outputs but output_sizes gives " +
+                  std::to_string(parts.size()) + " sizes" + (skip_norm == 2 ? " (and skip_norm = 2 one sum)" : ""));
+    if (skip_norm == 2) norm.sum = reinterpret_cast<__half*>(ctx.GetOutput(n_out, xs).GetTensorMutableRawData());
     onnxqf::OutSplit out;
     std::vector<int64_t> ys = xs;
     int64_t total = 0;
@@ -265,7 +290,7 @@ struct W8A8LinearKernel {
     if ((!rotate || wspec.n) && M <= gemv_max_m &&
         onnxqf::w8a8_fused_gemv_supported(x, w, M, K, rotate ? &wspec : nullptr)) {
       cudaError_t e = onnxqf::launch_w8a8_fused_gemv(x, w, ws, bias, out, M, K, stream, rotate ? &wspec : nullptr,
-                                                     gemv, u);
+                                                     gemv, u, norm.skip ? &norm : nullptr);
       if (e != cudaSuccess) return fail(std::string("onnxqf.W8A8Linear: CUDA error: ") + cudaGetErrorString(e));
       return nullptr;
     }
@@ -302,7 +327,7 @@ struct W8A8LinearKernel {
     void* workspace = ws_bytes ? static_cast<char*>(scratch) + q_bytes + a_bytes : nullptr;
     void* r_scratch = static_cast<char*>(scratch) + q_bytes + a_bytes + ws_bytes;
 
-    if (!rotate) e = onnxqf::launch_quantize_rows(x, q, amax, M, K, stream, u);
+    if (!rotate) e = onnxqf::launch_quantize_rows(x, q, amax, M, K, stream, u, norm.skip ? &norm : nullptr);
     else if (wspec.n) e = onnxqf::launch_walsh_quantize_rows(x, wspec, q, amax, M, sm_count, stream);
     else if (dense)
       e = onnxqf::launch_rotate_dense_quantize(x, rot_a, walsh_b, q, amax, M, K, rotation_block, r_scratch, stream,
@@ -374,8 +399,24 @@ struct W8A8LinearOp : Ort::CustomOpBase<W8A8LinearOp, W8A8LinearKernel, true> {
       input_glu = 0;
     }
     if (input_glu != 0 && input_glu != 1) return fail("onnxqf.W8A8Linear: input_glu must be 0 or 1");
+    int64_t skip_norm = 0;
+    float epsilon = 1e-5f;
+    try {
+      skip_norm = Ort::ConstKernelInfo(info).GetAttribute<int64_t>("skip_norm");
+    } catch (const Ort::Exception&) {
+      skip_norm = 0;
+    }
+    try {
+      epsilon = Ort::ConstKernelInfo(info).GetAttribute<float>("epsilon");
+    } catch (const Ort::Exception&) {
+      epsilon = 1e-5f;
+    }
+    if (skip_norm < 0 || skip_norm > 2) return fail("onnxqf.W8A8Linear: skip_norm must be 0, 1 or 2");
+    if (!(epsilon >= 0.f)) return fail("onnxqf.W8A8Linear: epsilon must be >= 0");
     auto* k = new W8A8LinearKernel();
     k->input_glu = input_glu == 1;
+    k->skip_norm = static_cast<int>(skip_norm);
+    k->epsilon = epsilon;
     k->output_sizes = output_sizes;
     k->device = dev;
     k->rotation_block = rotation_block;
@@ -394,7 +435,7 @@ struct W8A8LinearOp : Ort::CustomOpBase<W8A8LinearOp, W8A8LinearKernel, true> {
   const char* GetName() const { return "W8A8Linear"; }
   const char* GetExecutionProviderType() const { return "CUDAExecutionProvider"; }
 
-  size_t GetInputTypeCount() const { return 7; }
+  size_t GetInputTypeCount() const { return 9; }
   ONNXTensorElementDataType GetInputType(size_t i) const {
     switch (i) {
       case 0: return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16;
@@ -427,14 +468,20 @@ struct W8A8LinearOp : Ort::CustomOpBase<W8A8LinearOp, W8A8LinearKernel, true> {
     } catch (const Ort::Exception&) {
       sizes.clear();
     }
-    if (sizes.empty()) {
-      y.back() = w[0];
-      return ctx.SetOutputShape(0, y, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16).release();
+    int64_t skip_norm = 0;
+    try {
+      skip_norm = ctx.GetAttrInt("skip_norm");
+    } catch (const Ort::Exception&) {
+      skip_norm = 0;
     }
+    const Ort::ShapeInferContext::Shape x = y;
+    if (sizes.empty()) sizes.push_back(-1);  // one output of W's N
     for (size_t i = 0; i < sizes.size(); ++i) {
-      y.back() = Ort::ShapeInferContext::SymbolicInteger(sizes[i]);
+      y.back() = sizes[i] < 0 ? w[0] : Ort::ShapeInferContext::SymbolicInteger(sizes[i]);
       if (OrtStatusPtr st = ctx.SetOutputShape(i, y, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16).release()) return st;
     }
+    if (skip_norm == 2)  // the sum: X's shape
+      return ctx.SetOutputShape(sizes.size(), x, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16).release();
     return nullptr;
   }
 };

@@ -85,15 +85,35 @@ __device__ __forceinline__ void quantize_row_block(const __half* __restrict__ xr
   }
 }
 
-// One block per row.
+// Row `row` of x through the op's skip_norm (kernels.h: NormSpec; its sum row written when write_sum), normalized
+// into ys (shared memory, K halves), then quantized as quantize_row_block does. Whole block; K % 8 == 0, aligned.
+__device__ __forceinline__ void norm_quantize_row_block(const __half* __restrict__ x, const NormSpec& norm,
+                                                        int64_t row, bool write_sum, __half* ys, int8_t* qr,
+                                                        float* amax_dst, int64_t K, float* red, __half* scale_s) {
+  const float m = skip_norm_row<kQuantThreads>(x + row * K, norm.skip + row * K, norm.gamma, norm.eps,
+                                               write_sum && norm.sum ? norm.sum + row * K : nullptr, ys, K, red);
+  block_row_scale<kQuantThreads / 32>(m, red, scale_s, amax_dst);
+  const __half inv = *scale_s;
+  const uint4* yv = reinterpret_cast<const uint4*>(ys);
+  uint2* qv = reinterpret_cast<uint2*>(qr);
+  for (int64_t c = threadIdx.x; c < K / 8; c += kQuantThreads) qv[c] = chunk_codes(yv[c], inv);
+}
+
+// One block per row (norm: dynamic shared memory of K halves for the normalized row).
 __global__ void __launch_bounds__(kQuantThreads) quantize_rows_kernel(const __half* __restrict__ x,
                                                                       const __half* __restrict__ u,
                                                                       int8_t* __restrict__ q,
                                                                       float* __restrict__ amax_out, int64_t K,
-                                                                      bool vec) {
+                                                                      bool vec, NormSpec norm) {
+  extern __shared__ __align__(16) unsigned char rows_smem[];
   __shared__ float red[kQuantThreads / 32];
   __shared__ __half scale_s;
   const int64_t row = blockIdx.x;
+  if (norm.skip) {
+    norm_quantize_row_block(x, norm, row, true, reinterpret_cast<__half*>(rows_smem), q + row * K, amax_out + row, K,
+                            red, &scale_s);
+    return;
+  }
   quantize_row_block(x + row * K, u ? u + row * K : nullptr, q + row * K, amax_out + row, K, vec, red, &scale_s);
 }
 
@@ -247,7 +267,8 @@ __global__ void __launch_bounds__(kQuantThreads, MINB) fused_gemv_kernel(const _
                                                                   const int8_t* __restrict__ w,
                                                                   const float* __restrict__ wscale,
                                                                   const __half* __restrict__ bias, OutSplit out,
-                                                                  int64_t M, int64_t N, int64_t K, WalshSpec rot) {
+                                                                  int64_t M, int64_t N, int64_t K, WalshSpec rot,
+                                                                  NormSpec norm) {
   extern __shared__ __align__(16) unsigned char fused_smem[];
   int8_t* qs = reinterpret_cast<int8_t*>(fused_smem);  // [MT][K]
   __shared__ float amax_s[MT];
@@ -280,6 +301,10 @@ __global__ void __launch_bounds__(kQuantThreads, MINB) fused_gemv_kernel(const _
     float* fs = reinterpret_cast<float*>(fused_smem + MT * K);  // MT * K is a multiple of 16
     for (int m = 0; m < mcount; ++m)
       walsh_quantize_row<kFusedWarps>(x + m * K, rot, fs, qs + m * K, &amax_s[m], red, &scale_s);
+  } else if (norm.skip) {  // the normalized row in shared memory after the codes; block 0 writes the sums
+    __half* ys = reinterpret_cast<__half*>(fused_smem + MT * K);
+    for (int m = 0; m < mcount; ++m)
+      norm_quantize_row_block(x, norm, m, blockIdx.x == 0, ys, qs + m * K, &amax_s[m], K, red, &scale_s);
   } else {
     for (int m = 0; m < mcount; ++m)
       quantize_row_block<2>(x + m * K, u ? u + m * K : nullptr, qs + m * K, &amax_s[m], K, true, red, &scale_s);
@@ -334,10 +359,11 @@ __global__ void __launch_bounds__(kQuantThreads, MINB) fused_gemv_kernel(const _
 template <int MT, int R, int U, int MINB = 3>
 cudaError_t launch_fused_t(const __half* x, const __half* u, const int8_t* w, const float* wscale,
                            const __half* bias, const OutSplit& out, int64_t M, int64_t K, const WalshSpec& rot,
-                           const GemvOptions& opt, cudaStream_t stream) {
+                           const GemvOptions& opt, cudaStream_t stream, const NormSpec& norm) {
   auto kernel = fused_gemv_kernel<MT, R, U, MINB>;
   const int64_t N = out.end[out.count - 1];
-  const size_t smem = static_cast<size_t>(MT) * static_cast<size_t>(K) + (rot.n ? 8 * static_cast<size_t>(K) : 0);
+  const size_t smem = static_cast<size_t>(MT) * static_cast<size_t>(K) + (rot.n ? 8 * static_cast<size_t>(K) : 0) +
+                      (norm.skip ? 2 * static_cast<size_t>(K) : 0);
   if (const cudaError_t e = opt_in_smem<fused_gemv_kernel<MT, R, U, MINB>>(kFusedMaxSmem); e != cudaSuccess) return e;
   const int64_t warps = (N + R - 1) / R;
   int64_t blocks = (warps + kFusedWarps - 1) / kFusedWarps;
@@ -371,7 +397,7 @@ cudaError_t launch_fused_t(const __half* x, const __half* u, const int8_t* w, co
   attr[0].val.programmaticStreamSerializationAllowed = 1;
   cfg.attrs = attr;
   cfg.numAttrs = opt.pdl ? 1 : 0;
-  return cudaLaunchKernelEx(&cfg, kernel, x, u, w, wscale, bias, out, M, N, K, rot);
+  return cudaLaunchKernelEx(&cfg, kernel, x, u, w, wscale, bias, out, M, N, K, rot, norm);
 }
 
 // One warp per output element, byte loads: any K, any alignment.
@@ -403,13 +429,25 @@ cudaError_t launch_gemv_t(const int8_t* q, const float* amax, const int8_t* w, c
 
 }  // namespace
 
+static bool norm_aligned(const __half* x, const NormSpec& n, int64_t K) {
+  return K % 8 == 0 && !((reinterpret_cast<uintptr_t>(x) | reinterpret_cast<uintptr_t>(n.skip) |
+                          reinterpret_cast<uintptr_t>(n.gamma) | reinterpret_cast<uintptr_t>(n.sum)) % 16);
+}
+
 cudaError_t launch_quantize_rows(const __half* x, int8_t* q, float* amax, int64_t M, int64_t K, cudaStream_t stream,
-                                 const __half* u) {
+                                 const __half* u, const NormSpec* norm) {
   if (M <= 0) return cudaSuccess;
   if (M > 0x7fffffff) return cudaErrorInvalidValue;
   const bool vec = (K % 8 == 0) && (reinterpret_cast<uintptr_t>(x) % 16 == 0) &&
                    (reinterpret_cast<uintptr_t>(u) % 16 == 0) && (reinterpret_cast<uintptr_t>(q) % 8 == 0);
-  quantize_rows_kernel<<<static_cast<unsigned>(M), kQuantThreads, 0, stream>>>(x, u, q, amax, K, vec);
+  const NormSpec n = norm ? *norm : NormSpec{};
+  size_t smem = 0;
+  if (n.skip) {
+    if (u || !vec || !norm_aligned(x, n, K) || !n.gamma) return cudaErrorInvalidValue;
+    smem = 2 * static_cast<size_t>(K);  // the normalized row
+    if (smem > 48 * 1024) return cudaErrorInvalidValue;  // (K > 24576: no model has such rows)
+  }
+  quantize_rows_kernel<<<static_cast<unsigned>(M), kQuantThreads, smem, stream>>>(x, u, q, amax, K, vec, n);
   return cudaGetLastError();
 }
 
@@ -444,9 +482,13 @@ bool w8a8_fused_gemv_supported(const __half* x, const int8_t* w, int64_t M, int6
 
 cudaError_t launch_w8a8_fused_gemv(const __half* x, const int8_t* w, const float* wscale, const __half* bias,
                                    const OutSplit& out, int64_t M, int64_t K, cudaStream_t stream,
-                                   const WalshSpec* rot, const GemvOptions& opt, const __half* u) {
+                                   const WalshSpec* rot, const GemvOptions& opt, const __half* u,
+                                   const NormSpec* norm) {
+  const NormSpec nrm = norm ? *norm : NormSpec{};
   if (!w8a8_fused_gemv_supported(x, w, M, K, rot) || out.count < 1 || out.count > kMaxOutputs ||
-      (u && ((rot && rot->n) || reinterpret_cast<uintptr_t>(u) % 16 != 0)))
+      (u && ((rot && rot->n) || reinterpret_cast<uintptr_t>(u) % 16 != 0)) ||
+      (nrm.skip && (u || (rot && rot->n) || !nrm.gamma || !norm_aligned(x, nrm, K) ||
+                    static_cast<int64_t>(kFusedMaxM) * K + 2 * K > kFusedMaxSmem)))
     return cudaErrorInvalidValue;
   const WalshSpec r = rot ? *rot : WalshSpec{};
   if (M <= 1) {
@@ -456,16 +498,16 @@ cudaError_t launch_w8a8_fused_gemv(const __half* x, const int8_t* w, const float
       config = K >= 8192 ? 3 : N >= 8192 ? 1 : 0;
     }
     switch (config) {  // outputs per warp x 16-byte chunks per row in flight (A/B runs: ONNXQF_GEMV_CONFIG)
-      case 1: return launch_fused_t<1, 1, 8>(x, u, w, wscale, bias, out, M, K, r, opt, stream);
-      case 2: return launch_fused_t<1, 2, 8, 2>(x, u, w, wscale, bias, out, M, K, r, opt, stream);
-      case 3: return launch_fused_t<1, 4, 4, 2>(x, u, w, wscale, bias, out, M, K, r, opt, stream);
-      case 4: return launch_fused_t<1, 4, 2>(x, u, w, wscale, bias, out, M, K, r, opt, stream);
-      case 5: return launch_fused_t<1, 1, 16, 2>(x, u, w, wscale, bias, out, M, K, r, opt, stream);
-      default: return launch_fused_t<1, 2, 4>(x, u, w, wscale, bias, out, M, K, r, opt, stream);
+      case 1: return launch_fused_t<1, 1, 8>(x, u, w, wscale, bias, out, M, K, r, opt, stream, nrm);
+      case 2: return launch_fused_t<1, 2, 8, 2>(x, u, w, wscale, bias, out, M, K, r, opt, stream, nrm);
+      case 3: return launch_fused_t<1, 4, 4, 2>(x, u, w, wscale, bias, out, M, K, r, opt, stream, nrm);
+      case 4: return launch_fused_t<1, 4, 2>(x, u, w, wscale, bias, out, M, K, r, opt, stream, nrm);
+      case 5: return launch_fused_t<1, 1, 16, 2>(x, u, w, wscale, bias, out, M, K, r, opt, stream, nrm);
+      default: return launch_fused_t<1, 2, 4>(x, u, w, wscale, bias, out, M, K, r, opt, stream, nrm);
     }
   }
-  if (M <= 2) return launch_fused_t<2, 2, 4>(x, u, w, wscale, bias, out, M, K, r, opt, stream);
-  return launch_fused_t<4, 2, 2>(x, u, w, wscale, bias, out, M, K, r, opt, stream);
+  if (M <= 2) return launch_fused_t<2, 2, 4>(x, u, w, wscale, bias, out, M, K, r, opt, stream, nrm);
+  return launch_fused_t<4, 2, 2>(x, u, w, wscale, bias, out, M, K, r, opt, stream, nrm);
 }
 
 cudaError_t launch_w8a8_naive(const int8_t* q, const float* amax, const int8_t* w, const float* wscale,

@@ -80,4 +80,61 @@ __device__ __forceinline__ void block_row_scale(float m, float* red, __half* inv
   __syncthreads();
 }
 
+__device__ __forceinline__ float warp_sum_f(float v) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+  return v;
+}
+
+// The op's skip_norm of one row by the whole block (THREADS threads; kernels.h: NormSpec): s = x + skip, written to
+// sum_row (when not null); y = fp16(gamma * fp16(s * r)) to yr (shared or global), r = fp16(rsqrt(mean(s^2) + eps))
+// from an fp32 sum of squares. red: shared [THREADS / 32]. Rows 16-byte aligned, K % 8 == 0. Returns the largest
+// |y| of the thread's own chunks (chunks tid, tid + THREADS, ...: each thread reads back only what it wrote). Ends
+// with a barrier.
+template <int THREADS>
+__device__ __forceinline__ float skip_norm_row(const __half* __restrict__ xr, const __half* __restrict__ sr,
+                                              const __half* __restrict__ gamma, float eps, __half* sum_row,
+                                              __half* yr, int64_t K, float* red) {
+  const int tid = threadIdx.x;
+  const int64_t nvec = K / 8;
+  float ss = 0.f;
+  for (int64_t c = tid; c < nvec; c += THREADS) {
+    uint4 a = __ldg(reinterpret_cast<const uint4*>(xr) + c);
+    const uint4 b = __ldg(reinterpret_cast<const uint4*>(sr) + c);
+    __half2* ha = reinterpret_cast<__half2*>(&a);
+    const __half2* hb = reinterpret_cast<const __half2*>(&b);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      ha[j] = __hadd2(ha[j], hb[j]);
+      const float2 f = __half22float2(ha[j]);
+      ss = fmaf(f.x, f.x, fmaf(f.y, f.y, ss));
+    }
+    if (sum_row) reinterpret_cast<uint4*>(sum_row)[c] = a;
+    reinterpret_cast<uint4*>(yr)[c] = a;  // s, read back below by this same thread
+  }
+  ss = warp_sum_f(ss);
+  if ((tid & 31) == 0) red[tid >> 5] = ss;
+  __syncthreads();
+  float total = 0.f;
+#pragma unroll
+  for (int i = 0; i < THREADS / 32; ++i) total += red[i];
+  const __half2 r = __float2half2_rn(rsqrtf(total / static_cast<float>(K) + eps));
+  float m = 0.f;
+  for (int64_t c = tid; c < nvec; c += THREADS) {
+    uint4 a = reinterpret_cast<const uint4*>(yr)[c];
+    const uint4 g = __ldg(reinterpret_cast<const uint4*>(gamma) + c);
+    __half2* ha = reinterpret_cast<__half2*>(&a);
+    const __half2* hg = reinterpret_cast<const __half2*>(&g);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      ha[j] = __hmul2(hg[j], __hmul2(ha[j], r));
+      const float2 f = __half22float2(__habs2(ha[j]));
+      m = fmaxf(m, fmaxf(f.x, f.y));
+    }
+    reinterpret_cast<uint4*>(yr)[c] = a;
+  }
+  __syncthreads();  // every thread has read red: it may be used again
+  return m;
+}
+
 }  // namespace onnxqf

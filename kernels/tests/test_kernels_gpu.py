@@ -232,6 +232,115 @@ def test_output_parts_against_numpy(M, K, sizes, with_bias, block, env):
     assert err < 0.02 and mean < 0.005, (err, mean)
 
 
+def skip_norm_reference(x, skip, gamma, eps):
+    """numpy: (sum fp16, normalized rows fp16) of the op's skip_norm (kernels.h: NormSpec): s = fp16(x + skip),
+    r = fp16(1 / sqrt(mean(s^2) + eps)) from a float64 mean, y = fp16(gamma * fp16(s * r))."""
+    s = (x.astype(np.float32) + skip.astype(np.float32)).astype(np.float16)
+    ms = np.mean(s.astype(np.float64) ** 2, axis=-1, keepdims=True)
+    r = (1.0 / np.sqrt(ms + eps)).astype(np.float16)
+    y = (gamma.astype(np.float32) * (s * r).astype(np.float16).astype(np.float32)).astype(np.float16)
+    return s, y
+
+
+NORMS = [
+    # (M, K, sizes, with_sum, env): the skip_norm at each path (fused GEMV, separate quantization + GEMV, GEMM)
+    (1, 4096, (4096, 1024, 1024), True, None),        # q/k/v at one token: the norm inside the one-launch GEMV
+    (3, 4096, (11008, 11008), True, None),            # gate/up at 3 tokens
+    (1, 4096, (32000,), False, None),                 # lm_head after the final norm: no sum output
+    (16, 4096, (4096, 1024, 1024), True, {"ONNXQF_GEMV_MAX_M": "16"}),  # quantization kernel + GEMV
+    (300, 2048, (2048, 512, 512), True, None),        # quantization kernel + a GEMM per output
+    (2, 11008, (4096,), True, None),                  # a long row (the uncached loads)
+]
+
+
+@pytest.mark.parametrize("M,K,sizes,with_sum,env", NORMS)
+def test_skip_norm_against_numpy_and_the_node(M, K, sizes, with_sum, env):
+    """``skip_norm``: the op normalizes x + skip itself (SkipSimplifiedLayerNormalization's arithmetic, the sum of
+    squares in fp32) and, with skip_norm = 2, writes the sum as its last output. The sum equals numpy's and ONNX
+    Runtime's own node's to the bit; the outputs equal the numpy reference's to the bit wherever the fp32 and float64
+    means round r alike (every row here, or nearly), and the node followed by the plain op to fp16 rounding."""
+    N = sum(sizes)
+    x, q, wscale, _ = data(M, K, N, seed=3 * M + K, with_bias=False, tiny_row=False)
+    rng = np.random.default_rng(M + K)
+    skip = (rng.standard_normal((M, K)) * 2).astype(np.float16)
+    gamma = rng.uniform(0.5, 1.5, K).astype(np.float16)
+    eps = 1e-5
+    outs = [f"y{i}" for i in range(len(sizes))]
+    attrs = {"skip_norm": 2 if with_sum else 1, "epsilon": eps}
+    if len(sizes) > 1:
+        attrs["output_sizes"] = list(sizes)
+    inits = [numpy_helper.from_array(q, "wq"), numpy_helper.from_array(wscale, "ws"),
+             numpy_helper.from_array(gamma, "gamma")]
+    node = helper.make_node(kernels.W8A8_LINEAR, ["x", "wq", "ws", "", "", "", "", "skip", "gamma"],
+                            outs + (["sum"] if with_sum else []), domain=kernels.DOMAIN, **attrs)
+    ins = [helper.make_tensor_value_info("x", F16, ["M", K]), helper.make_tensor_value_info("skip", F16, ["M", K])]
+    out_info = [helper.make_tensor_value_info(o, F16, ["M", n]) for o, n in zip(outs, sizes)]
+    if with_sum:
+        out_info.append(helper.make_tensor_value_info("sum", F16, ["M", K]))
+    g = helper.make_graph([node], "t", ins, out_info, inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(kernels.DOMAIN, 1)])
+    m.ir_version = 9
+    sess = _session(m, True, env)
+    assert [o.shape[-1] for o in sess.get_outputs()] == list(sizes) + ([K] if with_sum else [])
+
+    def run(session, names, shapes):
+        b = session.io_binding()
+        b.bind_ortvalue_input("x", ort.OrtValue.ortvalue_from_numpy(x, "cuda", 0))
+        b.bind_ortvalue_input("skip", ort.OrtValue.ortvalue_from_numpy(skip, "cuda", 0))
+        vals = [ort.OrtValue.ortvalue_from_numpy(np.full(sh, np.nan, np.float16), "cuda", 0) for sh in shapes]
+        for name, v in zip(names, vals):
+            b.bind_ortvalue_output(name, v)
+        session.run_with_iobinding(b)
+        return [v.numpy() for v in vals]
+
+    got = run(sess, outs + (["sum"] if with_sum else []), [(M, n) for n in sizes] + ([(M, K)] if with_sum else []))
+    y = np.concatenate(got[:len(sizes)], axis=1)
+    assert not np.isnan(y.astype(np.float32)).any(), "unwritten outputs"
+    s_ref, xn = skip_norm_reference(x, skip, gamma, eps)
+    if with_sum:
+        assert np.array_equal(got[-1], s_ref), "the sum"
+    want = reference(xn, q, wscale, None)[0]
+    s32 = s_ref.astype(np.float32)
+    r32 = (1.0 / np.sqrt(np.mean(s32 * s32, axis=-1, dtype=np.float32) + np.float32(eps))).astype(np.float16)
+    r64 = (1.0 / np.sqrt(np.mean(s_ref.astype(np.float64) ** 2, axis=-1) + eps)).astype(np.float16)
+    same = r32 == r64  # rows whose r no summation order can change
+    assert same.mean() > 0.9 and np.array_equal(y[same], want[same]), int(np.sum(y[same] != want[same]))
+
+    # against ONNX Runtime's own node followed by the op without the norm
+    sln = helper.make_node("SkipSimplifiedLayerNormalization", ["x", "skip", "gamma"], ["xn", "", "", "sum"],
+                           domain="com.microsoft", epsilon=eps)
+    lin = helper.make_node(kernels.W8A8_LINEAR, ["xn", "wq", "ws"], outs, domain=kernels.DOMAIN,
+                           **({"output_sizes": list(sizes)} if len(sizes) > 1 else {}))
+    g2 = helper.make_graph([sln, lin], "t2", ins, out_info[:len(sizes)] +
+                           [helper.make_tensor_value_info("sum", F16, ["M", K])], inits)
+    m2 = helper.make_model(g2, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(kernels.DOMAIN, 1),
+                                              helper.make_opsetid("com.microsoft", 1)])
+    m2.ir_version = 9
+    std = run(_session(m2, True, env), outs + ["sum"], [(M, n) for n in sizes] + [(M, K)])
+    assert np.array_equal(std[-1], s_ref), "ONNX Runtime's sum"
+    y2 = np.concatenate(std[:len(sizes)], axis=1).astype(np.float32)
+    rel = np.linalg.norm(y.astype(np.float32) - y2) / np.linalg.norm(y2)
+    assert rel < 2e-2, rel
+
+
+def test_skip_norm_refusals():
+    """skip_norm with a rotation is refused when the session runs (one error), and Skip without skip_norm."""
+    K, N = 1024, 256
+    x, q, wscale, _ = data(1, K, N, seed=1, with_bias=False)
+    inits = [numpy_helper.from_array(q, "wq"), numpy_helper.from_array(wscale, "ws"),
+             numpy_helper.from_array(np.ones(K, np.float16), "gamma")]
+    ins = [helper.make_tensor_value_info("x", F16, ["M", K]), helper.make_tensor_value_info("skip", F16, ["M", K])]
+    for attrs, match in (({"skip_norm": 1, "rotation_block": 32, "rotation_walsh": 3}, "rotation"),
+                         ({}, "skip_norm")):
+        node = helper.make_node(kernels.W8A8_LINEAR, ["x", "wq", "ws", "", "", "", "", "skip", "gamma"], ["y"],
+                                domain=kernels.DOMAIN, **attrs)
+        g = helper.make_graph([node], "t", ins, [helper.make_tensor_value_info("y", F16, ["M", N])], inits)
+        m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(kernels.DOMAIN, 1)])
+        m.ir_version = 9
+        with pytest.raises(Exception, match=match):
+            _session(m, True, None).run(None, {"x": x, "skip": x})
+
+
 def test_empty_tokens():
     _, q, wscale, _ = data(4, 256, 64, seed=1, with_bias=False)
     sess = session(256, 64, False, q=q, wscale=wscale)

@@ -27,6 +27,15 @@ operand order, float16, the intermediate values read by nothing else) the op tak
 u its last input) and computes the product inside its quantization, in the same fp16 steps as those three nodes, which
 go: three fewer passes over the MLP's widest activation (:func:`swiglu_of`).
 
+When the group's activation is output 0 of ONNX Runtime's ``SkipSimplifiedLayerNormalization(a, skip, gamma)``
+(the model builder's fused residual add + RMSNorm in front of q/k/v, gate/up and lm_head; read by nothing but the
+group, its mean and inverse-deviation outputs unread, no bias) the op takes a, skip and gamma instead (``skip_norm``,
+attribute ``epsilon``) and normalizes each token itself before quantizing it; the sum ``a + skip`` that the node
+wrote as its output 3 (the residual stream the next norm adds to) becomes the op's last output (``skip_norm`` = 2),
+and the node goes: at one token, one kernel fewer per norm (:func:`skip_norm_of`). The op sums the squares in fp32
+where ONNX Runtime's fp16 kernel sums in fp16, so its normalized values may differ from the node's in the last fp16
+bit (the sum is the same to the bit).
+
 The op has a CUDA kernel only, for sm_90a (H100/H200), and
 takes float16 activations: float32 models are refused. Sessions that run the graph must load the library
 (:func:`onnxqf.runtime.kernels.register`).
@@ -47,8 +56,9 @@ from onnxqf.lowering.base import LinearGroup, register, replace_outputs
 from onnxqf.lowering.w8a8 import W8A8Lowering
 from onnxqf.maths.hadamard import walsh_matrix, walsh_sign
 
-__all__ = ["DOMAIN", "MAX_OUTPUTS", "OP", "ROTATE_MAX_SMEM", "KernelRotation", "OnnxqfCudaW8A8", "SwiGlu",
-           "balance_factors", "emit_w8a8_kernel", "kernel_rotation", "kron_split", "swiglu_of"]
+__all__ = ["DOMAIN", "MAX_OUTPUTS", "OP", "ROTATE_MAX_SMEM", "SKIP_NORM_EPSILON", "KernelRotation", "OnnxqfCudaW8A8",
+           "SkipNorm", "SwiGlu", "balance_factors", "emit_w8a8_kernel", "kernel_rotation", "kron_split", "skip_norm_of",
+           "swiglu_of"]
 
 DOMAIN = "onnxqf"  # = onnxqf.runtime.kernels.DOMAIN (not imported: lowering needs no GPU library)
 OP = "W8A8Linear"
@@ -196,15 +206,67 @@ def swiglu_of(value: ir.Value) -> SwiGlu | None:
     return None
 
 
+#: SkipSimplifiedLayerNormalization's epsilon when the node has none (ONNX Runtime's default)
+SKIP_NORM_EPSILON = 1e-12
+
+
+@dataclasses.dataclass(frozen=True)
+class SkipNorm:
+    """``SkipSimplifiedLayerNormalization(x, skip, gamma)`` found in front of a group (:func:`skip_norm_of`): its
+    inputs, epsilon, node, and its output 3 (``x + skip``) when something reads it."""
+
+    x: ir.Value
+    skip: ir.Value
+    gamma: ir.Value
+    epsilon: float
+    node: ir.Node
+    sum: ir.Value | None
+
+
+def skip_norm_of(value: ir.Value, readers: set[int]) -> SkipNorm | None:
+    """The SkipSimplifiedLayerNormalization whose output 0 is ``value``, when the op can take it over, or None.
+    Rules: domain com.microsoft; inputs (x, skip, gamma) and no bias; x, skip float16 of one shape, gamma [K]; value
+    read only by the nodes whose ids are ``readers`` and not a graph output; outputs 1 and 2 (mean, inverse
+    deviation) read by nothing; K a multiple of 16."""
+    node = value.producer()
+    if node is None or node.op_type != "SkipSimplifiedLayerNormalization" or node.domain != "com.microsoft" or \
+            node.outputs[0] is not value:
+        return None
+    ins = list(node.inputs)
+    if len(ins) < 3 or any(v is None for v in ins[:3]) or any(v is not None for v in ins[3:]):
+        return None
+    x, skip, gamma = ins[:3]
+    if any(v.type is None or v.type.dtype != ir.DataType.FLOAT16 for v in (x, skip, gamma)):
+        return None
+    if x.shape is None or skip.shape is None or list(x.shape) != list(skip.shape) or x is skip:
+        return None
+    K = x.shape[-1]
+    if not isinstance(K, int) or K % 16 or gamma.shape is None or list(gamma.shape) != [K]:
+        return None
+    if value.is_graph_output() or {id(n) for n in value.consumers()} - readers:
+        return None
+    outs = list(node.outputs)
+    if any(o is not None and (o.is_graph_output() or list(o.consumers())) for o in outs[1:3]):
+        return None
+    total = outs[3] if len(outs) > 3 else None
+    if total is not None and not (total.is_graph_output() or list(total.consumers())):
+        total = None
+    eps = node.attributes.get("epsilon")
+    return SkipNorm(x, skip, gamma, float(eps.as_float()) if eps is not None else SKIP_NORM_EPSILON, node, total)
+
+
 def emit_w8a8_kernel(graph: ir.Graph, x: ir.Value, q_int8_KN: np.ndarray, scale: np.ndarray, base_name: str,
                      tape: ir_tape.Tape | None = None, rotation: KernelRotation | None = None,
-                     output_sizes: list[int] | None = None, glu_up: ir.Value | None = None):
+                     output_sizes: list[int] | None = None, glu_up: ir.Value | None = None,
+                     norm: SkipNorm | None = None):
     """The ``onnxqf.W8A8Linear`` node (on ``tape``, a new one if None, not inserted) computing
     ``x @ (q_int8_KN * scale)`` with per-token int8 activations: ``q_int8_KN`` int8 ``[K, N]`` (MatMul's layout),
     ``scale`` the per-output-channel weight scale ``[N]``; ``rotation``: x is rotated first, inside the op.
     Returns the float16 output value; with ``output_sizes`` (several parts adding up to N, at most
     :data:`MAX_OUTPUTS`) the list of one output per part, the N channels cut in that order (no Split node); with
-    ``glu_up`` the op's input is ``silu(x) * glu_up`` (SwiGLU, :func:`swiglu_of`)."""
+    ``glu_up`` the op's input is ``silu(x) * glu_up`` (SwiGLU, :func:`swiglu_of`). With ``norm`` (x is then
+    ignored: :func:`skip_norm_of`) the op reads ``norm.x + norm.skip`` and normalizes it; it returns the list of
+    outputs, ``norm.x + norm.skip`` last when ``norm.sum`` is read."""
     if q_int8_KN.dtype != np.int8 or q_int8_KN.ndim != 2 or scale.shape != (q_int8_KN.shape[1],):
         raise OnnxqfError(f"{base_name}: W8A8Linear needs int8 [K, N] weights and N scales")
     tape = tape if tape is not None else ir_tape.Tape(graph)
@@ -225,20 +287,30 @@ def emit_w8a8_kernel(graph: ir.Graph, x: ir.Value, q_int8_KN: np.ndarray, scale:
     if glu_up is not None:
         inputs += [None] * (6 - len(inputs)) + [glu_up]  # U is the op's input 6
         attributes["input_glu"] = 1
+    if norm is not None:
+        if rotation is not None or glu_up is not None:
+            raise OnnxqfError(f"{base_name}: W8A8Linear's skip_norm does not combine with a rotation or input_glu")
+        inputs[0] = norm.x
+        inputs += [None] * (7 - len(inputs)) + [norm.skip, norm.gamma]  # Skip, Gamma: the op's inputs 7, 8
+        attributes["skip_norm"] = 2 if norm.sum is not None else 1
+        attributes["epsilon"] = float(norm.epsilon)
     while inputs[-1] is None:  # no trailing empty inputs (a Walsh factor takes none)
         inputs.pop()
-    if output_sizes is not None and len(output_sizes) > 1:
-        if len(output_sizes) > MAX_OUTPUTS or sum(output_sizes) != q_int8_KN.shape[1] or min(output_sizes) < 1:
+    sizes = list(output_sizes) if output_sizes is not None and len(output_sizes) > 1 else []
+    if sizes or (norm is not None and norm.sum is not None):
+        if sizes and (len(sizes) > MAX_OUTPUTS or sum(sizes) != q_int8_KN.shape[1] or min(sizes) < 1):
             raise OnnxqfError(f"{base_name}: W8A8Linear takes 2..{MAX_OUTPUTS} positive output sizes adding up to N")
-        attributes["output_sizes"] = [int(n) for n in output_sizes]
-        ys = tape.op_multi_out(OP, inputs, attributes=attributes, domain=DOMAIN, num_outputs=len(output_sizes),
+        if sizes:
+            attributes["output_sizes"] = [int(n) for n in sizes]
+        count = max(len(sizes), 1) + (1 if norm is not None and norm.sum is not None else 0)
+        ys = tape.op_multi_out(OP, inputs, attributes=attributes, domain=DOMAIN, num_outputs=count,
                                name=f"{base_name}/w8a8_linear")
         for y in ys:
             y.type = ir.TensorType(ir.DataType.FLOAT16)
         return list(ys)
     y = tape.op(OP, inputs, attributes=attributes or None, domain=DOMAIN, name=f"{base_name}/w8a8_linear")
     y.type = ir.TensorType(ir.DataType.FLOAT16)
-    return y
+    return [y] if norm is not None else y
 
 
 @register
@@ -253,6 +325,8 @@ class OnnxqfCudaW8A8(W8A8Lowering):
     fuse_rotations: bool = True
     #: compute SwiGLU's product inside the op where it is the group's activation (:func:`swiglu_of`)
     fuse_glu: bool = True
+    #: take a SkipSimplifiedLayerNormalization in front of the group into the op (:func:`skip_norm_of`)
+    fuse_norm: bool = True
 
     def emit(self, graph: ir.Graph, group: LinearGroup, weights) -> None:
         if group.dtype != ir.DataType.FLOAT16:
@@ -277,20 +351,37 @@ class OnnxqfCudaW8A8(W8A8Lowering):
                 glu = None
         x_in, up = (glu.g, glu.u) if glu is not None else (x, None)
         sizes = [w[0].shape[1] for w in weights]
+        norm = None
+        if self.fuse_norm and rotation is None and glu is None and len(sizes) <= MAX_OUTPUTS:
+            norm = skip_norm_of(x, {id(lin.node) for lin in group.linears})
+        total = None
         if len(sizes) <= MAX_OUTPUTS:  # one output per linear, written by the op itself
-            y = emit_w8a8_kernel(graph, x_in, q, scale, group.base, tape, rotation, output_sizes=sizes, glu_up=up)
+            y = emit_w8a8_kernel(graph, x_in, q, scale, group.base, tape, rotation, output_sizes=sizes, glu_up=up,
+                                 norm=norm)
             outs = y if isinstance(y, list) else [y]
+            if norm is not None and norm.sum is not None:
+                outs, total = outs[:-1], outs[-1]
         else:  # (no such group in the families served: more parts than the op's outputs)
             y = emit_w8a8_kernel(graph, x_in, q, scale, group.base, tape, rotation, glu_up=up)
             split = edit.add_initializer(graph, f"{group.base}/split_sizes", np.array(sizes, np.int64))
             outs = tape.op_multi_out("Split", [y, split], {"axis": -1}, num_outputs=len(weights),
                                      name=f"{group.base}/split")
-        graph.insert_before(group.first, tape.nodes)
+        # (the op takes the norm's inputs: it goes where the norm was, before anything reads the sum)
+        graph.insert_before(norm.node if norm is not None else group.first, tape.nodes)
         replace_outputs(graph, group.linears, outs)
         if rotation is not None:
             block.remove(graph)
         if glu is not None:
             graph.remove(list(glu.nodes), safe=True)
+        if norm is not None:
+            if total is not None:
+                old = norm.sum
+                total.shape, total.type = old.shape, old.type
+                was_output, name = old.is_graph_output(), old.name
+                old.replace_all_uses_with(total, replace_graph_outputs=True)
+                if was_output:
+                    old.name, total.name = f"{name}.unfused", name
+            graph.remove(norm.node, safe=True)
 
     def node_issue(self, node: ir.Node, provider: str) -> str | None:
         if node.domain != DOMAIN:

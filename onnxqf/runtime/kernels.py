@@ -33,6 +33,7 @@ __all__ = [
     "CPU_ENV",
     "DOMAIN",
     "ENV",
+    "KERNELS_VERSION",
     "W8A8_LINEAR",
     "available",
     "build",
@@ -43,6 +44,7 @@ __all__ = [
     "libraries_for",
     "library_path",
     "library_target",
+    "library_version",
     "preload_cuda_runtime",
     "register",
 ]
@@ -53,6 +55,10 @@ W8A8_LINEAR = "W8A8Linear"
 #: environment variable naming the library file
 ENV = "ONNXQF_KERNELS"
 LIBRARY = "libonnxqf_kernels.so"
+
+#: the CUDA library's version this onnxqf writes graphs for (kernels/src/ops.cc, ONNXQF_KERNELS_VERSION; 2:
+#: W8A8Linear's skip_norm, inputs Skip and Gamma)
+KERNELS_VERSION = 2
 
 #: the CPU op library: its domain, the variable naming its file, the file
 CPU_DOMAIN = "onnxqf.cpu"
@@ -170,6 +176,24 @@ def library_target(path: Path | None = None) -> str:
     return fn().decode()
 
 
+def library_version(path: Path | None = None) -> int:
+    """The version the CUDA library reports (``onnxqf_kernels_version()``); 0 when it cannot say."""
+    fn = _load(path).onnxqf_kernels_version
+    fn.restype = ctypes.c_char_p
+    try:
+        return int(fn().decode())
+    except (ValueError, UnicodeDecodeError):
+        return 0
+
+
+def _check_version(path: Path) -> None:
+    version = library_version(path)
+    if version < KERNELS_VERSION:
+        raise OnnxqfError(f"{path}: onnxqf's CUDA kernels library version {version}, this onnxqf needs "
+                          f"{KERNELS_VERSION}: rebuild it (`bash kernels/build.sh` or "
+                          "`python -m onnxqf.runtime.kernels build`)")
+
+
 def check_device(path: Path | None = None) -> str:
     """Check that the current CUDA device can run the library; returns its target arch, raises
     :class:`OnnxqfError` naming the GPU and its compute capability when it cannot (no GPU, another arch)."""
@@ -191,7 +215,7 @@ def register(session_options, path: Path | None = None) -> Path:
     path = Path(path or library_path())
     named_cpu = os.environ.get(CPU_ENV)
     if path.name != CPU_LIBRARY and not (named_cpu and Path(named_cpu).resolve() == path.resolve()):
-        preload_cuda_runtime()
+        _check_version(path)  # (loads the CUDA runtime first)
     session_options.register_custom_ops_library(str(path))
     return path
 
