@@ -31,7 +31,9 @@ def main(argv=None) -> int:
     ap.add_argument("--ep", default="cpu")
     ap.add_argument("--out", help="JSON file for the rows")
     args = ap.parse_args(argv)
-    ids = np.random.default_rng(0).integers(100, 40000, args.prompt_tokens)
+    config = json.loads((Path(args.folders[0]) / "genai_config.json").read_text())
+    vocab = int(config.get("model", {}).get("vocab_size") or 40000)
+    ids = np.random.default_rng(0).integers(min(100, vocab - 1), min(40000, vocab), args.prompt_tokens)
     runs: dict[str, list] = {}
     for _ in range(args.repeats):
         for f in args.folders:

@@ -49,6 +49,8 @@ REWRITES = {
         "onnxqf W8A8 kernels + lm_head": ["--lowering", "onnxqf-cuda", "--quantize-lm-head"],
         "onnxqf hybrid W8A8 kernels + lm_head": ["--hybrid", "--alpha", "0.5", "--lowering", "onnxqf-cuda",
                                                  "--quantize-lm-head"],
+        # the norms left as ONNX Runtime's SkipSimplifiedLayerNormalization nodes (the op's skip_norm off)
+        "onnxqf W8A8 kernels norm nodes + lm_head": ["--lowering", "onnxqf-cuda:fuse_norm=false", "--quantize-lm-head"],
     },
     "cpu": {
         "onnxqf W8A8 token": [],
