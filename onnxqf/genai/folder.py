@@ -21,8 +21,8 @@ from onnxqf.errors import BadModelFileError, GenaiFolderError, OnnxqfError
 from onnxqf.graph.graphio import GraphIO
 
 __all__ = ["ATTENTION_OPS", "GENAI_CONFIG", "GENAI_INSTALL", "IO_DTYPES", "PIPELINE_TYPE", "SUPPORTED_ATTENTION",
-           "GenaiFolder", "genai_dir", "is_genai", "load_graph", "model_file", "output_path", "read_genai",
-           "is_pipeline", "require_og", "stage_files", "write_folder"]
+           "GenaiFolder", "genai_config", "genai_dir", "is_genai", "load_graph", "model_file", "output_path",
+           "read_genai", "is_pipeline", "require_og", "stage_files", "write_folder"]
 
 GENAI_CONFIG = "genai_config.json"
 GENAI_INSTALL = "pip install 'onnxqf[genai]'"
@@ -88,16 +88,23 @@ def stage_files(config: dict) -> list[tuple[str, dict]] | None:
     return stages
 
 
-def is_pipeline(path: str | os.PathLike) -> bool:
-    """``path`` (a folder or a file in one) is a prefill / decode pipeline folder (:func:`stage_files`)."""
+def genai_config(path: str | os.PathLike) -> dict | None:
+    """The parsed genai_config.json of ``path``'s folder (a folder, or a file in one); None where there is none or it
+    cannot be read (:func:`read_genai` says what is wrong with it)."""
     d = genai_dir(path)
     if d is None:
-        return False
+        return None
     try:
         config = json.loads((d / GENAI_CONFIG).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return False  # (read_genai says what is wrong with it)
-    return stage_files(config) is not None
+        return None
+    return config if isinstance(config, dict) else None
+
+
+def is_pipeline(path: str | os.PathLike) -> bool:
+    """``path`` (a folder or a file in one) is a prefill / decode pipeline folder (:func:`stage_files`)."""
+    config = genai_config(path)
+    return config is not None and stage_files(config) is not None
 
 
 def genai_dir(path: str | os.PathLike) -> Path | None:

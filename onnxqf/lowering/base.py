@@ -27,7 +27,7 @@ from onnxqf.errors import OnnxqfError
 from onnxqf.graph.structure import Linear
 
 __all__ = ["LinearGroup", "Lowering", "REGISTRY", "register", "get", "names", "parse_spec", "insert_after_producer",
-           "replace_outputs", "FLOAT32"]
+           "replace_outputs", "take_over", "FLOAT32"]
 
 FLOAT32 = ir.DataType.FLOAT
 
@@ -163,14 +163,19 @@ def insert_after_producer(graph: ir.Graph, x: ir.Value, nodes, fallback_before: 
         graph.insert_after(producer, nodes)
 
 
+def take_over(old: ir.Value, new: ir.Value, suffix: str) -> None:
+    """``new`` replaces ``old`` everywhere, with its shape and type; a graph output keeps its name (``old`` is
+    renamed with ``suffix``)."""
+    new.shape, new.type = old.shape, old.type
+    was_output, name = old.is_graph_output(), old.name
+    old.replace_all_uses_with(new, replace_graph_outputs=True)
+    if was_output:
+        old.name, new.name = f"{name}{suffix}", name
+
+
 def replace_outputs(graph: ir.Graph, linears: list[Linear], outs: list[ir.Value]) -> None:
     """Each linear's MatMul output is replaced by the matching new value, and the MatMul removed; a graph
     output keeps its name (e.g. logits)."""
     for lin, y in zip(linears, outs):
-        old = lin.node.outputs[0]
-        y.shape, y.type = old.shape, old.type
-        was_output, name = old.is_graph_output(), old.name
-        old.replace_all_uses_with(y, replace_graph_outputs=True)
-        if was_output:
-            old.name, y.name = f"{name}.float", name
+        take_over(lin.node.outputs[0], y, ".float")
         graph.remove(lin.node, safe=True)

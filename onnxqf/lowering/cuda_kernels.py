@@ -52,7 +52,7 @@ from onnx_ir import tape as ir_tape
 
 from onnxqf.errors import OnnxqfError
 from onnxqf.graph import edit
-from onnxqf.lowering.base import LinearGroup, register, replace_outputs
+from onnxqf.lowering.base import LinearGroup, register, replace_outputs, take_over
 from onnxqf.lowering.w8a8 import W8A8Lowering
 from onnxqf.maths.hadamard import walsh_matrix, walsh_sign
 
@@ -375,12 +375,7 @@ class OnnxqfCudaW8A8(W8A8Lowering):
             graph.remove(list(glu.nodes), safe=True)
         if norm is not None:
             if total is not None:
-                old = norm.sum
-                total.shape, total.type = old.shape, old.type
-                was_output, name = old.is_graph_output(), old.name
-                old.replace_all_uses_with(total, replace_graph_outputs=True)
-                if was_output:
-                    old.name, total.name = f"{name}.unfused", name
+                take_over(norm.sum, total, ".unfused")
             graph.remove(norm.node, safe=True)
 
     def node_issue(self, node: ir.Node, provider: str) -> str | None:

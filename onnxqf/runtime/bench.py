@@ -136,18 +136,9 @@ def describe(path: str | os.PathLike) -> BenchModel:
 
 def _config_shares(path: str | os.PathLike) -> bool:
     """The ``search.past_present_share_buffer`` of the genai_config.json beside ``path`` (False without one)."""
-    import json
+    from onnxqf.genai.folder import genai_config
 
-    from onnxqf.genai.folder import GENAI_CONFIG, genai_dir
-
-    d = genai_dir(path)
-    if d is None:
-        return False
-    try:
-        config = json.loads((d / GENAI_CONFIG).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return False
-    search = config.get("search") if isinstance(config, dict) else None
+    search = (genai_config(path) or {}).get("search")
     return bool(isinstance(search, dict) and search.get("past_present_share_buffer"))
 
 
