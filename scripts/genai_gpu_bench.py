@@ -9,6 +9,14 @@ there, but its model builder is Python: copy the package's ``models`` folder, wi
     python scripts/genai_gpu_bench.py stage-builder .gbuild         # here, once
     source .ortgpu/activate.sh && python scripts/genai_gpu_bench.py run --builder .gbuild --out $OUT
 
+onnxruntime-genai's own generation loop on the GPU machine's CPU (its Python is 3.12): ``stage-genai`` downloads the
+cp312 wheels of onnxruntime and onnxruntime-genai (about 38 MB) into a git-ignored folder that travels; there, unzip
+them onto ``PYTHONPATH`` for scripts/genai_generate_bench.py (docs/benchmarks.md §h run 8):
+
+    python scripts/genai_gpu_bench.py stage-genai .whl/312           # here, once
+    mkdir -p /dev/shm/py312 && for w in .whl/312/*.whl; do python3 -m zipfile -e $w /dev/shm/py312; done
+    PYTHONPATH=/dev/shm/py312 python3 scripts/genai_generate_bench.py FP32_FOLDER OTHER_FOLDER ...
+
 ``run`` makes a random-weight Llama with Llama-2-7B layer shapes (hidden 4096, 32 heads of 128, d_ff
 11008, vocab 32000; --layers, default 4) as a Hugging Face folder in float16, builds it with the model
 builder (``-p fp16 -e cuda``: GroupQueryAttention, fused residual-add + RMSNorm, packed q/k/v; and ``-p
@@ -167,6 +175,11 @@ def main() -> int:
     sub = ap.add_subparsers(dest="cmd", required=True)
     st = sub.add_parser("stage-builder")
     st.add_argument("dest", type=Path)
+    sg = sub.add_parser("stage-genai", help="download onnxruntime and onnxruntime-genai wheels for another Python")
+    sg.add_argument("dest", type=Path)
+    sg.add_argument("--python-version", default="3.12")
+    sg.add_argument("--onnxruntime", default="1.32.0", help="onnxruntime version (genai 0.18 needs >= 1.31)")
+    sg.add_argument("--genai", default="0.18.0", help="onnxruntime-genai version")
     r = sub.add_parser("run")
     r.add_argument("--out", type=Path, required=True)
     r.add_argument("--builder", type=Path, help="folder made by stage-builder (default: the installed "
@@ -198,6 +211,11 @@ def main() -> int:
     if args.cmd == "stage-builder":
         stage_builder(args.dest)
         return 0
+    if args.cmd == "stage-genai":
+        args.dest.mkdir(parents=True, exist_ok=True)
+        return subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
+                               "--python-version", args.python_version, "-d", str(args.dest),
+                               f"onnxruntime=={args.onnxruntime}", f"onnxruntime-genai=={args.genai}"]).returncode
 
     import tempfile
 
