@@ -242,8 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="prefill and KV-cache decode speed against a reference (IOBinding)",
                        description="Time each MODEL and a reference in the same run: prefill (one forward of batch x "
                                    "seq) and, for KV-cache graphs (onnxruntime-genai layout), a decode loop of "
-                                   "--decode-tokens steps from random pasts of each --past length, each step's present "
-                                   "fed back as the next past. Inputs and outputs stay on the device (IOBinding). "
+                                   "--decode-tokens steps from random pasts of each --past length, the cache bound as "
+                                   "onnxruntime-genai binds it (--cache). Inputs and outputs stay on the device "
+                                   "(IOBinding). "
                                    "Median [min-max] of --repeats runs after --warmup, and the speed against the "
                                    "reference (the first MODEL unless --ref). Exit 2: bad input (e.g. no logits "
                                    "output); 3: the provider is not available here.")
