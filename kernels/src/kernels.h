@@ -73,7 +73,9 @@ inline OutSplit one_output(__half* y, int64_t N) {
 // Small M (<= kFusedMaxM) in one launch: quantization of x into shared memory + GEMV; with a WalshSpec (n > 0;
 // K <= 4096) each row is rotated first. Check support first. N = out.end[out.count - 1].
 constexpr int kFusedMaxM = 4;
-bool w8a8_fused_gemv_supported(const __half* x, const int8_t* w, int64_t M, int64_t K, const WalshSpec* rot = nullptr);
+// norm: with a skip_norm (NormSpec), whose normalized row also takes shared memory (2 K bytes).
+bool w8a8_fused_gemv_supported(const __half* x, const int8_t* w, int64_t M, int64_t K, const WalshSpec* rot = nullptr,
+                               bool norm = false);
 struct GemvOptions {
   // M = 1: -1 = by shape (the default: 1 x 8 for N >= 8192, 4 x 4 for K >= 8192, else 0), 0 = 2 outputs per warp x 4
   // chunks in flight, 1 = 1 x 8, 2 = 2 x 8, 3 = 4 x 4, 4 = 4 x 2, 5 = 1 x 16 (ONNXQF_GEMV_CONFIG, A/B runs)

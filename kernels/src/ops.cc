@@ -191,7 +191,8 @@ struct W8A8LinearKernel {
       if (SK.GetTensorTypeAndShapeInfo().GetShape() != xs) return fail("onnxqf.W8A8Linear: Skip must have X's shape");
       if (static_cast<int64_t>(G.GetTensorTypeAndShapeInfo().GetElementCount()) != K)
         return fail("onnxqf.W8A8Linear: Gamma must have K = " + std::to_string(K) + " elements");
-      if (K % 8 != 0) return fail("onnxqf.W8A8Linear: skip_norm needs K % 8 == 0");
+      if (K % 8 != 0 || K > 24576)  // (the normalized row is held in shared memory: 2 K bytes)
+        return fail("onnxqf.W8A8Linear: skip_norm needs K % 8 == 0 and K <= 24576, not K = " + std::to_string(K));
       norm.skip = reinterpret_cast<const __half*>(SK.GetTensorRawData());
       norm.gamma = reinterpret_cast<const __half*>(G.GetTensorRawData());
       norm.eps = epsilon;
@@ -288,7 +289,7 @@ struct W8A8LinearKernel {
         return fail(std::string("onnxqf.W8A8Linear: SwiGLU: ") + cudaGetErrorString(e));
     // small M in one launch, no scratch: quantization (after a Walsh rotation) into shared memory + GEMV
     if ((!rotate || wspec.n) && M <= gemv_max_m &&
-        onnxqf::w8a8_fused_gemv_supported(x, w, M, K, rotate ? &wspec : nullptr)) {
+        onnxqf::w8a8_fused_gemv_supported(x, w, M, K, rotate ? &wspec : nullptr, norm.skip != nullptr)) {
       cudaError_t e = onnxqf::launch_w8a8_fused_gemv(x, w, ws, bias, out, M, K, stream, rotate ? &wspec : nullptr,
                                                      gemv, u, norm.skip ? &norm : nullptr);
       if (e != cudaSuccess) return fail(std::string("onnxqf.W8A8Linear: CUDA error: ") + cudaGetErrorString(e));

@@ -472,10 +472,11 @@ cudaError_t launch_w8a8_gemv(const int8_t* q, const float* amax, const int8_t* w
   return launch_gemv_t<16, 4, 1>(q, amax, w, wscale, bias, y, M, N, K, stream);
 }
 
-bool w8a8_fused_gemv_supported(const __half* x, const int8_t* w, int64_t M, int64_t K, const WalshSpec* rot) {
+bool w8a8_fused_gemv_supported(const __half* x, const int8_t* w, int64_t M, int64_t K, const WalshSpec* rot,
+                               bool norm) {
   // a rotated row is held by K / 16 of the block's threads, 16 values each
   const bool rot_ok = !rot || !rot->n || (K == (int64_t{1} << rot->n) && K <= 16 * kQuantThreads);
-  const int64_t smem = static_cast<int64_t>(kFusedMaxM) * K + (rot && rot->n ? 8 * K : 0);
+  const int64_t smem = static_cast<int64_t>(kFusedMaxM) * K + (rot && rot->n ? 8 * K : 0) + (norm ? 2 * K : 0);
   return M >= 1 && M <= kFusedMaxM && K % 16 == 0 && reinterpret_cast<uintptr_t>(x) % 16 == 0 &&
          reinterpret_cast<uintptr_t>(w) % 16 == 0 && smem <= kFusedMaxSmem && rot_ok;
 }
@@ -485,10 +486,9 @@ cudaError_t launch_w8a8_fused_gemv(const __half* x, const int8_t* w, const float
                                    const WalshSpec* rot, const GemvOptions& opt, const __half* u,
                                    const NormSpec* norm) {
   const NormSpec nrm = norm ? *norm : NormSpec{};
-  if (!w8a8_fused_gemv_supported(x, w, M, K, rot) || out.count < 1 || out.count > kMaxOutputs ||
-      (u && ((rot && rot->n) || reinterpret_cast<uintptr_t>(u) % 16 != 0)) ||
-      (nrm.skip && (u || (rot && rot->n) || !nrm.gamma || !norm_aligned(x, nrm, K) ||
-                    static_cast<int64_t>(kFusedMaxM) * K + 2 * K > kFusedMaxSmem)))
+  if (!w8a8_fused_gemv_supported(x, w, M, K, rot, nrm.skip != nullptr) || out.count < 1 ||
+      out.count > kMaxOutputs || (u && ((rot && rot->n) || reinterpret_cast<uintptr_t>(u) % 16 != 0)) ||
+      (nrm.skip && (u || (rot && rot->n) || !nrm.gamma || !norm_aligned(x, nrm, K))))
     return cudaErrorInvalidValue;
   const WalshSpec r = rot ? *rot : WalshSpec{};
   if (M <= 1) {
