@@ -250,6 +250,7 @@ NORMS = [
     (16, 4096, (4096, 1024, 1024), True, {"ONNXQF_GEMV_MAX_M": "16"}),  # quantization kernel + GEMV
     (300, 2048, (2048, 512, 512), True, None),        # quantization kernel + a GEMM per output
     (2, 11008, (4096,), True, None),                  # a long row (the uncached loads)
+    (1, 20480, (256,), True, None),                   # past the one-launch GEMV's shared memory: kernel + GEMV
 ]
 
 
