@@ -19,6 +19,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from onnxqf.genai.folder import read_genai  # noqa: E402
 from onnxqf.genai.generate import generate  # noqa: E402
 
 
@@ -31,8 +32,7 @@ def main(argv=None) -> int:
     ap.add_argument("--ep", default="cpu")
     ap.add_argument("--out", help="JSON file for the rows")
     args = ap.parse_args(argv)
-    config = json.loads((Path(args.folders[0]) / "genai_config.json").read_text())
-    vocab = int(config.get("model", {}).get("vocab_size") or 40000)
+    vocab = read_genai(args.folders[0], check_attention=False).vocab or 40000
     ids = np.random.default_rng(0).integers(min(100, vocab - 1), min(40000, vocab), args.prompt_tokens)
     runs: dict[str, list] = {}
     for _ in range(args.repeats):

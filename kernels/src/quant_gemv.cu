@@ -14,12 +14,6 @@ namespace {
 constexpr int kQuantThreads = 256;
 constexpr int kQuantCached = 8;  // 16-byte chunks of x per thread held in registers (K <= 16384 read once)
 
-__device__ __forceinline__ int warp_sum(int v) {
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
-  return v;
-}
-
 __device__ __forceinline__ float chunk_absmax(const uint4& c, float m) {
   const __half2* h = reinterpret_cast<const __half2*>(&c);
 #pragma unroll

@@ -80,7 +80,9 @@ __device__ __forceinline__ void block_row_scale(float m, float* red, __half* inv
   __syncthreads();
 }
 
-__device__ __forceinline__ float warp_sum_f(float v) {
+// The warp's sum of v (every lane gets it): the int32 dot products of the GEMV, the fp32 squares of the norm.
+template <typename T>
+__device__ __forceinline__ T warp_sum(T v) {
 #pragma unroll
   for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
   return v;
@@ -112,7 +114,7 @@ __device__ __forceinline__ float skip_norm_row(const __half* __restrict__ xr, co
     if (sum_row) reinterpret_cast<uint4*>(sum_row)[c] = a;
     reinterpret_cast<uint4*>(yr)[c] = a;  // s, read back below by this same thread
   }
-  ss = warp_sum_f(ss);
+  ss = warp_sum(ss);
   if ((tid & 31) == 0) red[tid >> 5] = ss;
   __syncthreads();
   float total = 0.f;

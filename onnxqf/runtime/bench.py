@@ -344,10 +344,10 @@ def measure_decode_step_graph(session, io: GraphIO, *, batch: int, past: int, wa
     if not io.vocab:
         raise OnnxqfError(f"{io.path}: a CUDA graph needs a static vocabulary size on 'logits'")
     outs = {io.logits: rt.OrtValue.ortvalue_from_shape_and_type([batch, 1, io.vocab], io.logits_dtype, device, 0)}
-    buffers = shared_cache_buffers(rt, io, rng, batch, past, past + 1, device) if shared else []
-    for (name, present), buf in zip(io.cache, buffers):
-        values[name] = outs[present] = buf
-    if not shared:
+    if shared:
+        for (name, present), buf in zip(io.cache, shared_cache_buffers(rt, io, rng, batch, past, past + 1, device)):
+            values[name] = outs[present] = buf
+    else:
         for _, present in io.cache:
             outs[present] = rt.OrtValue.ortvalue_from_shape_and_type([batch, io.kv_heads, past + 1, io.head_dim],
                                                                      io.cache_dtype, device, 0)
