@@ -19,7 +19,7 @@ tmp=$(mktemp "$build/.libonnxqf_cpu.XXXXXX")
 trap 'rm -f "$tmp"' EXIT
 echo "== $cxx -> $build/libonnxqf_cpu.so"
 "$cxx" -std=c++17 -O3 -fPIC -shared -fvisibility=hidden -fno-math-errno -Wall -Wextra \
-  -I"$ORT_INCLUDE_DIR" "$here/cpu/quantize_rows.cc" -o "$tmp"
+  -I"$ORT_INCLUDE_DIR" "$here/cpu/quantize_rows.cc" "$here/cpu/gemm_u8s8.cc" -o "$tmp"
 mv -f "$tmp" "$build/libonnxqf_cpu.so"
 trap - EXIT
 echo "== built $build/libonnxqf_cpu.so"

@@ -91,6 +91,11 @@ REWRITES = {
         "onnxqf W8A8 cpu op asym + lm_head": ["--lowering", "onnxqf-cpu", "--act-quant", "asym", "--quantize-lm-head"],
         "onnxqf hybrid W8A8 cpu op asym + lm_head": ["--hybrid", "--alpha", "0.5", "--lowering", "onnxqf-cpu",
                                                      "--act-quant", "asym", "--quantize-lm-head"],
+        "onnxqf W8A8 cpu linear + lm_head": ["--lowering", "onnxqf-cpu:gemm=onnxqf", "--act-quant", "asym",
+                                             "--quantize-lm-head"],
+        "onnxqf hybrid W8A8 cpu linear + lm_head": ["--hybrid", "--alpha", "0.5", "--lowering",
+                                                    "onnxqf-cpu:gemm=onnxqf", "--act-quant", "asym",
+                                                    "--quantize-lm-head"],
         "onnxqf hybrid W8A8 cpu op, rotation nodes + lm_head": [
             "--hybrid", "--alpha", "0.5", "--lowering", "onnxqf-cpu:fuse_rotations=false", "--act-quant", "token",
             "--quantize-lm-head"],

@@ -13,7 +13,17 @@ import pytest
 
 from onnxqf.errors import OnnxqfError
 from onnxqf.graph.structure import ONLINE_ROTATION
-from onnxqf.lowering.cpu_kernels import DENSE, DEQUANTIZE_OP, DOMAIN, IDENTITY, OP, WALSH, WALSH_NEG, cpu_rotation
+from onnxqf.lowering.cpu_kernels import (
+    DENSE,
+    DEQUANTIZE_OP,
+    DOMAIN,
+    IDENTITY,
+    LINEAR_OP,
+    OP,
+    WALSH,
+    WALSH_NEG,
+    cpu_rotation,
+)
 from onnxqf.maths.hadamard import sylvester
 from onnxqf.runtime import kernels
 from onnxqf.runtime.linears import linear_model, parse_lowering
@@ -158,11 +168,11 @@ def test_dequantize_rows_against_numpy(cpu_lib, shape):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("isa", ["avx2", "base"])
+@pytest.mark.parametrize("isa", ["vnni", "avx2", "base"])
 def test_every_instruction_set_path_against_numpy(cpu_lib, isa):
-    """The library picks its row, dense-factor and butterfly loops for the CPU when it loads (AVX-512, AVX2, the
-    compiler's loops); ONNXQF_CPU_ISA caps that choice, so each path runs here, in a fresh process, through the same
-    checks."""
+    """The library picks its row, dense-factor and butterfly loops and its GEMM for the CPU when it loads (AMX,
+    AVX-512 VNNI, AVX-512, AVX2, the compiler's loops); ONNXQF_CPU_ISA caps that choice, so each path the CPU has runs
+    here, in a fresh process, through the same checks."""
     import os
     import platform
     import subprocess
@@ -172,7 +182,7 @@ def test_every_instruction_set_path_against_numpy(cpu_lib, isa):
         pytest.skip("the instruction-set paths are x86-64's")
     env = dict(os.environ, ONNXQF_CPU_ISA=isa, ONNXQF_CPU_KERNELS=str(cpu_lib))
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
-                        "quantize_rows_against_numpy and not every_instruction_set"],
+                        "(quantize_rows_against_numpy or w8a8_linear_equals) and not every_instruction_set"],
                        env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
     assert " passed" in r.stdout and "skipped" not in r.stdout.splitlines()[-1]
@@ -432,3 +442,102 @@ def test_rewrite_check_and_eval(cpu_lib, tiny_models, tmp_path, capsys):
     c = compare(src, outs["asym-op"], wins, progress=False)
     d = compare(src, outs["asym-nodes"], wins, progress=False)
     assert abs(c["kl"] - d["kl"]) <= 1e-3 * d["kl"] and c["kl"] != a["kl"]
+
+
+# -- W8A8Linear: the quantization, onnxqf's int8 GEMM and the dequantization in one node --------------------------
+
+
+def test_vnni_order_puts_four_ks_of_sixteen_columns_in_each_line():
+    """vnni_order's element [j, p, 4 i + t] is q[4 p + t, 16 j + i]; shapes that do not tile are refused."""
+    from onnxqf.lowering.cpu_kernels import vnni_order
+
+    q = np.random.default_rng(0).integers(-127, 128, (8, 32)).astype(np.int8)
+    b = vnni_order(q)
+    assert b.shape == (2, 2, 64) and b.dtype == np.int8
+    for j, p, i, t in [(0, 0, 0, 0), (1, 1, 15, 3), (0, 1, 5, 2), (1, 0, 9, 1)]:
+        assert b[j, p, 4 * i + t] == q[4 * p + t, 16 * j + i]
+    assert sorted(b.reshape(-1).tolist()) == sorted(q.reshape(-1).tolist())
+    with pytest.raises(ValueError, match="N % 16"):
+        vnni_order(q[:, :24])
+
+
+# (K, N, rows): one 16-column block and five (an odd count: AMX's one-block step), K past one AMX tile and not a
+# multiple of 64 (the VNNI path at every M), rows from decode to two AMX row tiles with a tail and two row chunks
+LINEAR_CASES = [(64, 16, 1), (128, 80, 3), (192, 48, 17), (100, 32, 9), (256, 96, 40), (128, 48, 70)]
+
+
+@pytest.mark.parametrize("asymmetric", [True, False])
+@pytest.mark.parametrize("K,N,rows", LINEAR_CASES)
+def test_w8a8_linear_equals_the_three_node_graph(cpu_lib, K, N, rows, asymmetric):
+    """`onnxqf-cpu:gemm=onnxqf`: one W8A8Linear per group and nothing else; its outputs are those of the
+    QuantizeRows -> MatMulIntegerToFloat -> DequantizeRows graph of the same lowering (the same codes and integer
+    sums; the epilogue's float steps in another order) to float32 rounding."""
+    rng = np.random.default_rng(K + N + rows)
+    x = rng.standard_normal((rows, K)).astype(np.float32)
+    x[:, 3] *= 30.0
+    if rows > 2:
+        x[1] = 0.0
+        x[2] = np.abs(x[2])
+    extra = "" if asymmetric else ":asymmetric=false"
+    ref = _session(linear_model(K, N, parse_lowering("onnxqf-cpu" + extra), copies=2, seed=3), cpu_lib).run(
+        None, {"x": x})
+    low = parse_lowering("onnxqf-cpu:gemm=onnxqf" + extra)
+    assert low.describe() == "onnxqf-cpu" + extra + ":gemm=onnxqf"
+    model = linear_model(K, N, low, copies=2, seed=3)
+    ops = [(n.domain, n.op_type) for n in model.graph]
+    assert ops.count((DOMAIN, LINEAR_OP)) == 2 and len(ops) == 2
+    got = _session(model, cpu_lib).run(None, {"x": x})
+    for g, r in zip(got, ref):
+        assert g.shape == r.shape == (rows, N)
+        np.testing.assert_allclose(g, r, rtol=1e-4, atol=2e-5 * np.abs(r).max())
+
+
+def test_w8a8_linear_bad_weights_are_refused(cpu_lib):
+    """Weights that are not [N / 16, K / 4, 64], or scales of another length, fail the run in one message."""
+    K, N = 64, 32
+    x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, None)
+    y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)
+    w = onnx.helper.make_tensor_value_info("w", onnx.TensorProto.INT8, None)
+    s = onnx.helper.make_tensor_value_info("s", onnx.TensorProto.FLOAT, None)
+    c = onnx.helper.make_tensor_value_info("c", onnx.TensorProto.FLOAT, None)
+    node = onnx.helper.make_node(LINEAR_OP, ["x", "w", "s", "c"], ["y"], domain=DOMAIN)
+    graph = onnx.helper.make_graph([node], "linear", [x, w, s, c], [y])
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 18),
+                                                         onnx.helper.make_opsetid(DOMAIN, 1)], ir_version=10)
+    sess = _session(model, cpu_lib)
+    feeds = {"x": np.ones((2, K), np.float32), "w": np.zeros((N // 16, K // 4, 64), np.int8),
+             "s": np.ones(N, np.float32), "c": np.zeros(N, np.float32)}
+    assert sess.run(None, feeds)[0].shape == (2, N)
+    with pytest.raises(Exception, match=r"W must be int8 \[N / 16, K / 4, 64\]"):
+        sess.run(None, {**feeds, "w": np.zeros((N // 16, K // 8, 64), np.int8)})
+    with pytest.raises(Exception, match="one value per column"):
+        sess.run(None, {**feeds, "s": np.ones(N - 1, np.float32)})
+
+
+def test_hybrid_rotations_move_into_the_linear_op(cpu_lib, tiny_models, tmp_path):
+    """`rewrite --hybrid --lowering onnxqf-cpu:gemm=onnxqf`: one W8A8Linear per linear group (lm_head too), the
+    online rotations inside the ops that read them, no MatMulIntegerToFloat left; the logits those of the
+    three-node lowering (gemm=mlas) to float32 rounding."""
+    from onnxqf.cli import main
+    from onnxqf.runtime.session import logits, make_session
+
+    src = tiny_models["llama-gqa"]
+    ids = tmp_path / "ids.npy"
+    np.save(ids, np.random.default_rng(1).integers(1, 512, 256))
+    out = {}
+    for low in ("onnxqf-cpu", "onnxqf-cpu:gemm=onnxqf"):
+        out[low] = tmp_path / f"{low.replace(':', '_').replace('=', '_')}.onnx"
+        assert main(["rewrite", str(src), "--hybrid", "--lowering", low, "--calib", str(ids), "--calib-windows", "2",
+                     "--calib-seq", "64", "--weight-rounding", "rtn", "--quantize-lm-head", "-o", str(out[low]),
+                     "-q"]) == 0
+    fused = onnx.load(str(out["onnxqf-cpu:gemm=onnxqf"]), load_external_data=False)
+    ops = [n.op_type for n in fused.graph.node]
+    linears = [n for n in fused.graph.node if n.op_type == LINEAR_OP]
+    assert "MatMulIntegerToFloat" not in ops and OP not in ops and DEQUANTIZE_OP not in ops
+    assert len(linears) == 2 * 4 + 1  # q/k/v, o, gate/up, down of both layers; lm_head
+    assert sum(any(a.name == "rotation_sizes" for a in n.attribute) for n in linears) == 2 * 4 + 1  # + lm_head
+    ids_ = np.random.default_rng(0).integers(1, 512, (2, 24))
+    a = logits(make_session(out["onnxqf-cpu:gemm=onnxqf"]), ids_)
+    b = logits(make_session(out["onnxqf-cpu"]), ids_)
+    diff, top = np.abs(a - b), np.abs(b).max()
+    assert np.median(diff) <= 1e-5 * top and diff.max() <= 1e-3 * top

@@ -21,6 +21,12 @@
 // DequantizeRows: Y float32 [..., N], S and Z float32 [..., 1], C float32 [N] -> O = (Y - Z * C) * S per row: the
 // epilogue of a GEMM of asymmetric codes (Y = the codes' product with the weights, C = the weights' column sums in
 // Y's units), one pass over Y.
+//
+// W8A8Linear: X float32 [..., K], W int8 [N / 16, K / 4, 64] (the weights' codes Wq [K, N] in gemm_u8s8.h's VNNI
+// order), S float32 [N] (the weights' scales), C float32 [N] (colsum(Wq) * S), optional R as QuantizeRows' ->
+// Y float32 [..., N]: QuantizeRows' codes of each row (same attributes), then onnxqf's int8 GEMM (gemm_u8s8.cc) with
+// the dequantization in its epilogue, Y = s * (S * (codes @ Wq) - z * C), s and z the row's scale and zero point
+// (symmetric codes: A / 127 and 128). One node for QuantizeRows -> MatMulIntegerToFloat -> DequantizeRows.
 #define ORT_API_MANUAL_INIT
 #include "onnxruntime_cxx_api.h"
 #undef ORT_API_MANUAL_INIT
@@ -39,7 +45,9 @@
 #include <immintrin.h>
 #endif
 
-#define ONNXQF_CPU_VERSION "2"  // 2: QuantizeRows asymmetric=1, DequantizeRows
+#include "gemm_u8s8.h"
+
+#define ONNXQF_CPU_VERSION "3"  // 2: QuantizeRows asymmetric=1, DequantizeRows; 3: W8A8Linear
 
 namespace {
 
@@ -586,10 +594,77 @@ void for_rows(Ort::KernelContext& ctx, void (*task)(void*, size_t), void* data, 
     ctx.ParallelFor(task, static_cast<size_t>(tasks), 0, data);
 }
 
-struct QuantizeRowsKernel {
+// What QuantizeRows and W8A8Linear read from their attributes: the rotation and the kind of codes.
+struct Quantization {
   Rotation rot;
   int64_t dense_values = 0;  // what R must hold
   bool asymmetric = false;
+
+  // The attributes rotation_sizes, rotation_kinds and asymmetric (op: the op's name in messages).
+  OrtStatusPtr read(const OrtKernelInfo* info, const std::string& op) {
+    std::vector<int64_t> sizes, kinds;
+    try {
+      sizes = Ort::ConstKernelInfo(info).GetAttributes<int64_t>("rotation_sizes");
+    } catch (const Ort::Exception&) {
+      sizes.clear();  // no such attribute: no rotation
+    }
+    try {
+      kinds = Ort::ConstKernelInfo(info).GetAttributes<int64_t>("rotation_kinds");
+    } catch (const Ort::Exception&) {
+      kinds.clear();
+    }
+    if (kinds.size() != sizes.size()) return fail(op + ": rotation_kinds must give one kind per rotation_sizes entry");
+    int64_t asym = 0;
+    try {
+      asym = Ort::ConstKernelInfo(info).GetAttribute<int64_t>("asymmetric");
+    } catch (const Ort::Exception&) {
+      asym = 0;
+    }
+    if (asym != 0 && asym != 1) return fail(op + ": asymmetric must be 0 or 1");
+    asymmetric = asym == 1;
+    for (size_t t = 0; t < sizes.size(); ++t) {
+      const int64_t n = sizes[t], kind = kinds[t];
+      if (n < 1 || kind < kIdentity || kind > kWalshNeg) return fail(op + ": rotation sizes must be >= 1 and kinds 0..3");
+      if ((kind == kWalsh || kind == kWalshNeg) && (n & (n - 1)))
+        return fail(op + ": a Walsh-Hadamard factor needs a power-of-two size, not " + std::to_string(n));
+      rot.sizes.push_back(n);
+      rot.kinds.push_back(kind);
+      rot.offsets.push_back(dense_values);
+      int64_t inner = 1;
+      for (size_t u = t + 1; u < sizes.size(); ++u) inner *= sizes[u];
+      const bool as_matrix = (kind == kWalsh || kind == kWalshNeg) && inner < kButterflyInner && n <= 64;
+      rot.walsh_offsets.push_back(as_matrix ? static_cast<int64_t>(rot.walsh.size()) : -1);
+      if (as_matrix)  // Sylvester's H_n: (-1)^popcount(i & j)
+        for (int64_t i = 0; i < n; ++i)
+          for (int64_t j = 0; j < n; ++j) rot.walsh.push_back(__builtin_popcountll(i & j) & 1 ? -1.f : 1.f);
+      if (kind == kDense) dense_values += n * n;
+      if (kind == kWalsh || kind == kWalshNeg)
+        rot.scale *= (kind == kWalshNeg ? -1.f : 1.f) / std::sqrt(static_cast<float>(n));
+    }
+    return nullptr;
+  }
+
+  // The dense factors' values (input `index`, checked against K), or nullptr where none are needed.
+  OrtStatusPtr rotation_input(Ort::KernelContext& ctx, size_t index, int64_t K, const std::string& op,
+                              const float*& R) const {
+    R = nullptr;
+    if (rot.empty()) return nullptr;
+    int64_t prod = 1;
+    for (int64_t n : rot.sizes) prod *= n;
+    if (prod != K)
+      return fail(op + ": rotation_sizes multiply to " + std::to_string(prod) + ", X has K = " + std::to_string(K));
+    if (dense_values == 0) return nullptr;
+    if (ctx.GetInputCount() <= index) return fail(op + ": a dense factor needs input R");
+    auto Rv = ctx.GetInput(index);
+    if (!Rv || static_cast<int64_t>(Rv.GetTensorTypeAndShapeInfo().GetElementCount()) != dense_values)
+      return fail(op + ": R must hold " + std::to_string(dense_values) + " values (the dense factors, n*n each)");
+    R = Rv.GetTensorData<float>();
+    return nullptr;
+  }
+};
+
+struct QuantizeRowsKernel {
+  Quantization quant;
 
   OrtStatusPtr ComputeV2(OrtKernelContext* context) {
     try {
@@ -599,37 +674,23 @@ struct QuantizeRowsKernel {
       if (shape.empty()) return fail("onnxqf.cpu.QuantizeRows: X must have rank >= 1");
       const int64_t K = shape.back();
       const float* R = nullptr;
-      if (!rot.empty()) {
-        int64_t prod = 1;
-        for (int64_t n : rot.sizes) prod *= n;
-        if (prod != K)
-          return fail("onnxqf.cpu.QuantizeRows: rotation_sizes multiply to " + std::to_string(prod) +
-                      ", X has K = " + std::to_string(K));
-        if (dense_values > 0) {
-          if (ctx.GetInputCount() < 2) return fail("onnxqf.cpu.QuantizeRows: a dense factor needs input R");
-          auto Rv = ctx.GetInput(1);
-          if (!Rv || static_cast<int64_t>(Rv.GetTensorTypeAndShapeInfo().GetElementCount()) != dense_values)
-            return fail("onnxqf.cpu.QuantizeRows: R must hold " + std::to_string(dense_values) +
-                        " values (the dense factors, n*n each)");
-          R = Rv.GetTensorData<float>();
-        }
-      }
+      if (OrtStatusPtr st = quant.rotation_input(ctx, 1, K, "onnxqf.cpu.QuantizeRows", R)) return st;
       int64_t rows = 1;
       for (size_t i = 0; i + 1 < shape.size(); ++i) rows *= shape[i];
       std::vector<int64_t> ashape = shape;
       ashape.back() = 1;
-      if (asymmetric && ctx.GetOutputCount() < 3)
+      if (quant.asymmetric && ctx.GetOutputCount() < 3)
         return fail("onnxqf.cpu.QuantizeRows: asymmetric = 1 needs the third output (Z, the zero points)");
       auto Q = ctx.GetOutput(0, shape);
       auto A = ctx.GetOutput(1, ashape);
-      float* z = asymmetric ? ctx.GetOutput(2, ashape).GetTensorMutableData<float>() : nullptr;
+      float* z = quant.asymmetric ? ctx.GetOutput(2, ashape).GetTensorMutableData<float>() : nullptr;
       if (rows == 0 || K == 0) {
         if (K == 0 && rows > 0) std::fill_n(A.GetTensorMutableData<float>(), rows, kFloor);
         if (K == 0 && rows > 0 && z != nullptr) std::fill_n(z, rows, 0.f);
         return nullptr;
       }
       Rows r{X.GetTensorData<float>(), Q.GetTensorMutableData<uint8_t>(), A.GetTensorMutableData<float>(), z, K,
-             rows, 0, &rot, R};
+             rows, 0, &quant.rot, R};
       for_rows(ctx, run_task, &r, rows, K, r.per_task);
       return nullptr;
     } catch (const Ort::Exception& e) {
@@ -642,49 +703,8 @@ struct QuantizeRowsKernel {
 
 struct QuantizeRowsOp : Ort::CustomOpBase<QuantizeRowsOp, QuantizeRowsKernel, true> {
   OrtStatusPtr CreateKernelV2(const OrtApi& /*api*/, const OrtKernelInfo* info, void** kernel) const {
-    std::vector<int64_t> sizes, kinds;
-    try {
-      sizes = Ort::ConstKernelInfo(info).GetAttributes<int64_t>("rotation_sizes");
-    } catch (const Ort::Exception&) {
-      sizes.clear();  // no such attribute: no rotation
-    }
-    try {
-      kinds = Ort::ConstKernelInfo(info).GetAttributes<int64_t>("rotation_kinds");
-    } catch (const Ort::Exception&) {
-      kinds.clear();
-    }
-    if (kinds.size() != sizes.size())
-      return fail("onnxqf.cpu.QuantizeRows: rotation_kinds must give one kind per rotation_sizes entry");
     auto k = std::make_unique<QuantizeRowsKernel>();
-    int64_t asymmetric = 0;
-    try {
-      asymmetric = Ort::ConstKernelInfo(info).GetAttribute<int64_t>("asymmetric");
-    } catch (const Ort::Exception&) {
-      asymmetric = 0;
-    }
-    if (asymmetric != 0 && asymmetric != 1) return fail("onnxqf.cpu.QuantizeRows: asymmetric must be 0 or 1");
-    k->asymmetric = asymmetric == 1;
-    for (size_t t = 0; t < sizes.size(); ++t) {
-      const int64_t n = sizes[t], kind = kinds[t];
-      if (n < 1 || kind < kIdentity || kind > kWalshNeg)
-        return fail("onnxqf.cpu.QuantizeRows: rotation sizes must be >= 1 and kinds 0..3");
-      if ((kind == kWalsh || kind == kWalshNeg) && (n & (n - 1)))
-        return fail("onnxqf.cpu.QuantizeRows: a Walsh-Hadamard factor needs a power-of-two size, not " +
-                    std::to_string(n));
-      k->rot.sizes.push_back(n);
-      k->rot.kinds.push_back(kind);
-      k->rot.offsets.push_back(k->dense_values);
-      int64_t inner = 1;
-      for (size_t u = t + 1; u < sizes.size(); ++u) inner *= sizes[u];
-      const bool as_matrix = (kind == kWalsh || kind == kWalshNeg) && inner < kButterflyInner && n <= 64;
-      k->rot.walsh_offsets.push_back(as_matrix ? static_cast<int64_t>(k->rot.walsh.size()) : -1);
-      if (as_matrix)  // Sylvester's H_n: (-1)^popcount(i & j)
-        for (int64_t i = 0; i < n; ++i)
-          for (int64_t j = 0; j < n; ++j) k->rot.walsh.push_back(__builtin_popcountll(i & j) & 1 ? -1.f : 1.f);
-      if (kind == kDense) k->dense_values += n * n;
-      if (kind == kWalsh || kind == kWalshNeg)
-        k->rot.scale *= (kind == kWalshNeg ? -1.f : 1.f) / std::sqrt(static_cast<float>(n));
-    }
+    if (OrtStatusPtr st = k->quant.read(info, "onnxqf.cpu.QuantizeRows")) return st;
     *kernel = k.release();
     return nullptr;
   }
@@ -785,11 +805,104 @@ struct DequantizeRowsOp : Ort::CustomOpBase<DequantizeRowsOp, DequantizeRowsKern
   }
 };
 
+
+void gemm_run(void* data, size_t task) {
+  const auto& g = *static_cast<const onnxqf_cpu::Gemm*>(data);
+  onnxqf_cpu::gemm_task(g, static_cast<int64_t>(task));
+}
+
+struct W8A8LinearKernel {
+  Quantization quant;
+
+  OrtStatusPtr ComputeV2(OrtKernelContext* context) {
+    static const std::string op = "onnxqf.cpu.W8A8Linear";
+    try {
+      Ort::KernelContext ctx(context);
+      auto X = ctx.GetInput(0), W = ctx.GetInput(1), S = ctx.GetInput(2), C = ctx.GetInput(3);
+      const std::vector<int64_t> shape = X.GetTensorTypeAndShapeInfo().GetShape();
+      const std::vector<int64_t> wshape = W.GetTensorTypeAndShapeInfo().GetShape();
+      if (shape.empty()) return fail(op + ": X must have rank >= 1");
+      const int64_t K = shape.back();
+      if (wshape.size() != 3 || wshape[2] != 64 || wshape[1] * 4 != K)
+        return fail(op + ": W must be int8 [N / 16, K / 4, 64] with K = " + std::to_string(K) +
+                    " (the weights in VNNI order: kernels/README.md)");
+      const int64_t N = wshape[0] * 16;
+      if (static_cast<int64_t>(S.GetTensorTypeAndShapeInfo().GetElementCount()) != N ||
+          static_cast<int64_t>(C.GetTensorTypeAndShapeInfo().GetElementCount()) != N)
+        return fail(op + ": S and C need one value per column (" + std::to_string(N) + ")");
+      const float* R = nullptr;
+      if (OrtStatusPtr st = quant.rotation_input(ctx, 4, K, op, R)) return st;
+      int64_t rows = 1;
+      for (size_t i = 0; i + 1 < shape.size(); ++i) rows *= shape[i];
+      std::vector<int64_t> yshape = shape;
+      yshape.back() = N;
+      auto Y = ctx.GetOutput(0, yshape);
+      if (rows == 0 || N == 0) return nullptr;
+      float* y = Y.GetTensorMutableData<float>();
+      if (K == 0) {
+        std::fill_n(y, rows * N, 0.f);
+        return nullptr;
+      }
+      const int64_t padded = (rows + onnxqf_cpu::kRowPad - 1) / onnxqf_cpu::kRowPad * onnxqf_cpu::kRowPad;
+      std::vector<uint8_t> codes(static_cast<size_t>(padded * K));  // zero past the rows (gemm_u8s8.h)
+      std::vector<float> scale(rows), zero(rows, 128.f);
+      Rows r{X.GetTensorData<float>(), codes.data(), scale.data(), quant.asymmetric ? zero.data() : nullptr, K,
+             rows, 0, &quant.rot, R};
+      for_rows(ctx, run_task, &r, rows, K, r.per_task);
+      if (!quant.asymmetric)
+        for (float& a : scale) a = a / kQmax;  // the symmetric codes' step, as QuantizeRows' row made them
+      onnxqf_cpu::Gemm g{codes.data(), W.GetTensorData<int8_t>(), scale.data(), zero.data(),
+                         S.GetTensorData<float>(), C.GetTensorData<float>(), y, rows, K, N, 0, 0, 0};
+      const int64_t tasks = onnxqf_cpu::gemm_tasks(g);
+      if (tasks == 1)
+        onnxqf_cpu::gemm_task(g, 0);
+      else
+        ctx.ParallelFor(gemm_run, static_cast<size_t>(tasks), 0, &g);
+      return nullptr;
+    } catch (const Ort::Exception& e) {
+      return fail(op + ": " + e.what());
+    } catch (const std::exception& e) {
+      return fail(op + ": " + e.what());
+    }
+  }
+};
+
+struct W8A8LinearOp : Ort::CustomOpBase<W8A8LinearOp, W8A8LinearKernel, true> {
+  OrtStatusPtr CreateKernelV2(const OrtApi& /*api*/, const OrtKernelInfo* info, void** kernel) const {
+    auto k = std::make_unique<W8A8LinearKernel>();
+    if (OrtStatusPtr st = k->quant.read(info, "onnxqf.cpu.W8A8Linear")) return st;
+    *kernel = k.release();
+    return nullptr;
+  }
+  const char* GetName() const { return "W8A8Linear"; }
+  const char* GetExecutionProviderType() const { return "CPUExecutionProvider"; }
+  size_t GetInputTypeCount() const { return 5; }
+  ONNXTensorElementDataType GetInputType(size_t i) const {
+    return i == 1 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+  }
+  OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t i) const {
+    return i < 4 ? OrtCustomOpInputOutputCharacteristic::INPUT_OUTPUT_REQUIRED
+                 : OrtCustomOpInputOutputCharacteristic::INPUT_OUTPUT_OPTIONAL;
+  }
+  size_t GetOutputTypeCount() const { return 1; }
+  ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
+  static OrtStatusPtr InferOutputShape(Ort::ShapeInferContext& ctx) {
+    Ort::ShapeInferContext::Shape s = ctx.GetInputShape(0);
+    Ort::ShapeInferContext::Shape w = ctx.GetInputShape(1);
+    if (s.empty() || w.size() != 3 || !w[0].IsInt()) return nullptr;
+    s.back() = Ort::ShapeInferContext::SymbolicInteger(w[0].AsInt() * 16);
+    return ctx.SetOutputShape(0, s, ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT).release();
+  }
+};
+
 }  // namespace
 
 extern "C" {
 
 __attribute__((visibility("default"))) const char* onnxqf_cpu_version() { return ONNXQF_CPU_VERSION; }
+
+// The GEMM path W8A8Linear takes on this CPU ("amx", "vnni" or "base"; ONNXQF_CPU_ISA caps it: kernels/README.md).
+__attribute__((visibility("default"))) const char* onnxqf_cpu_gemm_isa() { return onnxqf_cpu::gemm_isa(); }
 
 __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options,
                                                                                  const OrtApiBase* api_base) {
@@ -798,6 +911,7 @@ __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL RegisterCustomOps
   Ort::InitApi(g_api);
   static QuantizeRowsOp quantize_rows;
   static DequantizeRowsOp dequantize_rows;
+  static W8A8LinearOp w8a8_linear;
   static Ort::CustomOpDomain* domain = nullptr;
   static std::mutex mu;
   std::lock_guard<std::mutex> lock(mu);
@@ -806,6 +920,7 @@ __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL RegisterCustomOps
       domain = new Ort::CustomOpDomain("onnxqf.cpu");
       domain->Add(&quantize_rows);
       domain->Add(&dequantize_rows);
+      domain->Add(&w8a8_linear);
     }
     Ort::UnownedSessionOptions(options).Add(*domain);
   } catch (const Ort::Exception& e) {

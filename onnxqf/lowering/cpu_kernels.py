@@ -37,19 +37,23 @@ from typing import ClassVar
 
 import numpy as np
 import onnx_ir as ir
+from onnx_ir import tape as ir_tape
 
 from onnxqf.errors import UnsupportedGraphError
 from onnxqf.graph import edit
 from onnxqf.lowering.base import FLOAT32, LinearGroup, register
-from onnxqf.lowering.w8a8 import Uint8TokenQL, matmul_integer_to_float
+from onnxqf.lowering.w8a8 import Uint8TokenQL, finish_group, matmul_integer_to_float
 from onnxqf.maths.hadamard import walsh_matrix, walsh_sign
 
-__all__ = ["DOMAIN", "IDENTITY", "DENSE", "OP", "DEQUANTIZE_OP", "WALSH", "WALSH_NEG", "CpuRotation", "OnnxqfCpu",
-           "cpu_rotation", "quantize_rows_node"]
+__all__ = ["DOMAIN", "IDENTITY", "DENSE", "OP", "DEQUANTIZE_OP", "LINEAR_OP", "GEMMS", "WALSH", "WALSH_NEG",
+           "CpuRotation", "OnnxqfCpu", "cpu_rotation", "quantize_rows_node", "linear_node", "vnni_order"]
 
 DOMAIN = "onnxqf.cpu"  # = onnxqf.runtime.kernels.CPU_DOMAIN (not imported: lowering loads no library)
 OP = "QuantizeRows"
 DEQUANTIZE_OP = "DequantizeRows"
+LINEAR_OP = "W8A8Linear"
+#: OnnxqfCpu.gemm: where the int8 GEMM runs
+GEMMS = ("mlas", "onnxqf")
 #: rotation_kinds (kernels/cpu/quantize_rows.cc): the identity, a dense matrix, +H_n / sqrt(n), -H_n / sqrt(n)
 IDENTITY = 0
 DENSE = 1
@@ -107,19 +111,37 @@ def cpu_rotation(groups: list[tuple[int, np.ndarray | None]], K: int) -> CpuRota
     return CpuRotation(tuple(int(n) for n, _ in groups), tuple(kinds), tuple(dense))
 
 
+def vnni_order(q: np.ndarray) -> np.ndarray:
+    """int8 weight codes ``q [K, N]`` (K % 4 == 0, N % 16 == 0) in the order ``onnxqf.cpu.W8A8Linear`` reads them,
+    ``[N / 16, K / 4, 64]``: element ``[j, p, 4 i + t] = q[4 p + t, 16 j + i]``, each 64-byte line 16 columns x 4
+    consecutive k (the operand of one VPDPBUSD, one row of an AMX tile: kernels/cpu/gemm_u8s8.h)."""
+    K, N = q.shape
+    if K % 4 or N % 16:
+        raise ValueError(f"vnni_order needs K % 4 == 0 and N % 16 == 0, not K = {K}, N = {N}")
+    return np.ascontiguousarray(q.reshape(K // 4, 4, N // 16, 16).transpose(2, 0, 3, 1)).reshape(N // 16, K // 4, 64)
+
+
+def _rotation_attributes(graph: ir.Graph, base: str, rotation: CpuRotation | None, asymmetric: bool):
+    """The quantization's attributes (rotation and codes) and its optional input R (None without dense factors),
+    as QuantizeRows and W8A8Linear take them."""
+    attributes, r = {}, None
+    if rotation is not None:
+        attributes = {"rotation_sizes": list(rotation.sizes), "rotation_kinds": list(rotation.kinds)}
+        if rotation.dense:
+            flat = np.concatenate([m.reshape(-1) for m in rotation.dense]).astype(np.float32)
+            r = edit.add_initializer(graph, f"{base}.rotation", flat)
+    if asymmetric:
+        attributes["asymmetric"] = 1
+    return attributes, r
+
+
 def quantize_rows_node(tape, graph: ir.Graph, x: ir.Value, base: str, rotation: CpuRotation | None = None,
                        asymmetric: bool = False, shape: ir.Shape | None = None) -> tuple[ir.Value, ...]:
     """The ``onnxqf.cpu.QuantizeRows`` node on ``tape`` (its dense factors, if any, an initializer of ``graph``):
     ``x``'s uint8 codes and its per-token amax, x rotated first by ``rotation``; ``asymmetric``: the codes, the
     scale and the zero point of each token. ``shape``: the codes' shape where x's is unknown (the rotated value's)."""
-    inputs, attributes = [x], {}
-    if rotation is not None:
-        attributes = {"rotation_sizes": list(rotation.sizes), "rotation_kinds": list(rotation.kinds)}
-        if rotation.dense:
-            flat = np.concatenate([m.reshape(-1) for m in rotation.dense]).astype(np.float32)
-            inputs.append(edit.add_initializer(graph, f"{base}.rotation", flat))
-    if asymmetric:
-        attributes["asymmetric"] = 1
+    attributes, r = _rotation_attributes(graph, base, rotation, asymmetric)
+    inputs = [x] + ([r] if r is not None else [])
     outs = tape.op_multi_out(OP, inputs, attributes or None, num_outputs=3 if asymmetric else 2, domain=DOMAIN,
                              name=f"{base}/quantize_rows")
     outs[0].type = ir.TensorType(ir.DataType.UINT8)
@@ -131,6 +153,25 @@ def quantize_rows_node(tape, graph: ir.Graph, x: ir.Value, base: str, rotation: 
         for v in outs[1:]:
             v.shape = ir.Shape([*shape[:-1], 1])
     return tuple(outs)
+
+
+def linear_node(tape, graph: ir.Graph, x: ir.Value, base: str, q: np.ndarray, scale: np.ndarray,
+                rotation: CpuRotation | None = None, asymmetric: bool = True) -> ir.Value:
+    """The ``onnxqf.cpu.W8A8Linear`` node on ``tape``: ``x [.., K]`` (rotated first by ``rotation``) quantized per
+    token and multiplied by the weights ``q [K, N] * scale [N]`` in one node, float32 ``[.., N]`` out; its weights
+    (:func:`vnni_order`), scales, scaled column sums and dense factors initializers of ``graph``."""
+    attributes, r = _rotation_attributes(graph, base, rotation, asymmetric)
+    colsum = (q.astype(np.int64).sum(axis=0) * scale.astype(np.float64)).astype(np.float32)
+    inputs = [x, edit.add_initializer(graph, f"{base}.weight_vnni", vnni_order(np.asarray(q, np.int8))),
+              edit.add_initializer(graph, f"{base}.weight_scale", np.asarray(scale, np.float32)),
+              edit.add_initializer(graph, f"{base}.weight_colsum", colsum)]
+    if r is not None:
+        inputs.append(r)
+    y = tape.op(LINEAR_OP, inputs, attributes or None, domain=DOMAIN, name=f"{base}/w8a8_linear")
+    y.type = ir.TensorType(FLOAT32)
+    if x.shape is not None:
+        y.shape = ir.Shape([*x.shape[:-1], q.shape[1]])
+    return y
 
 
 @register
@@ -148,8 +189,16 @@ class OnnxqfCpu(Uint8TokenQL):
     #: asymmetric per-token codes (uint8-token-asym's): the default, as fast as the symmetric ones here and more
     #: accurate (docs/results.md 2b); ``--act-quant token`` sets it off
     asymmetric: bool = True
+    #: where the int8 GEMM runs: ``mlas`` (QuantizeRows -> ONNX Runtime's MatMulIntegerToFloat -> DequantizeRows) or
+    #: ``onnxqf`` (one onnxqf.cpu.W8A8Linear node: the quantization, onnxqf's own GEMM, AMX / AVX-512 VNNI, and the
+    #: dequantization; groups with K % 4 or N % 16 keep mlas)
+    gemm: str = "mlas"
     # (the rotation block and its op form while one group is emitted)
     _fused: tuple | None = dataclasses.field(default=None, init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        if self.gemm not in GEMMS:
+            raise UnsupportedGraphError(f"onnxqf-cpu: gemm must be one of {', '.join(GEMMS)}, not '{self.gemm}'")
 
     def emit(self, graph: ir.Graph, group: LinearGroup, weights) -> None:
         block = rotation = None
@@ -159,13 +208,28 @@ class OnnxqfCpu(Uint8TokenQL):
             if block is not None and block.private() and {id(n) for n in group.x.consumers()} == readers and \
                     not group.x.is_graph_output() and group.x.shape is not None and isinstance(group.x.shape[-1], int):
                 rotation = cpu_rotation(block.groups, group.x.shape[-1])
-        self._fused = (block, rotation) if rotation is not None else None
-        try:
-            super().emit(graph, group, weights)
-        finally:
-            self._fused = None
+        if self.gemm == "onnxqf" and self._linear_fits(group, weights):
+            tape = ir_tape.Tape(graph)
+            q, scale = self.concat(weights)
+            x = group.x if rotation is None else block.input
+            y = linear_node(tape, graph, x, group.base, q, scale, rotation, self.asymmetric)
+            finish_group(tape, graph, group, weights, y)
+        else:
+            self._fused = (block, rotation) if rotation is not None else None
+            try:
+                super().emit(graph, group, weights)
+            finally:
+                self._fused = None
         if rotation is not None:
             block.remove(graph)
+
+    @staticmethod
+    def _linear_fits(group: LinearGroup, weights) -> bool:
+        if group.dtype != FLOAT32:
+            raise UnsupportedGraphError(f"{group.base}: onnxqf-cpu takes float32 activations, not "
+                                        f"{group.dtype.name.lower()} (use --lowering uint8-token-ql)")
+        K = weights[0][0].shape[0]
+        return K % 4 == 0 and sum(w[0].shape[1] for w in weights) % 16 == 0
 
     def quantize_activation(self, tape, graph, x, dtype, base):
         if dtype != FLOAT32:
@@ -188,4 +252,6 @@ class OnnxqfCpu(Uint8TokenQL):
         return tape.op(DEQUANTIZE_OP, [y, s, z, c], domain=DOMAIN, name=f"{base}/dequantize_rows")
 
     def describe(self) -> str:
-        return self.name if self.asymmetric else f"{self.name}:asymmetric=false"
+        fields = ([] if self.asymmetric else ["asymmetric=false"]) + ([] if self.gemm == "mlas" else
+                                                                      [f"gemm={self.gemm}"])
+        return ":".join([self.name, *fields])

@@ -58,7 +58,7 @@ from onnxqf.maths.gptq import gptq_quantize, prepare
 
 __all__ = ["W8A8Lowering", "Int8Token", "Uint8Token", "Uint8TokenQL", "Uint8TokenAsym", "Int8TokenAsym", "Uint8Tensor",
            "token_amax", "per_token_codes", "asymmetric_codes", "refine_asymmetric", "Uint8TokenIter", "Int8TokenIter",
-           "matmul_integer_to_float"]
+           "matmul_integer_to_float", "finish_group"]
 
 
 @dataclasses.dataclass
@@ -111,14 +111,7 @@ class W8A8Lowering(Lowering):
         y = self.product(tape, graph, base, act, wq, q, scale, wzp)
         if dtype != FLOAT32:
             y = tape.op("Cast", [y], {"to": dtype}, name=f"{base}/to_{dtype.name.lower()}")
-        if len(group.linears) > 1:
-            sizes = edit.add_initializer(graph, f"{base}/split_sizes",
-                                         np.array([w[0].shape[1] for w in weights], np.int64))
-            outs = tape.op_multi_out("Split", [y, sizes], {"axis": -1}, num_outputs=len(weights), name=f"{base}/split")
-        else:
-            outs = [y]
-        graph.insert_before(group.first, tape.nodes)
-        replace_outputs(graph, group.linears, outs)
+        finish_group(tape, graph, group, weights, y)
 
     def quantize_activation(self, tape, graph, x: ir.Value, dtype: ir.DataType, base: str):
         raise NotImplementedError
@@ -141,6 +134,20 @@ class W8A8Lowering(Lowering):
             return (f"MatMulInteger '{node.name}': int8 activations take ONNX Runtime's slow CPU path "
                     "(30-40x slower than uint8; rewrite with --ep cpu)")
         return None
+
+
+def finish_group(tape, graph: ir.Graph, group: LinearGroup, weights, y: ir.Value) -> None:
+    """The group's float product ``y [.., N]`` split into its linears' outputs (one Split for several), ``tape``'s
+    nodes put in before the group's first MatMul, and the MatMuls replaced."""
+    if len(group.linears) > 1:
+        sizes = edit.add_initializer(graph, f"{group.base}/split_sizes",
+                                     np.array([w[0].shape[1] for w in weights], np.int64))
+        outs = tape.op_multi_out("Split", [y, sizes], {"axis": -1}, num_outputs=len(weights),
+                                 name=f"{group.base}/split")
+    else:
+        outs = [y]
+    graph.insert_before(group.first, tape.nodes)
+    replace_outputs(graph, group.linears, outs)
 
 
 def _rescale(tape, graph, base: str, acc: ir.Value, token_scale: ir.Value, channel_scale: np.ndarray) -> ir.Value:

@@ -529,8 +529,10 @@ def cpu_info(threads_setting: int = 0) -> dict:
     else:
         threads, source = cores or os.cpu_count(), "onnxruntime default: physical cores" if cores else \
             "onnxruntime default: physical cores (not readable here: logical CPUs shown)"
+    from onnxqf.runtime.kernels import cpu_gemm_isa
+
     return {"intra_op_threads": threads, "threads_source": source, "physical_cores": cores,
-            "logical_cpus": os.cpu_count(), "isa": isa, "isa_flags": flags}
+            "logical_cpus": os.cpu_count(), "isa": isa, "isa_flags": flags, "onnxqf_cpu_gemm": cpu_gemm_isa()}
 
 
 def _bench_one(path, model: BenchModel, name: str, reference: bool, opts: BenchOptions, device: str, pasts: list[int],
@@ -757,7 +759,9 @@ def format_table(result: dict) -> str:
     cpu = result.get("cpu")
     if cpu:
         lines.append(f"CPU: {cpu['intra_op_threads']} intra-op threads ({cpu['threads_source']}); ISA {cpu['isa']}"
-                     + (f" ({' '.join(cpu['isa_flags'])})" if cpu["isa_flags"] else ""))
+                     + (f" ({' '.join(cpu['isa_flags'])})" if cpu["isa_flags"] else "")
+                     + (f"; onnxqf.cpu.W8A8Linear's GEMM: {cpu['onnxqf_cpu_gemm']}"
+                        if cpu.get("onnxqf_cpu_gemm", "?") != "?" else ""))
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     lines.append(f"{result['provider']}, onnxruntime {result['onnxruntime']}; median [min–max] of "

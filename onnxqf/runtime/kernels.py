@@ -40,6 +40,7 @@ __all__ = [
     "build_cpu",
     "check_device",
     "cpu_available",
+    "cpu_gemm_isa",
     "cpu_library_path",
     "libraries_for",
     "library_path",
@@ -65,8 +66,8 @@ CPU_DOMAIN = "onnxqf.cpu"
 CPU_ENV = "ONNXQF_CPU_KERNELS"
 CPU_LIBRARY = "libonnxqf_cpu.so"
 #: the CPU op library's version this onnxqf writes graphs for (kernels/cpu/quantize_rows.cc, ONNXQF_CPU_VERSION;
-#: 2: QuantizeRows' asymmetric codes and DequantizeRows)
-CPU_VERSION = 2
+#: 2: QuantizeRows' asymmetric codes and DequantizeRows; 3: W8A8Linear, onnxqf's own int8 GEMM)
+CPU_VERSION = 3
 
 _HERE = Path(__file__).resolve().parent
 _CHECKOUT = Path(__file__).resolve().parents[2]
@@ -121,6 +122,17 @@ def cpu_library_version(path: Path) -> int:
         return int(fn().decode())
     except (ValueError, UnicodeDecodeError):
         return 0
+
+
+def cpu_gemm_isa(path: Path | None = None) -> str:
+    """The path the CPU library's W8A8Linear takes on this CPU: ``amx``, ``vnni`` or ``base`` (the compiler's loop,
+    slow: kernels/README.md); ``?`` when the library is missing or cannot say."""
+    try:
+        fn = ctypes.CDLL(str(path or cpu_library_path())).onnxqf_cpu_gemm_isa
+    except (OSError, AttributeError, OnnxqfError):
+        return "?"
+    fn.restype = ctypes.c_char_p
+    return fn().decode()
 
 
 def available() -> bool:
