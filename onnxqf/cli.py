@@ -117,7 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--lowering", metavar="NAME",
                    help="a registered lowering instead of the target's choice, e.g. int8-token, uint8-token, "
                         "uint8-token-asym, int8-token-asym, uint8-tensor, onnxqf-cpu, onnxqf-cuda (`onnxqf rewrite "
-                        "--list-lowerings`), optionally with fields of its config: onnxqf-cpu:fuse_rotations=false")
+                        "--list-lowerings`), optionally with fields of its config: onnxqf-cpu:fuse_rotations=false, "
+                        "onnxqf-cpu:gemm=onnxqf (onnxqf's own int8 GEMM: CPUs with AVX-512 VNNI / AMX)")
     q.add_argument("--list-lowerings", action="store_true", help="list the registered lowerings and exit")
     q.add_argument("--block-size", type=int, choices=BLOCK_SIZES, default=32,
                    help="weights per scale along the input dimension for int4/int8w (default 32)")

@@ -541,3 +541,23 @@ def test_hybrid_rotations_move_into_the_linear_op(cpu_lib, tiny_models, tmp_path
     b = logits(make_session(out["onnxqf-cpu"]), ids_)
     diff, top = np.abs(a - b), np.abs(b).max()
     assert np.median(diff) <= 1e-5 * top and diff.max() <= 1e-3 * top
+
+
+def test_a_cpu_without_vnni_is_warned_about_the_linear_op(cpu_lib, tmp_path, monkeypatch, caplog):
+    """A session on a graph with W8A8Linear nodes warns once where the library's GEMM has only the compiler's loop
+    (no AVX-512 VNNI), and says nothing where it has a fast path or the graph has no such node."""
+    import logging
+
+    from onnxqf.runtime.session import make_session
+
+    paths = {}
+    for spec in ("onnxqf-cpu:gemm=onnxqf", "onnxqf-cpu"):
+        paths[spec] = tmp_path / f"{len(paths)}.onnx"
+        ir.save(linear_model(64, 32, parse_lowering(spec), copies=1, seed=0), paths[spec])
+    for isa, spec, warned in [("base", "onnxqf-cpu:gemm=onnxqf", True), ("vnni", "onnxqf-cpu:gemm=onnxqf", False),
+                              ("amx", "onnxqf-cpu:gemm=onnxqf", False), ("base", "onnxqf-cpu", False)]:
+        monkeypatch.setattr(kernels, "cpu_gemm_isa", lambda path=None, isa=isa: isa)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="onnxqf"):
+            make_session(paths[spec], ep="cpu")
+        assert any("no AVX-512 VNNI" in r.message for r in caplog.records) == warned, (isa, spec)

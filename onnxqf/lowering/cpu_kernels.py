@@ -20,6 +20,16 @@ symmetric lowering's Mul)::
     y        = onnxqf.cpu.DequantizeRows(MatMulIntegerToFloat(xu, Wq, 1, w_scale, 0), s, z, colsum(Wq) * w_scale)
              = (y' - z * colsum(Wq) * w_scale) * s
 
+With ``gemm="onnxqf"`` (``--lowering onnxqf-cpu:gemm=onnxqf``) each group is one ``onnxqf.cpu.W8A8Linear`` node
+instead: the same codes, onnxqf's own int8 GEMM (kernels/cpu/gemm_u8s8.cc: AMX, AVX-512 VNNI) and the dequantization
+in its epilogue, the weights stored in the GEMM's order (:func:`vnni_order`)::
+
+    y = onnxqf.cpu.W8A8Linear(x, vnni_order(Wq), w_scale, colsum(Wq) * w_scale)   = s * (w_scale * (xu @ Wq) - z * c)
+
+It reads the int8 weights at close to the memory's bandwidth at one token, where ONNX Runtime's u8 x s8 GEMM does
+not (docs/benchmarks.md §h run 9); on a CPU without AVX-512 VNNI its GEMM is the compiler's loop, so ``gemm="mlas"``
+stays the default.
+
 When the group's activation is the output of an online rotation (``--hybrid``'s down_proj, o_proj and lm_head
 inputs) read by nothing else, the rotation moves into the same node (``fuse_rotations``): it reads the unrotated
 activation and rotates each row by the block's Kronecker factors before quantizing it (attributes ``rotation_sizes``
@@ -181,7 +191,8 @@ class OnnxqfCpu(Uint8TokenQL):
     summary = ("per-token codes and scales made by one onnxqf.cpu.QuantizeRows node (onnxqf's CPU op library: bash "
                "kernels/build_cpu.sh), then MatMulIntegerToFloat; float32 models; asymmetric codes "
                "(uint8-token-asym's, the zero point taken off in one DequantizeRows node) unless --act-quant token "
-               "(uint8-token-ql's)")
+               "(uint8-token-ql's); onnxqf-cpu:gemm=onnxqf: one onnxqf.cpu.W8A8Linear node per group instead, "
+               "onnxqf's own int8 GEMM (fastest on CPUs with AVX-512 VNNI / AMX)")
     domains: ClassVar[dict[str, int]] = {DOMAIN: 1, "com.microsoft": 1}
     activations: ClassVar[tuple[str, ...]] = ("token", "asym")
     #: move online rotations into the quantization node (:func:`cpu_rotation`)

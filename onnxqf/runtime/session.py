@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -59,7 +60,9 @@ def make_session(path: str | os.PathLike, ep: str = "cpu", provider_options: dic
     target = get_target(ep)
     target.require(rt)
     providers = target.providers(provider_options)
-    libraries = target.custom_op_libraries(opset_domains(path))
+    domains, ops = _graph_ops(path)
+    libraries = target.custom_op_libraries(domains)
+    _warn_slow_cpu_gemm(ops)
     try:
         return rt.InferenceSession(str(path),
                                    sess_options=session_options(custom_op_libraries=tuple(libraries), **kwargs),
@@ -70,13 +73,30 @@ def make_session(path: str | os.PathLike, ep: str = "cpu", provider_options: dic
 
 def opset_domains(path: str | os.PathLike) -> set[str]:
     """The operator domains a model file imports (its weights are not read)."""
+    return _graph_ops(path)[0]
+
+
+def _graph_ops(path: str | os.PathLike) -> tuple[set[str], set[tuple[str, str]]]:
+    """(the operator domains a model file imports, the (domain, op type) pairs of its main graph's nodes); its weights
+    are not read; empty sets where it is not readable as ONNX (ONNX Runtime says why when it loads it)."""
     import onnx
 
     try:
         proto = onnx.load(str(path), load_external_data=False)
-    except Exception:  # not readable as ONNX: ONNX Runtime says why when it loads it
-        return set()
-    return {o.domain for o in proto.opset_import}
+    except Exception:
+        return set(), set()
+    return {o.domain for o in proto.opset_import}, {(n.domain, n.op_type) for n in proto.graph.node}
+
+
+def _warn_slow_cpu_gemm(ops: set[tuple[str, str]]) -> None:
+    """One warning when the graph has onnxqf.cpu.W8A8Linear nodes and this CPU gives their GEMM only the compiler's
+    loop (no AVX-512 VNNI): correct, but far slower than ONNX Runtime's GEMM (``onnxqf-cpu:gemm=mlas``)."""
+    from onnxqf.runtime import kernels
+
+    if (kernels.CPU_DOMAIN, kernels.W8A8_LINEAR) in ops and kernels.cpu_gemm_isa() == "base":
+        logging.getLogger("onnxqf").warning(
+            "this CPU has no AVX-512 VNNI: onnxqf.cpu.W8A8Linear runs its GEMM as a plain loop, far slower than "
+            "ONNX Runtime's; rewrite with --lowering onnxqf-cpu (gemm=mlas) for this CPU")
 
 
 @contextlib.contextmanager
