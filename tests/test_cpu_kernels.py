@@ -544,8 +544,9 @@ def test_hybrid_rotations_move_into_the_linear_op(cpu_lib, tiny_models, tmp_path
 
 
 def test_a_cpu_without_vnni_is_warned_about_the_linear_op(cpu_lib, tmp_path, monkeypatch, caplog):
-    """A session on a graph with W8A8Linear nodes warns once where the library's GEMM has only the compiler's loop
-    (no AVX-512 VNNI), and says nothing where it has a fast path or the graph has no such node."""
+    """A session on a graph with W8A8Linear nodes warns once where the CPU has no AVX-512 VNNI (the library's GEMM
+    takes its AVX2 path or the compiler's loop), and says nothing where it has VNNI or AMX or the graph has no such
+    node."""
     import logging
 
     from onnxqf.runtime.session import make_session
@@ -554,8 +555,9 @@ def test_a_cpu_without_vnni_is_warned_about_the_linear_op(cpu_lib, tmp_path, mon
     for spec in ("onnxqf-cpu:gemm=onnxqf", "onnxqf-cpu"):
         paths[spec] = tmp_path / f"{len(paths)}.onnx"
         ir.save(linear_model(64, 32, parse_lowering(spec), copies=1, seed=0), paths[spec])
-    for isa, spec, warned in [("base", "onnxqf-cpu:gemm=onnxqf", True), ("vnni", "onnxqf-cpu:gemm=onnxqf", False),
-                              ("amx", "onnxqf-cpu:gemm=onnxqf", False), ("base", "onnxqf-cpu", False)]:
+    for isa, spec, warned in [("base", "onnxqf-cpu:gemm=onnxqf", True), ("avx2", "onnxqf-cpu:gemm=onnxqf", True),
+                              ("vnni", "onnxqf-cpu:gemm=onnxqf", False), ("amx", "onnxqf-cpu:gemm=onnxqf", False),
+                              ("base", "onnxqf-cpu", False)]:
         monkeypatch.setattr(kernels, "cpu_gemm_isa", lambda path=None, isa=isa: isa)
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="onnxqf"):

@@ -3,6 +3,8 @@
 //         for products of more than kAmxMinRows rows;
 //   vnni  AVX-512 VNNI: VPDPBUSD on the packed lines, 4 rows x 64 columns of sums in registers (every M on CPUs
 //         without AMX; small M, decode, on those with it: one weight line a VPDPBUSD per row);
+//   avx2  AVX2 without VNNI: each line widened to int16 and multiplied pairwise into int32 (VPMADDWD; exact, as
+//         VPMADDUBSW's int16 sums would not be), 2 rows x 16 columns a step;
 //   base  the compiler's loop (any CPU).
 // Each task is a range of columns for a range of rows, so a task streams its own part of the weights once (decode) or
 // keeps it in its core's cache while its rows go by (prefill).
@@ -49,7 +51,7 @@ void tile_base(const Gemm& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
 
 #if defined(__x86_64__)
 struct Cpu {
-  bool vnni, amx;
+  bool avx2, vnni, amx;
 };
 
 bool amx_permitted() {
@@ -60,14 +62,17 @@ bool amx_permitted() {
 
 Cpu detect() {
   unsigned a = 0, b = 0, c = 0, d = 0;
-  if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return {false, false};
-  const bool avx512 = (b >> 16) & 1u, avx512bw = (b >> 30) & 1u, vnni = (c >> 11) & 1u;
+  if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return {false, false, false};
+  // (the compiler's checks for AVX2 and AVX-512 also ask whether the OS saves their registers)
+  __builtin_cpu_init();
+  const bool avx2 = __builtin_cpu_supports("avx2"), avx512 = __builtin_cpu_supports("avx512f"),
+             avx512bw = __builtin_cpu_supports("avx512bw"), vnni = (c >> 11) & 1u;
   const bool amx = ((d >> 24) & 1u) && ((d >> 25) & 1u);  // AMX-TILE, AMX-INT8
   const char* cap = std::getenv("ONNXQF_CPU_ISA");
   const std::string capped = cap != nullptr ? cap : "";
   const bool use_vnni = avx512 && avx512bw && vnni && capped != "base" && capped != "avx2" && capped != "avx512";
   const bool use_amx = use_vnni && amx && capped != "vnni" && amx_permitted();
-  return {use_vnni, use_amx};
+  return {avx2 && capped != "base", use_vnni, use_amx};
 }
 const Cpu cpu = detect();
 
@@ -122,6 +127,48 @@ void tile_vnni(const Gemm& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
     const int64_t J = std::min<int64_t>(4, n1 / 16 - j);
     for (int64_t m = m0; m < m1; m += 4) kBlocks[std::min<int64_t>(4, m1 - m) - 1][J - 1](g, m, j);
   }
+}
+
+// AVX2: R rows x one 16-column block, over all of K. Per line, four 16-byte quarters (4 columns x 4 k each) widened
+// to int16; the row's 4 codes as int16 repeated; VPMADDWD leaves each column's two pair sums side by side.
+template <int R>
+__attribute__((target("avx2"))) void block_avx2(const Gemm& g, int64_t m, int64_t j) {
+  const int64_t KQ = g.K / 4;
+  __m256i acc[R][4];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < 4; ++c) acc[r][c] = _mm256_setzero_si256();
+  const int8_t* b = g.B + j * KQ * 64;
+  const uint8_t* a = g.A + m * g.K;
+  for (int64_t q = 0; q < KQ; ++q, b += 64) {
+    __m256i ap[R];
+    for (int r = 0; r < R; ++r) {
+      int32_t four;
+      std::memcpy(&four, a + r * g.K + 4 * q, 4);
+      ap[r] = _mm256_broadcastq_epi64(_mm_cvtepu8_epi16(_mm_cvtsi32_si128(four)));
+    }
+    for (int c = 0; c < 4; ++c) {
+      const __m256i bw = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + 16 * c)));
+      for (int r = 0; r < R; ++r) acc[r][c] = _mm256_add_epi32(acc[r][c], _mm256_madd_epi16(bw, ap[r]));
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    alignas(32) int32_t pairs[4][8];
+    int32_t sums[16];
+    for (int c = 0; c < 4; ++c) _mm256_store_si256(reinterpret_cast<__m256i*>(pairs[c]), acc[r][c]);
+    for (int c = 0; c < 4; ++c)
+      for (int i = 0; i < 4; ++i) sums[4 * c + i] = pairs[c][2 * i] + pairs[c][2 * i + 1];
+    epilogue(g, m + r, 16 * j, sums, 16);
+  }
+}
+
+void tile_avx2(const Gemm& g, int64_t m0, int64_t m1, int64_t n0, int64_t n1) {
+  for (int64_t j = n0 / 16; j < n1 / 16; ++j)
+    for (int64_t m = m0; m < m1; m += 2) {
+      if (m + 1 < m1)
+        block_avx2<2>(g, m, j);
+      else
+        block_avx2<1>(g, m, j);
+    }
 }
 
 struct alignas(64) TileConfig {
@@ -194,7 +241,10 @@ int64_t row_chunks(const Gemm& g) { return (g.M + g.rows_per_task - 1) / g.rows_
 
 int64_t gemm_tasks(Gemm& g) {
 #if defined(__x86_64__)
-  g.path = cpu.amx && g.M >= kAmxMinRows && g.K % 64 == 0 ? kGemmAmx : cpu.vnni ? kGemmVnni : kGemmBase;
+  g.path = cpu.amx && g.M >= kAmxMinRows && g.K % 64 == 0 ? kGemmAmx
+           : cpu.vnni                                       ? kGemmVnni
+           : cpu.avx2                                       ? kGemmAvx2
+                                                            : kGemmBase;
 #else
   g.path = kGemmBase;
 #endif
@@ -213,13 +263,14 @@ void gemm_task(const Gemm& g, int64_t task) {
 #if defined(__x86_64__)
   if (g.path == kGemmAmx) return tile_amx(g, m0, m1, n0, n1);
   if (g.path == kGemmVnni) return tile_vnni(g, m0, m1, n0, n1);
+  if (g.path == kGemmAvx2) return tile_avx2(g, m0, m1, n0, n1);
 #endif
   tile_base(g, m0, m1, n0, n1);
 }
 
 const char* gemm_isa() {
 #if defined(__x86_64__)
-  return cpu.amx ? "amx" : cpu.vnni ? "vnni" : "base";
+  return cpu.amx ? "amx" : cpu.vnni ? "vnni" : cpu.avx2 ? "avx2" : "base";
 #else
   return "base";
 #endif

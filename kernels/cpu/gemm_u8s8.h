@@ -28,13 +28,14 @@ struct Gemm {
   int path;               // set by gemm_tasks: a GemmPath
 };
 
-enum GemmPath : int { kGemmBase = 0, kGemmVnni = 1, kGemmAmx = 2 };
+enum GemmPath : int { kGemmBase = 0, kGemmAvx2 = 1, kGemmVnni = 2, kGemmAmx = 3 };
 
 // The number of tasks the product splits into (each a range of columns by a range of rows), ready for gemm_task.
 int64_t gemm_tasks(Gemm& g);
 void gemm_task(const Gemm& g, int64_t task);
 
-// The paths this CPU has, capped by ONNXQF_CPU_ISA (read when the library loads): "amx", "vnni" or "base".
+// The best path this CPU has, capped by ONNXQF_CPU_ISA (read when the library loads): "amx", "vnni", "avx2" or
+// "base".
 const char* gemm_isa();
 
 }  // namespace onnxqf_cpu

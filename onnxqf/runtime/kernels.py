@@ -125,8 +125,9 @@ def cpu_library_version(path: Path) -> int:
 
 
 def cpu_gemm_isa(path: Path | None = None) -> str:
-    """The path the CPU library's W8A8Linear takes on this CPU: ``amx``, ``vnni`` or ``base`` (the compiler's loop,
-    slow: kernels/README.md); ``?`` when the library is missing or cannot say."""
+    """The best path the CPU library's W8A8Linear takes on this CPU: ``amx``, ``vnni``, ``avx2`` (fast at one token
+    only) or ``base`` (the compiler's loop, slow: kernels/README.md); ``?`` when the library is missing or cannot
+    say."""
     try:
         fn = ctypes.CDLL(str(path or cpu_library_path())).onnxqf_cpu_gemm_isa
     except (OSError, AttributeError, OnnxqfError):

@@ -89,14 +89,15 @@ def _graph_ops(path: str | os.PathLike) -> tuple[set[str], set[tuple[str, str]]]
 
 
 def _warn_slow_cpu_gemm(ops: set[tuple[str, str]]) -> None:
-    """One warning when the graph has onnxqf.cpu.W8A8Linear nodes and this CPU gives their GEMM only the compiler's
-    loop (no AVX-512 VNNI): correct, but far slower than ONNX Runtime's GEMM (``onnxqf-cpu:gemm=mlas``)."""
+    """One warning when the graph has onnxqf.cpu.W8A8Linear nodes and this CPU has no AVX-512 VNNI: their GEMM then
+    runs the AVX2 path (fast at one token, slower than ONNX Runtime's GEMM for prompts) or the compiler's loop
+    (slow everywhere); ``onnxqf-cpu:gemm=mlas`` is the lowering for such a CPU."""
     from onnxqf.runtime import kernels
 
-    if (kernels.CPU_DOMAIN, kernels.W8A8_LINEAR) in ops and kernels.cpu_gemm_isa() == "base":
+    if (kernels.CPU_DOMAIN, kernels.W8A8_LINEAR) in ops and kernels.cpu_gemm_isa() in ("avx2", "base"):
         logging.getLogger("onnxqf").warning(
-            "this CPU has no AVX-512 VNNI: onnxqf.cpu.W8A8Linear runs its GEMM as a plain loop, far slower than "
-            "ONNX Runtime's; rewrite with --lowering onnxqf-cpu (gemm=mlas) for this CPU")
+            "this CPU has no AVX-512 VNNI: onnxqf.cpu.W8A8Linear's GEMM is slower than ONNX Runtime's here (for "
+            "prompts at least); rewrite with --lowering onnxqf-cpu (gemm=mlas) for this CPU")
 
 
 @contextlib.contextmanager
