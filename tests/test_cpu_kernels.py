@@ -563,3 +563,16 @@ def test_a_cpu_without_vnni_is_warned_about_the_linear_op(cpu_lib, tmp_path, mon
         with caplog.at_level(logging.WARNING, logger="onnxqf"):
             make_session(paths[spec], ep="cpu")
         assert any("no AVX-512 VNNI" in r.message for r in caplog.records) == warned, (isa, spec)
+
+
+def test_groups_the_linear_op_cannot_tile_keep_the_three_nodes(cpu_lib):
+    """`gemm=onnxqf` on a group whose width is not a multiple of 16 (or K of 4): the three-node lowering for it,
+    the same outputs as `onnxqf-cpu`'s."""
+    x = np.random.default_rng(5).standard_normal((3, 64)).astype(np.float32)
+    model = linear_model(64, 40, parse_lowering("onnxqf-cpu:gemm=onnxqf"), copies=1, seed=2)
+    ops = [n.op_type for n in model.graph]
+    assert LINEAR_OP not in ops and OP in ops and DEQUANTIZE_OP in ops and "MatMulIntegerToFloat" in ops
+    ref = _session(linear_model(64, 40, parse_lowering("onnxqf-cpu"), copies=1, seed=2), cpu_lib).run(None, {"x": x})
+    np.testing.assert_array_equal(_session(model, cpu_lib).run(None, {"x": x})[0], ref[0])
+    with pytest.raises(OnnxqfError, match="gemm must be one of mlas, onnxqf"):
+        parse_lowering("onnxqf-cpu:gemm=cublas")
