@@ -1,4 +1,4 @@
-// onnxqf's CPU int8 GEMM: see gemm_u8s8.h. Three paths, picked when the library loads:
+// onnxqf's CPU int8 GEMM: see gemm_u8s8.h. Four paths, picked when the library loads:
 //   amx   Intel AMX (Sapphire Rapids and later): 16 x 64-byte tiles, 32 rows x 32 columns of int32 sums per step,
 //         for products of more than kAmxMinRows rows;
 //   vnni  AVX-512 VNNI: VPDPBUSD on the packed lines, 4 rows x 64 columns of sums in registers (every M on CPUs
@@ -26,6 +26,10 @@ namespace onnxqf_cpu {
 namespace {
 
 constexpr int64_t kAmxMinRows = 8;  // fewer rows: the VNNI path (an AMX step costs as much for 1 row as for 16)
+// Tasks of 64 columns (decode: many tasks, each streaming its part of the weights once) by 64 rows (a multiple of the
+// AMX step's 32 and the VNNI step's 4: prefill keeps a task's weights in its core's cache for its rows, and has row
+// chunks x column chunks of tasks for the threads where N alone gives few).
+constexpr int64_t kTaskCols = 64, kTaskRows = 64;
 
 inline void epilogue(const Gemm& g, int64_t m, int64_t n, const int32_t* acc, int64_t count) {
   float* y = g.Y + m * g.N + n;
@@ -235,7 +239,7 @@ __attribute__((target("amx-tile,amx-int8,avx512f,avx512bw,avx512vnni"))) void ti
 #pragma GCC diagnostic pop
 #endif
 
-int64_t row_chunks(const Gemm& g) { return (g.M + g.rows_per_task - 1) / g.rows_per_task; }
+int64_t row_chunks(const Gemm& g) { return (g.M + kTaskRows - 1) / kTaskRows; }
 
 }  // namespace
 
@@ -248,18 +252,13 @@ int64_t gemm_tasks(Gemm& g) {
 #else
   g.path = kGemmBase;
 #endif
-  // Tasks of 64 columns (decode: many tasks, each streaming its part of the weights once) by 64 rows (a multiple of
-  // the AMX step's 32 and the VNNI step's 4: prefill keeps a task's weights in its core's cache for its rows, and
-  // has row chunks x column chunks of tasks for the threads where N alone gives few).
-  g.cols_per_task = 64;
-  g.rows_per_task = 64;
-  return row_chunks(g) * ((g.N + g.cols_per_task - 1) / g.cols_per_task);
+  return row_chunks(g) * ((g.N + kTaskCols - 1) / kTaskCols);
 }
 
 void gemm_task(const Gemm& g, int64_t task) {
   const int64_t rows = row_chunks(g), col = task / rows, row = task % rows;
-  const int64_t n0 = col * g.cols_per_task, n1 = std::min(g.N, n0 + g.cols_per_task);
-  const int64_t m0 = row * g.rows_per_task, m1 = std::min(g.M, m0 + g.rows_per_task);
+  const int64_t n0 = col * kTaskCols, n1 = std::min(g.N, n0 + kTaskCols);
+  const int64_t m0 = row * kTaskRows, m1 = std::min(g.M, m0 + kTaskRows);
 #if defined(__x86_64__)
   if (g.path == kGemmAmx) return tile_amx(g, m0, m1, n0, n1);
   if (g.path == kGemmVnni) return tile_vnni(g, m0, m1, n0, n1);

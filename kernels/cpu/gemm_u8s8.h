@@ -23,9 +23,7 @@ struct Gemm {
   const float* c;
   float* Y;  // [M, N]
   int64_t M, K, N;
-  int64_t cols_per_task;  // set by gemm_tasks
-  int64_t rows_per_task;
-  int path;               // set by gemm_tasks: a GemmPath
+  int path;  // set by gemm_tasks: a GemmPath
 };
 
 enum GemmPath : int { kGemmBase = 0, kGemmAvx2 = 1, kGemmVnni = 2, kGemmAmx = 3 };

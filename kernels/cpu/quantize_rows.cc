@@ -805,7 +805,6 @@ struct DequantizeRowsOp : Ort::CustomOpBase<DequantizeRowsOp, DequantizeRowsKern
   }
 };
 
-
 void gemm_run(void* data, size_t task) {
   const auto& g = *static_cast<const onnxqf_cpu::Gemm*>(data);
   onnxqf_cpu::gemm_task(g, static_cast<int64_t>(task));
@@ -852,7 +851,7 @@ struct W8A8LinearKernel {
       if (!quant.asymmetric)
         for (float& a : scale) a = a / kQmax;  // the symmetric codes' step, as QuantizeRows' row made them
       onnxqf_cpu::Gemm g{codes.data(), W.GetTensorData<int8_t>(), scale.data(), zero.data(),
-                         S.GetTensorData<float>(), C.GetTensorData<float>(), y, rows, K, N, 0, 0, 0};
+                         S.GetTensorData<float>(), C.GetTensorData<float>(), y, rows, K, N, 0};
       const int64_t tasks = onnxqf_cpu::gemm_tasks(g);
       if (tasks == 1)
         onnxqf_cpu::gemm_task(g, 0);
@@ -901,7 +900,8 @@ extern "C" {
 
 __attribute__((visibility("default"))) const char* onnxqf_cpu_version() { return ONNXQF_CPU_VERSION; }
 
-// The GEMM path W8A8Linear takes on this CPU ("amx", "vnni" or "base"; ONNXQF_CPU_ISA caps it: kernels/README.md).
+// The best GEMM path W8A8Linear takes on this CPU ("amx", "vnni", "avx2" or "base"; ONNXQF_CPU_ISA caps it:
+// kernels/README.md).
 __attribute__((visibility("default"))) const char* onnxqf_cpu_gemm_isa() { return onnxqf_cpu::gemm_isa(); }
 
 __attribute__((visibility("default"))) OrtStatus* ORT_API_CALL RegisterCustomOps(OrtSessionOptions* options,

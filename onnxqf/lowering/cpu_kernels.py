@@ -27,8 +27,8 @@ in its epilogue, the weights stored in the GEMM's order (:func:`vnni_order`)::
     y = onnxqf.cpu.W8A8Linear(x, vnni_order(Wq), w_scale, colsum(Wq) * w_scale)   = s * (w_scale * (xu @ Wq) - z * c)
 
 It reads the int8 weights at close to the memory's bandwidth at one token, where ONNX Runtime's u8 x s8 GEMM does
-not (docs/benchmarks.md §h run 9); on a CPU without AVX-512 VNNI its GEMM is the compiler's loop, so ``gemm="mlas"``
-stays the default.
+not (docs/benchmarks.md §h run 9); on a CPU without AVX-512 VNNI its GEMM takes an AVX2 path (fast at one token,
+about fp32's speed for prompts) or the compiler's loop, so ``gemm="mlas"`` stays the default.
 
 When the group's activation is the output of an online rotation (``--hybrid``'s down_proj, o_proj and lm_head
 inputs) read by nothing else, the rotation moves into the same node (``fuse_rotations``): it reads the unrotated
@@ -56,7 +56,8 @@ from onnxqf.lowering.w8a8 import Uint8TokenQL, finish_group, matmul_integer_to_f
 from onnxqf.maths.hadamard import walsh_matrix, walsh_sign
 
 __all__ = ["DOMAIN", "IDENTITY", "DENSE", "OP", "DEQUANTIZE_OP", "LINEAR_OP", "GEMMS", "WALSH", "WALSH_NEG",
-           "CpuRotation", "OnnxqfCpu", "cpu_rotation", "quantize_rows_node", "linear_node", "vnni_order"]
+           "CpuRotation", "OnnxqfCpu", "cpu_rotation", "quantize_rows_node", "linear_node", "vnni_order",
+           "weight_colsum"]
 
 DOMAIN = "onnxqf.cpu"  # = onnxqf.runtime.kernels.CPU_DOMAIN (not imported: lowering loads no library)
 OP = "QuantizeRows"
@@ -165,16 +166,27 @@ def quantize_rows_node(tape, graph: ir.Graph, x: ir.Value, base: str, rotation: 
     return tuple(outs)
 
 
+def weight_colsum(q: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """float32 ``colsum(q) * scale`` per output channel: what the asymmetric codes' zero point takes off after the
+    GEMM (DequantizeRows' C, W8A8Linear's C)."""
+    return (q.astype(np.int64).sum(axis=0) * scale.astype(np.float64)).astype(np.float32)
+
+
+def _require_float32(dtype: ir.DataType, base: str) -> None:
+    if dtype != FLOAT32:
+        raise UnsupportedGraphError(f"{base}: onnxqf-cpu takes float32 activations, not {dtype.name.lower()} "
+                                    "(use --lowering uint8-token-ql)")
+
+
 def linear_node(tape, graph: ir.Graph, x: ir.Value, base: str, q: np.ndarray, scale: np.ndarray,
                 rotation: CpuRotation | None = None, asymmetric: bool = True) -> ir.Value:
     """The ``onnxqf.cpu.W8A8Linear`` node on ``tape``: ``x [.., K]`` (rotated first by ``rotation``) quantized per
     token and multiplied by the weights ``q [K, N] * scale [N]`` in one node, float32 ``[.., N]`` out; its weights
     (:func:`vnni_order`), scales, scaled column sums and dense factors initializers of ``graph``."""
     attributes, r = _rotation_attributes(graph, base, rotation, asymmetric)
-    colsum = (q.astype(np.int64).sum(axis=0) * scale.astype(np.float64)).astype(np.float32)
     inputs = [x, edit.add_initializer(graph, f"{base}.weight_vnni", vnni_order(np.asarray(q, np.int8))),
               edit.add_initializer(graph, f"{base}.weight_scale", np.asarray(scale, np.float32)),
-              edit.add_initializer(graph, f"{base}.weight_colsum", colsum)]
+              edit.add_initializer(graph, f"{base}.weight_colsum", weight_colsum(q, scale))]
     if r is not None:
         inputs.append(r)
     y = tape.op(LINEAR_OP, inputs, attributes or None, domain=DOMAIN, name=f"{base}/w8a8_linear")
@@ -236,16 +248,12 @@ class OnnxqfCpu(Uint8TokenQL):
 
     @staticmethod
     def _linear_fits(group: LinearGroup, weights) -> bool:
-        if group.dtype != FLOAT32:
-            raise UnsupportedGraphError(f"{group.base}: onnxqf-cpu takes float32 activations, not "
-                                        f"{group.dtype.name.lower()} (use --lowering uint8-token-ql)")
+        _require_float32(group.dtype, group.base)
         K = weights[0][0].shape[0]
         return K % 4 == 0 and sum(w[0].shape[1] for w in weights) % 16 == 0
 
     def quantize_activation(self, tape, graph, x, dtype, base):
-        if dtype != FLOAT32:
-            raise UnsupportedGraphError(f"{base}: onnxqf-cpu takes float32 activations, not {dtype.name.lower()} "
-                                        "(use --lowering uint8-token-ql)")
+        _require_float32(dtype, base)
         if self._fused is None:
             return quantize_rows_node(tape, graph, x, base, asymmetric=self.asymmetric)
         block, rotation = self._fused
@@ -258,8 +266,7 @@ class OnnxqfCpu(Uint8TokenQL):
             return super().product(tape, graph, base, act, wq, q, scale, wzp)
         xu, s, z = act
         y = matmul_integer_to_float(tape, graph, base, xu, wq, scale, 0, wzp)
-        colsum = (q.astype(np.int64).sum(axis=0) * scale.astype(np.float64)).astype(np.float32)
-        c = edit.add_initializer(graph, f"{base}.weight_colsum", colsum)
+        c = edit.add_initializer(graph, f"{base}.weight_colsum", weight_colsum(q, scale))
         return tape.op(DEQUANTIZE_OP, [y, s, z, c], domain=DOMAIN, name=f"{base}/dequantize_rows")
 
     def describe(self) -> str:

@@ -95,8 +95,7 @@ class W8A8Lowering(Lowering):
 
     # -- nodes --------------------------------------------------------------------------------------
     def emit(self, graph: ir.Graph, group: LinearGroup, weights) -> None:
-        q = np.concatenate([w[0] for w in weights], axis=1)
-        scale = np.concatenate([w[1] for w in weights])
+        q, scale = self.concat(weights)
         dtype, base = group.dtype, group.base
         act_tape = ir_tape.Tape(graph)
         head = group.linears[0]
