@@ -111,6 +111,104 @@ __global__ void __launch_bounds__(kQuantThreads) quantize_rows_kernel(const __ha
   quantize_row_block(x + row * K, u ? u + row * K : nullptr, q + row * K, amax_out + row, K, vec, red, &scale_s);
 }
 
+// The block's sum (SUM) or max of v over its warps, returned to every thread: one barrier. red: shared, one slot per
+// warp; a later reduction in the same block takes other slots (no barrier after the reads here).
+template <bool SUM>
+__device__ __forceinline__ float block_all(float v, float* red) {
+  v = SUM ? warp_sum(v) : warp_max(v);
+  if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = v;
+  __syncthreads();
+  float r = SUM ? 0.f : red[0];
+  for (int i = SUM ? 0 : 1; i < static_cast<int>(blockDim.x >> 5); ++i) r = SUM ? r + red[i] : fmaxf(r, red[i]);
+  return r;
+}
+
+constexpr int kRegsChunks = 8;        // 16-byte chunks of a row per thread in quantize_rows_regs_kernel
+constexpr int kRegsMaxThreads = 512;  // its largest block: rows of K <= 8 * 8 * 512 = 32768
+
+// One block per row, the whole row in registers: thread t holds the chunks t + i * blockDim.x (i < kRegsChunks),
+// the block as many warps as the row needs. MODE 0: the row is x; 1: silu(x) * u (glu_one); 2: the op's skip_norm
+// (NormSpec, as skip_norm_row computes it: the fp16 sum, an fp32 sum of squares, fp16(gamma * fp16(s * r))). Every
+// load is issued before any arithmetic; one barrier per reduction (two with the norm). The codes and amax are
+// quantize_row_block's. Rows 16-byte aligned, K % 8 == 0.
+template <int MODE>
+__global__ void __launch_bounds__(kRegsMaxThreads) quantize_rows_regs_kernel(const __half* __restrict__ x,
+                                                                            const __half* __restrict__ u,
+                                                                            int8_t* __restrict__ q,
+                                                                            float* __restrict__ amax_out, int64_t K,
+                                                                            NormSpec norm) {
+  constexpr int C = kRegsChunks;
+  __shared__ float red[2][kRegsMaxThreads / 32];
+  const int tid = threadIdx.x, T = blockDim.x;
+  const int64_t row = blockIdx.x, nvec = K / 8;
+  const uint4* xv = reinterpret_cast<const uint4*>(x + row * K);
+  const uint4* bv = MODE == 1 ? reinterpret_cast<const uint4*>(u + row * K)
+                              : MODE == 2 ? reinterpret_cast<const uint4*>(norm.skip + row * K) : nullptr;
+  uint4 c[C], b[MODE ? C : 1];
+#pragma unroll
+  for (int i = 0; i < C; ++i) {
+    const int64_t k = tid + static_cast<int64_t>(i) * T;
+    if (k < nvec) {
+      c[i] = __ldg(xv + k);
+      if (MODE) b[i] = __ldg(bv + k);
+    }
+  }
+  float m = 0.f;
+  if (MODE == 2) {
+    uint4* sv = norm.sum ? reinterpret_cast<uint4*>(norm.sum + row * K) : nullptr;
+    float ss = 0.f;
+#pragma unroll
+    for (int i = 0; i < C; ++i) {
+      const int64_t k = tid + static_cast<int64_t>(i) * T;
+      if (k < nvec) {
+        __half2* h = reinterpret_cast<__half2*>(&c[i]);
+        const __half2* s = reinterpret_cast<const __half2*>(&b[i]);
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          h[j] = __hadd2(h[j], s[j]);
+          const float2 f = __half22float2(h[j]);
+          ss = fmaf(f.x, f.x, fmaf(f.y, f.y, ss));
+        }
+        if (sv) sv[k] = c[i];
+      }
+    }
+    const float total = block_all<true>(ss, red[0]);
+    const __half2 r = __float2half2_rn(rsqrtf(total / static_cast<float>(K) + norm.eps));
+    const uint4* gv = reinterpret_cast<const uint4*>(norm.gamma);
+#pragma unroll
+    for (int i = 0; i < C; ++i) {
+      const int64_t k = tid + static_cast<int64_t>(i) * T;
+      if (k < nvec) {
+        const uint4 g = __ldg(gv + k);
+        __half2* h = reinterpret_cast<__half2*>(&c[i]);
+        const __half2* hg = reinterpret_cast<const __half2*>(&g);
+#pragma unroll
+        for (int j = 0; j < 4; ++j) h[j] = __hmul2(hg[j], __hmul2(h[j], r));
+        m = chunk_absmax(c[i], m);
+      }
+    }
+  } else {
+#pragma unroll
+    for (int i = 0; i < C; ++i) {
+      const int64_t k = tid + static_cast<int64_t>(i) * T;
+      if (k < nvec) {
+        if (MODE == 1) c[i] = glu_chunk(c[i], b[i]);
+        m = chunk_absmax(c[i], m);
+      }
+    }
+  }
+  __half inv;
+  float a;
+  row_scale(block_all<false>(m, red[1]), &inv, &a);
+  if (tid == 0) amax_out[row] = a;
+  uint2* qv = reinterpret_cast<uint2*>(q + row * K);
+#pragma unroll
+  for (int i = 0; i < C; ++i) {
+    const int64_t k = tid + static_cast<int64_t>(i) * T;
+    if (k < nvec) qv[k] = chunk_codes(c[i], inv);
+  }
+}
+
 // y = silu(g) * u elementwise (glu_one), 8 values per thread where all three are 16-byte aligned and n % 8 == 0.
 __global__ void glu_kernel(const __half* __restrict__ g, const __half* __restrict__ u, __half* __restrict__ y,
                            int64_t n, bool vec) {
@@ -429,7 +527,7 @@ static bool norm_aligned(const __half* x, const NormSpec& n, int64_t K) {
 }
 
 cudaError_t launch_quantize_rows(const __half* x, int8_t* q, float* amax, int64_t M, int64_t K, cudaStream_t stream,
-                                 const __half* u, const NormSpec* norm) {
+                                 const __half* u, const NormSpec* norm, bool regs) {
   if (M <= 0) return cudaSuccess;
   if (M > 0x7fffffff) return cudaErrorInvalidValue;
   const bool vec = (K % 8 == 0) && (reinterpret_cast<uintptr_t>(x) % 16 == 0) &&
@@ -440,6 +538,14 @@ cudaError_t launch_quantize_rows(const __half* x, int8_t* q, float* amax, int64_
     if (u || !vec || !norm_aligned(x, n, K) || !n.gamma) return cudaErrorInvalidValue;
     smem = 2 * static_cast<size_t>(K);  // the normalized row
     if (smem > 48 * 1024) return cudaErrorInvalidValue;  // (K > 24576: no model has such rows)
+  }
+  const int64_t regs_threads = (K / 8 + kRegsChunks - 1) / kRegsChunks;
+  if (regs && vec && regs_threads <= kRegsMaxThreads) {
+    const unsigned t = static_cast<unsigned>(std::max<int64_t>(32, (regs_threads + 31) / 32 * 32));
+    if (n.skip) quantize_rows_regs_kernel<2><<<static_cast<unsigned>(M), t, 0, stream>>>(x, u, q, amax, K, n);
+    else if (u) quantize_rows_regs_kernel<1><<<static_cast<unsigned>(M), t, 0, stream>>>(x, u, q, amax, K, n);
+    else quantize_rows_regs_kernel<0><<<static_cast<unsigned>(M), t, 0, stream>>>(x, u, q, amax, K, n);
+    return cudaGetLastError();
   }
   quantize_rows_kernel<<<static_cast<unsigned>(M), kQuantThreads, smem, stream>>>(x, u, q, amax, K, vec, n);
   return cudaGetLastError();
