@@ -226,6 +226,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--prompt", required=True, help="the text to continue (fed as it is: no chat template)")
     gen.add_argument("--max-new-tokens", type=_positive, default=64, help="tokens to generate at most (default 64)")
     gen.add_argument("--ep", choices=["cpu", "cuda"], default="cpu", help="execution provider (default cpu)")
+    gen.add_argument("--cuda-graph", action="store_true",
+                     help="with --ep cuda: onnxruntime-genai replays each decode step as a CUDA graph (the CUDA "
+                          "provider's enable_cuda_graph)")
     pl = sub.add_parser("pipeline", help="join two rewrites of one genai model: one graph for prompts, one for tokens",
                         description="Write one onnxruntime-genai folder that runs PREFILL's graph on the prompt and "
                                     "DECODE's on every generated token (genai's decoder-pipeline stages; both graphs "
@@ -564,7 +567,7 @@ def _vocab(model) -> int | None:
 def cmd_generate(args) -> int:
     from onnxqf.genai.generate import generate
 
-    generate(args.model, args.prompt, max_new_tokens=args.max_new_tokens, ep=args.ep)
+    generate(args.model, args.prompt, max_new_tokens=args.max_new_tokens, ep=args.ep, cuda_graph=args.cuda_graph)
     return 0
 
 

@@ -30,6 +30,7 @@ def main(argv=None) -> int:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--ep", default="cpu")
+    ap.add_argument("--cuda-graph", action="store_true", help="--ep cuda: decode steps replayed as CUDA graphs")
     ap.add_argument("--out", help="JSON file for the rows")
     args = ap.parse_args(argv)
     vocab = read_genai(args.folders[0], check_attention=False).vocab or 40000
@@ -37,7 +38,8 @@ def main(argv=None) -> int:
     runs: dict[str, list] = {}
     for _ in range(args.repeats):
         for f in args.folders:
-            r = generate(f, token_ids=ids, max_new_tokens=args.new_tokens, ep=args.ep, quiet=True)
+            r = generate(f, token_ids=ids, max_new_tokens=args.new_tokens, ep=args.ep, quiet=True,
+                         cuda_graph=args.cuda_graph)
             runs.setdefault(f, []).append((r["prefill_s"] * 1e3, r["decode_tok_s"], r["tokens"][:8]))
     rows = {}
     for f, rs in runs.items():

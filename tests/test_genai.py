@@ -98,6 +98,14 @@ def test_generate_command(built, capsys):
     assert "prefill: 11 tokens" in err and "decode: 4 tokens" in err and "tokens/s" in err
 
 
+def test_generate_cuda_graph_needs_cuda(built, capsys):
+    """``--cuda-graph`` is the CUDA provider's option: asked on the CPU, one line and exit 2, nothing generated."""
+    _, gen, _ = built
+    assert main(["generate", str(gen), "--prompt", "Hello", "--cuda-graph"]) == 2
+    captured = capsys.readouterr()
+    assert "CUDA graphs need --ep cuda" in captured.err and captured.out == ""
+
+
 # --------------------------------------------------------------------------- bad input
 
 

@@ -19,12 +19,16 @@ __all__ = ["generate"]
 
 
 def generate(path: str | os.PathLike, prompt: str | None = None, *, token_ids=None, max_new_tokens: int = 64,
-             ep: str = "cpu", stream=None, quiet: bool = False) -> dict:
+             ep: str = "cpu", stream=None, quiet: bool = False, cuda_graph: bool = False) -> dict:
     """Greedy generation with onnxruntime-genai, streaming decoded text to ``stream`` (stdout).
 
     Returns the generated token ids and the prefill / decode speeds. ``token_ids`` replaces the
-    prompt (no tokenizer needed).
+    prompt (no tokenizer needed). ``cuda_graph`` (``ep="cuda"``): onnxruntime-genai captures the decode step as a
+    CUDA graph and replays it (the CUDA provider's ``enable_cuda_graph``; the folder's cache must be one buffer per
+    layer, as the model builder writes it).
     """
+    if cuda_graph and ep != "cuda":
+        raise OnnxqfError("CUDA graphs need --ep cuda")
     folder = read_genai(path, check_attention=False)
     og = require_og()
     stream = sys.stdout if stream is None else stream
@@ -35,6 +39,8 @@ def generate(path: str | os.PathLike, prompt: str | None = None, *, token_ids=No
             raise OnnxqfError("CUDA is not available to this onnxruntime-genai build "
                               "(pip install onnxruntime-genai-cuda)")
         config.append_provider("cuda")
+        if cuda_graph:
+            config.set_provider_option("cuda", "enable_cuda_graph", "1")
     elif ep != "cpu":
         raise OnnxqfError(f"unknown execution provider '{ep}' (use cpu or cuda)")
     try:
