@@ -128,14 +128,6 @@ using WideTile = W8A8Gemm<Shape<_128, _256, _128>, Shape<_2, _1, _1>,
                           cutlass::gemm::KernelTmaWarpSpecializedCooperative,
                           cutlass::epilogue::TmaWarpSpecializedCooperative>;
 
-// tile 3: large M, taller: 256x128x128 tiles in clusters of 2 along M, cooperative consumers (each warpgroup 128 rows).
-using TallTile = W8A8Gemm<Shape<_256, _128, _128>, Shape<_2, _1, _1>,
-                          cutlass::gemm::KernelTmaWarpSpecializedCooperative,
-                          cutlass::epilogue::TmaWarpSpecializedCooperative>;
-
-cudaError_t run_tall(const int8_t*, const float*, const int8_t*, const float*, const __half*, __half*, int, int, int,
-                     int, void*, cudaStream_t);
-size_t workspace_tall(int, int, int);
 cudaError_t run_wide(const int8_t*, const float*, const int8_t*, const float*, const __half*, __half*, int, int, int,
                      int, void*, cudaStream_t);
 size_t workspace_wide(int, int, int);

@@ -33,10 +33,10 @@ struct NormSpec {
 
 // Per-token quantization: q [M, K] int8, amax [M] fp32 (the floored fp16 amax, widened). u: null, or the rows are
 // SwiGLU's products silu(x) * u, computed on the way in (quant_row.cuh: glu_one). norm: null, or each row is first
-// normalized (NormSpec; not with u). regs: rows of K <= 32768 (aligned) by a block holding the row in registers
-// (ONNXQF_QUANT_REGS=1); else a block of 256 threads per row, the norm's row in shared memory.
+// normalized (NormSpec; not with u). regs (the default): rows of K <= 32768 (aligned) by a block holding the row in
+// registers; false (ONNXQF_QUANT_REGS=0), or longer rows: a block of 256 threads per row, a norm's row in shared memory.
 cudaError_t launch_quantize_rows(const __half* x, int8_t* q, float* amax, int64_t M, int64_t K, cudaStream_t stream,
-                                 const __half* u = nullptr, const NormSpec* norm = nullptr, bool regs = false);
+                                 const __half* u = nullptr, const NormSpec* norm = nullptr, bool regs = true);
 
 // y = silu(g) * u elementwise, n values, in the standard graph's fp16 steps (quant_row.cuh: glu_one).
 cudaError_t launch_glu(const __half* g, const __half* u, __half* y, int64_t n, cudaStream_t stream);
@@ -159,7 +159,7 @@ cudaError_t launch_w8a8_naive(const int8_t* q, const float* amax, const int8_t* 
 
 // CUTLASS 3.x SM90 int8 tensor-core GEMM, dequantization fused in the epilogue (fp16 out).
 // Requires K % 16 == 0 and N % 8 == 0 and 16-byte aligned pointers. `tile`: 0 = 128x128 (large M),
-// 1 = 64x128 (M <= 128), 2 = 128x256 cooperative, 3 = 256x128 cooperative. Returns cudaErrorNotSupported when CUTLASS cannot implement the problem.
+// 1 = 64x128 (M <= 128), 2 = 128x256 cooperative. Returns cudaErrorNotSupported when CUTLASS cannot implement the problem.
 size_t w8a8_gemm_sm90_workspace(int tile, int64_t M, int64_t N, int64_t K);
 cudaError_t launch_w8a8_gemm_sm90(int tile, const int8_t* q, const float* amax, const int8_t* w,
                                   const float* wscale, const __half* bias, __half* y, int64_t M, int64_t N,

@@ -28,10 +28,9 @@
 // creates the kernel. Environment (read at kernel creation):
 //   ONNXQF_GEMV_MAX_M   rows up to which the GEMV runs (default 4: one launch with the quantization fused for
 //                       M <= 4, the separate quantization kernel + GEMV above); larger M takes the tensor-core GEMM
-//   ONNXQF_GEMM_TILE    force the GEMM tile: 0 = 128x128, 1 = 64x128, 2 = 128x256, 3 = 256x128 (default: 1 for
-//                       M <= 128, else 0)
-//   ONNXQF_QUANT_REGS   1: the separate quantization kernel holds each row in registers (default 0: a block of 256
-//                       threads per row)
+//   ONNXQF_GEMM_TILE    force the GEMM tile: 0 = 128x128, 1 = 64x128, 2 = 128x256 (default: 1 for M <= 128, else 0)
+//   ONNXQF_QUANT_REGS   0: the separate quantization kernel as a block of 256 threads per row (default 1: each row
+//                       held in registers by as many warps as it needs)
 //   ONNXQF_GEMV_CONFIG  the one-token GEMV's outputs per warp x weight chunks in flight (kernels.h; -1: by shape)
 //   ONNXQF_GEMV_PERSIST 0: the small-M GEMV's grid one warp per group of outputs (default 1: as many blocks as the
 //                       GPU holds at once, each striding over the outputs)
@@ -133,7 +132,7 @@ struct W8A8LinearKernel {
   onnxqf::GemvOptions gemv;
   int force_tile = -1;
   bool tile_rotation = false;  // ONNXQF_ROTATION_TILES=1: every rotation by the per-token tensor-core kernel
-  bool quant_regs = false;     // ONNXQF_QUANT_REGS=1: the quantization's row-in-registers kernel (not yet GPU-run)
+  bool quant_regs = true;      // ONNXQF_QUANT_REGS=0: the quantization's block-per-row kernel (A/B runs)
   int sm_count = 1;
   int64_t rotation_block = 0;
   int rotation_walsh = 0;
@@ -433,7 +432,7 @@ struct W8A8LinearOp : Ort::CustomOpBase<W8A8LinearOp, W8A8LinearKernel, true> {
     k->gemv.sm_count = env_int("ONNXQF_GEMV_PERSIST", 1) != 0 ? k->sm_count : 0;
     k->gemv.pdl = env_int("ONNXQF_PDL", 0) != 0;
     k->force_tile = env_int("ONNXQF_GEMM_TILE", -1);
-    k->quant_regs = env_int("ONNXQF_QUANT_REGS", 0) != 0;
+    k->quant_regs = env_int("ONNXQF_QUANT_REGS", 1) != 0;
     k->tile_rotation = env_int("ONNXQF_ROTATION_TILES", 0) != 0;  // the per-token kernel for every rotation (A/B runs)
     *kernel = k;
     return nullptr;

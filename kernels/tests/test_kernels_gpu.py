@@ -139,13 +139,11 @@ CASES = [
     (2048, 4096, 4096, True, None),                                 # GEMM large tile
     (200, 1024, 1024, False, {"ONNXQF_GEMM_TILE": "1"}),            # forced small tile at M > 128
     (300, 4096, 11008, True, {"ONNXQF_GEMM_TILE": "2"}),            # forced wide tile (128x256 cooperative)
-    (300, 4096, 11008, True, {"ONNXQF_GEMM_TILE": "3"}),            # forced tall tile (256x128 cooperative)
-    (16, 11008, 4096, False, {"ONNXQF_GEMV_MAX_M": "16", "ONNXQF_QUANT_REGS": "1"}),  # the quantization's row in
-    (333, 2048, 4096, False, {"ONNXQF_QUANT_REGS": "1"}),           # registers (one warp), ragged M
-    (2048, 4096, 4096, True, {"ONNXQF_QUANT_REGS": "1"}),           # two warps a row
-    (64, 32768, 256, False, {"ONNXQF_QUANT_REGS": "1"}),            # the longest row it takes (512 threads)
-    (8, 40000, 256, False, {"ONNXQF_QUANT_REGS": "1"}),             # longer: the block-per-row kernel
-    (16, 1032, 1024, True, {"ONNXQF_QUANT_REGS": "1"}),             # a row of 129 chunks: a ragged last warp
+    (64, 32768, 256, False, None),                                  # the longest row the quantization holds in
+    (8, 40000, 256, False, None),                                   # registers (512 threads); longer: a block per row
+    (16, 1032, 1024, True, None),                                   # a row of 129 chunks: a ragged last warp
+    (2048, 4096, 4096, True, {"ONNXQF_QUANT_REGS": "0"}),           # the block-per-row quantization kernel
+    (16, 11008, 4096, False, {"ONNXQF_GEMV_MAX_M": "16", "ONNXQF_QUANT_REGS": "0"}),
     (5, 1000, 300, True, {"ONNXQF_GEMV_MAX_M": "0"}),               # K % 16 != 0: any-shape fallback
     (40, 1024, 1001, False, None),                                  # N % 8 != 0: GEMV at M > 16
     (3, 1000, 300, False, None),                                    # K % 16 != 0 at small M: fallback
@@ -171,9 +169,6 @@ def test_against_numpy(M, K, N, with_bias, env):
                                        (16, 11008, 4096, {"ONNXQF_GEMV_MAX_M": "16"}), (16, 4096, 4096, None),
                                        (128, 4096, 4096, None), (2048, 4096, 11008, None), (777, 11008, 4096, None),
                                        (2048, 4096, 4096, {"ONNXQF_GEMM_TILE": "2"}),
-                                       (2048, 4096, 4096, {"ONNXQF_GEMM_TILE": "3"}),
-                                       (2048, 4096, 11008, {"ONNXQF_QUANT_REGS": "1"}),
-                                       (777, 11008, 4096, {"ONNXQF_QUANT_REGS": "1"}),
                                        (777, 11008, 4096, {"ONNXQF_QUANT_REGS": "0"})])
 def test_bit_exact_against_standard_graph(M, K, N, env):
     """The same output as onnxqf's int8-token graph (MatMulInteger), every element, to the bit, an all-zero token
@@ -262,10 +257,9 @@ NORMS = [
     (300, 2048, (2048, 512, 512), True, None),        # quantization kernel + a GEMM per output
     (2, 11008, (4096,), True, None),                  # a long row (the uncached loads)
     (1, 20480, (256,), True, None),                   # past the one-launch GEMV's shared memory: kernel + GEMV
-    (16, 4096, (4096, 1024, 1024), True, {"ONNXQF_GEMV_MAX_M": "16", "ONNXQF_QUANT_REGS": "1"}),  # the norm in
-    (300, 2048, (2048, 512, 512), True, {"ONNXQF_QUANT_REGS": "1"}),  # the row-in-registers quantization kernel
-    (1, 20480, (256,), True, {"ONNXQF_QUANT_REGS": "1"}),
-    (40, 4096, (32000,), False, {"ONNXQF_QUANT_REGS": "1"}),        # no sum output
+    (40, 4096, (32000,), False, None),                # quantization kernel + GEMM, no sum output
+    (300, 2048, (2048, 512, 512), True, {"ONNXQF_QUANT_REGS": "0"}),  # the block-per-row quantization kernel
+    (1, 20480, (256,), True, {"ONNXQF_QUANT_REGS": "0"}),
 ]
 
 
@@ -557,8 +551,7 @@ GLU = [
     (3, 11008, None, None),                             # the same, 4-row kernel
     (16, 4096, None, {"ONNXQF_GEMV_MAX_M": "16"}),      # the separate quantization + GEMV
     (300, 11008, None, None),                           # the separate quantization + GEMM
-    (300, 11008, None, {"ONNXQF_QUANT_REGS": "1"}),     # the same, the row in registers
-    (16, 4096, None, {"ONNXQF_GEMV_MAX_M": "16", "ONNXQF_QUANT_REGS": "1"}),
+    (300, 11008, None, {"ONNXQF_QUANT_REGS": "0"}),     # the same, the block-per-row quantization kernel
     (5, 1000, None, None),                              # K % 16 != 0: the any-shape fallback
     (1, 4096, (64, "W", 64, "W"), None),                # rotated: the product written first, then the rotation
     (300, 11008, (344, "R", 32, "W"), None),
