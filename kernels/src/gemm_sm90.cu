@@ -1,4 +1,4 @@
-// Dispatch to the SM90 tile configurations (host code only; the kernels live in gemm_sm90_{large,small,wide}.cu).
+// Dispatch to the SM90 tile configurations (host code only; the kernels live in gemm_sm90_{large,small,wide,streamk}.cu).
 #include <climits>
 
 #include "gemm_sm90.cuh"
@@ -18,20 +18,23 @@ size_t w8a8_gemm_sm90_workspace(int tile, int64_t M, int64_t N, int64_t K) {
   switch (tile) {
     case 0: return sm90::workspace_large(int(M), int(N), int(K));
     case 1: return sm90::workspace_small(int(M), int(N), int(K));
+    case 3: return sm90::workspace_streamk(int(M), int(N), int(K));
     default: return sm90::workspace_wide(int(M), int(N), int(K));
   }
 }
 
 cudaError_t launch_w8a8_gemm_sm90(int tile, const int8_t* q, const float* amax, const int8_t* w, const float* wscale,
                                   const __half* bias, __half* y, int64_t M, int64_t N, int64_t K, void* workspace,
-                                  cudaStream_t stream) {
+                                  cudaStream_t stream, bool pdl) {
   if (!sm90::fits_int(M, N, K) || K % 16 != 0 || N % 8 != 0) return cudaErrorNotSupported;
   // sm_count: cached per process for the first device asked (one-GPU processes are the rule); 0 lets CUTLASS ask
   static const int sm_count = sm_count_of_current_device();
+  const int m = int(M), n = int(N), k = int(K);
   switch (tile) {
-    case 0: return sm90::run_large(q, amax, w, wscale, bias, y, int(M), int(N), int(K), sm_count, workspace, stream);
-    case 1: return sm90::run_small(q, amax, w, wscale, bias, y, int(M), int(N), int(K), sm_count, workspace, stream);
-    default: return sm90::run_wide(q, amax, w, wscale, bias, y, int(M), int(N), int(K), sm_count, workspace, stream);
+    case 0: return sm90::run_large(q, amax, w, wscale, bias, y, m, n, k, sm_count, workspace, stream, pdl);
+    case 1: return sm90::run_small(q, amax, w, wscale, bias, y, m, n, k, sm_count, workspace, stream, pdl);
+    case 3: return sm90::run_streamk(q, amax, w, wscale, bias, y, m, n, k, sm_count, workspace, stream, pdl);
+    default: return sm90::run_wide(q, amax, w, wscale, bias, y, m, n, k, sm_count, workspace, stream, pdl);
   }
 }
 

@@ -18,6 +18,10 @@
 #include "cutlass/gemm/kernel/gemm_universal.hpp"
 #include "cutlass/util/packed_stride.hpp"
 
+#if defined(__CUDA_ARCH__) && !defined(CUTLASS_GDC_ENABLED) && !defined(ONNXQF_NO_GDC)
+#error "CUTLASS's grid dependency control is off: the GEMM's dependent launch (ONNXQF_GEMM_PDL) would race"
+#endif
+
 namespace onnxqf {
 namespace sm90 {
 
@@ -29,19 +33,23 @@ inline bool fits_int(int64_t M, int64_t N, int64_t K) {
 }
 
 // Runs a CUTLASS device GEMM on `stream`: cudaErrorNotSupported when CUTLASS cannot implement the problem.
+// pdl: as a programmatic dependent launch (the kernel's prologue overlaps the end of the stream's previous kernel;
+// its loads wait for it: CUTLASS_ENABLE_GDC_FOR_SM90, CMakeLists.txt).
 template <class Gemm>
-cudaError_t run_cutlass(const typename Gemm::Arguments& args, void* workspace, cudaStream_t stream) {
+cudaError_t run_cutlass(const typename Gemm::Arguments& args, void* workspace, cudaStream_t stream,
+                        bool pdl = false) {
   Gemm gemm;
   if (gemm.can_implement(args) != cutlass::Status::kSuccess) return cudaErrorNotSupported;
   if (gemm.initialize(args, workspace, stream) != cutlass::Status::kSuccess) return cudaErrorUnknown;
-  if (gemm.run(stream) != cutlass::Status::kSuccess) {
+  if (gemm.run(stream, nullptr, pdl) != cutlass::Status::kSuccess) {
     const cudaError_t e = cudaGetLastError();
     return e == cudaSuccess ? cudaErrorLaunchFailure : e;
   }
   return cudaGetLastError();
 }
 
-template <class TileShape, class ClusterShape, class KernelSchedule, class EpilogueSchedule>
+template <class TileShape, class ClusterShape, class KernelSchedule, class EpilogueSchedule,
+          class TileScheduler = cutlass::gemm::PersistentScheduler>
 struct W8A8Gemm {
   using ElementA = int8_t;  // codes of x, [M, K] row-major
   using LayoutA = cutlass::layout::RowMajor;
@@ -78,7 +86,7 @@ struct W8A8Gemm {
       KernelSchedule>::CollectiveOp;
 
   using Kernel = cutlass::gemm::kernel::GemmUniversal<Shape<int, int, int, int>, Mainloop, Epilogue,
-                                                      cutlass::gemm::PersistentScheduler>;
+                                                      TileScheduler>;
   using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
 
   static typename Gemm::Arguments arguments(const int8_t* q, const float* amax, const int8_t* w, const float* wscale,
@@ -111,8 +119,9 @@ struct W8A8Gemm {
   }
 
   static cudaError_t run(const int8_t* q, const float* amax, const int8_t* w, const float* wscale, const __half* bias,
-                         __half* y, int M, int N, int K, int sm_count, void* workspace, cudaStream_t stream) {
-    return run_cutlass<Gemm>(arguments(q, amax, w, wscale, bias, y, M, N, K, sm_count), workspace, stream);
+                         __half* y, int M, int N, int K, int sm_count, void* workspace, cudaStream_t stream,
+                         bool pdl) {
+    return run_cutlass<Gemm>(arguments(q, amax, w, wscale, bias, y, M, N, K, sm_count), workspace, stream, pdl);
   }
 };
 
@@ -128,13 +137,22 @@ using WideTile = W8A8Gemm<Shape<_128, _256, _128>, Shape<_2, _1, _1>,
                           cutlass::gemm::KernelTmaWarpSpecializedCooperative,
                           cutlass::epilogue::TmaWarpSpecializedCooperative>;
 
+// tile 3: small M over many multiprocessors. 128x128x128 tiles, cooperative consumers, stream-K: the K loop of
+// the few output tiles split across the GPU, partial sums reduced in the workspace before the epilogue.
+using StreamKTile = W8A8Gemm<Shape<_128, _128, _128>, Shape<_1, _1, _1>,
+                             cutlass::gemm::KernelTmaWarpSpecializedCooperative,
+                             cutlass::epilogue::TmaWarpSpecializedCooperative, cutlass::gemm::StreamKScheduler>;
+
+cudaError_t run_streamk(const int8_t*, const float*, const int8_t*, const float*, const __half*, __half*, int, int,
+                        int, int, void*, cudaStream_t, bool);
+size_t workspace_streamk(int, int, int);
 cudaError_t run_wide(const int8_t*, const float*, const int8_t*, const float*, const __half*, __half*, int, int, int,
-                     int, void*, cudaStream_t);
+                     int, void*, cudaStream_t, bool);
 size_t workspace_wide(int, int, int);
 cudaError_t run_large(const int8_t*, const float*, const int8_t*, const float*, const __half*, __half*, int, int, int,
-                      int, void*, cudaStream_t);
+                      int, void*, cudaStream_t, bool);
 cudaError_t run_small(const int8_t*, const float*, const int8_t*, const float*, const __half*, __half*, int, int, int,
-                      int, void*, cudaStream_t);
+                      int, void*, cudaStream_t, bool);
 size_t workspace_large(int, int, int);
 size_t workspace_small(int, int, int);
 

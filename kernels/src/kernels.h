@@ -159,10 +159,12 @@ cudaError_t launch_w8a8_naive(const int8_t* q, const float* amax, const int8_t* 
 
 // CUTLASS 3.x SM90 int8 tensor-core GEMM, dequantization fused in the epilogue (fp16 out).
 // Requires K % 16 == 0 and N % 8 == 0 and 16-byte aligned pointers. `tile`: 0 = 128x128 (large M),
-// 1 = 64x128 (M <= 128), 2 = 128x256 cooperative. Returns cudaErrorNotSupported when CUTLASS cannot implement the problem.
+// 1 = 64x128 (M <= 128), 2 = 128x256 cooperative, 3 = 128x128 cooperative stream-K. Returns cudaErrorNotSupported when CUTLASS cannot implement the problem.
+// pdl: a programmatic dependent launch, its prologue overlapping the end of the stream's previous kernel (which
+// launch_quantize_rows's kernel allows as soon as it starts); its loads wait for that kernel's end.
 size_t w8a8_gemm_sm90_workspace(int tile, int64_t M, int64_t N, int64_t K);
 cudaError_t launch_w8a8_gemm_sm90(int tile, const int8_t* q, const float* amax, const int8_t* w,
                                   const float* wscale, const __half* bias, __half* y, int64_t M, int64_t N,
-                                  int64_t K, void* workspace, cudaStream_t stream);
+                                  int64_t K, void* workspace, cudaStream_t stream, bool pdl = false);
 
 }  // namespace onnxqf

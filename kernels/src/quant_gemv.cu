@@ -11,18 +11,13 @@
 namespace onnxqf {
 namespace {
 
+// Programmatic dependent launch (sm_90): a kernel launched with the attribute may start while the kernel before
+// it in the stream finishes; it reads nothing that kernel writes before pdl_wait(). Both are no-ops otherwise.
+__device__ __forceinline__ void pdl_wait() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
+__device__ __forceinline__ void pdl_launch_dependents() { asm volatile("griddepcontrol.launch_dependents;"); }
+
 constexpr int kQuantThreads = 256;
 constexpr int kQuantCached = 8;  // 16-byte chunks of x per thread held in registers (K <= 16384 read once)
-
-__device__ __forceinline__ float chunk_absmax(const uint4& c, float m) {
-  const __half2* h = reinterpret_cast<const __half2*>(&c);
-#pragma unroll
-  for (int j = 0; j < 4; ++j) {
-    const float2 f = __half22float2(__habs2(h[j]));
-    m = fmaxf(m, fmaxf(f.x, f.y));
-  }
-  return m;
-}
 
 __device__ __forceinline__ uint2 chunk_codes(const uint4& c, __half inv) {
   const __half* h = reinterpret_cast<const __half*>(&c);
@@ -111,18 +106,6 @@ __global__ void __launch_bounds__(kQuantThreads) quantize_rows_kernel(const __ha
   quantize_row_block(x + row * K, u ? u + row * K : nullptr, q + row * K, amax_out + row, K, vec, red, &scale_s);
 }
 
-// The block's sum (SUM) or max of v over its warps, returned to every thread: one barrier. red: shared, one slot per
-// warp; a later reduction in the same block takes other slots (no barrier after the reads here).
-template <bool SUM>
-__device__ __forceinline__ float block_all(float v, float* red) {
-  v = SUM ? warp_sum(v) : warp_max(v);
-  if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = v;
-  __syncthreads();
-  float r = SUM ? 0.f : red[0];
-  for (int i = SUM ? 0 : 1; i < static_cast<int>(blockDim.x >> 5); ++i) r = SUM ? r + red[i] : fmaxf(r, red[i]);
-  return r;
-}
-
 constexpr int kRegsChunks = 8;        // 16-byte chunks of a row per thread in quantize_rows_regs_kernel
 constexpr int kRegsMaxThreads = 512;  // its largest block: rows of K <= 8 * 8 * 512 = 32768
 
@@ -153,6 +136,7 @@ __global__ void __launch_bounds__(kRegsMaxThreads) quantize_rows_regs_kernel(con
       if (MODE) b[i] = __ldg(bv + k);
     }
   }
+  pdl_launch_dependents();  // the GEMM after it (launched as a dependent: ONNXQF_GEMM_PDL) may start its prologue
   float m = 0.f;
   if (MODE == 2) {
     uint4* sv = norm.sum ? reinterpret_cast<uint4*>(norm.sum + row * K) : nullptr;
@@ -161,14 +145,7 @@ __global__ void __launch_bounds__(kRegsMaxThreads) quantize_rows_regs_kernel(con
     for (int i = 0; i < C; ++i) {
       const int64_t k = tid + static_cast<int64_t>(i) * T;
       if (k < nvec) {
-        __half2* h = reinterpret_cast<__half2*>(&c[i]);
-        const __half2* s = reinterpret_cast<const __half2*>(&b[i]);
-#pragma unroll
-        for (int j = 0; j < 4; ++j) {
-          h[j] = __hadd2(h[j], s[j]);
-          const float2 f = __half22float2(h[j]);
-          ss = fmaf(f.x, f.x, fmaf(f.y, f.y, ss));
-        }
+        ss = add_square_chunk(c[i], b[i], ss);
         if (sv) sv[k] = c[i];
       }
     }
@@ -179,11 +156,7 @@ __global__ void __launch_bounds__(kRegsMaxThreads) quantize_rows_regs_kernel(con
     for (int i = 0; i < C; ++i) {
       const int64_t k = tid + static_cast<int64_t>(i) * T;
       if (k < nvec) {
-        const uint4 g = __ldg(gv + k);
-        __half2* h = reinterpret_cast<__half2*>(&c[i]);
-        const __half2* hg = reinterpret_cast<const __half2*>(&g);
-#pragma unroll
-        for (int j = 0; j < 4; ++j) h[j] = __hmul2(hg[j], __hmul2(h[j], r));
+        norm_chunk(c[i], __ldg(gv + k), r);
         m = chunk_absmax(c[i], m);
       }
     }
@@ -311,11 +284,6 @@ __global__ void __launch_bounds__(kGemvWarps * 32) gemv_kernel(const int8_t* __r
       if (lane == ((m * R + r) & 31) && mm < M && nn < N) y[mm * N + nn] = dequant(v, amax[mm], wscale[nn], bias, nn);
     }
 }
-
-// Programmatic dependent launch (sm_90): a kernel launched with the attribute may start while the kernel before
-// it in the stream finishes; it reads nothing that kernel writes before pdl_wait(). Both are no-ops otherwise.
-__device__ __forceinline__ void pdl_wait() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
-__device__ __forceinline__ void pdl_launch_dependents() { asm volatile("griddepcontrol.launch_dependents;"); }
 
 // Small M, one launch: each block first quantizes the MT rows of x into shared memory (every block redoes this
 // small, L2-resident work; its first weight loads are already in flight meanwhile), rotating each row first when

@@ -48,6 +48,60 @@ __device__ __forceinline__ float warp_max(float v) {
   return v;
 }
 
+// The warp's sum of v (every lane gets it): the int32 dot products of the GEMV, the fp32 squares of the norm.
+template <typename T>
+__device__ __forceinline__ T warp_sum(T v) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+  return v;
+}
+
+// The block's sum (SUM) or max of v over its warps (WARPS of them; 0: blockDim.x / 32), returned to every thread:
+// one barrier. red: shared, one slot per warp; a later reduction in the same block takes other slots or waits for
+// a barrier (there is none after the reads here). The sum adds the warps' sums in order, from 0.
+template <bool SUM, int WARPS = 0>
+__device__ __forceinline__ float block_all(float v, float* red) {
+  v = SUM ? warp_sum(v) : warp_max(v);
+  if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = v;
+  __syncthreads();
+  const int warps = WARPS ? WARPS : static_cast<int>(blockDim.x >> 5);
+  float r = SUM ? 0.f : red[0];
+  for (int i = SUM ? 0 : 1; i < warps; ++i) r = SUM ? r + red[i] : fmaxf(r, red[i]);
+  return r;
+}
+
+// The largest |value| of an fp16 chunk (eight values), or m if larger.
+__device__ __forceinline__ float chunk_absmax(const uint4& c, float m) {
+  const __half2* h = reinterpret_cast<const __half2*>(&c);
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const float2 f = __half22float2(__habs2(h[j]));
+    m = fmaxf(m, fmaxf(f.x, f.y));
+  }
+  return m;
+}
+
+// skip_norm's first step on one chunk: a <- fp16(a + b); returns ss plus the fp32 squares of the sums.
+__device__ __forceinline__ float add_square_chunk(uint4& a, const uint4& b, float ss) {
+  __half2* ha = reinterpret_cast<__half2*>(&a);
+  const __half2* hb = reinterpret_cast<const __half2*>(&b);
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    ha[j] = __hadd2(ha[j], hb[j]);
+    const float2 f = __half22float2(ha[j]);
+    ss = fmaf(f.x, f.x, fmaf(f.y, f.y, ss));
+  }
+  return ss;
+}
+
+// skip_norm's second step on one chunk: a <- fp16(gamma * fp16(a * r)).
+__device__ __forceinline__ void norm_chunk(uint4& a, const uint4& gamma, __half2 r) {
+  __half2* ha = reinterpret_cast<__half2*>(&a);
+  const __half2* hg = reinterpret_cast<const __half2*>(&gamma);
+#pragma unroll
+  for (int j = 0; j < 4; ++j) ha[j] = __hmul2(hg[j], __hmul2(ha[j], r));
+}
+
 // The row's floored fp16 amax and fp16 127/amax from the max of its fp16 magnitudes (an fp16 value: exact). The
 // floor is onnxqf's fp16 one (2^-9: 127/amax stays a finite fp16, FP16_AMAX_FLOOR in onnxqf/lowering/w8a8.py).
 __device__ __forceinline__ void row_scale(float absmax, __half* inv, float* amax) {
@@ -65,27 +119,12 @@ __device__ __forceinline__ int8_t code_of(__half x, __half inv) {
 }
 
 // The block's max of m (each thread's, WARPS warps; red: shared [WARPS]), then the row's scale (row_scale) written
-// by thread 0. Ends with a barrier: *inv is then readable by every thread.
+// by thread 0. Ends with a barrier: *inv is then readable by every thread, and red may be used again.
 template <int WARPS>
 __device__ __forceinline__ void block_row_scale(float m, float* red, __half* inv, float* amax) {
-  const int tid = threadIdx.x;
-  m = warp_max(m);
-  if ((tid & 31) == 0) red[tid >> 5] = m;
+  m = block_all<false, WARPS>(m, red);
+  if (threadIdx.x == 0) row_scale(m, inv, amax);
   __syncthreads();
-  if (tid < 32) {
-    float v = tid < WARPS ? red[tid] : 0.f;
-    v = warp_max(v);
-    if (tid == 0) row_scale(v, inv, amax);
-  }
-  __syncthreads();
-}
-
-// The warp's sum of v (every lane gets it): the int32 dot products of the GEMV, the fp32 squares of the norm.
-template <typename T>
-__device__ __forceinline__ T warp_sum(T v) {
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
-  return v;
 }
 
 // The op's skip_norm of one row by the whole block (THREADS threads; kernels.h: NormSpec): s = x + skip, written to
@@ -102,37 +141,17 @@ __device__ __forceinline__ float skip_norm_row(const __half* __restrict__ xr, co
   float ss = 0.f;
   for (int64_t c = tid; c < nvec; c += THREADS) {
     uint4 a = __ldg(reinterpret_cast<const uint4*>(xr) + c);
-    const uint4 b = __ldg(reinterpret_cast<const uint4*>(sr) + c);
-    __half2* ha = reinterpret_cast<__half2*>(&a);
-    const __half2* hb = reinterpret_cast<const __half2*>(&b);
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      ha[j] = __hadd2(ha[j], hb[j]);
-      const float2 f = __half22float2(ha[j]);
-      ss = fmaf(f.x, f.x, fmaf(f.y, f.y, ss));
-    }
+    ss = add_square_chunk(a, __ldg(reinterpret_cast<const uint4*>(sr) + c), ss);
     if (sum_row) reinterpret_cast<uint4*>(sum_row)[c] = a;
     reinterpret_cast<uint4*>(yr)[c] = a;  // s, read back below by this same thread
   }
-  ss = warp_sum(ss);
-  if ((tid & 31) == 0) red[tid >> 5] = ss;
-  __syncthreads();
-  float total = 0.f;
-#pragma unroll
-  for (int i = 0; i < THREADS / 32; ++i) total += red[i];
+  const float total = block_all<true, THREADS / 32>(ss, red);
   const __half2 r = __float2half2_rn(rsqrtf(total / static_cast<float>(K) + eps));
   float m = 0.f;
   for (int64_t c = tid; c < nvec; c += THREADS) {
     uint4 a = reinterpret_cast<const uint4*>(yr)[c];
-    const uint4 g = __ldg(reinterpret_cast<const uint4*>(gamma) + c);
-    __half2* ha = reinterpret_cast<__half2*>(&a);
-    const __half2* hg = reinterpret_cast<const __half2*>(&g);
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      ha[j] = __hmul2(hg[j], __hmul2(ha[j], r));
-      const float2 f = __half22float2(__habs2(ha[j]));
-      m = fmaxf(m, fmaxf(f.x, f.y));
-    }
+    norm_chunk(a, __ldg(reinterpret_cast<const uint4*>(gamma) + c), r);
+    m = chunk_absmax(a, m);
     reinterpret_cast<uint4*>(yr)[c] = a;
   }
   __syncthreads();  // every thread has read red: it may be used again

@@ -139,6 +139,8 @@ CASES = [
     (2048, 4096, 4096, True, None),                                 # GEMM large tile
     (200, 1024, 1024, False, {"ONNXQF_GEMM_TILE": "1"}),            # forced small tile at M > 128
     (300, 4096, 11008, True, {"ONNXQF_GEMM_TILE": "2"}),            # forced wide tile (128x256 cooperative)
+    (16, 4096, 4096, True, {"ONNXQF_GEMM_TILE": "3"}),              # stream-K: the K loop split over the GPU
+    (333, 2048, 1032, False, {"ONNXQF_GEMM_TILE": "3"}),            # the same, ragged M and N
     (64, 32768, 256, False, None),                                  # the longest row the quantization holds in
     (8, 40000, 256, False, None),                                   # registers (512 threads); longer: a block per row
     (16, 1032, 1024, True, None),                                   # a row of 129 chunks: a ragged last warp
@@ -169,7 +171,12 @@ def test_against_numpy(M, K, N, with_bias, env):
                                        (16, 11008, 4096, {"ONNXQF_GEMV_MAX_M": "16"}), (16, 4096, 4096, None),
                                        (128, 4096, 4096, None), (2048, 4096, 11008, None), (777, 11008, 4096, None),
                                        (2048, 4096, 4096, {"ONNXQF_GEMM_TILE": "2"}),
-                                       (777, 11008, 4096, {"ONNXQF_QUANT_REGS": "0"})])
+                                       (777, 11008, 4096, {"ONNXQF_QUANT_REGS": "0"}),
+                                       (2048, 4096, 4096, {"ONNXQF_GEMM_PDL": "1"}),
+                                       (16, 4096, 4096, {"ONNXQF_GEMM_TILE": "3"}),
+                                       (2048, 11008, 4096, {"ONNXQF_GEMM_TILE": "3"}),
+                                       (64, 4096, 4096, {"ONNXQF_GEMM_PDL": "1"}),
+                                       (777, 11008, 4096, {"ONNXQF_GEMM_PDL": "1", "ONNXQF_QUANT_REGS": "0"})])
 def test_bit_exact_against_standard_graph(M, K, N, env):
     """The same output as onnxqf's int8-token graph (MatMulInteger), every element, to the bit, an all-zero token
     included (zeros in both: the fp16 floor keeps 127/amax finite). Not a token of fp16-subnormal inputs: their
@@ -193,6 +200,7 @@ PARTS = [
     (64, 4096, (4096, 1024, 1024), True, 0, None),    # GEMM small tile, one per output on shared codes
     (300, 4096, (11008, 11008), False, 64, None),     # the Walsh kernel, then a GEMM per output
     (2048, 2048, (2048, 512, 512), False, 0, None),   # GEMM large tile
+    (2048, 2048, (2048, 512, 512), False, 0, {"ONNXQF_GEMM_PDL": "1"}),  # each GEMM a dependent launch
     (16, 4096, (4096, 1024, 1024), False, 0, {"ONNXQF_GEMV_MAX_M": "16"}),  # separate quantization + GEMV
     (40, 1024, (500, 508), False, 0, None),           # a part of N % 8 != 0: the GEMV for every part
 ]
@@ -259,6 +267,7 @@ NORMS = [
     (1, 20480, (256,), True, None),                   # past the one-launch GEMV's shared memory: kernel + GEMV
     (40, 4096, (32000,), False, None),                # quantization kernel + GEMM, no sum output
     (300, 2048, (2048, 512, 512), True, {"ONNXQF_QUANT_REGS": "0"}),  # the block-per-row quantization kernel
+    (300, 2048, (2048, 512, 512), True, {"ONNXQF_GEMM_PDL": "1"}),    # the GEMMs as dependent launches
     (1, 20480, (256,), True, {"ONNXQF_QUANT_REGS": "0"}),
 ]
 
@@ -552,6 +561,7 @@ GLU = [
     (16, 4096, None, {"ONNXQF_GEMV_MAX_M": "16"}),      # the separate quantization + GEMV
     (300, 11008, None, None),                           # the separate quantization + GEMM
     (300, 11008, None, {"ONNXQF_QUANT_REGS": "0"}),     # the same, the block-per-row quantization kernel
+    (300, 11008, None, {"ONNXQF_GEMM_PDL": "1"}),       # the same, the GEMM a dependent launch
     (5, 1000, None, None),                              # K % 16 != 0: the any-shape fallback
     (1, 4096, (64, "W", 64, "W"), None),                # rotated: the product written first, then the rotation
     (300, 11008, (344, "R", 32, "W"), None),
