@@ -72,6 +72,10 @@ def main(argv=None) -> int:
     ap.add_argument("--copies", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--rotate", action="store_true",
+                    help="each linear behind its online rotation (the hybrid's, inside the op), FP16 without; the "
+                         "settings' outputs may then differ where an fp32 sum in another order rounds the other way "
+                         "in fp16: the share of equal outputs is reported instead of a stop")
     ap.add_argument("--out", default=None, help="JSON file for the rows")
     args = ap.parse_args(argv)
     try:
@@ -84,7 +88,7 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     for K, N in parse_shapes(args.shapes):
         float_model = linear_model(K, N, None, copies=args.copies, dtype="float16", ep="cuda")
-        model = linear_model(K, N, lowering, copies=args.copies, dtype="float16", ep="cuda")
+        model = linear_model(K, N, lowering, copies=args.copies, dtype="float16", ep="cuda", rotate=args.rotate)
         with saved(float_model) as path:
             sessions = {"fp16": make_session(path, "cuda", strict_ep=True)}
         with saved(model) as path:
@@ -93,12 +97,14 @@ def main(argv=None) -> int:
                     sessions[name] = make_session(path, "cuda", strict_ep=True)
         for M in parse_counts(args.m):
             x = rng.standard_normal((M, K), dtype=np.float32).astype(np.float16)
-            ref = None
+            ref, equal = None, {}
             for name, _ in settings:
                 outs = sessions[name].run(None, {"x": x})
                 if ref is None:
                     ref = outs
-                elif not all(np.array_equal(a, b) for a, b in zip(outs, ref)):
+                    continue
+                equal[name] = float(np.mean([np.mean(a == b) for a, b in zip(outs, ref)]))
+                if equal[name] < 1.0 and not args.rotate:
                     raise SystemExit(f"{name}: outputs differ from {settings[0][0]}'s at {K}:{N} M={M}")
             runs = {name: bound_runs(s, {"x": x}, device="cuda") for name, s in sessions.items()}
             per = {name: [] for name in runs}
@@ -106,11 +112,13 @@ def main(argv=None) -> int:
                 for name, r in runs.items():
                     per[name].append(float(np.median(r(3, args.repeats))) * 1e3 / args.copies)
             ms = {name: float(np.median(v)) for name, v in per.items()}
-            row = {"K": K, "N": N, "M": M, "ms": ms, "rounds": per,
+            row = {"K": K, "N": N, "M": M, "ms": ms, "rounds": per, "equal_to_first": equal,
                    "speedup": {name: ms["fp16"] / v for name, v in ms.items()}}
             rows.append(row)
             print(f"{K}->{N} M={M}: " + "  ".join(f"{n} {v * 1e3:.1f}us ({row['speedup'][n]:.2f}x)"
-                                                 for n, v in ms.items()), f"[{time.perf_counter() - t0:.0f}s]",
+                                                 for n, v in ms.items()),
+                  *(f"equal to {settings[0][0]}: " + " ".join(f"{n} {v:.4f}" for n, v in equal.items()),) * args.rotate,
+                  f"[{time.perf_counter() - t0:.0f}s]",
                   flush=True)
         sessions = runs = None
     if args.out:

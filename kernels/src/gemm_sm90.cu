@@ -1,4 +1,4 @@
-// Dispatch to the SM90 tile configurations (host code only; the kernels live in gemm_sm90_{large,small,wide,streamk}.cu).
+// Dispatch to the SM90 tile configurations (host code only; the kernels live in gemm_sm90_{large,small,wide}.cu).
 #include <climits>
 
 #include "gemm_sm90.cuh"
@@ -18,7 +18,6 @@ size_t w8a8_gemm_sm90_workspace(int tile, int64_t M, int64_t N, int64_t K) {
   switch (tile) {
     case 0: return sm90::workspace_large(int(M), int(N), int(K));
     case 1: return sm90::workspace_small(int(M), int(N), int(K));
-    case 3: return sm90::workspace_streamk(int(M), int(N), int(K));
     default: return sm90::workspace_wide(int(M), int(N), int(K));
   }
 }
@@ -33,7 +32,6 @@ cudaError_t launch_w8a8_gemm_sm90(int tile, const int8_t* q, const float* amax, 
   switch (tile) {
     case 0: return sm90::run_large(q, amax, w, wscale, bias, y, m, n, k, sm_count, workspace, stream, pdl);
     case 1: return sm90::run_small(q, amax, w, wscale, bias, y, m, n, k, sm_count, workspace, stream, pdl);
-    case 3: return sm90::run_streamk(q, amax, w, wscale, bias, y, m, n, k, sm_count, workspace, stream, pdl);
     default: return sm90::run_wide(q, amax, w, wscale, bias, y, m, n, k, sm_count, workspace, stream, pdl);
   }
 }

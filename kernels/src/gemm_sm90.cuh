@@ -18,7 +18,7 @@
 #include "cutlass/gemm/kernel/gemm_universal.hpp"
 #include "cutlass/util/packed_stride.hpp"
 
-#if defined(__CUDA_ARCH__) && !defined(CUTLASS_GDC_ENABLED) && !defined(ONNXQF_NO_GDC)
+#if defined(__CUDA_ARCH__) && !defined(CUTLASS_GDC_ENABLED)
 #error "CUTLASS's grid dependency control is off: the GEMM's dependent launch (ONNXQF_GEMM_PDL) would race"
 #endif
 
@@ -48,8 +48,7 @@ cudaError_t run_cutlass(const typename Gemm::Arguments& args, void* workspace, c
   return cudaGetLastError();
 }
 
-template <class TileShape, class ClusterShape, class KernelSchedule, class EpilogueSchedule,
-          class TileScheduler = cutlass::gemm::PersistentScheduler>
+template <class TileShape, class ClusterShape, class KernelSchedule, class EpilogueSchedule>
 struct W8A8Gemm {
   using ElementA = int8_t;  // codes of x, [M, K] row-major
   using LayoutA = cutlass::layout::RowMajor;
@@ -86,7 +85,7 @@ struct W8A8Gemm {
       KernelSchedule>::CollectiveOp;
 
   using Kernel = cutlass::gemm::kernel::GemmUniversal<Shape<int, int, int, int>, Mainloop, Epilogue,
-                                                      TileScheduler>;
+                                                      cutlass::gemm::PersistentScheduler>;
   using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
 
   static typename Gemm::Arguments arguments(const int8_t* q, const float* amax, const int8_t* w, const float* wscale,
@@ -137,15 +136,6 @@ using WideTile = W8A8Gemm<Shape<_128, _256, _128>, Shape<_2, _1, _1>,
                           cutlass::gemm::KernelTmaWarpSpecializedCooperative,
                           cutlass::epilogue::TmaWarpSpecializedCooperative>;
 
-// tile 3: small M over many multiprocessors. 128x128x128 tiles, cooperative consumers, stream-K: the K loop of
-// the few output tiles split across the GPU, partial sums reduced in the workspace before the epilogue.
-using StreamKTile = W8A8Gemm<Shape<_128, _128, _128>, Shape<_1, _1, _1>,
-                             cutlass::gemm::KernelTmaWarpSpecializedCooperative,
-                             cutlass::epilogue::TmaWarpSpecializedCooperative, cutlass::gemm::StreamKScheduler>;
-
-cudaError_t run_streamk(const int8_t*, const float*, const int8_t*, const float*, const __half*, __half*, int, int,
-                        int, int, void*, cudaStream_t, bool);
-size_t workspace_streamk(int, int, int);
 cudaError_t run_wide(const int8_t*, const float*, const int8_t*, const float*, const __half*, __half*, int, int, int,
                      int, void*, cudaStream_t, bool);
 size_t workspace_wide(int, int, int);

@@ -78,7 +78,7 @@ constexpr int kFusedMaxM = 4;
 bool w8a8_fused_gemv_supported(const __half* x, const int8_t* w, int64_t M, int64_t K, const WalshSpec* rot = nullptr,
                                bool norm = false);
 struct GemvOptions {
-  // M = 1: -1 = by shape (the default: 1 x 8 for N >= 8192, 4 x 4 for K >= 8192, else 0), 0 = 2 outputs per warp x 4
+  // M = 1: -1 = by shape (the default: 1 x 8 for N >= 8192, else 0), 0 = 2 outputs per warp x 4
   // chunks in flight, 1 = 1 x 8, 2 = 2 x 8, 3 = 4 x 4, 4 = 4 x 2, 5 = 1 x 16 (ONNXQF_GEMV_CONFIG, A/B runs)
   int config = -1;
   // > 0: the grid holds at most the blocks this many multiprocessors run at once, each warp striding over the
@@ -159,7 +159,7 @@ cudaError_t launch_w8a8_naive(const int8_t* q, const float* amax, const int8_t* 
 
 // CUTLASS 3.x SM90 int8 tensor-core GEMM, dequantization fused in the epilogue (fp16 out).
 // Requires K % 16 == 0 and N % 8 == 0 and 16-byte aligned pointers. `tile`: 0 = 128x128 (large M),
-// 1 = 64x128 (M <= 128), 2 = 128x256 cooperative, 3 = 128x128 cooperative stream-K. Returns cudaErrorNotSupported when CUTLASS cannot implement the problem.
+// 1 = 64x128 (M <= 128), 2 = 128x256 cooperative. Returns cudaErrorNotSupported when CUTLASS cannot implement the problem.
 // pdl: a programmatic dependent launch, its prologue overlapping the end of the stream's previous kernel (which
 // launch_quantize_rows's kernel allows as soon as it starts); its loads wait for that kernel's end.
 size_t w8a8_gemm_sm90_workspace(int tile, int64_t M, int64_t N, int64_t K);

@@ -28,15 +28,15 @@
 // creates the kernel. Environment (read at kernel creation):
 //   ONNXQF_GEMV_MAX_M   rows up to which the GEMV runs (default 4: one launch with the quantization fused for
 //                       M <= 4, the separate quantization kernel + GEMV above); larger M takes the tensor-core GEMM
-//   ONNXQF_GEMM_TILE    force the GEMM tile: 0 = 128x128, 1 = 64x128, 2 = 128x256, 3 = 128x128 stream-K (default: 1
-//                       for M <= 128, else 0)
+//   ONNXQF_GEMM_TILE    force the GEMM tile: 0 = 128x128, 1 = 64x128, 2 = 128x256 (default: 1 for M <= 128, else 0)
 //   ONNXQF_QUANT_REGS   0: the separate quantization kernel as a block of 256 threads per row (default 1: each row
 //                       held in registers by as many warps as it needs)
 //   ONNXQF_GEMV_CONFIG  the one-token GEMV's outputs per warp x weight chunks in flight (kernels.h; -1: by shape)
 //   ONNXQF_GEMV_PERSIST 0: the small-M GEMV's grid one warp per group of outputs (default 1: as many blocks as the
 //                       GPU holds at once, each striding over the outputs)
 //   ONNXQF_PDL          1: the small-M GEMV as a programmatic dependent launch (default 0)
-//   ONNXQF_GEMM_PDL     1: the int8 GEMM as a programmatic dependent launch behind the quantization (default 0)
+//   ONNXQF_GEMM_PDL     1: the int8 GEMM as a programmatic dependent launch behind the quantization, 0: not
+//                       (default: with the 64x128 tile only, i.e. M <= 128; docs/benchmarks.md g11)
 #define ORT_API_MANUAL_INIT
 #include "onnxruntime_cxx_api.h"
 #undef ORT_API_MANUAL_INIT
@@ -135,7 +135,7 @@ struct W8A8LinearKernel {
   int force_tile = -1;
   bool tile_rotation = false;  // ONNXQF_ROTATION_TILES=1: every rotation by the per-token tensor-core kernel
   bool quant_regs = true;      // ONNXQF_QUANT_REGS=0: the quantization's block-per-row kernel (A/B runs)
-  bool gemm_pdl = false;       // ONNXQF_GEMM_PDL=1: the GEMM as a dependent launch (A/B runs)
+  int gemm_pdl = -1;           // ONNXQF_GEMM_PDL: the GEMM as a dependent launch (1), not (0), by tile (-1)
   int sm_count = 1;
   int64_t rotation_block = 0;
   int rotation_walsh = 0;
@@ -355,7 +355,7 @@ struct W8A8LinearKernel {
       int part_path = path;
       if (part_path == 2) {
         e = onnxqf::launch_w8a8_gemm_sm90(tile, q, amax, wi, si, bi, out.y[i], M, n, K, workspace, stream,
-                                          gemm_pdl);
+                                          gemm_pdl < 0 ? tile == 1 : gemm_pdl != 0);
         if (e == cudaErrorNotSupported) {
           (void)cudaGetLastError();
           part_path = 1;
@@ -437,7 +437,7 @@ struct W8A8LinearOp : Ort::CustomOpBase<W8A8LinearOp, W8A8LinearKernel, true> {
     k->gemv.pdl = env_int("ONNXQF_PDL", 0) != 0;
     k->force_tile = env_int("ONNXQF_GEMM_TILE", -1);
     k->quant_regs = env_int("ONNXQF_QUANT_REGS", 1) != 0;
-    k->gemm_pdl = env_int("ONNXQF_GEMM_PDL", 0) != 0;
+    k->gemm_pdl = env_int("ONNXQF_GEMM_PDL", -1);
     k->tile_rotation = env_int("ONNXQF_ROTATION_TILES", 0) != 0;  // the per-token kernel for every rotation (A/B runs)
     *kernel = k;
     return nullptr;

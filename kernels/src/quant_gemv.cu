@@ -561,9 +561,9 @@ cudaError_t launch_w8a8_fused_gemv(const __half* x, const int8_t* w, const float
   const WalshSpec r = rot ? *rot : WalshSpec{};
   if (M <= 1) {
     int config = opt.config;
-    if (config < 0) {  // by shape (H100 sweep, docs/benchmarks.md g6): wide N -> 1 x 8; long K -> 4 x 4; else 2 x 4
-      const int64_t N = out.end[out.count - 1];
-      config = K >= 8192 ? 3 : N >= 8192 ? 1 : 0;
+    if (config < 0) {  // by shape: wide N -> 1 x 8, else 2 x 4 (H100 A/B of the persistent grid, benchmarks.md g11;
+      // g6's sweep of the grid before it had 4 x 4 for K >= 8192, now 8 % slower there)
+      config = out.end[out.count - 1] >= 8192 ? 1 : 0;
     }
     switch (config) {  // outputs per warp x 16-byte chunks per row in flight (A/B runs: ONNXQF_GEMV_CONFIG)
       case 1: return launch_fused_t<1, 1, 8>(x, u, w, wscale, bias, out, M, K, r, opt, stream, nrm);

@@ -139,8 +139,6 @@ CASES = [
     (2048, 4096, 4096, True, None),                                 # GEMM large tile
     (200, 1024, 1024, False, {"ONNXQF_GEMM_TILE": "1"}),            # forced small tile at M > 128
     (300, 4096, 11008, True, {"ONNXQF_GEMM_TILE": "2"}),            # forced wide tile (128x256 cooperative)
-    (16, 4096, 4096, True, {"ONNXQF_GEMM_TILE": "3"}),              # stream-K: the K loop split over the GPU
-    (333, 2048, 1032, False, {"ONNXQF_GEMM_TILE": "3"}),            # the same, ragged M and N
     (64, 32768, 256, False, None),                                  # the longest row the quantization holds in
     (8, 40000, 256, False, None),                                   # registers (512 threads); longer: a block per row
     (16, 1032, 1024, True, None),                                   # a row of 129 chunks: a ragged last warp
@@ -173,9 +171,7 @@ def test_against_numpy(M, K, N, with_bias, env):
                                        (2048, 4096, 4096, {"ONNXQF_GEMM_TILE": "2"}),
                                        (777, 11008, 4096, {"ONNXQF_QUANT_REGS": "0"}),
                                        (2048, 4096, 4096, {"ONNXQF_GEMM_PDL": "1"}),
-                                       (16, 4096, 4096, {"ONNXQF_GEMM_TILE": "3"}),
-                                       (2048, 11008, 4096, {"ONNXQF_GEMM_TILE": "3"}),
-                                       (64, 4096, 4096, {"ONNXQF_GEMM_PDL": "1"}),
+                                       (64, 4096, 4096, {"ONNXQF_GEMM_PDL": "0"}),  # small tile, no PDL
                                        (777, 11008, 4096, {"ONNXQF_GEMM_PDL": "1", "ONNXQF_QUANT_REGS": "0"})])
 def test_bit_exact_against_standard_graph(M, K, N, env):
     """The same output as onnxqf's int8-token graph (MatMulInteger), every element, to the bit, an all-zero token
@@ -378,7 +374,10 @@ def build_rewrites(folder: Path) -> dict[str, Path]:
     sys.path.insert(0, str(ROOT / "tests"))
     import onnxqf.lowering.cuda_kernels  # noqa: F401  (registers onnxqf-cuda)
     from onnxqf.cli import main
-    from onnxqf.models.export import export_model
+    try:
+        from onnxqf.models.export import export_model
+    except ModuleNotFoundError:  # onnxqf.models is the repository's models/ folder, mapped there by the install
+        pytest.skip("onnxqf is not installed here (pip install -e .): onnxqf.models cannot be imported")
 
     from tiny import tiny_model
 
@@ -498,17 +497,9 @@ FACTORS = [
 ]
 
 
-@pytest.mark.parametrize("tiles", [False, True], ids=["default", "tiles"])
-@pytest.mark.parametrize("M,a,A,b,B", FACTORS)
-def test_rotation_factor_kinds_against_numpy(M, a, A, b, B, tiles):
-    """The op with each kind of rotation factor (dense on the tensor cores, Walsh-Hadamard as a transform, the
-    identity) against numpy: the float64 rotation rounded to fp16, then the op's definition; a code may move by one
-    where a rotated value rounds the other way (fp32 sums in another order). `tiles`: ONNXQF_ROTATION_TILES=1, the
-    per-token tensor-core kernel for every rotation (where its shared memory holds the row)."""
-    if tiles:
-        a16, b16 = -(-a // 16) * 16, -(-b // 16) * 16
-        if 6 * a16 * b16 > 200 * 1024:
-            pytest.skip("the per-token kernel cannot hold this row")
+def factor_case(M, a, A, b, B):
+    """A one-node W8A8Linear model with the rotation factors (a, A) x (b, B) (FACTORS' notation), its input, and the
+    numpy reference of its outputs: the float64 rotation rounded to fp16, then the op's definition."""
     from onnxqf.lowering.cuda_kernels import KernelRotation
     from onnxqf.maths.hadamard import hadamard_matrix, random_orthogonal
 
@@ -543,15 +534,34 @@ def test_rotation_factor_kinds_against_numpy(M, a, A, b, B, tiles):
                           [helper.make_tensor_value_info("y", F16, ["M", N])], inits)
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(kernels.DOMAIN, 1)])
     m.ir_version = 9
-    got = run_poisoned(_session(m, True, {"ONNXQF_ROTATION_TILES": "1"} if tiles else None), x, N).astype(np.float32)
     ref = KernelRotation(b, None if at is None else at.astype(np.float16).astype(np.float64),
                          None if bp is None else bp.astype(np.float16).astype(np.float64), rot.walsh)
     want, _ = reference(ref.apply(x.astype(np.float64)).astype(np.float16), q, wscale, None)
-    want = want.astype(np.float32)
+    return m, x, N, want.astype(np.float32)
+
+
+def assert_close_to(got, want):
+    """Equal up to a code moved by one where a rotated value rounds the other way in fp16."""
     assert np.isfinite(got).all()
     err = np.abs(got - want).max() / np.abs(want).max()
     mean = np.abs(got - want).mean() / np.abs(want).mean()
     assert err < 0.02 and mean < 0.005, (err, mean)
+
+
+@pytest.mark.parametrize("tiles", [False, True], ids=["default", "tiles"])
+@pytest.mark.parametrize("M,a,A,b,B", FACTORS)
+def test_rotation_factor_kinds_against_numpy(M, a, A, b, B, tiles):
+    """The op with each kind of rotation factor (dense on the tensor cores, Walsh-Hadamard as a transform, the
+    identity) against numpy: the float64 rotation rounded to fp16, then the op's definition; a code may move by one
+    where a rotated value rounds the other way (fp32 sums in another order). `tiles`: ONNXQF_ROTATION_TILES=1, the
+    per-token tensor-core kernel for every rotation (where its shared memory holds the row)."""
+    if tiles:
+        a16, b16 = -(-a // 16) * 16, -(-b // 16) * 16
+        if 6 * a16 * b16 > 200 * 1024:
+            pytest.skip("the per-token kernel cannot hold this row")
+    m, x, N, want = factor_case(M, a, A, b, B)
+    got = run_poisoned(_session(m, True, {"ONNXQF_ROTATION_TILES": "1"} if tiles else None), x, N).astype(np.float32)
+    assert_close_to(got, want)
 
 
 GLU = [
