@@ -6,7 +6,8 @@ For each shape K:N a float16 graph of --copies independent linears (onnxqf.runti
 kernels read it at creation), and all sessions are timed round-robin for --rounds rounds of --repeats runs each
 (IOBinding, M rows), so that the machine's drift falls on every setting alike. A setting's time is the median over
 rounds of each round's median per linear; × = FP16's time / this. Every session's output is checked against the
-first setting's (the settings change the schedule, not the sums: equal to the bit).
+first setting's (the settings change the schedule, not the sums: equal to the bit; with --rotate, where a setting
+may sum a rotation's products in another order, the share of equal outputs is reported instead).
 
     source .ortgpu/activate.sh && export ONNXQF_KERNELS=$PWD/kernels/build/libonnxqf_kernels.so && \\
         python3 scripts/gemv_ab.py --shapes 4096:4096,4096:11008,11008:4096 --m 1 \\
@@ -115,11 +116,11 @@ def main(argv=None) -> int:
             row = {"K": K, "N": N, "M": M, "ms": ms, "rounds": per, "equal_to_first": equal,
                    "speedup": {name: ms["fp16"] / v for name, v in ms.items()}}
             rows.append(row)
-            print(f"{K}->{N} M={M}: " + "  ".join(f"{n} {v * 1e3:.1f}us ({row['speedup'][n]:.2f}x)"
-                                                 for n, v in ms.items()),
-                  *(f"equal to {settings[0][0]}: " + " ".join(f"{n} {v:.4f}" for n, v in equal.items()),) * args.rotate,
-                  f"[{time.perf_counter() - t0:.0f}s]",
-                  flush=True)
+            line = f"{K}->{N} M={M}: " + "  ".join(f"{n} {v * 1e3:.1f}us ({row['speedup'][n]:.2f}x)"
+                                                   for n, v in ms.items())
+            if args.rotate:
+                line += f"  equal to {settings[0][0]}: " + " ".join(f"{n} {v:.4f}" for n, v in equal.items())
+            print(line, f"[{time.perf_counter() - t0:.0f}s]", flush=True)
         sessions = runs = None
     if args.out:
         Path(args.out).write_text(json.dumps({"settings": settings, "copies": args.copies, "repeats": args.repeats,

@@ -317,6 +317,7 @@ struct W8A8LinearKernel {
     }
     int path = 0;  // 0 naive, 1 gemv, 2 gemm
     const int tile = force_tile >= 0 ? force_tile : (M <= 128 ? 1 : 0);
+    const bool pdl = gemm_pdl < 0 ? tile == 1 : gemm_pdl != 0;  // the GEMM as a dependent launch (g11: small tile)
     if (aligned) path = (M <= gemv_max_m) ? 1 : 2;
     else if (K % 16 == 0 && reinterpret_cast<uintptr_t>(w) % 16 == 0) path = 1;
 
@@ -355,7 +356,7 @@ struct W8A8LinearKernel {
       int part_path = path;
       if (part_path == 2) {
         e = onnxqf::launch_w8a8_gemm_sm90(tile, q, amax, wi, si, bi, out.y[i], M, n, K, workspace, stream,
-                                          gemm_pdl < 0 ? tile == 1 : gemm_pdl != 0);
+                                          pdl);
         if (e == cudaErrorNotSupported) {
           (void)cudaGetLastError();
           part_path = 1;

@@ -120,6 +120,15 @@ def data(M, K, N, seed, with_bias, tiny_row=True):
     return x, q, wscale, bias
 
 
+def assert_close_to(got, want):
+    """Outputs written (finite) and equal up to a code moved by one where a value rounds the other way in fp16 (fp32
+    sums in another order): the largest difference under 2 % of the largest output, the mean one under 0.5 %."""
+    assert np.isfinite(got).all()
+    err = np.abs(got - want).max() / np.abs(want).max()
+    mean = np.abs(got - want).mean() / np.abs(want).mean()
+    assert err < 0.02 and mean < 0.005, (err, mean)
+
+
 CASES = [
     # (M, K, N, bias, env): paths chosen by M and the shape
     (1, 4096, 11008, False, None),                                  # fused quantization + GEMV, M = 1
@@ -236,10 +245,7 @@ def test_output_parts_against_numpy(M, K, sizes, with_bias, block, env):
 
         xr = KernelRotation(block, None, None, 3).apply(x.astype(np.float64)).astype(np.float16)
     want = reference(xr, q, wscale, bias)[0].astype(np.float32)
-    assert not np.isnan(got).any(), "unwritten outputs"
-    err = np.abs(got - want).max() / np.abs(want).max()
-    mean = np.abs(got - want).mean() / np.abs(want).mean()
-    assert err < 0.02 and mean < 0.005, (err, mean)
+    assert_close_to(got, want)  # NaN: an unwritten output
 
 
 def skip_norm_reference(x, skip, gamma, eps):
@@ -462,11 +468,7 @@ def test_rotation_inside_the_op_matches_the_standard_graph(M, K, N):
 
     got = run_poisoned(_session(ir.serde.serialize_model(fused), True, None), x, N, out="y0").astype(np.float32)
     want = run_poisoned(_session(ir.serde.serialize_model(standard), False, None), x, N, out="y0").astype(np.float32)
-    assert np.isfinite(got).all()
-    top = np.abs(want).max()
-    err = np.abs(got - want).max() / top
-    mean = np.abs(got - want).mean() / np.abs(want).mean()
-    assert err < 0.02 and mean < 0.005, (err, mean)
+    assert_close_to(got, want)
 
 
 FACTORS = [
@@ -497,9 +499,17 @@ FACTORS = [
 ]
 
 
-def factor_case(M, a, A, b, B):
-    """A one-node W8A8Linear model with the rotation factors (a, A) x (b, B) (FACTORS' notation), its input, and the
-    numpy reference of its outputs: the float64 rotation rounded to fp16, then the op's definition."""
+@pytest.mark.parametrize("tiles", [False, True], ids=["default", "tiles"])
+@pytest.mark.parametrize("M,a,A,b,B", FACTORS)
+def test_rotation_factor_kinds_against_numpy(M, a, A, b, B, tiles):
+    """The op with each kind of rotation factor (dense on the tensor cores, Walsh-Hadamard as a transform, the
+    identity) against numpy: the float64 rotation rounded to fp16, then the op's definition; a code may move by one
+    where a rotated value rounds the other way (fp32 sums in another order). `tiles`: ONNXQF_ROTATION_TILES=1, the
+    per-token tensor-core kernel for every rotation (where its shared memory holds the row)."""
+    if tiles:
+        a16, b16 = -(-a // 16) * 16, -(-b // 16) * 16
+        if 6 * a16 * b16 > 200 * 1024:
+            pytest.skip("the per-token kernel cannot hold this row")
     from onnxqf.lowering.cuda_kernels import KernelRotation
     from onnxqf.maths.hadamard import hadamard_matrix, random_orthogonal
 
@@ -534,33 +544,11 @@ def factor_case(M, a, A, b, B):
                           [helper.make_tensor_value_info("y", F16, ["M", N])], inits)
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(kernels.DOMAIN, 1)])
     m.ir_version = 9
+    got = run_poisoned(_session(m, True, {"ONNXQF_ROTATION_TILES": "1"} if tiles else None), x, N).astype(np.float32)
     ref = KernelRotation(b, None if at is None else at.astype(np.float16).astype(np.float64),
                          None if bp is None else bp.astype(np.float16).astype(np.float64), rot.walsh)
     want, _ = reference(ref.apply(x.astype(np.float64)).astype(np.float16), q, wscale, None)
-    return m, x, N, want.astype(np.float32)
-
-
-def assert_close_to(got, want):
-    """Equal up to a code moved by one where a rotated value rounds the other way in fp16."""
-    assert np.isfinite(got).all()
-    err = np.abs(got - want).max() / np.abs(want).max()
-    mean = np.abs(got - want).mean() / np.abs(want).mean()
-    assert err < 0.02 and mean < 0.005, (err, mean)
-
-
-@pytest.mark.parametrize("tiles", [False, True], ids=["default", "tiles"])
-@pytest.mark.parametrize("M,a,A,b,B", FACTORS)
-def test_rotation_factor_kinds_against_numpy(M, a, A, b, B, tiles):
-    """The op with each kind of rotation factor (dense on the tensor cores, Walsh-Hadamard as a transform, the
-    identity) against numpy: the float64 rotation rounded to fp16, then the op's definition; a code may move by one
-    where a rotated value rounds the other way (fp32 sums in another order). `tiles`: ONNXQF_ROTATION_TILES=1, the
-    per-token tensor-core kernel for every rotation (where its shared memory holds the row)."""
-    if tiles:
-        a16, b16 = -(-a // 16) * 16, -(-b // 16) * 16
-        if 6 * a16 * b16 > 200 * 1024:
-            pytest.skip("the per-token kernel cannot hold this row")
-    m, x, N, want = factor_case(M, a, A, b, B)
-    got = run_poisoned(_session(m, True, {"ONNXQF_ROTATION_TILES": "1"} if tiles else None), x, N).astype(np.float32)
+    want = want.astype(np.float32)
     assert_close_to(got, want)
 
 
