@@ -36,7 +36,8 @@ from onnxqf.runtime.session import make_session, saved  # noqa: E402
 
 
 def parse_settings(text: str) -> list[tuple[str, dict[str, str]]]:
-    """``name=VAR=v,VAR=v;name2=...`` -> [(name, {VAR: v})] (an empty list after ``name=``: the environment as is)."""
+    """``name=VAR=v,VAR=v;name2=...`` -> [(name, {VAR: v})] (an empty list after ``name=``: the environment as is;
+    the key ``rotate_block`` is no variable but the setting's rotation block, main's --rotate)."""
     out = []
     for part in filter(None, (p.strip() for p in text.split(";"))):
         name, _, rest = part.partition("=")
@@ -76,7 +77,9 @@ def main(argv=None) -> int:
     ap.add_argument("--rotate", action="store_true",
                     help="each linear behind its online rotation (the hybrid's, inside the op), FP16 without; the "
                          "settings' outputs may then differ where an fp32 sum in another order rounds the other way "
-                         "in fp16: the share of equal outputs is reported instead of a stop")
+                         "in fp16: the share of equal outputs is reported instead of a stop. A setting's "
+                         "rotate_block=N builds its graph with Hadamard block N instead of the smallest one (e.g. "
+                         "11008 as Paley's 344 x 32 against Williamson's 172 x 64)")
     ap.add_argument("--out", default=None, help="JSON file for the rows")
     args = ap.parse_args(argv)
     try:
@@ -89,13 +92,18 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     for K, N in parse_shapes(args.shapes):
         float_model = linear_model(K, N, None, copies=args.copies, dtype="float16", ep="cuda")
-        model = linear_model(K, N, lowering, copies=args.copies, dtype="float16", ep="cuda", rotate=args.rotate)
         with saved(float_model) as path:
             sessions = {"fp16": make_session(path, "cuda", strict_ep=True)}
-        with saved(model) as path:
-            for name, env in settings:
-                with environ(env):
-                    sessions[name] = make_session(path, "cuda", strict_ep=True)
+        for block in dict.fromkeys(env.get("rotate_block") for _, env in settings):
+            if block is not None and not args.rotate:
+                ap.error("rotate_block is a --rotate setting")
+            model = linear_model(K, N, lowering, copies=args.copies, dtype="float16", ep="cuda", rotate=args.rotate,
+                                 rotate_block=None if block is None else int(block))
+            with saved(model) as path:
+                for name, env in settings:
+                    if env.get("rotate_block") == block:
+                        with environ({k: v for k, v in env.items() if k != "rotate_block"}):
+                            sessions[name] = make_session(path, "cuda", strict_ep=True)
         for M in parse_counts(args.m):
             x = rng.standard_normal((M, K), dtype=np.float32).astype(np.float16)
             ref, equal = None, {}

@@ -19,6 +19,7 @@ from onnxqf.maths.hadamard import (
     random_orthogonal,
     rotation,
     sylvester,
+    williamson,
 )
 
 
@@ -81,19 +82,39 @@ def test_all_constructible_sizes_up_to_256():
         if h is not None:
             _assert_hadamard(h, n)
     missing = [n for n in range(4, 257, 4) if hadamard_matrix(n) is None]
-    assert missing == [92, 116, 156, 172, 184, 188, 232, 236]
+    assert missing == [92, 116, 156, 184, 188, 232, 236]
 
 
-@pytest.mark.parametrize("n", [12, 20, 28, 36, 44, 52, 60, 108, 140, 576, 1536, 344])
+@pytest.mark.parametrize("n", [12, 20, 28, 36, 44, 52, 60, 108, 140, 576, 1536, 344, 172])
 def test_named_sizes_dense(n):
     _assert_hadamard(hadamard_matrix(n), n)
 
 
-@pytest.mark.parametrize("n", [3, 5, 6, 10, 18, 92, 156, 172, 11010])
+@pytest.mark.parametrize("n", [3, 5, 6, 10, 18, 92, 156, 184, 11010])
 def test_none(n):
     assert hadamard_matrix(n) is None
     assert hadamard_factors(n) is None
     assert not has_hadamard(n)
+
+
+def test_williamson_172_is_hadamard_and_symmetric_blocks():
+    h = williamson(43)
+    _assert_hadamard(h, 172)
+    for i in range(4):  # each circulant block is symmetric (Williamson's condition)
+        blk = h[:43, 43 * i:43 * (i + 1)]
+        np.testing.assert_array_equal(blk, blk.T)
+    with pytest.raises(ValueError, match="no quadruple"):
+        williamson(23)
+
+
+def test_factors_with_a_chosen_block():
+    assert [f.shape[0] for f in hadamard_factors(11008, block=344)] == [344, 16, 2]  # Paley I, q = 343
+    q = _kron(hadamard_factors(688, block=344))
+    np.testing.assert_allclose(q @ q.T, np.eye(688), atol=1e-12)
+    np.testing.assert_allclose(np.abs(q) * math.sqrt(688), 1.0, atol=1e-12)
+    for bad in (43, 100, 11008 * 2):
+        with pytest.raises(ValueError, match="no construction"):
+            hadamard_factors(11008, block=bad)
 
 
 def test_cached_result_is_not_shared():
@@ -112,7 +133,7 @@ def test_cached_result_is_not_shared():
         (576, [36, 16]),
         (13824, [108, 16, 8]),
         (14336, [28, 16, 16, 2]),
-        (11008, [344, 16, 2]),  # 343 = 7^3 ≡ 3 (mod 4): Paley I
+        (11008, [172, 16, 4]),  # 172 = 4 · 43: Williamson (Paley gives only 344)
     ],
 )
 def test_factor_sizes_and_orthonormal(n, sizes):
@@ -199,7 +220,7 @@ def test_rotation_signs_before_mixing():
     [
         (9, "orthogonal", [9]),
         (18, "orthogonal", [18]),
-        (172, "orthogonal", [172]),
+        (92, "orthogonal", [92]),
         (184, "hadamard+orthogonal(92)", [92, 2]),
         (4672, "hadamard+orthogonal(292)", [292, 16]),  # 73 * 64
     ],
@@ -216,7 +237,7 @@ def test_rotation_fallback(n, kind, sizes):
 
 
 def test_rotation_fallback_error():
-    for n in (172, 184, 18):
+    for n in (92, 184, 18):
         with pytest.raises(NoHadamardError, match=f"n={n}") as exc:
             rotation(n, np.random.default_rng(0), fallback="error")
         assert isinstance(exc.value, ValueError)

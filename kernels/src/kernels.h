@@ -106,10 +106,15 @@ cudaError_t launch_walsh_quantize_rows(const __half* x, const WalshSpec& spec, i
 // rotated rows transposed back; the per-token quantization reads D. scratch: rotate_dense_scratch(M, K, b) bytes.
 bool rotate_dense_supported(int64_t K, int64_t b, bool walsh_b);
 size_t rotate_dense_scratch(int64_t M, int64_t K, int64_t b);
+// Where the factor and a token's rows fit in shared memory (a16 <= 192, b = 32, 64 or 128: 11008 = 172 x 64), the
+// whole path is one kernel instead (rotate_quant.cu: rotate_dense_fused_kernel), without Z, D or scratch; q 16-byte
+// aligned. fused: 0 the three kernels always, 1 the one kernel where supported, 2 the same with 8 warps per block
+// (16 are the rule for b >= 64).
+bool rotate_dense_fused_supported(int64_t K, int64_t b, bool walsh_b, bool glu);
 // u: null, or x is SwiGLU's silu(x) * u, made as it is read (here and in launch_rotate_dense_rows).
 cudaError_t launch_rotate_dense_quantize(const __half* x, const __half* at, bool walsh_b, int8_t* q, float* amax,
                                          int64_t M, int64_t K, int64_t b, void* scratch, cudaStream_t stream,
-                                         const __half* u = nullptr);
+                                         const __half* u = nullptr, int fused = 1);
 
 // Online rotation fused into the quantization: each row x [K] (viewed as X [a, b], a = K / b) becomes
 // fp16(x @ kron(A, B)) = fp16(A^T (X B)), then is quantized as launch_quantize_rows does. Each factor is dense, the

@@ -135,6 +135,7 @@ struct W8A8LinearKernel {
   int force_tile = -1;
   bool tile_rotation = false;  // ONNXQF_ROTATION_TILES=1: every rotation by the per-token tensor-core kernel
   bool quant_regs = true;      // ONNXQF_QUANT_REGS=0: the quantization's block-per-row kernel (A/B runs)
+  int rot_fused = 1;           // ONNXQF_ROT_FUSED: a dense rotation factor's one-kernel path (1; 2: 8 warps) or not (0)
   int gemm_pdl = -1;           // ONNXQF_GEMM_PDL: the GEMM as a dependent launch (1), not (0), by tile (-1)
   int sm_count = 1;
   int64_t rotation_block = 0;
@@ -326,7 +327,9 @@ struct W8A8LinearKernel {
     size_t ws_bytes = 0;
     for (int i = 0; path == 2 && i < out.count; ++i)
       ws_bytes = std::max(ws_bytes, round_up(onnxqf::w8a8_gemm_sm90_workspace(tile, M, parts[i], K), 256));
-    const size_t r_bytes = dense ? onnxqf::rotate_dense_scratch(M, K, rotation_block) : 0;
+    const bool dense_fused = dense && rot_fused && onnxqf::rotate_dense_fused_supported(K, rotation_block, walsh_b,
+                                                                                          u != nullptr);
+    const size_t r_bytes = dense && !dense_fused ? onnxqf::rotate_dense_scratch(M, K, rotation_block) : 0;
     void* scratch = nullptr;
     cudaError_t e = scratch_alloc(&scratch, q_bytes + a_bytes + ws_bytes + r_bytes, device, stream);
     if (e != cudaSuccess) return fail(std::string("onnxqf.W8A8Linear: scratch allocation: ") + cudaGetErrorString(e));
@@ -340,7 +343,7 @@ struct W8A8LinearKernel {
     else if (wspec.n) e = onnxqf::launch_walsh_quantize_rows(x, wspec, q, amax, M, sm_count, stream);
     else if (dense)
       e = onnxqf::launch_rotate_dense_quantize(x, rot_a, walsh_b, q, amax, M, K, rotation_block, r_scratch, stream,
-                                               u);
+                                               u, dense_fused ? rot_fused : 0);
     if (rotate && !wspec.n && (!dense || e == cudaErrorNotSupported)) {  // (CUTLASS may refuse a small factor)
       if (dense) (void)cudaGetLastError();  // the refusal's, as after the int8 GEMM's below
       e = write_glu();
@@ -439,6 +442,7 @@ struct W8A8LinearOp : Ort::CustomOpBase<W8A8LinearOp, W8A8LinearKernel, true> {
     k->force_tile = env_int("ONNXQF_GEMM_TILE", -1);
     k->quant_regs = env_int("ONNXQF_QUANT_REGS", 1) != 0;
     k->gemm_pdl = env_int("ONNXQF_GEMM_PDL", -1);
+    k->rot_fused = env_int("ONNXQF_ROT_FUSED", 1);
     k->tile_rotation = env_int("ONNXQF_ROTATION_TILES", 0) != 0;  // the per-token kernel for every rotation (A/B runs)
     *kernel = k;
     return nullptr;

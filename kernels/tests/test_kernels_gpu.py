@@ -438,10 +438,11 @@ if __name__ == "__main__":
 
 ROTATED = [
     # (M, K, N): the rotation inside the op at every path (GEMV at small M, GEMM above)
-    (1, 11008, 4096),   # d_ff of Llama-2-7B: 344 (dense) x 32 (Walsh), M = 1
+    (1, 11008, 4096),   # d_ff of Llama-2-7B: 172 (dense, Williamson) x 64 (Walsh), M = 1
     (3, 4096, 4096),    # its hidden: 64 x 64, both Walsh
     (16, 4096, 1024),
-    (300, 11008, 4096),
+    (300, 11008, 4096),  # the dense factor's one-kernel path
+    (16, 11008, 4096),
     (2048, 4096, 4096),
     (37, 576, 256),     # SmolLM2's hidden: 36 (dense) x 16 (Walsh)
     (130, 2048, 512),   # hidden 2048: 64 x 32, both Walsh
@@ -477,7 +478,7 @@ FACTORS = [
     (300, 64, "W", 64, "W"),    # the same under the GEMM
     (2, 32, "W", 128, None),    # o_proj's head mixing: 32 heads of 128
     (17, 16, "W", 48, "R"),     # a dense inner factor, then a transform along the columns
-    (5, 12, "R", 32, "W"),      # a dense outer factor over a transform (as 11008 = 344 x 32)
+    (5, 12, "R", 32, "W"),      # a dense outer factor over a transform (as 11008 = 172 x 64)
     (1, 344, "R", 32, "W"),     # 11008 itself at one token (the GEMV)
     (4, 3, None, 64, "W"),      # a transform along the rows only
     (9, 8, "W", 8, "W"),        # the smallest: 8 x 8, the inner factor padded to 16
@@ -491,30 +492,45 @@ FACTORS = [
     (3, 128, "W", 128, "W"),    # K = 16384: too large for the GEMV's block, the transform kernel first
     (5, 8, None, 128, "W"),     # a transform over the low bits only
     # a dense outer factor over a Walsh or identity inner one: the GEMM over all tokens
-    (200, 344, "R", 32, "W"),   # 11008 at prefill
+    (200, 344, "R", 32, "W"),   # 11008 as Paley's 344 x 32: the three kernels (the factor is too large for one)
     (4, 344, "R", 32, "W"),     # small M: the rotated rows by one kernel, then the one-launch GEMV
+    (200, 172, "R", 64, "W"),   # 11008 at prefill: the one-kernel path, A^T in shared memory
+    (16, 172, "R", 64, "W"),    # the same, fewer tokens than multiprocessors
+    (4, 172, "R", 64, "W"),     # small M: the rotated rows, then the GEMV
+    (150, 188, "R", 32, "W"),   # a16 = 192, the largest factor the one kernel holds (3 m-tiles per warp)
+    (40, 96, "R", 128, "W"),    # the 128-wide inner factor
+    (33, 40, "R", 32, None),    # the one kernel with the identity inside
     (2, 36, "R", 16, "W"),
     (64, 36, "R", 16, "W"),     # K = 576 (a8 = 40)
     (3, 40, "R", 8, None),      # the inner factor the identity
 ]
 
 
-@pytest.mark.parametrize("tiles", [False, True], ids=["default", "tiles"])
+PATHS = {  # the op's environment per kernel path a dense factor may take
+    "default": None,
+    "tiles": {"ONNXQF_ROTATION_TILES": "1"},  # the per-token tensor-core kernel for every rotation
+    "three": {"ONNXQF_ROT_FUSED": "0"},       # a dense outer factor: the three kernels, never the one
+    "narrow": {"ONNXQF_ROT_FUSED": "2"},      # the one kernel with 8 warps (16 where the inner factor >= 64)
+}
+
+
+@pytest.mark.parametrize("path", list(PATHS))
 @pytest.mark.parametrize("M,a,A,b,B", FACTORS)
-def test_rotation_factor_kinds_against_numpy(M, a, A, b, B, tiles):
+def test_rotation_factor_kinds_against_numpy(M, a, A, b, B, path):
     """The op with each kind of rotation factor (dense on the tensor cores, Walsh-Hadamard as a transform, the
     identity) against numpy: the float64 rotation rounded to fp16, then the op's definition; a code may move by one
-    where a rotated value rounds the other way (fp32 sums in another order). `tiles`: ONNXQF_ROTATION_TILES=1, the
-    per-token tensor-core kernel for every rotation (where its shared memory holds the row)."""
-    if tiles:
+    where a rotated value rounds the other way (fp32 sums in another order). `path`: PATHS."""
+    if path == "tiles":
         a16, b16 = -(-a // 16) * 16, -(-b // 16) * 16
         if 6 * a16 * b16 > 200 * 1024:
             pytest.skip("the per-token kernel cannot hold this row")
+    elif path != "default" and A != "R":
+        pytest.skip("no dense outer factor: one path only")
     from onnxqf.lowering.cuda_kernels import KernelRotation
     from onnxqf.maths.hadamard import hadamard_matrix, random_orthogonal
 
     def dense(n, seed):
-        h = hadamard_matrix(n) if n == 344 else None
+        h = hadamard_matrix(n) if n in (172, 344) else None
         return h / np.sqrt(n) if h is not None else random_orthogonal(n, seed)
 
     K, N = a * b, 256
@@ -544,7 +560,7 @@ def test_rotation_factor_kinds_against_numpy(M, a, A, b, B, tiles):
                           [helper.make_tensor_value_info("y", F16, ["M", N])], inits)
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(kernels.DOMAIN, 1)])
     m.ir_version = 9
-    got = run_poisoned(_session(m, True, {"ONNXQF_ROTATION_TILES": "1"} if tiles else None), x, N).astype(np.float32)
+    got = run_poisoned(_session(m, True, PATHS[path]), x, N).astype(np.float32)
     ref = KernelRotation(b, None if at is None else at.astype(np.float16).astype(np.float64),
                          None if bp is None else bp.astype(np.float16).astype(np.float64), rot.walsh)
     want, _ = reference(ref.apply(x.astype(np.float64)).astype(np.float16), q, wscale, None)
@@ -562,8 +578,11 @@ GLU = [
     (300, 11008, None, {"ONNXQF_GEMM_PDL": "1"}),       # the same, the GEMM a dependent launch
     (5, 1000, None, None),                              # K % 16 != 0: the any-shape fallback
     (1, 4096, (64, "W", 64, "W"), None),                # rotated: the product written first, then the rotation
-    (300, 11008, (344, "R", 32, "W"), None),
+    (300, 11008, (344, "R", 32, "W"), None),            # the dense factor's three kernels
     (2, 11008, (344, "R", 32, "W"), None),
+    (300, 11008, (172, "R", 64, "W"), None),            # its one kernel (the product made in shared memory)
+    (16, 11008, (172, "R", 64, "W"), {"ONNXQF_ROT_FUSED": "2"}),
+    (300, 11008, (172, "R", 64, "W"), {"ONNXQF_ROT_FUSED": "0"}),
 ]
 
 

@@ -9,6 +9,11 @@ Constructions (unnormalised, entries ±1, ``H @ H.T == n * I``):
 * **Paley II**: ``n = 2(q + 1)`` for a prime power ``q ≡ 1 (mod 4)``. Here Q is
   symmetric, ``C = [[0, 1ᵀ], [1, Q]]`` is a conference matrix and
   ``H = C ⊗ [[1, 1], [1, -1]] + I ⊗ [[1, -1], [-1, -1]]``.
+* **Williamson**: ``n = 4m`` from four symmetric circulant ±1 matrices A, B, C, D of order m with
+  ``A² + B² + C² + D² = 4m I``: ``H = [[A, B, C, D], [-B, A, -D, C], [-C, D, A, -B], [-D, -C, B, A]]``.
+  The one quadruple held is m = 43 (order 172: Llama-2-7B's d_ff 11008 = 172 · 64, where Paley gives only
+  344 · 32, a dense factor twice as costly online); its first rows are tabulated in M. Hall, *Combinatorial
+  Theory* (2nd ed., 1986), and :func:`williamson` checks the identity on every build.
 * **Kronecker**: ``H_{ab} = H_a ⊗ H_b``.
 
 Prime powers use a small GF(p^k) implementation: an irreducible monic
@@ -17,10 +22,10 @@ polynomial of degree k is found by trial division, elements are the integers
 explicit set of non-zero squares.
 
 ``hadamard_matrix(n)`` writes ``n = K · 2^m`` with the *largest* power of two for
-which the remaining part K has a construction (Paley I/II, or a Kronecker
+which the remaining part K has a construction (Paley I/II, Williamson, or a Kronecker
 product of constructible pieces) and returns ``H_K ⊗ Sylvester(2^m)``. It
 returns None when nothing applies (n not 1, 2 or a multiple of 4, and e.g.
-92, 156, 172). ``hadamard_factors`` returns the same matrix, normalised, as a
+92, 156, 184). ``hadamard_factors`` returns the same matrix, normalised, as a
 list of small orthonormal Kronecker factors ``[H_K/√K, S_f1/√f1, ...]`` (the
 Sylvester part split into blocks of at most ``max_factor``), so that
 ``x @ H`` can be applied online with reshapes and small MatMuls in
@@ -61,6 +66,7 @@ __all__ = [
     "has_hadamard",
     "paley1",
     "paley2",
+    "williamson",
     "random_orthogonal",
     "rotation",
     "sylvester", "jacobsthal", "walsh_matrix", "walsh_sign"]
@@ -227,6 +233,34 @@ def paley2(q: int) -> np.ndarray:
     return np.kron(c, off) + np.kron(np.eye(q + 1), diag)
 
 
+#: Williamson quadruples held, by m: for each of A, B, C, D (symmetric circulants, first entry +1) the offsets
+#: j in 1 .. (m - 1) / 2 whose entry is -1 (entry m - j equals entry j).
+_WILLIAMSON_MINUS = {
+    43: ((2, 3, 4, 9, 11, 12, 14, 15, 18, 19, 20, 21),
+         (3, 5, 8, 9, 11, 13, 18, 20, 21),
+         (2, 9, 10, 11, 12, 14, 16, 17, 20),
+         (1, 2, 3, 6, 7, 12, 14, 18, 21)),
+}
+
+
+def williamson(m: int) -> np.ndarray:
+    """Williamson Hadamard matrix of order 4m from a held quadruple (module docstring); m = 43 only."""
+    m = _check_size(m, "m")
+    if m not in _WILLIAMSON_MINUS:
+        raise ValueError(f"williamson: no quadruple of order m={m} is held (only {sorted(_WILLIAMSON_MINUS)})")
+    blocks = []
+    for minus in _WILLIAMSON_MINUS[m]:
+        row = np.ones(m)
+        row[list(minus)] = -1.0
+        row[[m - j for j in minus]] = -1.0
+        blocks.append(np.stack([np.roll(row, i) for i in range(m)]))  # circulant: row i is the first shifted by i
+    A, B, C, D = blocks
+    h = np.block([[A, B, C, D], [-B, A, -D, C], [-C, D, A, -B], [-D, -C, B, A]])
+    if not np.array_equal(h @ h.T, 4 * m * np.eye(4 * m)):
+        raise AssertionError(f"williamson: the quadruple of order {m} is not one")  # pragma: no cover
+    return h
+
+
 def _paley_recipe(n: int) -> tuple | None:
     q = n - 1
     if q % 4 == 3 and _prime_power(q):
@@ -244,6 +278,8 @@ def _block_recipe(k: int) -> tuple | None:
     r = _paley_recipe(k)
     if r is not None:
         return r
+    if k % 4 == 0 and k // 4 in _WILLIAMSON_MINUS:
+        return ("williamson", k // 4)
     for a in range(2, math.isqrt(k) + 1):
         if k % a == 0 and _recipe(a) is not None and _recipe(k // a) is not None:
             return ("kron", a, k // a)
@@ -290,6 +326,8 @@ def _build_block(k: int) -> np.ndarray:
         h = paley1(r[1])
     elif r[0] == "paley2":
         h = paley2(r[1])
+    elif r[0] == "williamson":
+        h = williamson(r[1])
     else:
         h = np.kron(_build(r[1]), _build(r[2]))
     return _readonly(h)
@@ -304,7 +342,7 @@ def hadamard_matrix(n: int) -> np.ndarray | None:
     """Unnormalised ±1 Hadamard matrix of order n (``H Hᵀ = n I``), or None if no construction applies.
 
     Built as ``H_K ⊗ Sylvester(2^m)`` with the largest power of two whose cofactor K is
-    constructible (Paley I/II or a Kronecker product). Cached; returns a fresh copy.
+    constructible (Paley I/II, Williamson or a Kronecker product). Cached; returns a fresh copy.
     """
     n = _check_size(n)
     if _split(n) is None:
@@ -328,15 +366,23 @@ def _check_max_factor(max_factor: int) -> int:
     return max_factor
 
 
-def hadamard_factors(n: int, max_factor: int = 16) -> list[np.ndarray] | None:
+def hadamard_factors(n: int, max_factor: int = 16, block: int | None = None) -> list[np.ndarray] | None:
     """Orthonormal factors ``[H_K/√K, S_f1/√f1, ...]`` whose Kronecker product is ``hadamard_matrix(n)/√n``.
 
     The Sylvester part is split into blocks of size ≤ max_factor (a power of two); the
     non-power-of-two part K is a single factor. Returns None when no construction exists.
+    ``block``: K itself instead of the smallest constructible part (n / K a power of two; a benchmark's
+    way to compare factor splits, e.g. 11008 = 344 (Paley I) · 32 against 172 (Williamson) · 64).
     """
     n = _check_size(n)
     max_factor = _check_max_factor(max_factor)
-    s = _split(n)
+    if block is not None:
+        block = _check_size(block, "block")
+        if n % block or not _is_pow2(n // block) or (block > 1 and _block_recipe(block) is None):
+            raise ValueError(f"hadamard_factors: no construction of order {n} with a block of {block}")
+        s = (block, n // block)
+    else:
+        s = _split(n)
     if s is None:
         return None
     k, p2 = s
@@ -451,7 +497,7 @@ def rotation(
             why = (
                 "n is not 1, 2 or a multiple of 4"
                 if n % 4
-                else "no Sylvester/Paley I/Paley II/Kronecker construction"
+                else "no Sylvester/Paley I/Paley II/Williamson/Kronecker construction"
             )
             raise NoHadamardError(f"no Hadamard matrix of order n={n}: {why}")
         k = (n >> _v2(n)) * min(4, 1 << _v2(n))

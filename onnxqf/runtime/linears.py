@@ -139,9 +139,11 @@ def parse_lowering(spec: str, ep: str | None = None) -> lowering_base.Lowering |
 
 
 def linear_model(K: int, N: int, lowering: lowering_base.Lowering | None, *, copies: int = 8,
-                 dtype: str = "float32", seed: int = 0, rotate: bool = False, ep: str = "cuda") -> ir.Model:
+                 dtype: str = "float32", seed: int = 0, rotate: bool = False, ep: str = "cuda",
+                 rotate_block: int | None = None) -> ir.Model:
     """The graph of the module docstring: ``copies`` linears K -> N, lowered by ``lowering`` (None: float);
-    ``rotate``: each reads its own online rotation of x, emitted in ``ep``'s style."""
+    ``rotate``: each reads its own online rotation of x, emitted in ``ep``'s style; ``rotate_block``: the
+    rotation's non-power-of-two Hadamard block (:func:`onnxqf.maths.hadamard.hadamard_factors`' ``block``)."""
     dt = DTYPES[dtype]
     graph = ir.Graph([ir.Value(name="x", shape=ir.Shape(["M", K]), type=ir.TensorType(dt))], [], nodes=[],
                      opset_imports={"": 18}, name="linears")
@@ -149,7 +151,10 @@ def linear_model(K: int, N: int, lowering: lowering_base.Lowering | None, *, cop
     rng = np.random.default_rng(seed)
     linears = []
     if rotate:  # one construction for every copy, checked before anything is built
-        factors = hadamard_factors(K)
+        try:
+            factors = hadamard_factors(K, block=rotate_block)
+        except ValueError as exc:
+            raise OnnxqfError(f"--rotated: {exc}") from None
         if factors is None:
             raise OnnxqfError(f"--rotated: no Hadamard construction of order K = {K}")
         online = get_target(ep).online.kwargs()
