@@ -446,7 +446,6 @@ __global__ void __launch_bounds__(WARPS * 32, 1) rotate_dense_fused_kernel(const
     asm volatile("cp.async.wait_group 1;\n" ::);  // this token's rows (and, the first time, A^T) have landed
     __syncthreads();
     const __half* rx = raw(it & 1);
-#pragma unroll 2
     for (int base = 0; base < a * TPR; base += THREADS) {  // (block-uniform: walsh_chunk's shuffles take every lane)
       const int task = base + tid, i = task / TPR, c = task % TPR;
       float r[8];
@@ -474,8 +473,7 @@ __global__ void __launch_bounds__(WARPS * 32, 1) rotate_dense_fused_kernel(const
 #pragma unroll
         for (int k = 0; k < 4; ++k) acc[mi][nt][k] = 0.f;
     const int col0 = wn * (B / WN);
-#pragma unroll 4
-    for (int ks = 0; ks < a16; ks += 16) {  // (unrolled: the next steps' fragments load during these products)
+    for (int ks = 0; ks < a16; ks += 16) {
       unsigned bf[NT][2];
 #pragma unroll
       for (int p = 0; p < NT / 2; ++p) {
@@ -695,7 +693,7 @@ cudaError_t launch_rotate_dense_quantize(const __half* x, const __half* at, bool
   const int a = static_cast<int>(K / b);
   if (fused && rotate_dense_fused_supported(K, b, walsh_b, u != nullptr)) {
     if (reinterpret_cast<uintptr_t>(q) % 16 != 0) return cudaErrorInvalidValue;
-    const bool narrow = fused == 2;  // 8 warps where 16 are the rule (b >= 64; 16 measured 11 % faster, g13)
+    const bool narrow = fused == 2;  // 8 warps where 16 are the rule (b >= 64; 16 measured 9-11 % faster, g13)
     switch (b) {
       case 32: return launch_fused_t<32, 8>(x, u, at, q, amax, M, a, walsh_b, stream);
       case 64: return narrow ? launch_fused_t<64, 8>(x, u, at, q, amax, M, a, walsh_b, stream)
