@@ -199,6 +199,27 @@ def test_kernel_rotation_balances_a_kronecker_factor():
     assert kernel_rotation([(64, q), (16, None)], 1024).block == 16  # nothing to split: as given
 
 
+def test_kernel_rotation_of_d_ff_11008_is_williamson_172_over_walsh_64():
+    """Llama-2-7B's d_ff: the rotation onnxqf builds (hadamard_factors: 172 x 16 x 4, online groups 172 and 64)
+    reaches the op as Williamson's 172 (dense, A^T padded to 176: the size the one-kernel path holds in shared
+    memory) over a Walsh flag of 64, and rotates as the Kronecker product does; Paley's 344 x 32 (the rotation
+    before 172 existed) stays 344 x 32, since it does not split."""
+    from onnxqf.lowering.cuda_kernels import kernel_rotation
+    from onnxqf.maths.hadamard import hadamard_factors, online_groups
+
+    groups = online_groups(hadamard_factors(11008))
+    assert [s for s, _ in groups] == [172, 64]
+    rot = kernel_rotation(groups, 11008)
+    assert rot.block == 64 and rot.walsh == 1 and rot.at.shape == (176, 176) and rot.b is None
+    assert not rot.at[172:].any() and not rot.at[:, 172:].any()
+    x = np.random.default_rng(2).standard_normal((2, 11008))
+    want = x.reshape(2, 172, 64)
+    want = np.einsum("ij,rjb->rib", groups[0][1].T, want @ groups[1][1])  # x @ kron(A, B) as A^T X B
+    np.testing.assert_allclose(rot.apply(x), want.reshape(2, 11008), atol=1e-10)
+    paley = kernel_rotation(online_groups(hadamard_factors(11008, block=344)), 11008)
+    assert paley.block == 32 and paley.at.shape == (352, 352)
+
+
 def _op_reference(node, x):
     """numpy: what onnxqf.W8A8Linear computes (kernels.h; the rotation in fp32 with fp16 results, as the op)."""
     vals = [None if v is None else v.const_value.numpy() for v in node.inputs[1:]]
