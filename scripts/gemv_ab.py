@@ -86,6 +86,10 @@ def main(argv=None) -> int:
         settings = parse_settings(args.settings)
     except ValueError as exc:
         ap.error(str(exc))
+    for name, env in settings:
+        block = env.get("rotate_block")
+        if block is not None and not (args.rotate and block.isdigit() and int(block) > 0):
+            ap.error(f"--settings: {name}'s rotate_block={block} needs --rotate and a positive integer")
     lowering = parse_lowering("onnxqf-cuda", "cuda")
     rng = np.random.default_rng(1)
     rows = []
@@ -95,8 +99,6 @@ def main(argv=None) -> int:
         with saved(float_model) as path:
             sessions = {"fp16": make_session(path, "cuda", strict_ep=True)}
         for block in dict.fromkeys(env.get("rotate_block") for _, env in settings):
-            if block is not None and not args.rotate:
-                ap.error("rotate_block is a --rotate setting")
             model = linear_model(K, N, lowering, copies=args.copies, dtype="float16", ep="cuda", rotate=args.rotate,
                                  rotate_block=None if block is None else int(block))
             with saved(model) as path:

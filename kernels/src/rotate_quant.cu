@@ -676,7 +676,7 @@ cudaError_t launch_fused_t(const __half* x, const __half* u, const __half* at, i
 }  // namespace
 
 bool rotate_dense_fused_supported(int64_t K, int64_t b, bool walsh_b, bool glu) {
-  if ((b != 32 && b != 64 && b != 128) || K % b != 0 || !rotate_dense_supported(K, b, walsh_b)) return false;
+  if ((b != 32 && b != 64 && b != 128) || !rotate_dense_supported(K, b, walsh_b)) return false;  // (K % b there)
   const int64_t a = K / b;
   return round_up_to(a, 16) <= 16 * kFusedWarpsM * kFusedMaxTilesM &&
          fused_layout(static_cast<int>(a), static_cast<int>(b), glu).total <= kFusedMaxSmem;

@@ -479,7 +479,7 @@ FACTORS = [
     (2, 32, "W", 128, None),    # o_proj's head mixing: 32 heads of 128
     (17, 16, "W", 48, "R"),     # a dense inner factor, then a transform along the columns
     (5, 12, "R", 32, "W"),      # a dense outer factor over a transform (as 11008 = 172 x 64)
-    (1, 344, "R", 32, "W"),     # 11008 itself at one token (the GEMV)
+    (1, 344, "R", 32, "W"),     # 11008 as Paley's 344 x 32 at one token (the GEMV)
     (4, 3, None, 64, "W"),      # a transform along the rows only
     (9, 8, "W", 8, "W"),        # the smallest: 8 x 8, the inner factor padded to 16
     # Walsh-Hadamard factors alone, K = 512 ... 16384: the register transform (inside the GEMV at M <= 4, K <= 4096)
