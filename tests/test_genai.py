@@ -253,6 +253,13 @@ def test_recognize_builder_graph(built):
     set_weight_matrix(v, np.zeros(v.shape))
     assert not v.matrix().any()
     assert all(np.array_equal(a, b.matrix()) for a, b in zip(before, (g.layers[0].q, g.layers[0].k)))
+    # a block of float64 values is rounded to the weight's dtype, as a whole weight would be
+    B = np.random.default_rng(0).standard_normal(v.shape) / 3
+    dtype = v.weight.const_value.dtype.numpy()
+    set_weight_matrix(v, B)
+    assert v.weight.const_value.dtype.numpy() == dtype
+    assert np.array_equal(v.matrix(), B.astype(dtype).astype(np.float64))
+    assert all(np.array_equal(a, b.matrix()) for a, b in zip(before, (g.layers[0].q, g.layers[0].k)))
 
 
 # --------------------------------------------------------------------------- rewriting genai folders

@@ -28,9 +28,13 @@ __all__ = ["weight_layout", "set_weight_matrix", "SLICE_BYTES", "update_matrix",
 def weight_layout(lin: Linear, B: np.ndarray, stored: np.ndarray | None = None) -> np.ndarray:
     """The initializer array that makes ``lin.matrix()`` equal ``B`` ([in, out]): transposed when the
     MatMul reads the weight through a Transpose, and for one column block of a shared (packed q/k/v)
-    weight, ``stored`` (default: the initializer's current data) with that block replaced."""
+    weight, ``stored`` (default: a copy of the initializer's data) with that block replaced.
+
+    A block is written into a copy of ``stored`` in ``stored``'s own dtype (the initializer's, by default):
+    the other blocks keep their values, and the block is rounded as :func:`write` would round it, without a
+    float64 copy of the whole packed weight."""
     if lin.cols is not None:
-        full = np.array(read(lin.weight) if stored is None else stored, dtype=np.float64)
+        full = store.to_numpy(lin.weight.const_value, copy=True) if stored is None else np.array(stored)
         view = full.T if lin.transpose is not None else full
         view[:, lin.cols[0]:lin.cols[1]] = B
         return full
