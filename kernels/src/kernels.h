@@ -108,8 +108,9 @@ bool rotate_dense_supported(int64_t K, int64_t b, bool walsh_b);
 size_t rotate_dense_scratch(int64_t M, int64_t K, int64_t b);
 // Where the factor and a token's rows fit in shared memory (a16 <= 192, b = 32, 64 or 128: 11008 = 172 x 64), the
 // whole path is one kernel instead (rotate_quant.cu: rotate_dense_fused_kernel), without Z, D or scratch; q 16-byte
-// aligned. fused: 0 the three kernels always, 1 the one kernel where supported, 2 the same with 8 warps per block
-// (16 are the rule for b >= 64).
+// aligned. fused: 0 the three kernels always; else the one kernel where supported, its warps: 1 the rule (b = 64:
+// two groups of 8 warps on alternate tokens, where their buffers fit; b = 128: one group of 16; b = 32: one of 8),
+// 2 one group of 8, 3 one group of 16 (8 for b = 32), 4 two groups of 8 wherever they fit (b = 32 or 64).
 bool rotate_dense_fused_supported(int64_t K, int64_t b, bool walsh_b, bool glu);
 // u: null, or x is SwiGLU's silu(x) * u, made as it is read (here and in launch_rotate_dense_rows).
 cudaError_t launch_rotate_dense_quantize(const __half* x, const __half* at, bool walsh_b, int8_t* q, float* amax,

@@ -135,7 +135,7 @@ struct W8A8LinearKernel {
   int force_tile = -1;
   bool tile_rotation = false;  // ONNXQF_ROTATION_TILES=1: every rotation by the per-token tensor-core kernel
   bool quant_regs = true;      // ONNXQF_QUANT_REGS=0: the quantization's block-per-row kernel (A/B runs)
-  int rot_fused = 1;           // ONNXQF_ROT_FUSED: a dense rotation factor's one-kernel path (1; 2: 8 warps) or not (0)
+  int rot_fused = 1;           // ONNXQF_ROT_FUSED: a dense factor's one-kernel path and its warps (1-4) or not (0)
   int gemm_pdl = -1;           // ONNXQF_GEMM_PDL: the GEMM as a dependent launch (1), not (0), by tile (-1)
   int sm_count = 1;
   int64_t rotation_block = 0;

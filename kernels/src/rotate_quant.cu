@@ -342,13 +342,14 @@ __global__ void __launch_bounds__(kDThreads) quantize_from_d_kernel(const __half
 }
 
 // The dense-factor path in one kernel, for a factor small enough to stay in shared memory (a16 <= 192, b = B): a
-// persistent block per multiprocessor holds A^T and takes whole tokens in turn. For each token, its row of X (and of
-// U for SwiGLU) comes into shared memory by cp.async while the block works on the token before; Z = fp16(X B * scale)
-// (B Walsh, chunk_times_b's steps, or the identity) is written in X's own order, [a16, B] (the padding rows zero);
-// Y = A^T Z by mma.sync m16n8k16 (fp32 sums; warps_m x warps_n warps over [a16, B], ldmatrix from padded rows, so no
-// bank conflicts), rounded to fp16 in registers; the token's amax by one block reduction; its codes through shared
-// memory to q in coalesced 16-byte stores. The same arithmetic as the three kernels above (to the summation order of
-// the fp32 products), without Z or D in global memory.
+// persistent block per multiprocessor holds A^T, and its warps, in GROUPS groups, take whole tokens in turn (a group
+// its own tokens, buffers and barriers, so that one group's transform runs while the other's product does). For each
+// token, its row of X (and of U for SwiGLU) comes into shared memory by cp.async while the group works on the token
+// before; Z = fp16(X B * scale) (B Walsh, chunk_times_b's steps, or the identity) is written in X's own order,
+// [a16, B] (the padding rows zero); Y = A^T Z by mma.sync m16n8k16 (fp32 sums; warps_m x warps_n warps over
+// [a16, B], ldmatrix from padded rows, so no bank conflicts), rounded to fp16 in registers; the token's amax by one
+// reduction over the group; its codes through shared memory to q in coalesced 16-byte stores. The same arithmetic
+// as the three kernels above (to the summation order of the fp32 products), without Z or D in global memory.
 constexpr int kFusedWarpsM = 4;
 constexpr int kFusedMaxTilesM = 3;  // m-tiles of 16 rows per warp: a16 <= 16 * kFusedWarpsM * kFusedMaxTilesM
 constexpr size_t kFusedMaxSmem = 224 * 1024;
@@ -384,20 +385,26 @@ __device__ __forceinline__ void mma_16816(float* c, const unsigned* a, const uns
 
 struct FusedLayout {  // the fused kernel's shared memory, in bytes from its start
   int lda, ldz;       // row strides of A^T and Z in halves (8 more than the rows: ldmatrix without bank conflicts)
-  size_t z, codes, raw, raw_bytes, total;
+  int nbuf;           // tokens' rows in shared memory per group: the one worked on and the next (2), or one (1)
+  size_t z;           // the first group's part (A^T before it); in a group's part: Z at 0, then codes, then raw
+  size_t codes, raw, raw_bytes, group_bytes, total;
 };
 
-__host__ __device__ inline FusedLayout fused_layout(int a, int b, bool glu) {
+// Two groups with SwiGLU's second input hold one token's rows each (the next one's are fetched once the transform
+// has read them): two buffers each would not fit.
+__host__ __device__ inline FusedLayout fused_layout(int a, int b, bool glu, int groups = 1) {
   FusedLayout L;
   const int a16 = (a + 15) / 16 * 16;
   const size_t K = size_t(a) * b;
   L.lda = a16 + 8;
   L.ldz = b + 8;
+  L.nbuf = groups > 1 && glu ? 1 : 2;
   L.z = size_t(a16) * L.lda * 2;
-  L.codes = L.z + size_t(a16) * L.ldz * 2;
+  L.codes = size_t(a16) * L.ldz * 2;
   L.raw = L.codes + (K + 15) / 16 * 16;
   L.raw_bytes = K * 2 * (glu ? 2 : 1);  // one token's X (and U)
-  L.total = L.raw + 2 * L.raw_bytes;    // two tokens' in flight: the one worked on, the next
+  L.group_bytes = L.raw + L.nbuf * L.raw_bytes;
+  L.total = L.z + groups * L.group_bytes;
   return L;
 }
 
@@ -406,48 +413,67 @@ __device__ __forceinline__ void cp_async_chunks(void* dst, const void* src, int 
     cp_async16(static_cast<char*>(dst) + 16 * size_t(e), static_cast<const char*>(src) + 16 * size_t(e));
 }
 
-template <int B, int WARPS>
+// A barrier of the THREADS threads of group g (named barrier 1 + g; 0 is __syncthreads'), or of the block.
+template <int GROUPS, int THREADS>
+__device__ __forceinline__ void group_sync(int g) {
+  if constexpr (GROUPS == 1) {
+    __syncthreads();
+  } else {
+    asm volatile("bar.sync %0, %1;\n" ::"r"(1 + g), "r"(THREADS) : "memory");
+  }
+}
+
+template <int B, int WARPS, int GROUPS>
 __global__ void __launch_bounds__(WARPS * 32, 1) rotate_dense_fused_kernel(const __half* __restrict__ x,
                                                                             const __half* __restrict__ u,
                                                                             const __half* __restrict__ at,
                                                                             int8_t* __restrict__ q,
                                                                             float* __restrict__ amax_out, int64_t M,
                                                                             int a, bool walsh_b, float scale) {
-  constexpr int THREADS = WARPS * 32, WN = WARPS / kFusedWarpsM, NT = B / (8 * WN), TPR = B / 8;
-  static_assert(WARPS % kFusedWarpsM == 0 && NT >= 2 && NT % 2 == 0 && 32 % TPR == 0, "fused rotation layout");
+  constexpr int GW = WARPS / GROUPS, GT = GW * 32, WN = GW / kFusedWarpsM, NT = B / (8 * WN), TPR = B / 8;
+  static_assert(WARPS % GROUPS == 0 && GW % kFusedWarpsM == 0 && NT >= 2 && NT % 2 == 0 && 32 % TPR == 0,
+                "fused rotation layout");
   extern __shared__ __align__(128) unsigned char fused_smem[];
   __shared__ float red[WARPS];
-  const FusedLayout L = fused_layout(a, B, u != nullptr);
+  const FusedLayout L = fused_layout(a, B, u != nullptr, GROUPS);
   const int a16 = (a + 15) / 16 * 16, K = a * B, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int grp = warp / GW, gwarp = warp % GW, gtid = tid % GT;
   __half* as = reinterpret_cast<__half*>(fused_smem);
-  __half* zs = reinterpret_cast<__half*>(fused_smem + L.z);
-  int8_t* cs = reinterpret_cast<int8_t*>(fused_smem + L.codes);
-  auto raw = [&](int buf) { return reinterpret_cast<__half*>(fused_smem + L.raw + buf * L.raw_bytes); };
-  auto fetch = [&](int64_t m, int buf) {  // token m's rows into raw(buf): one cp.async group (empty past M)
+  unsigned char* part = fused_smem + L.z + grp * L.group_bytes;
+  __half* zs = reinterpret_cast<__half*>(part);
+  int8_t* cs = reinterpret_cast<int8_t*>(part + L.codes);
+  float* gred = red + grp * GW;
+  auto raw = [&](int buf) { return reinterpret_cast<__half*>(part + L.raw + buf * L.raw_bytes); };
+  auto fetch = [&](int64_t m, int buf) {  // the group copies token m's rows to raw(buf): a cp.async group
     if (m < M) {
-      cp_async_chunks(raw(buf), x + m * K, K / 8, tid, THREADS);
-      if (u) cp_async_chunks(raw(buf) + K, u + m * K, K / 8, tid, THREADS);
+      cp_async_chunks(raw(buf), x + m * K, K / 8, gtid, GT);
+      if (u) cp_async_chunks(raw(buf) + K, u + m * K, K / 8, gtid, GT);
     }
     asm volatile("cp.async.commit_group;\n" ::);
   };
-  int64_t m = blockIdx.x;
-  if (m >= M) return;
-  for (int e = tid; e < a16 * (a16 / 8); e += THREADS) {  // A^T, row by row into the padded layout
+  const int64_t stride = int64_t(gridDim.x) * GROUPS;
+  int64_t m = int64_t(blockIdx.x) * GROUPS + grp;  // (a group past M skips the loop; no thread returns early)
+  for (int e = tid; e < a16 * (a16 / 8); e += WARPS * 32) {  // A^T, row by row into the padded layout
     const int r = e / (a16 / 8), c = e % (a16 / 8);
     cp_async16(as + r * L.lda + 8 * c, at + r * a16 + 8 * c);
   }
-  for (int e = tid; e < (a16 - a) * (B / 8); e += THREADS)  // Z's padding rows: zero for good
+  for (int e = gtid; e < (a16 - a) * (B / 8); e += GT)  // Z's padding rows: zero for good
     *reinterpret_cast<uint4*>(zs + (a + e / (B / 8)) * L.ldz + 8 * (e % (B / 8))) = make_uint4(0, 0, 0, 0);
   fetch(m, 0);
-  const int wm = warp % kFusedWarpsM, wn = warp / kFusedWarpsM, tiles_m = a16 / 16;
+  asm volatile("cp.async.wait_group 0;\n" ::);
+  __syncthreads();  // A^T, the padding rows and each group's first token in place
+  const int wm = gwarp % kFusedWarpsM, wn = gwarp / kFusedWarpsM, tiles_m = a16 / 16;
   const int g = lane >> 2, t4 = lane & 3;
-  for (int it = 0; m < M; m += gridDim.x, ++it) {
-    fetch(m + gridDim.x, (it + 1) & 1);
-    asm volatile("cp.async.wait_group 1;\n" ::);  // this token's rows (and, the first time, A^T) have landed
-    __syncthreads();
-    const __half* rx = raw(it & 1);
-    for (int base = 0; base < a * TPR; base += THREADS) {  // (block-uniform: walsh_chunk's shuffles take every lane)
-      const int task = base + tid, i = task / TPR, c = task % TPR;
+  for (int it = 0; m < M; m += stride, ++it) {
+    const int buf = L.nbuf == 2 ? it & 1 : 0;
+    if (L.nbuf == 2) {
+      fetch(m + stride, buf ^ 1);
+      asm volatile("cp.async.wait_group 1;\n" ::);  // this token's rows have landed
+    }
+    group_sync<GROUPS, GT>(grp);
+    const __half* rx = raw(buf);
+    for (int base = 0; base < a * TPR; base += GT) {  // (group-uniform: walsh_chunk's shuffles take every lane)
+      const int task = base + gtid, i = task / TPR, c = task % TPR;
       float r[8];
       if (i < a) {
         const uint4 v = reinterpret_cast<const uint4*>(rx)[task];
@@ -464,7 +490,8 @@ __global__ void __launch_bounds__(WARPS * 32, 1) rotate_dense_fused_kernel(const
         *reinterpret_cast<uint4*>(zs + i * L.ldz + 8 * c) = *reinterpret_cast<const uint4*>(o);
       }
     }
-    __syncthreads();
+    group_sync<GROUPS, GT>(grp);
+    if (L.nbuf == 1) fetch(m + stride, 0);  // the rows were read: the next token's come in during the product
     float acc[kFusedMaxTilesM][NT][4];
 #pragma unroll
     for (int mi = 0; mi < kFusedMaxTilesM; ++mi)
@@ -473,8 +500,8 @@ __global__ void __launch_bounds__(WARPS * 32, 1) rotate_dense_fused_kernel(const
 #pragma unroll
         for (int k = 0; k < 4; ++k) acc[mi][nt][k] = 0.f;
     const int col0 = wn * (B / WN);
-    for (int ks = 0; ks < a16; ks += 16) {
-      unsigned bf[NT][2];
+    for (int ks = 0; ks < a16; ks += 16) {  // every fragment of the step loaded before its products
+      unsigned bf[NT][2], af[kFusedMaxTilesM][4];
 #pragma unroll
       for (int p = 0; p < NT / 2; ++p) {
         unsigned r4[4];
@@ -485,15 +512,14 @@ __global__ void __launch_bounds__(WARPS * 32, 1) rotate_dense_fused_kernel(const
         bf[2 * p + 1][1] = r4[3];
       }
 #pragma unroll
-      for (int mi = 0; mi < kFusedMaxTilesM; ++mi) {
-        const int mt = wm + mi * kFusedWarpsM;
-        if (mt < tiles_m) {  // warp-uniform
-          unsigned af[4];
-          ldmatrix_x4(af, as + (mt * 16 + (lane & 15)) * L.lda + ks + (lane >> 4) * 8);
+      for (int mi = 0; mi < kFusedMaxTilesM; ++mi)
+        if (wm + mi * kFusedWarpsM < tiles_m)  // warp-uniform
+          ldmatrix_x4(af[mi], as + ((wm + mi * kFusedWarpsM) * 16 + (lane & 15)) * L.lda + ks + (lane >> 4) * 8);
 #pragma unroll
-          for (int nt = 0; nt < NT; ++nt) mma_16816(acc[mi][nt], af, bf[nt]);
-        }
-      }
+      for (int mi = 0; mi < kFusedMaxTilesM; ++mi)
+        if (wm + mi * kFusedWarpsM < tiles_m)
+#pragma unroll
+          for (int nt = 0; nt < NT; ++nt) mma_16816(acc[mi][nt], af[mi], bf[nt]);
     }
     // fp16 Y (A^T's padding rows are zero, so are those rows of Y), the token's amax, its codes
     __half2 h[kFusedMaxTilesM][NT][2];
@@ -510,11 +536,15 @@ __global__ void __launch_bounds__(WARPS * 32, 1) rotate_dense_fused_kernel(const
           mx = fmaxf(mx, fmaxf(f.x, f.y));
         }
       }
-    mx = block_all<false, WARPS>(mx, red);
+    mx = warp_max(mx);  // the group's max: one barrier (the slots are read before the group's next barrier)
+    if (lane == 0) gred[gwarp] = mx;
+    group_sync<GROUPS, GT>(grp);
+#pragma unroll
+    for (int w = 0; w < GW; ++w) mx = fmaxf(mx, gred[w]);
     __half inv;
     float amax;
     row_scale(mx, &inv, &amax);
-    if (tid == 0) amax_out[m] = amax;
+    if (gtid == 0) amax_out[m] = amax;
 #pragma unroll
     for (int mi = 0; mi < kFusedMaxTilesM; ++mi) {
       const int row = (wm + mi * kFusedWarpsM) * 16 + g;
@@ -529,10 +559,11 @@ __global__ void __launch_bounds__(WARPS * 32, 1) rotate_dense_fused_kernel(const
             *reinterpret_cast<char2*>(cs + (row + 8 * k) * B + col0 + nt * 8 + 2 * t4) = cc;
           }
     }
-    __syncthreads();
+    group_sync<GROUPS, GT>(grp);
     int8_t* qr = q + m * K;
-    for (int e = tid; e < K / 16; e += THREADS)
+    for (int e = gtid; e < K / 16; e += GT)
       reinterpret_cast<uint4*>(qr)[e] = reinterpret_cast<const uint4*>(cs)[e];
+    if (L.nbuf == 1) asm volatile("cp.async.wait_group 0;\n" ::);  // the next token's rows, before the barrier
   }
   asm volatile("cp.async.wait_group 0;\n" ::);  // (the last, empty groups)
 }
@@ -662,16 +693,24 @@ size_t rotate_dense_scratch(int64_t M, int64_t K, int64_t b) {
 }
 
 namespace {
-template <int B, int WARPS>
+template <int B, int WARPS, int GROUPS = 1>
 cudaError_t launch_fused_t(const __half* x, const __half* u, const __half* at, int8_t* q, float* amax, int64_t M,
                            int a, bool walsh_b, cudaStream_t stream) {
-  if (const cudaError_t oe = opt_in_smem<rotate_dense_fused_kernel<B, WARPS>>(kFusedMaxSmem); oe != cudaSuccess)
+  if (const cudaError_t oe = opt_in_smem<rotate_dense_fused_kernel<B, WARPS, GROUPS>>(kFusedMaxSmem);
+      oe != cudaSuccess)
     return oe;
   static const int sm_count = std::max(1, sm_count_of_current_device());
-  const unsigned blocks = static_cast<unsigned>(std::min<int64_t>(M, sm_count));
-  rotate_dense_fused_kernel<B, WARPS><<<blocks, WARPS * 32, fused_layout(a, B, u != nullptr).total, stream>>>(
-      x, u, at, q, amax, M, a, walsh_b, walsh_b ? inv_sqrt(B) : 1.f);
+  const unsigned blocks = static_cast<unsigned>(std::min<int64_t>((M + GROUPS - 1) / GROUPS, sm_count));
+  rotate_dense_fused_kernel<B, WARPS, GROUPS>
+      <<<blocks, WARPS * 32, fused_layout(a, B, u != nullptr, GROUPS).total, stream>>>(
+          x, u, at, q, amax, M, a, walsh_b, walsh_b ? inv_sqrt(B) : 1.f);
   return cudaGetLastError();
+}
+
+// Two groups of 8 warps on alternate tokens: b = 32 or 64 (at 128 a group's sums would not fit in its registers),
+// where both groups' buffers fit beside A^T.
+bool fused_two_groups_fit(int a, int b, bool glu) {
+  return (b == 32 || b == 64) && fused_layout(a, b, glu, 2).total <= kFusedMaxSmem;
 }
 }  // namespace
 
@@ -693,11 +732,17 @@ cudaError_t launch_rotate_dense_quantize(const __half* x, const __half* at, bool
   const int a = static_cast<int>(K / b);
   if (fused && rotate_dense_fused_supported(K, b, walsh_b, u != nullptr)) {
     if (reinterpret_cast<uintptr_t>(q) % 16 != 0) return cudaErrorInvalidValue;
-    const bool narrow = fused == 2;  // 8 warps where 16 are the rule (b >= 64; 16 measured 9-11 % faster, g13)
+    // kernels.h: 1 the rule (two groups of 8 warps for b = 64, else one of 16, of 8 for b = 32), 2 one group of 8
+    // warps, 3 one group of 16 (8 for b = 32), 4 two groups of 8 wherever they fit
+    const bool two =
+        fused_two_groups_fit(a, static_cast<int>(b), u != nullptr) && (fused == 4 || (fused == 1 && b == 64));
+    const bool narrow = fused == 2;
     switch (b) {
-      case 32: return launch_fused_t<32, 8>(x, u, at, q, amax, M, a, walsh_b, stream);
-      case 64: return narrow ? launch_fused_t<64, 8>(x, u, at, q, amax, M, a, walsh_b, stream)
-                             : launch_fused_t<64, 16>(x, u, at, q, amax, M, a, walsh_b, stream);
+      case 32: return two ? launch_fused_t<32, 16, 2>(x, u, at, q, amax, M, a, walsh_b, stream)
+                          : launch_fused_t<32, 8>(x, u, at, q, amax, M, a, walsh_b, stream);
+      case 64: return two      ? launch_fused_t<64, 16, 2>(x, u, at, q, amax, M, a, walsh_b, stream)
+                      : narrow ? launch_fused_t<64, 8>(x, u, at, q, amax, M, a, walsh_b, stream)
+                               : launch_fused_t<64, 16>(x, u, at, q, amax, M, a, walsh_b, stream);
       default: return narrow ? launch_fused_t<128, 8>(x, u, at, q, amax, M, a, walsh_b, stream)
                              : launch_fused_t<128, 16>(x, u, at, q, amax, M, a, walsh_b, stream);
     }

@@ -510,7 +510,9 @@ PATHS = {  # the op's environment per kernel path a dense factor may take
     "default": None,
     "tiles": {"ONNXQF_ROTATION_TILES": "1"},  # the per-token tensor-core kernel for every rotation
     "three": {"ONNXQF_ROT_FUSED": "0"},       # a dense outer factor: the three kernels, never the one
-    "narrow": {"ONNXQF_ROT_FUSED": "2"},      # the one kernel with 8 warps (16 where the inner factor >= 64)
+    "narrow": {"ONNXQF_ROT_FUSED": "2"},      # the one kernel, one group of 8 warps
+    "wide": {"ONNXQF_ROT_FUSED": "3"},        # the one kernel, one group of 16 warps (8 where the inner factor is 32)
+    "groups": {"ONNXQF_ROT_FUSED": "4"},      # the one kernel, two groups of 8 warps wherever they fit (b = 32, 64)
 }
 
 
@@ -568,6 +570,34 @@ def test_rotation_factor_kinds_against_numpy(M, a, A, b, B, path):
     assert_close_to(got, want)
 
 
+@pytest.mark.parametrize("M", [5, 301])
+def test_fused_rotation_variants_agree_to_the_bit(M):
+    """11008 = 172 x 64 (the hybrid's down_proj input) through each variant of the one kernel (two groups of 8 warps
+    on alternate tokens, one group of 16, one of 8) and the three kernels: the same fp32 sums in the same order, so
+    the same outputs to the bit. M = 5: one group of the last block has no token; 301: groups take 1 or 2 tokens."""
+    from onnxqf.maths.hadamard import hadamard_matrix
+
+    a, b, N = 172, 64, 256
+    K = a * b
+    at = np.zeros((176, 176))
+    at[:a, :a] = hadamard_matrix(a).T / np.sqrt(a)
+    x, q, wscale, _ = data(M, K, N, seed=M, with_bias=False, tiny_row=False)
+    inits = [numpy_helper.from_array(q, "wq"), numpy_helper.from_array(wscale, "ws"),
+             numpy_helper.from_array(at.astype(np.float16), "ra")]
+    node = helper.make_node(kernels.W8A8_LINEAR, ["x", "wq", "ws", "", "ra"], ["y"], domain=kernels.DOMAIN,
+                            rotation_block=b, rotation_walsh=1)
+    g = helper.make_graph([node], "t", [helper.make_tensor_value_info("x", F16, ["M", K])],
+                          [helper.make_tensor_value_info("y", F16, ["M", N])], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(kernels.DOMAIN, 1)])
+    m.ir_version = 9
+    outs = {p: run_poisoned(_session(m, True, {"ONNXQF_ROT_FUSED": v}), x, N)
+            for p, v in (("default", "1"), ("wide", "3"), ("narrow", "2"), ("three", "0"))}
+    assert np.isfinite(outs["default"].astype(np.float32)).all(), "unwritten outputs"
+    for p in ("wide", "narrow", "three"):
+        differ = np.mean(outs[p] != outs["default"])
+        assert differ == 0, f"{p}: {differ:.2%} of the outputs differ from the default's"
+
+
 GLU = [
     # (M, K, rotation (a, A, b, B) or None, env): each way the op reads SwiGLU's product
     (1, 4096, None, None),                              # the one-launch GEMV, product on the way in
@@ -583,6 +613,8 @@ GLU = [
     (300, 11008, (172, "R", 64, "W"), None),            # its one kernel (the product made in shared memory)
     (16, 11008, (172, "R", 64, "W"), {"ONNXQF_ROT_FUSED": "2"}),
     (300, 11008, (172, "R", 64, "W"), {"ONNXQF_ROT_FUSED": "0"}),
+    (301, 11008, (172, "R", 64, "W"), {"ONNXQF_ROT_FUSED": "3"}),  # one group of 16 warps, two buffers
+    (5, 11008, (172, "R", 64, "W"), None),              # two groups, one buffer each; the last block's second idle
 ]
 
 
