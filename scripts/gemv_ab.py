@@ -66,6 +66,25 @@ def environ(env: dict[str, str]):
                 os.environ[k] = v
 
 
+def kernel_times(runs, copies: int, repeats: int = 10) -> dict[str, float]:
+    """Device µs per linear of all GPU kernels and of the five longest (by a short name) over `repeats` runs, from
+    PyTorch's profiler: against the wall time per linear, what the host adds."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    runs(2, 1)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        runs(0, repeats)
+    total: dict[str, float] = {}
+    for e in prof.events():
+        if e.device_type != DeviceType.CUDA:
+            continue
+        name = e.name.split("<")[0].split("(")[0].strip().rsplit("::", 1)[-1][:40] or e.name[:40]
+        total[name] = total.get(name, 0.0) + e.time_range.elapsed_us() / (repeats * copies)
+    top = dict(sorted(total.items(), key=lambda kv: -kv[1])[:5])
+    return {"all kernels": sum(total.values()), **top}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shapes", default="4096:4096,4096:11008,11008:4096")
@@ -80,6 +99,9 @@ def main(argv=None) -> int:
                          "in fp16: the share of equal outputs is reported instead of a stop. A setting's "
                          "rotate_block=N builds its graph with Hadamard block N instead of the smallest one (e.g. "
                          "11008 as Paley's 344 x 32 against Williamson's 172 x 64)")
+    ap.add_argument("--kernels", action="store_true",
+                    help="also each setting's GPU kernels, device time per linear (PyTorch's profiler, CUPTI: "
+                         "every kernel of the process, ONNX Runtime's included), after the timing")
     ap.add_argument("--out", default=None, help="JSON file for the rows")
     args = ap.parse_args(argv)
     try:
@@ -125,12 +147,16 @@ def main(argv=None) -> int:
             ms = {name: float(np.median(v)) for name, v in per.items()}
             row = {"K": K, "N": N, "M": M, "ms": ms, "rounds": per, "equal_to_first": equal,
                    "speedup": {name: ms["fp16"] / v for name, v in ms.items()}}
+            if args.kernels:
+                row["kernels_us"] = {name: kernel_times(r, args.copies) for name, r in runs.items()}
             rows.append(row)
             line = f"{K}->{N} M={M}: " + "  ".join(f"{n} {v * 1e3:.1f}us ({row['speedup'][n]:.2f}x)"
                                                    for n, v in ms.items())
             if args.rotate:
                 line += f"  equal to {settings[0][0]}: " + " ".join(f"{n} {v:.4f}" for n, v in equal.items())
             print(line, f"[{time.perf_counter() - t0:.0f}s]", flush=True)
+            for name, kernels in row.get("kernels_us", {}).items():
+                print(f"    {name}: " + "  ".join(f"{k} {v:.1f}" for k, v in kernels.items()), flush=True)
         sessions = runs = None
     if args.out:
         Path(args.out).write_text(json.dumps({"settings": settings, "copies": args.copies, "repeats": args.repeats,

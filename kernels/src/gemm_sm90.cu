@@ -13,12 +13,27 @@ int sm_count_of_current_device() {
 }
 
 
+namespace {
+// cached per process for the first device asked (one-GPU processes are the rule); 0 lets CUTLASS ask
+int gemm_sm_count() {
+  static const int n = sm_count_of_current_device();
+  return n;
+}
+}  // namespace
+
+int w8a8_gemm_sm90_tile(int64_t M) {
+  if (M <= 128) return 1;
+  return ((M + 127) / 128) % 2 == 0 ? 0 : 3;
+}
+
 size_t w8a8_gemm_sm90_workspace(int tile, int64_t M, int64_t N, int64_t K) {
   if (!sm90::fits_int(M, N, K)) return 0;
+  const int m = int(M), n = int(N), k = int(K), sms = gemm_sm_count();
   switch (tile) {
-    case 0: return sm90::workspace_large(int(M), int(N), int(K));
-    case 1: return sm90::workspace_small(int(M), int(N), int(K));
-    default: return sm90::workspace_wide(int(M), int(N), int(K));
+    case 0: return sm90::workspace_large(m, n, k, sms);
+    case 1: return sm90::workspace_small(m, n, k, sms);
+    case 2: return sm90::workspace_wide(m, n, k, sms);
+    default: return sm90::workspace_streamk(tile == 4 ? 2 : 1, m, n, k, sms);
   }
 }
 
@@ -26,13 +41,14 @@ cudaError_t launch_w8a8_gemm_sm90(int tile, const int8_t* q, const float* amax, 
                                   const __half* bias, __half* y, int64_t M, int64_t N, int64_t K, void* workspace,
                                   cudaStream_t stream, bool pdl) {
   if (!sm90::fits_int(M, N, K) || K % 16 != 0 || N % 8 != 0) return cudaErrorNotSupported;
-  // sm_count: cached per process for the first device asked (one-GPU processes are the rule); 0 lets CUTLASS ask
-  static const int sm_count = sm_count_of_current_device();
-  const int m = int(M), n = int(N), k = int(K);
+  const int m = int(M), n = int(N), k = int(K), sm_count = gemm_sm_count();
   switch (tile) {
     case 0: return sm90::run_large(q, amax, w, wscale, bias, y, m, n, k, sm_count, workspace, stream, pdl);
     case 1: return sm90::run_small(q, amax, w, wscale, bias, y, m, n, k, sm_count, workspace, stream, pdl);
-    default: return sm90::run_wide(q, amax, w, wscale, bias, y, m, n, k, sm_count, workspace, stream, pdl);
+    case 2: return sm90::run_wide(q, amax, w, wscale, bias, y, m, n, k, sm_count, workspace, stream, pdl);
+    default:
+      return sm90::run_streamk(tile == 4 ? 2 : 1, q, amax, w, wscale, bias, y, m, n, k, sm_count, workspace, stream,
+                               pdl);
   }
 }
 

@@ -18,7 +18,7 @@
 #include "cutlass/gemm/kernel/gemm_universal.hpp"
 #include "cutlass/util/packed_stride.hpp"
 
-#if defined(__CUDA_ARCH__) && !defined(CUTLASS_GDC_ENABLED)
+#if defined(__CUDA_ARCH__) && !defined(CUTLASS_GDC_ENABLED) && !defined(ONNXQF_GEMM_NO_PDL)
 #error "CUTLASS's grid dependency control is off: the GEMM's dependent launch (ONNXQF_GEMM_PDL) would race"
 #endif
 
@@ -48,7 +48,8 @@ cudaError_t run_cutlass(const typename Gemm::Arguments& args, void* workspace, c
   return cudaGetLastError();
 }
 
-template <class TileShape, class ClusterShape, class KernelSchedule, class EpilogueSchedule>
+template <class TileShape, class ClusterShape, class KernelSchedule, class EpilogueSchedule,
+          class TileScheduler = cutlass::gemm::PersistentScheduler>
 struct W8A8Gemm {
   using ElementA = int8_t;  // codes of x, [M, K] row-major
   using LayoutA = cutlass::layout::RowMajor;
@@ -84,8 +85,7 @@ struct W8A8Gemm {
       cutlass::gemm::collective::StageCountAutoCarveout<static_cast<int>(sizeof(typename Epilogue::SharedStorage))>,
       KernelSchedule>::CollectiveOp;
 
-  using Kernel = cutlass::gemm::kernel::GemmUniversal<Shape<int, int, int, int>, Mainloop, Epilogue,
-                                                      cutlass::gemm::PersistentScheduler>;
+  using Kernel = cutlass::gemm::kernel::GemmUniversal<Shape<int, int, int, int>, Mainloop, Epilogue, TileScheduler>;
   using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
 
   static typename Gemm::Arguments arguments(const int8_t* q, const float* amax, const int8_t* w, const float* wscale,
@@ -112,8 +112,8 @@ struct W8A8Gemm {
     return args;
   }
 
-  static size_t workspace(int M, int N, int K) {
-    auto args = arguments(nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, M, N, K, 0);
+  static size_t workspace(int M, int N, int K, int sm_count) {  // (stream-K's partial sums depend on sm_count)
+    auto args = arguments(nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, M, N, K, sm_count);
     return Gemm::get_workspace_size(args);
   }
 
@@ -136,15 +136,32 @@ using WideTile = W8A8Gemm<Shape<_128, _256, _128>, Shape<_2, _1, _1>,
                           cutlass::gemm::KernelTmaWarpSpecializedCooperative,
                           cutlass::epilogue::TmaWarpSpecializedCooperative>;
 
+// tiles 3 and 4: 128x128x128 with a stream-K scheduler (cooperative consumers: CUTLASS's ping-pong kernel has no
+// stream-K), without a cluster (3) or in clusters of 2 along M (4). A persistent grid splits the K loops of the last
+// wave's tiles across the multiprocessors (partial int32 sums reduced in a fixed order in the workspace: the same
+// bits as the data-parallel tiles) instead of leaving most of them idle: for M between one and a few waves of tiles
+// (docs/benchmarks.md g15).
+// Built without CUTLASS's grid dependency control (gemm_sm90_streamk.cu: CUTLASS 4.2's stream-K scheduler does not
+// compile with it), so never launched as a dependent.
+using StreamKTile = W8A8Gemm<Shape<_128, _128, _128>, Shape<_1, _1, _1>,
+                             cutlass::gemm::KernelTmaWarpSpecializedCooperative,
+                             cutlass::epilogue::TmaWarpSpecializedCooperative, cutlass::gemm::StreamKScheduler>;
+using StreamKClusterTile = W8A8Gemm<Shape<_128, _128, _128>, Shape<_2, _1, _1>,
+                                    cutlass::gemm::KernelTmaWarpSpecializedCooperative,
+                                    cutlass::epilogue::TmaWarpSpecializedCooperative, cutlass::gemm::StreamKScheduler>;
+
+cudaError_t run_streamk(int cluster, const int8_t*, const float*, const int8_t*, const float*, const __half*,
+                        __half*, int, int, int, int, void*, cudaStream_t, bool);
+size_t workspace_streamk(int cluster, int, int, int, int);
 cudaError_t run_wide(const int8_t*, const float*, const int8_t*, const float*, const __half*, __half*, int, int, int,
                      int, void*, cudaStream_t, bool);
-size_t workspace_wide(int, int, int);
+size_t workspace_wide(int, int, int, int);
 cudaError_t run_large(const int8_t*, const float*, const int8_t*, const float*, const __half*, __half*, int, int, int,
                       int, void*, cudaStream_t, bool);
 cudaError_t run_small(const int8_t*, const float*, const int8_t*, const float*, const __half*, __half*, int, int, int,
                       int, void*, cudaStream_t, bool);
-size_t workspace_large(int, int, int);
-size_t workspace_small(int, int, int);
+size_t workspace_large(int, int, int, int);
+size_t workspace_small(int, int, int, int);
 
 }  // namespace sm90
 }  // namespace onnxqf

@@ -9,7 +9,7 @@ cudaError_t run_large(const int8_t* q, const float* amax, const int8_t* w, const
   return LargeTile::run(q, amax, w, wscale, bias, y, M, N, K, sm_count, workspace, stream, pdl);
 }
 
-size_t workspace_large(int M, int N, int K) { return LargeTile::workspace(M, N, K); }
+size_t workspace_large(int M, int N, int K, int sm_count) { return LargeTile::workspace(M, N, K, sm_count); }
 
 }  // namespace sm90
 }  // namespace onnxqf

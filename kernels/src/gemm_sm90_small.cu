@@ -9,7 +9,7 @@ cudaError_t run_small(const int8_t* q, const float* amax, const int8_t* w, const
   return SmallTile::run(q, amax, w, wscale, bias, y, M, N, K, sm_count, workspace, stream, pdl);
 }
 
-size_t workspace_small(int M, int N, int K) { return SmallTile::workspace(M, N, K); }
+size_t workspace_small(int M, int N, int K, int sm_count) { return SmallTile::workspace(M, N, K, sm_count); }
 
 }  // namespace sm90
 }  // namespace onnxqf

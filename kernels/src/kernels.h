@@ -109,7 +109,8 @@ size_t rotate_dense_scratch(int64_t M, int64_t K, int64_t b);
 // Where the factor and a token's rows fit in shared memory (a16 <= 192, b = 32, 64 or 128: 11008 = 172 x 64), the
 // whole path is one kernel instead (rotate_quant.cu: rotate_dense_fused_kernel), without Z, D or scratch; q 16-byte
 // aligned. fused: 0 the three kernels always; else the one kernel where supported, its warps: 1 the rule (b = 64:
-// two groups of 8 warps on alternate tokens, where their buffers fit; b = 128: one group of 16; b = 32: one of 8),
+// two groups of 8 warps on alternate tokens, where their buffers fit and M >= twice the multiprocessors, else one
+// group of 16; b = 128: one group of 16; b = 32: one of 8),
 // 2 one group of 8, 3 one group of 16 (8 for b = 32), 4 two groups of 8 wherever they fit (b = 32 or 64).
 bool rotate_dense_fused_supported(int64_t K, int64_t b, bool walsh_b, bool glu);
 // u: null, or x is SwiGLU's silu(x) * u, made as it is read (here and in launch_rotate_dense_rows).
@@ -165,10 +166,14 @@ cudaError_t launch_w8a8_naive(const int8_t* q, const float* amax, const int8_t* 
 
 // CUTLASS 3.x SM90 int8 tensor-core GEMM, dequantization fused in the epilogue (fp16 out).
 // Requires K % 16 == 0 and N % 8 == 0 and 16-byte aligned pointers. `tile`: 0 = 128x128 (large M),
-// 1 = 64x128 (M <= 128), 2 = 128x256 cooperative. Returns cudaErrorNotSupported when CUTLASS cannot implement the problem.
+// 1 = 64x128 (M <= 128), 2 = 128x256 cooperative, 3 = 128x128 stream-K, 4 = 128x128 stream-K in clusters of 2 along M. Returns cudaErrorNotSupported when CUTLASS cannot implement the problem.
 // pdl: a programmatic dependent launch, its prologue overlapping the end of the stream's previous kernel (which
 // launch_quantize_rows's kernel allows as soon as it starts); its loads wait for that kernel's end.
 size_t w8a8_gemm_sm90_workspace(int tile, int64_t M, int64_t N, int64_t K);
+// The default tile for M rows: 1 for M <= 128; above, 0 where M spans an even number of 128-row tiles, else 3 (an odd
+// count leaves the clusters of 2 a tile of nothing but padding, and measured 2-18 % slower than stream-K without
+// clusters at M = 264, 528 and 792 on every Llama-2-7B shape: docs/benchmarks.md g15).
+int w8a8_gemm_sm90_tile(int64_t M);
 cudaError_t launch_w8a8_gemm_sm90(int tile, const int8_t* q, const float* amax, const int8_t* w,
                                   const float* wscale, const __half* bias, __half* y, int64_t M, int64_t N,
                                   int64_t K, void* workspace, cudaStream_t stream, bool pdl = false);

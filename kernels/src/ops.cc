@@ -28,7 +28,8 @@
 // creates the kernel. Environment (read at kernel creation):
 //   ONNXQF_GEMV_MAX_M   rows up to which the GEMV runs (default 4: one launch with the quantization fused for
 //                       M <= 4, the separate quantization kernel + GEMV above); larger M takes the tensor-core GEMM
-//   ONNXQF_GEMM_TILE    force the GEMM tile: 0 = 128x128, 1 = 64x128, 2 = 128x256 (default: 1 for M <= 128, else 0)
+//   ONNXQF_GEMM_TILE    force the GEMM tile: 0 = 128x128, 1 = 64x128, 2 = 128x256, 3 = 128x128 stream-K, 4 = the
+//                       same in clusters of 2 (default: w8a8_gemm_sm90_tile, kernels.h)
 //   ONNXQF_QUANT_REGS   0: the separate quantization kernel as a block of 256 threads per row (default 1: each row
 //                       held in registers by as many warps as it needs)
 //   ONNXQF_GEMV_CONFIG  the one-token GEMV's outputs per warp x weight chunks in flight (kernels.h; -1: by shape)
@@ -317,7 +318,7 @@ struct W8A8LinearKernel {
       return nullptr;
     }
     int path = 0;  // 0 naive, 1 gemv, 2 gemm
-    const int tile = force_tile >= 0 ? force_tile : (M <= 128 ? 1 : 0);
+    const int tile = force_tile >= 0 ? force_tile : onnxqf::w8a8_gemm_sm90_tile(M);
     const bool pdl = gemm_pdl < 0 ? tile == 1 : gemm_pdl != 0;  // the GEMM as a dependent launch (g11: small tile)
     if (aligned) path = (M <= gemv_max_m) ? 1 : 2;
     else if (K % 16 == 0 && reinterpret_cast<uintptr_t>(w) % 16 == 0) path = 1;

@@ -256,20 +256,22 @@ __device__ __forceinline__ void walsh_chunk(float* r, int c, int tpr) {
   }
 }
 
-// Chunk c (8 values) of row i of token m's X [a, b] times B (unnormalised): in fp32, zero for the padding rows i >= a.
-// u: null, or X is SwiGLU's silu(x) * u (glu_chunk). The lanes holding one row's b / 8 chunks call it together
-// (walsh_chunk's shuffles).
+// A loaded chunk c (8 halves, all zero for a padding row) of a row of b = 8 tpr values times B (unnormalised), in
+// fp32. The lanes holding one row's tpr chunks call it together (walsh_chunk's shuffles).
+__device__ __forceinline__ void loaded_chunk_times_b(const uint4& v, int c, int tpr, bool walsh_b, float* r) {
+  halves_to_floats(v, r);
+  if (walsh_b) walsh_chunk(r, c, tpr);
+}
+
+// Chunk c (8 values) of row i of token m's X [a, b] times B, read from global memory: zero for the padding rows
+// i >= a. u: null, or X is SwiGLU's silu(x) * u (glu_chunk).
 __device__ __forceinline__ void chunk_times_b(const __half* __restrict__ x, const __half* __restrict__ u, int64_t m,
                                               int a, int b, int i, int c, bool walsh_b, float* r) {
-  if (i < a) {
-    const int64_t row = (m * a + i) * b;
-    halves_to_floats(load_chunk(reinterpret_cast<const uint4*>(x + row), u ? reinterpret_cast<const uint4*>(u + row)
-                                                                           : nullptr, c), r);
-  } else {
-#pragma unroll
-    for (int k = 0; k < 8; ++k) r[k] = 0.f;
-  }
-  if (walsh_b) walsh_chunk(r, c, b / 8);
+  const int64_t row = (m * a + i) * b;
+  const uint4 v = i < a ? load_chunk(reinterpret_cast<const uint4*>(x + row),
+                                     u ? reinterpret_cast<const uint4*>(u + row) : nullptr, c)
+                        : make_uint4(0u, 0u, 0u, 0u);
+  loaded_chunk_times_b(v, c, b / 8, walsh_b, r);
 }
 
 // The dense-factor path, step 1: Z [M * b, a8] with Z[m * b + j][i] = fp16((X_m B)[i][j] * scale) for i < a, zero
@@ -474,15 +476,13 @@ __global__ void __launch_bounds__(WARPS * 32, 1) rotate_dense_fused_kernel(const
     const __half* rx = raw(buf);
     for (int base = 0; base < a * TPR; base += GT) {  // (group-uniform: walsh_chunk's shuffles take every lane)
       const int task = base + gtid, i = task / TPR, c = task % TPR;
-      float r[8];
+      uint4 v = make_uint4(0u, 0u, 0u, 0u);
       if (i < a) {
-        const uint4 v = reinterpret_cast<const uint4*>(rx)[task];
-        halves_to_floats(u ? glu_chunk(v, reinterpret_cast<const uint4*>(rx + K)[task]) : v, r);
-      } else {
-#pragma unroll
-        for (int k = 0; k < 8; ++k) r[k] = 0.f;
+        v = reinterpret_cast<const uint4*>(rx)[task];
+        if (u) v = glu_chunk(v, reinterpret_cast<const uint4*>(rx + K)[task]);
       }
-      if (walsh_b) walsh_chunk(r, c, TPR);
+      float r[8];
+      loaded_chunk_times_b(v, c, TPR, walsh_b, r);
       if (i < a) {
         __half2 o[4];
 #pragma unroll
@@ -732,10 +732,13 @@ cudaError_t launch_rotate_dense_quantize(const __half* x, const __half* at, bool
   const int a = static_cast<int>(K / b);
   if (fused && rotate_dense_fused_supported(K, b, walsh_b, u != nullptr)) {
     if (reinterpret_cast<uintptr_t>(q) % 16 != 0) return cudaErrorInvalidValue;
-    // kernels.h: 1 the rule (two groups of 8 warps for b = 64, else one of 16, of 8 for b = 32), 2 one group of 8
+    // kernels.h: 1 the rule (two groups of 8 warps for b = 64 and M >= 2 x SMs, else one of 16, of 8 for b = 32), 2 one group of 8
     // warps, 3 one group of 16 (8 for b = 32), 4 two groups of 8 wherever they fit
-    const bool two =
-        fused_two_groups_fit(a, static_cast<int>(b), u != nullptr) && (fused == 4 || (fused == 1 && b == 64));
+    // the rule's two groups only where every block has a token for each (M >= 2 blocks per multiprocessor): below
+    // that a token's 16 warps finish it sooner (docs/benchmarks.md g15)
+    static const int sms = std::max(1, sm_count_of_current_device());
+    const bool two = fused_two_groups_fit(a, static_cast<int>(b), u != nullptr) &&
+                     (fused == 4 || (fused == 1 && b == 64 && M >= 2 * int64_t(sms)));
     const bool narrow = fused == 2;
     switch (b) {
       case 32: return two ? launch_fused_t<32, 16, 2>(x, u, at, q, amax, M, a, walsh_b, stream)

@@ -148,6 +148,9 @@ CASES = [
     (2048, 4096, 4096, True, None),                                 # GEMM large tile
     (200, 1024, 1024, False, {"ONNXQF_GEMM_TILE": "1"}),            # forced small tile at M > 128
     (300, 4096, 11008, True, {"ONNXQF_GEMM_TILE": "2"}),            # forced wide tile (128x256 cooperative)
+    (333, 4096, 4096, True, {"ONNXQF_GEMM_TILE": "3"}),             # stream-K, ragged M, split K loops
+    (528, 11008, 1032, True, {"ONNXQF_GEMM_TILE": "4"}),            # stream-K in clusters of 2, ragged N
+    (40, 2048, 4096, False, {"ONNXQF_GEMM_TILE": "3"}),             # stream-K at M < one tile
     (64, 32768, 256, False, None),                                  # the longest row the quantization holds in
     (8, 40000, 256, False, None),                                   # registers (512 threads); longer: a block per row
     (16, 1032, 1024, True, None),                                   # a row of 129 chunks: a ragged last warp
@@ -178,6 +181,8 @@ def test_against_numpy(M, K, N, with_bias, env):
                                        (16, 11008, 4096, {"ONNXQF_GEMV_MAX_M": "16"}), (16, 4096, 4096, None),
                                        (128, 4096, 4096, None), (2048, 4096, 11008, None), (777, 11008, 4096, None),
                                        (2048, 4096, 4096, {"ONNXQF_GEMM_TILE": "2"}),
+                                       (528, 11008, 4096, {"ONNXQF_GEMM_TILE": "3"}),  # stream-K: int32 partial
+                                       (264, 4096, 11008, {"ONNXQF_GEMM_TILE": "4"}),  # sums, the same bits
                                        (777, 11008, 4096, {"ONNXQF_QUANT_REGS": "0"}),
                                        (2048, 4096, 4096, {"ONNXQF_GEMM_PDL": "1"}),
                                        (64, 4096, 4096, {"ONNXQF_GEMM_PDL": "0"}),  # small tile, no PDL
