@@ -55,6 +55,7 @@ from onnxqf.graph import edit
 from onnxqf.lowering.base import LinearGroup, register, replace_outputs, take_over
 from onnxqf.lowering.w8a8 import W8A8Lowering
 from onnxqf.maths.hadamard import walsh_matrix, walsh_sign
+from onnxqf.maths.layout import transpose_copy
 
 __all__ = ["DOMAIN", "MAX_OUTPUTS", "OP", "ROTATE_MAX_SMEM", "SKIP_NORM_EPSILON", "KernelRotation", "OnnxqfCudaW8A8",
            "SkipNorm", "SwiGlu", "balance_factors", "emit_w8a8_kernel", "kernel_rotation", "kron_split", "skip_norm_of",
@@ -270,7 +271,7 @@ def emit_w8a8_kernel(graph: ir.Graph, x: ir.Value, q_int8_KN: np.ndarray, scale:
     if q_int8_KN.dtype != np.int8 or q_int8_KN.ndim != 2 or scale.shape != (q_int8_KN.shape[1],):
         raise OnnxqfError(f"{base_name}: W8A8Linear needs int8 [K, N] weights and N scales")
     tape = tape if tape is not None else ir_tape.Tape(graph)
-    wq = edit.add_initializer(graph, f"{base_name}.weight_int8_nk", np.ascontiguousarray(q_int8_KN.T))
+    wq = edit.add_initializer(graph, f"{base_name}.weight_int8_nk", transpose_copy(q_int8_KN))
     ws = edit.add_initializer(graph, f"{base_name}.weight_scale",
                               (np.asarray(scale, np.float64) / 127.0).astype(np.float32))
     inputs, attributes = [x, wq, ws], {}

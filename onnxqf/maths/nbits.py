@@ -37,6 +37,7 @@ import dataclasses
 import numpy as np
 
 from onnxqf.maths.gptq import PreparedHessian, gptq_round
+from onnxqf.maths.layout import transpose_copy
 
 __all__ = ["BITS", "BLOCK_SIZES", "n_blocks", "blob_size", "check", "BlockQuant", "concat_columns", "pack_codes",
            "unpack_codes", "pack_zero_points", "unpack_zero_points", "dequantize_packed", "block_scales",
@@ -153,7 +154,7 @@ def unpack_codes(B: np.ndarray, bits: int, K: int) -> np.ndarray:
     """Inverse of :func:`pack_codes`: uint8 ``[N, n_blocks, blob]`` -> codes ``[K, N]``."""
     N, nb, blob = B.shape
     codes = _unpack_along_last(B, bits, blob * 8 // bits).reshape(N, -1)
-    return np.ascontiguousarray(codes[:, :K].T)
+    return transpose_copy(codes[:, :K])
 
 
 def pack_zero_points(zero_points: np.ndarray, bits: int) -> np.ndarray:
