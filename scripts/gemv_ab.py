@@ -66,6 +66,20 @@ def environ(env: dict[str, str]):
                 os.environ[k] = v
 
 
+def kernel_name(name: str) -> str:
+    """A short name for a GPU kernel's demangled name: its function's own name, and for CUTLASS's device_kernel
+    the schedule and the MMA's types (e.g. 'cutlass Pingpong S32S8S8')."""
+    import re
+
+    n = name.replace("(anonymous namespace)::", "").removeprefix("void ").split("(")[0]
+    base = n.split("<")[0].rsplit("::", 1)[-1].strip() or name[:56]
+    if base == "device_kernel":
+        schedule = next((s for s in ("StreamK", "Pingpong", "Cooperative") if s in name), "")
+        mma = re.search(r"MMA_\d+x\d+x\d+_([A-Z0-9]+)", name)
+        return " ".join(filter(None, ("cutlass", schedule, mma.group(1) if mma else "")))
+    return base[:56]
+
+
 def kernel_times(runs, copies: int, repeats: int = 10) -> dict[str, float]:
     """Device µs per linear of all GPU kernels and of the five longest (by a short name) over `repeats` runs, from
     PyTorch's profiler: against the wall time per linear, what the host adds."""
@@ -79,7 +93,7 @@ def kernel_times(runs, copies: int, repeats: int = 10) -> dict[str, float]:
     for e in prof.events():
         if e.device_type != DeviceType.CUDA:
             continue
-        name = e.name.split("<")[0].split("(")[0].strip().rsplit("::", 1)[-1][:40] or e.name[:40]
+        name = kernel_name(e.name)
         total[name] = total.get(name, 0.0) + e.time_range.elapsed_us() / (repeats * copies)
     top = dict(sorted(total.items(), key=lambda kv: -kv[1])[:5])
     return {"all kernels": sum(total.values()), **top}
