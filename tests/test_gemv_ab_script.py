@@ -31,3 +31,17 @@ def test_environment_is_restored(monkeypatch):
         assert os.environ["ONNXQF_PDL"] == "1" and os.environ["ONNXQF_GEMV_CONFIG"] == "3"
     assert os.environ["ONNXQF_PDL"] == "0"
     assert "ONNXQF_GEMV_CONFIG" not in os.environ
+
+
+@pytest.mark.parametrize("demangled,short", [
+    ("void onnxqf::(anonymous namespace)::quantize_rows_regs_kernel<0>(__half const*, signed char*, long)",
+     "quantize_rows_regs_kernel"),
+    ("void cutlass::device_kernel<cutlass::gemm::kernel::GemmUniversal<cute::tuple<int, int, int, int>, "
+     "cutlass::gemm::KernelTmaWarpSpecializedPingpong, cute::MMA_Atom<cute::SM90::GMMA::MMA_64x128x32_S32S8S8_SS_TN>"
+     ">>(cutlass::gemm::kernel::GemmUniversal::Params)", "cutlass Pingpong S32S8S8"),
+    ("void cutlass::device_kernel<Foo<cutlass::gemm::StreamKScheduler, KernelTmaWarpSpecializedCooperative>>(P)",
+     "cutlass StreamK"),
+    ("Memset (Device)", "Memset"),
+])
+def test_kernel_names_are_short(demangled, short):
+    assert gemv_ab.kernel_name(demangled) == short
