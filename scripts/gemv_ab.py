@@ -23,6 +23,7 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -69,8 +70,6 @@ def environ(env: dict[str, str]):
 def kernel_name(name: str) -> str:
     """A short name for a GPU kernel's demangled name: its function's own name, and for CUTLASS's device_kernel
     the schedule and the MMA's types (e.g. 'cutlass Pingpong S32S8S8')."""
-    import re
-
     n = name.replace("(anonymous namespace)::", "").removeprefix("void ").split("(")[0]
     base = n.split("<")[0].rsplit("::", 1)[-1].strip() or name[:56]
     if base == "device_kernel":

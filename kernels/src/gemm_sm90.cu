@@ -6,20 +6,14 @@
 namespace onnxqf {
 
 int sm_count_of_current_device() {
-  int dev = 0, n = 0;
-  if (cudaGetDevice(&dev) != cudaSuccess) return 0;
-  if (cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess) return 0;
+  static const int n = [] {
+    int dev = 0, count = 0;
+    if (cudaGetDevice(&dev) != cudaSuccess) return 0;
+    if (cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess) return 0;
+    return count;
+  }();
   return n;
 }
-
-
-namespace {
-// cached per process for the first device asked (one-GPU processes are the rule); 0 lets CUTLASS ask
-int gemm_sm_count() {
-  static const int n = sm_count_of_current_device();
-  return n;
-}
-}  // namespace
 
 int w8a8_gemm_sm90_tile(int64_t M) {
   if (M <= 128) return 1;
@@ -28,7 +22,7 @@ int w8a8_gemm_sm90_tile(int64_t M) {
 
 size_t w8a8_gemm_sm90_workspace(int tile, int64_t M, int64_t N, int64_t K) {
   if (!sm90::fits_int(M, N, K)) return 0;
-  const int m = int(M), n = int(N), k = int(K), sms = gemm_sm_count();
+  const int m = int(M), n = int(N), k = int(K), sms = sm_count_of_current_device();
   switch (tile) {
     case 0: return sm90::workspace_large(m, n, k, sms);
     case 1: return sm90::workspace_small(m, n, k, sms);
@@ -41,7 +35,7 @@ cudaError_t launch_w8a8_gemm_sm90(int tile, const int8_t* q, const float* amax, 
                                   const __half* bias, __half* y, int64_t M, int64_t N, int64_t K, void* workspace,
                                   cudaStream_t stream, bool pdl) {
   if (!sm90::fits_int(M, N, K) || K % 16 != 0 || N % 8 != 0) return cudaErrorNotSupported;
-  const int m = int(M), n = int(N), k = int(K), sm_count = gemm_sm_count();
+  const int m = int(M), n = int(N), k = int(K), sm_count = sm_count_of_current_device();
   switch (tile) {
     case 0: return sm90::run_large(q, amax, w, wscale, bias, y, m, n, k, sm_count, workspace, stream, pdl);
     case 1: return sm90::run_small(q, amax, w, wscale, bias, y, m, n, k, sm_count, workspace, stream, pdl);

@@ -64,7 +64,7 @@ cudaError_t launch_f16_gemm_sm90(const __half* a, const __half* bt, int64_t ldb,
                                  int64_t K, void* workspace, cudaStream_t stream) {
   if (!sm90::fits_int(M, N, K) || ldb < K || ldb > INT_MAX || K % 8 != 0 || N % 8 != 0 || ldb % 8 != 0)
     return cudaErrorInvalidValue;
-  static const int sm_count = sm_count_of_current_device();  // one-GPU processes are the rule; 0 lets CUTLASS ask
+  const int sm_count = sm_count_of_current_device();
   return sm90::run_cutlass<F16Gemm::Gemm>(F16Gemm::arguments(a, bt, int(ldb), d, int(M), int(N), int(K), sm_count),
                                           workspace, stream);
 }

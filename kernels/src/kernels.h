@@ -144,7 +144,8 @@ cudaError_t opt_in_smem(size_t bytes) {
   return e;
 }
 
-// The current device's multiprocessor count (0 if it cannot be read: CUTLASS then asks itself).
+// The multiprocessor count of the first device asked, read once per process (one-GPU processes are the rule; 0 if
+// it cannot be read: CUTLASS then asks itself).
 int sm_count_of_current_device();
 
 // The same rotation at small M (b % 16 == 0, 16 <= b <= 256), unquantized: y [M, K] fp16 = the rotated rows in their
@@ -166,12 +167,13 @@ cudaError_t launch_w8a8_naive(const int8_t* q, const float* amax, const int8_t* 
 
 // CUTLASS 3.x SM90 int8 tensor-core GEMM, dequantization fused in the epilogue (fp16 out).
 // Requires K % 16 == 0 and N % 8 == 0 and 16-byte aligned pointers. `tile`: 0 = 128x128 (large M),
-// 1 = 64x128 (M <= 128), 2 = 128x256 cooperative, 3 = 128x128 stream-K, 4 = 128x128 stream-K in clusters of 2 along M. Returns cudaErrorNotSupported when CUTLASS cannot implement the problem.
+// 1 = 64x128 (M <= 128), 2 = 128x256 cooperative, 3 = 128x128 stream-K, 4 = 128x128 stream-K in clusters of 2 along
+// M. Returns cudaErrorNotSupported when CUTLASS cannot implement the problem.
 // pdl: a programmatic dependent launch, its prologue overlapping the end of the stream's previous kernel (which
 // launch_quantize_rows's kernel allows as soon as it starts); its loads wait for that kernel's end.
 size_t w8a8_gemm_sm90_workspace(int tile, int64_t M, int64_t N, int64_t K);
 // The default tile for M rows: 1 for M <= 128; above, 0 where M spans an even number of 128-row tiles, else 3 (an odd
-// count leaves the clusters of 2 a tile of nothing but padding, and measured 2-18 % slower than stream-K without
+// count leaves the clusters of 2 a tile of nothing but padding, and measured 1-18 % slower than stream-K without
 // clusters at M = 264, 528 and 792 on every Llama-2-7B shape: docs/benchmarks.md g15).
 int w8a8_gemm_sm90_tile(int64_t M);
 cudaError_t launch_w8a8_gemm_sm90(int tile, const int8_t* q, const float* amax, const int8_t* w,

@@ -699,7 +699,7 @@ cudaError_t launch_fused_t(const __half* x, const __half* u, const __half* at, i
   if (const cudaError_t oe = opt_in_smem<rotate_dense_fused_kernel<B, WARPS, GROUPS>>(kFusedMaxSmem);
       oe != cudaSuccess)
     return oe;
-  static const int sm_count = std::max(1, sm_count_of_current_device());
+  const int sm_count = std::max(1, sm_count_of_current_device());
   const unsigned blocks = static_cast<unsigned>(std::min<int64_t>((M + GROUPS - 1) / GROUPS, sm_count));
   rotate_dense_fused_kernel<B, WARPS, GROUPS>
       <<<blocks, WARPS * 32, fused_layout(a, B, u != nullptr, GROUPS).total, stream>>>(
@@ -732,13 +732,11 @@ cudaError_t launch_rotate_dense_quantize(const __half* x, const __half* at, bool
   const int a = static_cast<int>(K / b);
   if (fused && rotate_dense_fused_supported(K, b, walsh_b, u != nullptr)) {
     if (reinterpret_cast<uintptr_t>(q) % 16 != 0) return cudaErrorInvalidValue;
-    // kernels.h: 1 the rule (two groups of 8 warps for b = 64 and M >= 2 x SMs, else one of 16, of 8 for b = 32), 2 one group of 8
-    // warps, 3 one group of 16 (8 for b = 32), 4 two groups of 8 wherever they fit
-    // the rule's two groups only where every block has a token for each (M >= 2 blocks per multiprocessor): below
-    // that a token's 16 warps finish it sooner (docs/benchmarks.md g15)
-    static const int sms = std::max(1, sm_count_of_current_device());
+    // `fused` as kernels.h says; the rule's two groups only where every block has a token for each group (M >= 2
+    // blocks per multiprocessor): below that a token's 16 warps finish it sooner (docs/benchmarks.md g15)
+    const int64_t two_from = 2 * int64_t(std::max(1, sm_count_of_current_device()));
     const bool two = fused_two_groups_fit(a, static_cast<int>(b), u != nullptr) &&
-                     (fused == 4 || (fused == 1 && b == 64 && M >= 2 * int64_t(sms)));
+                     (fused == 4 || (fused == 1 && b == 64 && M >= two_from));
     const bool narrow = fused == 2;
     switch (b) {
       case 32: return two ? launch_fused_t<32, 16, 2>(x, u, at, q, amax, M, a, walsh_b, stream)
