@@ -98,6 +98,15 @@ def kernel_times(runs, copies: int, repeats: int = 10) -> dict[str, float]:
     return {"all kernels": sum(total.values()), **top}
 
 
+def write_rows(args, settings, rows) -> None:
+    """--out's JSON, replaced whole (a temporary file renamed over it: never half written)."""
+    out = Path(args.out)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps({"settings": settings, "copies": args.copies, "repeats": args.repeats,
+                               "rounds": args.rounds, "rows": rows}, indent=1))
+    os.replace(tmp, out)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shapes", default="4096:4096,4096:11008,11008:4096")
@@ -163,6 +172,8 @@ def main(argv=None) -> int:
             if args.kernels:
                 row["kernels_us"] = {name: kernel_times(r, args.copies) for name, r in runs.items()}
             rows.append(row)
+            if args.out:  # after every row: a run stopped at a time limit keeps the rows it timed
+                write_rows(args, settings, rows)
             line = f"{K}->{N} M={M}: " + "  ".join(f"{n} {v * 1e3:.1f}us ({row['speedup'][n]:.2f}x)"
                                                    for n, v in ms.items())
             if args.rotate:
@@ -171,9 +182,6 @@ def main(argv=None) -> int:
             for name, kernels in row.get("kernels_us", {}).items():
                 print(f"    {name}: " + "  ".join(f"{k} {v:.1f}" for k, v in kernels.items()), flush=True)
         sessions = runs = None
-    if args.out:
-        Path(args.out).write_text(json.dumps({"settings": settings, "copies": args.copies, "repeats": args.repeats,
-                                              "rounds": args.rounds, "rows": rows}, indent=1))
     return 0
 
 

@@ -45,3 +45,17 @@ def test_environment_is_restored(monkeypatch):
 ])
 def test_kernel_names_are_short(demangled, short):
     assert gemv_ab.kernel_name(demangled) == short
+
+
+def test_write_rows_replaces_the_file_whole(tmp_path):
+    import argparse
+    import json
+
+    out = tmp_path / "ab.json"
+    out.write_text("old")
+    args = argparse.Namespace(out=str(out), copies=8, repeats=6, rounds=3)
+    gemv_ab.write_rows(args, [("rule", {})], [{"M": 528}])
+    gemv_ab.write_rows(args, [("rule", {})], [{"M": 528}, {"M": 2048}])
+    data = json.loads(out.read_text())
+    assert [r["M"] for r in data["rows"]] == [528, 2048] and data["copies"] == 8
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ab.json"]
