@@ -1,4 +1,5 @@
-// Dispatch to the SM90 tile configurations (host code only; the kernels live in gemm_sm90_{large,small,wide}.cu).
+// Dispatch to the SM90 tile configurations (host code only; the kernels live in
+// gemm_sm90_{large,small,wide,streamk,tall}.cu).
 #include <climits>
 
 #include "gemm_sm90.cuh"
@@ -15,35 +16,41 @@ int sm_count_of_current_device() {
   return n;
 }
 
-int w8a8_gemm_sm90_tile(int64_t M) {
-  if (M <= 128) return 1;
-  return ((M + 127) / 128) % 2 == 0 ? 0 : 3;
+int w8a8_gemm_sm90_tile(int64_t M) { return M <= 128 ? 1 : 6; }
+
+namespace {
+// The tile's configuration; tiles outside 0..kGemmTiles-1 are refused before (ops.cc) and here run tile 0's.
+sm90::TileFns tile_fns(int tile) {
+  switch (tile) {
+    case 1: return sm90::tile_fns_small(tile);
+    case 2: return sm90::tile_fns_wide(tile);
+    case 3: case 4: return sm90::tile_fns_streamk(tile);
+    case 5: case 6: case 7: return sm90::tile_fns_tall(tile);
+    default: return sm90::tile_fns_large(tile);
+  }
+}
+}  // namespace
+
+const char* gemm_schedule_error(const GemmSchedule& s) {
+  if (s.swizzle != 1 && s.swizzle != 2 && s.swizzle != 4 && s.swizzle != 8) return "swizzle must be 1, 2, 4 or 8";
+  if (s.raster < 0 || s.raster > 2) return "raster must be 0 (heuristic), 1 (along M) or 2 (along N)";
+  if (s.decomposition < 0 || s.decomposition > 3)
+    return "decomposition must be 0 (heuristic), 1 (data-parallel), 2 (split-K) or 3 (stream-K)";
+  if (s.splits < 1 || s.splits > 64) return "splits must be from 1 to 64";
+  return nullptr;
 }
 
-size_t w8a8_gemm_sm90_workspace(int tile, int64_t M, int64_t N, int64_t K) {
+size_t w8a8_gemm_sm90_workspace(int tile, int64_t M, int64_t N, int64_t K, const GemmSchedule& s) {
   if (!sm90::fits_int(M, N, K)) return 0;
-  const int m = int(M), n = int(N), k = int(K), sms = sm_count_of_current_device();
-  switch (tile) {
-    case 0: return sm90::workspace_large(m, n, k, sms);
-    case 1: return sm90::workspace_small(m, n, k, sms);
-    case 2: return sm90::workspace_wide(m, n, k, sms);
-    default: return sm90::workspace_streamk(tile == 4 ? 2 : 1, m, n, k, sms);
-  }
+  return tile_fns(tile).workspace(int(M), int(N), int(K), sm_count_of_current_device(), s);
 }
 
 cudaError_t launch_w8a8_gemm_sm90(int tile, const int8_t* q, const float* amax, const int8_t* w, const float* wscale,
                                   const __half* bias, __half* y, int64_t M, int64_t N, int64_t K, void* workspace,
-                                  cudaStream_t stream, bool pdl) {
+                                  cudaStream_t stream, bool pdl, const GemmSchedule& s) {
   if (!sm90::fits_int(M, N, K) || K % 16 != 0 || N % 8 != 0) return cudaErrorNotSupported;
-  const int m = int(M), n = int(N), k = int(K), sm_count = sm_count_of_current_device();
-  switch (tile) {
-    case 0: return sm90::run_large(q, amax, w, wscale, bias, y, m, n, k, sm_count, workspace, stream, pdl);
-    case 1: return sm90::run_small(q, amax, w, wscale, bias, y, m, n, k, sm_count, workspace, stream, pdl);
-    case 2: return sm90::run_wide(q, amax, w, wscale, bias, y, m, n, k, sm_count, workspace, stream, pdl);
-    default:
-      return sm90::run_streamk(tile == 4 ? 2 : 1, q, amax, w, wscale, bias, y, m, n, k, sm_count, workspace, stream,
-                               pdl);
-  }
+  return tile_fns(tile).run(q, amax, w, wscale, bias, y, int(M), int(N), int(K), sm_count_of_current_device(),
+                            workspace, stream, pdl, s);
 }
 
 }  // namespace onnxqf

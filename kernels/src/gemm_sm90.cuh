@@ -48,6 +48,20 @@ cudaError_t run_cutlass(const typename Gemm::Arguments& args, void* workspace, c
   return cudaGetLastError();
 }
 
+// The stream-K scheduler's own arguments (split-K, decomposition, reduction); other schedulers have none.
+template <class SchedulerArgs>
+auto set_streamk(SchedulerArgs& a, const GemmSchedule& s, int) -> decltype(a.splits, void()) {
+  using cutlass::gemm::kernel::detail::DecompositionMode;
+  using cutlass::gemm::kernel::detail::ReductionMode;
+  constexpr DecompositionMode modes[] = {DecompositionMode::Heuristic, DecompositionMode::DataParallel,
+                                         DecompositionMode::SplitK, DecompositionMode::StreamK};
+  a.splits = s.splits;
+  a.decomposition_mode = modes[s.decomposition & 3];
+  a.reduction_mode = s.atomic ? ReductionMode::Nondeterministic : ReductionMode::Deterministic;
+}
+template <class SchedulerArgs>
+void set_streamk(SchedulerArgs&, const GemmSchedule&, long) {}
+
 template <class TileShape, class ClusterShape, class KernelSchedule, class EpilogueSchedule,
           class TileScheduler = cutlass::gemm::PersistentScheduler>
 struct W8A8Gemm {
@@ -89,7 +103,8 @@ struct W8A8Gemm {
   using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
 
   static typename Gemm::Arguments arguments(const int8_t* q, const float* amax, const int8_t* w, const float* wscale,
-                                            const __half* bias, __half* y, int M, int N, int K, int sm_count) {
+                                            const __half* bias, __half* y, int M, int N, int K, int sm_count,
+                                            const GemmSchedule& sched) {
     using StrideA = typename Kernel::StrideA;
     using StrideB = typename Kernel::StrideB;
     using StrideC = typename Kernel::StrideC;
@@ -109,18 +124,29 @@ struct W8A8Gemm {
             {reinterpret_cast<const cutlass::half_t*>(bias), cutlass::half_t(0), {}},
             {}};
     args.hw_info.sm_count = sm_count;
+    using cutlass::gemm::kernel::detail::RasterOrderOptions;
+    constexpr RasterOrderOptions rasters[] = {RasterOrderOptions::Heuristic, RasterOrderOptions::AlongM,
+                                              RasterOrderOptions::AlongN};
+    args.scheduler.max_swizzle_size = sched.swizzle;
+    args.scheduler.raster_order = rasters[sched.raster % 3];
+    set_streamk(args.scheduler, sched, 0);
     return args;
   }
 
-  static size_t workspace(int M, int N, int K, int sm_count) {  // (stream-K's partial sums depend on sm_count)
-    auto args = arguments(nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, M, N, K, sm_count);
+  // (stream-K's partial sums depend on sm_count and the schedule)
+  static size_t workspace(int M, int N, int K, int sm_count, const GemmSchedule& sched) {
+    auto args = arguments(nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, M, N, K, sm_count, sched);
     return Gemm::get_workspace_size(args);
   }
 
   static cudaError_t run(const int8_t* q, const float* amax, const int8_t* w, const float* wscale, const __half* bias,
                          __half* y, int M, int N, int K, int sm_count, void* workspace, cudaStream_t stream,
-                         bool pdl) {
-    return run_cutlass<Gemm>(arguments(q, amax, w, wscale, bias, y, M, N, K, sm_count), workspace, stream, pdl);
+                         bool pdl, const GemmSchedule& sched) {
+#ifdef ONNXQF_GEMM_NO_PDL
+    pdl = false;  // built without grid dependency control: never a dependent launch
+#endif
+    return run_cutlass<Gemm>(arguments(q, amax, w, wscale, bias, y, M, N, K, sm_count, sched), workspace, stream,
+                             pdl);
   }
 };
 
@@ -150,18 +176,33 @@ using StreamKClusterTile = W8A8Gemm<Shape<_128, _128, _128>, Shape<_2, _1, _1>,
                                     cutlass::gemm::KernelTmaWarpSpecializedCooperative,
                                     cutlass::epilogue::TmaWarpSpecializedCooperative, cutlass::gemm::StreamKScheduler>;
 
-cudaError_t run_streamk(int cluster, const int8_t*, const float*, const int8_t*, const float*, const __half*,
-                        __half*, int, int, int, int, void*, cudaStream_t, bool);
-size_t workspace_streamk(int cluster, int, int, int, int);
-cudaError_t run_wide(const int8_t*, const float*, const int8_t*, const float*, const __half*, __half*, int, int, int,
-                     int, void*, cudaStream_t, bool);
-size_t workspace_wide(int, int, int, int);
-cudaError_t run_large(const int8_t*, const float*, const int8_t*, const float*, const __half*, __half*, int, int, int,
-                      int, void*, cudaStream_t, bool);
-cudaError_t run_small(const int8_t*, const float*, const int8_t*, const float*, const __half*, __half*, int, int, int,
-                      int, void*, cudaStream_t, bool);
-size_t workspace_large(int, int, int, int);
-size_t workspace_small(int, int, int, int);
+// tiles 5, 6 and 7: 256x128x128, cooperative consumers (a warpgroup per 128 rows), in clusters of 2 along M (5: the
+// weight tile multicast), of 2 along N (6: the activation tile multicast) or of 2 x 2 (7: both). Per k step a
+// 128x128 tile loads 32 KB for 2.1 M products; a 256x128 tile 48 KB for twice as many, less again with multicast
+// (the L2-to-SM traffic: docs/benchmarks.md g16).
+template <class Cluster>
+using TallTile = W8A8Gemm<Shape<_256, _128, _128>, Cluster, cutlass::gemm::KernelTmaWarpSpecializedCooperative,
+                          cutlass::epilogue::TmaWarpSpecializedCooperative>;
+// tile 8: tile 0 in clusters of 2 along N (the activation tile multicast instead of the weight's).
+using LargeTileN = W8A8Gemm<Shape<_128, _128, _128>, Shape<_1, _2, _1>,
+                            cutlass::gemm::KernelTmaWarpSpecializedPingpong, cutlass::epilogue::TmaWarpSpecialized>;
+
+// A tile configuration's entry points (the same signature for every configuration: W8A8Gemm::run, ::workspace).
+struct TileFns {
+  cudaError_t (*run)(const int8_t*, const float*, const int8_t*, const float*, const __half*, __half*, int, int, int,
+                     int, void*, cudaStream_t, bool, const GemmSchedule&);
+  size_t (*workspace)(int, int, int, int, const GemmSchedule&);
+};
+template <class Config>
+constexpr TileFns fns_of() {
+  return {&Config::run, &Config::workspace};
+}
+// one per file that instantiates tiles (each compiles on its own): the configuration of `tile`, or null entries
+TileFns tile_fns_large(int tile);    // 0, 8 (gemm_sm90_large.cu)
+TileFns tile_fns_small(int tile);    // 1 (gemm_sm90_small.cu)
+TileFns tile_fns_wide(int tile);     // 2 (gemm_sm90_wide.cu)
+TileFns tile_fns_streamk(int tile);  // 3, 4 (gemm_sm90_streamk.cu)
+TileFns tile_fns_tall(int tile);     // 5, 6, 7 (gemm_sm90_tall.cu)
 
 }  // namespace sm90
 }  // namespace onnxqf

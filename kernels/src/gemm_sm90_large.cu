@@ -1,15 +1,12 @@
-// Instantiation of the large-M tile configuration (gemm_sm90.cuh).
+// Instantiation of the 128x128 tile configurations, clusters along M (0) or N (8) (gemm_sm90.cuh).
 #include "gemm_sm90.cuh"
 
 namespace onnxqf {
 namespace sm90 {
 
-cudaError_t run_large(const int8_t* q, const float* amax, const int8_t* w, const float* wscale, const __half* bias,
-                      __half* y, int M, int N, int K, int sm_count, void* workspace, cudaStream_t stream, bool pdl) {
-  return LargeTile::run(q, amax, w, wscale, bias, y, M, N, K, sm_count, workspace, stream, pdl);
+TileFns tile_fns_large(int tile) {
+  return tile == 8 ? fns_of<LargeTileN>() : fns_of<LargeTile>();
 }
-
-size_t workspace_large(int M, int N, int K, int sm_count) { return LargeTile::workspace(M, N, K, sm_count); }
 
 }  // namespace sm90
 }  // namespace onnxqf

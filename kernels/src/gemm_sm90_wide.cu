@@ -4,12 +4,7 @@
 namespace onnxqf {
 namespace sm90 {
 
-cudaError_t run_wide(const int8_t* q, const float* amax, const int8_t* w, const float* wscale, const __half* bias,
-                      __half* y, int M, int N, int K, int sm_count, void* workspace, cudaStream_t stream, bool pdl) {
-  return WideTile::run(q, amax, w, wscale, bias, y, M, N, K, sm_count, workspace, stream, pdl);
-}
-
-size_t workspace_wide(int M, int N, int K, int sm_count) { return WideTile::workspace(M, N, K, sm_count); }
+TileFns tile_fns_wide(int) { return fns_of<WideTile>(); }
 
 }  // namespace sm90
 }  // namespace onnxqf

@@ -166,18 +166,32 @@ cudaError_t launch_w8a8_naive(const int8_t* q, const float* amax, const int8_t* 
                               const __half* bias, __half* y, int64_t M, int64_t N, int64_t K, cudaStream_t stream);
 
 // CUTLASS 3.x SM90 int8 tensor-core GEMM, dequantization fused in the epilogue (fp16 out).
-// Requires K % 16 == 0 and N % 8 == 0 and 16-byte aligned pointers. `tile`: 0 = 128x128 (large M),
-// 1 = 64x128 (M <= 128), 2 = 128x256 cooperative, 3 = 128x128 stream-K, 4 = 128x128 stream-K in clusters of 2 along
-// M. Returns cudaErrorNotSupported when CUTLASS cannot implement the problem.
+// Requires K % 16 == 0 and N % 8 == 0 and 16-byte aligned pointers. `tile` (0 .. kGemmTiles - 1): 0 = 128x128 in
+// clusters of 2 along M (large M), 1 = 64x128 (M <= 128), 2 = 128x256 cooperative, 3 = 128x128 stream-K, 4 = the same
+// in clusters of 2 along M, 5 / 6 / 7 = 256x128 cooperative in clusters of 2 along M / 2 along N / 2 x 2, 8 = 128x128
+// in clusters of 2 along N. Returns cudaErrorNotSupported when CUTLASS cannot implement the problem.
 // pdl: a programmatic dependent launch, its prologue overlapping the end of the stream's previous kernel (which
 // launch_quantize_rows's kernel allows as soon as it starts); its loads wait for that kernel's end.
-size_t w8a8_gemm_sm90_workspace(int tile, int64_t M, int64_t N, int64_t K);
-// The default tile for M rows: 1 for M <= 128; above, 0 where M spans an even number of 128-row tiles, else 3 (an odd
-// count leaves the clusters of 2 a tile of nothing but padding, and measured 1-18 % slower than stream-K without
-// clusters at M = 264, 528 and 792 on every Llama-2-7B shape: docs/benchmarks.md g15).
+constexpr int kGemmTiles = 9;
+// How a GEMM's tiles are laid on the persistent grid (CUTLASS's tile scheduler arguments; defaults: CUTLASS's).
+struct GemmSchedule {
+  int swizzle = 1;        // tiles per swizzle group: 1, 2, 4 or 8 (consecutive CTAs on neighbouring tiles)
+  int raster = 0;         // 0: CUTLASS's heuristic, 1: along M, 2: along N
+  int decomposition = 0;  // stream-K tiles (3, 4): 0 CUTLASS's heuristic, 1 data-parallel, 2 split-K, 3 stream-K
+  int splits = 1;         // stream-K tiles: K split into this many parts (split-K; with heuristic, > 1 means split-K)
+  bool atomic = false;    // stream-K tiles: partial sums added in any order (int32: the same bits) instead of in turn
+};
+// The schedule's fields in their ranges (above), else the first that is not, as a message.
+const char* gemm_schedule_error(const GemmSchedule& s);
+size_t w8a8_gemm_sm90_workspace(int tile, int64_t M, int64_t N, int64_t K, const GemmSchedule& s = {});
+// The default tile for M rows: 1 (64x128) for M <= 128, above 6 (256x128 in clusters of 2 along N): at 528 and 2048
+// rows on the Llama-2-7B shapes it measured the fastest or within 3.3 % of it, 5-13 % faster than the stream-K tile
+// of before at 528 rows, at 2048 8-11 % faster than tile 0 where N = 4096 and 0.4 % slower at 4096 -> 11008
+// (docs/benchmarks.md g16).
 int w8a8_gemm_sm90_tile(int64_t M);
 cudaError_t launch_w8a8_gemm_sm90(int tile, const int8_t* q, const float* amax, const int8_t* w,
                                   const float* wscale, const __half* bias, __half* y, int64_t M, int64_t N,
-                                  int64_t K, void* workspace, cudaStream_t stream, bool pdl = false);
+                                  int64_t K, void* workspace, cudaStream_t stream, bool pdl = false,
+                                  const GemmSchedule& s = {});
 
 }  // namespace onnxqf

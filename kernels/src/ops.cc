@@ -28,8 +28,10 @@
 // creates the kernel. Environment (read at kernel creation):
 //   ONNXQF_GEMV_MAX_M   rows up to which the GEMV runs (default 4: one launch with the quantization fused for
 //                       M <= 4, the separate quantization kernel + GEMV above); larger M takes the tensor-core GEMM
-//   ONNXQF_GEMM_TILE    force the GEMM tile: 0 = 128x128, 1 = 64x128, 2 = 128x256, 3 = 128x128 stream-K, 4 = the
-//                       same in clusters of 2 (default: w8a8_gemm_sm90_tile, kernels.h)
+//   ONNXQF_GEMM_TILE    force the GEMM tile, 0..8 (kernels.h: launch_w8a8_gemm_sm90; another value stops the session's
+//                       creation; default: w8a8_gemm_sm90_tile, kernels.h)
+//   ONNXQF_GEMM_SWIZZLE, ONNXQF_GEMM_RASTER, ONNXQF_GEMM_SK, ONNXQF_GEMM_SPLITS, ONNXQF_GEMM_SK_ATOMIC
+//                       the GEMM's schedule (kernels.h: GemmSchedule; out of range stops the session's creation)
 //   ONNXQF_QUANT_REGS   0: the separate quantization kernel as a block of 256 threads per row (default 1: each row
 //                       held in registers by as many warps as it needs)
 //   ONNXQF_GEMV_CONFIG  the one-token GEMV's outputs per warp x weight chunks in flight (kernels.h; -1: by shape)
@@ -134,6 +136,7 @@ struct W8A8LinearKernel {
   int gemv_max_m = 4;
   onnxqf::GemvOptions gemv;
   int force_tile = -1;
+  onnxqf::GemmSchedule schedule;  // ONNXQF_GEMM_SWIZZLE, _RASTER, _SK, _SPLITS, _SK_ATOMIC
   bool tile_rotation = false;  // ONNXQF_ROTATION_TILES=1: every rotation by the per-token tensor-core kernel
   bool quant_regs = true;      // ONNXQF_QUANT_REGS=0: the quantization's block-per-row kernel (A/B runs)
   int rot_fused = 1;           // ONNXQF_ROT_FUSED: a dense factor's one-kernel path and its warps (1-4) or not (0)
@@ -327,7 +330,7 @@ struct W8A8LinearKernel {
     const size_t a_bytes = round_up(size_t(M) * sizeof(float), 256);
     size_t ws_bytes = 0;
     for (int i = 0; path == 2 && i < out.count; ++i)
-      ws_bytes = std::max(ws_bytes, round_up(onnxqf::w8a8_gemm_sm90_workspace(tile, M, parts[i], K), 256));
+      ws_bytes = std::max(ws_bytes, round_up(onnxqf::w8a8_gemm_sm90_workspace(tile, M, parts[i], K, schedule), 256));
     const bool dense_fused = dense && rot_fused && onnxqf::rotate_dense_fused_supported(K, rotation_block, walsh_b,
                                                                                           u != nullptr);
     const size_t r_bytes = dense && !dense_fused ? onnxqf::rotate_dense_scratch(M, K, rotation_block) : 0;
@@ -360,7 +363,7 @@ struct W8A8LinearKernel {
       int part_path = path;
       if (part_path == 2) {
         e = onnxqf::launch_w8a8_gemm_sm90(tile, q, amax, wi, si, bi, out.y[i], M, n, K, workspace, stream,
-                                          pdl);
+                                          pdl, schedule);
         if (e == cudaErrorNotSupported) {
           (void)cudaGetLastError();
           part_path = 1;
@@ -441,6 +444,19 @@ struct W8A8LinearOp : Ort::CustomOpBase<W8A8LinearOp, W8A8LinearKernel, true> {
     k->gemv.sm_count = env_int("ONNXQF_GEMV_PERSIST", 1) != 0 ? k->sm_count : 0;
     k->gemv.pdl = env_int("ONNXQF_PDL", 0) != 0;
     k->force_tile = env_int("ONNXQF_GEMM_TILE", -1);
+    if (k->force_tile < -1 || k->force_tile >= onnxqf::kGemmTiles) {
+      delete k;
+      return fail("onnxqf.W8A8Linear: ONNXQF_GEMM_TILE must be a tile from 0 to 8 (kernels.h: launch_w8a8_gemm_sm90)");
+    }
+    k->schedule.swizzle = env_int("ONNXQF_GEMM_SWIZZLE", 1);
+    k->schedule.raster = env_int("ONNXQF_GEMM_RASTER", 0);
+    k->schedule.decomposition = env_int("ONNXQF_GEMM_SK", 0);
+    k->schedule.splits = env_int("ONNXQF_GEMM_SPLITS", 1);
+    k->schedule.atomic = env_int("ONNXQF_GEMM_SK_ATOMIC", 0) != 0;
+    if (const char* why = onnxqf::gemm_schedule_error(k->schedule)) {
+      delete k;
+      return fail(std::string("onnxqf.W8A8Linear: ONNXQF_GEMM_SWIZZLE/RASTER/SK/SPLITS: ") + why);
+    }
     k->quant_regs = env_int("ONNXQF_QUANT_REGS", 1) != 0;
     k->gemm_pdl = env_int("ONNXQF_GEMM_PDL", -1);
     k->rot_fused = env_int("ONNXQF_ROT_FUSED", 1);

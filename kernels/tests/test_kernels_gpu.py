@@ -151,6 +151,10 @@ CASES = [
     (333, 4096, 4096, True, {"ONNXQF_GEMM_TILE": "3"}),             # stream-K, ragged M, split K loops
     (528, 11008, 1032, True, {"ONNXQF_GEMM_TILE": "4"}),            # stream-K in clusters of 2, ragged N
     (40, 2048, 4096, False, {"ONNXQF_GEMM_TILE": "3"}),             # stream-K at M < one tile
+    (333, 4096, 4096, True, {"ONNXQF_GEMM_TILE": "5"}),             # 256x128, clusters along M, ragged M
+    (300, 4096, 1032, False, {"ONNXQF_GEMM_TILE": "6"}),            # 256x128, clusters along N, ragged N
+    (600, 2048, 1032, True, {"ONNXQF_GEMM_TILE": "7"}),             # 256x128 in clusters of 2 x 2, both ragged
+    (333, 2048, 1032, False, {"ONNXQF_GEMM_TILE": "8"}),            # 128x128, clusters along N, both ragged
     (64, 32768, 256, False, None),                                  # the longest row the quantization holds in
     (8, 40000, 256, False, None),                                   # registers (512 threads); longer: a block per row
     (16, 1032, 1024, True, None),                                   # a row of 129 chunks: a ragged last warp
@@ -183,6 +187,18 @@ def test_against_numpy(M, K, N, with_bias, env):
                                        (2048, 4096, 4096, {"ONNXQF_GEMM_TILE": "2"}),
                                        (528, 11008, 4096, {"ONNXQF_GEMM_TILE": "3"}),  # stream-K: int32 partial
                                        (264, 4096, 11008, {"ONNXQF_GEMM_TILE": "4"}),  # sums, the same bits
+                                       (2048, 4096, 4096, {"ONNXQF_GEMM_TILE": "5"}),
+                                       (528, 11008, 4096, {"ONNXQF_GEMM_TILE": "6"}),
+                                       (1000, 4096, 11008, {"ONNXQF_GEMM_TILE": "7"}),
+                                       (2048, 4096, 4096, {"ONNXQF_GEMM_TILE": "8"}),
+                                       # the schedule: stream-K forced, its partial sums in any order; split-K;
+                                       # data-parallel; swizzle and raster order
+                                       (528, 4096, 4096, {"ONNXQF_GEMM_TILE": "3", "ONNXQF_GEMM_SK": "3",
+                                                          "ONNXQF_GEMM_SK_ATOMIC": "1"}),
+                                       (528, 11008, 4096, {"ONNXQF_GEMM_TILE": "3", "ONNXQF_GEMM_SK": "2",
+                                                           "ONNXQF_GEMM_SPLITS": "3"}),
+                                       (660, 4096, 11008, {"ONNXQF_GEMM_TILE": "4", "ONNXQF_GEMM_SK": "1"}),
+                                       (1000, 4096, 4096, {"ONNXQF_GEMM_SWIZZLE": "4", "ONNXQF_GEMM_RASTER": "2"}),
                                        (777, 11008, 4096, {"ONNXQF_QUANT_REGS": "0"}),
                                        (2048, 4096, 4096, {"ONNXQF_GEMM_PDL": "1"}),
                                        (64, 4096, 4096, {"ONNXQF_GEMM_PDL": "0"}),  # small tile, no PDL
@@ -365,6 +381,21 @@ def test_skip_norm_refusals():
         m.ir_version = 9
         with pytest.raises(Exception, match=match):
             _session(m, True, None).run(None, {"x": x, "skip": x})
+
+
+@pytest.mark.parametrize("env,match", [({"ONNXQF_GEMM_TILE": "9"}, "ONNXQF_GEMM_TILE must be a tile from 0 to 8"),
+                                       ({"ONNXQF_GEMM_TILE": "-2"}, "ONNXQF_GEMM_TILE must be a tile from 0 to 8"),
+                                       ({"ONNXQF_GEMM_SWIZZLE": "3"}, "swizzle must be 1, 2, 4 or 8"),
+                                       ({"ONNXQF_GEMM_RASTER": "3"}, "raster must be"),
+                                       ({"ONNXQF_GEMM_SK": "4"}, "decomposition must be"),
+                                       ({"ONNXQF_GEMM_SPLITS": "0"}, "splits must be from 1 to 64")])
+def test_gemm_options_out_of_range_are_refused(env, match):
+    """The GEMM's tile and schedule options name what the library has, else the session's creation stops with one
+    line (before, any other tile silently ran the stream-K one)."""
+    K, N = 1024, 256
+    _, q, wscale, _ = data(1, K, N, seed=2, with_bias=False)
+    with pytest.raises(Exception, match=match):
+        session(K, N, False, env, q=q, wscale=wscale)
 
 
 def test_empty_tokens():
