@@ -5,9 +5,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import onnx
 import onnx_ir as ir
+import pytest
 
 from onnxqf.lowering.cuda_kernels import DOMAIN, OP, OnnxqfCudaW8A8, emit_w8a8_kernel
 from onnxqf.maths.hadamard import walsh_matrix
@@ -412,3 +415,27 @@ def test_an_older_cuda_library_is_refused_in_one_line(monkeypatch, tmp_path):
 
     with pytest.raises(OnnxqfError, match="rebuild it"):
         kernels.register(Options(), lib)
+
+
+def test_gemm_tile_rule_picks_the_measured_winners(monkeypatch):
+    """The library's default GEMM tile (kernels.h: w8a8_gemm_sm90_tile) read through the built library on the CPU,
+    against the H100 runs it was fitted to (docs/benchmarks.md g16, 132 multiprocessors): the 64-row tile to 128
+    rows and at 192, the 256-row tile in clusters along N (6) where its waves cost least (528, 1024, 2048 rows; 1536
+    at N = 11008), else 128-row tiles: clusters of 2 (0) for an even count of 128-row tiles, stream-K (3) for odd."""
+    from onnxqf.runtime import kernels
+
+    root = Path(__file__).resolve().parents[1]
+    lib = root / "kernels" / "build" / kernels.LIBRARY
+    if not lib.is_file():
+        pytest.skip("onnxqf's CUDA library is not built: bash kernels/build.sh")
+    monkeypatch.syspath_prepend(str(root / "kernels" / "build" / "deps"))  # the build's nvidia-cuda-runtime wheel
+    want = {  # (M, N): tile
+        (1, 4096): 1, (128, 32000): 1, (192, 4096): 1, (192, 11008): 1,
+        (264, 4096): 3, (264, 11008): 3, (396, 4096): 0, (396, 11008): 0,
+        (528, 4096): 6, (528, 11008): 6, (1024, 4096): 6, (1024, 11008): 6,
+        (1536, 4096): 0, (1536, 11008): 6, (2048, 4096): 6, (2048, 11008): 6,
+    }
+    got = {mn: kernels.gemm_tile(*mn, sm_count=132, path=lib) for mn in want}
+    assert got == want
+    # fewer multiprocessors: more waves of the 256-row tiles, where the 128-row tiles fit the grid better
+    assert kernels.gemm_tile(1536, 4096, sm_count=96, path=lib) == 6 and kernels.gemm_tile(2048, 4096, 114, lib) == 0

@@ -16,7 +16,19 @@ int sm_count_of_current_device() {
   return n;
 }
 
-int w8a8_gemm_sm90_tile(int64_t M) { return M <= 128 ? 1 : 6; }
+int w8a8_gemm_sm90_tile(int64_t M, int64_t N, int sm_count) {
+  if (M <= 128 || N <= 0 || sm_count <= 0) return 1;
+  const int64_t n_tiles = (N + 127) / 128;
+  // waves of tiles the grid takes x rows per tile x a factor per tile (the 256-row tile does more per row)
+  auto cost = [&](int64_t rows, double factor) {
+    const int64_t tiles = (M + rows - 1) / rows * n_tiles;
+    return double((tiles + sm_count - 1) / sm_count) * double(rows) * factor;
+  };
+  const double c64 = cost(64, 1.25), c128 = cost(128, 1.0), c256 = cost(256, 0.85);
+  if (c256 <= c128 && c256 <= c64) return 6;
+  if (c128 <= c64) return (M + 127) / 128 % 2 == 0 ? 0 : 3;
+  return 1;
+}
 
 namespace {
 // The tile's configuration; tiles outside 0..kGemmTiles-1 are refused before (ops.cc) and here run tile 0's.

@@ -184,11 +184,13 @@ struct GemmSchedule {
 // The schedule's fields in their ranges (above), else the first that is not, as a message.
 const char* gemm_schedule_error(const GemmSchedule& s);
 size_t w8a8_gemm_sm90_workspace(int tile, int64_t M, int64_t N, int64_t K, const GemmSchedule& s = {});
-// The default tile for M rows: 1 (64x128) for M <= 128, above 6 (256x128 in clusters of 2 along N): at 528 and 2048
-// rows on the Llama-2-7B shapes it measured the fastest or within 3.3 % of it, 5-13 % faster than the stream-K tile
-// of before at 528 rows, at 2048 8-11 % faster than tile 0 where N = 4096 and 0.4 % slower at 4096 -> 11008
-// (docs/benchmarks.md g16).
-int w8a8_gemm_sm90_tile(int64_t M);
+// The default tile for an M x N product on sm_count multiprocessors: 1 (64x128) for M <= 128; above, of the 64-, 128-
+// and 256-row tiles the one whose grid costs least, cost = waves of tiles (ceil(tiles / sm_count)) x rows per tile x
+// 1.25, 1 or 0.85 (the larger tiles do more per row); ties go to the larger tile. 256 rows: tile 6 (clusters of 2
+// along N); 128 rows: tile 0 (clusters of 2 along M) where M spans an even number of 128-row tiles, else the stream-K
+// tile 3 (an odd count leaves a cluster of 2 a tile of padding). Fitted to H100 runs at 192-2048 rows on the
+// Llama-2-7B shapes (docs/benchmarks.md g16): it picks the fastest tile or one within 8.4 % of it in 20 of 21 cases.
+int w8a8_gemm_sm90_tile(int64_t M, int64_t N, int sm_count);
 cudaError_t launch_w8a8_gemm_sm90(int tile, const int8_t* q, const float* amax, const int8_t* w,
                                   const float* wscale, const __half* bias, __half* y, int64_t M, int64_t N,
                                   int64_t K, void* workspace, cudaStream_t stream, bool pdl = false,

@@ -321,8 +321,10 @@ struct W8A8LinearKernel {
       return nullptr;
     }
     int path = 0;  // 0 naive, 1 gemv, 2 gemm
-    const int tile = force_tile >= 0 ? force_tile : onnxqf::w8a8_gemm_sm90_tile(M);
-    const bool pdl = gemm_pdl < 0 ? tile == 1 : gemm_pdl != 0;  // the GEMM as a dependent launch (g11: small tile)
+    // each output's GEMM tile (by M and its N) and whether it runs as a dependent launch (g11: the small tile)
+    auto tile_of = [&](int64_t n) {
+      return force_tile >= 0 ? force_tile : onnxqf::w8a8_gemm_sm90_tile(M, n, sm_count);
+    };
     if (aligned) path = (M <= gemv_max_m) ? 1 : 2;
     else if (K % 16 == 0 && reinterpret_cast<uintptr_t>(w) % 16 == 0) path = 1;
 
@@ -330,7 +332,8 @@ struct W8A8LinearKernel {
     const size_t a_bytes = round_up(size_t(M) * sizeof(float), 256);
     size_t ws_bytes = 0;
     for (int i = 0; path == 2 && i < out.count; ++i)
-      ws_bytes = std::max(ws_bytes, round_up(onnxqf::w8a8_gemm_sm90_workspace(tile, M, parts[i], K, schedule), 256));
+      ws_bytes = std::max(ws_bytes, round_up(onnxqf::w8a8_gemm_sm90_workspace(tile_of(parts[i]), M, parts[i], K,
+                                                                              schedule), 256));
     const bool dense_fused = dense && rot_fused && onnxqf::rotate_dense_fused_supported(K, rotation_block, walsh_b,
                                                                                           u != nullptr);
     const size_t r_bytes = dense && !dense_fused ? onnxqf::rotate_dense_scratch(M, K, rotation_block) : 0;
@@ -362,6 +365,8 @@ struct W8A8LinearKernel {
       const __half* bi = bias ? bias + start : nullptr;
       int part_path = path;
       if (part_path == 2) {
+        const int tile = tile_of(n);
+        const bool pdl = gemm_pdl < 0 ? tile == 1 : gemm_pdl != 0;
         e = onnxqf::launch_w8a8_gemm_sm90(tile, q, amax, wi, si, bi, out.y[i], M, n, K, workspace, stream,
                                           pdl, schedule);
         if (e == cudaErrorNotSupported) {
@@ -526,6 +531,11 @@ extern "C" {
 // The arch this library's kernels are built for, and its ABI version (read by onnxqf.runtime.kernels).
 __attribute__((visibility("default"))) const char* onnxqf_kernels_target() { return ONNXQF_KERNELS_TARGET; }
 __attribute__((visibility("default"))) const char* onnxqf_kernels_version() { return ONNXQF_KERNELS_VERSION; }
+// The GEMM tile the op launches for an M x N product on `sm_count` multiprocessors (kernels.h: w8a8_gemm_sm90_tile;
+// tests read the rule through it, no GPU needed).
+__attribute__((visibility("default"))) int onnxqf_kernels_gemm_tile(int64_t M, int64_t N, int sm_count) {
+  return onnxqf::w8a8_gemm_sm90_tile(M, N, sm_count);
+}
 
 // 0 when the current CUDA device can run the kernels; else 1 and the reason in msg.
 __attribute__((visibility("default"))) int onnxqf_kernels_check_device(char* msg, size_t len) {

@@ -42,6 +42,7 @@ __all__ = [
     "cpu_available",
     "cpu_gemm_isa",
     "cpu_library_path",
+    "gemm_tile",
     "libraries_for",
     "library_path",
     "library_target",
@@ -197,6 +198,20 @@ def library_version(path: Path | None = None) -> int:
         return int(fn().decode())
     except (ValueError, UnicodeDecodeError):
         return 0
+
+
+def gemm_tile(m: int, n: int, sm_count: int = 132, path: Path | None = None) -> int:
+    """The GEMM tile the library's op launches for ``m`` tokens and ``n`` outputs on ``sm_count`` multiprocessors
+    (kernels/src/kernels.h: ``w8a8_gemm_sm90_tile``; 132 is the H100 SXM's count, the H200's too). No GPU needed."""
+    lib = _load(path)
+    try:
+        fn = lib.onnxqf_kernels_gemm_tile
+    except AttributeError:
+        raise OnnxqfError(f"{path or library_path()}: this build of onnxqf's CUDA kernels has no "
+                          "onnxqf_kernels_gemm_tile: rebuild it (`bash kernels/build.sh`)") from None
+    fn.argtypes = [ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
+    fn.restype = ctypes.c_int
+    return int(fn(m, n, sm_count))
 
 
 def _check_version(path: Path) -> None:
