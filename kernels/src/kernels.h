@@ -35,8 +35,12 @@ struct NormSpec {
 // SwiGLU's products silu(x) * u, computed on the way in (quant_row.cuh: glu_one). norm: null, or each row is first
 // normalized (NormSpec; not with u). regs (the default): rows of K <= 32768 (aligned) by a block holding the row in
 // registers; false (ONNXQF_QUANT_REGS=0), or longer rows: a block of 256 threads per row, a norm's row in shared memory.
+// pipe_blocks > 0 (with regs, where M > 2 * pipe_blocks and K <= 16384): a grid of that many blocks striding over
+// the rows, each loading its next row while it finishes the current one (ONNXQF_QUANT_PIPE; default 0: a block per
+// row).
 cudaError_t launch_quantize_rows(const __half* x, int8_t* q, float* amax, int64_t M, int64_t K, cudaStream_t stream,
-                                 const __half* u = nullptr, const NormSpec* norm = nullptr, bool regs = true);
+                                 const __half* u = nullptr, const NormSpec* norm = nullptr, bool regs = true,
+                                 int pipe_blocks = 0);
 
 // y = silu(g) * u elementwise, n values, in the standard graph's fp16 steps (quant_row.cuh: glu_one).
 cudaError_t launch_glu(const __half* g, const __half* u, __half* y, int64_t n, cudaStream_t stream);

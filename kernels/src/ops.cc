@@ -32,6 +32,8 @@
 //                       creation; default: w8a8_gemm_sm90_tile, kernels.h)
 //   ONNXQF_GEMM_SWIZZLE, ONNXQF_GEMM_RASTER, ONNXQF_GEMM_SK, ONNXQF_GEMM_SPLITS, ONNXQF_GEMM_SK_ATOMIC
 //                       the GEMM's schedule (kernels.h: GemmSchedule; out of range stops the session's creation)
+//   ONNXQF_QUANT_PIPE   N > 0: the separate quantization kernel as N blocks per multiprocessor striding over the rows,
+//                       each loading its next row while it finishes one (where M > 2 N x multiprocessors; default 0)
 //   ONNXQF_QUANT_REGS   0: the separate quantization kernel as a block of 256 threads per row (default 1: each row
 //                       held in registers by as many warps as it needs)
 //   ONNXQF_GEMV_CONFIG  the one-token GEMV's outputs per warp x weight chunks in flight (kernels.h; -1: by shape)
@@ -139,6 +141,7 @@ struct W8A8LinearKernel {
   onnxqf::GemmSchedule schedule;  // ONNXQF_GEMM_SWIZZLE, _RASTER, _SK, _SPLITS, _SK_ATOMIC
   bool tile_rotation = false;  // ONNXQF_ROTATION_TILES=1: every rotation by the per-token tensor-core kernel
   bool quant_regs = true;      // ONNXQF_QUANT_REGS=0: the quantization's block-per-row kernel (A/B runs)
+  int quant_pipe = 0;          // ONNXQF_QUANT_PIPE=N: the quantization's grid N blocks per multiprocessor, striding
   int rot_fused = 1;           // ONNXQF_ROT_FUSED: a dense factor's one-kernel path and its warps (1-4) or not (0)
   int gemm_pdl = -1;           // ONNXQF_GEMM_PDL: the GEMM as a dependent launch (1), not (0), by tile (-1)
   int sm_count = 1;
@@ -346,7 +349,7 @@ struct W8A8LinearKernel {
     void* r_scratch = static_cast<char*>(scratch) + q_bytes + a_bytes + ws_bytes;
 
     if (!rotate) e = onnxqf::launch_quantize_rows(x, q, amax, M, K, stream, u, norm.skip ? &norm : nullptr,
-                                                     quant_regs);
+                                                     quant_regs, quant_pipe * sm_count);
     else if (wspec.n) e = onnxqf::launch_walsh_quantize_rows(x, wspec, q, amax, M, sm_count, stream);
     else if (dense)
       e = onnxqf::launch_rotate_dense_quantize(x, rot_a, walsh_b, q, amax, M, K, rotation_block, r_scratch, stream,
@@ -463,6 +466,12 @@ struct W8A8LinearOp : Ort::CustomOpBase<W8A8LinearOp, W8A8LinearKernel, true> {
       return fail(std::string("onnxqf.W8A8Linear: ONNXQF_GEMM_SWIZZLE/RASTER/SK/SPLITS: ") + why);
     }
     k->quant_regs = env_int("ONNXQF_QUANT_REGS", 1) != 0;
+    k->quant_pipe = env_int("ONNXQF_QUANT_PIPE", 0);
+    if (k->quant_pipe < 0 || k->quant_pipe > 32) {
+      delete k;
+      return fail("onnxqf.W8A8Linear: ONNXQF_QUANT_PIPE must be from 0 (a block per row) to 32 (blocks per "
+                  "multiprocessor)");
+    }
     k->gemm_pdl = env_int("ONNXQF_GEMM_PDL", -1);
     k->rot_fused = env_int("ONNXQF_ROT_FUSED", 1);
     k->tile_rotation = env_int("ONNXQF_ROTATION_TILES", 0) != 0;  // the per-token kernel for every rotation (A/B runs)

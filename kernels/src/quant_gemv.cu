@@ -109,76 +109,120 @@ __global__ void __launch_bounds__(kQuantThreads) quantize_rows_kernel(const __ha
 constexpr int kRegsChunks = 8;        // 16-byte chunks of a row per thread in quantize_rows_regs_kernel
 constexpr int kRegsMaxThreads = 512;  // its largest block: rows of K <= 8 * 8 * 512 = 32768
 
-// One block per row, the whole row in registers: thread t holds the chunks t + i * blockDim.x (i < kRegsChunks),
-// the block as many warps as the row needs. MODE 0: the row is x; 1: silu(x) * u (glu_one); 2: the op's skip_norm
-// (NormSpec, as skip_norm_row computes it: the fp16 sum, an fp32 sum of squares, fp16(gamma * fp16(s * r))). Every
-// load is issued before any arithmetic; one barrier per reduction (two with the norm). The codes and amax are
+// One row in registers: thread t holds the chunks t + i * blockDim.x (i < kRegsChunks), the block as many warps as the
+// row needs. MODE 0: the row is x; 1: silu(x) * u (glu_one); 2: the op's skip_norm (NormSpec, as skip_norm_row
+// computes it: the fp16 sum, an fp32 sum of squares, fp16(gamma * fp16(s * r))). The codes and amax are
 // quantize_row_block's. Rows 16-byte aligned, K % 8 == 0.
+template <int MODE>
+struct RegsRow {
+  static constexpr int C = kRegsChunks;
+  uint4 c[C], b[MODE ? C : 1];
+
+  // Issues every load of row `row` (no arithmetic).
+  __device__ __forceinline__ void load(const __half* __restrict__ x, const __half* __restrict__ u, int64_t row,
+                                       int64_t K, const NormSpec& norm) {
+    const int tid = threadIdx.x, T = blockDim.x;
+    const int64_t nvec = K / 8;
+    const uint4* xv = reinterpret_cast<const uint4*>(x + row * K);
+    const uint4* bv = MODE == 1 ? reinterpret_cast<const uint4*>(u + row * K)
+                                : MODE == 2 ? reinterpret_cast<const uint4*>(norm.skip + row * K) : nullptr;
+#pragma unroll
+    for (int i = 0; i < C; ++i) {
+      const int64_t k = tid + static_cast<int64_t>(i) * T;
+      if (k < nvec) {
+        c[i] = __ldg(xv + k);
+        if (MODE) b[i] = __ldg(bv + k);
+      }
+    }
+  }
+
+  // The loaded row's codes and amax, written; red: shared, [2][warps] (two reductions, one barrier each).
+  __device__ __forceinline__ void finish(int8_t* __restrict__ q, float* __restrict__ amax_out, int64_t row, int64_t K,
+                                         const NormSpec& norm, float (*red)[kRegsMaxThreads / 32]) {
+    const int tid = threadIdx.x, T = blockDim.x;
+    const int64_t nvec = K / 8;
+    float m = 0.f;
+    if (MODE == 2) {
+      uint4* sv = norm.sum ? reinterpret_cast<uint4*>(norm.sum + row * K) : nullptr;
+      float ss = 0.f;
+#pragma unroll
+      for (int i = 0; i < C; ++i) {
+        const int64_t k = tid + static_cast<int64_t>(i) * T;
+        if (k < nvec) {
+          ss = add_square_chunk(c[i], b[i], ss);
+          if (sv) sv[k] = c[i];
+        }
+      }
+      const float total = block_all<true>(ss, red[0]);
+      const __half2 r = __float2half2_rn(rsqrtf(total / static_cast<float>(K) + norm.eps));
+      const uint4* gv = reinterpret_cast<const uint4*>(norm.gamma);
+#pragma unroll
+      for (int i = 0; i < C; ++i) {
+        const int64_t k = tid + static_cast<int64_t>(i) * T;
+        if (k < nvec) {
+          norm_chunk(c[i], __ldg(gv + k), r);
+          m = chunk_absmax(c[i], m);
+        }
+      }
+    } else {
+#pragma unroll
+      for (int i = 0; i < C; ++i) {
+        const int64_t k = tid + static_cast<int64_t>(i) * T;
+        if (k < nvec) {
+          if (MODE == 1) c[i] = glu_chunk(c[i], b[i]);
+          m = chunk_absmax(c[i], m);
+        }
+      }
+    }
+    __half inv;
+    float a;
+    row_scale(block_all<false>(m, red[1]), &inv, &a);
+    if (tid == 0) amax_out[row] = a;
+    uint2* qv = reinterpret_cast<uint2*>(q + row * K);
+#pragma unroll
+    for (int i = 0; i < C; ++i) {
+      const int64_t k = tid + static_cast<int64_t>(i) * T;
+      if (k < nvec) qv[k] = chunk_codes(c[i], inv);
+    }
+  }
+};
+
+// One block per row (RegsRow): every load issued before any arithmetic; one barrier per reduction (two with the norm).
 template <int MODE>
 __global__ void __launch_bounds__(kRegsMaxThreads) quantize_rows_regs_kernel(const __half* __restrict__ x,
                                                                             const __half* __restrict__ u,
                                                                             int8_t* __restrict__ q,
                                                                             float* __restrict__ amax_out, int64_t K,
                                                                             NormSpec norm) {
-  constexpr int C = kRegsChunks;
   __shared__ float red[2][kRegsMaxThreads / 32];
-  const int tid = threadIdx.x, T = blockDim.x;
-  const int64_t row = blockIdx.x, nvec = K / 8;
-  const uint4* xv = reinterpret_cast<const uint4*>(x + row * K);
-  const uint4* bv = MODE == 1 ? reinterpret_cast<const uint4*>(u + row * K)
-                              : MODE == 2 ? reinterpret_cast<const uint4*>(norm.skip + row * K) : nullptr;
-  uint4 c[C], b[MODE ? C : 1];
-#pragma unroll
-  for (int i = 0; i < C; ++i) {
-    const int64_t k = tid + static_cast<int64_t>(i) * T;
-    if (k < nvec) {
-      c[i] = __ldg(xv + k);
-      if (MODE) b[i] = __ldg(bv + k);
-    }
-  }
+  RegsRow<MODE> r;
+  r.load(x, u, blockIdx.x, K, norm);
   pdl_launch_dependents();  // the GEMM after it (launched as a dependent: ONNXQF_GEMM_PDL) may start its prologue
-  float m = 0.f;
-  if (MODE == 2) {
-    uint4* sv = norm.sum ? reinterpret_cast<uint4*>(norm.sum + row * K) : nullptr;
-    float ss = 0.f;
-#pragma unroll
-    for (int i = 0; i < C; ++i) {
-      const int64_t k = tid + static_cast<int64_t>(i) * T;
-      if (k < nvec) {
-        ss = add_square_chunk(c[i], b[i], ss);
-        if (sv) sv[k] = c[i];
-      }
-    }
-    const float total = block_all<true>(ss, red[0]);
-    const __half2 r = __float2half2_rn(rsqrtf(total / static_cast<float>(K) + norm.eps));
-    const uint4* gv = reinterpret_cast<const uint4*>(norm.gamma);
-#pragma unroll
-    for (int i = 0; i < C; ++i) {
-      const int64_t k = tid + static_cast<int64_t>(i) * T;
-      if (k < nvec) {
-        norm_chunk(c[i], __ldg(gv + k), r);
-        m = chunk_absmax(c[i], m);
-      }
-    }
-  } else {
-#pragma unroll
-    for (int i = 0; i < C; ++i) {
-      const int64_t k = tid + static_cast<int64_t>(i) * T;
-      if (k < nvec) {
-        if (MODE == 1) c[i] = glu_chunk(c[i], b[i]);
-        m = chunk_absmax(c[i], m);
-      }
-    }
-  }
-  __half inv;
-  float a;
-  row_scale(block_all<false>(m, red[1]), &inv, &a);
-  if (tid == 0) amax_out[row] = a;
-  uint2* qv = reinterpret_cast<uint2*>(q + row * K);
-#pragma unroll
-  for (int i = 0; i < C; ++i) {
-    const int64_t k = tid + static_cast<int64_t>(i) * T;
-    if (k < nvec) qv[k] = chunk_codes(c[i], inv);
+  r.finish(q, amax_out, blockIdx.x, K, norm, red);
+}
+
+// The same rows, a grid smaller than M striding over them (ONNXQF_QUANT_PIPE): each block issues the loads of its next
+// row before the reductions and stores of the current one, so that the reads of some rows overlap the writes of
+// others (one block per row runs as a single wave at 2048 rows: every read, then every write; docs/benchmarks.md
+// g16). The shared reductions alternate between two buffers: a row's writes to one cannot overtake the previous
+// row's reads of it (a barrier of the row between lies between them).
+constexpr int kPipeMaxThreads = 256;  // two rows in registers: rows of K <= 8 * 8 * 256 = 16384 (up to 255 registers)
+template <int MODE>
+__global__ void __launch_bounds__(kPipeMaxThreads) quantize_rows_pipe_kernel(const __half* __restrict__ x,
+                                                                            const __half* __restrict__ u,
+                                                                            int8_t* __restrict__ q,
+                                                                            float* __restrict__ amax_out, int64_t M,
+                                                                            int64_t K, NormSpec norm) {
+  __shared__ float red[2][2][kRegsMaxThreads / 32];
+  RegsRow<MODE> cur, next;
+  int64_t row = blockIdx.x;
+  cur.load(x, u, row, K, norm);
+  pdl_launch_dependents();
+  for (int parity = 0; row < M; row += gridDim.x, parity ^= 1) {
+    const int64_t after = row + gridDim.x;
+    if (after < M) next.load(x, u, after, K, norm);
+    cur.finish(q, amax_out, row, K, norm, red[parity]);
+    cur = next;
   }
 }
 
@@ -495,7 +539,7 @@ static bool norm_aligned(const __half* x, const NormSpec& n, int64_t K) {
 }
 
 cudaError_t launch_quantize_rows(const __half* x, int8_t* q, float* amax, int64_t M, int64_t K, cudaStream_t stream,
-                                 const __half* u, const NormSpec* norm, bool regs) {
+                                 const __half* u, const NormSpec* norm, bool regs, int pipe_blocks) {
   if (M <= 0) return cudaSuccess;
   if (M > 0x7fffffff) return cudaErrorInvalidValue;
   const bool vec = (K % 8 == 0) && (reinterpret_cast<uintptr_t>(x) % 16 == 0) &&
@@ -510,6 +554,13 @@ cudaError_t launch_quantize_rows(const __half* x, int8_t* q, float* amax, int64_
   const int64_t regs_threads = (K / 8 + kRegsChunks - 1) / kRegsChunks;
   if (regs && vec && regs_threads <= kRegsMaxThreads) {
     const unsigned t = static_cast<unsigned>(std::max<int64_t>(32, (regs_threads + 31) / 32 * 32));
+    if (pipe_blocks > 0 && M > 2 * static_cast<int64_t>(pipe_blocks) && t <= kPipeMaxThreads) {  // >= 2 rows each
+      const unsigned g = static_cast<unsigned>(pipe_blocks);
+      if (n.skip) quantize_rows_pipe_kernel<2><<<g, t, 0, stream>>>(x, u, q, amax, M, K, n);
+      else if (u) quantize_rows_pipe_kernel<1><<<g, t, 0, stream>>>(x, u, q, amax, M, K, n);
+      else quantize_rows_pipe_kernel<0><<<g, t, 0, stream>>>(x, u, q, amax, M, K, n);
+      return cudaGetLastError();
+    }
     if (n.skip) quantize_rows_regs_kernel<2><<<static_cast<unsigned>(M), t, 0, stream>>>(x, u, q, amax, K, n);
     else if (u) quantize_rows_regs_kernel<1><<<static_cast<unsigned>(M), t, 0, stream>>>(x, u, q, amax, K, n);
     else quantize_rows_regs_kernel<0><<<static_cast<unsigned>(M), t, 0, stream>>>(x, u, q, amax, K, n);

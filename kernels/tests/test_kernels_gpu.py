@@ -191,6 +191,8 @@ def test_against_numpy(M, K, N, with_bias, env):
                                        (528, 11008, 4096, {"ONNXQF_GEMM_TILE": "6"}),
                                        (1000, 4096, 11008, {"ONNXQF_GEMM_TILE": "7"}),
                                        (2048, 4096, 4096, {"ONNXQF_GEMM_TILE": "8"}),
+                                       (2048, 4096, 4096, {"ONNXQF_QUANT_PIPE": "2"}),  # quantization grid
+                                       (777, 11008, 4096, {"ONNXQF_QUANT_PIPE": "1"}),  # striding over rows
                                        # the schedule: stream-K forced, its partial sums in any order; split-K;
                                        # data-parallel; swizzle and raster order
                                        (528, 4096, 4096, {"ONNXQF_GEMM_TILE": "3", "ONNXQF_GEMM_SK": "3",
@@ -291,6 +293,7 @@ NORMS = [
     (40, 4096, (32000,), False, None),                # quantization kernel + GEMM, no sum output
     (300, 2048, (2048, 512, 512), True, {"ONNXQF_QUANT_REGS": "0"}),  # the block-per-row quantization kernel
     (300, 2048, (2048, 512, 512), True, {"ONNXQF_GEMM_PDL": "1"}),    # the GEMMs as dependent launches
+    (600, 4096, (4096, 1024, 1024), True, {"ONNXQF_QUANT_PIPE": "2"}),  # the quantization's grid striding
     (1, 20480, (256,), True, {"ONNXQF_QUANT_REGS": "0"}),
 ]
 
@@ -388,10 +391,11 @@ def test_skip_norm_refusals():
                                        ({"ONNXQF_GEMM_SWIZZLE": "3"}, "swizzle must be 1, 2, 4 or 8"),
                                        ({"ONNXQF_GEMM_RASTER": "3"}, "raster must be"),
                                        ({"ONNXQF_GEMM_SK": "4"}, "decomposition must be"),
-                                       ({"ONNXQF_GEMM_SPLITS": "0"}, "splits must be from 1 to 64")])
+                                       ({"ONNXQF_GEMM_SPLITS": "0"}, "splits must be from 1 to 64"),
+                                       ({"ONNXQF_QUANT_PIPE": "33"}, "ONNXQF_QUANT_PIPE must be from 0")])
 def test_gemm_options_out_of_range_are_refused(env, match):
-    """The GEMM's tile and schedule options name what the library has, else the session's creation stops with one
-    line (before, any other tile silently ran the stream-K one)."""
+    """The GEMM's tile and schedule options (and the quantization's grid) name what the library has, else the
+    session's creation stops with one line (before, any other tile silently ran the stream-K one)."""
     K, N = 1024, 256
     _, q, wscale, _ = data(1, K, N, seed=2, with_bias=False)
     with pytest.raises(Exception, match=match):
@@ -642,6 +646,7 @@ GLU = [
     (300, 11008, None, None),                           # the separate quantization + GEMM
     (300, 11008, None, {"ONNXQF_QUANT_REGS": "0"}),     # the same, the block-per-row quantization kernel
     (300, 11008, None, {"ONNXQF_GEMM_PDL": "1"}),       # the same, the GEMM a dependent launch
+    (700, 11008, None, {"ONNXQF_QUANT_PIPE": "2"}),     # the same, the quantization's grid striding over the rows
     (5, 1000, None, None),                              # K % 16 != 0: the any-shape fallback
     (1, 4096, (64, "W", 64, "W"), None),                # rotated: the product written first, then the rotation
     (300, 11008, (344, "R", 32, "W"), None),            # the dense factor's three kernels
