@@ -179,7 +179,7 @@ using StreamKClusterTile = W8A8Gemm<Shape<_128, _128, _128>, Shape<_2, _1, _1>,
 // tiles 5, 6 and 7: 256x128x128, cooperative consumers (a warpgroup per 128 rows), in clusters of 2 along M (5: the
 // weight tile multicast), of 2 along N (6: the activation tile multicast) or of 2 x 2 (7: both). Per k step a
 // 128x128 tile loads 32 KB for 2.1 M products; a 256x128 tile 48 KB for twice as many, less again with multicast
-// (the L2-to-SM traffic: docs/benchmarks.md g16).
+// (timed against the others: docs/benchmarks.md g16).
 template <class Cluster>
 using TallTile = W8A8Gemm<Shape<_256, _128, _128>, Cluster, cutlass::gemm::KernelTmaWarpSpecializedCooperative,
                           cutlass::epilogue::TmaWarpSpecializedCooperative>;
@@ -197,7 +197,8 @@ template <class Config>
 constexpr TileFns fns_of() {
   return {&Config::run, &Config::workspace};
 }
-// one per file that instantiates tiles (each compiles on its own): the configuration of `tile`, or null entries
+// one per file that instantiates tiles (each compiles on its own): the configuration of `tile`, or the file's
+// first for a tile it does not hold
 TileFns tile_fns_large(int tile);    // 0, 8 (gemm_sm90_large.cu)
 TileFns tile_fns_small(int tile);    // 1 (gemm_sm90_small.cu)
 TileFns tile_fns_wide(int tile);     // 2 (gemm_sm90_wide.cu)
