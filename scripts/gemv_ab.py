@@ -72,6 +72,8 @@ def kernel_name(name: str) -> str:
     the schedule and the MMA's types (e.g. 'cutlass Pingpong S32S8S8')."""
     n = name.replace("(anonymous namespace)::", "").removeprefix("void ").split("(")[0]
     base = n.split("<")[0].rsplit("::", 1)[-1].strip() or name[:56]
+    if name.startswith("_ZN7cutlass13device_kernel"):  # the profiler may give CUTLASS's kernel mangled
+        base = "device_kernel"
     if base == "device_kernel":
         schedule = next((s for s in ("StreamK", "Pingpong", "Cooperative") if s in name), "")
         mma = re.search(r"MMA_\d+x\d+x\d+_([A-Z0-9]+)", name)
@@ -96,6 +98,19 @@ def kernel_times(runs, copies: int, repeats: int = 10) -> dict[str, float]:
         total[name] = total.get(name, 0.0) + e.time_range.elapsed_us() / (repeats * copies)
     top = dict(sorted(total.items(), key=lambda kv: -kv[1])[:5])
     return {"all kernels": sum(total.values()), **top}
+
+
+def default_tile(m: int, n: int) -> int | None:
+    """The GEMM tile the library's rule picks for m x n on this GPU (onnxqf.runtime.kernels.gemm_tile); None where
+    it cannot say (an older library, no CUDA)."""
+    try:
+        import torch
+
+        from onnxqf.runtime import kernels
+
+        return kernels.gemm_tile(m, n, torch.cuda.get_device_properties(0).multi_processor_count)
+    except Exception:  # noqa: BLE001 (a label in the output, never a reason to stop the timing)
+        return None
 
 
 def write_rows(args, settings, rows) -> None:
@@ -168,14 +183,14 @@ def main(argv=None) -> int:
                     per[name].append(float(np.median(r(3, args.repeats))) * 1e3 / args.copies)
             ms = {name: float(np.median(v)) for name, v in per.items()}
             row = {"K": K, "N": N, "M": M, "ms": ms, "rounds": per, "equal_to_first": equal,
-                   "speedup": {name: ms["fp16"] / v for name, v in ms.items()}}
+                   "speedup": {name: ms["fp16"] / v for name, v in ms.items()}, "default_tile": default_tile(M, N)}
             if args.kernels:
                 row["kernels_us"] = {name: kernel_times(r, args.copies) for name, r in runs.items()}
             rows.append(row)
             if args.out:  # after every row: a run stopped at a time limit keeps the rows it timed
                 write_rows(args, settings, rows)
-            line = f"{K}->{N} M={M}: " + "  ".join(f"{n} {v * 1e3:.1f}us ({row['speedup'][n]:.2f}x)"
-                                                   for n, v in ms.items())
+            line = f"{K}->{N} M={M} (rule: tile {row['default_tile']}): " + "  ".join(
+                f"{n} {v * 1e3:.1f}us ({row['speedup'][n]:.2f}x)" for n, v in ms.items())
             if args.rotate:
                 line += f"  equal to {settings[0][0]}: " + " ".join(f"{n} {v:.4f}" for n, v in equal.items())
             print(line, f"[{time.perf_counter() - t0:.0f}s]", flush=True)

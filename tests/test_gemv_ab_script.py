@@ -42,6 +42,10 @@ def test_environment_is_restored(monkeypatch):
     ("void cutlass::device_kernel<Foo<cutlass::gemm::StreamKScheduler, KernelTmaWarpSpecializedCooperative>>(P)",
      "cutlass StreamK"),
     ("Memset (Device)", "Memset"),
+    ("_ZN7cutlass13device_kernelINS_4gemm6kernel13GemmUniversalIN4cute5tupleIJiiiiEEENS1_10collective13CollectiveMmaI"
+     "NS1_42MainloopSm90TmaGmmaWarpSpecializedCooperativeILi4ENS5_IJLi1ELi2ELi1EEEENS1_"
+     "35KernelTmaWarpSpecializedCooperativeEEENS4_8MMA_AtomIJNS4_4SM904GMMA21MMA_64x128x32_S32S8S8_SS_TNEEEE",
+     "cutlass Cooperative S32S8S8"),
 ])
 def test_kernel_names_are_short(demangled, short):
     assert gemv_ab.kernel_name(demangled) == short
