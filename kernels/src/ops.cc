@@ -28,8 +28,8 @@
 // creates the kernel. Environment (read at kernel creation):
 //   ONNXQF_GEMV_MAX_M   rows up to which the GEMV runs (default 4: one launch with the quantization fused for
 //                       M <= 4, the separate quantization kernel + GEMV above); larger M takes the tensor-core GEMM
-//   ONNXQF_GEMM_TILE    force the GEMM tile, 0..8 (kernels.h: launch_w8a8_gemm_sm90; another value stops the session's
-//                       creation; default: w8a8_gemm_sm90_tile, kernels.h)
+//   ONNXQF_GEMM_TILE    force the GEMM tile, 0..kGemmTiles-1 (kernels.h: launch_w8a8_gemm_sm90; another value stops
+//                       the session's creation; default: w8a8_gemm_sm90_tile, kernels.h)
 //   ONNXQF_GEMM_SWIZZLE, ONNXQF_GEMM_RASTER, ONNXQF_GEMM_SK, ONNXQF_GEMM_SPLITS, ONNXQF_GEMM_SK_ATOMIC
 //                       the GEMM's schedule (kernels.h: GemmSchedule; out of range stops the session's creation)
 //   ONNXQF_QUANT_PIPE   N > 0: the separate quantization kernel as N blocks per multiprocessor striding over the rows,
@@ -454,7 +454,8 @@ struct W8A8LinearOp : Ort::CustomOpBase<W8A8LinearOp, W8A8LinearKernel, true> {
     k->force_tile = env_int("ONNXQF_GEMM_TILE", -1);
     if (k->force_tile < -1 || k->force_tile >= onnxqf::kGemmTiles) {
       delete k;
-      return fail("onnxqf.W8A8Linear: ONNXQF_GEMM_TILE must be a tile from 0 to 8 (kernels.h: launch_w8a8_gemm_sm90)");
+      return fail("onnxqf.W8A8Linear: ONNXQF_GEMM_TILE must be a tile from 0 to " +
+                  std::to_string(onnxqf::kGemmTiles - 1) + " (kernels.h: launch_w8a8_gemm_sm90)");
     }
     k->schedule.swizzle = env_int("ONNXQF_GEMM_SWIZZLE", 1);
     k->schedule.raster = env_int("ONNXQF_GEMM_RASTER", 0);
