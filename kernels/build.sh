@@ -11,12 +11,38 @@
 #     else Debian's libonnxruntime-dev through shared/ortheaders/fetch.sh
 #   - cmake and ninja from PyPI when they are not installed
 # The GPU is not needed to build. ONNXQF_KERNELS_BUILD=DIR builds elsewhere; JOBS=N sets the parallelism.
+#
+# A GPU machine without network: on one with network
+#     bash kernels/build.sh --pack-deps deps.tar.xz       # the inputs above in one file (~1.3 MB); builds nothing
+# then, on the GPU machine (nvcc, a C++17 compiler, cmake and ninja installed)
+#     ONNXQF_KERNELS_DEPS=deps.tar.xz bash kernels/build.sh
+# unpacks them into kernels/build/ and builds with no download.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(dirname "$here")
 build=${ONNXQF_KERNELS_BUILD:-$here/build}
 deps=$build/deps
 py=${PYTHON:-python3}
+pack=""
+if [ "${1:-}" = "--pack-deps" ]; then
+  [ -n "${2:-}" ] || { echo "onnxqf kernels: --pack-deps needs a file to write (e.g. deps.tar.xz)" >&2; exit 2; }
+  [ -d "$(dirname "$2")" ] || { echo "onnxqf kernels: --pack-deps $2: no folder $(dirname "$2")" >&2; exit 2; }
+  pack=$(cd "$(dirname "$2")" && pwd)/$(basename "$2")
+elif [ -n "${1:-}" ]; then
+  echo "onnxqf kernels: unknown argument $1 (usage: bash kernels/build.sh [--pack-deps FILE])" >&2
+  exit 2
+fi
+if [ -n "${ONNXQF_KERNELS_DEPS:-}" ]; then
+  if [ ! -f "$ONNXQF_KERNELS_DEPS" ] || ! tar -tJf "$ONNXQF_KERNELS_DEPS" deps >/dev/null 2>&1; then
+    echo "onnxqf kernels: ONNXQF_KERNELS_DEPS=$ONNXQF_KERNELS_DEPS is not a file written by" \
+         "\`bash kernels/build.sh --pack-deps FILE\`" >&2
+    exit 2
+  fi
+  mkdir -p "$build"
+  echo "== build inputs from $ONNXQF_KERNELS_DEPS -> $build"
+  tar -xJf "$ONNXQF_KERNELS_DEPS" -C "$build"
+fi
+
 mkdir -p "$build"
 
 cutlass=$deps/cutlass_library/source
@@ -27,6 +53,22 @@ if [ ! -f "$cutlass/include/cutlass/cutlass.h" ] || [ ! -f "$cudart" ]; then
 fi
 
 . "$here/ortheaders.sh"  # sets ORT_INCLUDE_DIR
+
+if [ -n "$pack" ]; then
+  # the inputs under the names this script looks for them by, written whole or not at all
+  stage=$(mktemp -d)
+  trap 'rm -rf "$stage" "$pack.tmp.$$"' EXIT
+  mkdir -p "$stage/deps/cutlass_library/source/tools/util" "$stage/deps/nvidia/cu13/lib" "$stage/ortheaders/include"
+  ln -s "$cutlass/include" "$stage/deps/cutlass_library/source/include"
+  ln -s "$cutlass/tools/util/include" "$stage/deps/cutlass_library/source/tools/util/include"
+  ln -s "$cudart" "$stage/deps/nvidia/cu13/lib/libcudart.so.13"
+  ln -s "$ORT_INCLUDE_DIR" "$stage/ortheaders/include/onnxruntime"
+  tar -chJf "$pack.tmp.$$" -C "$stage" deps ortheaders
+  mv "$pack.tmp.$$" "$pack"
+  echo "== wrote $pack ($(du -h "$pack" | cut -f1)): on the machine to build on," \
+       "ONNXQF_KERNELS_DEPS=$(basename "$pack") bash kernels/build.sh"
+  exit 0
+fi
 
 if ! command -v cmake >/dev/null || ! command -v ninja >/dev/null; then
   echo "== cmake, ninja from PyPI"

@@ -5,6 +5,10 @@
 
 from __future__ import annotations
 
+import os
+import re
+import subprocess
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -439,3 +443,54 @@ def test_gemm_tile_rule_picks_the_measured_winners(monkeypatch):
     assert got == want
     # fewer multiprocessors: more waves of the 256-row tiles, where the 128-row tiles fit the grid better
     assert kernels.gemm_tile(1536, 4096, sm_count=96, path=lib) == 6 and kernels.gemm_tile(2048, 4096, 114, lib) == 0
+
+
+def _build_script(args, env_extra, tmp_path):
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "ONNXQF_KERNELS_BUILD": str(tmp_path / "build"), **env_extra}
+    return subprocess.run(["bash", str(root / "kernels" / "build.sh"), *args], env=env, capture_output=True,
+                          text=True, timeout=120)
+
+
+@pytest.mark.parametrize("args,deps,match", [
+    ([], "junk", "is not a file written by `bash kernels/build.sh --pack-deps FILE`"),
+    ([], "missing", "is not a file written by"),
+    (["--pack-deps", "nofolder/deps.tar.xz"], None, "--pack-deps .*: no folder"),
+    (["--pack-deps"], None, "--pack-deps needs a file"),
+    (["--fast"], None, "unknown argument --fast"),
+])
+def test_build_script_refuses_bad_input_in_one_line(tmp_path, args, deps, match):
+    """kernels/build.sh: a dependency pack that is not one, or bad arguments: one line, exit 2, no build folder."""
+    env = {}
+    if deps:
+        path = tmp_path / deps
+        if deps == "junk":
+            path.write_bytes(b"not an xz archive")
+        env["ONNXQF_KERNELS_DEPS"] = str(path)
+    args = [str(tmp_path / a) if a.endswith(".tar.xz") else a for a in args]
+    done = _build_script(args, env, tmp_path)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and re.search(match, done.stderr), done.stderr
+    assert not (tmp_path / "build").exists()
+
+
+def test_build_dependency_pack_holds_what_an_offline_build_reads(tmp_path):
+    """`--pack-deps FILE` writes CUTLASS's headers, libcudart and ONNX Runtime's headers under the names build.sh
+    looks for (an offline GPU machine unpacks it with ONNXQF_KERNELS_DEPS=FILE and builds with no download)."""
+    root = Path(__file__).resolve().parents[1]
+    deps = root / "kernels" / "build" / "deps"
+    if not (deps / "cutlass_library" / "source" / "include" / "cutlass" / "cutlass.h").is_file():
+        pytest.skip("the CUDA library's build inputs are not fetched: bash kernels/build.sh")
+    # the pack is made from the checkout's build folder (its inputs fetched), not the empty tmp one
+    done = _build_script(["--pack-deps", str(tmp_path / "deps.tar.xz")],
+                         {"ONNXQF_KERNELS_BUILD": str(root / "kernels" / "build")}, tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    with tarfile.open(tmp_path / "deps.tar.xz") as tar:
+        names = set(tar.getnames())
+    for want in ["deps/cutlass_library/source/include/cutlass/cutlass.h",
+                 "deps/cutlass_library/source/include/cute/tensor.hpp",
+                 "deps/cutlass_library/source/tools/util/include/cutlass/util/packed_stride.hpp",
+                 "deps/nvidia/cu13/lib/libcudart.so.13",
+                 "ortheaders/include/onnxruntime/onnxruntime_cxx_api.h"]:
+        assert want in names, want
+    assert not list(tmp_path.glob("deps.tar.xz.tmp*"))

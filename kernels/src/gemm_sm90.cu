@@ -1,5 +1,5 @@
 // Dispatch to the SM90 tile configurations (host code only; the kernels live in
-// gemm_sm90_{large,small,wide,streamk,tall}.cu).
+// gemm_sm90_{large,small,wide,streamk,tall,swap,swap_streamk}.cu).
 #include <climits>
 
 #include "gemm_sm90.cuh"
@@ -38,6 +38,8 @@ sm90::TileFns tile_fns(int tile) {
     case 2: return sm90::tile_fns_wide(tile);
     case 3: case 4: return sm90::tile_fns_streamk(tile);
     case 5: case 6: case 7: return sm90::tile_fns_tall(tile);
+    case 9: case 10: return sm90::tile_fns_swap(tile);
+    case 11: case 12: return sm90::tile_fns_swap_streamk(tile);
     default: return sm90::tile_fns_large(tile);
   }
 }

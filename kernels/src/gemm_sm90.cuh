@@ -6,6 +6,7 @@
 #pragma once
 
 #include <climits>
+#include <type_traits>
 
 #include "kernels.h"
 
@@ -62,15 +63,20 @@ auto set_streamk(SchedulerArgs& a, const GemmSchedule& s, int) -> decltype(a.spl
 template <class SchedulerArgs>
 void set_streamk(SchedulerArgs&, const GemmSchedule&, long) {}
 
+// SWAP: the kernel computes y^T [N, M] = w [N, K] . q^T instead: the weight is CUTLASS's A, so the output channels
+// fill the tile's first (M) side in steps of 64 (wgmma's rows) and the tokens its second side, which wgmma takes in
+// steps of 16. Few tokens then need no 64- or 128-row tile of padding, and more channel tiles share the GPU. The same
+// operands in memory (both K-major), the same epilogue arithmetic with its broadcasts swapped, y^T written
+// column-major: y row-major.
 template <class TileShape, class ClusterShape, class KernelSchedule, class EpilogueSchedule,
-          class TileScheduler = cutlass::gemm::PersistentScheduler>
+          class TileScheduler = cutlass::gemm::PersistentScheduler, bool SWAP = false>
 struct W8A8Gemm {
-  using ElementA = int8_t;  // codes of x, [M, K] row-major
+  using ElementA = int8_t;  // codes of x, [M, K] row-major (SWAP: w, [N, K] row-major)
   using LayoutA = cutlass::layout::RowMajor;
-  using ElementB = int8_t;  // w, [N, K] row-major = [K, N] column-major
+  using ElementB = int8_t;  // w, [N, K] row-major = [K, N] column-major (SWAP: the codes, [M, K] row-major)
   using LayoutB = cutlass::layout::ColumnMajor;
   using ElementD = cutlass::half_t;
-  using LayoutD = cutlass::layout::RowMajor;
+  using LayoutD = std::conditional_t<SWAP, cutlass::layout::ColumnMajor, cutlass::layout::RowMajor>;
   using ElementAcc = int32_t;
   using ElementCompute = float;
   static constexpr int kAlignA = 16;
@@ -79,9 +85,14 @@ struct W8A8Gemm {
   static constexpr auto kRound = cutlass::FloatRoundStyle::round_to_nearest;
 
   using Acc = cutlass::epilogue::fusion::Sm90AccFetch;
-  using TokenScale = cutlass::epilogue::fusion::Sm90ColBroadcast<0, TileShape, float, float, Stride<_1, _0, int64_t>, 1>;
-  using ChannelScale = cutlass::epilogue::fusion::Sm90RowBroadcast<0, TileShape, float, float, Stride<_0, _1, int64_t>, 4>;
-  using Bias = cutlass::epilogue::fusion::Sm90RowBroadcast<0, TileShape, cutlass::half_t, float, Stride<_0, _1, int64_t>, 8>;
+  // a vector along the tile's first side (ColBroadcast) or its second (RowBroadcast); ALIGN elements per load
+  template <bool ALONG_FIRST, class T, int ALIGN>
+  using Vector = std::conditional_t<
+      ALONG_FIRST, cutlass::epilogue::fusion::Sm90ColBroadcast<0, TileShape, T, float, Stride<_1, _0, int64_t>, ALIGN>,
+      cutlass::epilogue::fusion::Sm90RowBroadcast<0, TileShape, T, float, Stride<_0, _1, int64_t>, ALIGN>>;
+  using TokenScale = Vector<!SWAP, float, 1>;  // amax[m]: any M
+  using ChannelScale = Vector<SWAP, float, 4>;  // N % 8 == 0
+  using Bias = Vector<SWAP, cutlass::half_t, 8>;
   using TokenScaled = cutlass::epilogue::fusion::Sm90EVT<
       cutlass::epilogue::fusion::Sm90Compute<cutlass::multiplies, float, float, kRound>, Acc, TokenScale>;
   using Tree = cutlass::epilogue::fusion::Sm90EVT<
@@ -109,13 +120,15 @@ struct W8A8Gemm {
     using StrideB = typename Kernel::StrideB;
     using StrideC = typename Kernel::StrideC;
     using StrideD = typename Kernel::StrideD;
-    const StrideA sa = cutlass::make_cute_packed_stride(StrideA{}, make_shape(M, K, 1));
-    const StrideB sb = cutlass::make_cute_packed_stride(StrideB{}, make_shape(N, K, 1));
-    const StrideC sc = cutlass::make_cute_packed_stride(StrideC{}, make_shape(M, N, 1));
-    const StrideD sd = cutlass::make_cute_packed_stride(StrideD{}, make_shape(M, N, 1));
+    // CUTLASS's problem: rows x columns of its output, its A and B (SWAP: y^T, w and the codes)
+    const int rows = SWAP ? N : M, cols = SWAP ? M : N;
+    const StrideA sa = cutlass::make_cute_packed_stride(StrideA{}, make_shape(rows, K, 1));
+    const StrideB sb = cutlass::make_cute_packed_stride(StrideB{}, make_shape(cols, K, 1));
+    const StrideC sc = cutlass::make_cute_packed_stride(StrideC{}, make_shape(rows, cols, 1));
+    const StrideD sd = cutlass::make_cute_packed_stride(StrideD{}, make_shape(rows, cols, 1));
     typename Gemm::Arguments args{cutlass::gemm::GemmUniversalMode::kGemm,
-                                  {M, N, K, 1},
-                                  {q, sa, w, sb},
+                                  {rows, cols, K, 1},
+                                  {SWAP ? w : q, sa, SWAP ? q : w, sb},
                                   {{}, nullptr, sc, reinterpret_cast<ElementD*>(y), sd}};
     auto& tree = args.epilogue.thread;
     // children of the root, in order: TokenScaled {Acc, TokenScale, op}, ChannelScale, Bias, op
@@ -187,6 +200,22 @@ using TallTile = W8A8Gemm<Shape<_256, _128, _128>, Cluster, cutlass::gemm::Kerne
 using LargeTileN = W8A8Gemm<Shape<_128, _128, _128>, Shape<_1, _2, _1>,
                             cutlass::gemm::KernelTmaWarpSpecializedPingpong, cutlass::epilogue::TmaWarpSpecialized>;
 
+// tiles 9-12, SWAP (the tokens on the tile's second side; channels x tokens x k): for M below a few waves of 128-row
+// tiles, where tokens rounded up to 64 or 128 leave most of a tile empty and few tiles share the GPU (docs/benchmarks.md
+// g16: at 264 rows cuBLAS's FP16 runs 128 CTAs of 64 x 136, one wave; tile 3 runs 96 CTAs of 128 x 128, one of them
+// 8 rows high). 9: 64 x 144, ping-pong, clusters of 2 along the channels (the token tile multicast); 10: 128 x 144,
+// cooperative, the same clusters; 11 and 12: 128 x 32 and 128 x 64 with the stream-K scheduler (at a few tokens the
+// channel tiles alone cannot fill the GPU: their K loops are split across it).
+using SwapTile64 = W8A8Gemm<Shape<_64, _144, _128>, Shape<_2, _1, _1>, cutlass::gemm::KernelTmaWarpSpecializedPingpong,
+                            cutlass::epilogue::TmaWarpSpecialized, cutlass::gemm::PersistentScheduler, true>;
+using SwapTile128 = W8A8Gemm<Shape<_128, _144, _128>, Shape<_2, _1, _1>,
+                             cutlass::gemm::KernelTmaWarpSpecializedCooperative,
+                             cutlass::epilogue::TmaWarpSpecializedCooperative, cutlass::gemm::PersistentScheduler, true>;
+template <class Tokens>
+using SwapStreamKTile = W8A8Gemm<Shape<_128, Tokens, _128>, Shape<_1, _1, _1>,
+                                 cutlass::gemm::KernelTmaWarpSpecializedCooperative,
+                                 cutlass::epilogue::TmaWarpSpecializedCooperative, cutlass::gemm::StreamKScheduler, true>;
+
 // A tile configuration's entry points (the same signature for every configuration: W8A8Gemm::run, ::workspace).
 struct TileFns {
   cudaError_t (*run)(const int8_t*, const float*, const int8_t*, const float*, const __half*, __half*, int, int, int,
@@ -204,6 +233,8 @@ TileFns tile_fns_small(int tile);    // 1 (gemm_sm90_small.cu)
 TileFns tile_fns_wide(int tile);     // 2 (gemm_sm90_wide.cu)
 TileFns tile_fns_streamk(int tile);  // 3, 4 (gemm_sm90_streamk.cu)
 TileFns tile_fns_tall(int tile);     // 5, 6, 7 (gemm_sm90_tall.cu)
+TileFns tile_fns_swap(int tile);     // 9, 10 (gemm_sm90_swap.cu)
+TileFns tile_fns_swap_streamk(int tile);  // 11, 12 (gemm_sm90_swap_streamk.cu)
 
 }  // namespace sm90
 }  // namespace onnxqf

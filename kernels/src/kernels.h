@@ -173,10 +173,12 @@ cudaError_t launch_w8a8_naive(const int8_t* q, const float* amax, const int8_t* 
 // Requires K % 16 == 0 and N % 8 == 0 and 16-byte aligned pointers. `tile` (0 .. kGemmTiles - 1): 0 = 128x128 in
 // clusters of 2 along M (large M), 1 = 64x128 (M <= 128), 2 = 128x256 cooperative, 3 = 128x128 stream-K, 4 = the same
 // in clusters of 2 along M, 5 / 6 / 7 = 256x128 cooperative in clusters of 2 along M / 2 along N / 2 x 2, 8 = 128x128
-// in clusters of 2 along N. Returns cudaErrorNotSupported when CUTLASS cannot implement the problem.
+// in clusters of 2 along N; with the tokens on the tile's second side (y^T = w . q^T, gemm_sm90.cuh: SWAP), channels x
+// tokens: 9 = 64x144 in clusters of 2 along the channels, 10 = 128x144 cooperative in the same clusters, 11 / 12 =
+// 128x32 / 128x64 stream-K. Returns cudaErrorNotSupported when CUTLASS cannot implement the problem.
 // pdl: a programmatic dependent launch, its prologue overlapping the end of the stream's previous kernel (which
 // launch_quantize_rows's kernel allows as soon as it starts); its loads wait for that kernel's end.
-constexpr int kGemmTiles = 9;
+constexpr int kGemmTiles = 13;
 // How a GEMM's tiles are laid on the persistent grid (CUTLASS's tile scheduler arguments; defaults: CUTLASS's).
 struct GemmSchedule {
   int swizzle = 1;        // tiles per swizzle group: 1, 2, 4 or 8 (consecutive CTAs on neighbouring tiles)

@@ -155,6 +155,13 @@ CASES = [
     (300, 4096, 1032, False, {"ONNXQF_GEMM_TILE": "6"}),            # 256x128, clusters along N, ragged N
     (600, 2048, 1032, True, {"ONNXQF_GEMM_TILE": "7"}),             # 256x128 in clusters of 2 x 2, both ragged
     (333, 2048, 1032, False, {"ONNXQF_GEMM_TILE": "8"}),            # 128x128, clusters along N, both ragged
+    # the tokens on the tile's second side (y^T = w . q^T), ragged tokens and channels, a bias per channel
+    (264, 4096, 4096, True, {"ONNXQF_GEMM_TILE": "9"}),             # 64x144 in clusters of 2 along the channels
+    (37, 2048, 1032, True, {"ONNXQF_GEMM_TILE": "9"}),              # an odd count of channel tiles, few tokens
+    (528, 4096, 1032, False, {"ONNXQF_GEMM_TILE": "10"}),           # 128x144 cooperative
+    (16, 4096, 4096, True, {"ONNXQF_GEMM_TILE": "11"}),             # 128x32 stream-K: K loops split
+    (45, 11008, 1032, True, {"ONNXQF_GEMM_TILE": "12"}),            # 128x64 stream-K, ragged
+    (130, 1024, 4096, False, {"ONNXQF_GEMM_TILE": "12"}),           # more tokens than one token tile
     (64, 32768, 256, False, None),                                  # the longest row the quantization holds in
     (8, 40000, 256, False, None),                                   # registers (512 threads); longer: a block per row
     (16, 1032, 1024, True, None),                                   # a row of 129 chunks: a ragged last warp
@@ -191,6 +198,10 @@ def test_against_numpy(M, K, N, with_bias, env):
                                        (528, 11008, 4096, {"ONNXQF_GEMM_TILE": "6"}),
                                        (1000, 4096, 11008, {"ONNXQF_GEMM_TILE": "7"}),
                                        (2048, 4096, 4096, {"ONNXQF_GEMM_TILE": "8"}),
+                                       (264, 4096, 11008, {"ONNXQF_GEMM_TILE": "9"}),  # the tokens on the
+                                       (528, 11008, 4096, {"ONNXQF_GEMM_TILE": "10"}),  # second side
+                                       (16, 11008, 4096, {"ONNXQF_GEMM_TILE": "11"}),
+                                       (64, 4096, 4096, {"ONNXQF_GEMM_TILE": "12"}),
                                        (2048, 4096, 4096, {"ONNXQF_QUANT_PIPE": "2"}),  # quantization grid
                                        (777, 11008, 4096, {"ONNXQF_QUANT_PIPE": "1"}),  # striding over rows
                                        # the schedule: stream-K forced, its partial sums in any order; split-K;
@@ -386,8 +397,8 @@ def test_skip_norm_refusals():
             _session(m, True, None).run(None, {"x": x, "skip": x})
 
 
-@pytest.mark.parametrize("env,match", [({"ONNXQF_GEMM_TILE": "9"}, "ONNXQF_GEMM_TILE must be a tile from 0 to 8"),
-                                       ({"ONNXQF_GEMM_TILE": "-2"}, "ONNXQF_GEMM_TILE must be a tile from 0 to 8"),
+@pytest.mark.parametrize("env,match", [({"ONNXQF_GEMM_TILE": "13"}, "ONNXQF_GEMM_TILE must be a tile from 0 to 12"),
+                                       ({"ONNXQF_GEMM_TILE": "-2"}, "ONNXQF_GEMM_TILE must be a tile from 0 to 12"),
                                        ({"ONNXQF_GEMM_SWIZZLE": "3"}, "swizzle must be 1, 2, 4 or 8"),
                                        ({"ONNXQF_GEMM_RASTER": "3"}, "raster must be"),
                                        ({"ONNXQF_GEMM_SK": "4"}, "decomposition must be"),
