@@ -100,15 +100,15 @@ def kernel_times(runs, copies: int, repeats: int = 10) -> dict[str, float]:
     return {"all kernels": sum(total.values()), **top}
 
 
-def default_tile(m: int, n: int) -> int | None:
-    """The GEMM tile the library's rule picks for m x n on this GPU (onnxqf.runtime.kernels.gemm_tile); None where
-    it cannot say (an older library, no CUDA)."""
+def default_tile(m: int, n: int, rule: int = 0) -> int | None:
+    """The GEMM tile the library's rule (ONNXQF_GEMM_RULE) picks for m x n on this GPU
+    (onnxqf.runtime.kernels.gemm_tile); None where it cannot say (an older library, no CUDA)."""
     try:
         import torch
 
         from onnxqf.runtime import kernels
 
-        return kernels.gemm_tile(m, n, torch.cuda.get_device_properties(0).multi_processor_count)
+        return kernels.gemm_tile(m, n, torch.cuda.get_device_properties(0).multi_processor_count, rule=rule)
     except Exception:  # noqa: BLE001 (a label in the output, never a reason to stop the timing)
         return None
 
@@ -183,13 +183,14 @@ def main(argv=None) -> int:
                     per[name].append(float(np.median(r(3, args.repeats))) * 1e3 / args.copies)
             ms = {name: float(np.median(v)) for name, v in per.items()}
             row = {"K": K, "N": N, "M": M, "ms": ms, "rounds": per, "equal_to_first": equal,
-                   "speedup": {name: ms["fp16"] / v for name, v in ms.items()}, "default_tile": default_tile(M, N)}
+                   "speedup": {name: ms["fp16"] / v for name, v in ms.items()}, "default_tile": default_tile(M, N),
+                   "rule1_tile": default_tile(M, N, rule=1)}
             if args.kernels:
                 row["kernels_us"] = {name: kernel_times(r, args.copies) for name, r in runs.items()}
             rows.append(row)
             if args.out:  # after every row: a run stopped at a time limit keeps the rows it timed
                 write_rows(args, settings, rows)
-            line = f"{K}->{N} M={M} (rule: tile {row['default_tile']}): " + "  ".join(
+            line = f"{K}->{N} M={M} (rule: tile {row['default_tile']}, rule 1: {row['rule1_tile']}): " + "  ".join(
                 f"{n} {v * 1e3:.1f}us ({row['speedup'][n]:.2f}x)" for n, v in ms.items())
             if args.rotate:
                 line += f"  equal to {settings[0][0]}: " + " ".join(f"{n} {v:.4f}" for n, v in equal.items())

@@ -443,6 +443,15 @@ def test_gemm_tile_rule_picks_the_measured_winners(monkeypatch):
     assert got == want
     # fewer multiprocessors: more waves of the 256-row tiles, where the 128-row tiles fit the grid better
     assert kernels.gemm_tile(1536, 4096, sm_count=96, path=lib) == 6 and kernels.gemm_tile(2048, 4096, 114, lib) == 0
+    # rule 1 (ONNXQF_GEMM_RULE=1, not yet timed): the tiles with the tokens on their second side where their grid
+    # costs least: 264 rows make 2 x 64 CTAs of 144 tokens x 64 channels (one wave, as cuBLAS's FP16 64 x 136), 528
+    # rows 4 x 32 of 144 x 128; stream-K tiles 11 / 12 to 128 rows; where they cost more, rule 0's pick
+    want1 = {(16, 4096): 11, (32, 4096): 11, (33, 4096): 12, (128, 11008): 12, (192, 4096): 1, (264, 4096): 9,
+             (264, 11008): 3, (396, 4096): 0, (528, 4096): 10, (1024, 4096): 6, (1536, 4096): 0, (2048, 4096): 6,
+             (2048, 11008): 6}
+    assert {mn: kernels.gemm_tile(*mn, sm_count=132, path=lib, rule=1) for mn in want1} == want1
+    with pytest.raises(kernels.OnnxqfError, match="no GEMM tile rule 2"):
+        kernels.gemm_tile(264, 4096, sm_count=132, path=lib, rule=2)
 
 
 def _build_script(args, env_extra, tmp_path):

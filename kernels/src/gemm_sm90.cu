@@ -16,18 +16,26 @@ int sm_count_of_current_device() {
   return n;
 }
 
-int w8a8_gemm_sm90_tile(int64_t M, int64_t N, int sm_count) {
-  if (M <= 128 || N <= 0 || sm_count <= 0) return 1;
-  const int64_t n_tiles = (N + 127) / 128;
-  // waves of tiles the grid takes x rows per tile x a factor per tile (the 256-row tile does more per row)
-  auto cost = [&](int64_t rows, double factor) {
-    const int64_t tiles = (M + rows - 1) / rows * n_tiles;
-    return double((tiles + sm_count - 1) / sm_count) * double(rows) * factor;
+int w8a8_gemm_sm90_tile(int64_t M, int64_t N, int sm_count, int rule) {
+  if (N <= 0 || sm_count <= 0) return 1;
+  if (M <= 128) return rule == 1 ? (M <= 32 ? 11 : 12) : 1;
+  // waves of tiles the grid takes x the products per tile x a factor per tile (larger tiles do more per byte loaded)
+  auto cost = [&](int64_t tokens, int64_t channels, double factor) {
+    const int64_t tiles = (M + tokens - 1) / tokens * ((N + channels - 1) / channels);
+    return double((tiles + sm_count - 1) / sm_count) * double(tokens * channels) * factor;
   };
-  const double c64 = cost(64, 1.25), c128 = cost(128, 1.0), c256 = cost(256, 0.85);
-  if (c256 <= c128 && c256 <= c64) return 6;
-  if (c128 <= c64) return (M + 127) / 128 % 2 == 0 ? 0 : 3;
-  return 1;
+  // candidates from the largest tile down; a later one wins only when strictly cheaper (ties go to the larger)
+  const int t128 = (M + 127) / 128 % 2 == 0 ? 0 : 3;
+  struct Candidate {
+    int tile;
+    double cost;
+  };
+  const Candidate all[] = {{6, cost(256, 128, 0.85)}, {t128, cost(128, 128, 1.0)}, {10, cost(144, 128, 1.0)},
+                           {9, cost(144, 64, 1.25)}, {1, cost(64, 128, 1.25)}};
+  Candidate best = all[0];
+  for (const Candidate& c : all)
+    if ((rule == 1 || (c.tile != 9 && c.tile != 10)) && c.cost < best.cost) best = c;
+  return best.tile;
 }
 
 namespace {

@@ -30,6 +30,7 @@
 //                       M <= 4, the separate quantization kernel + GEMV above); larger M takes the tensor-core GEMM
 //   ONNXQF_GEMM_TILE    force the GEMM tile, 0..kGemmTiles-1 (kernels.h: launch_w8a8_gemm_sm90; another value stops
 //                       the session's creation; default: w8a8_gemm_sm90_tile, kernels.h)
+//   ONNXQF_GEMM_RULE    1: the default tile by the rule with tiles 9-12 (kernels.h: w8a8_gemm_sm90_tile; default 0)
 //   ONNXQF_GEMM_SWIZZLE, ONNXQF_GEMM_RASTER, ONNXQF_GEMM_SK, ONNXQF_GEMM_SPLITS, ONNXQF_GEMM_SK_ATOMIC
 //                       the GEMM's schedule (kernels.h: GemmSchedule; out of range stops the session's creation)
 //   ONNXQF_QUANT_PIPE   N > 0: the separate quantization kernel as N blocks per multiprocessor striding over the rows,
@@ -138,6 +139,7 @@ struct W8A8LinearKernel {
   int gemv_max_m = 4;
   onnxqf::GemvOptions gemv;
   int force_tile = -1;
+  int gemm_rule = 0;           // ONNXQF_GEMM_RULE: w8a8_gemm_sm90_tile's rule (kernels.h)
   onnxqf::GemmSchedule schedule;  // ONNXQF_GEMM_SWIZZLE, _RASTER, _SK, _SPLITS, _SK_ATOMIC
   bool tile_rotation = false;  // ONNXQF_ROTATION_TILES=1: every rotation by the per-token tensor-core kernel
   bool quant_regs = true;      // ONNXQF_QUANT_REGS=0: the quantization's block-per-row kernel (A/B runs)
@@ -326,7 +328,7 @@ struct W8A8LinearKernel {
     int path = 0;  // 0 naive, 1 gemv, 2 gemm
     // each output's GEMM tile (by M and its N) and whether it runs as a dependent launch (g11: the small tile)
     auto tile_of = [&](int64_t n) {
-      return force_tile >= 0 ? force_tile : onnxqf::w8a8_gemm_sm90_tile(M, n, sm_count);
+      return force_tile >= 0 ? force_tile : onnxqf::w8a8_gemm_sm90_tile(M, n, sm_count, gemm_rule);
     };
     if (aligned) path = (M <= gemv_max_m) ? 1 : 2;
     else if (K % 16 == 0 && reinterpret_cast<uintptr_t>(w) % 16 == 0) path = 1;
@@ -457,6 +459,12 @@ struct W8A8LinearOp : Ort::CustomOpBase<W8A8LinearOp, W8A8LinearKernel, true> {
       return fail("onnxqf.W8A8Linear: ONNXQF_GEMM_TILE must be a tile from 0 to " +
                   std::to_string(onnxqf::kGemmTiles - 1) + " (kernels.h: launch_w8a8_gemm_sm90)");
     }
+    k->gemm_rule = env_int("ONNXQF_GEMM_RULE", 0);
+    if (k->gemm_rule < 0 || k->gemm_rule >= onnxqf::kGemmRules) {
+      delete k;
+      return fail("onnxqf.W8A8Linear: ONNXQF_GEMM_RULE must be from 0 to " + std::to_string(onnxqf::kGemmRules - 1) +
+                  " (kernels.h: w8a8_gemm_sm90_tile)");
+    }
     k->schedule.swizzle = env_int("ONNXQF_GEMM_SWIZZLE", 1);
     k->schedule.raster = env_int("ONNXQF_GEMM_RASTER", 0);
     k->schedule.decomposition = env_int("ONNXQF_GEMM_SK", 0);
@@ -545,6 +553,11 @@ __attribute__((visibility("default"))) const char* onnxqf_kernels_version() { re
 // tests read the rule through it, no GPU needed).
 __attribute__((visibility("default"))) int onnxqf_kernels_gemm_tile(int64_t M, int64_t N, int sm_count) {
   return onnxqf::w8a8_gemm_sm90_tile(M, N, sm_count);
+}
+// The same under another rule (ONNXQF_GEMM_RULE); -1 for a rule the library does not have.
+__attribute__((visibility("default"))) int onnxqf_kernels_gemm_tile_rule(int64_t M, int64_t N, int sm_count,
+                                                                          int rule) {
+  return rule < 0 || rule >= onnxqf::kGemmRules ? -1 : onnxqf::w8a8_gemm_sm90_tile(M, N, sm_count, rule);
 }
 
 // 0 when the current CUDA device can run the kernels; else 1 and the reason in msg.

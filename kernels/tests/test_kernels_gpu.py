@@ -202,6 +202,9 @@ def test_against_numpy(M, K, N, with_bias, env):
                                        (528, 11008, 4096, {"ONNXQF_GEMM_TILE": "10"}),  # second side
                                        (16, 11008, 4096, {"ONNXQF_GEMM_TILE": "11"}),
                                        (64, 4096, 4096, {"ONNXQF_GEMM_TILE": "12"}),
+                                       (264, 4096, 4096, {"ONNXQF_GEMM_RULE": "1"}),  # rule 1 picks 9,
+                                       (528, 4096, 4096, {"ONNXQF_GEMM_RULE": "1"}),  # 10 and 11 here
+                                       (30, 4096, 4096, {"ONNXQF_GEMM_RULE": "1"}),
                                        (2048, 4096, 4096, {"ONNXQF_QUANT_PIPE": "2"}),  # quantization grid
                                        (777, 11008, 4096, {"ONNXQF_QUANT_PIPE": "1"}),  # striding over rows
                                        # the schedule: stream-K forced, its partial sums in any order; split-K;
@@ -399,6 +402,7 @@ def test_skip_norm_refusals():
 
 @pytest.mark.parametrize("env,match", [({"ONNXQF_GEMM_TILE": "13"}, "ONNXQF_GEMM_TILE must be a tile from 0 to 12"),
                                        ({"ONNXQF_GEMM_TILE": "-2"}, "ONNXQF_GEMM_TILE must be a tile from 0 to 12"),
+                                       ({"ONNXQF_GEMM_RULE": "2"}, "ONNXQF_GEMM_RULE must be from 0 to 1"),
                                        ({"ONNXQF_GEMM_SWIZZLE": "3"}, "swizzle must be 1, 2, 4 or 8"),
                                        ({"ONNXQF_GEMM_RASTER": "3"}, "raster must be"),
                                        ({"ONNXQF_GEMM_SK": "4"}, "decomposition must be"),

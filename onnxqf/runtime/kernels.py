@@ -200,18 +200,23 @@ def library_version(path: Path | None = None) -> int:
         return 0
 
 
-def gemm_tile(m: int, n: int, sm_count: int = 132, path: Path | None = None) -> int:
+def gemm_tile(m: int, n: int, sm_count: int = 132, path: Path | None = None, rule: int = 0) -> int:
     """The GEMM tile the library's op launches for ``m`` tokens and ``n`` outputs on ``sm_count`` multiprocessors
-    (kernels/src/kernels.h: ``w8a8_gemm_sm90_tile``; 132 is the H100 SXM's count, the H200's too). No GPU needed."""
+    (kernels/src/kernels.h: ``w8a8_gemm_sm90_tile``; 132 is the H100 SXM's count, the H200's too) under ``rule``
+    (``ONNXQF_GEMM_RULE``; 0 the default). No GPU needed."""
     lib = _load(path)
+    name = "onnxqf_kernels_gemm_tile_rule" if rule else "onnxqf_kernels_gemm_tile"
     try:
-        fn = lib.onnxqf_kernels_gemm_tile
+        fn = getattr(lib, name)
     except AttributeError:
         raise OnnxqfError(f"{path or library_path()}: this build of onnxqf's CUDA kernels has no "
-                          "onnxqf_kernels_gemm_tile: rebuild it (`bash kernels/build.sh`)") from None
-    fn.argtypes = [ctypes.c_int64, ctypes.c_int64, ctypes.c_int]
+                          f"{name}: rebuild it (`bash kernels/build.sh`)") from None
+    fn.argtypes = [ctypes.c_int64, ctypes.c_int64, ctypes.c_int] + ([ctypes.c_int] if rule else [])
     fn.restype = ctypes.c_int
-    return int(fn(m, n, sm_count))
+    tile = int(fn(m, n, sm_count, *([rule] if rule else [])))
+    if tile < 0:
+        raise OnnxqfError(f"{path or library_path()}: onnxqf's CUDA kernels have no GEMM tile rule {rule}")
+    return tile
 
 
 def _check_version(path: Path) -> None:
