@@ -363,6 +363,7 @@ struct W8A8LinearKernel {
         e = onnxqf::launch_rotate_quantize_rows(x, rot_a, rot_b, rotation_walsh, q, amax, M, K, rotation_block,
                                                 sm_count, stream);
     }
+    std::string refused;  // a forced GEMM tile CUTLASS cannot run
     for (int i = 0; e == cudaSuccess && i < out.count; ++i) {  // each output its own product of the shared codes
       const int64_t start = i ? out.end[i - 1] : 0, n = parts[i];
       const int8_t* wi = w + start * K;
@@ -376,6 +377,12 @@ struct W8A8LinearKernel {
                                           pdl, schedule);
         if (e == cudaErrorNotSupported) {
           (void)cudaGetLastError();
+          if (force_tile >= 0) {  // a forced tile is being timed or tested: never the GEMV in its place
+            refused = "onnxqf.W8A8Linear: ONNXQF_GEMM_TILE=" + std::to_string(force_tile) + " cannot run " +
+                      std::to_string(M) + " x " + std::to_string(n) + " x " + std::to_string(K) +
+                      " (CUTLASS refused it); unset it for the default tile";
+            break;  // (e stays set: no more parts)
+          }
           part_path = 1;
         }
       }
@@ -383,6 +390,7 @@ struct W8A8LinearKernel {
       if (part_path == 0) e = onnxqf::launch_w8a8_naive(q, amax, wi, si, bi, out.y[i], M, n, K, stream);
     }
     cudaError_t ef = cudaFreeAsync(scratch, stream);
+    if (!refused.empty()) return fail(refused);
     if (e == cudaSuccess) e = ef;
     if (e != cudaSuccess) return fail(std::string("onnxqf.W8A8Linear: CUDA error: ") + cudaGetErrorString(e));
     return nullptr;
