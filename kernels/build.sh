@@ -21,23 +21,37 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(dirname "$here")
 build=${ONNXQF_KERNELS_BUILD:-$here/build}
+case $build in /*) ;; *) build=$PWD/$build ;; esac  # absolute: the pack links to what lies in it
 deps=$build/deps
 py=${PYTHON:-python3}
+usage="usage: bash kernels/build.sh [--pack-deps FILE]"
 pack=""
 if [ "${1:-}" = "--pack-deps" ]; then
   [ -n "${2:-}" ] || { echo "onnxqf kernels: --pack-deps needs a file to write (e.g. deps.tar.xz)" >&2; exit 2; }
+  [ $# -eq 2 ] || { echo "onnxqf kernels: unexpected argument after --pack-deps $2 ($usage)" >&2; exit 2; }
+  case $2 in */) echo "onnxqf kernels: --pack-deps $2: a file to write, not a folder" >&2; exit 2 ;; esac
+  [ ! -d "$2" ] || { echo "onnxqf kernels: --pack-deps $2: a file to write, not a folder" >&2; exit 2; }
   [ -d "$(dirname "$2")" ] || { echo "onnxqf kernels: --pack-deps $2: no folder $(dirname "$2")" >&2; exit 2; }
   pack=$(cd "$(dirname "$2")" && pwd)/$(basename "$2")
 elif [ -n "${1:-}" ]; then
-  echo "onnxqf kernels: unknown argument $1 (usage: bash kernels/build.sh [--pack-deps FILE])" >&2
+  echo "onnxqf kernels: unknown argument $1 ($usage)" >&2
   exit 2
 fi
+# what a pack holds, under the names this script looks for
+pack_files="deps/cutlass_library/source/include/cutlass/cutlass.h
+deps/cutlass_library/source/tools/util/include/cutlass/util/packed_stride.hpp
+deps/nvidia/cu13/lib/libcudart.so.13
+ortheaders/include/onnxruntime/onnxruntime_cxx_api.h"
 if [ -n "${ONNXQF_KERNELS_DEPS:-}" ]; then
-  if [ ! -f "$ONNXQF_KERNELS_DEPS" ] || ! tar -tJf "$ONNXQF_KERNELS_DEPS" deps >/dev/null 2>&1; then
-    echo "onnxqf kernels: ONNXQF_KERNELS_DEPS=$ONNXQF_KERNELS_DEPS is not a file written by" \
-         "\`bash kernels/build.sh --pack-deps FILE\`" >&2
-    exit 2
-  fi
+  [ -f "$ONNXQF_KERNELS_DEPS" ] || { echo "onnxqf kernels: ONNXQF_KERNELS_DEPS=$ONNXQF_KERNELS_DEPS: no such file" >&2; exit 2; }
+  listing=$(tar -tJf "$ONNXQF_KERNELS_DEPS" 2>/dev/null || true)
+  for f in $pack_files; do
+    if ! grep -qxF "$f" <<<"$listing"; then
+      echo "onnxqf kernels: ONNXQF_KERNELS_DEPS=$ONNXQF_KERNELS_DEPS is not a whole pack written by" \
+           "\`bash kernels/build.sh --pack-deps FILE\` (no $f in it)" >&2
+      exit 2
+    fi
+  done
   mkdir -p "$build"
   echo "== build inputs from $ONNXQF_KERNELS_DEPS -> $build"
   tar -xJf "$ONNXQF_KERNELS_DEPS" -C "$build"
@@ -62,7 +76,7 @@ if [ -n "$pack" ]; then
   ln -s "$cutlass/include" "$stage/deps/cutlass_library/source/include"
   ln -s "$cutlass/tools/util/include" "$stage/deps/cutlass_library/source/tools/util/include"
   ln -s "$cudart" "$stage/deps/nvidia/cu13/lib/libcudart.so.13"
-  ln -s "$ORT_INCLUDE_DIR" "$stage/ortheaders/include/onnxruntime"
+  ln -s "$(cd "$ORT_INCLUDE_DIR" && pwd)" "$stage/ortheaders/include/onnxruntime"
   tar -chJf "$pack.tmp.$$" -C "$stage" deps ortheaders
   mv "$pack.tmp.$$" "$pack"
   echo "== wrote $pack ($(du -h "$pack" | cut -f1)): on the machine to build on," \

@@ -462,8 +462,11 @@ def _build_script(args, env_extra, tmp_path):
 
 
 @pytest.mark.parametrize("args,deps,match", [
-    ([], "junk", "is not a file written by `bash kernels/build.sh --pack-deps FILE`"),
-    ([], "missing", "is not a file written by"),
+    ([], "junk", "is not a whole pack written by `bash kernels/build.sh --pack-deps FILE`"),
+    ([], "missing", "missing: no such file"),
+    ([], "partial", "is not a whole pack .*no deps/cutlass_library/source/include/cutlass/cutlass.h in it"),
+    (["--pack-deps", "folder/"], None, "a file to write, not a folder"),
+    (["--pack-deps", "deps.tar.xz", "more"], None, "unexpected argument after --pack-deps"),
     (["--pack-deps", "nofolder/deps.tar.xz"], None, "--pack-deps .*: no folder"),
     (["--pack-deps"], None, "--pack-deps needs a file"),
     (["--fast"], None, "unknown argument --fast"),
@@ -475,8 +478,13 @@ def test_build_script_refuses_bad_input_in_one_line(tmp_path, args, deps, match)
         path = tmp_path / deps
         if deps == "junk":
             path.write_bytes(b"not an xz archive")
+        elif deps == "partial":  # an xz tar of the right form, CUTLASS's headers missing
+            (tmp_path / "src" / "deps" / "nvidia").mkdir(parents=True)
+            with tarfile.open(path, "w:xz") as tar:
+                tar.add(tmp_path / "src" / "deps", arcname="deps")
         env["ONNXQF_KERNELS_DEPS"] = str(path)
-    args = [str(tmp_path / a) if a.endswith(".tar.xz") else a for a in args]
+    (tmp_path / "folder").mkdir()
+    args = [str(tmp_path / a) if a.endswith((".tar.xz", "/")) else a for a in args]
     done = _build_script(args, env, tmp_path)
     assert done.returncode == 2, done.stdout + done.stderr
     assert len(done.stderr.strip().splitlines()) == 1 and re.search(match, done.stderr), done.stderr
@@ -487,8 +495,12 @@ def test_build_dependency_pack_holds_what_an_offline_build_reads(tmp_path):
     """`--pack-deps FILE` writes CUTLASS's headers, libcudart and ONNX Runtime's headers under the names build.sh
     looks for (an offline GPU machine unpacks it with ONNXQF_KERNELS_DEPS=FILE and builds with no download)."""
     root = Path(__file__).resolve().parents[1]
-    deps = root / "kernels" / "build" / "deps"
-    if not (deps / "cutlass_library" / "source" / "include" / "cutlass" / "cutlass.h").is_file():
+    build = root / "kernels" / "build"
+    inputs = [build / "deps/cutlass_library/source/include/cutlass/cutlass.h",
+              build / "deps/cutlass_library/source/tools/util/include/cutlass/util/packed_stride.hpp",
+              build / "deps/nvidia/cu13/lib/libcudart.so.13",
+              build / "ortheaders/include/onnxruntime/onnxruntime_cxx_api.h"]
+    if not all(f.is_file() for f in inputs):  # (else build.sh would fetch them into the checkout)
         pytest.skip("the CUDA library's build inputs are not fetched: bash kernels/build.sh")
     # the pack is made from the checkout's build folder (its inputs fetched), not the empty tmp one
     done = _build_script(["--pack-deps", str(tmp_path / "deps.tar.xz")],
@@ -503,3 +515,19 @@ def test_build_dependency_pack_holds_what_an_offline_build_reads(tmp_path):
                  "ortheaders/include/onnxruntime/onnxruntime_cxx_api.h"]:
         assert want in names, want
     assert not list(tmp_path.glob("deps.tar.xz.tmp*"))
+
+    # an offline machine: the pack unpacked into an empty build folder, no pip (PYTHON=false), cmake and nvcc
+    # stand-ins that make the library file: build.sh reaches the compile with every input from the pack
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "cmake").write_text('#!/bin/sh\nwhile [ $# -gt 0 ]; do\n  case $1 in -B) mkdir -p "$2" ;; '
+                                '--build) touch "$2/libonnxqf_kernels.so" ;; esac\n  shift\ndone\n')
+    (fake / "ninja").write_text("#!/bin/sh\nexit 0\n")
+    for f in fake.iterdir():
+        f.chmod(0o755)
+    done = _build_script([], {"ONNXQF_KERNELS_DEPS": str(tmp_path / "deps.tar.xz"), "PYTHON": "false",
+                              "CUDACXX": "/bin/true", "PATH": f"{fake}:{os.environ['PATH']}"}, tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "wheels" not in done.stdout and "from PyPI" not in done.stdout and "API headers ->" not in done.stdout
+    assert (tmp_path / "build" / "libonnxqf_kernels.so").is_file()
+    assert (tmp_path / "build" / "deps/cutlass_library/source/include/cute/tensor.hpp").is_file()

@@ -19,9 +19,12 @@ int sm_count_of_current_device() {
 int w8a8_gemm_sm90_tile(int64_t M, int64_t N, int sm_count, int rule) {
   if (N <= 0 || sm_count <= 0) return 1;
   if (M <= 128) return rule == 1 ? (M <= 32 ? 11 : 12) : 1;
-  // waves of tiles the grid takes x the products per tile x a factor per tile (larger tiles do more per byte loaded)
-  auto cost = [&](int64_t tokens, int64_t channels, double factor) {
-    const int64_t tiles = (M + tokens - 1) / tokens * ((N + channels - 1) / channels);
+  // waves of tiles the grid takes x the products per tile x a factor per tile (larger tiles do more per byte loaded);
+  // pair: the channel tiles run in clusters of 2 (tiles 9, 10), an odd count padded with one
+  auto cost = [&](int64_t tokens, int64_t channels, double factor, bool pair = false) {
+    int64_t channel_tiles = (N + channels - 1) / channels;
+    if (pair) channel_tiles += channel_tiles % 2;
+    const int64_t tiles = (M + tokens - 1) / tokens * channel_tiles;
     return double((tiles + sm_count - 1) / sm_count) * double(tokens * channels) * factor;
   };
   // candidates from the largest tile down; a later one wins only when strictly cheaper (ties go to the larger)
@@ -30,8 +33,8 @@ int w8a8_gemm_sm90_tile(int64_t M, int64_t N, int sm_count, int rule) {
     int tile;
     double cost;
   };
-  const Candidate all[] = {{6, cost(256, 128, 0.85)}, {t128, cost(128, 128, 1.0)}, {10, cost(144, 128, 1.0)},
-                           {9, cost(144, 64, 1.25)}, {1, cost(64, 128, 1.25)}};
+  const Candidate all[] = {{6, cost(256, 128, 0.85)}, {10, cost(144, 128, 1.0, true)}, {t128, cost(128, 128, 1.0)},
+                           {9, cost(144, 64, 1.25, true)}, {1, cost(64, 128, 1.25)}};
   Candidate best = all[0];
   for (const Candidate& c : all)
     if ((rule == 1 || (c.tile != 9 && c.tile != 10)) && c.cost < best.cost) best = c;

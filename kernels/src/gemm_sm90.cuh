@@ -1,7 +1,8 @@
 // The W8A8 GEMM for SM90 (H100/H200) with CUTLASS 3.x: int8 x int8 -> int32 on the tensor cores (wgmma),
 // TMA loads, warp-specialized persistent kernel; the epilogue is an epilogue visitor tree that computes
 //   y[m, n] = fp16( fma( fp32(acc[m, n]) * amax[m], wscale[n], bias[n] ) )
-// (amax: a column vector broadcast along N, wscale and bias: row vectors broadcast along M; a null bias reads 0).
+// (amax: a column vector broadcast along N, wscale and bias: row vectors broadcast along M; a null bias reads 0; with
+// SWAP, below, CUTLASS's M is the channels and N the tokens, and the broadcasts are the other way round).
 // Each tile configuration is instantiated in its own .cu file so that they compile in parallel.
 #pragma once
 

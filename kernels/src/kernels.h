@@ -197,8 +197,9 @@ size_t w8a8_gemm_sm90_workspace(int tile, int64_t M, int64_t N, int64_t K, const
 // tile 3 (an odd count leaves a cluster of 2 a tile of padding). Fitted to H100 runs at 192-2048 rows on the
 // Llama-2-7B shapes (docs/benchmarks.md g16): it picks the fastest tile or one within 8.4 % of it in 20 of 21 cases.
 // rule 1 (ONNXQF_GEMM_RULE=1; a model, not yet timed: docs/benchmarks.md g17): the same costs with tiles 9 and 10
-// among the candidates (products per tile: 144 tokens x 64 channels x 1.25, 144 x 128 x 1), and at M <= 128 the
-// stream-K tiles 11 (M <= 32) and 12 instead of tile 1.
+// among the candidates (products per tile: 144 tokens x 64 channels x 1.25, 144 x 128 x 1; an odd count of their
+// channel tiles padded to their clusters of 2), and at M <= 128 the stream-K tiles 11 (M <= 32) and 12 instead of
+// tile 1.
 int w8a8_gemm_sm90_tile(int64_t M, int64_t N, int sm_count, int rule = 0);
 constexpr int kGemmRules = 2;
 cudaError_t launch_w8a8_gemm_sm90(int tile, const int8_t* q, const float* amax, const int8_t* w,

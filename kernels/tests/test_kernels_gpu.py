@@ -160,6 +160,7 @@ CASES = [
     (37, 2048, 1032, True, {"ONNXQF_GEMM_TILE": "9"}),              # an odd count of channel tiles, few tokens
     (528, 4096, 1032, False, {"ONNXQF_GEMM_TILE": "10"}),           # 128x144 cooperative
     (16, 4096, 4096, True, {"ONNXQF_GEMM_TILE": "11"}),             # 128x32 stream-K: K loops split
+    (20, 4096, 1032, False, {"ONNXQF_GEMM_TILE": "11"}),            # 128x32 stream-K, N not a multiple of 64
     (45, 11008, 1032, True, {"ONNXQF_GEMM_TILE": "12"}),            # 128x64 stream-K, ragged
     (130, 1024, 4096, False, {"ONNXQF_GEMM_TILE": "12"}),           # more tokens than one token tile
     (64, 32768, 256, False, None),                                  # the longest row the quantization holds in
@@ -186,6 +187,15 @@ def test_against_numpy(M, K, N, with_bias, env):
     assert rel < 2e-3, rel
     if not with_bias:
         assert np.mean(got == want) > 0.99
+
+
+def _multiprocessors() -> int | None:
+    """GPU 0's multiprocessors (through PyTorch), None without it."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    return torch.cuda.get_device_properties(0).multi_processor_count
 
 
 @pytest.mark.parametrize("M,K,N,env", [(1, 4096, 11008, None), (4, 11008, 4096, None), (1, 4096, 22016, None),
@@ -224,6 +234,10 @@ def test_bit_exact_against_standard_graph(M, K, N, env):
     included (zeros in both: the fp16 floor keeps 127/amax finite). Not a token of fp16-subnormal inputs: their
     outputs are fp16 subnormals, which ONNX Runtime's fp16 nodes and the op may round differently (measured: one such
     token, 4080 of 4096 outputs differ by at most 2.6e-5)."""
+    if env and "ONNXQF_GEMM_RULE" in env:  # (the rule's env is read: test_gemm_options_out_of_range_are_refused)
+        sms = _multiprocessors()
+        assert sms is None or kernels.gemm_tile(M, N, sms, rule=int(env["ONNXQF_GEMM_RULE"])) in (9, 10, 11, 12), \
+            "this case is meant to run a tile with the tokens on its second side"
     x, q, wscale, _ = data(M, K, N, seed=M + 7 * K + N, with_bias=False, tiny_row=False)
     ours = run_poisoned(session(K, N, False, env, q=q, wscale=wscale), x.reshape(1, M, K), N).reshape(M, N)
     std_sess = session(K, N, False, standard=True, q=q, wscale=wscale)
