@@ -449,6 +449,10 @@ struct W8A8LinearOp : Ort::CustomOpBase<W8A8LinearOp, W8A8LinearKernel, true> {
     if (skip_norm < 0 || skip_norm > 2) return fail("onnxqf.W8A8Linear: skip_norm must be 0, 1 or 2");
     if (!(epsilon >= 0.f)) return fail("onnxqf.W8A8Linear: epsilon must be >= 0");
     auto* k = new W8A8LinearKernel();
+    auto refuse = [&](const std::string& why) {  // an environment value out of range: no kernel, one line
+      delete k;
+      return fail("onnxqf.W8A8Linear: " + why);
+    };
     k->input_glu = input_glu == 1;
     k->skip_norm = static_cast<int>(skip_norm);
     k->epsilon = epsilon;
@@ -462,33 +466,24 @@ struct W8A8LinearOp : Ort::CustomOpBase<W8A8LinearOp, W8A8LinearKernel, true> {
     k->gemv.sm_count = env_int("ONNXQF_GEMV_PERSIST", 1) != 0 ? k->sm_count : 0;
     k->gemv.pdl = env_int("ONNXQF_PDL", 0) != 0;
     k->force_tile = env_int("ONNXQF_GEMM_TILE", -1);
-    if (k->force_tile < -1 || k->force_tile >= onnxqf::kGemmTiles) {
-      delete k;
-      return fail("onnxqf.W8A8Linear: ONNXQF_GEMM_TILE must be a tile from 0 to " +
-                  std::to_string(onnxqf::kGemmTiles - 1) + " (kernels.h: launch_w8a8_gemm_sm90)");
-    }
+    if (k->force_tile < -1 || k->force_tile >= onnxqf::kGemmTiles)
+      return refuse("ONNXQF_GEMM_TILE must be a tile from 0 to " + std::to_string(onnxqf::kGemmTiles - 1) +
+                    " (kernels.h: launch_w8a8_gemm_sm90)");
     k->gemm_rule = env_int("ONNXQF_GEMM_RULE", 0);
-    if (k->gemm_rule < 0 || k->gemm_rule >= onnxqf::kGemmRules) {
-      delete k;
-      return fail("onnxqf.W8A8Linear: ONNXQF_GEMM_RULE must be from 0 to " + std::to_string(onnxqf::kGemmRules - 1) +
-                  " (kernels.h: w8a8_gemm_sm90_tile)");
-    }
+    if (k->gemm_rule < 0 || k->gemm_rule >= onnxqf::kGemmRules)
+      return refuse("ONNXQF_GEMM_RULE must be from 0 to " + std::to_string(onnxqf::kGemmRules - 1) +
+                    " (kernels.h: w8a8_gemm_sm90_tile)");
     k->schedule.swizzle = env_int("ONNXQF_GEMM_SWIZZLE", 1);
     k->schedule.raster = env_int("ONNXQF_GEMM_RASTER", 0);
     k->schedule.decomposition = env_int("ONNXQF_GEMM_SK", 0);
     k->schedule.splits = env_int("ONNXQF_GEMM_SPLITS", 1);
     k->schedule.atomic = env_int("ONNXQF_GEMM_SK_ATOMIC", 0) != 0;
-    if (const char* why = onnxqf::gemm_schedule_error(k->schedule)) {
-      delete k;
-      return fail(std::string("onnxqf.W8A8Linear: ONNXQF_GEMM_SWIZZLE/RASTER/SK/SPLITS: ") + why);
-    }
+    if (const char* why = onnxqf::gemm_schedule_error(k->schedule))
+      return refuse(std::string("ONNXQF_GEMM_SWIZZLE/RASTER/SK/SPLITS: ") + why);
     k->quant_regs = env_int("ONNXQF_QUANT_REGS", 1) != 0;
     k->quant_pipe = env_int("ONNXQF_QUANT_PIPE", 0);
-    if (k->quant_pipe < 0 || k->quant_pipe > 32) {
-      delete k;
-      return fail("onnxqf.W8A8Linear: ONNXQF_QUANT_PIPE must be from 0 (a block per row) to 32 (blocks per "
-                  "multiprocessor)");
-    }
+    if (k->quant_pipe < 0 || k->quant_pipe > 32)
+      return refuse("ONNXQF_QUANT_PIPE must be from 0 (a block per row) to 32 (blocks per multiprocessor)");
     k->gemm_pdl = env_int("ONNXQF_GEMM_PDL", -1);
     k->rot_fused = env_int("ONNXQF_ROT_FUSED", 1);
     k->tile_rotation = env_int("ONNXQF_ROTATION_TILES", 0) != 0;  // the per-token kernel for every rotation (A/B runs)
