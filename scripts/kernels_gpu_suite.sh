@@ -11,6 +11,8 @@
 #   large  2048 rows, device times: the quantization's grid (ONNXQF_QUANT_PIPE) and the GEMM as a dependent launch
 #          (OUT/large.json)
 #   table  issue 19's per-linear table: M = 1, 16, 2048 with the defaults, device times (OUT/table.json)
+#   asym   the asymmetric codes against the symmetric ones per linear, M = 1, 16, 2048 (onnxqf bench --linears:
+#          onnxqf-cuda and onnxqf-cuda:asymmetric=true against FP16; OUT/asym.txt)
 #   e2e    the model builder's 8-layer Llama-2-7B-shaped genai folder, FP16 against onnxqf's W8A8 and hybrid
 #          rewrites through the kernels (OUT/e2e; BUILDER=the builder's staged folder, genai_gpu_bench.py
 #          stage-builder; REWRITES to choose; SEQ, default 2048 tokens of prefill)
@@ -18,7 +20,7 @@
 # Needs onnxruntime-gpu and PyTorch (IOBinding timings, the profiler's device times). ONNXQF_KERNELS, when set, names
 # the library for every phase but build. Each phase prints its time; a failed phase does not stop the next.
 set -uo pipefail
-[ $# -ge 2 ] || { echo "usage: bash scripts/kernels_gpu_suite.sh OUT PHASE... (phases: build tests mid large table e2e)" >&2; exit 2; }
+[ $# -ge 2 ] || { echo "usage: bash scripts/kernels_gpu_suite.sh OUT PHASE... (phases: build tests mid large table asym e2e)" >&2; exit 2; }
 out=$1
 shift
 mkdir -p "$out"
@@ -45,6 +47,9 @@ for phase in "$@"; do
         "rule=;pipe1=ONNXQF_QUANT_PIPE=1;pipe2=ONNXQF_QUANT_PIPE=2;pdl=ONNXQF_GEMM_PDL=1;pipe1pdl=ONNXQF_QUANT_PIPE=1,ONNXQF_GEMM_PDL=1" ;;
     table)
       ab --m 1,16,2048 --rounds 3 --kernels --out "$out/table.json" --settings "onnxqf=" ;;
+    asym)
+      "$py" -m onnxqf.cli bench --linears "$shapes" --m 1,16,2048 --ep cuda --dtype float16 --copies 8 --repeats 30 \
+        --lowerings onnxqf-cuda,onnxqf-cuda:asymmetric=true 2>&1 | tee "$out/asym.txt" | tail -20 ;;
     e2e)
       [ -n "${BUILDER:-}" ] || { echo "e2e: set BUILDER to the builder's staged folder (genai_gpu_bench.py stage-builder)" >&2; false; } &&
         "$py" scripts/genai_gpu_bench.py run --ep cuda --layers 8 --seq "${SEQ:-2048}" --past 512 --builder "$BUILDER" \
@@ -52,7 +57,7 @@ for phase in "$@"; do
           --cuda-graph --rewrite-limit 200 \
           --rewrites "${REWRITES:-onnxqf W8A8 kernels + lm_head,onnxqf hybrid W8A8 kernels + lm_head}" 2>&1 | tail -40 ;;
     *)
-      echo "unknown phase $phase (phases: build tests mid large table e2e)" >&2; false ;;
+      echo "unknown phase $phase (phases: build tests mid large table asym e2e)" >&2; false ;;
   esac
   rc=$?
   [ $rc -eq 0 ] || status=$rc

@@ -18,6 +18,7 @@ import pytest
 
 from onnxqf.lowering.cuda_kernels import DOMAIN, OP, OnnxqfCudaW8A8, emit_w8a8_kernel
 from onnxqf.maths.hadamard import walsh_matrix
+from onnxqf.maths.qmath import asymmetric_codes_f16, asymmetric_dequant_f32
 
 
 def test_emit_node_and_initializers():
@@ -249,6 +250,10 @@ def _op_reference(node, x):
         elif walsh & 2:
             X = np.einsum("pi,rib->rpb", walsh_matrix(a).astype(np.float32), X)
         x = X.astype(np.float16).reshape(-1, K)
+    if "asymmetric" in node.attributes:  # int8-token-asym's codes and rescale (onnxqf.maths.qmath)
+        codes, s, zp = asymmetric_codes_f16(x)
+        acc = codes.astype(np.float64) @ w.T.astype(np.float64)
+        return asymmetric_dequant_f32(acc, s, zp, vals[8], ws).astype(np.float16)
     amax = np.maximum(np.abs(x).max(axis=-1, keepdims=True), np.float16(2.0 ** -9)).astype(np.float16)
     inv = (np.float16(127.0) / amax).astype(np.float16)
     codes = np.clip(np.rint((x * inv).astype(np.float16).astype(np.float32)), -127, 127)
@@ -288,6 +293,118 @@ def test_online_rotation_moves_into_the_op():
             assert np.abs(got - f).max() <= 0.05 * top, K  # and both are W8A8 of the rotated float product
 
 
+def _asym_rows(M, K, seed):
+    """float16 rows with an outlier channel, an all-zero token, an all-positive one, a tiny one and an all-negative
+    one (the asymmetric codes' edges: the range always holds 0, the step's floor)."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((M, K)).astype(np.float32)
+    x[:, 3] *= 30
+    x[1] = 0.0
+    x[2] = np.abs(x[2]) + 0.5
+    x[3] *= 1e-6
+    x[4] = -np.abs(x[4]) - 0.25
+    return x.astype(np.float16)
+
+
+def _fp16_nodes(model: ir.Model, x: np.ndarray) -> list[np.ndarray]:
+    """The model's outputs with every node run in its own dtype, each float16 result rounded as one IEEE operation:
+    ONNX's reference evaluator (numpy), as ONNX Runtime's CUDA provider runs float16 nodes. (Its CPU provider is no
+    reference here: it runs float16 chains in float32 between inserted Casts, and its float16 Div is not correctly
+    rounded on every CPU.)"""
+    from onnx.reference import ReferenceEvaluator
+
+    return ReferenceEvaluator(ir.serde.serialize_model(model)).run(None, {"x": x})
+
+
+def test_asymmetric_codes_model_the_standard_graph():
+    """qmath.asymmetric_codes_f16 / asymmetric_dequant_f32 (what the op's asymmetric codes compute, kernels.h) equal
+    int8-token-asym's float16 nodes, every bit (_fp16_nodes): the codes' product and rescale of a linear."""
+    from onnxqf.runtime.linears import linear_model, parse_lowering
+
+    for K, N in ((64, 48), (576, 40), (2048, 16)):
+        x = _asym_rows(7, K, K)
+        standard = linear_model(K, N, parse_lowering("int8-token-asym"), copies=1, dtype="float16")
+        inits = {v.name: v.const_value.numpy() for v in standard.graph.initializers.values()
+                 if v.const_value is not None}
+        q = next(v for n, v in inits.items() if n.startswith("linear0.weight_int8"))
+        want = _fp16_nodes(standard, x)[0]
+        codes, s, zp = asymmetric_codes_f16(x)
+        assert codes.dtype == np.int8 and (zp[1] == 0) and s[1] == np.float16(1e-4) and s[3] == np.float16(1e-4)
+        assert zp[2] == 0 and codes[2].max() == 127  # all positive: the range is [0, max], max the top code
+        assert zp[4] == 255 and codes[4].min() == -128  # all negative: [min, 0], 0 the top code
+        acc = codes.astype(np.float64) @ q.astype(np.float64)
+        scale = next(v for n, v in inits.items() if n.startswith("linear0.weight_scale"))
+        got = asymmetric_dequant_f32(acc, s, zp, q.astype(np.int64).sum(axis=0), scale).astype(np.float16)
+        np.testing.assert_array_equal(got, want)
+
+
+def _nvcc() -> str | None:
+    """nvcc as kernels/build.sh finds it ($CUDACXX, PATH, /usr/local/cuda/bin), or None."""
+    import shutil
+
+    for cand in (os.environ.get("CUDACXX"), shutil.which("nvcc"), "/usr/local/cuda/bin/nvcc"):
+        if cand and os.access(cand, os.X_OK):
+            return cand
+    return None
+
+
+def test_asymmetric_row_arithmetic_on_the_host(tmp_path):
+    """The kernels' own source of the asymmetric codes (quant_row.cuh: chunk_range, asym_row_scale, code_of),
+    compiled for the host by nvcc (kernels/tests/asym_row_host.cu; CI has nvcc), gives qmath.asymmetric_codes_f16's
+    codes, steps and zero points to the bit on rows with every edge: all zero, one sign, tiny, exact .5 quotients.
+    (The device's __hdiv is ONNX Runtime's CUDA Div itself; the GPU tests hold the kernels against that graph.)"""
+    nvcc = _nvcc()
+    if nvcc is None:
+        pytest.skip("no nvcc here (CI has one)")
+    src = Path(__file__).resolve().parents[1] / "kernels"
+    exe = tmp_path / "asym_row_host"
+    subprocess.run([nvcc, "-std=c++17", "-O2", f"-I{src / 'src'}", "-o", str(exe),
+                    str(src / "tests" / "asym_row_host.cu")], check=True, capture_output=True, timeout=600)
+    M, K = 64, 512
+    x = _asym_rows(M, K, 11)
+    x[5] = np.float16(0.5) * (np.arange(K) % 9 - 4)  # quotients on .5 ties
+    x[6] = np.float16(-3.0)  # one value: lo = -3, hi = 0
+    x[7, :] = 0
+    x[7, 9] = np.float16(65504.0)  # the largest fp16
+    x.tofile(tmp_path / "x.bin")
+    subprocess.run([str(exe), str(tmp_path / "x.bin"), str(tmp_path / "y.bin"), str(M), str(K)], check=True,
+                   timeout=60)
+    raw = np.fromfile(tmp_path / "y.bin", np.uint8).reshape(M, 8 + K)
+    s_got = raw[:, :4].copy().view(np.float32)
+    z_got = raw[:, 4:8].copy().view(np.float32)
+    codes_got = raw[:, 8:].view(np.int8)
+    codes, s, zp = asymmetric_codes_f16(x)
+    np.testing.assert_array_equal(s_got, s.astype(np.float32))
+    np.testing.assert_array_equal(z_got, zp.astype(np.float32) - 128)
+    np.testing.assert_array_equal(codes_got, codes)
+
+
+def test_asymmetric_op_computes_int8_token_asym():
+    """`onnxqf-cuda:asymmetric=true`: one op per group with attribute asymmetric, the weights' steps (not / 127) and
+    their per-channel sums as input 9, no standard quantization node; its definition (kernels.h) gives
+    int8-token-asym's outputs to the bit (_fp16_nodes); the op refuses a rotation."""
+    from onnxqf.lowering.cuda_kernels import KernelRotation
+    from onnxqf.runtime.linears import linear_model, parse_lowering
+
+    K, N = 96, 32
+    x = _asym_rows(6, K, 5)
+    fused = linear_model(K, N, parse_lowering("onnxqf-cuda:asymmetric=true"), copies=2, dtype="float16")
+    nodes = [n for n in fused.graph if n.op_type == OP]
+    assert len(nodes) == 2 and not {"MatMulInteger", "ReduceMin", "Round"} & {n.op_type for n in fused.graph}
+    want = _fp16_nodes(linear_model(K, N, parse_lowering("int8-token-asym"), copies=2, dtype="float16"), x)
+    for node, y in zip(nodes, want):
+        assert node.attributes["asymmetric"].value == 1 and len(node.inputs) == 10
+        w, colsum = node.inputs[1].const_value.numpy(), node.inputs[9].const_value.numpy()
+        assert colsum.dtype == np.float32 and np.array_equal(colsum, w.astype(np.int64).sum(axis=1))
+        np.testing.assert_array_equal(_op_reference(node, x), y)
+    assert OnnxqfCudaW8A8(asymmetric=True).describe() == "onnxqf-cuda:asymmetric=true"
+    x_v = ir.Value(name="x", type=ir.TensorType(ir.DataType.FLOAT16), shape=ir.Shape(["B", K]))
+    graph = ir.Graph([x_v], [], nodes=[], opset_imports={"": 18, DOMAIN: 1}, name="g")
+    q = np.ones((K, N), np.int8)
+    with pytest.raises(Exception, match="no rotation"):
+        emit_w8a8_kernel(graph, x_v, q, np.ones(N), "lin", rotation=KernelRotation(16, None, None, 1), asymmetric=True)
+
+
 def test_hybrid_rewrite_moves_every_online_rotation_into_the_ops(tiny_fp16, ids_file, tmp_path):
     """`rewrite --hybrid --lowering onnxqf-cuda`: every online rotation the hybrid writes (norm outputs, o_proj's head
     mixing, down_proj) is taken into the W8A8Linear reading it: no rotation node is left, and each op says its
@@ -306,6 +423,26 @@ def test_hybrid_rewrite_moves_every_online_rotation_into_the_ops(tiny_fp16, ids_
     assert blocks["layers.0.down_proj"] == 96 and blocks["layers.0.o_proj"] == 16  # d_ff 96: one group; 4 heads of 16
     glu = [n.name for n in ops if any(a.name == "input_glu" for a in n.attribute)]
     assert sorted(glu) == ["layers.0.down_proj/w8a8_linear", "layers.1.down_proj/w8a8_linear"]  # rotation + SwiGLU
+
+
+def test_hybrid_rewrite_with_asymmetric_codes_keeps_the_rotations_as_nodes(tiny_fp16, ids_file, tmp_path):
+    """`rewrite --hybrid --lowering onnxqf-cuda --act-quant asym`: every op has the asymmetric codes (attribute,
+    Wsum) and no rotation; the online rotations stay as nodes in front of them (the op takes none with these codes),
+    and so do the SwiGLU products they read."""
+    from onnxqf.cli import main
+    from onnxqf.graph.structure import ONLINE_ROTATION
+
+    out = tmp_path / "ha.onnx"
+    assert main(["rewrite", str(tiny_fp16), "--hybrid", "--lowering", "onnxqf-cuda", "--act-quant", "asym",
+                 "--weight-rounding", "rtn", "--calib", str(ids_file), "-o", str(out), "-q"]) == 0
+    model = onnx.load(str(out), load_external_data=False)
+    ops = [n for n in model.graph.node if n.op_type == OP]
+    attrs = [{a.name: a.i for a in n.attribute} for n in ops]
+    assert len(ops) == 8 and all(a.get("asymmetric") == 1 and "rotation_block" not in a for a in attrs), attrs
+    assert all(len(n.input) == 10 and n.input[9] for n in ops)
+    assert [n.name for n in model.graph.node if any(p.key == ONLINE_ROTATION for p in n.metadata_props)]
+    assert not any(a.get("input_glu") for a in attrs)
+    assert any(p.value.startswith("onnxqf-cuda:asymmetric=true") for p in model.metadata_props), model.metadata_props
 
 
 def _sln_graph(K=64, read_mean=False, extra_reader=False, bias=False):

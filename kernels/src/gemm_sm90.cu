@@ -65,17 +65,21 @@ const char* gemm_schedule_error(const GemmSchedule& s) {
   return nullptr;
 }
 
-size_t w8a8_gemm_sm90_workspace(int tile, int64_t M, int64_t N, int64_t K, const GemmSchedule& s) {
+size_t w8a8_gemm_sm90_workspace(int tile, int64_t M, int64_t N, int64_t K, const GemmSchedule& s, bool asym) {
   if (!sm90::fits_int(M, N, K)) return 0;
-  return tile_fns(tile).workspace(int(M), int(N), int(K), sm_count_of_current_device(), s);
+  const sm90::TileFns f = tile_fns(tile);
+  return (asym ? f.workspace_asym : f.workspace)(int(M), int(N), int(K), sm_count_of_current_device(), s);
 }
 
 cudaError_t launch_w8a8_gemm_sm90(int tile, const int8_t* q, const float* amax, const int8_t* w, const float* wscale,
                                   const __half* bias, __half* y, int64_t M, int64_t N, int64_t K, void* workspace,
-                                  cudaStream_t stream, bool pdl, const GemmSchedule& s) {
+                                  cudaStream_t stream, bool pdl, const GemmSchedule& s, const float* zero,
+                                  const float* colsum) {
   if (!sm90::fits_int(M, N, K) || K % 16 != 0 || N % 8 != 0) return cudaErrorNotSupported;
-  return tile_fns(tile).run(q, amax, w, wscale, bias, y, int(M), int(N), int(K), sm_count_of_current_device(),
-                            workspace, stream, pdl, s);
+  if (static_cast<bool>(zero) != static_cast<bool>(colsum)) return cudaErrorInvalidValue;
+  const sm90::TileFns f = tile_fns(tile);
+  return (zero ? f.run_asym : f.run)(q, amax, w, wscale, bias, y, int(M), int(N), int(K),
+                                     sm_count_of_current_device(), workspace, stream, pdl, s, zero, colsum);
 }
 
 }  // namespace onnxqf

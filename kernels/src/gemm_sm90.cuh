@@ -2,7 +2,10 @@
 // TMA loads, warp-specialized persistent kernel; the epilogue is an epilogue visitor tree that computes
 //   y[m, n] = fp16( fma( fp32(acc[m, n]) * amax[m], wscale[n], bias[n] ) )
 // (amax: a column vector broadcast along N, wscale and bias: row vectors broadcast along M; a null bias reads 0; with
-// SWAP, below, CUTLASS's M is the channels and N the tokens, and the broadcasts are the other way round).
+// SWAP, below, CUTLASS's M is the channels and N the tokens, and the broadcasts are the other way round); with ASYM
+// (the asymmetric codes, kernels.h) one node computes
+//   y[m, n] = fp16( fma( (fp32(acc[m, n]) - z[m] * colsum[n]) * s[m], wscale[n], bias[n] ) )
+// each step rounded on its own (AsymDequant).
 // Each tile configuration is instantiated in its own .cu file so that they compile in parallel.
 #pragma once
 
@@ -64,14 +67,31 @@ auto set_streamk(SchedulerArgs& a, const GemmSchedule& s, int) -> decltype(a.spl
 template <class SchedulerArgs>
 void set_streamk(SchedulerArgs&, const GemmSchedule&, long) {}
 
+// The asymmetric codes' dequantization of a fragment (Sm90Compute's functor: one template parameter, called with
+// fp32 arrays, the accumulators converted to fp32 by the node): (acc - z * colsum) * s by __fmul_rn / __fsub_rn (no
+// contraction: each step as int8-token-asym's fp32 nodes round it), then fma(., wscale, bias) as the symmetric tree.
+template <class T>
+struct AsymDequant {
+  CUTLASS_HOST_DEVICE T operator()(T const& acc, T const& z, T const& colsum, T const& s, T const& wscale,
+                                   T const& bias) const {
+    T r;
+    CUTLASS_PRAGMA_UNROLL
+    for (int i = 0; i < static_cast<int>(T::kElements); ++i)
+      r[i] = fmaf(__fmul_rn(__fsub_rn(acc[i], __fmul_rn(z[i], colsum[i])), s[i]), wscale[i], bias[i]);
+    return r;
+  }
+};
+
 // SWAP: the kernel computes y^T [N, M] = w [N, K] . q^T instead: the weight is CUTLASS's A, so the output channels
 // fill the tile's first (M) side in steps of 64 (wgmma's rows) and the tokens its second side, which wgmma takes in
 // steps of 16. Few tokens then need no 64- or 128-row tile of padding, and more channel tiles share the GPU. The same
 // operands in memory (both K-major), the same epilogue arithmetic with its broadcasts swapped, y^T written
 // column-major: y row-major.
 template <class TileShape, class ClusterShape, class KernelSchedule, class EpilogueSchedule,
-          class TileScheduler = cutlass::gemm::PersistentScheduler, bool SWAP = false>
+          class TileScheduler = cutlass::gemm::PersistentScheduler, bool SWAP = false, bool ASYM = false>
 struct W8A8Gemm {
+  // the same tile with the asymmetric codes' epilogue
+  using Asym = W8A8Gemm<TileShape, ClusterShape, KernelSchedule, EpilogueSchedule, TileScheduler, SWAP, true>;
   using ElementA = int8_t;  // codes of x, [M, K] row-major (SWAP: w, [N, K] row-major)
   using LayoutA = cutlass::layout::RowMajor;
   using ElementB = int8_t;  // w, [N, K] row-major = [K, N] column-major (SWAP: the codes, [M, K] row-major)
@@ -96,9 +116,15 @@ struct W8A8Gemm {
   using Bias = Vector<SWAP, cutlass::half_t, 8>;
   using TokenScaled = cutlass::epilogue::fusion::Sm90EVT<
       cutlass::epilogue::fusion::Sm90Compute<cutlass::multiplies, float, float, kRound>, Acc, TokenScale>;
-  using Tree = cutlass::epilogue::fusion::Sm90EVT<
+  using SymTree = cutlass::epilogue::fusion::Sm90EVT<
       cutlass::epilogue::fusion::Sm90Compute<cutlass::homogeneous_multiply_add, ElementD, float, kRound>, TokenScaled,
       ChannelScale, Bias>;
+  using TokenZero = TokenScale;      // z[m]
+  using ChannelSum = ChannelScale;   // colsum[n]
+  using AsymTree = cutlass::epilogue::fusion::Sm90EVT<
+      cutlass::epilogue::fusion::Sm90Compute<AsymDequant, ElementD, float, kRound>, Acc, TokenZero, ChannelSum,
+      TokenScale, ChannelScale, Bias>;
+  using Tree = std::conditional_t<ASYM, AsymTree, SymTree>;
 
   using Epilogue = typename cutlass::epilogue::collective::CollectiveBuilder<
       cutlass::arch::Sm90, cutlass::arch::OpClassTensorOp, TileShape, ClusterShape,
@@ -116,7 +142,7 @@ struct W8A8Gemm {
 
   static typename Gemm::Arguments arguments(const int8_t* q, const float* amax, const int8_t* w, const float* wscale,
                                             const __half* bias, __half* y, int M, int N, int K, int sm_count,
-                                            const GemmSchedule& sched) {
+                                            const GemmSchedule& sched, const float* zero, const float* colsum) {
     using StrideA = typename Kernel::StrideA;
     using StrideB = typename Kernel::StrideB;
     using StrideC = typename Kernel::StrideC;
@@ -132,11 +158,15 @@ struct W8A8Gemm {
                                   {SWAP ? w : q, sa, SWAP ? q : w, sb},
                                   {{}, nullptr, sc, reinterpret_cast<ElementD*>(y), sd}};
     auto& tree = args.epilogue.thread;
-    // children of the root, in order: TokenScaled {Acc, TokenScale, op}, ChannelScale, Bias, op
-    tree = {{{}, {amax, 0.f, {}}, {}},
-            {wscale, 0.f, {}},
-            {reinterpret_cast<const cutlass::half_t*>(bias), cutlass::half_t(0), {}},
-            {}};
+    using Half = cutlass::half_t;
+    if constexpr (ASYM) {
+      // children of the root, in order: Acc, TokenZero, ChannelSum, TokenScale, ChannelScale, Bias, op
+      tree = {{}, {zero, 0.f, {}}, {colsum, 0.f, {}}, {amax, 0.f, {}}, {wscale, 0.f, {}},
+              {reinterpret_cast<const Half*>(bias), Half(0), {}}, {}};
+    } else {
+      // children of the root, in order: TokenScaled {Acc, TokenScale, op}, ChannelScale, Bias, op
+      tree = {{{}, {amax, 0.f, {}}, {}}, {wscale, 0.f, {}}, {reinterpret_cast<const Half*>(bias), Half(0), {}}, {}};
+    }
     args.hw_info.sm_count = sm_count;
     using cutlass::gemm::kernel::detail::RasterOrderOptions;
     constexpr RasterOrderOptions rasters[] = {RasterOrderOptions::Heuristic, RasterOrderOptions::AlongM,
@@ -149,18 +179,20 @@ struct W8A8Gemm {
 
   // (stream-K's partial sums depend on sm_count and the schedule)
   static size_t workspace(int M, int N, int K, int sm_count, const GemmSchedule& sched) {
-    auto args = arguments(nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, M, N, K, sm_count, sched);
+    auto args = arguments(nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, M, N, K, sm_count, sched, nullptr,
+                          nullptr);
     return Gemm::get_workspace_size(args);
   }
 
+  // zero, colsum: the asymmetric codes' (ASYM; ignored otherwise)
   static cudaError_t run(const int8_t* q, const float* amax, const int8_t* w, const float* wscale, const __half* bias,
                          __half* y, int M, int N, int K, int sm_count, void* workspace, cudaStream_t stream,
-                         bool pdl, const GemmSchedule& sched) {
+                         bool pdl, const GemmSchedule& sched, const float* zero, const float* colsum) {
 #ifdef ONNXQF_GEMM_NO_PDL
     pdl = false;  // built without grid dependency control: never a dependent launch
 #endif
-    return run_cutlass<Gemm>(arguments(q, amax, w, wscale, bias, y, M, N, K, sm_count, sched), workspace, stream,
-                             pdl);
+    return run_cutlass<Gemm>(arguments(q, amax, w, wscale, bias, y, M, N, K, sm_count, sched, zero, colsum),
+                             workspace, stream, pdl);
   }
 };
 
@@ -217,15 +249,21 @@ using SwapStreamKTile = W8A8Gemm<Shape<_128, Tokens, _128>, Shape<_1, _1, _1>,
                                  cutlass::gemm::KernelTmaWarpSpecializedCooperative,
                                  cutlass::epilogue::TmaWarpSpecializedCooperative, cutlass::gemm::StreamKScheduler, true>;
 
-// A tile configuration's entry points (the same signature for every configuration: W8A8Gemm::run, ::workspace).
+// A tile configuration's entry points (the same signature for every configuration: W8A8Gemm::run, ::workspace),
+// with the symmetric and the asymmetric codes' epilogues.
 struct TileFns {
-  cudaError_t (*run)(const int8_t*, const float*, const int8_t*, const float*, const __half*, __half*, int, int, int,
-                     int, void*, cudaStream_t, bool, const GemmSchedule&);
-  size_t (*workspace)(int, int, int, int, const GemmSchedule&);
+  using Run = cudaError_t (*)(const int8_t*, const float*, const int8_t*, const float*, const __half*, __half*, int,
+                              int, int, int, void*, cudaStream_t, bool, const GemmSchedule&, const float*,
+                              const float*);
+  using Workspace = size_t (*)(int, int, int, int, const GemmSchedule&);
+  Run run;
+  Workspace workspace;
+  Run run_asym;
+  Workspace workspace_asym;
 };
 template <class Config>
 constexpr TileFns fns_of() {
-  return {&Config::run, &Config::workspace};
+  return {&Config::run, &Config::workspace, &Config::Asym::run, &Config::Asym::workspace};
 }
 // one per file that instantiates tiles (each compiles on its own): the configuration of `tile`, or the file's
 // first for a tile it does not hold

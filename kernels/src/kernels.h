@@ -11,6 +11,12 @@
 //   acc     = sum_k q[m,k] * w[n,k]                             (int32, exact)
 //   y[m,n]  = fp16( fma( fp32(acc) * fp32(amax[m]), wscale[n], fp32(bias[n]) ) )
 // which is bit-for-bit onnxqf's standard-op int8-token graph when there is no bias.
+// With the asymmetric codes (the op's asymmetric = 1; quant_row.cuh: AsymScale, int8-token-asym's arithmetic) the
+// row's step s goes where amax goes, z[m] (its zero point - 128) beside it, wscale is the weight's per-channel step
+// (not divided by 127), colsum[n] = sum_k w[n,k] (fp32) and
+//   y[m,n]  = fp16( fma( (fp32(acc[m,n]) - z[m] * colsum[n]) * s[m], wscale[n], fp32(bias[n]) ) )
+// each fp32 step rounded on its own (no contraction but the bias's fma): bit-for-bit int8-token-asym's graph when
+// there is no bias.
 #pragma once
 
 #include <cstddef>
@@ -38,17 +44,19 @@ struct NormSpec {
 // pipe_blocks > 0 (with regs, where M > 2 * pipe_blocks and K <= 16384): a grid of that many blocks striding over
 // the rows, each loading its next row while it finishes the current one (ONNXQF_QUANT_PIPE; default 0: a block per
 // row).
+// zero: null, or the asymmetric codes (amax then holds each row's step s, zero its z).
 cudaError_t launch_quantize_rows(const __half* x, int8_t* q, float* amax, int64_t M, int64_t K, cudaStream_t stream,
                                  const __half* u = nullptr, const NormSpec* norm = nullptr, bool regs = true,
-                                 int pipe_blocks = 0);
+                                 int pipe_blocks = 0, float* zero = nullptr);
 
 // y = silu(g) * u elementwise, n values, in the standard graph's fp16 steps (quant_row.cuh: glu_one).
 cudaError_t launch_glu(const __half* g, const __half* u, __half* y, int64_t n, cudaStream_t stream);
 
 // y = dequant(q @ w^T) for small M: reads w once per 16 rows of M (any M; fast when M <= 16).
-// Requires K % 16 == 0 (else use launch_w8a8_naive).
+// Requires K % 16 == 0 (else use launch_w8a8_naive). zero, colsum: null, or the asymmetric codes' (both given).
 cudaError_t launch_w8a8_gemv(const int8_t* q, const float* amax, const int8_t* w, const float* wscale,
-                             const __half* bias, __half* y, int64_t M, int64_t N, int64_t K, cudaStream_t stream);
+                             const __half* bias, __half* y, int64_t M, int64_t N, int64_t K, cudaStream_t stream,
+                             const float* zero = nullptr, const float* colsum = nullptr);
 
 // A rotation x @ kron(A, B) whose factors are each H_n / sqrt(n) (Sylvester's Walsh-Hadamard) or the identity, K =
 // a b a power of two: the Walsh-Hadamard transform over the bits [lo, hi) of the element index (B's bits are the
@@ -93,11 +101,13 @@ struct GemvOptions {
   bool pdl = false;
 };
 // u (16-byte aligned, no rotation): the rows are SwiGLU's silu(x) * u, as in launch_quantize_rows. norm (no
-// rotation, no u): each row normalized first (NormSpec), in shared memory; block 0 writes the sums.
+// rotation, no u): each row normalized first (NormSpec), in shared memory; block 0 writes the sums. colsum (no
+// rotation): the asymmetric codes, colsum the weights' per-channel sums (and wscale their steps).
 cudaError_t launch_w8a8_fused_gemv(const __half* x, const int8_t* w, const float* wscale, const __half* bias,
                                    const OutSplit& out, int64_t M, int64_t K, cudaStream_t stream,
                                    const WalshSpec* rot = nullptr, const GemvOptions& opt = GemvOptions{},
-                                   const __half* u = nullptr, const NormSpec* norm = nullptr);
+                                   const __half* u = nullptr, const NormSpec* norm = nullptr,
+                                   const float* colsum = nullptr);
 
 // Rotation by Walsh-Hadamard factors (a WalshSpec with n > 0) fused into the per-token quantization, any M: one
 // block of K / 16 threads per row at a time, 16 values per thread in registers (kernels/src/walsh_row.cuh).
@@ -167,7 +177,8 @@ cudaError_t launch_f16_gemm_sm90(const __half* a, const __half* bt, int64_t ldb,
 
 // Any shape, slow: one warp per output element. For shapes the fast paths cannot take.
 cudaError_t launch_w8a8_naive(const int8_t* q, const float* amax, const int8_t* w, const float* wscale,
-                              const __half* bias, __half* y, int64_t M, int64_t N, int64_t K, cudaStream_t stream);
+                              const __half* bias, __half* y, int64_t M, int64_t N, int64_t K, cudaStream_t stream,
+                              const float* zero = nullptr, const float* colsum = nullptr);
 
 // CUTLASS 3.x SM90 int8 tensor-core GEMM, dequantization fused in the epilogue (fp16 out).
 // Requires K % 16 == 0 and N % 8 == 0 and 16-byte aligned pointers. `tile` (0 .. kGemmTiles - 1): 0 = 128x128 in
@@ -189,7 +200,9 @@ struct GemmSchedule {
 };
 // The schedule's fields in their ranges (above), else the first that is not, as a message.
 const char* gemm_schedule_error(const GemmSchedule& s);
-size_t w8a8_gemm_sm90_workspace(int tile, int64_t M, int64_t N, int64_t K, const GemmSchedule& s = {});
+// asym: the tile with the asymmetric codes' epilogue (launch_w8a8_gemm_sm90's zero / colsum)
+size_t w8a8_gemm_sm90_workspace(int tile, int64_t M, int64_t N, int64_t K, const GemmSchedule& s = {},
+                                bool asym = false);
 // The default tile for an M x N product on sm_count multiprocessors: 1 (64x128) for M <= 128; above, of the 64-, 128-
 // and 256-row tiles the one whose grid costs least, cost = waves of tiles (ceil(tiles / sm_count)) x rows per tile x
 // 1.25, 1 or 0.85 (the larger tiles do more per row); ties go to the larger tile. 256 rows: tile 6 (clusters of 2
@@ -202,9 +215,11 @@ size_t w8a8_gemm_sm90_workspace(int tile, int64_t M, int64_t N, int64_t K, const
 // tile 1.
 int w8a8_gemm_sm90_tile(int64_t M, int64_t N, int sm_count, int rule = 0);
 constexpr int kGemmRules = 2;
+// zero, colsum: null, or the asymmetric codes' (both given; the same tiles with the asymmetric epilogue).
 cudaError_t launch_w8a8_gemm_sm90(int tile, const int8_t* q, const float* amax, const int8_t* w,
                                   const float* wscale, const __half* bias, __half* y, int64_t M, int64_t N,
                                   int64_t K, void* workspace, cudaStream_t stream, bool pdl = false,
-                                  const GemmSchedule& s = {});
+                                  const GemmSchedule& s = {}, const float* zero = nullptr,
+                                  const float* colsum = nullptr);
 
 }  // namespace onnxqf

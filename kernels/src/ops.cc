@@ -8,6 +8,8 @@
 //              RA     float16 [a16, a16] (optional: A^T zero-padded to a16 = a rounded up to 16; absent: A = I)
 //              RB     float16 [b16, b16] (optional: B zero-padded to b16 = b rounded up to 16; absent: B = I)
 //              U      float16 [..., K] (optional: with input_glu)
+//              Skip, Gamma          (optional, 7 and 8: with skip_norm, below)
+//              Wsum   float    [N]     (optional, 9: with asymmetric, below: sum_k W[n, k] per output channel)
 //     attribute: rotation_block (int, default 0): b; when > 0, X is first rotated online, X <- X @ kron(A, B)
 //                (a = K / b), inside the quantization (kernels.h: launch_rotate_quantize_rows)
 //     attribute: rotation_walsh (int, default 0): bit 0: B = H_b / sqrt(b), bit 1: A = H_a / sqrt(a) (Sylvester's
@@ -21,6 +23,9 @@
 //                s = X + Skip, the row quantized fp16(Gamma * fp16(s * r)), r = fp16(1 / sqrt(mean(s^2) + epsilon))
 //                (kernels.h: NormSpec); 2: the same, and s is the op's last output (the residual stream). Not with
 //                a rotation or input_glu.
+//     attribute: asymmetric (int, default 0): 1: asymmetric per-token codes (a step and a zero point per token,
+//                int8-token-asym's arithmetic: kernels.h); Wscale is then the weight's per-channel step (not divided by
+//                127) and input Wsum (index 9, float [N]) the weights' per-channel sums. Not with a rotation.
 //     outputs: Y...   float16 [..., N] (or [..., output_sizes[i]] each), then S float16 [..., K] when skip_norm = 2
 //   Y = per-token int8 quantization of X (kernels.h), int8 GEMM, dequantization fused (fp16 out).
 //
@@ -63,7 +68,7 @@
 #ifndef ONNXQF_KERNELS_TARGET
 #define ONNXQF_KERNELS_TARGET "sm_90a"
 #endif
-#define ONNXQF_KERNELS_VERSION "2"  // 2: skip_norm (onnxqf.runtime.kernels.KERNELS_VERSION)
+#define ONNXQF_KERNELS_VERSION "3"  // 2: skip_norm, 3: asymmetric (onnxqf.runtime.kernels.KERNELS_VERSION)
 
 namespace {
 
@@ -96,6 +101,16 @@ int env_int(const char* name, int fallback) {
   char* end = nullptr;
   long x = std::strtol(v, &end, 10);
   return (end && *end == 0) ? int(x) : fallback;
+}
+
+// The node's attribute `name` (an int or a float), or `fallback` when the node has none.
+template <class T>
+T attribute_or(const OrtKernelInfo* info, const char* name, T fallback) {
+  try {
+    return Ort::ConstKernelInfo(info).GetAttribute<T>(name);
+  } catch (const Ort::Exception&) {
+    return fallback;
+  }
 }
 
 // Stream-ordered scratch memory from a pool of our own per device that keeps what it has (no release at syncs).
@@ -152,6 +167,7 @@ struct W8A8LinearKernel {
   bool input_glu = false;
   int skip_norm = 0;  // 0: none, 1: skip + norm before the quantization, 2: and the sum as the last output
   float epsilon = 1e-5f;
+  bool asymmetric = false;  // asymmetric per-token codes (input Wsum, index 9)
   std::vector<int64_t> output_sizes;  // empty: one output
 
   OrtStatusPtr ComputeV2(OrtKernelContext* context) {
@@ -170,13 +186,14 @@ struct W8A8LinearKernel {
     auto X = ctx.GetInput(0);
     auto W = ctx.GetInput(1);
     auto S = ctx.GetInput(2);
-    Ort::ConstValue B{nullptr}, RA{nullptr}, RB{nullptr}, U{nullptr}, SK{nullptr}, G{nullptr};
+    Ort::ConstValue B{nullptr}, RA{nullptr}, RB{nullptr}, U{nullptr}, SK{nullptr}, G{nullptr}, WS{nullptr};
     if (n_in > 3) B = ctx.GetInput(3);
     if (n_in > 4) RA = ctx.GetInput(4);
     if (n_in > 5) RB = ctx.GetInput(5);
     if (n_in > 6) U = ctx.GetInput(6);
     if (n_in > 7) SK = ctx.GetInput(7);
     if (n_in > 8) G = ctx.GetInput(8);
+    if (n_in > 9) WS = ctx.GetInput(9);
     const std::vector<int64_t> xs = X.GetTensorTypeAndShapeInfo().GetShape();
     const std::vector<int64_t> wsh = W.GetTensorTypeAndShapeInfo().GetShape();
     if (xs.empty()) return fail("onnxqf.W8A8Linear: X must have rank >= 1");
@@ -192,6 +209,14 @@ struct W8A8LinearKernel {
       if (static_cast<int64_t>(B.GetTensorTypeAndShapeInfo().GetElementCount()) != N)
         return fail("onnxqf.W8A8Linear: B must have N = " + std::to_string(N) + " elements");
       bias = reinterpret_cast<const __half*>(B.GetTensorRawData());
+    }
+    const float* colsum = nullptr;  // asymmetric: the weights' per-channel sums
+    if (asymmetric != static_cast<bool>(WS))
+      return fail("onnxqf.W8A8Linear: input Wsum is given exactly when asymmetric = 1");
+    if (WS) {
+      if (static_cast<int64_t>(WS.GetTensorTypeAndShapeInfo().GetElementCount()) != N)
+        return fail("onnxqf.W8A8Linear: Wsum must have N = " + std::to_string(N) + " elements");
+      colsum = reinterpret_cast<const float*>(WS.GetTensorRawData());
     }
     const __half* u = nullptr;  // SwiGLU's up projection: the input is silu(X) * U
     if (input_glu != static_cast<bool>(U))
@@ -278,7 +303,8 @@ struct W8A8LinearKernel {
       parts_aligned = parts_aligned && parts[i] % 8 == 0 && reinterpret_cast<uintptr_t>(out.y[i]) % 16 == 0;
     const bool aligned = K % 16 == 0 && parts_aligned && reinterpret_cast<uintptr_t>(w) % 16 == 0 &&
                          reinterpret_cast<uintptr_t>(ws) % 16 == 0 &&
-                         (!bias || reinterpret_cast<uintptr_t>(bias) % 16 == 0);
+                         (!bias || reinterpret_cast<uintptr_t>(bias) % 16 == 0) &&
+                         reinterpret_cast<uintptr_t>(colsum) % 16 == 0;
     // the rotation's kernel: Walsh-Hadamard factors alone as a transform in registers (any M; at small M inside the
     // GEMV); a dense outer factor over a Walsh or identity inner one as a GEMM over all tokens; else the per-token
     // tensor-core product (rotate_quant.cu)
@@ -307,7 +333,7 @@ struct W8A8LinearKernel {
     if ((!rotate || wspec.n) && M <= gemv_max_m &&
         onnxqf::w8a8_fused_gemv_supported(x, w, M, K, rotate ? &wspec : nullptr, norm.skip != nullptr)) {
       cudaError_t e = onnxqf::launch_w8a8_fused_gemv(x, w, ws, bias, out, M, K, stream, rotate ? &wspec : nullptr,
-                                                     gemv, u, norm.skip ? &norm : nullptr);
+                                                     gemv, u, norm.skip ? &norm : nullptr, colsum);
       if (e != cudaSuccess) return fail(std::string("onnxqf.W8A8Linear: CUDA error: ") + cudaGetErrorString(e));
       return nullptr;
     }
@@ -334,11 +360,11 @@ struct W8A8LinearKernel {
     else if (K % 16 == 0 && reinterpret_cast<uintptr_t>(w) % 16 == 0) path = 1;
 
     const size_t q_bytes = round_up(size_t(M) * size_t(K), 256);
-    const size_t a_bytes = round_up(size_t(M) * sizeof(float), 256);
+    const size_t a_bytes = round_up(size_t(M) * sizeof(float), 256) * (asymmetric ? 2 : 1);  // (amax or s, z)
     size_t ws_bytes = 0;
     for (int i = 0; path == 2 && i < out.count; ++i)
       ws_bytes = std::max(ws_bytes, round_up(onnxqf::w8a8_gemm_sm90_workspace(tile_of(parts[i]), M, parts[i], K,
-                                                                              schedule), 256));
+                                                                              schedule, asymmetric), 256));
     const bool dense_fused = dense && rot_fused && onnxqf::rotate_dense_fused_supported(K, rotation_block, walsh_b,
                                                                                           u != nullptr);
     const size_t r_bytes = dense && !dense_fused ? onnxqf::rotate_dense_scratch(M, K, rotation_block) : 0;
@@ -347,11 +373,12 @@ struct W8A8LinearKernel {
     if (e != cudaSuccess) return fail(std::string("onnxqf.W8A8Linear: scratch allocation: ") + cudaGetErrorString(e));
     auto* q = static_cast<int8_t*>(scratch);
     auto* amax = reinterpret_cast<float*>(static_cast<char*>(scratch) + q_bytes);
+    float* zero = asymmetric ? amax + round_up(size_t(M) * sizeof(float), 256) / sizeof(float) : nullptr;
     void* workspace = ws_bytes ? static_cast<char*>(scratch) + q_bytes + a_bytes : nullptr;
     void* r_scratch = static_cast<char*>(scratch) + q_bytes + a_bytes + ws_bytes;
 
     if (!rotate) e = onnxqf::launch_quantize_rows(x, q, amax, M, K, stream, u, norm.skip ? &norm : nullptr,
-                                                     quant_regs, quant_pipe * sm_count);
+                                                     quant_regs, quant_pipe * sm_count, zero);
     else if (wspec.n) e = onnxqf::launch_walsh_quantize_rows(x, wspec, q, amax, M, sm_count, stream);
     else if (dense)
       e = onnxqf::launch_rotate_dense_quantize(x, rot_a, walsh_b, q, amax, M, K, rotation_block, r_scratch, stream,
@@ -369,12 +396,13 @@ struct W8A8LinearKernel {
       const int8_t* wi = w + start * K;
       const float* si = ws + start;
       const __half* bi = bias ? bias + start : nullptr;
+      const float* ci = colsum ? colsum + start : nullptr;
       int part_path = path;
       if (part_path == 2) {
         const int tile = tile_of(n);
         const bool pdl = gemm_pdl < 0 ? tile == 1 : gemm_pdl != 0;
         e = onnxqf::launch_w8a8_gemm_sm90(tile, q, amax, wi, si, bi, out.y[i], M, n, K, workspace, stream,
-                                          pdl, schedule);
+                                          pdl, schedule, zero, ci);
         if (e == cudaErrorNotSupported) {
           (void)cudaGetLastError();
           if (force_tile >= 0) {  // a forced tile is being timed or tested: never the GEMV in its place
@@ -386,8 +414,8 @@ struct W8A8LinearKernel {
           part_path = 1;
         }
       }
-      if (part_path == 1) e = onnxqf::launch_w8a8_gemv(q, amax, wi, si, bi, out.y[i], M, n, K, stream);
-      if (part_path == 0) e = onnxqf::launch_w8a8_naive(q, amax, wi, si, bi, out.y[i], M, n, K, stream);
+      if (part_path == 1) e = onnxqf::launch_w8a8_gemv(q, amax, wi, si, bi, out.y[i], M, n, K, stream, zero, ci);
+      if (part_path == 0) e = onnxqf::launch_w8a8_naive(q, amax, wi, si, bi, out.y[i], M, n, K, stream, zero, ci);
     }
     cudaError_t ef = cudaFreeAsync(scratch, stream);
     if (!refused.empty()) return fail(refused);
@@ -402,19 +430,9 @@ struct W8A8LinearOp : Ort::CustomOpBase<W8A8LinearOp, W8A8LinearKernel, true> {
     int dev = 0;
     const std::string problem = device_problem(&dev);
     if (!problem.empty()) return fail(problem);
-    int64_t rotation_block = 0;
-    try {
-      rotation_block = Ort::ConstKernelInfo(info).GetAttribute<int64_t>("rotation_block");
-    } catch (const Ort::Exception&) {
-      rotation_block = 0;  // no such attribute: no rotation
-    }
+    const int64_t rotation_block = attribute_or<int64_t>(info, "rotation_block", 0);  // (none: no rotation)
     if (rotation_block < 0) return fail("onnxqf.W8A8Linear: rotation_block must be >= 0");
-    int64_t rotation_walsh = 0;
-    try {
-      rotation_walsh = Ort::ConstKernelInfo(info).GetAttribute<int64_t>("rotation_walsh");
-    } catch (const Ort::Exception&) {
-      rotation_walsh = 0;
-    }
+    const int64_t rotation_walsh = attribute_or<int64_t>(info, "rotation_walsh", 0);
     if (rotation_walsh < 0 || rotation_walsh > 3 || (rotation_walsh && rotation_block == 0))
       return fail("onnxqf.W8A8Linear: rotation_walsh must be 0..3, and set only with rotation_block");
     std::vector<int64_t> output_sizes;
@@ -427,27 +445,16 @@ struct W8A8LinearOp : Ort::CustomOpBase<W8A8LinearOp, W8A8LinearKernel, true> {
       return fail("onnxqf.W8A8Linear: at most " + std::to_string(onnxqf::kMaxOutputs) + " outputs (output_sizes)");
     for (int64_t v : output_sizes)
       if (v <= 0) return fail("onnxqf.W8A8Linear: output_sizes must be positive");
-    int64_t input_glu = 0;
-    try {
-      input_glu = Ort::ConstKernelInfo(info).GetAttribute<int64_t>("input_glu");
-    } catch (const Ort::Exception&) {
-      input_glu = 0;
-    }
+    const int64_t input_glu = attribute_or<int64_t>(info, "input_glu", 0);
     if (input_glu != 0 && input_glu != 1) return fail("onnxqf.W8A8Linear: input_glu must be 0 or 1");
-    int64_t skip_norm = 0;
-    float epsilon = 1e-5f;
-    try {
-      skip_norm = Ort::ConstKernelInfo(info).GetAttribute<int64_t>("skip_norm");
-    } catch (const Ort::Exception&) {
-      skip_norm = 0;
-    }
-    try {
-      epsilon = Ort::ConstKernelInfo(info).GetAttribute<float>("epsilon");
-    } catch (const Ort::Exception&) {
-      epsilon = 1e-5f;
-    }
+    const int64_t skip_norm = attribute_or<int64_t>(info, "skip_norm", 0);
+    const float epsilon = attribute_or<float>(info, "epsilon", 1e-5f);
     if (skip_norm < 0 || skip_norm > 2) return fail("onnxqf.W8A8Linear: skip_norm must be 0, 1 or 2");
     if (!(epsilon >= 0.f)) return fail("onnxqf.W8A8Linear: epsilon must be >= 0");
+    const int64_t asymmetric = attribute_or<int64_t>(info, "asymmetric", 0);
+    if (asymmetric != 0 && asymmetric != 1) return fail("onnxqf.W8A8Linear: asymmetric must be 0 or 1");
+    if (asymmetric && rotation_block > 0)
+      return fail("onnxqf.W8A8Linear: asymmetric codes take no rotation (rotation_block): rotate before the op");
     auto* k = new W8A8LinearKernel();
     auto refuse = [&](const std::string& why) {  // an environment value out of range: no kernel, one line
       delete k;
@@ -456,6 +463,7 @@ struct W8A8LinearOp : Ort::CustomOpBase<W8A8LinearOp, W8A8LinearKernel, true> {
     k->input_glu = input_glu == 1;
     k->skip_norm = static_cast<int>(skip_norm);
     k->epsilon = epsilon;
+    k->asymmetric = asymmetric == 1;
     k->output_sizes = output_sizes;
     k->device = dev;
     k->rotation_block = rotation_block;
@@ -494,12 +502,12 @@ struct W8A8LinearOp : Ort::CustomOpBase<W8A8LinearOp, W8A8LinearKernel, true> {
   const char* GetName() const { return "W8A8Linear"; }
   const char* GetExecutionProviderType() const { return "CUDAExecutionProvider"; }
 
-  size_t GetInputTypeCount() const { return 9; }
+  size_t GetInputTypeCount() const { return 10; }
   ONNXTensorElementDataType GetInputType(size_t i) const {
     switch (i) {
       case 0: return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16;
       case 1: return ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8;
-      case 2: return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+      case 2: case 9: return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
       default: return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT16;
     }
   }

@@ -7,6 +7,7 @@
 #include <algorithm>
 #include <map>
 #include <mutex>
+#include <type_traits>
 
 namespace onnxqf {
 namespace {
@@ -19,26 +20,36 @@ __device__ __forceinline__ void pdl_launch_dependents() { asm volatile("griddepc
 constexpr int kQuantThreads = 256;
 constexpr int kQuantCached = 8;  // 16-byte chunks of x per thread held in registers (K <= 16384 read once)
 
-__device__ __forceinline__ uint2 chunk_codes(const uint4& c, __half inv) {
-  const __half* h = reinterpret_cast<const __half*>(&c);
-  union {
-    int8_t b[8];
-    uint2 u;
-  } out;
-#pragma unroll
-  for (int j = 0; j < 8; ++j) out.b[j] = code_of(h[j], inv);
-  return out.u;
+// The shared row scale of the block-wide quantization: fp16 127 / amax, or the asymmetric step and zero point.
+template <bool ASYM>
+using RowScale = std::conditional_t<ASYM, AsymScale, __half>;
+
+// The block's reduction of the thread's m (symmetric: largest |x|) or hi / nlo (asymmetric), then the row's scale in
+// *scale_s (shared) and its fp32 amax or s (and z) written by thread 0; red: shared [2 * WARPS]. Ends with a barrier.
+template <bool ASYM, int WARPS>
+__device__ __forceinline__ void block_scale(float m, float nlo, float* red, RowScale<ASYM>* scale_s, float* amax_dst,
+                                            float* zero_dst) {
+  if constexpr (ASYM) block_row_range<WARPS>(m, nlo, red, scale_s, amax_dst, zero_dst);
+  else block_row_scale<WARPS>(m, red, scale_s, amax_dst);
+}
+
+// The thread's running statistic of a chunk: largest |x| (symmetric) or largest x and -x (asymmetric).
+template <bool ASYM>
+__device__ __forceinline__ void see_chunk(const uint4& c, float& m, float& nlo) {
+  if constexpr (ASYM) chunk_range(c, m, nlo);
+  else m = chunk_absmax(c, m);
 }
 
 // Quantizes one row with the whole block (kQuantThreads threads): codes to qr (global or shared memory), the
 // floored amax to *amax_dst (thread 0). ur: null, or the row of u when the row is SwiGLU's silu(xr) * ur (glu_one).
-// vec: the rows start 16-byte aligned and K % 8 == 0. red/scale_s: shared.
-template <int CACHED = kQuantCached>
+// vec: the rows start 16-byte aligned and K % 8 == 0. red ([2 * kQuantThreads / 32]) / scale_s: shared. ASYM: the
+// asymmetric codes (quant_row.cuh: AsymScale), the row's s to *amax_dst and z to *zero_dst.
+template <int CACHED = kQuantCached, bool ASYM = false>
 __device__ __forceinline__ void quantize_row_block(const __half* __restrict__ xr, const __half* __restrict__ ur,
                                                    int8_t* qr, float* amax_dst, int64_t K, bool vec, float* red,
-                                                   __half* scale_s) {
+                                                   RowScale<ASYM>* scale_s, float* zero_dst = nullptr) {
   const int tid = threadIdx.x;
-  float m = 0.f;
+  float m = 0.f, nlo = 0.f;
   uint4 cache[CACHED];
   const int64_t nvec = vec ? K / 8 : 0;
   const uint4* xv = reinterpret_cast<const uint4*>(xr);
@@ -49,17 +60,24 @@ __device__ __forceinline__ void quantize_row_block(const __half* __restrict__ xr
       const int64_t c = tid + static_cast<int64_t>(i) * kQuantThreads;
       if (c < nvec) {
         cache[i] = load_chunk(xv, uv, c);
-        m = chunk_absmax(cache[i], m);
+        see_chunk<ASYM>(cache[i], m, nlo);
       }
     }
     for (int64_t c = tid + static_cast<int64_t>(CACHED) * kQuantThreads; c < nvec; c += kQuantThreads)
-      m = chunk_absmax(load_chunk(xv, uv, c), m);
+      see_chunk<ASYM>(load_chunk(xv, uv, c), m, nlo);
   } else {
-    for (int64_t k = tid; k < K; k += kQuantThreads)
-      m = fmaxf(m, fabsf(__half2float(ur ? glu_one(xr[k], ur[k]) : xr[k])));
+    for (int64_t k = tid; k < K; k += kQuantThreads) {
+      const float v = __half2float(ur ? glu_one(xr[k], ur[k]) : xr[k]);
+      if constexpr (ASYM) {
+        m = fmaxf(m, v);
+        nlo = fmaxf(nlo, -v);
+      } else {
+        m = fmaxf(m, fabsf(v));
+      }
+    }
   }
-  block_row_scale<kQuantThreads / 32>(m, red, scale_s, amax_dst);
-  const __half inv = *scale_s;
+  block_scale<ASYM, kQuantThreads / 32>(m, nlo, red, scale_s, amax_dst, zero_dst);
+  const RowScale<ASYM> inv = *scale_s;
   if (vec) {
     uint2* qv = reinterpret_cast<uint2*>(qr);
 #pragma unroll
@@ -76,34 +94,45 @@ __device__ __forceinline__ void quantize_row_block(const __half* __restrict__ xr
 
 // Row `row` of x through the op's skip_norm (kernels.h: NormSpec; its sum row written when write_sum), normalized
 // into ys (shared memory, K halves), then quantized as quantize_row_block does. Whole block; K % 8 == 0, aligned.
+template <bool ASYM = false>
 __device__ __forceinline__ void norm_quantize_row_block(const __half* __restrict__ x, const NormSpec& norm,
                                                         int64_t row, bool write_sum, __half* ys, int8_t* qr,
-                                                        float* amax_dst, int64_t K, float* red, __half* scale_s) {
-  const float m = skip_norm_row<kQuantThreads>(x + row * K, norm.skip + row * K, norm.gamma, norm.eps,
-                                               write_sum && norm.sum ? norm.sum + row * K : nullptr, ys, K, red);
-  block_row_scale<kQuantThreads / 32>(m, red, scale_s, amax_dst);
-  const __half inv = *scale_s;
+                                                        float* amax_dst, int64_t K, float* red,
+                                                        RowScale<ASYM>* scale_s, float* zero_dst = nullptr) {
+  float m = skip_norm_row<kQuantThreads>(x + row * K, norm.skip + row * K, norm.gamma, norm.eps,
+                                         write_sum && norm.sum ? norm.sum + row * K : nullptr, ys, K, red);
   const uint4* yv = reinterpret_cast<const uint4*>(ys);
+  float nlo = 0.f;
+  if constexpr (ASYM) {  // (the normalized row's range: this thread's own chunks, as skip_norm_row wrote them)
+    m = 0.f;
+    for (int64_t c = threadIdx.x; c < K / 8; c += kQuantThreads) chunk_range(yv[c], m, nlo);
+  }
+  block_scale<ASYM, kQuantThreads / 32>(m, nlo, red, scale_s, amax_dst, zero_dst);
+  const RowScale<ASYM> inv = *scale_s;
   uint2* qv = reinterpret_cast<uint2*>(qr);
   for (int64_t c = threadIdx.x; c < K / 8; c += kQuantThreads) qv[c] = chunk_codes(yv[c], inv);
 }
 
-// One block per row (norm: dynamic shared memory of K halves for the normalized row).
+// One block per row (norm: dynamic shared memory of K halves for the normalized row). zero_out: ASYM's z per row.
+template <bool ASYM>
 __global__ void __launch_bounds__(kQuantThreads) quantize_rows_kernel(const __half* __restrict__ x,
                                                                       const __half* __restrict__ u,
                                                                       int8_t* __restrict__ q,
-                                                                      float* __restrict__ amax_out, int64_t K,
+                                                                      float* __restrict__ amax_out,
+                                                                      float* __restrict__ zero_out, int64_t K,
                                                                       bool vec, NormSpec norm) {
   extern __shared__ __align__(16) unsigned char rows_smem[];
-  __shared__ float red[kQuantThreads / 32];
-  __shared__ __half scale_s;
+  __shared__ float red[2 * kQuantThreads / 32];
+  __shared__ RowScale<ASYM> scale_s;
   const int64_t row = blockIdx.x;
+  float* zd = ASYM ? zero_out + row : nullptr;
   if (norm.skip) {
-    norm_quantize_row_block(x, norm, row, true, reinterpret_cast<__half*>(rows_smem), q + row * K, amax_out + row, K,
-                            red, &scale_s);
+    norm_quantize_row_block<ASYM>(x, norm, row, true, reinterpret_cast<__half*>(rows_smem), q + row * K,
+                                  amax_out + row, K, red, &scale_s, zd);
     return;
   }
-  quantize_row_block(x + row * K, u ? u + row * K : nullptr, q + row * K, amax_out + row, K, vec, red, &scale_s);
+  quantize_row_block<kQuantCached, ASYM>(x + row * K, u ? u + row * K : nullptr, q + row * K, amax_out + row, K, vec,
+                                         red, &scale_s, zd);
 }
 
 constexpr int kRegsChunks = 8;        // 16-byte chunks of a row per thread in quantize_rows_regs_kernel
@@ -112,8 +141,9 @@ constexpr int kRegsMaxThreads = 512;  // its largest block: rows of K <= 8 * 8 *
 // One row in registers: thread t holds the chunks t + i * blockDim.x (i < kRegsChunks), the block as many warps as the
 // row needs. MODE 0: the row is x; 1: silu(x) * u (glu_one); 2: the op's skip_norm (NormSpec, as skip_norm_row
 // computes it: the fp16 sum, an fp32 sum of squares, fp16(gamma * fp16(s * r))). The codes and amax are
-// quantize_row_block's. Rows 16-byte aligned, K % 8 == 0.
-template <int MODE>
+// quantize_row_block's (ASYM: the asymmetric codes, z to zero_out). Rows 16-byte aligned, K % 8 == 0.
+constexpr int kRegsRed = 2 * kRegsMaxThreads / 32;  // shared floats of one reduction buffer (two per warp: ASYM's)
+template <int MODE, bool ASYM = false>
 struct RegsRow {
   static constexpr int C = kRegsChunks;
   uint4 c[C], b[MODE ? C : 1];
@@ -136,12 +166,14 @@ struct RegsRow {
     }
   }
 
-  // The loaded row's codes and amax, written; red: shared, [2][warps] (two reductions, one barrier each).
-  __device__ __forceinline__ void finish(int8_t* __restrict__ q, float* __restrict__ amax_out, int64_t row, int64_t K,
-                                         const NormSpec& norm, float (*red)[kRegsMaxThreads / 32]) {
+  // The loaded row's codes and amax (ASYM: s and z), written; red: shared, two buffers (two reductions, one barrier
+  // each).
+  __device__ __forceinline__ void finish(int8_t* __restrict__ q, float* __restrict__ amax_out,
+                                         float* __restrict__ zero_out, int64_t row, int64_t K, const NormSpec& norm,
+                                         float (*red)[kRegsRed]) {
     const int tid = threadIdx.x, T = blockDim.x;
     const int64_t nvec = K / 8;
-    float m = 0.f;
+    float m = 0.f, nlo = 0.f;
     if (MODE == 2) {
       uint4* sv = norm.sum ? reinterpret_cast<uint4*>(norm.sum + row * K) : nullptr;
       float ss = 0.f;
@@ -161,7 +193,7 @@ struct RegsRow {
         const int64_t k = tid + static_cast<int64_t>(i) * T;
         if (k < nvec) {
           norm_chunk(c[i], __ldg(gv + k), r);
-          m = chunk_absmax(c[i], m);
+          see_chunk<ASYM>(c[i], m, nlo);
         }
       }
     } else {
@@ -170,14 +202,24 @@ struct RegsRow {
         const int64_t k = tid + static_cast<int64_t>(i) * T;
         if (k < nvec) {
           if (MODE == 1) c[i] = glu_chunk(c[i], b[i]);
-          m = chunk_absmax(c[i], m);
+          see_chunk<ASYM>(c[i], m, nlo);
         }
       }
     }
-    __half inv;
-    float a;
-    row_scale(block_all<false>(m, red[1]), &inv, &a);
-    if (tid == 0) amax_out[row] = a;
+    RowScale<ASYM> inv;
+    if constexpr (ASYM) {
+      const float2 r = block_max2(m, nlo, red[1]);
+      float sv, zv;
+      inv = asym_row_scale(r.x, r.y, &sv, &zv);
+      if (tid == 0) {
+        amax_out[row] = sv;
+        zero_out[row] = zv;
+      }
+    } else {
+      float a;
+      row_scale(block_all<false>(m, red[1]), &inv, &a);
+      if (tid == 0) amax_out[row] = a;
+    }
     uint2* qv = reinterpret_cast<uint2*>(q + row * K);
 #pragma unroll
     for (int i = 0; i < C; ++i) {
@@ -188,17 +230,18 @@ struct RegsRow {
 };
 
 // One block per row (RegsRow): every load issued before any arithmetic; one barrier per reduction (two with the norm).
-template <int MODE>
+template <int MODE, bool ASYM>
 __global__ void __launch_bounds__(kRegsMaxThreads) quantize_rows_regs_kernel(const __half* __restrict__ x,
                                                                             const __half* __restrict__ u,
                                                                             int8_t* __restrict__ q,
-                                                                            float* __restrict__ amax_out, int64_t K,
+                                                                            float* __restrict__ amax_out,
+                                                                            float* __restrict__ zero_out, int64_t K,
                                                                             NormSpec norm) {
-  __shared__ float red[2][kRegsMaxThreads / 32];
-  RegsRow<MODE> r;
+  __shared__ float red[2][kRegsRed];
+  RegsRow<MODE, ASYM> r;
   r.load(x, u, blockIdx.x, K, norm);
   pdl_launch_dependents();  // the GEMM after it (launched as a dependent: ONNXQF_GEMM_PDL) may start its prologue
-  r.finish(q, amax_out, blockIdx.x, K, norm, red);
+  r.finish(q, amax_out, zero_out, blockIdx.x, K, norm, red);
 }
 
 // The same rows, a grid smaller than M striding over them (ONNXQF_QUANT_PIPE): each block issues the loads of its next
@@ -207,21 +250,22 @@ __global__ void __launch_bounds__(kRegsMaxThreads) quantize_rows_regs_kernel(con
 // g16). The shared reductions alternate between two buffers: a row's writes to one cannot overtake the previous
 // row's reads of it (a barrier of the row between lies between them).
 constexpr int kPipeMaxThreads = 256;  // two rows in registers: rows of K <= 8 * 8 * 256 = 16384 (up to 255 registers)
-template <int MODE>
+template <int MODE, bool ASYM>
 __global__ void __launch_bounds__(kPipeMaxThreads) quantize_rows_pipe_kernel(const __half* __restrict__ x,
                                                                             const __half* __restrict__ u,
                                                                             int8_t* __restrict__ q,
-                                                                            float* __restrict__ amax_out, int64_t M,
+                                                                            float* __restrict__ amax_out,
+                                                                            float* __restrict__ zero_out, int64_t M,
                                                                             int64_t K, NormSpec norm) {
-  __shared__ float red[2][2][kRegsMaxThreads / 32];
-  RegsRow<MODE> cur, next;
+  __shared__ float red[2][2][kRegsRed];
+  RegsRow<MODE, ASYM> cur, next;
   int64_t row = blockIdx.x;
   cur.load(x, u, row, K, norm);
   pdl_launch_dependents();
   for (int parity = 0; row < M; row += gridDim.x, parity ^= 1) {
     const int64_t after = row + gridDim.x;
     if (after < M) next.load(x, u, after, K, norm);
-    cur.finish(q, amax_out, row, K, norm, red[parity]);
+    cur.finish(q, amax_out, zero_out, row, K, norm, red[parity]);
     cur = next;
   }
 }
@@ -261,19 +305,39 @@ __device__ __forceinline__ __half dequant(int acc, float amax, float wscale, con
   return __float2half_rn(fmaf(t, wscale, b));
 }
 
+// The asymmetric codes' dequantization (zero: the tokens' z, colsum: the weights' per-channel sums; kernels.h):
+// fp16(fma((acc - z * colsum) * s, wscale, bias)), each fp32 step rounded on its own as int8-token-asym's nodes take
+// them (no step contracted into an fma but the bias's).
+__device__ __forceinline__ __half dequant_asym(int acc, float s, float z, float colsum, float wscale,
+                                               const __half* bias, int64_t n) {
+  const float t = __fmul_rn(__fsub_rn(static_cast<float>(acc), __fmul_rn(z, colsum)), s);
+  const float b = bias ? __half2float(bias[n]) : 0.f;
+  return __float2half_rn(fmaf(t, wscale, b));
+}
+
+// Token m's output n: dequant, or dequant_asym where zero (the tokens' z) is given.
+__device__ __forceinline__ __half dequant_at(int acc, const float* amax, const float* zero, const float* colsum,
+                                             const float* wscale, const __half* bias, int64_t m, int64_t n) {
+  return zero ? dequant_asym(acc, amax[m], zero[m], colsum[n], wscale[n], bias, n)
+              : dequant(acc, amax[m], wscale[n], bias, n);
+}
+
 constexpr int kGemvWarps = 4;
 constexpr int kFusedMaxSmem = 96 * 1024;  // codes of x in shared memory: MT * K bytes at most
 
 // Each warp computes R consecutive outputs n for MT rows of M (blockIdx.y picks the MT rows); the lanes stride
 // over K in 16-byte chunks, U chunks per row in flight. Weights are streamed past L1 (read once); the codes of
 // x are small and read through L1.
+// zero / colsum: null, or the asymmetric codes' (dequant_at).
 template <int MT, int R, int U>
 __global__ void __launch_bounds__(kGemvWarps * 32) gemv_kernel(const int8_t* __restrict__ q,
                                                               const float* __restrict__ amax,
                                                               const int8_t* __restrict__ w,
                                                               const float* __restrict__ wscale,
                                                               const __half* __restrict__ bias, __half* __restrict__ y,
-                                                              int64_t M, int64_t N, int64_t K) {
+                                                              int64_t M, int64_t N, int64_t K,
+                                                              const float* __restrict__ zero,
+                                                              const float* __restrict__ colsum) {
   const int lane = threadIdx.x & 31;
   const int64_t warp = static_cast<int64_t>(blockIdx.x) * kGemvWarps + (threadIdx.x >> 5);
   const int64_t n0 = warp * R;
@@ -325,7 +389,8 @@ __global__ void __launch_bounds__(kGemvWarps * 32) gemv_kernel(const int8_t* __r
     for (int r = 0; r < R; ++r) {
       const int v = warp_sum(acc[m][r]);
       const int64_t mm = m0 + m, nn = n0 + r;
-      if (lane == ((m * R + r) & 31) && mm < M && nn < N) y[mm * N + nn] = dequant(v, amax[mm], wscale[nn], bias, nn);
+      if (lane == ((m * R + r) & 31) && mm < M && nn < N)
+        y[mm * N + nn] = dequant_at(v, amax, zero, colsum, wscale, bias, mm, nn);
     }
 }
 
@@ -339,10 +404,12 @@ __global__ void __launch_bounds__(kGemvWarps * 32) gemv_kernel(const int8_t* __r
 // Needs K % 16 == 0, x 16-byte aligned; shared memory MT * K bytes (+ 8 K).
 constexpr int kFusedWarps = kQuantThreads / 32;
 
+// zero_s / colsum: null, or the asymmetric codes' (dequant_at).
 template <int MT, int R>
 __device__ __forceinline__ void write_group(int (&acc)[MT][R], int lane, int64_t n0, int mcount, int64_t N,
-                                            const float* amax_s, const float* __restrict__ wscale,
-                                            const __half* __restrict__ bias, const OutSplit& out) {
+                                            const float* amax_s, const float* zero_s, const float* __restrict__ colsum,
+                                            const float* __restrict__ wscale, const __half* __restrict__ bias,
+                                            const OutSplit& out) {
 #pragma unroll
   for (int m = 0; m < MT; ++m)
 #pragma unroll
@@ -360,24 +427,26 @@ __device__ __forceinline__ void write_group(int (&acc)[MT][R], int lane, int64_t
             start = out.end[i - 1];
             end = out.end[i];
           }
-        yp[m * (end - start) + (nn - start)] = dequant(v, amax_s[m], wscale[nn], bias, nn);
+        yp[m * (end - start) + (nn - start)] = dequant_at(v, amax_s, zero_s, colsum, wscale, bias, m, nn);
       }
     }
 }
 
-template <int MT, int R, int U, int MINB = 3>
+// ASYM: the asymmetric codes (no rotation), colsum the weights' per-channel sums.
+template <int MT, int R, int U, int MINB = 3, bool ASYM = false>
 __global__ void __launch_bounds__(kQuantThreads, MINB) fused_gemv_kernel(const __half* __restrict__ x,
                                                                   const __half* __restrict__ u,
                                                                   const int8_t* __restrict__ w,
                                                                   const float* __restrict__ wscale,
                                                                   const __half* __restrict__ bias, OutSplit out,
                                                                   int64_t M, int64_t N, int64_t K, WalshSpec rot,
-                                                                  NormSpec norm) {
+                                                                  NormSpec norm, const float* __restrict__ colsum) {
   extern __shared__ __align__(16) unsigned char fused_smem[];
   int8_t* qs = reinterpret_cast<int8_t*>(fused_smem);  // [MT][K]
   __shared__ float amax_s[MT];
-  __shared__ float red[kQuantThreads / 32];
-  __shared__ __half scale_s;
+  __shared__ float zero_s[ASYM ? MT : 1];
+  __shared__ float red[2 * kQuantThreads / 32];
+  __shared__ RowScale<ASYM> scale_s;
   const int lane = threadIdx.x & 31;
   const int64_t groups = (N + R - 1) / R;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * kFusedWarps;
@@ -401,17 +470,24 @@ __global__ void __launch_bounds__(kQuantThreads, MINB) fused_gemv_kernel(const _
   if (g < groups) load_step(g, 0);  // the weights: written by no kernel, read before the wait
   pdl_wait();
   const int mcount = M < MT ? static_cast<int>(M) : MT;
-  if (rot.n) {
-    float* fs = reinterpret_cast<float*>(fused_smem + MT * K);  // MT * K is a multiple of 16
-    for (int m = 0; m < mcount; ++m)
-      walsh_quantize_row<kFusedWarps>(x + m * K, rot, fs, qs + m * K, &amax_s[m], red, &scale_s);
-  } else if (norm.skip) {  // the normalized row in shared memory after the codes; block 0 writes the sums
-    __half* ys = reinterpret_cast<__half*>(fused_smem + MT * K);
-    for (int m = 0; m < mcount; ++m)
-      norm_quantize_row_block(x, norm, m, blockIdx.x == 0, ys, qs + m * K, &amax_s[m], K, red, &scale_s);
-  } else {
-    for (int m = 0; m < mcount; ++m)
-      quantize_row_block<2>(x + m * K, u ? u + m * K : nullptr, qs + m * K, &amax_s[m], K, true, red, &scale_s);
+  if constexpr (!ASYM) {
+    if (rot.n) {
+      float* fs = reinterpret_cast<float*>(fused_smem + MT * K);  // MT * K is a multiple of 16
+      for (int m = 0; m < mcount; ++m)
+        walsh_quantize_row<kFusedWarps>(x + m * K, rot, fs, qs + m * K, &amax_s[m], red, &scale_s);
+    }
+  }
+  if (ASYM || !rot.n) {
+    if (norm.skip) {  // the normalized row in shared memory after the codes; block 0 writes the sums
+      __half* ys = reinterpret_cast<__half*>(fused_smem + MT * K);
+      for (int m = 0; m < mcount; ++m)
+        norm_quantize_row_block<ASYM>(x, norm, m, blockIdx.x == 0, ys, qs + m * K, &amax_s[m], K, red, &scale_s,
+                                      ASYM ? &zero_s[m] : nullptr);
+    } else {
+      for (int m = 0; m < mcount; ++m)
+        quantize_row_block<2, ASYM>(x + m * K, u ? u + m * K : nullptr, qs + m * K, &amax_s[m], K, true, red,
+                                    &scale_s, ASYM ? &zero_s[m] : nullptr);
+    }
   }
   __syncthreads();
   pdl_launch_dependents();
@@ -452,7 +528,8 @@ __global__ void __launch_bounds__(kQuantThreads, MINB) fused_gemv_kernel(const _
         }
       }
     }
-    if (j == steps - 1) write_group<MT, R>(acc, lane, g * R, mcount, N, amax_s, wscale, bias, out);
+    if (j == steps - 1)
+      write_group<MT, R>(acc, lane, g * R, mcount, N, amax_s, ASYM ? zero_s : nullptr, colsum, wscale, bias, out);
     if (g2 >= groups) break;
     g = g2;
     j = j2;
@@ -460,15 +537,16 @@ __global__ void __launch_bounds__(kQuantThreads, MINB) fused_gemv_kernel(const _
 }
 
 // MINB: blocks per multiprocessor the registers must allow (the weight registers grow with R * U)
-template <int MT, int R, int U, int MINB = 3>
+template <int MT, int R, int U, int MINB = 3, bool ASYM = false>
 cudaError_t launch_fused_t(const __half* x, const __half* u, const int8_t* w, const float* wscale,
                            const __half* bias, const OutSplit& out, int64_t M, int64_t K, const WalshSpec& rot,
-                           const GemvOptions& opt, cudaStream_t stream, const NormSpec& norm) {
-  auto kernel = fused_gemv_kernel<MT, R, U, MINB>;
+                           const GemvOptions& opt, cudaStream_t stream, const NormSpec& norm, const float* colsum) {
+  auto kernel = fused_gemv_kernel<MT, R, U, MINB, ASYM>;
   const int64_t N = out.end[out.count - 1];
   const size_t smem = static_cast<size_t>(MT) * static_cast<size_t>(K) + (rot.n ? 8 * static_cast<size_t>(K) : 0) +
                       (norm.skip ? 2 * static_cast<size_t>(K) : 0);
-  if (const cudaError_t e = opt_in_smem<fused_gemv_kernel<MT, R, U, MINB>>(kFusedMaxSmem); e != cudaSuccess) return e;
+  if (const cudaError_t e = opt_in_smem<fused_gemv_kernel<MT, R, U, MINB, ASYM>>(kFusedMaxSmem); e != cudaSuccess)
+    return e;
   const int64_t warps = (N + R - 1) / R;
   int64_t blocks = (warps + kFusedWarps - 1) / kFusedWarps;
   if (opt.sm_count > 0 && blocks > static_cast<int64_t>(opt.sm_count) * MINB) {
@@ -501,14 +579,38 @@ cudaError_t launch_fused_t(const __half* x, const __half* u, const int8_t* w, co
   attr[0].val.programmaticStreamSerializationAllowed = 1;
   cfg.attrs = attr;
   cfg.numAttrs = opt.pdl ? 1 : 0;
-  return cudaLaunchKernelEx(&cfg, kernel, x, u, w, wscale, bias, out, M, N, K, rot, norm);
+  return cudaLaunchKernelEx(&cfg, kernel, x, u, w, wscale, bias, out, M, N, K, rot, norm, colsum);
+}
+
+// The one-launch GEMV's configuration by M (and at M = 1 by opt.config or the shape).
+template <bool ASYM>
+cudaError_t launch_fused_by_m(const __half* x, const __half* u, const int8_t* w, const float* wscale,
+                              const __half* bias, const OutSplit& out, int64_t M, int64_t K, const WalshSpec& r,
+                              const GemvOptions& opt, cudaStream_t stream, const NormSpec& nrm, const float* colsum) {
+  if (M <= 1) {
+    int config = opt.config;
+    if (config < 0) {  // by shape: wide N -> 1 x 8, else 2 x 4 (H100 A/B of the persistent grid, benchmarks.md g11;
+      // g6's sweep of the grid before it had 4 x 4 for K >= 8192, now 8 % slower there)
+      config = out.end[out.count - 1] >= 8192 ? 1 : 0;
+    }
+    switch (config) {  // outputs per warp x 16-byte chunks per row in flight (A/B runs: ONNXQF_GEMV_CONFIG)
+      case 1: return launch_fused_t<1, 1, 8, 3, ASYM>(x, u, w, wscale, bias, out, M, K, r, opt, stream, nrm, colsum);
+      case 2: return launch_fused_t<1, 2, 8, 2, ASYM>(x, u, w, wscale, bias, out, M, K, r, opt, stream, nrm, colsum);
+      case 3: return launch_fused_t<1, 4, 4, 2, ASYM>(x, u, w, wscale, bias, out, M, K, r, opt, stream, nrm, colsum);
+      case 4: return launch_fused_t<1, 4, 2, 3, ASYM>(x, u, w, wscale, bias, out, M, K, r, opt, stream, nrm, colsum);
+      case 5: return launch_fused_t<1, 1, 16, 2, ASYM>(x, u, w, wscale, bias, out, M, K, r, opt, stream, nrm, colsum);
+      default: return launch_fused_t<1, 2, 4, 3, ASYM>(x, u, w, wscale, bias, out, M, K, r, opt, stream, nrm, colsum);
+    }
+  }
+  if (M <= 2) return launch_fused_t<2, 2, 4, 3, ASYM>(x, u, w, wscale, bias, out, M, K, r, opt, stream, nrm, colsum);
+  return launch_fused_t<4, 2, 2, 3, ASYM>(x, u, w, wscale, bias, out, M, K, r, opt, stream, nrm, colsum);
 }
 
 // One warp per output element, byte loads: any K, any alignment.
 __global__ void naive_kernel(const int8_t* __restrict__ q, const float* __restrict__ amax,
                              const int8_t* __restrict__ w, const float* __restrict__ wscale,
                              const __half* __restrict__ bias, __half* __restrict__ y, int64_t M, int64_t N,
-                             int64_t K) {
+                             int64_t K, const float* __restrict__ zero, const float* __restrict__ colsum) {
   const int64_t e = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
   const int lane = threadIdx.x & 31;
   if (e >= M * N) return;
@@ -516,18 +618,45 @@ __global__ void naive_kernel(const int8_t* __restrict__ q, const float* __restri
   int acc = 0;
   for (int64_t k = lane; k < K; k += 32) acc += static_cast<int>(q[m * K + k]) * static_cast<int>(w[n * K + k]);
   acc = warp_sum(acc);
-  if (lane == 0) y[e] = dequant(acc, amax[m], wscale[n], bias, n);
+  if (lane == 0) y[e] = dequant_at(acc, amax, zero, colsum, wscale, bias, m, n);
 }
 
 template <int MT, int R, int U>
 cudaError_t launch_gemv_t(const int8_t* q, const float* amax, const int8_t* w, const float* wscale,
-                          const __half* bias, __half* y, int64_t M, int64_t N, int64_t K, cudaStream_t stream) {
+                          const __half* bias, __half* y, int64_t M, int64_t N, int64_t K, cudaStream_t stream,
+                          const float* zero, const float* colsum) {
   const int64_t warps = (N + R - 1) / R;
   const int64_t bx = (warps + kGemvWarps - 1) / kGemvWarps;
   const int64_t by = (M + MT - 1) / MT;
   if (bx > 0x7fffffff || by > 65535) return cudaErrorInvalidValue;
   gemv_kernel<MT, R, U><<<dim3(static_cast<unsigned>(bx), static_cast<unsigned>(by)), kGemvWarps * 32, 0, stream>>>(
-      q, amax, w, wscale, bias, y, M, N, K);
+      q, amax, w, wscale, bias, y, M, N, K, zero, colsum);
+  return cudaGetLastError();
+}
+
+// launch_quantize_rows with the symmetric (ASYM false) or asymmetric codes (z to zero).
+template <bool ASYM>
+cudaError_t launch_quantize_rows_t(const __half* x, int8_t* q, float* amax, float* zero, int64_t M, int64_t K,
+                                   cudaStream_t stream, const __half* u, const NormSpec& n, bool vec, size_t smem,
+                                   bool regs, int pipe_blocks) {
+  const int64_t regs_threads = (K / 8 + kRegsChunks - 1) / kRegsChunks;
+  if (regs && vec && regs_threads <= kRegsMaxThreads) {
+    const unsigned t = static_cast<unsigned>(std::max<int64_t>(32, (regs_threads + 31) / 32 * 32));
+    if (pipe_blocks > 0 && M > 2 * static_cast<int64_t>(pipe_blocks) && t <= kPipeMaxThreads) {  // >= 2 rows each
+      const unsigned g = static_cast<unsigned>(pipe_blocks);
+      if (n.skip) quantize_rows_pipe_kernel<2, ASYM><<<g, t, 0, stream>>>(x, u, q, amax, zero, M, K, n);
+      else if (u) quantize_rows_pipe_kernel<1, ASYM><<<g, t, 0, stream>>>(x, u, q, amax, zero, M, K, n);
+      else quantize_rows_pipe_kernel<0, ASYM><<<g, t, 0, stream>>>(x, u, q, amax, zero, M, K, n);
+      return cudaGetLastError();
+    }
+    const unsigned rows = static_cast<unsigned>(M);
+    if (n.skip) quantize_rows_regs_kernel<2, ASYM><<<rows, t, 0, stream>>>(x, u, q, amax, zero, K, n);
+    else if (u) quantize_rows_regs_kernel<1, ASYM><<<rows, t, 0, stream>>>(x, u, q, amax, zero, K, n);
+    else quantize_rows_regs_kernel<0, ASYM><<<rows, t, 0, stream>>>(x, u, q, amax, zero, K, n);
+    return cudaGetLastError();
+  }
+  quantize_rows_kernel<ASYM><<<static_cast<unsigned>(M), kQuantThreads, smem, stream>>>(x, u, q, amax, zero, K, vec,
+                                                                                         n);
   return cudaGetLastError();
 }
 
@@ -539,7 +668,7 @@ static bool norm_aligned(const __half* x, const NormSpec& n, int64_t K) {
 }
 
 cudaError_t launch_quantize_rows(const __half* x, int8_t* q, float* amax, int64_t M, int64_t K, cudaStream_t stream,
-                                 const __half* u, const NormSpec* norm, bool regs, int pipe_blocks) {
+                                 const __half* u, const NormSpec* norm, bool regs, int pipe_blocks, float* zero) {
   if (M <= 0) return cudaSuccess;
   if (M > 0x7fffffff) return cudaErrorInvalidValue;
   const bool vec = (K % 8 == 0) && (reinterpret_cast<uintptr_t>(x) % 16 == 0) &&
@@ -551,23 +680,8 @@ cudaError_t launch_quantize_rows(const __half* x, int8_t* q, float* amax, int64_
     smem = 2 * static_cast<size_t>(K);  // the normalized row
     if (smem > 48 * 1024) return cudaErrorInvalidValue;  // (K > 24576: no model has such rows)
   }
-  const int64_t regs_threads = (K / 8 + kRegsChunks - 1) / kRegsChunks;
-  if (regs && vec && regs_threads <= kRegsMaxThreads) {
-    const unsigned t = static_cast<unsigned>(std::max<int64_t>(32, (regs_threads + 31) / 32 * 32));
-    if (pipe_blocks > 0 && M > 2 * static_cast<int64_t>(pipe_blocks) && t <= kPipeMaxThreads) {  // >= 2 rows each
-      const unsigned g = static_cast<unsigned>(pipe_blocks);
-      if (n.skip) quantize_rows_pipe_kernel<2><<<g, t, 0, stream>>>(x, u, q, amax, M, K, n);
-      else if (u) quantize_rows_pipe_kernel<1><<<g, t, 0, stream>>>(x, u, q, amax, M, K, n);
-      else quantize_rows_pipe_kernel<0><<<g, t, 0, stream>>>(x, u, q, amax, M, K, n);
-      return cudaGetLastError();
-    }
-    if (n.skip) quantize_rows_regs_kernel<2><<<static_cast<unsigned>(M), t, 0, stream>>>(x, u, q, amax, K, n);
-    else if (u) quantize_rows_regs_kernel<1><<<static_cast<unsigned>(M), t, 0, stream>>>(x, u, q, amax, K, n);
-    else quantize_rows_regs_kernel<0><<<static_cast<unsigned>(M), t, 0, stream>>>(x, u, q, amax, K, n);
-    return cudaGetLastError();
-  }
-  quantize_rows_kernel<<<static_cast<unsigned>(M), kQuantThreads, smem, stream>>>(x, u, q, amax, K, vec, n);
-  return cudaGetLastError();
+  return zero ? launch_quantize_rows_t<true>(x, q, amax, zero, M, K, stream, u, n, vec, smem, regs, pipe_blocks)
+              : launch_quantize_rows_t<false>(x, q, amax, zero, M, K, stream, u, n, vec, smem, regs, pipe_blocks);
 }
 
 cudaError_t launch_glu(const __half* g, const __half* u, __half* y, int64_t n, cudaStream_t stream) {
@@ -581,14 +695,16 @@ cudaError_t launch_glu(const __half* g, const __half* u, __half* y, int64_t n, c
 }
 
 cudaError_t launch_w8a8_gemv(const int8_t* q, const float* amax, const int8_t* w, const float* wscale,
-                             const __half* bias, __half* y, int64_t M, int64_t N, int64_t K, cudaStream_t stream) {
-  if (K % 16 != 0 || reinterpret_cast<uintptr_t>(q) % 16 != 0 || reinterpret_cast<uintptr_t>(w) % 16 != 0)
+                             const __half* bias, __half* y, int64_t M, int64_t N, int64_t K, cudaStream_t stream,
+                             const float* zero, const float* colsum) {
+  if (K % 16 != 0 || reinterpret_cast<uintptr_t>(q) % 16 != 0 || reinterpret_cast<uintptr_t>(w) % 16 != 0 ||
+      (zero && !colsum))
     return cudaErrorInvalidValue;
-  if (M <= 1) return launch_gemv_t<1, 2, 4>(q, amax, w, wscale, bias, y, M, N, K, stream);
-  if (M <= 2) return launch_gemv_t<2, 2, 4>(q, amax, w, wscale, bias, y, M, N, K, stream);
-  if (M <= 4) return launch_gemv_t<4, 2, 4>(q, amax, w, wscale, bias, y, M, N, K, stream);
-  if (M <= 8) return launch_gemv_t<8, 2, 2>(q, amax, w, wscale, bias, y, M, N, K, stream);
-  return launch_gemv_t<16, 4, 1>(q, amax, w, wscale, bias, y, M, N, K, stream);
+  if (M <= 1) return launch_gemv_t<1, 2, 4>(q, amax, w, wscale, bias, y, M, N, K, stream, zero, colsum);
+  if (M <= 2) return launch_gemv_t<2, 2, 4>(q, amax, w, wscale, bias, y, M, N, K, stream, zero, colsum);
+  if (M <= 4) return launch_gemv_t<4, 2, 4>(q, amax, w, wscale, bias, y, M, N, K, stream, zero, colsum);
+  if (M <= 8) return launch_gemv_t<8, 2, 2>(q, amax, w, wscale, bias, y, M, N, K, stream, zero, colsum);
+  return launch_gemv_t<16, 4, 1>(q, amax, w, wscale, bias, y, M, N, K, stream, zero, colsum);
 }
 
 bool w8a8_fused_gemv_supported(const __half* x, const int8_t* w, int64_t M, int64_t K, const WalshSpec* rot,
@@ -603,39 +719,27 @@ bool w8a8_fused_gemv_supported(const __half* x, const int8_t* w, int64_t M, int6
 cudaError_t launch_w8a8_fused_gemv(const __half* x, const int8_t* w, const float* wscale, const __half* bias,
                                    const OutSplit& out, int64_t M, int64_t K, cudaStream_t stream,
                                    const WalshSpec* rot, const GemvOptions& opt, const __half* u,
-                                   const NormSpec* norm) {
+                                   const NormSpec* norm, const float* colsum) {
   const NormSpec nrm = norm ? *norm : NormSpec{};
   if (!w8a8_fused_gemv_supported(x, w, M, K, rot, nrm.skip != nullptr) || out.count < 1 ||
       out.count > kMaxOutputs || (u && ((rot && rot->n) || reinterpret_cast<uintptr_t>(u) % 16 != 0)) ||
-      (nrm.skip && (u || (rot && rot->n) || !nrm.gamma || !norm_aligned(x, nrm, K))))
+      (nrm.skip && (u || (rot && rot->n) || !nrm.gamma || !norm_aligned(x, nrm, K))) ||
+      (colsum && rot && rot->n))  // (the asymmetric codes take no rotation)
     return cudaErrorInvalidValue;
   const WalshSpec r = rot ? *rot : WalshSpec{};
-  if (M <= 1) {
-    int config = opt.config;
-    if (config < 0) {  // by shape: wide N -> 1 x 8, else 2 x 4 (H100 A/B of the persistent grid, benchmarks.md g11;
-      // g6's sweep of the grid before it had 4 x 4 for K >= 8192, now 8 % slower there)
-      config = out.end[out.count - 1] >= 8192 ? 1 : 0;
-    }
-    switch (config) {  // outputs per warp x 16-byte chunks per row in flight (A/B runs: ONNXQF_GEMV_CONFIG)
-      case 1: return launch_fused_t<1, 1, 8>(x, u, w, wscale, bias, out, M, K, r, opt, stream, nrm);
-      case 2: return launch_fused_t<1, 2, 8, 2>(x, u, w, wscale, bias, out, M, K, r, opt, stream, nrm);
-      case 3: return launch_fused_t<1, 4, 4, 2>(x, u, w, wscale, bias, out, M, K, r, opt, stream, nrm);
-      case 4: return launch_fused_t<1, 4, 2>(x, u, w, wscale, bias, out, M, K, r, opt, stream, nrm);
-      case 5: return launch_fused_t<1, 1, 16, 2>(x, u, w, wscale, bias, out, M, K, r, opt, stream, nrm);
-      default: return launch_fused_t<1, 2, 4>(x, u, w, wscale, bias, out, M, K, r, opt, stream, nrm);
-    }
-  }
-  if (M <= 2) return launch_fused_t<2, 2, 4>(x, u, w, wscale, bias, out, M, K, r, opt, stream, nrm);
-  return launch_fused_t<4, 2, 2>(x, u, w, wscale, bias, out, M, K, r, opt, stream, nrm);
+  return colsum ? launch_fused_by_m<true>(x, u, w, wscale, bias, out, M, K, r, opt, stream, nrm, colsum)
+                : launch_fused_by_m<false>(x, u, w, wscale, bias, out, M, K, r, opt, stream, nrm, nullptr);
 }
 
 cudaError_t launch_w8a8_naive(const int8_t* q, const float* amax, const int8_t* w, const float* wscale,
-                              const __half* bias, __half* y, int64_t M, int64_t N, int64_t K, cudaStream_t stream) {
+                              const __half* bias, __half* y, int64_t M, int64_t N, int64_t K, cudaStream_t stream,
+                              const float* zero, const float* colsum) {
+  if (zero && !colsum) return cudaErrorInvalidValue;
   const int64_t threads = M * N * 32;
   if (threads <= 0) return cudaSuccess;
   const int64_t blocks = (threads + 255) / 256;
   if (blocks > 0x7fffffff) return cudaErrorInvalidValue;
-  naive_kernel<<<static_cast<unsigned>(blocks), 256, 0, stream>>>(q, amax, w, wscale, bias, y, M, N, K);
+  naive_kernel<<<static_cast<unsigned>(blocks), 256, 0, stream>>>(q, amax, w, wscale, bias, y, M, N, K, zero, colsum);
   return cudaGetLastError();
 }
 

@@ -118,6 +118,93 @@ __device__ __forceinline__ int8_t code_of(__half x, __half inv) {
   return static_cast<int8_t>(fminf(fmaxf(r, -127.f), 127.f));
 }
 
+// Asymmetric codes (the op's attribute asymmetric = 1): int8-token-asym's arithmetic, fp16 steps as its standard
+// graph takes them (onnxqf/lowering/w8a8.py: asymmetric_codes, code_offset 128):
+//   hi = max(max_k x, 0), lo = min(min_k x, 0)                 fp16 (exact)
+//   s  = max(fp16(fp16(hi - lo) / 255), fp16(1e-4))            fp16 Sub, Div (ONNX Runtime's fp16 Div: __hdiv), Max
+//   zp = rint(fp16(-lo / s))                                   fp16 Neg, Div, Round (half to even)
+//   c  = clip(rint(fp16(x / s)) + zp, 0, 255) - 128            int8 (sums of small integers: exact in fp16 and fp32)
+// The row's s (fp32, exact) is written where the symmetric amax goes, and z = zp - 128 (fp32) beside it; the
+// dequantization is then (acc - z * colsum(W)) * s * wscale (kernels.h).
+struct AsymScale {
+  __half s;  // the row's step
+  float zp;  // its zero point, an integer in [0, 256]
+};
+
+// The row's step and zero point from the largest value (hi >= 0) and the largest negated value (nlo >= 0) of its fp16
+// values (with 0 among them); *s_out, *z_out (when not null) its fp32 s and z.
+__host__ __device__ __forceinline__ AsymScale asym_row_scale(float hi, float nlo, float* s_out, float* z_out) {
+  const __half h = __float2half_rn(hi), l = __float2half_rn(-nlo);  // fp16 values: exact
+  const __half step = __hdiv(__hsub(h, l), __float2half_rn(255.f));
+  const __half tiny = __float2half_rn(1e-4f);  // the graph's fp16 floor (np.float16(1e-4): the same bits)
+  AsymScale a;
+  a.s = __hlt(step, tiny) ? tiny : step;
+  a.zp = rintf(__half2float(__hdiv(__hneg(l), a.s)));
+  if (s_out) *s_out = __half2float(a.s);
+  if (z_out) *z_out = a.zp - 128.f;
+  return a;
+}
+
+// (code_of for the asymmetric codes)
+__host__ __device__ __forceinline__ int8_t code_of(__half x, const AsymScale& a) {
+  const float r = rintf(__half2float(__hdiv(x, a.s))) + a.zp;
+  return static_cast<int8_t>(fminf(fmaxf(r, 0.f), 255.f) - 128.f);
+}
+
+// The largest value and the largest negated value of an fp16 chunk, or hi / nlo if larger.
+__host__ __device__ __forceinline__ void chunk_range(const uint4& c, float& hi, float& nlo) {
+  const __half2* h = reinterpret_cast<const __half2*>(&c);
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const float2 f = __half22float2(h[j]);
+    hi = fmaxf(hi, fmaxf(f.x, f.y));
+    nlo = fmaxf(nlo, fmaxf(-f.x, -f.y));
+  }
+}
+
+// The block's maxima of a and b over its warps (WARPS of them; 0: blockDim.x / 32), returned to every thread: one
+// barrier. red: shared, 2 * warps slots (the same rules as block_all's).
+template <int WARPS = 0>
+__device__ __forceinline__ float2 block_max2(float a, float b, float* red) {
+  a = warp_max(a);
+  b = warp_max(b);
+  const int warps = WARPS ? WARPS : static_cast<int>(blockDim.x >> 5);
+  if ((threadIdx.x & 31) == 0) {
+    red[threadIdx.x >> 5] = a;
+    red[warps + (threadIdx.x >> 5)] = b;
+  }
+  __syncthreads();
+  float2 r = make_float2(red[0], red[warps]);
+  for (int i = 1; i < warps; ++i) {
+    r.x = fmaxf(r.x, red[i]);
+    r.y = fmaxf(r.y, red[warps + i]);
+  }
+  return r;
+}
+
+// block_row_scale's asymmetric twin: the block's hi / nlo (red: shared [2 * WARPS]), the row's AsymScale written to
+// *scale_s (shared) and its s / z to *s_dst / *z_dst by thread 0. Ends with a barrier.
+template <int WARPS>
+__device__ __forceinline__ void block_row_range(float hi, float nlo, float* red, AsymScale* scale_s, float* s_dst,
+                                                float* z_dst) {
+  const float2 r = block_max2<WARPS>(hi, nlo, red);
+  if (threadIdx.x == 0) *scale_s = asym_row_scale(r.x, r.y, s_dst, z_dst);
+  __syncthreads();
+}
+
+// Eight codes of an fp16 chunk: symmetric (scale: inv = 127 / amax, __half) or asymmetric (an AsymScale).
+template <class Scale>
+__device__ __forceinline__ uint2 chunk_codes(const uint4& c, const Scale& scale) {
+  const __half* h = reinterpret_cast<const __half*>(&c);
+  union {
+    int8_t b[8];
+    uint2 u;
+  } out;
+#pragma unroll
+  for (int j = 0; j < 8; ++j) out.b[j] = code_of(h[j], scale);
+  return out.u;
+}
+
 // The block's max of m (each thread's, WARPS warps; red: shared [WARPS]), then the row's scale (row_scale) written
 // by thread 0. Ends with a barrier: *inv is then readable by every thread, and red may be used again.
 template <int WARPS>

@@ -746,3 +746,160 @@ def test_glu_input_equals_the_standard_nodes(M, K, rotation, env):
     assert np.isfinite(got.astype(np.float32)).all(), "unwritten outputs"
     differ = np.mean(got != want)
     assert differ == 0, f"{differ:.2%} of the outputs differ (max {np.abs(got.astype(np.float32) - want).max()})"
+
+
+# -- the asymmetric codes (attribute asymmetric = 1: int8-token-asym's arithmetic, kernels.h) ---------------------
+
+def asym_op(K, sizes, q, wscale, *, bias=None, attrs=None, inputs=("x",), glu=False, norm=False):
+    """A model of one asymmetric W8A8Linear: ``q`` [N, K], ``wscale`` the weights' steps (not / 127), Wsum their
+    per-channel sums; outputs y0.. of ``sizes``; graph inputs ``inputs`` (x, or g and u with ``glu``, or x and skip
+    with ``norm``: gamma ones)."""
+    inits = [numpy_helper.from_array(q, "wq"), numpy_helper.from_array(wscale, "ws"),
+             numpy_helper.from_array(q.astype(np.int64).sum(axis=1).astype(np.float32), "wsum")]
+    ins = [inputs[0], "wq", "ws", "", "", "", "", "", "", "wsum"]
+    a = {"asymmetric": 1, **(attrs or {})}
+    if bias is not None:
+        inits.append(numpy_helper.from_array(bias, "b"))
+        ins[3] = "b"
+    if glu:
+        ins[6], a["input_glu"] = inputs[1], 1
+    if norm:
+        inits.append(numpy_helper.from_array(np.ones(K, np.float16), "gamma"))
+        ins[7], ins[8], a["skip_norm"] = inputs[1], "gamma", 1
+    if len(sizes) > 1:
+        a["output_sizes"] = list(sizes)
+    outs = [f"y{i}" for i in range(len(sizes))]
+    node = helper.make_node(kernels.W8A8_LINEAR, ins, outs, domain=kernels.DOMAIN, **a)
+    g = helper.make_graph([node], "t", [helper.make_tensor_value_info(n, F16, ["M", K]) for n in inputs],
+                          [helper.make_tensor_value_info(o, F16, ["M", n]) for o, n in zip(outs, sizes)], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(kernels.DOMAIN, 1)])
+    m.ir_version = 9
+    return m
+
+
+def asym_standard_graph(K, N, q, wscale):
+    """onnxqf's own int8-token-asym lowering of one float16 linear, its weights, steps and sums replaced."""
+    import onnx_ir as ir
+
+    from onnxqf.runtime.linears import linear_model, parse_lowering
+
+    model = linear_model(K, N, parse_lowering("int8-token-asym"), copies=1, dtype="float16")
+    inits = model.graph.initializers
+    inits.pop("linear0.weight")
+    values = {"linear0.weight_int8": np.ascontiguousarray(q.T), "linear0.weight_scale": wscale,
+              "linear0.weight_colsum": q.astype(np.int64).sum(axis=1).astype(np.float32)}
+    for name in list(inits):
+        for prefix, v in values.items():
+            if name.startswith(prefix):
+                inits[name].const_value = ir.tensor(v, name=name)
+    return ir.serde.serialize_model(model)
+
+
+def run_named(sess, feeds, sizes):
+    """Outputs y0.. (poisoned with NaN first) of a run with IOBinding, concatenated along the channels."""
+    b = sess.io_binding()
+    M = next(iter(feeds.values())).shape[0]
+    for n, v in feeds.items():
+        b.bind_ortvalue_input(n, ort.OrtValue.ortvalue_from_numpy(v, "cuda", 0))
+    ys = [ort.OrtValue.ortvalue_from_numpy(np.full((M, n), np.nan, np.float16), "cuda", 0) for n in sizes]
+    for i, y in enumerate(ys):
+        b.bind_ortvalue_output(f"y{i}", y)
+    sess.run_with_iobinding(b)
+    return np.concatenate([y.numpy() for y in ys], axis=1)
+
+
+def asym_data(M, K, N, seed):
+    """Rows for the asymmetric codes (an outlier channel, an all-zero token, one of one sign), int8 weights, steps."""
+    x, q, wscale, _ = data(M, K, N, seed, with_bias=False, tiny_row=False)
+    if M > 3:
+        x[3] = np.abs(x[3]) + np.float16(0.25)  # all positive: zero point 0
+    return x, q, (wscale * 127).astype(np.float32)
+
+
+ASYM = [
+    # (M, K, N, env): every path of the asymmetric codes
+    (1, 4096, 11008, None),                                  # one-launch GEMV
+    (3, 4096, 4096, None),                                   # one-launch GEMV, 4-row kernel
+    (1, 2048, 32000, {"ONNXQF_GEMV_CONFIG": "3"}),           # another GEMV configuration
+    (16, 11008, 4096, {"ONNXQF_GEMV_MAX_M": "16"}),          # quantization kernel + GEMV
+    (16, 4096, 4096, None),                                  # GEMM small tile
+    (333, 2048, 4096, None),                                 # GEMM by the rule, ragged M
+    (2048, 4096, 4096, None),                                # GEMM at 2048 rows
+    (2048, 4096, 4096, {"ONNXQF_QUANT_PIPE": "2"}),          # the striding quantization grid
+    (777, 11008, 4096, {"ONNXQF_QUANT_REGS": "0"}),          # the block-per-row quantization kernel
+    (40, 1024, 1001, None),                                  # N % 8 != 0: the GEMV at M > 16
+    (5, 1000, 300, {"ONNXQF_GEMV_MAX_M": "0"}),              # K % 16 != 0: the any-shape kernel
+] + [(m, 2048, 1032, {"ONNXQF_GEMM_TILE": str(t)}) for t, m in  # each tile, ragged tokens and channels
+     ((0, 333), (1, 200), (2, 300), (3, 333), (4, 528), (5, 333), (6, 300), (7, 600), (8, 333), (9, 264), (10, 528),
+      (11, 20), (12, 45))]
+
+
+@pytest.mark.parametrize("M,K,N,env", ASYM)
+def test_asymmetric_bit_exact_against_standard_graph(M, K, N, env):
+    """asymmetric = 1: the same outputs as onnxqf's int8-token-asym graph (the same weights), every element to the
+    bit, at every path (an all-zero token and an all-positive one among the rows)."""
+    x, q, steps = asym_data(M, K, N, seed=M + 3 * K + N)
+    ours = run_named(_session(asym_op(K, (N,), q, steps), True, env), {"x": x}, (N,))
+    std = run_poisoned(_session(asym_standard_graph(K, N, q, steps), False, None), x, N, out="y0")
+    assert np.isfinite(ours.astype(np.float32)).all() and np.isfinite(std.astype(np.float32)).all()
+    mismatches = int(np.sum(ours != std))
+    assert mismatches == 0, (f"{mismatches} of {ours.size} differ, "
+                             f"max {np.max(np.abs(ours.astype(np.float32) - std)):.3g}")
+
+
+@pytest.mark.parametrize("M", [1, 3, 300])
+def test_asymmetric_glu_norm_parts_and_bias(M):
+    """asymmetric with input_glu (equal to the op fed by Sigmoid / Mul / Mul, to the bit), with output_sizes (equal
+    to one output's columns, to the bit), with a bias (numpy's outputs to fp16 rounding), and with skip_norm (numpy's
+    norm and codes, to fp16 rounding)."""
+    from onnxqf.maths.qmath import asymmetric_codes_f16, asymmetric_dequant_f32
+
+    K, sizes = 2048, (1024, 512, 512)
+    N = sum(sizes)
+    x, q, steps = asym_data(M, K, N, seed=M)
+    u = np.random.default_rng(M).standard_normal((M, K)).astype(np.float16)
+    one = run_named(_session(asym_op(K, (N,), q, steps), True, None), {"x": x}, (N,))
+    parts = run_named(_session(asym_op(K, sizes, q, steps), True, None), {"x": x}, sizes)
+    assert np.array_equal(one, parts)
+    glu = run_named(_session(asym_op(K, (N,), q, steps, inputs=("g", "u"), glu=True), True, None),
+                    {"g": x, "u": u}, (N,))
+    silu = helper.make_model(helper.make_graph(
+        [helper.make_node("Sigmoid", ["g"], ["s"]), helper.make_node("Mul", ["g", "s"], ["t"]),
+         helper.make_node("Mul", ["t", "u"], ["x"])], "glu",
+        [helper.make_tensor_value_info(n, F16, ["M", K]) for n in ("g", "u")],
+        [helper.make_tensor_value_info("x", F16, ["M", K])]), opset_imports=[helper.make_opsetid("", 18)])
+    silu.ir_version = 9
+    xg = _session(silu, False, None).run(None, {"g": x, "u": u})[0]
+    assert np.array_equal(glu, run_named(_session(asym_op(K, (N,), q, steps), True, None), {"x": xg}, (N,)))
+
+    def numpy_asym(rows, bias=None):
+        codes, s, zp = asymmetric_codes_f16(rows)
+        acc = codes.astype(np.float64) @ q.T.astype(np.float64)
+        y = asymmetric_dequant_f32(acc, s, zp, q.astype(np.int64).sum(axis=1), steps)
+        return (y + (0 if bias is None else bias.astype(np.float32))).astype(np.float16)
+
+    bias = np.random.default_rng(M + 1).standard_normal(N).astype(np.float16)
+    with_bias = run_named(_session(asym_op(K, (N,), q, steps, bias=bias), True, None), {"x": x}, (N,))
+    assert_close_to(with_bias.astype(np.float32), numpy_asym(x, bias).astype(np.float32))
+    skip = np.random.default_rng(M + 2).standard_normal((M, K)).astype(np.float16)
+    normed = run_named(_session(asym_op(K, (N,), q, steps, inputs=("x", "skip"), norm=True), True, None),
+                       {"x": x, "skip": skip}, (N,))
+    _, y = skip_norm_reference(x, skip, np.ones(K, np.float16), 1e-5)
+    assert_close_to(normed.astype(np.float32), numpy_asym(y).astype(np.float32))
+
+
+def test_asymmetric_refusals():
+    """The asymmetric codes with a rotation stop the session's creation in one line; Wsum without asymmetric, or
+    asymmetric without Wsum, fail the run."""
+    K, N = 1024, 256
+    x, q, steps = asym_data(1, K, N, seed=3)
+    with pytest.raises(Exception, match="asymmetric codes take no rotation"):
+        _session(asym_op(K, (N,), q, steps, attrs={"rotation_block": 32, "rotation_walsh": 3}), True, None)
+    no_wsum = asym_op(K, (N,), q, steps)
+    del no_wsum.graph.node[0].input[9]
+    with pytest.raises(Exception, match="Wsum is given exactly when"):
+        _session(no_wsum, True, None).run(None, {"x": x})
+    sym_with_wsum = asym_op(K, (N,), q, steps)
+    del sym_with_wsum.graph.node[0].attribute[:]
+    with pytest.raises(Exception, match="Wsum is given exactly when"):
+        _session(sym_with_wsum, True, None).run(None, {"x": x})

@@ -36,6 +36,16 @@ and the node goes: at one token, one kernel fewer per norm (:func:`skip_norm_of`
 where ONNX Runtime's fp16 kernel sums in fp16, so its normalized values may differ from the node's in the last fp16
 bit (the sum is the same to the bit).
 
+With ``asymmetric`` (``--act-quant asym``; symmetric by default) the op makes ``int8-token-asym``'s codes instead
+(a step and a zero point per token, :func:`onnxqf.lowering.w8a8.asymmetric_codes`, stored as ``code - 128``) and takes
+the zero point off after its integer product, as that graph's rank-one correction does with the weights'
+per-channel sums (input ``Wsum``, index 9; ``wscale`` is then the weight's step itself)::
+
+    y = Cast<f16>(((Cast<f32>(codes @ Wq^T) - (zp - 128) * Wsum) * s) * wscale)
+
+so its outputs are those of ``int8-token-asym`` to the bit. The op takes no rotation with these codes: an online
+rotation stays as nodes in front of it.
+
 The op has a CUDA kernel only, for sm_90a (H100/H200), and
 takes float16 activations: float32 models are refused. Sessions that run the graph must load the library
 (:func:`onnxqf.runtime.kernels.register`).
@@ -259,7 +269,7 @@ def skip_norm_of(value: ir.Value, readers: set[int]) -> SkipNorm | None:
 def emit_w8a8_kernel(graph: ir.Graph, x: ir.Value, q_int8_KN: np.ndarray, scale: np.ndarray, base_name: str,
                      tape: ir_tape.Tape | None = None, rotation: KernelRotation | None = None,
                      output_sizes: list[int] | None = None, glu_up: ir.Value | None = None,
-                     norm: SkipNorm | None = None):
+                     norm: SkipNorm | None = None, asymmetric: bool = False):
     """The ``onnxqf.W8A8Linear`` node (on ``tape``, a new one if None, not inserted) computing
     ``x @ (q_int8_KN * scale)`` with per-token int8 activations: ``q_int8_KN`` int8 ``[K, N]`` (MatMul's layout),
     ``scale`` the per-output-channel weight scale ``[N]``; ``rotation``: x is rotated first, inside the op.
@@ -267,13 +277,17 @@ def emit_w8a8_kernel(graph: ir.Graph, x: ir.Value, q_int8_KN: np.ndarray, scale:
     :data:`MAX_OUTPUTS`) the list of one output per part, the N channels cut in that order (no Split node); with
     ``glu_up`` the op's input is ``silu(x) * glu_up`` (SwiGLU, :func:`swiglu_of`). With ``norm`` (x is then
     ignored: :func:`skip_norm_of`) the op reads ``norm.x + norm.skip`` and normalizes it; it returns the list of
-    outputs, ``norm.x + norm.skip`` last when ``norm.sum`` is read."""
+    outputs, ``norm.x + norm.skip`` last when ``norm.sum`` is read. ``asymmetric``: the asymmetric codes (module
+    docstring; no ``rotation``)."""
     if q_int8_KN.dtype != np.int8 or q_int8_KN.ndim != 2 or scale.shape != (q_int8_KN.shape[1],):
         raise OnnxqfError(f"{base_name}: W8A8Linear needs int8 [K, N] weights and N scales")
+    if asymmetric and rotation is not None:
+        raise OnnxqfError(f"{base_name}: W8A8Linear's asymmetric codes take no rotation (keep it as nodes)")
     tape = tape if tape is not None else ir_tape.Tape(graph)
     wq = edit.add_initializer(graph, f"{base_name}.weight_int8_nk", transpose_copy(q_int8_KN))
+    # the activation's 1/127 folded into the symmetric codes' scale; the asymmetric codes' step s is the real one
     ws = edit.add_initializer(graph, f"{base_name}.weight_scale",
-                              (np.asarray(scale, np.float64) / 127.0).astype(np.float32))
+                              (np.asarray(scale, np.float64) / (1.0 if asymmetric else 127.0)).astype(np.float32))
     inputs, attributes = [x, wq, ws], {}
     if rotation is not None:
         ra = rb = None
@@ -295,6 +309,10 @@ def emit_w8a8_kernel(graph: ir.Graph, x: ir.Value, q_int8_KN: np.ndarray, scale:
         inputs += [None] * (7 - len(inputs)) + [norm.skip, norm.gamma]  # Skip, Gamma: the op's inputs 7, 8
         attributes["skip_norm"] = 2 if norm.sum is not None else 1
         attributes["epsilon"] = float(norm.epsilon)
+    if asymmetric:
+        colsum = q_int8_KN.astype(np.int64).sum(axis=0).astype(np.float32)  # exact: |sum| < 2^24 for K < 132k
+        inputs += [None] * (9 - len(inputs)) + [edit.add_initializer(graph, f"{base_name}.weight_colsum", colsum)]
+        attributes["asymmetric"] = 1
     while inputs[-1] is None:  # no trailing empty inputs (a Walsh factor takes none)
         inputs.pop()
     sizes = list(output_sizes) if output_sizes is not None and len(output_sizes) > 1 else []
@@ -322,12 +340,16 @@ class OnnxqfCudaW8A8(W8A8Lowering):
     summary = ("per-token int8 x int8 in one fused onnxqf.W8A8Linear node per activation (onnxqf's CUDA kernels: "
                "H100/H200, float16 models; sessions load kernels/build/libonnxqf_kernels.so)")
     domains: ClassVar[dict[str, int]] = {DOMAIN: 1}
-    #: move online rotations into the op where it can run them (:func:`kernel_rotation`)
+    activations: ClassVar[tuple[str, ...]] = ("token", "asym")
+    #: move online rotations into the op where it can run them (:func:`kernel_rotation`; not with ``asymmetric``)
     fuse_rotations: bool = True
     #: compute SwiGLU's product inside the op where it is the group's activation (:func:`swiglu_of`)
     fuse_glu: bool = True
     #: take a SkipSimplifiedLayerNormalization in front of the group into the op (:func:`skip_norm_of`)
     fuse_norm: bool = True
+    #: ``int8-token-asym``'s asymmetric per-token codes (``--act-quant asym``) instead of the symmetric ones; not yet
+    #: run on a GPU (docs/benchmarks.md g18), so off by default
+    asymmetric: bool = False
 
     def emit(self, graph: ir.Graph, group: LinearGroup, weights) -> None:
         if group.dtype != ir.DataType.FLOAT16:
@@ -337,7 +359,7 @@ class OnnxqfCudaW8A8(W8A8Lowering):
         scale = np.concatenate([w[1] for w in weights])
         tape = ir_tape.Tape(graph)
         x, block, rotation = group.x, None, None
-        if self.fuse_rotations:
+        if self.fuse_rotations and not self.asymmetric:
             block = edit.online_rotation_of(graph, group.x)
             readers = {id(lin.node) for lin in group.linears}
             if block is not None and block.private() and {id(n) for n in group.x.consumers()} == readers:
@@ -358,12 +380,13 @@ class OnnxqfCudaW8A8(W8A8Lowering):
         total = None
         if len(sizes) <= MAX_OUTPUTS:  # one output per linear, written by the op itself
             y = emit_w8a8_kernel(graph, x_in, q, scale, group.base, tape, rotation, output_sizes=sizes, glu_up=up,
-                                 norm=norm)
+                                 norm=norm, asymmetric=self.asymmetric)
             outs = y if isinstance(y, list) else [y]
             if norm is not None and norm.sum is not None:
                 outs, total = outs[:-1], outs[-1]
         else:  # (no such group in the families served: more parts than the op's outputs)
-            y = emit_w8a8_kernel(graph, x_in, q, scale, group.base, tape, rotation, glu_up=up)
+            y = emit_w8a8_kernel(graph, x_in, q, scale, group.base, tape, rotation, glu_up=up,
+                                 asymmetric=self.asymmetric)
             split = edit.add_initializer(graph, f"{group.base}/split_sizes", np.array(sizes, np.int64))
             outs = tape.op_multi_out("Split", [y, split], {"axis": -1}, num_outputs=len(weights),
                                      name=f"{group.base}/split")
@@ -378,6 +401,9 @@ class OnnxqfCudaW8A8(W8A8Lowering):
             if total is not None:
                 take_over(norm.sum, total, ".unfused")
             graph.remove(norm.node, safe=True)
+
+    def describe(self) -> str:
+        return f"{self.name}:asymmetric=true" if self.asymmetric else self.name
 
     def node_issue(self, node: ir.Node, provider: str) -> str | None:
         if node.domain != DOMAIN:

@@ -22,6 +22,8 @@ __all__ = [
     "fake_quant_per_token",
     "dynamic_quantize_linear",
     "fake_quant_per_tensor_asym_uint8",
+    "asymmetric_codes_f16",
+    "asymmetric_dequant_f32",
     "smooth_scales",
     "weight_row_absmax",
 ]
@@ -159,6 +161,41 @@ def fake_quant_per_tensor_asym_uint8(X: np.ndarray) -> np.ndarray:
     """``DynamicQuantizeLinear`` followed by dequantization: ``(y - zp) * scale`` (float64)."""
     y, scale, zp = dynamic_quantize_linear(X)
     return (y.astype(np.float64) - float(zp)) * float(scale)
+
+
+#: the floor of the asymmetric codes' float16 step (int8-token-asym's float16 graph)
+FP16_ASYM_STEP_FLOOR = np.float16(1e-4)
+
+
+def asymmetric_codes_f16(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Exact numpy model of ``int8-token-asym``'s codes of float16 rows (:func:`onnxqf.lowering.w8a8.asymmetric_codes`
+    with ``code_offset`` 128), every step in float16 as its graph takes it (and as onnxqf.W8A8Linear's asymmetric
+    codes do, kernels/src/quant_row.cuh): ``hi = max(max x, 0)``, ``lo = min(min x, 0)``, ``s = max((hi - lo) / 255,
+    1e-4)``, ``zp = round(-lo / s)``, codes ``clip(round(x / s) + zp, 0, 255) - 128``; round half to even.
+
+    Returns ``(codes int8 [x's shape], s float16 [..., 1], zp float16 [..., 1])``.
+    """
+    x = np.asarray(x, dtype=np.float16)
+    f16 = np.float16
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        hi = np.maximum(x.max(axis=-1, keepdims=True), f16(0))
+        lo = np.minimum(x.min(axis=-1, keepdims=True), f16(0))
+        s = np.maximum(((hi - lo).astype(f16) / f16(255)).astype(f16), FP16_ASYM_STEP_FLOOR).astype(f16)
+        zp = np.rint((-lo / s).astype(f16)).astype(f16)
+        c = np.clip(np.rint((x / s).astype(f16)).astype(np.float32) + zp.astype(np.float32), 0, 255)
+    return (c - 128).astype(np.int8), s, zp
+
+
+def asymmetric_dequant_f32(acc: np.ndarray, s: np.ndarray, zp: np.ndarray, colsum: np.ndarray,
+                           wscale: np.ndarray) -> np.ndarray:
+    """``int8-token-asym``'s float32 rescale of the int32 products ``acc [.., N]`` of its codes: ``((acc - (zp - 128)
+    * colsum) * s) * wscale``, each step rounded to float32 on its own (``s``, ``zp`` per token ``[.., 1]``; ``colsum``
+    the int8 weights' per-channel sums and ``wscale`` their steps, ``[N]``)."""
+    f32 = np.float32
+    z = (np.asarray(zp).astype(f32) - f32(128)).astype(f32)
+    correction = (z * np.asarray(colsum, f32)).astype(f32)
+    centred = (np.asarray(acc).astype(f32) - correction).astype(f32)
+    return ((centred * np.asarray(s).astype(f32)).astype(f32) * np.asarray(wscale, f32)).astype(f32)
 
 
 def weight_row_absmax(B: np.ndarray) -> np.ndarray:

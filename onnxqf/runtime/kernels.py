@@ -59,8 +59,8 @@ ENV = "ONNXQF_KERNELS"
 LIBRARY = "libonnxqf_kernels.so"
 
 #: the CUDA library's version this onnxqf writes graphs for (kernels/src/ops.cc, ONNXQF_KERNELS_VERSION; 2:
-#: W8A8Linear's skip_norm, inputs Skip and Gamma)
-KERNELS_VERSION = 2
+#: W8A8Linear's skip_norm, inputs Skip and Gamma; 3: its asymmetric codes, input Wsum)
+KERNELS_VERSION = 3
 
 #: the CPU op library: its domain, the variable naming its file, the file
 CPU_DOMAIN = "onnxqf.cpu"
