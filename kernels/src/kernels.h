@@ -101,8 +101,8 @@ struct GemvOptions {
   bool pdl = false;
 };
 // u (16-byte aligned, no rotation): the rows are SwiGLU's silu(x) * u, as in launch_quantize_rows. norm (no
-// rotation, no u): each row normalized first (NormSpec), in shared memory; block 0 writes the sums. colsum (no
-// rotation): the asymmetric codes, colsum the weights' per-channel sums (and wscale their steps).
+// rotation, no u): each row normalized first (NormSpec), in shared memory; block 0 writes the sums. colsum: the
+// asymmetric codes, colsum the weights' per-channel sums (and wscale their steps).
 cudaError_t launch_w8a8_fused_gemv(const __half* x, const int8_t* w, const float* wscale, const __half* bias,
                                    const OutSplit& out, int64_t M, int64_t K, cudaStream_t stream,
                                    const WalshSpec* rot = nullptr, const GemvOptions& opt = GemvOptions{},
@@ -111,8 +111,9 @@ cudaError_t launch_w8a8_fused_gemv(const __half* x, const int8_t* w, const float
 
 // Rotation by Walsh-Hadamard factors (a WalshSpec with n > 0) fused into the per-token quantization, any M: one
 // block of K / 16 threads per row at a time, 16 values per thread in registers (kernels/src/walsh_row.cuh).
+// zero (here and in the rotations below): null, or the asymmetric codes (as launch_quantize_rows's).
 cudaError_t launch_walsh_quantize_rows(const __half* x, const WalshSpec& spec, int8_t* q, float* amax, int64_t M,
-                                       int sm_count, cudaStream_t stream);
+                                       int sm_count, cudaStream_t stream, float* zero = nullptr);
 
 // Rotation with a dense outer factor A (at: A^T zero-padded to [a16, a16]) and B Walsh-Hadamard (b a power of two,
 // 8 <= b <= 256) or the identity, as a GEMM over all rows: each row's X B is written transposed, Z [M * b, a8]
@@ -130,7 +131,7 @@ bool rotate_dense_fused_supported(int64_t K, int64_t b, bool walsh_b, bool glu);
 // u: null, or x is SwiGLU's silu(x) * u, made as it is read (here and in launch_rotate_dense_rows).
 cudaError_t launch_rotate_dense_quantize(const __half* x, const __half* at, bool walsh_b, int8_t* q, float* amax,
                                          int64_t M, int64_t K, int64_t b, void* scratch, cudaStream_t stream,
-                                         const __half* u = nullptr, int fused = 1);
+                                         const __half* u = nullptr, int fused = 1, float* zero = nullptr);
 
 // Online rotation fused into the quantization: each row x [K] (viewed as X [a, b], a = K / b) becomes
 // fp16(x @ kron(A, B)) = fp16(A^T (X B)), then is quantized as launch_quantize_rows does. Each factor is dense, the
@@ -148,7 +149,7 @@ size_t rotate_quantize_smem(int64_t K, int64_t b);
 bool rotate_quantize_supported(int64_t K, int64_t b);
 cudaError_t launch_rotate_quantize_rows(const __half* x, const __half* at, const __half* bm, int walsh, int8_t* q,
                                         float* amax, int64_t M, int64_t K, int64_t b, int sm_count,
-                                        cudaStream_t stream);
+                                        cudaStream_t stream, float* zero = nullptr);
 
 // Lets kernel F use up to `bytes` of dynamic shared memory: asked once per process and kernel, the answer kept.
 template <auto F>

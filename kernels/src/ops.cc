@@ -25,7 +25,7 @@
 //                a rotation or input_glu.
 //     attribute: asymmetric (int, default 0): 1: asymmetric per-token codes (a step and a zero point per token,
 //                int8-token-asym's arithmetic: kernels.h); Wscale is then the weight's per-channel step (not divided by
-//                127) and input Wsum (index 9, float [N]) the weights' per-channel sums. Not with a rotation.
+//                127) and input Wsum (index 9, float [N]) the weights' per-channel sums.
 //     outputs: Y...   float16 [..., N] (or [..., output_sizes[i]] each), then S float16 [..., K] when skip_norm = 2
 //   Y = per-token int8 quantization of X (kernels.h), int8 GEMM, dequantization fused (fp16 out).
 //
@@ -345,7 +345,8 @@ struct W8A8LinearKernel {
       if (e != cudaSuccess) return fail(std::string("onnxqf.W8A8Linear: scratch allocation: ") + cudaGetErrorString(e));
       auto* xr = static_cast<__half*>(rows);
       e = onnxqf::launch_rotate_dense_rows(x, rot_a, walsh_b, xr, M, K, rotation_block, stream, u);
-      if (e == cudaSuccess) e = onnxqf::launch_w8a8_fused_gemv(xr, w, ws, bias, out, M, K, stream, nullptr, gemv);
+      if (e == cudaSuccess)
+        e = onnxqf::launch_w8a8_fused_gemv(xr, w, ws, bias, out, M, K, stream, nullptr, gemv, nullptr, nullptr, colsum);
       const cudaError_t ef = cudaFreeAsync(rows, stream);
       if (e == cudaSuccess) e = ef;
       if (e != cudaSuccess) return fail(std::string("onnxqf.W8A8Linear: CUDA error: ") + cudaGetErrorString(e));
@@ -379,16 +380,16 @@ struct W8A8LinearKernel {
 
     if (!rotate) e = onnxqf::launch_quantize_rows(x, q, amax, M, K, stream, u, norm.skip ? &norm : nullptr,
                                                      quant_regs, quant_pipe * sm_count, zero);
-    else if (wspec.n) e = onnxqf::launch_walsh_quantize_rows(x, wspec, q, amax, M, sm_count, stream);
+    else if (wspec.n) e = onnxqf::launch_walsh_quantize_rows(x, wspec, q, amax, M, sm_count, stream, zero);
     else if (dense)
       e = onnxqf::launch_rotate_dense_quantize(x, rot_a, walsh_b, q, amax, M, K, rotation_block, r_scratch, stream,
-                                               u, dense_fused ? rot_fused : 0);
+                                               u, dense_fused ? rot_fused : 0, zero);
     if (rotate && !wspec.n && (!dense || e == cudaErrorNotSupported)) {  // (CUTLASS may refuse a small factor)
       if (dense) (void)cudaGetLastError();  // the refusal's, as after the int8 GEMM's below
       e = write_glu();
       if (e == cudaSuccess)
         e = onnxqf::launch_rotate_quantize_rows(x, rot_a, rot_b, rotation_walsh, q, amax, M, K, rotation_block,
-                                                sm_count, stream);
+                                                sm_count, stream, zero);
     }
     std::string refused;  // a forced GEMM tile CUTLASS cannot run
     for (int i = 0; e == cudaSuccess && i < out.count; ++i) {  // each output its own product of the shared codes
@@ -453,8 +454,6 @@ struct W8A8LinearOp : Ort::CustomOpBase<W8A8LinearOp, W8A8LinearKernel, true> {
     if (!(epsilon >= 0.f)) return fail("onnxqf.W8A8Linear: epsilon must be >= 0");
     const int64_t asymmetric = attribute_or<int64_t>(info, "asymmetric", 0);
     if (asymmetric != 0 && asymmetric != 1) return fail("onnxqf.W8A8Linear: asymmetric must be 0 or 1");
-    if (asymmetric && rotation_block > 0)
-      return fail("onnxqf.W8A8Linear: asymmetric codes take no rotation (rotation_block): rotate before the op");
     auto* k = new W8A8LinearKernel();
     auto refuse = [&](const std::string& why) {  // an environment value out of range: no kernel, one line
       delete k;

@@ -7,7 +7,6 @@
 #include <algorithm>
 #include <map>
 #include <mutex>
-#include <type_traits>
 
 namespace onnxqf {
 namespace {
@@ -19,26 +18,6 @@ __device__ __forceinline__ void pdl_launch_dependents() { asm volatile("griddepc
 
 constexpr int kQuantThreads = 256;
 constexpr int kQuantCached = 8;  // 16-byte chunks of x per thread held in registers (K <= 16384 read once)
-
-// The shared row scale of the block-wide quantization: fp16 127 / amax, or the asymmetric step and zero point.
-template <bool ASYM>
-using RowScale = std::conditional_t<ASYM, AsymScale, __half>;
-
-// The block's reduction of the thread's m (symmetric: largest |x|) or hi / nlo (asymmetric), then the row's scale in
-// *scale_s (shared) and its fp32 amax or s (and z) written by thread 0; red: shared [2 * WARPS]. Ends with a barrier.
-template <bool ASYM, int WARPS>
-__device__ __forceinline__ void block_scale(float m, float nlo, float* red, RowScale<ASYM>* scale_s, float* amax_dst,
-                                            float* zero_dst) {
-  if constexpr (ASYM) block_row_range<WARPS>(m, nlo, red, scale_s, amax_dst, zero_dst);
-  else block_row_scale<WARPS>(m, red, scale_s, amax_dst);
-}
-
-// The thread's running statistic of a chunk: largest |x| (symmetric) or largest x and -x (asymmetric).
-template <bool ASYM>
-__device__ __forceinline__ void see_chunk(const uint4& c, float& m, float& nlo) {
-  if constexpr (ASYM) chunk_range(c, m, nlo);
-  else m = chunk_absmax(c, m);
-}
 
 // Quantizes one row with the whole block (kQuantThreads threads): codes to qr (global or shared memory), the
 // floored amax to *amax_dst (thread 0). ur: null, or the row of u when the row is SwiGLU's silu(xr) * ur (glu_one).
@@ -66,15 +45,8 @@ __device__ __forceinline__ void quantize_row_block(const __half* __restrict__ xr
     for (int64_t c = tid + static_cast<int64_t>(CACHED) * kQuantThreads; c < nvec; c += kQuantThreads)
       see_chunk<ASYM>(load_chunk(xv, uv, c), m, nlo);
   } else {
-    for (int64_t k = tid; k < K; k += kQuantThreads) {
-      const float v = __half2float(ur ? glu_one(xr[k], ur[k]) : xr[k]);
-      if constexpr (ASYM) {
-        m = fmaxf(m, v);
-        nlo = fmaxf(nlo, -v);
-      } else {
-        m = fmaxf(m, fabsf(v));
-      }
-    }
+    for (int64_t k = tid; k < K; k += kQuantThreads)
+      see_value<ASYM>(__half2float(ur ? glu_one(xr[k], ur[k]) : xr[k]), m, nlo);
   }
   block_scale<ASYM, kQuantThreads / 32>(m, nlo, red, scale_s, amax_dst, zero_dst);
   const RowScale<ASYM> inv = *scale_s;
@@ -432,7 +404,7 @@ __device__ __forceinline__ void write_group(int (&acc)[MT][R], int lane, int64_t
     }
 }
 
-// ASYM: the asymmetric codes (no rotation), colsum the weights' per-channel sums.
+// ASYM: the asymmetric codes, colsum the weights' per-channel sums.
 template <int MT, int R, int U, int MINB = 3, bool ASYM = false>
 __global__ void __launch_bounds__(kQuantThreads, MINB) fused_gemv_kernel(const __half* __restrict__ x,
                                                                   const __half* __restrict__ u,
@@ -470,24 +442,20 @@ __global__ void __launch_bounds__(kQuantThreads, MINB) fused_gemv_kernel(const _
   if (g < groups) load_step(g, 0);  // the weights: written by no kernel, read before the wait
   pdl_wait();
   const int mcount = M < MT ? static_cast<int>(M) : MT;
-  if constexpr (!ASYM) {
-    if (rot.n) {
-      float* fs = reinterpret_cast<float*>(fused_smem + MT * K);  // MT * K is a multiple of 16
-      for (int m = 0; m < mcount; ++m)
-        walsh_quantize_row<kFusedWarps>(x + m * K, rot, fs, qs + m * K, &amax_s[m], red, &scale_s);
-    }
-  }
-  if (ASYM || !rot.n) {
-    if (norm.skip) {  // the normalized row in shared memory after the codes; block 0 writes the sums
-      __half* ys = reinterpret_cast<__half*>(fused_smem + MT * K);
-      for (int m = 0; m < mcount; ++m)
-        norm_quantize_row_block<ASYM>(x, norm, m, blockIdx.x == 0, ys, qs + m * K, &amax_s[m], K, red, &scale_s,
-                                      ASYM ? &zero_s[m] : nullptr);
-    } else {
-      for (int m = 0; m < mcount; ++m)
-        quantize_row_block<2, ASYM>(x + m * K, u ? u + m * K : nullptr, qs + m * K, &amax_s[m], K, true, red,
-                                    &scale_s, ASYM ? &zero_s[m] : nullptr);
-    }
+  if (rot.n) {
+    float* fs = reinterpret_cast<float*>(fused_smem + MT * K);  // MT * K is a multiple of 16
+    for (int m = 0; m < mcount; ++m)
+      walsh_quantize_row<kFusedWarps, ASYM>(x + m * K, rot, fs, qs + m * K, &amax_s[m], red, &scale_s,
+                                            ASYM ? &zero_s[m] : nullptr);
+  } else if (norm.skip) {  // the normalized row in shared memory after the codes; block 0 writes the sums
+    __half* ys = reinterpret_cast<__half*>(fused_smem + MT * K);
+    for (int m = 0; m < mcount; ++m)
+      norm_quantize_row_block<ASYM>(x, norm, m, blockIdx.x == 0, ys, qs + m * K, &amax_s[m], K, red, &scale_s,
+                                    ASYM ? &zero_s[m] : nullptr);
+  } else {
+    for (int m = 0; m < mcount; ++m)
+      quantize_row_block<2, ASYM>(x + m * K, u ? u + m * K : nullptr, qs + m * K, &amax_s[m], K, true, red,
+                                  &scale_s, ASYM ? &zero_s[m] : nullptr);
   }
   __syncthreads();
   pdl_launch_dependents();
@@ -723,8 +691,7 @@ cudaError_t launch_w8a8_fused_gemv(const __half* x, const int8_t* w, const float
   const NormSpec nrm = norm ? *norm : NormSpec{};
   if (!w8a8_fused_gemv_supported(x, w, M, K, rot, nrm.skip != nullptr) || out.count < 1 ||
       out.count > kMaxOutputs || (u && ((rot && rot->n) || reinterpret_cast<uintptr_t>(u) % 16 != 0)) ||
-      (nrm.skip && (u || (rot && rot->n) || !nrm.gamma || !norm_aligned(x, nrm, K))) ||
-      (colsum && rot && rot->n))  // (the asymmetric codes take no rotation)
+      (nrm.skip && (u || (rot && rot->n) || !nrm.gamma || !norm_aligned(x, nrm, K))))
     return cudaErrorInvalidValue;
   const WalshSpec r = rot ? *rot : WalshSpec{};
   return colsum ? launch_fused_by_m<true>(x, u, w, wscale, bias, out, M, K, r, opt, stream, nrm, colsum)

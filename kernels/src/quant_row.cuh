@@ -3,6 +3,8 @@
 
 #include <cuda_fp16.h>
 
+#include <type_traits>
+
 namespace onnxqf {
 
 // Eight fp16 values (one 16-byte chunk) to fp32.
@@ -212,6 +214,37 @@ __device__ __forceinline__ void block_row_scale(float m, float* red, __half* inv
   m = block_all<false, WARPS>(m, red);
   if (threadIdx.x == 0) row_scale(m, inv, amax);
   __syncthreads();
+}
+
+// The shared row scale of a block-wide quantization: fp16 127 / amax (symmetric), or the asymmetric step and zero
+// point.
+template <bool ASYM>
+using RowScale = std::conditional_t<ASYM, AsymScale, __half>;
+
+// The block's reduction of the thread's m (symmetric: largest |x|) or m / nlo (asymmetric: largest x and -x), then
+// the row's scale in *scale_s (shared) and its fp32 amax or s (and z) written by thread 0; red: shared [2 * WARPS].
+// Ends with a barrier.
+template <bool ASYM, int WARPS>
+__device__ __forceinline__ void block_scale(float m, float nlo, float* red, RowScale<ASYM>* scale_s, float* amax_dst,
+                                            float* zero_dst) {
+  if constexpr (ASYM) block_row_range<WARPS>(m, nlo, red, scale_s, amax_dst, zero_dst);
+  else block_row_scale<WARPS>(m, red, scale_s, amax_dst);
+}
+
+// The thread's running statistic of one value or a chunk: largest |x| (symmetric) or largest x and -x (asymmetric).
+template <bool ASYM>
+__device__ __forceinline__ void see_value(float v, float& m, float& nlo) {
+  if constexpr (ASYM) {
+    m = fmaxf(m, v);
+    nlo = fmaxf(nlo, -v);
+  } else {
+    m = fmaxf(m, fabsf(v));
+  }
+}
+template <bool ASYM>
+__device__ __forceinline__ void see_chunk(const uint4& c, float& m, float& nlo) {
+  if constexpr (ASYM) chunk_range(c, m, nlo);
+  else m = chunk_absmax(c, m);
 }
 
 // The op's skip_norm of one row by the whole block (THREADS threads; kernels.h: NormSpec): s = x + skip, written to

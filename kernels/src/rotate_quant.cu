@@ -120,11 +120,14 @@ __device__ __forceinline__ void walsh(float* f, int lines, int n, int line_strid
   }
 }
 
+// ASYM: the asymmetric codes (quant_row.cuh: AsymScale), each row's s to amax_out and z to zero_out.
+template <bool ASYM>
 __global__ void __launch_bounds__(kRotThreads) rotate_quantize_kernel(const __half* __restrict__ x,
                                                                      const __half* __restrict__ at,
                                                                      const __half* __restrict__ bm,
                                                                      int walsh_mask, int8_t* __restrict__ q,
-                                                                     float* __restrict__ amax_out, int64_t M,
+                                                                     float* __restrict__ amax_out,
+                                                                     float* __restrict__ zero_out, int64_t M,
                                                                      int a, int b) {
   extern __shared__ __align__(128) unsigned char rot_smem[];
   const int a16 = (a + 15) / 16 * 16, b16 = (b + 15) / 16 * 16;
@@ -132,8 +135,8 @@ __global__ void __launch_bounds__(kRotThreads) rotate_quantize_kernel(const __ha
   const int bc = b / 8;                                              // 16-byte chunks per row of X (b % 8 == 0)
   __half* xs = reinterpret_cast<__half*>(rot_smem);                  // [a16, b16] fp16: the row, then X B
   float* ts = reinterpret_cast<float*>(rot_smem + size_t(n16) * 2);  // [a16, b16] fp32 products / transforms
-  __shared__ float red[kRotWarps];
-  __shared__ __half inv_s;
+  __shared__ float red[2 * kRotWarps];
+  __shared__ RowScale<ASYM> inv_s;
   const int tid = threadIdx.x;
   const bool walsh_b = walsh_mask & 1, walsh_a = walsh_mask & 2;
   const bool load_f32 = walsh_b || (walsh_a && !bm);  // the row goes straight to the fp32 buffer
@@ -186,13 +189,14 @@ __global__ void __launch_bounds__(kRotThreads) rotate_quantize_kernel(const __ha
       to_half(ts, xs, n16, scale);
       __syncthreads();
     }
-    float m = 0.f;  // the padding is zero: the max over [a16, b16] is the row's
+    float m = 0.f, nlo = 0.f;  // the padding is zero: the range over [a16, b16] is the row's (which holds 0)
     for (int e = tid * 2; e < n16; e += kRotThreads * 2) {
-      const float2 f = __half22float2(__habs2(*reinterpret_cast<const __half2*>(xs + e)));
-      m = fmaxf(m, fmaxf(f.x, f.y));
+      const float2 f = __half22float2(*reinterpret_cast<const __half2*>(xs + e));
+      see_value<ASYM>(f.x, m, nlo);
+      see_value<ASYM>(f.y, m, nlo);
     }
-    block_row_scale<kRotWarps>(m, red, &inv_s, amax_out + row);
-    const __half inv = inv_s;
+    block_scale<ASYM, kRotWarps>(m, nlo, red, &inv_s, amax_out + row, ASYM ? zero_out + row : nullptr);
+    const RowScale<ASYM> inv = inv_s;
     int8_t* qr = q + row * K;
     for (int e = tid * 4; e < K; e += kRotThreads * 4) {  // b % 8 == 0: 4 codes lie in one row of X
       const __half* v = xs + (e / b) * b16 + e % b;
@@ -209,13 +213,14 @@ __global__ void __launch_bounds__(kRotThreads) rotate_quantize_kernel(const __ha
 
 // Rows rotated by Walsh-Hadamard factors alone (walsh_row.cuh): a block of WARPS * 32 = K / 16 threads per row at a
 // time, the blocks striding over the rows.
-template <int WARPS>
+template <int WARPS, bool ASYM>
 __global__ void __launch_bounds__(WARPS * 32) walsh_quantize_kernel(const __half* __restrict__ x, WalshSpec spec,
                                                                     int8_t* __restrict__ q,
-                                                                    float* __restrict__ amax_out, int64_t M) {
+                                                                    float* __restrict__ amax_out,
+                                                                    float* __restrict__ zero_out, int64_t M) {
   extern __shared__ __align__(16) unsigned char walsh_smem[];
-  __shared__ float red[WARPS];
-  __shared__ __half inv_s;
+  __shared__ float red[2 * WARPS];
+  __shared__ RowScale<ASYM> inv_s;
   const int64_t K = int64_t{1} << spec.n;
   float* fs = reinterpret_cast<float*>(walsh_smem);
   int64_t row = blockIdx.x;
@@ -224,21 +229,38 @@ __global__ void __launch_bounds__(WARPS * 32) walsh_quantize_kernel(const __half
   for (; row < M; row += gridDim.x) {  // the next row's loads are in flight while this one is transformed
     const WalshLoad cur = next;
     if (row + gridDim.x < M) next = walsh_load(x + (row + gridDim.x) * K, spec.n);
-    walsh_quantize_loaded<WARPS>(cur, spec, fs, q + row * K, amax_out + row, red, &inv_s);
+    walsh_quantize_loaded<WARPS, ASYM>(cur, spec, fs, q + row * K, amax_out + row, red, &inv_s,
+                                       ASYM ? zero_out + row : nullptr);
   }
 }
 
-template <int WARPS>
-cudaError_t launch_walsh_t(const __half* x, const WalshSpec& spec, int8_t* q, float* amax, int64_t M, int sm_count,
-                           cudaStream_t stream) {
+template <int WARPS, bool ASYM>
+cudaError_t launch_walsh_t(const __half* x, const WalshSpec& spec, int8_t* q, float* amax, float* zero, int64_t M,
+                           int sm_count, cudaStream_t stream) {
+  constexpr auto kernel = walsh_quantize_kernel<WARPS, ASYM>;
   const size_t smem = size_t{8} << spec.n;  // two fp32 buffers of K
   // up to 128 KiB (K = 16384), asked once per instance
-  if (const cudaError_t oe = opt_in_smem<walsh_quantize_kernel<WARPS>>(size_t{8} << 14); oe != cudaSuccess) return oe;
+  if (const cudaError_t oe = opt_in_smem<kernel>(size_t{8} << 14); oe != cudaSuccess) return oe;
   int per_sm = 1;
-  cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, walsh_quantize_kernel<WARPS>, WARPS * 32, smem);
+  cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, WARPS * 32, smem);
   const int64_t blocks = std::min<int64_t>(M, static_cast<int64_t>(std::max(1, sm_count)) * std::max(1, per_sm));
-  walsh_quantize_kernel<WARPS><<<static_cast<unsigned>(blocks), WARPS * 32, smem, stream>>>(x, spec, q, amax, M);
+  kernel<<<static_cast<unsigned>(blocks), WARPS * 32, smem, stream>>>(x, spec, q, amax, zero, M);
   return cudaGetLastError();
+}
+
+// By the rows' K / 16 threads.
+template <bool ASYM>
+cudaError_t launch_walsh_by_n(const __half* x, const WalshSpec& spec, int8_t* q, float* amax, float* zero, int64_t M,
+                              int sm_count, cudaStream_t stream) {
+  switch (spec.n) {
+    case 9: return launch_walsh_t<1, ASYM>(x, spec, q, amax, zero, M, sm_count, stream);
+    case 10: return launch_walsh_t<2, ASYM>(x, spec, q, amax, zero, M, sm_count, stream);
+    case 11: return launch_walsh_t<4, ASYM>(x, spec, q, amax, zero, M, sm_count, stream);
+    case 12: return launch_walsh_t<8, ASYM>(x, spec, q, amax, zero, M, sm_count, stream);
+    case 13: return launch_walsh_t<16, ASYM>(x, spec, q, amax, zero, M, sm_count, stream);
+    case 14: return launch_walsh_t<32, ASYM>(x, spec, q, amax, zero, M, sm_count, stream);
+    default: return cudaErrorInvalidValue;
+  }
 }
 
 // The unnormalised Walsh-Hadamard transform of a row of 8 tpr values held 8 per lane by tpr consecutive lanes (chunk
@@ -307,30 +329,28 @@ __global__ void __launch_bounds__(kZThreads) rows_to_z_kernel(const __half* __re
 // quantize token m (one block) into q[m][i * b + j]. Shared memory: the token's b * a8 values.
 constexpr int kDThreads = 512;
 
+template <bool ASYM>
 __global__ void __launch_bounds__(kDThreads) quantize_from_d_kernel(const __half* __restrict__ d,
                                                                     int8_t* __restrict__ q,
-                                                                    float* __restrict__ amax_out, int a, int a8,
+                                                                    float* __restrict__ amax_out,
+                                                                    float* __restrict__ zero_out, int a, int a8,
                                                                     int b) {
   extern __shared__ __align__(16) unsigned char d_smem[];
   __half* ds = reinterpret_cast<__half*>(d_smem);
-  __shared__ float red[kDThreads / 32];
-  __shared__ __half inv_s;
+  __shared__ float red[2 * kDThreads / 32];
+  __shared__ RowScale<ASYM> inv_s;
   const int64_t m = blockIdx.x;
   const int n = b * a8, K = a * b;  // n % 8 == 0
   const uint4* src = reinterpret_cast<const uint4*>(d + m * n);
-  float mx = 0.f;  // the padding columns are zero
+  float mx = 0.f, nlo = 0.f;  // the padding columns are zero
   for (int e = threadIdx.x; e < n / 8; e += kDThreads) {
     const uint4 v = __ldg(src + e);
     reinterpret_cast<uint4*>(ds)[e] = v;
-    const __half2* h2 = reinterpret_cast<const __half2*>(&v);
-#pragma unroll
-    for (int k = 0; k < 4; ++k) {
-      const float2 f = __half22float2(__habs2(h2[k]));
-      mx = fmaxf(mx, fmaxf(f.x, f.y));
-    }
+    see_chunk<ASYM>(v, mx, nlo);
   }
-  block_row_scale<kDThreads / 32>(mx, red, &inv_s, amax_out + m);  // its barriers also publish ds
-  const __half inv = inv_s;
+  // (its barriers also publish ds)
+  block_scale<ASYM, kDThreads / 32>(mx, nlo, red, &inv_s, amax_out + m, ASYM ? zero_out + m : nullptr);
+  const RowScale<ASYM> inv = inv_s;
   int8_t* qr = q + m * K;
   for (int e = threadIdx.x * 4; e < K; e += kDThreads * 4) {  // b % 8 == 0: 4 codes of one i
     const int i = e / b, j = e % b;
@@ -425,18 +445,21 @@ __device__ __forceinline__ void group_sync(int g) {
   }
 }
 
-template <int B, int WARPS, int GROUPS>
+// ASYM: the asymmetric codes (quant_row.cuh: AsymScale), each token's s to amax_out and z to zero_out.
+template <int B, int WARPS, int GROUPS, bool ASYM>
 __global__ void __launch_bounds__(WARPS * 32, 1) rotate_dense_fused_kernel(const __half* __restrict__ x,
                                                                             const __half* __restrict__ u,
                                                                             const __half* __restrict__ at,
                                                                             int8_t* __restrict__ q,
-                                                                            float* __restrict__ amax_out, int64_t M,
+                                                                            float* __restrict__ amax_out,
+                                                                            float* __restrict__ zero_out, int64_t M,
                                                                             int a, bool walsh_b, float scale) {
   constexpr int GW = WARPS / GROUPS, GT = GW * 32, WN = GW / kFusedWarpsM, NT = B / (8 * WN), TPR = B / 8;
   static_assert(WARPS % GROUPS == 0 && GW % kFusedWarpsM == 0 && NT >= 2 && NT % 2 == 0 && 32 % TPR == 0,
                 "fused rotation layout");
   extern __shared__ __align__(128) unsigned char fused_smem[];
-  __shared__ float red[WARPS];
+  constexpr int SLOTS = ASYM ? 2 : 1;  // reduction slots per warp (ASYM: the largest value and the largest negated)
+  __shared__ float red[SLOTS * WARPS];
   const FusedLayout L = fused_layout(a, B, u != nullptr, GROUPS);
   const int a16 = (a + 15) / 16 * 16, K = a * B, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int grp = warp / GW, gwarp = warp % GW, gtid = tid % GT;
@@ -444,7 +467,7 @@ __global__ void __launch_bounds__(WARPS * 32, 1) rotate_dense_fused_kernel(const
   unsigned char* part = fused_smem + L.z + grp * L.group_bytes;
   __half* zs = reinterpret_cast<__half*>(part);
   int8_t* cs = reinterpret_cast<int8_t*>(part + L.codes);
-  float* gred = red + grp * GW;
+  float* gred = red + grp * SLOTS * GW;
   auto raw = [&](int buf) { return reinterpret_cast<__half*>(part + L.raw + buf * L.raw_bytes); };
   auto fetch = [&](int64_t m, int buf) {  // the group copies token m's rows to raw(buf): a cp.async group
     if (m < M) {
@@ -521,9 +544,9 @@ __global__ void __launch_bounds__(WARPS * 32, 1) rotate_dense_fused_kernel(const
 #pragma unroll
           for (int nt = 0; nt < NT; ++nt) mma_16816(acc[mi][nt], af[mi], bf[nt]);
     }
-    // fp16 Y (A^T's padding rows are zero, so are those rows of Y), the token's amax, its codes
+    // fp16 Y (A^T's padding rows are zero, so are those rows of Y), the token's amax (or range), its codes
     __half2 h[kFusedMaxTilesM][NT][2];
-    float mx = 0.f;
+    float mx = 0.f, nlo = 0.f;
 #pragma unroll
     for (int mi = 0; mi < kFusedMaxTilesM; ++mi)
 #pragma unroll
@@ -532,19 +555,37 @@ __global__ void __launch_bounds__(WARPS * 32, 1) rotate_dense_fused_kernel(const
         h[mi][nt][1] = __floats2half2_rn(acc[mi][nt][2], acc[mi][nt][3]);
 #pragma unroll
         for (int k = 0; k < 2; ++k) {
-          const float2 f = __half22float2(__habs2(h[mi][nt][k]));
-          mx = fmaxf(mx, fmaxf(f.x, f.y));
+          const float2 f = __half22float2(h[mi][nt][k]);
+          see_value<ASYM>(f.x, mx, nlo);
+          see_value<ASYM>(f.y, mx, nlo);
         }
       }
-    mx = warp_max(mx);  // the group's max: one barrier (the slots are read before the group's next barrier)
-    if (lane == 0) gred[gwarp] = mx;
+    // the group's max (two with ASYM): one barrier (the slots are read before the group's next barrier)
+    mx = warp_max(mx);
+    if constexpr (ASYM) nlo = warp_max(nlo);
+    if (lane == 0) {
+      gred[gwarp] = mx;
+      if constexpr (ASYM) gred[GW + gwarp] = nlo;
+    }
     group_sync<GROUPS, GT>(grp);
 #pragma unroll
-    for (int w = 0; w < GW; ++w) mx = fmaxf(mx, gred[w]);
-    __half inv;
-    float amax;
-    row_scale(mx, &inv, &amax);
-    if (gtid == 0) amax_out[m] = amax;
+    for (int w = 0; w < GW; ++w) {
+      mx = fmaxf(mx, gred[w]);
+      if constexpr (ASYM) nlo = fmaxf(nlo, gred[GW + w]);
+    }
+    RowScale<ASYM> inv;
+    if constexpr (ASYM) {
+      float sv, zv;
+      inv = asym_row_scale(mx, nlo, &sv, &zv);
+      if (gtid == 0) {
+        amax_out[m] = sv;
+        zero_out[m] = zv;
+      }
+    } else {
+      float amax;
+      row_scale(mx, &inv, &amax);
+      if (gtid == 0) amax_out[m] = amax;
+    }
 #pragma unroll
     for (int mi = 0; mi < kFusedMaxTilesM; ++mi) {
       const int row = (wm + mi * kFusedWarpsM) * 16 + g;
@@ -659,18 +700,11 @@ WalshSpec walsh_spec(int64_t K, int64_t b, bool walsh_a, bool walsh_b) {
 }
 
 cudaError_t launch_walsh_quantize_rows(const __half* x, const WalshSpec& spec, int8_t* q, float* amax, int64_t M,
-                                       int sm_count, cudaStream_t stream) {
+                                       int sm_count, cudaStream_t stream, float* zero) {
   if (M <= 0) return cudaSuccess;
   if (reinterpret_cast<uintptr_t>(x) % 16 != 0) return cudaErrorInvalidValue;
-  switch (spec.n) {  // K / 16 threads
-    case 9: return launch_walsh_t<1>(x, spec, q, amax, M, sm_count, stream);
-    case 10: return launch_walsh_t<2>(x, spec, q, amax, M, sm_count, stream);
-    case 11: return launch_walsh_t<4>(x, spec, q, amax, M, sm_count, stream);
-    case 12: return launch_walsh_t<8>(x, spec, q, amax, M, sm_count, stream);
-    case 13: return launch_walsh_t<16>(x, spec, q, amax, M, sm_count, stream);
-    case 14: return launch_walsh_t<32>(x, spec, q, amax, M, sm_count, stream);
-    default: return cudaErrorInvalidValue;
-  }
+  return zero ? launch_walsh_by_n<true>(x, spec, q, amax, zero, M, sm_count, stream)
+              : launch_walsh_by_n<false>(x, spec, q, amax, zero, M, sm_count, stream);
 }
 
 bool rotate_dense_supported(int64_t K, int64_t b, bool walsh_b) {
@@ -693,18 +727,31 @@ size_t rotate_dense_scratch(int64_t M, int64_t K, int64_t b) {
 }
 
 namespace {
-template <int B, int WARPS, int GROUPS = 1>
-cudaError_t launch_fused_t(const __half* x, const __half* u, const __half* at, int8_t* q, float* amax, int64_t M,
-                           int a, bool walsh_b, cudaStream_t stream) {
-  if (const cudaError_t oe = opt_in_smem<rotate_dense_fused_kernel<B, WARPS, GROUPS>>(kFusedMaxSmem);
-      oe != cudaSuccess)
-    return oe;
+template <int B, int WARPS, int GROUPS, bool ASYM>
+cudaError_t launch_fused_t(const __half* x, const __half* u, const __half* at, int8_t* q, float* amax, float* zero,
+                           int64_t M, int a, bool walsh_b, cudaStream_t stream) {
+  constexpr auto kernel = rotate_dense_fused_kernel<B, WARPS, GROUPS, ASYM>;
+  if (const cudaError_t oe = opt_in_smem<kernel>(kFusedMaxSmem); oe != cudaSuccess) return oe;
   const int sm_count = std::max(1, sm_count_of_current_device());
   const unsigned blocks = static_cast<unsigned>(std::min<int64_t>((M + GROUPS - 1) / GROUPS, sm_count));
-  rotate_dense_fused_kernel<B, WARPS, GROUPS>
-      <<<blocks, WARPS * 32, fused_layout(a, B, u != nullptr, GROUPS).total, stream>>>(
-          x, u, at, q, amax, M, a, walsh_b, walsh_b ? inv_sqrt(B) : 1.f);
+  kernel<<<blocks, WARPS * 32, fused_layout(a, B, u != nullptr, GROUPS).total, stream>>>(
+      x, u, at, q, amax, zero, M, a, walsh_b, walsh_b ? inv_sqrt(B) : 1.f);
   return cudaGetLastError();
+}
+
+// The one kernel's configuration by b and the rule (launch_rotate_dense_quantize: two groups, or 8 warps).
+template <bool ASYM>
+cudaError_t launch_fused_by_b(const __half* x, const __half* u, const __half* at, int8_t* q, float* amax, float* zero,
+                              int64_t M, int a, int64_t b, bool walsh_b, bool two, bool narrow, cudaStream_t stream) {
+  switch (b) {
+    case 32: return two ? launch_fused_t<32, 16, 2, ASYM>(x, u, at, q, amax, zero, M, a, walsh_b, stream)
+                        : launch_fused_t<32, 8, 1, ASYM>(x, u, at, q, amax, zero, M, a, walsh_b, stream);
+    case 64: return two      ? launch_fused_t<64, 16, 2, ASYM>(x, u, at, q, amax, zero, M, a, walsh_b, stream)
+                    : narrow ? launch_fused_t<64, 8, 1, ASYM>(x, u, at, q, amax, zero, M, a, walsh_b, stream)
+                             : launch_fused_t<64, 16, 1, ASYM>(x, u, at, q, amax, zero, M, a, walsh_b, stream);
+    default: return narrow ? launch_fused_t<128, 8, 1, ASYM>(x, u, at, q, amax, zero, M, a, walsh_b, stream)
+                           : launch_fused_t<128, 16, 1, ASYM>(x, u, at, q, amax, zero, M, a, walsh_b, stream);
+  }
 }
 
 // Two groups of 8 warps on alternate tokens: b = 32 or 64 (at 128 a group's sums would not fit in its registers),
@@ -723,7 +770,7 @@ bool rotate_dense_fused_supported(int64_t K, int64_t b, bool walsh_b, bool glu) 
 
 cudaError_t launch_rotate_dense_quantize(const __half* x, const __half* at, bool walsh_b, int8_t* q, float* amax,
                                          int64_t M, int64_t K, int64_t b, void* scratch, cudaStream_t stream,
-                                         const __half* u, int fused) {
+                                         const __half* u, int fused, float* zero) {
   if (M <= 0) return cudaSuccess;
   if (!rotate_dense_supported(K, b, walsh_b) || !at ||
       (reinterpret_cast<uintptr_t>(x) | reinterpret_cast<uintptr_t>(u) | reinterpret_cast<uintptr_t>(at)) % 16 != 0 ||
@@ -738,15 +785,8 @@ cudaError_t launch_rotate_dense_quantize(const __half* x, const __half* at, bool
     const bool two = fused_two_groups_fit(a, static_cast<int>(b), u != nullptr) &&
                      (fused == 4 || (fused == 1 && b == 64 && M >= two_from));
     const bool narrow = fused == 2;
-    switch (b) {
-      case 32: return two ? launch_fused_t<32, 16, 2>(x, u, at, q, amax, M, a, walsh_b, stream)
-                          : launch_fused_t<32, 8>(x, u, at, q, amax, M, a, walsh_b, stream);
-      case 64: return two      ? launch_fused_t<64, 16, 2>(x, u, at, q, amax, M, a, walsh_b, stream)
-                      : narrow ? launch_fused_t<64, 8>(x, u, at, q, amax, M, a, walsh_b, stream)
-                               : launch_fused_t<64, 16>(x, u, at, q, amax, M, a, walsh_b, stream);
-      default: return narrow ? launch_fused_t<128, 8>(x, u, at, q, amax, M, a, walsh_b, stream)
-                             : launch_fused_t<128, 16>(x, u, at, q, amax, M, a, walsh_b, stream);
-    }
+    return zero ? launch_fused_by_b<true>(x, u, at, q, amax, zero, M, a, b, walsh_b, two, narrow, stream)
+                : launch_fused_by_b<false>(x, u, at, q, amax, zero, M, a, b, walsh_b, two, narrow, stream);
   }
   if (!scratch) return cudaErrorInvalidValue;
   const int a8 = static_cast<int>(round_up_to(a, 8)), a16 = static_cast<int>(round_up_to(a, 16));
@@ -762,9 +802,12 @@ cudaError_t launch_rotate_dense_quantize(const __half* x, const __half* at, bool
   e = launch_f16_gemm_sm90(z, at, a16, d, M * b, a8, a8, ws, stream);
   if (e != cudaSuccess) return e;
   const size_t smem = static_cast<size_t>(b) * a8 * 2;
-  if (const cudaError_t oe = opt_in_smem<quantize_from_d_kernel>(kRotateMaxSmem); oe != cudaSuccess) return oe;
-  quantize_from_d_kernel<<<static_cast<unsigned>(M), kDThreads, smem, stream>>>(d, q, amax, a, a8,
-                                                                                 static_cast<int>(b));
+  const auto from_d = zero ? quantize_from_d_kernel<true> : quantize_from_d_kernel<false>;
+  if (const cudaError_t oe = zero ? opt_in_smem<quantize_from_d_kernel<true>>(kRotateMaxSmem)
+                                  : opt_in_smem<quantize_from_d_kernel<false>>(kRotateMaxSmem);
+      oe != cudaSuccess)
+    return oe;
+  from_d<<<static_cast<unsigned>(M), kDThreads, smem, stream>>>(d, q, amax, zero, a, a8, static_cast<int>(b));
   return cudaGetLastError();
 }
 
@@ -801,7 +844,7 @@ bool rotate_quantize_supported(int64_t K, int64_t b) {
 
 cudaError_t launch_rotate_quantize_rows(const __half* x, const __half* at, const __half* bm, int walsh, int8_t* q,
                                         float* amax, int64_t M, int64_t K, int64_t b, int sm_count,
-                                        cudaStream_t stream) {
+                                        cudaStream_t stream, float* zero) {
   if (M <= 0) return cudaSuccess;
   if (!rotate_quantize_supported(K, b) || walsh < 0 || walsh > 3 || ((walsh & 1) && (bm || !is_pow2(b))) ||
       ((walsh & 2) && (at || !is_pow2(K / b))) || (!walsh && !at && !bm) || reinterpret_cast<uintptr_t>(x) % 16 != 0 ||
@@ -809,12 +852,16 @@ cudaError_t launch_rotate_quantize_rows(const __half* x, const __half* at, const
       reinterpret_cast<uintptr_t>(bm) % 32 != 0)
     return cudaErrorInvalidValue;
   const size_t smem = rotate_quantize_smem(K, b);
-  if (const cudaError_t oe = opt_in_smem<rotate_quantize_kernel>(kRotateMaxSmem); oe != cudaSuccess) return oe;
+  const auto kernel = zero ? rotate_quantize_kernel<true> : rotate_quantize_kernel<false>;
+  if (const cudaError_t oe = zero ? opt_in_smem<rotate_quantize_kernel<true>>(kRotateMaxSmem)
+                                  : opt_in_smem<rotate_quantize_kernel<false>>(kRotateMaxSmem);
+      oe != cudaSuccess)
+    return oe;
   int per_sm = 1;
-  cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, rotate_quantize_kernel, kRotThreads, smem);
+  cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kRotThreads, smem);
   const int64_t blocks = std::min<int64_t>(M, static_cast<int64_t>(std::max(1, sm_count)) * std::max(1, per_sm));
-  rotate_quantize_kernel<<<static_cast<unsigned>(blocks), kRotThreads, smem, stream>>>(
-      x, at, bm, walsh, q, amax, M, static_cast<int>(K / b), static_cast<int>(b));
+  kernel<<<static_cast<unsigned>(blocks), kRotThreads, smem, stream>>>(x, at, bm, walsh, q, amax, zero, M,
+                                                                       static_cast<int>(K / b), static_cast<int>(b));
   return cudaGetLastError();
 }
 

@@ -55,9 +55,10 @@ __device__ __forceinline__ WalshLoad walsh_load(const __half* __restrict__ xr, i
 }
 
 // walsh_quantize_row on a row already loaded (walsh_load): a caller striding over rows loads the next one first.
-template <int WARPS>
+template <int WARPS, bool ASYM = false>
 __device__ __forceinline__ void walsh_quantize_loaded(const WalshLoad& in, const WalshSpec& spec, float* fs,
-                                                      int8_t* qr, float* amax_dst, float* red, __half* inv_s) {
+                                                      int8_t* qr, float* amax_dst, float* red,
+                                                      RowScale<ASYM>* inv_s, float* zero_dst = nullptr) {
   const int t = threadIdx.x, n = spec.n, K = 1 << n;
   const bool mine = t < (K >> 4);
   float r[16];
@@ -84,29 +85,31 @@ __device__ __forceinline__ void walsh_quantize_loaded(const WalshLoad& in, const
     s = next;
   }
   __half h[16];
-  float m = 0.f;
+  float m = 0.f, nlo = 0.f;
   if (mine) {
 #pragma unroll
     for (int k = 0; k < 16; ++k) {
       h[k] = __float2half_rn(r[k] * spec.scale);
-      m = fmaxf(m, fabsf(__half2float(h[k])));
+      see_value<ASYM>(__half2float(h[k]), m, nlo);
     }
   }
-  block_row_scale<WARPS>(m, red, inv_s, amax_dst);
+  block_scale<ASYM, WARPS>(m, nlo, red, inv_s, amax_dst, zero_dst);
   if (mine) {
-    const __half inv = *inv_s;
+    const RowScale<ASYM> inv = *inv_s;
 #pragma unroll
     for (int k = 0; k < 16; ++k) qr[walsh_index(t, k, s)] = code_of(h[k], inv);
   }
 }
 
 // Rotates row xr (fp16, 16-byte aligned) by `spec` and quantizes it: codes to qr (global or shared memory), the
-// floored amax to *amax_dst. fs: shared, 2 * K floats. Every thread of the block (WARPS warps, >= K / 16 threads)
-// calls it; it ends with a barrier (block_row_scale's), after which fs may be reused.
-template <int WARPS>
+// floored amax to *amax_dst (ASYM: the asymmetric codes, s there and z to *zero_dst). fs: shared, 2 * K floats; red:
+// shared, 2 * WARPS floats. Every thread of the block (WARPS warps, >= K / 16 threads) calls it; it ends with a
+// barrier (block_scale's), after which fs may be reused.
+template <int WARPS, bool ASYM = false>
 __device__ __forceinline__ void walsh_quantize_row(const __half* __restrict__ xr, const WalshSpec& spec, float* fs,
-                                                   int8_t* qr, float* amax_dst, float* red, __half* inv_s) {
-  walsh_quantize_loaded<WARPS>(walsh_load(xr, spec.n), spec, fs, qr, amax_dst, red, inv_s);
+                                                   int8_t* qr, float* amax_dst, float* red, RowScale<ASYM>* inv_s,
+                                                   float* zero_dst = nullptr) {
+  walsh_quantize_loaded<WARPS, ASYM>(walsh_load(xr, spec.n), spec, fs, qr, amax_dst, red, inv_s, zero_dst);
 }
 
 }  // namespace onnxqf

@@ -639,11 +639,13 @@ def test_rotation_factor_kinds_against_numpy(M, a, A, b, B, path):
     assert_close_to(got, want)
 
 
+@pytest.mark.parametrize("asym", [False, True])
 @pytest.mark.parametrize("M", [5, 301])
-def test_fused_rotation_variants_agree_to_the_bit(M):
+def test_fused_rotation_variants_agree_to_the_bit(M, asym):
     """11008 = 172 x 64 (the hybrid's down_proj input) through each variant of the one kernel (two groups of 8 warps
     on alternate tokens, one group of 16, one of 8) and the three kernels: the same fp32 sums in the same order, so
-    the same outputs to the bit. M = 5: one group of the last block has no token; 301: groups take 1 or 2 tokens."""
+    the same outputs to the bit. M = 5: one group of the last block has no token; 301: groups take 1 or 2 tokens.
+    asym: with the asymmetric codes."""
     from onnxqf.maths.hadamard import hadamard_matrix
 
     a, b, N = 172, 64, 256
@@ -653,8 +655,12 @@ def test_fused_rotation_variants_agree_to_the_bit(M):
     x, q, wscale, _ = data(M, K, N, seed=M, with_bias=False, tiny_row=False)
     inits = [numpy_helper.from_array(q, "wq"), numpy_helper.from_array(wscale, "ws"),
              numpy_helper.from_array(at.astype(np.float16), "ra")]
-    node = helper.make_node(kernels.W8A8_LINEAR, ["x", "wq", "ws", "", "ra"], ["y"], domain=kernels.DOMAIN,
-                            rotation_block=b, rotation_walsh=1)
+    ins, extra = ["x", "wq", "ws", "", "ra"], {}
+    if asym:
+        inits.append(numpy_helper.from_array(q.astype(np.int64).sum(axis=1).astype(np.float32), "wsum"))
+        ins, extra = ins + ["", "", "", "", "wsum"], {"asymmetric": 1}
+    node = helper.make_node(kernels.W8A8_LINEAR, ins, ["y"], domain=kernels.DOMAIN, rotation_block=b,
+                            rotation_walsh=1, **extra)
     g = helper.make_graph([node], "t", [helper.make_tensor_value_info("x", F16, ["M", K])],
                           [helper.make_tensor_value_info("y", F16, ["M", N])], inits)
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid(kernels.DOMAIN, 1)])
@@ -888,13 +894,45 @@ def test_asymmetric_glu_norm_parts_and_bias(M):
     assert_close_to(normed.astype(np.float32), numpy_asym(y).astype(np.float32))
 
 
+ASYM_ROTATED = [
+    # (M, K, N, env): the asymmetric codes behind each rotation kernel
+    (1, 4096, 1024, None),                            # 64 x 64 Walsh: inside the one-launch GEMV
+    (300, 4096, 1024, None),                          # the register transform kernel
+    (1, 11008, 512, None),                            # 172 (dense) x 64 (Walsh): the rotated rows, then the GEMV
+    (300, 11008, 512, None),                          # the one dense kernel, two groups
+    (5, 11008, 512, {"ONNXQF_ROT_FUSED": "3"}),       # the one dense kernel, one group of 16 warps
+    (300, 11008, 512, {"ONNXQF_ROT_FUSED": "0"}),     # the three kernels (D quantized per token)
+    (37, 576, 256, {"ONNXQF_ROTATION_TILES": "1"}),   # the per-token tensor-core kernel
+    (9, 96, 64, None),                                # one dense group (the per-token kernel)
+]
+
+
+@pytest.mark.parametrize("M,K,N,env", ASYM_ROTATED)
+def test_asymmetric_rotation_inside_the_op_matches_the_standard_graph(M, K, N, env):
+    """The asymmetric codes behind an online rotation taken into the op, against onnxqf's int8-token-asym graph with
+    the rotation nodes on CUDA: the same outputs up to a code moved by one where a rotated value rounds the other
+    way in fp16; outputs poisoned first."""
+    import onnx_ir as ir
+
+    from onnxqf.runtime.linears import linear_model, parse_lowering
+
+    rng = np.random.default_rng(M + K + 1)
+    x = rng.standard_normal((M, K)).astype(np.float32)
+    x[:, rng.choice(K, size=max(1, K // 64), replace=False)] *= 30
+    x = (x + 0.5).astype(np.float16)  # off-centre: the zero points matter
+    fused = linear_model(K, N, parse_lowering("onnxqf-cuda:asymmetric=true"), copies=1, dtype="float16",
+                         rotate=True)
+    assert "MatMul" not in [n.op_type for n in fused.graph]
+    standard = linear_model(K, N, parse_lowering("int8-token-asym"), copies=1, dtype="float16", rotate=True)
+    got = run_poisoned(_session(ir.serde.serialize_model(fused), True, env), x, N, out="y0").astype(np.float32)
+    want = run_poisoned(_session(ir.serde.serialize_model(standard), False, None), x, N, out="y0").astype(np.float32)
+    assert_close_to(got, want)
+
+
 def test_asymmetric_refusals():
-    """The asymmetric codes with a rotation stop the session's creation in one line; Wsum without asymmetric, or
-    asymmetric without Wsum, fail the run."""
+    """Wsum without asymmetric, or asymmetric without Wsum, fail the run in one error."""
     K, N = 1024, 256
     x, q, steps = asym_data(1, K, N, seed=3)
-    with pytest.raises(Exception, match="asymmetric codes take no rotation"):
-        _session(asym_op(K, (N,), q, steps, attrs={"rotation_block": 32, "rotation_walsh": 3}), True, None)
     no_wsum = asym_op(K, (N,), q, steps)
     del no_wsum.graph.node[0].input[9]
     with pytest.raises(Exception, match="Wsum is given exactly when"):

@@ -43,8 +43,8 @@ per-channel sums (input ``Wsum``, index 9; ``wscale`` is then the weight's step 
 
     y = Cast<f16>(((Cast<f32>(codes @ Wq^T) - (zp - 128) * Wsum) * s) * wscale)
 
-so its outputs are those of ``int8-token-asym`` to the bit. The op takes no rotation with these codes: an online
-rotation stays as nodes in front of it.
+so its outputs are those of ``int8-token-asym`` to the bit (behind an online rotation taken into the op, to the fp16
+rounding of the rotated values, as above).
 
 The op has a CUDA kernel only, for sm_90a (H100/H200), and
 takes float16 activations: float32 models are refused. Sessions that run the graph must load the library
@@ -278,11 +278,9 @@ def emit_w8a8_kernel(graph: ir.Graph, x: ir.Value, q_int8_KN: np.ndarray, scale:
     ``glu_up`` the op's input is ``silu(x) * glu_up`` (SwiGLU, :func:`swiglu_of`). With ``norm`` (x is then
     ignored: :func:`skip_norm_of`) the op reads ``norm.x + norm.skip`` and normalizes it; it returns the list of
     outputs, ``norm.x + norm.skip`` last when ``norm.sum`` is read. ``asymmetric``: the asymmetric codes (module
-    docstring; no ``rotation``)."""
+    docstring)."""
     if q_int8_KN.dtype != np.int8 or q_int8_KN.ndim != 2 or scale.shape != (q_int8_KN.shape[1],):
         raise OnnxqfError(f"{base_name}: W8A8Linear needs int8 [K, N] weights and N scales")
-    if asymmetric and rotation is not None:
-        raise OnnxqfError(f"{base_name}: W8A8Linear's asymmetric codes take no rotation (keep it as nodes)")
     tape = tape if tape is not None else ir_tape.Tape(graph)
     wq = edit.add_initializer(graph, f"{base_name}.weight_int8_nk", transpose_copy(q_int8_KN))
     # the activation's 1/127 folded into the symmetric codes' scale; the asymmetric codes' step s is the real one
@@ -341,7 +339,7 @@ class OnnxqfCudaW8A8(W8A8Lowering):
                "H100/H200, float16 models; sessions load kernels/build/libonnxqf_kernels.so)")
     domains: ClassVar[dict[str, int]] = {DOMAIN: 1}
     activations: ClassVar[tuple[str, ...]] = ("token", "asym")
-    #: move online rotations into the op where it can run them (:func:`kernel_rotation`; not with ``asymmetric``)
+    #: move online rotations into the op where it can run them (:func:`kernel_rotation`)
     fuse_rotations: bool = True
     #: compute SwiGLU's product inside the op where it is the group's activation (:func:`swiglu_of`)
     fuse_glu: bool = True
@@ -359,7 +357,7 @@ class OnnxqfCudaW8A8(W8A8Lowering):
         scale = np.concatenate([w[1] for w in weights])
         tape = ir_tape.Tape(graph)
         x, block, rotation = group.x, None, None
-        if self.fuse_rotations and not self.asymmetric:
+        if self.fuse_rotations:
             block = edit.online_rotation_of(graph, group.x)
             readers = {id(lin.node) for lin in group.linears}
             if block is not None and block.private() and {id(n) for n in group.x.consumers()} == readers:
