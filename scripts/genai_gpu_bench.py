@@ -59,6 +59,11 @@ REWRITES = {
                                                  "--quantize-lm-head"],
         # the norms left as ONNX Runtime's SkipSimplifiedLayerNormalization nodes (the op's skip_norm off)
         "onnxqf W8A8 kernels norm nodes + lm_head": ["--lowering", "onnxqf-cuda:fuse_norm=false", "--quantize-lm-head"],
+        # the op's asymmetric codes (a step and a zero point per token: int8-token-asym's, docs/benchmarks.md g18)
+        "onnxqf W8A8 kernels asym + lm_head": ["--lowering", "onnxqf-cuda", "--act-quant", "asym",
+                                              "--quantize-lm-head"],
+        "onnxqf hybrid W8A8 kernels asym + lm_head": ["--hybrid", "--alpha", "0.5", "--lowering", "onnxqf-cuda",
+                                                      "--act-quant", "asym", "--quantize-lm-head"],
     },
     "cpu": {
         "onnxqf W8A8 token": [],

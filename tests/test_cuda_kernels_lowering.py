@@ -430,6 +430,27 @@ def test_hybrid_rewrite_moves_every_online_rotation_into_the_ops(tiny_fp16, ids_
     assert sorted(glu) == ["layers.0.down_proj/w8a8_linear", "layers.1.down_proj/w8a8_linear"]  # rotation + SwiGLU
 
 
+def test_act_quant_picks_the_cuda_lowering_field():
+    """`--lowering onnxqf-cuda` makes symmetric codes unless `--act-quant asym`; a lowering spec and --act-quant that
+    disagree are refused in one line; without --lowering, `--act-quant asym` on CUDA stays the standard-op
+    int8-token-asym."""
+    from onnxqf.errors import OnnxqfError
+    from onnxqf.options import quant_config
+    from onnxqf.runtime.target import get_target
+
+    target = get_target("cuda")
+    for acts in (None, "token"):
+        low = target.lowering(quant_config("int8", activations=acts, lowering="onnxqf-cuda"))
+        assert not low.asymmetric and low.describe() == "onnxqf-cuda"
+    low = target.lowering(quant_config("int8", activations="asym", lowering="onnxqf-cuda"))
+    assert low.asymmetric and low.describe() == "onnxqf-cuda:asymmetric=true"
+    assert target.lowering(quant_config("int8", activations="asym")).name == "int8-token-asym"
+    with pytest.raises(OnnxqfError, match="disagree on the asymmetric codes"):
+        target.lowering(quant_config("int8", activations="token", lowering="onnxqf-cuda:asymmetric=true"))
+    with pytest.raises(OnnxqfError, match="disagree on the asymmetric codes"):
+        target.lowering(quant_config("int8", activations="asym", lowering="onnxqf-cuda:asymmetric=false"))
+
+
 def test_hybrid_rewrite_with_asymmetric_codes(tiny_fp16, ids_file, tmp_path):
     """`rewrite --hybrid --lowering onnxqf-cuda --act-quant asym`: every op has the asymmetric codes (attribute,
     Wsum), and every online rotation and SwiGLU product goes into the ops as with the symmetric codes."""

@@ -666,7 +666,7 @@ cudaError_t launch_w8a8_gemv(const int8_t* q, const float* amax, const int8_t* w
                              const __half* bias, __half* y, int64_t M, int64_t N, int64_t K, cudaStream_t stream,
                              const float* zero, const float* colsum) {
   if (K % 16 != 0 || reinterpret_cast<uintptr_t>(q) % 16 != 0 || reinterpret_cast<uintptr_t>(w) % 16 != 0 ||
-      (zero && !colsum))
+      (zero != nullptr) != (colsum != nullptr))
     return cudaErrorInvalidValue;
   if (M <= 1) return launch_gemv_t<1, 2, 4>(q, amax, w, wscale, bias, y, M, N, K, stream, zero, colsum);
   if (M <= 2) return launch_gemv_t<2, 2, 4>(q, amax, w, wscale, bias, y, M, N, K, stream, zero, colsum);
@@ -701,7 +701,7 @@ cudaError_t launch_w8a8_fused_gemv(const __half* x, const int8_t* w, const float
 cudaError_t launch_w8a8_naive(const int8_t* q, const float* amax, const int8_t* w, const float* wscale,
                               const __half* bias, __half* y, int64_t M, int64_t N, int64_t K, cudaStream_t stream,
                               const float* zero, const float* colsum) {
-  if (zero && !colsum) return cudaErrorInvalidValue;
+  if ((zero != nullptr) != (colsum != nullptr)) return cudaErrorInvalidValue;
   const int64_t threads = M * N * 32;
   if (threads <= 0) return cudaSuccess;
   const int64_t blocks = (threads + 255) / 256;

@@ -815,10 +815,15 @@ def run_named(sess, feeds, sizes):
 
 
 def asym_data(M, K, N, seed):
-    """Rows for the asymmetric codes (an outlier channel, an all-zero token, one of one sign), int8 weights, steps."""
+    """Rows for the asymmetric codes (an outlier channel, an all-zero token, a tiny one under the step's floor, one
+    all positive, one all negative), int8 weights, their steps."""
     x, q, wscale, _ = data(M, K, N, seed, with_bias=False, tiny_row=False)
+    if M > 2:
+        x[2] = (x[2].astype(np.float32) * 1e-6).astype(np.float16)  # range under 255e-4: the step's floor
     if M > 3:
         x[3] = np.abs(x[3]) + np.float16(0.25)  # all positive: zero point 0
+    if M > 4:
+        x[4] = -np.abs(x[4]) - np.float16(0.25)  # all negative: zero point 255 (or 256, clipped in the codes)
     return x, q, (wscale * 127).astype(np.float32)
 
 
@@ -848,7 +853,7 @@ def test_asymmetric_bit_exact_against_standard_graph(M, K, N, env):
     ours = run_named(_session(asym_op(K, (N,), q, steps), True, env), {"x": x}, (N,))
     std = run_poisoned(_session(asym_standard_graph(K, N, q, steps), False, None), x, N, out="y0")
     assert np.isfinite(ours.astype(np.float32)).all() and np.isfinite(std.astype(np.float32)).all()
-    mismatches = int(np.sum(ours != std))
+    mismatches = int(np.sum(ours.view(np.uint16) != std.view(np.uint16)))  # the bits (-0 is not +0)
     assert mismatches == 0, (f"{mismatches} of {ours.size} differ, "
                              f"max {np.max(np.abs(ours.astype(np.float32) - std)):.3g}")
 
@@ -897,6 +902,7 @@ def test_asymmetric_glu_norm_parts_and_bias(M):
 ASYM_ROTATED = [
     # (M, K, N, env): the asymmetric codes behind each rotation kernel
     (1, 4096, 1024, None),                            # 64 x 64 Walsh: inside the one-launch GEMV
+    (3, 4096, 1024, None),                            # the same, three rows through one block's buffers
     (300, 4096, 1024, None),                          # the register transform kernel
     (1, 11008, 512, None),                            # 172 (dense) x 64 (Walsh): the rotated rows, then the GEMV
     (300, 11008, 512, None),                          # the one dense kernel, two groups

@@ -168,10 +168,13 @@ FP16_ASYM_STEP_FLOOR = np.float16(1e-4)
 
 
 def asymmetric_codes_f16(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Exact numpy model of ``int8-token-asym``'s codes of float16 rows (:func:`onnxqf.lowering.w8a8.asymmetric_codes`
-    with ``code_offset`` 128), every step in float16 as its graph takes it (and as onnxqf.W8A8Linear's asymmetric
-    codes do, kernels/src/quant_row.cuh): ``hi = max(max x, 0)``, ``lo = min(min x, 0)``, ``s = max((hi - lo) / 255,
-    1e-4)``, ``zp = round(-lo / s)``, codes ``clip(round(x / s) + zp, 0, 255) - 128``; round half to even.
+    """numpy model of ``int8-token-asym``'s codes of float16 rows (:func:`onnxqf.lowering.w8a8.asymmetric_codes` with
+    ``code_offset`` 128), every step in float16 as its graph takes it (and as onnxqf.W8A8Linear's asymmetric codes
+    do, kernels/src/quant_row.cuh): ``hi = max(max x, 0)``, ``lo = min(min x, 0)``, ``s = max((hi - lo) / 255,
+    1e-4)``, ``zp = round(-lo / s)``, codes ``clip(round(x / s) + zp, 0, 255) - 128``; round half to even. Exact where
+    each float16 operation is correctly rounded (ONNX's reference evaluator, the host); on a GPU both the graph's Div
+    and the op's are CUDA's ``__hdiv`` (a reciprocal approximation, corrected only for tiny quotients), which may
+    round a rare quotient the other way: there the op equals the graph, and this model to a code.
 
     Returns ``(codes int8 [x's shape], s float16 [..., 1], zp float16 [..., 1])``.
     """

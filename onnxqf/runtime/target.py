@@ -108,6 +108,9 @@ class Target:
                 raise OnnxqfError(f"--lowering {cls.name} makes {' or '.join(kinds)} activations, not --act-quant "
                                   f"{acts} (leave out --lowering for this target's choice)")
             if acts is not None and "asymmetric" in {f.name for f in dataclasses.fields(cls)}:
+                if "asymmetric" in kwargs and bool(kwargs["asymmetric"]) != (acts == "asym"):
+                    raise OnnxqfError(f"--lowering {quant.lowering} and --act-quant {acts} disagree on the "
+                                      "asymmetric codes: give one of them")
                 kwargs.setdefault("asymmetric", acts == "asym")  # (None: the lowering's own default)
             kwargs = {"clip_search": quant.clip_search, **kwargs}
             return cls(**(with_cpu_weights(cls, kwargs) if self.name == "cpu" else kwargs))
