@@ -35,9 +35,13 @@ int w8a8_gemm_sm90_tile(int64_t M, int64_t N, int sm_count, int rule) {
   };
   const Candidate all[] = {{6, cost(256, 128, 0.85)}, {10, cost(144, 128, 1.0, true)}, {t128, cost(128, 128, 1.0)},
                            {9, cost(144, 64, 1.25, true)}, {1, cost(64, 128, 1.25)}};
+  // rule 0 takes tile 9 only where its grid is one wave (measured faster there: 264 rows at N = 4096, H100,
+  // docs/benchmarks.md g18; slower at more waves, and tiles 10-12 slower everywhere timed)
+  const int64_t pairs9 = ((N + 63) / 64 + 1) / 2 * 2;
+  const bool one_wave9 = (M + 143) / 144 * pairs9 <= sm_count;
   Candidate best = all[0];
   for (const Candidate& c : all)
-    if ((rule == 1 || (c.tile != 9 && c.tile != 10)) && c.cost < best.cost) best = c;
+    if ((rule == 1 || (c.tile != 9 && c.tile != 10) || (c.tile == 9 && one_wave9)) && c.cost < best.cost) best = c;
   return best.tile;
 }
 

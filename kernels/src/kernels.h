@@ -210,6 +210,8 @@ size_t w8a8_gemm_sm90_workspace(int tile, int64_t M, int64_t N, int64_t K, const
 // along N); 128 rows: tile 0 (clusters of 2 along M) where M spans an even number of 128-row tiles, else the stream-K
 // tile 3 (an odd count leaves a cluster of 2 a tile of padding). Fitted to H100 runs at 192-2048 rows on the
 // Llama-2-7B shapes (docs/benchmarks.md g16): it picks the fastest tile or one within 8.4 % of it in 20 of 21 cases.
+// Tile 9 (below) is a candidate too where its grid is one wave (e.g. 257-288 rows at N = 4096: 2 x 64 CTAs), where
+// it measured 1.17-1.27x faster than tile 3 (g18).
 // rule 1 (ONNXQF_GEMM_RULE=1; a model, not yet timed: docs/benchmarks.md g17): the same costs with tiles 9 and 10
 // among the candidates (products per tile: 144 tokens x 64 channels x 1.25, 144 x 128 x 1; an odd count of their
 // channel tiles padded to their clusters of 2), and at M <= 128 the stream-K tiles 11 (M <= 32) and 12 instead of
