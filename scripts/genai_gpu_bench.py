@@ -239,6 +239,11 @@ def main() -> int:
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error", TQDM_DISABLE="1")
     paths = [str(source_tree(base))] + ([str(args.builder.absolute())] if args.builder else [])
     env["PYTHONPATH"] = os.pathsep.join(paths + [env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    # the children import the copy above, whose checkout has no kernels/build: name this checkout's built libraries
+    # (where the environment names none), or `rewrite --lowering onnxqf-cuda` finds no library
+    for var, lib in (("ONNXQF_KERNELS", "libonnxqf_kernels.so"), ("ONNXQF_CPU_KERNELS", "libonnxqf_cpu.so")):
+        if not env.get(var) and (ROOT / "kernels" / "build" / lib).is_file():
+            env[var] = str(ROOT / "kernels" / "build" / lib)
     result: dict = {"layers": args.layers, "tiny": args.tiny, "ep": ep, "shape": args.shape or ep, "seq": args.seq,
                     "past": args.past, "steps": {}}
     res_path = out / "genai_gpu_bench.json"
