@@ -19,13 +19,15 @@ int sm_count_of_current_device() {
 int w8a8_gemm_sm90_tile(int64_t M, int64_t N, int sm_count, int rule) {
   if (N <= 0 || sm_count <= 0) return 1;
   if (M <= 128) return rule == 1 ? (M <= 32 ? 11 : 12) : 1;
-  // waves of tiles the grid takes x the products per tile x a factor per tile (larger tiles do more per byte loaded);
-  // pair: the channel tiles run in clusters of 2 (tiles 9, 10), an odd count padded with one
-  auto cost = [&](int64_t tokens, int64_t channels, double factor, bool pair = false) {
+  // the grid's tiles; pair: the channel tiles run in clusters of 2 (tiles 9, 10), an odd count padded with one
+  auto tiles = [&](int64_t tokens, int64_t channels, bool pair) {
     int64_t channel_tiles = (N + channels - 1) / channels;
     if (pair) channel_tiles += channel_tiles % 2;
-    const int64_t tiles = (M + tokens - 1) / tokens * channel_tiles;
-    return double((tiles + sm_count - 1) / sm_count) * double(tokens * channels) * factor;
+    return (M + tokens - 1) / tokens * channel_tiles;
+  };
+  // waves of tiles the grid takes x the products per tile x a factor per tile (larger tiles do more per byte loaded)
+  auto cost = [&](int64_t tokens, int64_t channels, double factor, bool pair = false) {
+    return double((tiles(tokens, channels, pair) + sm_count - 1) / sm_count) * double(tokens * channels) * factor;
   };
   // candidates from the largest tile down; a later one wins only when strictly cheaper (ties go to the larger)
   const int t128 = (M + 127) / 128 % 2 == 0 ? 0 : 3;
@@ -37,8 +39,7 @@ int w8a8_gemm_sm90_tile(int64_t M, int64_t N, int sm_count, int rule) {
                            {9, cost(144, 64, 1.25, true)}, {1, cost(64, 128, 1.25)}};
   // rule 0 takes tile 9 only where its grid is one wave (measured faster there: 264 rows at N = 4096, H100,
   // docs/benchmarks.md g18; slower at more waves, and tiles 10-12 slower everywhere timed)
-  const int64_t pairs9 = ((N + 63) / 64 + 1) / 2 * 2;
-  const bool one_wave9 = (M + 143) / 144 * pairs9 <= sm_count;
+  const bool one_wave9 = tiles(144, 64, true) <= sm_count;
   Candidate best = all[0];
   for (const Candidate& c : all)
     if ((rule == 1 || (c.tile != 9 && c.tile != 10) || (c.tile == 9 && one_wave9)) && c.cost < best.cost) best = c;

@@ -43,7 +43,7 @@ struct NormSpec {
 // registers; false (ONNXQF_QUANT_REGS=0), or longer rows: a block of 256 threads per row, a norm's row in shared memory.
 // pipe_blocks > 0 (with regs, where M > 2 * pipe_blocks and K <= 16384): a grid of that many blocks striding over
 // the rows, each loading its next row while it finishes the current one (ONNXQF_QUANT_PIPE; default 0: a block per
-// row).
+// row, which measured faster on an H100, docs/benchmarks.md g18).
 // zero: null, or the asymmetric codes (amax then holds each row's step s, zero its z).
 cudaError_t launch_quantize_rows(const __half* x, int8_t* q, float* amax, int64_t M, int64_t K, cudaStream_t stream,
                                  const __half* u = nullptr, const NormSpec* norm = nullptr, bool regs = true,
@@ -212,10 +212,10 @@ size_t w8a8_gemm_sm90_workspace(int tile, int64_t M, int64_t N, int64_t K, const
 // Llama-2-7B shapes (docs/benchmarks.md g16): it picks the fastest tile or one within 8.4 % of it in 20 of 21 cases.
 // Tile 9 (below) is a candidate too where its grid is one wave (e.g. 257-288 rows at N = 4096: 2 x 64 CTAs), where
 // it measured 1.17-1.27x faster than tile 3 (g18).
-// rule 1 (ONNXQF_GEMM_RULE=1; a model, not yet timed: docs/benchmarks.md g17): the same costs with tiles 9 and 10
-// among the candidates (products per tile: 144 tokens x 64 channels x 1.25, 144 x 128 x 1; an odd count of their
-// channel tiles padded to their clusters of 2), and at M <= 128 the stream-K tiles 11 (M <= 32) and 12 instead of
-// tile 1.
+// rule 1 (ONNXQF_GEMM_RULE=1; g17's model, measured slower on an H100: docs/benchmarks.md g18): the same costs with
+// tiles 9 and 10 among the candidates wherever they cost least (products per tile: 144 tokens x 64 channels x 1.25,
+// 144 x 128 x 1; an odd count of their channel tiles padded to their clusters of 2), and at M <= 128 the stream-K
+// tiles 11 (M <= 32) and 12 instead of tile 1.
 int w8a8_gemm_sm90_tile(int64_t M, int64_t N, int sm_count, int rule = 0);
 constexpr int kGemmRules = 2;
 // zero, colsum: null, or the asymmetric codes' (both given; the same tiles with the asymmetric epilogue).

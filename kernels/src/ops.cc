@@ -35,11 +35,13 @@
 //                       M <= 4, the separate quantization kernel + GEMV above); larger M takes the tensor-core GEMM
 //   ONNXQF_GEMM_TILE    force the GEMM tile, 0..kGemmTiles-1 (kernels.h: launch_w8a8_gemm_sm90; another value stops
 //                       the session's creation; default: w8a8_gemm_sm90_tile, kernels.h)
-//   ONNXQF_GEMM_RULE    1: the default tile by the rule with tiles 9-12 (kernels.h: w8a8_gemm_sm90_tile; default 0)
+//   ONNXQF_GEMM_RULE    1: the default tile by the rule with tiles 9-12 (kernels.h: w8a8_gemm_sm90_tile; default 0;
+//                       measured slower, docs/benchmarks.md g18)
 //   ONNXQF_GEMM_SWIZZLE, ONNXQF_GEMM_RASTER, ONNXQF_GEMM_SK, ONNXQF_GEMM_SPLITS, ONNXQF_GEMM_SK_ATOMIC
 //                       the GEMM's schedule (kernels.h: GemmSchedule; out of range stops the session's creation)
 //   ONNXQF_QUANT_PIPE   N > 0: the separate quantization kernel as N blocks per multiprocessor striding over the rows,
-//                       each loading its next row while it finishes one (where M > 2 N x multiprocessors; default 0)
+//                       each loading its next row while it finishes one (where M > 2 N x multiprocessors; default 0,
+//                       which measured faster: docs/benchmarks.md g18)
 //   ONNXQF_QUANT_REGS   0: the separate quantization kernel as a block of 256 threads per row (default 1: each row
 //                       held in registers by as many warps as it needs)
 //   ONNXQF_GEMV_CONFIG  the one-token GEMV's outputs per warp x weight chunks in flight (kernels.h; -1: by shape)
@@ -361,7 +363,8 @@ struct W8A8LinearKernel {
     else if (K % 16 == 0 && reinterpret_cast<uintptr_t>(w) % 16 == 0) path = 1;
 
     const size_t q_bytes = round_up(size_t(M) * size_t(K), 256);
-    const size_t a_bytes = round_up(size_t(M) * sizeof(float), 256) * (asymmetric ? 2 : 1);  // (amax or s, z)
+    const size_t amax_bytes = round_up(size_t(M) * sizeof(float), 256);
+    const size_t a_bytes = amax_bytes * (asymmetric ? 2 : 1);  // amax (or s), then z
     size_t ws_bytes = 0;
     for (int i = 0; path == 2 && i < out.count; ++i)
       ws_bytes = std::max(ws_bytes, round_up(onnxqf::w8a8_gemm_sm90_workspace(tile_of(parts[i]), M, parts[i], K,
@@ -374,7 +377,7 @@ struct W8A8LinearKernel {
     if (e != cudaSuccess) return fail(std::string("onnxqf.W8A8Linear: scratch allocation: ") + cudaGetErrorString(e));
     auto* q = static_cast<int8_t*>(scratch);
     auto* amax = reinterpret_cast<float*>(static_cast<char*>(scratch) + q_bytes);
-    float* zero = asymmetric ? amax + round_up(size_t(M) * sizeof(float), 256) / sizeof(float) : nullptr;
+    float* zero = asymmetric ? amax + amax_bytes / sizeof(float) : nullptr;
     void* workspace = ws_bytes ? static_cast<char*>(scratch) + q_bytes + a_bytes : nullptr;
     void* r_scratch = static_cast<char*>(scratch) + q_bytes + a_bytes + ws_bytes;
 

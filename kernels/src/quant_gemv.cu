@@ -71,14 +71,11 @@ __device__ __forceinline__ void norm_quantize_row_block(const __half* __restrict
                                                         int64_t row, bool write_sum, __half* ys, int8_t* qr,
                                                         float* amax_dst, int64_t K, float* red,
                                                         RowScale<ASYM>* scale_s, float* zero_dst = nullptr) {
-  float m = skip_norm_row<kQuantThreads>(x + row * K, norm.skip + row * K, norm.gamma, norm.eps,
-                                         write_sum && norm.sum ? norm.sum + row * K : nullptr, ys, K, red);
-  const uint4* yv = reinterpret_cast<const uint4*>(ys);
   float nlo = 0.f;
-  if constexpr (ASYM) {  // (the normalized row's range: this thread's own chunks, as skip_norm_row wrote them)
-    m = 0.f;
-    for (int64_t c = threadIdx.x; c < K / 8; c += kQuantThreads) chunk_range(yv[c], m, nlo);
-  }
+  const float m = skip_norm_row<kQuantThreads, ASYM>(x + row * K, norm.skip + row * K, norm.gamma, norm.eps,
+                                                     write_sum && norm.sum ? norm.sum + row * K : nullptr, ys, K, red,
+                                                     &nlo);
+  const uint4* yv = reinterpret_cast<const uint4*>(ys);
   block_scale<ASYM, kQuantThreads / 32>(m, nlo, red, scale_s, amax_dst, zero_dst);
   const RowScale<ASYM> inv = *scale_s;
   uint2* qv = reinterpret_cast<uint2*>(qr);

@@ -250,12 +250,12 @@ __device__ __forceinline__ void see_chunk(const uint4& c, float& m, float& nlo) 
 // The op's skip_norm of one row by the whole block (THREADS threads; kernels.h: NormSpec): s = x + skip, written to
 // sum_row (when not null); y = fp16(gamma * fp16(s * r)) to yr (shared or global), r = fp16(rsqrt(mean(s^2) + eps))
 // from an fp32 sum of squares. red: shared [THREADS / 32]. Rows 16-byte aligned, K % 8 == 0. Returns the largest
-// |y| of the thread's own chunks (chunks tid, tid + THREADS, ...: each thread reads back only what it wrote). Ends
-// with a barrier.
-template <int THREADS>
+// |y| of the thread's own chunks (chunks tid, tid + THREADS, ...: each thread reads back only what it wrote); ASYM:
+// the largest y, and the largest -y in *nlo (see_chunk). Ends with a barrier.
+template <int THREADS, bool ASYM = false>
 __device__ __forceinline__ float skip_norm_row(const __half* __restrict__ xr, const __half* __restrict__ sr,
                                               const __half* __restrict__ gamma, float eps, __half* sum_row,
-                                              __half* yr, int64_t K, float* red) {
+                                              __half* yr, int64_t K, float* red, float* nlo = nullptr) {
   const int tid = threadIdx.x;
   const int64_t nvec = K / 8;
   float ss = 0.f;
@@ -267,14 +267,15 @@ __device__ __forceinline__ float skip_norm_row(const __half* __restrict__ xr, co
   }
   const float total = block_all<true, THREADS / 32>(ss, red);
   const __half2 r = __float2half2_rn(rsqrtf(total / static_cast<float>(K) + eps));
-  float m = 0.f;
+  float m = 0.f, n = 0.f;
   for (int64_t c = tid; c < nvec; c += THREADS) {
     uint4 a = reinterpret_cast<const uint4*>(yr)[c];
     norm_chunk(a, __ldg(reinterpret_cast<const uint4*>(gamma) + c), r);
-    m = chunk_absmax(a, m);
+    see_chunk<ASYM>(a, m, n);
     reinterpret_cast<uint4*>(yr)[c] = a;
   }
   __syncthreads();  // every thread has read red: it may be used again
+  if (nlo) *nlo = n;
   return m;
 }
 
