@@ -64,21 +64,24 @@ def session(K, N, with_bias, env=None, standard=False, q=None, wscale=None, bias
     return _session(m, True, env)
 
 
-def standard_graph(K, N, q, wscale):
-    """onnxqf's own int8-token lowering of one float16 linear (onnxqf.runtime.linears), its int8 weight and scale
-    replaced by ``q`` ([N, K], stored [K, N] as MatMulInteger reads it) and ``wscale`` (already / 127)."""
+def standard_graph(K, N, q, wscale, lowering="int8-token"):
+    """onnxqf's own int8-token lowering (or ``lowering``, e.g. int8-token-asym) of one float16 linear
+    (onnxqf.runtime.linears), its int8 weight and scale replaced by ``q`` ([N, K], stored [K, N] as MatMulInteger
+    reads it) and ``wscale`` (int8-token: already / 127; int8-token-asym: the steps), and the weights' per-channel sums
+    where the lowering has them."""
     import onnx_ir as ir
 
     from onnxqf.runtime.linears import linear_model, parse_lowering
 
-    model = linear_model(K, N, parse_lowering("int8-token"), copies=1, dtype="float16")
+    model = linear_model(K, N, parse_lowering(lowering), copies=1, dtype="float16")
     inits = model.graph.initializers
     inits.pop("linear0.weight")  # the float weight the lowering replaced
+    values = {"linear0.weight_int8": np.ascontiguousarray(q.T), "linear0.weight_scale": wscale,
+              "linear0.weight_colsum": q.astype(np.int64).sum(axis=1).astype(np.float32)}
     for name in list(inits):
-        if name.startswith("linear0.weight_int8"):
-            inits[name].const_value = ir.tensor(np.ascontiguousarray(q.T), name=name)
-        elif name.startswith("linear0.weight_scale"):
-            inits[name].const_value = ir.tensor(wscale, name=name)
+        for prefix, v in values.items():
+            if name.startswith(prefix):
+                inits[name].const_value = ir.tensor(v, name=name)
     return ir.serde.serialize_model(model)
 
 
@@ -783,24 +786,6 @@ def asym_op(K, sizes, q, wscale, *, bias=None, attrs=None, inputs=("x",), glu=Fa
     return m
 
 
-def asym_standard_graph(K, N, q, wscale):
-    """onnxqf's own int8-token-asym lowering of one float16 linear, its weights, steps and sums replaced."""
-    import onnx_ir as ir
-
-    from onnxqf.runtime.linears import linear_model, parse_lowering
-
-    model = linear_model(K, N, parse_lowering("int8-token-asym"), copies=1, dtype="float16")
-    inits = model.graph.initializers
-    inits.pop("linear0.weight")
-    values = {"linear0.weight_int8": np.ascontiguousarray(q.T), "linear0.weight_scale": wscale,
-              "linear0.weight_colsum": q.astype(np.int64).sum(axis=1).astype(np.float32)}
-    for name in list(inits):
-        for prefix, v in values.items():
-            if name.startswith(prefix):
-                inits[name].const_value = ir.tensor(v, name=name)
-    return ir.serde.serialize_model(model)
-
-
 def run_named(sess, feeds, sizes):
     """Outputs y0.. (poisoned with NaN first) of a run with IOBinding, concatenated along the channels."""
     b = sess.io_binding()
@@ -852,7 +837,7 @@ def test_asymmetric_bit_exact_against_standard_graph(M, K, N, env):
     bit, at every path (an all-zero token and an all-positive one among the rows)."""
     x, q, steps = asym_data(M, K, N, seed=M + 3 * K + N)
     ours = run_named(_session(asym_op(K, (N,), q, steps), True, env), {"x": x}, (N,))
-    std = run_poisoned(_session(asym_standard_graph(K, N, q, steps), False, None), x, N, out="y0")
+    std = run_poisoned(_session(standard_graph(K, N, q, steps, "int8-token-asym"), False, None), x, N, out="y0")
     assert np.isfinite(ours.astype(np.float32)).all() and np.isfinite(std.astype(np.float32)).all()
     mismatches = int(np.sum(ours.view(np.uint16) != std.view(np.uint16)))  # the bits (-0 is not +0)
     assert mismatches == 0, (f"{mismatches} of {ours.size} differ, "

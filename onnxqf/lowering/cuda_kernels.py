@@ -345,8 +345,8 @@ class OnnxqfCudaW8A8(W8A8Lowering):
     fuse_glu: bool = True
     #: take a SkipSimplifiedLayerNormalization in front of the group into the op (:func:`skip_norm_of`)
     fuse_norm: bool = True
-    #: ``int8-token-asym``'s asymmetric per-token codes (``--act-quant asym``) instead of the symmetric ones; not yet
-    #: run on a GPU (docs/benchmarks.md g18), so off by default
+    #: ``int8-token-asym``'s asymmetric per-token codes (``--act-quant asym``) instead of the symmetric ones; off by
+    #: default: 2-6 % slower per linear on an H100, their accuracy on the GPU not yet measured (docs/benchmarks.md g18)
     asymmetric: bool = False
 
     def emit(self, graph: ir.Graph, group: LinearGroup, weights) -> None:
